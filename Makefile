@@ -1,0 +1,62 @@
+# cowfs: every target sets up what it needs, so a fresh Debian machine only
+# needs `make demo` or `make test`.
+#
+#   make venv    Debian packages (as root, when missing) and .venv with cowfs installed editable
+#   make demo    the Docker storage-driver walkthrough, mounted with cowfs (scripts/demo.sh)
+#   make test    the whole test suite
+#   make bench   the benchmark (scripts/bench.py)
+#   make clean   remove scratch/ and .venv (refuses while something under scratch/ is mounted)
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+DEBIAN_PACKAGES := fuse3 libfuse2 fuse-overlayfs attr tmux
+PYTEST_ARGS ?=
+
+.PHONY: venv system-packages demo test bench clean
+
+venv: $(VENV)/.installed
+
+# Installs only what is missing; a machine that has everything runs no apt-get at all.
+system-packages:
+	@command -v dpkg >/dev/null || { echo "make: no dpkg here; install FUSE 3 (fusermount3), fuse-overlayfs and attr yourself"; exit 0; }; \
+	missing=""; \
+	for p in $(DEBIAN_PACKAGES); do \
+	  dpkg -s $$p 2>/dev/null | grep -q '^Status: install ok installed' || missing="$$missing $$p"; \
+	done; \
+	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
+	[ -z "$$missing" ] && exit 0; \
+	if [ "$$(id -u)" -ne 0 ]; then \
+	  echo "make: missing Debian packages:$$missing; as root run: apt-get install$$missing" >&2; exit 1; \
+	fi; \
+	echo "make: installing Debian packages:$$missing"; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get update -q && apt-get install -y -q --no-install-recommends $$missing
+
+# The stamp is rebuilt when setup.cfg or pyproject.toml change (new dependencies).
+$(VENV)/.installed: setup.cfg pyproject.toml | system-packages
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "make: cowfs needs Python 3.11 or newer as $(PYTHON) (make PYTHON=python3.11)" >&2; exit 1; }
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+demo: venv
+	bash scripts/demo.sh
+
+# pytest's exit code 5 means "no tests collected": a failure here, never a pass.
+test: venv
+	@rc=0; $(VENV)/bin/python -m pytest $(PYTEST_ARGS) || rc=$$?; \
+	[ $$rc -eq 5 ] && echo "make test: pytest collected no tests" >&2; \
+	exit $$rc
+
+bench: venv
+	$(VENV)/bin/python scripts/bench.py
+
+clean:
+	@scratch="$$(pwd -P)/scratch"; \
+	mounted=$$(awk -v d="$$scratch" '$$2 == d || index($$2, d "/") == 1 { print $$2 }' /proc/mounts); \
+	if [ -n "$$mounted" ]; then \
+	  echo "make clean: still mounted under scratch/ (unmount with: cowfs umount PATH):" >&2; \
+	  echo "$$mounted" >&2; exit 1; \
+	fi
+	rm -rf --one-file-system scratch $(VENV) cowfs.egg-info

@@ -1,0 +1,161 @@
+"""Copy-up: bring a lower object into the upper, whole or not at all (SPEC section 4).
+
+Everything is built under the workdir and renamed into the upper in one
+step, so a crash leaves either no copy or a complete one. Data moves by the
+kernel (copy_file_range, then sendfile, then read/write of large blocks),
+only over the data extents of the source, so holes stay holes.
+"""
+
+import errno
+import itertools
+import os
+import stat
+
+from .syscalls import RENAME_NOREPLACE, rename2
+from .whiteout import ORIGIN, is_private_xattr, set_marker
+
+CHUNK = 1 << 30
+_names = itertools.count()
+
+
+def temp_name(work):
+    """A fresh name in the staging directory."""
+    return f"{work}/#cowfs-{os.getpid()}-{next(_names)}"
+
+
+def _extents(fd, size):
+    """Yield (offset, length) of the data extents of a file, skipping holes."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return  # only a hole is left
+            if e.errno == errno.EINVAL:  # no SEEK_DATA on this filesystem: one extent
+                yield offset, size - offset
+                return
+            raise
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield start, end - start
+        offset = end
+
+
+def _copy_range(src, dst, offset, length):
+    """Copy `length` bytes at `offset` from src to dst, letting the kernel move the data."""
+    done = 0
+    strategy = "copy_file_range"
+    while done < length:
+        want = min(length - done, CHUNK)
+        pos = offset + done
+        if strategy == "copy_file_range":
+            try:
+                n = os.copy_file_range(src, dst, want, pos, pos)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                strategy = "sendfile"
+                continue
+        elif strategy == "sendfile":
+            try:
+                os.lseek(dst, pos, os.SEEK_SET)
+                n = os.sendfile(dst, src, pos, want)
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOSYS):
+                    raise
+                strategy = "read"
+                continue
+        else:
+            data = os.pread(src, min(want, 1 << 20), pos)
+            n = os.pwrite(dst, data, pos) if data else 0
+        if n == 0:
+            break  # the source got shorter than its stat said
+        done += n
+
+
+def copy_data(src, dst, size):
+    """Copy a regular file's contents, holes kept, and set the exact size."""
+    for offset, length in _extents(src, size):
+        _copy_range(src, dst, offset, length)
+    os.ftruncate(dst, size)
+
+
+def copy_xattrs(src, dst, prefix):
+    """Copy the user-visible xattrs; the overlay's own are never carried over."""
+    try:
+        names = os.listxattr(src, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM):
+            return
+        raise
+    for name in names:
+        if is_private_xattr(name, prefix) or name.startswith("trusted.overlay.") and prefix == "trusted.overlay.":
+            continue
+        try:
+            value = os.getxattr(src, name, follow_symlinks=False)
+            os.setxattr(dst, name, value, follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in (errno.ENOTSUP, errno.EPERM, errno.ENODATA):
+                raise
+
+
+def copy_attrs(st, path):
+    """Owner, then mode (chown clears setuid), then times: the order that keeps every bit."""
+    os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
+    if not stat.S_ISLNK(st.st_mode):
+        os.chmod(path, stat.S_IMODE(st.st_mode))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def build_copy(src, st, tmp, prefix, origin_ino):
+    """Build at `tmp` a full copy of the object at `src` (type, data, owner, mode, times, xattrs).
+
+    Directories are copied empty: their entries stay in the lower and merge.
+    """
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fd_out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                copy_data(fd_in, fd_out, st.st_size)
+                os.fsync(fd_out)
+            finally:
+                os.close(fd_out)
+        finally:
+            os.close(fd_in)
+    elif stat.S_ISDIR(mode):
+        os.mkdir(tmp, 0o700)
+    elif stat.S_ISLNK(mode):
+        os.symlink(os.readlink(src), tmp)
+    else:
+        os.mknod(tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev)
+    copy_xattrs(src, tmp, prefix)
+    if origin_ino is not None and not stat.S_ISLNK(mode):
+        set_marker(tmp, prefix, ORIGIN, str(origin_ino))
+    copy_attrs(st, tmp)
+
+
+def install(tmp, dst, parent_st=None):
+    """Rename a finished copy into place; the parent directory keeps its times, as in the kernel."""
+    rename2(tmp, dst, RENAME_NOREPLACE)
+    if parent_st is not None:
+        restore_times(os.path.dirname(dst), parent_st)
+
+
+def restore_times(path, st):
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def discard(path):
+    """Remove a staging leftover of any type, a whole tree for a directory."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        for name in os.listdir(path):
+            discard(path + "/" + name)
+        os.rmdir(path)
+    else:
+        os.unlink(path)

@@ -1,0 +1,590 @@
+"""The union engine: every filesystem operation on the merged view, as plain Python (no FUSE).
+
+Assumptions (as in the kernel's overlayfs):
+- lower layers are read-only and never change while mounted; only this
+  engine writes the upper, so lookups are cached until it changes it;
+- the upper and the workdir are on one filesystem: each change is built in
+  the workdir and renamed into the upper in one atomic step (renameat2 with
+  RENAME_NOREPLACE, RENAME_EXCHANGE or RENAME_WHITEOUT), so a crash leaves
+  the upper either before or after an operation, never in between;
+- deletion markers and xattrs are in the kernel's format (see whiteout.py),
+  so the kernel can mount an upper written here and the other way round.
+
+Paths are merged paths ("/a/b"). Failures raise OSError with the errno the
+kernel's overlay would give. Methods that change the upper hold one lock, so
+the engine can serve a multithreaded daemon; reads and writes on open
+handles do not take it.
+"""
+
+import errno
+import functools
+import os
+import stat
+import threading
+
+from . import copyup
+from .errors import StackError, os_error
+from .lookup import Layers, parent_of
+from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, rename2
+from .whiteout import (OPAQUE, REDIRECT, is_opaque, is_private_xattr, is_whiteout, make_whiteout, set_marker,
+                       set_opaque)
+
+WORK_SUBDIR = "work"  # the same staging directory the kernel uses, so either cleans the other's leftovers
+
+
+def locked(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+class Handle:
+    """An open file: the real descriptor and, while it reads a lower file, that file's identity."""
+
+    __slots__ = ("fd", "lower_id")
+
+    def __init__(self, fd, lower_id=None):
+        self.fd = fd
+        self.lower_id = lower_id
+
+
+class Union:
+    """A mounted stack of layers, usable in-process: `Union(check(stack)).getattr("/etc/hosts")`."""
+
+    def __init__(self, stack):
+        self.stack = stack
+        self.layers = Layers(stack)
+        self.prefix = stack.prefix
+        self.writable = stack.writable
+        self.work = None
+        self._lock = threading.RLock()
+        self._copied = set()  # identities of lower files copied up, to move open read handles over
+        self._work_lock_fd = None
+        if stack.upper is not None:
+            self._claim_workdir()
+
+    # -- setup -----------------------------------------------------------------------------------
+    def _claim_workdir(self):
+        """Lock the workdir for this mount, and clear what an interrupted one left in it."""
+        for line in _read_mounts():
+            fields = line.split()
+            if len(fields) > 3 and fields[2] == "overlay":
+                opts = fields[3].split(",")
+                if f"upperdir={self.stack.upper}" in opts or f"workdir={self.stack.work}" in opts:
+                    raise StackError(f"upperdir {self.stack.upper}: already in use by the kernel overlay at {fields[1]}")
+        fd = os.open(self.stack.work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StackError(f"upperdir {self.stack.upper}: already in use by another cowfs mount "
+                             f"(workdir {self.stack.work} is locked)") from None
+        self._work_lock_fd = fd
+        self.work = self.stack.work + "/" + WORK_SUBDIR
+        if os.path.lexists(self.work):
+            for name in os.listdir(self.work):
+                copyup.discard(self.work + "/" + name)
+        else:
+            os.mkdir(self.work, 0o000)
+        probe = copyup.temp_name(self.work)
+        os.mkdir(probe, 0o700)
+        try:
+            set_marker(probe, self.prefix, OPAQUE, "y")
+        except OSError as e:
+            raise StackError(f"upperdir {self.stack.upper}: cannot set {self.prefix}* xattrs ({e.strerror})"
+                             + ("" if self.stack.userxattr else "; try the userxattr option")) from None
+        finally:
+            os.rmdir(probe)
+
+    def close(self):
+        """Release the workdir; the engine must not be used afterwards."""
+        if self._work_lock_fd is not None:
+            os.close(self._work_lock_fd)
+            self._work_lock_fd = None
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _require_writable(self, path):
+        if not self.writable:
+            raise os_error(errno.EROFS, path)
+
+    def _node(self, path):
+        return self.layers.resolve_required(path)
+
+    def _dir(self, path):
+        node = self.layers.resolve_required(path)
+        if not node.is_dir:
+            raise os_error(errno.ENOTDIR, path)
+        return node
+
+    def _changed(self):
+        self.layers.forget()
+
+    def _copy_up(self, node):
+        """Bring `node` and its parent directories into the upper; returns its upper node."""
+        if node.in_upper:
+            return node
+        self._require_writable(node.path)
+        parent_path, name = parent_of(node.path)
+        upper_parent = self._copy_up(self.layers.resolve_required(parent_path))
+        tmp = copyup.temp_name(self.work)
+        try:
+            copyup.build_copy(node.real, node.st, tmp, self.prefix, self.layers.origin_ino(node))
+            copyup.install(tmp, upper_parent.real + "/" + name, os.lstat(upper_parent.real))
+        except BaseException:
+            copyup.discard(tmp)
+            raise
+        finally:
+            self._changed()
+        if stat.S_ISREG(node.st.st_mode):
+            self._copied.add((node.st.st_dev, node.st.st_ino))
+        return self.layers.resolve_required(node.path)
+
+    def _upper_parent(self, path):
+        """The upper directory that will hold `path`, copied up if needed; and the name in it."""
+        parent_path, name = parent_of(path)
+        return self._copy_up(self._dir(parent_path)), name
+
+    def _whiteout_in_place(self, real):
+        """Turn the upper entry at `real` into a whiteout; returns the staging path now holding the entry."""
+        tmp = copyup.temp_name(self.work)
+        try:
+            rename2(real, tmp, RENAME_WHITEOUT)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            make_whiteout(tmp)
+            rename2(tmp, real, RENAME_EXCHANGE)
+        return tmp
+
+    def _new_owner(self, parent, owner):
+        uid, gid = owner if owner is not None else (os.geteuid(), os.getegid())
+        setgid = bool(parent.st.st_mode & stat.S_ISGID)
+        return uid, (parent.st.st_gid if setgid else gid), setgid
+
+    def _place_new(self, path, make, mode, owner, kind):
+        """Create a new object at merged `path`: built in the workdir, then renamed into the upper.
+
+        `make(tmp)` creates the bare object and may return an open descriptor.
+        A directory made where a whiteout stands, or in a merged directory,
+        is made opaque so that old lower entries do not come back.
+        """
+        self._require_writable(path)
+        parent = self._dir(parent_of(path)[0])
+        if self.layers.resolve(path) is not None:
+            raise os_error(errno.EEXIST, path)
+        uid, gid, setgid = self._new_owner(parent, owner)
+        upper_parent, name = self._upper_parent(path)
+        target = upper_parent.real + "/" + name
+        tmp = copyup.temp_name(self.work)
+        fd = None
+        try:
+            fd = make(tmp)
+            os.chown(tmp, uid, gid, follow_symlinks=False)
+            if kind != stat.S_IFLNK:
+                if kind == stat.S_IFDIR and setgid:
+                    mode |= stat.S_ISGID
+                os.chmod(tmp, stat.S_IMODE(mode))
+            try:
+                existing = os.lstat(target)
+            except FileNotFoundError:
+                existing = None
+            if kind == stat.S_IFDIR and (existing is not None or upper_parent.has_lower):
+                set_opaque(tmp, self.prefix)
+            if existing is None:
+                rename2(tmp, target, RENAME_NOREPLACE)
+            elif not is_whiteout(existing):
+                raise os_error(errno.EEXIST, path)
+            elif kind == stat.S_IFDIR:
+                rename2(tmp, target, RENAME_EXCHANGE)
+                os.unlink(tmp)  # the whiteout, swapped out
+            else:
+                os.rename(tmp, target)  # replaces the whiteout in one step
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            copyup.discard(tmp)
+            raise
+        finally:
+            self._changed()
+        return fd
+
+    # -- attributes ------------------------------------------------------------------------------
+    @locked
+    def getattr(self, path):
+        """The merged attributes of `path` as a dict of st_* fields (times in ns). Raises ENOENT, ENOTDIR."""
+        return self._attrs(self._node(path))
+
+    def _attrs(self, node):
+        st = node.st
+        nlink = 1 if node.is_dir and len(node.parts) > 1 else st.st_nlink  # as the kernel does for merged dirs
+        return {
+            "st_mode": st.st_mode, "st_ino": self.layers.ino(node), "st_nlink": nlink,
+            "st_uid": st.st_uid, "st_gid": st.st_gid, "st_size": st.st_size, "st_rdev": st.st_rdev,
+            "st_blocks": st.st_blocks, "st_blksize": st.st_blksize,
+            "st_atime": st.st_atime_ns, "st_mtime": st.st_mtime_ns, "st_ctime": st.st_ctime_ns,
+        }
+
+    @locked
+    def readdir(self, path):
+        """[(name, st_ino, st_mode type bits)] of the merged directory, "." and ".." first."""
+        node = self._dir(path)
+        parent = node if path == "/" else self._node(parent_of(path)[0])
+        entries = [(".", self.layers.ino(node), stat.S_IFDIR), ("..", self.layers.ino(parent), stat.S_IFDIR)]
+        for name, layer, entry in self.layers.list_dir(node):
+            try:
+                st = entry.stat(follow_symlinks=False)
+                entries.append((name, self.layers.entry_ino(layer, entry), stat.S_IFMT(st.st_mode)))
+            except FileNotFoundError:
+                continue
+        return entries
+
+    @locked
+    def readlink(self, path):
+        node = self._node(path)
+        if not stat.S_ISLNK(node.st.st_mode):
+            raise os_error(errno.EINVAL, path)
+        return os.readlink(node.real)
+
+    @locked
+    def access(self, path, mode):
+        node = self._node(path)
+        if mode & os.W_OK and not self.writable and stat.S_IFMT(node.st.st_mode) in (
+                stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK):
+            raise os_error(errno.EROFS, path)
+        return 0
+
+    @locked
+    def statfs(self):
+        """The filesystem statistics of the upper (of the top lower on a read-only mount)."""
+        sv = os.statvfs(self.stack.upper if self.stack.upper is not None else self.stack.lowers[0])
+        return {key: getattr(sv, key) for key in (
+            "f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail",
+            "f_flag", "f_namemax")}
+
+    # -- changes of attributes (each copies up first) --------------------------------------------
+    @locked
+    def chmod(self, path, mode):
+        node = self._node(path)
+        if stat.S_ISLNK(node.st.st_mode):
+            raise os_error(errno.EOPNOTSUPP, path)
+        self._require_writable(path)
+        node = self._copy_up(node)
+        try:
+            os.chmod(node.real, stat.S_IMODE(mode))
+        finally:
+            self._changed()
+
+    @locked
+    def chown(self, path, uid, gid):
+        """Change owner; -1 leaves a field as it is."""
+        self._require_writable(path)
+        node = self._copy_up(self._node(path))
+        try:
+            os.chown(node.real, uid, gid, follow_symlinks=False)
+        finally:
+            self._changed()
+
+    @locked
+    def utimens(self, path, atime_ns=None, mtime_ns=None):
+        """Set times in ns; None keeps a time as it is (UTIME_OMIT)."""
+        self._require_writable(path)
+        node = self._copy_up(self._node(path))
+        st = node.st
+        try:
+            os.utime(node.real, ns=(st.st_atime_ns if atime_ns is None else atime_ns,
+                                    st.st_mtime_ns if mtime_ns is None else mtime_ns), follow_symlinks=False)
+        finally:
+            self._changed()
+
+    @locked
+    def truncate(self, path, length):
+        node = self._node(path)
+        if node.is_dir:
+            raise os_error(errno.EISDIR, path)
+        self._require_writable(path)
+        node = self._copy_up(node)
+        fd = os.open(node.real, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, length)
+        finally:
+            os.close(fd)
+            self._changed()
+
+    # -- xattrs ----------------------------------------------------------------------------------
+    def _check_xattr_name(self, path, name):
+        if is_private_xattr(name, self.prefix):
+            raise os_error(errno.EOPNOTSUPP, path)
+
+    @locked
+    def getxattr(self, path, name):
+        self._check_xattr_name(path, name)
+        return os.getxattr(self._node(path).real, name, follow_symlinks=False)
+
+    @locked
+    def listxattr(self, path):
+        names = os.listxattr(self._node(path).real, follow_symlinks=False)
+        return [n for n in names if not is_private_xattr(n, self.prefix)]
+
+    @locked
+    def setxattr(self, path, name, value, flags=0):
+        self._check_xattr_name(path, name)
+        self._require_writable(path)
+        node = self._copy_up(self._node(path))
+        try:
+            os.setxattr(node.real, name, value, flags, follow_symlinks=False)
+        finally:
+            self._changed()
+
+    @locked
+    def removexattr(self, path, name):
+        self._check_xattr_name(path, name)
+        self._require_writable(path)
+        node = self._node(path)
+        if not node.in_upper:
+            os.getxattr(node.real, name, follow_symlinks=False)  # ENODATA before any copy-up, as the kernel
+        node = self._copy_up(node)
+        try:
+            os.removexattr(node.real, name, follow_symlinks=False)
+        finally:
+            self._changed()
+
+    # -- files -----------------------------------------------------------------------------------
+    @locked
+    def open(self, path, flags):
+        """Open a file; opening for writing or with O_TRUNC copies it up first. Returns a Handle."""
+        node = self._node(path)
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
+        if node.is_dir and writing:
+            raise os_error(errno.EISDIR, path)
+        if writing:
+            self._require_writable(path)
+            node = self._copy_up(node)
+        real_flags = (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)) | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(node.real, real_flags)
+        if writing and flags & os.O_TRUNC:
+            self._changed()
+        lower_id = None if node.in_upper else (node.st.st_dev, node.st.st_ino)
+        return Handle(fd, lower_id)
+
+    @locked
+    def create(self, path, mode, flags, owner=None):
+        """Create and open a regular file; an existing one is opened (EEXIST with O_EXCL)."""
+        self._require_writable(path)
+        self._dir(parent_of(path)[0])
+        if self.layers.resolve(path) is not None:
+            if flags & os.O_EXCL:
+                raise os_error(errno.EEXIST, path)
+            return self.open(path, flags & ~os.O_CREAT)
+        keep = flags & (os.O_ACCMODE | os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_NONBLOCK)
+
+        def make(tmp):
+            return os.open(tmp, keep | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        return Handle(self._place_new(path, make, mode, owner, stat.S_IFREG))
+
+    def read(self, handle, size, offset, path=None):
+        """Read from an open file. A handle opened on a lower file that has since been
+        copied up reads the upper copy, as on Linux 4.19 and later."""
+        if handle.lower_id is not None and handle.lower_id in self._copied and path is not None:
+            self._follow_copy_up(handle, path)
+        return os.pread(handle.fd, size, offset)
+
+    @locked
+    def _follow_copy_up(self, handle, path):
+        node = self.layers.resolve(path)
+        if node is not None and node.in_upper and handle.lower_id is not None:
+            fd = os.open(node.real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            os.dup2(fd, handle.fd)
+            os.close(fd)
+            handle.lower_id = None
+
+    def write(self, handle, data, offset):
+        n = os.pwrite(handle.fd, data, offset)
+        self._changed()
+        return n
+
+    def ftruncate(self, handle, length):
+        os.ftruncate(handle.fd, length)
+        self._changed()
+
+    def fsync(self, handle, datasync=False):
+        (os.fdatasync if datasync else os.fsync)(handle.fd)
+
+    def release(self, handle):
+        os.close(handle.fd)
+
+    # -- creating names --------------------------------------------------------------------------
+    @locked
+    def mkdir(self, path, mode, owner=None):
+        self._place_new(path, lambda tmp: os.mkdir(tmp, 0o700), mode, owner, stat.S_IFDIR)
+
+    @locked
+    def symlink(self, path, target, owner=None):
+        """Create a symlink at `path` pointing to `target` (the order of ln -s reversed, as in FUSE)."""
+        self._place_new(path, lambda tmp: os.symlink(target, tmp), 0o777, owner, stat.S_IFLNK)
+
+    @locked
+    def mknod(self, path, mode, rdev=0, owner=None):
+        """Create a FIFO, socket, device node (as root) or empty regular file."""
+        kind = stat.S_IFMT(mode) or stat.S_IFREG
+        if kind == stat.S_IFDIR:
+            raise os_error(errno.EINVAL, path)
+        self._place_new(path, lambda tmp: os.mknod(tmp, kind | 0o600, rdev), mode, owner, kind)
+
+    @locked
+    def link(self, old, new):
+        """Hard link: the source is copied up and linked inside the upper."""
+        self._require_writable(new)
+        src = self._node(old)
+        if src.is_dir:
+            raise os_error(errno.EPERM, old)
+        self._dir(parent_of(new)[0])
+        if self.layers.resolve(new) is not None:
+            raise os_error(errno.EEXIST, new)
+        src = self._copy_up(src)
+        upper_parent, name = self._upper_parent(new)
+        target = upper_parent.real + "/" + name
+        try:
+            if os.path.lexists(target):  # a whiteout: link beside it, then replace it in one step
+                tmp = copyup.temp_name(self.work)
+                os.link(src.real, tmp, follow_symlinks=False)
+                try:
+                    os.rename(tmp, target)
+                except BaseException:
+                    copyup.discard(tmp)
+                    raise
+            else:
+                os.link(src.real, target, follow_symlinks=False)
+        finally:
+            self._changed()
+
+    # -- removing names --------------------------------------------------------------------------
+    @locked
+    def unlink(self, path):
+        """Remove a non-directory; a name a lower layer has becomes a whiteout."""
+        self._require_writable(path)
+        node = self._node(path)
+        if node.is_dir:
+            raise os_error(errno.EISDIR, path)
+        self._remove(node)
+
+    @locked
+    def rmdir(self, path):
+        """Remove an empty (in the merged view) directory, with the whiteouts inside its upper part."""
+        self._require_writable(path)
+        node = self._node(path)
+        if not node.is_dir:
+            raise os_error(errno.ENOTDIR, path)
+        if path == "/":
+            raise os_error(errno.EBUSY, path)
+        if self.layers.list_dir(node):
+            raise os_error(errno.ENOTEMPTY, path)
+        self._remove(node)
+
+    def _remove(self, node):
+        parent_path, name = parent_of(node.path)
+        needs_whiteout = self.layers.lower_positive(self.layers.resolve_required(parent_path), name)
+        try:
+            if node.in_upper:
+                if needs_whiteout:
+                    copyup.discard(self._whiteout_in_place(node.real))
+                elif node.is_dir:
+                    tmp = copyup.temp_name(self.work)
+                    os.rename(node.real, tmp)
+                    copyup.discard(tmp)
+                else:
+                    os.unlink(node.real)
+            else:
+                upper_parent, name = self._upper_parent(node.path)
+                tmp = copyup.temp_name(self.work)
+                make_whiteout(tmp)
+                try:
+                    rename2(tmp, upper_parent.real + "/" + name, RENAME_NOREPLACE)
+                except BaseException:
+                    copyup.discard(tmp)
+                    raise
+        finally:
+            self._changed()
+
+    # -- renaming --------------------------------------------------------------------------------
+    @locked
+    def rename(self, old, new):
+        """Rename within the merged view (SPEC section 6).
+
+        A directory with a lower part moves only with redirect_dir=on (it gets a
+        redirect xattr); otherwise EXDEV, and tools such as mv copy instead.
+        """
+        self._require_writable(old)
+        src = self._node(old)
+        old_parent_path, old_name = parent_of(old)
+        new_parent_path, new_name = parent_of(new)
+        self._dir(new_parent_path)
+        if old == new:
+            return
+        if src.is_dir and (new + "/").startswith(old + "/"):
+            raise os_error(errno.EINVAL, new)
+        dst = self.layers.resolve(new)
+        if dst is not None:
+            if src.is_dir and not dst.is_dir:
+                raise os_error(errno.ENOTDIR, new)
+            if dst.is_dir and not src.is_dir:
+                raise os_error(errno.EISDIR, new)
+            if dst.is_dir and self.layers.list_dir(dst):
+                raise os_error(errno.ENOTEMPTY, new)
+            if src.in_upper and dst.in_upper and os.path.samestat(src.st, dst.st):
+                return  # two links to one file: rename(2) does nothing
+        if src.is_dir and src.has_lower and not self.stack.create_redirects:
+            raise os_error(errno.EXDEV, old)
+
+        needs_whiteout = self.layers.lower_positive(self.layers.resolve_required(old_parent_path), old_name)
+        redirect = None
+        if src.is_dir and src.has_lower:
+            if old_parent_path == new_parent_path:
+                redirect = src.redirect or old_name
+            else:
+                redirect = "/" + next(rel for layer, rel in src.parts if layer > 0)
+        try:
+            src = self._copy_up(src)
+            upper_parent, _ = self._upper_parent(new)
+            target = upper_parent.real + "/" + new_name
+            if redirect is not None and redirect != src.redirect:
+                set_marker(src.real, self.prefix, REDIRECT, redirect)
+            elif src.is_dir and not src.has_lower and upper_parent.has_lower and not is_opaque(src.real, self.prefix):
+                set_opaque(src.real, self.prefix)
+            try:
+                existing = os.lstat(target)
+            except FileNotFoundError:
+                existing = None
+            if existing is not None and stat.S_ISDIR(existing.st_mode):
+                self._empty_upper_dir(target)
+            if existing is not None and src.is_dir and is_whiteout(existing):
+                rename2(src.real, target, RENAME_EXCHANGE)  # the whiteout lands at the old name
+                if not needs_whiteout:
+                    os.unlink(src.real)
+            else:
+                rename2(src.real, target, RENAME_WHITEOUT if needs_whiteout else 0)
+        finally:
+            self._changed()
+
+    def _empty_upper_dir(self, real):
+        """Make an upper directory about to be replaced really empty (it may hold whiteouts),
+        by swapping in an empty opaque copy, so the merged view never shows lower entries."""
+        if not os.listdir(real):
+            return
+        tmp = copyup.temp_name(self.work)
+        os.mkdir(tmp, 0o700)
+        try:
+            set_opaque(tmp, self.prefix)
+            rename2(tmp, real, RENAME_EXCHANGE)
+        finally:
+            copyup.discard(tmp)
+
+
+def _read_mounts():
+    try:
+        with open("/proc/self/mounts") as f:
+            return f.read().splitlines()
+    except OSError:
+        return []

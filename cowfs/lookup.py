@@ -1,0 +1,267 @@
+"""Resolving a path through the layers and merging directory listings (SPEC section 2 and 7).
+
+Assumptions, as in the kernel: lower layers never change while mounted; the
+upper changes only through this process. So every answer can be cached until
+the next change to the upper, and `Layers.forget` is called on each one.
+
+Lookup rules for one name, walking the layers from the upper down:
+- a whiteout (char device 0/0, or an OCI `.wh.NAME` in a lower with
+  `oci_whiteouts`) ends the walk: below it the name does not exist;
+- a non-directory decides when it is found first, and ends the walk;
+- directories merge until one is opaque, or a non-directory is met;
+- a redirect xattr on a directory moves the walk, for the layers below it,
+  to another lower path (absolute from the stack root, or a sibling name).
+The daemon never follows a symlink found in a layer: each component is
+looked up with lstat, and only directories are descended into.
+"""
+
+import dataclasses
+import os
+import stat
+
+from .errors import os_error
+from .whiteout import (OCI_OPAQUE, ORIGIN, REDIRECT, get_marker, is_oci_marker, is_opaque, is_whiteout,
+                       oci_marker)
+
+XINO_SHIFT = 56
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Node:
+    """One name of the merged view: the entry that decides it and, for a directory, every part merged into it."""
+
+    path: str           # merged path, "/" for the root
+    layer: int          # the layer whose entry decides: 0 is the upper, 1..N the lowers
+    real: str           # that entry's path on disk
+    st: os.stat_result  # its lstat
+    parts: tuple        # ((layer, path relative to that layer's root), ...), top to bottom
+    redirect: str = None  # the redirect xattr of the deciding directory, if any
+
+    @property
+    def is_dir(self):
+        return stat.S_ISDIR(self.st.st_mode)
+
+    @property
+    def in_upper(self):
+        return self.layer == 0
+
+    @property
+    def has_lower(self):
+        """True when some lower layer contributes to this object ("merge or lower" in kernel terms)."""
+        return any(layer > 0 for layer, _ in self.parts)
+
+    @property
+    def is_merged(self):
+        return self.in_upper and self.has_lower
+
+
+def parent_of(path):
+    head, _, name = path.rpartition("/")
+    return (head or "/"), name
+
+
+def join(path, name):
+    return path + name if path.endswith("/") else path + "/" + name
+
+
+class Layers:
+    """The layer roots of a stack and the lookup rules over them; answers are cached until `forget`."""
+
+    CACHE_LIMIT = 100_000
+
+    def __init__(self, stack):
+        self.roots = [stack.upper] + list(stack.lowers)
+        self.prefix = stack.prefix
+        self.oci = stack.oci_whiteouts
+        self.follow_redirects = stack.follow_redirects
+        self._fs_index = {}
+        for root in self.roots:
+            if root is not None:
+                self._fs_index.setdefault(os.stat(root).st_dev, len(self._fs_index))
+        self._cache = {}
+
+    def forget(self):
+        """Drop every cached answer: the upper has changed."""
+        self._cache = {}
+
+    def real(self, layer, rel):
+        root = self.roots[layer]
+        return root + "/" + rel if rel else root
+
+    # -- inode numbers -------------------------------------------------------------------------
+    def map_ino(self, st):
+        """A st_ino unique across the layers' filesystems (the kernel's xino idea)."""
+        index = self._fs_index.get(st.st_dev)
+        if index is None:
+            index = self._fs_index.setdefault(st.st_dev, len(self._fs_index))
+        return st.st_ino | (index << XINO_SHIFT) if index else st.st_ino
+
+    def ino(self, node):
+        """st_ino as the merged view shows it: an upper copy keeps the number its lower origin had."""
+        if node.in_upper:
+            origin = get_marker(node.real, self.prefix, ORIGIN)
+            if origin:
+                return int(origin)
+        return self.map_ino(node.st)
+
+    def origin_ino(self, node):
+        """The number to record when `node` (in a lower) is copied up, or None when it must not be kept.
+
+        As in the kernel with index=off, a lower hard link may be broken by copy-up,
+        so a lower file with several links does not pass its number on.
+        """
+        if node.is_dir or node.st.st_nlink == 1:
+            return self.map_ino(node.st)
+        return None
+
+    # -- lookup ----------------------------------------------------------------------------------
+    def root(self):
+        parts = tuple((layer, "") for layer, root in enumerate(self.roots) if root is not None)
+        top = parts[0][0]
+        real = self.roots[top]
+        return Node("/", top, real, os.lstat(real), parts)
+
+    def resolve(self, path):
+        """The node at merged `path`, or None when nothing is there. Raises ENOTDIR through a non-directory."""
+        cached = self._cache.get(path, False)
+        if cached is not False:
+            return cached
+        if path == "/":
+            node = self.root()
+        else:
+            parent_path, name = parent_of(path)
+            parent = self.resolve(parent_path)
+            if parent is None:
+                node = None
+            elif not parent.is_dir:
+                raise os_error(20, path)  # ENOTDIR
+            else:
+                node = self.child(parent, name)
+        if len(self._cache) >= self.CACHE_LIMIT:
+            self._cache = {}
+        self._cache[path] = node
+        return node
+
+    def resolve_required(self, path):
+        node = self.resolve(path)
+        if node is None:
+            raise os_error(2, path)  # ENOENT
+        return node
+
+    def _oci_deleted(self, layer, rel):
+        if layer == 0 or not self.oci:
+            return False
+        head, _, name = rel.rpartition("/")
+        return os.path.lexists(self.real(layer, (head + "/" if head else "") + oci_marker(name)))
+
+    def _opaque(self, layer, real):
+        if is_opaque(real, self.prefix):
+            return True
+        return layer > 0 and self.oci and os.path.lexists(real + "/" + OCI_OPAQUE)
+
+    def _targets(self, parent, name):
+        """Yield (layer, rel) to look at for `name`, top to bottom; the walk sends back a redirect when it meets one."""
+        redirect = None
+        last = -1
+        while True:
+            if redirect is not None and redirect.startswith("/"):
+                layer = next((i for i in range(last + 1, len(self.roots)) if self.roots[i] is not None), None)
+                if layer is None:
+                    return
+                rel = redirect.strip("/")
+            else:
+                part = next(((l, r) for l, r in parent.parts if l > last), None)
+                if part is None:
+                    return
+                layer, prel = part
+                rel = (prel + "/" if prel else "") + (redirect or name)
+            last = layer
+            sent = yield layer, rel
+            if sent is not None:
+                redirect = sent
+                yield None  # acknowledge the send
+
+    def child(self, parent, name):
+        """Look `name` up in the directory `parent`; None when it does not exist in the merged view."""
+        found = []
+        redirect_seen = None
+        walk = self._targets(parent, name)
+        for layer, rel in walk:
+            if layer > 0 and self.oci and is_oci_marker(name) and not redirect_seen:
+                continue  # OCI markers in lower layers never show in the merged view
+            real = self.real(layer, rel)
+            try:
+                st = os.lstat(real)
+            except (FileNotFoundError, NotADirectoryError):
+                if self._oci_deleted(layer, rel):
+                    break
+                continue
+            if is_whiteout(st):
+                break
+            if not stat.S_ISDIR(st.st_mode):
+                if not found:
+                    found.append((layer, rel, real, st))
+                break
+            found.append((layer, rel, real, st))
+            if self._oci_deleted(layer, rel) or self._opaque(layer, real):
+                break
+            if self.follow_redirects and layer < len(self.roots) - 1:
+                redirect = get_marker(real, self.prefix, REDIRECT)
+                if redirect:
+                    if len(found) == 1:
+                        redirect_seen = redirect
+                    walk.send(redirect)
+        if not found:
+            return None
+        layer, _, real, st = found[0]
+        return Node(join(parent.path, name), layer, real, st, tuple((l, r) for l, r, _, _ in found), redirect_seen)
+
+    def lower_positive(self, parent, name):
+        """True when a lower layer shows `name` under `parent`: removing it from the upper needs a whiteout."""
+        for layer, prel in parent.parts:
+            if layer == 0:
+                continue
+            rel = (prel + "/" if prel else "") + name
+            if self.oci and is_oci_marker(name):
+                return False
+            try:
+                st = os.lstat(self.real(layer, rel))
+            except (FileNotFoundError, NotADirectoryError):
+                if self._oci_deleted(layer, rel):
+                    return False
+                continue
+            return not is_whiteout(st)
+        return False
+
+    # -- listing ---------------------------------------------------------------------------------
+    def list_dir(self, node):
+        """The merged listing of a directory: [(name, layer, DirEntry)], upper names first, each name once."""
+        seen = set()
+        entries = []
+        for layer, rel in node.parts:
+            hidden_below = []
+            with os.scandir(self.real(layer, rel)) as it:
+                for entry in it:
+                    name = entry.name
+                    if layer > 0 and self.oci and is_oci_marker(name):
+                        if name != OCI_OPAQUE:
+                            hidden_below.append(name[len(".wh."):])
+                        continue
+                    if name in seen:
+                        continue
+                    seen.add(name)
+                    if not (entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False)
+                            or entry.is_symlink()) and is_whiteout(entry.stat(follow_symlinks=False)):
+                        continue
+                    entries.append((name, layer, entry))
+            seen.update(hidden_below)
+        return entries
+
+    def entry_ino(self, layer, entry):
+        """st_ino of a listed entry, the same number getattr gives, at the cost of a syscall only in the upper."""
+        if layer == 0:
+            origin = get_marker(entry.path, self.prefix, ORIGIN)
+            if origin:
+                return int(origin)
+            return self.map_ino(entry.stat(follow_symlinks=False))
+        return self.map_ino(entry.stat(follow_symlinks=False))

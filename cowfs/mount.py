@@ -1,0 +1,234 @@
+"""Starting and stopping a cowfs daemon: checks first, then a background process that returns only once the mount is live.
+
+Each live mount leaves a small record (pid, mount point, options) in a
+runtime directory, so that `cowfs umount` can wait for its daemon to exit
+and tools can list the mounts.
+"""
+
+import json
+import logging
+import logging.handlers
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from .engine import Union
+from .errors import StackError
+from .stack import check
+
+READY = b"\0cowfs-ready\n"
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+
+
+def runtime_dir():
+    if os.geteuid() == 0:
+        return "/run/cowfs"
+    return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/cowfs-{os.geteuid()}", "cowfs")
+
+
+def _record_path(mountpoint):
+    return os.path.join(runtime_dir(), mountpoint.strip("/").replace("%", "%25").replace("/", "%2F") + ".json")
+
+
+def _write_record(mountpoint, stack):
+    os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
+    path = _record_path(mountpoint)
+    tmp = path + f".{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"pid": os.getpid(), "mountpoint": mountpoint, "options": stack.option_string()}, f)
+    os.replace(tmp, path)
+
+
+def _remove_record(mountpoint):
+    try:
+        with open(_record_path(mountpoint)) as f:
+            if json.load(f).get("pid") != os.getpid():
+                return
+        os.unlink(_record_path(mountpoint))
+    except (OSError, ValueError):
+        pass
+
+
+def read_record(mountpoint):
+    try:
+        with open(_record_path(mountpoint)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def mount_table():
+    """[(source, mountpoint, fstype)] from /proc/self/mounts, with octal escapes decoded."""
+    def unescape(s):
+        return s.encode().decode("unicode_escape").encode("latin-1").decode("utf-8", "surrogateescape")
+    rows = []
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 3:
+                rows.append((unescape(fields[0]), unescape(fields[1]), fields[2]))
+    return rows
+
+
+def is_cowfs_mount(mountpoint):
+    return any(mnt == mountpoint and fstype == "fuse.cowfs" for _, mnt, fstype in mount_table())
+
+
+def _setup_logging(foreground, debug):
+    logger = logging.getLogger("cowfs")
+    logger.setLevel(logging.DEBUG if debug else logging.WARNING)
+    if foreground:
+        handler = logging.StreamHandler(sys.stderr)
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+    else:
+        handler = logging.NullHandler()
+    handler.setFormatter(logging.Formatter("cowfs[%(process)d]: %(message)s"))
+    logger.addHandler(handler)
+
+
+def mount(stack, mountpoint, *, foreground=False, debug=False):
+    """Check the stack, mount it at `mountpoint`, and return once the mount is live (or serve, in the foreground).
+
+    Raises StackError with a one-line reason when anything is refused; then
+    no mount and no daemon are left behind.
+    """
+    from .fuse_ops import serve  # imports libfuse: only when really mounting
+
+    stack = check(stack, mountpoint)
+    mountpoint = os.path.realpath(mountpoint)
+    if any(mnt == mountpoint for _, mnt, _ in mount_table()):
+        raise StackError(f"mount point {mountpoint}: busy (something is already mounted there)")
+    if not os.path.exists("/dev/fuse"):
+        raise StackError("/dev/fuse: missing (load the fuse module, or install fuse3)")
+    allow_other = stack.allow_other if stack.allow_other is not None else os.geteuid() == 0
+    union = Union(stack)
+    options = dict(foreground=True, debug=debug, allow_other=allow_other, read_only=not stack.writable,
+                   fsname=stack.fsname)
+    if foreground or debug:
+        _setup_logging(True, debug)
+        _write_record(mountpoint, stack)
+        try:
+            serve(union, mountpoint, **options)
+        finally:
+            _remove_record(mountpoint)
+        return
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_end)
+        os.setsid()
+        os.dup2(write_end, 2)  # libfuse's own complaints reach the parent through the pipe
+
+        def ready():
+            _write_record(mountpoint, stack)
+            os.write(write_end, READY)
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            os.close(devnull)
+            os.close(write_end)
+
+        code = 0
+        try:
+            _setup_logging(False, False)
+            serve(union, mountpoint, on_ready=ready, **options)
+        except BaseException as e:  # noqa: BLE001 - the parent reports it
+            if not isinstance(e, RuntimeError):  # fusepy's RuntimeError only repeats libfuse's complaint
+                try:
+                    os.write(2, f"{e}\n".encode())
+                except OSError:
+                    pass
+            code = 1
+        finally:
+            _remove_record(mountpoint)
+        os._exit(code)
+    os.close(write_end)
+    union.close()  # the daemon holds the workdir lock now
+    output = _read_until_ready(read_end, pid)
+    os.close(read_end)
+    if READY in output:
+        return
+    _reap(pid)
+    if is_cowfs_mount(mountpoint):  # mounted but broken: leave nothing behind
+        _force_unmount(mountpoint)
+    lines = [l.strip() for l in output.decode(errors="replace").splitlines() if l.strip()]
+    reason = lines[-1] if lines else "the daemon exited before the mount was live"
+    raise StackError(f"mount point {mountpoint}: {reason.removeprefix('fuse: ')}")
+
+
+def _read_until_ready(fd, pid):
+    output = b""
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            output += chunk
+            if READY in output:
+                break
+    else:
+        os.kill(pid, signal.SIGTERM)
+        output += b"timed out waiting for the mount to come up\n"
+    return output
+
+
+def _reap(pid):
+    for _ in range(50):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
+def _force_unmount(mountpoint):
+    for cmd in (["fusermount", "-u", mountpoint], ["umount", mountpoint], ["umount", "-l", mountpoint]):
+        if shutil.which(cmd[0]) and subprocess.run(cmd, capture_output=True).returncode == 0:
+            return True
+    return False
+
+
+def umount(mountpoint):
+    """Unmount a cowfs mount and wait until its daemon has exited. Raises StackError when it cannot."""
+    real = os.path.realpath(mountpoint)
+    if not is_cowfs_mount(real):
+        raise StackError(f"{mountpoint}: not a cowfs mount")
+    record = read_record(real)
+    errors = []
+    for cmd in (["fusermount", "-u", real], ["umount", real]):
+        if not shutil.which(cmd[0]):
+            continue
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode == 0:
+            break
+        errors.append(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"{cmd[0]} failed")
+    else:
+        raise StackError(f"{mountpoint}: cannot unmount: {errors[-1] if errors else 'no fusermount or umount'}")
+    if record:
+        _wait_exit(record.get("pid"))
+
+
+def _wait_exit(pid):
+    if not pid:
+        return
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)

@@ -1,0 +1,194 @@
+"""A stack of layers and its mount options: parsed as the kernel parses them, checked before anything is mounted.
+
+Layer 0 is the upper (writable, or None for a read-only mount); layers 1..N
+are the lowers, topmost first, exactly as `lowerdir=A:B:C` lists them.
+"""
+
+import dataclasses
+import os
+
+from .errors import StackError
+from .whiteout import TRUSTED_PREFIX, USER_PREFIX
+
+# Generic mount(8) options that mount.fuse and fstab pass along; they mean
+# nothing to an overlay (or are the default) and are accepted silently.
+GENERIC_OPTIONS = {
+    "rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "auto", "noauto",
+    "user", "nouser", "users", "async", "sync", "atime", "noatime", "relatime",
+    "norelatime", "strictatime", "nodiratime", "diratime", "defaults", "_netdev",
+    "nofail", "lazytime", "nolazytime", "silent", "loud", "default_permissions",
+}
+REDIRECT_MODES = ("on", "off", "follow", "nofollow")
+
+
+@dataclasses.dataclass
+class Stack:
+    """What to mount: the layers and the overlay options that change behaviour."""
+
+    lowers: list
+    upper: str = None
+    work: str = None
+    redirect_dir: str = "off"
+    userxattr: bool = False
+    oci_whiteouts: bool = False
+    read_only: bool = False
+    allow_other: bool = None
+    fsname: str = "cowfs"
+
+    @property
+    def prefix(self):
+        """The xattr namespace of the overlay's own markers."""
+        return USER_PREFIX if self.userxattr else TRUSTED_PREFIX
+
+    @property
+    def writable(self):
+        return self.upper is not None and not self.read_only
+
+    @property
+    def create_redirects(self):
+        return self.redirect_dir == "on"
+
+    @property
+    def follow_redirects(self):
+        return self.redirect_dir != "nofollow"
+
+    def option_string(self):
+        """The stack as the kernel's `-o` option string (for /proc/mounts-like reports and re-mounting)."""
+        opts = ["lowerdir=" + ":".join(_escape(p) for p in self.lowers)]
+        if self.upper is not None:
+            opts += ["upperdir=" + _escape(self.upper), "workdir=" + _escape(self.work)]
+        if self.redirect_dir != "off":
+            opts.append("redirect_dir=" + self.redirect_dir)
+        opts += [name for name in ("userxattr", "oci_whiteouts") if getattr(self, name)]
+        if self.read_only:
+            opts.append("ro")
+        return ",".join(opts)
+
+
+def _escape(path):
+    return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
+
+
+def _split(text, sep):
+    """Split on `sep`, honouring backslash escapes as the kernel does for `\\:` and `\\,`."""
+    parts, cur, i = [], [], 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text):
+            cur.append(text[i + 1])
+            i += 2
+            continue
+        if ch == sep:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    parts.append("".join(cur))
+    return parts
+
+
+def parse_options(option_strings):
+    """Build a Stack from one or more `-o` strings. Raises StackError naming the bad option."""
+    values = {}
+    for text in option_strings:
+        for opt in _split_keep_escapes(text):
+            if not opt:
+                continue
+            key, has_value, value = opt.partition("=")
+            if key in GENERIC_OPTIONS or key.startswith("x-") or key == "comment":
+                continue
+            if key in ("lowerdir", "upperdir", "workdir", "redirect_dir", "fsname"):
+                if not has_value or not value:
+                    raise StackError(f"option '{key}' needs a value")
+                values[key] = value
+            elif key in ("userxattr", "oci_whiteouts", "ro", "allow_other") and not has_value:
+                values[key] = True
+            else:
+                raise StackError(f"unknown option '{opt}'")
+    if "lowerdir" not in values:
+        raise StackError("missing 'lowerdir'")
+    lowers = [_unescape(p) for p in _split(values["lowerdir"], ":")]
+    if any(not p for p in lowers):
+        raise StackError(f"empty layer in lowerdir={values['lowerdir']!r}")
+    upper = _unescape(values["upperdir"]) if "upperdir" in values else None
+    work = _unescape(values["workdir"]) if "workdir" in values else None
+    if upper is not None and work is None:
+        raise StackError("missing 'workdir' (an upperdir needs a workdir on the same filesystem)")
+    if work is not None and upper is None:
+        raise StackError("missing 'upperdir' (a workdir is only used with an upperdir)")
+    redirect = values.get("redirect_dir", "off")
+    if redirect not in REDIRECT_MODES:
+        raise StackError(f"bad value for redirect_dir: '{redirect}' (one of: {', '.join(REDIRECT_MODES)})")
+    if values.get("userxattr") and redirect == "on":
+        raise StackError("conflicting options: userxattr,redirect_dir=on")
+    return Stack(
+        lowers=lowers, upper=upper, work=work, redirect_dir=redirect,
+        userxattr=bool(values.get("userxattr")), oci_whiteouts=bool(values.get("oci_whiteouts")),
+        read_only=bool(values.get("ro")), allow_other=True if values.get("allow_other") else None,
+        fsname=values.get("fsname", "cowfs"),
+    )
+
+
+def _split_keep_escapes(text):
+    """Split an option string on unescaped commas, keeping escapes for the per-option split."""
+    parts, cur, i = [], [], 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text):
+            cur.append(text[i:i + 2])
+            i += 2
+            continue
+        if ch == ",":
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    parts.append("".join(cur))
+    return parts
+
+
+def _unescape(path):
+    return "".join(_split(path, "\0"))
+
+
+def _is_within(inner, outer):
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+def check(stack, mountpoint=None):
+    """Resolve and check every path of the stack; returns it with absolute real paths.
+
+    Raises StackError for a missing or non-directory layer, overlapping layers,
+    a workdir on another filesystem than the upper, or a mount point inside a layer.
+    """
+    def real_dir(path, role):
+        if not os.path.lexists(path):
+            raise StackError(f"{role} {path}: No such file or directory")
+        real = os.path.realpath(path)
+        if not os.path.isdir(real):
+            raise StackError(f"{role} {path}: Not a directory")
+        return real
+
+    lowers = [real_dir(p, "lowerdir") for p in stack.lowers]
+    named = [(f"lowerdir {p}", r) for p, r in zip(stack.lowers, lowers)]
+    upper = work = None
+    if stack.upper is not None:
+        upper = real_dir(stack.upper, "upperdir")
+        work = real_dir(stack.work, "workdir")
+        if os.stat(upper).st_dev != os.stat(work).st_dev:
+            raise StackError(f"workdir {stack.work}: not on the same filesystem as upperdir {stack.upper}")
+        named += [(f"upperdir {stack.upper}", upper), (f"workdir {stack.work}", work)]
+    if mountpoint is not None:
+        mnt = real_dir(mountpoint, "mount point")
+        for name, real in named:
+            if _is_within(mnt, real):
+                raise StackError(f"mount point {mountpoint}: inside {name}")
+    for i, (name_a, a) in enumerate(named):
+        for name_b, b in named[i + 1:]:
+            if a == b and name_a.startswith("lowerdir") and name_b.startswith("lowerdir"):
+                continue  # the same lower twice is harmless: the kernel allows it too
+            if _is_within(a, b) or _is_within(b, a):
+                raise StackError(f"{name_a}: overlaps {name_b}")
+    return dataclasses.replace(stack, lowers=lowers, upper=upper, work=work)

@@ -1,0 +1,369 @@
+"""Mount kernel overlayfs and cowfs over the same layers, and always unmount them.
+
+Both mounts are objects with ``mount()``/``unmount()`` (so a test can remount
+midway) and context managers (``kernel_overlay(...)``, ``cowfs_mount(...)``)
+that unmount in ``finally`` whatever happened inside.  ``availability()`` says
+what this machine can do; ``require()`` turns a missing feature into a pytest
+skip, or a failure under ``CI=true`` (the project rule: nothing may skip in CI).
+
+``make_whiteout`` and ``make_opaque`` write the kernel's on-disk formats, for
+*building* lower layers in tests; they are not cowfs's implementation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes.util
+import functools
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+
+UNMOUNT_TIMEOUT = 15.0
+MOUNT_TIMEOUT = 60.0
+
+
+class MountError(RuntimeError):
+    """A mount or unmount did not happen; the message carries the tool's stderr."""
+
+
+# --------------------------------------------------------------------------
+# layer-building helpers (the kernel's formats)
+
+def make_whiteout(path) -> None:
+    """Create a whiteout at *path*: a character device 0/0, as the kernel writes it."""
+    os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+
+
+def make_opaque(path, userxattr: bool = False) -> None:
+    """Mark directory *path* opaque (``trusted.overlay.opaque=y``, or ``user.`` with *userxattr*)."""
+    name = ("user" if userxattr else "trusted") + ".overlay.opaque"
+    os.setxattr(path, name, b"y", follow_symlinks=False)
+
+
+# --------------------------------------------------------------------------
+# /proc/mounts helpers
+
+def _unescape_mount_field(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def mounts_under(prefix) -> list[tuple[str, str]]:
+    """(mountpoint, fstype) of every mount at or below *prefix*."""
+    prefix = os.path.realpath(os.fspath(prefix))
+    found = []
+    with open("/proc/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) < 3:
+                continue
+            mnt = _unescape_mount_field(fields[1])
+            if mnt == prefix or mnt.startswith(prefix.rstrip("/") + "/"):
+                found.append((mnt, fields[2]))
+    return found
+
+
+def is_mounted(mountpoint) -> bool:
+    mountpoint = os.path.realpath(os.fspath(mountpoint))
+    return any(mnt == mountpoint for mnt, _ in mounts_under(mountpoint))
+
+
+def _run(cmd, timeout=MOUNT_TIMEOUT, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def force_unmount(mountpoint) -> None:
+    """Unmount *mountpoint* by any means: ``fusermount -u``, ``umount``, then ``umount -l``.
+
+    Raises:
+        MountError: it is still mounted afterwards.
+    """
+    mountpoint = os.path.realpath(os.fspath(mountpoint))
+    attempts = []
+    fusermount = shutil.which("fusermount") or shutil.which("fusermount3")
+    if fusermount:
+        attempts.append([fusermount, "-u", mountpoint])
+    attempts += [["umount", mountpoint], ["umount", "-l", mountpoint]]
+    errors = []
+    for cmd in attempts:
+        if not is_mounted(mountpoint):
+            return
+        try:
+            res = _run(cmd, timeout=30)
+            if res.returncode != 0:
+                errors.append(f"{' '.join(cmd)}: {res.stderr.strip()}")
+        except subprocess.TimeoutExpired:
+            errors.append(f"{' '.join(cmd)}: timed out")
+    if is_mounted(mountpoint):
+        raise MountError(f"could not unmount {mountpoint}: " + "; ".join(errors))
+
+
+def _overlay_options(lowers, upper, work, options) -> str:
+    parts = []
+    paths = [os.path.abspath(os.fspath(p)) for p in lowers]
+    for p in paths + [os.fspath(x) for x in (upper, work) if x is not None]:
+        if any(c in p for c in ",:\\"):
+            raise ValueError(f"layer path {p!r} contains a character the option syntax cannot carry")
+    parts.append("lowerdir=" + ":".join(paths))
+    if upper is not None:
+        if work is None:
+            raise ValueError("an upper directory needs a work directory")
+        parts.append("upperdir=" + os.path.abspath(os.fspath(upper)))
+        parts.append("workdir=" + os.path.abspath(os.fspath(work)))
+    parts.extend(options)
+    return ",".join(parts)
+
+
+# --------------------------------------------------------------------------
+# the two mounts
+
+class KernelOverlay:
+    """A kernel overlayfs mount (``mount -t overlay``); needs root."""
+
+    kind = "kernel"
+
+    def __init__(self, lowers, upper, work, mountpoint, options=()):
+        self.lowers, self.upper, self.work = list(lowers), upper, work
+        self.mountpoint = os.path.abspath(os.fspath(mountpoint))
+        self.options = list(options)
+        self.option_string = _overlay_options(self.lowers, upper, work, self.options)
+
+    def mount(self) -> None:
+        res = _run(["mount", "-t", "overlay", "overlay", "-o", self.option_string, self.mountpoint])
+        if res.returncode != 0 or not is_mounted(self.mountpoint):
+            detail = res.stderr.strip()
+            with contextlib.suppress(Exception):
+                tail = _run(["dmesg"]).stdout.strip().splitlines()[-3:]
+                detail += " | dmesg: " + " / ".join(tail)
+            raise MountError(f"kernel overlay mount -o {self.option_string} {self.mountpoint} failed: {detail}")
+
+    def unmount(self) -> None:
+        if is_mounted(self.mountpoint):
+            res = _run(["umount", self.mountpoint], timeout=30)
+            if res.returncode != 0:
+                force_unmount(self.mountpoint)
+
+    def __enter__(self):
+        self.mount()
+        return self
+
+    def __exit__(self, *exc):
+        self.unmount()
+        return False
+
+
+def _pids_with_argument(arg: str) -> set[int]:
+    """Processes (other than this one) whose command line has *arg* as one argument."""
+    pids = set()
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if os.fsencode(arg) in argv:
+            pids.add(int(entry))
+    return pids
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return False
+
+
+def default_cowfs_cmd() -> list[str]:
+    """``COWFS_CMD`` (split like a shell would) or ``python -m cowfs`` with this interpreter."""
+    import shlex
+
+    env = os.environ.get("COWFS_CMD")
+    return shlex.split(env) if env else [sys.executable, "-m", "cowfs"]
+
+
+class CowfsMount:
+    """A cowfs FUSE mount started with ``cowfs mount -o ... MOUNTPOINT``.
+
+    ``unmount()`` unmounts (``fusermount -u``, then ``umount -l``) and waits
+    for the daemon to exit; a daemon that outlives its mount is terminated
+    (it is a process this object started) and reported as an error.
+    """
+
+    kind = "cowfs"
+
+    def __init__(self, lowers, upper, work, mountpoint, options=(), cowfs_cmd=None):
+        self.lowers, self.upper, self.work = list(lowers), upper, work
+        self.mountpoint = os.path.abspath(os.fspath(mountpoint))
+        self.options = list(options)
+        self.option_string = _overlay_options(self.lowers, upper, work, self.options)
+        self.cowfs_cmd = list(cowfs_cmd) if cowfs_cmd else default_cowfs_cmd()
+        self._daemon_pids: set[int] = set()
+
+    @property
+    def command(self) -> list[str]:
+        return self.cowfs_cmd + ["mount", "-o", self.option_string, self.mountpoint]
+
+    def mount(self) -> None:
+        try:
+            res = _run(self.command)
+        except subprocess.TimeoutExpired as e:
+            self._daemon_pids = _pids_with_argument(self.mountpoint)
+            self._cleanup()
+            raise MountError(f"{' '.join(self.command)} did not return within {MOUNT_TIMEOUT}s: {e.stderr}")
+        self._daemon_pids = _pids_with_argument(self.mountpoint)
+        if res.returncode != 0:
+            self._cleanup()
+            raise MountError(
+                f"{' '.join(self.command)} failed (exit {res.returncode}): "
+                f"{(res.stderr or res.stdout).strip()}"
+            )
+        if not is_mounted(self.mountpoint):
+            self._cleanup()
+            raise MountError(f"{' '.join(self.command)} exited 0 but {self.mountpoint} is not mounted")
+
+    def _cleanup(self) -> list[str]:
+        """Unmount and reap the daemon; return the problems seen (empty when all went well)."""
+        problems = []
+        try:
+            force_unmount(self.mountpoint)
+        except MountError as e:
+            problems.append(str(e))
+        deadline = time.monotonic() + UNMOUNT_TIMEOUT
+        while any(_pid_alive(p) for p in self._daemon_pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        lingering = [p for p in self._daemon_pids if _pid_alive(p)]
+        if lingering:
+            problems.append(f"cowfs daemon(s) {lingering} still running {UNMOUNT_TIMEOUT}s after unmounting {self.mountpoint}")
+            for pid in lingering:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGTERM)
+            time.sleep(1)
+            for pid in lingering:
+                if _pid_alive(pid):
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+        self._daemon_pids = set()
+        return problems
+
+    def abort(self) -> None:
+        """Kill the daemon (a watchdog's last resort): every pending request then fails with ENOTCONN."""
+        for pid in self._daemon_pids:
+            if _pid_alive(pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+
+    def unmount(self) -> None:
+        """Raises MountError when unmounting failed or the daemon did not exit by itself."""
+        problems = self._cleanup()
+        if problems:
+            raise MountError("; ".join(problems))
+
+    def __enter__(self):
+        self.mount()
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        problems = self._cleanup()
+        if problems and exc_type is None:
+            raise MountError("; ".join(problems))
+        return False
+
+
+@contextlib.contextmanager
+def kernel_overlay(lowers, upper, work, mountpoint, options=()):
+    """Mount kernel overlayfs (leftmost lower topmost); unmount on exit whatever happened."""
+    m = KernelOverlay(lowers, upper, work, mountpoint, options)
+    m.mount()
+    try:
+        yield m
+    finally:
+        m.unmount()
+
+
+@contextlib.contextmanager
+def cowfs_mount(lowers, upper, work, mountpoint, options=(), cowfs_cmd=None):
+    """Mount cowfs with the kernel's option syntax; unmount and wait for the daemon on exit.
+
+    Raises:
+        MountError: ``cowfs mount`` failed (message carries its stderr), or
+            unmounting / daemon exit failed after a body that succeeded.
+    """
+    m = CowfsMount(lowers, upper, work, mountpoint, options, cowfs_cmd)
+    with m:
+        yield m
+
+
+# --------------------------------------------------------------------------
+# what this machine can do
+
+def _check_fuse() -> str | None:
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse does not exist"
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR))
+    except OSError as e:
+        return f"/dev/fuse cannot be opened: {e.strerror}"
+    if not (shutil.which("fusermount") or shutil.which("fusermount3")):
+        return "fusermount is not on PATH (install the fuse3 or fuse package)"
+    lib = ctypes.util.find_library("fuse")
+    if not lib:
+        return "libfuse.so.2 not found (install libfuse2)"
+    try:
+        ctypes.CDLL(lib)
+    except OSError as e:
+        return f"libfuse ({lib}) cannot be loaded: {e}"
+    return None
+
+
+def _check_kernel_overlay() -> str | None:
+    if os.geteuid() != 0:
+        return "kernel overlay mounts need root"
+    with tempfile.TemporaryDirectory(prefix="cowfs-probe-") as tmp:
+        dirs = {name: os.path.join(tmp, name) for name in ("l", "u", "w", "m")}
+        for d in dirs.values():
+            os.mkdir(d)
+        try:
+            with kernel_overlay([dirs["l"]], dirs["u"], dirs["w"], dirs["m"]):
+                pass
+        except (MountError, OSError, subprocess.TimeoutExpired) as e:
+            return f"cannot mount a kernel overlay: {e}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def availability() -> dict[str, str | None]:
+    """``{"fuse": reason-or-None, "kernel": reason-or-None}``: None means available."""
+    return {"fuse": _check_fuse(), "kernel": _check_kernel_overlay()}
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def require(*features: str) -> None:
+    """Skip the running pytest test when a feature is missing; fail instead under ``CI=true``.
+
+    Features: ``"fuse"`` (/dev/fuse, fusermount, libfuse.so.2) and
+    ``"kernel"`` (mounting kernel overlayfs, as root).
+    """
+    import pytest
+
+    avail = availability()
+    missing = [f"{f}: {avail[f]}" for f in features if avail.get(f)]
+    unknown = [f for f in features if f not in avail]
+    if unknown:
+        raise ValueError(f"unknown feature(s) {unknown}; known: {sorted(avail)}")
+    if missing:
+        reason = "; ".join(missing)
+        if in_ci():
+            pytest.fail(f"required under CI=true but missing: {reason}", pytrace=False)
+        pytest.skip(reason)

@@ -1,0 +1,72 @@
+"""The on-disk markers of an overlay, in the kernel's format so that either can mount the other's upper.
+
+This is the only module that knows how deletions, opaque directories and
+redirects are spelled: a whiteout is a character device 0/0; an opaque
+directory and a redirect are xattrs in the overlay's namespace (`trusted.overlay.`,
+or `user.overlay.` under `userxattr`); OCI layers instead use `.wh.NAME` files
+and a `.wh..wh..opq` file, which cowfs reads in lower layers on request.
+"""
+
+import errno
+import os
+import stat
+
+TRUSTED_PREFIX = "trusted.overlay."
+USER_PREFIX = "user.overlay."
+
+OCI_PREFIX = ".wh."
+OCI_OPAQUE = ".wh..wh..opq"
+
+# cowfs's own xattr: the st_ino an object showed before its copy-up, so that it
+# keeps it afterwards. It lives in the overlay namespace so that the kernel,
+# mounting a cowfs upper, hides it like its own private xattrs.
+ORIGIN = "cowfs.origin"
+OPAQUE = "opaque"
+REDIRECT = "redirect"
+
+
+def is_whiteout(st):
+    """True when a stat result is a whiteout: a character device numbered 0/0."""
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def make_whiteout(path):
+    """Create a whiteout at `path` (needs no privilege on Linux 5.8 and later)."""
+    os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+
+
+def get_marker(path, prefix, name):
+    """The value of an overlay xattr on `path` as a string, or None when it is not set."""
+    try:
+        return os.getxattr(path, prefix + name, follow_symlinks=False).decode("utf-8", "surrogateescape")
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.ENOENT):
+            return None
+        raise
+
+
+def set_marker(path, prefix, name, value):
+    os.setxattr(path, prefix + name, value.encode("utf-8", "surrogateescape"), follow_symlinks=False)
+
+
+def is_opaque(path, prefix):
+    """True when the directory at `path` hides every lower directory of its path."""
+    return get_marker(path, prefix, OPAQUE) == "y"
+
+
+def set_opaque(path, prefix):
+    set_marker(path, prefix, OPAQUE, "y")
+
+
+def is_private_xattr(name, prefix):
+    """Overlay xattrs belong to the filesystem: never listed, read or set through the mount."""
+    return name.startswith(prefix)
+
+
+def oci_marker(name):
+    """The OCI whiteout file name that deletes `name` in a lower layer."""
+    return OCI_PREFIX + name
+
+
+def is_oci_marker(name):
+    return name.startswith(OCI_PREFIX)
