@@ -26,8 +26,8 @@ from . import copyup
 from .errors import StackError, os_error
 from .lookup import Layers, parent_of
 from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, rename2
-from .whiteout import (OPAQUE, REDIRECT, is_opaque, is_private_xattr, is_whiteout, make_whiteout, set_marker,
-                       set_opaque)
+from .whiteout import (OPAQUE, ORIGIN, REDIRECT, escape_xattr, is_opaque, is_whiteout, make_whiteout, set_marker,
+                       set_opaque, unescape_xattr)
 
 WORK_SUBDIR = "work"  # the same staging directory the kernel uses, so either cleans the other's leftovers
 
@@ -218,14 +218,18 @@ class Union:
         return self._attrs(self._node(path))
 
     def _attrs(self, node):
-        st = node.st
-        nlink = 1 if node.is_dir and len(node.parts) > 1 else st.st_nlink  # as the kernel does for merged dirs
-        return {
-            "st_mode": st.st_mode, "st_ino": self.layers.ino(node), "st_nlink": nlink,
-            "st_uid": st.st_uid, "st_gid": st.st_gid, "st_size": st.st_size, "st_rdev": st.st_rdev,
-            "st_blocks": st.st_blocks, "st_blksize": st.st_blksize,
-            "st_atime": st.st_atime_ns, "st_mtime": st.st_mtime_ns, "st_ctime": st.st_ctime_ns,
-        }
+        nlink = 1 if node.is_dir and len(node.parts) > 1 else node.st.st_nlink  # as the kernel does for merged dirs
+        return _stat_dict(node.st, self.layers.ino(node), nlink)
+
+    def fgetattr(self, handle):
+        """Attributes of an open file, also once its name is gone."""
+        st = os.fstat(handle.fd)
+        try:
+            ino = int(os.getxattr(handle.fd, self.prefix + ORIGIN))
+        except OSError:
+            ino = self.layers.map_ino(st)
+        return _stat_dict(st, ino, st.st_nlink)
+
 
     @locked
     def readdir(self, path):
@@ -314,40 +318,36 @@ class Union:
             self._changed()
 
     # -- xattrs ----------------------------------------------------------------------------------
-    def _check_xattr_name(self, path, name):
-        if is_private_xattr(name, self.prefix):
-            raise os_error(errno.EOPNOTSUPP, path)
-
+    # The overlay's own xattrs never show; one named like them through the
+    # mount is stored escaped, as Linux 6.7 and later do (see whiteout.py).
     @locked
     def getxattr(self, path, name):
-        self._check_xattr_name(path, name)
-        return os.getxattr(self._node(path).real, name, follow_symlinks=False)
+        return os.getxattr(self._node(path).real, escape_xattr(name, self.prefix), follow_symlinks=False)
 
     @locked
     def listxattr(self, path):
-        names = os.listxattr(self._node(path).real, follow_symlinks=False)
-        return [n for n in names if not is_private_xattr(n, self.prefix)]
+        names = (unescape_xattr(n, self.prefix) for n in os.listxattr(self._node(path).real, follow_symlinks=False))
+        return [n for n in names if n is not None]
 
     @locked
     def setxattr(self, path, name, value, flags=0):
-        self._check_xattr_name(path, name)
         self._require_writable(path)
         node = self._copy_up(self._node(path))
         try:
-            os.setxattr(node.real, name, value, flags, follow_symlinks=False)
+            os.setxattr(node.real, escape_xattr(name, self.prefix), value, flags, follow_symlinks=False)
         finally:
             self._changed()
 
     @locked
     def removexattr(self, path, name):
-        self._check_xattr_name(path, name)
         self._require_writable(path)
         node = self._node(path)
+        real_name = escape_xattr(name, self.prefix)
         if not node.in_upper:
-            os.getxattr(node.real, name, follow_symlinks=False)  # ENODATA before any copy-up, as the kernel
+            os.getxattr(node.real, real_name, follow_symlinks=False)  # ENODATA before any copy-up, as the kernel
         node = self._copy_up(node)
         try:
-            os.removexattr(node.real, name, follow_symlinks=False)
+            os.removexattr(node.real, real_name, follow_symlinks=False)
         finally:
             self._changed()
 
@@ -580,6 +580,15 @@ class Union:
             rename2(tmp, real, RENAME_EXCHANGE)
         finally:
             copyup.discard(tmp)
+
+
+def _stat_dict(st, ino, nlink):
+    return {
+        "st_mode": st.st_mode, "st_ino": ino, "st_nlink": nlink,
+        "st_uid": st.st_uid, "st_gid": st.st_gid, "st_size": st.st_size, "st_rdev": st.st_rdev,
+        "st_blocks": st.st_blocks, "st_blksize": st.st_blksize,
+        "st_atime": st.st_atime_ns, "st_mtime": st.st_mtime_ns, "st_ctime": st.st_ctime_ns,
+    }
 
 
 def _read_mounts():

@@ -45,6 +45,8 @@ class CowfsOperations(fuse.Operations):
     """fusepy operations over a `Union` engine (fusepy's raw_fi mode: open flags and fh come in fuse_file_info)."""
 
     use_ns = True
+    flag_nullpath_ok = 1  # reads, writes and fstat on a file whose name is gone (path None)
+    flag_utime_omit_ok = 1  # pass UTIME_NOW / UTIME_OMIT through to utimens
 
     def __init__(self, union, on_ready=None):
         self.union = union
@@ -80,6 +82,8 @@ class CowfsOperations(fuse.Operations):
 
     # -- attributes and names --------------------------------------------------------------------
     def getattr(self, path, fh=None):
+        if fh is not None and fh.fh in self.handles:
+            return self.union.fgetattr(self.handles[fh.fh])
         return self.union.getattr(path)
 
     def readdir(self, path, fh):
@@ -182,6 +186,7 @@ def serve(union, mountpoint, *, foreground=True, debug=False, allow_other=False,
     options = dict(
         fsname=fsname, subtype="cowfs", default_permissions=True, use_ino=True, hard_remove=True,
         nonempty=True, attr_timeout=0, entry_timeout=0, negative_timeout=0,
+        dev=os.geteuid() == 0, suid=os.geteuid() == 0,  # like the kernel overlay, when root may allow it
     )
     if allow_other:
         options["allow_other"] = True

@@ -59,8 +59,28 @@ def set_opaque(path, prefix):
 
 
 def is_private_xattr(name, prefix):
-    """Overlay xattrs belong to the filesystem: never listed, read or set through the mount."""
+    """Overlay xattrs belong to the filesystem: never copied up, nor shown through the mount as themselves."""
     return name.startswith(prefix)
+
+
+# Since Linux 6.7 an overlay xattr set through the mount is stored escaped,
+# `trusted.overlay.X` as `trusted.overlay.overlay.X`, so that overlays can nest;
+# the real markers stay invisible.
+ESCAPE = "overlay."
+
+
+def escape_xattr(name, prefix):
+    """The name on disk of an xattr named `name` through the mount."""
+    return prefix + ESCAPE + name[len(prefix):] if name.startswith(prefix) else name
+
+
+def unescape_xattr(name, prefix):
+    """The name through the mount of an xattr named `name` on disk, or None when it is the overlay's own."""
+    if not name.startswith(prefix):
+        return name
+    if name.startswith(prefix + ESCAPE):
+        return prefix + name[len(prefix + ESCAPE):]
+    return None
 
 
 def oci_marker(name):
