@@ -24,12 +24,13 @@ import threading
 
 from . import copyup
 from .errors import StackError, os_error
-from .lookup import Layers, parent_of
+from .lookup import Layers, Node, parent_of
 from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, rename2
 from .whiteout import (OPAQUE, ORIGIN, REDIRECT, escape_xattr, is_opaque, is_whiteout, make_whiteout, set_marker,
                        set_opaque, unescape_xattr)
 
 WORK_SUBDIR = "work"  # the same staging directory the kernel uses, so either cleans the other's leftovers
+HIDDEN_PREFIX = ".fuse_hidden"  # libfuse's name for an open file being unlinked (without hard_remove)
 
 
 def locked(method):
@@ -61,6 +62,7 @@ class Union:
         self.work = None
         self._lock = threading.RLock()
         self._copied = set()  # identities of lower files copied up, to move open read handles over
+        self._hidden = {}  # open files whose last name is gone: merged name the FUSE library gave -> (layer, real)
         self._work_lock_fd = None
         if stack.upper is not None:
             self._claim_workdir()
@@ -111,6 +113,10 @@ class Union:
             raise os_error(errno.EROFS, path)
 
     def _node(self, path):
+        hidden = self._hidden.get(path)
+        if hidden is not None:
+            layer, real = hidden
+            return Node(path, layer, real, os.lstat(real), ((layer, ""),))
         return self.layers.resolve_required(path)
 
     def _dir(self, path):
@@ -127,6 +133,15 @@ class Union:
         if node.in_upper:
             return node
         self._require_writable(node.path)
+        if node.path in self._hidden:  # an unlinked open file: its copy stays in the workdir
+            tmp = copyup.temp_name(self.work)
+            try:
+                copyup.build_copy(node.real, node.st, tmp, self.prefix, self.layers.origin_ino(node))
+            except BaseException:
+                copyup.discard(tmp)
+                raise
+            self._hidden[node.path] = (0, tmp)
+            return self._node(node.path)
         parent_path, name = parent_of(node.path)
         upper_parent = self._copy_up(self.layers.resolve_required(parent_path))
         tmp = copyup.temp_name(self.work)
@@ -219,6 +234,8 @@ class Union:
 
     def _attrs(self, node):
         nlink = 1 if node.is_dir and len(node.parts) > 1 else node.st.st_nlink  # as the kernel does for merged dirs
+        if node.path in self._hidden and node.in_upper:
+            nlink -= 1  # its link in the workdir is no name of the merged view
         return _stat_dict(node.st, self.layers.ino(node), nlink)
 
     def fgetattr(self, handle):
@@ -431,6 +448,8 @@ class Union:
         kind = stat.S_IFMT(mode) or stat.S_IFREG
         if kind == stat.S_IFDIR:
             raise os_error(errno.EINVAL, path)
+        if kind == stat.S_IFCHR and rdev == 0:
+            raise os_error(errno.EPERM, path)  # a whiteout cannot be made through the mount
         self._place_new(path, lambda tmp: os.mknod(tmp, kind | 0o600, rdev), mode, owner, kind)
 
     @locked
@@ -465,10 +484,24 @@ class Union:
     def unlink(self, path):
         """Remove a non-directory; a name a lower layer has becomes a whiteout."""
         self._require_writable(path)
+        if path in self._hidden:
+            layer, real = self._hidden.pop(path)
+            if layer == 0:
+                os.unlink(real)
+            return
         node = self._node(path)
         if node.is_dir:
             raise os_error(errno.EISDIR, path)
         self._remove(node)
+
+    def _hide(self, node, hidden_path):
+        """Unlink an open file but keep it reachable under the name the FUSE library picked for it
+        (".fuse_hidden..."), so that fstat, fchmod and the like go on working, as on the kernel."""
+        if node.in_upper:
+            self._hidden[hidden_path] = (0, self._remove(node, keep=True))
+        else:
+            self._remove(node)
+            self._hidden[hidden_path] = (node.layer, node.real)
 
     @locked
     def rmdir(self, path):
@@ -483,19 +516,23 @@ class Union:
             raise os_error(errno.ENOTEMPTY, path)
         self._remove(node)
 
-    def _remove(self, node):
+    def _remove(self, node, keep=False):
+        """Remove `node` from the merged view; with `keep`, move its upper object to the workdir and return that path."""
         parent_path, name = parent_of(node.path)
         needs_whiteout = self.layers.lower_positive(self.layers.resolve_required(parent_path), name)
         try:
             if node.in_upper:
                 if needs_whiteout:
-                    copyup.discard(self._whiteout_in_place(node.real))
-                elif node.is_dir:
+                    tmp = self._whiteout_in_place(node.real)
+                elif node.is_dir or keep:
                     tmp = copyup.temp_name(self.work)
                     os.rename(node.real, tmp)
-                    copyup.discard(tmp)
                 else:
                     os.unlink(node.real)
+                    return None
+                if keep:
+                    return tmp
+                copyup.discard(tmp)
             else:
                 upper_parent, name = self._upper_parent(node.path)
                 tmp = copyup.temp_name(self.work)
@@ -523,6 +560,8 @@ class Union:
         self._dir(new_parent_path)
         if old == new:
             return
+        if new_name.startswith(HIDDEN_PREFIX) and not src.is_dir and self.layers.resolve(new) is None:
+            return self._hide(src, new)
         if src.is_dir and (new + "/").startswith(old + "/"):
             raise os_error(errno.EINVAL, new)
         dst = self.layers.resolve(new)

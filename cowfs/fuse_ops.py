@@ -82,7 +82,7 @@ class CowfsOperations(fuse.Operations):
 
     # -- attributes and names --------------------------------------------------------------------
     def getattr(self, path, fh=None):
-        if fh is not None and fh.fh in self.handles:
+        if path is None and fh is not None and fh.fh in self.handles:
             return self.union.fgetattr(self.handles[fh.fh])
         return self.union.getattr(path)
 
@@ -184,7 +184,7 @@ def serve(union, mountpoint, *, foreground=True, debug=False, allow_other=False,
           fsname="cowfs", on_ready=None):
     """Mount `union` at `mountpoint` and serve it until unmounted (blocks)."""
     options = dict(
-        fsname=fsname, subtype="cowfs", default_permissions=True, use_ino=True, hard_remove=True,
+        fsname=fsname, subtype="cowfs", default_permissions=True, use_ino=True,
         nonempty=True, attr_timeout=0, entry_timeout=0, negative_timeout=0,
         dev=os.geteuid() == 0, suid=os.geteuid() == 0,  # like the kernel overlay, when root may allow it
     )

@@ -159,6 +159,27 @@ class Layers:
             return True
         return layer > 0 and self.oci and os.path.lexists(real + "/" + OCI_OPAQUE)
 
+    def _through_dirs(self, layer, rel):
+        """True when every component above the last of `rel` is a real directory in `layer`:
+        a redirect is walked with lstat, never through a symlink found in a layer."""
+        real = self.roots[layer]
+        for component in rel.split("/")[:-1]:
+            real += "/" + component
+            try:
+                if not stat.S_ISDIR(os.lstat(real).st_mode):
+                    return False
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+        return True
+
+    @staticmethod
+    def _check_redirect(redirect, path):
+        """Refuse a redirect that would leave the layers, as the kernel does."""
+        if not redirect.startswith("/") and "/" in redirect:
+            raise os_error(22, path)  # EINVAL: a relative redirect is one name
+        if any(c in ("", ".", "..") for c in redirect.strip("/").split("/")):
+            raise os_error(13, path)  # EACCES, as the kernel's lookup of "." or ".."
+
     def _targets(self, parent, name):
         """Yield (layer, rel) to look at for `name`, top to bottom; the walk sends back a redirect when it meets one."""
         redirect = None
@@ -187,8 +208,10 @@ class Layers:
         redirect_seen = None
         walk = self._targets(parent, name)
         for layer, rel in walk:
-            if layer > 0 and self.oci and is_oci_marker(name) and not redirect_seen:
+            if layer > 0 and self.oci and is_oci_marker(name) and redirect_seen is None:
                 continue  # OCI markers in lower layers never show in the merged view
+            if redirect_seen is not None and redirect_seen.startswith("/") and not self._through_dirs(layer, rel):
+                continue
             real = self.real(layer, rel)
             try:
                 st = os.lstat(real)
@@ -208,13 +231,14 @@ class Layers:
             if self.follow_redirects and layer < len(self.roots) - 1:
                 redirect = get_marker(real, self.prefix, REDIRECT)
                 if redirect:
-                    if len(found) == 1:
-                        redirect_seen = redirect
+                    self._check_redirect(redirect, join(parent.path, name))
+                    redirect_seen = redirect
                     walk.send(redirect)
         if not found:
             return None
         layer, _, real, st = found[0]
-        return Node(join(parent.path, name), layer, real, st, tuple((l, r) for l, r, _, _ in found), redirect_seen)
+        top_redirect = get_marker(real, self.prefix, REDIRECT) if layer == 0 and stat.S_ISDIR(st.st_mode) else None
+        return Node(join(parent.path, name), layer, real, st, tuple((l, r) for l, r, _, _ in found), top_redirect)
 
     def lower_positive(self, parent, name):
         """True when a lower layer shows `name` under `parent`: removing it from the upper needs a whiteout."""

@@ -12,6 +12,7 @@ Symlinks are never followed (``lstat``, ``readlink``, ``follow_symlinks=False``)
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -94,8 +95,6 @@ def read_xattrs(path: str, all_namespaces: bool = False) -> dict:
 
 
 def _errno_name(e: OSError) -> str:
-    import errno
-
     return errno.errorcode.get(e.errno, str(e.errno))
 
 

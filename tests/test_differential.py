@@ -1,0 +1,1693 @@
+"""Differential tests: the same operations on kernel overlayfs and on cowfs, over the same layers.
+
+Each scenario builds its lower layers once (in the kernel's on-disk format),
+then runs its operations on a kernel overlay mount and on a cowfs mount of
+those layers, each with its own upper and work directory, and checks that:
+
+1. every operation had the same outcome (return value, or errno name);
+2. the merged trees are the same (``cowfs.testing.tree.snapshot``);
+3. the lower layers did not change at all;
+4. the kernel, mounting cowfs's upper directory over the same lowers, shows
+   the tree cowfs showed (cowfs's upper is in the kernel's format).
+
+Every scenario runs with ``redirect_dir=off`` and ``redirect_dir=on``; those
+about whiteouts, opaque directories and xattrs also with ``userxattr``
+(which the kernel accepts from root, and which excludes ``redirect_dir``).
+
+``COWFS_DIFF_BACKEND=kernel`` replaces cowfs with a second kernel mount,
+to check the harness itself: every scenario must pass kernel-vs-kernel.
+``COWFS_CMD`` overrides the command that runs cowfs (default:
+``python -m cowfs`` with this interpreter).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import pickle
+import stat
+import threading
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from cowfs.testing.mounts import CowfsMount, KernelOverlay, make_opaque, make_whiteout, mounts_under
+from cowfs.testing.tree import describe_stat, diff_snapshots, snapshot
+
+BACKEND = os.environ.get("COWFS_DIFF_BACKEND", "cowfs")
+if BACKEND not in ("cowfs", "kernel"):
+    raise RuntimeError(f"COWFS_DIFF_BACKEND must be 'cowfs' or 'kernel', not {BACKEND!r}")
+PINNED_TIME_NS = 1_000_000_000 * 10**9  # 2001-09-09: every lower object gets this mtime/atime
+OLD_TIME_NS = 1_200_000_000 * 10**9 + 123_456_789  # a time scenarios set on purpose
+SCENARIO_TIMEOUT = float(os.environ.get("COWFS_DIFF_TIMEOUT", "120"))  # seconds per mount's scenario
+USER = 1000  # the unprivileged uid/gid used for ownership and permission checks
+
+KERNEL_COMMON = ["index=off", "metacopy=off"]
+MODES = {
+    # mode: (kernel options, cowfs options)
+    "redirect_off": (["redirect_dir=off"], ["redirect_dir=off"]),
+    "redirect_on": (["redirect_dir=on"], ["redirect_dir=on"]),
+    "userxattr": (["userxattr"], ["userxattr"]),  # the kernel refuses userxattr with any redirect_dir
+}
+
+
+# ---------------------------------------------------------------------------
+# recording operations
+
+def _err(e: OSError) -> tuple[str, str]:
+    return ("errno", errno.errorcode.get(e.errno, str(e.errno)))
+
+
+class Session:
+    """Runs a scenario's operations under one mount root and records each outcome.
+
+    Every method takes paths relative to the mount root, records
+    ``(label, value)`` where value is the result or ``("errno", NAME)``, and
+    returns the value (None after an error).  Raw inode and device numbers
+    are never recorded.
+    """
+
+    def __init__(self, root: str, remount: Callable[[], None] | None, readonly: bool):
+        self.root = root
+        self._remount = remount
+        self.readonly = readonly
+        self.outcomes: list[tuple[str, object]] = []
+        self._fds: set[int] = set()
+
+    # -- plumbing
+    def p(self, rel: str) -> str:
+        return os.path.join(self.root, rel) if rel else self.root
+
+    def check(self, label: str, value):
+        self.outcomes.append((label, value))
+        return value
+
+    def do(self, label: str, fn, *args, **kwargs):
+        try:
+            value = fn(*args, **kwargs)
+        except OSError as e:
+            self.outcomes.append((label, _err(e)))
+            return None
+        self.outcomes.append((label, value))
+        return value
+
+    def ino(self, rel: str) -> int | None:
+        """Raw st_ino, for comparisons inside one mount only (never record it)."""
+        try:
+            return os.lstat(self.p(rel)).st_ino
+        except OSError:
+            return None
+
+    # -- reading
+    def stat(self, rel: str):
+        return self.do(f"lstat {rel}", lambda: describe_stat(os.lstat(self.p(rel))))
+
+    def stat_follow(self, rel: str):
+        return self.do(f"stat {rel}", lambda: describe_stat(os.stat(self.p(rel))))
+
+    def exists(self, rel: str):
+        return self.check(f"exists {rel}", os.path.lexists(self.p(rel)))
+
+    def read(self, rel: str, size: int = -1, offset: int = 0):
+        def go():
+            fd = os.open(self.p(rel), os.O_RDONLY)
+            try:
+                if size < 0:
+                    return os.pread(fd, os.fstat(fd).st_size + 1, offset)
+                return os.pread(fd, size, offset)
+            finally:
+                os.close(fd)
+        return self.do(f"read {rel}[{offset}:{size}]", go)
+
+    def digest(self, rel: str):
+        from cowfs.testing.tree import file_digest
+        return self.do(f"sha256 {rel}", file_digest, self.p(rel))
+
+    def listdir(self, rel: str = ""):
+        def go():
+            names = os.listdir(self.p(rel))
+            return {"names": sorted(names), "duplicates": len(names) != len(set(names))}
+        return self.do(f"listdir {rel or '.'}", go)
+
+    def scandir(self, rel: str = ""):
+        def go():
+            with os.scandir(self.p(rel)) as it:
+                return sorted(
+                    (e.name, e.is_dir(follow_symlinks=False), e.is_file(follow_symlinks=False),
+                     e.is_symlink()) for e in it
+                )
+        return self.do(f"scandir {rel or '.'}", go)
+
+    def readlink(self, rel: str):
+        return self.do(f"readlink {rel}", os.readlink, self.p(rel))
+
+    def access(self, rel: str, mode: int):
+        return self.do(f"access {rel} {mode}", os.access, self.p(rel), mode)
+
+    def getxattr(self, rel: str, name: str):
+        return self.do(f"getxattr {rel} {name}", os.getxattr, self.p(rel), name, follow_symlinks=False)
+
+    def listxattr(self, rel: str):
+        return self.do(f"listxattr {rel}", lambda: sorted(os.listxattr(self.p(rel), follow_symlinks=False)))
+
+    # -- changing
+    def write(self, rel: str, data: bytes, flags: int = os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+              offset: int | None = None, mode: int = 0o644):
+        def go():
+            fd = os.open(self.p(rel), flags, mode)
+            try:
+                return os.write(fd, data) if offset is None else os.pwrite(fd, data, offset)
+            finally:
+                os.close(fd)
+        return self.do(f"write {rel} flags={flags:o} off={offset} {len(data)}B", go)
+
+    def create(self, rel: str, flags: int = os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode: int = 0o644):
+        def go():
+            os.close(os.open(self.p(rel), flags, mode))
+            return True
+        return self.do(f"create {rel} flags={flags:o} mode={mode:o}", go)
+
+    def unlink(self, rel: str):
+        return self.do(f"unlink {rel}", os.unlink, self.p(rel))
+
+    def rmdir(self, rel: str):
+        return self.do(f"rmdir {rel}", os.rmdir, self.p(rel))
+
+    def mkdir(self, rel: str, mode: int = 0o755):
+        return self.do(f"mkdir {rel}", os.mkdir, self.p(rel), mode)
+
+    def rename(self, a: str, b: str):
+        return self.do(f"rename {a} -> {b}", os.rename, self.p(a), self.p(b))
+
+    def link(self, a: str, b: str):
+        return self.do(f"link {a} -> {b}", os.link, self.p(a), self.p(b), follow_symlinks=False)
+
+    def symlink(self, target: str, rel: str):
+        return self.do(f"symlink {rel} -> {target}", os.symlink, target, self.p(rel))
+
+    def chmod(self, rel: str, mode: int):
+        return self.do(f"chmod {rel} {mode:o}", os.chmod, self.p(rel), mode)
+
+    def chown(self, rel: str, uid: int, gid: int, follow: bool = False):
+        return self.do(f"chown {rel} {uid}:{gid}", os.chown, self.p(rel), uid, gid, follow_symlinks=follow)
+
+    def utime(self, rel: str, ns: tuple[int, int], follow: bool = False):
+        return self.do(f"utime {rel}", os.utime, self.p(rel), ns=ns, follow_symlinks=follow)
+
+    def truncate(self, rel: str, length: int):
+        return self.do(f"truncate {rel} {length}", os.truncate, self.p(rel), length)
+
+    def setxattr(self, rel: str, name: str, value: bytes, flags: int = 0):
+        return self.do(f"setxattr {rel} {name} flags={flags}", os.setxattr, self.p(rel), name, value, flags,
+                       follow_symlinks=False)
+
+    def removexattr(self, rel: str, name: str):
+        return self.do(f"removexattr {rel} {name}", os.removexattr, self.p(rel), name, follow_symlinks=False)
+
+    def mkfifo(self, rel: str, mode: int = 0o644):
+        return self.do(f"mkfifo {rel}", os.mkfifo, self.p(rel), mode)
+
+    def mknod(self, rel: str, mode: int, device: int = 0):
+        return self.do(f"mknod {rel} {mode:o}", os.mknod, self.p(rel), mode, device)
+
+    # -- file descriptors (closed automatically at the end and before a remount)
+    def open(self, rel: str, flags: int, mode: int = 0o644) -> int | None:
+        try:
+            fd = os.open(self.p(rel), flags, mode)
+        except OSError as e:
+            self.outcomes.append((f"open {rel} {flags:o}", _err(e)))
+            return None
+        self._fds.add(fd)
+        self.outcomes.append((f"open {rel} {flags:o}", "fd"))
+        return fd
+
+    def pread(self, fd, size: int, offset: int, label: str = ""):
+        return self.do(f"pread {label} {size}@{offset}", os.pread, fd, size, offset)
+
+    def pwrite(self, fd, data: bytes, offset: int, label: str = ""):
+        return self.do(f"pwrite {label} {len(data)}@{offset}", os.pwrite, fd, data, offset)
+
+    def fd_write(self, fd, data: bytes, label: str = ""):
+        return self.do(f"write {label} {len(data)}", os.write, fd, data)
+
+    def fstat(self, fd, label: str = ""):
+        return self.do(f"fstat {label}", lambda: describe_stat(os.fstat(fd)))
+
+    def close(self, fd, label: str = ""):
+        if fd is None:
+            return self.check(f"close {label}", "no fd")
+        self._fds.discard(fd)
+        return self.do(f"close {label}", os.close, fd)
+
+    def close_all(self):
+        for fd in list(self._fds):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()
+
+    # -- harness hooks
+    def remount(self):
+        """Unmount and mount the same stack again (open fds are closed first)."""
+        self.close_all()
+        self._remount()
+        self.check("remount", True)
+
+    def as_user(self, uid: int, gid: int, ops: Callable[["Session"], None]):
+        """Run *ops* in a forked child with uid/gid switched (real, effective and saved)."""
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: never return into pytest
+            code = 0
+            try:
+                os.close(r)
+                child = Session(self.root, None, self.readonly)
+                try:
+                    os.setgroups([])
+                    os.setresgid(gid, gid, gid)
+                    os.setresuid(uid, uid, uid)
+                    ops(child)
+                    child.close_all()
+                except Exception:
+                    child.outcomes.append(("child exception", traceback.format_exc(limit=3)))
+                with os.fdopen(w, "wb") as f:
+                    f.write(pickle.dumps(child.outcomes))
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            data = f.read()
+        os.waitpid(pid, 0)
+        child_outcomes = pickle.loads(data) if data else [("child", "crashed")]
+        self.outcomes.extend((f"[uid {uid}] {label}", value) for label, value in child_outcomes)
+
+
+# ---------------------------------------------------------------------------
+# building lower layers
+
+class Layers(list):
+    """The lower layer directories, topmost first, and the xattr flavour to write them in."""
+
+    def __init__(self, dirs, userxattr: bool):
+        super().__init__(dirs)
+        self.userxattr = userxattr
+
+    def whiteout(self, path):
+        make_whiteout(path)
+
+    def opaque(self, path):
+        make_opaque(path, userxattr=self.userxattr)
+
+
+def put(path: Path, data: bytes = b"", mode: int = 0o644, uid: int = 0, gid: int = 0, xattrs=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    os.chown(path, uid, gid)
+    os.chmod(path, mode)
+    for name, value in (xattrs or {}).items():
+        os.setxattr(path, name, value)
+
+
+def mkdir(path: Path, mode: int = 0o755, uid: int = 0, gid: int = 0):
+    path.mkdir(parents=True, exist_ok=True)
+    os.chown(path, uid, gid)
+    os.chmod(path, mode)
+
+
+BIG = bytes((i * 7 + i // 251) % 256 for i in range(300_000))
+SPARSE_SIZE = 4 << 20
+
+
+def build_std(L: Layers):
+    """The standard three-layer stack most scenarios use (l0 is topmost)."""
+    l0, l1, l2 = (Path(d) for d in L)
+    # bottom layer
+    put(l2 / "base.txt", b"base from l2\n")
+    put(l2 / "file.txt", b"bottom version, hidden by l0\n")
+    put(l2 / "dir" / "shared.txt", b"shared from l2\n")
+    put(l2 / "dir" / "bottom_only.txt", b"bottom only\n")
+    mkdir(l2 / "deep" / "a", 0o750, USER, USER)
+    mkdir(l2 / "deep" / "a" / "b", 0o705)
+    put(l2 / "deep" / "a" / "b" / "c" / "file.txt", b"deep file\n", 0o640, USER, USER)
+    put(l2 / "gone.txt", b"deleted by a whiteout in l1\n")
+    put(l2 / "gonedir" / "inner.txt", b"inside a deleted dir\n")
+    put(l2 / "opq" / "old.txt", b"hidden by opaque l1/opq\n")
+    put(l2 / "dup" / "x", b"x from l2\n")
+    put(l2 / "dup" / "only2", b"only in l2\n")
+    put(l2 / "dirsub" / "inner" / "l2.txt", b"l2 nested\n")
+    # middle layer
+    put(l1 / "dir" / "shared.txt", b"shared from l1\n")
+    put(l1 / "dir" / "mid_only.txt", b"middle only\n")
+    L.whiteout(l1 / "gone.txt")
+    L.whiteout(l1 / "gonedir")
+    mkdir(l1 / "opq")
+    L.opaque(l1 / "opq")
+    put(l1 / "opq" / "new.txt", b"in opaque dir\n")
+    put(l1 / "dup" / "x", b"x from l1\n")
+    put(l1 / "dup" / "y", b"y from l1\n")
+    put(l1 / "dup" / "only1", b"only in l1\n")
+    put(l1 / "wdir" / "a.txt", b"a\n")
+    put(l1 / "wdir" / "b.txt", b"b\n")
+    put(l1 / "dirsub" / "inner" / "l1.txt", b"l1 nested\n")
+    # top layer
+    put(l0 / "file.txt", b"hello world\n", 0o644, USER, USER)
+    put(l0 / "exec.sh", b"#!/bin/sh\necho hi\n", 0o755)
+    put(l0 / "suid.bin", b"\x7fELF pretend binary\n", 0o4755)
+    put(l0 / "sgid.bin", b"setgid\n", 0o2775, 0, USER)
+    put(l0 / "ro.txt", b"read only\n", 0o444)
+    put(l0 / "rootonly.txt", b"secret\n", 0o600)
+    put(l0 / "dir" / "top_only.txt", b"top only\n")
+    os.setxattr(l0 / "dir", "user.dirattr", b"1")
+    mkdir(l0 / "emptydir", 0o700, USER, USER)
+    os.symlink("file.txt", l0 / "link")
+    os.symlink("nowhere/at/all", l0 / "dangling")
+    os.symlink("dir", l0 / "dirlink")
+    put(l0 / "hl1", b"hard linked\n", 0o640, USER, 0)
+    os.link(l0 / "hl1", l0 / "hl2")
+    with open(l0 / "sparse.bin", "wb") as f:
+        f.write(b"start")
+        f.truncate(SPARSE_SIZE)
+        f.seek(SPARSE_SIZE - 3)
+        f.write(b"end")
+    os.mkfifo(l0 / "fifo", 0o620)
+    os.mknod(l0 / "nulldev", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    put(l0 / "xattr.txt", b"with xattrs\n", xattrs={"user.foo": b"bar", "user.empty": b""})
+    put(l0 / "dup" / "x", b"x from l0\n")
+    put(l0 / "dup" / "z", b"z from l0\n")
+    put(l0 / "big.bin", BIG)
+    mkdir(l0 / "wdir")
+    L.whiteout(l0 / "wdir" / "a.txt")
+    L.whiteout(l0 / "wdir" / "b.txt")
+    put(l0 / "dirsub" / "inner" / "l0.txt", b"l0 nested\n")
+
+
+def pin_times(root: str):
+    """Give every object under *root* the same old atime/mtime, children before parents."""
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames + dirnames:
+            os.utime(os.path.join(dirpath, name), ns=(PINNED_TIME_NS, PINNED_TIME_NS), follow_symlinks=False)
+    os.utime(root, ns=(PINNED_TIME_NS, PINNED_TIME_NS))
+
+
+# ---------------------------------------------------------------------------
+# scenarios
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    name: str
+    ops: Callable[[Session], None]
+    build: Callable[[Layers], None] = build_std
+    modes: tuple[str, ...] = ("redirect_off", "redirect_on")
+    readonly: bool = False
+    allow_other: bool = False  # cowfs needs allow_other for other uids to see the mount
+
+
+SCENARIOS: dict[str, Scenario] = {}
+
+
+def scenario(*, build=build_std, userxattr=False, readonly=False, allow_other=False):
+    def register(fn):
+        name = fn.__name__.removeprefix("sc_")
+        assert name not in SCENARIOS, name
+        modes = ("redirect_off", "redirect_on") + (("userxattr",) if userxattr else ())
+        SCENARIOS[name] = Scenario(name, fn, build, modes, readonly, allow_other)
+        return fn
+    return register
+
+
+W, RW, CREAT, TRUNC, EXCL, APPEND, RD = (os.O_WRONLY, os.O_RDWR, os.O_CREAT, os.O_TRUNC, os.O_EXCL,
+                                          os.O_APPEND, os.O_RDONLY)
+
+
+# -- copy-up triggers ------------------------------------------------------
+
+@scenario()
+def sc_copyup_open_wronly(fs: Session):
+    ino = fs.ino("file.txt")
+    fs.write("file.txt", b"HE", W, offset=0)
+    fs.read("file.txt")
+    fs.stat("file.txt")
+    fs.check("st_ino kept across copy-up", fs.ino("file.txt") == ino)
+
+
+@scenario()
+def sc_copyup_open_rdwr(fs: Session):
+    fd = fs.open("file.txt", RW)
+    fs.pread(fd, 5, 0)
+    fs.pwrite(fd, b"-there", 5)
+    fs.pread(fd, 100, 0)
+    fs.close(fd)
+    fs.read("file.txt")
+    fs.stat("file.txt")
+
+
+@scenario()
+def sc_copyup_open_rdwr_no_write(fs: Session):
+    """Opening for writing copies up even when nothing is written: data and mtime must survive."""
+    fd = fs.open("big.bin", RW)
+    fs.close(fd)
+    fs.stat("big.bin")
+    fs.digest("big.bin")
+
+
+@scenario()
+def sc_copyup_open_trunc(fs: Session):
+    fd = fs.open("exec.sh", W | TRUNC)
+    fs.fstat(fd)
+    fs.close(fd)
+    fs.stat("exec.sh")
+    fs.write("exec.sh", b"new", W)
+    fs.read("exec.sh")
+
+
+@scenario()
+def sc_copyup_truncate(fs: Session):
+    fs.truncate("file.txt", 5)
+    fs.read("file.txt")
+    fs.truncate("big.bin", 400_000)
+    fs.stat("big.bin")
+    fs.digest("big.bin")
+    fs.truncate("dir/shared.txt", 0)
+    fs.read("dir/shared.txt")
+    fs.truncate("dir", 0)
+    fs.truncate("gone.txt", 0)
+
+
+@scenario()
+def sc_copyup_chmod(fs: Session):
+    fs.chmod("file.txt", 0o600)
+    fs.chmod("dir", 0o711)
+    fs.chmod("deep/a/b/c/file.txt", 0o4750)
+    fs.chmod("fifo", 0o600)
+    fs.chmod("nulldev", 0o666)
+    for rel in ("file.txt", "dir", "deep/a/b/c/file.txt", "deep/a", "deep/a/b", "fifo", "nulldev"):
+        fs.stat(rel)
+    fs.read("deep/a/b/c/file.txt")
+
+
+@scenario()
+def sc_copyup_chown(fs: Session):
+    fs.chown("file.txt", 1234, 5678)
+    fs.chown("exec.sh", USER, -1)
+    fs.chown("dup", USER, USER)
+    fs.chown("link", 4321, 4321)  # lchown: the link itself
+    for rel in ("file.txt", "exec.sh", "dup", "link"):
+        fs.stat(rel)
+    fs.listdir("dup")
+    fs.readlink("link")
+
+
+@scenario()
+def sc_copyup_chown_clears_setuid(fs: Session):
+    fs.chown("suid.bin", 0, 0)
+    fs.chown("sgid.bin", USER, USER)
+    fs.stat("suid.bin")
+    fs.stat("sgid.bin")
+
+
+@scenario()
+def sc_copyup_utime(fs: Session):
+    fs.utime("file.txt", (OLD_TIME_NS, OLD_TIME_NS))
+    fs.utime("link", (OLD_TIME_NS, OLD_TIME_NS))
+    fs.utime("dir/shared.txt", (OLD_TIME_NS, OLD_TIME_NS + 1))
+    for rel in ("file.txt", "link", "dir/shared.txt"):
+        fs.stat(rel)
+    fs.read("dir/shared.txt")
+    fs.utime("deep/a", (OLD_TIME_NS, OLD_TIME_NS))
+    fs.do("mtime of deep/a", lambda: os.stat(fs.p("deep/a")).st_mtime_ns)
+    fs.do("mtime of untouched deep/a/b", lambda: os.stat(fs.p("deep/a/b")).st_mtime_ns)
+    fs.chmod("link", 0o640)  # follows the link: copies up file.txt
+    fs.stat("file.txt")
+
+
+@scenario(userxattr=True)
+def sc_copyup_setxattr(fs: Session):
+    fs.setxattr("file.txt", "user.new", b"value")
+    fs.getxattr("file.txt", "user.new")
+    fs.listxattr("file.txt")
+    fs.setxattr("xattr.txt", "user.foo", b"changed", os.XATTR_REPLACE)
+    fs.setxattr("xattr.txt", "user.foo", b"x", os.XATTR_CREATE)
+    fs.setxattr("exec.sh", "user.gone", b"x", os.XATTR_REPLACE)
+    fs.getxattr("xattr.txt", "user.foo")
+    fs.listxattr("xattr.txt")
+    fs.read("xattr.txt")
+    fs.stat("xattr.txt")
+
+
+@scenario(userxattr=True)
+def sc_copyup_removexattr(fs: Session):
+    fs.removexattr("xattr.txt", "user.foo")
+    fs.removexattr("xattr.txt", "user.foo")
+    fs.removexattr("file.txt", "user.none")
+    fs.listxattr("xattr.txt")
+    fs.getxattr("xattr.txt", "user.empty")
+    fs.read("xattr.txt")
+
+
+@scenario()
+def sc_copyup_link(fs: Session):
+    ino = fs.ino("file.txt")
+    fs.link("file.txt", "file.link")
+    fs.stat("file.txt")
+    fs.stat("file.link")
+    fs.check("link shares st_ino", fs.ino("file.txt") == fs.ino("file.link"))
+    fs.check("st_ino kept across copy-up", fs.ino("file.txt") == ino)
+    fs.read("file.link")
+    fs.link("deep/a/b/c/file.txt", "dir/deeplink")
+    fs.stat("deep/a/b/c/file.txt")
+    fs.listdir("dir")
+
+
+@scenario()
+def sc_copyup_rename_lower_file(fs: Session):
+    fs.rename("file.txt", "renamed.txt")
+    fs.stat("file.txt")
+    fs.stat("renamed.txt")
+    fs.read("renamed.txt")
+    fs.rename("dir/shared.txt", "dir/shared2.txt")
+    fs.listdir("dir")
+    fs.read("dir/shared2.txt")
+    fs.listdir("")
+
+
+@scenario()
+def sc_copyup_create_in_lower_dir(fs: Session):
+    fs.write("deep/a/b/c/new.txt", b"new\n", mode=0o600)
+    fs.listdir("deep/a/b/c")
+    for rel in ("deep", "deep/a", "deep/a/b", "deep/a/b/c", "deep/a/b/c/new.txt", "deep/a/b/c/file.txt"):
+        fs.stat(rel)
+    fs.mkdir("dup/newdir/", 0o700)
+    fs.mkdir("dirsub/inner/more")
+    fs.symlink("../x", "dirsub/inner/more/up")
+    fs.listdir("dirsub/inner")
+    fs.stat("dirsub/inner/more/up")
+
+
+@scenario()
+def sc_copyup_partial_write_keeps_rest(fs: Session):
+    fs.write("big.bin", b"0123456789", W, offset=100_000)
+    fs.write("big.bin", b"Z", W, offset=0)
+    fs.write("big.bin", b"tail", W, offset=len(BIG) - 2)
+    fs.stat("big.bin")
+    fs.digest("big.bin")
+    fs.read("big.bin", 30, 99_995)
+    fs.read("big.bin", 10, len(BIG) - 6)
+
+
+@scenario()
+def sc_copyup_sparse_holes(fs: Session):
+    fs.chmod("sparse.bin", 0o600)
+    fs.stat("sparse.bin")  # includes "sparse": st_blocks * 512 < st_size
+    fs.digest("sparse.bin")
+    fs.read("sparse.bin", 8, 0)
+    fs.read("sparse.bin", 8, SPARSE_SIZE - 8)
+
+
+@scenario()
+def sc_copyup_keeps_metadata(fs: Session):
+    ino_dir = fs.ino("deep/a")
+    fs.chmod("deep/a/b/c/file.txt", 0o600)
+    fs.check("dir st_ino kept across copy-up", fs.ino("deep/a") == ino_dir)
+    fs.stat("deep/a/b/c/file.txt")
+    fs.chmod("xattr.txt", 0o600)
+    fs.listxattr("xattr.txt")
+    fs.getxattr("xattr.txt", "user.foo")
+    fs.chmod("dir", 0o755)
+    fs.getxattr("dir", "user.dirattr")
+    fs.write("suid.bin", b"!", W, offset=0)
+    fs.stat("suid.bin")
+
+
+# -- deleting --------------------------------------------------------------
+
+@scenario()
+def sc_unlink_lower_file(fs: Session):
+    fs.unlink("file.txt")
+    fs.stat("file.txt")
+    fs.read("file.txt")
+    fs.listdir("")
+    fs.unlink("dir/bottom_only.txt")
+    fs.unlink("dir/shared.txt")
+    fs.listdir("dir")
+    fs.unlink("link")
+    fs.unlink("fifo")
+    fs.stat("link")
+
+
+@scenario()
+def sc_unlink_upper_only(fs: Session):
+    fs.write("fresh.txt", b"fresh")
+    fs.unlink("fresh.txt")
+    fs.stat("fresh.txt")
+    fs.mkdir("newdir")
+    fs.write("newdir/f", b"f")
+    fs.unlink("newdir/f")
+    fs.rmdir("newdir")
+    fs.listdir("")
+
+
+@scenario()
+def sc_unlink_copied_up(fs: Session):
+    fs.chmod("file.txt", 0o600)
+    fs.unlink("file.txt")
+    fs.stat("file.txt")
+    fs.write("dir/shared.txt", b"x", W)
+    fs.unlink("dir/shared.txt")
+    fs.listdir("dir")
+    fs.create("file.txt")
+    fs.read("file.txt")
+
+
+@scenario()
+def sc_rmdir_lower_empty(fs: Session):
+    fs.rmdir("emptydir")
+    fs.stat("emptydir")
+    fs.listdir("")
+    fs.rmdir("emptydir")
+
+
+@scenario(userxattr=True)
+def sc_rmdir_merged_looks_empty(fs: Session):
+    fs.listdir("wdir")
+    fs.rmdir("wdir")
+    fs.stat("wdir")
+    fs.listdir("")
+    fs.mkdir("wdir")
+    fs.listdir("wdir")
+    fs.stat("wdir/a.txt")
+
+
+@scenario()
+def sc_rmdir_nonempty(fs: Session):
+    fs.rmdir("dir")
+    fs.rmdir("dup")
+    fs.rmdir("deep/a/b")
+    for name in ("top_only.txt", "shared.txt", "mid_only.txt"):
+        fs.unlink(f"dir/{name}")
+    fs.rmdir("dir")  # bottom_only.txt still there
+    fs.unlink("dir/bottom_only.txt")
+    fs.listdir("dir")
+    fs.rmdir("dir")
+    fs.stat("dir")
+    fs.listdir("")
+
+
+@scenario()
+def sc_delete_wrong_type(fs: Session):
+    fs.unlink("dir")
+    fs.unlink("emptydir")
+    fs.rmdir("file.txt")
+    fs.rmdir("link")
+    fs.rmdir("dirlink")
+    fs.rmdir("fifo")
+    fs.unlink("dirlink")
+    fs.stat("dirlink")
+    fs.stat("dir")
+
+
+@scenario()
+def sc_delete_missing(fs: Session):
+    fs.unlink("missing")
+    fs.rmdir("missing")
+    fs.unlink("gone.txt")
+    fs.rmdir("gonedir")
+    fs.stat("gonedir/inner.txt")
+    fs.unlink("missing/child")
+    fs.unlink("file.txt/child")
+    fs.read("missing")
+    fs.chmod("gone.txt", 0o600)
+    fs.listdir("")
+
+
+@scenario(userxattr=True)
+def sc_whiteout_recreate_file(fs: Session):
+    fs.unlink("file.txt")
+    fs.write("file.txt", b"recreated\n", mode=0o600)
+    fs.read("file.txt")
+    fs.stat("file.txt")
+    fs.unlink("dir/shared.txt")
+    fs.mkfifo("dir/shared.txt")
+    fs.stat("dir/shared.txt")
+    fs.listdir("dir")
+
+
+@scenario(userxattr=True)
+def sc_whiteout_recreate_dir_is_opaque(fs: Session):
+    for name in ("top_only.txt", "shared.txt", "mid_only.txt", "bottom_only.txt"):
+        fs.unlink(f"dir/{name}")
+    fs.rmdir("dir")
+    fs.mkdir("dir", 0o700)
+    fs.listdir("dir")
+    fs.stat("dir/shared.txt")
+    fs.write("dir/new.txt", b"new")
+    fs.listdir("dir")
+    fs.stat("dir")
+    fs.listxattr("dir")
+
+
+@scenario(userxattr=True)
+def sc_whiteout_type_changes(fs: Session):
+    fs.unlink("file.txt")
+    fs.mkdir("file.txt")
+    fs.stat("file.txt")
+    fs.listdir("file.txt")
+    fs.rmdir("emptydir")
+    fs.write("emptydir", b"now a file")
+    fs.stat("emptydir")
+    fs.write("gonedir", b"was whiteout in l1")
+    fs.read("gonedir")
+    fs.mkdir("gone.txt")
+    fs.listdir("gone.txt")
+    fs.listdir("")
+
+
+@scenario(userxattr=True)
+def sc_lower_whiteouts_three_layers(fs: Session):
+    fs.listdir("")
+    fs.stat("gone.txt")
+    fs.stat("gonedir")
+    fs.read("dir/shared.txt")
+    fs.read("file.txt")
+    fs.listdir("dir")
+    fs.create("gone.txt")
+    fs.mkdir("gonedir")
+    fs.listdir("gonedir")
+    fs.stat("gonedir/inner.txt")
+
+
+@scenario(userxattr=True)
+def sc_lower_opaque_three_layers(fs: Session):
+    fs.listdir("opq")
+    fs.stat("opq/old.txt")
+    fs.read("opq/new.txt")
+    fs.write("opq/added.txt", b"added")
+    fs.listdir("opq")
+    fs.listxattr("opq")
+    fs.unlink("opq/new.txt")
+    fs.listdir("opq")
+    fs.rmdir("opq")
+    fs.stat("opq")
+
+
+# -- renames ---------------------------------------------------------------
+
+@scenario()
+def sc_rename_file_over_file(fs: Session):
+    fs.rename("file.txt", "exec.sh")
+    fs.stat("exec.sh")
+    fs.read("exec.sh")
+    fs.stat("file.txt")
+    fs.write("up.txt", b"upper")
+    fs.rename("up.txt", "ro.txt")
+    fs.read("ro.txt")
+    fs.rename("dir/top_only.txt", "dir/shared.txt")
+    fs.listdir("dir")
+    fs.read("dir/shared.txt")
+    fs.rename("hl1", "hl2")
+    fs.stat("hl2")
+    fs.rename("link", "file.link")
+    fs.readlink("file.link")
+
+
+@scenario()
+def sc_rename_lower_file_elsewhere(fs: Session):
+    fs.rename("deep/a/b/c/file.txt", "moved.txt")
+    fs.stat("moved.txt")
+    fs.listdir("deep/a/b/c")
+    fs.rename("dup/x", "opq/x")
+    fs.listdir("dup")
+    fs.read("dup/x")
+    fs.read("opq/x")
+    fs.rename("fifo", "dir/fifo")
+    fs.stat("dir/fifo")
+    fs.rename("nulldev", "dev2")
+    fs.stat("dev2")
+
+
+@scenario(userxattr=True)
+def sc_rename_onto_whiteout(fs: Session):
+    fs.unlink("exec.sh")
+    fs.rename("file.txt", "exec.sh")
+    fs.read("exec.sh")
+    fs.listdir("")
+    fs.rename("base.txt", "gone.txt")  # gone.txt is whited out in l1
+    fs.read("gone.txt")
+    fs.stat("base.txt")
+
+
+@scenario(userxattr=True)
+def sc_rename_dir_onto_whiteout_stays_opaque(fs: Session):
+    for name in ("top_only.txt", "shared.txt", "mid_only.txt", "bottom_only.txt"):
+        fs.unlink(f"dir/{name}")
+    fs.rmdir("dir")
+    fs.mkdir("newdir")
+    fs.write("newdir/n.txt", b"n")
+    fs.rename("newdir", "dir")
+    fs.listdir("dir")
+    fs.stat("dir/shared.txt")
+    fs.mkdir("nd2")
+    fs.rename("nd2", "gonedir")  # whited out in l1, l2 has content
+    fs.listdir("gonedir")
+
+
+@scenario()
+def sc_rename_upper_only_dir(fs: Session):
+    fs.mkdir("new")
+    fs.mkdir("new/sub")
+    fs.write("new/sub/f", b"f")
+    fs.rename("new", "new2")
+    fs.listdir("new2/sub")
+    fs.stat("new")
+    fs.rename("new2", "dir/new3")
+    fs.listdir("dir/new3/sub")
+    fs.rename("dir/new3", "emptydir")  # onto an empty lower directory
+    fs.listdir("emptydir")
+    fs.stat("emptydir")
+
+
+@scenario()
+def sc_rename_merged_dir(fs: Session):
+    fs.rename("dir", "dir2")  # EXDEV with redirect_dir=off
+    fs.listdir("dir2")
+    fs.listdir("dir")
+    fs.read("dir2/shared.txt")
+    fs.listdir("")
+    fs.write("dir2/added", b"added")
+    fs.listdir("dir2")
+    fs.getxattr("dir2", "user.dirattr")
+
+
+@scenario()
+def sc_rename_merged_dir_and_back(fs: Session):
+    fs.rename("dir", "dir2")
+    fs.rename("dir2", "dir")
+    fs.listdir("dir")
+    fs.stat("dir2")
+    fs.read("dir/bottom_only.txt")
+    fs.rename("dup", "dup_moved")
+    fs.mkdir("dup")
+    fs.listdir("dup")
+    fs.listdir("dup_moved")
+    fs.listdir("")
+
+
+@scenario()
+def sc_rename_nested_merged_dir(fs: Session):
+    fs.rename("dirsub/inner", "moved_inner")  # redirect to an absolute path
+    fs.listdir("moved_inner")
+    fs.listdir("dirsub")
+    fs.rename("deep/a/b", "deep/b")
+    fs.listdir("deep/b/c")
+    fs.listdir("deep/a")
+    fs.rename("opq", "dir/opq")
+    fs.listdir("dir/opq")
+
+
+@scenario()
+def sc_rename_into_opaque_dir(fs: Session):
+    fs.rename("file.txt", "opq/file.txt")
+    fs.listdir("opq")
+    fs.rename("dup", "opq/dup")
+    fs.listdir("opq")
+    fs.rename("emptydir", "opq/emptydir")
+    fs.listdir("opq")
+    fs.listdir("")
+
+
+@scenario()
+def sc_rename_errors(fs: Session):
+    fs.rename("file.txt", "dir")
+    fs.rename("emptydir", "file.txt")
+    fs.mkdir("nd")
+    fs.rename("nd", "dup")  # onto a non-empty merged dir
+    fs.rename("nd", "wdir")  # onto a dir that only looks empty
+    fs.listdir("wdir")
+    fs.rename("missing", "x")
+    fs.rename("gone.txt", "x")
+    fs.rename("dir", "dir/sub")
+    fs.rename("file.txt", "missing/x")
+    fs.rename("file.txt", "file.txt")
+    fs.rename("hl1", "hl2")
+    fs.listdir("")
+
+
+# -- links -----------------------------------------------------------------
+
+@scenario()
+def sc_hardlink_counts(fs: Session):
+    fs.link("exec.sh", "l1")
+    fs.link("exec.sh", "dir/l2")
+    for rel in ("exec.sh", "l1", "dir/l2"):
+        fs.stat(rel)
+    fs.unlink("l1")
+    fs.stat("exec.sh")
+    fs.link("file.txt", "exec.sh")
+    fs.link("missing", "m2")
+    fs.link("dir", "dir_link")
+    fs.link("link", "link2")  # a hard link to a symlink
+    fs.stat("link2")
+
+
+@scenario()
+def sc_hardlink_modify_through_one(fs: Session):
+    fs.link("file.txt", "other")
+    fs.write("other", b"CHANGED", W, offset=0)
+    fs.read("file.txt")
+    fs.chmod("file.txt", 0o600)
+    fs.stat("other")
+    fs.unlink("file.txt")
+    fs.stat("other")
+    fs.read("other")
+
+
+@scenario()
+def sc_lower_hardlink_pair_broken(fs: Session):
+    fs.stat("hl1")
+    fs.stat("hl2")
+    fs.check("lower pair shares st_ino", fs.ino("hl1") == fs.ino("hl2"))
+    fs.write("hl1", b"HL", W, offset=0)
+    fs.read("hl1")
+    fs.read("hl2")
+    fs.stat("hl1")
+    fs.stat("hl2")
+    fs.check("after copy-up still shares st_ino", fs.ino("hl1") == fs.ino("hl2"))
+
+
+@scenario()
+def sc_symlinks(fs: Session):
+    fs.symlink("file.txt", "new.link")
+    fs.readlink("new.link")
+    fs.stat("new.link")
+    fs.stat_follow("new.link")
+    fs.read("new.link")
+    fs.symlink("x", "file.txt")
+    fs.symlink("", "empty.link")
+    fs.symlink("a" * 1000, "long.link")
+    fs.readlink("long.link")
+    fs.readlink("file.txt")
+    fs.symlink("../../outside", "dir/out.link")
+    fs.readlink("dir/out.link")
+
+
+@scenario()
+def sc_lower_symlinks(fs: Session):
+    fs.readlink("link")
+    fs.read("link")
+    fs.stat_follow("link")
+    fs.readlink("dangling")
+    fs.read("dangling")
+    fs.stat_follow("dangling")
+    fs.listdir("dirlink")
+    fs.write("link", b"through the link", W, offset=0)  # copies up file.txt, not the link
+    fs.read("file.txt")
+    fs.stat("link")
+    fs.chown("dangling", 77, 88)
+    fs.stat("dangling")
+    fs.readlink("dangling")
+    fs.chown("link", 99, 99, follow=True)
+    fs.stat("file.txt")
+
+
+# -- special files ---------------------------------------------------------
+
+@scenario()
+def sc_fifo_and_devices(fs: Session):
+    fs.mkfifo("newfifo", 0o600)
+    fs.stat("newfifo")
+    fs.mkfifo("fifo")
+    fs.mkfifo("file.txt")
+    fs.mknod("zero", stat.S_IFCHR | 0o640, os.makedev(1, 5))
+    fs.stat("zero")
+    fs.read("zero", 4)
+    fs.stat("nulldev")
+    fs.read("nulldev", 4)
+    fs.chown("fifo", USER, USER)
+    fs.stat("fifo")
+    fs.mknod("reg", stat.S_IFREG | 0o600)
+    fs.stat("reg")
+
+
+@scenario()
+def sc_whiteout_device_through_mount(fs: Session):
+    """mknod of a 0/0 character device (the whiteout format) through the mount."""
+    fs.mknod("wh", stat.S_IFCHR | 0o600, os.makedev(0, 0))
+    fs.stat("wh")
+    fs.listdir("")
+    fs.mknod("base.txt", stat.S_IFCHR | 0o600, os.makedev(0, 0))
+    fs.unlink("base.txt")
+    fs.mknod("base.txt", stat.S_IFCHR | 0o600, os.makedev(0, 0))
+    fs.stat("base.txt")
+    fs.listdir("")
+
+
+def build_oci_names(L: Layers):
+    """Layers holding names in the OCI whiteout spelling: without oci_whiteouts they are ordinary files."""
+    build_std(L)
+    l0, l1, l2 = (Path(d) for d in L)
+    put(l0 / ".wh.base.txt", b"")
+    put(l0 / "dup" / ".wh..wh..opq", b"")
+    put(l1 / ".wh.file.txt", b"not a marker")
+    put(l2 / "empty", b"")
+
+
+@scenario(build=build_oci_names, userxattr=True)
+def sc_oci_names_are_ordinary(fs: Session):
+    fs.listdir("")
+    fs.listdir("dup")
+    fs.read("base.txt")
+    fs.read(".wh.file.txt")
+    fs.write(".wh.exec.sh", b"created through the mount")
+    fs.mkdir(".wh..wh..opq")
+    fs.listdir("")
+    fs.stat("exec.sh")
+    fs.unlink(".wh.base.txt")
+    fs.listdir("")
+    fs.chmod("empty", 0o600)
+    fs.stat("empty")
+
+
+# -- xattrs ----------------------------------------------------------------
+
+@scenario(userxattr=True)
+def sc_xattrs_lower_and_upper(fs: Session):
+    fs.getxattr("xattr.txt", "user.foo")
+    fs.getxattr("xattr.txt", "user.empty")
+    fs.getxattr("xattr.txt", "user.missing")
+    fs.listxattr("xattr.txt")
+    fs.getxattr("dir", "user.dirattr")
+    fs.write("up.txt", b"u")
+    fs.setxattr("up.txt", "user.a", b"1")
+    fs.setxattr("up.txt", "user.b", b"\x00\xff" * 100)
+    fs.listxattr("up.txt")
+    fs.getxattr("up.txt", "user.b")
+    fs.removexattr("up.txt", "user.a")
+    fs.listxattr("up.txt")
+    fs.setxattr("dup", "user.d", b"dir xattr")
+    fs.listxattr("dup")
+    fs.listdir("dup")
+    fs.setxattr("link", "user.onlink", b"x")
+
+
+@scenario(userxattr=True)
+def sc_xattrs_overlay_private_hidden(fs: Session):
+    """The layers' own overlay xattrs are neither listed, read nor removable through the mount."""
+    fs.listxattr("opq")
+    fs.getxattr("opq", "trusted.overlay.opaque")
+    fs.getxattr("opq", "user.overlay.opaque")
+    fs.removexattr("opq", "trusted.overlay.opaque")
+    fs.removexattr("opq", "user.overlay.opaque")
+    fs.listdir("opq")
+    fs.rmdir("emptydir")
+    fs.mkdir("emptydir")  # opaque in the upper layer
+    fs.listxattr("emptydir")
+    fs.getxattr("emptydir", "trusted.overlay.opaque")
+    fs.write("file.txt", b"copied up", W, offset=0)  # the kernel records an origin xattr
+    fs.listxattr("file.txt")
+    fs.setxattr("file.txt", "trusted.other", b"t")
+    fs.listxattr("file.txt")
+
+
+@scenario(userxattr=True)
+def sc_xattrs_overlay_names_set_through_mount(fs: Session):
+    """Setting an overlay xattr name through the mount never changes how the stack is merged."""
+    fs.setxattr("file.txt", "trusted.overlay.opaque", b"y")
+    fs.setxattr("file.txt", "user.overlay.opaque", b"y")
+    fs.setxattr("dup", "trusted.overlay.opaque", b"y")
+    fs.setxattr("dup", "user.overlay.opaque", b"y")
+    fs.setxattr("dup", "user.overlay.redirect", b"/dir")
+    fs.listdir("dup")
+    fs.listxattr("file.txt")
+    fs.listxattr("dup")
+    fs.getxattr("dup", "trusted.overlay.opaque")
+    fs.remount()
+    fs.listdir("dup")
+    fs.listxattr("dup")
+
+
+# -- file descriptors across changes ----------------------------------------
+
+@scenario()
+def sc_read_fd_across_copyup(fs: Session):
+    fd = fs.open("file.txt", RD)
+    fs.pread(fd, 5, 0, "early reader")
+    fs.write("file.txt", b"HELLO", W, offset=0)
+    fs.pread(fd, 100, 0, "early reader after copy-up")
+    fs.fstat(fd, "early reader")
+    fs.close(fd)
+    fd = fs.open("big.bin", RD)
+    fs.truncate("big.bin", 10)
+    fs.pread(fd, 20, 0, "early reader after truncate")
+    fs.close(fd)
+
+
+@scenario()
+def sc_write_fd_across_rename_and_unlink(fs: Session):
+    fd = fs.open("file.txt", RW)
+    fs.rename("file.txt", "moved.txt")
+    fs.pwrite(fd, b"AFTER", 0, "fd after rename")
+    fs.close(fd)
+    fs.read("moved.txt")
+    fd = fs.open("exec.sh", W)
+    fs.unlink("exec.sh")
+    fs.pwrite(fd, b"x", 0, "fd after unlink")
+    fs.fstat(fd, "unlinked")
+    fs.listdir("")
+    fs.close(fd)
+    fs.listdir("")
+
+
+@scenario()
+def sc_ftruncate_and_fstat(fs: Session):
+    fd = fs.open("big.bin", RW)
+    fs.do("ftruncate", os.ftruncate, fd, 1000)
+    fs.fstat(fd)
+    fs.do("fsync", os.fsync, fd)
+    fs.close(fd)
+    fs.stat("big.bin")
+    fs.digest("big.bin")
+
+
+@scenario()
+def sc_read_fd_across_unlink_and_rename(fs: Session):
+    """An open file keeps working after its name goes away or moves (the kernel holds the inode)."""
+    fd = fs.open("dir/shared.txt", RD)
+    fs.unlink("dir/shared.txt")
+    fs.pread(fd, 100, 0, "lower file after unlink")
+    fs.fstat(fd, "lower file after unlink")
+    fs.close(fd)
+    fd = fs.open("dup/x", RD)
+    fs.rename("dup/x", "dup/x2")
+    fs.pread(fd, 100, 0, "after rename")
+    fs.close(fd)
+    fs.write("tmp.txt", b"upper file")
+    fd = fs.open("tmp.txt", RW)
+    fs.unlink("tmp.txt")
+    fs.pwrite(fd, b"UP", 0, "upper file after unlink")
+    fs.pread(fd, 100, 0, "upper file after unlink")
+    fs.do("fchmod after unlink", os.fchmod, fd, 0o600)
+    fs.fstat(fd, "upper file after unlink")
+    fs.close(fd)
+    fs.listdir("")
+
+
+@scenario()
+def sc_fd_across_parent_rename(fs: Session):
+    fs.mkdir("p")
+    fs.write("p/f", b"in p")
+    fd = fs.open("p/f", RW)
+    fs.rename("p", "q")
+    fs.pwrite(fd, b"IN", 0, "after parent rename")
+    fs.close(fd)
+    fs.read("q/f")
+    fd = fs.open("dir/top_only.txt", RD)
+    fs.rename("dir", "dir_moved")  # EXDEV with redirect_dir=off
+    fs.pread(fd, 100, 0, "lower file, parent renamed")
+    fs.close(fd)
+    fs.listdir("")
+
+
+@scenario()
+def sc_mmap_shared_write(fs: Session):
+    import mmap
+
+    def go():
+        fd = os.open(fs.p("file.txt"), os.O_RDWR)
+        try:
+            with mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as m:
+                m[0:5] = b"MMAP!"
+                m.flush()
+                return bytes(m[:])
+        finally:
+            os.close(fd)
+    fs.do("mmap write file.txt", go)
+    fs.read("file.txt")
+    fs.stat("file.txt")
+
+
+def _renameat2(old: str, new: str, flags: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd = -100
+    if libc.renameat2(at_fdcwd, os.fsencode(old), at_fdcwd, os.fsencode(new), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), old)
+
+
+@scenario()
+def sc_rename_flags(fs: Session):
+    noreplace, exchange = 1, 2
+    fs.do("noreplace onto existing", _renameat2, fs.p("file.txt"), fs.p("exec.sh"), noreplace)
+    fs.do("noreplace onto new", _renameat2, fs.p("file.txt"), fs.p("fresh.txt"), noreplace)
+    fs.do("noreplace onto whiteout", _renameat2, fs.p("ro.txt"), fs.p("gone.txt"), noreplace)
+    fs.do("exchange two files", _renameat2, fs.p("exec.sh"), fs.p("base.txt"), exchange)
+    fs.read("exec.sh")
+    fs.read("base.txt")
+    fs.listdir("")
+
+
+def build_large_dir(L: Layers):
+    build_std(L)
+    l0, l1, l2 = (Path(d) for d in L)
+    for i in range(400):
+        layer = (l0, l1, l2)[i % 3]
+        put(layer / "many" / f"entry-{i:04d}-{'x' * (i % 40)}", b"%d" % i)
+    for i in range(0, 400, 7):
+        if i % 3 == 2:  # a name in l2: hide it from l1
+            L.whiteout(l1 / "many" / f"entry-{i:04d}-{'x' * (i % 40)}")
+    put(l1 / "many" / "entry-0000-", b"shadowed")
+
+
+@scenario(build=build_large_dir)
+def sc_readdir_large_merged(fs: Session):
+    """A listing that needs several getdents calls (offsets across layers) still merges exactly."""
+    fs.listdir("many")
+    for i in range(1, 400, 11):
+        fs.unlink(f"many/entry-{i:04d}-{'x' * (i % 40)}")
+    fs.listdir("many")
+    fs.read("many/entry-0000-")
+    fs.rmdir("many")
+
+
+# -- permissions -----------------------------------------------------------
+
+def _user_ops(fs: Session):
+    fs.access("file.txt", os.R_OK | os.W_OK)
+    fs.access("ro.txt", os.W_OK)
+    fs.access("rootonly.txt", os.R_OK)
+    fs.access("exec.sh", os.X_OK)
+    fs.read("rootonly.txt")
+    fs.read("file.txt")
+    fs.write("file.txt", b"user wrote", W, offset=0)
+    fs.write("exec.sh", b"x", W, offset=0)
+    fs.create("newfile")
+    fs.create("emptydir/mine")
+    fs.listdir("emptydir")
+    fs.listdir("deep/a")
+    fs.stat("deep/a/b/c/file.txt")
+    fs.chmod("exec.sh", 0o777)
+    fs.chmod("file.txt", 0o600)
+    fs.chown("file.txt", 0, 0)
+    fs.unlink("base.txt")
+    fs.rename("emptydir/mine", "emptydir/mine2")
+    fs.setxattr("file.txt", "user.byuser", b"1")
+    fs.setxattr("exec.sh", "user.byuser", b"1")
+
+
+@scenario(allow_other=True)
+def sc_permissions_non_root(fs: Session):
+    fs.as_user(USER, USER, _user_ops)
+    fs.as_user(2000, 2000, lambda u: (u.read("file.txt"), u.listdir("emptydir"), u.access("deep/a", os.X_OK)))
+    fs.stat("file.txt")
+    fs.stat("emptydir/mine2")
+    fs.read("file.txt")
+
+
+def build_shared_dirs(L: Layers):
+    build_std(L)
+    l0, l1, l2 = (Path(d) for d in L)
+    mkdir(l1 / "sticky", 0o1777)
+    put(l1 / "sticky" / "roots", b"root's", 0o666)
+    put(l2 / "sticky" / "users", b"user's", 0o644, USER, USER)
+    mkdir(l0 / "locked", 0o555)
+    put(l0 / "locked" / "f", b"f", 0o666)
+    put(l0 / "groupw.txt", b"group writable", 0o664, 0, USER)
+
+
+@scenario(build=build_shared_dirs, allow_other=True)
+def sc_permissions_sticky_and_groups(fs: Session):
+    def as_user(u: Session):
+        u.unlink("sticky/roots")
+        u.rename("sticky/roots", "sticky/mine")
+        u.unlink("sticky/users")
+        u.create("sticky/new")
+        u.write("locked/f", b"F", W, offset=0)
+        u.create("locked/g")
+        u.unlink("locked/f")
+        u.write("groupw.txt", b"G", W, offset=0)
+        u.listdir("sticky")
+    fs.as_user(USER, USER, as_user)
+    fs.as_user(3000, USER, lambda u: (u.write("groupw.txt", b"H", W, offset=1), u.chmod("groupw.txt", 0o666)))
+    fs.listdir("sticky")
+    fs.stat("sticky")
+    fs.stat("sticky/new")
+    fs.read("groupw.txt")
+    fs.read("locked/f")
+    fs.create("locked/root_can")
+
+
+# -- directories and names ---------------------------------------------------
+
+@scenario()
+def sc_mkdir_rmdir_mkdir(fs: Session):
+    fs.mkdir("x")
+    fs.rmdir("x")
+    fs.mkdir("x", 0o711)
+    fs.stat("x")
+    fs.mkdir("x")
+    fs.mkdir("dir")
+    fs.mkdir("file.txt")
+    fs.mkdir("missing/child")
+    fs.rmdir("emptydir")
+    fs.mkdir("emptydir")
+    fs.stat("emptydir")
+    fs.listdir("")
+
+
+@scenario()
+def sc_create_excl_and_append(fs: Session):
+    fs.create("file.txt")
+    fs.create("dir/shared.txt")
+    fs.create("gone.txt")
+    fs.create("link")
+    fs.create("dangling")  # O_EXCL never follows the symlink
+    fs.write("file.txt", b"+appended\n", W | APPEND)
+    fs.write("dir/mid_only.txt", b"+more\n", W | APPEND | CREAT)
+    fs.read("file.txt")
+    fs.read("dir/mid_only.txt")
+    fs.write("new.txt", b"n", W | CREAT | EXCL, mode=0o640)
+    fs.stat("new.txt")
+
+
+@scenario()
+def sc_open_flags_on_lower(fs: Session):
+    fs.write("dir", b"x", W)
+    fs.write("ro.txt", b"x", W, offset=0)  # root may write 0444
+    fs.write("missing/x", b"x")
+    fs.write("file.txt/x", b"x")
+    fd = fs.open("dir", RD | os.O_DIRECTORY)
+    fs.close(fd)
+    fs.open("file.txt", RD | os.O_DIRECTORY)
+    fs.open("link", RD | os.O_NOFOLLOW)
+    fd = fs.open("dir/shared.txt", RD)
+    fs.pread(fd, 100, 0)
+    fs.close(fd)
+    fs.stat("dir/shared.txt")
+    fd = fs.open("exec.sh", RD | TRUNC)  # O_RDONLY|O_TRUNC truncates on Linux
+    fs.close(fd)
+    fs.stat("exec.sh")
+
+
+@scenario()
+def sc_readdir_merge_three_layers(fs: Session):
+    fs.listdir("dup")
+    fs.scandir("dup")
+    fs.scandir("")
+    fs.read("dup/x")
+    fs.listdir("dir")
+    fs.listdir("dirsub/inner")
+    fs.listdir("deep/a/b/c")
+    fs.unlink("dup/x")
+    fs.listdir("dup")
+    fs.read("dup/x")
+
+
+@scenario()
+def sc_remount_midway(fs: Session):
+    fs.write("file.txt", b"changed before remount")
+    fs.unlink("dir/shared.txt")
+    fs.rename("dup", "dup2")
+    fs.mkdir("fresh")
+    fs.write("fresh/f", b"f")
+    fs.chmod("exec.sh", 0o700)
+    fs.link("hl1", "hl3")
+    inos = {rel: fs.ino(rel) for rel in ("file.txt", "exec.sh", "base.txt", "fresh/f", "dup2", "dir")}
+    fs.remount()
+    for rel, ino in inos.items():
+        fs.check(f"st_ino of {rel} kept across remount", fs.ino(rel) == ino)
+    fs.read("file.txt")
+    fs.listdir("dir")
+    fs.listdir("dup2")
+    fs.listdir("dup")
+    fs.listdir("")
+    fs.stat("exec.sh")
+    fs.stat("hl1")
+    fs.stat("hl3")
+    fs.check("hard link survives remount", fs.ino("hl1") == fs.ino("hl3"))
+    fs.unlink("fresh/f")
+    fs.rmdir("fresh")
+    fs.remount()
+    fs.listdir("")
+
+
+@scenario()
+def sc_statvfs_sanity(fs: Session):
+    def go():
+        st = os.statvfs(fs.p(""))
+        return {"bsize>0": st.f_bsize > 0, "blocks>0": st.f_blocks > 0, "bavail<=bfree": st.f_bavail <= st.f_bfree,
+                "bfree<=blocks": st.f_bfree <= st.f_blocks, "namemax": st.f_namemax}
+    fs.do("statvfs", go)
+    fs.do("statvfs dir", lambda: os.statvfs(fs.p("dir")).f_namemax)
+    fs.create("a" * 255)
+    fs.create("b" * 256)
+
+
+@scenario(readonly=True)
+def sc_readonly_mount(fs: Session):
+    fs.read("file.txt")
+    fs.listdir("")
+    fs.listdir("dup")
+    fs.write("file.txt", b"x", W, offset=0)
+    fs.write("new.txt", b"x")
+    fs.truncate("file.txt", 0)
+    fs.unlink("file.txt")
+    fs.rmdir("emptydir")
+    fs.mkdir("newdir")
+    fs.rename("file.txt", "x")
+    fs.link("file.txt", "x")
+    fs.symlink("t", "x")
+    fs.chmod("file.txt", 0o600)
+    fs.chown("file.txt", 1, 1)
+    fs.utime("file.txt", (OLD_TIME_NS, OLD_TIME_NS))
+    fs.setxattr("file.txt", "user.x", b"1")
+    fs.removexattr("xattr.txt", "user.foo")
+    fs.mkfifo("f")
+    fs.access("file.txt", os.W_OK)
+    fs.access("file.txt", os.R_OK)
+    fs.getxattr("xattr.txt", "user.foo")
+
+
+@scenario()
+def sc_long_session(fs: Session):
+    """Many small steps on one name: each state must match the kernel's."""
+    fs.write("cycle", b"1")
+    fs.rename("cycle", "dir/cycle")
+    fs.link("dir/cycle", "cycle")
+    fs.unlink("dir/cycle")
+    fs.mkdir("dir/cycle")
+    fs.rename("dir/cycle", "dir/top_only.txt")
+    fs.rename("dir/mid_only.txt", "cycle2")
+    fs.rename("cycle2", "dir/mid_only.txt")
+    fs.listdir("dir")
+    fs.read("dir/mid_only.txt")
+    fs.stat("dir/mid_only.txt")
+    fs.truncate("cycle", 100)
+    fs.stat("cycle")
+
+
+# ---------------------------------------------------------------------------
+# the harness
+
+def _make_dirs(base: Path, *names) -> list[Path]:
+    out = []
+    for name in names:
+        d = base / name
+        d.mkdir(mode=0o755)
+        os.chmod(d, 0o755)
+        out.append(d)
+    return out
+
+
+class Stack:
+    """One side of the comparison: its own upper/work/mountpoint over the shared lowers."""
+
+    def __init__(self, base: Path, label: str, lowers, readonly: bool, kind: str, options):
+        self.label = label
+        upper, work, self.mnt = _make_dirs(base, f"{label}-upper", f"{label}-work", f"{label}-mnt")
+        self.upper = None if readonly else upper
+        work = None if readonly else work
+        if kind == "kernel":
+            self.mount = KernelOverlay(lowers, self.upper, work, self.mnt, KERNEL_COMMON + options[0])
+        else:
+            self.mount = CowfsMount(lowers, self.upper, work, self.mnt, options[1])
+
+    def run(self, sc: Scenario) -> tuple[list, dict]:
+        # A hung daemon would hang the whole suite: past the deadline, kill it so that
+        # every pending request fails (ENOTCONN), and report the hang.
+        fired = threading.Event()
+        watchdog = None
+        if isinstance(self.mount, CowfsMount):
+            def abort():
+                fired.set()
+                self.mount.abort()
+            watchdog = threading.Timer(SCENARIO_TIMEOUT, abort)
+            watchdog.daemon = True
+            watchdog.start()
+        try:
+            self.mount.mount()
+            fstypes = [t for m, t in mounts_under(self.mnt) if m == str(self.mnt)]
+            expected = "overlay" if isinstance(self.mount, KernelOverlay) else "fuse."
+            assert fstypes and fstypes[-1].startswith(expected), f"{self.mnt} mounted as {fstypes}, not {expected}*"
+            try:
+                def remount():
+                    self.mount.unmount()
+                    self.mount.mount()
+                session = Session(str(self.mnt), remount, sc.readonly)
+                try:
+                    sc.ops(session)
+                finally:
+                    session.close_all()
+                return session.outcomes, snapshot(self.mnt)
+            finally:
+                self.mount.unmount()
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+            if fired.is_set():
+                raise AssertionError(f"scenario {sc.name} ran over {SCENARIO_TIMEOUT}s on {self.label}; daemon killed")
+
+
+def _diff_outcomes(a: list, b: list, a_name: str, b_name: str) -> str:
+    lines = []
+    for i in range(max(len(a), len(b))):
+        oa = a[i] if i < len(a) else ("<missing>", None)
+        ob = b[i] if i < len(b) else ("<missing>", None)
+        if oa != ob:
+            if oa[0] == ob[0] and isinstance(oa[1], dict) and isinstance(ob[1], dict):
+                keys = sorted(k for k in set(oa[1]) | set(ob[1]) if oa[1].get(k, "<absent>") != ob[1].get(k, "<absent>"))
+                detail = ", ".join(f"{k}: {a_name}={oa[1].get(k, '<absent>')!r} {b_name}={ob[1].get(k, '<absent>')!r}"
+                                   for k in keys)
+                lines.append(f"  #{i} {oa[0]}: {detail}")
+            elif oa[0] == ob[0]:
+                lines.append(f"  #{i} {oa[0]}: {a_name}={oa[1]!r}  {b_name}={ob[1]!r}")
+            else:
+                lines.append(f"  #{i} {a_name}: {oa!r} / {b_name}: {ob!r}")
+    return "\n".join(lines)
+
+
+# Deliberate or unavoidable differences from the kernel, excluded by name (README.rst,
+# "Differences from the kernel"): (scenario, outcome label) -> why.
+KNOWN_DIFFERENCES = {
+    ("read_fd_across_unlink_and_rename", "fstat lower file after unlink"):
+        "the FUSE kernel module reports nlink 0 for any file unlinked through the mount; "
+        "the kernel overlay shows the lower file's own count (1)",
+}
+# Whole scenarios cowfs cannot pass through libfuse 2: strict, so a fix shows up.
+KNOWN_FAILING = {
+    "rename_flags": "libfuse 2 (fusepy) has no renameat2 flags: RENAME_NOREPLACE and RENAME_EXCHANGE "
+                    "fail with EINVAL; mv and other tools fall back to plain rename",
+}
+
+
+def _drop_known(name, outcomes):
+    return [(label, "excluded: " + KNOWN_DIFFERENCES[(name, label)]) if (name, label) in KNOWN_DIFFERENCES
+            else (label, value) for label, value in outcomes]
+
+
+# the kernel is always the reference; FUSE is needed only when the tested side is cowfs
+MOUNT_MARKS = [pytest.mark.kernel] + ([pytest.mark.fuse] if BACKEND == "cowfs" else [])
+CASES = [pytest.param(name, mode, id=f"{name}-{mode}", marks=MOUNT_MARKS + (
+             [pytest.mark.xfail(strict=True, reason=KNOWN_FAILING[name])]
+             if name in KNOWN_FAILING and BACKEND == "cowfs" else []))
+         for name, sc in SCENARIOS.items() for mode in sc.modes]
+
+
+def test_enough_scenarios():
+    assert len(SCENARIOS) >= 45, f"only {len(SCENARIOS)} scenarios"
+
+
+@pytest.mark.parametrize("name,mode", CASES)
+def test_differential(name, mode, shared_tmp):
+    sc = SCENARIOS[name]
+    options = MODES[mode]
+    base = Path(shared_tmp)
+    lowers = _make_dirs(base, "l0", "l1", "l2")
+    sc.build(Layers([str(d) for d in lowers], userxattr=(mode == "userxattr")))
+    for d in lowers:
+        pin_times(str(d))
+    lowers_before = [snapshot(d, all_xattrs=True, exact_times=True) for d in lowers]
+
+    cowfs_options = (options[0], options[1] + (["allow_other"] if sc.allow_other else []))
+    reference = Stack(base, "kernel", lowers, sc.readonly, "kernel", options)
+    tested = Stack(base, "tested", lowers, sc.readonly, BACKEND, cowfs_options)
+    ref_out, ref_tree = reference.run(sc)
+    got_out, got_tree = tested.run(sc)
+    if BACKEND == "cowfs":
+        ref_out, got_out = _drop_known(name, ref_out), _drop_known(name, got_out)
+
+    problems = []
+    if ref_out != got_out:
+        problems.append("operation outcomes differ (kernel vs %s):\n%s" % (BACKEND, _diff_outcomes(ref_out, got_out, "kernel", BACKEND)))
+    if ref_tree != got_tree:
+        problems.append("merged trees differ:\n" + diff_snapshots(ref_tree, got_tree, "kernel", BACKEND))
+    for d, before in zip(lowers, lowers_before):
+        after = snapshot(d, all_xattrs=True, exact_times=True)
+        if after != before:
+            problems.append(f"lower layer {d.name} changed:\n" + diff_snapshots(before, after, "before", "after"))
+    if tested.upper is not None:
+        # the kernel must read the upper directory the tested side wrote, and see the same tree
+        (work, mnt) = _make_dirs(base, "check-work", "check-mnt")
+        check = KernelOverlay(lowers, tested.upper, work, mnt, KERNEL_COMMON + options[0])
+        check.mount()
+        try:
+            kernel_view = snapshot(mnt)
+        finally:
+            check.unmount()
+        if kernel_view != got_tree:
+            problems.append(f"kernel mounting {BACKEND}'s upper sees another tree:\n"
+                            + diff_snapshots(got_tree, kernel_view, BACKEND, "kernel-over-upper"))
+    assert not problems, f"scenario {name} [{mode}]:\n" + "\n\n".join(problems)
+    assert ref_out, "the scenario recorded no outcomes"
+
+
+# ---------------------------------------------------------------------------
+# the harness checks itself (plain directories, no mounts)
+
+def test_snapshot_sees_what_matters(tmp_path):
+    put(tmp_path / "f", b"data", 0o640, USER, USER, xattrs={"user.k": b"v"})
+    os.link(tmp_path / "f", tmp_path / "g")
+    os.symlink("sub", tmp_path / "s")
+    mkdir(tmp_path / "sub", 0o711)
+    put(tmp_path / "sub" / "inner", b"x")
+    before = snapshot(tmp_path)
+    assert before["hardlinks"] == [["f", "g"]]
+    assert before["entries"]["s"]["target"] == "sub"
+    assert "s/inner" not in before["entries"]  # symlinks are not followed
+    assert "size" not in before["entries"]["sub"]
+    assert before["entries"]["f"]["xattrs"] == {"user.k": b"v"}
+    assert before["entries"]["f"]["nlink"] == 2
+    assert snapshot(tmp_path) == before and diff_snapshots(before, snapshot(tmp_path)) == ""
+
+    os.setxattr(tmp_path / "f", "user.k", b"w")
+    os.chmod(tmp_path / "sub", 0o755)
+    os.unlink(tmp_path / "g")
+    put(tmp_path / "g", b"data")
+    after = snapshot(tmp_path)
+    report = diff_snapshots(before, after, "old", "new")
+    assert "f: xattrs:" in report
+    assert "sub: mode: old='0711' new='0755'" in report
+    assert "hard-link groups" in report
+
+
+def test_session_records_values_and_errno_names(tmp_path):
+    fs = Session(str(tmp_path), None, False)
+    fs.write("a", b"abc")
+    fs.read("a")
+    fs.rmdir("a")
+    fs.unlink("missing")
+    fs.check("flag", True)
+    assert fs.outcomes == [
+        ("write a flags=1101 off=None 3B", 3),
+        ("read a[0:-1]", b"abc"),
+        ("rmdir a", ("errno", "ENOTDIR")),
+        ("unlink missing", ("errno", "ENOENT")),
+        ("flag", True),
+    ]
+    report = _diff_outcomes(fs.outcomes, fs.outcomes[:2] + [("rmdir a", None)], "k", "c")
+    assert "#2 rmdir a: k=('errno', 'ENOTDIR')  c=None" in report and "#3" in report

@@ -1,0 +1,1610 @@
+"""The union engine in-process: `Union(check(Stack(...)))` over layer directories built in tmp_path.
+
+Organised by behaviour (lookup and merge, copy-up, delete, rename, links,
+xattrs, readdir, OCI markers, userxattr, errors).  Every test also checks,
+through the `env` fixture, two invariants of SPEC section 8:
+- no lower layer changes (a full snapshot of each lower, taken when the
+  stack is built, is compared after the test);
+- the workdir's staging directory (W/work) is empty after every engine call,
+  successful or not.
+The layers are built with the kernel's on-disk formats (whiteout = char
+device 0/0, opaque = trusted.overlay.opaque=y), so these tests also pin the
+format the engine writes into the upper.
+"""
+
+import errno
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from cowfs import copyup
+from cowfs.engine import Union
+from cowfs.errors import StackError
+from cowfs.stack import Stack, check
+
+O_RDONLY, O_WRONLY, O_RDWR = os.O_RDONLY, os.O_WRONLY, os.O_RDWR
+TRUSTED = "trusted.overlay."
+USER = "user.overlay."
+FIXED_NS = 1_234_567_890_123_456_789  # a time no operation run today can produce by accident
+
+
+# ---------------------------------------------------------------------------------------------
+# building layers (the kernel's formats)
+
+def put(root, rel, data=b"", mode=None):
+    p = Path(root, rel)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data if isinstance(data, bytes) else data.encode())
+    if mode is not None:
+        os.chmod(p, mode)
+    return p
+
+
+def mkdirs(root, rel, mode=None):
+    p = Path(root, rel)
+    p.mkdir(parents=True, exist_ok=True)
+    if mode is not None:
+        os.chmod(p, mode)
+    return p
+
+
+def whiteout(root, rel):
+    p = Path(root, rel)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    os.mknod(p, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+    return p
+
+
+def opaque(root, rel, prefix=TRUSTED):
+    p = mkdirs(root, rel)
+    os.setxattr(p, prefix + "opaque", b"y")
+    return p
+
+
+def is_whiteout_at(path):
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def xattr(path, name):
+    try:
+        return os.getxattr(path, name, follow_symlinks=False)
+    except OSError as e:
+        if e.errno == errno.ENODATA:
+            return None
+        raise
+
+
+def snapshot(root):
+    """Everything about a tree that a write could change (not atime), keyed by relative path."""
+    root = str(root)
+    out = {}
+
+    def visit(path, rel):
+        st = os.lstat(path)
+        try:
+            xattrs = {n: os.getxattr(path, n, follow_symlinks=False) for n in os.listxattr(path, follow_symlinks=False)}
+        except OSError:
+            xattrs = None
+        item = dict(mode=st.st_mode, uid=st.st_uid, gid=st.st_gid, size=st.st_size, nlink=st.st_nlink,
+                    ino=st.st_ino, rdev=st.st_rdev, mtime=st.st_mtime_ns, ctime=st.st_ctime_ns, xattrs=xattrs)
+        if stat.S_ISREG(st.st_mode):
+            with open(path, "rb") as f:
+                item["sha"] = hashlib.sha256(f.read()).hexdigest()
+        elif stat.S_ISLNK(st.st_mode):
+            item["target"] = os.readlink(path)
+        out[rel] = item
+        if stat.S_ISDIR(st.st_mode):
+            for name in sorted(os.listdir(path)):
+                visit(path + "/" + name, rel + "/" + name)
+
+    visit(root, "")
+    return out
+
+
+def tree(root):
+    """{relative path: kind} of a tree, for assertions on what the upper holds."""
+    root = str(root)
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            if is_whiteout_at(p):
+                kind = "whiteout"
+            elif stat.S_ISDIR(st.st_mode):
+                kind = "dir"
+            elif stat.S_ISLNK(st.st_mode):
+                kind = "symlink"
+            elif stat.S_ISREG(st.st_mode):
+                kind = "file"
+            else:
+                kind = "other"
+            out[os.path.relpath(p, root)] = kind
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the environment: layers, the engine, and the invariants checked after every call and test
+
+class Checked:
+    """A Union whose every public call is followed by the check that W/work is empty."""
+
+    def __init__(self, union, env):
+        self._union = union
+        self._env = env
+
+    def __getattr__(self, name):
+        attr = getattr(self._union, name)
+        if name.startswith("_") or not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                self._env.assert_work_empty(f"after {name}{args!r}")
+        return call
+
+
+class Env:
+    def __init__(self, tmp_path):
+        self.tmp = tmp_path
+        self.upper = tmp_path / "upper"
+        self.work = tmp_path / "work"
+        self.upper.mkdir()
+        self.work.mkdir()
+        self.lowers = []
+        self.unions = []
+        self.snapshots = {}
+
+    @property
+    def staging(self):
+        return self.work / "work"
+
+    def lower(self):
+        """A new lower layer; layers made earlier are above it (leftmost is topmost)."""
+        p = self.tmp / f"lower{len(self.lowers)}"
+        p.mkdir()
+        self.lowers.append(p)
+        return p
+
+    def union(self, lowers=None, upper=True, **options):
+        lowers = list(self.lowers if lowers is None else lowers)
+        for layer in lowers:
+            self.snapshots.setdefault(str(layer), snapshot(layer))
+        stack = Stack(lowers=[str(p) for p in lowers],
+                      upper=str(self.upper) if upper else None,
+                      work=str(self.work) if upper else None, **options)
+        union = Union(check(stack))
+        self.unions.append(union)
+        return Checked(union, self)
+
+    def close(self):
+        for union in self.unions:
+            union.close()
+        self.unions = []
+
+    def assert_work_empty(self, when):
+        if self.staging.exists():
+            left = os.listdir(self.staging)
+            assert left == [], f"W/work not empty {when}: {left}"
+
+    def assert_lowers_unchanged(self):
+        for layer, before in self.snapshots.items():
+            after = snapshot(layer)
+            changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+            assert not changed, f"lower layer {layer} changed at {changed}"
+
+
+@pytest.fixture
+def env(tmp_path):
+    e = Env(tmp_path)
+    yield e
+    e.close()
+
+
+@pytest.fixture(autouse=True)
+def _lowers_never_change(env):
+    """SPEC 8: lower layers are never written, whatever a test did (snapshots taken when the stack was built)."""
+    yield
+    env.assert_lowers_unchanged()
+    env.assert_work_empty("at the end of the test")
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers over the engine
+
+def read_all(u, path):
+    h = u.open(path, O_RDONLY)
+    try:
+        chunks, off = [], 0
+        while True:
+            data = u.read(h, 1 << 20, off, path=path)
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
+            off += len(data)
+    finally:
+        u.release(h)
+
+
+def write_at(u, path, data, offset=0, flags=O_WRONLY):
+    h = u.open(path, flags)
+    try:
+        return u.write(h, data, offset)
+    finally:
+        u.release(h)
+
+
+def create(u, path, data=b"", mode=0o644):
+    h = u.create(path, stat.S_IFREG | mode, O_WRONLY | os.O_CREAT)
+    try:
+        if data:
+            u.write(h, data, 0)
+    finally:
+        u.release(h)
+
+
+def names(u, path):
+    return sorted(n for n, _, _ in u.readdir(path) if n not in (".", ".."))
+
+
+def errno_of(call, *args, **kwargs):
+    with pytest.raises(OSError) as info:
+        call(*args, **kwargs)
+    return info.value.errno
+
+
+# =============================================================================================
+# lookup and merge
+
+class TestLookup:
+    def test_upper_file_hides_lower_file(self, env):
+        low = env.lower()
+        put(low, "f", b"lower")
+        put(env.upper, "f", b"upper")
+        u = env.union()
+        assert read_all(u, "/f") == b"upper"
+
+    def test_top_lower_hides_bottom_lower(self, env):
+        top, bottom = env.lower(), env.lower()
+        put(top, "f", b"top")
+        put(bottom, "f", b"bottom")
+        put(bottom, "only-bottom", b"b")
+        u = env.union()
+        assert read_all(u, "/f") == b"top"
+        assert read_all(u, "/only-bottom") == b"b"
+
+    def test_directories_merge_top_to_bottom(self, env):
+        top, bottom = env.lower(), env.lower()
+        put(env.upper, "d/u", b"1")
+        put(top, "d/t", b"2")
+        put(bottom, "d/b", b"3")
+        put(bottom, "d/u", b"hidden by upper")
+        u = env.union()
+        assert names(u, "/d") == ["b", "t", "u"]
+        assert read_all(u, "/d/u") == b"1"
+        assert read_all(u, "/d/b") == b"3"
+
+    def test_whiteout_in_upper_hides_lower_name(self, env):
+        low = env.lower()
+        put(low, "f", b"x")
+        put(low, "d/inner", b"y")
+        whiteout(env.upper, "f")
+        whiteout(env.upper, "d")
+        u = env.union()
+        assert errno_of(u.getattr, "/f") == errno.ENOENT
+        assert errno_of(u.getattr, "/d") == errno.ENOENT
+        assert errno_of(u.getattr, "/d/inner") == errno.ENOENT
+        assert names(u, "/") == []
+
+    def test_whiteout_in_middle_lower_hides_bottom(self, env):
+        top, mid, bottom = env.lower(), env.lower(), env.lower()
+        put(bottom, "f", b"x")
+        whiteout(mid, "f")
+        put(top, "g", b"g")
+        u = env.union()
+        assert errno_of(u.getattr, "/f") == errno.ENOENT
+        assert names(u, "/") == ["g"]
+
+    def test_opaque_upper_dir_hides_lower_entries(self, env):
+        low = env.lower()
+        put(low, "d/old", b"x")
+        opaque(env.upper, "d")
+        put(env.upper, "d/new", b"y")
+        u = env.union()
+        assert names(u, "/d") == ["new"]
+        assert errno_of(u.getattr, "/d/old") == errno.ENOENT
+
+    def test_opaque_in_middle_lower_stops_merge(self, env):
+        top, mid, bottom = env.lower(), env.lower(), env.lower()
+        put(top, "d/t", b"")
+        opaque(mid, "d")
+        put(mid, "d/m", b"")
+        put(bottom, "d/b", b"")
+        u = env.union()
+        assert names(u, "/d") == ["m", "t"]
+
+    def test_non_directory_hides_directory_below(self, env):
+        low = env.lower()
+        put(low, "d/inner", b"x")
+        put(env.upper, "d", b"a file now")
+        u = env.union()
+        assert stat.S_ISREG(u.getattr("/d")["st_mode"])
+        assert errno_of(u.getattr, "/d/inner") == errno.ENOTDIR
+
+    def test_upper_directory_over_lower_file_does_not_merge(self, env):
+        low = env.lower()
+        put(low, "d", b"a file below")
+        put(env.upper, "d/x", b"")
+        u = env.union()
+        assert stat.S_ISDIR(u.getattr("/d")["st_mode"])
+        assert names(u, "/d") == ["x"]
+
+    def test_redirect_in_upper_is_followed(self, env):
+        low = env.lower()
+        put(low, "old/f", b"from old")
+        d = mkdirs(env.upper, "new")
+        os.setxattr(d, TRUSTED + "redirect", b"old")
+        whiteout(env.upper, "old")
+        u = env.union()
+        assert names(u, "/") == ["new"]
+        assert read_all(u, "/new/f") == b"from old"
+
+    def test_absolute_redirect_is_followed(self, env):
+        low = env.lower()
+        put(low, "p/old/f", b"deep")
+        d = mkdirs(env.upper, "q/new")
+        os.setxattr(d, TRUSTED + "redirect", b"/p/old")
+        u = env.union()
+        assert read_all(u, "/q/new/f") == b"deep"
+
+    def test_twenty_lower_layers(self, env):
+        layers = [env.lower() for _ in range(20)]
+        for i, layer in enumerate(layers):
+            put(layer, f"f{i}", str(i))
+            put(layer, "common", str(i))
+            put(layer, f"d/x{i}", str(i))
+        whiteout(layers[5], "f12")
+        whiteout(layers[5], "d/x17")
+        u = env.union()
+        expected = sorted({f"f{i}" for i in range(20)} - {"f12"} | {"common", "d"})
+        assert names(u, "/") == expected
+        assert names(u, "/d") == sorted(f"x{i}" for i in range(20) if i != 17)
+        assert read_all(u, "/common") == b"0"
+        assert read_all(u, "/f19") == b"19"
+        write_at(u, "/d/x19", b"Z", 1)  # copy-up from the bottom layer, through a merged dir
+        assert Path(env.upper, "d/x19").read_bytes() == b"1Z"
+        assert read_all(u, "/d/x19") == b"1Z"
+
+    def test_same_lower_twice_is_allowed(self, env):
+        low = env.lower()
+        put(low, "f", b"x")
+        u = env.union(lowers=[low, low])
+        assert read_all(u, "/f") == b"x"
+
+    @pytest.mark.parametrize("redirect", [b"/../outside", b"../outside"])
+    def test_redirect_cannot_leave_the_layers(self, env, tmp_path, redirect):
+        put(tmp_path, "outside/secret", b"s")
+        low = env.lower()
+        mkdirs(low, "real")
+        d = mkdirs(env.upper, "new")
+        os.setxattr(d, TRUSTED + "redirect", redirect)
+        u = env.union(redirect_dir="on")
+        try:
+            listed = names(u, "/new")
+        except OSError:
+            listed = []
+        assert "secret" not in listed
+        with pytest.raises(OSError):
+            u.getattr("/new/secret")
+
+
+    def test_redirect_does_not_follow_symlinks_in_a_layer(self, env, tmp_path):
+        put(tmp_path, "outside/sub/secret", b"s")
+        low = env.lower()
+        os.symlink(str(tmp_path / "outside"), low / "link")
+        d = mkdirs(env.upper, "new")
+        os.setxattr(d, TRUSTED + "redirect", b"/link/sub")
+        u = env.union(redirect_dir="on")
+        try:
+            listed = names(u, "/new")
+        except OSError:
+            listed = []
+        assert listed == []  # the kernel shows an empty directory
+        with pytest.raises(OSError):
+            u.getattr("/new/secret")
+
+    def test_path_through_symlink_in_layer_is_not_followed(self, env, tmp_path):
+        outside = tmp_path / "outside"
+        put(outside, "secret", b"s")
+        low = env.lower()
+        os.symlink(str(outside), low / "link")
+        u = env.union()
+        assert stat.S_ISLNK(u.getattr("/link")["st_mode"])
+        assert u.readlink("/link") == str(outside)
+        assert errno_of(u.getattr, "/link/secret") == errno.ENOTDIR
+
+
+# =============================================================================================
+# copy-up
+
+class TestCopyUp:
+    def test_partial_write_keeps_the_rest_of_the_original(self, env):
+        low = env.lower()
+        original = bytes(range(256)) * 256  # 64 KiB
+        put(low, "f", original)
+        u = env.union()
+        assert write_at(u, "/f", b"XY", 1000) == 2
+        expected = original[:1000] + b"XY" + original[1002:]
+        assert Path(env.upper, "f").read_bytes() == expected
+        assert read_all(u, "/f") == expected
+
+    def test_open_for_reading_does_not_copy_up(self, env):
+        low = env.lower()
+        put(low, "f", b"x")
+        u = env.union()
+        assert read_all(u, "/f") == b"x"
+        u.getattr("/f")
+        assert tree(env.upper) == {}
+
+    @pytest.mark.parametrize("flags", [O_WRONLY, O_RDWR, O_RDONLY | os.O_TRUNC, O_WRONLY | os.O_APPEND])
+    def test_open_for_writing_copies_up(self, env, flags):
+        low = env.lower()
+        put(low, "f", b"data")
+        u = env.union()
+        u.release(u.open("/f", flags))
+        assert tree(env.upper) == {"f": "file"}
+        expected = b"" if flags & os.O_TRUNC else b"data"
+        assert Path(env.upper, "f").read_bytes() == expected
+
+    def test_append_after_copy_up(self, env):
+        low = env.lower()
+        put(low, "f", b"data")
+        u = env.union()
+        h = u.open("/f", O_WRONLY | os.O_APPEND)
+        u.write(h, b"+more", 0)
+        u.release(h)
+        assert read_all(u, "/f") == b"data+more"
+
+    def test_truncate_copies_up_and_keeps_the_prefix(self, env):
+        low = env.lower()
+        put(low, "f", b"0123456789abcdef")
+        u = env.union()
+        u.truncate("/f", 10)
+        assert Path(env.upper, "f").read_bytes() == b"0123456789"
+        u.truncate("/f", 12)
+        assert read_all(u, "/f") == b"0123456789\0\0"
+
+    def test_copy_up_keeps_mode_setuid_owner_times_and_user_xattrs(self, env):
+        low = env.lower()
+        f = put(low, "f", b"payload")
+        os.chown(f, 1234, 5678)
+        os.chmod(f, 0o4755)
+        os.setxattr(f, "user.a", b"1")
+        os.setxattr(f, "user.b", b"two")
+        os.utime(f, ns=(FIXED_NS, FIXED_NS + 1))
+        u = env.union()
+        u.setxattr("/f", "user.c", b"3")  # a trigger that changes neither mode nor owner nor mtime
+        st = os.lstat(env.upper / "f")
+        assert stat.S_IMODE(st.st_mode) == 0o4755
+        assert (st.st_uid, st.st_gid) == (1234, 5678)
+        assert st.st_mtime_ns == FIXED_NS + 1
+        assert (env.upper / "f").read_bytes() == b"payload"
+        assert xattr(env.upper / "f", "user.a") == b"1"
+        assert xattr(env.upper / "f", "user.b") == b"two"
+        assert xattr(env.upper / "f", "user.c") == b"3"
+        attrs = u.getattr("/f")
+        assert stat.S_IMODE(attrs["st_mode"]) == 0o4755
+        assert attrs["st_mtime"] == FIXED_NS + 1
+
+    def test_copy_up_keeps_holes(self, env):
+        low = env.lower()
+        size = 64 << 20
+        with open(low / "sparse", "wb") as f:
+            f.write(b"head" * 1024)
+            f.seek(size - 4096)
+            f.write(b"tail" * 1024)
+        lower_blocks = os.lstat(low / "sparse").st_blocks
+        assert lower_blocks < 256, "the test filesystem does not make sparse files"
+        u = env.union()
+        u.chmod("/sparse", 0o600)
+        st = os.lstat(env.upper / "sparse")
+        assert st.st_size == size
+        assert st.st_blocks <= lower_blocks + 64, f"copy-up filled holes: {st.st_blocks} blocks"
+        h = u.open("/sparse", O_RDONLY)
+        try:
+            assert u.read(h, 4096, 0) == b"head" * 1024
+            assert u.read(h, 4096, size // 2) == b"\0" * 4096
+            assert u.read(h, 4096, size - 4096) == b"tail" * 1024
+        finally:
+            u.release(h)
+
+    def test_chmod_copies_up_and_changes_only_the_mode(self, env):
+        low = env.lower()
+        f = put(low, "f", b"x", mode=0o644)
+        os.utime(f, ns=(FIXED_NS, FIXED_NS))
+        u = env.union()
+        u.chmod("/f", 0o600)
+        st = os.lstat(env.upper / "f")
+        assert stat.S_IMODE(st.st_mode) == 0o600
+        assert st.st_mtime_ns == FIXED_NS
+        assert stat.S_IMODE(u.getattr("/f")["st_mode"]) == 0o600
+
+    def test_chown_copies_up(self, env):
+        low = env.lower()
+        put(low, "f", b"x")
+        u = env.union()
+        u.chown("/f", 42, -1)
+        st = os.lstat(env.upper / "f")
+        assert (st.st_uid, st.st_gid) == (42, 0)
+        assert (env.upper / "f").read_bytes() == b"x"
+
+    def test_utimens_copies_up_and_sets_ns(self, env):
+        low = env.lower()
+        f = put(low, "f", b"x")
+        os.utime(f, ns=(FIXED_NS, FIXED_NS))
+        u = env.union()
+        u.utimens("/f", None, FIXED_NS + 7)
+        st = os.lstat(env.upper / "f")
+        assert st.st_mtime_ns == FIXED_NS + 7
+        assert st.st_atime_ns == os.lstat(low / "f").st_atime_ns  # kept from the lower (UTIME_OMIT)
+        u.utimens("/f", FIXED_NS + 3, None)
+        st = os.lstat(env.upper / "f")
+        assert (st.st_atime_ns, st.st_mtime_ns) == (FIXED_NS + 3, FIXED_NS + 7)
+        assert u.getattr("/f")["st_mtime"] == FIXED_NS + 7
+
+    def test_parent_directories_are_copied_up_with_their_attributes(self, env):
+        low = env.lower()
+        put(low, "a/b/c/f", b"x")
+        for rel, mode, owner in (("a", 0o750, 11), ("a/b", 0o705, 12), ("a/b/c", 0o770, 13)):
+            os.chmod(low / rel, mode)
+            os.chown(low / rel, owner, owner)
+            os.setxattr(low / rel, "user.tag", rel.encode())
+        for rel in ("a/b/c", "a/b", "a"):
+            os.utime(low / rel, ns=(FIXED_NS, FIXED_NS))
+        u = env.union()
+        write_at(u, "/a/b/c/f", b"y")
+        for rel, mode, owner in (("a", 0o750, 11), ("a/b", 0o705, 12), ("a/b/c", 0o770, 13)):
+            st = os.lstat(env.upper / rel)
+            assert stat.S_ISDIR(st.st_mode)
+            assert stat.S_IMODE(st.st_mode) == mode, rel
+            assert (st.st_uid, st.st_gid) == (owner, owner), rel
+            assert xattr(env.upper / rel, "user.tag") == rel.encode()
+        # the copy of f into c keeps c's times, as the kernel does (a and a/b, untouched since, too)
+        for rel in ("a", "a/b", "a/b/c"):
+            assert os.lstat(env.upper / rel).st_mtime_ns == FIXED_NS, rel
+        assert tree(env.upper) == {"a": "dir", "a/b": "dir", "a/b/c": "dir", "a/b/c/f": "file"}
+
+    def test_copied_up_directory_still_merges(self, env):
+        low = env.lower()
+        put(low, "d/a", b"")
+        put(low, "d/b", b"")
+        u = env.union()
+        create(u, "/d/new", b"n")
+        assert names(u, "/d") == ["a", "b", "new"]
+        assert tree(env.upper) == {"d": "dir", "d/new": "file"}
+
+    def test_symlink_copied_up_as_symlink(self, env):
+        low = env.lower()
+        os.symlink("target/elsewhere", low / "l")
+        u = env.union()
+        u.chown("/l", 7, 7)
+        st = os.lstat(env.upper / "l")
+        assert stat.S_ISLNK(st.st_mode)
+        assert os.readlink(env.upper / "l") == "target/elsewhere"
+        assert (st.st_uid, st.st_gid) == (7, 7)
+
+    def test_fifo_copied_up_as_fifo(self, env):
+        low = env.lower()
+        os.mkfifo(low / "p", 0o640)
+        u = env.union()
+        u.chmod("/p", 0o600)
+        st = os.lstat(env.upper / "p")
+        assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+
+    @pytest.mark.skipif(os.geteuid() != 0, reason="device nodes need root")
+    def test_device_node_copied_up_as_itself(self, env):
+        low = env.lower()
+        os.mknod(low / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        u = env.union()
+        u.chown("/null", 5, 5)
+        st = os.lstat(env.upper / "null")
+        assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+
+    def test_st_ino_stable_across_copy_up(self, env):
+        low = env.lower()
+        put(low, "f", b"x")
+        put(low, "d/g", b"y")
+        u = env.union()
+        ino_f, ino_d = u.getattr("/f")["st_ino"], u.getattr("/d")["st_ino"]
+        listed = {n: ino for n, ino, _ in u.readdir("/")}
+        assert listed["f"] == ino_f
+        u.chmod("/f", 0o600)
+        create(u, "/d/new")
+        assert u.getattr("/f")["st_ino"] == ino_f
+        assert u.getattr("/d")["st_ino"] == ino_d
+        listed = {n: ino for n, ino, _ in u.readdir("/")}
+        assert (listed["f"], listed["d"]) == (ino_f, ino_d)
+
+    def test_st_ino_stable_after_remount(self, env):
+        low = env.lower()
+        put(low, "f", b"x")
+        u = env.union()
+        ino = u.getattr("/f")["st_ino"]
+        write_at(u, "/f", b"y")
+        env.close()
+        u2 = env.union()
+        assert u2.getattr("/f")["st_ino"] == ino
+
+    def test_read_handle_opened_before_copy_up_sees_new_data(self, env):
+        low = env.lower()
+        put(low, "f", b"old data")
+        u = env.union()
+        reader = u.open("/f", O_RDONLY)
+        try:
+            assert u.read(reader, 3, 0, path="/f") == b"old"
+            write_at(u, "/f", b"NEW", 0)
+            assert u.read(reader, 8, 0, path="/f") == b"NEW data"
+        finally:
+            u.release(reader)
+
+    def test_read_handle_follows_truncating_copy_up(self, env):
+        low = env.lower()
+        put(low, "f", b"old data")
+        u = env.union()
+        reader = u.open("/f", O_RDONLY)
+        try:
+            u.truncate("/f", 0)
+            assert u.read(reader, 8, 0, path="/f") == b""
+        finally:
+            u.release(reader)
+
+    def test_failed_copy_up_leaves_nothing_in_the_upper(self, env, monkeypatch):
+        low = env.lower()
+        put(low, "f", b"x" * 100000)
+        put(env.upper, "existing", b"e")
+        u = env.union()
+        before = snapshot(env.upper)
+
+        def full_disk(src, dst, size):
+            os.pwrite(dst, b"partial", 0)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(copyup, "copy_data", full_disk)
+        assert errno_of(u.open, "/f", O_WRONLY) == errno.ENOSPC
+        assert errno_of(u.chmod, "/f", 0o600) == errno.ENOSPC
+        assert snapshot(env.upper) == before
+        assert os.listdir(env.staging) == []
+        monkeypatch.undo()
+        assert read_all(u, "/f") == b"x" * 100000  # the merged view still shows the lower file
+        write_at(u, "/f", b"y")  # and a later copy-up works
+        assert (env.upper / "f").read_bytes() == b"y" + b"x" * 99999
+
+    def test_failed_copy_up_in_nested_dir_leaves_no_partial_file(self, env, monkeypatch):
+        low = env.lower()
+        put(low, "a/b/f", b"x" * 1000)
+        u = env.union()
+
+        def full_disk(src, dst, size):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(copyup, "copy_data", full_disk)
+        assert errno_of(write_at, u, "/a/b/f", b"y") == errno.ENOSPC
+        assert not os.path.lexists(env.upper / "a/b/f")
+        assert os.listdir(env.staging) == []
+
+    def test_write_to_upper_file_does_not_touch_lowers(self, env):
+        low = env.lower()
+        put(low, "f", b"lower")
+        put(env.upper, "f", b"upper!")
+        u = env.union()
+        write_at(u, "/f", b"U", 0)
+        assert (env.upper / "f").read_bytes() == b"Upper!"
+
+    def test_leftovers_in_staging_are_cleaned_at_the_next_mount(self, env):
+        env.lower()
+        os.mkdir(env.staging)
+        put(env.staging, "#leftover-file", b"junk")
+        put(env.staging, "#leftover-dir/deep/x", b"junk")
+        env.union()
+        assert os.listdir(env.staging) == []
+
+    def test_workdir_is_claimed_by_one_engine_at_a_time(self, env):
+        env.lower()
+        env.union()
+        with pytest.raises(StackError, match="already in use"):
+            env.union()
+        env.close()
+        env.union()  # released by close()
+
+
+# =============================================================================================
+# creating names
+
+class TestCreate:
+    def test_create_in_lower_dir_copies_the_dir_up(self, env):
+        low = env.lower()
+        put(low, "d/old", b"")
+        u = env.union()
+        create(u, "/d/new", b"hello", mode=0o640)
+        assert (env.upper / "d/new").read_bytes() == b"hello"
+        assert stat.S_IMODE(os.lstat(env.upper / "d/new").st_mode) == 0o640
+
+    def test_new_objects_take_the_given_owner(self, env):
+        env.lower()
+        u = env.union()
+        h = u.create("/f", stat.S_IFREG | 0o644, O_WRONLY | os.O_CREAT, owner=(101, 202))
+        u.release(h)
+        u.mkdir("/d", 0o755, owner=(103, 204))
+        u.symlink("/l", "f", owner=(105, 206))
+        for rel, owner in (("f", (101, 202)), ("d", (103, 204)), ("l", (105, 206))):
+            st = os.lstat(env.upper / rel)
+            assert (st.st_uid, st.st_gid) == owner, rel
+
+    def test_setgid_directory_passes_its_group_on(self, env):
+        low = env.lower()
+        d = mkdirs(low, "shared")
+        os.chown(d, 0, 777)
+        os.chmod(d, 0o2775)
+        u = env.union()
+        create(u, "/shared/f")
+        u.mkdir("/shared/sub", 0o755, owner=(0, 0))
+        assert os.lstat(env.upper / "shared/f").st_gid == 777
+        st = os.lstat(env.upper / "shared/sub")
+        assert st.st_gid == 777 and st.st_mode & stat.S_ISGID
+
+    def test_mkdir_over_whiteout_is_opaque(self, env):
+        low = env.lower()
+        put(low, "d/old", b"x")
+        whiteout(env.upper, "d")
+        u = env.union()
+        u.mkdir("/d", 0o755)
+        assert os.path.isdir(env.upper / "d")
+        assert xattr(env.upper / "d", TRUSTED + "opaque") == b"y"
+        assert names(u, "/d") == []
+
+    def test_mkdir_after_rmdir_of_lower_dir_is_opaque(self, env):
+        low = env.lower()
+        put(low, "d/old", b"x")
+        u = env.union()
+        u.unlink("/d/old")
+        u.rmdir("/d")
+        assert is_whiteout_at(env.upper / "d")
+        u.mkdir("/d", 0o755)
+        assert xattr(env.upper / "d", TRUSTED + "opaque") == b"y"
+        assert names(u, "/d") == []
+        assert errno_of(u.getattr, "/d/old") == errno.ENOENT
+
+    def test_create_file_over_whiteout_replaces_it(self, env):
+        low = env.lower()
+        put(low, "f", b"lower")
+        u = env.union()
+        u.unlink("/f")
+        create(u, "/f", b"new")
+        st = os.lstat(env.upper / "f")
+        assert stat.S_ISREG(st.st_mode)
+        assert (env.upper / "f").read_bytes() == b"new"
+        assert read_all(u, "/f") == b"new"
+
+    def test_symlink_and_readlink(self, env):
+        env.lower()
+        u = env.union()
+        u.symlink("/l", "some/where")
+        assert u.readlink("/l") == "some/where"
+        assert os.readlink(env.upper / "l") == "some/where"
+        assert stat.S_ISLNK(u.getattr("/l")["st_mode"])
+
+    def test_mknod_fifo(self, env):
+        env.lower()
+        u = env.union()
+        u.mknod("/p", stat.S_IFIFO | 0o640)
+        st = os.lstat(env.upper / "p")
+        assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o640
+
+    def test_create_existing_without_excl_opens_it(self, env):
+        low = env.lower()
+        put(low, "f", b"keep")
+        u = env.union()
+        h = u.create("/f", stat.S_IFREG | 0o644, O_RDWR | os.O_CREAT)
+        try:
+            assert u.read(h, 10, 0) == b"keep"
+        finally:
+            u.release(h)
+
+
+# =============================================================================================
+# deleting
+
+class TestDelete:
+    def test_unlink_lower_file_leaves_a_whiteout(self, env):
+        low = env.lower()
+        put(low, "f", b"x")
+        u = env.union()
+        u.unlink("/f")
+        assert is_whiteout_at(env.upper / "f")
+        assert errno_of(u.getattr, "/f") == errno.ENOENT
+        assert names(u, "/") == []
+
+    def test_unlink_upper_only_file_leaves_nothing(self, env):
+        env.lower()
+        put(env.upper, "f", b"x")
+        u = env.union()
+        u.unlink("/f")
+        assert tree(env.upper) == {}
+
+    def test_unlink_copied_up_file_leaves_a_whiteout(self, env):
+        low = env.lower()
+        put(low, "f", b"x")
+        u = env.union()
+        write_at(u, "/f", b"y")
+        u.unlink("/f")
+        assert tree(env.upper) == {"f": "whiteout"}
+
+    def test_unlink_in_lower_dir_copies_the_dir_up(self, env):
+        low = env.lower()
+        put(low, "d/f", b"x")
+        put(low, "d/g", b"x")
+        u = env.union()
+        u.unlink("/d/f")
+        assert tree(env.upper) == {"d": "dir", "d/f": "whiteout"}
+        assert names(u, "/d") == ["g"]
+
+    def test_unlink_name_whited_out_only_in_a_lower(self, env):
+        top, bottom = env.lower(), env.lower()
+        put(bottom, "f", b"x")
+        whiteout(top, "f")
+        put(top, "g", b"")
+        u = env.union()
+        assert errno_of(u.unlink, "/f") == errno.ENOENT
+        create(u, "/f", b"new")
+        u.unlink("/f")  # no lower layer shows f: no whiteout needed
+        assert tree(env.upper) == {}
+
+    def test_rmdir_lower_empty_dir_leaves_a_whiteout(self, env):
+        low = env.lower()
+        mkdirs(low, "d")
+        u = env.union()
+        u.rmdir("/d")
+        assert tree(env.upper) == {"d": "whiteout"}
+
+    def test_rmdir_merged_dir_with_content_is_enotempty(self, env):
+        low = env.lower()
+        put(low, "d/f", b"x")
+        mkdirs(env.upper, "d")
+        u = env.union()
+        assert errno_of(u.rmdir, "/d") == errno.ENOTEMPTY
+        assert tree(env.upper) == {"d": "dir"}
+
+    def test_rmdir_dir_emptied_by_whiteouts(self, env):
+        low = env.lower()
+        put(low, "d/f", b"x")
+        put(low, "d/g", b"x")
+        u = env.union()
+        u.unlink("/d/f")
+        u.unlink("/d/g")
+        assert names(u, "/d") == []
+        u.rmdir("/d")
+        assert tree(env.upper) == {"d": "whiteout"}
+        assert errno_of(u.getattr, "/d") == errno.ENOENT
+
+    def test_rmdir_upper_only_dir(self, env):
+        env.lower()
+        u = env.union()
+        u.mkdir("/d", 0o755)
+        u.rmdir("/d")
+        assert tree(env.upper) == {}
+
+    def test_rmdir_root_is_ebusy(self, env):
+        env.lower()
+        u = env.union()
+        assert errno_of(u.rmdir, "/") in (errno.EBUSY, errno.ENOTEMPTY)
+
+    def test_deleted_lower_content_does_not_come_back_after_remount(self, env):
+        low = env.lower()
+        put(low, "d/f", b"x")
+        u = env.union()
+        u.unlink("/d/f")
+        u.rmdir("/d")
+        u.mkdir("/d", 0o755)
+        env.close()
+        u2 = env.union()
+        assert names(u2, "/d") == []
+        assert names(u2, "/") == ["d"]
+
+
+# =============================================================================================
+# renaming
+
+class TestRename:
+    def test_rename_lower_file(self, env):
+        low = env.lower()
+        put(low, "a", b"content")
+        u = env.union()
+        u.rename("/a", "/b")
+        assert tree(env.upper) == {"a": "whiteout", "b": "file"}
+        assert (env.upper / "b").read_bytes() == b"content"
+        assert names(u, "/") == ["b"]
+
+    def test_rename_upper_only_file_leaves_no_whiteout(self, env):
+        env.lower()
+        u = env.union()
+        create(u, "/a", b"x")
+        u.rename("/a", "/b")
+        assert tree(env.upper) == {"b": "file"}
+
+    def test_rename_file_over_lower_file(self, env):
+        low = env.lower()
+        put(low, "a", b"A")
+        put(low, "b", b"B")
+        u = env.union()
+        u.rename("/a", "/b")
+        assert read_all(u, "/b") == b"A"
+        assert names(u, "/") == ["b"]
+        assert tree(env.upper) == {"a": "whiteout", "b": "file"}
+
+    def test_rename_file_onto_whiteout(self, env):
+        low = env.lower()
+        put(low, "a", b"A")
+        put(low, "b", b"B")
+        u = env.union()
+        u.unlink("/b")
+        u.rename("/a", "/b")
+        assert read_all(u, "/b") == b"A"
+        assert tree(env.upper) == {"a": "whiteout", "b": "file"}
+
+    def test_rename_file_into_lower_subdir(self, env):
+        low = env.lower()
+        put(low, "a", b"A")
+        put(low, "d/x", b"")
+        u = env.union()
+        u.rename("/a", "/d/a")
+        assert tree(env.upper) == {"a": "whiteout", "d": "dir", "d/a": "file"}
+        assert names(u, "/d") == ["a", "x"]
+
+    def test_rename_keeps_st_ino(self, env):
+        low = env.lower()
+        put(low, "a", b"A")
+        u = env.union()
+        ino = u.getattr("/a")["st_ino"]
+        u.rename("/a", "/b")
+        assert u.getattr("/b")["st_ino"] == ino
+
+    def test_rename_lower_dir_without_redirect_is_exdev(self, env):
+        low = env.lower()
+        put(low, "d/f", b"x")
+        u = env.union()
+        assert errno_of(u.rename, "/d", "/e") == errno.EXDEV
+        assert tree(env.upper) == {}
+
+    def test_rename_merged_dir_without_redirect_is_exdev(self, env):
+        low = env.lower()
+        put(low, "d/f", b"x")
+        put(env.upper, "d/g", b"y")
+        u = env.union()
+        assert errno_of(u.rename, "/d", "/e") == errno.EXDEV
+
+    def test_rename_upper_only_dir_is_plain(self, env):
+        env.lower()
+        u = env.union()
+        u.mkdir("/d", 0o755)
+        create(u, "/d/f", b"x")
+        u.rename("/d", "/e")
+        assert tree(env.upper) == {"e": "dir", "e/f": "file"}
+        assert xattr(env.upper / "e", TRUSTED + "redirect") is None
+
+    def test_upper_only_dir_moved_over_whited_out_lower_dir_hides_it(self, env):
+        low = env.lower()
+        put(low, "d/x/secret", b"s")
+        put(low, "d/keep", b"")
+        u = env.union()
+        u.unlink("/d/x/secret")
+        u.rmdir("/d/x")
+        u.mkdir("/n", 0o755)
+        create(u, "/n/mine")
+        u.rename("/n", "/d/x")
+        assert names(u, "/d/x") == ["mine"]
+
+    def test_redirect_same_parent_is_bare_name(self, env):
+        low = env.lower()
+        put(low, "a/f", b"x")
+        u = env.union(redirect_dir="on")
+        ino = u.getattr("/a")["st_ino"]
+        u.rename("/a", "/b")
+        assert xattr(env.upper / "b", TRUSTED + "redirect") == b"a"
+        assert is_whiteout_at(env.upper / "a")
+        assert names(u, "/") == ["b"]
+        assert read_all(u, "/b/f") == b"x"
+        assert u.getattr("/b")["st_ino"] == ino
+
+    def test_redirect_other_parent_is_absolute(self, env):
+        low = env.lower()
+        put(low, "p/a/f", b"x")
+        mkdirs(low, "q")
+        u = env.union(redirect_dir="on")
+        u.rename("/p/a", "/q/b")
+        assert xattr(env.upper / "q/b", TRUSTED + "redirect") == b"/p/a"
+        assert is_whiteout_at(env.upper / "p/a")
+        assert read_all(u, "/q/b/f") == b"x"
+        assert names(u, "/p") == []
+
+    def test_second_rename_in_same_parent_keeps_original_redirect(self, env):
+        low = env.lower()
+        put(low, "a/f", b"x")
+        u = env.union(redirect_dir="on")
+        u.rename("/a", "/b")
+        u.rename("/b", "/c")
+        assert xattr(env.upper / "c", TRUSTED + "redirect") == b"a"
+        assert not os.path.lexists(env.upper / "b")
+        assert read_all(u, "/c/f") == b"x"
+        assert names(u, "/") == ["c"]
+
+    def test_rename_after_same_parent_rename_becomes_absolute(self, env):
+        low = env.lower()
+        put(low, "p/a/f", b"x")
+        mkdirs(low, "q")
+        u = env.union(redirect_dir="on")
+        u.rename("/p/a", "/p/b")
+        u.rename("/p/b", "/q/c")
+        assert xattr(env.upper / "q/c", TRUSTED + "redirect") == b"/p/a"
+        assert read_all(u, "/q/c/f") == b"x"
+
+    def test_redirect_survives_remount(self, env):
+        low = env.lower()
+        put(low, "a/f", b"x")
+        u = env.union(redirect_dir="on")
+        u.rename("/a", "/b")
+        create(u, "/b/g", b"new")
+        env.close()
+        u2 = env.union(redirect_dir="on")
+        assert names(u2, "/b") == ["f", "g"]
+        assert names(u2, "/") == ["b"]
+
+    def test_redirected_dir_content_can_be_changed(self, env):
+        low = env.lower()
+        put(low, "a/f", b"x")
+        put(low, "a/g", b"x")
+        u = env.union(redirect_dir="on")
+        u.rename("/a", "/b")
+        write_at(u, "/b/f", b"y")
+        u.unlink("/b/g")
+        assert tree(env.upper) == {"a": "whiteout", "b": "dir", "b/f": "file", "b/g": "whiteout"}
+        assert names(u, "/b") == ["f"]
+        assert read_all(u, "/b/f") == b"y"
+
+    def test_rename_dir_over_empty_lower_dir_with_redirect(self, env):
+        low = env.lower()
+        put(low, "a/f", b"x")
+        put(low, "b/gone", b"x")
+        u = env.union(redirect_dir="on")
+        u.unlink("/b/gone")
+        u.rename("/a", "/b")
+        assert names(u, "/b") == ["f"]
+        assert names(u, "/") == ["b"]
+
+    def test_new_dir_at_old_name_of_redirected_dir_is_empty(self, env):
+        low = env.lower()
+        put(low, "a/f", b"x")
+        u = env.union(redirect_dir="on")
+        u.rename("/a", "/b")
+        u.mkdir("/a", 0o755)
+        assert xattr(env.upper / "a", TRUSTED + "opaque") == b"y"
+        assert names(u, "/a") == []
+        assert names(u, "/b") == ["f"]
+
+    def test_rename_back_to_the_original_name(self, env):
+        low = env.lower()
+        put(low, "a/f", b"x")
+        u = env.union(redirect_dir="on")
+        u.rename("/a", "/b")
+        u.rename("/b", "/a")
+        assert names(u, "/") == ["a"]
+        assert names(u, "/a") == ["f"]
+        assert tree(env.upper) == {"a": "dir"}
+
+    def test_subdir_of_redirected_dir_moved_elsewhere_gets_its_lower_path(self, env):
+        low = env.lower()
+        put(low, "a/sub/f", b"x")
+        mkdirs(low, "other")
+        u = env.union(redirect_dir="on")
+        u.rename("/a", "/b")
+        u.rename("/b/sub", "/b/sub2")
+        assert xattr(env.upper / "b/sub2", TRUSTED + "redirect") == b"sub"
+        assert read_all(u, "/b/sub2/f") == b"x"
+        u.rename("/b/sub2", "/other/moved")
+        assert xattr(env.upper / "other/moved", TRUSTED + "redirect") == b"/a/sub"
+        assert read_all(u, "/other/moved/f") == b"x"
+        assert names(u, "/b") == []
+
+    def test_rename_over_nonempty_dir_is_enotempty(self, env):
+        low = env.lower()
+        put(low, "b/x", b"")
+        u = env.union()
+        u.mkdir("/a", 0o755)
+        assert errno_of(u.rename, "/a", "/b") == errno.ENOTEMPTY
+
+    def test_rename_dir_over_file_is_enotdir(self, env):
+        low = env.lower()
+        put(low, "f", b"")
+        u = env.union()
+        u.mkdir("/a", 0o755)
+        assert errno_of(u.rename, "/a", "/f") == errno.ENOTDIR
+
+    def test_rename_file_over_dir_is_eisdir(self, env):
+        low = env.lower()
+        mkdirs(low, "d")
+        put(low, "f", b"")
+        u = env.union()
+        assert errno_of(u.rename, "/f", "/d") == errno.EISDIR
+        assert tree(env.upper) == {}
+
+    def test_rename_dir_into_itself_is_einval(self, env):
+        env.lower()
+        u = env.union()
+        u.mkdir("/a", 0o755)
+        u.mkdir("/a/b", 0o755)
+        assert errno_of(u.rename, "/a", "/a/b/c") == errno.EINVAL
+
+    def test_rename_missing_source_is_enoent(self, env):
+        env.lower()
+        u = env.union()
+        assert errno_of(u.rename, "/nothing", "/x") == errno.ENOENT
+
+
+# =============================================================================================
+# links
+
+class TestLinks:
+    def test_hard_link_of_lower_file_links_in_upper(self, env):
+        low = env.lower()
+        put(low, "a", b"data")
+        u = env.union()
+        u.link("/a", "/b")
+        sa, sb = os.lstat(env.upper / "a"), os.lstat(env.upper / "b")
+        assert sa.st_ino == sb.st_ino and sa.st_nlink == 2
+        assert u.getattr("/a")["st_ino"] == u.getattr("/b")["st_ino"]
+        assert u.getattr("/b")["st_nlink"] == 2
+        write_at(u, "/b", b"D")
+        assert read_all(u, "/a") == b"Data"
+
+    def test_link_onto_whiteout(self, env):
+        low = env.lower()
+        put(low, "a", b"A")
+        put(low, "b", b"B")
+        u = env.union()
+        u.unlink("/b")
+        u.link("/a", "/b")
+        assert read_all(u, "/b") == b"A"
+        assert os.lstat(env.upper / "b").st_ino == os.lstat(env.upper / "a").st_ino
+
+    def test_link_errors(self, env):
+        low = env.lower()
+        put(low, "a", b"A")
+        put(low, "b", b"B")
+        mkdirs(low, "d")
+        u = env.union()
+        assert errno_of(u.link, "/a", "/b") == errno.EEXIST
+        assert errno_of(u.link, "/d", "/e") == errno.EPERM
+        assert errno_of(u.link, "/missing", "/e") == errno.ENOENT
+        assert tree(env.upper) == {}
+
+    def test_copy_up_breaks_lower_hard_link(self, env):
+        low = env.lower()
+        put(low, "a", b"same")
+        os.link(low / "a", low / "b")
+        u = env.union()
+        assert u.getattr("/a")["st_ino"] == u.getattr("/b")["st_ino"]
+        write_at(u, "/a", b"SAME")
+        assert read_all(u, "/b") == b"same"
+        assert u.getattr("/a")["st_ino"] != u.getattr("/b")["st_ino"]
+
+    def test_distinct_objects_have_distinct_st_ino(self, env):
+        top, bottom = env.lower(), env.lower()
+        put(top, "a", b"")
+        put(bottom, "b", b"")
+        put(env.upper, "c", b"")
+        u = env.union()
+        create(u, "/d")
+        inos = [u.getattr(p)["st_ino"] for p in ("/a", "/b", "/c", "/d", "/")]
+        assert len(set(inos)) == len(inos)
+
+
+# =============================================================================================
+# xattrs
+
+class TestXattrs:
+    def test_lower_user_xattrs_are_visible(self, env):
+        low = env.lower()
+        f = put(low, "f", b"")
+        os.setxattr(f, "user.k", b"v")
+        u = env.union()
+        assert u.getxattr("/f", "user.k") == b"v"
+        assert "user.k" in u.listxattr("/f")
+        assert tree(env.upper) == {}
+
+    def test_setxattr_copies_up(self, env):
+        low = env.lower()
+        put(low, "f", b"data")
+        u = env.union()
+        u.setxattr("/f", "user.new", b"1")
+        assert xattr(env.upper / "f", "user.new") == b"1"
+        assert xattr(low / "f", "user.new") is None
+        assert (env.upper / "f").read_bytes() == b"data"
+
+    def test_removexattr_copies_up(self, env):
+        low = env.lower()
+        f = put(low, "f", b"")
+        os.setxattr(f, "user.k", b"v")
+        os.setxattr(f, "user.keep", b"w")
+        u = env.union()
+        u.removexattr("/f", "user.k")
+        assert xattr(env.upper / "f", "user.k") is None
+        assert xattr(env.upper / "f", "user.keep") == b"w"
+        assert errno_of(u.getxattr, "/f", "user.k") == errno.ENODATA
+
+    def test_removexattr_of_missing_name_is_enodata_without_copy_up(self, env):
+        low = env.lower()
+        put(low, "f", b"")
+        u = env.union()
+        assert errno_of(u.removexattr, "/f", "user.none") == errno.ENODATA
+        assert tree(env.upper) == {}
+
+    def test_overlay_markers_are_private(self, env):
+        low = env.lower()
+        put(low, "d/x", b"")
+        u = env.union()
+        u.unlink("/d/x")
+        u.rmdir("/d")
+        u.mkdir("/d", 0o755)  # opaque in the upper
+        assert xattr(env.upper / "d", TRUSTED + "opaque") == b"y"
+        assert not [n for n in u.listxattr("/d") if n.startswith(TRUSTED)]
+        assert errno_of(u.getxattr, "/d", TRUSTED + "opaque") == errno.ENODATA  # as Linux 6.7+
+        assert errno_of(u.removexattr, "/d", TRUSTED + "opaque") == errno.ENODATA
+        assert xattr(env.upper / "d", TRUSTED + "opaque") == b"y"
+
+    def test_overlay_named_xattr_set_through_the_mount_is_escaped(self, env):
+        """Linux 6.7+: trusted.overlay.X set through the mount is stored as trusted.overlay.overlay.X."""
+        low = env.lower()
+        put(low, "d/below", b"")
+        put(low, "f", b"")
+        u = env.union()
+        u.setxattr("/f", TRUSTED + "opaque", b"y")
+        u.setxattr("/d", TRUSTED + "opaque", b"y")
+        assert xattr(env.upper / "f", TRUSTED + "opaque") is None
+        assert xattr(env.upper / "f", TRUSTED + "overlay.opaque") == b"y"
+        assert xattr(env.upper / "d", TRUSTED + "opaque") is None
+        assert u.getxattr("/f", TRUSTED + "opaque") == b"y"
+        assert TRUSTED + "opaque" in u.listxattr("/f")
+        assert names(u, "/d") == ["below"]  # not made opaque by it
+        u.removexattr("/f", TRUSTED + "opaque")
+        assert xattr(env.upper / "f", TRUSTED + "overlay.opaque") is None
+
+    def test_lower_overlay_xattrs_not_copied_up(self, env):
+        top, bottom = env.lower(), env.lower()
+        put(bottom, "d/hidden", b"")
+        opaque(top, "d")
+        put(top, "d/shown", b"")
+        u = env.union()
+        create(u, "/d/new")
+        assert names(u, "/d") == ["new", "shown"]
+        assert not [n for n in u.listxattr("/d") if n.startswith(TRUSTED)]
+
+
+# =============================================================================================
+# readdir
+
+class TestReaddir:
+    def test_dot_entries_first_and_each_name_once(self, env):
+        top, bottom = env.lower(), env.lower()
+        for layer in (env.upper, top, bottom):
+            put(layer, "d/same", b"")
+        put(top, "d/t", b"")
+        u = env.union()
+        listed = [n for n, _, _ in u.readdir("/d")]
+        assert listed[:2] == [".", ".."]
+        assert sorted(listed[2:]) == ["same", "t"]
+
+    def test_types_and_inodes_match_getattr(self, env):
+        low = env.lower()
+        put(low, "f", b"")
+        mkdirs(low, "d")
+        os.symlink("f", low / "l")
+        os.mkfifo(low / "p")
+        u = env.union()
+        write_at(u, "/f", b"x")  # f is in the upper now, with its lower inode number
+        for name, ino, kind in u.readdir("/"):
+            if name in (".", ".."):
+                continue
+            attrs = u.getattr("/" + name)
+            assert ino == attrs["st_ino"], name
+            assert kind == stat.S_IFMT(attrs["st_mode"]), name
+
+    def test_whiteouts_and_hidden_names_never_listed(self, env):
+        top, bottom = env.lower(), env.lower()
+        put(bottom, "d/a", b"")
+        put(bottom, "d/b", b"")
+        whiteout(top, "d/a")
+        put(top, "d/c", b"")
+        whiteout(env.upper, "d/c")
+        u = env.union()
+        assert names(u, "/d") == ["b"]
+
+    def test_readdir_of_file_is_enotdir(self, env):
+        low = env.lower()
+        put(low, "f", b"")
+        u = env.union()
+        assert errno_of(u.readdir, "/f") == errno.ENOTDIR
+        assert errno_of(u.readdir, "/missing") == errno.ENOENT
+
+    def test_listing_follows_changes(self, env):
+        low = env.lower()
+        put(low, "d/a", b"")
+        u = env.union()
+        assert names(u, "/d") == ["a"]
+        create(u, "/d/b")
+        u.unlink("/d/a")
+        assert names(u, "/d") == ["b"]
+        u.rename("/d/b", "/d/c")
+        assert names(u, "/d") == ["c"]
+
+
+# =============================================================================================
+# OCI whiteouts in lower layers
+
+class TestOciWhiteouts:
+    def test_wh_file_hides_name_below(self, env):
+        top, bottom = env.lower(), env.lower()
+        put(bottom, "f", b"x")
+        put(bottom, "d/x", b"")
+        put(bottom, "keep", b"")
+        put(top, ".wh.f", b"")
+        put(top, ".wh.d", b"")
+        u = env.union(oci_whiteouts=True)
+        assert names(u, "/") == ["keep"]
+        assert errno_of(u.getattr, "/f") == errno.ENOENT
+        assert errno_of(u.getattr, "/d") == errno.ENOENT
+        assert errno_of(u.getattr, "/.wh.f") == errno.ENOENT
+
+    def test_opaque_marker_hides_lower_directory_content(self, env):
+        top, bottom = env.lower(), env.lower()
+        put(bottom, "d/old", b"")
+        put(top, "d/.wh..wh..opq", b"")
+        put(top, "d/new", b"")
+        u = env.union(oci_whiteouts=True)
+        assert names(u, "/d") == ["new"]
+        assert errno_of(u.getattr, "/d/old") == errno.ENOENT
+        assert errno_of(u.getattr, "/d/.wh..wh..opq") == errno.ENOENT
+
+    def test_copied_up_dir_keeps_hiding_content_below_an_opaque_marker(self, env):
+        top, bottom = env.lower(), env.lower()
+        put(bottom, "d/old", b"")
+        put(top, "d/.wh..wh..opq", b"")
+        put(top, "d/.wh.gone", b"")
+        put(bottom, "d/gone", b"")
+        put(top, "d/kept", b"")
+        u = env.union(oci_whiteouts=True)
+        create(u, "/d/new")
+        assert names(u, "/d") == ["kept", "new"]
+        assert tree(env.upper) == {"d": "dir", "d/new": "file"}
+
+    def test_markers_are_plain_files_without_the_option(self, env):
+        top, bottom = env.lower(), env.lower()
+        put(bottom, "f", b"x")
+        put(top, ".wh.f", b"")
+        u = env.union()
+        assert names(u, "/") == [".wh.f", "f"]
+
+    def test_nested_marker_and_changes_over_it(self, env):
+        top, bottom = env.lower(), env.lower()
+        put(bottom, "d/a", b"")
+        put(bottom, "d/b", b"")
+        put(top, "d/.wh.a", b"")
+        u = env.union(oci_whiteouts=True)
+        assert names(u, "/d") == ["b"]
+        create(u, "/d/a", b"new")  # the name is free: no whiteout from the upper needed
+        assert read_all(u, "/d/a") == b"new"
+        u.unlink("/d/a")
+        assert names(u, "/d") == ["b"]
+        u.unlink("/d/b")
+        assert names(u, "/d") == []
+        u.rmdir("/d")
+        assert names(u, "/") == []
+        assert ".wh.a" not in tree(env.upper).get("d", "")
+
+
+# =============================================================================================
+# userxattr: markers in user.overlay.*
+
+class TestUserxattr:
+    def test_whiteouts_and_opaque_use_user_namespace(self, env):
+        low = env.lower()
+        put(low, "d/x", b"")
+        u = env.union(userxattr=True)
+        u.unlink("/d/x")
+        u.rmdir("/d")
+        u.mkdir("/d", 0o755)
+        assert xattr(env.upper / "d", USER + "opaque") == b"y"
+        assert xattr(env.upper / "d", TRUSTED + "opaque") is None
+        assert names(u, "/d") == []
+
+    def test_lower_user_opaque_is_honoured_and_hidden(self, env):
+        top, bottom = env.lower(), env.lower()
+        put(bottom, "d/hidden", b"")
+        opaque(top, "d", prefix=USER)
+        put(top, "d/shown", b"")
+        u = env.union(userxattr=True)
+        assert names(u, "/d") == ["shown"]
+        assert USER + "opaque" not in u.listxattr("/d")
+        assert errno_of(u.getxattr, "/d", USER + "opaque") == errno.ENODATA
+        u.setxattr("/d", USER + "redirect", b"/elsewhere")  # stored escaped: no redirect made
+        assert xattr(env.upper / "d", USER + "redirect") is None
+        assert xattr(env.upper / "d", USER + "overlay.redirect") == b"/elsewhere"
+        assert names(u, "/d") == ["shown"]
+
+    def test_trusted_opaque_is_ignored_under_userxattr(self, env):
+        top, bottom = env.lower(), env.lower()
+        put(bottom, "d/below", b"")
+        opaque(top, "d", prefix=TRUSTED)
+        put(top, "d/above", b"")
+        u = env.union(userxattr=True)
+        assert names(u, "/d") == ["above", "below"]
+
+    def test_other_user_xattrs_still_work(self, env):
+        low = env.lower()
+        put(low, "f", b"")
+        u = env.union(userxattr=True)
+        u.setxattr("/f", "user.plain", b"1")
+        assert u.getxattr("/f", "user.plain") == b"1"
+        assert "user.plain" in u.listxattr("/f")
+        assert not [n for n in u.listxattr("/f") if n.startswith(USER)]
+
+
+# =============================================================================================
+# errors
+
+class TestErrors:
+    def _ro_cases(self, u):
+        return [
+            ("open-write", u.open, "/f", O_WRONLY),
+            ("open-trunc", u.open, "/f", O_RDONLY | os.O_TRUNC),
+            ("create", u.create, "/new", stat.S_IFREG | 0o644, O_WRONLY | os.O_CREAT),
+            ("mkdir", u.mkdir, "/newdir", 0o755),
+            ("mknod", u.mknod, "/fifo", stat.S_IFIFO | 0o644),
+            ("symlink", u.symlink, "/sl", "f"),
+            ("link", u.link, "/f", "/hl"),
+            ("unlink", u.unlink, "/f"),
+            ("rmdir", u.rmdir, "/d"),
+            ("rename", u.rename, "/f", "/g"),
+            ("chmod", u.chmod, "/f", 0o600),
+            ("chown", u.chown, "/f", 1, 1),
+            ("utimens", u.utimens, "/f", 1, 1),
+            ("truncate", u.truncate, "/f", 0),
+            ("setxattr", u.setxattr, "/f", "user.x", b"1"),
+            ("removexattr", u.removexattr, "/f", "user.k"),
+        ]
+
+    def _build(self, env):
+        low = env.lower()
+        f = put(low, "f", b"data")
+        os.setxattr(f, "user.k", b"v")
+        mkdirs(low, "d")
+        return low
+
+    def test_no_upper_is_read_only(self, env):
+        self._build(env)
+        u = env.union(upper=False)
+        for what, call, *args in self._ro_cases(u):
+            assert errno_of(call, *args) == errno.EROFS, what
+        assert errno_of(u.access, "/f", os.W_OK) == errno.EROFS
+        assert read_all(u, "/f") == b"data"
+        assert names(u, "/") == ["d", "f"]
+        assert u.statfs()["f_bsize"] > 0
+
+    def test_ro_option_with_upper_is_read_only_and_upper_untouched(self, env):
+        self._build(env)
+        u = env.union(read_only=True)
+        before = snapshot(env.upper)
+        for what, call, *args in self._ro_cases(u):
+            assert errno_of(call, *args) == errno.EROFS, what
+        assert snapshot(env.upper) == before
+
+    def test_enoent(self, env):
+        low = env.lower()
+        mkdirs(low, "d")
+        u = env.union()
+        for what, call, *args in [
+            ("getattr", u.getattr, "/missing"),
+            ("open", u.open, "/missing", O_RDONLY),
+            ("unlink", u.unlink, "/missing"),
+            ("rmdir", u.rmdir, "/missing"),
+            ("mkdir in missing parent", u.mkdir, "/missing/sub", 0o755),
+            ("create in missing parent", u.create, "/missing/f", stat.S_IFREG | 0o644, O_WRONLY | os.O_CREAT),
+            ("chmod", u.chmod, "/missing", 0o600),
+            ("readlink", u.readlink, "/missing"),
+            ("rename into missing parent", u.rename, "/d", "/missing/d"),
+        ]:
+            assert errno_of(call, *args) == errno.ENOENT, what
+        assert tree(env.upper) == {}
+
+    def test_enotdir(self, env):
+        low = env.lower()
+        put(low, "f", b"")
+        mkdirs(low, "d")
+        u = env.union()
+        for what, call, *args in [
+            ("getattr", u.getattr, "/f/x"),
+            ("mkdir", u.mkdir, "/f/x", 0o755),
+            ("create", u.create, "/f/x", stat.S_IFREG | 0o644, O_WRONLY | os.O_CREAT),
+            ("rmdir of file", u.rmdir, "/f"),
+            ("readdir", u.readdir, "/f"),
+            ("rename dir over file", u.rename, "/d", "/f"),
+        ]:
+            assert errno_of(call, *args) == errno.ENOTDIR, what
+        assert tree(env.upper) == {}
+
+    def test_eisdir(self, env):
+        low = env.lower()
+        mkdirs(low, "d")
+        put(low, "f", b"")
+        u = env.union()
+        for what, call, *args in [
+            ("open dir for writing", u.open, "/d", O_WRONLY),
+            ("unlink dir", u.unlink, "/d"),
+            ("truncate dir", u.truncate, "/d", 0),
+            ("rename file over dir", u.rename, "/f", "/d"),
+        ]:
+            assert errno_of(call, *args) == errno.EISDIR, what
+        assert tree(env.upper) == {}
+
+    def test_eexist(self, env):
+        low = env.lower()
+        put(low, "f", b"")
+        mkdirs(low, "d")
+        u = env.union()
+        for what, call, *args in [
+            ("mkdir over lower dir", u.mkdir, "/d", 0o755),
+            ("mkdir over lower file", u.mkdir, "/f", 0o755),
+            ("create O_EXCL", u.create, "/f", stat.S_IFREG | 0o644, O_WRONLY | os.O_CREAT | os.O_EXCL),
+            ("symlink", u.symlink, "/f", "x"),
+            ("mknod", u.mknod, "/d", stat.S_IFIFO | 0o644),
+            ("link", u.link, "/f", "/d"),
+        ]:
+            assert errno_of(call, *args) == errno.EEXIST, what
+        assert tree(env.upper) == {}
+
+    def test_enotempty(self, env):
+        low = env.lower()
+        put(low, "d/x", b"")
+        put(low, "e/y", b"")
+        u = env.union(redirect_dir="on")
+        assert errno_of(u.rmdir, "/d") == errno.ENOTEMPTY
+        assert errno_of(u.rename, "/d", "/e") == errno.ENOTEMPTY
+        assert tree(env.upper) == {}
+
+    def test_exdev_only_without_redirect(self, env):
+        low = env.lower()
+        put(low, "d/x", b"")
+        u = env.union(redirect_dir="off")
+        assert errno_of(u.rename, "/d", "/e") == errno.EXDEV
+        env.close()
+        u = env.union(redirect_dir="on")
+        u.rename("/d", "/e")
+        assert names(u, "/e") == ["x"]
+
+    def test_readlink_of_non_symlink_is_einval(self, env):
+        low = env.lower()
+        put(low, "f", b"")
+        u = env.union()
+        assert errno_of(u.readlink, "/f") == errno.EINVAL
+
+    def test_errors_carry_the_path(self, env):
+        env.lower()
+        u = env.union()
+        with pytest.raises(OSError) as info:
+            u.getattr("/no/such")
+        assert info.value.filename is not None and "no" in str(info.value.filename)
