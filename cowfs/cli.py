@@ -34,11 +34,20 @@ examples:
   cowfs umount /mnt/merged
 """
 
+TOP_EPILOG = """\
+examples:
+  cowfs mount -o lowerdir=/img/l2:/img/l1,upperdir=/c/upper,workdir=/c/work /mnt/merged
+  cowfs mount /img/l2 /img/l1 --upper /c/upper /mnt/merged
+  cowfs umount /mnt/merged
+
+`cowfs mount --help` lists the options (lowerdir, upperdir, workdir, redirect_dir, ...).
+"""
+
 COMMANDS = ("mount", "umount")
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="cowfs", description=DESCRIPTION,
+    parser = argparse.ArgumentParser(prog="cowfs", description=DESCRIPTION, epilog=TOP_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"cowfs {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -58,7 +67,7 @@ def build_parser():
     u = sub.add_parser("umount", help="unmount a cowfs mount and wait for its daemon to exit",
                        description="Unmount a cowfs mount (fusermount -u and umount work as well).")
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
-    return parser
+    return parser, m
 
 
 def _mount_helper_form(argv):
@@ -74,10 +83,8 @@ def _mount_helper_form(argv):
 
 
 def _stack_from_args(args, parser):
-    fsname = None
+    """The Stack and mount point from either spelling: `-o lowerdir=... MNT` or `LOWER... --upper U MNT`."""
     paths = list(args.paths)
-    if "--fsname-from-helper" in args.options:  # pragma: no cover - never an -o value
-        pass
     if args.upper is None:
         if len(paths) != 1 and args.options:
             parser.error("with -o lowerdir=..., give only the mount point")
@@ -85,7 +92,7 @@ def _stack_from_args(args, parser):
             if len(paths) < 2:
                 parser.error("give -o lowerdir=... or LOWER... MOUNTPOINT")
             args.options = ["lowerdir=" + ":".join(p.replace(":", "\\:") for p in paths[:-1])]
-        return parse_options(args.options), paths[-1], fsname
+        return parse_options(args.options), paths[-1]
     if len(paths) < 2:
         parser.error("give at least one LOWER and the MOUNTPOINT")
     upper = os.path.abspath(args.upper)
@@ -94,7 +101,7 @@ def _stack_from_args(args, parser):
         os.makedirs(d, exist_ok=True)
     opts = ["lowerdir=" + ":".join(p.replace(":", "\\:") for p in paths[:-1]),
             f"upperdir={upper.replace(',', chr(92) + ',')},workdir={work.replace(',', chr(92) + ',')}"]
-    return parse_options(opts + args.options), paths[-1], fsname
+    return parse_options(opts + args.options), paths[-1]
 
 
 def main(argv=None):
@@ -105,15 +112,19 @@ def main(argv=None):
         i = rewritten.index("--fsname-from-helper")
         helper_source = rewritten[i + 1]
         del rewritten[i:i + 2]
-    parser = build_parser()
-    args = parser.parse_args(rewritten)
+    parser, mount_parser = build_parser()
+    if rewritten and rewritten[0] == "mount":  # options may stand between LOWER... and MOUNTPOINT
+        args = mount_parser.parse_intermixed_args(rewritten[1:])
+        args.command = "mount"
+    else:
+        args = parser.parse_args(rewritten)
     if args.command is None:
         parser.print_help()
         return 2
     from . import mount as mounting
     try:
         if args.command == "mount":
-            stack, mountpoint, _ = _stack_from_args(args, parser)
+            stack, mountpoint = _stack_from_args(args, mount_parser)
             if helper_source and helper_source != "cowfs" and "fsname=" not in ",".join(args.options):
                 stack.fsname = helper_source
             mounting.mount(stack, mountpoint, foreground=args.foreground, debug=args.debug)

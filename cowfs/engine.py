@@ -17,6 +17,7 @@ handles do not take it.
 """
 
 import errno
+import fcntl
 import functools
 import os
 import stat
@@ -63,28 +64,29 @@ class Union:
         self._lock = threading.RLock()
         self._copied = set()  # identities of lower files copied up, to move open read handles over
         self._hidden = {}  # open files whose last name is gone: merged name the FUSE library gave -> (layer, real)
-        self._work_lock_fd = None
+        self._lock_fds = []
         if stack.upper is not None:
             self._claim_workdir()
 
     # -- setup -----------------------------------------------------------------------------------
     def _claim_workdir(self):
-        """Lock the workdir for this mount, and clear what an interrupted one left in it."""
+        """Lock the upper and work directories for this mount, and clear what an interrupted one left in the workdir."""
         for line in _read_mounts():
             fields = line.split()
             if len(fields) > 3 and fields[2] == "overlay":
                 opts = fields[3].split(",")
                 if f"upperdir={self.stack.upper}" in opts or f"workdir={self.stack.work}" in opts:
                     raise StackError(f"upperdir {self.stack.upper}: already in use by the kernel overlay at {fields[1]}")
-        fd = os.open(self.stack.work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            import fcntl
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StackError(f"upperdir {self.stack.upper}: already in use by another cowfs mount "
-                             f"(workdir {self.stack.work} is locked)") from None
-        self._work_lock_fd = fd
+        self._lock_fds = []
+        for role, path in (("upperdir", self.stack.upper), ("workdir", self.stack.work)):
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                self.close()
+                raise StackError(f"{role} {path}: already in use by another cowfs mount") from None
+            self._lock_fds.append(fd)
         self.work = self.stack.work + "/" + WORK_SUBDIR
         if os.path.lexists(self.work):
             for name in os.listdir(self.work):
@@ -96,6 +98,7 @@ class Union:
         try:
             set_marker(probe, self.prefix, OPAQUE, "y")
         except OSError as e:
+            self.close()
             raise StackError(f"upperdir {self.stack.upper}: cannot set {self.prefix}* xattrs ({e.strerror})"
                              + ("" if self.stack.userxattr else "; try the userxattr option")) from None
         finally:
@@ -103,9 +106,9 @@ class Union:
 
     def close(self):
         """Release the workdir; the engine must not be used afterwards."""
-        if self._work_lock_fd is not None:
-            os.close(self._work_lock_fd)
-            self._work_lock_fd = None
+        for fd in self._lock_fds:
+            os.close(fd)
+        self._lock_fds = []
 
     # -- helpers ---------------------------------------------------------------------------------
     def _require_writable(self, path):

@@ -181,7 +181,7 @@ class CowfsOperations(fuse.Operations):
 
 
 def serve(union, mountpoint, *, foreground=True, debug=False, allow_other=False, read_only=False,
-          fsname="cowfs", on_ready=None):
+          fsname="cowfs", mount_flags=(), on_ready=None):
     """Mount `union` at `mountpoint` and serve it until unmounted (blocks)."""
     options = dict(
         fsname=fsname, subtype="cowfs", default_permissions=True, use_ino=True,
@@ -192,5 +192,9 @@ def serve(union, mountpoint, *, foreground=True, debug=False, allow_other=False,
         options["allow_other"] = True
     if read_only:
         options["ro"] = True
+    for flag in mount_flags:  # the user's generic flags (noatime, nosuid, ...) come last and win
+        if flag != "rw" or not read_only:
+            options.pop(flag, None)
+            options[flag] = True
     CowfsFUSE(CowfsOperations(union, on_ready), mountpoint, raw_fi=True, foreground=foreground, debug=debug,
               nothreads=False, **options)

@@ -109,7 +109,7 @@ def mount(stack, mountpoint, *, foreground=False, debug=False):
     allow_other = stack.allow_other if stack.allow_other is not None else os.geteuid() == 0
     union = Union(stack)
     options = dict(foreground=True, debug=debug, allow_other=allow_other, read_only=not stack.writable,
-                   fsname=stack.fsname)
+                   fsname=stack.fsname, mount_flags=stack.mount_flags)
     if foreground or debug:
         _setup_logging(True, debug)
         _write_record(mountpoint, stack)

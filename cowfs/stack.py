@@ -18,6 +18,9 @@ GENERIC_OPTIONS = {
     "norelatime", "strictatime", "nodiratime", "diratime", "defaults", "_netdev",
     "nofail", "lazytime", "nolazytime", "silent", "loud", "default_permissions",
 }
+# Of those, the VFS mount flags that libfuse applies to the mount, passed on in order.
+FUSE_MOUNT_FLAGS = {"rw", "suid", "nosuid", "dev", "nodev", "exec", "noexec", "async", "sync",
+                    "atime", "noatime", "dirsync"}
 REDIRECT_MODES = ("on", "off", "follow", "nofollow")
 
 
@@ -34,6 +37,7 @@ class Stack:
     read_only: bool = False
     allow_other: bool = None
     fsname: str = "cowfs"
+    mount_flags: tuple = ()
 
     @property
     def prefix(self):
@@ -91,11 +95,15 @@ def _split(text, sep):
 def parse_options(option_strings):
     """Build a Stack from one or more `-o` strings. Raises StackError naming the bad option."""
     values = {}
+    flags = []
     for text in option_strings:
         for opt in _split_keep_escapes(text):
             if not opt:
                 continue
             key, has_value, value = opt.partition("=")
+            if key in FUSE_MOUNT_FLAGS and not has_value:
+                flags.append(key)
+                continue
             if key in GENERIC_OPTIONS or key.startswith("x-") or key == "comment":
                 continue
             if key in ("lowerdir", "upperdir", "workdir", "redirect_dir", "fsname"):
@@ -126,7 +134,7 @@ def parse_options(option_strings):
         lowers=lowers, upper=upper, work=work, redirect_dir=redirect,
         userxattr=bool(values.get("userxattr")), oci_whiteouts=bool(values.get("oci_whiteouts")),
         read_only=bool(values.get("ro")), allow_other=True if values.get("allow_other") else None,
-        fsname=values.get("fsname", "cowfs"),
+        fsname=values.get("fsname", "cowfs"), mount_flags=tuple(flags),
     )
 
 
