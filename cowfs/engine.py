@@ -31,7 +31,6 @@ from .whiteout import (OPAQUE, ORIGIN, REDIRECT, escape_xattr, is_opaque, is_whi
                        set_opaque, unescape_xattr)
 
 WORK_SUBDIR = "work"  # the same staging directory the kernel uses, so either cleans the other's leftovers
-HIDDEN_PREFIX = ".fuse_hidden"  # libfuse's name for an open file being unlinked (without hard_remove)
 
 
 def locked(method):
@@ -179,8 +178,9 @@ class Union:
 
     def _new_owner(self, parent, owner):
         uid, gid = owner if owner is not None else (os.geteuid(), os.getegid())
-        setgid = bool(parent.st.st_mode & stat.S_ISGID)
-        return uid, (parent.st.st_gid if setgid else gid), setgid
+        st = os.lstat(parent.real)
+        setgid = bool(st.st_mode & stat.S_ISGID)
+        return uid, (st.st_gid if setgid else gid), setgid
 
     def _place_new(self, path, make, mode, owner, kind):
         """Create a new object at merged `path`: built in the workdir, then renamed into the upper.
@@ -236,10 +236,11 @@ class Union:
         return self._attrs(self._node(path))
 
     def _attrs(self, node):
-        nlink = 1 if node.is_dir and len(node.parts) > 1 else node.st.st_nlink  # as the kernel does for merged dirs
+        st = os.lstat(node.real)  # cached nodes hold where an object is, not its current attributes
+        nlink = 1 if node.is_dir and len(node.parts) > 1 else st.st_nlink  # as the kernel does for merged dirs
         if node.path in self._hidden and node.in_upper:
             nlink -= 1  # its link in the workdir is no name of the merged view
-        return _stat_dict(node.st, self.layers.ino(node), nlink)
+        return _stat_dict(st, self.layers.ino(node), nlink)
 
     def fgetattr(self, handle):
         """Attributes of an open file, also once its name is gone."""
@@ -296,32 +297,23 @@ class Union:
             raise os_error(errno.EOPNOTSUPP, path)
         self._require_writable(path)
         node = self._copy_up(node)
-        try:
-            os.chmod(node.real, stat.S_IMODE(mode))
-        finally:
-            self._changed()
+        os.chmod(node.real, stat.S_IMODE(mode))
 
     @locked
     def chown(self, path, uid, gid):
         """Change owner; -1 leaves a field as it is."""
         self._require_writable(path)
         node = self._copy_up(self._node(path))
-        try:
-            os.chown(node.real, uid, gid, follow_symlinks=False)
-        finally:
-            self._changed()
+        os.chown(node.real, uid, gid, follow_symlinks=False)
 
     @locked
     def utimens(self, path, atime_ns=None, mtime_ns=None):
         """Set times in ns; None keeps a time as it is (UTIME_OMIT)."""
         self._require_writable(path)
         node = self._copy_up(self._node(path))
-        st = node.st
-        try:
-            os.utime(node.real, ns=(st.st_atime_ns if atime_ns is None else atime_ns,
-                                    st.st_mtime_ns if mtime_ns is None else mtime_ns), follow_symlinks=False)
-        finally:
-            self._changed()
+        st = os.lstat(node.real)
+        os.utime(node.real, ns=(st.st_atime_ns if atime_ns is None else atime_ns,
+                                st.st_mtime_ns if mtime_ns is None else mtime_ns), follow_symlinks=False)
 
     @locked
     def truncate(self, path, length):
@@ -335,7 +327,6 @@ class Union:
             os.ftruncate(fd, length)
         finally:
             os.close(fd)
-            self._changed()
 
     # -- xattrs ----------------------------------------------------------------------------------
     # The overlay's own xattrs never show; one named like them through the
@@ -353,10 +344,7 @@ class Union:
     def setxattr(self, path, name, value, flags=0):
         self._require_writable(path)
         node = self._copy_up(self._node(path))
-        try:
-            os.setxattr(node.real, escape_xattr(name, self.prefix), value, flags, follow_symlinks=False)
-        finally:
-            self._changed()
+        os.setxattr(node.real, escape_xattr(name, self.prefix), value, flags, follow_symlinks=False)
 
     @locked
     def removexattr(self, path, name):
@@ -366,10 +354,7 @@ class Union:
         if not node.in_upper:
             os.getxattr(node.real, real_name, follow_symlinks=False)  # ENODATA before any copy-up, as the kernel
         node = self._copy_up(node)
-        try:
-            os.removexattr(node.real, real_name, follow_symlinks=False)
-        finally:
-            self._changed()
+        os.removexattr(node.real, real_name, follow_symlinks=False)
 
     # -- files -----------------------------------------------------------------------------------
     @locked
@@ -384,8 +369,6 @@ class Union:
             node = self._copy_up(node)
         real_flags = (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)) | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(node.real, real_flags)
-        if writing and flags & os.O_TRUNC:
-            self._changed()
         lower_id = None if node.in_upper else (node.st.st_dev, node.st.st_ino)
         return Handle(fd, lower_id)
 
@@ -421,13 +404,10 @@ class Union:
             handle.lower_id = None
 
     def write(self, handle, data, offset):
-        n = os.pwrite(handle.fd, data, offset)
-        self._changed()
-        return n
+        return os.pwrite(handle.fd, data, offset)
 
     def ftruncate(self, handle, length):
         os.ftruncate(handle.fd, length)
-        self._changed()
 
     def fsync(self, handle, datasync=False):
         (os.fdatasync if datasync else os.fsync)(handle.fd)
@@ -497,9 +477,17 @@ class Union:
             raise os_error(errno.EISDIR, path)
         self._remove(node)
 
-    def _hide(self, node, hidden_path):
-        """Unlink an open file but keep it reachable under the name the FUSE library picked for it
-        (".fuse_hidden..."), so that fstat, fchmod and the like go on working, as on the kernel."""
+    @locked
+    def hide(self, path, hidden_path):
+        """Unlink an open file but keep it reachable under `hidden_path`, the name the FUSE library
+        picks for it, so that fstat, fchmod and the like go on working, as on the kernel.
+        `unlink(hidden_path)` removes it for good."""
+        self._require_writable(path)
+        node = self._node(path)
+        if node.is_dir:
+            raise os_error(errno.EISDIR, path)
+        if self.layers.resolve(hidden_path) is not None or hidden_path in self._hidden:
+            raise os_error(errno.EEXIST, hidden_path)
         if node.in_upper:
             self._hidden[hidden_path] = (0, self._remove(node, keep=True))
         else:
@@ -563,8 +551,6 @@ class Union:
         self._dir(new_parent_path)
         if old == new:
             return
-        if new_name.startswith(HIDDEN_PREFIX) and not src.is_dir and self.layers.resolve(new) is None:
-            return self._hide(src, new)
         if src.is_dir and (new + "/").startswith(old + "/"):
             raise os_error(errno.EINVAL, new)
         dst = self.layers.resolve(new)

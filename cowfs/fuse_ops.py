@@ -8,10 +8,15 @@ traceback and answered with EIO, never silently.
 import errno
 import logging
 import os
+import re
 
 import fuse
 
 log = logging.getLogger("cowfs")
+
+# libfuse (without hard_remove) renames an open file it is asked to unlink to this name
+# ("%08x%08x" of node id and a counter), and unlinks that name at the last close.
+LIBFUSE_HIDDEN = re.compile(r"\.fuse_hidden[0-9a-f]{16}")
 
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
@@ -134,6 +139,8 @@ class CowfsOperations(fuse.Operations):
         return self.union.rmdir(path)
 
     def rename(self, old, new):
+        if LIBFUSE_HIDDEN.fullmatch(os.path.basename(new)):
+            return self.union.hide(old, new)
         return self.union.rename(old, new)
 
     # -- xattrs ----------------------------------------------------------------------------------

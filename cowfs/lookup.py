@@ -1,8 +1,9 @@
 """Resolving a path through the layers and merging directory listings (SPEC section 2 and 7).
 
 Assumptions, as in the kernel: lower layers never change while mounted; the
-upper changes only through this process. So every answer can be cached until
-the next change to the upper, and `Layers.forget` is called on each one.
+upper changes only through this process. So where each name is found can be
+cached until the next change of names in the upper (`Layers.forget`); the
+attributes of an object are read afresh when asked for.
 
 Lookup rules for one name, walking the layers from the upper down:
 - a whiteout (char device 0/0, or an OCI `.wh.NAME` in a lower with
@@ -33,7 +34,7 @@ class Node:
     path: str           # merged path, "/" for the root
     layer: int          # the layer whose entry decides: 0 is the upper, 1..N the lowers
     real: str           # that entry's path on disk
-    st: os.stat_result  # its lstat
+    st: os.stat_result  # its lstat at lookup: type and identity hold; size, mode, times may have changed since
     parts: tuple        # ((layer, path relative to that layer's root), ...), top to bottom
     redirect: str = None  # the redirect xattr of the deciding directory, if any
 

@@ -30,6 +30,7 @@ DAEMON_EXIT_TIMEOUT = 10.0
 # ---------------------------------------------------------------------------------------------
 # helpers
 
+
 def run_cowfs(*args, timeout=60, **kwargs):
     return subprocess.run(COWFS + [str(a) for a in args], stdin=subprocess.DEVNULL, capture_output=True,
                           text=True, timeout=timeout, **kwargs)
@@ -232,8 +233,6 @@ class TestOptionErrors:
 # help
 
 class TestHelp:
-    @pytest.mark.xfail(strict=True, reason="CLI bug: `cowfs --help` does not mention lowerdir (only `cowfs mount "
-                       "--help` documents the options)")
     def test_top_level_help(self):
         res = run_cowfs("--help")
         assert res.returncode == 0
@@ -339,8 +338,6 @@ class TestRefusals:
             unmount_quietly(dirs["m2"])
             unmount_quietly(dirs["m"])
 
-    @pytest.mark.xfail(strict=True, reason="CLI bug: a second cowfs mount of the same upperdir with another "
-                       "workdir is accepted (only the workdir is locked)")
     def test_upper_already_used_by_another_cowfs_mount_with_other_workdir(self, dirs):
         w2 = dirs["tmp"] / "w2"
         w2.mkdir()
@@ -429,12 +426,7 @@ class TestMount:
         finally:
             unmount_quietly(dirs["m"])
 
-    @pytest.mark.parametrize("order", [
-        pytest.param("upper-between", marks=pytest.mark.xfail(
-            strict=True, reason="CLI bug: `cowfs mount L1 L2 --upper U MNT` (the spelling in the issue and in "
-            "`cowfs mount --help`) fails: argparse 'unrecognized arguments: MNT'")),
-        "upper-first",
-    ])
+    @pytest.mark.parametrize("order", ["upper-between", "upper-first"])
     def test_friendly_form_makes_the_workdir_beside_the_upper(self, dirs, order):
         upper = dirs["tmp"] / "fresh-upper"
         if order == "upper-between":

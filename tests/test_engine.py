@@ -256,6 +256,10 @@ def names(u, path):
     return sorted(n for n, _, _ in u.readdir(path) if n not in (".", ".."))
 
 
+class KnownBug(AssertionError):
+    """Raised only by the assertion that shows a known bug: an xfail(raises=KnownBug) cannot hide another failure."""
+
+
 def errno_of(call, *args, **kwargs):
     with pytest.raises(OSError) as info:
         call(*args, **kwargs)
@@ -807,6 +811,12 @@ class TestCreate:
         st = os.lstat(env.upper / "p")
         assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o640
 
+    def test_mknod_of_a_whiteout_is_eperm(self, env):
+        env.lower()
+        u = env.union()
+        assert errno_of(u.mknod, "/w", stat.S_IFCHR | 0o600, os.makedev(0, 0)) == errno.EPERM
+        assert tree(env.upper) == {}
+
     def test_create_existing_without_excl_opens_it(self, env):
         low = env.lower()
         put(low, "f", b"keep")
@@ -1120,6 +1130,45 @@ class TestRename:
         assert xattr(env.upper / "other/moved", TRUSTED + "redirect") == b"/a/sub"
         assert read_all(u, "/other/moved/f") == b"x"
         assert names(u, "/b") == []
+
+    def test_rename_to_a_fuse_hidden_like_name_is_a_plain_rename(self, env):
+        low = env.lower()
+        put(low, "a", b"keep me")
+        u = env.union()
+        raw = u._union  # W/work is checked at the end here, after the remount has had a chance to clean it
+        raw.rename("/a", "/.fuse_hidden_backup")
+        listed = sorted(n for n, _, _ in raw.readdir("/") if n not in (".", ".."))
+        env.close()
+        u2 = env.union()
+        try:
+            after_remount = read_all(u2, "/.fuse_hidden_backup")
+        except OSError as e:
+            after_remount = e
+        if listed != [".fuse_hidden_backup"] or after_remount != b"keep me":
+            raise KnownBug(f"listing after rename {listed}; content after remount {after_remount!r}")
+        assert tree(env.upper) == {"a": "whiteout", ".fuse_hidden_backup": "file"}
+
+    @pytest.mark.parametrize("was_open_for", ["write", "read"])
+    def test_hidden_open_file_stays_usable_until_its_hidden_name_goes(self, env, was_open_for):
+        """What libfuse does on unlink of an open file: hide() it, use it by that name, unlink that name at close."""
+        low = env.lower()
+        put(low, "a", b"lower data")
+        u = env.union()
+        raw = u._union  # the staging dir holds the hidden file meanwhile
+        hidden = "/.fuse_hidden0000000200000001"
+        h = raw.open("/a", os.O_RDWR if was_open_for == "write" else O_RDONLY)
+        raw.hide("/a", hidden)
+        assert [n for n, _, _ in raw.readdir("/") if n not in (".", "..")] == []
+        assert tree(env.upper) == {"a": "whiteout"}
+        assert raw.read(h, 100, 0) == b"lower data"
+        raw.chmod(hidden, 0o600)  # fchmod through libfuse: a copy in the staging dir, never in the upper
+        attrs = raw.getattr(hidden)
+        assert stat.S_IMODE(attrs["st_mode"]) == 0o600
+        assert tree(env.upper) == {"a": "whiteout"}
+        raw.release(h)
+        raw.unlink(hidden)
+        env.assert_work_empty("after the hidden name is unlinked")
+        assert errno_of(raw.getattr, hidden) == errno.ENOENT
 
     def test_rename_over_nonempty_dir_is_enotempty(self, env):
         low = env.lower()
