@@ -192,7 +192,7 @@ def serve(union, mountpoint, *, foreground=True, debug=False, allow_other=False,
     """Mount `union` at `mountpoint` and serve it until unmounted (blocks)."""
     options = dict(
         fsname=fsname, subtype="cowfs", default_permissions=True, use_ino=True,
-        nonempty=True, attr_timeout=0, entry_timeout=0, negative_timeout=0,
+        nonempty=True, attr_timeout=0, entry_timeout=1, negative_timeout=1,
         dev=os.geteuid() == 0, suid=os.geteuid() == 0,  # like the kernel overlay, when root may allow it
     )
     if allow_other:
