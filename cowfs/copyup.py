@@ -131,8 +131,8 @@ def build_copy(src, st, tmp, prefix, origin_ino):
     else:
         os.mknod(tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev)
     copy_xattrs(src, tmp, prefix)
-    if origin_ino is not None and not stat.S_ISLNK(mode):
-        set_marker(tmp, prefix, ORIGIN, str(origin_ino))
+    if origin_ino is not None and not (stat.S_ISLNK(mode) and prefix.startswith("user.")):
+        set_marker(tmp, prefix, ORIGIN, str(origin_ino))  # user.* xattrs cannot be set on a symlink
     copy_attrs(st, tmp)
 
 

@@ -26,6 +26,7 @@ import threading
 from . import copyup
 from .errors import StackError, os_error
 from .lookup import Layers, Node, parent_of
+from .runtime import lock_path
 from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, rename2
 from .whiteout import (OPAQUE, ORIGIN, REDIRECT, escape_xattr, is_opaque, is_whiteout, make_whiteout, set_marker,
                        set_opaque, unescape_xattr)
@@ -78,7 +79,7 @@ class Union:
                     raise StackError(f"upperdir {self.stack.upper}: already in use by the kernel overlay at {fields[1]}")
         self._lock_fds = []
         for role, path in (("upperdir", self.stack.upper), ("workdir", self.stack.work)):
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -182,25 +182,34 @@ class Layers:
             raise os_error(13, path)  # EACCES, as the kernel's lookup of "." or ".."
 
     def _targets(self, parent, name):
-        """Yield (layer, rel) to look at for `name`, top to bottom; the walk sends back a redirect when it meets one."""
-        redirect = None
+        """Yield (layer, rel) to look at for `name`, top to bottom; the walk sends back each redirect it meets.
+
+        As in the kernel, a redirect replaces the last component of what is looked
+        up: a relative one keeps the walk beside the name (or beside an earlier
+        absolute redirect); an absolute one restarts it from the layer roots.
+        """
+        absolute, target = False, name
         last = -1
         while True:
-            if redirect is not None and redirect.startswith("/"):
+            if absolute:
                 layer = next((i for i in range(last + 1, len(self.roots)) if self.roots[i] is not None), None)
                 if layer is None:
                     return
-                rel = redirect.strip("/")
+                rel = target
             else:
                 part = next(((l, r) for l, r in parent.parts if l > last), None)
                 if part is None:
                     return
                 layer, prel = part
-                rel = (prel + "/" if prel else "") + (redirect or name)
+                rel = (prel + "/" if prel else "") + target
             last = layer
-            sent = yield layer, rel
-            if sent is not None:
-                redirect = sent
+            redirect = yield layer, rel
+            if redirect is not None:
+                if redirect.startswith("/"):
+                    absolute, target = True, redirect.strip("/")
+                else:
+                    head = target.rpartition("/")[0]
+                    target = (head + "/" if head else "") + redirect
                 yield None  # acknowledge the send
 
     def child(self, parent, name):
@@ -211,7 +220,7 @@ class Layers:
         for layer, rel in walk:
             if layer > 0 and self.oci and is_oci_marker(name) and redirect_seen is None:
                 continue  # OCI markers in lower layers never show in the merged view
-            if redirect_seen is not None and redirect_seen.startswith("/") and not self._through_dirs(layer, rel):
+            if "/" in rel and redirect_seen is not None and not self._through_dirs(layer, rel):
                 continue
             real = self.real(layer, rel)
             try:

@@ -18,17 +18,12 @@ import time
 
 from .engine import Union
 from .errors import StackError
+from .runtime import runtime_dir
 from .stack import check
 
 READY = b"\0cowfs-ready\n"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
-
-
-def runtime_dir():
-    if os.geteuid() == 0:
-        return "/run/cowfs"
-    return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/cowfs-{os.geteuid()}", "cowfs")
 
 
 def _record_path(mountpoint):
@@ -123,6 +118,7 @@ def mount(stack, mountpoint, *, foreground=False, debug=False):
     if pid == 0:  # the daemon
         os.close(read_end)
         os.setsid()
+        os.chdir("/")  # keep no filesystem busy
         os.dup2(write_end, 2)  # libfuse's own complaints reach the parent through the pipe
 
         def ready():

@@ -415,6 +415,27 @@ class TestMount:
         finally:
             unmount_quietly(dirs["m"])
 
+    def test_daemon_keeps_no_layer_busy(self, dirs):
+        """Found by unionmount-testsuite: right after `umount MNT` returns, the upper's filesystem
+        must be unmountable (the kernel overlay holds nothing either)."""
+        _need_root("mounting a tmpfs")
+        t = dirs["tmp"] / "layerfs"
+        t.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(t)], check=True)
+        try:
+            for name in ("u", "w"):
+                (t / name).mkdir()
+            res = run_cowfs("mount", "-o", f"lowerdir={dirs['l1']},upperdir={t / 'u'},workdir={t / 'w'}", dirs["m"])
+            assert res.returncode == 0, res.stderr
+            (dirs["m"] / "top").write_text("changed")
+            subprocess.run(["umount", str(dirs["m"])], check=True)
+            busy = subprocess.run(["umount", str(t)], capture_output=True, text=True)
+            assert busy.returncode == 0, busy.stderr
+        finally:
+            unmount_quietly(dirs["m"])
+            if is_mounted(t):
+                subprocess.run(["umount", "-l", str(t)], capture_output=True)
+
     def test_read_only_mount_without_upper(self, dirs):
         res = run_cowfs("mount", "-o", opts(dirs, upper=None), dirs["m"])
         try:

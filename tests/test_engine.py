@@ -362,6 +362,24 @@ class TestLookup:
         assert names(u, "/") == ["new"]
         assert read_all(u, "/new/f") == b"from old"
 
+    def test_redirects_chain_through_layers(self, env):
+        """Found by unionmount-testsuite (rename-move-dir, --ov=3): an absolute redirect in one layer,
+        then a relative one in the layer below it, both made by the kernel."""
+        bottom = env.lower()
+        put(bottom, "a/dir102/a", b"deep")
+        mkdirs(bottom, "a/empty102")
+        middle_upper = env.tmp / "mid"
+        mid = mkdirs(middle_upper, "a/dir102x")
+        os.setxattr(mid, TRUSTED + "redirect", b"dir102")
+        whiteout(middle_upper, "a/dir102")
+        top = mkdirs(env.upper, "a/empty102/dir102")
+        os.setxattr(top, TRUSTED + "redirect", b"/a/dir102x")
+        whiteout(env.upper, "a/dir102x")
+        u = env.union(lowers=[middle_upper, bottom])
+        assert names(u, "/a") == ["empty102"]
+        assert names(u, "/a/empty102/dir102") == ["a"]
+        assert read_all(u, "/a/empty102/dir102/a") == b"deep"
+
     def test_absolute_redirect_is_followed(self, env):
         low = env.lower()
         put(low, "p/old/f", b"deep")
@@ -637,6 +655,16 @@ class TestCopyUp:
         assert u.getattr("/d")["st_ino"] == ino_d
         listed = {n: ino for n, ino, _ in u.readdir("/")}
         assert (listed["f"], listed["d"]) == (ino_f, ino_d)
+
+    def test_symlink_keeps_st_ino_across_copy_up(self, env):
+        """Found by unionmount-testsuite --verify: a symlink's number changed when lchown copied it up."""
+        low = env.lower()
+        os.symlink("target", low / "s")
+        u = env.union()
+        before = u.getattr("/s")["st_ino"]
+        u.chown("/s", 1, 1)
+        assert tree(env.upper) == {"s": "symlink"}
+        assert u.getattr("/s")["st_ino"] == before
 
     def test_st_ino_stable_after_remount(self, env):
         low = env.lower()
