@@ -73,13 +73,14 @@ def _escape(path):
     return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
 
 
-def _split(text, sep):
-    """Split on `sep`, honouring backslash escapes as the kernel does for `\\:` and `\\,`."""
+def _split(text, sep, keep_escapes=False):
+    """Split on `sep`, honouring backslash escapes as the kernel does for `\\:` and `\\,`;
+    with `keep_escapes` the parts keep their backslashes, for a second split."""
     parts, cur, i = [], [], 0
     while i < len(text):
         ch = text[i]
         if ch == "\\" and i + 1 < len(text):
-            cur.append(text[i + 1])
+            cur.append(text[i:i + 2] if keep_escapes else text[i + 1])
             i += 2
             continue
         if ch == sep:
@@ -97,7 +98,7 @@ def parse_options(option_strings):
     values = {}
     flags = []
     for text in option_strings:
-        for opt in _split_keep_escapes(text):
+        for opt in _split(text, ",", keep_escapes=True):
             if not opt:
                 continue
             key, has_value, value = opt.partition("=")
@@ -116,7 +117,7 @@ def parse_options(option_strings):
                 raise StackError(f"unknown option '{opt}'")
     if "lowerdir" not in values:
         raise StackError("missing 'lowerdir'")
-    lowers = [_unescape(p) for p in _split(values["lowerdir"], ":")]
+    lowers = _split(values["lowerdir"], ":")
     if any(not p for p in lowers):
         raise StackError(f"empty layer in lowerdir={values['lowerdir']!r}")
     upper = _unescape(values["upperdir"]) if "upperdir" in values else None
@@ -138,27 +139,8 @@ def parse_options(option_strings):
     )
 
 
-def _split_keep_escapes(text):
-    """Split an option string on unescaped commas, keeping escapes for the per-option split."""
-    parts, cur, i = [], [], 0
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\" and i + 1 < len(text):
-            cur.append(text[i:i + 2])
-            i += 2
-            continue
-        if ch == ",":
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-        i += 1
-    parts.append("".join(cur))
-    return parts
-
-
 def _unescape(path):
-    return "".join(_split(path, "\0"))
+    return _split(path, "\0")[0]
 
 
 def _is_within(inner, outer):
