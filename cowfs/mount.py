@@ -213,18 +213,18 @@ def umount(mountpoint):
         _wait_exit(record.get("pid"))
 
 
+def _alive(pid):
+    """True while `pid` runs; a zombie waiting for its parent to reap it has exited."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(") ")[2][:1] != "Z"
+    except OSError:
+        return False
+
+
 def _wait_exit(pid):
     if not pid:
         return
     deadline = time.monotonic() + STOP_TIMEOUT
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0]:
-                return
-        except ChildProcessError:
-            pass
-        time.sleep(0.05)
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.02)
