@@ -21,7 +21,7 @@ import pytest
 
 import cowfs.cli
 import cowfs.mount
-from cowfs.testing.mounts import force_unmount, in_ci, mounts_under, require
+from cowfs.testing.mounts import force_unmount, in_ci, mounts_under, pid_alive, pids_with_argument, require, wait_gone
 
 COWFS = [sys.executable, "-m", "cowfs"]
 DAEMON_EXIT_TIMEOUT = 10.0
@@ -46,24 +46,6 @@ def fstype(path):
     return next((t for mnt, t in mounts_under(path) if mnt == path), None)
 
 
-def pids_with_argument(arg):
-    """Processes other than this one whose command line has `arg` as one argument (a cowfs daemon keeps its argv)."""
-    arg = os.fsencode(str(arg))
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-            with open(f"/proc/{entry}/stat") as f:
-                if f.read().rsplit(") ", 1)[-1][:1] == "Z":
-                    continue
-        except OSError:
-            continue
-        if arg in argv:
-            found.add(int(entry))
-    return found
 
 
 def record_of(mountpoint):
@@ -75,21 +57,8 @@ def record_of(mountpoint):
         return None
 
 
-def pid_alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[-1][:1] != "Z"
-    except OSError:
-        return False
 
 
-def wait_gone(pids, timeout=DAEMON_EXIT_TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(pid_alive(p) for p in pids):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def unmount_quietly(mountpoint):

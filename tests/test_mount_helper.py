@@ -28,7 +28,7 @@ import time
 import pytest
 
 import cowfs.mount
-from cowfs.testing.mounts import force_unmount, in_ci, mounts_under, require
+from cowfs.testing.mounts import force_unmount, in_ci, mounts_under, pid_alive, pids_with_argument, require, wait_gone
 
 VENV_BIN = os.path.dirname(sys.executable)
 DAEMON_EXIT_TIMEOUT = 5.0
@@ -62,36 +62,10 @@ def helper_env():
     return env
 
 
-def pid_alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[-1][:1] != "Z"
-    except OSError:
-        return False
 
 
-def pids_with_argument(arg):
-    arg = os.fsencode(str(arg))
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if arg in f.read().split(b"\0") and pid_alive(int(entry)):
-                    found.add(int(entry))
-        except OSError:
-            continue
-    return found
 
 
-def wait_gone(pids, timeout=DAEMON_EXIT_TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(pid_alive(p) for p in pids):
-            return True
-        time.sleep(0.05)
-    return not any(pid_alive(p) for p in pids)
 
 
 def record_of(mountpoint):
@@ -232,7 +206,7 @@ def no_leftovers(tmp_path):
 
 def assert_daemon_exits(pids, how):
     assert pids, "no daemon found (no /run/cowfs record, no process with the mount point in its argv)"
-    gone = wait_gone(pids)
+    gone = wait_gone(pids, DAEMON_EXIT_TIMEOUT)
     lingering = reap(pids) if not gone else []
     assert gone, f"daemon {lingering} still running {DAEMON_EXIT_TIMEOUT}s after {how}"
 

@@ -157,8 +157,18 @@ class KernelOverlay:
         return False
 
 
-def _pids_with_argument(arg: str) -> set[int]:
-    """Processes (other than this one) whose command line has *arg* as one argument."""
+def pid_alive(pid: int) -> bool:
+    """True while *pid* runs; a zombie (exited, not yet reaped) counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(") ")[2][:1] != "Z"
+    except OSError:
+        return False
+
+
+def pids_with_argument(arg) -> set[int]:
+    """Live processes (other than this one) with *arg* as one argument: a cowfs daemon keeps its argv."""
+    want = os.fsencode(str(arg))
     pids = set()
     me = os.getpid()
     for entry in os.listdir("/proc"):
@@ -169,17 +179,19 @@ def _pids_with_argument(arg: str) -> set[int]:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if os.fsencode(arg) in argv:
+        if want in argv and pid_alive(int(entry)):
             pids.add(int(entry))
     return pids
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return False
+def wait_gone(pids, timeout: float = 10.0) -> bool:
+    """Wait until none of *pids* runs; False when some still do after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(pid_alive(p) for p in pids):
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def default_cowfs_cmd() -> list[str]:
@@ -216,10 +228,10 @@ class CowfsMount:
         try:
             res = _run(self.command)
         except subprocess.TimeoutExpired as e:
-            self._daemon_pids = _pids_with_argument(self.mountpoint)
+            self._daemon_pids = pids_with_argument(self.mountpoint)
             self._cleanup()
             raise MountError(f"{' '.join(self.command)} did not return within {MOUNT_TIMEOUT}s: {e.stderr}")
-        self._daemon_pids = _pids_with_argument(self.mountpoint)
+        self._daemon_pids = pids_with_argument(self.mountpoint)
         if res.returncode != 0:
             self._cleanup()
             raise MountError(
@@ -238,9 +250,9 @@ class CowfsMount:
         except MountError as e:
             problems.append(str(e))
         deadline = time.monotonic() + UNMOUNT_TIMEOUT
-        while any(_pid_alive(p) for p in self._daemon_pids) and time.monotonic() < deadline:
+        while any(pid_alive(p) for p in self._daemon_pids) and time.monotonic() < deadline:
             time.sleep(0.05)
-        lingering = [p for p in self._daemon_pids if _pid_alive(p)]
+        lingering = [p for p in self._daemon_pids if pid_alive(p)]
         if lingering:
             problems.append(f"cowfs daemon(s) {lingering} still running {UNMOUNT_TIMEOUT}s after unmounting {self.mountpoint}")
             for pid in lingering:
@@ -248,7 +260,7 @@ class CowfsMount:
                     os.kill(pid, signal.SIGTERM)
             time.sleep(1)
             for pid in lingering:
-                if _pid_alive(pid):
+                if pid_alive(pid):
                     with contextlib.suppress(OSError):
                         os.kill(pid, signal.SIGKILL)
         self._daemon_pids = set()
@@ -257,7 +269,7 @@ class CowfsMount:
     def abort(self) -> None:
         """Kill the daemon (a watchdog's last resort): every pending request then fails with ENOTCONN."""
         for pid in self._daemon_pids:
-            if _pid_alive(pid):
+            if pid_alive(pid):
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
 
