@@ -24,7 +24,6 @@ import cowfs.mount
 from cowfs.testing.mounts import force_unmount, in_ci, mounts_under, pid_alive, pids_with_argument, require, wait_gone
 
 COWFS = [sys.executable, "-m", "cowfs"]
-DAEMON_EXIT_TIMEOUT = 10.0
 
 
 # ---------------------------------------------------------------------------------------------

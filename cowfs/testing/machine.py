@@ -55,7 +55,7 @@ from cowfs.testing import strategies as S
 from cowfs.testing.mounts import CowfsMount, KernelOverlay, MountError, force_unmount, mounts_under
 from cowfs.testing.tree import describe_stat, diff_snapshots, snapshot
 
-OP_TIMEOUT = float(os.environ.get("COWFS_PARITY_OP_TIMEOUT", "30"))  # seconds for one operation
+OP_TIMEOUT = float(os.environ.get("COWFS_PARITY_OP_TIMEOUT", "20"))  # seconds for one operation
 KERNEL_COMMON = ["index=off", "metacopy=off"]
 
 
@@ -83,6 +83,16 @@ MODES = {
 # TODO(metacopy): the kernel's metacopy=on is not implemented in cowfs yet; add
 #   "metacopy": Mode("metacopy", ("metacopy=on", "redirect_dir=on"), ("metacopy=on", "redirect_dir=on"))
 # (and drop metacopy=off from KERNEL_COMMON for it) once it is.
+
+# Kernel behaviour the drawn stacks stay clear of, by name (each has an explicit,
+# strict-xfail regression test in tests/test_parity.py until cowfs matches it):
+KERNEL_QUIRKS = {
+    "unmerged_whiteouts": "the kernel reads a directory that only one lower layer makes up straight from that "
+                          "layer, so readdir lists the whiteouts in it while lstat of those names fails with "
+                          "ENOENT; cowfs hides them (strategies.drop_unmerged_whiteouts)",
+    "small_holes": "the kernel copies a file up in 1 MiB chunks and writes zeros into holes smaller than a "
+                   "chunk, so the copy is no longer sparse; cowfs keeps every hole (strategies.stacks(small_holes=))",
+}
 
 CLASS_NAMES = {
     "redirect_off": "RedirectOff", "redirect_on": "RedirectOn", "userxattr": "UserXattr",
@@ -116,7 +126,7 @@ OPEN_FLAGS = {
     "r_trunc": os.O_RDONLY | os.O_TRUNC,
 }
 WRITE_HOW = ("w", "rw", "creat", "trunc", "excl", "append", "rw_append", "rw_trunc")
-write_data = st.sampled_from((b"W", b"written\n", b"", bytes(range(200)) * 30))
+write_data = st.sampled_from((b"W", b"written\n", b"", S.Pattern(6000)))
 offsets = st.sampled_from((None, 0, 1, 5, 4096, 70_000))
 lengths = st.sampled_from((0, 1, 5, 4096, 100_000))
 file_modes = st.sampled_from(S.FILE_MODES)
@@ -169,7 +179,7 @@ def _worker_ops():
         return "/" + rel
 
     def write(path, how, offset, data):
-        fd = os.open(p(path), OPEN_FLAGS[how], 0o644)
+        fd = os.open(p(path), OPEN_FLAGS[how] | os.O_NONBLOCK, 0o644)  # a FIFO: ENXIO, never a hang
         try:
             return os.write(fd, data) if offset is None else os.pwrite(fd, data, offset)
         finally:
@@ -392,6 +402,7 @@ class ParityMachine(RuleBasedStateMachine):
         self._next_slot = 0
         self._failed = False
         self._torn_down = False
+        self._since_remount = 0
 
     # -- plumbing
     @property
@@ -409,6 +420,7 @@ class ParityMachine(RuleBasedStateMachine):
     def _both(self, name: str, *args):
         """Run one operation on both sides; fail on differing outcomes; return the common outcome."""
         type(self).counters["steps"] += 1
+        self._since_remount += 1
         try:
             ref = self.kernel.call(name, *args)
             got = self.tested.call(name, *args)
@@ -434,7 +446,7 @@ class ParityMachine(RuleBasedStateMachine):
         return problems
 
     # -- setup
-    @initialize(stack=S.stacks(1, 3))
+    @initialize(stack=S.stacks(1, 3, unmerged_whiteouts=False, small_holes=False))
     def init_stack(self, stack):
         self._setup(stack)
 
@@ -561,10 +573,14 @@ class ParityMachine(RuleBasedStateMachine):
     def read(self, path):
         self._both("read", path)
 
-    # -- remount
+    # -- remount (not more often than every REMOUNT_EVERY steps: it is the slowest step)
+    REMOUNT_EVERY = 5
+
+    @precondition(lambda self: self._since_remount >= self.REMOUNT_EVERY)
     @rule()
     def remount(self):
         type(self).counters["steps"] += 1
+        self._since_remount = -1
         try:
             problems = self._stop()
             if problems:
@@ -667,7 +683,8 @@ def parity_machine(mode: str | Mode = "redirect_off", backend: str = "cowfs", na
         "mode": mode,
         "backend": backend,
         "counters": {"examples": 0, "steps": 0},
-        "init_stack": initialize(stack=S.stacks(mode.min_layers, mode.max_layers))(init_stack),
+        "init_stack": initialize(stack=S.stacks(mode.min_layers, mode.max_layers,
+                                                        unmerged_whiteouts=False, small_holes=False))(init_stack),
         "__module__": __name__,
     })
     return cls

@@ -45,6 +45,21 @@ class Oct(int):
     __str__ = __repr__
 
 
+class Pattern(bytes):
+    """*n* bytes of a fixed, non-repeating-per-page pattern that prints as ``Pattern(n)``."""
+
+    def __new__(cls, n: int):
+        obj = super().__new__(cls, bytes((i * 7 + i // 251) % 256 for i in range(n)))
+        obj.n = n
+        return obj
+
+    def __repr__(self):
+        return f"Pattern({self.n})"
+
+    def __reduce__(self):
+        return (Pattern, (self.n,))
+
+
 FILE_MODES = tuple(Oct(m) for m in (0o644, 0o755, 0o600, 0o444, 0o000, 0o4755, 0o2755, 0o6711, 0o1644, 0o640))
 DIR_MODES = tuple(Oct(m) for m in (0o755, 0o700, 0o1777, 0o555, 0o2775, 0o711))
 OWNERS = ((0, 0), (USER, USER), (0, USER), (USER, 0))
@@ -54,8 +69,9 @@ SYMLINK_TARGETS = (
 )
 XATTR_NAMES = ("user.a", "user.b", "user.long.name")
 XATTR_VALUES = (b"", b"1", b"value", b"\x00\xff")
-DATA = (b"", b"x", b"hello\n", b"0123456789" * 3, bytes(range(256)) * 20)
-HOLES = (0, 0, 0, 4096, 70_000, 1 << 20)
+DATA = (b"", b"x", b"hello\n", b"0123456789abcdef", Pattern(5000), Pattern(200_000))
+HOLES = (0, 0, 0, 1 << 20, (2 << 20) + 4096)  # holes the kernel's copy-up keeps too (see stacks())
+SMALL_HOLES = (4096, 70_000)
 
 
 # --------------------------------------------------------------------------
@@ -108,7 +124,7 @@ class Symlink(_Spec):
 @dataclasses.dataclass(frozen=True, repr=False)
 class HardLink(_Spec):
     """A second name for a regular file of the same layer: the *nth* one (modulo their number)
-    in the order they were written; nothing when the layer has no file yet."""
+    in the order they were written; an empty file of its own when the layer has no file yet."""
 
     path: str
     nth: int = 0
@@ -160,15 +176,16 @@ xattr_sets = st.lists(st.tuples(st.sampled_from(XATTR_NAMES), st.sampled_from(XA
                       max_size=2, unique_by=lambda kv: kv[0]).map(tuple)
 
 
-def _file(path):
-    return st.builds(File, st.just(path), data=st.sampled_from(DATA), hole=st.sampled_from(HOLES),
+def _file(path, small_holes=True):
+    holes = HOLES + SMALL_HOLES if small_holes else HOLES
+    return st.builds(File, st.just(path), data=st.sampled_from(DATA), hole=st.sampled_from(holes),
                      tail=st.sampled_from((b"", b"", b"end")), mode=file_modes, owner=owners, xattrs=xattr_sets)
 
 
-def _leaf(path):
+def _leaf(path, small_holes=True):
     return st.one_of(
-        _file(path),
-        _file(path),
+        _file(path, small_holes),
+        _file(path, small_holes),
         st.builds(Symlink, st.just(path), st.sampled_from(SYMLINK_TARGETS)),
         st.builds(Whiteout, st.just(path)),
         st.builds(HardLink, st.just(path), st.integers(0, 3)),
@@ -177,7 +194,7 @@ def _leaf(path):
 
 
 @st.composite
-def _subtree(draw, prefix: str, depth: int, max_depth: int):
+def _subtree(draw, prefix: str, depth: int, max_depth: int, small_holes: bool = True):
     """Entries for the children of directory *prefix* ('' for the layer root)."""
     out = []
     for name in draw(st.lists(names, max_size=len(NAMES), unique=True)):
@@ -185,21 +202,75 @@ def _subtree(draw, prefix: str, depth: int, max_depth: int):
         if depth < max_depth and draw(st.booleans()):
             out.append(draw(st.builds(Dir, st.just(path), mode=dir_modes, owner=owners,
                                       opaque=st.sampled_from((False, False, True)), xattrs=xattr_sets)))
-            out.extend(draw(_subtree(path, depth + 1, max_depth)))
+            out.extend(draw(_subtree(path, depth + 1, max_depth, small_holes)))
         else:
-            out.append(draw(_leaf(path)))
+            out.append(draw(_leaf(path, small_holes)))
     return out
 
 
-def layers(max_depth: int = 3) -> st.SearchStrategy[Layer]:
+def layers(max_depth: int = 3, small_holes: bool = True) -> st.SearchStrategy[Layer]:
     """One lower layer: files (holes, user xattrs, odd modes, setuid), dirs (some opaque),
     symlinks, hard links, FIFOs and whiteouts, named from ``NAMES``, at most *max_depth* deep."""
-    return _subtree("", 1, max_depth).map(lambda entries: Layer(*entries))
+    return _subtree("", 1, max_depth, small_holes).map(lambda entries: Layer(*entries))
 
 
-def stacks(min_layers: int = 1, max_layers: int = 6, max_depth: int = 3) -> st.SearchStrategy[StackSpec]:
-    """A stack of *min_layers* to *max_layers* lower layers, topmost first."""
-    return st.lists(layers(max_depth), min_size=min_layers, max_size=max_layers).map(lambda ls: StackSpec(*ls))
+def contributing_layers(spec: StackSpec, path: str) -> list[int]:
+    """Indexes of the lower layers whose directory *path* is part of the merged directory *path*,
+    as the kernel's lookup finds them (the root: every layer).  Empty when *path* is not a
+    directory of the merged lower stack."""
+    found = list(range(len(spec)))
+    if not path:
+        return found
+    by_layer = [{e.path: e for e in layer} for layer in spec]
+    prefix = ""
+    for name in path.split("/"):
+        prefix = f"{prefix}/{name}" if prefix else name
+        below = []
+        for i in found:
+            entry = by_layer[i].get(prefix)
+            if entry is None:
+                continue
+            if not isinstance(entry, Dir):
+                break  # a whiteout or a non-directory ends the lookup
+            below.append(i)
+            if entry.opaque:
+                break
+        found = below
+        if not found:
+            break
+    return found
+
+
+def drop_unmerged_whiteouts(spec: StackSpec) -> StackSpec:
+    """*spec* without the whiteouts that lie in a directory only one lower layer contributes to.
+
+    The kernel lists such whiteouts in ``readdir`` (it reads a directory that is
+    not merged straight from its layer) while ``lstat`` of the name fails with
+    ENOENT; see ``KERNEL_QUIRKS`` in ``cowfs.testing.machine``.
+    """
+    out = []
+    for i, layer in enumerate(spec):
+        keep = []
+        for e in layer:
+            if isinstance(e, Whiteout) and "/" in e.path:
+                if contributing_layers(spec, e.path.rsplit("/", 1)[0]) == [i]:
+                    continue
+            keep.append(e)
+        out.append(Layer(*keep))
+    return StackSpec(*out)
+
+
+def stacks(min_layers: int = 1, max_layers: int = 6, max_depth: int = 3,
+           unmerged_whiteouts: bool = True, small_holes: bool = True) -> st.SearchStrategy[StackSpec]:
+    """A stack of *min_layers* to *max_layers* lower layers, topmost first.
+
+    With *unmerged_whiteouts* false, whiteouts in directories that only one
+    lower layer makes up are left out (``drop_unmerged_whiteouts``).  With
+    *small_holes* false, files get only holes of 1 MiB and more: the kernel's
+    copy-up copies data in 1 MiB chunks and fills smaller holes with zeros.
+    """
+    strategy = st.lists(layers(max_depth, small_holes), min_size=min_layers, max_size=max_layers).map(lambda ls: StackSpec(*ls))
+    return strategy if unmerged_whiteouts else strategy.map(drop_unmerged_whiteouts)
 
 
 # --------------------------------------------------------------------------
@@ -246,6 +317,9 @@ def materialise_layer(layer, root, userxattr: bool = False) -> None:
         elif isinstance(entry, HardLink):
             if files:
                 os.link(files[entry.nth % len(files)], path)
+            else:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                files.append(path)
         elif isinstance(entry, Fifo):
             os.mkfifo(path)
             os.chmod(path, entry.mode)
@@ -292,6 +366,6 @@ def describe(spec: StackSpec) -> str:
 
 
 __all__ = [
-    "NAMES", "PINNED_TIME_NS", "Oct", "File", "Dir", "Symlink", "HardLink", "Fifo", "Whiteout", "Layer",
-    "StackSpec", "layers", "stacks", "materialise", "materialise_layer", "pin_times", "describe",
+    "NAMES", "PINNED_TIME_NS", "Oct", "Pattern", "File", "Dir", "Symlink", "HardLink", "Fifo", "Whiteout", "Layer",
+    "StackSpec", "layers", "stacks", "contributing_layers", "drop_unmerged_whiteouts", "materialise", "materialise_layer", "pin_times", "describe",
 ]
