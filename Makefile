@@ -13,7 +13,7 @@ VENV := .venv
 DEBIAN_PACKAGES := fuse3 libfuse2 fuse-overlayfs attr tmux
 PYTEST_ARGS ?=
 
-.PHONY: venv system-packages demo test bench install clean
+.PHONY: venv system-packages demo test bench fuzz install clean
 
 venv: $(VENV)/.installed
 
@@ -39,6 +39,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml | system-packages
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 	touch $@
+
+# The kernel-vs-cowfs parity machine, time-boxed per mode: make fuzz FUZZ_ARGS="--minutes 10"
+FUZZ_ARGS ?=
+fuzz: venv
+	$(VENV)/bin/python scripts/fuzz.py $(FUZZ_ARGS)
 
 # mount(8) runs mount.fuse with a fixed PATH, so `mount -t fuse.cowfs` and fstab
 # lines need cowfs in a system directory: link the venv's there (as root).

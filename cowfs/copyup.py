@@ -131,8 +131,8 @@ def build_copy(src, st, tmp, prefix, origin_ino):
     else:
         os.mknod(tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev)
     copy_xattrs(src, tmp, prefix)
-    if origin_ino is not None and not (stat.S_ISLNK(mode) and prefix.startswith("user.")):
-        set_marker(tmp, prefix, ORIGIN, str(origin_ino))  # user.* xattrs cannot be set on a symlink
+    if origin_ino is not None and (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or not prefix.startswith("user.")):
+        set_marker(tmp, prefix, ORIGIN, str(origin_ino))  # user.* xattrs exist only on files and directories
     copy_attrs(st, tmp)
 
 

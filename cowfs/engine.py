@@ -22,9 +22,11 @@ import functools
 import os
 import stat
 import threading
+import time
 
 from . import copyup
 from .errors import StackError, os_error
+from .events import TRIGGERS, Events
 from .lookup import Layers, Node, parent_of
 from .runtime import lock_path
 from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, rename2
@@ -35,10 +37,17 @@ WORK_SUBDIR = "work"  # the same staging directory the kernel uses, so either cl
 
 
 def locked(method):
+    """Run a public operation under the engine's lock, remembering its name for events."""
+    name = method.__name__
+
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         with self._lock:
-            return method(self, *args, **kwargs)
+            outer, self._op = self._op, self._op or name
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                self._op = outer
     return wrapper
 
 
@@ -62,6 +71,8 @@ class Union:
         self.writable = stack.writable
         self.work = None
         self._lock = threading.RLock()
+        self._op = None  # the public operation running, for the "trigger" of copy-up events
+        self.events = Events()
         self._copied = set()  # identities of lower files copied up, to move open read handles over
         self._hidden = {}  # open files whose last name is gone: merged name the FUSE library gave -> (layer, real)
         self._lock_fds = []
@@ -148,6 +159,7 @@ class Union:
         parent_path, name = parent_of(node.path)
         upper_parent = self._copy_up(self.layers.resolve_required(parent_path))
         tmp = copyup.temp_name(self.work)
+        started = time.perf_counter()
         try:
             copyup.build_copy(node.real, node.st, tmp, self.prefix, self.layers.origin_ino(node))
             copyup.install(tmp, upper_parent.real + "/" + name, os.lstat(upper_parent.real))
@@ -156,9 +168,16 @@ class Union:
             raise
         finally:
             self._changed()
+        if self.events:
+            self.events.emit("copy_up", node.path, layer=node.layer, kind=_kind(node.st.st_mode),
+                             bytes=node.st.st_size if stat.S_ISREG(node.st.st_mode) else 0,
+                             seconds=time.perf_counter() - started, trigger=self._trigger())
         if stat.S_ISREG(node.st.st_mode):
             self._copied.add((node.st.st_dev, node.st.st_ino))
         return self.layers.resolve_required(node.path)
+
+    def _trigger(self):
+        return TRIGGERS.get(self._op, self._op)
 
     def _upper_parent(self, path):
         """The upper directory that will hold `path`, copied up if needed; and the name in it."""
@@ -210,7 +229,8 @@ class Union:
                 existing = os.lstat(target)
             except FileNotFoundError:
                 existing = None
-            if kind == stat.S_IFDIR and (existing is not None or upper_parent.has_lower):
+            opaque = kind == stat.S_IFDIR and (existing is not None or upper_parent.has_lower)
+            if opaque:
                 set_opaque(tmp, self.prefix)
             if existing is None:
                 rename2(tmp, target, RENAME_NOREPLACE)
@@ -228,6 +248,12 @@ class Union:
             raise
         finally:
             self._changed()
+        if self.events:
+            if existing is not None:
+                self.events.emit("whiteout_removed", path)
+            self.events.emit("create", path, kind=_kind(kind))
+            if opaque:
+                self.events.emit("opaque", path)
         return fd
 
     # -- attributes ------------------------------------------------------------------------------
@@ -449,8 +475,9 @@ class Union:
         src = self._copy_up(src)
         upper_parent, name = self._upper_parent(new)
         target = upper_parent.real + "/" + name
+        over_whiteout = os.path.lexists(target)
         try:
-            if os.path.lexists(target):  # a whiteout: link beside it, then replace it in one step
+            if over_whiteout:  # link beside it, then replace it in one step
                 tmp = copyup.temp_name(self.work)
                 os.link(src.real, tmp, follow_symlinks=False)
                 try:
@@ -462,6 +489,10 @@ class Union:
                 os.link(src.real, target, follow_symlinks=False)
         finally:
             self._changed()
+        if self.events:
+            if over_whiteout:
+                self.events.emit("whiteout_removed", new)
+            self.events.emit("create", new, kind="hard link", to=old)
 
     # -- removing names --------------------------------------------------------------------------
     @locked
@@ -512,6 +543,11 @@ class Union:
         """Remove `node` from the merged view; with `keep`, move its upper object to the workdir and return that path."""
         parent_path, name = parent_of(node.path)
         needs_whiteout = self.layers.lower_positive(self.layers.resolve_required(parent_path), name)
+        if self.events:
+            if node.in_upper:
+                self.events.emit("remove", node.path, kind=_kind(node.st.st_mode))
+            if needs_whiteout:
+                self.events.emit("whiteout", node.path)
         try:
             if node.in_upper:
                 if needs_whiteout:
@@ -555,17 +591,17 @@ class Union:
         if src.is_dir and (new + "/").startswith(old + "/"):
             raise os_error(errno.EINVAL, new)
         dst = self.layers.resolve(new)
-        if dst is not None:
+        if dst is not None:  # the checks the VFS makes before the overlay is asked
             if src.is_dir and not dst.is_dir:
                 raise os_error(errno.ENOTDIR, new)
             if dst.is_dir and not src.is_dir:
                 raise os_error(errno.EISDIR, new)
-            if dst.is_dir and self.layers.list_dir(dst):
-                raise os_error(errno.ENOTEMPTY, new)
             if src.in_upper and dst.in_upper and os.path.samestat(src.st, dst.st):
                 return  # two links to one file: rename(2) does nothing
         if src.is_dir and src.has_lower and not self.stack.create_redirects:
             raise os_error(errno.EXDEV, old)
+        if dst is not None and dst.is_dir and self.layers.list_dir(dst):
+            raise os_error(errno.ENOTEMPTY, new)
 
         needs_whiteout = self.layers.lower_positive(self.layers.resolve_required(old_parent_path), old_name)
         redirect = None
@@ -580,8 +616,12 @@ class Union:
             target = upper_parent.real + "/" + new_name
             if redirect is not None and redirect != src.redirect:
                 set_marker(src.real, self.prefix, REDIRECT, redirect)
+                if self.events:
+                    self.events.emit("redirect", new, value=redirect)
             elif src.is_dir and not src.has_lower and upper_parent.has_lower and not is_opaque(src.real, self.prefix):
                 set_opaque(src.real, self.prefix)
+                if self.events:
+                    self.events.emit("opaque", new)
             try:
                 existing = os.lstat(target)
             except FileNotFoundError:
@@ -596,6 +636,12 @@ class Union:
                 rename2(src.real, target, RENAME_WHITEOUT if needs_whiteout else 0)
         finally:
             self._changed()
+        if self.events:
+            self.events.emit("rename", old, to=new)
+            if existing is not None and is_whiteout(existing):
+                self.events.emit("whiteout_removed", new)
+            if needs_whiteout:
+                self.events.emit("whiteout", old)
 
     def _empty_upper_dir(self, real):
         """Make an upper directory about to be replaced really empty (it may hold whiteouts),
@@ -609,6 +655,12 @@ class Union:
             rename2(tmp, real, RENAME_EXCHANGE)
         finally:
             copyup.discard(tmp)
+
+
+def _kind(mode):
+    return {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFIFO: "fifo",
+            stat.S_IFCHR: "char device", stat.S_IFBLK: "block device", stat.S_IFSOCK: "socket"}.get(
+                stat.S_IFMT(mode) or mode, "object")
 
 
 def _stat_dict(st, ino, nlink):

@@ -1685,3 +1685,36 @@ class TestErrors:
         with pytest.raises(OSError) as info:
             u.getattr("/no/such")
         assert info.value.filename is not None and "no" in str(info.value.filename)
+
+
+# ---------------------------------------------------------------------------------------------
+# events: what changed in the upper, for tracing and exploring
+
+class TestEvents:
+    def test_each_layer_change_is_reported_once_with_its_trigger(self, env):
+        low = env.lower()
+        put(low, "etc/hosts", b"127.0.0.1 localhost\n")
+        put(low, "etc/motd", b"hi\n")
+        u = env.union()
+        seen = []
+        u.events.subscribe(seen.append)
+        h = u.open("/etc/hosts", os.O_WRONLY)
+        u.release(h)
+        u.unlink("/etc/motd")
+        u.mkdir("/etc/motd", 0o755)
+        kinds = [(e["event"], e["path"]) for e in seen]
+        assert kinds == [("copy_up", "/etc"), ("copy_up", "/etc/hosts"), ("whiteout", "/etc/motd"),
+                         ("whiteout_removed", "/etc/motd"), ("create", "/etc/motd"), ("opaque", "/etc/motd")]
+        hosts = seen[1]
+        assert (hosts["layer"], hosts["kind"], hosts["bytes"], hosts["trigger"]) == (1, "file", 20, "open for write")
+        assert seen[0]["trigger"] == "open for write" and seen[0]["kind"] == "dir"
+        assert hosts["seconds"] >= 0
+
+    def test_no_listener_no_event_objects(self, env, monkeypatch):
+        low = env.lower()
+        put(low, "f", b"x")
+        u = env.union()
+        import cowfs.events
+        monkeypatch.setattr(cowfs.events.Events, "emit", lambda *a, **k: pytest.fail("event built with no listener"))
+        u.chmod("/f", 0o600)
+        u.unlink("/f")
