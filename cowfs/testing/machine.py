@@ -90,8 +90,10 @@ KERNEL_QUIRKS = {
     "unmerged_whiteouts": "the kernel reads a directory that only one lower layer makes up straight from that "
                           "layer, so readdir lists the whiteouts in it while lstat of those names fails with "
                           "ENOENT; cowfs hides them (strategies.drop_unmerged_whiteouts)",
-    "small_holes": "the kernel copies a file up in 1 MiB chunks and writes zeros into holes smaller than a "
-                   "chunk, so the copy is no longer sparse; cowfs keeps every hole (strategies.stacks(small_holes=))",
+    "small_holes": "the kernel copies a file up in 1 MiB chunks and writes zeros into any hole that does not "
+                   "cover a whole chunk, so the copy (or what a truncate leaves of it) is no longer sparse; cowfs "
+                   "keeps every hole. Excluded in the tree comparison: a regular file sparse under cowfs and "
+                   "not under the kernel, nothing else (ParityMachine.known_differences)",
 }
 
 CLASS_NAMES = {
@@ -390,6 +392,8 @@ class ParityMachine(RuleBasedStateMachine):
     backend = "cowfs"  # "kernel": a second kernel mount instead of cowfs, to check the harness itself
     counters = {"examples": 0, "steps": 0}
     MAX_FDS = 4
+    # KERNEL_QUIRKS excluded from the tree comparison, by name (empty it to see them)
+    known_differences = frozenset({"small_holes"})
 
     def __init__(self):
         super().__init__()
@@ -446,7 +450,7 @@ class ParityMachine(RuleBasedStateMachine):
         return problems
 
     # -- setup
-    @initialize(stack=S.stacks(1, 3, unmerged_whiteouts=False, small_holes=False))
+    @initialize(stack=S.stacks(1, 3, unmerged_whiteouts=False))
     def init_stack(self, stack):
         self._setup(stack)
 
@@ -598,8 +602,20 @@ class ParityMachine(RuleBasedStateMachine):
         if not self.sides or self._failed:
             return
         ref, got = snapshot(self.kernel.mnt), snapshot(self.tested.mnt)
+        got = self._excuse(ref, got)
         if ref != got:
             self._fail("merged trees differ:\n" + diff_snapshots(ref, got, "kernel", self.backend))
+
+    def _excuse(self, ref: dict, got: dict) -> dict:
+        """*got* with the named known differences from *ref* (``known_differences``) taken back."""
+        if "small_holes" not in self.known_differences:
+            return got
+        entries = dict(got["entries"])
+        for rel, info in got["entries"].items():
+            theirs = ref["entries"].get(rel)
+            if theirs and info.get("type") == "file" and info.get("sparse") is True and theirs.get("sparse") is False:
+                entries[rel] = {**info, "sparse": False}
+        return {**got, "entries": entries}
 
     @invariant()
     def lowers_unchanged(self):
@@ -684,7 +700,7 @@ def parity_machine(mode: str | Mode = "redirect_off", backend: str = "cowfs", na
         "backend": backend,
         "counters": {"examples": 0, "steps": 0},
         "init_stack": initialize(stack=S.stacks(mode.min_layers, mode.max_layers,
-                                                        unmerged_whiteouts=False, small_holes=False))(init_stack),
+                                                        unmerged_whiteouts=False))(init_stack),
         "__module__": __name__,
     })
     return cls

@@ -70,8 +70,8 @@ SYMLINK_TARGETS = (
 XATTR_NAMES = ("user.a", "user.b", "user.long.name")
 XATTR_VALUES = (b"", b"1", b"value", b"\x00\xff")
 DATA = (b"", b"x", b"hello\n", b"0123456789abcdef", Pattern(5000), Pattern(200_000))
-HOLES = (0, 0, 0, 1 << 20, (2 << 20) + 4096)  # holes the kernel's copy-up keeps too (see stacks())
-SMALL_HOLES = (4096, 70_000)
+HOLES = (0, 0, 0, (2 << 20) + 4096)  # holes the kernel's copy-up keeps too (see stacks())
+SMALL_HOLES = (4096, 70_000, 1 << 20)
 
 
 # --------------------------------------------------------------------------
@@ -266,8 +266,9 @@ def stacks(min_layers: int = 1, max_layers: int = 6, max_depth: int = 3,
 
     With *unmerged_whiteouts* false, whiteouts in directories that only one
     lower layer makes up are left out (``drop_unmerged_whiteouts``).  With
-    *small_holes* false, files get only holes of 1 MiB and more: the kernel's
-    copy-up copies data in 1 MiB chunks and fills smaller holes with zeros.
+    *small_holes* false, files get only holes that cover a whole 1 MiB-aligned
+    MiB: the kernel's copy-up copies data in 1 MiB chunks and writes zeros into
+    any hole that does not span a whole chunk.
     """
     strategy = st.lists(layers(max_depth, small_holes), min_size=min_layers, max_size=max_layers).map(lambda ls: StackSpec(*ls))
     return strategy if unmerged_whiteouts else strategy.map(drop_unmerged_whiteouts)

@@ -1,0 +1,168 @@
+"""pytest plugin shipped with cowfs: mounted stacks as fixtures, and Hypothesis profiles.
+
+Registered through the ``pytest11`` entry point ``cowfs = cowfs.testing.plugin``
+(or ``-p cowfs.testing.plugin``).  It adds:
+
+``cowfs_stack``
+    A cowfs mount, unmounted after the test whatever happened.  The layers
+    come from, in order: indirect parametrisation
+    (``@pytest.mark.parametrize("cowfs_stack", [spec_or_dirs], indirect=True)``),
+    the marker ``@pytest.mark.cowfs_layers(spec_or_dirs, options=[...])``,
+    or else one empty lower layer.  ``spec_or_dirs`` is a list of existing
+    layer directories (topmost first) or a ``cowfs.testing.strategies.StackSpec``
+    (written under the test's tmp_path).  The value is a ``MountedStack``
+    with ``.mountpoint``, ``.upper``, ``.work``, ``.lowers``, ``.options`` and
+    ``.remount()``.  Skipped with the reason when FUSE is missing, failed
+    instead under ``CI=true``.
+``kernel_overlay``
+    The same with the kernel's overlayfs (``mount -t overlay``, needs root).
+``mounted_stack(spec_or_dirs, base, kind="cowfs", options=())``
+    The context manager both fixtures use; call it inside ``@given`` tests,
+    where function-scoped fixtures would be shared between examples.
+
+Hypothesis profiles (``--hypothesis-profile NAME``, or
+``settings.load_profile(NAME)``): ``ci`` (deterministic, sized so that the
+whole parity run of tests/test_parity.py stays within about 6 minutes on two
+cores), ``dev`` (a quick look), ``fuzz`` (long runs; ``make fuzz`` time-boxes
+them).  Registering does not load any of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import tempfile
+
+import pytest
+
+from cowfs.testing import mounts
+
+try:  # Hypothesis is optional: without it the fixtures still work with layer directories
+    from hypothesis import HealthCheck, settings
+except ImportError:  # pragma: no cover
+    HealthCheck = settings = None
+
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
+            HealthCheck.function_scoped_fixture] if HealthCheck else []
+
+PROFILES = {
+    "ci": dict(max_examples=60, stateful_step_count=25, deadline=None, derandomize=True, database=None,
+               print_blob=True, suppress_health_check=_SLOW_OK),
+    "dev": dict(max_examples=10, stateful_step_count=20, deadline=None, suppress_health_check=_SLOW_OK),
+    "fuzz": dict(max_examples=1_000_000, stateful_step_count=50, deadline=None, database=None,
+                 suppress_health_check=_SLOW_OK),
+}
+
+
+def register_profiles() -> None:
+    if settings is None:
+        return
+    for name, kwargs in PROFILES.items():
+        settings.register_profile(name, **kwargs)
+
+
+register_profiles()
+
+
+@dataclasses.dataclass
+class MountedStack:
+    """A live mount: where it is, its layers, and a way to remount it."""
+
+    kind: str
+    mountpoint: str
+    upper: str
+    work: str
+    lowers: list
+    options: list
+    mount: object = dataclasses.field(repr=False, default=None)
+
+    def remount(self) -> None:
+        self.mount.unmount()
+        self.mount.mount()
+
+
+def _layers(spec_or_dirs, base: str, kind: str, userxattr: bool) -> list[str]:
+    if spec_or_dirs is None:  # one empty lower layer
+        empty = os.path.join(base, f"{kind}-lower")
+        os.mkdir(empty)
+        return [empty]
+    if type(spec_or_dirs).__name__ == "StackSpec":
+        from cowfs.testing.strategies import materialise  # needs Hypothesis
+
+        layer_base = os.path.join(base, f"{kind}-layers")
+        os.mkdir(layer_base)
+        return materialise(spec_or_dirs, layer_base, userxattr=userxattr)
+    return [os.fspath(d) for d in spec_or_dirs]
+
+
+@contextlib.contextmanager
+def mounted_stack(spec_or_dirs=None, base=None, kind: str = "cowfs", options=()):
+    """Mount layers (a ``StackSpec`` or directories, topmost first) with cowfs or the kernel,
+    with a fresh upper and work directory under *base* (a new temporary directory by default);
+    yield a ``MountedStack``; unmount whatever happened."""
+    options = list(options)
+    own_base = base is None
+    base = tempfile.mkdtemp(prefix=f"cowfs-{kind}-") if own_base else os.fspath(base)
+    try:
+        dirs = {}
+        for name in ("upper", "work", "mnt"):
+            dirs[name] = os.path.join(base, f"{kind}-{name}")
+            os.mkdir(dirs[name])
+        lowers = _layers(spec_or_dirs, base, kind, userxattr="userxattr" in options)
+        if kind == "kernel":
+            m = mounts.KernelOverlay(lowers, dirs["upper"], dirs["work"], dirs["mnt"], ["index=off"] + options)
+        elif kind == "cowfs":
+            m = mounts.CowfsMount(lowers, dirs["upper"], dirs["work"], dirs["mnt"], options)
+        else:
+            raise ValueError(f"kind must be 'cowfs' or 'kernel', not {kind!r}")
+        m.mount()
+        try:
+            yield MountedStack(kind, m.mountpoint, dirs["upper"], dirs["work"], lowers, options, m)
+        finally:
+            m.unmount()
+    finally:
+        if own_base and not mounts.mounts_under(base):
+            import shutil
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def _requested(request):
+    """(layers, options) asked for by indirect parametrisation or the cowfs_layers marker."""
+    param = getattr(request, "param", None)
+    if param is not None:
+        return param, []
+    marker = request.node.get_closest_marker("cowfs_layers")
+    if marker is not None:
+        layers = marker.args[0] if marker.args else marker.kwargs.get("layers")
+        return layers, list(marker.kwargs.get("options", ()))
+    return None, []
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "cowfs_layers(layers, options=[]): the layers (a StackSpec or directories, topmost first) "
+                   "and mount options the cowfs_stack / kernel_overlay fixtures mount")
+
+
+@pytest.fixture
+def cowfs_stack(request, tmp_path):
+    """A cowfs mount of the requested layers (see the module doc); always unmounted."""
+    mounts.require("fuse")
+    layers, options = _requested(request)
+    base = tmp_path / "cowfs-stack"
+    base.mkdir()
+    with mounted_stack(layers, base, "cowfs", options) as stack:
+        yield stack
+
+
+@pytest.fixture
+def kernel_overlay(request, tmp_path):
+    """A kernel overlayfs mount of the requested layers; skipped where the kernel cannot mount
+    (not root, no overlay), failed instead under CI=true; always unmounted."""
+    mounts.require("kernel")
+    layers, options = _requested(request)
+    base = tmp_path / "kernel-overlay"
+    base.mkdir()
+    with mounted_stack(layers, base, "kernel", options) as stack:
+        yield stack
