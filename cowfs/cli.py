@@ -21,16 +21,20 @@ options (-o, comma-separated, as the kernel's overlay takes them):
   upperdir=U          the writable layer (without it: a read-only mount)
   workdir=W           an empty directory on U's filesystem, for atomic steps
   redirect_dir=on|off rename directories that have lower parts (default off: EXDEV)
+  metacopy=on         chmod/chown/utimes/rename copy metadata only; data follows at
+                      the first write (implies redirect_dir=on)
   userxattr           keep overlay markers in user.overlay.* instead of trusted.overlay.*
   oci_whiteouts       read OCI .wh.NAME / .wh..wh..opq markers in lower layers
   ro                  mount read-only; every change fails with EROFS
   allow_other         let other users in (the default when mounted by root)
+  trace=FILE          the same as --trace FILE
   generic options such as rw, dev, suid, noatime are accepted and ignored.
 
 examples:
   cowfs mount -o lowerdir=/img/l2:/img/l1,upperdir=/c/upper,workdir=/c/work /mnt/merged
   cowfs mount /img/l2 /img/l1 --upper /c/upper /mnt/merged    (workdir made beside upper)
   mount -t fuse.cowfs cowfs /mnt/merged -o lowerdir=/img/l1,upperdir=/c/upper,workdir=/c/work
+  cowfs mount /img/l1 --upper /c/upper --trace /tmp/events.jsonl /mnt/merged   (one JSON line per copy-up, whiteout, ...)
   cowfs umount /mnt/merged
 """
 
@@ -39,11 +43,65 @@ examples:
   cowfs mount -o lowerdir=/img/l2:/img/l1,upperdir=/c/upper,workdir=/c/work /mnt/merged
   cowfs mount /img/l2 /img/l1 --upper /c/upper /mnt/merged
   cowfs umount /mnt/merged
+  cowfs shell /img/l2 /img/l1                 a throwaway stack; every copy-up is shown as it happens
+  cowfs diff --size /mnt/merged               the upper's changes, as docker diff lists them
+  cowfs explain /mnt/merged/etc/hosts         which layer a file comes from, and why
+  cowfs status                                the live mounts
 
 `cowfs mount --help` lists the options (lowerdir, upperdir, workdir, redirect_dir, ...).
 """
 
-COMMANDS = ("mount", "umount")
+COMMANDS = ("mount", "umount")  # the rest are added by build_parser(); see parser.commands
+
+DIFF_EPILOG = """\
+Each line is a change of the merged view against the lower layers alone, as
+`docker diff` prints a container's: A added, C changed, D deleted. A deleted
+directory is one D line; an added directory lists what it holds; a directory
+renamed with redirect_dir=on is the new path (A, with its entries) and the old
+one (D); an opaque directory over a lower one is C, with the lower entries it
+hides as D. Upper directories that exist below are C (something in them changed).
+
+examples:
+  cowfs diff /mnt/merged                         a live cowfs (or kernel overlay) mount
+  cowfs diff --size /mnt/merged                  with the bytes each change holds in the upper, and totals
+  cowfs diff /c/upper --lower /img/l2 --lower /img/l1      an upper directory, lowers topmost first
+  cowfs diff /c/upper -o lowerdir=/img/l2:/img/l1           the same, in the kernel's spelling
+"""
+
+EXPLAIN_EPILOG = """\
+Layers are numbered as the stack lists them: 0 is the upper, 1..N the lowers,
+topmost first (lowerdir=A:B: A is layer 1).
+
+examples:
+  cowfs explain /mnt/merged/etc/hosts
+  cowfs explain --json /mnt/merged/app | jq .provided_by
+"""
+
+STATUS_EPILOG = """\
+The number of copied-up objects comes from the mount's trace (cowfs mount
+--trace) when there is one, else from the upper: non-directories there that a
+lower layer also holds.
+
+examples:
+  cowfs status                   every live cowfs mount
+  cowfs status /mnt/merged --json
+"""
+
+SHELL_EPILOG = """\
+The stack is mounted with a trace in a temporary directory; each event
+(copy-up, whiteout, ...) is printed as one line just before the next prompt,
+so it never lands in the middle of what you type. On exit, the changes are
+listed as `cowfs diff --size` lists them, the stack is unmounted and the
+temporary directory removed (with --keep: the upper and the trace stay).
+$SHELL (default /bin/sh) is started: bash, and POSIX shells such as dash, get
+the prompt "(cowfs) DIR$ "; other shells get COWFS_SHELL=1 in the environment.
+
+examples:
+  cowfs shell scratch/demo/layers/4-chmod scratch/demo/layers/3-copy-app \\
+              scratch/demo/layers/2-bash scratch/demo/layers/1-base
+  cowfs shell -o lowerdir=/img/l2:/img/l1,redirect_dir=on
+  cowfs shell /img/l1 --upper /tmp/my-upper --keep
+"""
 
 
 def build_parser():
@@ -61,18 +119,75 @@ def build_parser():
     m.add_argument("-d", dest="debug", action="store_true", help="FUSE debug output (implies -f)")
     m.add_argument("--upper", metavar="DIR", help="writable layer (created if missing)")
     m.add_argument("--work", metavar="DIR", help="workdir (default: UPPER.work beside the upper, created if missing)")
+    m.add_argument("--trace", metavar="FILE", help="append every layer-changing event (copy-up, whiteout, opaque, "
+                   "redirect, create, remove, rename) to FILE, one JSON line each")
+    m.add_argument("--human-trace", dest="human_trace", metavar="FILE", help=argparse.SUPPRESS)  # cowfs shell's
     m.add_argument("paths", nargs="+", metavar="LOWER... MOUNTPOINT",
                    help="lower layers, topmost first (or use -o lowerdir=), then the mount point")
 
     u = sub.add_parser("umount", help="unmount a cowfs mount and wait for its daemon to exit",
                        description="Unmount a cowfs mount (fusermount -u and umount work as well).")
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
+    _add_explore_parsers(sub)
+    parser.commands = tuple(sub.choices)
     return parser, m
 
 
-def _mount_helper_form(argv):
+def _add_explore_parsers(sub):
+    """diff, explain, status, shell: looking at what copy-up did (cowfs/diff.py, explain.py, shell.py)."""
+    raw = argparse.RawDescriptionHelpFormatter
+    d = sub.add_parser("diff", help="the changes in the upper layer, as docker diff lists them", epilog=DIFF_EPILOG,
+                       description="List what the upper layer changes: A added, C changed, D deleted.",
+                       formatter_class=raw)
+    d.add_argument("target", metavar="MOUNTPOINT|UPPERDIR")
+    d.add_argument("--lower", action="append", default=[], metavar="DIR",
+                   help="a lower layer of UPPERDIR, topmost first (repeat)")
+    d.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                   help="the stack of UPPERDIR in the kernel's spelling: lowerdir=A:B[,userxattr][,oci_whiteouts]")
+    d.add_argument("-s", "--size", action="store_true",
+                   help="show the bytes each change holds in the upper, and the upper's total (as docker ps -s)")
+
+    e = sub.add_parser("explain", help="which layer a path comes from, and why the others are hidden",
+                       epilog=EXPLAIN_EPILOG, formatter_class=raw,
+                       description="Explain where PATH, inside a mounted cowfs, comes from: the layer that provides "
+                       "it, the layers that hold the name and why they are hidden, and whether it was copied up.")
+    e.add_argument("path", metavar="PATH")
+    e.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+
+    st = sub.add_parser("status", help="the live cowfs mounts, their layers, upper size and copy-ups",
+                        epilog=STATUS_EPILOG, formatter_class=raw,
+                        description="Show the live cowfs mounts (or one): layers, options, trace, the upper's size "
+                        "and how many objects were copied up.")
+    st.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT")
+    st.add_argument("--json", action="store_true", help="a JSON list, for scripts")
+
+    sh = sub.add_parser("shell", help="a throwaway stack and a shell inside it that shows every copy-up",
+                        epilog=SHELL_EPILOG, formatter_class=raw,
+                        description="Mount LAYERS (topmost first) over a fresh upper in a temporary directory and "
+                        "start a shell in the merged view; each copy-up, whiteout, ... is shown as it happens.")
+    sh.add_argument("layers", nargs="*", metavar="LAYER", help="lower layers, topmost first (or -o lowerdir=)")
+    sh.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                    help="mount options, as for cowfs mount (lowerdir=..., redirect_dir=on, ...)")
+    sh.add_argument("--upper", metavar="DIR", help="use this upper directory (kept) instead of a fresh one")
+    sh.add_argument("--keep", action="store_true", help="keep the temporary upper and trace on exit")
+
+
+def _run_module(name, function="run"):
+    """A runner that imports its module only when its command is used."""
+    def run(args):
+        import importlib
+        return getattr(importlib.import_module(f"cowfs.{name}"), function)(args)
+    return run
+
+
+# Commands other than mount and umount: name -> runner(args) -> exit code.
+RUNNERS = {"diff": _run_module("diff"), "explain": _run_module("explain"),
+           "status": _run_module("explain", "run_status"), "shell": _run_module("shell")}
+
+
+def _mount_helper_form(argv, commands=COMMANDS):
     """`cowfs SOURCE MOUNTPOINT -o OPTS` as run by mount.fuse; rewritten to the mount command."""
-    if not argv or argv[0] in COMMANDS or argv[0].startswith("-"):
+    if not argv or argv[0] in commands or argv[0].startswith("-"):
         return argv
     positional = [a for i, a in enumerate(argv) if not a.startswith("-") and (i == 0 or argv[i - 1] != "-o")]
     if len(positional) != 2:
@@ -104,15 +219,33 @@ def _stack_from_args(args, parser):
     return parse_options(opts + args.options), paths[-1]
 
 
+def _take_trace_option(args):
+    """Move `trace=FILE` out of the -o strings (the stack knows nothing of it) into args.trace."""
+    from .stack import _split
+    kept = []
+    for text in args.options:
+        parts = []
+        for opt in _split(text, ",", keep_escapes=True):
+            key, has_value, value = opt.partition("=")
+            if key == "trace" and has_value:
+                if not value:
+                    raise StackError("option 'trace' needs a value")
+                args.trace = _split(value, "\0")[0]
+            else:
+                parts.append(opt)
+        kept.append(",".join(parts))
+    args.options = [k for k in kept if k]
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     helper_source = None
-    rewritten = _mount_helper_form(argv)
+    parser, mount_parser = build_parser()
+    rewritten = _mount_helper_form(argv, parser.commands)
     if "--fsname-from-helper" in rewritten:
         i = rewritten.index("--fsname-from-helper")
         helper_source = rewritten[i + 1]
         del rewritten[i:i + 2]
-    parser, mount_parser = build_parser()
     if rewritten and rewritten[0] == "mount":  # options may stand between LOWER... and MOUNTPOINT
         args = mount_parser.parse_intermixed_args(rewritten[1:])
         args.command = "mount"
@@ -124,12 +257,16 @@ def main(argv=None):
     from . import mount as mounting
     try:
         if args.command == "mount":
+            _take_trace_option(args)
             stack, mountpoint = _stack_from_args(args, mount_parser)
             if helper_source and helper_source != "cowfs" and "fsname=" not in ",".join(args.options):
                 stack.fsname = helper_source
-            mounting.mount(stack, mountpoint, foreground=args.foreground, debug=args.debug)
+            mounting.mount(stack, mountpoint, foreground=args.foreground, debug=args.debug, trace=args.trace,
+                           human_trace=args.human_trace)
         elif args.command == "umount":
             mounting.umount(args.mountpoint)
+        else:
+            return RUNNERS[args.command](args)
     except StackError as e:
         print(f"cowfs: {e}", file=sys.stderr)
         return 1

@@ -12,7 +12,7 @@ import os
 import stat
 
 from .syscalls import RENAME_NOREPLACE, rename2
-from .whiteout import ORIGIN, is_private_xattr, set_marker
+from .whiteout import METACOPY, ORIGIN, is_private_xattr, set_marker
 
 CHUNK = 1 << 30
 _names = itertools.count()
@@ -107,13 +107,22 @@ def copy_attrs(st, path):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
-def build_copy(src, st, tmp, prefix, origin_ino):
+def build_copy(src, st, tmp, prefix, origin_ino, metadata_only=False):
     """Build at `tmp` a full copy of the object at `src` (type, data, owner, mode, times, xattrs).
 
     Directories are copied empty: their entries stay in the lower and merge.
+    With `metadata_only` a regular file gets its size but no data (all hole)
+    and the metacopy marker, as the kernel's metacopy=on does.
     """
     mode = st.st_mode
-    if stat.S_ISREG(mode):
+    if stat.S_ISREG(mode) and metadata_only:
+        fd_out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd_out, st.st_size)
+        finally:
+            os.close(fd_out)
+        set_marker(tmp, prefix, METACOPY, "")
+    elif stat.S_ISREG(mode):
         fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             fd_out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -134,6 +143,21 @@ def build_copy(src, st, tmp, prefix, origin_ino):
     if origin_ino is not None and (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or not prefix.startswith("user.")):
         set_marker(tmp, prefix, ORIGIN, str(origin_ino))  # user.* xattrs exist only on files and directories
     copy_attrs(st, tmp)
+
+
+def fill_data(src, dst):
+    """Complete a metadata-only copy: its data goes into the upper file first, then the
+    marker goes, so that until that last step reads still come from the lower file."""
+    fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fd_out = os.open(dst, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            copy_data(fd_in, fd_out, os.fstat(fd_out).st_size)
+            os.fsync(fd_out)
+        finally:
+            os.close(fd_out)
+    finally:
+        os.close(fd_in)
 
 
 def install(tmp, dst, parent_st=None):

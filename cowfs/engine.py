@@ -30,7 +30,7 @@ from .events import TRIGGERS, Events
 from .lookup import Layers, Node, parent_of
 from .runtime import lock_path
 from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, rename2
-from .whiteout import (OPAQUE, ORIGIN, REDIRECT, escape_xattr, is_opaque, is_whiteout, make_whiteout, set_marker,
+from .whiteout import (METACOPY, OPAQUE, ORIGIN, REDIRECT, escape_xattr, is_opaque, is_whiteout, make_whiteout, set_marker,
                        set_opaque, unescape_xattr)
 
 WORK_SUBDIR = "work"  # the same staging directory the kernel uses, so either cleans the other's leftovers
@@ -142,15 +142,21 @@ class Union:
     def _changed(self):
         self.layers.forget()
 
-    def _copy_up(self, node):
-        """Bring `node` and its parent directories into the upper; returns its upper node."""
+    def _copy_up(self, node, data=True):
+        """Bring `node` and its parent directories into the upper; returns its upper node.
+
+        With metacopy=on and `data` false (a change of metadata only), a regular
+        file is copied without its data, which follows at the first `data` copy-up.
+        """
         if node.in_upper:
+            if data and node.data is not None:
+                return self._fill_data(node)
             return node
         self._require_writable(node.path)
         if node.path in self._hidden:  # an unlinked open file: its copy stays in the workdir
             tmp = copyup.temp_name(self.work)
             try:
-                copyup.build_copy(node.real, node.st, tmp, self.prefix, self.layers.origin_ino(node))
+                copyup.build_copy(node.data or node.real, node.st, tmp, self.prefix, self.layers.origin_ino(node))
             except BaseException:
                 copyup.discard(tmp)
                 raise
@@ -160,8 +166,9 @@ class Union:
         upper_parent = self._copy_up(self.layers.resolve_required(parent_path))
         tmp = copyup.temp_name(self.work)
         started = time.perf_counter()
+        meta_only = self.stack.metacopy and not data and stat.S_ISREG(node.st.st_mode)
         try:
-            copyup.build_copy(node.real, node.st, tmp, self.prefix, self.layers.origin_ino(node))
+            copyup.build_copy(node.real, node.st, tmp, self.prefix, self.layers.origin_ino(node), meta_only)
             copyup.install(tmp, upper_parent.real + "/" + name, os.lstat(upper_parent.real))
         except BaseException:
             copyup.discard(tmp)
@@ -170,10 +177,29 @@ class Union:
             self._changed()
         if self.events:
             self.events.emit("copy_up", node.path, layer=node.layer, kind=_kind(node.st.st_mode),
-                             bytes=node.st.st_size if stat.S_ISREG(node.st.st_mode) else 0,
-                             seconds=time.perf_counter() - started, trigger=self._trigger())
-        if stat.S_ISREG(node.st.st_mode):
+                             bytes=node.st.st_size if stat.S_ISREG(node.st.st_mode) and not meta_only else 0,
+                             seconds=time.perf_counter() - started, trigger=self._trigger(),
+                             metadata_only=meta_only)
+        if stat.S_ISREG(node.st.st_mode) and not meta_only:
             self._copied.add((node.st.st_dev, node.st.st_ino))
+        return self.layers.resolve_required(node.path)
+
+    def _fill_data(self, node):
+        """The data step of a metadata-only copy-up, at the first open for write or truncate."""
+        self._require_writable(node.path)
+        started = time.perf_counter()
+        times = os.lstat(node.real)
+        try:
+            copyup.fill_data(node.data, node.real)
+            os.removexattr(node.real, self.prefix + METACOPY, follow_symlinks=False)
+            copyup.restore_times(node.real, times)
+        finally:
+            self._changed()
+        data_st = os.lstat(node.data)
+        self._copied.add((data_st.st_dev, data_st.st_ino))
+        if self.events:
+            self.events.emit("copy_up", node.path, layer=node.parts[-1][0], kind="file", bytes=times.st_size,
+                             seconds=time.perf_counter() - started, trigger=self._trigger(), data_only=True)
         return self.layers.resolve_required(node.path)
 
     def _trigger(self):
@@ -267,7 +293,10 @@ class Union:
         nlink = 1 if node.is_dir and len(node.parts) > 1 else st.st_nlink  # as the kernel does for merged dirs
         if node.path in self._hidden and node.in_upper:
             nlink -= 1  # its link in the workdir is no name of the merged view
-        return _stat_dict(st, self.layers.ino(node), nlink)
+        attrs = _stat_dict(st, self.layers.ino(node), nlink)
+        if node.data is not None:
+            attrs["st_blocks"] = os.lstat(node.data).st_blocks  # the blocks are still the lower file's
+        return attrs
 
     def fgetattr(self, handle):
         """Attributes of an open file, also once its name is gone."""
@@ -323,21 +352,21 @@ class Union:
         if stat.S_ISLNK(node.st.st_mode):
             raise os_error(errno.EOPNOTSUPP, path)
         self._require_writable(path)
-        node = self._copy_up(node)
+        node = self._copy_up(node, data=False)
         os.chmod(node.real, stat.S_IMODE(mode))
 
     @locked
     def chown(self, path, uid, gid):
         """Change owner; -1 leaves a field as it is."""
         self._require_writable(path)
-        node = self._copy_up(self._node(path))
+        node = self._copy_up(self._node(path), data=False)
         os.chown(node.real, uid, gid, follow_symlinks=False)
 
     @locked
     def utimens(self, path, atime_ns=None, mtime_ns=None):
         """Set times in ns; None keeps a time as it is (UTIME_OMIT)."""
         self._require_writable(path)
-        node = self._copy_up(self._node(path))
+        node = self._copy_up(self._node(path), data=False)
         st = os.lstat(node.real)
         os.utime(node.real, ns=(st.st_atime_ns if atime_ns is None else atime_ns,
                                 st.st_mtime_ns if mtime_ns is None else mtime_ns), follow_symlinks=False)
@@ -370,7 +399,7 @@ class Union:
     @locked
     def setxattr(self, path, name, value, flags=0):
         self._require_writable(path)
-        node = self._copy_up(self._node(path))
+        node = self._copy_up(self._node(path), data=False)
         os.setxattr(node.real, escape_xattr(name, self.prefix), value, flags, follow_symlinks=False)
 
     @locked
@@ -380,7 +409,7 @@ class Union:
         real_name = escape_xattr(name, self.prefix)
         if not node.in_upper:
             os.getxattr(node.real, real_name, follow_symlinks=False)  # ENODATA before any copy-up, as the kernel
-        node = self._copy_up(node)
+        node = self._copy_up(node, data=False)
         os.removexattr(node.real, real_name, follow_symlinks=False)
 
     # -- files -----------------------------------------------------------------------------------
@@ -395,8 +424,13 @@ class Union:
             self._require_writable(path)
             node = self._copy_up(node)
         real_flags = (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)) | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(node.real, real_flags)
-        lower_id = None if node.in_upper else (node.st.st_dev, node.st.st_ino)
+        fd = os.open(node.data or node.real, real_flags)  # a metadata-only copy reads from its lower data
+        lower_id = None
+        if node.data is not None:
+            data_st = os.fstat(fd)
+            lower_id = (data_st.st_dev, data_st.st_ino)
+        elif not node.in_upper:
+            lower_id = (node.st.st_dev, node.st.st_ino)
         return Handle(fd, lower_id)
 
     @locked
@@ -424,7 +458,7 @@ class Union:
     @locked
     def _follow_copy_up(self, handle, path):
         node = self.layers.resolve(path)
-        if node is not None and node.in_upper and handle.lower_id is not None:
+        if node is not None and node.in_upper and node.data is None and handle.lower_id is not None:
             fd = os.open(node.real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             os.dup2(fd, handle.fd)
             os.close(fd)
@@ -605,13 +639,15 @@ class Union:
 
         needs_whiteout = self.layers.lower_positive(self.layers.resolve_required(old_parent_path), old_name)
         redirect = None
-        if src.is_dir and src.has_lower:
+        moves_data_ref = self.stack.metacopy and stat.S_ISREG(src.st.st_mode) and (
+            src.data is not None or not src.in_upper)  # a metadata-only copy finds its data by name
+        if (src.is_dir and src.has_lower) or moves_data_ref:
             if old_parent_path == new_parent_path:
                 redirect = src.redirect or old_name
             else:
                 redirect = "/" + next(rel for layer, rel in src.parts if layer > 0)
         try:
-            src = self._copy_up(src)
+            src = self._copy_up(src, data=False)
             upper_parent, _ = self._upper_parent(new)
             target = upper_parent.real + "/" + new_name
             if redirect is not None and redirect != src.redirect:

@@ -21,8 +21,8 @@ import os
 import stat
 
 from .errors import os_error
-from .whiteout import (OCI_OPAQUE, ORIGIN, REDIRECT, get_marker, is_oci_marker, is_opaque, is_whiteout,
-                       oci_marker)
+from .whiteout import (METACOPY, OCI_OPAQUE, ORIGIN, REDIRECT, get_marker, is_oci_marker, is_opaque,
+                       is_whiteout, oci_marker)
 
 XINO_SHIFT = 56
 
@@ -36,7 +36,8 @@ class Node:
     real: str           # that entry's path on disk
     st: os.stat_result  # its lstat at lookup: type and identity hold; size, mode, times may have changed since
     parts: tuple        # ((layer, path relative to that layer's root), ...), top to bottom
-    redirect: str = None  # the redirect xattr of the deciding directory, if any
+    redirect: str = None  # the redirect xattr of the deciding directory (or metacopy file), if any
+    data: str = None  # for a metadata-only copy (metacopy=on): the lower file that still holds the data
 
     @property
     def is_dir(self):
@@ -75,6 +76,7 @@ class Layers:
         self.prefix = stack.prefix
         self.oci = stack.oci_whiteouts
         self.follow_redirects = stack.follow_redirects
+        self.metacopy = stack.metacopy
         self._fs_index = {}
         for root in self.roots:
             if root is not None:
@@ -216,6 +218,7 @@ class Layers:
         """Look `name` up in the directory `parent`; None when it does not exist in the merged view."""
         found = []
         redirect_seen = None
+        data_wanted, data = False, None
         walk = self._targets(parent, name)
         for layer, rel in walk:
             if layer > 0 and self.oci and is_oci_marker(name) and redirect_seen is None:
@@ -231,9 +234,28 @@ class Layers:
                 continue
             if is_whiteout(st):
                 break
-            if not stat.S_ISDIR(st.st_mode):
-                if not found:
+            if data_wanted:  # below a metadata-only copy: the first regular file holds its data
+                if stat.S_ISREG(st.st_mode):
                     found.append((layer, rel, real, st))
+                    if get_marker(real, self.prefix, METACOPY) is None:
+                        data = real
+                        break
+                    continue  # itself metadata only (a lower layer that was once an upper)
+                break
+            if not stat.S_ISDIR(st.st_mode):
+                if found:
+                    break
+                found.append((layer, rel, real, st))
+                if stat.S_ISREG(st.st_mode) and get_marker(real, self.prefix, METACOPY) is not None:
+                    if not self.metacopy:
+                        raise os_error(1, join(parent.path, name))  # EPERM, as the kernel without metacopy=on
+                    data_wanted = True
+                    redirect = get_marker(real, self.prefix, REDIRECT)
+                    if redirect:
+                        self._check_redirect(redirect, join(parent.path, name))
+                        redirect_seen = redirect
+                        walk.send(redirect)
+                    continue
                 break
             found.append((layer, rel, real, st))
             if self._oci_deleted(layer, rel) or self._opaque(layer, real):
@@ -246,9 +268,13 @@ class Layers:
                     walk.send(redirect)
         if not found:
             return None
+        if data_wanted and data is None:
+            raise os_error(5, join(parent.path, name))  # EIO: a metadata-only copy whose data is gone
         layer, _, real, st = found[0]
-        top_redirect = get_marker(real, self.prefix, REDIRECT) if layer == 0 and stat.S_ISDIR(st.st_mode) else None
-        return Node(join(parent.path, name), layer, real, st, tuple((l, r) for l, r, _, _ in found), top_redirect)
+        top_redirect = get_marker(real, self.prefix, REDIRECT) if layer == 0 and (
+            stat.S_ISDIR(st.st_mode) or data_wanted) else None
+        return Node(join(parent.path, name), layer, real, st, tuple((l, r) for l, r, _, _ in found), top_redirect,
+                    data)
 
     def lower_positive(self, parent, name):
         """True when a lower layer shows `name` under `parent`: removing it from the upper needs a whiteout."""

@@ -33,6 +33,7 @@ class Stack:
     work: str = None
     redirect_dir: str = "off"
     userxattr: bool = False
+    metacopy: bool = False
     oci_whiteouts: bool = False
     read_only: bool = False
     allow_other: bool = None
@@ -63,6 +64,8 @@ class Stack:
             opts += ["upperdir=" + _escape(self.upper), "workdir=" + _escape(self.work)]
         if self.redirect_dir != "off":
             opts.append("redirect_dir=" + self.redirect_dir)
+        if self.metacopy:
+            opts.append("metacopy=on")
         opts += [name for name in ("userxattr", "oci_whiteouts") if getattr(self, name)]
         if self.read_only:
             opts.append("ro")
@@ -107,7 +110,7 @@ def parse_options(option_strings):
                 continue
             if key in GENERIC_OPTIONS or key.startswith("x-") or key == "comment":
                 continue
-            if key in ("lowerdir", "upperdir", "workdir", "redirect_dir", "fsname"):
+            if key in ("lowerdir", "upperdir", "workdir", "redirect_dir", "metacopy", "fsname"):
                 if not has_value or not value:
                     raise StackError(f"option '{key}' needs a value")
                 values[key] = value
@@ -126,13 +129,22 @@ def parse_options(option_strings):
         raise StackError("missing 'workdir' (an upperdir needs a workdir on the same filesystem)")
     if work is not None and upper is None:
         raise StackError("missing 'upperdir' (a workdir is only used with an upperdir)")
-    redirect = values.get("redirect_dir", "off")
+    metacopy = values.get("metacopy", "off")
+    if metacopy not in ("on", "off"):
+        raise StackError(f"bad value for metacopy: '{metacopy}' (on or off)")
+    metacopy = metacopy == "on"
+    # As in the kernel: metacopy=on needs redirects (a renamed file finds its data by one) and implies them.
+    redirect = values.get("redirect_dir", "on" if metacopy else "off")
     if redirect not in REDIRECT_MODES:
         raise StackError(f"bad value for redirect_dir: '{redirect}' (one of: {', '.join(REDIRECT_MODES)})")
+    if metacopy and redirect != "on":
+        raise StackError(f"conflicting options: metacopy=on,redirect_dir={redirect}")
+    if values.get("userxattr") and metacopy:
+        raise StackError("conflicting options: userxattr,metacopy=on")
     if values.get("userxattr") and redirect == "on":
         raise StackError("conflicting options: userxattr,redirect_dir=on")
     return Stack(
-        lowers=lowers, upper=upper, work=work, redirect_dir=redirect,
+        lowers=lowers, upper=upper, work=work, redirect_dir=redirect, metacopy=metacopy,
         userxattr=bool(values.get("userxattr")), oci_whiteouts=bool(values.get("oci_whiteouts")),
         read_only=bool(values.get("ro")), allow_other=True if values.get("allow_other") else None,
         fsname=values.get("fsname", "cowfs"), mount_flags=tuple(flags),

@@ -23,6 +23,7 @@ OCI_OPAQUE = ".wh..wh..opq"
 ORIGIN = "cowfs.origin"
 OPAQUE = "opaque"
 REDIRECT = "redirect"
+METACOPY = "metacopy"  # on an upper file that holds only metadata: its data is still in a lower layer
 
 
 def is_whiteout(st):

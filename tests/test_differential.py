@@ -51,6 +51,7 @@ MODES = {
     "redirect_off": (["redirect_dir=off"], ["redirect_dir=off"]),
     "redirect_on": (["redirect_dir=on"], ["redirect_dir=on"]),
     "userxattr": (["userxattr"], ["userxattr"]),  # the kernel refuses userxattr with any redirect_dir
+    "metacopy": (["metacopy=on"], ["metacopy=on"]),  # implies redirect_dir=on, in both
 }
 
 
@@ -403,7 +404,7 @@ class Scenario:
     name: str
     ops: Callable[[Session], None]
     build: Callable[[Layers], None] = build_std
-    modes: tuple[str, ...] = ("redirect_off", "redirect_on")
+    modes: tuple[str, ...] = ("redirect_off", "redirect_on", "metacopy")
     readonly: bool = False
     allow_other: bool = False  # cowfs needs allow_other for other uids to see the mount
 
@@ -415,7 +416,7 @@ def scenario(*, build=build_std, userxattr=False, readonly=False, allow_other=Fa
     def register(fn):
         name = fn.__name__.removeprefix("sc_")
         assert name not in SCENARIOS, name
-        modes = ("redirect_off", "redirect_on") + (("userxattr",) if userxattr else ())
+        modes = ("redirect_off", "redirect_on", "metacopy") + (("userxattr",) if userxattr else ())
         SCENARIOS[name] = Scenario(name, fn, build, modes, readonly, allow_other)
         return fn
     return register
@@ -489,6 +490,32 @@ def sc_copyup_chmod(fs: Session):
     for rel in ("file.txt", "dir", "deep/a/b/c/file.txt", "deep/a", "deep/a/b", "fifo", "nulldev"):
         fs.stat(rel)
     fs.read("deep/a/b/c/file.txt")
+
+
+@scenario()
+def sc_metadata_then_data(fs: Session):
+    """The life of a metadata-only copy (metacopy=on): chmod, rename, link, remount, then data.
+    In the other modes the same steps are ordinary copy-ups."""
+    fs.chmod("big.bin", 0o600)
+    fs.stat("big.bin")
+    fs.digest("big.bin")
+    fd = fs.open("sparse.bin", RD)
+    fs.chown("sparse.bin", USER, USER)
+    fs.pread(fd, 64, 0, "sparse.bin after a chown")
+    fs.close(fd)
+    fs.rename("big.bin", "dir/moved.bin")
+    fs.rename("sparse.bin", "renamed.bin")
+    fs.remount()
+    fs.digest("dir/moved.bin")
+    fs.stat("renamed.bin")
+    fs.link("dir/moved.bin", "moved-link.bin")
+    fs.stat("dir/moved.bin")
+    fs.write("renamed.bin", b"DATA", W, offset=4096)
+    fs.digest("renamed.bin")
+    fs.truncate("dir/moved.bin", 10)
+    fs.read("dir/moved.bin")
+    fs.listdir("")
+    fs.listdir("dir")
 
 
 @scenario()

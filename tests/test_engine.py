@@ -1718,3 +1718,49 @@ class TestEvents:
         monkeypatch.setattr(cowfs.events.Events, "emit", lambda *a, **k: pytest.fail("event built with no listener"))
         u.chmod("/f", 0o600)
         u.unlink("/f")
+
+
+# ---------------------------------------------------------------------------------------------
+# metacopy=on: metadata-only copy-up in the kernel's format
+
+class TestMetacopy:
+    def test_chmod_copies_metadata_only_and_data_follows_on_write(self, env):
+        low = env.lower()
+        put(low, "f", b"lower data" * 1000)
+        u = env.union(metacopy=True, redirect_dir="on")
+        u.chmod("/f", 0o600)
+        upper_f = env.upper / "f"
+        assert xattr(upper_f, TRUSTED + "metacopy") == b""
+        assert os.stat(upper_f).st_size == 10000 and os.stat(upper_f).st_blocks == 0  # all hole
+        assert read_all(u, "/f") == b"lower data" * 1000
+        h = u.open("/f", os.O_WRONLY)
+        u.write(h, b"UPPER", 0)
+        u.release(h)
+        assert TRUSTED + "metacopy" not in os.listxattr(upper_f)
+        assert read_all(u, "/f") == b"UPPER data" + b"lower data" * 999
+
+    def test_renamed_metadata_copy_finds_its_data_by_redirect(self, env):
+        low = env.lower()
+        put(low, "a/f", b"payload")
+        mkdirs(low, "b")
+        u = env.union(metacopy=True, redirect_dir="on")
+        u.rename("/a/f", "/b/g")
+        assert xattr(env.upper / "b/g", TRUSTED + "redirect") == b"/a/f"
+        assert tree(env.upper)["a/f"] == "whiteout"
+        assert read_all(u, "/b/g") == b"payload"
+
+    def test_metacopy_needs_redirects_and_no_userxattr(self):
+        from cowfs.errors import StackError
+        from cowfs.stack import parse_options
+        assert parse_options(["lowerdir=/l,metacopy=on"]).redirect_dir == "on"
+        for bad in ("metacopy=on,redirect_dir=off", "metacopy=on,userxattr"):
+            with pytest.raises(StackError, match="conflicting options"):
+                parse_options(["lowerdir=/l," + bad])
+
+    def test_without_metacopy_a_metadata_copy_is_refused(self, env):
+        low = env.lower()
+        put(low, "f", b"x")
+        put(env.upper, "f", b"")
+        os.setxattr(env.upper / "f", TRUSTED + "metacopy", b"")
+        u = env.union()
+        assert errno_of(u.getattr, "/f") == errno.EPERM
