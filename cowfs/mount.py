@@ -30,12 +30,15 @@ def _record_path(mountpoint):
     return os.path.join(runtime_dir(), mountpoint.strip("/").replace("%", "%25").replace("/", "%2F") + ".json")
 
 
-def _write_record(mountpoint, stack):
+def _write_record(mountpoint, stack, trace=None):
     os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
     path = _record_path(mountpoint)
     tmp = path + f".{os.getpid()}.tmp"
+    record = {"pid": os.getpid(), "mountpoint": mountpoint, "options": stack.option_string()}
+    if trace:
+        record["trace"] = trace
     with open(tmp, "w") as f:
-        json.dump({"pid": os.getpid(), "mountpoint": mountpoint, "options": stack.option_string()}, f)
+        json.dump(record, f)
     os.replace(tmp, path)
 
 
@@ -47,6 +50,17 @@ def _remove_record(mountpoint):
         os.unlink(_record_path(mountpoint))
     except (OSError, ValueError):
         pass
+
+
+def records():
+    """The records of the live cowfs mounts, as dicts, in mount point order."""
+    found = []
+    live = {mnt for _, mnt, fstype in mount_table() if fstype == "fuse.cowfs"}
+    for mnt in sorted(live):
+        record = read_record(mnt)
+        if record is not None:
+            found.append(record)
+    return found
 
 
 def read_record(mountpoint):
@@ -87,8 +101,29 @@ def _setup_logging(foreground, debug):
     logger.addHandler(handler)
 
 
-def mount(stack, mountpoint, *, foreground=False, debug=False):
+def _open_trace(trace, human):
+    """The events writer of a traced mount; a trace file that cannot be written is refused before mounting."""
+    from .trace import TraceWriter
+    for path in (trace, human):
+        if path is None:
+            continue
+        parent = os.path.dirname(path) or "."
+        if not os.path.isdir(parent):
+            raise StackError(f"trace {path}: No such directory {parent}")
+        if os.path.isdir(path):
+            raise StackError(f"trace {path}: Is a directory")
+    try:
+        return TraceWriter(trace, human)
+    except OSError as e:
+        raise StackError(f"trace {trace}: {e.strerror}") from None
+
+
+def mount(stack, mountpoint, *, foreground=False, debug=False, trace=None, human_trace=None):
     """Check the stack, mount it at `mountpoint`, and return once the mount is live (or serve, in the foreground).
+
+    With `trace`, every layer-changing event is appended to that file as one
+    JSON line (and, with `human_trace`, as one human line to that file, which
+    is what `cowfs shell` shows); the trace's path goes into the mount's record.
 
     Raises StackError with a one-line reason when anything is refused; then
     no mount and no daemon are left behind.
@@ -102,12 +137,30 @@ def mount(stack, mountpoint, *, foreground=False, debug=False):
     if not os.path.exists("/dev/fuse"):
         raise StackError("/dev/fuse: missing (load the fuse module, or install fuse3)")
     allow_other = stack.allow_other if stack.allow_other is not None else os.geteuid() == 0
-    union = Union(stack)
+    if trace is not None:
+        trace = os.path.abspath(trace)
+        human_trace = os.path.abspath(human_trace) if human_trace else None
+        if _is_inside(trace, mountpoint) or (human_trace and _is_inside(human_trace, mountpoint)):
+            raise StackError(f"trace {trace}: inside the mount point {mountpoint} (it would trace its own writes)")
+        for role, layer in [("lowerdir", p) for p in stack.lowers] + [("upperdir", stack.upper), ("workdir", stack.work)]:
+            if layer is not None and _is_inside(trace, layer):
+                raise StackError(f"trace {trace}: inside {role} {layer} (a trace is never written into a layer)")
+        writer = _open_trace(trace, human_trace)
+    else:
+        writer = None
+    try:
+        union = Union(stack)
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        raise
+    if writer is not None:
+        union.events.subscribe(writer)
     options = dict(foreground=True, debug=debug, allow_other=allow_other, read_only=not stack.writable,
                    fsname=stack.fsname, mount_flags=stack.mount_flags)
     if foreground or debug:
         _setup_logging(True, debug)
-        _write_record(mountpoint, stack)
+        _write_record(mountpoint, stack, trace)
         try:
             serve(union, mountpoint, **options)
         finally:
@@ -122,7 +175,7 @@ def mount(stack, mountpoint, *, foreground=False, debug=False):
         os.dup2(write_end, 2)  # libfuse's own complaints reach the parent through the pipe
 
         def ready():
-            _write_record(mountpoint, stack)
+            _write_record(mountpoint, stack, trace)
             os.write(write_end, READY)
             devnull = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):
@@ -146,6 +199,8 @@ def mount(stack, mountpoint, *, foreground=False, debug=False):
         os._exit(code)
     os.close(write_end)
     union.close()  # the daemon holds the workdir lock now
+    if writer is not None:
+        writer.close()  # and the trace
     output = _read_until_ready(read_end, pid)
     os.close(read_end)
     if READY in output:
@@ -156,6 +211,11 @@ def mount(stack, mountpoint, *, foreground=False, debug=False):
     lines = [l.strip() for l in output.decode(errors="replace").splitlines() if l.strip()]
     reason = lines[-1] if lines else "the daemon exited before the mount was live"
     raise StackError(f"mount point {mountpoint}: {reason.removeprefix('fuse: ')}")
+
+
+def _is_inside(path, directory):
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
 def _read_until_ready(fd, pid):

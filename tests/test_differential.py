@@ -45,12 +45,12 @@ OLD_TIME_NS = 1_200_000_000 * 10**9 + 123_456_789  # a time scenarios set on pur
 SCENARIO_TIMEOUT = float(os.environ.get("COWFS_DIFF_TIMEOUT", "120"))  # seconds per mount's scenario
 USER = 1000  # the unprivileged uid/gid used for ownership and permission checks
 
-KERNEL_COMMON = ["index=off", "metacopy=off"]
+KERNEL_COMMON = ["index=off"]
 MODES = {
     # mode: (kernel options, cowfs options)
-    "redirect_off": (["redirect_dir=off"], ["redirect_dir=off"]),
-    "redirect_on": (["redirect_dir=on"], ["redirect_dir=on"]),
-    "userxattr": (["userxattr"], ["userxattr"]),  # the kernel refuses userxattr with any redirect_dir
+    "redirect_off": (["redirect_dir=off", "metacopy=off"], ["redirect_dir=off"]),
+    "redirect_on": (["redirect_dir=on", "metacopy=off"], ["redirect_dir=on"]),
+    "userxattr": (["userxattr", "metacopy=off"], ["userxattr"]),  # the kernel refuses userxattr with any redirect_dir
     "metacopy": (["metacopy=on"], ["metacopy=on"]),  # implies redirect_dir=on, in both
 }
 

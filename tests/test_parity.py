@@ -47,9 +47,6 @@ MACHINES = {
     # (the mode is sketched in cowfs.testing.machine.MODES); add it here once it does.
 }
 
-MOUNTS = [pytest.mark.kernel, pytest.mark.fuse]
-
-
 @pytest.mark.parametrize("mode", list(MACHINES), ids=list(MACHINES))
 @pytest.mark.kernel
 @pytest.mark.fuse
