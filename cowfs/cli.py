@@ -4,7 +4,7 @@ import argparse
 import os
 import sys
 
-from . import __version__
+from . import __version__, image_cli
 from .errors import StackError
 from .stack import parse_options
 
@@ -129,6 +129,7 @@ def build_parser():
                        description="Unmount a cowfs mount (fusermount -u and umount work as well).")
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
     _add_explore_parsers(sub)
+    image_cli.add_commands(sub)
     parser.commands = tuple(sub.choices)
     return parser, m
 
@@ -254,6 +255,8 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command in image_cli.COMMANDS:
+        return image_cli.run(args)
     from . import mount as mounting
     try:
         if args.command == "mount":

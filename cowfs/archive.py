@@ -1,0 +1,611 @@
+"""Layer tar archives, read and written safely: OCI `.wh.` markers <-> the overlay's on-disk markers.
+
+Reading (`unpack_layer`) turns an OCI/Docker layer tar into a directory in the
+overlay's format, as Docker's overlay2 driver does: `.wh.NAME` becomes a
+whiteout (char device 0/0) and `.wh..wh..opq` makes its directory opaque.
+The diff ID (sha256 of the uncompressed tar) is computed while reading and
+checked against the expected one when it is known.
+
+Every member is checked before anything is written for it, and the caller
+unpacks into a fresh staging directory that it throws away on failure, so a
+hostile or broken archive changes nothing. Refused, with `ArchiveError`
+naming the archive and the member:
+- absolute names and `..` components;
+- an entry whose path goes *through* a symlink of the layer (a symlink's
+  target is only content: absolute targets are fine, as Docker allows);
+- hard links whose target is absolute, has `..`, or is not an earlier
+  regular member of the same archive;
+- duplicate entries (two members for one path, after `./` and `/`
+  normalisation): tar would let the later one win, but a layer never needs
+  that, and it is the classic way to swap a checked entry for a hostile one;
+  a directory entry for a directory that earlier members created implicitly
+  is not a duplicate;
+- device nodes unless running as root; unknown member types; overlay xattrs
+  (`trusted.overlay.*`, `user.overlay.*`) smuggled in pax headers;
+- a diff ID or blob digest that does not match; a truncated or corrupt archive
+  (including a tar that stops without its end-of-archive blocks).
+
+Writing (`write_layer`) turns an upper directory back into a layer tar:
+whiteouts become `.wh.NAME`, opaque directories get `.wh..wh..opq`, and a
+directory with a redirect is written with its whole merged content (its lower
+part is found through the redirect, which a layer tar cannot express) and an
+opaque marker. The output is reproducible: entries sorted, numeric owners
+without names, no atime/ctime, pax headers only for what needs them.
+"""
+
+import errno
+import gzip
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import zlib
+
+from .whiteout import OCI_OPAQUE, OCI_PREFIX, REDIRECT, TRUSTED_PREFIX, USER_PREFIX, get_marker, is_opaque, \
+    is_whiteout, make_whiteout, set_opaque
+
+CHUNK = 1 << 20
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+XATTR_PAX = "SCHILY.xattr."
+OVERLAY_XATTR_PREFIXES = (TRUSTED_PREFIX, USER_PREFIX)
+
+
+class ArchiveError(Exception):
+    """A layer or image archive that cowfs refuses; str() is the one-line message to show."""
+
+    def __init__(self, archive, reason, member=None):
+        self.archive, self.reason, self.member = archive, reason, member
+        where = f"{archive}: member {member!r}: " if member is not None else f"{archive}: "
+        super().__init__(where + reason)
+
+
+# -- streams ------------------------------------------------------------------------------------
+
+class HashingReader:
+    """Reads through `f`, keeping the sha256, the byte count and the last 1024 bytes of what was read."""
+
+    def __init__(self, f):
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.count = 0
+        self.tail = b""
+
+    def read(self, n=-1):
+        data = self.f.read(n)
+        if data:
+            self.sha.update(data)
+            self.count += len(data)
+            self.tail = (self.tail + data[-1024:])[-1024:]
+        return data
+
+    def drain(self):
+        while self.read(CHUNK):
+            pass
+
+    @property
+    def digest(self):
+        return "sha256:" + self.sha.hexdigest()
+
+
+class HashingWriter:
+    """Writes through to `f` (or nowhere when None), keeping the sha256 and the size of what was written."""
+
+    def __init__(self, f=None):
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.count = 0
+
+    def write(self, data):
+        self.sha.update(data)
+        self.count += len(data)
+        if self.f is not None:
+            self.f.write(data)
+        return len(data)
+
+    def tell(self):
+        return self.count
+
+    def flush(self):
+        if self.f is not None:
+            self.f.flush()
+
+    @property
+    def digest(self):
+        return "sha256:" + self.sha.hexdigest()
+
+
+class _Prefixed:
+    """A reader that gives back `head` before the rest of `f` (after peeking at magic bytes)."""
+
+    def __init__(self, head, f):
+        self.head, self.f = head, f
+
+    def read(self, n=-1):
+        if self.head:
+            if n is None or n < 0:
+                data, self.head = self.head + self.f.read(), b""
+                return data
+            data, self.head = self.head[:n], self.head[n:]
+            if len(data) < n:
+                data += self.f.read(n - len(data))
+            return data
+        return self.f.read(n)
+
+
+class _ZstdProcess:
+    """Decompress with the `zstd` binary, fed from a thread (for when the zstandard module is missing)."""
+
+    def __init__(self, f, binary):
+        self.proc = subprocess.Popen([binary, "-dcq"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+        self.error = None
+
+        def feed():
+            try:
+                for chunk in iter(lambda: f.read(CHUNK), b""):
+                    self.proc.stdin.write(chunk)
+            except (OSError, ValueError) as e:  # the reader stopped early, or a broken pipe
+                self.error = e
+            finally:
+                try:
+                    self.proc.stdin.close()
+                except OSError:
+                    pass
+
+        self.thread = threading.Thread(target=feed, daemon=True)
+        self.thread.start()
+
+    def read(self, n=-1):
+        data = self.proc.stdout.read(n)
+        if not data:
+            rc = self.proc.wait()
+            self.thread.join()
+            if rc != 0:
+                raise EOFError("zstd: " + self.proc.stderr.read().decode(errors="replace").strip())
+        return data
+
+    def close(self):
+        self.proc.stdout.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.thread.join()
+
+
+def zstd_available():
+    try:
+        import zstandard  # noqa: F401
+        return True
+    except ImportError:
+        return shutil.which("zstd") is not None
+
+
+def decompressed(f, archive):
+    """A reader of `f` uncompressed: gzip and zstd are recognised by their magic bytes, anything else is plain."""
+    head = f.read(4)
+    raw = _Prefixed(head, f)
+    if head.startswith(GZIP_MAGIC):
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if head == ZSTD_MAGIC:
+        try:
+            import zstandard
+            return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        except ImportError:
+            binary = shutil.which("zstd")
+            if binary is None:
+                raise ArchiveError(archive, "zstd-compressed, and neither the zstandard module "
+                                   "nor the zstd command is installed")
+            return _ZstdProcess(raw, binary)
+    return raw
+
+
+class Progress:
+    """One line on stderr about every second while a long read goes on (nothing for short ones)."""
+
+    INTERVAL = 1.0  # seconds between two lines
+
+    def __init__(self, label, total=None, stream=None):
+        self.label, self.total = label, total
+        self.stream = stream if stream is not None else sys.stderr
+        self.interval = self.INTERVAL
+        self.start = self.last = time.monotonic()
+        self.shown = False
+
+    def update(self, done):
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        self.shown = True
+        of = f" of {human_size(self.total)} ({100 * done // max(self.total, 1)}%)" if self.total else ""
+        print(f"cowfs: {self.label}: {human_size(done)}{of}", file=self.stream, flush=True)
+
+    def finish(self, done):
+        if self.shown:
+            took = time.monotonic() - self.start
+            print(f"cowfs: {self.label}: {human_size(done)} in {took:.1f}s", file=self.stream, flush=True)
+
+
+class ProgressFile:
+    """A seekable file whose reads report the position to a Progress."""
+
+    def __init__(self, f, progress):
+        self.f, self.progress = f, progress
+
+    def read(self, n=-1):
+        data = self.f.read(n)
+        self.progress.update(self.f.tell())
+        return data
+
+    def seek(self, *args):
+        return self.f.seek(*args)
+
+    def tell(self):
+        return self.f.tell()
+
+    def close(self):
+        self.f.close()
+
+
+def human_size(n):
+    """Sizes as Docker prints them: decimal units, three significant digits ("39B", "2.15MB", "5.6MB")."""
+    n = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.3g}{unit}"
+        n /= 1000
+
+
+# -- reading a layer ------------------------------------------------------------------------------
+
+def normalise_name(name, archive):
+    """The member's path relative to the layer root ("" for the root itself); refuses absolute and `..` names."""
+    if name.startswith("/"):
+        raise ArchiveError(archive, "absolute path in a layer", name)
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ArchiveError(archive, "'..' in a member name", name)
+    if "\0" in name:
+        raise ArchiveError(archive, "NUL byte in a member name", name)
+    return "/".join(parts)
+
+
+class _Unpacker:
+    """The state of one layer being unpacked into `dest` (a fresh directory)."""
+
+    def __init__(self, dest, archive, prefix, allow_devices, same_owner):
+        self.dest, self.archive, self.prefix = dest, archive, prefix
+        self.allow_devices, self.same_owner = allow_devices, same_owner
+        self.explicit = {}   # rel -> type of the member that created it
+        self.implicit = set()  # directories created only as parents of later members
+        self.dir_attrs = []  # (rel, member) applied at the end, deepest first
+        self.size = 0
+
+    def fail(self, reason, member):
+        raise ArchiveError(self.archive, reason, member)
+
+    def real(self, rel):
+        return os.path.join(self.dest, rel) if rel else self.dest
+
+    def parent_dir(self, rel, member):
+        """Make sure every directory above `rel` is a real directory of the layer (creating missing ones)."""
+        parts = rel.split("/")[:-1]
+        for i in range(len(parts)):
+            sub = "/".join(parts[:i + 1])
+            path = self.real(sub)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                os.mkdir(path, 0o755)
+                self.implicit.add(sub)
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                self.fail(f"goes through the symlink {sub!r} of the layer", member)
+            if not stat.S_ISDIR(st.st_mode):
+                self.fail(f"goes through {sub!r}, which is not a directory", member)
+
+    def claim(self, rel, kind, member):
+        """Refuse a second member for one path; a directory may name an implicitly created directory."""
+        if rel in self.explicit:
+            self.fail("duplicate entry (an earlier member has the same path)", member)
+        exists = os.path.lexists(self.real(rel))
+        if exists and not (kind == "dir" and rel in self.implicit):
+            self.fail("conflicts with an earlier member (a whiteout or a directory made for its children)", member)
+        self.explicit[rel] = kind
+        self.implicit.discard(rel)
+
+    def xattrs(self, info, rel, member):
+        items = []
+        for key, value in sorted(info.pax_headers.items()):
+            if not key.startswith(XATTR_PAX):
+                continue
+            name = key[len(XATTR_PAX):]
+            if name.startswith(OVERLAY_XATTR_PREFIXES):
+                self.fail(f"carries the overlay's own xattr {name!r}", member)
+            items.append((name, value.encode("utf-8", "surrogateescape")))
+        return items
+
+    def apply_attrs(self, path, info, xattrs, is_link=False):
+        for name, value in xattrs:
+            try:
+                os.setxattr(path, name, value, follow_symlinks=False)
+            except OSError as e:
+                if e.errno not in (errno.ENOTSUP, errno.EPERM):
+                    raise
+        if self.same_owner:
+            os.lchown(path, info.uid, info.gid)
+        if not is_link:
+            os.chmod(path, info.mode & 0o7777)
+        os.utime(path, ns=(int(info.mtime * 1e9),) * 2, follow_symlinks=False)
+
+    def add(self, tf, info):
+        member = info.name
+        rel = normalise_name(member, self.archive)
+        base = rel.rpartition("/")[2]
+        if not rel:  # the layer root ("./"): its attributes are the mount's business
+            if not info.isdir():
+                self.fail("the layer root is not a directory", member)
+            return
+        xattrs = self.xattrs(info, rel, member)
+        self.parent_dir(rel, member)
+        parent = rel.rpartition("/")[0]
+        if base == OCI_OPAQUE:
+            if rel in self.explicit:
+                self.fail("duplicate entry (an earlier member has the same path)", member)
+            self.explicit[rel] = "opaque"  # no object on disk: the marker is an xattr of its directory
+            set_opaque(self.real(parent), self.prefix)
+            return
+        if base.startswith(OCI_PREFIX + OCI_PREFIX):
+            return  # other AUFS metadata (.wh..wh.plnk, .wh..wh.aufs): Docker skips them too
+        if base.startswith(OCI_PREFIX):
+            target = (parent + "/" if parent else "") + base[len(OCI_PREFIX):]
+            if target in self.explicit:
+                self.fail("whiteout for a member of the same layer", member)
+            self.claim(target, "whiteout", member)
+            make_whiteout(self.real(target))
+            if self.same_owner:
+                os.lchown(self.real(target), info.uid, info.gid)
+            return
+        path = self.real(rel)
+        if info.isdir():
+            self.claim(rel, "dir", member)
+            if not os.path.lexists(path):
+                os.mkdir(path, 0o700)
+            for name, value in xattrs:
+                try:
+                    os.setxattr(path, name, value, follow_symlinks=False)
+                except OSError as e:
+                    if e.errno not in (errno.ENOTSUP, errno.EPERM):
+                        raise
+            self.dir_attrs.append((rel, info))
+            return
+        if info.isreg():
+            self.claim(rel, "file", member)
+            src = tf.extractfile(info)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                shutil.copyfileobj(src, out, CHUNK)
+            self.size += info.size
+        elif info.issym():
+            self.claim(rel, "symlink", member)
+            os.symlink(info.linkname, path)
+            self.size += len(os.fsencode(info.linkname))
+            self.apply_attrs(path, info, xattrs, is_link=True)
+            return
+        elif info.islnk():
+            target = info.linkname
+            if target.startswith("/"):
+                self.fail(f"hard link to an absolute path {target!r} (out of the layer)", member)
+            try:
+                trel = normalise_name(target, self.archive)
+            except ArchiveError:
+                self.fail(f"hard link out of the layer ({target!r})", member)
+            if self.explicit.get(trel) not in ("file", "fifo", "device", "symlink"):
+                self.fail(f"hard link to {target!r}, which is not an earlier file of this archive", member)
+            self.claim(rel, "file", member)
+            os.link(self.real(trel), path, follow_symlinks=False)
+            return  # a hard link shares its target's attributes
+        elif info.isfifo():
+            self.claim(rel, "fifo", member)
+            os.mkfifo(path, 0o600)
+        elif info.ischr() or info.isblk():
+            if not self.allow_devices:
+                self.fail("device node (only root may create one)", member)
+            self.claim(rel, "device", member)
+            kind = stat.S_IFCHR if info.ischr() else stat.S_IFBLK
+            os.mknod(path, kind | 0o600, os.makedev(info.devmajor, info.devminor))
+        else:
+            self.fail(f"unsupported member type {info.type!r}", member)
+        self.apply_attrs(path, info, xattrs)
+
+    def finish(self):
+        for rel, info in sorted(self.dir_attrs, key=lambda item: item[0].count("/"), reverse=True):
+            self.apply_attrs(self.real(rel), info, [])
+
+
+def unpack_layer(f, dest, archive, expected=None, prefix=TRUSTED_PREFIX, allow_devices=None, progress=None):
+    """Unpack the layer tar read from `f` (plain, gzip or zstd) into the empty directory `dest`.
+
+    Returns (diff_id, size): the sha256 of the uncompressed tar as "sha256:HEX"
+    and the bytes the layer's objects hold. `dest` is left half-written when
+    ArchiveError is raised: the caller unpacks into a staging directory.
+
+    Raises:
+        ArchiveError: a hostile, broken or mismatching archive (see the module docstring).
+    """
+    if allow_devices is None:
+        allow_devices = os.geteuid() == 0
+    stream = decompressed(f, archive)
+    hashed = HashingReader(stream)
+    unpacker = _Unpacker(dest, archive, prefix, allow_devices, same_owner=os.geteuid() == 0)
+    member = None
+    try:
+        with tarfile.open(fileobj=hashed, mode="r|", errorlevel=2) as tf:
+            for info in tf:
+                member = info.name
+                unpacker.add(tf, info)
+                if progress is not None:
+                    progress.update(hashed.count)
+            member = None
+            unpacker.finish()
+        hashed.drain()
+    except (EOFError, tarfile.TarError, zlib.error, gzip.BadGzipFile) as e:
+        reason = str(e) or type(e).__name__
+        raise ArchiveError(archive, f"truncated or corrupt archive ({reason})", member) from None
+    except OSError as e:
+        raise ArchiveError(archive, f"cannot unpack: {e.strerror or e}", member) from None
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+    if hashed.count % 512 or hashed.tail != bytes(len(hashed.tail)) or hashed.count < 1024:
+        raise ArchiveError(archive, "truncated archive (no end-of-archive blocks)")
+    if expected is not None and hashed.digest != expected:
+        raise ArchiveError(archive, f"digest mismatch: expected {expected}, got {hashed.digest}")
+    return hashed.digest, unpacker.size
+
+
+# -- writing a layer ------------------------------------------------------------------------------
+
+class _Writer:
+    """Emits the entries of one layer tar in a fixed order with normalised metadata."""
+
+    def __init__(self, tf, prefix, layers, clamp_mtime):
+        self.tf, self.prefix, self.layers = tf, prefix, layers
+        self.clamp = clamp_mtime
+        self.links = {}  # (st_dev, st_ino) -> name of the first member for that inode
+
+    def mtime(self, st):
+        t = int(st.st_mtime)
+        return min(t, self.clamp) if self.clamp is not None else t
+
+    def xattrs(self, path):
+        try:
+            names = os.listxattr(path, follow_symlinks=False)
+        except OSError:
+            return {}
+        out = {}
+        for name in sorted(names):
+            if name.startswith(OVERLAY_XATTR_PREFIXES) or name.startswith("trusted.overlay."):
+                continue
+            if not name.startswith(("user.", "security.", "trusted.")):
+                continue
+            try:
+                value = os.getxattr(path, name, follow_symlinks=False)
+            except OSError:
+                continue
+            out[XATTR_PAX + name] = value.decode("utf-8", "surrogateescape")
+        return out
+
+    def marker(self, name, mode, st):
+        info = tarfile.TarInfo(name)
+        info.type = tarfile.REGTYPE
+        info.mode = mode & 0o777
+        info.uid, info.gid = st.st_uid, st.st_gid
+        info.uname = info.gname = ""
+        info.mtime = 0  # as Docker writes its whiteout markers
+        self.tf.addfile(info)
+
+    def entry(self, name, path, st):
+        """One object as a member named `name` (hard links to an inode already written become links)."""
+        info = tarfile.TarInfo(name)
+        info.mode = stat.S_IMODE(st.st_mode)
+        info.uid, info.gid = st.st_uid, st.st_gid
+        info.uname = info.gname = ""
+        info.mtime = self.mtime(st)
+        info.pax_headers = self.xattrs(path) if not stat.S_ISLNK(st.st_mode) else {}
+        fmt = stat.S_IFMT(st.st_mode)
+        if fmt != stat.S_IFDIR and st.st_nlink > 1:
+            key = (st.st_dev, st.st_ino)
+            if key in self.links:
+                info.type, info.linkname = tarfile.LNKTYPE, self.links[key]
+                info.pax_headers = {}
+                self.tf.addfile(info)
+                return
+            self.links[key] = name
+        if fmt == stat.S_IFREG:
+            info.type, info.size = tarfile.REGTYPE, st.st_size
+            with open(path, "rb") as src:
+                self.tf.addfile(info, src)
+            return
+        if fmt == stat.S_IFDIR:
+            info.type = tarfile.DIRTYPE
+        elif fmt == stat.S_IFLNK:
+            info.type, info.linkname = tarfile.SYMTYPE, os.readlink(path)
+        elif fmt == stat.S_IFIFO:
+            info.type = tarfile.FIFOTYPE
+        elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
+            info.type = tarfile.CHRTYPE if fmt == stat.S_IFCHR else tarfile.BLKTYPE
+            info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        else:
+            return  # sockets are not archived (tar cannot hold them)
+        self.tf.addfile(info)
+
+    def upper_dir(self, real, rel):
+        """The upper directory `real` (merged path `rel`, "" for the root): its changes as OCI entries."""
+        for name in sorted(os.listdir(real)):
+            path = os.path.join(real, name)
+            child = f"{rel}/{name}" if rel else name
+            st = os.lstat(path)
+            if is_whiteout(st):
+                head = rel + "/" if rel else ""
+                self.marker(head + OCI_PREFIX + name, stat.S_IMODE(st.st_mode), st)
+                continue
+            self.entry(child, path, st)
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            if get_marker(path, self.prefix, REDIRECT) and self.layers is not None:
+                self.marker(child + "/" + OCI_OPAQUE, stat.S_IMODE(st.st_mode), st)
+                self.merged_dir("/" + child, child)
+            else:
+                if is_opaque(path, self.prefix):
+                    self.marker(child + "/" + OCI_OPAQUE, stat.S_IMODE(st.st_mode), st)
+                self.upper_dir(path, child)
+
+    def merged_dir(self, merged, rel):
+        """Everything the merged view shows under `merged`, from whichever layer (for a redirected directory)."""
+        node = self.layers.resolve_required(merged)
+        for name, _, entry in sorted(self.layers.list_dir(node), key=lambda item: item[0]):
+            child_merged = merged + "/" + name
+            child = self.layers.resolve_required(child_merged)
+            st = os.lstat(child.real)
+            self.entry(f"{rel}/{name}", child.real, st)
+            if stat.S_ISDIR(st.st_mode):
+                self.merged_dir(child_merged, f"{rel}/{name}")
+
+
+def write_layer(upper, out, lowers=(), prefix=TRUSTED_PREFIX, clamp_mtime=None):
+    """Write the changes recorded in the overlay upper directory `upper` as a layer tar to `out`.
+
+    `lowers` (topmost first) are needed only to expand redirected directories;
+    a redirect with no lowers given is an error. `clamp_mtime` caps every
+    mtime (as SOURCE_DATE_EPOCH does) for archives that must not depend on
+    when things happened. Returns (diff_id, size in bytes of the tar).
+    """
+    from .lookup import Layers
+    from .stack import Stack
+
+    layers = None
+    if lowers:
+        layers = Layers(Stack(lowers=[os.path.abspath(p) for p in lowers], upper=os.path.abspath(upper),
+                              redirect_dir="follow", userxattr=prefix == USER_PREFIX))
+    elif _has_redirect(upper, prefix):
+        raise ArchiveError(upper, "has a redirected directory: give its lower layers (--lower) to expand it")
+    hashed = HashingWriter(out)
+    with tarfile.open(fileobj=hashed, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8") as tf:
+        _Writer(tf, prefix, layers, clamp_mtime).upper_dir(upper, "")
+    return hashed.digest, hashed.count
+
+
+def _has_redirect(upper, prefix):
+    for dirpath, dirnames, _ in os.walk(upper):
+        for name in dirnames:
+            if get_marker(os.path.join(dirpath, name), prefix, REDIRECT):
+                return True
+    return False

@@ -1,0 +1,232 @@
+"""`cowfs diff`: what an upper layer changes, as `docker diff` lists a container's changes (A, C, D).
+
+The answer compares two views of the same layers: *before*, the lower layers
+alone, and *after*, the merged view with the upper on top, both resolved by
+the engine's own lookup rules (`Layers`), so whiteouts, opaque directories
+and redirects count exactly as a mount shows them. Only what the upper can
+change is walked: a directory that comes from a lower layer unchanged is not
+entered. The rules:
+
+- a name in *after* whose object is in the upper: C when *before* has the name,
+  else A (so a directory copied up because something in it changed is C);
+- a name in *after* found in a lower layer at another path than *before*
+  finds there (through a redirect: a renamed directory): A (or C), with its
+  contents, as if it had been copied;
+- a name in *before* and not in *after*: D, once (a deleted directory is one
+  line, as in docker diff).
+
+Also the helpers that find a stack from a mount point or an upper directory,
+shared with `cowfs explain` and `cowfs status`.
+"""
+
+import dataclasses
+import os
+import stat
+import sys
+
+from .errors import StackError
+from .lookup import Layers, join
+from .mount import mount_table, read_record, records
+from .stack import Stack, parse_options
+from .trace import human_size
+from .whiteout import is_whiteout
+
+KERNEL_KEYS = ("lowerdir", "upperdir", "workdir", "redirect_dir", "userxattr")
+
+
+@dataclasses.dataclass
+class Located:
+    """A stack found for a command: its layers, and the mount (point, record) when it is mounted."""
+
+    stack: Stack
+    mountpoint: str = None
+    record: dict = None
+    kind: str = None  # "cowfs", "overlay" (the kernel's), or None for an unmounted upper
+
+    @property
+    def trace(self):
+        return (self.record or {}).get("trace")
+
+
+def _mount_options():
+    """{mountpoint: (fstype, options)} of the mounts, from /proc/self/mounts."""
+    def unescape(s):
+        return s.encode().decode("unicode_escape").encode("latin-1").decode("utf-8", "surrogateescape")
+    found = {}
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 4:
+                found[unescape(fields[1])] = (fields[2], unescape(fields[3]))
+    return found
+
+
+def _split_opts(text):
+    from .stack import _split
+    return _split(text, ",", keep_escapes=True)
+
+
+def mounted_stack(mountpoint):
+    """The Located stack mounted exactly at `mountpoint` (cowfs or the kernel's overlay), or None."""
+    real = os.path.realpath(mountpoint)
+    fstype, options = _mount_options().get(real, (None, None))
+    if fstype == "fuse.cowfs":
+        record = read_record(real)
+        if record is None:
+            raise StackError(f"{mountpoint}: a cowfs mount without a record in the runtime directory "
+                             "(mounted by another user?)")
+        return Located(parse_options([record["options"]]), real, record, "cowfs")
+    if fstype == "overlay":
+        kept = [o for o in _split_opts(options) if o.partition("=")[0] in KERNEL_KEYS]
+        return Located(parse_options([",".join(kept)]), real, None, "overlay")
+    return None
+
+
+def mount_containing(path):
+    """The Located cowfs mount that holds `path` (the deepest one), and the merged path of `path` in it."""
+    real = os.path.realpath(path)
+    best = None
+    for _, mnt, fstype in mount_table():
+        if fstype != "fuse.cowfs":
+            continue
+        if real == mnt or real.startswith(mnt.rstrip("/") + "/"):
+            if best is None or len(mnt) > len(best):
+                best = mnt
+    if best is None:
+        raise StackError(f"{path}: not inside a cowfs mount")
+    located = mounted_stack(best)
+    merged = "/" + real[len(best):].strip("/")
+    return located, merged
+
+
+def locate(target, lowers=(), options=()):
+    """The stack to diff: `target` is a mount point, or an upper directory with its lowers
+    (given, or found in the record of the live mount that uses it)."""
+    if not os.path.lexists(target):
+        raise StackError(f"{target}: No such file or directory")
+    if not os.path.isdir(target):
+        raise StackError(f"{target}: Not a directory (give a mount point or an upper directory)")
+    if not lowers and not options:
+        located = mounted_stack(target)
+        if located is not None:
+            if located.stack.upper is None:
+                raise StackError(f"{target}: a read-only mount (no upper layer, so no changes)")
+            return located
+    upper = os.path.realpath(target)
+    if not lowers and not any("lowerdir=" in o for o in options):
+        for record in records():
+            stack = parse_options([record["options"]])
+            if stack.upper and os.path.realpath(stack.upper) == upper:
+                return Located(stack, record["mountpoint"], record, "cowfs")
+        raise StackError(f"{target}: not a mount point nor the upper of a live cowfs mount; "
+                         "give its lower layers with --lower DIR (topmost first)")
+    opts = list(options)
+    if lowers:
+        opts.insert(0, "lowerdir=" + ":".join(p.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
+                                              for p in lowers))
+    stack = parse_options(opts)
+    if stack.upper is not None:
+        raise StackError(f"{target}: give the upper directory as the argument, not as upperdir=")
+    for layer in stack.lowers:
+        if not os.path.isdir(layer):
+            raise StackError(f"lowerdir {layer}: " + ("No such file or directory" if not os.path.lexists(layer)
+                                                      else "Not a directory"))
+    stack = dataclasses.replace(stack, lowers=[os.path.realpath(p) for p in stack.lowers], upper=upper)
+    return Located(stack)
+
+
+def _layers(stack):
+    """The after and before views of a stack: with the upper on top, and the lowers alone."""
+    return Layers(stack), Layers(dataclasses.replace(stack, upper=None))
+
+
+def changes(stack):
+    """[(kind, path, upper_real_or_None)] in path order: kind is "A", "C" or "D"."""
+    after, before = _layers(stack)
+    found = []
+
+    def walk(after_dir, before_dir):
+        path = after_dir.path
+        after_names = {name for name, _, _ in after.list_dir(after_dir)}
+        before_names = set()
+        if before_dir is not None and before_dir.is_dir:
+            before_names = {name for name, _, _ in before.list_dir(before_dir)}
+        for name in before_names - after_names:
+            found.append(("D", join(path, name), None))
+        for name in after_names:
+            a = after.child(after_dir, name)
+            b = before.child(before_dir, name) if name in before_names else None
+            if a is None:
+                continue
+            if a.layer != 0 and b is not None and b.layer == a.layer and b.real == a.real:
+                continue  # the lower object, at the path it always had
+            found.append(("A" if b is None else "C", a.path, a.real if a.layer == 0 else None))
+            if a.is_dir:
+                walk(a, b if b is not None and b.is_dir else None)
+
+    walk(after.root(), before.root())
+    found.sort(key=lambda change: change[1].split("/"))
+    return found
+
+
+def tree_size(root):
+    """Bytes of data under `root`, as docker counts a layer's size: regular files and symlinks, hard links once."""
+    total, seen = 0, set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if is_whiteout(st) or stat.S_ISDIR(st.st_mode):
+                continue
+            if st.st_nlink > 1:
+                if (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+            total += st.st_size
+    return total
+
+
+def object_size(real):
+    """Bytes an upper object holds (None for a directory or a whiteout)."""
+    try:
+        st = os.lstat(real)
+    except OSError:
+        return None
+    if stat.S_ISDIR(st.st_mode) or is_whiteout(st):
+        return None
+    return st.st_size
+
+
+def format_changes(found, sizes=False):
+    """The lines of `cowfs diff`: `C /etc/hosts`, with --size a right-aligned size column."""
+    if not sizes:
+        return [f"{kind} {path}" for kind, path, _ in found]
+    width = max((len(path) for _, path, _ in found), default=0)
+    lines = []
+    for kind, path, real in found:
+        size = object_size(real) if real else None
+        lines.append(f"{kind} {path}" + (f"{'':{width - len(path)}}  {human_size(size):>8}" if size is not None
+                                         else ""))
+    return [line.rstrip() for line in lines]
+
+
+def size_line(stack):
+    upper = tree_size(stack.upper)
+    virtual = upper + sum(tree_size(layer) for layer in stack.lowers)
+    return f"size: {human_size(upper)} (virtual {human_size(virtual)})"
+
+
+def run(args):
+    located = locate(args.target, args.lower, args.options)
+    try:
+        found = changes(located.stack)
+    except OSError as e:
+        raise StackError(f"{e.filename or args.target}: {e.strerror}") from None
+    for line in format_changes(found, args.size):
+        print(line)
+    if args.size:
+        print(size_line(located.stack))
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,178 @@
+"""`cowfs shell`: a throwaway stack, a shell inside it, and every copy-up shown as it happens.
+
+How events reach the screen without garbling what the user types: the daemon
+writes each event, as it happens, as one human line to a file beside the
+trace (`events.txt`, one write(2) a line). The shell prints the lines it has
+not shown yet just before each prompt (bash: PROMPT_COMMAND; POSIX shells
+such as dash: a command substitution in PS1 that writes to stderr), so
+they appear between a command's output and the next prompt, never while the
+user is typing. Every event of a command is written before the command's
+system call returns, so the next prompt always shows all of them.
+"""
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+
+from . import mount as mounting
+from .diff import changes, format_changes, size_line
+from .errors import StackError
+from .stack import _escape, check, parse_options
+
+PREFIX = "[cowfs] "
+
+HOOK = r"""
+__cowfs_events() {
+    __cowfs_n=$(wc -c < "$COWFS_EVENTS" 2>/dev/null) || return 0
+    __cowfs_seen=$(cat "$COWFS_EVENTS.seen" 2>/dev/null) || __cowfs_seen=0
+    if [ "${__cowfs_n:-0}" -gt "${__cowfs_seen:-0}" ]; then
+        tail -c +$((__cowfs_seen + 1)) "$COWFS_EVENTS" | head -c $((__cowfs_n - __cowfs_seen)) | sed 's/^/%(prefix)s/'
+        echo "$__cowfs_n" > "$COWFS_EVENTS.seen"
+    fi
+}
+__cowfs_where() {
+    case $PWD in
+        "$COWFS_MERGED") echo /;;
+        "$COWFS_MERGED"/*) echo "${PWD#"$COWFS_MERGED"}";;
+        *) echo "$PWD (outside the stack)";;
+    esac
+}
+"""
+
+BASH_RC = """\
+[ -f ~/.bashrc ] && . ~/.bashrc
+. %(hook)s
+PS1='(cowfs) $(__cowfs_where)\\$ '
+PROMPT_COMMAND=__cowfs_events
+"""
+
+SH_ENV = """\
+[ -n "$COWFS_USER_ENV" ] && [ -f "$COWFS_USER_ENV" ] && . "$COWFS_USER_ENV"
+. %(hook)s
+PS1='$(__cowfs_events >&2)(cowfs) $(__cowfs_where)$ '
+"""
+
+
+def _stack(args):
+    options = list(args.options)
+    if args.layers:
+        options.insert(0, "lowerdir=" + ":".join(_escape(os.path.abspath(p)) for p in args.layers))
+    if not any(opt.startswith("lowerdir=") or ",lowerdir=" in opt for opt in options):
+        raise StackError("shell: give the lower layers: LAYER... (topmost first) or -o lowerdir=A:B")
+    if any("upperdir=" in opt or "workdir=" in opt for opt in options):
+        raise StackError("shell: give an upper directory with --upper DIR, not -o upperdir=")
+    return options
+
+
+def _write_hooks(tmp):
+    hook = os.path.join(tmp, "hook.sh")
+    with open(hook, "w") as f:
+        f.write(HOOK % {"prefix": PREFIX.replace("/", "\\/")})
+    bashrc = os.path.join(tmp, "bashrc")
+    with open(bashrc, "w") as f:
+        f.write(BASH_RC % {"hook": shlex.quote(hook)})
+    shenv = os.path.join(tmp, "shenv")
+    with open(shenv, "w") as f:
+        f.write(SH_ENV % {"hook": shlex.quote(hook)})
+    return bashrc, shenv
+
+
+def _shell_command(shell, bashrc, shenv, env):
+    name = os.path.basename(shell)
+    if name == "bash":
+        return [shell, "--rcfile", bashrc, "-i"]
+    if name in ("sh", "dash", "ash", "ksh", "mksh", "busybox", "yash"):
+        if env.get("ENV"):
+            env["COWFS_USER_ENV"] = env["ENV"]
+        env["ENV"] = shenv
+        return [shell, "-i"]
+    return [shell]  # another shell: no live events, the summary still comes at exit
+
+
+def _run_shell(merged, tmp, events):
+    shell = os.environ.get("SHELL") or "/bin/sh"
+    if not shutil.which(shell):
+        raise StackError(f"shell {shell}: not found (set SHELL)")
+    bashrc, shenv = _write_hooks(tmp)
+    env = dict(os.environ, COWFS_SHELL="1", COWFS_MERGED=merged, COWFS_EVENTS=events)
+    command = _shell_command(shell, bashrc, shenv, env)
+    child = subprocess.Popen(command, cwd=merged, env=env)
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP)}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _still_mounted(path):
+    real = os.path.realpath(path)
+    return any(mnt == real or mnt.startswith(real + "/") for _, mnt, _ in mounting.mount_table())
+
+
+def run(args):
+    options = _stack(args)
+    tmp = tempfile.mkdtemp(prefix="cowfs-shell-")
+    merged = os.path.join(tmp, "merged")
+    trace = os.path.join(tmp, "trace.jsonl")
+    events = os.path.join(tmp, "events.txt")
+    mounted = False
+    try:
+        if args.upper:
+            upper = os.path.abspath(args.upper)
+            work = upper.rstrip("/") + ".work"
+            os.makedirs(upper, exist_ok=True)
+            os.makedirs(work, exist_ok=True)
+        else:
+            upper, work = os.path.join(tmp, "upper"), os.path.join(tmp, "work")
+            os.mkdir(upper)
+            os.mkdir(work)
+        os.mkdir(merged)
+        open(events, "w").close()
+        stack = check(parse_options(options + [f"upperdir={_escape(upper)},workdir={_escape(work)}"]))
+        mounting.mount(stack, merged, trace=trace, human_trace=events)
+        mounted = True
+        try:
+            print(f"cowfs shell: {len(stack.lowers)} lower layer{'s' if len(stack.lowers) != 1 else ''} "
+                  f"under the upper {upper}, mounted at {merged}")
+            for i, layer in enumerate(stack.lowers, 1):
+                print(f"  layer {i}: {layer}")
+            print(f"Each change to the layers is shown as a '{PREFIX.strip()}' line before the next prompt. "
+                  "Type exit to finish.", flush=True)
+            status = _run_shell(merged, tmp, events)
+            found = changes(stack)
+            print(f"\ncowfs shell: the shell exited (status {status}); changes in the upper:")
+            for line in format_changes(found, sizes=True) or ["(no changes)"]:
+                print("  " + line)
+            print("  " + size_line(stack))
+        finally:
+            mounting.umount(merged)
+            mounted = False
+    finally:
+        if mounted or _still_mounted(merged):
+            try:
+                mounting.umount(merged)
+            except StackError:
+                mounting._force_unmount(merged)
+        if _still_mounted(tmp):
+            print(f"cowfs: {tmp}: still mounted; left in place", file=sys.stderr)
+        elif args.keep and not args.upper:
+            for name in ("merged", "events.txt", "events.txt.seen", "hook.sh", "bashrc", "shenv"):
+                path = os.path.join(tmp, name)
+                if os.path.isdir(path):
+                    os.rmdir(path)
+                elif os.path.exists(path):
+                    os.unlink(path)
+            print(f"cowfs shell: kept the upper {os.path.join(tmp, 'upper')} and the trace {trace}")
+        else:
+            if args.keep:
+                keep_trace = args.upper.rstrip("/") + ".trace.jsonl"
+                if os.path.exists(trace):
+                    shutil.move(trace, keep_trace)
+                    print(f"cowfs shell: kept the trace {keep_trace}")
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0

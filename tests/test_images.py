@@ -1,0 +1,681 @@
+"""Image layers: the layer store, import of docker save / OCI / bare layer archives, hostile archives, commit.
+
+Every archive is built here with tarfile; every store is a temporary
+directory passed with --store. The round-trip tests at the end mount the
+kernel overlay (and cowfs) over layers imported into a store, change the
+merged view, commit the upper and check that the committed layer, imported
+on top of the same layers, shows exactly the tree the mount showed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+
+import pytest
+
+from cowfs import image_cli
+from cowfs.archive import ArchiveError, unpack_layer, write_layer
+from cowfs.layerstore import Store
+from cowfs.testing.tree import diff_snapshots, snapshot
+
+MTIME = 1_000_000_000  # fixed, old: the snapshots compare it exactly
+
+
+# -- building archives ---------------------------------------------------------------------------
+
+def member(name, kind="file", data=b"", mode=None, target=None, pax=None, major=0, minor=0):
+    info = tarfile.TarInfo(name)
+    info.mtime = MTIME
+    info.uid = info.gid = 0
+    types = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
+             "hardlink": tarfile.LNKTYPE, "chr": tarfile.CHRTYPE, "blk": tarfile.BLKTYPE, "fifo": tarfile.FIFOTYPE}
+    info.type = types[kind]
+    info.mode = mode if mode is not None else (0o755 if kind == "dir" else 0o644)
+    if target is not None:
+        info.linkname = target
+    if kind in ("chr", "blk"):
+        info.devmajor, info.devminor = major, minor
+    if pax:
+        info.pax_headers = pax
+    if kind == "file":
+        info.size = len(data)
+        return info, data
+    return info, None
+
+
+def layer_tar(*members):
+    """A layer tar (bytes) from member(...) results, in the order given."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for info, data in members:
+            tf.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def sha(data):
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def add_bytes(tf, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = MTIME
+    tf.addfile(info, io.BytesIO(data))
+
+
+def history_entry(created_by, empty=False, created="2024-01-01T00:00:00Z"):
+    entry = {"created": created, "created_by": created_by}
+    if empty:
+        entry["empty_layer"] = True
+    return entry
+
+
+def image_config(layers, history=None):
+    diff_ids = [sha(layer) for layer in layers]
+    history = history or [history_entry(f"step {i}") for i in range(len(layers))]
+    return json.dumps({"architecture": "amd64", "os": "linux", "created": "2024-01-01T00:00:00Z",
+                       "config": {"Cmd": ["/bin/sh"]}, "rootfs": {"type": "layers", "diff_ids": diff_ids},
+                       "history": history}, sort_keys=True).encode()
+
+
+def docker_save(path, images, compress=False, diff_ids=None, mangle=None):
+    """Write a `docker save` archive: images is [(repo_tags, [layer tar bytes], history or None)]."""
+    manifest = []
+    with tarfile.open(path, "w") as tf:
+        written = set()
+        for tags, layers, history in images:
+            config = image_config(layers, history)
+            if diff_ids is not None:
+                c = json.loads(config)
+                c["rootfs"]["diff_ids"] = diff_ids
+                config = json.dumps(c).encode()
+            config_name = hashlib.sha256(config).hexdigest() + ".json"
+            add_bytes(tf, config_name, config)
+            names = []
+            for layer in layers:
+                name = hashlib.sha256(layer).hexdigest() + "/layer.tar"
+                if name not in written:
+                    data = gzip.compress(layer, mtime=0) if compress else layer
+                    add_bytes(tf, name, mangle(layer, data) if mangle else data)
+                    written.add(name)
+                names.append(name)
+            manifest.append({"Config": config_name, "RepoTags": tags, "Layers": names})
+        add_bytes(tf, "manifest.json", json.dumps(manifest).encode())
+    return path
+
+
+def oci_layout(root, layers, ref="acme/oci:1.0", compress=True, as_tar=None):
+    """Write an OCI image layout directory (and, with as_tar, a tar of it)."""
+    blobs = os.path.join(root, "blobs", "sha256")
+    os.makedirs(blobs)
+
+    def blob(data):
+        with open(os.path.join(blobs, hashlib.sha256(data).hexdigest()), "wb") as f:
+            f.write(data)
+        return {"digest": sha(data), "size": len(data)}
+
+    config = image_config(layers)
+    layer_descs = []
+    for layer in layers:
+        data = gzip.compress(layer, mtime=0) if compress else layer
+        layer_descs.append(dict(blob(data), mediaType="application/vnd.oci.image.layer.v1.tar"
+                                + ("+gzip" if compress else "")))
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": dict(blob(config), mediaType="application/vnd.oci.image.config.v1+json"),
+                           "layers": layer_descs}).encode()
+    index = {"schemaVersion": 2, "manifests": [dict(blob(manifest), mediaType="application/vnd.oci.image.manifest.v1+json",
+                                                    annotations={"io.containerd.image.name": ref,
+                                                                 "org.opencontainers.image.ref.name": ref.split(":")[-1]})]}
+    with open(os.path.join(root, "index.json"), "w") as f:
+        json.dump(index, f)
+    with open(os.path.join(root, "oci-layout"), "w") as f:
+        json.dump({"imageLayoutVersion": "1.0.0"}, f)
+    if as_tar:
+        with tarfile.open(as_tar, "w") as tf:
+            for name in sorted(os.listdir(root)):
+                tf.add(os.path.join(root, name), name)
+        return as_tar
+    return root
+
+
+BASE_LAYERS = [
+    layer_tar(member("bin", "dir"), member("bin/sh", data=b"#!shell\n", mode=0o755),
+              member("etc", "dir"), member("etc/os-release", data=b"ID=test\n"),
+              member("etc/gone", data=b"deleted later\n"), member("old", "dir"), member("old/x", data=b"x")),
+    layer_tar(member("etc", "dir"), member("etc/.wh.gone"), member("old", "dir"), member("old/.wh..wh..opq"),
+              member("old/y", data=b"y"), member("usr", "dir"), member("usr/lib", "symlink", target="/lib")),
+]
+APP_LAYERS = [
+    layer_tar(member("app", "dir"), member("app/hello.sh", data=b"#!/bin/sh\necho hello\n", mode=0o644)),
+    layer_tar(member("app", "dir"), member("app/hello.sh", data=b"#!/bin/sh\necho hello\n", mode=0o755)),
+]
+
+
+def cli(store, *argv):
+    """Run an image command in-process: (exit code, stdout, stderr)."""
+    parser = argparse.ArgumentParser(prog="cowfs")
+    sub = parser.add_subparsers(dest="command")
+    image_cli.add_commands(sub)
+    args = parser.parse_args([argv[0], "--store", str(store), *argv[1:]])
+    out, err = io.StringIO(), io.StringIO()
+    rc = image_cli.run(args, out=out, err=err)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def store_state(store):
+    """Everything in the store, times included (the staging directory's own mtime aside)."""
+    if not os.path.exists(store):
+        return None
+    state = snapshot(store, all_xattrs=True, exact_times=True)
+    state["entries"]["tmp"].pop("mtime_ns")
+    return state
+
+
+@pytest.fixture
+def store(tmp_path):
+    return tmp_path / "store"
+
+
+# -- the layer store and import ------------------------------------------------------------------------
+
+def test_docker_save_import_unpacks_each_layer_once_in_overlay_format(tmp_path, store):
+    base = docker_save(tmp_path / "base.tar", [(["acme/my-base-image:1.0"], BASE_LAYERS, None)])
+    final = docker_save(tmp_path / "final.tar", [(["acme/my-final-image:1.0"], BASE_LAYERS + APP_LAYERS, None)],
+                        compress=True)
+    rc, out, err = cli(store, "import", str(base))
+    assert rc == 0, err
+    assert "Loaded image: acme/my-base-image:1.0" in out
+    rc, out, err = cli(store, "import", str(final))
+    assert rc == 0, err
+    assert out.count("already stored") == 2 and out.count("unpacked") == 2
+    s = Store(store)
+    assert sorted(s.layer_ids()) == sorted(sha(l) for l in BASE_LAYERS + APP_LAYERS)
+    assert len(os.listdir(store / "layers")) == 4  # the two shared layers are stored once
+
+    top = s.layer_path(sha(BASE_LAYERS[1]))
+    gone = os.lstat(os.path.join(top, "etc", "gone"))
+    assert stat.S_ISCHR(gone.st_mode) and gone.st_rdev == 0
+    assert not os.path.lexists(os.path.join(top, "etc", ".wh.gone"))
+    assert os.getxattr(os.path.join(top, "old"), "trusted.overlay.opaque") == b"y"
+    assert not os.path.lexists(os.path.join(top, "old", ".wh..wh..opq"))
+    assert os.readlink(os.path.join(top, "usr", "lib")) == "/lib"  # absolute symlink targets are content
+    sh = os.lstat(os.path.join(s.layer_path(sha(BASE_LAYERS[0])), "bin", "sh"))
+    assert stat.S_IMODE(sh.st_mode) == 0o755 and sh.st_mtime == MTIME
+
+
+def test_images_history_inspect_and_rmi(tmp_path, store):
+    history = [history_entry("/bin/sh -c #(nop) ADD file:f278386b0cef68136129f5f58c52445590a417b624d62bca158d4dc926c340df in /"),
+               history_entry('/bin/sh -c #(nop)  CMD ["/bin/sh"]', empty=True),
+               history_entry("RUN /bin/sh -c apk add --no-cache bash # buildkit")]
+    final_history = history + [history_entry("COPY . /app # buildkit"),
+                               history_entry("RUN /bin/sh -c chmod +x /app/hello.sh # buildkit"),
+                               history_entry('CMD ["/bin/sh" "-c" "/app/hello.sh"]', empty=True)]
+    docker_save(tmp_path / "both.tar", [(["acme/my-base-image:1.0"], BASE_LAYERS, history),
+                                        (["acme/my-final-image:1.0"], BASE_LAYERS + APP_LAYERS, final_history)])
+    assert cli(store, "import", str(tmp_path / "both.tar"))[0] == 0
+
+    rc, out, _ = cli(store, "images")
+    assert rc == 0
+    lines = out.splitlines()
+    assert lines[0].split()[:2] == ["REPOSITORY", "TAG"]
+    s = Store(store)
+    base_size = sum(s.layer_info(sha(l))["size"] for l in BASE_LAYERS)
+    app_size = sum(s.layer_info(sha(l))["size"] for l in APP_LAYERS)
+    final_row = next(l for l in lines if l.startswith("acme/my-final-image"))
+    assert final_row.split()[-2:] == [f"{base_size}B", f"{app_size}B"]  # SHARED SIZE, UNIQUE SIZE
+    assert f"sharing saves {base_size}B" in lines[-1]
+
+    rc, out, _ = cli(store, "history", "acme/my-final-image:1.0")
+    rows = out.splitlines()[1:]
+    assert len(rows) == 6
+    final_id = s.resolve("acme/my-final-image:1.0")
+    assert rows[0].startswith(final_id[7:19]) and all(r.startswith("<missing>") for r in rows[1:])
+    assert "0B" in rows[0] and f"{s.layer_info(sha(APP_LAYERS[1]))['size']}B" in rows[1]
+    assert "/bin/sh -c #(nop) ADD file:f278386b0cef68136…" in rows[-1]  # truncated at 45 like Docker
+
+    rc, out, _ = cli(store, "inspect", "acme/my-final-image:1.0")
+    info = json.loads(out)[0]
+    assert info["RootFS"]["Layers"] == [sha(l) for l in BASE_LAYERS + APP_LAYERS]
+    assert info["Id"] == final_id and info["RepoTags"] == ["acme/my-final-image:1.0"]
+    rc, out, _ = cli(store, "inspect", "--format", "lowerdir", "acme/my-final-image:1.0")
+    assert out.strip().split(":") == [s.layer_path(sha(l)) for l in reversed(BASE_LAYERS + APP_LAYERS)]
+
+    rc, out, _ = cli(store, "rmi", "acme/my-final-image:1.0")
+    assert rc == 0 and "Untagged: acme/my-final-image:1.0" in out
+    assert sorted(s.layer_ids()) == sorted(sha(l) for l in BASE_LAYERS)  # shared layers kept
+    assert os.path.isdir(s.layer_path(sha(BASE_LAYERS[0])))
+    rc, out, _ = cli(store, "rmi", "acme/my-base-image")  # ":latest" is not it
+    assert rc == 1
+    rc, out, _ = cli(store, "rmi", "acme/my-base-image:1.0")
+    assert rc == 0 and s.layer_ids() == [] and s.image_ids() == []
+
+
+def test_oci_layout_directory_and_tar(tmp_path, store):
+    layers = BASE_LAYERS + APP_LAYERS[:1]
+    d = oci_layout(tmp_path / "oci", layers, ref="acme/oci:1.0")
+    rc, out, err = cli(store, "import", str(d))
+    assert rc == 0, err
+    assert "Loaded image: acme/oci:1.0" in out
+    t = oci_layout(tmp_path / "oci2", layers, ref="acme/oci:2.0", compress=False, as_tar=tmp_path / "oci.tar")
+    rc, out, err = cli(store, "import", str(t), "--name", "acme/renamed:3")
+    assert rc == 0, err
+    assert out.count("already stored") == 3 and "Loaded image: acme/renamed:3" in out
+    s = Store(store)
+    assert s.image_layers(s.resolve("acme/renamed:3")) == [sha(l) for l in layers]
+
+
+def test_oci_blob_with_wrong_content_is_refused(tmp_path, store):
+    d = oci_layout(tmp_path / "oci", BASE_LAYERS)
+    blobs = tmp_path / "oci" / "blobs" / "sha256"
+    layer_blob = next(p for p in blobs.iterdir() if p.read_bytes()[:2] == b"\x1f\x8b")
+    layer_blob.write_bytes(gzip.compress(gzip.decompress(layer_blob.read_bytes()), mtime=12345))
+    rc, _, err = cli(store, "import", str(d))
+    assert rc == 1 and "blob digest mismatch" in err and layer_blob.name in err
+    assert Store(store).layer_ids() == []
+
+
+@pytest.mark.parametrize("compression", ["plain", "gzip", "zstd"])
+def test_bare_layer_tarballs(tmp_path, store, compression):
+    data = BASE_LAYERS[0]
+    path = tmp_path / f"layer.{compression}"
+    if compression == "gzip":
+        path.write_bytes(gzip.compress(data))
+    elif compression == "zstd":
+        if not shutil.which("zstd"):
+            pytest.importorskip("zstandard", reason="neither the zstd command nor the zstandard module")
+        raw = tmp_path / "raw.tar"
+        raw.write_bytes(data)
+        subprocess.run(["zstd", "-q", "-f", str(raw), "-o", str(path)], check=True)
+    else:
+        path.write_bytes(data)
+    rc, out, err = cli(store, "import", str(path), "--name", "acme/rootfs")
+    assert rc == 0, err
+    s = Store(store)
+    assert s.image_layers(s.resolve("acme/rootfs:latest")) == [sha(data)]
+    assert open(os.path.join(s.layer_path(sha(data)), "etc", "os-release"), "rb").read() == b"ID=test\n"
+
+
+def test_progress_lines_on_stderr(tmp_path, store, monkeypatch):
+    import cowfs.archive
+    monkeypatch.setattr(cowfs.archive.Progress, "INTERVAL", 0.0)
+    big = layer_tar(member("big", data=os.urandom(3 << 20)))
+    path = docker_save(tmp_path / "big.tar", [(["acme/big:1"], [big], None)])
+    rc, _, err = cli(store, "import", str(path))
+    assert rc == 0
+    assert f"cowfs: importing {path}:" in err and "of " in err and "%)" in err
+
+
+def test_failed_import_leaves_store_unchanged(tmp_path, store):
+    assert cli(store, "import", str(docker_save(tmp_path / "a.tar", [(["acme/a:1"], BASE_LAYERS, None)])))[0] == 0
+    before = store_state(store)
+    # two new good layers, then a broken one (a gzip stream cut short) inside a sound archive
+    third = layer_tar(member("big", data=os.urandom(50000)))
+    path = docker_save(tmp_path / "b.tar", [(["acme/b:1"], BASE_LAYERS + APP_LAYERS + [third], None)], compress=True,
+                       mangle=lambda layer, data: data[:len(data) // 2] if layer is third else data)
+    rc, out, err = cli(store, "import", str(path))
+    assert rc == 1 and err.count("\n") == 1 and str(path) in err and "truncated" in err, err
+    assert out.count("unpacked") == 2  # the two new layers were unpacked, then thrown away
+    assert diff_snapshots(before, store_state(store)) == ""
+    assert os.listdir(store / "tmp") == []
+
+
+# -- hostile and broken archives -------------------------------------------------------------------------
+
+HOSTILE = {
+    "absolute": ([member("/etc/evil", data=b"x")], "absolute path", "/etc/evil"),
+    "dotdot": ([member("a", "dir"), member("a/../../evil", data=b"x")], "'..'", "a/../../evil"),
+    "through-symlink": ([member("etc", "symlink", target="/etc"), member("etc/passwd", data=b"x")],
+                        "goes through the symlink 'etc'", "etc/passwd"),
+    "through-relative-symlink": ([member("up", "symlink", target=".."), member("up/evil", data=b"x")],
+                                 "goes through the symlink 'up'", "up/evil"),
+    "hardlink-absolute": ([member("shadow", "hardlink", target="/etc/shadow")], "hard link to an absolute path",
+                          "shadow"),
+    "hardlink-dotdot": ([member("shadow", "hardlink", target="../../etc/shadow")], "hard link out of the layer",
+                        "shadow"),
+    "hardlink-missing": ([member("a", data=b"a"), member("b", "hardlink", target="nothere")],
+                         "not an earlier file", "b"),
+    "hardlink-through-symlink": ([member("s", "symlink", target="/etc"), member("b", "hardlink", target="s/passwd")],
+                                 "not an earlier file", "b"),
+    "duplicate": ([member("a", data=b"first"), member("./a", data=b"second")], "duplicate entry", "./a"),
+    "duplicate-type": ([member("d", "dir"), member("d", "symlink", target="/")], "duplicate entry", "d"),
+    "overlay-xattr": ([member("d", "dir", pax={"SCHILY.xattr.trusted.overlay.redirect": "/etc"})],
+                      "overlay's own xattr", "d"),
+    "whiteout-over-own-member": ([member("a", data=b"a"), member(".wh.a")], "whiteout for a member", ".wh.a"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_layer_is_refused_and_changes_nothing(tmp_path, store, case):
+    members, reason, bad = HOSTILE[case]
+    assert cli(store, "import", str(docker_save(tmp_path / "ok.tar", [(["acme/ok:1"], BASE_LAYERS, None)])))[0] == 0
+    before = store_state(store)
+    path = docker_save(tmp_path / "evil.tar", [(["acme/evil:1"], [BASE_LAYERS[0], layer_tar(*members)], None)])
+    rc, out, err = cli(store, "import", str(path))
+    assert rc == 1
+    assert err.count("\n") == 1 and err.startswith("cowfs import: ")
+    assert str(path) in err and repr(bad) in err and reason in err, err
+    assert diff_snapshots(before, store_state(store)) == ""
+    assert not os.path.lexists("/etc/evil") and os.listdir(store / "tmp") == []
+    # the same layer as a bare tarball: the same refusal
+    bare = tmp_path / "evil-layer.tar"
+    bare.write_bytes(layer_tar(*members))
+    rc, _, err = cli(store, "import", str(bare))
+    assert rc == 1 and reason in err and str(bare) in err
+    assert diff_snapshots(before, store_state(store)) == ""
+
+
+def test_device_nodes_refused_unless_root(tmp_path, monkeypatch):
+    data = layer_tar(member("dev", "dir"), member("dev/null", "chr", major=1, minor=3))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    os.mkdir(tmp_path / "d")
+    with pytest.raises(ArchiveError, match=r"member 'dev/null': device node"):
+        unpack_layer(io.BytesIO(data), str(tmp_path / "d"), "dev.tar")
+    monkeypatch.undo()
+    if os.geteuid() == 0:
+        os.mkdir(tmp_path / "e")
+        unpack_layer(io.BytesIO(data), str(tmp_path / "e"), "dev.tar")
+        assert os.lstat(tmp_path / "e" / "dev" / "null").st_rdev == os.makedev(1, 3)
+
+
+def test_symlink_targets_outside_are_content_not_refused(tmp_path):
+    data = layer_tar(member("abs", "symlink", target="/etc/passwd"), member("rel", "symlink", target="../../x"),
+                     member("f", data=b"f"), member("hl", "hardlink", target="f"))
+    os.mkdir(tmp_path / "d")
+    diff_id, _ = unpack_layer(io.BytesIO(data), str(tmp_path / "d"), "ok.tar")
+    assert diff_id == sha(data)
+    assert os.readlink(tmp_path / "d" / "abs") == "/etc/passwd"
+    assert os.stat(tmp_path / "d" / "hl").st_ino == os.stat(tmp_path / "d" / "f").st_ino
+
+
+def test_digest_mismatch_is_refused(tmp_path, store):
+    wrong = [sha(BASE_LAYERS[0]), sha(b"something else")]
+    path = docker_save(tmp_path / "bad.tar", [(["acme/bad:1"], BASE_LAYERS, None)], diff_ids=wrong)
+    rc, _, err = cli(store, "import", str(path))
+    assert rc == 1 and "digest mismatch" in err and wrong[1] in err
+    assert Store(store).layer_ids() == [] and Store(store).image_ids() == []
+
+
+@pytest.mark.parametrize("where", ["gzip-middle", "plain-middle", "plain-member-boundary", "outer"])
+def test_truncated_archives_are_refused(tmp_path, store, where):
+    data = layer_tar(member("a", data=os.urandom(5000)), member("b", data=b"b" * 3000))
+    path = tmp_path / "layer.tar"
+    if where == "gzip-middle":
+        z = gzip.compress(data)
+        path.write_bytes(z[:len(z) // 2])
+    elif where == "plain-middle":
+        path.write_bytes(data[:2500])
+    elif where == "plain-member-boundary":
+        path.write_bytes(data[:data.index(b"b" * 3000) + 3072])  # ends right after member b: no end blocks
+    else:
+        full = docker_save(tmp_path / "img.tar", [(["acme/t:1"], BASE_LAYERS, None)])
+        blob = full.read_bytes()
+        path.write_bytes(blob[:len(blob) // 2])
+    rc, _, err = cli(store, "import", str(path))
+    assert rc == 1 and "truncated" in err and str(path) in err, err
+    assert not os.path.exists(store / "layers") or os.listdir(store / "layers") == []
+
+
+def test_not_an_archive(tmp_path, store):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"hello, this is not a tar file at all\n" * 40)
+    rc, _, err = cli(store, "import", str(path))
+    assert rc == 1 and str(path) in err and err.count("\n") == 1
+
+
+# -- commit ---------------------------------------------------------------------------------------------
+
+def make_upper(root):
+    """An upper directory in the kernel's format: a changed file, a whiteout, an opaque dir, a hard link."""
+    os.makedirs(root / "etc")
+    (root / "etc" / "os-release").write_bytes(b"ID=changed\n")
+    os.mknod(root / "etc" / "gone", stat.S_IFCHR, os.makedev(0, 0))
+    os.mkdir(root / "old")
+    os.setxattr(root / "old", "trusted.overlay.opaque", b"y")
+    (root / "old" / "new").write_bytes(b"new")
+    os.link(root / "old" / "new", root / "old" / "new-link")
+    os.setxattr(root / "old" / "new", "user.note", b"kept")
+    for p in (root / "etc" / "os-release", root / "old" / "new"):
+        os.utime(p, (MTIME, MTIME))
+
+
+def tar_listing(data):
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        return [(m.name, m.type, m.linkname, m.mtime, m.uname, m.pax_headers.get("SCHILY.xattr.user.note"))
+                for m in tf.getmembers()]
+
+
+def test_commit_converts_markers_and_is_reproducible(tmp_path, store):
+    upper = tmp_path / "upper"
+    make_upper(upper)
+    out1, out2 = tmp_path / "1.tar", tmp_path / "2.tar"
+    rc, stdout, err = cli(store, "commit", str(upper), "-o", str(out1))
+    assert rc == 0, err
+    assert cli(store, "commit", str(upper), "-o", str(out2))[0] == 0
+    data = out1.read_bytes()
+    assert data == out2.read_bytes()
+    assert stdout.strip() == sha(data)
+    names = {name: (kind, link, mtime, uname, note) for name, kind, link, mtime, uname, note in tar_listing(data)}
+    assert list(names) == sorted(names, key=lambda n: [p for p in n.split("/")]) or True
+    assert names["etc/.wh.gone"][0] == tarfile.REGTYPE and names["etc/.wh.gone"][2] == 0
+    assert "etc/gone" not in names
+    assert "old/.wh..wh..opq" in names
+    assert names["old/new-link"][0] == tarfile.LNKTYPE and names["old/new-link"][1] == "old/new"
+    assert names["old/new"][2] == MTIME and names["old/new"][3] == "" and names["old/new"][4] == "kept"
+    order = [n for n, *_ in tar_listing(data)]
+    assert order == ["etc", "etc/.wh.gone", "etc/os-release", "old", "old/.wh..wh..opq", "old/new", "old/new-link"]
+
+    # importing the committed layer gives back the upper (in the overlay format)
+    layer = tmp_path / "layer.tar"
+    layer.write_bytes(data)
+    os.mkdir(tmp_path / "back")
+    unpack_layer(open(layer, "rb"), str(tmp_path / "back"), str(layer))
+    assert diff_snapshots(snapshot(upper, all_xattrs=True), snapshot(tmp_path / "back", all_xattrs=True)) == ""
+
+
+def test_commit_expands_redirected_directory(tmp_path):
+    lower = tmp_path / "lower"
+    os.makedirs(lower / "src" / "sub")
+    (lower / "src" / "a").write_bytes(b"a")
+    (lower / "src" / "sub" / "b").write_bytes(b"b")
+    upper = tmp_path / "upper"
+    os.makedirs(upper / "dst")
+    os.setxattr(upper / "dst", "trusted.overlay.redirect", b"/src")
+    os.mknod(upper / "src", stat.S_IFCHR, os.makedev(0, 0))
+    (upper / "dst" / "c").write_bytes(b"c")
+    os.mknod(upper / "dst" / "a", stat.S_IFCHR, os.makedev(0, 0))  # a deleted after the rename
+    with pytest.raises(ArchiveError, match="redirected directory"):
+        write_layer(str(upper), io.BytesIO())
+    buf = io.BytesIO()
+    write_layer(str(upper), buf, [str(lower)])
+    names = [n for n, *_ in tar_listing(buf.getvalue())]
+    assert names == ["dst", "dst/.wh..wh..opq", "dst/c", "dst/sub", "dst/sub/b", ".wh.src"] or \
+        names == [".wh.src", "dst", "dst/.wh..wh..opq", "dst/c", "dst/sub", "dst/sub/b"]
+
+
+def test_commit_with_tag_adds_an_image(tmp_path, store):
+    assert cli(store, "import", str(docker_save(tmp_path / "b.tar", [(["acme/base:1"], BASE_LAYERS, None)])))[0] == 0
+    upper = tmp_path / "upper"
+    make_upper(upper)
+    rc, out, err = cli(store, "commit", str(upper), "--from", "acme/base:1", "--tag", "acme/next:1", "-m", "hi")
+    assert rc == 0, err
+    diff_id = out.splitlines()[0]
+    s = Store(store)
+    assert s.image_layers(s.resolve("acme/next:1")) == [sha(l) for l in BASE_LAYERS] + [diff_id]
+    rc, out, _ = cli(store, "history", "acme/next:1")
+    assert "cowfs commit" in out.splitlines()[1] and "hi" in out.splitlines()[1]
+    # the same with --lower paths of the store, found back to the parent image
+    lowers = cli(store, "inspect", "--format", "lowerdir", "acme/base:1")[1].strip()
+    rc, out, err = cli(store, "commit", str(upper), "--lower", lowers, "--tag", "acme/next:2")
+    assert rc == 0, err and out.splitlines()[0] == diff_id
+    assert s.image_layers(s.resolve("acme/next:2")) == s.image_layers(s.resolve("acme/next:1"))
+    rc, _, err = cli(store, "commit", str(upper), "--lower", str(tmp_path), "--tag", "acme/x:1")
+    assert rc == 1 and "--tag needs the lowers from the store" in err
+
+
+def test_help_has_examples():
+    parser = argparse.ArgumentParser(prog="cowfs")
+    sub = parser.add_subparsers(dest="command")
+    image_cli.add_commands(sub)
+    for name in image_cli.COMMANDS:
+        text = sub.choices[name].format_help()
+        assert "example" in text and f"cowfs {name}" in text, name
+
+
+def test_archive_truncated_midway_leaves_store_unchanged(tmp_path, store):
+    assert cli(store, "import", str(docker_save(tmp_path / "a.tar", [(["acme/a:1"], BASE_LAYERS, None)])))[0] == 0
+    before = store_state(store)
+    path = docker_save(tmp_path / "b.tar", [(["acme/b:1"], BASE_LAYERS + APP_LAYERS, None)])
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    rc, _, err = cli(store, "import", str(path))
+    assert rc == 1 and err.count("\n") == 1 and str(path) in err
+    assert diff_snapshots(before, store_state(store)) == ""
+    assert os.listdir(store / "tmp") == []
+
+
+# -- round trip through a mount ----------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from cowfs.testing.mounts import cowfs_mount, kernel_overlay  # noqa: E402
+
+ROUND_TRIP_LAYERS = [
+    layer_tar(member("d1", "dir"), member("d1/a", data=b"a1"), member("d1/b", data=b"b1"),
+              member("d2", "dir"), member("d2/sub", "dir"), member("d2/sub/c", data=b"c1"), member("d2/y", data=b"y"),
+              member("f", data=b"f1"), member("g", data=b"g1", mode=0o600)),
+    layer_tar(member("d1", "dir"), member("d1/.wh.b"), member("d1/e", data=b"e2"),
+              member("d2", "dir", mode=0o750), member("d2/.wh..wh..opq"), member("d2/x", data=b"x2"),
+              member("s", "symlink", target="d1/a")),
+]
+PATHS = ("f", "g", "s", "n", "d1", "d1/a", "d1/b", "d1/e", "d1/n", "d2", "d2/x", "d2/sub", "d2/n", "n/a")
+
+OPS = st.one_of(
+    st.tuples(st.just("write"), st.sampled_from(PATHS), st.binary(max_size=20)),
+    st.tuples(st.just("append"), st.sampled_from(PATHS), st.binary(min_size=1, max_size=5)),
+    st.tuples(st.just("unlink"), st.sampled_from(PATHS)),
+    st.tuples(st.just("rmtree"), st.sampled_from(PATHS)),
+    st.tuples(st.just("mkdir"), st.sampled_from(PATHS)),
+    st.tuples(st.just("rename"), st.sampled_from(PATHS), st.sampled_from(PATHS)),
+    st.tuples(st.just("chmod"), st.sampled_from(PATHS), st.sampled_from([0o700, 0o644, 0o755])),
+    st.tuples(st.just("symlink"), st.sampled_from(["/etc", "d1", "../x"]), st.sampled_from(PATHS)),
+    st.tuples(st.just("link"), st.sampled_from(PATHS), st.sampled_from(PATHS)),
+    st.tuples(st.just("setxattr"), st.sampled_from(PATHS), st.binary(min_size=1, max_size=4)),
+)
+
+
+def apply_ops(root, ops):
+    for op, *args in ops:
+        p = [os.path.join(root, a) if isinstance(a, str) and a in PATHS else a for a in args]
+        try:
+            if op == "write":
+                with open(p[0], "wb") as f:
+                    f.write(p[1])
+            elif op == "append":
+                with open(p[0], "ab") as f:
+                    f.write(p[1])
+            elif op == "unlink":
+                os.unlink(p[0])
+            elif op == "rmtree":
+                shutil.rmtree(p[0])
+            elif op == "mkdir":
+                os.mkdir(p[0])
+            elif op == "rename":
+                os.rename(p[0], p[1])
+            elif op == "chmod":
+                os.chmod(p[0], p[1], follow_symlinks=False)
+            elif op == "symlink":
+                os.symlink(args[0], p[1])
+            elif op == "link":
+                os.link(p[0], p[1], follow_symlinks=False)
+            elif op == "setxattr":
+                os.setxattr(p[0], "user.k", p[1], follow_symlinks=False)
+        except (OSError, NotImplementedError):
+            pass
+
+
+@pytest.fixture(scope="module")
+def round_trip_store(tmp_path_factory):
+    store = tmp_path_factory.mktemp("rt") / "store"
+    path = docker_save(store.parent / "img.tar", [(["acme/rt:1"], ROUND_TRIP_LAYERS, None)])
+    assert cli(store, "import", str(path))[0] == 0
+    s = Store(store)
+    return s, s.resolve("acme/rt:1")
+
+
+def commit_bytes(upper, lowers, clamp=None):
+    buf = io.BytesIO()
+    write_layer(str(upper), buf, lowers, clamp_mtime=clamp)
+    return buf.getvalue()
+
+
+def check_round_trip(base, store, image_id, ops, with_cowfs):
+    lowers = [store.layer_path(d) for d in reversed(store.image_layers(image_id))]
+    before = [snapshot(p, all_xattrs=True, exact_times=True) for p in lowers]
+    dirs = {n: os.path.join(base, n) for n in ("u", "w", "m", "u2", "w2", "m2", "new")}
+    for d in dirs.values():
+        os.mkdir(d)
+    with kernel_overlay(lowers, dirs["u"], dirs["w"], dirs["m"], options=["redirect_dir=on", "metacopy=off"]):
+        apply_ops(dirs["m"], ops)
+        merged = snapshot(dirs["m"])
+    layer = commit_bytes(dirs["u"], lowers)
+    assert commit_bytes(dirs["u"], lowers) == layer  # reproducible
+    diff_id, _ = unpack_layer(io.BytesIO(layer), dirs["new"], "committed")
+    assert diff_id == sha(layer)
+    with kernel_overlay([dirs["new"]] + lowers, None, None, dirs["m2"]):
+        again = snapshot(dirs["m2"])
+    assert diff_snapshots(merged, again, "mount", "committed") == "", f"ops={ops!r}"
+    assert [snapshot(p, all_xattrs=True, exact_times=True) for p in lowers] == before
+    if with_cowfs:
+        with cowfs_mount(lowers, dirs["u2"], dirs["w2"], dirs["m"], options=["redirect_dir=on"]):
+            apply_ops(dirs["m"], ops)
+        clamp = MTIME + 1
+        kernel_layer, cowfs_layer = commit_bytes(dirs["u"], lowers, clamp), commit_bytes(dirs["u2"], lowers, clamp)
+        if kernel_layer != cowfs_layer:
+            pytest.fail(f"ops={ops!r}: layer from the kernel's upper {tar_listing(kernel_layer)} != layer from "
+                        f"cowfs's upper {tar_listing(cowfs_layer)}")
+
+
+@pytest.mark.kernel
+def test_round_trip_fixed_cases(shared_tmp, round_trip_store):
+    store, image_id = round_trip_store
+    cases = [
+        [("rename", "d1", "n"), ("write", "n/a", b"new a")],  # a redirected directory, then changed
+        [("rmtree", "d2"), ("mkdir", "d2"), ("write", "d2/n", b"n")],  # opaque directory over a whiteout
+        [("unlink", "f"), ("link", "g", "d1/n"), ("append", "g", b"+"), ("setxattr", "d1/e", b"v")],
+        [("rename", "d2/sub", "d1/n"), ("chmod", "d2", 0o700), ("symlink", "/etc", "f")],
+    ]
+    for i, ops in enumerate(cases):
+        base = os.path.join(shared_tmp, f"case{i}")
+        os.mkdir(base)
+        check_round_trip(base, store, image_id, ops, with_cowfs=False)
+
+
+@pytest.mark.kernel
+@pytest.mark.fuse
+def test_round_trip_kernel_and_cowfs_commit_the_same_layer(shared_tmp, round_trip_store):
+    store, image_id = round_trip_store
+    ops = [("rename", "d1", "n"), ("write", "n/a", b"new a"), ("rmtree", "d2"), ("mkdir", "d2"),
+           ("unlink", "f"), ("link", "g", "d2/n"), ("setxattr", "n/e", b"v"), ("symlink", "/etc", "f")]
+    check_round_trip(shared_tmp, store, image_id, ops, with_cowfs=True)
+
+
+@pytest.mark.kernel
+@pytest.mark.fuse
+@settings(max_examples=int(os.environ.get("COWFS_IMAGE_EXAMPLES", "12")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(ops=st.lists(OPS, min_size=1, max_size=8))
+def test_round_trip_property(shared_tmp, round_trip_store, ops):
+    import tempfile
+    store, image_id = round_trip_store
+    base = tempfile.mkdtemp(dir=shared_tmp)
+    check_round_trip(base, store, image_id, ops, with_cowfs=True)
