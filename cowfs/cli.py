@@ -6,6 +6,7 @@ import sys
 
 from . import __version__, image_cli
 from .errors import StackError
+from .layerstore import StoreError
 from .stack import parse_options
 
 DESCRIPTION = """\
@@ -36,6 +37,14 @@ examples:
   mount -t fuse.cowfs cowfs /mnt/merged -o lowerdir=/img/l1,upperdir=/c/upper,workdir=/c/work
   cowfs mount /img/l1 --upper /c/upper --trace /tmp/events.jsonl /mnt/merged   (one JSON line per copy-up, whiteout, ...)
   cowfs umount /mnt/merged
+
+images (see cowfs import): IMAGE is NAME[:TAG] or an image ID of the layer store.
+`cowfs mount IMAGE MOUNTPOINT` mounts the image's layers under a new container layer
+kept in the store (STORE/containers/ID/upper), prints the container's ID, and keeps
+the layer after unmounting: `cowfs commit MOUNTPOINT --tag NAME:TAG` makes it an
+image, `cowfs rm ID` deletes it.
+  cowfs mount acme/app:1.0 /mnt/app
+  cowfs mount --store ./store 3b1c7e5a0d2f /mnt/app
 """
 
 TOP_EPILOG = """\
@@ -101,6 +110,7 @@ examples:
               scratch/demo/layers/2-bash scratch/demo/layers/1-base
   cowfs shell -o lowerdir=/img/l2:/img/l1,redirect_dir=on
   cowfs shell /img/l1 --upper /tmp/my-upper --keep
+  cowfs shell acme/app:1.0                   an image of the layer store (see cowfs import)
 """
 
 
@@ -122,8 +132,11 @@ def build_parser():
     m.add_argument("--trace", metavar="FILE", help="append every layer-changing event (copy-up, whiteout, opaque, "
                    "redirect, create, remove, rename) to FILE, one JSON line each")
     m.add_argument("--human-trace", dest="human_trace", metavar="FILE", help=argparse.SUPPRESS)  # cowfs shell's
+    m.add_argument("--store", metavar="DIR", help="the layer store, for `cowfs mount IMAGE MOUNTPOINT` "
+                   "(default: $COWFS_STORE, else /var/lib/cowfs for root, else ~/.local/share/cowfs)")
     m.add_argument("paths", nargs="+", metavar="LOWER... MOUNTPOINT",
-                   help="lower layers, topmost first (or use -o lowerdir=), then the mount point")
+                   help="lower layers, topmost first (or use -o lowerdir=), then the mount point; or an IMAGE "
+                   "of the layer store (NAME:TAG or image ID) and the mount point")
 
     u = sub.add_parser("umount", help="unmount a cowfs mount and wait for its daemon to exit",
                        description="Unmount a cowfs mount (fusermount -u and umount work as well).")
@@ -171,6 +184,7 @@ def _add_explore_parsers(sub):
                     help="mount options, as for cowfs mount (lowerdir=..., redirect_dir=on, ...)")
     sh.add_argument("--upper", metavar="DIR", help="use this upper directory (kept) instead of a fresh one")
     sh.add_argument("--keep", action="store_true", help="keep the temporary upper and trace on exit")
+    sh.add_argument("--store", metavar="DIR", help="the layer store, for `cowfs shell IMAGE`")
 
 
 def _run_module(name, function="run"):
@@ -220,6 +234,55 @@ def _stack_from_args(args, parser):
     return parse_options(opts + args.options), paths[-1]
 
 
+def _image_form(args):
+    """(store, image ID, ref) when the mount command reads `IMAGE MOUNTPOINT`, else None.
+
+    Only with exactly two positionals, no -o lowerdir/upperdir/workdir and no --upper, and a first
+    positional that is not an existing path but names an image of the store."""
+    if len(args.paths) != 2 or args.upper is not None or args.work is not None:
+        return None
+    from .stack import _split
+    keys = {opt.partition("=")[0] for text in args.options for opt in _split(text, ",", keep_escapes=True)}
+    if keys & {"lowerdir", "upperdir", "workdir"}:
+        return None
+    from .images import looks_like_image
+    from .layerstore import Store, default_store
+    root = args.store or default_store()
+    image_id = looks_like_image(root, args.paths[0])
+    if image_id is None:
+        if args.store is not None and not os.path.exists(args.paths[0]):
+            raise StackError(f"{args.paths[0]}: no such image in store {os.path.abspath(root)}, and no such layer "
+                             "directory")
+        return None
+    return Store(root, create=False), image_id, args.paths[0]
+
+
+def _mount_image(args, found, mounting):
+    """`cowfs mount IMAGE MOUNTPOINT`: a new container layer in the store over the image's layers."""
+    import shutil
+    from .images import create_container, image_stack_options
+    from .stack import _escape
+    store, image_id, ref = found
+    mountpoint = args.paths[1]
+    opts = image_stack_options(store, image_id) + args.options
+    parse_options(opts)  # refuse bad options before making anything
+    if not os.path.isdir(mountpoint):
+        raise StackError(f"mount point {mountpoint}: No such directory")
+    record = create_container(store, image_id, ref, mountpoint)
+    try:
+        stack = parse_options(opts + [f"upperdir={_escape(record['upper'])},workdir={_escape(record['work'])}"])
+        if args.foreground or args.debug:
+            print(record["Id"], flush=True)
+        mounting.mount(stack, mountpoint, foreground=args.foreground, debug=args.debug, trace=args.trace,
+                       human_trace=args.human_trace)
+    except BaseException:
+        if not (args.foreground or args.debug) or not os.listdir(record["upper"]):
+            shutil.rmtree(os.path.dirname(record["upper"]), ignore_errors=True)
+        raise
+    if not (args.foreground or args.debug):
+        print(record["Id"])
+
+
 def _take_trace_option(args):
     """Move `trace=FILE` out of the -o strings (the stack knows nothing of it) into args.trace."""
     from .stack import _split
@@ -261,6 +324,10 @@ def main(argv=None):
     try:
         if args.command == "mount":
             _take_trace_option(args)
+            found = _image_form(args)
+            if found is not None:
+                _mount_image(args, found, mounting)
+                return 0
             stack, mountpoint = _stack_from_args(args, mount_parser)
             if helper_source and helper_source != "cowfs" and "fsname=" not in ",".join(args.options):
                 stack.fsname = helper_source
@@ -270,6 +337,9 @@ def main(argv=None):
             mounting.umount(args.mountpoint)
         else:
             return RUNNERS[args.command](args)
+    except StoreError as e:
+        print(f"cowfs: {e}", file=sys.stderr)
+        return 1
     except StackError as e:
         print(f"cowfs: {e}", file=sys.stderr)
         return 1

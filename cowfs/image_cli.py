@@ -1,4 +1,4 @@
-"""The image commands of the command line: import, images, history, inspect, rmi, commit.
+"""The image commands of the command line: import, images, history, inspect, rmi, commit, ps, rm.
 
 `add_commands(subparsers)` adds them to the main parser's subparsers;
 `run(args) -> exit code` runs the one chosen (args.command names it).
@@ -10,12 +10,13 @@ import os
 import sys
 
 from .archive import ArchiveError
-from .images import (HISTORY_HEADER, IMAGES_HEADER, commit, history_rows, import_archive, inspect, list_images,
-                     lowerdir, table)
-from .layerstore import Store, StoreError, default_store
+from .images import (HISTORY_HEADER, IMAGES_HEADER, ago, commit, container_mounted_at, container_of_upper,
+                     history_rows, images_in_use, import_archive, inspect, list_containers, list_images, lowerdir,
+                     remove_container, table)
+from .layerstore import Store, StoreError, default_store, normalise_ref
 from .whiteout import TRUSTED_PREFIX, USER_PREFIX
 
-COMMANDS = ("import", "images", "history", "inspect", "rmi", "commit")
+COMMANDS = ("import", "images", "history", "inspect", "rmi", "commit", "ps", "rm")
 
 STORE_HELP = ("layer store directory (default: $COWFS_STORE, else /var/lib/cowfs for root, "
               "else $XDG_DATA_HOME/cowfs or ~/.local/share/cowfs)")
@@ -55,7 +56,8 @@ examples:
   cowfs mount -o lowerdir=$(cowfs inspect --format lowerdir acme/app:1.0),upperdir=U,workdir=W /mnt
 """,
     "rmi": """\
-Layers still used by another image are kept.
+Layers still used by another image are kept. An image that a container
+(cowfs mount IMAGE MOUNTPOINT) was made from is kept until `cowfs rm` removes it.
 
 examples:
   cowfs rmi acme/my-base-image:1.0
@@ -67,10 +69,26 @@ directory renamed with redirect_dir=on is written with its whole merged
 content. Entries are sorted and owners numeric, so committing the same upper
 twice gives the same bytes. Prints the layer's diff ID.
 
+MOUNTPOINT is a live cowfs mount: its upper and lower layers come from the
+mount; when it is a container of an image (cowfs mount IMAGE MOUNTPOINT), that
+image is the parent (as --from IMAGE), so --tag makes the image's layers plus
+the new one, as docker commit does.
+
 examples:
+  cowfs commit /mnt/app --tag acme/app:1.1 -m "configured"
   cowfs commit /c/upper --from acme/my-final-image:1.0 --tag acme/changed:1.0
   cowfs commit /c/upper --lower /img/l2 --lower /img/l1 -o layer.tar
   cowfs commit /c/upper --lower $(cowfs inspect --format lowerdir acme/app:1.0) --tag acme/app:2.0
+""",
+    "ps": """\
+example:
+  cowfs ps
+""",
+    "rm": """\
+A mounted container is refused: cowfs umount its mount point first.
+
+examples:
+  cowfs rm 0f3c9e21a7b4
 """,
 }
 
@@ -108,9 +126,10 @@ def add_commands(subparsers):
                 "Untag and remove images; layers no remaining image uses are deleted.")
     p.add_argument("images", nargs="+", metavar="IMAGE")
 
-    p = _parser(subparsers, "commit", "turn an upper directory into a layer tar and optionally an image",
-                "Write the changes in an overlay upper directory as an OCI layer tar.")
-    p.add_argument("upper", metavar="UPPERDIR")
+    p = _parser(subparsers, "commit", "turn a mount's upper layer into a layer tar and optionally an image",
+                "Write the changes in a cowfs mount's upper layer, or an overlay upper directory, as an OCI "
+                "layer tar.")
+    p.add_argument("upper", metavar="MOUNTPOINT|UPPERDIR")
     p.add_argument("--lower", action="append", default=[], metavar="DIR",
                    help="a lower layer, topmost first (repeat, or colon-separate); needed to expand "
                         "redirected directories and for --tag without --from")
@@ -122,6 +141,13 @@ def add_commands(subparsers):
     p.add_argument("--userxattr", action="store_true", help="the upper's markers are user.overlay.* xattrs")
     p.add_argument("--clamp-mtime", type=int, metavar="SECONDS",
                    help="cap every mtime at this time (as SOURCE_DATE_EPOCH), for archives independent of when")
+
+    _parser(subparsers, "ps", "list the container layers (cowfs mount IMAGE MOUNTPOINT made them)",
+            "List the containers of the layer store: their image, mount point, and whether they are mounted.")
+
+    p = _parser(subparsers, "rm", "remove container layers (refused while mounted)",
+                "Delete containers' writable layers from the layer store.")
+    p.add_argument("containers", nargs="+", metavar="CONTAINER", help="a container ID or a unique prefix of one")
 
 
 def _store(args, create):
@@ -179,8 +205,14 @@ def _run(args, out, err):
     elif cmd == "rmi":
         store = _store(args, create=False)
         status = 0
+        used = images_in_use(store)
         for ref in args.images:
             try:
+                image_id = store.resolve(ref)
+                by_name = ref in store.repositories() or normalise_ref(ref) in store.repositories()
+                if image_id in used and not (by_name and len(store.tags_of(image_id)) > 1):
+                    raise StoreError(f"{ref}: image is used by container {used[image_id][0][:12]} "
+                                     "(cowfs rm it first)")
                 untagged, removed, layers = store.remove_image(ref)
             except StoreError as e:
                 print(f"cowfs rmi: {e}", file=err)
@@ -194,13 +226,78 @@ def _run(args, out, err):
                 print(f"Deleted layer: {layer}", file=out)
         return status
     elif cmd == "commit":
-        lowers = [p for value in args.lower for p in value.split(":") if p]
-        store = None
-        if args.tag or args.from_image:
-            store = _store(args, create=False)
-        commit(args.upper, lowers, out_path=args.output, store=store, tag=args.tag, from_image=args.from_image,
-               prefix=USER_PREFIX if args.userxattr else TRUSTED_PREFIX, clamp_mtime=args.clamp_mtime,
-               message=args.message, created_by=args.created_by, out=out)
+        _commit(args, out)
+    elif cmd == "ps":
+        store = _store(args, create=False)
+        rows = []
+        for r in list_containers(store):
+            mounted = container_mounted_at(r)
+            tags = store.tags_of(r["Image"]) if os.path.exists(
+                os.path.join(store.root, "images", r["Image"][7:] + ".json")) else []
+            rows.append((r["Id"][:12], tags[0] if tags else r["Image"][7:19], ago(r.get("Created")),
+                         f"mounted at {mounted}" if mounted else "not mounted", _tree_size(r["upper"])))
+        print(table(rows, ("CONTAINER ID", "IMAGE", "CREATED", "STATUS", "SIZE")), file=out)
+    elif cmd == "rm":
+        store = _store(args, create=False)
+        status = 0
+        for ref in args.containers:
+            try:
+                print(remove_container(store, ref), file=out)
+            except StoreError as e:
+                print(f"cowfs rm: {e}", file=err)
+                status = 1
+        return status
     else:
         raise StoreError(f"unknown command {cmd!r}")
     return 0
+
+
+def _tree_size(path):
+    from .archive import human_size
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return human_size(total)
+
+
+def _commit(args, out):
+    """`cowfs commit MOUNTPOINT|UPPERDIR`: a live cowfs mount gives its upper and lowers; a container's upper
+    gives its store and image (the parent, unless --from or --lower say otherwise)."""
+    from .mount import is_cowfs_mount, read_record
+    from .stack import parse_options
+    lowers = [p for value in args.lower for p in value.split(":") if p]
+    upper, userxattr, from_image, store_root = args.upper, args.userxattr, args.from_image, args.store
+    real = os.path.realpath(args.upper)
+    if is_cowfs_mount(real):
+        record = read_record(real)
+        if record is None:
+            raise StoreError(f"{args.upper}: a cowfs mount without a record in the runtime directory "
+                             "(give its UPPERDIR instead)")
+        stack = parse_options([record["options"]])
+        if stack.upper is None:
+            raise StoreError(f"{args.upper}: a read-only mount has no upper layer to commit")
+        upper, userxattr = stack.upper, userxattr or stack.userxattr
+        mount_lowers = stack.lowers
+    else:
+        mount_lowers = None
+    container_store, container = container_of_upper(upper)
+    if container is not None and not lowers and from_image is None:
+        if store_root is None or os.path.realpath(store_root) == os.path.realpath(container_store):
+            store_root = container_store
+            try:
+                Store(store_root, create=False).resolve(container["Image"])
+                from_image = container["Image"]
+            except StoreError:
+                pass  # the image is gone: fall back to the mount's lowers
+    if from_image is None and not lowers and mount_lowers is not None:
+        lowers = mount_lowers
+    store = None
+    if args.tag or from_image:
+        store = Store(store_root, create=False) if store_root else _store(args, create=False)
+    commit(upper, lowers, out_path=args.output, store=store, tag=args.tag, from_image=from_image,
+           prefix=USER_PREFIX if userxattr else TRUSTED_PREFIX, clamp_mtime=args.clamp_mtime,
+           message=args.message, created_by=args.created_by, out=out)

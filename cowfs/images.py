@@ -607,5 +607,130 @@ def commit(upper, lowers=(), out_path=None, store=None, tag=None, from_image=Non
             os.unlink(tmp_tar)
 
 
+# -- containers: a thin writable layer over an image, kept in the store until removed -----------------
+
+CONTAINERS = "containers"
+CONTAINER_FILE = "container.json"
+
+
+def looks_like_image(store_root, ref):
+    """The image ID `ref` names in the store at `store_root`, or None (no store there, or no such image).
+
+    A path that exists is never taken for an image: `cowfs mount DIR MNT` keeps meaning a one-layer mount.
+    """
+    if os.path.exists(ref) or not os.path.isdir(os.path.join(store_root, "layers")):
+        return None
+    from .layerstore import Store
+    try:
+        return Store(store_root, create=False).resolve(ref)
+    except (StoreError, ValueError):
+        return None
+
+
+def image_stack_options(store, image_id):
+    """The -o strings for an image's layers (topmost first), userxattr when the store keeps user.overlay.*."""
+    from .stack import _escape
+    from .whiteout import USER_PREFIX
+    opts = ["lowerdir=" + ":".join(_escape(store.layer_path(d)) for d in reversed(store.image_layers(image_id)))]
+    if store.prefix == USER_PREFIX:
+        opts.append("userxattr")
+    return opts
+
+
+def create_container(store, image_id, ref, mountpoint):
+    """A new container layer of `image_id`: STORE/containers/ID/{upper,work,container.json}. Returns the record."""
+    import secrets
+    root = os.path.join(store.root, CONTAINERS)
+    os.makedirs(root, exist_ok=True)
+    cid = secrets.token_hex(32)
+    staged = tempfile.mkdtemp(prefix="ctr-", dir=os.path.join(store.root, "tmp"))
+    try:
+        for sub in ("upper", "work"):
+            os.mkdir(os.path.join(staged, sub), 0o755)
+        record = {"Id": cid, "Image": image_id, "ImageRef": ref, "Created": _now_rfc3339(),
+                  "Mountpoint": os.path.realpath(mountpoint)}
+        with open(os.path.join(staged, CONTAINER_FILE), "w") as f:
+            json.dump(record, f, indent=1)
+        os.rename(staged, os.path.join(root, cid))
+    except BaseException:
+        import shutil
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return dict(record, upper=os.path.join(root, cid, "upper"), work=os.path.join(root, cid, "work"))
+
+
+def container_of_upper(upper):
+    """(store root, container record) when `upper` is a container's upper directory, else (None, None)."""
+    upper = os.path.realpath(upper)
+    cdir = os.path.dirname(upper)
+    if os.path.basename(upper) != "upper" or os.path.basename(os.path.dirname(cdir)) != CONTAINERS:
+        return None, None
+    try:
+        with open(os.path.join(cdir, CONTAINER_FILE)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None, None
+    return os.path.dirname(os.path.dirname(cdir)), dict(record, upper=upper, work=os.path.join(cdir, "work"))
+
+
+def list_containers(store):
+    """Every container record of the store, oldest first."""
+    root = os.path.join(store.root, CONTAINERS)
+    found = []
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        _, record = container_of_upper(os.path.join(root, name, "upper"))
+        if record is not None:
+            found.append(record)
+    return sorted(found, key=lambda r: r.get("Created", ""))
+
+
+def resolve_container(store, ref):
+    """The container record for a full or unique short container ID. Raises StoreError."""
+    found = [r for r in list_containers(store) if ref and r["Id"].startswith(ref)]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise StoreError(f"container ID {ref!r} is ambiguous ({len(found)} containers start with it)")
+    raise StoreError(f"no such container: {ref} (in store {store.root})")
+
+
+def container_mounted_at(record):
+    """The mount point of a live cowfs mount using the container's upper, or None."""
+    from . import mount as mounting
+    from .stack import parse_options
+    for rec in mounting.records():
+        try:
+            stack = parse_options([rec.get("options", "")])
+        except Exception:  # noqa: BLE001 - a record we cannot read is not this container's
+            continue
+        if stack.upper and os.path.realpath(stack.upper) == os.path.realpath(record["upper"]):
+            return rec.get("mountpoint")
+    return None
+
+
+def remove_container(store, ref):
+    """Delete a container layer; refused while it is mounted. Returns its ID."""
+    import shutil
+    record = resolve_container(store, ref)
+    mounted = container_mounted_at(record)
+    if mounted:
+        raise StoreError(f"container {record['Id'][:12]} is mounted at {mounted} (cowfs umount it first)")
+    cdir = os.path.dirname(record["upper"])
+    trash = tempfile.mkdtemp(prefix="rm-", dir=os.path.join(store.root, "tmp"))
+    os.rename(cdir, os.path.join(trash, "container"))
+    shutil.rmtree(trash, ignore_errors=True)
+    return record["Id"]
+
+
+def images_in_use(store):
+    """image ID -> [container IDs] of the containers made from it."""
+    used = {}
+    for record in list_containers(store):
+        used.setdefault(record["Image"], []).append(record["Id"])
+    return used
+
+
 __all__ = ["import_archive", "list_images", "history_rows", "inspect", "lowerdir", "commit", "human_duration",
-           "parse_time", "IMAGES_HEADER", "HISTORY_HEADER", "table", "HashingWriter"]
+           "parse_time", "IMAGES_HEADER", "HISTORY_HEADER", "table", "HashingWriter", "create_container",
+           "container_of_upper", "list_containers", "resolve_container", "remove_container", "looks_like_image",
+           "image_stack_options", "images_in_use"]

@@ -57,7 +57,28 @@ PS1='$(__cowfs_events >&2)(cowfs) $(__cowfs_where)$ '
 """
 
 
+def _image_options(args):
+    """The -o strings of `cowfs shell IMAGE` (one positional, not a path, an image of the store), else None."""
+    if len(args.layers) != 1 or any("lowerdir=" in opt for opt in args.options):
+        return None
+    from .images import image_stack_options, looks_like_image
+    from .layerstore import Store, default_store
+    root = getattr(args, "store", None) or default_store()
+    image_id = looks_like_image(root, args.layers[0])
+    if image_id is None:
+        return None
+    store = Store(root, create=False)
+    print(f"cowfs shell: image {args.layers[0]} ({image_id[7:19]}) from the store {store.root}, "
+          "under a throwaway container layer")
+    return image_stack_options(store, image_id) + list(args.options)
+
+
 def _stack(args):
+    image = _image_options(args)
+    if image is not None:
+        if any("upperdir=" in opt or "workdir=" in opt for opt in image):
+            raise StackError("shell: give an upper directory with --upper DIR, not -o upperdir=")
+        return image
     options = list(args.options)
     if args.layers:
         options.insert(0, "lowerdir=" + ":".join(_escape(os.path.abspath(p)) for p in args.layers))

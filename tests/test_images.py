@@ -515,7 +515,8 @@ def test_commit_with_tag_adds_an_image(tmp_path, store):
     # the same with --lower paths of the store, found back to the parent image
     lowers = cli(store, "inspect", "--format", "lowerdir", "acme/base:1")[1].strip()
     rc, out, err = cli(store, "commit", str(upper), "--lower", lowers, "--tag", "acme/next:2")
-    assert rc == 0, err and out.splitlines()[0] == diff_id
+    assert rc == 0, err
+    assert out.splitlines()[0] == diff_id
     assert s.image_layers(s.resolve("acme/next:2")) == s.image_layers(s.resolve("acme/next:1"))
     rc, _, err = cli(store, "commit", str(upper), "--lower", str(tmp_path), "--tag", "acme/x:1")
     assert rc == 1 and "--tag needs the lowers from the store" in err
@@ -679,3 +680,172 @@ def test_round_trip_property(shared_tmp, round_trip_store, ops):
     store, image_id = round_trip_store
     base = tempfile.mkdtemp(dir=shared_tmp)
     check_round_trip(base, store, image_id, ops, with_cowfs=True)
+
+
+# -- containers: cowfs mount IMAGE MOUNTPOINT, cowfs commit MOUNTPOINT, cowfs rm, cowfs shell IMAGE ----------
+
+import sys  # noqa: E402
+
+from cowfs.testing.mounts import force_unmount, is_mounted  # noqa: E402
+
+COWFS = [sys.executable, "-m", "cowfs"]
+
+
+def run_cowfs(*argv, **kwargs):
+    return subprocess.run(COWFS + [str(a) for a in argv], capture_output=True, text=True, timeout=120,
+                          stdin=kwargs.pop("stdin", subprocess.DEVNULL), **kwargs)
+
+
+def unmount_all(*mountpoints):
+    for mnt in mountpoints:
+        if is_mounted(os.path.realpath(mnt)):
+            if run_cowfs("umount", mnt).returncode != 0:
+                force_unmount(mnt)
+
+
+def app_store(base):
+    store = os.path.join(base, "store")
+    path = docker_save(os.path.join(base, "app.tar"), [(["acme/app:1"], BASE_LAYERS + APP_LAYERS, None)])
+    rc, _, err = cli(store, "import", str(path), "-q")
+    assert rc == 0, err
+    return store
+
+
+def containers_of(store):
+    root = os.path.join(store, "containers")
+    return sorted(os.listdir(root)) if os.path.isdir(root) else []
+
+
+@pytest.mark.fuse
+def test_mount_image_gives_a_container_layer_kept_until_rm(shared_tmp):
+    store = app_store(shared_tmp)
+    s = Store(store)
+    image_id = s.resolve("acme/app:1")
+    m1, m2 = os.path.join(shared_tmp, "m1"), os.path.join(shared_tmp, "m2")
+    os.mkdir(m1)
+    os.mkdir(m2)
+    try:
+        r1 = run_cowfs("mount", "acme/app:1", m1, "--store", store)
+        assert r1.returncode == 0, r1.stderr
+        r2 = run_cowfs("mount", "--store", store, image_id[7:19], m2)  # by a short image ID, options first
+        assert r2.returncode == 0, r2.stderr
+        c1, c2 = r1.stdout.strip(), r2.stdout.strip()
+        assert len(c1) == 64 and len(c2) == 64 and c1 != c2  # the same image twice: two containers
+        assert containers_of(store) == sorted([c1, c2])
+        # the image's layers, topmost first, whiteouts and opaque directories applied
+        with open(os.path.join(m1, "app/hello.sh"), "rb") as f:
+            assert f.read() == b"#!/bin/sh\necho hello\n"
+        assert stat.S_IMODE(os.stat(os.path.join(m1, "app/hello.sh")).st_mode) == 0o755
+        assert not os.path.exists(os.path.join(m1, "etc/gone")) and os.listdir(os.path.join(m1, "old")) == ["y"]
+        with open(os.path.join(m1, "etc/new"), "w") as f:
+            f.write("only in c1\n")
+        os.unlink(os.path.join(m1, "bin/sh"))
+        assert not os.path.exists(os.path.join(m2, "etc/new")) and os.path.exists(os.path.join(m2, "bin/sh"))
+        upper = os.path.join(store, "containers", c1, "upper")
+        assert os.path.isfile(os.path.join(upper, "etc/new"))  # the writes land in the container's layer
+        with open(os.path.join(store, "containers", c1, "container.json")) as f:
+            record = json.load(f)
+        assert record["Image"] == image_id and record["Mountpoint"] == os.path.realpath(m1)
+        ps = run_cowfs("ps", "--store", store)
+        assert ps.returncode == 0 and f"{c1[:12]}   acme/app:1" in ps.stdout and f"mounted at {m1}" in ps.stdout
+        # refused while mounted, and so is removing the image the containers use
+        r = run_cowfs("rm", c1[:12], "--store", store)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and "is mounted at" in r.stderr
+        r = run_cowfs("rmi", "acme/app:1", "--store", store)
+        assert r.returncode == 1 and "used by container" in r.stderr and s.resolve("acme/app:1") == image_id
+        assert run_cowfs("umount", m1).returncode == 0
+        # kept after unmounting, with its changes
+        assert os.path.isfile(os.path.join(upper, "etc/new"))
+        r = run_cowfs("rm", c1[:12], "--store", store)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == c1 and containers_of(store) == [c2]
+        assert os.listdir(os.path.join(store, "tmp")) == []
+    finally:
+        unmount_all(m1, m2)
+    assert run_cowfs("rm", c2, "--store", store).returncode == 0 and containers_of(store) == []
+
+
+def test_mount_of_a_missing_image_is_one_line_and_makes_nothing(shared_tmp):
+    store = app_store(shared_tmp)
+    m = os.path.join(shared_tmp, "m")
+    os.mkdir(m)
+    r = run_cowfs("mount", "acme/nope:1", m, "--store", store)
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "acme/nope:1" in r.stderr
+    assert "no such image" in r.stderr and containers_of(store) == [] and not is_mounted(m)
+
+
+@pytest.mark.fuse
+def test_commit_mountpoint_of_a_container_makes_a_child_image(shared_tmp):
+    store = app_store(shared_tmp)
+    s = Store(store)
+    parent = s.image_layers(s.resolve("acme/app:1"))
+    m, m2 = os.path.join(shared_tmp, "m"), os.path.join(shared_tmp, "m2")
+    os.mkdir(m)
+    os.mkdir(m2)
+    try:
+        r = run_cowfs("mount", "acme/app:1", m, "--store", store)
+        assert r.returncode == 0, r.stderr
+        cid = r.stdout.strip()
+        with open(os.path.join(m, "app/hello.sh"), "a") as f:
+            f.write("echo again\n")
+        os.unlink(os.path.join(m, "etc/os-release"))
+        os.mkdir(os.path.join(m, "data"))
+        # no --from, no --lower: the mount says where the upper and the lowers are, the container which image
+        r = run_cowfs("commit", m, "--tag", "acme/app:2", "-m", "from a mount", "--clamp-mtime", MTIME, "--store", store)
+        assert r.returncode == 0, r.stderr
+        diff_id = r.stdout.splitlines()[0]
+        assert r.stdout.splitlines()[1] == f"Tagged acme/app:2 as {s.resolve('acme/app:2')}"
+        assert s.image_layers(s.resolve("acme/app:2")) == parent + [diff_id]
+        history = run_cowfs("history", "acme/app:2", "--store", store).stdout.splitlines()
+        assert "cowfs commit" in history[1] and "from a mount" in history[1] and len(history) == 1 + len(parent) + 1
+        # the same layer as committing the container's upper directory with the image's lowers
+        lowers = cli(store, "inspect", "--format", "lowerdir", "acme/app:1")[1].strip()
+        upper = os.path.join(store, "containers", cid, "upper")
+        r = run_cowfs("commit", upper, "--lower", lowers, "--clamp-mtime", MTIME)
+        assert r.returncode == 0 and r.stdout.strip() == diff_id, r.stderr
+        # a mount that is no container: its lowers come from the mount record
+        out = os.path.join(shared_tmp, "plain.tar")
+        r = run_cowfs("commit", m, "-o", out, "--clamp-mtime", MTIME)
+        assert r.returncode == 0 and r.stdout.strip() == diff_id == sha(open(out, "rb").read()), r.stderr
+        assert run_cowfs("umount", m).returncode == 0
+        # the new image shows the change
+        r = run_cowfs("mount", "acme/app:2", m2, "--store", store)
+        assert r.returncode == 0, r.stderr
+        with open(os.path.join(m2, "app/hello.sh")) as f:
+            assert f.read().endswith("echo again\n")
+        assert not os.path.exists(os.path.join(m2, "etc/os-release")) and os.path.isdir(os.path.join(m2, "data"))
+        assert run_cowfs("umount", m2).returncode == 0
+    finally:
+        unmount_all(m, m2)
+
+
+@pytest.mark.fuse
+def test_commit_of_a_read_only_mount_is_refused(shared_tmp):
+    store = app_store(shared_tmp)
+    s = Store(store)
+    m = os.path.join(shared_tmp, "m")
+    os.mkdir(m)
+    lowers = cli(store, "inspect", "--format", "lowerdir", "acme/app:1")[1].strip()
+    try:
+        r = run_cowfs("mount", "-o", f"lowerdir={lowers}", m)
+        assert r.returncode == 0, r.stderr
+        r = run_cowfs("commit", m, "--store", store)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and "no upper layer" in r.stderr
+        assert s.image_ids() == [s.resolve("acme/app:1")]
+    finally:
+        unmount_all(m)
+
+
+@pytest.mark.fuse
+def test_shell_on_an_image_uses_a_throwaway_layer(shared_tmp):
+    store = app_store(shared_tmp)
+    before = store_state(store)
+    script = "cat app/hello.sh\necho hi > newfile\nrm etc/os-release\nexit\n"
+    r = subprocess.run(COWFS + ["shell", "--store", store, "acme/app:1"], input=script, capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, SHELL="/bin/sh"))
+    assert r.returncode == 0, r.stderr
+    assert "image acme/app:1" in r.stdout and "echo hello" in r.stdout
+    assert "A /newfile" in r.stdout and "D /etc/os-release" in r.stdout
+    assert diff_snapshots(before, store_state(store)) == ""  # nothing kept in the store
+    merged = r.stdout.split(", mounted at ")[1].split()[0]
+    assert merged.endswith("/merged") and not is_mounted(merged) and not os.path.exists(merged)
