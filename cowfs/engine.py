@@ -188,17 +188,16 @@ class Union:
         """The data step of a metadata-only copy-up, at the first open for write or truncate."""
         self._require_writable(node.path)
         started = time.perf_counter()
-        times = os.lstat(node.real)
-        try:
+        size = os.lstat(node.real).st_size
+        try:  # the file's times move, as the kernel's data copy-up leaves them
             copyup.fill_data(node.data, node.real)
             os.removexattr(node.real, self.prefix + METACOPY, follow_symlinks=False)
-            copyup.restore_times(node.real, times)
         finally:
             self._changed()
         data_st = os.lstat(node.data)
         self._copied.add((data_st.st_dev, data_st.st_ino))
         if self.events:
-            self.events.emit("copy_up", node.path, layer=node.parts[-1][0], kind="file", bytes=times.st_size,
+            self.events.emit("copy_up", node.path, layer=node.parts[-1][0], kind="file", bytes=size,
                              seconds=time.perf_counter() - started, trigger=self._trigger(), data_only=True)
         return self.layers.resolve_required(node.path)
 
@@ -506,7 +505,16 @@ class Union:
         self._dir(parent_of(new)[0])
         if self.layers.resolve(new) is not None:
             raise os_error(errno.EEXIST, new)
-        src = self._copy_up(src)
+        if self.stack.metacopy and stat.S_ISREG(src.st.st_mode) and (src.data is not None or not src.in_upper):
+            # A metadata-only copy stays one: an absolute redirect on the shared inode lets
+            # every name of it find the data (the kernel uses the origin file handle instead).
+            data_path = "/" + next(rel for layer, rel in src.parts if layer > 0)
+            src = self._copy_up(src, data=False)
+            if src.redirect != data_path:
+                set_marker(src.real, self.prefix, REDIRECT, data_path)
+                self._changed()
+        else:
+            src = self._copy_up(src)
         upper_parent, name = self._upper_parent(new)
         target = upper_parent.real + "/" + name
         over_whiteout = os.path.lexists(target)

@@ -43,8 +43,7 @@ MACHINES = {
     "userxattr": UserXattr,
     "many_layers": ManyLayers,
     "many_layers_off": ManyLayersOff,
-    # TODO(metacopy): "metacopy": parity_machine("metacopy") -- cowfs does not implement metacopy=on yet
-    # (the mode is sketched in cowfs.testing.machine.MODES); add it here once it does.
+    "metacopy": parity_machine("metacopy"),
 }
 
 @pytest.mark.parametrize("mode", list(MACHINES), ids=list(MACHINES))
@@ -120,3 +119,27 @@ def test_regression_userxattr_chmod_lower_fifo():
         state.init_stack(stack=StackSpec(Layer(Fifo('a'))))
         state.chmod(path='a', mode=Oct(0o644))
     _replay(UserXattr, steps)
+
+
+@pytest.mark.kernel
+@pytest.mark.fuse
+@pytest.mark.xfail(strict=True, raises=Divergence, reason=KERNEL_QUIRKS["small_holes"])
+def test_regression_stat_after_copy_up_of_file_with_small_hole():
+    # found by make fuzz [redirect_off]: stat('c/b/b') kernel sparse=False, cowfs sparse=True
+    def steps(state):
+        state.init_stack(stack=StackSpec(Layer(Dir('c'), File('c/b', data=Pattern(200000), hole=70000))))
+        state.utime(path='c/b', ns=1_200_000_000_123_456_789, follow=False)
+        state.stat(path='c/b')
+    _replay(RedirectOffStrict, steps)
+
+
+@pytest.mark.kernel
+@pytest.mark.fuse
+def test_small_hole_quirk_is_excused_by_name_only():
+    """The default machines excuse exactly KERNEL_QUIRKS['small_holes'] and still see the rest."""
+    def steps(state):
+        state.init_stack(stack=StackSpec(Layer(Dir('c'), File('c/b', data=Pattern(200000), hole=70000))))
+        state.utime(path='c/b', ns=1_200_000_000_123_456_789, follow=False)
+        state.stat(path='c/b')
+    _replay(RedirectOff, steps)
+    assert RedirectOff.known_differences == frozenset({"small_holes"})

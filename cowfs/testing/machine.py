@@ -27,6 +27,11 @@ A failing example prints as pasteable Python (``state = RedirectOff()``,
 class under the printed name with ``parity_machine`` and wrap the steps in
 ``try: ... finally: state.teardown()``.
 
+Kernel behaviour kept out by name, not by loosening comparisons: see
+``KERNEL_QUIRKS`` (whiteouts listed in unmerged lower directories are not
+drawn; "sparse" under cowfs where the kernel filled a small hole is
+excused); each has a strict-xfail regression test in tests/test_parity.py.
+
 Observations left out on purpose (see README, "Differences from the kernel"):
 ``fstat`` on a held descriptor records type, mode, owner and size but not
 the link count, because the FUSE kernel module reports 0 links for any file
@@ -56,7 +61,7 @@ from cowfs.testing.mounts import CowfsMount, KernelOverlay, MountError, force_un
 from cowfs.testing.tree import describe_stat, diff_snapshots, snapshot
 
 OP_TIMEOUT = float(os.environ.get("COWFS_PARITY_OP_TIMEOUT", "20"))  # seconds for one operation
-KERNEL_COMMON = ["index=off", "metacopy=off"]
+KERNEL_COMMON = ["index=off"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,17 +77,16 @@ class Mode:
 
 
 MODES = {
-    "redirect_off": Mode("redirect_off", ("redirect_dir=off",), ("redirect_dir=off",)),
-    "redirect_on": Mode("redirect_on", ("redirect_dir=on",), ("redirect_dir=on",)),
-    # the kernel refuses userxattr together with any redirect_dir option
-    "userxattr": Mode("userxattr", ("userxattr",), ("userxattr",), userxattr=True),
-    "many_layers": Mode("many_layers", ("redirect_dir=on",), ("redirect_dir=on",), min_layers=4, max_layers=6),
-    "many_layers_off": Mode("many_layers_off", ("redirect_dir=off",), ("redirect_dir=off",), min_layers=4,
-                            max_layers=6),
+    "redirect_off": Mode("redirect_off", ("redirect_dir=off", "metacopy=off"), ("redirect_dir=off",)),
+    "redirect_on": Mode("redirect_on", ("redirect_dir=on", "metacopy=off"), ("redirect_dir=on",)),
+    # the kernel refuses userxattr together with any redirect_dir option (and with metacopy=on)
+    "userxattr": Mode("userxattr", ("userxattr", "metacopy=off"), ("userxattr",), userxattr=True),
+    "metacopy": Mode("metacopy", ("metacopy=on", "redirect_dir=on"), ("metacopy=on", "redirect_dir=on")),
+    "many_layers": Mode("many_layers", ("redirect_dir=on", "metacopy=off"), ("redirect_dir=on",), min_layers=4,
+                        max_layers=6),
+    "many_layers_off": Mode("many_layers_off", ("redirect_dir=off", "metacopy=off"), ("redirect_dir=off",),
+                            min_layers=4, max_layers=6),
 }
-# TODO(metacopy): the kernel's metacopy=on is not implemented in cowfs yet; add
-#   "metacopy": Mode("metacopy", ("metacopy=on", "redirect_dir=on"), ("metacopy=on", "redirect_dir=on"))
-# (and drop metacopy=off from KERNEL_COMMON for it) once it is.
 
 # Kernel behaviour the drawn stacks stay clear of, by name (each has an explicit,
 # strict-xfail regression test in tests/test_parity.py until cowfs matches it):
@@ -98,7 +102,7 @@ KERNEL_QUIRKS = {
 
 CLASS_NAMES = {
     "redirect_off": "RedirectOff", "redirect_on": "RedirectOn", "userxattr": "UserXattr",
-    "many_layers": "ManyLayers", "many_layers_off": "ManyLayersOff",
+    "metacopy": "Metacopy", "many_layers": "ManyLayers", "many_layers_off": "ManyLayersOff",
 }
 
 
@@ -434,6 +438,10 @@ class ParityMachine(RuleBasedStateMachine):
         for side, outcome in (("kernel", ref), (self.backend, got)):
             if outcome[0] == "exception":
                 self._fail(f"{name}{args!r} raised in the {side} helper: {outcome[1]}")
+        if ("small_holes" in self.known_differences and ref != got and ref[0] == got[0] == "ok"
+                and isinstance(ref[1], dict) and isinstance(got[1], dict) and ref[1].get("type") == "file"
+                and ref[1].get("sparse") is False and got[1].get("sparse") is True):
+            got = ("ok", {**got[1], "sparse": False})  # KERNEL_QUIRKS["small_holes"], excused by name
         if ref != got:
             self._fail(f"{name}{args!r}: kernel -> {_show(ref)}, {self.backend} -> {_show(got)}")
         return ref
