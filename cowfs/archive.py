@@ -331,13 +331,18 @@ class _Unpacker:
             items.append((name, value.encode("utf-8", "surrogateescape")))
         return items
 
-    def apply_attrs(self, path, info, xattrs, is_link=False):
+    @staticmethod
+    def set_xattrs(path, xattrs):
+        """Set a member's xattrs; a namespace the filesystem or our privileges refuse is skipped."""
         for name, value in xattrs:
             try:
                 os.setxattr(path, name, value, follow_symlinks=False)
             except OSError as e:
                 if e.errno not in (errno.ENOTSUP, errno.EPERM):
                     raise
+
+    def apply_attrs(self, path, info, xattrs, is_link=False):
+        self.set_xattrs(path, xattrs)
         if self.same_owner:
             os.lchown(path, info.uid, info.gid)
         if not is_link:
@@ -377,12 +382,7 @@ class _Unpacker:
             self.claim(rel, "dir", member)
             if not os.path.lexists(path):
                 os.mkdir(path, 0o700)
-            for name, value in xattrs:
-                try:
-                    os.setxattr(path, name, value, follow_symlinks=False)
-                except OSError as e:
-                    if e.errno not in (errno.ENOTSUP, errno.EPERM):
-                        raise
+            self.set_xattrs(path, xattrs)
             self.dir_attrs.append((rel, info))
             return
         if info.isreg():
