@@ -27,7 +27,7 @@ import time
 from . import copyup
 from .errors import StackError, os_error
 from .events import TRIGGERS, Events
-from .lookup import Layers, Node, parent_of
+from .lookup import Layers, Node, join, parent_of
 from .runtime import lock_path
 from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, rename2
 from .whiteout import (METACOPY, OPAQUE, ORIGIN, REDIRECT, escape_xattr, is_opaque, is_whiteout, make_whiteout, set_marker,
@@ -167,8 +167,11 @@ class Union:
         tmp = copyup.temp_name(self.work)
         started = time.perf_counter()
         meta_only = self.stack.metacopy and not data and stat.S_ISREG(node.st.st_mode)
+        origin = self.layers.origin_ino(node)
+        if origin is not None and self.stack.userxattr and not (node.is_dir or stat.S_ISREG(node.st.st_mode)):
+            self.layers.remembered[node.path] = origin  # no user.* xattr on this type: keep it in memory
         try:
-            copyup.build_copy(node.real, node.st, tmp, self.prefix, self.layers.origin_ino(node), meta_only)
+            copyup.build_copy(node.real, node.st, tmp, self.prefix, origin, meta_only)
             copyup.install(tmp, upper_parent.real + "/" + name, os.lstat(upper_parent.real))
         except BaseException:
             copyup.discard(tmp)
@@ -316,7 +319,8 @@ class Union:
         for name, layer, entry in self.layers.list_dir(node):
             try:
                 st = entry.stat(follow_symlinks=False)
-                entries.append((name, self.layers.entry_ino(layer, entry), stat.S_IFMT(st.st_mode)))
+                entries.append((name, self.layers.entry_ino(layer, entry, join(path, name)),
+                                stat.S_IFMT(st.st_mode)))
             except FileNotFoundError:
                 continue
         return entries
@@ -583,6 +587,7 @@ class Union:
 
     def _remove(self, node, keep=False):
         """Remove `node` from the merged view; with `keep`, move its upper object to the workdir and return that path."""
+        self.layers.remembered.pop(node.path, None)
         parent_path, name = parent_of(node.path)
         needs_whiteout = self.layers.lower_positive(self.layers.resolve_required(parent_path), name)
         if self.events:
@@ -680,6 +685,9 @@ class Union:
                 rename2(src.real, target, RENAME_WHITEOUT if needs_whiteout else 0)
         finally:
             self._changed()
+        remembered = self.layers.remembered
+        for path in [p for p in remembered if p == old or p.startswith(old + "/")]:
+            remembered[new + path[len(old):]] = remembered.pop(path)
         if self.events:
             self.events.emit("rename", old, to=new)
             if existing is not None and is_whiteout(existing):

@@ -82,6 +82,9 @@ class Layers:
             if root is not None:
                 self._fs_index.setdefault(os.stat(root).st_dev, len(self._fs_index))
         self._cache = {}
+        # Numbers kept in memory for copies that cannot carry the origin xattr (symlinks and
+        # special files under userxattr): merged path -> st_ino, as the kernel's cached inode keeps it.
+        self.remembered = {}
 
     def forget(self):
         """Drop every cached answer: the upper has changed."""
@@ -105,6 +108,8 @@ class Layers:
             origin = get_marker(node.real, self.prefix, ORIGIN)
             if origin:
                 return int(origin)
+            if node.path in self.remembered:
+                return self.remembered[node.path]
         return self.map_ino(node.st)
 
     def origin_ino(self, node):
@@ -317,11 +322,13 @@ class Layers:
             seen.update(hidden_below)
         return entries
 
-    def entry_ino(self, layer, entry):
-        """st_ino of a listed entry, the same number getattr gives, at the cost of a syscall only in the upper."""
+    def entry_ino(self, layer, entry, path):
+        """st_ino of a listed entry at merged `path`, the number getattr gives, at the cost of a syscall
+        only in the upper."""
         if layer == 0:
             origin = get_marker(entry.path, self.prefix, ORIGIN)
             if origin:
                 return int(origin)
-            return self.map_ino(entry.stat(follow_symlinks=False))
+            if path in self.remembered:
+                return self.remembered[path]
         return self.map_ino(entry.stat(follow_symlinks=False))

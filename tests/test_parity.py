@@ -143,3 +143,26 @@ def test_small_hole_quirk_is_excused_by_name_only():
         state.stat(path='c/b')
     _replay(RedirectOff, steps)
     assert RedirectOff.known_differences == frozenset({"small_holes"})
+
+
+@pytest.mark.kernel
+@pytest.mark.fuse
+def test_regression_userxattr_link_of_copied_up_symlink_keeps_numbers_apart():
+    # found by make fuzz [userxattr]; kernel: b and c/b show different st_ino (b keeps its lower
+    # number in the kernel's inode cache, as no user.* origin fits on a symlink); cowfs: one group
+    def steps(state):
+        state.init_stack(stack=StackSpec(Layer(), Layer(), Layer(Dir('c'), Symlink('b', target='a'))))
+        state.link(dst='c/b', src='b')
+    _replay(UserXattr, steps)
+
+
+@pytest.mark.kernel
+@pytest.mark.fuse
+def test_regression_metacopy_data_step_moves_mtime():
+    # found by the ci profile [metacopy]; kernel: opening a metadata-only copy for write lets its
+    # mtime move; cowfs restored the old one
+    def steps(state):
+        state.init_stack(stack=StackSpec(Layer(File('b', data=b'x'), File('a'), File('c'))))
+        state.rename(dst='a', src='b')
+        state.open_fd(how='w', path='a')
+    _replay(parity_machine("metacopy"), steps)
