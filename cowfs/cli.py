@@ -29,7 +29,8 @@ options (-o, comma-separated, as the kernel's overlay takes them):
   ro                  mount read-only; every change fails with EROFS
   allow_other         let other users in (the default when mounted by root)
   trace=FILE          the same as --trace FILE
-  generic options such as rw, dev, suid, noatime are accepted and ignored.
+  generic mount flags (rw, nosuid, nodev, noexec, noatime, sync, ...) apply to the
+  mount; defaults, auto, _netdev, x-* and the like are accepted and ignored.
 
 examples:
   cowfs mount -o lowerdir=/img/l2:/img/l1,upperdir=/c/upper,workdir=/c/work /mnt/merged
