@@ -194,6 +194,8 @@ def serve(union, mountpoint, *, foreground=True, debug=False, allow_other=False,
         fsname=fsname, subtype="cowfs", default_permissions=True, use_ino=True,
         nonempty=True, attr_timeout=0, entry_timeout=1, negative_timeout=1,
         dev=os.geteuid() == 0, suid=os.geteuid() == 0,  # like the kernel overlay, when root may allow it
+        big_writes=True, max_write=131072, max_read=131072,  # 128 KiB per request, not 4 KiB
+        auto_cache=True,  # keep a file's pages across opens while its mtime and size stay the same
     )
     if allow_other:
         options["allow_other"] = True
