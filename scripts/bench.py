@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from cowfs.testing.mounts import pid_alive as process_alive, pids_with_argument
+
 REPO = Path(__file__).resolve().parent.parent
 BACKENDS = ("cowfs", "fuse-overlayfs", "kernel")
 MOUNT_TIMEOUT = 60  # seconds for a mount command to come back
@@ -309,28 +311,8 @@ def is_mounted(path: Path) -> bool:
 
 
 def daemon_pids(mountpoint: Path) -> list[int]:
-    """Processes (other than ours) with the mountpoint as one of their arguments."""
-    pids = []
-    target = str(mountpoint).encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if target in argv:
-            pids.append(int(entry))
-    return pids
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    """Live processes (other than ours) with the mountpoint as one of their arguments."""
+    return sorted(pids_with_argument(mountpoint))
 
 
 def peak_memory(pids: list[int]) -> int:
