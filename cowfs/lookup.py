@@ -52,10 +52,6 @@ class Node:
         """True when some lower layer contributes to this object ("merge or lower" in kernel terms)."""
         return any(layer > 0 for layer, _ in self.parts)
 
-    @property
-    def is_merged(self):
-        return self.in_upper and self.has_lower
-
 
 def parent_of(path):
     head, _, name = path.rpartition("/")
