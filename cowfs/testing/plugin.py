@@ -145,24 +145,23 @@ def pytest_configure(config):
                    "and mount options the cowfs_stack / kernel_overlay fixtures mount")
 
 
+def _stack_fixture(request, tmp_path, kind):
+    mounts.require("fuse" if kind == "cowfs" else "kernel")
+    layers, options = _requested(request)
+    base = tmp_path / f"{kind}-stack"
+    base.mkdir()
+    with mounted_stack(layers, base, kind, options) as stack:
+        yield stack
+
+
 @pytest.fixture
 def cowfs_stack(request, tmp_path):
     """A cowfs mount of the requested layers (see the module doc); always unmounted."""
-    mounts.require("fuse")
-    layers, options = _requested(request)
-    base = tmp_path / "cowfs-stack"
-    base.mkdir()
-    with mounted_stack(layers, base, "cowfs", options) as stack:
-        yield stack
+    yield from _stack_fixture(request, tmp_path, "cowfs")
 
 
 @pytest.fixture
 def kernel_overlay(request, tmp_path):
     """A kernel overlayfs mount of the requested layers; skipped where the kernel cannot mount
     (not root, no overlay), failed instead under CI=true; always unmounted."""
-    mounts.require("kernel")
-    layers, options = _requested(request)
-    base = tmp_path / "kernel-overlay"
-    base.mkdir()
-    with mounted_stack(layers, base, "kernel", options) as stack:
-        yield stack
+    yield from _stack_fixture(request, tmp_path, "kernel")
