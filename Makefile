@@ -10,7 +10,7 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
-DEBIAN_PACKAGES := fuse3 libfuse2 fuse-overlayfs attr tmux zstd
+DEBIAN_PACKAGES := fuse3 fuse-overlayfs attr tmux zstd
 PYTEST_ARGS ?=
 
 .PHONY: venv system-packages demo test bench fuzz install clean

@@ -300,8 +300,11 @@ class Union:
             attrs["st_blocks"] = os.lstat(node.data).st_blocks  # the blocks are still the lower file's
         return attrs
 
-    def fgetattr(self, handle):
-        """Attributes of an open file, also once its name is gone."""
+    def fgetattr(self, handle, path=None):
+        """Attributes of an open file, also once its name is gone; one opened on a lower file
+        that has since been copied up shows the copy, as `read` does."""
+        if handle.lower_id is not None and handle.lower_id in self._copied and path is not None:
+            self._follow_copy_up(handle, path)
         st = os.fstat(handle.fd)
         try:
             ino = int(os.getxattr(handle.fd, self.prefix + ORIGIN))
@@ -622,22 +625,30 @@ class Union:
 
     # -- renaming --------------------------------------------------------------------------------
     @locked
-    def rename(self, old, new):
-        """Rename within the merged view (SPEC section 6).
+    def rename(self, old, new, flags=0):
+        """Rename within the merged view (SPEC section 6), with renameat2's NOREPLACE or EXCHANGE.
 
         A directory with a lower part moves only with redirect_dir=on (it gets a
         redirect xattr); otherwise EXDEV, and tools such as mv copy instead.
         """
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            raise os_error(errno.EINVAL, old)
         self._require_writable(old)
         src = self._node(old)
         old_parent_path, old_name = parent_of(old)
         new_parent_path, new_name = parent_of(new)
         self._dir(new_parent_path)
+        dst = self.layers.resolve(new)
+        if flags & RENAME_NOREPLACE and dst is not None:
+            raise os_error(errno.EEXIST, new)
+        if flags & RENAME_EXCHANGE:
+            if dst is None:
+                raise os_error(errno.ENOENT, new)
+            return self._exchange(src, dst)
         if old == new:
             return
         if src.is_dir and (new + "/").startswith(old + "/"):
             raise os_error(errno.EINVAL, new)
-        dst = self.layers.resolve(new)
         if dst is not None:  # the checks the VFS makes before the overlay is asked
             if src.is_dir and not dst.is_dir:
                 raise os_error(errno.ENOTDIR, new)
@@ -645,32 +656,15 @@ class Union:
                 raise os_error(errno.EISDIR, new)
             if src.in_upper and dst.in_upper and os.path.samestat(src.st, dst.st):
                 return  # two links to one file: rename(2) does nothing
-        if src.is_dir and src.has_lower and not self.stack.create_redirects:
+        if not self._can_move(src):
             raise os_error(errno.EXDEV, old)
         if dst is not None and dst.is_dir and self.layers.list_dir(dst):
             raise os_error(errno.ENOTEMPTY, new)
 
         needs_whiteout = self.layers.lower_positive(self.layers.resolve_required(old_parent_path), old_name)
-        redirect = None
-        moves_data_ref = self.stack.metacopy and stat.S_ISREG(src.st.st_mode) and (
-            src.data is not None or not src.in_upper)  # a metadata-only copy finds its data by name
-        if (src.is_dir and src.has_lower) or moves_data_ref:
-            if old_parent_path == new_parent_path:
-                redirect = src.redirect or old_name
-            else:
-                redirect = "/" + next(rel for layer, rel in src.parts if layer > 0)
         try:
-            src = self._copy_up(src, data=False)
-            upper_parent, _ = self._upper_parent(new)
+            src, upper_parent = self._prepare_move(src, new)
             target = upper_parent.real + "/" + new_name
-            if redirect is not None and redirect != src.redirect:
-                set_marker(src.real, self.prefix, REDIRECT, redirect)
-                if self.events:
-                    self.events.emit("redirect", new, value=redirect)
-            elif src.is_dir and not src.has_lower and upper_parent.has_lower and not is_opaque(src.real, self.prefix):
-                set_opaque(src.real, self.prefix)
-                if self.events:
-                    self.events.emit("opaque", new)
             try:
                 existing = os.lstat(target)
             except FileNotFoundError:
@@ -685,15 +679,78 @@ class Union:
                 rename2(src.real, target, RENAME_WHITEOUT if needs_whiteout else 0)
         finally:
             self._changed()
-        remembered = self.layers.remembered
-        for path in [p for p in remembered if p == old or p.startswith(old + "/")]:
-            remembered[new + path[len(old):]] = remembered.pop(path)
+        self._move_remembered(old, new)
         if self.events:
             self.events.emit("rename", old, to=new)
             if existing is not None and is_whiteout(existing):
                 self.events.emit("whiteout_removed", new)
             if needs_whiteout:
                 self.events.emit("whiteout", old)
+
+    def _exchange(self, a, b):
+        """renameat2(RENAME_EXCHANGE): both names stay, so no whiteout; each side is marked for its new place."""
+        if a.path == b.path:
+            return
+        if (b.path + "/").startswith(a.path + "/") or (a.path + "/").startswith(b.path + "/"):
+            raise os_error(errno.EINVAL, b.path)
+        if a.in_upper and b.in_upper and os.path.samestat(a.st, b.st):
+            return
+        for node in (a, b):
+            if not self._can_move(node):
+                raise os_error(errno.EXDEV, node.path)
+        old, new = a.path, b.path
+        try:
+            a, _ = self._prepare_move(a, new)
+            b, _ = self._prepare_move(self.layers.resolve_required(new), old)
+            rename2(self.layers.resolve_required(old).real, b.real, RENAME_EXCHANGE)
+        finally:
+            self._changed()
+        self._move_remembered(old, new, exchange=True)
+        if self.events:
+            self.events.emit("rename", old, to=new)
+            self.events.emit("rename", new, to=old)
+
+    def _can_move(self, node):
+        """A directory with a lower part can change its name only by getting a redirect."""
+        return not (node.is_dir and node.has_lower) or self.stack.create_redirects
+
+    def _prepare_move(self, node, to):
+        """Copy `node` up and mark it to read the same at path `to`; returns it and the upper parent of `to`.
+
+        A directory with lower parts (or, under metacopy, a file whose data
+        stays below) gets a redirect to where its lower part lies; a new
+        directory landing where lower directories merge is made opaque.
+        """
+        from_parent, from_name = parent_of(node.path)
+        to_parent, _ = parent_of(to)
+        redirect = None
+        moves_data_ref = self.stack.metacopy and stat.S_ISREG(node.st.st_mode) and (
+            node.data is not None or not node.in_upper)  # a metadata-only copy finds its data by name
+        if (node.is_dir and node.has_lower) or moves_data_ref:
+            if from_parent == to_parent:
+                redirect = node.redirect or from_name
+            else:
+                redirect = "/" + next(rel for layer, rel in node.parts if layer > 0)
+        node = self._copy_up(node, data=False)
+        upper_parent, _ = self._upper_parent(to)
+        if redirect is not None and redirect != node.redirect:
+            set_marker(node.real, self.prefix, REDIRECT, redirect)
+            if self.events:
+                self.events.emit("redirect", to, value=redirect)
+        elif node.is_dir and not node.has_lower and upper_parent.has_lower and not is_opaque(node.real, self.prefix):
+            set_opaque(node.real, self.prefix)
+            if self.events:
+                self.events.emit("opaque", to)
+        return node, upper_parent
+
+    def _move_remembered(self, old, new, exchange=False):
+        remembered = self.layers.remembered
+        moves = [(p, new + p[len(old):]) for p in remembered if p == old or p.startswith(old + "/")]
+        if exchange:
+            moves += [(p, old + p[len(new):]) for p in remembered if p == new or p.startswith(new + "/")]
+        taken = {p: remembered.pop(p) for p, _ in moves}
+        for p, q in moves:
+            remembered[q] = taken[p]
 
     def _empty_upper_dir(self, real):
         """Make an upper directory about to be replaced really empty (it may hold whiteouts),

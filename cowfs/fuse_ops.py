@@ -1,16 +1,34 @@
-"""The FUSE adapter: a thin fusepy layer that maps each call to the engine and owns the open file handles.
+"""The FUSE adapter: a thin mfusepy (libfuse 3) layer that maps each call to the engine and owns the open file handles.
 
-No overlay logic lives here. Errors are translated in one place, `__call__`:
-an OSError becomes its errno; anything unexpected is logged with its
-traceback and answered with EIO, never silently.
+No overlay logic lives here. Errors are translated in one place,
+`CowfsFUSE._wrapper`: an OSError becomes its errno; anything unexpected is
+logged with its traceback and answered with EIO, never silently.
+
+libfuse 3 and not fusepy's libfuse 2, because the kernel may cache
+attributes only if it can be told when they change (`KernelCache`), and
+because renameat2 flags reach us only through libfuse 3.
 """
 
+import ctypes
 import errno
 import logging
 import os
 import re
+import stat
+import threading
+import time
 
-import fuse
+_choice = os.environ.get("FUSE_LIBRARY_NAME")
+os.environ["FUSE_LIBRARY_NAME"] = "fuse3"  # mfusepy would take libfuse 2 when both are installed
+try:
+    import mfusepy as fuse
+finally:
+    if _choice is None:
+        del os.environ["FUSE_LIBRARY_NAME"]
+    else:
+        os.environ["FUSE_LIBRARY_NAME"] = _choice
+if fuse.fuse_version_major != 3:
+    raise ImportError(f"cowfs needs libfuse 3, found {fuse._libfuse._name} (install fuse3)")
 
 log = logging.getLogger("cowfs")
 
@@ -21,15 +39,145 @@ LIBFUSE_HIDDEN = re.compile(r"\.fuse_hidden[0-9a-f]{16}")
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 
+# How long the kernel may keep names and attributes without asking again. Every change made
+# through the mount either updates the kernel's copy itself or is announced by KernelCache.
+ENTRY_TIMEOUT = 1.0
+ATTR_TIMEOUT = 1.0
+
+_invalidate_path = fuse._libfuse.fuse_invalidate_path
+_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+_invalidate_path.restype = ctypes.c_int
+
+
+class KernelCache:
+    """Tells the kernel which cached attributes a change made stale, where it cannot know itself.
+
+    libfuse's path-based API gives every name its own kernel inode, so when one
+    name of a hard-linked file changes the file (write, chmod, link, unlink...),
+    the kernel's inodes for its other names keep old attributes. This keeps, for
+    files seen with more than one link, the names the kernel knows, and
+    invalidates the others after each change. A copy-up may also change what a
+    stat shows (st_ino and st_nlink of a hard-linked lower file, st_nlink of a
+    directory that becomes merged), so each copied-up path is invalidated too.
+    """
+
+    def __init__(self):
+        self.fuse = None  # struct fuse *, known from init on
+        self._lock = threading.Lock()
+        self._names = {}  # st_ino -> set of merged paths, for files seen with st_nlink > 1
+        self._ino = {}    # merged path -> st_ino, the inverse
+        self._pending = threading.local()  # paths copied up by the request this thread serves
+
+    def invalidate(self, path):
+        if self.fuse is not None:
+            _invalidate_path(self.fuse, path.encode("utf-8", "surrogateescape"))  # -ENOENT when not cached
+
+    def seen(self, path, attrs):
+        """Remember `path` if it is one name of a hard-linked file."""
+        if path is None or (attrs["st_nlink"] < 2 and path not in self._ino) or stat.S_ISDIR(attrs["st_mode"]):
+            return
+        ino = attrs["st_ino"]
+        with self._lock:
+            old = self._ino.get(path)
+            if old == ino:
+                return
+            if old is not None:
+                self._names[old].discard(path)
+            self._ino[path] = ino
+            self._names.setdefault(ino, set()).add(path)
+
+    def changed(self, path, *, keep=None):
+        """The file at `path` changed: invalidate its other names (and `path` itself unless it is `keep`)."""
+        ino = self._ino.get(path)
+        if ino is None:
+            return
+        with self._lock:
+            names = [name for name in self._names.get(ino, ()) if name != keep]
+        for name in names:
+            self.invalidate(name)
+
+    def changed_ino(self, ino, keep):
+        if ino in self._names:
+            with self._lock:
+                names = [name for name in self._names[ino] if name != keep]
+            for name in names:
+                self.invalidate(name)
+
+    def ino_of(self, path):
+        return self._ino.get(path)
+
+    def forget(self, path):
+        """`path` no longer names its file: invalidate the file's other names, which lost a link."""
+        with self._lock:
+            ino = self._ino.pop(path, None)
+            if ino is None:
+                return
+            names = self._names.get(ino, set())
+            names.discard(path)
+            if not names:
+                self._names.pop(ino, None)
+            rest = list(names)
+        for name in rest:
+            self.invalidate(name)
+
+    def moved(self, old, new, exchange=False):
+        """Rename the remembered paths at and under `old` (swap with `new` on exchange)."""
+        with self._lock:
+            def under(prefix):
+                return [p for p in self._ino if p == prefix or p.startswith(prefix + "/")]
+            moves = [(p, new + p[len(old):]) for p in under(old)]
+            if exchange:
+                moves += [(p, old + p[len(new):]) for p in under(new)]
+            taken = {p: self._ino.pop(p) for p, _ in moves}
+            for p, q in moves:
+                ino = taken[p]
+                names = self._names[ino]
+                names.discard(p)
+                names.add(q)
+                self._ino[q] = ino
+
+    def on_event(self, event):
+        """A copy-up may change what stat shows: invalidate the path once the engine lets go of its lock."""
+        if event["event"] == "copy_up":  # at open or truncate, never inside a write
+            self._pending.__dict__.setdefault("paths", []).append(event["path"])
+
+    def flush(self):
+        """Send the invalidations the engine's events asked for in this thread (before the reply goes out)."""
+        paths = self._pending.__dict__.pop("paths", None)
+        if paths:
+            for path in paths:
+                self.invalidate(path)
+
 
 class CowfsFUSE(fuse.FUSE):
-    """fusepy's FUSE, passing utimens its raw timespecs so that UTIME_NOW and UTIME_OMIT survive."""
+    """mfusepy's FUSE with cowfs's error translation, raw utimens timespecs and renameat2 flags."""
 
-    def utimens(self, path, buf):
+    def _wrapper(self, func, *args, **kwargs):
+        try:
+            return func(*args, **kwargs) or 0
+        except OSError as e:
+            return -(e.errno if isinstance(e.errno, int) and e.errno > 0 else errno.EIO)
+        except Exception:
+            log.exception("cowfs: unexpected failure in %s", func.__name__)
+            return -errno.EIO
+        except BaseException as e:  # mfusepy stops the session and re-raises it after the loop
+            return super()._wrapper(_reraise, e)
+        finally:
+            self.operations.cache.flush()  # outside the engine's lock, before the kernel hears back
+
+    def utimens_fuse_3(self, path, buf, fip):
         times = None
         if buf:
             times = tuple((ts.tv_sec, ts.tv_nsec) for ts in (buf.contents.actime, buf.contents.modtime))
-        return self.operations("utimens", path.decode(self.encoding), times)
+        return self.operations.utimens(None if path is None else path.decode(self.encoding, self.errors), times)
+
+    def rename_fuse_3(self, old, new, flags):
+        return self.operations.rename(old.decode(self.encoding, self.errors),
+                                      new.decode(self.encoding, self.errors), flags)
+
+
+def _reraise(e):
+    raise e
 
 
 def _time_ns(ts):
@@ -37,37 +185,21 @@ def _time_ns(ts):
     if nsec == UTIME_OMIT:
         return None
     if nsec == UTIME_NOW:
-        return fuse_now_ns()
+        return time.time_ns()
     return sec * 10**9 + nsec
 
 
-def fuse_now_ns():
-    import time
-    return time.time_ns()
-
-
 class CowfsOperations(fuse.Operations):
-    """fusepy operations over a `Union` engine (fusepy's raw_fi mode: open flags and fh come in fuse_file_info)."""
+    """mfusepy operations over a `Union` engine (raw_fi mode: open flags and fh come in fuse_file_info)."""
 
     use_ns = True
-    flag_nullpath_ok = 1  # reads, writes and fstat on a file whose name is gone (path None)
-    flag_utime_omit_ok = 1  # pass UTIME_NOW / UTIME_OMIT through to utimens
 
     def __init__(self, union, on_ready=None):
         self.union = union
         self.on_ready = on_ready
         self.handles = {}
-
-    def __call__(self, op, *args):
-        try:
-            return getattr(self, op)(*args)
-        except fuse.FuseOSError:
-            raise
-        except OSError as e:
-            raise fuse.FuseOSError(e.errno or errno.EIO) from None
-        except Exception:
-            log.exception("cowfs: unexpected failure in %s(%s)", op, args[0] if args else "")
-            raise fuse.FuseOSError(errno.EIO) from None
+        self.cache = KernelCache()
+        self._handle_ino = {}  # fd -> st_ino, for files open under a hard-linked name
 
     @staticmethod
     def _owner():
@@ -75,11 +207,19 @@ class CowfsOperations(fuse.Operations):
         return uid, gid
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def init(self, path):
+    def init_with_config(self, conn, config):
+        config.use_ino = 1
+        config.entry_timeout = ENTRY_TIMEOUT
+        config.negative_timeout = ENTRY_TIMEOUT
+        config.attr_timeout = ATTR_TIMEOUT
+        config.auto_cache = 1  # keep a file's pages across opens while its mtime and size stay the same
+        self.cache.fuse = fuse._libfuse.fuse_get_context().contents.fuse
+        self.union.events.subscribe(self.cache.on_event)
         if self.on_ready is not None:
             self.on_ready()
 
     def destroy(self, path):
+        self.union.events.unsubscribe(self.cache.on_event)
         for handle in list(self.handles.values()):
             self.union.release(handle)
         self.handles.clear()
@@ -87,9 +227,11 @@ class CowfsOperations(fuse.Operations):
 
     # -- attributes and names --------------------------------------------------------------------
     def getattr(self, path, fh=None):
-        if path is None and fh is not None and fh.fh in self.handles:
-            return self.union.fgetattr(self.handles[fh.fh])
-        return self.union.getattr(path)
+        if fh is not None and fh.fh in self.handles:
+            return self.union.fgetattr(self.handles[fh.fh], path)
+        attrs = self.union.getattr(path)
+        self.cache.seen(path, attrs)
+        return attrs
 
     def readdir(self, path, fh):
         return [(name, {"st_ino": ino, "st_mode": mode}, 0) for name, ino, mode in self.union.readdir(path)]
@@ -104,21 +246,28 @@ class CowfsOperations(fuse.Operations):
         return self.union.statfs()
 
     def chmod(self, path, mode):
-        return self.union.chmod(path, mode)
+        self.union.chmod(path, mode)
+        self.cache.changed(path, keep=path)
 
     def chown(self, path, uid, gid):
-        return self.union.chown(path, uid, gid)
+        self.union.chown(path, uid, gid)
+        self.cache.changed(path, keep=path)
 
     def utimens(self, path, times=None):
         if times is None:
-            now = fuse_now_ns()
-            return self.union.utimens(path, now, now)
-        return self.union.utimens(path, _time_ns(times[0]), _time_ns(times[1]))
+            now = time.time_ns()
+            self.union.utimens(path, now, now)
+        else:
+            self.union.utimens(path, _time_ns(times[0]), _time_ns(times[1]))
+        self.cache.changed(path, keep=path)
 
     def truncate(self, path, length, fh=None):
-        if fh is not None:
-            return self.union.ftruncate(self.handles[fh.fh], length)
-        return self.union.truncate(path, length)
+        if fh is not None and fh.fh in self.handles:
+            self.union.ftruncate(self.handles[fh.fh], length)
+            self.cache.changed_ino(self._handle_ino.get(fh.fh), keep=path)
+        else:
+            self.union.truncate(path, length)
+            self.cache.changed(path, keep=path)
 
     def mkdir(self, path, mode):
         return self.union.mkdir(path, mode, self._owner())
@@ -130,18 +279,27 @@ class CowfsOperations(fuse.Operations):
         return self.union.symlink(target, source, self._owner())
 
     def link(self, target, source):
-        return self.union.link(source, target)
+        self.union.link(source, target)
+        self.cache.changed(source)
+        self.cache.invalidate(source)  # its st_nlink grew
 
     def unlink(self, path):
-        return self.union.unlink(path)
+        self.union.unlink(path)
+        self.cache.forget(path)
 
     def rmdir(self, path):
         return self.union.rmdir(path)
 
-    def rename(self, old, new):
+    def rename(self, old, new, flags=0):
         if LIBFUSE_HIDDEN.fullmatch(os.path.basename(new)):
-            return self.union.hide(old, new)
-        return self.union.rename(old, new)
+            self.union.hide(old, new)
+            self.cache.moved(old, new)
+            return
+        replaced = not flags & fuse_rename_exchange and self.cache.ino_of(new) is not None
+        self.union.rename(old, new, flags)
+        if replaced:
+            self.cache.forget(new)
+        self.cache.moved(old, new, exchange=bool(flags & fuse_rename_exchange))
 
     # -- xattrs ----------------------------------------------------------------------------------
     def getxattr(self, path, name, position=0):
@@ -151,28 +309,39 @@ class CowfsOperations(fuse.Operations):
         return self.union.listxattr(path)
 
     def setxattr(self, path, name, value, options, position=0):
-        return self.union.setxattr(path, name, value, options)
+        self.union.setxattr(path, name, value, options)
+        self.cache.changed(path, keep=path)
 
     def removexattr(self, path, name):
-        return self.union.removexattr(path, name)
+        self.union.removexattr(path, name)
+        self.cache.changed(path, keep=path)
 
     # -- open files ------------------------------------------------------------------------------
-    def _keep(self, fi, handle):
+    def _keep(self, path, fi, handle):
         self.handles[handle.fd] = handle
         fi.fh = handle.fd
+        ino = self.cache.ino_of(path)
+        if ino is not None:
+            self._handle_ino[handle.fd] = ino
         return 0
 
     def open(self, path, fi):
-        return self._keep(fi, self.union.open(path, fi.flags))
+        handle = self.union.open(path, fi.flags)
+        if fi.flags & os.O_TRUNC:
+            self.cache.changed(path, keep=path)
+        return self._keep(path, fi, handle)
 
     def create(self, path, mode, fi):
-        return self._keep(fi, self.union.create(path, mode, fi.flags, self._owner()))
+        return self._keep(path, fi, self.union.create(path, mode, fi.flags, self._owner()))
 
     def read(self, path, size, offset, fi):
         return self.union.read(self.handles[fi.fh], size, offset, path)
 
     def write(self, path, data, offset, fi):
-        return self.union.write(self.handles[fi.fh], data, offset)
+        written = self.union.write(self.handles[fi.fh], data, offset)
+        if fi.fh in self._handle_ino:  # never the writer's own name: the kernel holds its pages locked
+            self.cache.changed_ino(self._handle_ino[fi.fh], keep=path)
+        return written
 
     def flush(self, path, fi):
         return 0
@@ -182,20 +351,22 @@ class CowfsOperations(fuse.Operations):
 
     def release(self, path, fi):
         handle = self.handles.pop(fi.fh, None)
+        self._handle_ino.pop(fi.fh, None)
         if handle is not None:
             self.union.release(handle)
         return 0
+
+
+fuse_rename_exchange = 2  # RENAME_EXCHANGE
 
 
 def serve(union, mountpoint, *, foreground=True, debug=False, allow_other=False, read_only=False,
           fsname="cowfs", mount_flags=(), on_ready=None):
     """Mount `union` at `mountpoint` and serve it until unmounted (blocks)."""
     options = dict(
-        fsname=fsname, subtype="cowfs", default_permissions=True, use_ino=True,
-        nonempty=True, attr_timeout=0, entry_timeout=1, negative_timeout=1,
+        fsname=fsname, subtype="cowfs", default_permissions=True,
         dev=os.geteuid() == 0, suid=os.geteuid() == 0,  # like the kernel overlay, when root may allow it
-        big_writes=True, max_write=131072, max_read=131072,  # 128 KiB per request, not 4 KiB
-        auto_cache=True,  # keep a file's pages across opens while its mtime and size stay the same
+        max_threads=10,  # libfuse 3.14 reads an unset value as 2**32-1 and complains
     )
     if allow_other:
         options["allow_other"] = True

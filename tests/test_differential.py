@@ -984,6 +984,63 @@ def sc_hardlink_counts(fs: Session):
     fs.stat("link2")
 
 
+def build_lower_links(L: Layers):
+    """The standard stack plus a file with three names in one lower layer, and a lower directory tree."""
+    build_std(L)
+    l1 = Path(L[1])
+    put(l1 / "hl" / "one", b"one file, three names\n")
+    os.link(l1 / "hl" / "one", l1 / "hl" / "two")
+    os.link(l1 / "hl" / "one", l1 / "hl" / "three")
+
+
+@scenario(build=build_lower_links, userxattr=True)
+def sc_cached_attrs_follow_changes(fs: Session):
+    """With attributes cached by the kernel, every change made through one name shows at once
+    through every other name of the same file, and through descriptors opened before it."""
+    names = ("exec.sh", "a1", "dir/a2")
+    fs.link("exec.sh", "a1")
+    fs.link("a1", "dir/a2")
+
+    def stat_all(*rels):
+        for rel in rels:
+            fs.stat(rel)
+
+    stat_all(*names, "hl/one", "hl/two", "hl/three", "dir", "")  # the kernel now caches all of them
+    old_fd = os.open(fs.p("dir/a2"), os.O_RDONLY)
+    try:
+        fs.do("read before", os.pread, old_fd, 100, 0)
+        fs.write("a1", b"a longer content than before\n", W | APPEND)
+        fs.do("read after write through another name", os.pread, old_fd, 100, 0)
+        fs.do("fstat after write through another name", lambda: describe_stat(os.fstat(old_fd)))
+    finally:
+        os.close(old_fd)
+    stat_all(*names)
+    fs.chmod("dir/a2", 0o700)
+    stat_all(*names)
+    fs.chown("exec.sh", 1000, 1000)
+    stat_all(*names)
+    fs.utime("a1", (10**18, 2 * 10**18))
+    stat_all(*names)
+    fs.do("truncate", os.truncate, fs.p("dir/a2"), 3)
+    stat_all(*names)
+    fs.link("exec.sh", "a3")
+    stat_all(*names, "a3")
+    fs.unlink("a3")
+    stat_all(*names)
+    fs.rename("base.txt", "a1")  # replaces one name: the others lose a link
+    stat_all(*names)
+    fs.mkdir("dir/sub")
+    stat_all("dir")
+    fs.rmdir("dir/sub")
+    stat_all("dir")
+    fs.write("hl/two", b"copied up", W | TRUNC)  # breaks the lower hard link: one of three names moves up
+    stat_all("hl/one", "hl/two", "hl/three", "hl")
+    fs.chmod("hl/three", 0o600)
+    stat_all("hl/one", "hl/two", "hl/three")
+    fs.read("hl/one")
+    fs.check("hl/one and hl/three still one file", fs.ino("hl/one") == fs.ino("hl/three"))
+
+
 @scenario()
 def sc_hardlink_modify_through_one(fs: Session):
     fs.link("file.txt", "other")
@@ -1279,6 +1336,29 @@ def sc_rename_flags(fs: Session):
     fs.do("exchange two files", _renameat2, fs.p("exec.sh"), fs.p("base.txt"), exchange)
     fs.read("exec.sh")
     fs.read("base.txt")
+    fs.listdir("")
+
+
+@scenario()
+def sc_rename_exchange_kinds(fs: Session):
+    """RENAME_EXCHANGE across kinds and places: lower and upper, file and directory, two directories."""
+    noreplace, exchange = 1, 2
+    fs.do("exchange file and lower dir", _renameat2, fs.p("exec.sh"), fs.p("dup"), exchange)
+    fs.do("exchange upper dir and file", _renameat2, fs.p("emptydir"), fs.p("base.txt"), exchange)
+    fs.do("exchange across dirs", _renameat2, fs.p("dir/shared.txt"), fs.p("deep/a/b/c/file.txt"), exchange)
+    fs.do("exchange with missing", _renameat2, fs.p("ro.txt"), fs.p("nothing"), exchange)
+    fs.do("exchange with whiteout", _renameat2, fs.p("ro.txt"), fs.p("gone.txt"), exchange)
+    fs.do("exchange into own subdir", _renameat2, fs.p("dirsub"), fs.p("dirsub/inner"), exchange)
+    fs.do("both flags", _renameat2, fs.p("ro.txt"), fs.p("suid.bin"), noreplace | exchange)
+    fs.do("whiteout flag", _renameat2, fs.p("ro.txt"), fs.p("fresh"), 4)
+    fs.do("noreplace dir onto dir", _renameat2, fs.p("emptydir"), fs.p("opq"), noreplace)
+    fs.do("mkdir", os.mkdir, fs.p("newdir"))
+    fs.do("exchange new dir and merged dir", _renameat2, fs.p("newdir"), fs.p("dirsub"), exchange)
+    fs.do("exchange same file", _renameat2, fs.p("suid.bin"), fs.p("suid.bin"), exchange)
+    for name in ("exec.sh", "emptydir", "newdir", "dir", "deep/a/b/c"):  # what is a directory now
+        fs.listdir(name)
+    for name in ("dup", "base.txt", "dir/shared.txt", "deep/a/b/c/file.txt"):
+        fs.read(name)
     fs.listdir("")
 
 
@@ -1608,11 +1688,9 @@ KNOWN_DIFFERENCES = {
         "the FUSE kernel module reports nlink 0 for any file unlinked through the mount; "
         "the kernel overlay shows the lower file's own count (1)",
 }
-# Whole scenarios cowfs cannot pass through libfuse 2: strict, so a fix shows up.
-KNOWN_FAILING = {
-    "rename_flags": "libfuse 2 (fusepy) has no renameat2 flags: RENAME_NOREPLACE and RENAME_EXCHANGE "
-                    "fail with EINVAL; mv and other tools fall back to plain rename",
-}
+# Whole scenarios cowfs cannot pass, as strict xfails so that a fix shows up. None since the move
+# to libfuse 3, which passes renameat2 flags through (libfuse 2 failed rename_flags with EINVAL).
+KNOWN_FAILING: dict[str, str] = {}
 
 
 def _drop_known(name, outcomes):

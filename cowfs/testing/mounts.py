@@ -326,9 +326,9 @@ def _check_fuse() -> str | None:
         return f"/dev/fuse cannot be opened: {e.strerror}"
     if not (shutil.which("fusermount") or shutil.which("fusermount3")):
         return "fusermount is not on PATH (install the fuse3 or fuse package)"
-    lib = ctypes.util.find_library("fuse")
+    lib = ctypes.util.find_library("fuse3")
     if not lib:
-        return "libfuse.so.2 not found (install libfuse2)"
+        return "libfuse3.so.3 not found (install fuse3)"
     try:
         ctypes.CDLL(lib)
     except OSError as e:
