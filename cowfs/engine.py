@@ -24,7 +24,7 @@ import stat
 import threading
 import time
 
-from . import copyup
+from . import acl, copyup
 from .errors import StackError, os_error
 from .events import TRIGGERS, Events
 from .lookup import Layers, Node, join, parent_of
@@ -230,12 +230,13 @@ class Union:
         setgid = bool(st.st_mode & stat.S_ISGID)
         return uid, (st.st_gid if setgid else gid), setgid
 
-    def _place_new(self, path, make, mode, owner, kind):
+    def _place_new(self, path, make, mode, owner, kind, umask=0):
         """Create a new object at merged `path`: built in the workdir, then renamed into the upper.
 
         `make(tmp)` creates the bare object and may return an open descriptor.
         A directory made where a whiteout stands, or in a merged directory,
-        is made opaque so that old lower entries do not come back.
+        is made opaque so that old lower entries do not come back. The umask
+        applies unless the directory has a default ACL, which is inherited.
         """
         self._require_writable(path)
         parent = self._dir(parent_of(path)[0])
@@ -250,9 +251,12 @@ class Union:
             fd = make(tmp)
             os.chown(tmp, uid, gid, follow_symlinks=False)
             if kind != stat.S_IFLNK:
+                mode, acls = acl.for_new(upper_parent.real, mode, umask, kind == stat.S_IFDIR)
                 if kind == stat.S_IFDIR and setgid:
                     mode |= stat.S_ISGID
                 os.chmod(tmp, stat.S_IMODE(mode))
+                for name, value in acls.items():  # after chmod, which would rewrite the ACL's mask
+                    os.setxattr(tmp, name, value, follow_symlinks=False)
             try:
                 existing = os.lstat(target)
             except FileNotFoundError:
@@ -314,18 +318,40 @@ class Union:
 
 
     @locked
+    def readdir_attrs(self, path):
+        """[(name, attrs, full)]: the listing with every entry's getattr attributes (full=True);
+        "." and ".." carry only st_ino and st_mode."""
+        out = []
+        for name, ino, kind in self.readdir(path):
+            if name in (".", ".."):
+                out.append((name, {"st_ino": ino, "st_mode": kind}, False))
+                continue
+            child = self.layers.resolve(join(path, name))
+            if child is not None:
+                out.append((name, self._attrs(child), True))
+        return out
+
+    @locked
     def readdir(self, path):
         """[(name, st_ino, st_mode type bits)] of the merged directory, "." and ".." first."""
         node = self._dir(path)
         parent = node if path == "/" else self._node(parent_of(path)[0])
         entries = [(".", self.layers.ino(node), stat.S_IFDIR), ("..", self.layers.ino(parent), stat.S_IFDIR)]
+        devs = {layer: os.lstat(self.layers.real(layer, rel)).st_dev for layer, rel in node.parts}
         for name, layer, entry in self.layers.list_dir(node):
-            try:
-                st = entry.stat(follow_symlinks=False)
-                entries.append((name, self.layers.entry_ino(layer, entry, join(path, name)),
-                                stat.S_IFMT(st.st_mode)))
-            except FileNotFoundError:
-                continue
+            # the type from d_type and the number from d_ino: no syscall per entry below the upper
+            if entry.is_dir(follow_symlinks=False):
+                kind = stat.S_IFDIR
+            elif entry.is_file(follow_symlinks=False):
+                kind = stat.S_IFREG
+            elif entry.is_symlink():
+                kind = stat.S_IFLNK
+            else:
+                try:
+                    kind = stat.S_IFMT(entry.stat(follow_symlinks=False).st_mode)
+                except FileNotFoundError:
+                    continue
+            entries.append((name, self.layers.entry_ino(layer, entry, join(path, name), devs[layer]), kind))
         return entries
 
     @locked
@@ -440,7 +466,7 @@ class Union:
         return Handle(fd, lower_id)
 
     @locked
-    def create(self, path, mode, flags, owner=None):
+    def create(self, path, mode, flags, owner=None, umask=0):
         """Create and open a regular file; an existing one is opened (EEXIST with O_EXCL)."""
         self._require_writable(path)
         self._dir(parent_of(path)[0])
@@ -452,7 +478,7 @@ class Union:
 
         def make(tmp):
             return os.open(tmp, keep | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        return Handle(self._place_new(path, make, mode, owner, stat.S_IFREG))
+        return Handle(self._place_new(path, make, mode, owner, stat.S_IFREG, umask))
 
     def read(self, handle, size, offset, path=None):
         """Read from an open file. A handle opened on a lower file that has since been
@@ -484,8 +510,8 @@ class Union:
 
     # -- creating names --------------------------------------------------------------------------
     @locked
-    def mkdir(self, path, mode, owner=None):
-        self._place_new(path, lambda tmp: os.mkdir(tmp, 0o700), mode, owner, stat.S_IFDIR)
+    def mkdir(self, path, mode, owner=None, umask=0):
+        self._place_new(path, lambda tmp: os.mkdir(tmp, 0o700), mode, owner, stat.S_IFDIR, umask)
 
     @locked
     def symlink(self, path, target, owner=None):
@@ -493,14 +519,14 @@ class Union:
         self._place_new(path, lambda tmp: os.symlink(target, tmp), 0o777, owner, stat.S_IFLNK)
 
     @locked
-    def mknod(self, path, mode, rdev=0, owner=None):
+    def mknod(self, path, mode, rdev=0, owner=None, umask=0):
         """Create a FIFO, socket, device node (as root) or empty regular file."""
         kind = stat.S_IFMT(mode) or stat.S_IFREG
         if kind == stat.S_IFDIR:
             raise os_error(errno.EINVAL, path)
         if kind == stat.S_IFCHR and rdev == 0:
             raise os_error(errno.EPERM, path)  # a whiteout cannot be made through the mount
-        self._place_new(path, lambda tmp: os.mknod(tmp, kind | 0o600, rdev), mode, owner, kind)
+        self._place_new(path, lambda tmp: os.mknod(tmp, kind | 0o600, rdev), mode, owner, kind, umask)
 
     @locked
     def link(self, old, new):

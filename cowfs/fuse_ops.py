@@ -153,6 +153,9 @@ class CowfsFUSE(fuse.FUSE):
     """mfusepy's FUSE with cowfs's error translation, raw utimens timespecs and renameat2 flags."""
 
     def _wrapper(self, func, *args, **kwargs):
+        thread = threading.get_native_id()
+        if thread not in _PINNED:
+            _pin_thread_state(thread)
         try:
             return func(*args, **kwargs) or 0
         except OSError as e:
@@ -165,6 +168,32 @@ class CowfsFUSE(fuse.FUSE):
         finally:
             self.operations.cache.flush()  # outside the engine's lock, before the kernel hears back
 
+    def opendir(self, path, fip):
+        fip.contents.fh = self.operations.opendir(path.decode(self.encoding, self.errors))
+        return 0
+
+    def releasedir(self, path, fip):
+        return self.operations.releasedir(None, fip.contents.fh)
+
+    def readdir_fuse_3(self, path, buf, filler, offset, fip, flags):
+        """Entries with their offsets (so libfuse does not buffer the listing again), and, when the
+        kernel asks for readdirplus, with their attributes, which saves it a LOOKUP per entry."""
+        plus = bool(flags & FUSE_READDIR_PLUS)
+        entries = self.operations.readdir(path.decode(self.encoding, self.errors), fip.contents.fh, offset, plus)
+        st = fuse.c_stat()
+        for index in range(offset, len(entries)):
+            name, attrs, full = entries[index]
+            ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
+            if plus and full:
+                fuse.set_st_attrs(st, attrs, use_ns=True)
+                fill_flags = FUSE_FILL_DIR_PLUS
+            else:
+                st.st_ino, st.st_mode = attrs["st_ino"], attrs["st_mode"]
+                fill_flags = 0
+            if filler(buf, name, st, index + 1, fill_flags):
+                break  # the kernel's buffer is full; it asks again from this offset
+        return 0
+
     def utimens_fuse_3(self, path, buf, fip):
         times = None
         if buf:
@@ -174,6 +203,19 @@ class CowfsFUSE(fuse.FUSE):
     def rename_fuse_3(self, old, new, flags):
         return self.operations.rename(old.decode(self.encoding, self.errors),
                                       new.decode(self.encoding, self.errors), flags)
+
+
+# libfuse calls us from its own worker threads. For such a thread, each ctypes callback makes a new
+# Python thread state and throws it away on return, which costs more than the rest of a GETATTR. One
+# PyGILState_Ensure that is never released keeps the thread's state alive across callbacks.
+_PINNED = set()
+_gil_ensure = ctypes.pythonapi.PyGILState_Ensure
+_gil_ensure.restype = ctypes.c_int
+
+
+def _pin_thread_state(thread):
+    _gil_ensure()
+    _PINNED.add(thread)
 
 
 def _reraise(e):
@@ -200,11 +242,18 @@ class CowfsOperations(fuse.Operations):
         self.handles = {}
         self.cache = KernelCache()
         self._handle_ino = {}  # fd -> st_ino, for files open under a hard-linked name
+        self._listings = {}  # open directory handle -> its entries, read at offset 0
+        self._plus_sent = {}  # directory -> when its entries last went out with their attributes
+        self._next_dir = 1
 
     @staticmethod
     def _owner():
         uid, gid, _pid = fuse.fuse_get_context()
         return uid, gid
+
+    @staticmethod
+    def _umask():
+        return fuse._libfuse.fuse_get_context().contents.umask  # passed to us, not applied (DONT_MASK)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def init_with_config(self, conn, config):
@@ -213,6 +262,12 @@ class CowfsOperations(fuse.Operations):
         config.negative_timeout = ENTRY_TIMEOUT
         config.attr_timeout = ATTR_TIMEOUT
         config.auto_cache = 1  # keep a file's pages across opens while its mtime and size stay the same
+        if conn.capable & FUSE_CAP_POSIX_ACL:
+            # the kernel checks and caches POSIX ACLs, as it does for the kernel overlay, instead of
+            # asking us for system.posix_acl_access on every ls -l
+            conn.want |= FUSE_CAP_POSIX_ACL
+        if conn.capable & FUSE_CAP_DONT_MASK:
+            conn.want |= FUSE_CAP_DONT_MASK  # the umask must not apply under a default ACL
         self.cache.fuse = fuse._libfuse.fuse_get_context().contents.fuse
         self.union.events.subscribe(self.cache.on_event)
         if self.on_ready is not None:
@@ -233,8 +288,33 @@ class CowfsOperations(fuse.Operations):
         self.cache.seen(path, attrs)
         return attrs
 
-    def readdir(self, path, fh):
-        return [(name, {"st_ino": ino, "st_mode": mode}, 0) for name, ino, mode in self.union.readdir(path)]
+    def opendir(self, path):
+        self._listings[self._next_dir] = None
+        self._next_dir += 1
+        return self._next_dir - 1
+
+    def releasedir(self, path, fh):
+        self._listings.pop(fh, None)
+        return 0
+
+    def readdir(self, path, fh, offset=0, plus=False):
+        """The open directory's entries [(name bytes, attrs, full attrs?)], read once at offset 0."""
+        entries = self._listings.get(fh)
+        if entries is None or offset == 0:
+            now = time.monotonic()
+            if plus and now - self._plus_sent.get(path, -ENTRY_TIMEOUT) < ENTRY_TIMEOUT:
+                plus = False  # the kernel still holds what the last readdirplus of this directory gave it
+            if plus:
+                self._plus_sent[path] = now
+                entries = [(os.fsencode(name), attrs, full) for name, attrs, full in self.union.readdir_attrs(path)]
+                for name, attrs, full in entries:
+                    if full:
+                        self.cache.seen(path.rstrip("/") + "/" + os.fsdecode(name), attrs)
+            else:
+                entries = [(os.fsencode(name), {"st_ino": ino, "st_mode": mode}, False)
+                           for name, ino, mode in self.union.readdir(path)]
+            self._listings[fh] = entries
+        return entries
 
     def readlink(self, path):
         return self.union.readlink(path)
@@ -270,10 +350,10 @@ class CowfsOperations(fuse.Operations):
             self.cache.changed(path, keep=path)
 
     def mkdir(self, path, mode):
-        return self.union.mkdir(path, mode, self._owner())
+        return self.union.mkdir(path, mode, self._owner(), self._umask())
 
     def mknod(self, path, mode, dev):
-        return self.union.mknod(path, mode, dev, self._owner())
+        return self.union.mknod(path, mode, dev, self._owner(), self._umask())
 
     def symlink(self, target, source):
         return self.union.symlink(target, source, self._owner())
@@ -332,7 +412,7 @@ class CowfsOperations(fuse.Operations):
         return self._keep(path, fi, handle)
 
     def create(self, path, mode, fi):
-        return self._keep(path, fi, self.union.create(path, mode, fi.flags, self._owner()))
+        return self._keep(path, fi, self.union.create(path, mode, fi.flags, self._owner(), self._umask()))
 
     def read(self, path, size, offset, fi):
         return self.union.read(self.handles[fi.fh], size, offset, path)
@@ -358,6 +438,10 @@ class CowfsOperations(fuse.Operations):
 
 
 fuse_rename_exchange = 2  # RENAME_EXCHANGE
+FUSE_CAP_DONT_MASK = 1 << 6
+FUSE_CAP_POSIX_ACL = 1 << 19
+FUSE_READDIR_PLUS = 1  # enum fuse_readdir_flags
+FUSE_FILL_DIR_PLUS = 2  # enum fuse_fill_dir_flags
 
 
 def serve(union, mountpoint, *, foreground=True, debug=False, allow_other=False, read_only=False,

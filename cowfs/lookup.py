@@ -93,10 +93,13 @@ class Layers:
     # -- inode numbers -------------------------------------------------------------------------
     def map_ino(self, st):
         """A st_ino unique across the layers' filesystems (the kernel's xino idea)."""
-        index = self._fs_index.get(st.st_dev)
+        return self.map_dev_ino(st.st_dev, st.st_ino)
+
+    def map_dev_ino(self, dev, ino):
+        index = self._fs_index.get(dev)
         if index is None:
-            index = self._fs_index.setdefault(st.st_dev, len(self._fs_index))
-        return st.st_ino | (index << XINO_SHIFT) if index else st.st_ino
+            index = self._fs_index.setdefault(dev, len(self._fs_index))
+        return ino | (index << XINO_SHIFT) if index else ino
 
     def ino(self, node):
         """st_ino as the merged view shows it: an upper copy keeps the number its lower origin had."""
@@ -318,13 +321,13 @@ class Layers:
             seen.update(hidden_below)
         return entries
 
-    def entry_ino(self, layer, entry, path):
-        """st_ino of a listed entry at merged `path`, the number getattr gives, at the cost of a syscall
-        only in the upper."""
+    def entry_ino(self, layer, entry, path, dev):
+        """st_ino of an entry listed from a directory on device `dev`, the number getattr gives,
+        at the cost of a syscall only in the upper."""
         if layer == 0:
             origin = get_marker(entry.path, self.prefix, ORIGIN)
             if origin:
                 return int(origin)
             if path in self.remembered:
                 return self.remembered[path]
-        return self.map_ino(entry.stat(follow_symlinks=False))
+        return self.map_dev_ino(dev, entry.inode())

@@ -1419,6 +1419,73 @@ def sc_permissions_non_root(fs: Session):
     fs.read("file.txt")
 
 
+def posix_acl(*entries: tuple[int, int, int]) -> bytes:
+    """A system.posix_acl_* value: (tag, perm, id) entries in the kernel's xattr format (version 2)."""
+    import struct
+
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, ident) for tag, perm, ident in entries)
+
+
+ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_MASK, ACL_OTHER, NO_ID = 0x01, 0x02, 0x04, 0x10, 0x20, 0xFFFFFFFF
+
+
+def build_acls(L: Layers):
+    build_std(L)
+    l1 = Path(L[1])
+    put(l1 / "acl" / "granted", b"root's, readable by USER through an ACL\n", 0o640)
+    put(l1 / "acl" / "refused", b"world-readable but not by USER\n", 0o644)
+    os.setxattr(l1 / "acl" / "granted", "system.posix_acl_access", posix_acl(
+        (ACL_USER_OBJ, 6, NO_ID), (ACL_USER, 4, USER), (ACL_GROUP_OBJ, 4, NO_ID), (ACL_MASK, 4, NO_ID),
+        (ACL_OTHER, 0, NO_ID)))
+    os.setxattr(l1 / "acl" / "refused", "system.posix_acl_access", posix_acl(
+        (ACL_USER_OBJ, 6, NO_ID), (ACL_USER, 0, USER), (ACL_GROUP_OBJ, 4, NO_ID), (ACL_MASK, 4, NO_ID),
+        (ACL_OTHER, 4, NO_ID)))
+    os.setxattr(l1 / "acl", "system.posix_acl_default", posix_acl(
+        (ACL_USER_OBJ, 7, NO_ID), (ACL_USER, 7, USER), (ACL_GROUP_OBJ, 5, NO_ID), (ACL_MASK, 7, NO_ID),
+        (ACL_OTHER, 5, NO_ID)))
+
+
+@scenario(build=build_acls, allow_other=True)
+def sc_posix_acls(fs: Session):
+    """POSIX ACLs in a lower layer are enforced and survive copy-up; chmod rewrites the ACL's mask."""
+    def as_user(u: Session):
+        u.read("acl/granted")
+        u.read("acl/refused")
+        u.access("acl/granted", os.R_OK)
+        u.access("acl/refused", os.R_OK)
+    fs.as_user(USER, USER, as_user)
+    for rel in ("acl/granted", "acl/refused"):
+        fs.getxattr(rel, "system.posix_acl_access")
+        fs.stat(rel)
+    fs.chmod("acl/granted", 0o600)  # copies up; the ACL's mask becomes ---
+    fs.getxattr("acl/granted", "system.posix_acl_access")
+    fs.as_user(USER, USER, lambda u: u.read("acl/granted"))
+    fs.setxattr("acl/refused", "system.posix_acl_access", posix_acl(
+        (ACL_USER_OBJ, 6, NO_ID), (ACL_USER, 4, USER), (ACL_GROUP_OBJ, 4, NO_ID), (ACL_MASK, 4, NO_ID),
+        (ACL_OTHER, 4, NO_ID)))
+    fs.as_user(USER, USER, lambda u: u.read("acl/refused"))
+    fs.stat("acl/refused")
+    fs.create("acl/new", mode=0o666)  # inherits the directory's default ACL
+    fs.mkdir("acl/newdir", 0o777)
+    for rel in ("acl/new", "acl/newdir"):
+        fs.stat(rel)
+        fs.getxattr(rel, "system.posix_acl_access")
+    fs.getxattr("acl/newdir", "system.posix_acl_default")
+    fs.as_user(USER, USER, lambda u: u.write("acl/new", b"by USER", W, offset=0))
+
+    def under_umask(mask, fn, *args):
+        old = os.umask(mask)
+        try:
+            return fn(*args)
+        finally:
+            os.umask(old)
+    fs.do("create under umask 027", under_umask, 0o027, lambda: os.close(os.open(fs.p("plain"), CREAT | W, 0o777)))
+    fs.do("mkdir under umask 077", under_umask, 0o077, os.mkdir, fs.p("plaindir"), 0o777)
+    fs.do("mkdir in acl dir under umask 077", under_umask, 0o077, os.mkdir, fs.p("acl/masked"), 0o777)
+    for rel in ("plain", "plaindir", "acl/masked"):
+        fs.stat(rel)
+
+
 def build_shared_dirs(L: Layers):
     build_std(L)
     l0, l1, l2 = (Path(d) for d in L)
