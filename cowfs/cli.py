@@ -26,6 +26,9 @@ options (-o, comma-separated, as the kernel's overlay takes them):
                       the first write (implies redirect_dir=on)
   userxattr           keep overlay markers in user.overlay.* instead of trusted.overlay.*
   oci_whiteouts       read OCI .wh.NAME / .wh..wh..opq markers in lower layers
+  volatile            never sync the upper (copy-ups, fsync): faster, but after a crash
+                      throw the upper away; the next mount of W is refused until
+                      W/work/incompat/volatile is removed, as with the kernel
   ro                  mount read-only; every change fails with EROFS
   allow_other         let other users in (the default when mounted by root)
   trace=FILE          the same as --trace FILE

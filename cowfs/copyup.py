@@ -107,12 +107,14 @@ def copy_attrs(st, path):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
-def build_copy(src, st, tmp, prefix, origin_ino, metadata_only=False):
+def build_copy(src, st, tmp, prefix, origin_ino, metadata_only=False, sync=True):
     """Build at `tmp` a full copy of the object at `src` (type, data, owner, mode, times, xattrs).
 
     Directories are copied empty: their entries stay in the lower and merge.
     With `metadata_only` a regular file gets its size but no data (all hole)
-    and the metacopy marker, as the kernel's metacopy=on does.
+    and the metacopy marker, as the kernel's metacopy=on does. The data is
+    synced before the copy is renamed into place (unless `sync` is false, for
+    volatile mounts), so a crash never leaves an empty file over a lower one.
     """
     mode = st.st_mode
     if stat.S_ISREG(mode) and metadata_only:
@@ -128,7 +130,8 @@ def build_copy(src, st, tmp, prefix, origin_ino, metadata_only=False):
             fd_out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 copy_data(fd_in, fd_out, st.st_size)
-                os.fsync(fd_out)
+                if sync:
+                    os.fsync(fd_out)
             finally:
                 os.close(fd_out)
         finally:
@@ -145,7 +148,7 @@ def build_copy(src, st, tmp, prefix, origin_ino, metadata_only=False):
     copy_attrs(st, tmp)
 
 
-def fill_data(src, dst):
+def fill_data(src, dst, sync=True):
     """Complete a metadata-only copy: its data goes into the upper file first, then the
     marker goes, so that until that last step reads still come from the lower file."""
     fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -153,7 +156,8 @@ def fill_data(src, dst):
         fd_out = os.open(dst, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             copy_data(fd_in, fd_out, os.fstat(fd_out).st_size)
-            os.fsync(fd_out)
+            if sync:
+                os.fsync(fd_out)
         finally:
             os.close(fd_out)
     finally:

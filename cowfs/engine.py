@@ -34,6 +34,7 @@ from .whiteout import (METACOPY, OPAQUE, ORIGIN, REDIRECT, escape_xattr, is_opaq
                        set_opaque, unescape_xattr)
 
 WORK_SUBDIR = "work"  # the same staging directory the kernel uses, so either cleans the other's leftovers
+VOLATILE_MARK = "incompat/volatile"  # in WORK_SUBDIR: left by a volatile mount, refused by the next one
 
 
 def locked(method):
@@ -49,6 +50,9 @@ def locked(method):
             finally:
                 self._op = outer
     return wrapper
+
+
+LISTINGS_KEPT = 4096  # directories whose merged listing stays cached
 
 
 class Handle:
@@ -73,6 +77,7 @@ class Union:
         self._lock = threading.RLock()
         self._op = None  # the public operation running, for the "trigger" of copy-up events
         self.events = Events()
+        self._listings = {}  # merged path -> readdir's answer, until the upper changes
         self._copied = set()  # identities of lower files copied up, to move open read handles over
         self._hidden = {}  # open files whose last name is gone: merged name the FUSE library gave -> (layer, real)
         self._lock_fds = []
@@ -99,11 +104,18 @@ class Union:
                 raise StackError(f"{role} {path}: already in use by another cowfs mount") from None
             self._lock_fds.append(fd)
         self.work = self.stack.work + "/" + WORK_SUBDIR
+        volatile_mark = self.work + "/" + VOLATILE_MARK
+        if os.path.lexists(volatile_mark):  # as the kernel: after a volatile mount, the upper may be damaged
+            self.close()
+            raise StackError(f"workdir {self.stack.work}: a volatile mount used it, so a crash may have lost data "
+                             f"in the upper (remove {volatile_mark} if you know it did not)")
         if os.path.lexists(self.work):
             for name in os.listdir(self.work):
                 copyup.discard(self.work + "/" + name)
         else:
             os.mkdir(self.work, 0o000)
+        if self.stack.volatile:
+            os.makedirs(volatile_mark, 0o700)
         probe = copyup.temp_name(self.work)
         os.mkdir(probe, 0o700)
         try:
@@ -141,6 +153,7 @@ class Union:
 
     def _changed(self):
         self.layers.forget()
+        self._listings.clear()
 
     def _copy_up(self, node, data=True):
         """Bring `node` and its parent directories into the upper; returns its upper node.
@@ -156,7 +169,8 @@ class Union:
         if node.path in self._hidden:  # an unlinked open file: its copy stays in the workdir
             tmp = copyup.temp_name(self.work)
             try:
-                copyup.build_copy(node.data or node.real, node.st, tmp, self.prefix, self.layers.origin_ino(node))
+                copyup.build_copy(node.data or node.real, node.st, tmp, self.prefix, self.layers.origin_ino(node),
+                                  sync=not self.stack.volatile)
             except BaseException:
                 copyup.discard(tmp)
                 raise
@@ -171,7 +185,7 @@ class Union:
         if origin is not None and self.stack.userxattr and not (node.is_dir or stat.S_ISREG(node.st.st_mode)):
             self.layers.remembered[node.path] = origin  # no user.* xattr on this type: keep it in memory
         try:
-            copyup.build_copy(node.real, node.st, tmp, self.prefix, origin, meta_only)
+            copyup.build_copy(node.real, node.st, tmp, self.prefix, origin, meta_only, sync=not self.stack.volatile)
             copyup.install(tmp, upper_parent.real + "/" + name, os.lstat(upper_parent.real))
         except BaseException:
             copyup.discard(tmp)
@@ -193,7 +207,7 @@ class Union:
         started = time.perf_counter()
         size = os.lstat(node.real).st_size
         try:  # the file's times move, as the kernel's data copy-up leaves them
-            copyup.fill_data(node.data, node.real)
+            copyup.fill_data(node.data, node.real, sync=not self.stack.volatile)
             os.removexattr(node.real, self.prefix + METACOPY, follow_symlinks=False)
         finally:
             self._changed()
@@ -333,7 +347,18 @@ class Union:
 
     @locked
     def readdir(self, path):
-        """[(name, st_ino, st_mode type bits)] of the merged directory, "." and ".." first."""
+        """[(name, st_ino, st_mode type bits)] of the merged directory, "." and ".." first.
+
+        Kept until the upper next changes (as lookups are): find and ls list the same
+        directories again and again."""
+        entries = self._listings.get(path)
+        if entries is None:
+            if len(self._listings) >= LISTINGS_KEPT:
+                self._listings.clear()
+            entries = self._listings[path] = self._read_dir(path)
+        return entries
+
+    def _read_dir(self, path):
         node = self._dir(path)
         parent = node if path == "/" else self._node(parent_of(path)[0])
         entries = [(".", self.layers.ino(node), stat.S_IFDIR), ("..", self.layers.ino(parent), stat.S_IFDIR)]
@@ -503,7 +528,8 @@ class Union:
         os.ftruncate(handle.fd, length)
 
     def fsync(self, handle, datasync=False):
-        (os.fdatasync if datasync else os.fsync)(handle.fd)
+        if not self.stack.volatile:
+            (os.fdatasync if datasync else os.fsync)(handle.fd)
 
     def release(self, handle):
         os.close(handle.fd)

@@ -35,6 +35,7 @@ class Stack:
     userxattr: bool = False
     metacopy: bool = False
     oci_whiteouts: bool = False
+    volatile: bool = False  # no sync to the upper (copy-ups, fsync), as the kernel's option
     read_only: bool = False
     allow_other: bool = None
     fsname: str = "cowfs"
@@ -66,7 +67,7 @@ class Stack:
             opts.append("redirect_dir=" + self.redirect_dir)
         if self.metacopy:
             opts.append("metacopy=on")
-        opts += [name for name in ("userxattr", "oci_whiteouts") if getattr(self, name)]
+        opts += [name for name in ("userxattr", "oci_whiteouts", "volatile") if getattr(self, name)]
         if self.read_only:
             opts.append("ro")
         return ",".join(opts)
@@ -114,7 +115,7 @@ def parse_options(option_strings):
                 if not has_value or not value:
                     raise StackError(f"option '{key}' needs a value")
                 values[key] = value
-            elif key in ("userxattr", "oci_whiteouts", "ro", "allow_other") and not has_value:
+            elif key in ("userxattr", "oci_whiteouts", "volatile", "ro", "allow_other") and not has_value:
                 values[key] = True
             else:
                 raise StackError(f"unknown option '{opt}'")
@@ -146,6 +147,7 @@ def parse_options(option_strings):
     return Stack(
         lowers=lowers, upper=upper, work=work, redirect_dir=redirect, metacopy=metacopy,
         userxattr=bool(values.get("userxattr")), oci_whiteouts=bool(values.get("oci_whiteouts")),
+        volatile=bool(values.get("volatile")) and upper is not None,  # the kernel ignores it without an upper
         read_only=bool(values.get("ro")), allow_other=True if values.get("allow_other") else None,
         fsname=values.get("fsname", "cowfs"), mount_flags=tuple(flags),
     )

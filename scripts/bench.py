@@ -331,13 +331,18 @@ def peak_memory(pids: list[int]) -> int:
     return max(peaks)
 
 
-def mount_command(backend: str, stack: Stack, upper: Path, work: Path, mnt: Path) -> list[str]:
-    """The command that mounts stack on mnt; the kernel gets lowers relative to stack.root."""
+def mount_command(backend: str, stack: Stack, upper: Path, work: Path, mnt: Path,
+                  volatile: bool = False) -> list[str]:
+    """The command that mounts stack on mnt; the kernel gets lowers relative to stack.root.
+
+    volatile: cowfs and the kernel skip syncing the upper, as fuse-overlayfs always does."""
     if backend == "kernel":
         lowers = ":".join(stack.lowers)
     else:
         lowers = ":".join(str(stack.root / name) for name in stack.lowers)
     opts = f"lowerdir={lowers},upperdir={upper},workdir={work}"
+    if volatile and backend != "fuse-overlayfs":
+        opts += ",volatile"
     if backend == "cowfs":
         return [sys.executable, "-m", "cowfs", "mount", "-o", opts, str(mnt)]
     if backend == "fuse-overlayfs":
@@ -360,10 +365,10 @@ def fresh_rundir(rundir: Path) -> None:
     (rundir / "mnt").mkdir(parents=True, exist_ok=True)
 
 
-def mount(backend: str, stack: Stack, rundir: Path) -> Mount:
+def mount(backend: str, stack: Stack, rundir: Path, volatile: bool = False) -> Mount:
     """Mount stack on rundir/mnt (upper, work made by fresh_rundir); raise BenchError if it does not come up."""
     upper, work, mnt = rundir / "upper", rundir / "work", rundir / "mnt"
-    cmd = mount_command(backend, stack, upper, work, mnt)
+    cmd = mount_command(backend, stack, upper, work, mnt, volatile)
     errfile = rundir / "mount.err"
     # stderr to a file, not a pipe: a daemon that keeps the pipe open would block us.
     with open(errfile, "w") as err:
@@ -430,8 +435,8 @@ def stop_daemon(pids: list[int], grace: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def mounted(backend: str, stack: Stack, rundir: Path):
-    m = mount(backend, stack, rundir)
+def mounted(backend: str, stack: Stack, rundir: Path, volatile: bool = False):
+    m = mount(backend, stack, rundir, volatile)
     try:
         yield m
     finally:
@@ -470,6 +475,7 @@ class Workload:
     warmup: bool = True
     max_reps: int | None = None
     kernel: bool = True  # meaningful for the kernel too
+    volatile: bool = False  # mount cowfs and the kernel with volatile (fuse-overlayfs never syncs anyway)
 
 
 WORKLOADS: list[Workload] = []
@@ -547,6 +553,12 @@ def copyup_first_write(m: Mount, ctx: Ctx) -> float:
 def chown_r(m: Mount, ctx: Ctx) -> float:
     """`chown -R` over a tree of large lower files (8 x 64 MiB): whole-file copy-ups."""
     return timed(["chown", "-R", "1000:1000", str(m.path / "chown")])
+
+
+# The same two with volatile: cowfs and the kernel sync every copy-up before renaming it into place
+# (so that a crash cannot leave an empty file over a lower one); fuse-overlayfs never syncs.
+WORKLOADS.append(Workload("copyup_volatile", copyup_first_write, "main", fresh=True, volatile=True))
+WORKLOADS.append(Workload("chown_R_volatile", chown_r, "main", fresh=True, volatile=True))
 
 
 @workload("create_files", fresh=True)
@@ -667,11 +679,11 @@ def run_workload(wl: Workload, backend: str, ctx: Ctx, rundir: Path, results: di
     if wl.fresh:
         for label, is_warmup in plan:
             settle(rundir, wl.cold)
-            with mounted(backend, stack, rundir) as m:
+            with mounted(backend, stack, rundir, wl.volatile) as m:
                 record(results, backend, wl, wl.fn(m, ctx), is_warmup, label)
     else:
         settle(rundir, wl.cold)
-        with mounted(backend, stack, rundir) as m:
+        with mounted(backend, stack, rundir, wl.volatile) as m:
             for label, is_warmup in plan:
                 record(results, backend, wl, wl.fn(m, ctx), is_warmup, label)
 

@@ -484,3 +484,35 @@ class TestMount:
             assert not is_mounted(dirs["m"])
         finally:
             unmount_quietly(dirs["m"])
+
+
+@pytest.mark.usefixtures("fuse", "kernel")
+def test_volatile_marks_the_workdir_and_the_next_mount_is_refused_as_by_the_kernel(dirs):
+    """volatile skips every sync to the upper, so, as the kernel does, it leaves work/incompat/volatile
+    behind and any later mount of that workdir is refused until the user removes it."""
+    (dirs["l2"] / "data").write_bytes(b"x" * 100_000)
+    res = run_cowfs("mount", "-o", opts(dirs, extra="volatile"), dirs["m"])
+    try:
+        assert res.returncode == 0, res.stderr
+        with open(dirs["m"] / "data", "r+b") as f:  # a copy-up, not synced
+            f.write(b"y")
+            os.fsync(f.fileno())
+        assert (dirs["u"] / "data").read_bytes() == b"y" + b"x" * 99_999
+    finally:
+        unmount_quietly(dirs["m"])
+    mark = dirs["w"] / "work" / "incompat" / "volatile"
+    assert mark.is_dir()
+    res = run_cowfs("mount", "-o", opts(dirs), dirs["m"])
+    assert_refused(res, dirs["m"], dirs["w"], mark, reason="volatile")
+    kernel = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts(dirs), str(dirs["m2"])],
+                            capture_output=True, text=True)
+    if kernel.returncode == 0:
+        unmount_quietly(dirs["m2"])
+    assert kernel.returncode != 0, "the kernel mounted a workdir a volatile mount had used"
+    mark.rmdir()
+    res = run_cowfs("mount", "-o", opts(dirs), dirs["m"])
+    try:
+        assert res.returncode == 0, res.stderr
+        assert (dirs["m"] / "data").read_bytes()[:2] == b"yx"
+    finally:
+        unmount_quietly(dirs["m"])
