@@ -332,20 +332,6 @@ class Union:
 
 
     @locked
-    def readdir_attrs(self, path):
-        """[(name, attrs, full)]: the listing with every entry's getattr attributes (full=True);
-        "." and ".." carry only st_ino and st_mode."""
-        out = []
-        for name, ino, kind in self.readdir(path):
-            if name in (".", ".."):
-                out.append((name, {"st_ino": ino, "st_mode": kind}, False))
-                continue
-            child = self.layers.resolve(join(path, name))
-            if child is not None:
-                out.append((name, self._attrs(child), True))
-        return out
-
-    @locked
     def readdir(self, path):
         """[(name, st_ino, st_mode type bits)] of the merged directory, "." and ".." first.
 

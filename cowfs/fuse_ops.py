@@ -178,17 +178,19 @@ class CowfsFUSE(fuse.FUSE):
     def readdir_fuse_3(self, path, buf, filler, offset, fip, flags):
         """Entries with their offsets (so libfuse does not buffer the listing again), and, when the
         kernel asks for readdirplus, with their attributes, which saves it a LOOKUP per entry."""
-        plus = bool(flags & FUSE_READDIR_PLUS)
-        entries = self.operations.readdir(path.decode(self.encoding, self.errors), fip.contents.fh, offset, plus)
-        short, full_st = fuse.c_stat(), fuse.c_stat()  # only st_ino and st_mode / everything
+        directory = path.decode(self.encoding, self.errors)
+        ops = self.operations
+        entries, plus = ops.readdir(directory, fip.contents.fh, offset, bool(flags & FUSE_READDIR_PLUS))
+        short, full = fuse.c_stat(), fuse.c_stat()  # only st_ino and st_mode / everything
         for index in range(offset, len(entries)):
-            name, attrs, full = entries[index]
-            if plus and full:
-                _fill_stat(full_st, attrs)
-                done = filler(buf, name, full_st, index + 1, FUSE_FILL_DIR_PLUS)
+            name, ino, mode = entries[index]
+            attrs = ops.entry_attrs(directory, name) if plus and name not in (".", "..") else None
+            if attrs is not None:
+                _fill_stat(full, attrs)
+                done = filler(buf, os.fsencode(name), full, index + 1, FUSE_FILL_DIR_PLUS)
             else:
-                short.st_ino, short.st_mode = attrs["st_ino"], attrs["st_mode"]
-                done = filler(buf, name, short, index + 1, 0)
+                short.st_ino, short.st_mode = ino, mode
+                done = filler(buf, os.fsencode(name), short, index + 1, 0)
             if done:
                 break  # the kernel's buffer is full; it asks again from this offset
         return 0
@@ -312,23 +314,28 @@ class CowfsOperations(fuse.Operations):
         return 0
 
     def readdir(self, path, fh, offset=0, plus=False):
-        """The open directory's entries [(name bytes, attrs, full attrs?)], read once at offset 0."""
-        entries = self._listings.get(fh)
-        if entries is None or offset == 0:
+        """The open directory's entries [(name, st_ino, type bits)], read at offset 0, and whether to
+        send them with their attributes (readdirplus)."""
+        if offset == 0 or fh not in self._listings:
             now = time.monotonic()
             if plus and now - self._plus_sent.get(path, -ENTRY_TIMEOUT) < ENTRY_TIMEOUT:
                 plus = False  # the kernel still holds what the last readdirplus of this directory gave it
             if plus:
+                if len(self._plus_sent) >= 4096:
+                    self._plus_sent.clear()  # only a hint: forgetting costs one more full listing
                 self._plus_sent[path] = now
-                entries = [(os.fsencode(name), attrs, full) for name, attrs, full in self.union.readdir_attrs(path)]
-                for name, attrs, full in entries:
-                    if full:
-                        self.cache.seen(path.rstrip("/") + "/" + os.fsdecode(name), attrs)
-            else:
-                entries = [(os.fsencode(name), {"st_ino": ino, "st_mode": mode}, False)
-                           for name, ino, mode in self.union.readdir(path)]
-            self._listings[fh] = entries
-        return entries
+            self._listings[fh] = (self.union.readdir(path), plus)
+        return self._listings[fh]
+
+    def entry_attrs(self, directory, name):
+        """getattr of one listed entry, at the moment it is sent (None if it has gone since)."""
+        path = directory.rstrip("/") + "/" + name
+        try:
+            attrs = self.union.getattr(path)
+        except OSError:
+            return None
+        self.cache.seen(path, attrs)
+        return attrs
 
     def readlink(self, path):
         return self.union.readlink(path)

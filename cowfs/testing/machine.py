@@ -35,8 +35,7 @@ excused); each has a strict-xfail regression test in tests/test_parity.py.
 Observations left out on purpose (see README, "Differences from the kernel"):
 ``fstat`` on a held descriptor records type, mode, owner and size but not
 the link count, because the FUSE kernel module reports 0 links for any file
-unlinked through the mount.  The rename rule uses plain ``rename(2)``
-(libfuse 2 has no ``renameat2`` flags).
+unlinked through the mount.
 """
 
 from __future__ import annotations
@@ -56,6 +55,7 @@ import time
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from cowfs.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, rename2
 from cowfs.testing import strategies as S
 from cowfs.testing.mounts import CowfsMount, KernelOverlay, MountError, force_unmount, mounts_under
 from cowfs.testing.tree import describe_stat, diff_snapshots, snapshot
@@ -222,6 +222,7 @@ def _worker_ops():
         "mkdir": lambda path, mode: os.mkdir(p(path), mode),
         "mkfifo": lambda path, mode: os.mkfifo(p(path), mode),
         "rename": lambda src, dst: os.rename(p(src), p(dst)),
+        "rename2": lambda src, dst, flags: rename2(p(src), p(dst), flags),
         "link": lambda src, dst: os.link(p(src), p(dst), follow_symlinks=False),
         "symlink": lambda target, path: os.symlink(target, p(path)),
         "chmod": lambda path, mode: os.chmod(p(path), mode),
@@ -571,6 +572,10 @@ class ParityMachine(RuleBasedStateMachine):
     @rule(src=paths, dst=paths)
     def rename(self, src, dst):
         self._both("rename", src, dst)
+
+    @rule(src=paths, dst=paths, flags=st.sampled_from((RENAME_NOREPLACE, RENAME_EXCHANGE)))
+    def rename_flags(self, src, dst, flags):
+        self._both("rename2", src, dst, flags)
 
     @rule(src=paths, dst=paths)
     def link(self, src, dst):
