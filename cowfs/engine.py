@@ -494,9 +494,13 @@ class Union:
     def read(self, handle, size, offset, path=None):
         """Read from an open file. A handle opened on a lower file that has since been
         copied up reads the upper copy, as on Linux 4.19 and later."""
+        return os.pread(self.read_fd(handle, path), size, offset)
+
+    def read_fd(self, handle, path=None):
+        """The descriptor a read of `handle` must use (see `read`), for callers that read it themselves."""
         if handle.lower_id is not None and handle.lower_id in self._copied and path is not None:
             self._follow_copy_up(handle, path)
-        return os.pread(handle.fd, size, offset)
+        return handle.fd
 
     @locked
     def _follow_copy_up(self, handle, path):

@@ -195,6 +195,22 @@ class CowfsFUSE(fuse.FUSE):
                 break  # the kernel's buffer is full; it asks again from this offset
         return 0
 
+    def read_buf(self, path, bufpp, size, offset, fip):
+        """Reads by descriptor: libfuse reads (or splices) the data itself, outside Python."""
+        fd = self.operations.read_buf(None if path is None else path.decode(self.encoding, self.errors),
+                                      None, size, offset, fip.contents)
+        vec = _libc.calloc(1, _BUFVEC_ALLOC)  # libfuse frees it with free()
+        if not vec:
+            return -errno.ENOMEM
+        bufvec = _FuseBufvec.from_address(vec)
+        bufvec.count = 1
+        bufvec.buf[0].size = size
+        bufvec.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK
+        bufvec.buf[0].fd = fd
+        bufvec.buf[0].pos = offset
+        ctypes.cast(bufpp, ctypes.POINTER(ctypes.c_void_p))[0] = vec
+        return 0
+
     def getattr_fuse_3(self, path, buf, fip):
         fh = fip.contents if fip else None
         _fill_stat(buf.contents, self.operations.getattr(None if path is None else path.decode(self.encoding, self.errors), fh))
@@ -222,6 +238,23 @@ _gil_ensure.restype = ctypes.c_int
 def _pin_thread_state(thread):
     _gil_ensure()
     _PINNED.add(thread)
+
+
+class _FuseBuf(ctypes.Structure):  # struct fuse_buf (libfuse 3)
+    _fields_ = [("size", ctypes.c_size_t), ("flags", ctypes.c_int), ("mem", ctypes.c_void_p),
+                ("fd", ctypes.c_int), ("pos", ctypes.c_int64)]
+
+
+class _FuseBufvec(ctypes.Structure):  # struct fuse_bufvec with its one inline buffer
+    _fields_ = [("count", ctypes.c_size_t), ("idx", ctypes.c_size_t), ("off", ctypes.c_size_t),
+                ("buf", _FuseBuf * 1)]
+
+
+FUSE_BUF_IS_FD, FUSE_BUF_FD_SEEK = 1 << 1, 1 << 2
+_BUFVEC_ALLOC = 2 * ctypes.sizeof(_FuseBufvec)  # room for fields later libfuse versions append, left zero
+_libc = ctypes.CDLL(None)
+_libc.calloc.restype = ctypes.c_void_p
+_libc.calloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
 
 
 def _fill_stat(st, attrs):
@@ -437,6 +470,9 @@ class CowfsOperations(fuse.Operations):
 
     def read(self, path, size, offset, fi):
         return self.union.read(self.handles[fi.fh], size, offset, path)
+
+    def read_buf(self, path, bufpp, size, offset, fi):
+        return self.union.read_fd(self.handles[fi.fh], path)
 
     def write(self, path, data, offset, fi):
         written = self.union.write(self.handles[fi.fh], data, offset)
