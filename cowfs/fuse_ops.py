@@ -182,15 +182,16 @@ class CowfsFUSE(fuse.FUSE):
         ops = self.operations
         entries, plus = ops.readdir(directory, fip.contents.fh, offset, bool(flags & FUSE_READDIR_PLUS))
         short, full = fuse.c_stat(), fuse.c_stat()  # only st_ino and st_mode / everything
+        short_ref, full_ref = ctypes.byref(short), ctypes.byref(full)
         for index in range(offset, len(entries)):
-            name, ino, mode = entries[index]
-            attrs = ops.entry_attrs(directory, name) if plus and name not in (".", "..") else None
+            name, encoded, ino, mode = entries[index]
+            attrs = ops.entry_attrs(directory, name) if plus and index > 1 else None  # not "." and ".."
             if attrs is not None:
                 _fill_stat(full, attrs)
-                done = filler(buf, os.fsencode(name), full, index + 1, FUSE_FILL_DIR_PLUS)
+                done = filler(buf, encoded, full_ref, index + 1, FUSE_FILL_DIR_PLUS)
             else:
                 short.st_ino, short.st_mode = ino, mode
-                done = filler(buf, os.fsencode(name), short, index + 1, 0)
+                done = filler(buf, encoded, short_ref, index + 1, 0)
             if done:
                 break  # the kernel's buffer is full; it asks again from this offset
         return 0
@@ -293,6 +294,7 @@ class CowfsOperations(fuse.Operations):
         self._handle_ino = {}  # fd -> st_ino, for files open under a hard-linked name
         self._listings = {}  # open directory handle -> its entries, read at offset 0
         self._plus_sent = {}  # directory -> when its entries last went out with their attributes
+        self._encoded = {}  # directory -> (engine listing, its entries with names encoded once)
         self._next_dir = 1
 
     @staticmethod
@@ -347,8 +349,8 @@ class CowfsOperations(fuse.Operations):
         return 0
 
     def readdir(self, path, fh, offset=0, plus=False):
-        """The open directory's entries [(name, st_ino, type bits)], read at offset 0, and whether to
-        send them with their attributes (readdirplus)."""
+        """The open directory's entries [(name, name as bytes, st_ino, type bits)], read at offset 0,
+        and whether to send them with their attributes (readdirplus)."""
         if offset == 0 or fh not in self._listings:
             now = time.monotonic()
             if plus and now - self._plus_sent.get(path, -ENTRY_TIMEOUT) < ENTRY_TIMEOUT:
@@ -357,7 +359,14 @@ class CowfsOperations(fuse.Operations):
                 if len(self._plus_sent) >= 4096:
                     self._plus_sent.clear()  # only a hint: forgetting costs one more full listing
                 self._plus_sent[path] = now
-            self._listings[fh] = (self.union.readdir(path), plus)
+            listing = self.union.readdir(path)  # the same list object while the engine keeps it
+            encoded = self._encoded.get(path)
+            if encoded is None or encoded[0] is not listing:
+                if len(self._encoded) >= 4096:
+                    self._encoded.clear()
+                encoded = self._encoded[path] = (listing, [(name, os.fsencode(name), ino, mode)
+                                                           for name, ino, mode in listing])
+            self._listings[fh] = (encoded[1], plus)
         return self._listings[fh]
 
     def entry_attrs(self, directory, name):
