@@ -17,7 +17,6 @@ handles do not take it.
 """
 
 import errno
-import fcntl
 import functools
 import os
 import stat
@@ -28,7 +27,7 @@ from . import acl, copyup
 from .errors import StackError, os_error
 from .events import TRIGGERS, Events
 from .lookup import Layers, Node, join, parent_of
-from .runtime import lock_path
+from .runtime import drop_lock, leave_lock, take_lock
 from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, rename2
 from .whiteout import (METACOPY, OPAQUE, ORIGIN, REDIRECT, escape_xattr, is_opaque, is_whiteout, make_whiteout, set_marker,
                        set_opaque, unescape_xattr)
@@ -80,7 +79,7 @@ class Union:
         self._listings = {}  # merged path -> readdir's answer, until the upper changes
         self._copied = set()  # identities of lower files copied up, to move open read handles over
         self._hidden = {}  # open files whose last name is gone: merged name the FUSE library gave -> (layer, real)
-        self._lock_fds = []
+        self._locks = []  # (fd, path) of the upper and work directories' locks
         if stack.upper is not None:
             self._claim_workdir()
 
@@ -93,16 +92,13 @@ class Union:
                 opts = fields[3].split(",")
                 if f"upperdir={self.stack.upper}" in opts or f"workdir={self.stack.work}" in opts:
                     raise StackError(f"upperdir {self.stack.upper}: already in use by the kernel overlay at {fields[1]}")
-        self._lock_fds = []
+        self._locks = []
         for role, path in (("upperdir", self.stack.upper), ("workdir", self.stack.work)):
-            fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
+            lock = take_lock(path)
+            if lock is None:
                 self.close()
-                raise StackError(f"{role} {path}: already in use by another cowfs mount") from None
-            self._lock_fds.append(fd)
+                raise StackError(f"{role} {path}: already in use by another cowfs mount")
+            self._locks.append(lock)
         self.work = self.stack.work + "/" + WORK_SUBDIR
         volatile_mark = self.work + "/" + VOLATILE_MARK
         if os.path.lexists(volatile_mark):  # as the kernel: after a volatile mount, the upper may be damaged
@@ -129,9 +125,15 @@ class Union:
 
     def close(self):
         """Release the workdir; the engine must not be used afterwards."""
-        for fd in self._lock_fds:
-            os.close(fd)
-        self._lock_fds = []
+        for lock in self._locks:
+            drop_lock(lock)
+        self._locks = []
+
+    def hand_over(self):
+        """After fork, in the parent: the child (the daemon) holds the locks now; this process lets go of them."""
+        for lock in self._locks:
+            leave_lock(lock)
+        self._locks = []
 
     # -- helpers ---------------------------------------------------------------------------------
     def _require_writable(self, path):

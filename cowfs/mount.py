@@ -198,7 +198,7 @@ def mount(stack, mountpoint, *, foreground=False, debug=False, trace=None, human
             _remove_record(mountpoint)
         os._exit(code)
     os.close(write_end)
-    union.close()  # the daemon holds the workdir lock now
+    union.hand_over()  # the daemon holds the workdir lock now
     if writer is not None:
         writer.close()  # and the trace
     output = _read_until_ready(read_end, pid)

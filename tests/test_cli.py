@@ -516,3 +516,20 @@ def test_volatile_marks_the_workdir_and_the_next_mount_is_refused_as_by_the_kern
         assert (dirs["m"] / "data").read_bytes()[:2] == b"yx"
     finally:
         unmount_quietly(dirs["m"])
+
+
+@pytest.mark.usefixtures("fuse")
+def test_locks_go_with_the_mount(dirs):
+    """The upper's and workdir's lock files exist while mounted and are gone after unmount."""
+    from cowfs.runtime import lock_path
+
+    locks = [lock_path(dirs["u"]), lock_path(dirs["w"])]
+    res = run_cowfs("mount", "-o", opts(dirs), dirs["m"])
+    try:
+        assert res.returncode == 0, res.stderr
+        assert all(os.path.exists(p) for p in locks)
+        again = run_cowfs("mount", "-o", opts(dirs), dirs["m2"])  # the lock is held by the daemon, not the parent
+        assert_refused(again, dirs["m2"], dirs["u"], reason="in use")
+    finally:
+        unmount_quietly(dirs["m"])
+    assert not any(os.path.exists(p) for p in locks)
