@@ -188,7 +188,7 @@ def mount(stack, mountpoint, *, foreground=False, debug=False, trace=None, human
             _setup_logging(False, False)
             serve(union, mountpoint, on_ready=ready, **options)
         except BaseException as e:  # noqa: BLE001 - the parent reports it
-            if not isinstance(e, RuntimeError):  # fusepy's RuntimeError only repeats libfuse's complaint
+            if not isinstance(e, RuntimeError):  # mfusepy's RuntimeError only repeats libfuse's complaint
                 try:
                     os.write(2, f"{e}\n".encode())
                 except OSError:
