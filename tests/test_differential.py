@@ -1362,6 +1362,27 @@ def sc_rename_exchange_kinds(fs: Session):
     fs.listdir("")
 
 
+def build_odd_names(L: Layers):
+    """Names that are not valid UTF-8 (written with surrogate escapes, as os does for such bytes)."""
+    build_std(L)
+    put(Path(L[1]) / "caf\udce9.txt", b"a latin-1 name\n")
+    put(Path(L[2]) / "d\udcff" / "in", b"inside\n")
+
+
+@scenario(build=build_odd_names, userxattr=True)
+def sc_names_not_utf8(fs: Session):
+    """Names that are not UTF-8 pass byte for byte: listing, copy-up, rename, create, whiteout."""
+    fs.listdir("")
+    fs.read("caf\udce9.txt")
+    fs.write("caf\udce9.txt", b"more\n", W | APPEND)
+    fs.rename("caf\udce9.txt", "d\udcff/n\udce9w")
+    fs.create("d\udcff/x\udcfe")
+    fs.unlink("d\udcff/in")
+    fs.listdir("d\udcff")
+    fs.stat("d\udcff/n\udce9w")
+    fs.read("d\udcff/n\udce9w")
+
+
 def build_large_dir(L: Layers):
     build_std(L)
     l0, l1, l2 = (Path(d) for d in L)
