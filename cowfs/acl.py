@@ -18,7 +18,8 @@ VERSION = 2
 
 def parse(value):
     """[[tag, perm, id], ...] of an ACL in its xattr form."""
-    if len(value) < _HEADER.size or (len(value) - _HEADER.size) % _ENTRY.size or _HEADER.unpack_from(value)[0] != VERSION:
+    body = len(value) - _HEADER.size
+    if body < 0 or body % _ENTRY.size or _HEADER.unpack_from(value)[0] != VERSION:
         raise OSError(errno.EINVAL, "malformed POSIX ACL")
     return [list(_ENTRY.unpack_from(value, offset)) for offset in range(_HEADER.size, len(value), _ENTRY.size)]
 

@@ -197,7 +197,7 @@ class CowfsFUSE(fuse.FUSE):
         return 0
 
     def read_buf(self, path, bufpp, size, offset, fip):
-        """Reads by descriptor: libfuse reads (or splices) the data itself, outside Python."""
+        """Reads by descriptor: libfuse reads the data itself, and none of it passes through Python."""
         fd = self.operations.read_buf(None if path is None else path.decode(self.encoding, self.errors),
                                       None, size, offset, fip.contents)
         vec = _libc.calloc(1, _BUFVEC_ALLOC)  # libfuse frees it with free()
@@ -214,7 +214,8 @@ class CowfsFUSE(fuse.FUSE):
 
     def getattr_fuse_3(self, path, buf, fip):
         fh = fip.contents if fip else None
-        _fill_stat(buf.contents, self.operations.getattr(None if path is None else path.decode(self.encoding, self.errors), fh))
+        decoded = None if path is None else path.decode(self.encoding, self.errors)
+        _fill_stat(buf.contents, self.operations.getattr(decoded, fh))
         return 0
 
     def utimens_fuse_3(self, path, buf, fip):
