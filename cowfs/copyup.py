@@ -125,17 +125,7 @@ def build_copy(src, st, tmp, prefix, origin_ino, metadata_only=False, sync=True)
             os.close(fd_out)
         set_marker(tmp, prefix, METACOPY, "")
     elif stat.S_ISREG(mode):
-        fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            fd_out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                copy_data(fd_in, fd_out, st.st_size)
-                if sync:
-                    os.fsync(fd_out)
-            finally:
-                os.close(fd_out)
-        finally:
-            os.close(fd_in)
+        _copy_file(src, tmp, os.O_CREAT | os.O_EXCL, st.st_size, sync)
     elif stat.S_ISDIR(mode):
         os.mkdir(tmp, 0o700)
     elif stat.S_ISLNK(mode):
@@ -151,11 +141,17 @@ def build_copy(src, st, tmp, prefix, origin_ino, metadata_only=False, sync=True)
 def fill_data(src, dst, sync=True):
     """Complete a metadata-only copy: its data goes into the upper file first, then the
     marker goes, so that until that last step reads still come from the lower file."""
+    _copy_file(src, dst, os.O_NOFOLLOW, None, sync)
+
+
+def _copy_file(src, dst, open_flags, size, sync):
+    """Copy `size` bytes (None: the size `dst` already has) of file `src` into `dst`, opened
+    for writing with `open_flags`, and sync it unless told not to."""
     fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        fd_out = os.open(dst, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd_out = os.open(dst, os.O_WRONLY | os.O_CLOEXEC | open_flags, 0o600)
         try:
-            copy_data(fd_in, fd_out, os.fstat(fd_out).st_size)
+            copy_data(fd_in, fd_out, os.fstat(fd_out).st_size if size is None else size)
             if sync:
                 os.fsync(fd_out)
         finally:

@@ -26,7 +26,7 @@ import time
 from . import acl, copyup
 from .errors import StackError, os_error
 from .events import TRIGGERS, Events
-from .lookup import Layers, Node, join, parent_of
+from .lookup import Layers, Node, join, parent_of, renamed_paths
 from .runtime import drop_lock, leave_lock, take_lock
 from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, rename2
 from .whiteout import (METACOPY, OPAQUE, ORIGIN, REDIRECT, escape_xattr, is_opaque, is_whiteout, make_whiteout, set_marker,
@@ -789,9 +789,7 @@ class Union:
 
     def _move_remembered(self, old, new, exchange=False):
         remembered = self.layers.remembered
-        moves = [(p, new + p[len(old):]) for p in remembered if p == old or p.startswith(old + "/")]
-        if exchange:
-            moves += [(p, old + p[len(new):]) for p in remembered if p == new or p.startswith(new + "/")]
+        moves = renamed_paths(list(remembered), old, new, exchange)
         taken = {p: remembered.pop(p) for p, _ in moves}
         for p, q in moves:
             remembered[q] = taken[p]

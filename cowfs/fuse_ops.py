@@ -11,6 +11,7 @@ because renameat2 flags reach us only through libfuse 3.
 
 import ctypes
 import errno
+import itertools
 import logging
 import os
 import re
@@ -29,6 +30,9 @@ finally:
         os.environ["FUSE_LIBRARY_NAME"] = _choice
 if fuse.fuse_version_major != 3:
     raise ImportError(f"cowfs needs libfuse 3, found {fuse._libfuse._name} (install fuse3)")
+
+from .lookup import join, renamed_paths
+from .syscalls import RENAME_EXCHANGE
 
 log = logging.getLogger("cowfs")
 
@@ -88,13 +92,7 @@ class KernelCache:
 
     def changed(self, path, *, keep=None):
         """The file at `path` changed: invalidate its other names (and `path` itself unless it is `keep`)."""
-        ino = self._ino.get(path)
-        if ino is None:
-            return
-        with self._lock:
-            names = [name for name in self._names.get(ino, ()) if name != keep]
-        for name in names:
-            self.invalidate(name)
+        self.changed_ino(self._ino.get(path), keep)
 
     def changed_ino(self, ino, keep):
         if ino in self._names:
@@ -123,11 +121,7 @@ class KernelCache:
     def moved(self, old, new, exchange=False):
         """Rename the remembered paths at and under `old` (swap with `new` on exchange)."""
         with self._lock:
-            def under(prefix):
-                return [p for p in self._ino if p == prefix or p.startswith(prefix + "/")]
-            moves = [(p, new + p[len(old):]) for p in under(old)]
-            if exchange:
-                moves += [(p, old + p[len(new):]) for p in under(new)]
+            moves = renamed_paths(list(self._ino), old, new, exchange)
             taken = {p: self._ino.pop(p) for p, _ in moves}
             for p, q in moves:
                 ino = taken[p]
@@ -167,13 +161,6 @@ class CowfsFUSE(fuse.FUSE):
             return super()._wrapper(_reraise, e)
         finally:
             self.operations.cache.flush()  # outside the engine's lock, before the kernel hears back
-
-    def opendir(self, path, fip):
-        fip.contents.fh = self.operations.opendir(path.decode(self.encoding, self.errors))
-        return 0
-
-    def releasedir(self, path, fip):
-        return self.operations.releasedir(None, fip.contents.fh)
 
     def readdir_fuse_3(self, path, buf, filler, offset, fip, flags):
         """Entries with their offsets (so libfuse does not buffer the listing again), and, when the
@@ -296,7 +283,7 @@ class CowfsOperations(fuse.Operations):
         self._listings = {}  # open directory handle -> its entries, read at offset 0
         self._plus_sent = {}  # directory -> when its entries last went out with their attributes
         self._encoded = {}  # directory -> (engine listing, its entries with names encoded once)
-        self._next_dir = 1
+        self._dir_handles = itertools.count(1)  # next() is atomic: libfuse opens directories in many threads
 
     @staticmethod
     def _owner():
@@ -341,9 +328,7 @@ class CowfsOperations(fuse.Operations):
         return attrs
 
     def opendir(self, path):
-        self._listings[self._next_dir] = None
-        self._next_dir += 1
-        return self._next_dir - 1
+        return next(self._dir_handles)  # the listing is read at the first readdir
 
     def releasedir(self, path, fh):
         self._listings.pop(fh, None)
@@ -372,7 +357,7 @@ class CowfsOperations(fuse.Operations):
 
     def entry_attrs(self, directory, name):
         """getattr of one listed entry, at the moment it is sent (None if it has gone since)."""
-        path = directory.rstrip("/") + "/" + name
+        path = join(directory, name)
         try:
             attrs = self.union.getattr(path)
         except OSError:
@@ -424,7 +409,7 @@ class CowfsOperations(fuse.Operations):
 
     def link(self, target, source):
         self.union.link(source, target)
-        self.cache.changed(source)
+        self.cache.changed(source, keep=source)
         self.cache.invalidate(source)  # its st_nlink grew
 
     def unlink(self, path):
@@ -439,11 +424,11 @@ class CowfsOperations(fuse.Operations):
             self.union.hide(old, new)
             self.cache.moved(old, new)
             return
-        replaced = not flags & fuse_rename_exchange and self.cache.ino_of(new) is not None
+        exchange = bool(flags & RENAME_EXCHANGE)
         self.union.rename(old, new, flags)
-        if replaced:
-            self.cache.forget(new)
-        self.cache.moved(old, new, exchange=bool(flags & fuse_rename_exchange))
+        if not exchange:
+            self.cache.forget(new)  # a file replaced there lost a name
+        self.cache.moved(old, new, exchange)
 
     # -- xattrs ----------------------------------------------------------------------------------
     def getxattr(self, path, name, position=0):
@@ -504,7 +489,6 @@ class CowfsOperations(fuse.Operations):
         return 0
 
 
-fuse_rename_exchange = 2  # RENAME_EXCHANGE
 FUSE_CAP_DONT_MASK = 1 << 6
 FUSE_CAP_POSIX_ACL = 1 << 19
 FUSE_READDIR_PLUS = 1  # enum fuse_readdir_flags

@@ -53,6 +53,15 @@ class Node:
         return any(layer > 0 for layer, _ in self.parts)
 
 
+def renamed_paths(paths, old, new, exchange=False):
+    """[(path, its new path)] for those of `paths` at or under `old` when `old` is renamed to `new`;
+    with `exchange`, those at or under `new` go to `old` too."""
+    moves = [(p, new + p[len(old):]) for p in paths if p == old or p.startswith(old + "/")]
+    if exchange:
+        moves += [(p, old + p[len(new):]) for p in paths if p == new or p.startswith(new + "/")]
+    return moves
+
+
 def parent_of(path):
     head, _, name = path.rpartition("/")
     return (head or "/"), name

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from cowfs.testing.mounts import pid_alive as process_alive, pids_with_argument
+from cowfs.testing.mounts import is_mounted, mounts_under, pid_alive as process_alive, pids_with_argument
 
 REPO = Path(__file__).resolve().parent.parent
 BACKENDS = ("cowfs", "fuse-overlayfs", "kernel")
@@ -301,15 +301,6 @@ class Mount:
 ACTIVE: dict[Path, Mount] = {}  # everything mounted and not yet unmounted
 
 
-def mounted_paths() -> set[str]:
-    with open("/proc/self/mounts") as f:
-        return {line.split()[1].encode().decode("unicode_escape") for line in f}
-
-
-def is_mounted(path: Path) -> bool:
-    return str(path) in mounted_paths()
-
-
 def daemon_pids(mountpoint: Path) -> list[int]:
     """Live processes (other than ours) with the mountpoint as one of their arguments."""
     return sorted(pids_with_argument(mountpoint))
@@ -450,15 +441,13 @@ def unmount_all() -> None:
 
 def unmount_leftovers(scratch: Path) -> None:
     """Lazily unmount anything below scratch (untracked, or from a crashed earlier run)."""
-    for path in sorted(mounted_paths(), key=len, reverse=True):
-        if path == str(scratch) or path.startswith(str(scratch) + "/"):
-            log(f"unmounting leftover {path}")
-            pids = daemon_pids(Path(path))
-            subprocess.run(["umount", "-l", path], stderr=subprocess.DEVNULL, check=False)
-            stop_daemon(pids)
-    for path in sorted(mounted_paths()):
-        if path.startswith(str(scratch) + "/"):
-            log(f"WARNING: still mounted: {path}")
+    for path, _ in sorted(mounts_under(scratch), key=lambda m: len(m[0]), reverse=True):
+        log(f"unmounting leftover {path}")
+        pids = daemon_pids(Path(path))
+        subprocess.run(["umount", "-l", path], stderr=subprocess.DEVNULL, check=False)
+        stop_daemon(pids)
+    for path, _ in sorted(mounts_under(scratch)):
+        log(f"WARNING: still mounted: {path}")
 
 
 # --------------------------------------------------------------------------- workloads

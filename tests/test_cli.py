@@ -21,7 +21,8 @@ import pytest
 
 import cowfs.cli
 import cowfs.mount
-from cowfs.testing.mounts import force_unmount, in_ci, mounts_under, pid_alive, pids_with_argument, require, wait_gone
+from cowfs.testing.mounts import (force_unmount, in_ci, is_mounted, mounts_under, pid_alive, pids_with_argument,
+                                  require, wait_gone)
 
 COWFS = [sys.executable, "-m", "cowfs"]
 
@@ -33,11 +34,6 @@ COWFS = [sys.executable, "-m", "cowfs"]
 def run_cowfs(*args, timeout=60, **kwargs):
     return subprocess.run(COWFS + [str(a) for a in args], stdin=subprocess.DEVNULL, capture_output=True,
                           text=True, timeout=timeout, **kwargs)
-
-
-def is_mounted(path):
-    path = os.path.realpath(path)
-    return any(mnt == path for mnt, _ in mounts_under(path))
 
 
 def fstype(path):

@@ -126,22 +126,20 @@ def test_regression_userxattr_chmod_lower_fifo():
 @pytest.mark.xfail(strict=True, raises=Divergence, reason=KERNEL_QUIRKS["small_holes"])
 def test_regression_stat_after_copy_up_of_file_with_small_hole():
     # found by make fuzz [redirect_off]: stat('c/b/b') kernel sparse=False, cowfs sparse=True
-    def steps(state):
-        state.init_stack(stack=StackSpec(Layer(Dir('c'), File('c/b', data=Pattern(200000), hole=70000))))
-        state.utime(path='c/b', ns=1_200_000_000_123_456_789, follow=False)
-        state.stat(path='c/b')
-    _replay(RedirectOffStrict, steps)
+    _replay(RedirectOffStrict, _stat_after_small_hole_copy_up)
+
+
+def _stat_after_small_hole_copy_up(state):
+    state.init_stack(stack=StackSpec(Layer(Dir('c'), File('c/b', data=Pattern(200000), hole=70000))))
+    state.utime(path='c/b', ns=1_200_000_000_123_456_789, follow=False)
+    state.stat(path='c/b')
 
 
 @pytest.mark.kernel
 @pytest.mark.fuse
 def test_small_hole_quirk_is_excused_by_name_only():
     """The default machines excuse exactly KERNEL_QUIRKS['small_holes'] and still see the rest."""
-    def steps(state):
-        state.init_stack(stack=StackSpec(Layer(Dir('c'), File('c/b', data=Pattern(200000), hole=70000))))
-        state.utime(path='c/b', ns=1_200_000_000_123_456_789, follow=False)
-        state.stat(path='c/b')
-    _replay(RedirectOff, steps)
+    _replay(RedirectOff, _stat_after_small_hole_copy_up)
     assert RedirectOff.known_differences == frozenset({"small_holes"})
 
 
