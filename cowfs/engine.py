@@ -23,17 +23,14 @@ import stat
 import threading
 import time
 
-from . import acl, copyup
-from .errors import StackError, os_error
+from . import acl, copyup, workdir
+from .errors import os_error
 from .events import TRIGGERS, Events
 from .lookup import Layers, Node, join, parent_of, renamed_paths
-from .runtime import drop_lock, leave_lock, take_lock
 from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, rename2
-from .whiteout import (METACOPY, OPAQUE, ORIGIN, REDIRECT, escape_xattr, is_opaque, is_whiteout, make_whiteout, set_marker,
+from .whiteout import (METACOPY, ORIGIN, REDIRECT, escape_xattr, is_opaque, is_whiteout, make_whiteout, set_marker,
                        set_opaque, unescape_xattr)
 
-WORK_SUBDIR = "work"  # the same staging directory the kernel uses, so either cleans the other's leftovers
-VOLATILE_MARK = "incompat/volatile"  # in WORK_SUBDIR: left by a volatile mount, refused by the next one
 
 
 def locked(method):
@@ -79,61 +76,21 @@ class Union:
         self._listings = {}  # merged path -> readdir's answer, until the upper changes
         self._copied = set()  # identities of lower files copied up, to move open read handles over
         self._hidden = {}  # open files whose last name is gone: merged name the FUSE library gave -> (layer, real)
-        self._locks = []  # (fd, path) of the upper and work directories' locks
+        self._workdir = None
         if stack.upper is not None:
-            self._claim_workdir()
+            self._workdir = workdir.claim(stack)
+            self.work = self._workdir.work
 
     # -- setup -----------------------------------------------------------------------------------
-    def _claim_workdir(self):
-        """Lock the upper and work directories for this mount, and clear what an interrupted one left in the workdir."""
-        for line in _read_mounts():
-            fields = line.split()
-            if len(fields) > 3 and fields[2] == "overlay":
-                opts = fields[3].split(",")
-                if f"upperdir={self.stack.upper}" in opts or f"workdir={self.stack.work}" in opts:
-                    raise StackError(f"upperdir {self.stack.upper}: already in use by the kernel overlay at {fields[1]}")
-        self._locks = []
-        for role, path in (("upperdir", self.stack.upper), ("workdir", self.stack.work)):
-            lock = take_lock(path)
-            if lock is None:
-                self.close()
-                raise StackError(f"{role} {path}: already in use by another cowfs mount")
-            self._locks.append(lock)
-        self.work = self.stack.work + "/" + WORK_SUBDIR
-        volatile_mark = self.work + "/" + VOLATILE_MARK
-        if os.path.lexists(volatile_mark):  # as the kernel: after a volatile mount, the upper may be damaged
-            self.close()
-            raise StackError(f"workdir {self.stack.work}: a volatile mount used it, so a crash may have lost data "
-                             f"in the upper (remove {volatile_mark} if you know it did not)")
-        if os.path.lexists(self.work):
-            for name in os.listdir(self.work):
-                copyup.discard(self.work + "/" + name)
-        else:
-            os.mkdir(self.work, 0o000)
-        if self.stack.volatile:
-            os.makedirs(volatile_mark, 0o700)
-        probe = copyup.temp_name(self.work)
-        os.mkdir(probe, 0o700)
-        try:
-            set_marker(probe, self.prefix, OPAQUE, "y")
-        except OSError as e:
-            self.close()
-            raise StackError(f"upperdir {self.stack.upper}: cannot set {self.prefix}* xattrs ({e.strerror})"
-                             + ("" if self.stack.userxattr else "; try the userxattr option")) from None
-        finally:
-            os.rmdir(probe)
-
     def close(self):
         """Release the workdir; the engine must not be used afterwards."""
-        for lock in self._locks:
-            drop_lock(lock)
-        self._locks = []
+        if self._workdir is not None:
+            self._workdir.close()
 
     def hand_over(self):
         """After fork, in the parent: the child (the daemon) holds the locks now; this process lets go of them."""
-        for lock in self._locks:
-            leave_lock(lock)
-        self._locks = []
+        if self._workdir is not None:
+            self._workdir.hand_over()
 
     # -- helpers ---------------------------------------------------------------------------------
     def _require_writable(self, path):
@@ -822,10 +779,3 @@ def _stat_dict(st, ino, nlink):
         "st_atime": st.st_atime_ns, "st_mtime": st.st_mtime_ns, "st_ctime": st.st_ctime_ns,
     }
 
-
-def _read_mounts():
-    try:
-        with open("/proc/self/mounts") as f:
-            return f.read().splitlines()
-    except OSError:
-        return []
