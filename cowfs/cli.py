@@ -217,7 +217,8 @@ def _mount_helper_form(argv, commands=COMMANDS):
 
 
 def _stack_from_args(args, parser):
-    """The Stack and mount point from either spelling: `-o lowerdir=... MNT` or `LOWER... --upper U MNT`."""
+    """The Stack, mount point and the directories made for it, from either spelling: `-o lowerdir=... MNT`,
+    or `LOWER... --upper U MNT` (which makes U and its workdir when missing; deepest first in the list)."""
     paths = list(args.paths)
     if args.upper is None:
         if len(paths) != 1 and args.options:
@@ -226,16 +227,39 @@ def _stack_from_args(args, parser):
             if len(paths) < 2:
                 parser.error("give -o lowerdir=... or LOWER... MOUNTPOINT")
             args.options = ["lowerdir=" + ":".join(p.replace(":", "\\:") for p in paths[:-1])]
-        return parse_options(args.options), paths[-1]
+        return parse_options(args.options), paths[-1], []
     if len(paths) < 2:
         parser.error("give at least one LOWER and the MOUNTPOINT")
     upper = os.path.abspath(args.upper)
     work = os.path.abspath(args.work) if args.work else upper.rstrip("/") + ".work"
-    for d in (upper, work):
-        os.makedirs(d, exist_ok=True)
     opts = ["lowerdir=" + ":".join(p.replace(":", "\\:") for p in paths[:-1]),
             f"upperdir={upper.replace(',', chr(92) + ',')},workdir={work.replace(',', chr(92) + ',')}"]
-    return parse_options(opts + args.options), paths[-1]
+    stack = parse_options(opts + args.options)
+    made = _make_dirs(upper) + _make_dirs(work)
+    return stack, paths[-1], made[::-1]
+
+
+def _make_dirs(path):
+    """Make `path` and its missing parents, as os.makedirs; return the directories made, parents first."""
+    missing = []
+    while not os.path.lexists(path):
+        missing.insert(0, path)
+        path = os.path.dirname(path)
+    for d in missing:
+        os.mkdir(d)
+    return missing
+
+
+def _remove_made(made):
+    """After a refused mount: remove the (still empty) directories it made, and the staging directory a
+    workdir got; a directory with anything else in it stays."""
+    from .workdir import WORK_SUBDIR
+    for d in made:
+        for path in (os.path.join(d, WORK_SUBDIR), d):
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
 
 
 def _image_form(args):
@@ -332,11 +356,15 @@ def main(argv=None):
             if found is not None:
                 _mount_image(args, found, mounting)
                 return 0
-            stack, mountpoint = _stack_from_args(args, mount_parser)
+            stack, mountpoint, made = _stack_from_args(args, mount_parser)
             if helper_source and helper_source != "cowfs" and "fsname=" not in ",".join(args.options):
                 stack.fsname = helper_source
-            mounting.mount(stack, mountpoint, foreground=args.foreground, debug=args.debug, trace=args.trace,
-                           human_trace=args.human_trace)
+            try:
+                mounting.mount(stack, mountpoint, foreground=args.foreground, debug=args.debug, trace=args.trace,
+                               human_trace=args.human_trace)
+            except (StackError, OSError):
+                _remove_made(made)
+                raise
         elif args.command == "umount":
             mounting.umount(args.mountpoint)
         else:

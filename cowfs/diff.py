@@ -24,6 +24,7 @@ import os
 import stat
 import sys
 
+from . import mounttable
 from .errors import StackError
 from .lookup import Layers, join
 from .mount import mount_table, read_record, records
@@ -49,16 +50,8 @@ class Located:
 
 
 def _mount_options():
-    """{mountpoint: (fstype, options)} of the mounts, from /proc/self/mounts."""
-    def unescape(s):
-        return s.encode().decode("unicode_escape").encode("latin-1").decode("utf-8", "surrogateescape")
-    found = {}
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) >= 4:
-                found[unescape(fields[1])] = (fields[2], unescape(fields[3]))
-    return found
+    """{mountpoint: (fstype, options)} of the mounts; the options joined by commas, as parse_options reads them."""
+    return {m.mountpoint: (m.fstype, ",".join(m.options)) for m in mounttable.read()}
 
 
 def _split_opts(text):

@@ -16,18 +16,16 @@ import subprocess
 import sys
 import time
 
+from . import mounttable
 from .engine import Union
 from .errors import StackError
-from .runtime import runtime_dir
-from .stack import check
+from .runtime import read_record, records, runtime_dir  # noqa: F401 - records: for callers
+from .runtime import record_path as _record_path
+from .stack import check, is_within
 
 READY = b"\0cowfs-ready\n"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
-
-
-def _record_path(mountpoint):
-    return os.path.join(runtime_dir(), mountpoint.strip("/").replace("%", "%25").replace("/", "%2F") + ".json")
 
 
 def _write_record(mountpoint, stack, trace=None):
@@ -52,40 +50,13 @@ def _remove_record(mountpoint):
         pass
 
 
-def records():
-    """The records of the live cowfs mounts, as dicts, in mount point order."""
-    found = []
-    live = {mnt for _, mnt, fstype in mount_table() if fstype == "fuse.cowfs"}
-    for mnt in sorted(live):
-        record = read_record(mnt)
-        if record is not None:
-            found.append(record)
-    return found
-
-
-def read_record(mountpoint):
-    try:
-        with open(_record_path(mountpoint)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def mount_table():
-    """[(source, mountpoint, fstype)] from /proc/self/mounts, with octal escapes decoded."""
-    def unescape(s):
-        return s.encode().decode("unicode_escape").encode("latin-1").decode("utf-8", "surrogateescape")
-    rows = []
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) >= 3:
-                rows.append((unescape(fields[0]), unescape(fields[1]), fields[2]))
-    return rows
+    """[(source, mountpoint, fstype)] of the mounts (cowfs.mounttable reads them)."""
+    return [m[:3] for m in mounttable.read()]
 
 
 def is_cowfs_mount(mountpoint):
-    return any(mnt == mountpoint and fstype == "fuse.cowfs" for _, mnt, fstype in mount_table())
+    return any(m.mountpoint == mountpoint and m.fstype == "fuse.cowfs" for m in mounttable.read())
 
 
 def _setup_logging(foreground, debug):
@@ -132,7 +103,10 @@ def mount(stack, mountpoint, *, foreground=False, debug=False, trace=None, human
 
     stack = check(stack, mountpoint)
     mountpoint = os.path.realpath(mountpoint)
-    if any(mnt == mountpoint for _, mnt, _ in mount_table()):
+    if is_within(runtime_dir(), mountpoint):
+        raise StackError(f"mount point {mountpoint}: would hide cowfs's runtime directory {runtime_dir()} "
+                         "(the daemon would reach it through its own mount)")
+    if any(m.mountpoint == mountpoint for m in mounttable.read()):
         raise StackError(f"mount point {mountpoint}: busy (something is already mounted there)")
     if not os.path.exists("/dev/fuse"):
         raise StackError("/dev/fuse: missing (load the fuse module, or install fuse3)")
@@ -140,10 +114,10 @@ def mount(stack, mountpoint, *, foreground=False, debug=False, trace=None, human
     if trace is not None:
         trace = os.path.abspath(trace)
         human_trace = os.path.abspath(human_trace) if human_trace else None
-        if _is_inside(trace, mountpoint) or (human_trace and _is_inside(human_trace, mountpoint)):
+        if is_within(trace, mountpoint) or (human_trace and is_within(human_trace, mountpoint)):
             raise StackError(f"trace {trace}: inside the mount point {mountpoint} (it would trace its own writes)")
         for role, layer in [("lowerdir", p) for p in stack.lowers] + [("upperdir", stack.upper), ("workdir", stack.work)]:
-            if layer is not None and _is_inside(trace, layer):
+            if layer is not None and is_within(trace, layer):
                 raise StackError(f"trace {trace}: inside {role} {layer} (a trace is never written into a layer)")
         writer = _open_trace(trace, human_trace)
     else:
@@ -211,11 +185,6 @@ def mount(stack, mountpoint, *, foreground=False, debug=False, trace=None, human
     lines = [l.strip() for l in output.decode(errors="replace").splitlines() if l.strip()]
     reason = lines[-1] if lines else "the daemon exited before the mount was live"
     raise StackError(f"mount point {mountpoint}: {reason.removeprefix('fuse: ')}")
-
-
-def _is_inside(path, directory):
-    path, directory = os.path.realpath(path), os.path.realpath(directory)
-    return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
 def _read_until_ready(fd, pid):

@@ -4,13 +4,37 @@ Nothing here is on a layer's filesystem, so a daemon never keeps a layer busy.
 """
 
 import fcntl
+import json
 import os
+
+from . import mounttable
+
+_held = set()  # the lock files this process holds
 
 
 def runtime_dir():
     if os.geteuid() == 0:
         return "/run/cowfs"
     return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/cowfs-{os.geteuid()}", "cowfs")
+
+
+def record_path(mountpoint):
+    """The record of the mount at `mountpoint` (pid, mount point, options), written by its daemon."""
+    return os.path.join(runtime_dir(), mountpoint.strip("/").replace("%", "%25").replace("/", "%2F") + ".json")
+
+
+def read_record(mountpoint):
+    try:
+        with open(record_path(mountpoint)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def records():
+    """The records of the live cowfs mounts, as dicts, in mount point order."""
+    live = {m.mountpoint for m in mounttable.read() if m.fstype == "fuse.cowfs"}
+    return [record for record in map(read_record, sorted(live)) if record is not None]
 
 
 def lock_path(directory):
@@ -38,10 +62,16 @@ def take_lock(directory):
             return None
         try:
             if os.path.samestat(os.fstat(fd), os.stat(path)):
+                _held.add(path)
                 return fd, path
         except FileNotFoundError:
             pass
         os.close(fd)
+
+
+def holds_lock(directory):
+    """Whether this process holds the lock of `directory`."""
+    return lock_path(directory) in _held
 
 
 def drop_lock(lock):
@@ -50,9 +80,11 @@ def drop_lock(lock):
         os.unlink(path)  # while still holding it: nobody can take a file that is about to go
     except FileNotFoundError:
         pass
+    _held.discard(path)
     os.close(fd)
 
 
 def leave_lock(lock):
     """Close this process's descriptor of a lock a forked child goes on holding."""
+    _held.discard(lock[1])
     os.close(lock[0])

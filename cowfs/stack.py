@@ -56,7 +56,9 @@ class Stack:
 
     @property
     def follow_redirects(self):
-        return self.redirect_dir != "nofollow"
+        """As the kernel: redirect_dir=off still follows (redirect_always_follow), and userxattr,
+        which unprivileged mounts need, never does."""
+        return self.redirect_dir != "nofollow" and not self.userxattr
 
     def option_string(self):
         """The stack as the kernel's `-o` option string (for /proc/mounts-like reports and re-mounting)."""
@@ -124,8 +126,8 @@ def parse_options(option_strings):
     lowers = _split(values["lowerdir"], ":")
     if any(not p for p in lowers):
         raise StackError(f"empty layer in lowerdir={values['lowerdir']!r}")
-    upper = _unescape(values["upperdir"]) if "upperdir" in values else None
-    work = _unescape(values["workdir"]) if "workdir" in values else None
+    upper = unescape(values["upperdir"]) if "upperdir" in values else None
+    work = unescape(values["workdir"]) if "workdir" in values else None
     if upper is not None and work is None:
         raise StackError("missing 'workdir' (an upperdir needs a workdir on the same filesystem)")
     if work is not None and upper is None:
@@ -153,7 +155,8 @@ def parse_options(option_strings):
     )
 
 
-def _unescape(path):
+def unescape(path):
+    """A path as an option spells it (`\\,` `\\:` `\\\\`), without its backslash escapes."""
     return _split(path, "\0")[0]
 
 
@@ -161,11 +164,35 @@ def _is_within(inner, outer):
     return inner == outer or inner.startswith(outer.rstrip("/") + "/")
 
 
+def is_within(path, directory):
+    """Whether `path` is `directory` or below it: by real path, and by device and inode, so that
+    every spelling of the same place (a symlink, a bind mount) is caught."""
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    if _is_within(path, directory):
+        return True
+    try:
+        target = os.stat(directory)
+    except OSError:
+        return False
+    while True:
+        try:
+            if os.path.samestat(os.stat(path), target):
+                return True
+        except OSError:
+            pass  # not there (yet): its parents may be
+        parent = os.path.dirname(path)
+        if parent == path:
+            return False
+        path = parent
+
+
 def check(stack, mountpoint=None):
     """Resolve and check every path of the stack; returns it with absolute real paths.
 
     Raises StackError for a missing or non-directory layer, overlapping layers,
-    a workdir on another filesystem than the upper, or a mount point inside a layer.
+    a workdir on another filesystem than the upper, a mount point inside a layer,
+    or a layer inside the mount point (its daemon would reach it through its own
+    mount, and wait for itself forever).
     """
     def real_dir(path, role):
         if not os.path.lexists(path):
@@ -187,8 +214,11 @@ def check(stack, mountpoint=None):
     if mountpoint is not None:
         mnt = real_dir(mountpoint, "mount point")
         for name, real in named:
-            if _is_within(mnt, real):
+            if is_within(mnt, real):
                 raise StackError(f"mount point {mountpoint}: inside {name}")
+            if is_within(real, mnt):
+                raise StackError(f"{name}: inside the mount point {mountpoint} "
+                                 "(the daemon would reach it through its own mount)")
     for i, (name_a, a) in enumerate(named):
         for name_b, b in named[i + 1:]:
             if a == b and name_a.startswith("lowerdir") and name_b.startswith("lowerdir"):

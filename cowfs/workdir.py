@@ -4,17 +4,25 @@ What a mount must settle before it serves a single request: that no other
 mount (cowfs or the kernel's) uses the upper or workdir, that an earlier
 volatile mount did not leave the upper in doubt, that leftovers of an
 interrupted mount are gone, and that the upper takes the overlay's xattrs.
+Nothing in the workdir is followed out of it: it is worked on through
+directory descriptors, and a symlink is removed, never followed.
 """
 
 import os
+import shutil
+import stat
+import time
 
-from . import copyup
+from . import copyup, mounttable
 from .errors import StackError
-from .runtime import drop_lock, leave_lock, take_lock
+from .runtime import drop_lock, holds_lock, leave_lock, records, take_lock
+from .stack import parse_options, unescape
 from .whiteout import OPAQUE, set_marker
 
 WORK_SUBDIR = "work"  # the same staging directory the kernel uses, so either cleans the other's leftovers
 VOLATILE_MARK = "incompat/volatile"  # in WORK_SUBDIR: left by a volatile mount, refused by the next one
+LOCK_WAIT = 5.0  # seconds a mount waits for a lock whose holder's mount is gone (its daemon still exiting)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 class Workdir:
@@ -50,30 +58,22 @@ def claim(stack):
 
 
 def _claim(claimed, stack):
-    for line in _read_mounts():
-        fields = line.split()
-        if len(fields) > 3 and fields[2] == "overlay":
-            opts = fields[3].split(",")
-            if f"upperdir={stack.upper}" in opts or f"workdir={stack.work}" in opts:
-                raise StackError(f"upperdir {stack.upper}: already in use by the kernel overlay at {fields[1]}")
+    _refuse_kernel_overlay_users(stack)
     for role, path in (("upperdir", stack.upper), ("workdir", stack.work)):
-        lock = take_lock(path)
-        if lock is None:
-            raise StackError(f"{role} {path}: already in use by another cowfs mount")
-        claimed._locks.append(lock)
-    work = claimed.work
-    volatile_mark = work + "/" + VOLATILE_MARK
-    if os.path.lexists(volatile_mark):  # as the kernel: after a volatile mount, the upper may be damaged
-        raise StackError(f"workdir {stack.work}: a volatile mount used it, so a crash may have lost data "
-                         f"in the upper (remove {volatile_mark} if you know it did not)")
-    if os.path.lexists(work):
-        for name in os.listdir(work):
-            copyup.discard(work + "/" + name)
-    else:
-        os.mkdir(work, 0o000)
-    if stack.volatile:
-        os.makedirs(volatile_mark, 0o700)
-    probe = copyup.temp_name(work)
+        claimed._locks.append(_lock(role, path))
+    staging = _empty_staging(stack.work)
+    try:
+        if stack.volatile:
+            incompat, volatile = VOLATILE_MARK.split("/")
+            os.mkdir(incompat, 0o700, dir_fd=staging)
+            fd = os.open(incompat, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=staging)
+            try:
+                os.mkdir(volatile, 0o700, dir_fd=fd)
+            finally:
+                os.close(fd)
+    finally:
+        os.close(staging)
+    probe = copyup.temp_name(claimed.work)
     os.mkdir(probe, 0o700)
     try:
         set_marker(probe, stack.prefix, OPAQUE, "y")
@@ -84,9 +84,111 @@ def _claim(claimed, stack):
         os.rmdir(probe)
 
 
-def _read_mounts():
+def _refuse_kernel_overlay_users(stack):
+    """Refuse an upper or workdir that a kernel overlay uses (as its upper or workdir), however either spells it."""
+    ours = [(role, path, os.stat(path)) for role, path in (("upperdir", stack.upper), ("workdir", stack.work))]
+    for m in mounttable.read():
+        if m.fstype != "overlay":
+            continue
+        for key, _, value in (opt.partition("=") for opt in m.options):
+            if key not in ("upperdir", "workdir") or not value.startswith("/"):
+                continue
+            try:
+                theirs = os.stat(unescape(value))
+            except OSError:
+                continue  # not reachable from here: not ours
+            for role, path, st in ours:
+                if os.path.samestat(st, theirs):
+                    raise StackError(f"{role} {path}: already in use by the kernel overlay at {m.mountpoint}")
+
+
+def _lock(role, path):
+    """Lock `path` for this mount. A holder with a live cowfs mount is refused at once; a holder whose
+    mount is already gone (its daemon still exiting) or not yet up is waited for, LOCK_WAIT seconds at most."""
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        lock = take_lock(path)
+        if lock is not None:
+            return lock
+        mountpoint = _cowfs_mount_using(path)
+        if mountpoint is not None:
+            raise StackError(f"{role} {path}: already in use by the cowfs mount at {mountpoint}")
+        if holds_lock(path) or time.monotonic() > deadline:
+            raise StackError(f"{role} {path}: already in use by another cowfs mount")
+        time.sleep(0.02)
+
+
+def _cowfs_mount_using(path):
+    """The mount point of the live cowfs mount whose upper or workdir is `path`, or None."""
+    st = os.stat(path)
+    for record in records():
+        try:
+            stack = parse_options([record["options"]])
+        except (KeyError, StackError):
+            continue
+        for used in (stack.upper, stack.work):
+            try:
+                if used is not None and os.path.samestat(os.stat(used), st):
+                    return record["mountpoint"]
+            except OSError:
+                continue
+    return None
+
+
+def _empty_staging(work):
+    """Make WORK_SUBDIR of `work` an empty directory of its own and return a descriptor of it.
+
+    Nothing there is followed: a symlink or any other non-directory in its
+    place is removed and a directory made instead, as the kernel does, and its
+    leftovers are removed through directory descriptors (a symlink among them
+    goes, not what it points to). A volatile mount's mark refuses the mount.
+    """
+    parent = os.open(work, _DIR_FLAGS)
     try:
-        with open("/proc/self/mounts") as f:
-            return f.read().splitlines()
-    except OSError:
-        return []
+        try:
+            if not stat.S_ISDIR(os.lstat(WORK_SUBDIR, dir_fd=parent).st_mode):
+                os.unlink(WORK_SUBDIR, dir_fd=parent)
+        except FileNotFoundError:
+            pass
+        try:
+            os.mkdir(WORK_SUBDIR, 0o000, dir_fd=parent)
+        except FileExistsError:
+            pass
+        staging = os.open(WORK_SUBDIR, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=parent)
+    finally:
+        os.close(parent)
+    try:
+        if _lexists_at(staging, VOLATILE_MARK):  # as the kernel: after a volatile mount, the upper may be damaged
+            mark = f"{work}/{WORK_SUBDIR}/{VOLATILE_MARK}"
+            raise StackError(f"workdir {work}: a volatile mount used it, so a crash may have lost data "
+                             f"in the upper (remove {mark} if you know it did not)")
+        for entry in list(os.scandir(staging)):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.name, dir_fd=staging)
+            else:
+                os.unlink(entry.name, dir_fd=staging)
+    except BaseException:
+        os.close(staging)
+        raise
+    return staging
+
+
+def _lexists_at(dir_fd, relative):
+    """Whether `relative` exists below the directory open at `dir_fd`, following no symlink on the way."""
+    *dirs, name = relative.split("/")
+    fd = os.dup(dir_fd)
+    try:
+        for d in dirs:
+            try:
+                sub = os.open(d, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError:  # missing, or not a directory (a symlink is not followed)
+                return False
+            os.close(fd)
+            fd = sub
+        try:
+            os.lstat(name, dir_fd=fd)
+        except FileNotFoundError:
+            return False
+        return True
+    finally:
+        os.close(fd)
