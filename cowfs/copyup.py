@@ -81,9 +81,10 @@ def copy_data(src, dst, size):
 
 
 def copy_xattrs(src, dst, prefix):
-    """Copy the user-visible xattrs; the overlay's own are never carried over."""
+    """Copy the user-visible xattrs of `src` (a path, or a descriptor); the overlay's own are never carried over."""
+    nofollow = {} if isinstance(src, int) else {"follow_symlinks": False}
     try:
-        names = os.listxattr(src, follow_symlinks=False)
+        names = os.listxattr(src, **nofollow)
     except OSError as e:
         if e.errno in (errno.ENOTSUP, errno.EPERM):
             return
@@ -92,7 +93,7 @@ def copy_xattrs(src, dst, prefix):
         if is_private_xattr(name, prefix) or name.startswith("trusted.overlay.") and prefix == "trusted.overlay.":
             continue
         try:
-            value = os.getxattr(src, name, follow_symlinks=False)
+            value = os.getxattr(src, name, **nofollow)
             os.setxattr(dst, name, value, follow_symlinks=False)
         except OSError as e:
             if e.errno not in (errno.ENOTSUP, errno.EPERM, errno.ENODATA):
@@ -110,22 +111,26 @@ def copy_attrs(st, path):
 def build_copy(src, st, tmp, prefix, origin_ino, metadata_only=False, sync=True):
     """Build at `tmp` a full copy of the object at `src` (type, data, owner, mode, times, xattrs).
 
-    Directories are copied empty: their entries stay in the lower and merge.
-    With `metadata_only` a regular file gets its size but no data (all hole)
-    and the metacopy marker, as the kernel's metacopy=on does. The data is
-    synced before the copy is renamed into place (unless `sync` is false, for
-    volatile mounts), so a crash never leaves an empty file over a lower one.
+    `src` is a path, or for a regular file an open descriptor of it (a file
+    open under a name that is gone). Directories are copied empty: their
+    entries stay in the lower and merge. With `metadata_only` a regular file
+    gets its size but no data (all hole) and the metacopy marker, as the
+    kernel's metacopy=on does. The data is synced before the copy is renamed
+    into place (unless `sync` is false, for volatile mounts), so a crash never
+    leaves an empty file over a lower one.
     """
     mode = st.st_mode
-    if stat.S_ISREG(mode) and metadata_only:
+    if stat.S_ISREG(mode):
         fd_out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd_out, st.st_size)
+            if metadata_only:
+                os.ftruncate(fd_out, st.st_size)
+            else:
+                _copy_into(src, fd_out, st.st_size, sync)
         finally:
             os.close(fd_out)
-        set_marker(tmp, prefix, METACOPY, "")
-    elif stat.S_ISREG(mode):
-        _copy_file(src, tmp, os.O_CREAT | os.O_EXCL, st.st_size, sync)
+        if metadata_only:
+            set_marker(tmp, prefix, METACOPY, "")
     elif stat.S_ISDIR(mode):
         os.mkdir(tmp, 0o700)
     elif stat.S_ISLNK(mode):
@@ -138,24 +143,22 @@ def build_copy(src, st, tmp, prefix, origin_ino, metadata_only=False, sync=True)
     copy_attrs(st, tmp)
 
 
-def fill_data(src, dst, sync=True):
-    """Complete a metadata-only copy: its data goes into the upper file first, then the
-    marker goes, so that until that last step reads still come from the lower file."""
-    _copy_file(src, dst, os.O_NOFOLLOW, None, sync)
+def fill_data(src, fd_out, sync=True):
+    """Complete a metadata-only copy open at `fd_out` with the data of file `src`. The caller
+    removes the marker afterwards, so that until that last step reads still come from `src`."""
+    _copy_into(src, fd_out, os.fstat(fd_out).st_size, sync)
 
 
-def _copy_file(src, dst, open_flags, size, sync):
-    """Copy `size` bytes (None: the size `dst` already has) of file `src` into `dst`, opened
-    for writing with `open_flags`, and sync it unless told not to."""
-    fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def _copy_into(src, fd_out, size, sync):
+    """Copy `size` bytes of file `src` (a path, or a descriptor) into `fd_out`, and sync it unless told not to."""
+    if isinstance(src, int):  # a descriptor of its own, so that the caller's file offset stays
+        fd_in = os.open(f"/proc/self/fd/{src}", os.O_RDONLY | os.O_CLOEXEC)
+    else:
+        fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        fd_out = os.open(dst, os.O_WRONLY | os.O_CLOEXEC | open_flags, 0o600)
-        try:
-            copy_data(fd_in, fd_out, os.fstat(fd_out).st_size if size is None else size)
-            if sync:
-                os.fsync(fd_out)
-        finally:
-            os.close(fd_out)
+        copy_data(fd_in, fd_out, size)
+        if sync:
+            os.fsync(fd_out)
     finally:
         os.close(fd_in)
 
@@ -172,14 +175,60 @@ def restore_times(path, st):
 
 
 def discard(path):
-    """Remove a staging leftover of any type, a whole tree for a directory."""
+    """Remove a staging leftover of any type, a whole tree for a directory.
+
+    The tree is walked through directory descriptors, never through a symlink,
+    and without recursion or full paths, so that any depth goes.
+    """
+    head, name = os.path.split(path)
+    parent = os.open(head or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        st = os.lstat(path)
+        remove_at(parent, name)
+    finally:
+        os.close(parent)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def remove_at(dir_fd, name):
+    """Remove entry `name` of the directory open at `dir_fd`, a whole tree for a directory (see `discard`)."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+        return
     except FileNotFoundError:
         return
-    if stat.S_ISDIR(st.st_mode):
-        for name in os.listdir(path):
-            discard(path + "/" + name)
-        os.rmdir(path)
-    else:
-        os.unlink(path)
+    except IsADirectoryError:
+        pass
+    fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    # One open directory at a time; for each level: its name and the subdirectories left to remove.
+    levels = [(name, None)]
+    try:
+        while True:
+            _, subdirs = levels[-1]
+            if subdirs is None:
+                subdirs = []
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        if entry.is_dir(follow_symlinks=False):
+                            subdirs.append(entry.name)
+                        else:
+                            os.unlink(entry.name, dir_fd=fd)
+                levels[-1] = (levels[-1][0], subdirs)
+            if subdirs:
+                sub = subdirs.pop()
+                down = os.open(sub, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = down
+                levels.append((sub, None))
+                continue
+            done, _ = levels.pop()
+            if not levels:
+                break
+            up = os.open("..", _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = up
+            os.rmdir(done, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)

@@ -13,9 +13,12 @@ Assumptions (as in the kernel's overlayfs):
 Paths are merged paths ("/a/b"). Failures raise OSError with the errno the
 kernel's overlay would give. Methods that change the upper hold one lock, so
 the engine can serve a multithreaded daemon; reads and writes on open
-handles do not take it.
+handles do not take it, and neither does the copy of a file's data (see
+`Union._move_data`), so that one big copy-up does not stall every caller.
 """
 
+import contextlib
+import dataclasses
 import errno
 import functools
 import os
@@ -26,11 +29,21 @@ import time
 from . import acl, copyup, workdir
 from .errors import os_error
 from .events import TRIGGERS, Events
-from .lookup import Layers, Node, join, parent_of, renamed_paths
+from .lookup import Layers, join, parent_of, renamed_paths
 from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, rename2
 from .whiteout import (METACOPY, ORIGIN, REDIRECT, escape_xattr, is_opaque, is_whiteout, make_whiteout, set_marker,
                        set_opaque, unescape_xattr)
 
+
+
+class _DataFirst(Exception):
+    """Raised by a locked operation that needs a file's data in the upper: the outermost `locked`
+    moves the data without the engine lock, then runs the operation again from the start.
+    So an operation changes nothing before its copy-ups, or only what it can do twice."""
+
+    def __init__(self, node):
+        super().__init__(node.path)
+        self.node = node
 
 
 def locked(method):
@@ -39,13 +52,59 @@ def locked(method):
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        with self._lock:
-            outer, self._op = self._op, self._op or name
-            try:
-                return method(self, *args, **kwargs)
-            finally:
-                self._op = outer
+        while True:
+            with self._lock:
+                outer, self._op = self._op, self._op or name
+                try:
+                    return method(self, *args, **kwargs)
+                except _DataFirst as e:
+                    if outer is not None:
+                        raise
+                    pending = e.node
+                finally:
+                    self._op = outer
+            self._move_data(pending, name)
     return wrapper
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """The process that asks, for answers that depend on it. Without CAP_SYS_ADMIN or CAP_FSETID
+    the kernel answers differently; cowfs takes uid 0 as having them. None stands for root."""
+
+    uid: int
+    gid: int
+    groups: tuple = ()
+
+    def in_group(self, gid):
+        return gid == self.gid or gid in self.groups
+
+
+def _privileged(caller):
+    return caller is None or caller.uid == 0
+
+
+class _ObjectLocks:
+    """A lock per object whose data is being copied, so that copies of one file wait for
+    each other (and copy once) while everything else goes on."""
+
+    def __init__(self):
+        self._mutex = threading.Lock()
+        self._locks = {}  # key -> [lock, number of threads holding or waiting]
+
+    @contextlib.contextmanager
+    def hold(self, key):
+        with self._mutex:
+            entry = self._locks.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._mutex:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._locks[key]
 
 
 LISTINGS_KEPT = 4096  # directories whose merged listing stays cached
@@ -75,7 +134,7 @@ class Union:
         self.events = Events()
         self._listings = {}  # merged path -> readdir's answer, until the upper changes
         self._copied = set()  # identities of lower files copied up, to move open read handles over
-        self._hidden = {}  # open files whose last name is gone: merged name the FUSE library gave -> (layer, real)
+        self._object_locks = _ObjectLocks()
         self._workdir = None
         if stack.upper is not None:
             self._workdir = workdir.claim(stack)
@@ -98,10 +157,6 @@ class Union:
             raise os_error(errno.EROFS, path)
 
     def _node(self, path):
-        hidden = self._hidden.get(path)
-        if hidden is not None:
-            layer, real = hidden
-            return Node(path, layer, real, os.lstat(real), ((layer, ""),))
         return self.layers.resolve_required(path)
 
     def _dir(self, path):
@@ -119,71 +174,143 @@ class Union:
 
         With metacopy=on and `data` false (a change of metadata only), a regular
         file is copied without its data, which follows at the first `data` copy-up.
+        A copy that needs a file's data raises _DataFirst (see `locked`).
         """
         if node.in_upper:
             if data and node.data is not None:
-                return self._fill_data(node)
+                raise _DataFirst(node)
             return node
         self._require_writable(node.path)
-        if node.path in self._hidden:  # an unlinked open file: its copy stays in the workdir
-            tmp = copyup.temp_name(self.work)
-            try:
-                copyup.build_copy(node.data or node.real, node.st, tmp, self.prefix, self.layers.origin_ino(node),
-                                  sync=not self.stack.volatile)
-            except BaseException:
-                copyup.discard(tmp)
-                raise
-            self._hidden[node.path] = (0, tmp)
-            return self._node(node.path)
-        parent_path, name = parent_of(node.path)
-        upper_parent = self._copy_up(self.layers.resolve_required(parent_path))
+        meta_only = self.stack.metacopy and not data and stat.S_ISREG(node.st.st_mode)
+        if stat.S_ISREG(node.st.st_mode) and not meta_only:
+            raise _DataFirst(node)
+        parent_real = self._upper_dir(parent_of(node.path)[0])
         tmp = copyup.temp_name(self.work)
         started = time.perf_counter()
-        meta_only = self.stack.metacopy and not data and stat.S_ISREG(node.st.st_mode)
-        origin = self.layers.origin_ino(node)
-        if origin is not None and self.stack.userxattr and not (node.is_dir or stat.S_ISREG(node.st.st_mode)):
-            self.layers.remembered[node.path] = origin  # no user.* xattr on this type: keep it in memory
         try:
-            copyup.build_copy(node.real, node.st, tmp, self.prefix, origin, meta_only, sync=not self.stack.volatile)
-            copyup.install(tmp, upper_parent.real + "/" + name, os.lstat(upper_parent.real))
+            self._build(node, tmp, meta_only)
+            self._install(node, tmp, parent_real, meta_only, started)
         except BaseException:
             copyup.discard(tmp)
             raise
         finally:
             self._changed()
-        if self.events:
-            self.events.emit("copy_up", node.path, layer=node.layer, kind=_kind(node.st.st_mode),
-                             bytes=node.st.st_size if stat.S_ISREG(node.st.st_mode) and not meta_only else 0,
-                             seconds=time.perf_counter() - started, trigger=self._trigger(),
-                             metadata_only=meta_only)
-        if stat.S_ISREG(node.st.st_mode) and not meta_only:
-            self._copied.add((node.st.st_dev, node.st.st_ino))
         return self.layers.resolve_required(node.path)
 
-    def _fill_data(self, node):
-        """The data step of a metadata-only copy-up, at the first open for write or truncate."""
-        self._require_writable(node.path)
-        started = time.perf_counter()
-        size = os.lstat(node.real).st_size
+    def _upper_dir(self, path):
+        """The upper path of merged directory `path`, copied up (with its missing ancestors,
+        from the top down, without recursion) if needed."""
+        missing = []
+        node = self._dir(path)
+        while not node.in_upper:
+            missing.append(node)
+            node = self.layers.resolve_required(parent_of(node.path)[0])
+        real = node.real
+        if missing:
+            try:
+                for node in reversed(missing):
+                    tmp = copyup.temp_name(self.work)
+                    started = time.perf_counter()
+                    try:
+                        self._build(node, tmp)
+                        real = self._install(node, tmp, real, False, started)
+                    except BaseException:
+                        copyup.discard(tmp)
+                        raise
+            finally:
+                self._changed()
+        return real
+
+    def _build(self, node, tmp, meta_only=False):
+        """Build at `tmp` the copy of lower `node`."""
+        origin = self.layers.origin_ino(node.st)
+        if origin is not None and self.stack.userxattr and not (node.is_dir or stat.S_ISREG(node.st.st_mode)):
+            self.layers.remembered[node.path] = origin  # no user.* xattr on this type: keep it in memory
+        copyup.build_copy(node.real, node.st, tmp, self.prefix, origin, meta_only, sync=not self.stack.volatile)
+
+    def _install(self, node, tmp, parent_real, meta_only, started):
+        """Rename the finished copy of `node` into upper directory `parent_real`; returns its upper path."""
+        target = parent_real + "/" + parent_of(node.path)[1]
+        copyup.install(tmp, target, os.lstat(parent_real))
+        regular = stat.S_ISREG(node.st.st_mode)
+        if regular and not meta_only:
+            self._copied.add((node.st.st_dev, node.st.st_ino))
+        if self.events:
+            self.events.emit("copy_up", node.path, layer=node.layer, kind=_kind(node.st.st_mode),
+                             bytes=node.st.st_size if regular and not meta_only else 0,
+                             seconds=time.perf_counter() - started,
+                             trigger=self._trigger(), metadata_only=meta_only)
+        return target
+
+    def _move_data(self, node, op):
+        """Copy the data of regular file `node` into the upper, for operation `op`, without the engine lock.
+
+        A lower file is copied whole into the workdir, then renamed into the
+        upper under the lock if its path still leads to the same lower file. A
+        metadata-only copy gets its data in place, then loses its marker. Either
+        way the upper changes in one step, after the data is synced. Copies of
+        one file wait for each other: the second finds the work done.
+        """
+        fill = node.in_upper
+        with self._object_locks.hold((fill, node.st.st_dev, node.st.st_ino)):
+            with self._locked_for(op):
+                if not _same_object(node, self.layers.resolve(node.path)):
+                    return  # done meanwhile, or the name has changed: the operation looks again
+                if fill:
+                    fd = os.open(node.real, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                else:
+                    tmp = copyup.temp_name(self.work)
+            started = time.perf_counter()
+            if fill:
+                try:
+                    copyup.fill_data(node.data, fd, sync=not self.stack.volatile)
+                    with self._locked_for(op):
+                        self._data_filled(node, fd, started)
+                finally:
+                    os.close(fd)
+                return
+            try:
+                self._build(node, tmp)
+                with self._locked_for(op):
+                    if _same_object(node, self.layers.resolve(node.path)):
+                        try:
+                            self._install(node, tmp, self._upper_dir(parent_of(node.path)[0]), False, started)
+                        finally:
+                            self._changed()
+            finally:
+                copyup.discard(tmp)  # nothing there once installed
+
+    def _data_filled(self, node, fd, started):
+        """The last step of a metadata-only copy's data copy-up: the marker goes, on the inode itself."""
         try:  # the file's times move, as the kernel's data copy-up leaves them
-            copyup.fill_data(node.data, node.real, sync=not self.stack.volatile)
-            os.removexattr(node.real, self.prefix + METACOPY, follow_symlinks=False)
+            os.removexattr(fd, self.prefix + METACOPY)
         finally:
             self._changed()
         data_st = os.lstat(node.data)
         self._copied.add((data_st.st_dev, data_st.st_ino))
         if self.events:
-            self.events.emit("copy_up", node.path, layer=node.parts[-1][0], kind="file", bytes=size,
-                             seconds=time.perf_counter() - started, trigger=self._trigger(), data_only=True)
-        return self.layers.resolve_required(node.path)
+            self.events.emit("copy_up", node.path, layer=node.parts[-1][0], kind="file",
+                             bytes=os.fstat(fd).st_size, seconds=time.perf_counter() - started,
+                             trigger=self._trigger(), data_only=True)
 
     def _trigger(self):
         return TRIGGERS.get(self._op, self._op)
 
+    @contextlib.contextmanager
+    def _locked_for(self, op):
+        """The engine lock, taken again by `_move_data` on behalf of operation `op`."""
+        with self._lock:
+            self._op = op
+            try:
+                yield
+            finally:
+                self._op = None
+
     def _upper_parent(self, path):
         """The upper directory that will hold `path`, copied up if needed; and the name in it."""
         parent_path, name = parent_of(path)
-        return self._copy_up(self._dir(parent_path)), name
+        self._upper_dir(parent_path)
+        return self.layers.resolve_required(parent_path), name
 
     def _whiteout_in_place(self, real):
         """Turn the upper entry at `real` into a whiteout; returns the staging path now holding the entry."""
@@ -270,16 +397,18 @@ class Union:
     def _attrs(self, node):
         st = os.lstat(node.real)  # cached nodes hold where an object is, not its current attributes
         nlink = 1 if node.is_dir and len(node.parts) > 1 else st.st_nlink  # as the kernel does for merged dirs
-        if node.path in self._hidden and node.in_upper:
-            nlink -= 1  # its link in the workdir is no name of the merged view
         attrs = _stat_dict(st, self.layers.ino(node), nlink)
         if node.data is not None:
             attrs["st_blocks"] = os.lstat(node.data).st_blocks  # the blocks are still the lower file's
+        if not node.in_upper and not node.is_dir and st.st_nlink > 1:
+            # A lower hard link: a copy-up will break it, so the kernel overlay gives each of its
+            # names an inode of its own; a FUSE adapter does the same.
+            attrs["lower_link"] = True
         return attrs
 
     def fgetattr(self, handle, path=None):
-        """Attributes of an open file, also once its name is gone; one opened on a lower file
-        that has since been copied up shows the copy, as `read` does."""
+        """Attributes of an open file, also once its name is gone (st_nlink 0 then, as on the kernel);
+        one opened on a lower file that has since been copied up shows the copy, as `read` does."""
         if handle.lower_id is not None and handle.lower_id in self._copied and path is not None:
             self._follow_copy_up(handle, path)
         st = os.fstat(handle.fd)
@@ -288,6 +417,57 @@ class Union:
         except OSError:
             ino = self.layers.map_ino(st)
         return _stat_dict(st, ino, st.st_nlink)
+
+    # Changes through an open file act on the handle's own object, also once its name is gone.
+    # A handle on a lower file first gets a copy of its own (see `_own_copy`): use them on such
+    # a handle only when its name is gone; while it is there, the path's operation copies up.
+    def fchmod(self, handle, mode):
+        os.fchmod(self._own_fd(handle), stat.S_IMODE(mode))
+
+    def fchown(self, handle, uid, gid):
+        """Change owner; -1 leaves a field as it is."""
+        os.fchown(self._own_fd(handle), uid, gid)
+
+    def futimens(self, handle, atime_ns=None, mtime_ns=None):
+        """Set times in ns; None keeps a time as it is (UTIME_OMIT)."""
+        fd = self._own_fd(handle)
+        st = os.fstat(fd)
+        os.utime(fd, ns=(st.st_atime_ns if atime_ns is None else atime_ns,
+                         st.st_mtime_ns if mtime_ns is None else mtime_ns))
+
+    def fsetxattr(self, handle, name, value, flags=0):
+        os.setxattr(self._own_fd(handle), escape_xattr(name, self.prefix), value, flags)
+
+    def fremovexattr(self, handle, name):
+        real_name = escape_xattr(name, self.prefix)
+        os.getxattr(handle.fd, real_name)  # ENODATA before any copy, as the kernel
+        os.removexattr(self._own_fd(handle), real_name)
+
+    def _own_fd(self, handle):
+        if handle.lower_id is not None:
+            self._own_copy(handle)
+        return handle.fd
+
+    def _own_copy(self, handle):
+        """Move a handle on a lower file whose name is gone to a copy of that file in the workdir,
+        whose name goes at once: its descriptor keeps it, as the kernel's overlay keeps the copy-up
+        of an unlinked file, and the workdir stays empty. Needs no engine lock: nothing is shared."""
+        self._require_writable(None)
+        with self._object_locks.hold(("own",) + handle.lower_id):
+            if handle.lower_id is None:
+                return  # another thread did it
+            st = os.fstat(handle.fd)
+            tmp = copyup.temp_name(self.work)
+            try:
+                copyup.build_copy(handle.fd, st, tmp, self.prefix, self.layers.origin_ino(st), sync=False)
+                fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            finally:
+                copyup.discard(tmp)
+            try:
+                os.dup2(fd, handle.fd)
+            finally:
+                os.close(fd)
+            handle.lower_id = None
 
 
     @locked
@@ -374,7 +554,8 @@ class Union:
                                 st.st_mtime_ns if mtime_ns is None else mtime_ns), follow_symlinks=False)
 
     @locked
-    def truncate(self, path, length):
+    def truncate(self, path, length, caller=None):
+        """truncate(2) by `caller` (None: root), who may lose the file's set-id bits (see `_drop_set_id`)."""
         node = self._node(path)
         if node.is_dir:
             raise os_error(errno.EISDIR, path)
@@ -383,6 +564,7 @@ class Union:
         fd = os.open(node.real, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             os.ftruncate(fd, length)
+            _drop_set_id(fd, caller)
         finally:
             os.close(fd)
 
@@ -394,9 +576,10 @@ class Union:
         return os.getxattr(self._node(path).real, escape_xattr(name, self.prefix), follow_symlinks=False)
 
     @locked
-    def listxattr(self, path):
+    def listxattr(self, path, caller=None):
+        """The xattr names; trusted.* ones only for a privileged caller, as the kernel lists them."""
         names = (unescape_xattr(n, self.prefix) for n in os.listxattr(self._node(path).real, follow_symlinks=False))
-        return [n for n in names if n is not None]
+        return [n for n in names if n is not None and (_privileged(caller) or not n.startswith("trusted."))]
 
     @locked
     def setxattr(self, path, name, value, flags=0):
@@ -416,8 +599,9 @@ class Union:
 
     # -- files -----------------------------------------------------------------------------------
     @locked
-    def open(self, path, flags):
-        """Open a file; opening for writing or with O_TRUNC copies it up first. Returns a Handle."""
+    def open(self, path, flags, caller=None):
+        """Open a file for `caller` (None: root); opening for writing or with O_TRUNC copies it up first,
+        and O_TRUNC may drop set-id bits (see `_drop_set_id`). Returns a Handle."""
         node = self._node(path)
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
         if node.is_dir and writing:
@@ -425,8 +609,15 @@ class Union:
         if writing:
             self._require_writable(path)
             node = self._copy_up(node)
-        real_flags = (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)) | os.O_NOFOLLOW | os.O_CLOEXEC
+        # No O_DIRECT: the kernel side of FUSE decides direct I/O, and our buffers are not aligned for it.
+        real_flags = (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT)) | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(node.data or node.real, real_flags)  # a metadata-only copy reads from its lower data
+        if flags & os.O_TRUNC:
+            try:
+                _drop_set_id(fd, caller)
+            except BaseException:
+                os.close(fd)
+                raise
         lower_id = None
         if node.data is not None:
             data_st = os.fstat(fd)
@@ -470,11 +661,25 @@ class Union:
             os.close(fd)
             handle.lower_id = None
 
-    def write(self, handle, data, offset):
-        return os.pwrite(handle.fd, data, offset)
+    def write_fd(self, handle):
+        """The descriptor a write to `handle` goes to, for callers that write it themselves
+        (who then call `wrote`)."""
+        return handle.fd
 
-    def ftruncate(self, handle, length):
+    def wrote(self, handle, caller):
+        """After a write by `caller` through `write_fd`: set-id bits go as with `write`.
+        True when the file's mode changed."""
+        return _drop_set_id(handle.fd, caller)
+
+    def write(self, handle, data, offset, caller=None):
+        """Write at `offset`; by an unprivileged `caller`, set-id bits go as with truncate."""
+        written = os.pwrite(handle.fd, data, offset)
+        _drop_set_id(handle.fd, caller)
+        return written
+
+    def ftruncate(self, handle, length, caller=None):
         os.ftruncate(handle.fd, length)
+        _drop_set_id(handle.fd, caller)
 
     def fsync(self, handle, datasync=False):
         if not self.stack.volatile:
@@ -549,32 +754,10 @@ class Union:
     def unlink(self, path):
         """Remove a non-directory; a name a lower layer has becomes a whiteout."""
         self._require_writable(path)
-        if path in self._hidden:
-            layer, real = self._hidden.pop(path)
-            if layer == 0:
-                os.unlink(real)
-            return
         node = self._node(path)
         if node.is_dir:
             raise os_error(errno.EISDIR, path)
         self._remove(node)
-
-    @locked
-    def hide(self, path, hidden_path):
-        """Unlink an open file but keep it reachable under `hidden_path`, the name the FUSE library
-        picks for it, so that fstat, fchmod and the like go on working, as on the kernel.
-        `unlink(hidden_path)` removes it for good."""
-        self._require_writable(path)
-        node = self._node(path)
-        if node.is_dir:
-            raise os_error(errno.EISDIR, path)
-        if self.layers.resolve(hidden_path) is not None or hidden_path in self._hidden:
-            raise os_error(errno.EEXIST, hidden_path)
-        if node.in_upper:
-            self._hidden[hidden_path] = (0, self._remove(node, keep=True))
-        else:
-            self._remove(node)
-            self._hidden[hidden_path] = (node.layer, node.real)
 
     @locked
     def rmdir(self, path):
@@ -589,8 +772,8 @@ class Union:
             raise os_error(errno.ENOTEMPTY, path)
         self._remove(node)
 
-    def _remove(self, node, keep=False):
-        """Remove `node` from the merged view; with `keep`, move its upper object to the workdir and return that path."""
+    def _remove(self, node):
+        """Remove `node` from the merged view (an open descriptor keeps an upper file alive, unnamed)."""
         self.layers.remembered.pop(node.path, None)
         parent_path, name = parent_of(node.path)
         needs_whiteout = self.layers.lower_positive(self.layers.resolve_required(parent_path), name)
@@ -603,14 +786,12 @@ class Union:
             if node.in_upper:
                 if needs_whiteout:
                     tmp = self._whiteout_in_place(node.real)
-                elif node.is_dir or keep:
+                elif node.is_dir:
                     tmp = copyup.temp_name(self.work)
                     os.rename(node.real, tmp)
                 else:
                     os.unlink(node.real)
-                    return None
-                if keep:
-                    return tmp
+                    return
                 copyup.discard(tmp)
             else:
                 upper_parent, name = self._upper_parent(node.path)
@@ -647,7 +828,7 @@ class Union:
                 raise os_error(errno.ENOENT, new)
             return self._exchange(src, dst)
         if old == new:
-            return
+            return False
         if src.is_dir and (new + "/").startswith(old + "/"):
             raise os_error(errno.EINVAL, new)
         if dst is not None:  # the checks the VFS makes before the overlay is asked
@@ -656,7 +837,7 @@ class Union:
             if dst.is_dir and not src.is_dir:
                 raise os_error(errno.EISDIR, new)
             if src.in_upper and dst.in_upper and os.path.samestat(src.st, dst.st):
-                return  # two links to one file: rename(2) does nothing
+                return False  # two links to one file: rename(2) does nothing
         if not self._can_move(src):
             raise os_error(errno.EXDEV, old)
         if dst is not None and dst.is_dir and self.layers.list_dir(dst):
@@ -763,6 +944,26 @@ class Union:
             rename2(tmp, real, RENAME_EXCHANGE)
         finally:
             copyup.discard(tmp)
+
+
+def _drop_set_id(fd, caller):
+    """What a truncate or write by `caller` does to the file's set-id bits when the caller lacks
+    CAP_FSETID, as Linux 6.x does: S_ISUID goes; S_ISGID goes when group-exec is set or
+    the caller is not in the file's group."""
+    if _privileged(caller):
+        return False
+    st = os.fstat(fd)
+    drop = st.st_mode & stat.S_ISUID
+    if st.st_mode & stat.S_ISGID and (st.st_mode & stat.S_IXGRP or not caller.in_group(st.st_gid)):
+        drop |= stat.S_ISGID
+    if drop:
+        os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~drop)
+    return bool(drop)
+
+
+def _same_object(node, now):
+    """True when `now`, the same path looked up again, is still `node`'s object in the same state."""
+    return now is not None and now.layer == node.layer and os.path.samestat(now.st, node.st) and now.data == node.data
 
 
 def _kind(mode):

@@ -23,7 +23,7 @@ TRIGGERS = {
     "open": "open for write", "create": "create", "truncate": "truncate", "chmod": "chmod", "chown": "chown",
     "utimens": "utimes", "setxattr": "setxattr", "removexattr": "removexattr", "link": "hard link",
     "rename": "rename", "mkdir": "mkdir", "mknod": "mknod", "symlink": "symlink", "unlink": "unlink",
-    "rmdir": "rmdir", "hide": "unlink",
+    "rmdir": "rmdir",
 }
 
 

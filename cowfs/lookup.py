@@ -17,6 +17,7 @@ looked up with lstat, and only directories are descended into.
 """
 
 import dataclasses
+import errno
 import os
 import stat
 
@@ -120,14 +121,14 @@ class Layers:
                 return self.remembered[node.path]
         return self.map_ino(node.st)
 
-    def origin_ino(self, node):
-        """The number to record when `node` (in a lower) is copied up, or None when it must not be kept.
+    def origin_ino(self, st):
+        """The number to record when a lower object with lstat `st` is copied up, or None when it must not be kept.
 
         As in the kernel with index=off, a lower hard link may be broken by copy-up,
         so a lower file with several links does not pass its number on.
         """
-        if node.is_dir or node.st.st_nlink == 1:
-            return self.map_ino(node.st)
+        if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
+            return self.map_ino(st)
         return None
 
     # -- lookup ----------------------------------------------------------------------------------
@@ -138,21 +139,26 @@ class Layers:
         return Node("/", top, real, os.lstat(real), parts)
 
     def resolve(self, path):
-        """The node at merged `path`, or None when nothing is there. Raises ENOTDIR through a non-directory."""
-        cached = self._cache.get(path, False)
-        if cached is not False:
-            return cached
-        if path == "/":
-            node = self.root()
-        else:
-            parent_path, name = parent_of(path)
-            parent = self.resolve(parent_path)
-            if parent is None:
-                node = None
-            elif not parent.is_dir:
-                raise os_error(20, path)  # ENOTDIR
-            else:
-                node = self.child(parent, name)
+        """The node at merged `path`, or None when nothing is there. Raises ENOTDIR through a non-directory.
+
+        Walks down from the nearest cached ancestor, without recursion: paths may be thousands deep."""
+        below = []  # the paths to look up, deepest first
+        node = self._cache.get(path, False)
+        while node is False and path != "/":
+            below.append(path)
+            path = parent_of(path)[0]
+            node = self._cache.get(path, False)
+        if node is False:
+            node = self._keep("/", self.root())
+        for path in reversed(below):
+            if node is not None:
+                if not node.is_dir:
+                    raise os_error(20, path)  # ENOTDIR
+                node = self.child(node, parent_of(path)[1])
+            self._keep(path, node)
+        return node
+
+    def _keep(self, path, node):
         if len(self._cache) >= self.CACHE_LIMIT:
             self._cache = {}
         self._cache[path] = node
@@ -191,7 +197,7 @@ class Layers:
     @staticmethod
     def _check_redirect(redirect, path):
         """Refuse a redirect that would leave the layers, as the kernel does."""
-        if not redirect.startswith("/") and "/" in redirect:
+        if not redirect or (not redirect.startswith("/") and "/" in redirect):
             raise os_error(22, path)  # EINVAL: a relative redirect is one name
         if any(c in ("", ".", "..") for c in redirect.strip("/").split("/")):
             raise os_error(13, path)  # EACCES, as the kernel's lookup of "." or ".."
@@ -273,10 +279,12 @@ class Layers:
             found.append((layer, rel, real, st))
             if self._oci_deleted(layer, rel) or self._opaque(layer, real):
                 break
-            if self.follow_redirects and layer < len(self.roots) - 1:
+            if layer < len(self.roots) - 1:  # the bottom layer's redirects lead nowhere: never read
                 redirect = get_marker(real, self.prefix, REDIRECT)
-                if redirect:
+                if redirect is not None:
                     self._check_redirect(redirect, join(parent.path, name))
+                    if not self.follow_redirects:  # the kernel logs "refusing to follow redirect"
+                        raise os_error(errno.EPERM, join(parent.path, name))
                     redirect_seen = redirect
                     walk.send(redirect)
         if not found:
