@@ -1,515 +1,709 @@
-"""The FUSE adapter: a thin mfusepy (libfuse 3) layer that maps each call to the engine and owns the open file handles.
+"""The FUSE adapter: libfuse 3's low-level requests mapped to the engine; it owns node ids and open handles.
 
-No overlay logic lives here. Errors are translated in one place,
-`CowfsFUSE._wrapper`: an OSError becomes its errno; anything unexpected is
+No overlay logic lives here. Every request is answered exactly once, by the
+wrapper in `_request`: an OSError becomes its errno; anything unexpected is
 logged with its traceback and answered with EIO, never silently.
 
-libfuse 3 and not fusepy's libfuse 2, because the kernel may cache
-attributes only if it can be told when they change (`KernelCache`), and
-because renameat2 flags reach us only through libfuse 3.
+Nothing here waits on the kernel while serving a request. The one
+notification that can wait (dropping a cached name, which takes the
+directory's lock in the kernel) goes through `Notifier`'s own thread; the
+attribute-only invalidation a request may send takes no lock the kernel
+could be holding for another request, so it cannot deadlock.
 """
 
+import contextlib
 import ctypes
 import errno
-import itertools
+import functools
 import logging
 import os
-import re
-import stat
+import queue
+import signal
 import threading
 import time
 
-_choice = os.environ.get("FUSE_LIBRARY_NAME")
-os.environ["FUSE_LIBRARY_NAME"] = "fuse3"  # mfusepy would take libfuse 2 when both are installed
-try:
-    import mfusepy as fuse
-finally:
-    if _choice is None:
-        del os.environ["FUSE_LIBRARY_NAME"]
-    else:
-        os.environ["FUSE_LIBRARY_NAME"] = _choice
-if fuse.fuse_version_major != 3:
-    raise ImportError(f"cowfs needs libfuse 3, found {fuse._libfuse._name} (install fuse3)")
-
-from .lookup import join, renamed_paths
+from . import libfuse as ll
+from .engine import Caller
+from .inodes import InodeTable, identity as _identity
 from .syscalls import RENAME_EXCHANGE
 
 log = logging.getLogger("cowfs")
 
-# libfuse (without hard_remove) renames an open file it is asked to unlink to this name
-# ("%08x%08x" of node id and a counter), and unlinks that name at the last close.
-LIBFUSE_HIDDEN = re.compile(r"\.fuse_hidden[0-9a-f]{16}")
-
-UTIME_NOW = (1 << 30) - 1
-UTIME_OMIT = (1 << 30) - 2
-
 # How long the kernel may keep names and attributes without asking again. Every change made
-# through the mount either updates the kernel's copy itself or is announced by KernelCache.
+# through the mount either updates the kernel's copy itself or is announced (`_settle`).
 ENTRY_TIMEOUT = 1.0
 ATTR_TIMEOUT = 1.0
-
-_invalidate_path = fuse._libfuse.fuse_invalidate_path
-_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-_invalidate_path.restype = ctypes.c_int
-
-
-class KernelCache:
-    """Tells the kernel which cached attributes a change made stale, where it cannot know itself.
-
-    libfuse's path-based API gives every name its own kernel inode, so when one
-    name of a hard-linked file changes the file (write, chmod, link, unlink...),
-    the kernel's inodes for its other names keep old attributes. This keeps, for
-    files seen with more than one link, the names the kernel knows, and
-    invalidates the others after each change. A copy-up may also change what a
-    stat shows (st_ino and st_nlink of a hard-linked lower file, st_nlink of a
-    directory that becomes merged), so each copied-up path is invalidated too.
-    """
-
-    def __init__(self):
-        self.fuse = None  # struct fuse *, known from init on
-        self._lock = threading.Lock()
-        self._names = {}  # st_ino -> set of merged paths, for files seen with st_nlink > 1
-        self._ino = {}    # merged path -> st_ino, the inverse
-        self._pending = threading.local()  # paths copied up by the request this thread serves
-
-    def invalidate(self, path):
-        if self.fuse is not None:
-            _invalidate_path(self.fuse, path.encode("utf-8", "surrogateescape"))  # -ENOENT when not cached
-
-    def seen(self, path, attrs):
-        """Remember `path` if it is one name of a hard-linked file."""
-        if path is None or (attrs["st_nlink"] < 2 and path not in self._ino) or stat.S_ISDIR(attrs["st_mode"]):
-            return
-        ino = attrs["st_ino"]
-        with self._lock:
-            old = self._ino.get(path)
-            if old == ino:
-                return
-            if old is not None:
-                self._names[old].discard(path)
-            self._ino[path] = ino
-            self._names.setdefault(ino, set()).add(path)
-
-    def changed(self, path, *, keep=None):
-        """The file at `path` changed: invalidate its other names (and `path` itself unless it is `keep`)."""
-        self.changed_ino(self._ino.get(path), keep)
-
-    def changed_ino(self, ino, keep):
-        if ino in self._names:
-            with self._lock:
-                names = [name for name in self._names[ino] if name != keep]
-            for name in names:
-                self.invalidate(name)
-
-    def ino_of(self, path):
-        return self._ino.get(path)
-
-    def forget(self, path):
-        """`path` no longer names its file: invalidate the file's other names, which lost a link."""
-        with self._lock:
-            ino = self._ino.pop(path, None)
-            if ino is None:
-                return
-            names = self._names.get(ino, set())
-            names.discard(path)
-            if not names:
-                self._names.pop(ino, None)
-            rest = list(names)
-        for name in rest:
-            self.invalidate(name)
-
-    def moved(self, old, new, exchange=False):
-        """Rename the remembered paths at and under `old` (swap with `new` on exchange)."""
-        with self._lock:
-            moves = renamed_paths(list(self._ino), old, new, exchange)
-            taken = {p: self._ino.pop(p) for p, _ in moves}
-            for p, q in moves:
-                ino = taken[p]
-                names = self._names[ino]
-                names.discard(p)
-                names.add(q)
-                self._ino[q] = ino
-
-    def on_event(self, event):
-        """A copy-up may change what stat shows: invalidate the path once the engine lets go of its lock."""
-        if event["event"] == "copy_up":  # at open or truncate, never inside a write
-            self._pending.__dict__.setdefault("paths", []).append(event["path"])
-
-    def flush(self):
-        """Send the invalidations the engine's events asked for in this thread (before the reply goes out)."""
-        paths = self._pending.__dict__.pop("paths", None)
-        if paths:
-            for path in paths:
-                self.invalidate(path)
+NEGATIVE_TIMEOUT = 1.0
+THREADS = 10
+RETRIES = 10  # of an operation whose path a concurrent rename made out of date
+MOVE_WAIT = 5.0  # seconds to wait for a rename or removal to finish before retrying
 
 
-class CowfsFUSE(fuse.FUSE):
-    """mfusepy's FUSE with cowfs's error translation, raw utimens timespecs and renameat2 flags."""
+class Notifier:
+    """Sends the kernel the notifications that may wait on its locks, from a thread of its own."""
 
-    def _wrapper(self, func, *args, **kwargs):
-        thread = threading.get_native_id()
-        if thread not in _PINNED:
-            _pin_thread_state(thread)
+    def __init__(self, session):
+        self._session = session
+        self._queue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="cowfs-notifier", daemon=True)
+        self._thread.start()
+
+    def forget_name(self, parent_id, name):
+        self._queue.put((parent_id, os.fsencode(name)))
+
+    def stop(self):
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+    def _run(self):
+        while (item := self._queue.get()) is not None:
+            parent_id, name = item
+            ll.notify_inval_entry(self._session, parent_id, name, len(name))  # -ENOENT when not cached
+
+
+class Open:
+    """An open file: the engine's handle, its inode, and how many threads borrow it right now."""
+
+    __slots__ = ("handle", "inode", "uses", "released")
+
+    def __init__(self, handle, inode):
+        self.handle, self.inode, self.uses, self.released = handle, inode, 0, False
+
+
+class Reply:
+    """What a request answers, sent by the wrapper after the engine is done; `undo` runs if the kernel
+    never got it (an interrupted request), so no lookup is counted that the kernel does not hold."""
+
+    __slots__ = ("send", "args", "undo")
+
+    def __init__(self, send, *args, undo=None):
+        self.send, self.args, self.undo = send, args, undo
+
+
+OK = Reply(ll.reply_err, 0)
+
+
+def _request(method):
+    """Wrap an operation into a libfuse callback that always answers exactly once."""
+    @functools.wraps(method)
+    def callback(self, req, *args):
+        ll.pin_thread_state()
+        self._pending.paths = []
         try:
-            return func(*args, **kwargs) or 0
+            reply = method(self, req, *args)
         except OSError as e:
-            return -(e.errno if isinstance(e.errno, int) and e.errno > 0 else errno.EIO)
+            reply = Reply(ll.reply_err, e.errno if isinstance(e.errno, int) and e.errno > 0 else errno.EIO)
         except Exception:
-            log.exception("cowfs: unexpected failure in %s", func.__name__)
-            return -errno.EIO
-        except BaseException as e:  # mfusepy stops the session and re-raises it after the loop
-            return super()._wrapper(_reraise, e)
-        finally:
-            self.operations.cache.flush()  # outside the engine's lock, before the kernel hears back
-
-    def readdir_fuse_3(self, path, buf, filler, offset, fip, flags):
-        """Entries with their offsets (so libfuse does not buffer the listing again), and, when the
-        kernel asks for readdirplus, with their attributes, which saves it a LOOKUP per entry."""
-        directory = path.decode(self.encoding, self.errors)
-        ops = self.operations
-        entries, plus = ops.readdir(directory, fip.contents.fh, offset, bool(flags & FUSE_READDIR_PLUS))
-        short, full = fuse.c_stat(), fuse.c_stat()  # only st_ino and st_mode / everything
-        short_ref, full_ref = ctypes.byref(short), ctypes.byref(full)
-        for index in range(offset, len(entries)):
-            name, encoded, ino, mode = entries[index]
-            attrs = ops.entry_attrs(directory, name) if plus and index > 1 else None  # not "." and ".."
-            if attrs is not None:
-                _fill_stat(full, attrs)
-                done = filler(buf, encoded, full_ref, index + 1, FUSE_FILL_DIR_PLUS)
-            else:
-                short.st_ino, short.st_mode = ino, mode
-                done = filler(buf, encoded, short_ref, index + 1, 0)
-            if done:
-                break  # the kernel's buffer is full; it asks again from this offset
-        return 0
-
-    def read_buf(self, path, bufpp, size, offset, fip):
-        """Reads by descriptor: libfuse reads the data itself, and none of it passes through Python."""
-        fd = self.operations.read_buf(None if path is None else path.decode(self.encoding, self.errors),
-                                      None, size, offset, fip.contents)
-        vec = _libc.calloc(1, _BUFVEC_ALLOC)  # libfuse frees it with free()
-        if not vec:
-            return -errno.ENOMEM
-        bufvec = _FuseBufvec.from_address(vec)
-        bufvec.count = 1
-        bufvec.buf[0].size = size
-        bufvec.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK
-        bufvec.buf[0].fd = fd
-        bufvec.buf[0].pos = offset
-        ctypes.cast(bufpp, ctypes.POINTER(ctypes.c_void_p))[0] = vec
-        return 0
-
-    def getattr_fuse_3(self, path, buf, fip):
-        fh = fip.contents if fip else None
-        decoded = None if path is None else path.decode(self.encoding, self.errors)
-        _fill_stat(buf.contents, self.operations.getattr(decoded, fh))
-        return 0
-
-    def utimens_fuse_3(self, path, buf, fip):
-        times = None
-        if buf:
-            times = tuple((ts.tv_sec, ts.tv_nsec) for ts in (buf.contents.actime, buf.contents.modtime))
-        return self.operations.utimens(None if path is None else path.decode(self.encoding, self.errors), times)
-
-    def rename_fuse_3(self, old, new, flags):
-        return self.operations.rename(old.decode(self.encoding, self.errors),
-                                      new.decode(self.encoding, self.errors), flags)
+            log.exception("cowfs: unexpected failure in %s", method.__name__)
+            reply = Reply(ll.reply_err, errno.EIO)
+        try:
+            self._settle()  # a failed operation may have copied something up all the same
+        except Exception:
+            log.exception("cowfs: unexpected failure after %s", method.__name__)
+        if reply.send(req, *reply.args) != 0 and reply.undo is not None:
+            reply.undo()
+    return callback
 
 
-# libfuse calls us from its own worker threads. For such a thread, each ctypes callback makes a new
-# Python thread state and throws it away on return, which costs more than the rest of a GETATTR. One
-# PyGILState_Ensure that is never released keeps the thread's state alive across callbacks.
-_PINNED = set()
-_gil_ensure = ctypes.pythonapi.PyGILState_Ensure
-_gil_ensure.restype = ctypes.c_int
+def _name(raw):
+    return os.fsdecode(raw)
 
 
-def _pin_thread_state(thread):
-    _gil_ensure()
-    _PINNED.add(thread)
-
-
-class _FuseBuf(ctypes.Structure):  # struct fuse_buf (libfuse 3)
-    _fields_ = [("size", ctypes.c_size_t), ("flags", ctypes.c_int), ("mem", ctypes.c_void_p),
-                ("fd", ctypes.c_int), ("pos", ctypes.c_int64)]
-
-
-class _FuseBufvec(ctypes.Structure):  # struct fuse_bufvec with its one inline buffer
-    _fields_ = [("count", ctypes.c_size_t), ("idx", ctypes.c_size_t), ("off", ctypes.c_size_t),
-                ("buf", _FuseBuf * 1)]
-
-
-FUSE_BUF_IS_FD, FUSE_BUF_FD_SEEK = 1 << 1, 1 << 2
-_BUFVEC_ALLOC = 2 * ctypes.sizeof(_FuseBufvec)  # room for fields later libfuse versions append, left zero
-_libc = ctypes.CDLL(None)
-_libc.calloc.restype = ctypes.c_void_p
-_libc.calloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
-
-
-def _fill_stat(st, attrs):
-    """Every field of `st` from the engine's attribute dict (times in ns); faster than mfusepy's generic loop."""
-    st.st_mode, st.st_ino, st.st_nlink = attrs["st_mode"], attrs["st_ino"], attrs["st_nlink"]
-    st.st_uid, st.st_gid, st.st_rdev = attrs["st_uid"], attrs["st_gid"], attrs["st_rdev"]
-    st.st_size, st.st_blocks, st.st_blksize = attrs["st_size"], attrs["st_blocks"], attrs["st_blksize"]
-    st.st_atimespec.tv_sec, st.st_atimespec.tv_nsec = divmod(attrs["st_atime"], 1_000_000_000)
-    st.st_mtimespec.tv_sec, st.st_mtimespec.tv_nsec = divmod(attrs["st_mtime"], 1_000_000_000)
-    st.st_ctimespec.tv_sec, st.st_ctimespec.tv_nsec = divmod(attrs["st_ctime"], 1_000_000_000)
-
-
-def _reraise(e):
-    raise e
-
-
-def _time_ns(ts):
-    sec, nsec = ts
-    if nsec == UTIME_OMIT:
-        return None
-    if nsec == UTIME_NOW:
-        return time.time_ns()
-    return sec * 10**9 + nsec
-
-
-class CowfsOperations(fuse.Operations):
-    """mfusepy operations over a `Union` engine (raw_fi mode: open flags and fh come in fuse_file_info)."""
-
-    use_ns = True
+class CowfsOperations:
+    """The low-level operations over a `Union` engine."""
 
     def __init__(self, union, on_ready=None):
         self.union = union
         self.on_ready = on_ready
-        self.handles = {}
-        self.cache = KernelCache()
-        self._handle_ino = {}  # fd -> st_ino, for files open under a hard-linked name
-        self._listings = {}  # open directory handle -> its entries, read at offset 0
-        self._plus_sent = {}  # directory -> when its entries last went out with their attributes
-        self._encoded = {}  # directory -> (engine listing, its entries with names encoded once)
-        self._dir_handles = itertools.count(1)  # next() is atomic: libfuse opens directories in many threads
+        self.table = InodeTable()
+        self.handles = {}  # fh -> Open
+        self.listings = {}  # directory fh -> its entries, read at offset 0
+        self._fhs = iter(range(1, 1 << 62))  # next() is atomic under the GIL
+        self._pending = threading.local()  # paths copied up by the request this thread serves
+        self.notifier = None
+        self.session = None
+        union.events.subscribe(self._on_event)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _on_event(self, event):
+        if event["event"] == "copy_up":
+            paths = getattr(self._pending, "paths", None)
+            if paths is not None:
+                paths.append(event["path"])
+
+    def _settle(self):
+        """After a copy-up, the kernel's inode for that name may hold old attributes (st_nlink of a
+        directory that became merged), or the name may now be another object (a broken hard link)."""
+        paths, self._pending.paths = self._pending.paths, []
+        for path in paths:
+            inode = self.table.at_path(path)
+            if inode is None:
+                continue
+            parent_path, _, name = path.rpartition("/")
+            parent = self.table.at_path(parent_path or "/")
+            try:
+                attrs = self.union.getattr(path)
+            except OSError:
+                continue
+            if parent is not None and self.table.changed(inode, parent, name, attrs):
+                self.notifier.forget_name(parent.id, name)
+            else:
+                ll.notify_inval_inode(self.session, inode.id, -1, 0)  # attributes only: never waits
+
+    def _at(self, inode, operation, name=None, same=None):
+        """Run `operation(path)` on the merged path of `inode` (or of `name` in it).
+
+        A rename or removal racing with it can make the path out of date; then
+        it runs again on the new one, once the move is done. With `same`, an
+        answer about another object than `same` (attributes with another
+        identity) counts as out of date too."""
+        for _ in range(RETRIES):
+            generation = self.table.generation
+            path = self.table.path(inode) if name is None else self.table.child_path(inode, name)
+            try:
+                result = operation(path)
+            except (FileNotFoundError, NotADirectoryError):
+                if not self.table.settled(generation, MOVE_WAIT):
+                    raise
+                continue
+            if same is None or path is None or same.key is None or _identity(result) == same.key[:2]:
+                return result
+            if not self.table.settled(generation, MOVE_WAIT):
+                if _identity(result)[1] == same.key[1]:
+                    return result  # the same kind of object: a copy-up may have given it a new number
+                # another type: answering with it would make the kernel take its inode for a bad one
+                raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+
+    def _entry(self, parent, name, attrs):
+        """The answer to a lookup: `name` in `parent` is the object with `attrs`."""
+        inode = self.table.found(parent, name, attrs)
+        return Reply(ll.reply_entry, ctypes.byref(_entry_param(inode, attrs)), undo=lambda: self.table.forget(inode, 1))
+
+    def _attrs(self, inode, path, handle=None):
+        """Attributes by name, or through an open handle once the name is gone."""
+        if path is not None:
+            return self.union.getattr(path)
+        if handle is not None:
+            return self.union.fgetattr(handle, None)
+        with self._borrowed(inode) as handle:
+            return self.union.fgetattr(handle, None)
+
+    @contextlib.contextmanager
+    def _borrowed(self, inode):
+        """One of the open handles of `inode` (whose name is gone), kept open while it is used:
+        another thread may be releasing it, and a closed descriptor's number is soon another file's."""
+        with self.table.lock:
+            opened = next((self.handles[fh] for fh in inode.handles
+                           if fh in self.handles and not self.handles[fh].released), None)
+            if opened is None:
+                raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+            opened.uses += 1
+        try:
+            yield opened.handle
+        finally:
+            with self.table.lock:
+                opened.uses -= 1
+                close = opened.released and not opened.uses
+            if close:
+                self.union.release(opened.handle)
+
+    def _handle(self, fi, required=True):
+        """The handle a request came with (the kernel keeps it open until the request is answered)."""
+        opened = self.handles.get(fi.contents.fh) if fi else None
+        if opened is None:
+            if required:
+                raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+            return None
+        return opened.handle
 
     @staticmethod
-    def _owner():
-        uid, gid, _pid = fuse.fuse_get_context()
-        return uid, gid
+    def _caller(req):
+        ctx = ll.req_ctx(req).contents
+        return Caller(ctx.uid, ctx.gid, _Groups(req))
 
     @staticmethod
-    def _umask():
-        return fuse._libfuse.fuse_get_context().contents.umask  # passed to us, not applied (DONT_MASK)
+    def _umask(req):
+        return ll.req_ctx(req).contents.umask
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def init_with_config(self, conn, config):
-        config.use_ino = 1
-        config.entry_timeout = ENTRY_TIMEOUT
-        config.negative_timeout = ENTRY_TIMEOUT
-        config.attr_timeout = ATTR_TIMEOUT
-        config.auto_cache = 1  # keep a file's pages across opens while its mtime and size stay the same
-        if conn.capable & FUSE_CAP_POSIX_ACL:
-            # the kernel checks and caches POSIX ACLs, as it does for the kernel overlay, instead of
-            # asking us for system.posix_acl_access on every ls -l
-            conn.want |= FUSE_CAP_POSIX_ACL
-        if conn.capable & FUSE_CAP_DONT_MASK:
-            conn.want |= FUSE_CAP_DONT_MASK  # the umask must not apply under a default ACL
-        self.cache.fuse = fuse._libfuse.fuse_get_context().contents.fuse
-        self.union.events.subscribe(self.cache.on_event)
+    def init(self, userdata, conn):
+        ll.pin_thread_state()
+        conn = conn.contents
+        for cap in (ll.CAP_POSIX_ACL, ll.CAP_DONT_MASK):
+            # the kernel checks and caches POSIX ACLs, as it does for the kernel overlay; the umask is
+            # applied here, since it must not apply under a default ACL
+            if conn.capable & cap:
+                conn.want |= cap
+        conn.want &= ~(ll.CAP_SPLICE_READ | ll.CAP_SPLICE_WRITE | ll.CAP_SPLICE_MOVE)
         if self.on_ready is not None:
             self.on_ready()
 
-    def destroy(self, path):
-        self.union.events.unsubscribe(self.cache.on_event)
-        for handle in list(self.handles.values()):
-            self.union.release(handle)
+    def destroy(self, userdata):
+        ll.pin_thread_state()
+        self.close()
+
+    def close(self):
+        """Release every handle and the workdir; the mount is gone."""
+        for opened in list(self.handles.values()):
+            self.union.release(opened.handle)
         self.handles.clear()
         self.union.close()
 
-    # -- attributes and names --------------------------------------------------------------------
-    def getattr(self, path, fh=None):
-        if fh is not None and fh.fh in self.handles:
-            return self.union.fgetattr(self.handles[fh.fh], path)
-        attrs = self.union.getattr(path)
-        self.cache.seen(path, attrs)
-        return attrs
-
-    def opendir(self, path):
-        return next(self._dir_handles)  # the listing is read at the first readdir
-
-    def releasedir(self, path, fh):
-        self._listings.pop(fh, None)
-        return 0
-
-    def readdir(self, path, fh, offset=0, plus=False):
-        """The open directory's entries [(name, name as bytes, st_ino, type bits)], read at offset 0,
-        and whether to send them with their attributes (readdirplus)."""
-        if offset == 0 or fh not in self._listings:
-            now = time.monotonic()
-            if plus and now - self._plus_sent.get(path, -ENTRY_TIMEOUT) < ENTRY_TIMEOUT:
-                plus = False  # the kernel still holds what the last readdirplus of this directory gave it
-            if plus:
-                if len(self._plus_sent) >= 4096:
-                    self._plus_sent.clear()  # only a hint: forgetting costs one more full listing
-                self._plus_sent[path] = now
-            listing = self.union.readdir(path)  # the same list object while the engine keeps it
-            encoded = self._encoded.get(path)
-            if encoded is None or encoded[0] is not listing:
-                if len(self._encoded) >= 4096:
-                    self._encoded.clear()
-                encoded = self._encoded[path] = (listing, [(name, os.fsencode(name), ino, mode)
-                                                           for name, ino, mode in listing])
-            self._listings[fh] = (encoded[1], plus)
-        return self._listings[fh]
-
-    def entry_attrs(self, directory, name):
-        """getattr of one listed entry, at the moment it is sent (None if it has gone since)."""
-        path = join(directory, name)
+    # -- names -----------------------------------------------------------------------------------
+    @_request
+    def lookup(self, req, parent_id, name):
+        parent, name = self.table.get(parent_id), _name(name)
         try:
-            attrs = self.union.getattr(path)
-        except OSError:
-            return None
-        self.cache.seen(path, attrs)
-        return attrs
+            attrs = self._at(parent, self.union.getattr, name)
+        except FileNotFoundError:
+            e = ll.EntryParam(ino=0, entry_timeout=NEGATIVE_TIMEOUT)  # the kernel caches the absence
+            return Reply(ll.reply_entry, ctypes.byref(e))
+        return self._entry(parent, name, attrs)
 
-    def readlink(self, path):
-        return self.union.readlink(path)
+    def forget(self, req, node_id, count):
+        ll.pin_thread_state()
+        self.table.forget_id(node_id, count)
+        ll.reply_none(req)
 
-    def access(self, path, amode):
-        return self.union.access(path, amode)
+    def forget_multi(self, req, count, forgets):
+        ll.pin_thread_state()
+        for i in range(count):
+            self.table.forget_id(forgets[i].ino, forgets[i].nlookup)
+        ll.reply_none(req)
 
-    def statfs(self, path):
-        return self.union.statfs()
+    @_request
+    def getattr(self, req, node_id, fi):
+        inode = self.table.get(node_id)
+        handle = self._handle(fi, required=False)
+        return _attr_reply(self._at(inode, lambda path: self._attrs(inode, path, handle), same=inode))
 
-    def chmod(self, path, mode):
-        self.union.chmod(path, mode)
-        self.cache.changed(path, keep=path)
+    @_request
+    def setattr(self, req, node_id, attr, to_set, fi):
+        inode = self.table.get(node_id)
+        given = self._handle(fi, required=False)
+        caller = self._caller(req)
+        a = attr.contents
+        u = self.union
 
-    def chown(self, path, uid, gid):
-        self.union.chown(path, uid, gid)
-        self.cache.changed(path, keep=path)
+        def apply(path, handle):
+            """Owner before mode: a chown of a set-id file asks for both (the kernel drops the set-id
+            bits), and chown on the upper drops them itself, so a crash between the two steps leaves
+            the file as after the change, never half-way. Then size and times."""
+            if to_set & (ll.SET_ATTR_UID | ll.SET_ATTR_GID):
+                owner = (a.st_uid if to_set & ll.SET_ATTR_UID else -1, a.st_gid if to_set & ll.SET_ATTR_GID else -1)
+                u.chown(path, *owner) if path is not None else u.fchown(handle, *owner)
+            if to_set & ll.SET_ATTR_MODE:
+                u.chmod(path, a.st_mode) if path is not None else u.fchmod(handle, a.st_mode)
+            if to_set & ll.SET_ATTR_SIZE:
+                if handle is not None:
+                    u.ftruncate(handle, a.st_size, caller)
+                else:
+                    u.truncate(path, a.st_size, caller)
+            if to_set & (ll.SET_ATTR_ATIME | ll.SET_ATTR_MTIME):
+                now = time.time_ns()
+                atime = _when(to_set, ll.SET_ATTR_ATIME, ll.SET_ATTR_ATIME_NOW, a.st_atimespec, now)
+                mtime = _when(to_set, ll.SET_ATTR_MTIME, ll.SET_ATTR_MTIME_NOW, a.st_mtimespec, now)
+                u.utimens(path, atime, mtime) if path is not None else u.futimens(handle, atime, mtime)
+            return self._attrs(inode, path, handle)
+        return _attr_reply(self._at(inode, lambda path: self._on_object(inode, path, given, apply)))
 
-    def utimens(self, path, times=None):
-        if times is None:
-            now = time.time_ns()
-            self.union.utimens(path, now, now)
-        else:
-            self.union.utimens(path, _time_ns(times[0]), _time_ns(times[1]))
-        self.cache.changed(path, keep=path)
+    def _on_object(self, inode, path, handle, operation):
+        """`operation(path, handle)`, through a borrowed handle when the name is gone and the request
+        brought none."""
+        if path is not None or handle is not None:
+            return operation(path, handle)
+        with self._borrowed(inode) as borrowed:
+            return operation(None, borrowed)
 
-    def truncate(self, path, length, fh=None):
-        if fh is not None and fh.fh in self.handles:
-            self.union.ftruncate(self.handles[fh.fh], length)
-            self.cache.changed_ino(self._handle_ino.get(fh.fh), keep=path)
-        else:
-            self.union.truncate(path, length)
-            self.cache.changed(path, keep=path)
+    @_request
+    def readlink(self, req, node_id):
+        inode = self.table.get(node_id)
+        return Reply(ll.reply_readlink, os.fsencode(self._at(inode, lambda path: self.union.readlink(_named(path)))))
 
-    def mkdir(self, path, mode):
-        return self.union.mkdir(path, mode, self._owner(), self._umask())
+    def _create_entry(self, parent_id, name, make):
+        """mknod, mkdir, symlink, link: make the object at the new path, then answer as a lookup would."""
+        parent, name = self.table.get(parent_id), _name(name)
 
-    def mknod(self, path, mode, dev):
-        return self.union.mknod(path, mode, dev, self._owner(), self._umask())
+        def create(path):
+            make(path)
+            return self.union.getattr(path)
+        return self._entry(parent, name, self._at(parent, create, name))
 
-    def symlink(self, target, source):
-        return self.union.symlink(target, source, self._owner())
+    @_request
+    def mknod(self, req, parent_id, name, mode, rdev):
+        caller = self._caller(req)
+        return self._create_entry(parent_id, name, lambda path: self.union.mknod(
+            path, mode, rdev, (caller.uid, caller.gid), self._umask(req)))
 
-    def link(self, target, source):
-        self.union.link(source, target)
-        self.cache.changed(source, keep=source)
-        self.cache.invalidate(source)  # its st_nlink grew
+    @_request
+    def mkdir(self, req, parent_id, name, mode):
+        caller = self._caller(req)
+        return self._create_entry(parent_id, name, lambda path: self.union.mkdir(
+            path, mode, (caller.uid, caller.gid), self._umask(req)))
 
-    def unlink(self, path):
-        self.union.unlink(path)
-        self.cache.forget(path)
+    @_request
+    def symlink(self, req, target, parent_id, name):
+        caller = self._caller(req)
+        return self._create_entry(parent_id, name, lambda path: self.union.symlink(
+            path, os.fsdecode(target), (caller.uid, caller.gid)))
 
-    def rmdir(self, path):
-        return self.union.rmdir(path)
+    @_request
+    def link(self, req, node_id, parent_id, name):
+        inode = self.table.get(node_id)
+        return self._create_entry(parent_id, name, lambda path: self.union.link(
+            _named(self.table.path(inode)), path))
 
-    def rename(self, old, new, flags=0):
-        if LIBFUSE_HIDDEN.fullmatch(os.path.basename(new)):
-            self.union.hide(old, new)
-            self.cache.moved(old, new)
-            return
-        exchange = bool(flags & RENAME_EXCHANGE)
-        self.union.rename(old, new, flags)
-        if not exchange:
-            self.cache.forget(new)  # a file replaced there lost a name
-        self.cache.moved(old, new, exchange)
+    @_request
+    def unlink(self, req, parent_id, name):
+        return self._remove(parent_id, name, self.union.unlink)
 
-    # -- xattrs ----------------------------------------------------------------------------------
-    def getxattr(self, path, name, position=0):
-        return self.union.getxattr(path, name)
+    @_request
+    def rmdir(self, req, parent_id, name):
+        return self._remove(parent_id, name, self.union.rmdir)
 
-    def listxattr(self, path):
-        return self.union.listxattr(path)
+    def _remove(self, parent_id, name, remove):
+        parent, name = self.table.get(parent_id), _name(name)
+        with self.table.moving_names():
+            self._at(parent, remove, name)
+            self.table.removed(parent, name)
+        return OK
 
-    def setxattr(self, path, name, value, options, position=0):
-        self.union.setxattr(path, name, value, options)
-        self.cache.changed(path, keep=path)
+    @_request
+    def rename(self, req, parent_id, name, new_parent_id, new_name, flags):
+        parent, new_parent = self.table.get(parent_id), self.table.get(new_parent_id)
+        name, new_name = _name(name), _name(new_name)
+        with self.table.moving_names():
+            new = self.table.child_path(new_parent, new_name)
+            if self._at(parent, lambda old: self.union.rename(old, new, flags), name) is not False:
+                self.table.renamed(parent, name, new_parent, new_name, exchange=bool(flags & RENAME_EXCHANGE))
+                self._pending.paths.append(new)  # a lower hard link moved is a copy now (see _settle)
+        return OK
 
-    def removexattr(self, path, name):
-        self.union.removexattr(path, name)
-        self.cache.changed(path, keep=path)
+    # -- attributes of the filesystem, xattrs ----------------------------------------------------
+    @_request
+    def statfs(self, req, node_id):
+        sv = ll.StatVfs()
+        for key, value in self.union.statfs().items():
+            setattr(sv, key, value)
+        return Reply(ll.reply_statfs, ctypes.byref(sv))
 
-    # -- open files ------------------------------------------------------------------------------
-    def _keep(self, path, fi, handle):
-        self.handles[handle.fd] = handle
-        fi.fh = handle.fd
-        ino = self.cache.ino_of(path)
-        if ino is not None:
-            self._handle_ino[handle.fd] = ino
-        return 0
+    @_request
+    def access(self, req, node_id, mask):
+        self._at(self.table.get(node_id), lambda path: self.union.access(_named(path), mask))
+        return OK
 
-    def open(self, path, fi):
-        handle = self.union.open(path, fi.flags)
-        if fi.flags & os.O_TRUNC:
-            self.cache.changed(path, keep=path)
-        return self._keep(path, fi, handle)
+    @_request
+    def setxattr(self, req, node_id, name, value, size, flags):
+        inode, name = self.table.get(node_id), _name(name)
+        data = ctypes.string_at(value, size)
 
-    def create(self, path, mode, fi):
-        return self._keep(path, fi, self.union.create(path, mode, fi.flags, self._owner(), self._umask()))
+        def set_it(path, handle):
+            if path is None:
+                return self.union.fsetxattr(handle, name, data, flags)
+            return self.union.setxattr(path, name, data, flags)
+        self._at(inode, lambda path: self._on_object(inode, path, None, set_it))
+        return OK
 
-    def read(self, path, size, offset, fi):
-        return self.union.read(self.handles[fi.fh], size, offset, path)
+    @_request
+    def removexattr(self, req, node_id, name):
+        inode, name = self.table.get(node_id), _name(name)
 
-    def read_buf(self, path, bufpp, size, offset, fi):
-        return self.union.read_fd(self.handles[fi.fh], path)
+        def remove(path, handle):
+            if path is None:
+                return self.union.fremovexattr(handle, name)
+            return self.union.removexattr(path, name)
+        self._at(inode, lambda path: self._on_object(inode, path, None, remove))
+        return OK
 
-    def write(self, path, data, offset, fi):
-        written = self.union.write(self.handles[fi.fh], data, offset)
-        if fi.fh in self._handle_ino:  # never the writer's own name: the kernel holds its pages locked
-            self.cache.changed_ino(self._handle_ino[fi.fh], keep=path)
-        return written
+    @_request
+    def getxattr(self, req, node_id, name, size):
+        name = _name(name)
+        return _sized(self._at(self.table.get(node_id), lambda path: self.union.getxattr(_named(path), name)), size)
 
-    def flush(self, path, fi):
-        return 0
+    @_request
+    def listxattr(self, req, node_id, size):
+        caller = self._caller(req)
+        names = self._at(self.table.get(node_id), lambda path: self.union.listxattr(_named(path), caller))
+        return _sized(b"".join(os.fsencode(n) + b"\0" for n in names), size)
 
-    def fsync(self, path, datasync, fi):
-        return self.union.fsync(self.handles[fi.fh], bool(datasync))
+    # -- files -----------------------------------------------------------------------------------
+    def _keep(self, inode, handle, fi):
+        fh = next(self._fhs)
+        with self.table.lock:
+            self.handles[fh] = Open(handle, inode)
+            inode.handles.add(fh)
+        fi.fh = fh
+        # The kernel's page cache of this inode saw every change made through the mount, and there
+        # is no other way to change the object, so its pages stay valid across opens.
+        fi.keep_cache = 1
+        return fh
 
-    def release(self, path, fi):
-        handle = self.handles.pop(fi.fh, None)
-        self._handle_ino.pop(fi.fh, None)
-        if handle is not None:
-            self.union.release(handle)
-        return 0
+    def _drop(self, fh):
+        """The kernel closed `fh`: close it here too, once no borrower uses it."""
+        with self.table.lock:
+            opened = self.handles.pop(fh, None)
+            if opened is None:
+                return
+            opened.released = True
+            close = not opened.uses
+        if close:
+            self.union.release(opened.handle)
+        self.table.drop_handle(opened.inode, fh)
+
+    @_request
+    def open(self, req, node_id, fi):
+        inode = self.table.get(node_id)
+        caller = self._caller(req)
+        info = fi.contents
+        handle = self._at(inode, lambda path: self.union.open(_named(path), info.flags, caller))
+        fh = self._keep(inode, handle, info)
+        return Reply(ll.reply_open, fi, undo=lambda: self._drop(fh))
+
+    @_request
+    def create(self, req, parent_id, name, mode, fi):
+        parent, name = self.table.get(parent_id), _name(name)
+        caller = self._caller(req)
+        info = fi.contents
+
+        def create(path):
+            handle = self.union.create(path, mode, info.flags, (caller.uid, caller.gid), self._umask(req))
+            try:
+                return handle, self.union.getattr(path)
+            except BaseException:
+                self.union.release(handle)
+                raise
+        handle, attrs = self._at(parent, create, name)
+        inode = self.table.found(parent, name, attrs)
+        e = _entry_param(inode, attrs)
+        fh = self._keep(inode, handle, info)
+
+        def undo():
+            self._drop(fh)
+            self.table.forget(inode, 1)
+        return Reply(ll.reply_create, ctypes.byref(e), fi, undo=undo)
+
+    @_request
+    def read(self, req, node_id, size, offset, fi):
+        handle = self._handle(fi)
+        path = self.table.path(self.handles[fi.contents.fh].inode)
+        vec = ll.fd_bufvec(self.union.read_fd(handle, path), size, offset)
+        return Reply(ll.reply_data, ctypes.byref(vec), 0)  # libfuse reads the data itself
+
+    @_request
+    def write_buf(self, req, node_id, src, offset, fi):
+        handle = self._handle(fi)
+        size = _buf_size(src)
+        dst = ll.fd_bufvec(self.union.write_fd(handle), size, offset)
+        written = ll.buf_copy(ctypes.byref(dst), src, 0)  # the data never passes through Python
+        if written < 0:
+            raise OSError(-written, os.strerror(-written))
+        if written and self.union.wrote(handle, self._caller(req)):
+            ll.notify_inval_inode(self.session, node_id, -1, 0)  # its set-id bits went: attributes only
+        return Reply(ll.reply_write, written)
+
+    @_request
+    def flush(self, req, node_id, fi):
+        return OK
+
+    @_request
+    def fsync(self, req, node_id, datasync, fi):
+        self.union.fsync(self._handle(fi), bool(datasync))
+        return OK
+
+    @_request
+    def release(self, req, node_id, fi):
+        self._drop(fi.contents.fh)
+        return OK
+
+    # -- directories -----------------------------------------------------------------------------
+    @_request
+    def opendir(self, req, node_id, fi):
+        inode = self.table.get(node_id)
+        fi.contents.fh = next(self._fhs)
+        self.listings[fi.contents.fh] = (inode, None)
+        return Reply(ll.reply_open, fi)
+
+    @_request
+    def releasedir(self, req, node_id, fi):
+        self.listings.pop(fi.contents.fh, None)
+        return OK
+
+    @_request
+    def fsyncdir(self, req, node_id, datasync, fi):
+        return OK
+
+    @_request
+    def readdir(self, req, node_id, size, offset, fi):
+        return self._list(req, node_id, size, offset, fi, plus=False)
+
+    @_request
+    def readdirplus(self, req, node_id, size, offset, fi):
+        return self._list(req, node_id, size, offset, fi, plus=True)
+
+    def _list(self, req, node_id, size, offset, fi, plus):
+        """Entries from `offset` on, as many as fit; with `plus`, each with its attributes, counted as
+        a lookup (but "." and "..", which the kernel does not look up)."""
+        fh = fi.contents.fh
+        inode, entries = self.listings.get(fh, (self.table.get(node_id), None))
+        if entries is None or offset == 0:
+            entries = self._at(inode, lambda path: self.union.readdir(_named(path)))
+            self.listings[fh] = (inode, entries)
+        buf = ctypes.create_string_buffer(size)
+        used = 0
+        st, dots = ll.Stat(), ll.EntryParam()
+        for index in range(offset, len(entries)):
+            name, ino, mode = entries[index]
+            encoded = os.fsencode(name)
+            if not plus:
+                st.st_ino, st.st_mode = ino, mode
+                need = ll.add_direntry(req, ctypes.byref(buf, used), size - used, encoded, ctypes.byref(st), index + 1)
+            elif used + ll.add_direntry_plus(req, None, 0, encoded, None, 0) > size:
+                break
+            elif index < 2:
+                dots.attr.st_ino, dots.attr.st_mode = ino, mode
+                need = ll.add_direntry_plus(req, ctypes.byref(buf, used), size - used, encoded, ctypes.byref(dots),
+                                            index + 1)
+            else:
+                try:
+                    attrs = self._at(inode, self.union.getattr, name)
+                    e = _entry_param(self.table.found(inode, name, attrs), attrs)
+                except FileNotFoundError:
+                    continue  # gone since the listing was read
+                except OSError:  # listed, but its lookup fails (a bad redirect): the entry goes, no inode
+                    e = dots
+                    e.attr.st_ino, e.attr.st_mode = ino, mode
+                need = ll.add_direntry_plus(req, ctypes.byref(buf, used), size - used, encoded, ctypes.byref(e),
+                                            index + 1)
+            if used + need > size:
+                break
+            used += need
+        return Reply(ll.reply_buf, buf, used)
 
 
-FUSE_CAP_DONT_MASK = 1 << 6
-FUSE_CAP_POSIX_ACL = 1 << 19
-FUSE_READDIR_PLUS = 1  # enum fuse_readdir_flags
-FUSE_FILL_DIR_PLUS = 2  # enum fuse_fill_dir_flags
+class _Groups:
+    """The supplementary groups of a request's caller, read (from /proc, by libfuse) only if asked."""
+
+    def __init__(self, req):
+        self._req, self._groups = req, None
+
+    def __contains__(self, gid):
+        if self._groups is None:
+            count = 32
+            while True:
+                buf = (ctypes.c_uint32 * count)()
+                n = ll.req_getgroups(self._req, count, buf)
+                if n <= count:
+                    self._groups = set(buf[:max(n, 0)])
+                    break
+                count = n
+        return gid in self._groups
+
+
+def _named(path):
+    """`path`, for operations that need a name (an unlinked file has none)."""
+    if path is None:
+        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+    return path
+
+
+def _entry_param(inode, attrs):
+    e = ll.EntryParam(ino=inode.id, attr_timeout=ATTR_TIMEOUT, entry_timeout=ENTRY_TIMEOUT)
+    ll.fill_stat(e.attr, attrs)
+    return e
+
+
+def _attr_reply(attrs):
+    st = ll.Stat()
+    ll.fill_stat(st, attrs)
+    return Reply(ll.reply_attr, ctypes.byref(st), ATTR_TIMEOUT)
+
+
+def _when(to_set, given, now_flag, ts, now):
+    if to_set & now_flag:
+        return now
+    if to_set & given:
+        return ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+    return None
+
+
+def _sized(value, size):
+    """The answer to getxattr/listxattr: the size when asked for it, ERANGE when it does not fit."""
+    if size == 0:
+        return Reply(ll.reply_xattr, len(value))
+    if len(value) > size:
+        raise OSError(errno.ERANGE, os.strerror(errno.ERANGE))
+    return Reply(ll.reply_buf, value, len(value))
+
+
+_buf_size_fn = ll._declare("fuse_buf_size", ctypes.c_size_t, ctypes.POINTER(ll.BufVec))
+
+
+def _buf_size(src):
+    return _buf_size_fn(src)
+
+
+_OPS = [name for name, _ in ll.OPS_FIELDS]
+
+
+def _ops_struct(ops):
+    """The struct fuse_lowlevel_ops pointing at `ops`'s methods; the callbacks are kept on it."""
+    table = ll.LowlevelOps()
+    kept = []
+    for name, kind in ll.OPS_FIELDS:
+        method = getattr(ops, name, None)
+        if method is None or kind is ctypes.c_void_p:
+            continue
+        callback = kind(method)
+        kept.append(callback)
+        setattr(table, name, callback)
+    table._kept = kept
+    return table
+
+
+def _escape(value):
+    return value.replace("\\", "\\\\").replace(",", "\\,")
 
 
 def serve(union, mountpoint, *, foreground=True, debug=False, allow_other=False, read_only=False,
           fsname="cowfs", mount_flags=(), on_ready=None):
     """Mount `union` at `mountpoint` and serve it until unmounted (blocks)."""
-    options = dict(
-        fsname=fsname, subtype="cowfs", default_permissions=True,
-        dev=os.geteuid() == 0, suid=os.geteuid() == 0,  # like the kernel overlay, when root may allow it
-        max_threads=10,  # libfuse 3.14 reads an unset value as 2**32-1 and complains
-    )
+    options = [f"fsname={_escape(fsname)}", "subtype=cowfs", "default_permissions"]
+    if os.geteuid() == 0:
+        options += ["dev", "suid"]  # like the kernel overlay, when root may allow it
     if allow_other:
-        options["allow_other"] = True
+        options.append("allow_other")
     if read_only:
-        options["ro"] = True
-    for flag in mount_flags:  # the user's generic flags (noatime, nosuid, ...) come last and win
-        if flag != "rw" or not read_only:
-            options.pop(flag, None)
-            options[flag] = True
-    CowfsFUSE(CowfsOperations(union, on_ready), mountpoint, raw_fi=True, foreground=foreground, debug=debug,
-              nothreads=False, **options)
+        options.append("ro")
+    options += [flag for flag in mount_flags if flag != "rw" or not read_only]  # the user's come last and win
+    argv = [b"cowfs", b"-o", ",".join(options).encode()]
+    if debug:
+        argv.append(b"-d")
+    args, _keep_argv = ll.make_args(argv)
+    ops = CowfsOperations(union, on_ready)
+    table = _ops_struct(ops)
+    session = ll.session_new(ctypes.byref(args), ctypes.byref(table), ctypes.sizeof(table), None)
+    if not session:
+        raise RuntimeError("fuse: cannot start a session")
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)  # libfuse installs its own only over the default
+        ll.set_signal_handlers(session)
+        if ll.session_mount(session, os.fsencode(mountpoint)) != 0:
+            raise RuntimeError("fuse: mount failed")
+        ops.session = session
+        ops.notifier = Notifier(session)
+        config = ll.loop_cfg_create()
+        ll.loop_cfg_set_max_threads(config, THREADS)
+        ll.loop_cfg_set_idle_threads(config, THREADS)
+        try:
+            ll.session_loop_mt(session, config)
+        finally:
+            ops.close()  # the kernel has let go: the upper and workdir are free for the next mount at once
+            ll.loop_cfg_destroy(config)
+            ops.notifier.stop()
+            ll.session_unmount(session)
+    finally:
+        ll.remove_signal_handlers(session)
+        ll.session_destroy(session)  # calls destroy if the kernel had sent init
+        ops.close()
