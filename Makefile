@@ -13,7 +13,7 @@ VENV := .venv
 DEBIAN_PACKAGES := fuse3 fuse-overlayfs attr tmux zstd
 PYTEST_ARGS ?=
 
-.PHONY: venv system-packages demo test bench fuzz install clean
+.PHONY: venv system-packages demo test bench fuzz crash stress install clean
 
 venv: $(VENV)/.installed
 
@@ -44,6 +44,17 @@ $(VENV)/.installed: setup.cfg pyproject.toml | system-packages
 FUZZ_ARGS ?=
 fuzz: venv
 	$(VENV)/bin/python scripts/fuzz.py $(FUZZ_ARGS)
+
+# kill -9 the cowfs daemon mid-workload and check the remount: make crash CRASH_ARGS="--rounds 50 --seed 7"
+CRASH_ARGS ?=
+crash: venv
+	$(VENV)/bin/python scripts/crash.py $(CRASH_ARGS)
+
+# 16 processes on one cowfs mount for 5 min under a watchdog, then on the kernel overlay:
+# make stress STRESS_ARGS="--seconds 600 --seed 1234"
+STRESS_ARGS ?=
+stress: venv
+	$(VENV)/bin/python scripts/stress.py $(STRESS_ARGS)
 
 # mount(8) runs mount.fuse with a fixed PATH, so `mount -t fuse.cowfs` and fstab
 # lines need cowfs in a system directory: link the venv's there (as root).

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import mmap
 import os
 import pickle
 import stat
@@ -984,6 +985,29 @@ def sc_hardlink_counts(fs: Session):
     fs.stat("link2")
 
 
+@scenario(userxattr=True)
+def sc_names_like_libfuse_hidden(fs: Session):
+    """libfuse's high-level API once renamed an open file it was asked to unlink to .fuse_hidden*,
+    and took any such name as its own: a user's file by that name was deleted."""
+    hidden = ".fuse_hidden0000000100000001"
+    fs.write("new.txt", b"mine\n")
+    fs.rename("new.txt", hidden)
+    fs.listdir("")
+    fs.read(hidden)
+    fs.rename("file.txt", "dir/.fuse_hidden0000000200000002")  # a lower file
+    fs.listdir("dir")
+    fd = fs.open("exec.sh", RD)
+    fs.unlink("exec.sh")  # unlinked while open: no name of any kind shows for it
+    fs.listdir("")
+    fs.fstat(fd, "open after unlink")
+    fs.close(fd)
+    fs.listdir("")
+    fs.remount()
+    fs.listdir("")
+    fs.listdir("dir")
+    fs.read(hidden)
+
+
 def build_lower_links(L: Layers):
     """The standard stack plus a file with three names in one lower layer, and a lower directory tree."""
     build_std(L)
@@ -1690,6 +1714,318 @@ def sc_long_session(fs: Session):
 
 
 # ---------------------------------------------------------------------------
+# crafted redirect xattrs in the lower layers
+
+def build_crafted_redirects(L: Layers):
+    """Lower directories carrying redirect xattrs nobody made through a mount.
+
+    An absolute redirect is resolved from the root *of the overlay's lower layers*, never of
+    the host: "/etc" finds nothing (no layer has /etc) and the directory shows only its own
+    entries.  A redirect in the bottom layer is never read.  A relative one is a sibling name.
+    """
+    build_std(L)
+    l0, l1, l2 = (Path(d) for d in L)
+    name = ("user" if L.userxattr else "trusted") + ".overlay.redirect"
+    put(l2 / "d2" / "in_d2", b"in l2/d2\n")
+    put(l2 / "sub" / "d3" / "in_d3", b"in l2/sub/d3\n")
+    for d, value in [("r_abs", b"/d2"), ("r_etc", b"/etc"), ("r_rel", b"d2"), ("r_nested", b"/sub/d3"),
+                     ("r_missing", b"/nothere"), ("r_bad", b"a/b"), ("r_empty", b"")]:
+        put(l1 / d / "own", b"own entry of l1/" + d.encode() + b"\n")
+        os.setxattr(l1 / d, name, value)
+    put(l0 / "t_chain" / "own0", b"l0's own\n")
+    os.setxattr(l0 / "t_chain", name, b"/r_abs")  # -> l1/r_abs, which redirects again -> l2/d2
+    put(l2 / "b_abs" / "ownb", b"bottom\n")
+    os.setxattr(l2 / "b_abs", name, b"/d2")  # bottom layer: ignored in every mode
+    put(l1 / "f_redir", b"a file with a redirect\n")
+    os.setxattr(l1 / "f_redir", name, b"/d2")  # not a directory: ignored (metacopy=off or not)
+
+
+@scenario(build=build_crafted_redirects, userxattr=True)
+def sc_crafted_redirects(fs: Session):
+    """Kernel 6.18 (redirect_always_follow=Y, so redirect_dir=off means "follow"):
+
+    redirect_off / redirect_on / metacopy (follow):
+      r_abs, r_rel -> {in_d2, own}; r_nested -> {in_d3, own}; r_etc, r_missing -> {own};
+      t_chain -> {in_d2, own0} (chains are followed); b_abs -> {ownb}; f_redir plain file;
+      r_bad ("a/b") and r_empty ("") -> EINVAL on lookup (dmesg "overlayfs: invalid redirect (a/b)",
+      "invalid redirect ((null))"), the names still listed in the parent.
+    userxattr (implies redirect_dir=nofollow): every valid redirect in a non-bottom layer -> EPERM on
+      lookup (dmesg "overlayfs: refusing to follow redirect for (/r_abs)"); r_bad, r_empty -> EINVAL;
+      b_abs and f_redir as above.
+    On a kernel with redirect_always_follow=N, redirect_off behaves as userxattr does here (EPERM).
+    """
+    dirs = ("r_abs", "r_etc", "r_rel", "r_nested", "r_missing", "r_bad", "r_empty", "t_chain", "b_abs")
+    fs.listdir("")
+    for d in dirs:
+        fs.stat(d)
+        fs.listdir(d)
+    fs.read("r_abs/in_d2")
+    fs.read("t_chain/in_d2")
+    fs.read("r_etc/own")
+    fs.stat("r_etc/passwd")  # never the host's /etc
+    fs.read("f_redir")
+    fs.listxattr("r_abs")  # the redirect xattr itself is private
+    fs.getxattr("r_abs", "trusted.overlay.redirect")
+    # changes inside a redirected directory: copy-up (the upper copy gets no redirect xattr), whiteout
+    fs.write("r_abs/new", b"new\n")
+    fs.unlink("r_abs/in_d2")
+    fs.listdir("r_abs")
+    fs.listdir("d2")  # the redirect target itself is untouched
+    fs.write("r_bad/x", b"x")
+    fs.rmdir("r_etc")  # ENOTEMPTY when followed (own), EPERM when refused
+    fs.remount()
+    fs.listdir("r_abs")
+    fs.listdir("t_chain")
+    fs.stat("r_abs/new")
+
+
+# ---------------------------------------------------------------------------
+# renaming one name of a hard-linked file onto another name of the same file
+
+@scenario(build=build_lower_links, userxattr=True)
+def sc_rename_hardlink_onto_itself(fs: Session):
+    """POSIX: rename(a, b) when a and b are the same file does nothing and succeeds.
+
+    Kernel, every mode: upper pair (made through the mount) -> both renames succeed, both names
+    stay, d has nlink 2, after unlinking top_b nlink 1.  Lower pair: the first rename copies up
+    (breaks the lower link, index=off), so the second is an ordinary replace: d disappears,
+    top_b has nlink 1, the upper holds whiteouts for a and d. (A FUSE daemon that keeps its own
+    record of which names share an inode must not take the no-op for a move.)
+    """
+    # upper hard links
+    fs.write("d", b"x\n")
+    fs.link("d", "a")
+    fs.rename("a", "top_b")
+    fs.stat("d")
+    fs.stat("top_b")
+    fs.rename("d", "top_b")  # same inode: no-op
+    fs.unlink("top_b")
+    fs.stat("d")  # one link left, at once
+    fs.listdir("")
+    fs.read("d")
+    # same, names in two directories, and renameat2 flags on the same file
+    fs.link("d", "dir/d2")
+    fs.rename("dir/d2", "d")
+    fs.listdir("dir")
+    fs.stat("d")
+    fs.do("noreplace onto same file", _renameat2, fs.p("d"), fs.p("dir/d2"), 1)
+    fs.do("exchange same-file names", _renameat2, fs.p("d"), fs.p("dir/d2"), 2)
+    fs.stat("dir/d2")
+    # a lower file hard-linked through the mount (copied up first)
+    fs.link("base.txt", "base2")
+    fs.rename("base2", "base.txt")
+    fs.stat("base.txt")
+    fs.stat("base2")
+    # lower pair, never copied up (hl1/hl2 in l0)
+    fs.rename("hl2", "top_c")
+    fs.stat("hl1")
+    fs.stat("top_c")
+    fs.rename("hl1", "top_c")
+    fs.listdir("")
+    fs.stat("top_c")
+    fs.unlink("top_c")
+    fs.stat("hl1")
+    # lower triple with one name copied up first
+    fs.chmod("hl/one", 0o600)
+    fs.rename("hl/two", "hl/top")
+    fs.rename("hl/one", "hl/top")
+    fs.rename("hl/three", "hl/three")
+    fs.listdir("hl")
+    for rel in ("hl/top", "hl/three"):
+        fs.stat(rel)
+    fs.remount()
+    fs.listdir("hl")
+    fs.stat("d")
+
+
+# ---------------------------------------------------------------------------
+# which of S_ISUID / S_ISGID a non-owner's write, O_TRUNC and truncate clear
+
+def build_setid(L: Layers):
+    build_std(L)
+    l0 = Path(L[0])
+    for name, mode, gid in [("s6777", 0o6777, 0), ("s6767", 0o6767, 0), ("s2767", 0o2767, 0),
+                            ("g6767", 0o6767, USER), ("g2767", 0o2767, USER), ("s4777", 0o4777, 0)]:
+        for op in ("trunc", "write", "write0", "truncate", "ftruncate", "open"):
+            put(l0 / "setid" / f"{name}_{op}", b"data", mode, 0, gid)
+    mkdir(l0 / "setid", 0o777)
+
+
+def _setid_ops(u: Session, prefix: str):
+    for name in ("s6777", "s6767", "s2767", "g6767", "g2767", "s4777"):
+        base = f"{prefix}{name}"
+        fd = u.open(f"{base}_trunc", W | TRUNC)
+        u.close(fd)
+        u.write(f"{base}_write", b"Z", W, offset=0)
+        u.write(f"{base}_write0", b"", W, offset=0)
+        u.truncate(f"{base}_truncate", 1)
+        fd = u.open(f"{base}_ftruncate", W)
+        if fd is not None:
+            u.do(f"ftruncate {base}", os.ftruncate, fd, 2)
+        u.close(fd)
+        fd = u.open(f"{base}_open", W)  # opening for writing alone clears nothing
+        u.close(fd)
+
+
+@scenario(build=build_setid, allow_other=True)
+def sc_setid_cleared_by_unprivileged_writes(fs: Session):
+    """Kernel (6.18, setattr_should_drop_sgid rules), caller uid/gid 1000 not in group 0:
+
+    open(O_TRUNC), write() of >= 1 byte, truncate(), ftruncate(): S_ISUID always cleared;
+    S_ISGID cleared when group-exec is set OR the caller is not in the file's group (and lacks
+    CAP_FSETID): 06767 root:root -> 0767, 02767 root:root -> 0767, but 06767 root:USER -> 02767 and
+    02767 root:USER -> 02767.  A zero-length write and a plain open(O_WRONLY) clear nothing.
+    Same for lower files (copied up) and upper files, in every mode. Through FUSE the kernel does
+    not do this for an open with O_TRUNC, nor the not-in-group case of a write: the daemon must.
+    """
+    # upper copies, made by root
+    for name, mode, gid in [("s6777", 0o6777, 0), ("s6767", 0o6767, 0), ("s2767", 0o2767, 0),
+                            ("g6767", 0o6767, USER), ("g2767", 0o2767, USER), ("s4777", 0o4777, 0)]:
+        for op in ("trunc", "write", "write0", "truncate", "ftruncate", "open"):
+            rel = f"setid/up_{name}_{op}"
+            fs.write(rel, b"data", mode=0o600)
+            fs.chown(rel, 0, gid)
+            fs.chmod(rel, mode)
+    fs.as_user(USER, USER, lambda u: (_setid_ops(u, "setid/"), _setid_ops(u, "setid/up_")))
+    for name in sorted(os.listdir(fs.p("setid"))):
+        fs.stat(f"setid/{name}")
+    # root (CAP_FSETID) clears nothing
+    fd = fs.open("suid.bin", W | TRUNC)
+    fs.close(fd)
+    fs.write("sgid.bin", b"root", W, offset=0)
+    fs.stat("suid.bin")
+    fs.stat("sgid.bin")
+
+
+# ---------------------------------------------------------------------------
+# listxattr / getxattr of trusted.* by an unprivileged caller
+
+def build_trusted_xattrs(L: Layers):
+    build_std(L)
+    l0, l1 = Path(L[0]), Path(L[1])
+    put(l0 / "tx.txt", b"trusted and user xattrs\n", 0o644,
+        xattrs={"trusted.t1": b"T", "user.u1": b"U",
+                # private in one flavour, ordinary in the other: trusted.overlay.foo is hidden from
+                # everybody without userxattr, listed to root only with it; user.overlay.foo the reverse
+                "trusted.overlay.foo": b"F", "user.overlay.foo": b"F"})
+    mkdir(l1 / "txdir", 0o755)
+    os.setxattr(l1 / "txdir", "trusted.t2", b"T2")
+    os.setxattr(l1 / "txdir", "user.u2", b"U2")
+    put(l1 / "txdir" / "f", b"f\n")
+
+
+def _trusted_user_ops(u: Session):
+    for rel in ("tx.txt", "txdir", "opq"):
+        u.listxattr(rel)
+    u.getxattr("tx.txt", "trusted.t1")  # ENODATA (not EPERM)
+    u.getxattr("tx.txt", "user.u1")
+    u.getxattr("txdir", "trusted.t2")
+    u.getxattr("opq", "trusted.overlay.opaque")
+    u.getxattr("opq", "user.overlay.opaque")
+    u.getxattr("tx.txt", "user.overlay.foo")
+    u.setxattr("tx.txt", "trusted.byuser", b"x")  # EPERM
+    u.removexattr("tx.txt", "trusted.t1")  # EPERM
+
+
+@scenario(build=build_trusted_xattrs, userxattr=True, allow_other=True)
+def sc_trusted_xattrs_hidden_from_users(fs: Session):
+    """Kernel: listxattr lists trusted.* only to a caller with CAP_SYS_ADMIN (ovl_can_list), never
+    trusted.overlay.* (or user.overlay.* with userxattr; with userxattr the trusted.overlay.* names
+    are ordinary trusted names: root sees them, users do not).  getxattr of trusted.* by a user
+    gives ENODATA, setxattr/removexattr EPERM.  Same before and after copy-up.
+    """
+    fs.as_user(USER, USER, _trusted_user_ops)
+    fs.listxattr("tx.txt")
+    fs.listxattr("opq")
+    fs.chmod("tx.txt", 0o644)  # copy-up
+    fs.chmod("txdir", 0o755)
+    fs.chmod("opq", 0o755)
+    fs.as_user(USER, USER, _trusted_user_ops)
+    fs.listxattr("tx.txt")
+    fs.listxattr("txdir")
+
+
+# ---------------------------------------------------------------------------
+# O_DIRECT
+
+def odirect_pwrite(fs: Session, rel: str, fill: bytes, size: int, offset: int, flags: int = W,
+                   aligned: bool = True):
+    """pwrite through an O_DIRECT descriptor from a page-aligned buffer (or a plain bytes one)."""
+    def go():
+        fd = os.open(fs.p(rel), flags | os.O_DIRECT, 0o644)
+        try:
+            if not aligned:
+                return os.pwrite(fd, fill * size, offset)
+            assert size % mmap.PAGESIZE == 0, "aligned O_DIRECT I/O needs whole pages"
+            buf = mmap.mmap(-1, size)  # page-aligned memory
+            try:
+                buf.write(fill * size)
+                return os.pwritev(fd, [buf], offset)
+            finally:
+                buf.close()
+        finally:
+            os.close(fd)
+    return fs.do(f"O_DIRECT pwrite {rel} {size}@{offset} aligned={aligned}", go)
+
+
+def odirect_pread(fs: Session, rel: str, size: int, offset: int):
+    def go():
+        fd = os.open(fs.p(rel), RD | os.O_DIRECT)
+        try:
+            assert size % mmap.PAGESIZE == 0, "aligned O_DIRECT I/O needs whole pages"
+            buf = mmap.mmap(-1, size)
+            try:
+                n = os.preadv(fd, [buf], offset)
+                return bytes(buf[:n])
+            finally:
+                buf.close()
+        finally:
+            os.close(fd)
+    return fs.do(f"O_DIRECT pread {rel} {size}@{offset}", go)
+
+
+@scenario()
+def sc_odirect(fs: Session):
+    """Kernel over ext4 (upper on /tmp): O_DIRECT opens and aligned I/O work, copy-up included:
+    `dd if=/dev/zero of=m/existing bs=4096 count=1 conv=notrunc oflag=direct` succeeds and leaves
+    the rest of the file.  Unaligned O_DIRECT writes fail with EINVAL (the upper fs's rule; tmpfs
+    accepts O_DIRECT since 6.6).  O_DIRECT reads of a short lower file return the short count.
+    The unaligned write is a known difference (KNOWN_DIFFERENCES).
+    """
+    odirect_pwrite(fs, "big.bin", b"\0", 4096, 0)  # the dd above, on a lower file: copy-up
+    fs.stat("big.bin")
+    fs.digest("big.bin")
+    odirect_pwrite(fs, "big.bin", b"B", 8192, 4096)
+    fs.read("big.bin", 8, 4092)
+    odirect_pread(fs, "file.txt", 4096, 0)  # lower, short file
+    odirect_pread(fs, "big.bin", 4096, 4096)
+    odirect_pwrite(fs, "file.txt", b"C", 4096, 4096)  # past EOF of a lower file
+    fs.stat("file.txt")
+    fs.read("file.txt", 16, 0)
+    fs.write("unaligned.bin", b"scratch")
+    odirect_pwrite(fs, "unaligned.bin", b"x", 100, 1, aligned=False)  # EINVAL (ext4): a known difference
+    fs.unlink("unaligned.bin")
+    odirect_pwrite(fs, "new.bin", b"N", 4096, 0, flags=W | CREAT)
+    fs.stat("new.bin")
+
+    def set_direct_then_write():
+        import fcntl
+        fd = os.open(fs.p("exec.sh"), RW)
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+            buf = mmap.mmap(-1, 4096)
+            try:
+                buf.write(b"F" * 4096)
+                return os.pwritev(fd, [buf], 0)
+            finally:
+                buf.close()
+        finally:
+            os.close(fd)
+    fs.do("fcntl O_DIRECT then write", set_direct_then_write)
+    fs.digest("exec.sh")
+
+
+# ---------------------------------------------------------------------------
 # the harness
 
 def _make_dirs(base: Path, *names) -> list[Path]:
@@ -1771,10 +2107,11 @@ def _diff_outcomes(a: list, b: list, a_name: str, b_name: str) -> str:
 
 # Deliberate or unavoidable differences from the kernel, excluded by name (README.rst,
 # "Differences from the kernel"): (scenario, outcome label) -> why.
-KNOWN_DIFFERENCES = {
-    ("read_fd_across_unlink_and_rename", "fstat lower file after unlink"):
-        "the FUSE kernel module reports nlink 0 for any file unlinked through the mount; "
-        "the kernel overlay shows the lower file's own count (1)",
+KNOWN_DIFFERENCES: dict[tuple[str, str], str] = {
+    ("odirect", "O_DIRECT pwrite unaligned.bin 100@1 aligned=False"):
+        "the kernel overlay hands O_DIRECT to the upper filesystem, whose alignment rule refuses an "
+        "unaligned write (EINVAL on ext4); cowfs receives the data through FUSE and writes it through "
+        "its own descriptor, so it succeeds",
 }
 # Whole scenarios cowfs cannot pass, as strict xfails so that a fix shows up. None since the move
 # to libfuse 3, which passes renameat2 flags through (libfuse 2 failed rename_flags with EINVAL).

@@ -16,6 +16,7 @@ import contextlib
 import ctypes.util
 import functools
 import os
+import re
 import shutil
 import signal
 import stat
@@ -23,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from cowfs import mounttable
 
 UNMOUNT_TIMEOUT = 15.0
 MOUNT_TIMEOUT = 60.0
@@ -49,23 +52,11 @@ def make_opaque(path, userxattr: bool = False) -> None:
 # --------------------------------------------------------------------------
 # /proc/mounts helpers
 
-def _unescape_mount_field(field: str) -> str:
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-
-
 def mounts_under(prefix) -> list[tuple[str, str]]:
     """(mountpoint, fstype) of every mount at or below *prefix*."""
     prefix = os.path.realpath(os.fspath(prefix))
-    found = []
-    with open("/proc/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) < 3:
-                continue
-            mnt = _unescape_mount_field(fields[1])
-            if mnt == prefix or mnt.startswith(prefix.rstrip("/") + "/"):
-                found.append((mnt, fields[2]))
-    return found
+    return [(m.mountpoint, m.fstype) for m in mounttable.read()
+            if m.mountpoint == prefix or m.mountpoint.startswith(prefix.rstrip("/") + "/")]
 
 
 def is_mounted(mountpoint) -> bool:
@@ -379,3 +370,78 @@ def require(*features: str) -> None:
         if in_ci():
             pytest.fail(f"required under CI=true but missing: {reason}", pytrace=False)
         pytest.skip(reason)
+
+
+# --------------------------------------------------------------------------
+# a watchdog for hangs: a hung FUSE daemon leaves its callers in D state,
+# which only aborting the connection through fusectl ends
+
+FUSECTL = "/sys/fs/fuse/connections"
+
+
+def fuse_connection(mountpoint) -> str:
+    """The fusectl directory of the FUSE mount at *mountpoint* (mounting fusectl when needed)."""
+    if not any(mnt == FUSECTL for mnt, _ in mounts_under(FUSECTL)):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", FUSECTL], check=True, capture_output=True)
+    conn = os.path.join(FUSECTL, str(_minor_of(mountpoint)))
+    if not os.path.exists(os.path.join(conn, "abort")):
+        raise MountError(f"no fusectl connection {conn} for {mountpoint}")
+    return conn
+
+
+def _minor_of(mountpoint) -> int:
+    """The device minor of a mount, from /proc/self/mountinfo: a stat could hang on a hung mount."""
+    want = os.fsencode(os.path.realpath(os.fspath(mountpoint)))
+    found = None
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            if _unescape(fields[4]) == want:
+                found = int(fields[2].split(b":")[1])  # the last mount there is the one in use
+    if found is None:
+        raise MountError(f"{mountpoint}: not mounted")
+    return found
+
+
+def _unescape(field: bytes) -> bytes:
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
+
+
+def abort_connection(conn: str) -> None:
+    """Abort a FUSE connection: every request waiting on the daemon fails with ENOTCONN."""
+    with open(os.path.join(conn, "abort"), "w") as f:
+        f.write("1")
+
+
+class Hung(AssertionError):
+    """The body under `watchdog` ran past its limit; the connection was aborted to free it."""
+
+
+@contextlib.contextmanager
+def watchdog(mountpoint, seconds: float, what: str = "the operations"):
+    """Run the body; if it takes longer than *seconds*, abort the FUSE connection of *mountpoint*
+    (so nothing stays blocked) and raise Hung when the body returns."""
+    import threading
+
+    conn = fuse_connection(mountpoint)
+    done = threading.Event()
+    fired = []
+
+    def guard():
+        if not done.wait(seconds):
+            fired.append(True)
+            abort_connection(conn)
+
+    thread = threading.Thread(target=guard, daemon=True)
+    thread.start()
+    try:
+        yield
+    except OSError:
+        if not fired:
+            raise
+    finally:
+        done.set()
+        thread.join()
+    if fired:
+        raise Hung(f"{what} on {mountpoint} took longer than {seconds} s: the daemon hung "
+                   "(connection aborted through fusectl)")
