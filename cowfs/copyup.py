@@ -163,11 +163,12 @@ def _copy_into(src, fd_out, size, sync):
         os.close(fd_in)
 
 
-def install(tmp, dst, parent_st=None):
-    """Rename a finished copy into place; the parent directory keeps its times, as in the kernel."""
+def install(tmp, dst, parent):
+    """Rename a finished copy into place at `dst`, in directory `parent`, which keeps its times
+    as in the kernel."""
+    parent_st = os.lstat(parent)
     rename2(tmp, dst, RENAME_NOREPLACE)
-    if parent_st is not None:
-        restore_times(os.path.dirname(dst), parent_st)
+    restore_times(parent, parent_st)
 
 
 def restore_times(path, st):

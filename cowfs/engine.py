@@ -55,6 +55,8 @@ def locked(method):
         while True:
             with self._lock:
                 outer, self._op = self._op, self._op or name
+                if outer is None:
+                    self.layers.start()
                 try:
                     return method(self, *args, **kwargs)
                 except _DataFirst as e:
@@ -230,8 +232,8 @@ class Union:
 
     def _install(self, node, tmp, parent_real, meta_only, started):
         """Rename the finished copy of `node` into upper directory `parent_real`; returns its upper path."""
-        target = parent_real + "/" + parent_of(node.path)[1]
-        copyup.install(tmp, target, os.lstat(parent_real))
+        target = self.layers.real(0, node.path[1:])  # an upper object sits at its merged path
+        copyup.install(tmp, target, parent_real)
         regular = stat.S_ISREG(node.st.st_mode)
         if regular and not meta_only:
             self._copied.add((node.st.st_dev, node.st.st_ino))

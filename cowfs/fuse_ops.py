@@ -35,6 +35,7 @@ ENTRY_TIMEOUT = 1.0
 ATTR_TIMEOUT = 1.0
 NEGATIVE_TIMEOUT = 1.0
 THREADS = 10
+PLUS_SENT_KEPT = 4096  # directories whose last listing (and whether it went with attributes) is kept
 RETRIES = 10  # of an operation whose path a concurrent rename made out of date
 MOVE_WAIT = 5.0  # seconds to wait for a rename or removal to finish before retrying
 
@@ -117,7 +118,9 @@ class CowfsOperations:
         self.on_ready = on_ready
         self.table = InodeTable()
         self.handles = {}  # fh -> Open
-        self.listings = {}  # directory fh -> its entries, read at offset 0
+        self.listings = {}  # directory fh -> (its inode, its entries read at offset 0, with attributes?)
+        self._plus_sent = {}  # directory node id -> when its entries last went out with attributes
+        self._encoded = {}  # directory node id -> (engine listing, its entries with names encoded once)
         self._fhs = iter(range(1, 1 << 62))  # next() is atomic under the GIL
         self._pending = threading.local()  # paths copied up by the request this thread serves
         self.notifier = None
@@ -175,9 +178,9 @@ class CowfsOperations:
                 raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
         raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
 
-    def _entry(self, parent, name, attrs):
-        """The answer to a lookup: `name` in `parent` is the object with `attrs`."""
-        inode = self.table.found(parent, name, attrs)
+    def _entry(self, parent, name, attrs, inode=None):
+        """The answer to a lookup: `name` in `parent` is the object with `attrs` (`inode`, if known)."""
+        inode = self.table.found(parent, name, attrs, inode)
         return Reply(ll.reply_entry, ctypes.byref(_entry_param(inode, attrs)), undo=lambda: self.table.forget(inode, 1))
 
     def _attrs(self, inode, path, handle=None):
@@ -194,7 +197,7 @@ class CowfsOperations:
         """One of the open handles of `inode` (whose name is gone), kept open while it is used:
         another thread may be releasing it, and a closed descriptor's number is soon another file's."""
         with self.table.lock:
-            opened = next((self.handles[fh] for fh in inode.handles
+            opened = next((self.handles[fh] for fh in inode.handles or ()
                            if fh in self.handles and not self.handles[fh].released), None)
             if opened is None:
                 raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
@@ -321,14 +324,17 @@ class CowfsOperations:
         inode = self.table.get(node_id)
         return Reply(ll.reply_readlink, os.fsencode(self._at(inode, lambda path: self.union.readlink(_named(path)))))
 
-    def _create_entry(self, parent_id, name, make):
-        """mknod, mkdir, symlink, link: make the object at the new path, then answer as a lookup would."""
+    def _create_entry(self, parent_id, name, make, source=None):
+        """mknod, mkdir, symlink, link: make the object at the new path, then answer as a lookup would
+        (for a hard link, with the inode of its `source` when the link is that same object)."""
         parent, name = self.table.get(parent_id), _name(name)
 
         def create(path):
             make(path)
             return self.union.getattr(path)
-        return self._entry(parent, name, self._at(parent, create, name))
+        attrs = self._at(parent, create, name)
+        same = source is not None and source.key is not None and _identity(attrs) == source.key[:2]
+        return self._entry(parent, name, attrs, source if same else None)
 
     @_request
     def mknod(self, req, parent_id, name, mode, rdev):
@@ -352,7 +358,7 @@ class CowfsOperations:
     def link(self, req, node_id, parent_id, name):
         inode = self.table.get(node_id)
         return self._create_entry(parent_id, name, lambda path: self.union.link(
-            _named(self.table.path(inode)), path))
+            _named(self.table.path(inode)), path), source=inode)
 
     @_request
     def unlink(self, req, parent_id, name):
@@ -432,7 +438,7 @@ class CowfsOperations:
         fh = next(self._fhs)
         with self.table.lock:
             self.handles[fh] = Open(handle, inode)
-            inode.handles.add(fh)
+            self.table.add_handle(inode, fh)
         fi.fh = fh
         # The kernel's page cache of this inode saw every change made through the mount, and there
         # is no other way to change the object, so its pages stay valid across opens.
@@ -521,7 +527,7 @@ class CowfsOperations:
     def opendir(self, req, node_id, fi):
         inode = self.table.get(node_id)
         fi.contents.fh = next(self._fhs)
-        self.listings[fi.contents.fh] = (inode, None)
+        self.listings[fi.contents.fh] = (inode, None, False)
         return Reply(ll.reply_open, fi)
 
     @_request
@@ -542,40 +548,66 @@ class CowfsOperations:
         return self._list(req, node_id, size, offset, fi, plus=True)
 
     def _list(self, req, node_id, size, offset, fi, plus):
-        """Entries from `offset` on, as many as fit; with `plus`, each with its attributes, counted as
-        a lookup (but "." and "..", which the kernel does not look up)."""
+        """Entries from `offset` on, as many as fit. With `plus`, each goes with its attributes and
+        counts as a lookup ("." and ".." do not): unless this directory's entries went out with
+        their attributes less than ENTRY_TIMEOUT ago, since the kernel still holds those."""
         fh = fi.contents.fh
-        inode, entries = self.listings.get(fh, (self.table.get(node_id), None))
+        inode, entries, with_attrs = self.listings.get(fh, (self.table.get(node_id), None, False))
         if entries is None or offset == 0:
-            entries = self._at(inode, lambda path: self.union.readdir(_named(path)))
-            self.listings[fh] = (inode, entries)
+            listing = self._at(inode, lambda path: self.union.readdir(_named(path)))
+            entries = self._encoded.get(inode.id)
+            if entries is None or entries[0] is not listing:  # the engine keeps a listing until a change
+                if len(self._encoded) >= PLUS_SENT_KEPT:
+                    self._encoded.clear()
+                entries = self._encoded[inode.id] = (listing, [(name, os.fsencode(name), ino, mode)
+                                                               for name, ino, mode in listing])
+            entries = entries[1]
+            now = time.monotonic()
+            with_attrs = plus and now - self._plus_sent.get(inode.id, -ENTRY_TIMEOUT) >= ENTRY_TIMEOUT
+            if with_attrs:
+                if len(self._plus_sent) >= PLUS_SENT_KEPT:
+                    self._plus_sent.clear()  # only a hint: forgetting costs one more full listing
+                self._plus_sent[inode.id] = now
+            self.listings[fh] = (inode, entries, with_attrs)
+        base = self.table.path(inode) if with_attrs else None
+        if base is not None and not base.endswith("/"):
+            base += "/"
         buf = ctypes.create_string_buffer(size)
         used = 0
-        st, dots = ll.Stat(), ll.EntryParam()
+        st, bare, full = ll.Stat(), ll.EntryParam(), ll.EntryParam(attr_timeout=ATTR_TIMEOUT,
+                                                                     entry_timeout=ENTRY_TIMEOUT)
         for index in range(offset, len(entries)):
-            name, ino, mode = entries[index]
-            encoded = os.fsencode(name)
+            name, encoded, ino, mode = entries[index]
             if not plus:
                 st.st_ino, st.st_mode = ino, mode
                 need = ll.add_direntry(req, ctypes.byref(buf, used), size - used, encoded, ctypes.byref(st), index + 1)
-            elif used + ll.add_direntry_plus(req, None, 0, encoded, None, 0) > size:
-                break
-            elif index < 2:
-                dots.attr.st_ino, dots.attr.st_mode = ino, mode
-                need = ll.add_direntry_plus(req, ctypes.byref(buf, used), size - used, encoded, ctypes.byref(dots),
-                                            index + 1)
-            else:
+                if used + need > size:
+                    break
+                used += need
+                continue
+            e, found = bare, None
+            if base is not None and index >= 2:
                 try:
-                    attrs = self._at(inode, self.union.getattr, name)
-                    e = _entry_param(self.table.found(inode, name, attrs), attrs)
+                    try:
+                        attrs = self.union.getattr(base + name)
+                    except FileNotFoundError:  # gone, or a rename moved the directory meanwhile
+                        attrs = self._at(inode, self.union.getattr, name)
                 except FileNotFoundError:
                     continue  # gone since the listing was read
-                except OSError:  # listed, but its lookup fails (a bad redirect): the entry goes, no inode
-                    e = dots
-                    e.attr.st_ino, e.attr.st_mode = ino, mode
-                need = ll.add_direntry_plus(req, ctypes.byref(buf, used), size - used, encoded, ctypes.byref(e),
-                                            index + 1)
+                except OSError:
+                    attrs = None  # listed, but its lookup fails (a bad redirect): a bare entry
+                if attrs is not None:
+                    found = self.table.found(inode, name, attrs)
+                    e = full
+                    e.ino = found.id
+                    ll.fill_stat(e.attr, attrs)
+            if e is bare:  # no inode: the kernel only learns the name, number and type
+                bare.attr.st_ino, bare.attr.st_mode = ino, mode
+            need = ll.add_direntry_plus(req, ctypes.byref(buf, used), size - used, encoded, ctypes.byref(e),
+                                        index + 1)
             if used + need > size:
+                if found is not None:
+                    self.table.forget(found, 1)  # did not go out
                 break
             used += need
         return Reply(ll.reply_buf, buf, used)

@@ -16,15 +16,24 @@ ROOT_ID = 1
 
 
 class Inode:
-    __slots__ = ("id", "key", "nlookup", "names", "children", "handles")
+    """One kernel inode. Its names are the first one (`parent`, `name`) and, for a file with
+    several, the others in `more`; `kids` maps the names found inside a directory."""
+
+    __slots__ = ("id", "key", "nlookup", "parent", "name", "more", "kids", "handles")
 
     def __init__(self, node_id, key):
         self.id = node_id
-        self.key = key          # (merged st_ino, file type), or None once the object may be gone
+        self.key = key          # see key_of, or None once the object may be gone
         self.nlookup = 0        # lookups the kernel has not forgotten
-        self.names = {}         # (parent Inode, name) -> None, in the order found: the first one names it
-        self.children = 0       # names of other inodes inside this one (keeps it while they live)
-        self.handles = set()    # open file handles (fh) on this inode
+        self.parent = None      # first name, by which the engine's path is built (None: no name left)
+        self.name = None
+        self.more = None        # [(parent Inode, name)] of further names of a hard-linked file
+        self.kids = None        # {name: Inode} of the names known inside this directory
+        self.handles = None     # the set of open file handles (fh) on this inode, once there is one
+
+    def names(self):
+        first = [] if self.parent is None else [(self.parent, self.name)]
+        return first + (self.more or [])
 
 
 def identity(attrs):
@@ -40,14 +49,18 @@ def key_of(attrs, parent=None, name=None):
     return identity(attrs)
 
 
+def _shared(attrs):
+    """Whether another name may lead to this object: only a hard-linked file of the upper."""
+    return attrs["st_nlink"] > 1 and not attrs.get("lower_link") and not stat.S_ISDIR(attrs["st_mode"])
+
+
 class InodeTable:
     def __init__(self):
         self.lock = threading.Lock()
         self.root = Inode(ROOT_ID, None)
         self.root.nlookup = 1
         self._by_id = {ROOT_ID: self.root}
-        self._by_key = {}
-        self._by_name = {}  # (parent id, name) -> Inode
+        self._by_key = {}  # key -> Inode, for hard-linked files only (see _shared)
         self._ids = itertools.count(ROOT_ID + 1)
         self.generation = 0  # moves of names so far, counted at their start and at their end
         self.moving = 0  # moves under way: a path read now may be out of date
@@ -94,10 +107,10 @@ class InodeTable:
         parts = []
         with self.lock:
             while inode is not self.root:
-                if not inode.names:
+                if inode.parent is None:
                     return None
-                inode, name = next(iter(inode.names))
-                parts.append(name)
+                parts.append(inode.name)
+                inode = inode.parent
         return "/" + "/".join(reversed(parts))
 
     def child_path(self, parent, name):
@@ -111,22 +124,28 @@ class InodeTable:
         inode = self.root
         with self.lock:
             for name in path.strip("/").split("/") if path != "/" else ():
-                inode = self._by_name.get((inode.id, name))
+                inode = inode.kids.get(name) if inode.kids else None
                 if inode is None:
                     return None
         return inode
 
     # -- what the kernel learns and forgets ------------------------------------------------------
-    def found(self, parent, name, attrs):
-        """`name` in `parent` is the object with `attrs`: its inode, with one more lookup counted."""
+    def found(self, parent, name, attrs, inode=None):
+        """`name` in `parent` is the object with `attrs` (known to be `inode`, for a new hard link):
+        its inode, with one more lookup counted."""
         key = key_of(attrs, parent, name)
+        shared = _shared(attrs)
         with self.lock:
-            inode = self._by_key.get(key)
+            old = parent.kids.get(name) if parent.kids else None
+            if inode is None and old is not None and old.key == key:
+                inode = old
+            if inode is None and shared:
+                inode = self._by_key.get(key)
             if inode is None:
                 inode = Inode(next(self._ids), key)
                 self._by_id[inode.id] = inode
+            if shared and inode.key == key:
                 self._by_key[key] = inode
-            old = self._by_name.get((parent.id, name))
             if old is not inode:
                 if old is not None:
                     self._drop_name(old, parent, name)
@@ -148,10 +167,10 @@ class InodeTable:
     def removed(self, parent, name):
         """`name` is gone from `parent` (unlink, rmdir): its inode may live on through open handles."""
         with self.lock:
-            inode = self._by_name.get((parent.id, name))
+            inode = parent.kids.get(name) if parent.kids else None
             if inode is not None:
                 self._drop_name(inode, parent, name)
-                if not inode.names:
+                if inode.parent is None:
                     self._unkey(inode)  # its number may come back for a new object
                 self._release(inode)
 
@@ -165,47 +184,67 @@ class InodeTable:
                 return False
             if inode.key is None or len(inode.key) == 2 or key[1] != inode.key[1]:
                 return False  # not a broken lower link: a concurrent change the kernel hears of by itself
-            if list(inode.names) == [(parent, name)] and key not in self._by_key:
+            if inode.names() == [(parent, name)] and key not in self._by_key:
                 self._unkey(inode)
                 inode.key = key
-                self._by_key[key] = inode
+                if _shared(attrs):
+                    self._by_key[key] = inode
                 return False
         self.removed(parent, name)
         return True
 
     def renamed(self, parent, name, new_parent, new_name, exchange=False):
         with self.lock:
-            moving = self._by_name.get((parent.id, name))
-            there = self._by_name.get((new_parent.id, new_name))
+            moving = parent.kids.get(name) if parent.kids else None
+            there = new_parent.kids.get(new_name) if new_parent.kids else None
             if moving is not None:
                 self._drop_name(moving, parent, name)
             if there is not None:
                 self._drop_name(there, new_parent, new_name)
                 if exchange:
                     self._add_name(there, parent, name)
-                elif not there.names:
+                elif there.parent is None:
                     self._unkey(there)
                 self._release(there)
             if moving is not None:
                 self._add_name(moving, new_parent, new_name)
 
+    def add_handle(self, inode, fh):
+        """Under the lock: `fh` is open on `inode`."""
+        if inode.handles is None:
+            inode.handles = set()
+        inode.handles.add(fh)
+
     def drop_handle(self, inode, fh):
         with self.lock:
-            inode.handles.discard(fh)
+            if inode.handles is not None:
+                inode.handles.discard(fh)
             self._release(inode)
 
     # -- internals (under the lock) --------------------------------------------------------------
     def _add_name(self, inode, parent, name):
-        inode.names[(parent, name)] = None
-        parent.children += 1
-        self._by_name[(parent.id, name)] = inode
+        if inode.parent is None:
+            inode.parent, inode.name = parent, name
+        else:
+            inode.more = (inode.more or []) + [(parent, name)]
+        if parent.kids is None:
+            parent.kids = {}
+        parent.kids[name] = inode
 
     def _drop_name(self, inode, parent, name):
-        if inode.names.pop((parent, name), False) is None:
-            parent.children -= 1
-            if self._by_name.get((parent.id, name)) is inode:
-                del self._by_name[(parent.id, name)]
-            self._release(parent)
+        if inode.parent is parent and inode.name == name:
+            inode.parent = inode.name = None
+            if inode.more:  # the next name becomes the first
+                (inode.parent, inode.name), inode.more = inode.more[0], inode.more[1:] or None
+        elif inode.more and (parent, name) in inode.more:
+            inode.more = [n for n in inode.more if n != (parent, name)] or None
+        else:
+            return
+        if parent.kids.get(name) is inode:
+            del parent.kids[name]
+            if not parent.kids:
+                parent.kids = None
+        self._release(parent)
 
     def _unkey(self, inode):
         if inode.key is not None and self._by_key.get(inode.key) is inode:
@@ -214,17 +253,18 @@ class InodeTable:
 
     def _release(self, inode):
         """Drop `inode` once the kernel has forgotten it and nothing here needs its names."""
-        while (inode is not self.root and inode.nlookup <= 0 and not inode.children and not inode.handles
+        while (inode is not self.root and inode.nlookup <= 0 and not inode.kids and not inode.handles
                and inode.id in self._by_id):
             del self._by_id[inode.id]
             self._unkey(inode)
-            names = list(inode.names)
-            inode.names.clear()
+            names = inode.names()
+            inode.parent = inode.name = inode.more = None
             parents = []
             for parent, name in names:
-                parent.children -= 1
-                if self._by_name.get((parent.id, name)) is inode:
-                    del self._by_name[(parent.id, name)]
+                if parent.kids and parent.kids.get(name) is inode:
+                    del parent.kids[name]
+                    if not parent.kids:
+                        parent.kids = None
                 parents.append(parent)
             for parent in parents[1:]:
                 self._release(parent)

@@ -26,6 +26,8 @@ from .whiteout import (METACOPY, OCI_OPAQUE, ORIGIN, REDIRECT, get_marker, is_oc
                        is_whiteout, oci_marker)
 
 XINO_SHIFT = 56
+LONG_PATH = 3072  # bytes: a path this long goes through a directory descriptor (PATH_MAX is 4096)
+PATH_CHUNK = 2048  # where long paths are cut, so that neighbours share a descriptor
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -88,6 +90,8 @@ class Layers:
             if root is not None:
                 self._fs_index.setdefault(os.stat(root).st_dev, len(self._fs_index))
         self._cache = {}
+        self._dir_fds = {}  # layer -> {head of a long path: its directory's descriptor} (see real)
+        self._retired = []  # upper descriptors still named by paths of the running operation
         # Numbers kept in memory for copies that cannot carry the origin xattr (symlinks and
         # special files under userxattr): merged path -> st_ino, as the kernel's cached inode keeps it.
         self.remembered = {}
@@ -95,10 +99,38 @@ class Layers:
     def forget(self):
         """Drop every cached answer: the upper has changed."""
         self._cache = {}
+        if self._dir_fds.get(0):  # upper directories may have moved: their descriptors retire
+            self._retired.extend(self._dir_fds.pop(0).values())
+
+    def start(self):
+        """An outermost operation begins: no path of an earlier one is in use, so the descriptors
+        retired since can go."""
+        while self._retired:
+            os.close(self._retired.pop())
 
     def real(self, layer, rel):
+        """The path of `rel` in `layer`, as the system calls take it.
+
+        A path longer than PATH_MAX is reached, as the kernel reaches it, from
+        a directory's descriptor: its head (at a fixed chunk boundary, so that
+        neighbours share it) is opened one component at a time and named
+        through /proc/self/fd, and the path stays short."""
         root = self.roots[layer]
-        return root + "/" + rel if rel else root
+        path = root + "/" + rel if rel else root
+        if len(path) < LONG_PATH:
+            return path
+        cut = rel.rfind("/", 0, (len(rel) // PATH_CHUNK) * PATH_CHUNK)
+        if cut <= 0:
+            raise os_error(errno.ENAMETOOLONG, path)
+        return f"/proc/self/fd/{self._dir_fd(layer, rel[:cut])}/{rel[cut + 1:]}"
+
+    def _dir_fd(self, layer, head):
+        fds = self._dir_fds.setdefault(layer, {})
+        fd = fds.get(head)
+        if fd is None:
+            fd = fds[head] = os.open(self.real(layer, head), os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
+                                     | os.O_CLOEXEC)
+        return fd
 
     # -- inode numbers -------------------------------------------------------------------------
     def map_ino(self, st):

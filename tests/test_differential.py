@@ -390,10 +390,11 @@ def build_std(L: Layers):
 
 
 def pin_times(root: str):
-    """Give every object under *root* the same old atime/mtime, children before parents."""
-    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+    """Give every object under *root* the same old atime/mtime, children before parents (through
+    directory descriptors: a layer may hold paths longer than PATH_MAX)."""
+    for _dirpath, dirnames, filenames, dirfd in os.fwalk(root, topdown=False):
         for name in filenames + dirnames:
-            os.utime(os.path.join(dirpath, name), ns=(PINNED_TIME_NS, PINNED_TIME_NS), follow_symlinks=False)
+            os.utime(name, ns=(PINNED_TIME_NS, PINNED_TIME_NS), dir_fd=dirfd, follow_symlinks=False)
     os.utime(root, ns=(PINNED_TIME_NS, PINNED_TIME_NS))
 
 
@@ -2023,6 +2024,204 @@ def sc_odirect(fs: Session):
             os.close(fd)
     fs.do("fcntl O_DIRECT then write", set_direct_then_write)
     fs.digest("exec.sh")
+
+
+# ---------------------------------------------------------------------------
+# very deep trees, and paths longer than PATH_MAX (only reachable with dir fds)
+
+DEEP = 300  # levels made through the mount (the engine tests go to 1,050 in-process)
+LOWER_DEEP = 200  # levels of a lower tree: snapshots and rmtree of the layers recurse
+LONG_NAMES = [f"n{i:02d}" + "x" * 247 for i in range(20)]  # 20 x 250 bytes: 5,000+ bytes of path
+
+
+def _mkdirs_at(root: str, names, mode: int = 0o755) -> int:
+    """mkdir every level below *root* through dir fds; return a dir fd of the last one."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for n in names:
+            try:
+                os.mkdir(n, mode, dir_fd=fd)
+            except FileExistsError:
+                pass
+            nfd = os.open(n, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _walk_to(root: str, names) -> int:
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for n in names:
+            nfd = os.open(n, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _rm_tree_at(root: str, name: str) -> int:
+    """rm -rf root/name with two fds at most (".." to climb): no recursion, no path length limit.
+    Returns the number of objects removed."""
+    removed = 0
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    stack = []
+    try:
+        nfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+        stack.append(name)
+        while stack:
+            sub = None
+            for e in sorted(os.listdir(fd)):
+                if stat.S_ISDIR(os.stat(e, dir_fd=fd, follow_symlinks=False).st_mode):
+                    sub = e
+                    break
+                os.unlink(e, dir_fd=fd)
+                removed += 1
+            if sub is not None:
+                nfd = os.open(sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+                stack.append(sub)
+            else:
+                pfd = os.open("..", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = pfd
+                os.rmdir(stack.pop(), dir_fd=fd)
+                removed += 1
+        return removed
+    finally:
+        os.close(fd)
+
+
+def fs_mkdirs_at(fs: Session, names, label: str):
+    return fs.do(f"mkdirs {label}", lambda: os.close(_mkdirs_at(fs.root, names)) or len(names))
+
+
+def fs_at(fs: Session, names, label: str, fn):
+    """Run fn(dirfd) in the directory reached through *names* (one dir fd per level)."""
+    def go():
+        fd = _walk_to(fs.root, names)
+        try:
+            return fn(fd)
+        finally:
+            os.close(fd)
+    return fs.do(label, go)
+
+
+def fs_rm_tree(fs: Session, name: str):
+    return fs.do(f"rm -rf {name[:20]}", _rm_tree_at, fs.root, name)
+
+
+def _append_at(fd, name: str, data: bytes):
+    f = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644, dir_fd=fd)
+    try:
+        os.write(f, data)
+    finally:
+        os.close(f)
+    f = os.open(name, os.O_RDONLY, dir_fd=fd)
+    try:
+        return os.read(f, 1000)
+    finally:
+        os.close(f)
+
+
+def _read_at(fd, name: str):
+    f = os.open(name, os.O_RDONLY, dir_fd=fd)
+    try:
+        return os.read(f, 1000)
+    finally:
+        os.close(f)
+
+
+def _stat_at(fd, name: str):
+    return describe_stat(os.stat(name, dir_fd=fd, follow_symlinks=False))
+
+
+def build_deep(L: Layers):
+    build_std(L)
+    fd = _mkdirs_at(L[1], ["L"] * LOWER_DEEP)
+    try:
+        f = os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(f, b"lower deep\n")
+        os.close(f)
+    finally:
+        os.close(fd)
+
+
+def build_long_names(L: Layers):
+    """A lower tree whose full path passes PATH_MAX: built through dir fds."""
+    build_std(L)
+    fd = _mkdirs_at(L[1], LONG_NAMES)
+    try:
+        f = os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(f, b"lower long\n")
+        os.close(f)
+    finally:
+        os.close(fd)
+
+
+@scenario(build=build_deep)
+def sc_deep_tree_through_mount(fs: Session):
+    """Kernel, every mode: DEEP levels of d/ created through the mount, appended to at the bottom
+    (by full path and through dir fds) and removed; a LOWER_DEEP-level lower tree copied up at the
+    bottom and removed.  All succeed (the kernel manages 1,000 levels as well)."""
+    deep = ["d"] * DEEP
+    fs_mkdirs_at(fs, deep, f"{DEEP} x d")
+    def append_full_path():  # a 2,000-byte path: still under PATH_MAX
+        fd = os.open(fs.p("/".join(deep) + "/file"), W | CREAT | APPEND, 0o644)
+        try:
+            return os.write(fd, b"x\n")
+        finally:
+            os.close(fd)
+    fs.do("append at bottom by full path", append_full_path)
+    fs_at(fs, deep, "append at bottom via dir fds", lambda fd: _append_at(fd, "file", b"y\n"))
+    fs_at(fs, deep[:-1], "stat bottom dir", lambda fd: _stat_at(fd, "d")["type"])
+    lower = ["L"] * LOWER_DEEP
+    fs_at(fs, lower, "read lower bottom", lambda fd: _read_at(fd, "f"))
+    fs_at(fs, lower, "append lower bottom (copies up 500 dirs)", lambda fd: _append_at(fd, "f", b"more\n"))
+    fs_at(fs, lower[:-1], "mode of a copied-up parent", lambda fd: _stat_at(fd, "L")["mode"])
+    fs_rm_tree(fs, "d")
+    fs_rm_tree(fs, "L")
+    fs.listdir("")
+
+
+@scenario(build=build_long_names)
+def sc_path_longer_than_path_max(fs: Session):
+    """Kernel, every mode: a merged path of 20 x 250-byte names (> 4096 bytes) can be created,
+    stat-ed, appended to, copied up and deleted through dir fds; the full path gives ENAMETOOLONG
+    (from the VFS, before overlayfs sees it).  getcwd() inside it works (returns 5,000+ bytes).
+    """
+    names = [f"c{i:02d}" + "y" * 247 for i in range(20)]
+    fs_mkdirs_at(fs, names, "20 x 250-byte dirs")
+    fs_at(fs, names, "create leaf", lambda fd: _append_at(fd, "leaf", b"leaf\n"))
+    fs_at(fs, names, "stat leaf", lambda fd: _stat_at(fd, "leaf"))
+    fs.do("stat by full path", lambda: describe_stat(os.stat(fs.p("/".join(names) + "/leaf"))))
+    fs_at(fs, names, "append leaf", lambda fd: _append_at(fd, "leaf", b"more\n"))
+    fs_at(fs, names, "listdir bottom", lambda fd: sorted(os.listdir(fd)))
+    fs_at(fs, LONG_NAMES, "stat lower leaf", lambda fd: _stat_at(fd, "leaf"))
+    fs_at(fs, LONG_NAMES, "append lower leaf (copy-up)", lambda fd: _append_at(fd, "leaf", b"more\n"))
+    fs_at(fs, LONG_NAMES, "rename lower leaf", lambda fd: os.rename("leaf", "leaf2", src_dir_fd=fd, dst_dir_fd=fd))
+    fs_at(fs, LONG_NAMES, "listdir lower bottom", lambda fd: sorted(os.listdir(fd)))
+
+    def getcwd_len(fd):
+        old = os.open(".", os.O_RDONLY)
+        try:
+            os.fchdir(fd)
+            return len(os.getcwd()) - len(fs.root)
+        finally:
+            os.fchdir(old)
+            os.close(old)
+    fs_at(fs, names, "getcwd inside", getcwd_len)
+    fs_rm_tree(fs, names[0])
+    fs_rm_tree(fs, LONG_NAMES[0])
+    fs.listdir("")
 
 
 # ---------------------------------------------------------------------------
