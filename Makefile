@@ -4,6 +4,8 @@
 #   make venv    Debian packages (as root, when missing) and .venv with cowfs installed editable
 #   make demo    the Docker storage-driver walkthrough, mounted with cowfs (scripts/demo.sh)
 #   make test    the whole test suite
+#   make check   the fast edit-test loop (under 2 minutes): engine tests and a sample of the mount tests
+#   make lint    ruff over cowfs, tests and scripts (rules in pyproject.toml)
 #   make bench   the benchmark (scripts/bench.py)
 #   make clean   remove scratch/ and .venv (refuses while something under scratch/ is mounted)
 
@@ -13,7 +15,7 @@ VENV := .venv
 DEBIAN_PACKAGES := fuse3 fuse-overlayfs attr tmux zstd
 PYTEST_ARGS ?=
 
-.PHONY: venv system-packages demo test bench fuzz crash stress install clean
+.PHONY: venv system-packages demo test check lint bench fuzz crash stress install clean
 
 venv: $(VENV)/.installed
 
@@ -69,6 +71,18 @@ test: venv
 	@rc=0; $(VENV)/bin/python -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	[ $$rc -eq 5 ] && echo "make test: pytest collected no tests" >&2; \
 	exit $$rc
+
+# The edit-test loop: the engine without FUSE, then a few differential scenarios (kernel
+# overlay vs cowfs, in every mode) picked by CHECK_DIFFERENTIAL. A separate pytest run,
+# as -k would also filter CHECK_TESTS; a -k that matches nothing fails (pytest exit 5).
+CHECK_TESTS ?= tests/test_engine.py tests/test_engine_concurrency.py tests/test_concurrency.py
+CHECK_DIFFERENTIAL ?= copyup_open_wronly or unlink_lower_file or rename_merged_dir or names_like_libfuse_hidden
+check: venv
+	$(VENV)/bin/python -m pytest -q $(CHECK_TESTS)
+	$(VENV)/bin/python -m pytest -q tests/test_differential.py -k "$(CHECK_DIFFERENTIAL)"
+
+lint: venv
+	$(VENV)/bin/ruff check cowfs tests scripts
 
 bench: venv
 	$(VENV)/bin/python scripts/bench.py

@@ -46,8 +46,18 @@ import threading
 import time
 import zlib
 
-from .whiteout import OCI_OPAQUE, OCI_PREFIX, REDIRECT, TRUSTED_PREFIX, USER_PREFIX, get_marker, is_opaque, \
-    is_whiteout, make_whiteout, set_opaque
+from .whiteout import (
+    OCI_OPAQUE,
+    OCI_PREFIX,
+    REDIRECT,
+    TRUSTED_PREFIX,
+    USER_PREFIX,
+    get_marker,
+    is_opaque,
+    is_whiteout,
+    make_whiteout,
+    set_opaque,
+)
 
 CHUNK = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
@@ -571,7 +581,7 @@ class _Writer:
     def merged_dir(self, merged, rel):
         """Everything the merged view shows under `merged`, from whichever layer (for a redirected directory)."""
         node = self.layers.resolve_required(merged)
-        for name, _, entry in sorted(self.layers.list_dir(node), key=lambda item: item[0]):
+        for name, _, _entry in sorted(self.layers.list_dir(node), key=lambda item: item[0]):
             child_merged = merged + "/" + name
             child = self.layers.resolve_required(child_merged)
             st = os.lstat(child.real)

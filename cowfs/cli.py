@@ -288,6 +288,7 @@ def _image_form(args):
 def _mount_image(args, found, mounting):
     """`cowfs mount IMAGE MOUNTPOINT`: a new container layer in the store over the image's layers."""
     import shutil
+
     from .images import create_container, image_stack_options
     from .stack import _escape
     store, image_id, ref = found

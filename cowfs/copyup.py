@@ -1,4 +1,4 @@
-"""Copy-up: bring a lower object into the upper, whole or not at all (SPEC section 4).
+"""Copy-up: bring a lower object into the upper, whole or not at all, as the kernel overlay does.
 
 Everything is built under the workdir and renamed into the upper in one
 step, so a crash leaves either no copy or a complete one. Data moves by the

@@ -31,9 +31,18 @@ from .errors import os_error
 from .events import TRIGGERS, Events
 from .lookup import Layers, join, parent_of, renamed_paths
 from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, rename2
-from .whiteout import (METACOPY, ORIGIN, REDIRECT, escape_xattr, is_opaque, is_whiteout, make_whiteout, set_marker,
-                       set_opaque, unescape_xattr)
-
+from .whiteout import (
+    METACOPY,
+    ORIGIN,
+    REDIRECT,
+    escape_xattr,
+    is_opaque,
+    is_whiteout,
+    make_whiteout,
+    set_marker,
+    set_opaque,
+    unescape_xattr,
+)
 
 
 class _DataFirst(Exception):
@@ -810,7 +819,8 @@ class Union:
     # -- renaming --------------------------------------------------------------------------------
     @locked
     def rename(self, old, new, flags=0):
-        """Rename within the merged view (SPEC section 6), with renameat2's NOREPLACE or EXCHANGE.
+        """Rename within the merged view, with renameat2's NOREPLACE or EXCHANGE; a name a lower layer
+        still shows is left as a whiteout (RENAME_WHITEOUT), in the same step.
 
         A directory with a lower part moves only with redirect_dir=on (it gets a
         redirect xattr); otherwise EXDEV, and tools such as mv copy instead.

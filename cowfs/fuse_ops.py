@@ -24,7 +24,8 @@ import time
 
 from . import libfuse as ll
 from .engine import Caller
-from .inodes import InodeTable, identity as _identity
+from .inodes import InodeTable
+from .inodes import identity as _identity
 from .syscalls import RENAME_EXCHANGE
 
 log = logging.getLogger("cowfs")

@@ -10,9 +10,23 @@ import os
 import sys
 
 from .archive import ArchiveError
-from .images import (HISTORY_HEADER, IMAGES_HEADER, ago, commit, container_mounted_at, container_of_upper,
-                     history_rows, images_in_use, import_archive, inspect, list_containers, list_images, lowerdir,
-                     remove_container, table)
+from .images import (
+    HISTORY_HEADER,
+    IMAGES_HEADER,
+    ago,
+    commit,
+    container_mounted_at,
+    container_of_upper,
+    history_rows,
+    images_in_use,
+    import_archive,
+    inspect,
+    list_containers,
+    list_images,
+    lowerdir,
+    remove_container,
+    table,
+)
 from .layerstore import Store, StoreError, default_store, normalise_ref
 from .whiteout import TRUSTED_PREFIX, USER_PREFIX
 
@@ -255,7 +269,7 @@ def _run(args, out, err):
 def _tree_size(path):
     from .archive import human_size
     total = 0
-    for root, dirs, files in os.walk(path):
+    for root, _dirs, files in os.walk(path):
         for name in files:
             try:
                 total += os.lstat(os.path.join(root, name)).st_size

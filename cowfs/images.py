@@ -23,8 +23,16 @@ import sys
 import tarfile
 import tempfile
 
-from .archive import (ArchiveError, HashingReader, HashingWriter, Progress, ProgressFile, ZSTD_MAGIC,
-                      human_size, write_layer)
+from .archive import (
+    ZSTD_MAGIC,
+    ArchiveError,
+    HashingReader,
+    HashingWriter,
+    Progress,
+    ProgressFile,
+    human_size,
+    write_layer,
+)
 from .layerstore import StoreError, check_digest, normalise_ref
 from .whiteout import TRUSTED_PREFIX
 
@@ -137,7 +145,7 @@ def _read_json(source, name, archive, digest=None):
 # -- import ------------------------------------------------------------------------------------------
 
 def _now_rfc3339():
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def parse_time(text):
@@ -148,7 +156,8 @@ def parse_time(text):
     if not m:
         return None
     base, frac, zone = m.groups()
-    dt = datetime.datetime.fromisoformat(base + ((frac or ".") + "000000")[:7] + ("+00:00" if zone in (None, "Z") else zone))
+    dt = datetime.datetime.fromisoformat(base + ((frac or ".") + "000000")[:7]
+                                         + ("+00:00" if zone in (None, "Z") else zone))
     return dt.timestamp()
 
 

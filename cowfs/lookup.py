@@ -1,4 +1,4 @@
-"""Resolving a path through the layers and merging directory listings (SPEC section 2 and 7).
+"""Resolving a path through the layers and merging directory listings, by the kernel overlay's rules.
 
 Assumptions, as in the kernel: lower layers never change while mounted; the
 upper changes only through this process. So where each name is found can be
@@ -22,8 +22,17 @@ import os
 import stat
 
 from .errors import os_error
-from .whiteout import (METACOPY, OCI_OPAQUE, ORIGIN, REDIRECT, get_marker, is_oci_marker, is_opaque,
-                       is_whiteout, oci_marker)
+from .whiteout import (
+    METACOPY,
+    OCI_OPAQUE,
+    ORIGIN,
+    REDIRECT,
+    get_marker,
+    is_oci_marker,
+    is_opaque,
+    is_whiteout,
+    oci_marker,
+)
 
 XINO_SHIFT = 56
 LONG_PATH = 3072  # bytes: a path this long goes through a directory descriptor (PATH_MAX is 4096)
@@ -250,7 +259,7 @@ class Layers:
                     return
                 rel = target
             else:
-                part = next(((l, r) for l, r in parent.parts if l > last), None)
+                part = next(((i, r) for i, r in parent.parts if i > last), None)
                 if part is None:
                     return
                 layer, prel = part
@@ -326,7 +335,7 @@ class Layers:
         layer, _, real, st = found[0]
         top_redirect = get_marker(real, self.prefix, REDIRECT) if layer == 0 and (
             stat.S_ISDIR(st.st_mode) or data_wanted) else None
-        return Node(join(parent.path, name), layer, real, st, tuple((l, r) for l, r, _, _ in found), top_redirect,
+        return Node(join(parent.path, name), layer, real, st, tuple((i, r) for i, r, _, _ in found), top_redirect,
                     data)
 
     def lower_positive(self, parent, name):

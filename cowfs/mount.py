@@ -116,7 +116,8 @@ def mount(stack, mountpoint, *, foreground=False, debug=False, trace=None, human
         human_trace = os.path.abspath(human_trace) if human_trace else None
         if is_within(trace, mountpoint) or (human_trace and is_within(human_trace, mountpoint)):
             raise StackError(f"trace {trace}: inside the mount point {mountpoint} (it would trace its own writes)")
-        for role, layer in [("lowerdir", p) for p in stack.lowers] + [("upperdir", stack.upper), ("workdir", stack.work)]:
+        for role, layer in [("lowerdir", p) for p in stack.lowers] + [("upperdir", stack.upper),
+                                                                       ("workdir", stack.work)]:
             if layer is not None and is_within(trace, layer):
                 raise StackError(f"trace {trace}: inside {role} {layer} (a trace is never written into a layer)")
         writer = _open_trace(trace, human_trace)
@@ -182,7 +183,7 @@ def mount(stack, mountpoint, *, foreground=False, debug=False, trace=None, human
     _reap(pid)
     if is_cowfs_mount(mountpoint):  # mounted but broken: leave nothing behind
         _force_unmount(mountpoint)
-    lines = [l.strip() for l in output.decode(errors="replace").splitlines() if l.strip()]
+    lines = [line.strip() for line in output.decode(errors="replace").splitlines() if line.strip()]
     reason = lines[-1] if lines else "the daemon exited before the mount was live"
     raise StackError(f"mount point {mountpoint}: {reason.removeprefix('fuse: ')}")
 

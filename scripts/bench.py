@@ -33,11 +33,12 @@ import sys
 import sysconfig
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from cowfs.testing.mounts import is_mounted, mounts_under, pid_alive as process_alive, pids_with_argument
+from cowfs.testing.mounts import is_mounted, mounts_under, pids_with_argument
+from cowfs.testing.mounts import pid_alive as process_alive
 
 REPO = Path(__file__).resolve().parent.parent
 BACKENDS = ("cowfs", "fuse-overlayfs", "kernel")

@@ -50,11 +50,22 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from cowfs.testing.mounts import (CowfsMount, KernelOverlay, MountError, availability, force_unmount, make_opaque,
-                                  make_whiteout, mounts_under, pid_alive, pids_with_argument, wait_gone)
+from cowfs.testing.mounts import (
+    CowfsMount,
+    KernelOverlay,
+    MountError,
+    availability,
+    force_unmount,
+    make_opaque,
+    make_whiteout,
+    mounts_under,
+    pid_alive,
+    pids_with_argument,
+    wait_gone,
+)
 from cowfs.testing.tree import diff_snapshots, snapshot
 
 SCRATCH = Path("/tmp/crashB")

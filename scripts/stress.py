@@ -52,9 +52,19 @@ import tempfile
 import time
 from collections import Counter
 
-from cowfs.testing.mounts import (CowfsMount, KernelOverlay, MountError, abort_connection, force_unmount,
-                                  fuse_connection, make_opaque, make_whiteout, mounts_under, pid_alive,
-                                  pids_with_argument)
+from cowfs.testing.mounts import (
+    CowfsMount,
+    KernelOverlay,
+    MountError,
+    abort_connection,
+    force_unmount,
+    fuse_connection,
+    make_opaque,
+    make_whiteout,
+    mounts_under,
+    pid_alive,
+    pids_with_argument,
+)
 from cowfs.testing.tree import diff_snapshots, snapshot
 
 SCRATCH = "/tmp/stressA"
@@ -554,7 +564,8 @@ def main(argv=None) -> int:
     ap.add_argument("--procs", type=int, default=16, help="worker processes (default 16)")
     ap.add_argument("--seed", default=None, help="default: a fresh random one, printed")
     ap.add_argument("--op-timeout", type=float, default=30, help="watchdog limit for one operation (default 30 s)")
-    ap.add_argument("--kernel-seconds", type=float, default=None, help="workload time on the kernel (default --seconds)")
+    ap.add_argument("--kernel-seconds", type=float, default=None,
+                    help="workload time on the kernel (default --seconds)")
     ap.add_argument("--backends", default="cowfs,kernel", help="comma-separated, of cowfs,kernel (default both)")
     ap.add_argument("--skip", default="", help=f"comma-separated kinds of operation to leave out, of {','.join(MIX)}")
     ap.add_argument("--freeze-daemon-after", type=float, default=None, metavar="S",

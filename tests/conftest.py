@@ -18,7 +18,8 @@ from cowfs.testing.mounts import MountError, availability, force_unmount, in_ci,
 
 def pytest_report_header(config):
     avail = availability()
-    parts = [f"{name}: {'available' if reason is None else 'MISSING (' + reason + ')'}" for name, reason in avail.items()]
+    parts = [f"{name}: {'available' if reason is None else 'MISSING (' + reason + ')'}"
+             for name, reason in avail.items()]
     return "cowfs test machine: " + "; ".join(parts) + ("; CI=true (missing features fail)" if in_ci() else "")
 
 

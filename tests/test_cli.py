@@ -1,10 +1,13 @@
 """The `cowfs` command line: refusals, help, the friendly spelling, and foreground mode.
 
-Every refusal (SPEC sections 1 and 8, issue 2) must be ONE line on stderr
+Every refusal (a bad option, a missing or overlapping layer, an upper or
+work directory in use, a busy mount point) must be ONE line on stderr
 naming the path (or option) and the reason, a non-zero exit, and leave no
-mount, no daemon and no runtime record behind.  Pure option errors are
-checked in-process through `cowfs.cli.main`; everything that gets as far as
-checking paths or mounting runs `python -m cowfs` as a subprocess.
+mount, no daemon and no runtime record behind: a script or mount(8) sees
+why at once, and a failed mount never leaves a half-started one to clean up.
+Pure option errors are checked in-process through `cowfs.cli.main`;
+everything that gets as far as checking paths or mounting runs
+`python -m cowfs` as a subprocess.
 
 Tests that mount need FUSE (and some the kernel overlay, or root for a
 tmpfs): they skip with a reason when it is missing, and fail under CI=true.
@@ -21,8 +24,16 @@ import pytest
 
 import cowfs.cli
 import cowfs.mount
-from cowfs.testing.mounts import (force_unmount, in_ci, is_mounted, mounts_under, pid_alive, pids_with_argument,
-                                  require, wait_gone)
+from cowfs.testing.mounts import (
+    force_unmount,
+    in_ci,
+    is_mounted,
+    mounts_under,
+    pid_alive,
+    pids_with_argument,
+    require,
+    wait_gone,
+)
 
 COWFS = [sys.executable, "-m", "cowfs"]
 

@@ -56,7 +56,7 @@ def test_appends_through_two_hard_links_finish(stack):
             lines = f.read().splitlines()
         assert len(lines) == 2 * APPENDS
         for tag in (b"A", b"B"):
-            assert [l for l in lines if l.startswith(tag)] == [b"%s %06d" % (tag, i) for i in range(APPENDS)]
+            assert [ln for ln in lines if ln.startswith(tag)] == [b"%s %06d" % (tag, i) for i in range(APPENDS)]
         assert os.stat(a).st_nlink == os.stat(b).st_nlink == 2
         assert os.stat(a).st_size == os.stat(b).st_size == len(lines) * 9
 

@@ -30,8 +30,8 @@ import pickle
 import stat
 import threading
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -259,7 +259,7 @@ class Session:
         self._remount()
         self.check("remount", True)
 
-    def as_user(self, uid: int, gid: int, ops: Callable[["Session"], None]):
+    def as_user(self, uid: int, gid: int, ops: Callable[[Session], None]):
         """Run *ops* in a forked child with uid/gid switched (real, effective and saved)."""
         r, w = os.pipe()
         pid = os.fork()
@@ -2293,7 +2293,8 @@ def _diff_outcomes(a: list, b: list, a_name: str, b_name: str) -> str:
         ob = b[i] if i < len(b) else ("<missing>", None)
         if oa != ob:
             if oa[0] == ob[0] and isinstance(oa[1], dict) and isinstance(ob[1], dict):
-                keys = sorted(k for k in set(oa[1]) | set(ob[1]) if oa[1].get(k, "<absent>") != ob[1].get(k, "<absent>"))
+                keys = sorted(k for k in set(oa[1]) | set(ob[1])
+                              if oa[1].get(k, "<absent>") != ob[1].get(k, "<absent>"))
                 detail = ", ".join(f"{k}: {a_name}={oa[1].get(k, '<absent>')!r} {b_name}={ob[1].get(k, '<absent>')!r}"
                                    for k in keys)
                 lines.append(f"  #{i} {oa[0]}: {detail}")
@@ -2355,7 +2356,8 @@ def test_differential(name, mode, shared_tmp):
 
     problems = []
     if ref_out != got_out:
-        problems.append("operation outcomes differ (kernel vs %s):\n%s" % (BACKEND, _diff_outcomes(ref_out, got_out, "kernel", BACKEND)))
+        problems.append(f"operation outcomes differ (kernel vs {BACKEND}):\n"
+                        f"{_diff_outcomes(ref_out, got_out, 'kernel', BACKEND)}")
     if ref_tree != got_tree:
         problems.append("merged trees differ:\n" + diff_snapshots(ref_tree, got_tree, "kernel", BACKEND))
     for d, before in zip(lowers, lowers_before):

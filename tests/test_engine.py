@@ -2,7 +2,8 @@
 
 Organised by behaviour (lookup and merge, copy-up, delete, rename, links,
 xattrs, readdir, OCI markers, userxattr, errors).  Every test also checks,
-through the `env` fixture, two invariants of SPEC section 8:
+through the `env` fixture, the two invariants that make the overlay safe
+to share lower layers and to crash:
 - no lower layer changes (a full snapshot of each lower, taken when the
   stack is built, is compared after the test);
 - the workdir's staging directory (W/work) is empty after every engine call,
@@ -212,7 +213,8 @@ def env(tmp_path):
 
 @pytest.fixture(autouse=True)
 def _lowers_never_change(env):
-    """SPEC 8: lower layers are never written, whatever a test did (snapshots taken when the stack was built)."""
+    """Lower layers are never written, whatever a test did (snapshots taken when the stack was built),
+    and the staging directory W/work is left empty."""
     yield
     env.assert_lowers_unchanged()
     env.assert_work_empty("at the end of the test")

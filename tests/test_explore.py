@@ -1,4 +1,5 @@
-"""Exploring copy-up (issue 5): `cowfs mount --trace`, `cowfs diff`, `cowfs explain`, `cowfs status`.
+"""Exploring copy-up (README, "Exploring copy-up"): `cowfs mount --trace`, `cowfs diff`, `cowfs explain`,
+`cowfs status`.
 
 `cowfs diff` is checked against the kernel: the same operations run on a
 kernel overlay and on cowfs, and the diff of each upper must be the same,

@@ -132,9 +132,10 @@ def oci_layout(root, layers, ref="acme/oci:1.0", compress=True, as_tar=None):
     manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
                            "config": dict(blob(config), mediaType="application/vnd.oci.image.config.v1+json"),
                            "layers": layer_descs}).encode()
-    index = {"schemaVersion": 2, "manifests": [dict(blob(manifest), mediaType="application/vnd.oci.image.manifest.v1+json",
-                                                    annotations={"io.containerd.image.name": ref,
-                                                                 "org.opencontainers.image.ref.name": ref.split(":")[-1]})]}
+    index = {"schemaVersion": 2,
+             "manifests": [dict(blob(manifest), mediaType="application/vnd.oci.image.manifest.v1+json",
+                                annotations={"io.containerd.image.name": ref,
+                                             "org.opencontainers.image.ref.name": ref.split(":")[-1]})]}
     with open(os.path.join(root, "index.json"), "w") as f:
         json.dump(index, f)
     with open(os.path.join(root, "oci-layout"), "w") as f:
@@ -198,7 +199,7 @@ def test_docker_save_import_unpacks_each_layer_once_in_overlay_format(tmp_path, 
     assert rc == 0, err
     assert out.count("already stored") == 2 and out.count("unpacked") == 2
     s = Store(store)
-    assert sorted(s.layer_ids()) == sorted(sha(l) for l in BASE_LAYERS + APP_LAYERS)
+    assert sorted(s.layer_ids()) == sorted(sha(layer) for layer in BASE_LAYERS + APP_LAYERS)
     assert len(os.listdir(store / "layers")) == 4  # the two shared layers are stored once
 
     top = s.layer_path(sha(BASE_LAYERS[1]))
@@ -213,7 +214,8 @@ def test_docker_save_import_unpacks_each_layer_once_in_overlay_format(tmp_path, 
 
 
 def test_images_history_inspect_and_rmi(tmp_path, store):
-    history = [history_entry("/bin/sh -c #(nop) ADD file:f278386b0cef68136129f5f58c52445590a417b624d62bca158d4dc926c340df in /"),
+    history = [history_entry("/bin/sh -c #(nop) ADD "
+                             "file:f278386b0cef68136129f5f58c52445590a417b624d62bca158d4dc926c340df in /"),
                history_entry('/bin/sh -c #(nop)  CMD ["/bin/sh"]', empty=True),
                history_entry("RUN /bin/sh -c apk add --no-cache bash # buildkit")]
     final_history = history + [history_entry("COPY . /app # buildkit"),
@@ -228,9 +230,9 @@ def test_images_history_inspect_and_rmi(tmp_path, store):
     lines = out.splitlines()
     assert lines[0].split()[:2] == ["REPOSITORY", "TAG"]
     s = Store(store)
-    base_size = sum(s.layer_info(sha(l))["size"] for l in BASE_LAYERS)
-    app_size = sum(s.layer_info(sha(l))["size"] for l in APP_LAYERS)
-    final_row = next(l for l in lines if l.startswith("acme/my-final-image"))
+    base_size = sum(s.layer_info(sha(layer))["size"] for layer in BASE_LAYERS)
+    app_size = sum(s.layer_info(sha(layer))["size"] for layer in APP_LAYERS)
+    final_row = next(line for line in lines if line.startswith("acme/my-final-image"))
     assert final_row.split()[-2:] == [f"{base_size}B", f"{app_size}B"]  # SHARED SIZE, UNIQUE SIZE
     assert f"sharing saves {base_size}B" in lines[-1]
 
@@ -244,14 +246,14 @@ def test_images_history_inspect_and_rmi(tmp_path, store):
 
     rc, out, _ = cli(store, "inspect", "acme/my-final-image:1.0")
     info = json.loads(out)[0]
-    assert info["RootFS"]["Layers"] == [sha(l) for l in BASE_LAYERS + APP_LAYERS]
+    assert info["RootFS"]["Layers"] == [sha(layer) for layer in BASE_LAYERS + APP_LAYERS]
     assert info["Id"] == final_id and info["RepoTags"] == ["acme/my-final-image:1.0"]
     rc, out, _ = cli(store, "inspect", "--format", "lowerdir", "acme/my-final-image:1.0")
-    assert out.strip().split(":") == [s.layer_path(sha(l)) for l in reversed(BASE_LAYERS + APP_LAYERS)]
+    assert out.strip().split(":") == [s.layer_path(sha(layer)) for layer in reversed(BASE_LAYERS + APP_LAYERS)]
 
     rc, out, _ = cli(store, "rmi", "acme/my-final-image:1.0")
     assert rc == 0 and "Untagged: acme/my-final-image:1.0" in out
-    assert sorted(s.layer_ids()) == sorted(sha(l) for l in BASE_LAYERS)  # shared layers kept
+    assert sorted(s.layer_ids()) == sorted(sha(layer) for layer in BASE_LAYERS)  # shared layers kept
     assert os.path.isdir(s.layer_path(sha(BASE_LAYERS[0])))
     rc, out, _ = cli(store, "rmi", "acme/my-base-image")  # ":latest" is not it
     assert rc == 1
@@ -270,7 +272,7 @@ def test_oci_layout_directory_and_tar(tmp_path, store):
     assert rc == 0, err
     assert out.count("already stored") == 3 and "Loaded image: acme/renamed:3" in out
     s = Store(store)
-    assert s.image_layers(s.resolve("acme/renamed:3")) == [sha(l) for l in layers]
+    assert s.image_layers(s.resolve("acme/renamed:3")) == [sha(layer) for layer in layers]
 
 
 def test_oci_blob_with_wrong_content_is_refused(tmp_path, store):
@@ -508,7 +510,7 @@ def test_commit_with_tag_adds_an_image(tmp_path, store):
     assert rc == 0, err
     diff_id = out.splitlines()[0]
     s = Store(store)
-    assert s.image_layers(s.resolve("acme/next:1")) == [sha(l) for l in BASE_LAYERS] + [diff_id]
+    assert s.image_layers(s.resolve("acme/next:1")) == [sha(layer) for layer in BASE_LAYERS] + [diff_id]
     rc, out, _ = cli(store, "history", "acme/next:1")
     assert "cowfs commit" in out.splitlines()[1] and "hi" in out.splitlines()[1]
     # the same with --lower paths of the store, found back to the parent image
@@ -790,7 +792,8 @@ def test_commit_mountpoint_of_a_container_makes_a_child_image(shared_tmp):
         os.unlink(os.path.join(m, "etc/os-release"))
         os.mkdir(os.path.join(m, "data"))
         # no --from, no --lower: the mount says where the upper and the lowers are, the container which image
-        r = run_cowfs("commit", m, "--tag", "acme/app:2", "-m", "from a mount", "--clamp-mtime", MTIME, "--store", store)
+        r = run_cowfs("commit", m, "--tag", "acme/app:2", "-m", "from a mount", "--clamp-mtime", MTIME,
+                      "--store", store)
         assert r.returncode == 0, r.stderr
         diff_id = r.stdout.splitlines()[0]
         assert r.stdout.splitlines()[1] == f"Tagged acme/app:2 as {s.resolve('acme/app:2')}"

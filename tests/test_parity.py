@@ -23,7 +23,16 @@ from hypothesis.stateful import run_state_machine_as_test
 from cowfs.testing.machine import KERNEL_QUIRKS, Divergence, parity_machine
 from cowfs.testing.plugin import register_profiles
 from cowfs.testing.strategies import (  # noqa: F401 (names used by pasted reproductions)
-    Dir, Fifo, File, HardLink, Layer, Oct, Pattern, StackSpec, Symlink, Whiteout,
+    Dir,
+    Fifo,
+    File,
+    HardLink,
+    Layer,
+    Oct,
+    Pattern,
+    StackSpec,
+    Symlink,
+    Whiteout,
 )
 
 register_profiles()

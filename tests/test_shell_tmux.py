@@ -144,7 +144,7 @@ def test_keep_leaves_the_upper_and_the_trace(layers, tmp_path):
         screen.wait_for("(cowfs) /$")
         screen.type("echo x > new-file; exit")
         shown = screen.wait_for("COWFS-SHELL-EXITED=0")
-        line = next(l for l in shown.splitlines() if l.startswith("cowfs shell: kept the upper "))
+        line = next(ln for ln in shown.splitlines() if ln.startswith("cowfs shell: kept the upper "))
         kept = line.split("kept the upper ")[1].split(" and the trace ")[0]
         assert os.listdir(kept) == ["new-file"]
         assert os.path.exists(os.path.join(os.path.dirname(kept), "trace.jsonl"))

@@ -4,8 +4,9 @@
 example draws a layer stack (``cowfs.testing.strategies.stacks``), writes it
 once, and mounts the *same* lower layers twice: with the kernel
 (``mount -t overlay``) and with cowfs, each with its own upper and work
-directory.  Every rule then performs one operation of SPEC sections 4-7 on
-both mounts and checks that
+directory.  Every rule then performs one operation (writing and copy-up,
+deleting and creating, renaming and linking, reading) on both mounts and
+checks that
 
 * the outcome is the same: the return value, or the errno name;
 * the whole merged tree is the same (``cowfs.testing.tree.snapshot``: type,
@@ -480,7 +481,7 @@ class ParityMachine(RuleBasedStateMachine):
             self._failed = True
             raise
 
-    # -- SPEC 4: writing, copy-up
+    # -- writing, attributes, xattrs, open files (every change copies up)
     @rule(path=paths, how=st.sampled_from(WRITE_HOW), offset=offsets, data=write_data)
     def write(self, path, how, offset, data):
         self._both("write", path, how, offset, data)
@@ -547,7 +548,7 @@ class ParityMachine(RuleBasedStateMachine):
         slot = self.fds.pop(fd % len(self.fds))
         self._both("close", slot)
 
-    # -- SPEC 5: deleting, creating
+    # -- deleting (whiteouts), creating (opaque directories)
     @rule(path=paths)
     def unlink(self, path):
         self._both("unlink", path)
@@ -568,7 +569,7 @@ class ParityMachine(RuleBasedStateMachine):
     def symlink(self, link_target, path):
         self._both("symlink", link_target, path)
 
-    # -- SPEC 6 and 7: renaming, links
+    # -- renaming (redirects, EXDEV), hard links
     @rule(src=paths, dst=paths)
     def rename(self, src, dst):
         self._both("rename", src, dst)

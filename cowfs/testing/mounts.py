@@ -245,7 +245,8 @@ class CowfsMount:
             time.sleep(0.05)
         lingering = [p for p in self._daemon_pids if pid_alive(p)]
         if lingering:
-            problems.append(f"cowfs daemon(s) {lingering} still running {UNMOUNT_TIMEOUT}s after unmounting {self.mountpoint}")
+            problems.append(f"cowfs daemon(s) {lingering} still running {UNMOUNT_TIMEOUT}s "
+                            f"after unmounting {self.mountpoint}")
             for pid in lingering:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGTERM)
@@ -342,7 +343,7 @@ def _check_kernel_overlay() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def availability() -> dict[str, str | None]:
     """``{"fuse": reason-or-None, "kernel": reason-or-None}``: None means available."""
     return {"fuse": _check_fuse(), "kernel": _check_kernel_overlay()}

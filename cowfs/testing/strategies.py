@@ -270,7 +270,8 @@ def stacks(min_layers: int = 1, max_layers: int = 6, max_depth: int = 3,
     MiB: the kernel's copy-up copies data in 1 MiB chunks and writes zeros into
     any hole that does not span a whole chunk.
     """
-    strategy = st.lists(layers(max_depth, small_holes), min_size=min_layers, max_size=max_layers).map(lambda ls: StackSpec(*ls))
+    strategy = st.lists(layers(max_depth, small_holes), min_size=min_layers, max_size=max_layers).map(
+        lambda ls: StackSpec(*ls))
     return strategy if unmerged_whiteouts else strategy.map(drop_unmerged_whiteouts)
 
 
@@ -368,5 +369,6 @@ def describe(spec: StackSpec) -> str:
 
 __all__ = [
     "NAMES", "PINNED_TIME_NS", "Oct", "Pattern", "File", "Dir", "Symlink", "HardLink", "Fifo", "Whiteout", "Layer",
-    "StackSpec", "layers", "stacks", "contributing_layers", "drop_unmerged_whiteouts", "materialise", "materialise_layer", "pin_times", "describe",
+    "StackSpec", "layers", "stacks", "contributing_layers", "drop_unmerged_whiteouts", "materialise",
+    "materialise_layer", "pin_times", "describe",
 ]
