@@ -19,6 +19,7 @@ import logging
 import os
 import queue
 import signal
+import stat
 import threading
 import time
 
@@ -170,12 +171,13 @@ class CowfsOperations:
                 if not self.table.settled(generation, MOVE_WAIT):
                     raise
                 continue
-            if same is None or path is None or same.key is None or _identity(result) == same.key[:2]:
+            if same is None or _identity(result)[1] == same.kind and (
+                    path is None or same.key is None or _identity(result)[0] == same.key[0]):
                 return result
             if not self.table.settled(generation, MOVE_WAIT):
-                if _identity(result)[1] == same.key[1]:
+                if _identity(result)[1] == same.kind:
                     return result  # the same kind of object: a copy-up may have given it a new number
-                # another type: answering with it would make the kernel take its inode for a bad one
+                # another kind: answering with it would make the kernel take its inode for a bad one
                 raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
         raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
 
@@ -310,7 +312,7 @@ class CowfsOperations:
                 mtime = _when(to_set, ll.SET_ATTR_MTIME, ll.SET_ATTR_MTIME_NOW, a.st_mtimespec, now)
                 u.utimens(path, atime, mtime) if path is not None else u.futimens(handle, atime, mtime)
             return self._attrs(inode, path, handle)
-        return _attr_reply(self._at(inode, lambda path: self._on_object(inode, path, given, apply)))
+        return _attr_reply(self._at(inode, lambda path: self._on_object(inode, path, given, apply), same=inode))
 
     def _on_object(self, inode, path, handle, operation):
         """`operation(path, handle)`, through a borrowed handle when the name is gone and the request
@@ -463,7 +465,13 @@ class CowfsOperations:
         inode = self.table.get(node_id)
         caller = self._caller(req)
         info = fi.contents
-        handle = self._at(inode, lambda path: self.union.open(_named(path), info.flags, caller))
+        def open_it(path):
+            handle = self.union.open(_named(path), info.flags, caller)
+            if stat.S_IFMT(os.fstat(handle.fd).st_mode) != inode.kind:
+                self.union.release(handle)  # the name holds another kind of object now: a racing change
+                raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+            return handle
+        handle = self._at(inode, open_it)
         fh = self._keep(inode, handle, info)
         return Reply(ll.reply_open, fi, undo=lambda: self._drop(fh))
 

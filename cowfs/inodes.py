@@ -19,11 +19,13 @@ class Inode:
     """One kernel inode. Its names are the first one (`parent`, `name`) and, for a file with
     several, the others in `more`; `kids` maps the names found inside a directory."""
 
-    __slots__ = ("id", "key", "nlookup", "parent", "name", "more", "kids", "handles")
+    __slots__ = ("id", "key", "kind", "nlookup", "parent", "name", "more", "kids", "handles")
 
-    def __init__(self, node_id, key):
+    def __init__(self, node_id, key, kind):
         self.id = node_id
         self.key = key          # see key_of, or None once the object may be gone
+        self.kind = kind        # the file type bits: an inode never changes kind (the kernel would take it
+                                # for a bad one and fail every use of it with EIO)
         self.nlookup = 0        # lookups the kernel has not forgotten
         self.parent = None      # first name, by which the engine's path is built (None: no name left)
         self.name = None
@@ -57,7 +59,7 @@ def _shared(attrs):
 class InodeTable:
     def __init__(self):
         self.lock = threading.Lock()
-        self.root = Inode(ROOT_ID, None)
+        self.root = Inode(ROOT_ID, None, stat.S_IFDIR)
         self.root.nlookup = 1
         self._by_id = {ROOT_ID: self.root}
         self._by_key = {}  # key -> Inode, for hard-linked files only (see _shared)
@@ -142,7 +144,7 @@ class InodeTable:
             if inode is None and shared:
                 inode = self._by_key.get(key)
             if inode is None:
-                inode = Inode(next(self._ids), key)
+                inode = Inode(next(self._ids), key, stat.S_IFMT(attrs["st_mode"]))
                 self._by_id[inode.id] = inode
             if shared and inode.key == key:
                 self._by_key[key] = inode
