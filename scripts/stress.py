@@ -414,9 +414,10 @@ def run_workload(result: Result, root: str, config: Config, seconds: float, conn
                     took, desc = max(slow)
                     result.hang = (f"'{desc}' under {root} still running after {took:.0f}s "
                                    f"(limit {op_timeout:g}s); {len(slow)} operation(s) stuck")
-                    if conn:
+                    if conn is not None:
                         abort_connection(conn)
-                        result.hang += f"; FUSE connection aborted ({conn}/abort), ENOTCONN afterwards not listed"
+                        result.hang += (f"; FUSE connection aborted (fusectl connection {conn}), "
+                                        "ENOTCONN afterwards not listed")
                     stop.set()
                     hard_end = min(hard_end, now + GRACE)
         result.seconds = time.monotonic() - start

@@ -12,6 +12,7 @@ Every test that mounts unmounts in finally; anything that could hang runs
 under a timeout, and a hung cowfs mount is aborted through fusectl.
 """
 
+import contextlib
 import os
 import re
 import signal
@@ -24,6 +25,7 @@ import pytest
 
 from cowfs import mounttable
 from cowfs.runtime import drop_lock, take_lock
+from cowfs.testing import mounts
 from cowfs.testing.mounts import force_unmount, mounts_under, pids_with_argument, wait_gone
 
 COWFS = [sys.executable, "-m", "cowfs"]
@@ -42,18 +44,12 @@ def is_mounted(path):
 
 def abort_connection(mountpoint):
     """Fail every pending and future request of the FUSE mount at `mountpoint`, without touching the mount."""
-    with open("/proc/self/mountinfo", "rb") as f:
-        rows = [line.split(b" ") for line in f]
-    minors = [row[2].split(b":")[1].decode() for row in rows
-              if mounttable._field(row[4]) == os.fspath(mountpoint) and row[row.index(b"-") + 1].startswith(b"fuse")]
-    if not os.path.isdir("/sys/fs/fuse/connections/" + (minors[-1] if minors else "")):
-        subprocess.run(["mount", "-t", "fusectl", "none", "/sys/fs/fuse/connections"], check=False, capture_output=True)
-    for minor in minors:
-        try:
-            with open(f"/sys/fs/fuse/connections/{minor}/abort", "w") as f:
-                f.write("1")
-        except OSError:
-            pass
+    try:
+        connection = mounts.fuse_connection(mountpoint)
+    except mounts.MountError:
+        return
+    with contextlib.suppress(OSError):
+        mounts.abort_connection(connection)
 
 
 def cleanup(*mountpoints):

@@ -380,14 +380,9 @@ def require(*features: str) -> None:
 FUSECTL = "/sys/fs/fuse/connections"
 
 
-def fuse_connection(mountpoint) -> str:
-    """The fusectl directory of the FUSE mount at *mountpoint* (mounting fusectl when needed)."""
-    if not any(mnt == FUSECTL for mnt, _ in mounts_under(FUSECTL)):
-        subprocess.run(["mount", "-t", "fusectl", "fusectl", FUSECTL], check=True, capture_output=True)
-    conn = os.path.join(FUSECTL, str(_minor_of(mountpoint)))
-    if not os.path.exists(os.path.join(conn, "abort")):
-        raise MountError(f"no fusectl connection {conn} for {mountpoint}")
-    return conn
+def fuse_connection(mountpoint) -> int:
+    """The fusectl connection number of the FUSE mount at *mountpoint* (its device minor)."""
+    return _minor_of(mountpoint)
 
 
 def _minor_of(mountpoint) -> int:
@@ -408,10 +403,18 @@ def _unescape(field: bytes) -> bytes:
     return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
 
 
-def abort_connection(conn: str) -> None:
-    """Abort a FUSE connection: every request waiting on the daemon fails with ENOTCONN."""
-    with open(os.path.join(conn, "abort"), "w") as f:
-        f.write("1")
+def abort_connection(conn: int) -> None:
+    """Abort FUSE connection *conn*: every request waiting on the daemon fails with ENOTCONN.
+    fusectl is mounted for it when it is not, and unmounted again, so that nothing is left behind."""
+    mounted_here = not any(mnt == FUSECTL for mnt, _ in mounts_under(FUSECTL))
+    if mounted_here:
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", FUSECTL], check=True, capture_output=True)
+    try:
+        with open(os.path.join(FUSECTL, str(conn), "abort"), "w") as f:
+            f.write("1")
+    finally:
+        if mounted_here:
+            subprocess.run(["umount", FUSECTL], capture_output=True)
 
 
 class Hung(AssertionError):
