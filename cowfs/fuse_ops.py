@@ -508,7 +508,7 @@ class CowfsOperations:
     @_request
     def write_buf(self, req, node_id, src, offset, fi):
         handle = self._handle(fi)
-        size = _buf_size(src)
+        size = ll.buf_size(src)
         dst = ll.fd_bufvec(self.union.write_fd(handle), size, offset)
         written = ll.buf_copy(ctypes.byref(dst), src, 0)  # the data never passes through Python
         if written < 0:
@@ -675,13 +675,6 @@ def _sized(value, size):
     if len(value) > size:
         raise OSError(errno.ERANGE, os.strerror(errno.ERANGE))
     return Reply(ll.reply_buf, value, len(value))
-
-
-_buf_size_fn = ll._declare("fuse_buf_size", ctypes.c_size_t, ctypes.POINTER(ll.BufVec))
-
-
-def _buf_size(src):
-    return _buf_size_fn(src)
 
 
 _OPS = [name for name, _ in ll.OPS_FIELDS]

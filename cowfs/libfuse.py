@@ -11,6 +11,7 @@ declares the low-level calls on top of them.
 
 import ctypes
 import os
+import threading
 
 _choice = os.environ.get("FUSE_LIBRARY_NAME")
 os.environ["FUSE_LIBRARY_NAME"] = "fuse3"  # mfusepy would take libfuse 2 when both are installed
@@ -170,6 +171,7 @@ add_direntry_plus = _declare("fuse_add_direntry_plus", _sz, req_t, _vp, _sz, cty
                              ctypes.POINTER(EntryParam), ctypes.c_int64)
 req_ctx = _declare("fuse_req_ctx", ctypes.POINTER(Ctx), req_t)
 req_getgroups = _declare("fuse_req_getgroups", _int, req_t, _int, ctypes.POINTER(ctypes.c_uint32))
+buf_size = _declare("fuse_buf_size", _sz, ctypes.POINTER(BufVec))
 buf_copy = _declare("fuse_buf_copy", ctypes.c_ssize_t, ctypes.POINTER(BufVec), ctypes.POINTER(BufVec), _int)
 
 session_new = _declare("fuse_session_new", _vp, ctypes.POINTER(Args), ctypes.POINTER(LowlevelOps), _sz, _vp)
@@ -214,7 +216,6 @@ _gil_ensure.restype = ctypes.c_int
 
 
 def pin_thread_state():
-    import threading
     thread = threading.get_native_id()
     if thread not in _pinned:
         _gil_ensure()

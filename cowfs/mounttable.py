@@ -15,7 +15,8 @@ Mount = collections.namedtuple("Mount", "source mountpoint fstype options")
 _ESCAPE = re.compile(rb"\\([0-3][0-7][0-7])")
 
 
-def _field(raw):
+def unescape(raw):
+    """A field of the mount table (or of mountinfo) as a str: octal escapes undone, bytes kept."""
     return os.fsdecode(_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), raw))
 
 
@@ -32,6 +33,6 @@ def read(path="/proc/self/mounts"):
     for line in data.split(b"\n"):
         fields = line.split(b" ")
         if len(fields) >= 4:
-            rows.append(Mount(_field(fields[0]), _field(fields[1]), _field(fields[2]),
-                              [_field(opt) for opt in fields[3].split(b",")]))
+            rows.append(Mount(unescape(fields[0]), unescape(fields[1]), unescape(fields[2]),
+                              [unescape(opt) for opt in fields[3].split(b",")]))
     return rows

@@ -16,7 +16,6 @@ import contextlib
 import ctypes.util
 import functools
 import os
-import re
 import shutil
 import signal
 import stat
@@ -387,20 +386,16 @@ def fuse_connection(mountpoint) -> int:
 
 def _minor_of(mountpoint) -> int:
     """The device minor of a mount, from /proc/self/mountinfo: a stat could hang on a hung mount."""
-    want = os.fsencode(os.path.realpath(os.fspath(mountpoint)))
+    want = os.path.realpath(os.fspath(mountpoint))
     found = None
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split()
-            if _unescape(fields[4]) == want:
+            if mounttable.unescape(fields[4]) == want:
                 found = int(fields[2].split(b":")[1])  # the last mount there is the one in use
     if found is None:
         raise MountError(f"{mountpoint}: not mounted")
     return found
-
-
-def _unescape(field: bytes) -> bytes:
-    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
 
 
 def abort_connection(conn: int) -> None:
