@@ -25,7 +25,7 @@ def read(path="/proc/self/mounts"):
 
     `options` is the list of the comma-separated options, each unescaped (an
     overlay's own ``\\,`` and ``\\:`` escapes in layer paths are kept, as
-    cowfs.stack.parse_options reads them).
+    cowfs.overlay.stack.parse_options reads them).
     """
     with open(path, "rb") as f:
         data = f.read()

@@ -7,7 +7,7 @@ import fcntl
 import json
 import os
 
-from . import mounttable
+from cowfs import mounttable
 
 _held = set()  # the lock files this process holds
 

@@ -22,8 +22,8 @@ import time
 
 import pytest
 
-import cowfs.cli
-import cowfs.mount
+import cowfs.cli.main as cli
+import cowfs.daemon.mount as mounting
 from cowfs.testing.mounts import (
     force_unmount,
     in_ci,
@@ -55,7 +55,7 @@ def fstype(path):
 
 
 def record_of(mountpoint):
-    path = cowfs.mount._record_path(os.path.realpath(mountpoint))
+    path = mounting._record_path(os.path.realpath(mountpoint))
     try:
         with open(path) as f:
             return json.load(f)
@@ -147,8 +147,8 @@ def opts(d, upper="u", work="w", lowers=("l1", "l2"), extra=""):
 def never_mounts(monkeypatch):
     """In-process tests of option errors: reaching the mount step is a failure in itself."""
     def refuse(*args, **kwargs):
-        raise AssertionError("cowfs.mount.mount reached for an invalid command line")
-    monkeypatch.setattr(cowfs.mount, "mount", refuse)
+        raise AssertionError("mounting.mount reached for an invalid command line")
+    monkeypatch.setattr(mounting, "mount", refuse)
 
 
 # =============================================================================================
@@ -169,7 +169,7 @@ class TestOptionErrors:
     ])
     def test_refused_in_one_line(self, dirs, capsys, never_mounts, option, named, reason):
         option = option.format(**{k: v for k, v in dirs.items()})
-        rc = cowfs.cli.main(["mount", "-o", option, str(dirs["m"])])
+        rc = cli.main(["mount", "-o", option, str(dirs["m"])])
         out, err = capsys.readouterr()
         assert rc != 0
         lines = [line for line in err.splitlines() if line.strip()]
@@ -181,23 +181,23 @@ class TestOptionErrors:
 
     def test_redirect_dir_on_and_userxattr_alone_are_fine(self, dirs, capsys, monkeypatch):
         seen = []
-        monkeypatch.setattr(cowfs.mount, "mount", lambda stack, mnt, **kw: seen.append(stack))
-        assert cowfs.cli.main(["mount", "-o", opts(dirs, extra="redirect_dir=on"), str(dirs["m"])]) == 0
-        assert cowfs.cli.main(["mount", "-o", opts(dirs, extra="userxattr"), str(dirs["m"])]) == 0
+        monkeypatch.setattr(mounting, "mount", lambda stack, mnt, **kw: seen.append(stack))
+        assert cli.main(["mount", "-o", opts(dirs, extra="redirect_dir=on"), str(dirs["m"])]) == 0
+        assert cli.main(["mount", "-o", opts(dirs, extra="userxattr"), str(dirs["m"])]) == 0
         assert [s.redirect_dir for s in seen] == ["on", "off"]
         assert [s.userxattr for s in seen] == [False, True]
         assert seen[0].lowers == [str(dirs["l1"]), str(dirs["l2"])]  # leftmost is topmost
 
     def test_kernel_escapes_in_layer_paths(self, tmp_path, capsys, monkeypatch):
         seen = []
-        monkeypatch.setattr(cowfs.mount, "mount", lambda stack, mnt, **kw: seen.append(stack))
+        monkeypatch.setattr(mounting, "mount", lambda stack, mnt, **kw: seen.append(stack))
         weird = tmp_path / "a:b,c"
-        assert cowfs.cli.main(["mount", "-o", "lowerdir=" + str(weird).replace(":", "\\:").replace(",", "\\,")
+        assert cli.main(["mount", "-o", "lowerdir=" + str(weird).replace(":", "\\:").replace(",", "\\,")
                                + ":" + str(tmp_path / "x"), str(tmp_path / "m")]) == 0
         assert seen[0].lowers == [str(weird), str(tmp_path / "x")]
 
     def test_umount_of_something_not_mounted(self, dirs, capsys):
-        rc = cowfs.cli.main(["umount", str(dirs["m"])])
+        rc = cli.main(["umount", str(dirs["m"])])
         out, err = capsys.readouterr()
         assert rc != 0
         lines = [line for line in err.splitlines() if line.strip()]
@@ -222,7 +222,7 @@ class TestHelp:
 
     def test_help_in_process(self, capsys):
         with pytest.raises(SystemExit) as info:
-            cowfs.cli.main(["mount", "--help"])
+            cli.main(["mount", "--help"])
         assert info.value.code == 0
         assert "lowerdir" in capsys.readouterr().out
 

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from cowfs import copyup
-from cowfs.engine import Caller, Union
 from cowfs.errors import StackError
-from cowfs.stack import Stack, check
+from cowfs.overlay import copyup
+from cowfs.overlay.stack import Stack, check
+from cowfs.overlay.union import Caller, Union
 
 O_RDONLY, O_WRONLY, O_RDWR = os.O_RDONLY, os.O_WRONLY, os.O_RDWR
 TRUSTED = "trusted.overlay."
@@ -1890,8 +1890,8 @@ class TestEvents:
         low = env.lower()
         put(low, "f", b"x")
         u = env.union()
-        import cowfs.events
-        monkeypatch.setattr(cowfs.events.Events, "emit", lambda *a, **k: pytest.fail("event built with no listener"))
+        from cowfs.overlay import events
+        monkeypatch.setattr(events.Events, "emit", lambda *a, **k: pytest.fail("event built with no listener"))
         u.chmod("/f", 0o600)
         u.unlink("/f")
 
@@ -1927,7 +1927,7 @@ class TestMetacopy:
 
     def test_metacopy_needs_redirects_and_no_userxattr(self):
         from cowfs.errors import StackError
-        from cowfs.stack import parse_options
+        from cowfs.overlay.stack import parse_options
         assert parse_options(["lowerdir=/l,metacopy=on"]).redirect_dir == "on"
         for bad in ("metacopy=on,redirect_dir=off", "metacopy=on,userxattr"):
             with pytest.raises(StackError, match="conflicting options"):

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from cowfs import copyup
-from cowfs.engine import Union
-from cowfs.stack import Stack, check
+from cowfs.overlay import copyup
+from cowfs.overlay.stack import Stack, check
+from cowfs.overlay.union import Union
 
 BIG = 512 << 20  # big enough that copying it takes far longer than any other call
 CHUNK = 8 << 20

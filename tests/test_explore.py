@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-import cowfs.cli
-import cowfs.mount as mounting
+import cowfs.cli.main as cli
+import cowfs.daemon.mount as mounting
 from cowfs.testing.mounts import cowfs_mount, kernel_overlay, make_whiteout
 
 COWFS = [sys.executable, "-m", "cowfs"]
@@ -209,7 +209,7 @@ def test_refusals_are_one_line(argv, named, reason, capsys, tmp_path):
         (tmp_path / "m").mkdir()
         argv = ["mount", "--trace", "/nonexistent-dir/t", str(tmp_path / "l"), str(tmp_path / "m")]
         named, reason = "/nonexistent-dir/t", "No such directory"
-    code = cowfs.cli.main(argv)
+    code = cli.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0
     assert len(err) == 1 and named in err[0] and reason in err[0], err

@@ -22,9 +22,9 @@ import tarfile
 
 import pytest
 
-from cowfs import image_cli
-from cowfs.archive import ArchiveError, unpack_layer, write_layer
-from cowfs.layerstore import Store
+from cowfs.cli import images as image_cli
+from cowfs.images.archive import ArchiveError, unpack_layer, write_layer
+from cowfs.images.store import Store
 from cowfs.testing.tree import diff_snapshots, snapshot
 
 MTIME = 1_000_000_000  # fixed, old: the snapshots compare it exactly
@@ -306,8 +306,8 @@ def test_bare_layer_tarballs(tmp_path, store, compression):
 
 
 def test_progress_lines_on_stderr(tmp_path, store, monkeypatch):
-    import cowfs.archive
-    monkeypatch.setattr(cowfs.archive.Progress, "INTERVAL", 0.0)
+    from cowfs.images import archive
+    monkeypatch.setattr(archive.Progress, "INTERVAL", 0.0)
     big = layer_tar(member("big", data=os.urandom(3 << 20)))
     path = docker_save(tmp_path / "big.tar", [(["acme/big:1"], [big], None)])
     rc, _, err = cli(store, "import", str(path))

@@ -301,11 +301,11 @@ def test_a_refused_mount_removes_the_directories_it_made(T):
 
 def test_a_mount_point_over_the_runtime_directory_is_refused(T, monkeypatch):
     """The daemon writes its record there once the mount is live: through its own mount, it would wait forever."""
-    import cowfs.mount
+    from cowfs.daemon import mount as mounting
     from cowfs.errors import StackError
-    from cowfs.stack import parse_options
+    from cowfs.overlay.stack import parse_options
 
-    monkeypatch.setattr(cowfs.mount, "runtime_dir", lambda: str(T / "m" / "run" / "cowfs"))
+    monkeypatch.setattr(mounting, "runtime_dir", lambda: str(T / "m" / "run" / "cowfs"))
     with pytest.raises(StackError, match="would hide cowfs's runtime directory"):
-        cowfs.mount.mount(parse_options([opts(T)]), str(T / "m"))
+        mounting.mount(parse_options([opts(T)]), str(T / "m"))
     assert not is_mounted(T / "m") and os.listdir(T / "m") == []

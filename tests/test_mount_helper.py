@@ -27,7 +27,7 @@ import time
 
 import pytest
 
-import cowfs.mount
+import cowfs.daemon.mount as mounting
 from cowfs.testing.mounts import force_unmount, in_ci, mounts_under, pid_alive, pids_with_argument, require, wait_gone
 
 VENV_BIN = os.path.dirname(sys.executable)
@@ -70,7 +70,7 @@ def helper_env():
 
 def record_of(mountpoint):
     try:
-        with open(cowfs.mount._record_path(str(mountpoint))) as f:
+        with open(mounting._record_path(str(mountpoint))) as f:
             return json.load(f)
     except (OSError, ValueError):
         return None

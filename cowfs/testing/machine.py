@@ -56,7 +56,7 @@ import time
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from cowfs.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, rename2
+from cowfs.overlay.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, rename2
 from cowfs.testing import strategies as S
 from cowfs.testing.mounts import CowfsMount, KernelOverlay, MountError, force_unmount, mounts_under
 from cowfs.testing.tree import describe_stat, diff_snapshots, snapshot

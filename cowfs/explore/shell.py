@@ -18,10 +18,10 @@ import subprocess
 import sys
 import tempfile
 
-from . import mount as mounting
-from .diff import changes, format_changes, size_line
-from .errors import StackError
-from .stack import _escape, check, parse_options
+from cowfs.daemon import mount as mounting
+from cowfs.errors import StackError
+from cowfs.explore.diff import changes, format_changes, size_line
+from cowfs.overlay.stack import _escape, check, parse_options
 
 PREFIX = "[cowfs] "
 
@@ -61,8 +61,8 @@ def _image_options(args):
     """The -o strings of `cowfs shell IMAGE` (one positional, not a path, an image of the store), else None."""
     if len(args.layers) != 1 or any("lowerdir=" in opt for opt in args.options):
         return None
-    from .images import image_stack_options, looks_like_image
-    from .layerstore import Store, default_store
+    from cowfs.images.catalog import image_stack_options, looks_like_image
+    from cowfs.images.store import Store, default_store
     root = getattr(args, "store", None) or default_store()
     image_id = looks_like_image(root, args.layers[0])
     if image_id is None:

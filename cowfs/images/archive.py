@@ -46,7 +46,7 @@ import threading
 import time
 import zlib
 
-from .whiteout import (
+from cowfs.overlay.whiteout import (
     OCI_OPAQUE,
     OCI_PREFIX,
     REDIRECT,
@@ -598,8 +598,8 @@ def write_layer(upper, out, lowers=(), prefix=TRUSTED_PREFIX, clamp_mtime=None):
     mtime (as SOURCE_DATE_EPOCH does) for archives that must not depend on
     when things happened. Returns (diff_id, size in bytes of the tar).
     """
-    from .lookup import Layers
-    from .stack import Stack
+    from cowfs.overlay.lookup import Layers
+    from cowfs.overlay.stack import Stack
 
     layers = None
     if lowers:

@@ -25,8 +25,8 @@ import shutil
 import tempfile
 import time
 
-from .archive import ArchiveError, unpack_layer
-from .whiteout import TRUSTED_PREFIX, USER_PREFIX
+from cowfs.images.archive import ArchiveError, unpack_layer
+from cowfs.overlay.whiteout import TRUSTED_PREFIX, USER_PREFIX
 
 
 class StoreError(Exception):

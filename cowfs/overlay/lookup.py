@@ -21,8 +21,8 @@ import errno
 import os
 import stat
 
-from .errors import os_error
-from .whiteout import (
+from cowfs.errors import os_error
+from cowfs.overlay.whiteout import (
     METACOPY,
     OCI_OPAQUE,
     ORIGIN,

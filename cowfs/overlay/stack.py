@@ -7,8 +7,8 @@ are the lowers, topmost first, exactly as `lowerdir=A:B:C` lists them.
 import dataclasses
 import os
 
-from .errors import StackError
-from .whiteout import TRUSTED_PREFIX, USER_PREFIX
+from cowfs.errors import StackError
+from cowfs.overlay.whiteout import TRUSTED_PREFIX, USER_PREFIX
 
 # Generic mount(8) options that mount.fuse and fstab pass along; they mean
 # nothing to an overlay (or are the default) and are accepted silently.

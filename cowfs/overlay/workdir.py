@@ -13,11 +13,12 @@ import shutil
 import stat
 import time
 
-from . import copyup, mounttable
-from .errors import StackError
-from .runtime import drop_lock, holds_lock, leave_lock, records, take_lock
-from .stack import parse_options, unescape
-from .whiteout import OPAQUE, set_marker
+from cowfs import mounttable
+from cowfs.errors import StackError
+from cowfs.overlay import copyup
+from cowfs.overlay.stack import parse_options, unescape
+from cowfs.overlay.whiteout import OPAQUE, set_marker
+from cowfs.runtime import drop_lock, holds_lock, leave_lock, records, take_lock
 
 WORK_SUBDIR = "work"  # the same staging directory the kernel uses, so either cleans the other's leftovers
 VOLATILE_MARK = "incompat/volatile"  # in WORK_SUBDIR: left by a volatile mount, refused by the next one

@@ -1,4 +1,4 @@
-"""Starting and stopping a cowfs daemon: checks first, then a background process that returns only once the mount is live.
+"""Starting and stopping a cowfs daemon: checks first, then a background process that returns once the mount is live.
 
 Each live mount leaves a small record (pid, mount point, options) in a
 runtime directory, so that `cowfs umount` can wait for its daemon to exit
@@ -16,12 +16,12 @@ import subprocess
 import sys
 import time
 
-from . import mounttable
-from .engine import Union
-from .errors import StackError
-from .runtime import read_record, records, runtime_dir  # noqa: F401 - records: for callers
-from .runtime import record_path as _record_path
-from .stack import check, is_within
+from cowfs import mounttable
+from cowfs.errors import StackError
+from cowfs.overlay.stack import check, is_within
+from cowfs.overlay.union import Union
+from cowfs.runtime import read_record, records, runtime_dir  # noqa: F401 - records: for callers
+from cowfs.runtime import record_path as _record_path
 
 READY = b"\0cowfs-ready\n"
 START_TIMEOUT = 30.0
@@ -74,7 +74,7 @@ def _setup_logging(foreground, debug):
 
 def _open_trace(trace, human):
     """The events writer of a traced mount; a trace file that cannot be written is refused before mounting."""
-    from .trace import TraceWriter
+    from cowfs.explore.trace import TraceWriter
     for path in (trace, human):
         if path is None:
             continue
@@ -99,7 +99,7 @@ def mount(stack, mountpoint, *, foreground=False, debug=False, trace=None, human
     Raises StackError with a one-line reason when anything is refused; then
     no mount and no daemon are left behind.
     """
-    from .fuse_ops import serve  # imports libfuse: only when really mounting
+    from cowfs.daemon.operations import serve  # imports libfuse: only when really mounting
 
     stack = check(stack, mountpoint)
     mountpoint = os.path.realpath(mountpoint)

@@ -23,11 +23,11 @@ import stat
 import threading
 import time
 
-from . import libfuse as ll
-from .engine import Caller
-from .inodes import InodeTable
-from .inodes import identity as _identity
-from .syscalls import RENAME_EXCHANGE
+from cowfs.daemon import libfuse as ll
+from cowfs.daemon.inodes import InodeTable
+from cowfs.daemon.inodes import identity as _identity
+from cowfs.overlay.syscalls import RENAME_EXCHANGE
+from cowfs.overlay.union import Caller
 
 log = logging.getLogger("cowfs")
 

@@ -26,12 +26,12 @@ import stat
 import threading
 import time
 
-from . import acl, copyup, workdir
-from .errors import os_error
-from .events import TRIGGERS, Events
-from .lookup import Layers, join, parent_of, renamed_paths
-from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, rename2
-from .whiteout import (
+from cowfs.errors import os_error
+from cowfs.overlay import acl, copyup, workdir
+from cowfs.overlay.events import TRIGGERS, Events
+from cowfs.overlay.lookup import Layers, join, parent_of, renamed_paths
+from cowfs.overlay.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, rename2
+from cowfs.overlay.whiteout import (
     METACOPY,
     ORIGIN,
     REDIRECT,

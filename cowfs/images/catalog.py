@@ -23,7 +23,7 @@ import sys
 import tarfile
 import tempfile
 
-from .archive import (
+from cowfs.images.archive import (
     ZSTD_MAGIC,
     ArchiveError,
     HashingReader,
@@ -33,8 +33,8 @@ from .archive import (
     human_size,
     write_layer,
 )
-from .layerstore import StoreError, check_digest, normalise_ref
-from .whiteout import TRUSTED_PREFIX
+from cowfs.images.store import StoreError, check_digest, normalise_ref
+from cowfs.overlay.whiteout import TRUSTED_PREFIX
 
 INDEX_TYPES = ("application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json")
 MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json",
@@ -376,7 +376,7 @@ class _Importer:
 
 
 def _zstd_ok():
-    from .archive import zstd_available
+    from cowfs.images.archive import zstd_available
     return zstd_available()
 
 
@@ -629,7 +629,7 @@ def looks_like_image(store_root, ref):
     """
     if os.path.exists(ref) or not os.path.isdir(os.path.join(store_root, "layers")):
         return None
-    from .layerstore import Store
+    from cowfs.images.store import Store
     try:
         return Store(store_root, create=False).resolve(ref)
     except (StoreError, ValueError):
@@ -638,8 +638,8 @@ def looks_like_image(store_root, ref):
 
 def image_stack_options(store, image_id):
     """The -o strings for an image's layers (topmost first), userxattr when the store keeps user.overlay.*."""
-    from .stack import _escape
-    from .whiteout import USER_PREFIX
+    from cowfs.overlay.stack import _escape
+    from cowfs.overlay.whiteout import USER_PREFIX
     opts = ["lowerdir=" + ":".join(_escape(store.layer_path(d)) for d in reversed(store.image_layers(image_id)))]
     if store.prefix == USER_PREFIX:
         opts.append("userxattr")
@@ -705,8 +705,8 @@ def resolve_container(store, ref):
 
 def container_mounted_at(record):
     """The mount point of a live cowfs mount using the container's upper, or None."""
-    from . import mount as mounting
-    from .stack import parse_options
+    from cowfs.daemon import mount as mounting
+    from cowfs.overlay.stack import parse_options
     for rec in mounting.records():
         try:
             stack = parse_options([rec.get("options", "")])

@@ -9,8 +9,8 @@ import json
 import os
 import sys
 
-from .archive import ArchiveError
-from .images import (
+from cowfs.images.archive import ArchiveError
+from cowfs.images.catalog import (
     HISTORY_HEADER,
     IMAGES_HEADER,
     ago,
@@ -27,8 +27,8 @@ from .images import (
     remove_container,
     table,
 )
-from .layerstore import Store, StoreError, default_store, normalise_ref
-from .whiteout import TRUSTED_PREFIX, USER_PREFIX
+from cowfs.images.store import Store, StoreError, default_store, normalise_ref
+from cowfs.overlay.whiteout import TRUSTED_PREFIX, USER_PREFIX
 
 COMMANDS = ("import", "images", "history", "inspect", "rmi", "commit", "ps", "rm")
 
@@ -267,7 +267,7 @@ def _run(args, out, err):
 
 
 def _tree_size(path):
-    from .archive import human_size
+    from cowfs.images.archive import human_size
     total = 0
     for root, _dirs, files in os.walk(path):
         for name in files:
@@ -281,8 +281,8 @@ def _tree_size(path):
 def _commit(args, out):
     """`cowfs commit MOUNTPOINT|UPPERDIR`: a live cowfs mount gives its upper and lowers; a container's upper
     gives its store and image (the parent, unless --from or --lower say otherwise)."""
-    from .mount import is_cowfs_mount, read_record
-    from .stack import parse_options
+    from cowfs.daemon.mount import is_cowfs_mount, read_record
+    from cowfs.overlay.stack import parse_options
     lowers = [p for value in args.lower for p in value.split(":") if p]
     upper, userxattr, from_image, store_root = args.upper, args.userxattr, args.from_image, args.store
     real = os.path.realpath(args.upper)

@@ -24,13 +24,13 @@ import os
 import stat
 import sys
 
-from . import mounttable
-from .errors import StackError
-from .lookup import Layers, join
-from .mount import mount_table, read_record, records
-from .stack import Stack, parse_options
-from .trace import human_size
-from .whiteout import is_whiteout
+from cowfs import mounttable
+from cowfs.daemon.mount import mount_table, read_record, records
+from cowfs.errors import StackError
+from cowfs.explore.trace import human_size
+from cowfs.overlay.lookup import Layers, join
+from cowfs.overlay.stack import Stack, parse_options
+from cowfs.overlay.whiteout import is_whiteout
 
 KERNEL_KEYS = ("lowerdir", "upperdir", "workdir", "redirect_dir", "userxattr")
 
@@ -55,7 +55,7 @@ def _mount_options():
 
 
 def _split_opts(text):
-    from .stack import _split
+    from cowfs.overlay.stack import _split
     return _split(text, ",", keep_escapes=True)
 
 

@@ -4,10 +4,11 @@ import argparse
 import os
 import sys
 
-from . import __version__, image_cli
-from .errors import StackError
-from .layerstore import StoreError
-from .stack import parse_options
+from cowfs import __version__
+from cowfs.cli import images as image_cli
+from cowfs.errors import StackError
+from cowfs.images.store import StoreError
+from cowfs.overlay.stack import parse_options
 
 DESCRIPTION = """\
 cowfs stacks read-only layer directories under a writable upper directory,
@@ -39,7 +40,8 @@ examples:
   cowfs mount -o lowerdir=/img/l2:/img/l1,upperdir=/c/upper,workdir=/c/work /mnt/merged
   cowfs mount /img/l2 /img/l1 --upper /c/upper /mnt/merged    (workdir made beside upper)
   mount -t fuse.cowfs cowfs /mnt/merged -o lowerdir=/img/l1,upperdir=/c/upper,workdir=/c/work
-  cowfs mount /img/l1 --upper /c/upper --trace /tmp/events.jsonl /mnt/merged   (one JSON line per copy-up, whiteout, ...)
+  cowfs mount /img/l1 --upper /c/upper --trace /tmp/events.jsonl /mnt/merged
+        (one JSON line per copy-up, whiteout, ...)
   cowfs umount /mnt/merged
 
 images (see cowfs import): IMAGE is NAME[:TAG] or an image ID of the layer store.
@@ -195,7 +197,7 @@ def _run_module(name, function="run"):
     """A runner that imports its module only when its command is used."""
     def run(args):
         import importlib
-        return getattr(importlib.import_module(f"cowfs.{name}"), function)(args)
+        return getattr(importlib.import_module(f"cowfs.explore.{name}"), function)(args)
     return run
 
 
@@ -253,7 +255,7 @@ def _make_dirs(path):
 def _remove_made(made):
     """After a refused mount: remove the (still empty) directories it made, and the staging directory a
     workdir got; a directory with anything else in it stays."""
-    from .workdir import WORK_SUBDIR
+    from cowfs.overlay.workdir import WORK_SUBDIR
     for d in made:
         for path in (os.path.join(d, WORK_SUBDIR), d):
             try:
@@ -269,12 +271,12 @@ def _image_form(args):
     positional that is not an existing path but names an image of the store."""
     if len(args.paths) != 2 or args.upper is not None or args.work is not None:
         return None
-    from .stack import _split
+    from cowfs.overlay.stack import _split
     keys = {opt.partition("=")[0] for text in args.options for opt in _split(text, ",", keep_escapes=True)}
     if keys & {"lowerdir", "upperdir", "workdir"}:
         return None
-    from .images import looks_like_image
-    from .layerstore import Store, default_store
+    from cowfs.images.catalog import looks_like_image
+    from cowfs.images.store import Store, default_store
     root = args.store or default_store()
     image_id = looks_like_image(root, args.paths[0])
     if image_id is None:
@@ -289,8 +291,8 @@ def _mount_image(args, found, mounting):
     """`cowfs mount IMAGE MOUNTPOINT`: a new container layer in the store over the image's layers."""
     import shutil
 
-    from .images import create_container, image_stack_options
-    from .stack import _escape
+    from cowfs.images.catalog import create_container, image_stack_options
+    from cowfs.overlay.stack import _escape
     store, image_id, ref = found
     mountpoint = args.paths[1]
     opts = image_stack_options(store, image_id) + args.options
@@ -314,7 +316,7 @@ def _mount_image(args, found, mounting):
 
 def _take_trace_option(args):
     """Move `trace=FILE` out of the -o strings (the stack knows nothing of it) into args.trace."""
-    from .stack import _split
+    from cowfs.overlay.stack import _split
     kept = []
     for text in args.options:
         parts = []
@@ -349,7 +351,7 @@ def main(argv=None):
         return 2
     if args.command in image_cli.COMMANDS:
         return image_cli.run(args)
-    from . import mount as mounting
+    from cowfs.daemon import mount as mounting
     try:
         if args.command == "mount":
             _take_trace_option(args)

@@ -11,12 +11,12 @@ import json
 import os
 import stat
 
-from .diff import mount_containing, mounted_stack, tree_size
-from .errors import StackError
-from .lookup import Layers
-from .mount import records
-from .trace import human_seconds, human_size, read_trace
-from .whiteout import REDIRECT, get_marker, is_opaque, is_whiteout
+from cowfs.daemon.mount import records
+from cowfs.errors import StackError
+from cowfs.explore.diff import mount_containing, mounted_stack, tree_size
+from cowfs.explore.trace import human_seconds, human_size, read_trace
+from cowfs.overlay.lookup import Layers
+from cowfs.overlay.whiteout import REDIRECT, get_marker, is_opaque, is_whiteout
 
 
 def _kind(st):

@@ -11,8 +11,8 @@ import itertools
 import os
 import stat
 
-from .syscalls import RENAME_NOREPLACE, rename2
-from .whiteout import METACOPY, ORIGIN, is_private_xattr, set_marker
+from cowfs.overlay.syscalls import RENAME_NOREPLACE, rename2
+from cowfs.overlay.whiteout import METACOPY, ORIGIN, is_private_xattr, set_marker
 
 CHUNK = 1 << 30
 _names = itertools.count()

@@ -1,0 +1,1 @@
+"""The `cowfs` command line: `main` dispatches, `images` holds the image commands."""

@@ -1,0 +1,1 @@
+"""Images and containers: the layer store, layer archives, import, commit and containers."""
