@@ -1,16 +1,27 @@
-"""Copy-up: bring a lower object into the upper, whole or not at all, as the kernel overlay does.
+"""Copy-up: bring a lower object into the upper, whole or not at all, as the kernel overlay does (copy_up.c).
 
-Everything is built under the workdir and renamed into the upper in one
-step, so a crash leaves either no copy or a complete one. Data moves by the
-kernel (copy_file_range, then sendfile, then read/write of large blocks),
-only over the data extents of the source, so holes stay holes.
+Everything is built under the workdir (`staged`) and renamed into the upper
+in one step, so a crash leaves either no copy or a complete one. Data moves
+by the kernel (copy_file_range, then sendfile, then read/write of large
+blocks), only over the data extents of the source, so holes stay holes.
+
+The low-level helpers (`build_copy`, `fill_data`, `install`, `discard`) act
+on paths; `CopyUp`, mixed into the engine, decides what to copy and when,
+and copies a file's data without the engine lock (see `CopyUp._move_data`).
 """
 
+import contextlib
 import errno
 import itertools
 import os
 import stat
+import threading
+import time
 
+from cowfs.overlay.attributes import kind_name
+from cowfs.overlay.events import TRIGGERS
+from cowfs.overlay.locking import DataFirst, locked_for
+from cowfs.overlay.lookup import parent_of
 from cowfs.overlay.syscalls import RENAME_NOREPLACE, rename2
 from cowfs.overlay.whiteout import METACOPY, ORIGIN, is_private_xattr, set_marker
 
@@ -21,6 +32,18 @@ _names = itertools.count()
 def temp_name(work):
     """A fresh name in the staging directory."""
     return f"{work}/#cowfs-{os.getpid()}-{next(_names)}"
+
+
+@contextlib.contextmanager
+def staged(work):
+    """A fresh name in the staging directory `work` to build at; whatever is left at it when the
+    block exits goes (see `discard`), so the workdir stays empty whatever happens."""
+    tmp = temp_name(work)
+    try:
+        yield tmp
+    finally:
+        if os.path.lexists(tmp):  # most often renamed into place: one lstat, not a walk
+            discard(tmp)
 
 
 def _extents(fd, size):
@@ -233,3 +256,164 @@ def remove_at(dir_fd, name):
     finally:
         os.close(fd)
     os.rmdir(name, dir_fd=dir_fd)
+
+
+class ObjectLocks:
+    """A lock per object whose data is being copied, so that copies of one file wait for
+    each other (and copy once) while everything else goes on."""
+
+    def __init__(self):
+        self._mutex = threading.Lock()
+        self._locks = {}  # key -> [lock, number of threads holding or waiting]
+
+    @contextlib.contextmanager
+    def hold(self, key):
+        with self._mutex:
+            entry = self._locks.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._mutex:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._locks[key]
+
+
+def same_object(node, now):
+    """True when `now`, the same path looked up again, is still `node`'s object in the same state."""
+    return now is not None and now.layer == node.layer and os.path.samestat(now.st, node.st) and now.data == node.data
+
+
+class CopyUp:
+    """Copy-up for the engine (mixed into `Union`): an object, its parent directories, and a file's
+    data, each built in the workdir and renamed into the upper in one step.
+
+    Uses the engine's `stack`, `layers`, `prefix`, `work`, `events`, `_copied` (identities of
+    lower files copied up), `_object_locks` (an ObjectLocks), `_op`, `_lock`, `_dir`,
+    `_changed` and `_require_writable`.
+    """
+
+    def _copy_up(self, node, data=True):
+        """Bring `node` and its parent directories into the upper; returns its upper node.
+
+        With metacopy=on and `data` false (a change of metadata only), a regular
+        file is copied without its data, which follows at the first `data` copy-up.
+        A copy that needs a file's data raises DataFirst (see `locking.locked`).
+        """
+        if node.in_upper:
+            if data and node.data is not None:
+                raise DataFirst(node)
+            return node
+        self._require_writable(node.path)
+        meta_only = self.stack.metacopy and not data and stat.S_ISREG(node.st.st_mode)
+        if stat.S_ISREG(node.st.st_mode) and not meta_only:
+            raise DataFirst(node)
+        parent_real = self._upper_dir(parent_of(node.path)[0])
+        try:
+            with staged(self.work) as tmp:
+                started = time.perf_counter()
+                self._build(node, tmp, meta_only)
+                self._install(node, tmp, parent_real, meta_only, started)
+        finally:
+            self._changed()
+        return self.layers.resolve_required(node.path)
+
+    def _upper_dir(self, path):
+        """The upper path of merged directory `path`, copied up (with its missing ancestors,
+        from the top down, without recursion) if needed."""
+        missing = []
+        node = self._dir(path)
+        while not node.in_upper:
+            missing.append(node)
+            node = self.layers.resolve_required(parent_of(node.path)[0])
+        real = node.real
+        if missing:
+            try:
+                for node in reversed(missing):
+                    with staged(self.work) as tmp:
+                        started = time.perf_counter()
+                        self._build(node, tmp)
+                        real = self._install(node, tmp, real, False, started)
+            finally:
+                self._changed()
+        return real
+
+    def _upper_parent(self, path):
+        """The upper directory that will hold `path`, copied up if needed; and the name in it."""
+        parent_path, name = parent_of(path)
+        self._upper_dir(parent_path)
+        return self.layers.resolve_required(parent_path), name
+
+    def _build(self, node, tmp, meta_only=False):
+        """Build at `tmp` the copy of lower `node`."""
+        origin = self.layers.origin_ino(node.st)
+        if origin is not None and self.stack.userxattr and not (node.is_dir or stat.S_ISREG(node.st.st_mode)):
+            self.layers.remembered[node.path] = origin  # no user.* xattr on this type: keep it in memory
+        build_copy(node.real, node.st, tmp, self.prefix, origin, meta_only, sync=not self.stack.volatile)
+
+    def _install(self, node, tmp, parent_real, meta_only, started):
+        """Rename the finished copy of `node` into upper directory `parent_real`; returns its upper path."""
+        target = self.layers.real(0, node.path[1:])  # an upper object sits at its merged path
+        install(tmp, target, parent_real)
+        regular = stat.S_ISREG(node.st.st_mode)
+        if regular and not meta_only:
+            self._copied.add((node.st.st_dev, node.st.st_ino))
+        if self.events:
+            self.events.emit("copy_up", node.path, layer=node.layer, kind=kind_name(node.st.st_mode),
+                             bytes=node.st.st_size if regular and not meta_only else 0,
+                             seconds=time.perf_counter() - started,
+                             trigger=self._trigger(), metadata_only=meta_only)
+        return target
+
+    def _move_data(self, node, op):
+        """Copy the data of regular file `node` into the upper, for operation `op`, without the engine lock.
+
+        A lower file is copied whole into the workdir, then renamed into the
+        upper under the lock if its path still leads to the same lower file. A
+        metadata-only copy gets its data in place, then loses its marker. Either
+        way the upper changes in one step, after the data is synced. Copies of
+        one file wait for each other: the second finds the work done.
+        """
+        fill = node.in_upper
+        with self._object_locks.hold((fill, node.st.st_dev, node.st.st_ino)):
+            with locked_for(self, op):
+                if not same_object(node, self.layers.resolve(node.path)):
+                    return  # done meanwhile, or the name has changed: the operation looks again
+                if fill:
+                    fd = os.open(node.real, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            if fill:
+                started = time.perf_counter()
+                try:
+                    fill_data(node.data, fd, sync=not self.stack.volatile)
+                    with locked_for(self, op):
+                        self._data_filled(node, fd, started)
+                finally:
+                    os.close(fd)
+                return
+            with staged(self.work) as tmp:
+                started = time.perf_counter()
+                self._build(node, tmp)
+                with locked_for(self, op):
+                    if same_object(node, self.layers.resolve(node.path)):
+                        try:
+                            self._install(node, tmp, self._upper_dir(parent_of(node.path)[0]), False, started)
+                        finally:
+                            self._changed()
+
+    def _data_filled(self, node, fd, started):
+        """The last step of a metadata-only copy's data copy-up: the marker goes, on the inode itself."""
+        try:  # the file's times move, as the kernel's data copy-up leaves them
+            os.removexattr(fd, self.prefix + METACOPY)
+        finally:
+            self._changed()
+        data_st = os.lstat(node.data)
+        self._copied.add((data_st.st_dev, data_st.st_ino))
+        if self.events:
+            self.events.emit("copy_up", node.path, layer=node.parts[-1][0], kind="file",
+                             bytes=os.fstat(fd).st_size, seconds=time.perf_counter() - started,
+                             trigger=self._trigger(), data_only=True)
+
+    def _trigger(self):
+        return TRIGGERS.get(self._op, self._op)
