@@ -24,6 +24,7 @@ import pytest
 
 import cowfs.cli.main as cli
 import cowfs.daemon.mount as mounting
+from cowfs.runtime import record_path
 from cowfs.testing.mounts import (
     force_unmount,
     in_ci,
@@ -55,7 +56,7 @@ def fstype(path):
 
 
 def record_of(mountpoint):
-    path = mounting._record_path(os.path.realpath(mountpoint))
+    path = record_path(os.path.realpath(mountpoint))
     try:
         with open(path) as f:
             return json.load(f)

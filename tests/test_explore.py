@@ -14,7 +14,7 @@ import sys
 import pytest
 
 import cowfs.cli.main as cli
-import cowfs.daemon.mount as mounting
+from cowfs.runtime import record_path
 from cowfs.testing.mounts import cowfs_mount, kernel_overlay, make_whiteout
 
 COWFS = [sys.executable, "-m", "cowfs"]
@@ -122,7 +122,7 @@ def test_trace_records_each_event_as_a_json_line(tmp_path):
     res = run_cowfs("mount", "--trace", trace, "-o",
                 f"lowerdir={d['l1']}:{d['l2']},upperdir={d['cu']},workdir={d['cw']},redirect_dir=on", d["cm"])
     try:
-        record = json.load(open(mounting._record_path(str(d["cm"]))))
+        record = json.load(open(record_path(str(d["cm"]))))
         assert record["trace"] == str(trace)
         with open(d["cm"] / "etc/hosts", "a") as f:
             f.write("x")

@@ -246,6 +246,12 @@ def test_mount_table_undoes_every_escape(tmp_path):
     assert rows[0] == ("src a", os.fsdecode(b"/mnt/a b\tc\nd\\e\xff"), "fuse.cowfs", ["rw", "x=1,y"])
     assert rows[1].options == ["lowerdir=/l\\:x\\,y", "upperdir=/u"]
     assert os.fsencode(rows[0].mountpoint) == b"/mnt/a b\tc\nd\\e\xff"
+    info = tmp_path / "mountinfo"
+    info.write_bytes(b"36 35 0:52 / /mnt/a\\040b\\377 rw,nosuid shared:1 master:2 - fuse.cowfs src\\040a rw,user_id=0\n"
+                     b"37 36 0:53 /sub /o rw - overlay overlay rw,lowerdir=/l\n")
+    rows = mounttable.read_info(str(info))
+    assert rows[0] == (36, 35, 0, 52, "/", os.fsdecode(b"/mnt/a b\xff"), "fuse.cowfs", "src a")
+    assert (rows[1].minor, rows[1].root, rows[1].mountpoint, rows[1].fstype) == (53, "/sub", "/o", "overlay")
 
 
 def test_a_mount_whose_path_is_not_utf8_breaks_no_command(T):

@@ -27,7 +27,8 @@ import time
 
 import pytest
 
-import cowfs.daemon.mount as mounting
+from cowfs import mounttable
+from cowfs.runtime import record_path
 from cowfs.testing.mounts import force_unmount, in_ci, mounts_under, pid_alive, pids_with_argument, require, wait_gone
 
 VENV_BIN = os.path.dirname(sys.executable)
@@ -70,7 +71,7 @@ def helper_env():
 
 def record_of(mountpoint):
     try:
-        with open(mounting._record_path(str(mountpoint))) as f:
+        with open(record_path(str(mountpoint))) as f:
             return json.load(f)
     except (OSError, ValueError):
         return None
@@ -146,12 +147,8 @@ class Namespace:
                               env=helper_env())
 
     def mounts(self):
-        rows = []
-        with open(f"/proc/{self.pid}/mounts") as f:
-            for line in f:
-                fields = line.split()
-                rows.append((fields[1].replace("\\040", " "), fields[2], fields[3].split(",")))
-        return rows
+        """(mountpoint, fstype, options) of the mounts in the namespace."""
+        return [(m.mountpoint, m.fstype, m.options) for m in mounttable.read(f"/proc/{self.pid}/mounts")]
 
     def mount_of(self, path):
         return next(((t, o) for mnt, t, o in self.mounts() if mnt == str(path)), None)
@@ -263,9 +260,7 @@ class TestHelperForm:
         pids = daemon_pids(mnt)
         try:
             assert res.returncode == 0, res.stderr
-            with open("/proc/self/mounts") as f:
-                rows = [line.split() for line in f]
-            assert [r[0] for r in rows if r[1] == str(mnt)] == ["myimage"]
+            assert [m.source for m in mounttable.read() if m.mountpoint == str(mnt)] == ["myimage"]
         finally:
             subprocess.run([FUSERMOUNT, "-u", str(mnt)], capture_output=True)
         assert_daemon_exits(pids, "fusermount -u")

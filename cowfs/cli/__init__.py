@@ -1,1 +1,1 @@
-"""The `cowfs` command line: `main` dispatches, `images` holds the image commands."""
+"""The `cowfs` command line: `main` dispatches, `images` holds the image commands, `report` ends one on an error."""

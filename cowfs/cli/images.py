@@ -9,25 +9,22 @@ import json
 import os
 import sys
 
-from cowfs.images.archive import ArchiveError
-from cowfs.images.catalog import (
-    HISTORY_HEADER,
-    IMAGES_HEADER,
-    ago,
-    commit,
+from cowfs.cli.report import reporting
+from cowfs.errors import one_line
+from cowfs.explore.diff import tree_size
+from cowfs.formatting import ago, docker_size, table
+from cowfs.images.catalog import HISTORY_HEADER, IMAGES_HEADER, history_rows, inspect, list_images, lowerdir
+from cowfs.images.commit import commit
+from cowfs.images.containers import (
     container_mounted_at,
     container_of_upper,
-    history_rows,
     images_in_use,
-    import_archive,
-    inspect,
     list_containers,
-    list_images,
-    lowerdir,
     remove_container,
-    table,
 )
-from cowfs.images.store import Store, StoreError, default_store, normalise_ref
+from cowfs.images.importer import import_archive
+from cowfs.images.store import Store, StoreError, default_store, normalise_ref, parse_time
+from cowfs.overlay.stack import split_layers
 from cowfs.overlay.whiteout import TRUSTED_PREFIX, USER_PREFIX
 
 COMMANDS = ("import", "images", "history", "inspect", "rmi", "commit", "ps", "rm")
@@ -172,24 +169,10 @@ def _store(args, create):
 
 
 def run(args, out=None, err=None):
-    """Run the image command in `args`; errors are one line on stderr and exit 1."""
+    """Run the image command in `args`; errors are one line `cowfs COMMAND: ...` on stderr and exit 1."""
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
-    try:
-        return _run(args, out, err)
-    except (ArchiveError, StoreError) as e:
-        print(f"cowfs {args.command}: {e}", file=err)
-        return 1
-    except BrokenPipeError:  # `cowfs history IMAGE | head`: the reader has what it wanted
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
-        return 0
-    except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"cowfs {args.command}: {where}{e.strerror or e}", file=err)
-        return 1
+    return reporting(lambda: _run(args, out, err), f"cowfs {args.command}", err)
 
 
 def _run(args, out, err):
@@ -229,7 +212,7 @@ def _run(args, out, err):
                                      "(cowfs rm it first)")
                 untagged, removed, layers = store.remove_image(ref)
             except StoreError as e:
-                print(f"cowfs rmi: {e}", file=err)
+                print(f"cowfs rmi: {one_line(e)}", file=err)
                 status = 1
                 continue
             for t in untagged:
@@ -248,8 +231,8 @@ def _run(args, out, err):
             mounted = container_mounted_at(r)
             tags = store.tags_of(r["Image"]) if os.path.exists(
                 os.path.join(store.root, "images", r["Image"][7:] + ".json")) else []
-            rows.append((r["Id"][:12], tags[0] if tags else r["Image"][7:19], ago(r.get("Created")),
-                         f"mounted at {mounted}" if mounted else "not mounted", _tree_size(r["upper"])))
+            rows.append((r["Id"][:12], tags[0] if tags else r["Image"][7:19], ago(parse_time(r.get("Created"))),
+                         f"mounted at {mounted}" if mounted else "not mounted", docker_size(tree_size(r["upper"]))))
         print(table(rows, ("CONTAINER ID", "IMAGE", "CREATED", "STATUS", "SIZE")), file=out)
     elif cmd == "rm":
         store = _store(args, create=False)
@@ -258,7 +241,7 @@ def _run(args, out, err):
             try:
                 print(remove_container(store, ref), file=out)
             except StoreError as e:
-                print(f"cowfs rm: {e}", file=err)
+                print(f"cowfs rm: {one_line(e)}", file=err)
                 status = 1
         return status
     else:
@@ -266,24 +249,13 @@ def _run(args, out, err):
     return 0
 
 
-def _tree_size(path):
-    from cowfs.images.archive import human_size
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
-    return human_size(total)
-
-
 def _commit(args, out):
     """`cowfs commit MOUNTPOINT|UPPERDIR`: a live cowfs mount gives its upper and lowers; a container's upper
     gives its store and image (the parent, unless --from or --lower say otherwise)."""
-    from cowfs.daemon.mount import is_cowfs_mount, read_record
+    from cowfs.daemon.mount import is_cowfs_mount
     from cowfs.overlay.stack import parse_options
-    lowers = [p for value in args.lower for p in value.split(":") if p]
+    from cowfs.runtime import read_record
+    lowers = [p for value in args.lower for p in split_layers(value) if p]
     upper, userxattr, from_image, store_root = args.upper, args.userxattr, args.from_image, args.store
     real = os.path.realpath(args.upper)
     if is_cowfs_mount(real):

@@ -1,4 +1,4 @@
-"""The cowfs command line: `main(argv) -> exit code`, callable in-process from tests."""
+"""The cowfs command line: its parser, mount and umount, and `main(argv) -> exit code` (callable in-process)."""
 
 import argparse
 import os
@@ -6,9 +6,15 @@ import sys
 
 from cowfs import __version__
 from cowfs.cli import images as image_cli
-from cowfs.errors import StackError
-from cowfs.images.store import StoreError
-from cowfs.overlay.stack import parse_options
+from cowfs.cli.report import paths_as_bytes, reporting
+from cowfs.errors import CowfsError, StackError
+from cowfs.overlay.stack import (
+    lowerdir_option,
+    parse_options,
+    split_options,
+    unescape,
+    upperdir_option,
+)
 
 DESCRIPTION = """\
 cowfs stacks read-only layer directories under a writable upper directory,
@@ -228,14 +234,13 @@ def _stack_from_args(args, parser):
         if not args.options:
             if len(paths) < 2:
                 parser.error("give -o lowerdir=... or LOWER... MOUNTPOINT")
-            args.options = ["lowerdir=" + ":".join(p.replace(":", "\\:") for p in paths[:-1])]
+            args.options = [lowerdir_option(paths[:-1])]
         return parse_options(args.options), paths[-1], []
     if len(paths) < 2:
         parser.error("give at least one LOWER and the MOUNTPOINT")
     upper = os.path.abspath(args.upper)
     work = os.path.abspath(args.work) if args.work else upper.rstrip("/") + ".work"
-    opts = ["lowerdir=" + ":".join(p.replace(":", "\\:") for p in paths[:-1]),
-            f"upperdir={upper.replace(',', chr(92) + ',')},workdir={work.replace(',', chr(92) + ',')}"]
+    opts = [lowerdir_option(paths[:-1]), upperdir_option(upper, work)]
     stack = parse_options(opts + args.options)
     made = _make_dirs(upper) + _make_dirs(work)
     return stack, paths[-1], made[::-1]
@@ -271,8 +276,7 @@ def _image_form(args):
     positional that is not an existing path but names an image of the store."""
     if len(args.paths) != 2 or args.upper is not None or args.work is not None:
         return None
-    from cowfs.overlay.stack import _split
-    keys = {opt.partition("=")[0] for text in args.options for opt in _split(text, ",", keep_escapes=True)}
+    keys = {opt.partition("=")[0] for text in args.options for opt in split_options(text)}
     if keys & {"lowerdir", "upperdir", "workdir"}:
         return None
     from cowfs.images.catalog import looks_like_image
@@ -291,8 +295,8 @@ def _mount_image(args, found, mounting):
     """`cowfs mount IMAGE MOUNTPOINT`: a new container layer in the store over the image's layers."""
     import shutil
 
-    from cowfs.images.catalog import create_container, image_stack_options
-    from cowfs.overlay.stack import _escape
+    from cowfs.images.catalog import image_stack_options
+    from cowfs.images.containers import create_container
     store, image_id, ref = found
     mountpoint = args.paths[1]
     opts = image_stack_options(store, image_id) + args.options
@@ -301,7 +305,7 @@ def _mount_image(args, found, mounting):
         raise StackError(f"mount point {mountpoint}: No such directory")
     record = create_container(store, image_id, ref, mountpoint)
     try:
-        stack = parse_options(opts + [f"upperdir={_escape(record['upper'])},workdir={_escape(record['work'])}"])
+        stack = parse_options(opts + [upperdir_option(record["upper"], record["work"])])
         if args.foreground or args.debug:
             print(record["Id"], flush=True)
         mounting.mount(stack, mountpoint, foreground=args.foreground, debug=args.debug, trace=args.trace,
@@ -316,16 +320,15 @@ def _mount_image(args, found, mounting):
 
 def _take_trace_option(args):
     """Move `trace=FILE` out of the -o strings (the stack knows nothing of it) into args.trace."""
-    from cowfs.overlay.stack import _split
     kept = []
     for text in args.options:
         parts = []
-        for opt in _split(text, ",", keep_escapes=True):
+        for opt in split_options(text):
             key, has_value, value = opt.partition("=")
             if key == "trace" and has_value:
                 if not value:
                     raise StackError("option 'trace' needs a value")
-                args.trace = _split(value, "\0")[0]
+                args.trace = unescape(value)
             else:
                 parts.append(opt)
         kept.append(",".join(parts))
@@ -334,6 +337,7 @@ def _take_trace_option(args):
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    paths_as_bytes()
     helper_source = None
     parser, mount_parser = build_parser()
     rewritten = _mount_helper_form(argv, parser.commands)
@@ -351,35 +355,29 @@ def main(argv=None):
         return 2
     if args.command in image_cli.COMMANDS:
         return image_cli.run(args)
+    return reporting(lambda: _run(args, mount_parser, helper_source))
+
+
+def _run(args, mount_parser, helper_source):
+    """Run mount, umount or an explore command; what it refuses is raised (CowfsError, OSError) for `reporting`."""
     from cowfs.daemon import mount as mounting
-    try:
-        if args.command == "mount":
-            _take_trace_option(args)
-            found = _image_form(args)
-            if found is not None:
-                _mount_image(args, found, mounting)
-                return 0
-            stack, mountpoint, made = _stack_from_args(args, mount_parser)
-            if helper_source and helper_source != "cowfs" and "fsname=" not in ",".join(args.options):
-                stack.fsname = helper_source
-            try:
-                mounting.mount(stack, mountpoint, foreground=args.foreground, debug=args.debug, trace=args.trace,
-                               human_trace=args.human_trace)
-            except (StackError, OSError):
-                _remove_made(made)
-                raise
-        elif args.command == "umount":
-            mounting.umount(args.mountpoint)
-        else:
-            return RUNNERS[args.command](args)
-    except StoreError as e:
-        print(f"cowfs: {e}", file=sys.stderr)
-        return 1
-    except StackError as e:
-        print(f"cowfs: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"cowfs: {where}{e.strerror or e}", file=sys.stderr)
-        return 1
+    if args.command == "mount":
+        _take_trace_option(args)
+        found = _image_form(args)
+        if found is not None:
+            _mount_image(args, found, mounting)
+            return 0
+        stack, mountpoint, made = _stack_from_args(args, mount_parser)
+        if helper_source and helper_source != "cowfs" and "fsname=" not in ",".join(args.options):
+            stack.fsname = helper_source
+        try:
+            mounting.mount(stack, mountpoint, foreground=args.foreground, debug=args.debug, trace=args.trace,
+                           human_trace=args.human_trace)
+        except (CowfsError, OSError):
+            _remove_made(made)
+            raise
+    elif args.command == "umount":
+        mounting.umount(args.mountpoint)
+    else:
+        return RUNNERS[args.command](args)
     return 0

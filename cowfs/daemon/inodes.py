@@ -8,7 +8,9 @@ calls and no engine calls, one short lock around each change.
 """
 
 import contextlib
+import errno
 import itertools
+import os
 import stat
 import threading
 
@@ -100,7 +102,7 @@ class InodeTable:
     def get(self, node_id):
         inode = self._by_id.get(node_id)
         if inode is None:
-            raise OSError(116, "Stale file handle")  # ESTALE: a node id we never gave, or forgot
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))  # a node id we never gave, or forgot
         return inode
 
     # -- paths -----------------------------------------------------------------------------------
@@ -118,7 +120,7 @@ class InodeTable:
     def child_path(self, parent, name):
         base = self.path(parent)
         if base is None:
-            raise OSError(2, "No such file or directory")  # ENOENT: the directory was removed
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))  # the directory was removed
         return base + name if base == "/" else base + "/" + name
 
     def at_path(self, path):

@@ -20,8 +20,7 @@ from cowfs import mounttable
 from cowfs.errors import StackError
 from cowfs.overlay.stack import check, is_within
 from cowfs.overlay.union import Union
-from cowfs.runtime import read_record, records, runtime_dir  # noqa: F401 - records: for callers
-from cowfs.runtime import record_path as _record_path
+from cowfs.runtime import read_record, record_path, runtime_dir
 
 READY = b"\0cowfs-ready\n"
 START_TIMEOUT = 30.0
@@ -30,7 +29,7 @@ STOP_TIMEOUT = 10.0
 
 def _write_record(mountpoint, stack, trace=None):
     os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
-    path = _record_path(mountpoint)
+    path = record_path(mountpoint)
     tmp = path + f".{os.getpid()}.tmp"
     record = {"pid": os.getpid(), "mountpoint": mountpoint, "options": stack.option_string()}
     if trace:
@@ -42,20 +41,16 @@ def _write_record(mountpoint, stack, trace=None):
 
 def _remove_record(mountpoint):
     try:
-        with open(_record_path(mountpoint)) as f:
+        with open(record_path(mountpoint)) as f:
             if json.load(f).get("pid") != os.getpid():
                 return
-        os.unlink(_record_path(mountpoint))
+        os.unlink(record_path(mountpoint))
     except (OSError, ValueError):
         pass
 
 
-def mount_table():
-    """[(source, mountpoint, fstype)] of the mounts (cowfs.mounttable reads them)."""
-    return [m[:3] for m in mounttable.read()]
-
-
 def is_cowfs_mount(mountpoint):
+    """Whether a cowfs mount is at `mountpoint` (a real path), by the mount table."""
     return any(m.mountpoint == mountpoint and m.fstype == "fuse.cowfs" for m in mounttable.read())
 
 
@@ -182,7 +177,7 @@ def mount(stack, mountpoint, *, foreground=False, debug=False, trace=None, human
         return
     _reap(pid)
     if is_cowfs_mount(mountpoint):  # mounted but broken: leave nothing behind
-        _force_unmount(mountpoint)
+        force_unmount(mountpoint)
     lines = [line.strip() for line in output.decode(errors="replace").splitlines() if line.strip()]
     reason = lines[-1] if lines else "the daemon exited before the mount was live"
     raise StackError(f"mount point {mountpoint}: {reason.removeprefix('fuse: ')}")
@@ -216,7 +211,8 @@ def _reap(pid):
     os.waitpid(pid, 0)
 
 
-def _force_unmount(mountpoint):
+def force_unmount(mountpoint):
+    """Unmount `mountpoint` by any means (fusermount -u, umount, umount -l): True when one of them did."""
     for cmd in (["fusermount", "-u", mountpoint], ["umount", mountpoint], ["umount", "-l", mountpoint]):
         if shutil.which(cmd[0]) and subprocess.run(cmd, capture_output=True).returncode == 0:
             return True

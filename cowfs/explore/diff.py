@@ -1,4 +1,6 @@
-"""`cowfs diff`: what an upper layer changes, as `docker diff` lists a container's changes (A, C, D).
+"""`cowfs diff` (an upper's changes, as `docker diff` lists them), the stack behind a mount, and an upper's size.
+
+`cowfs diff` lists what an upper layer changes as A, C and D lines.
 
 The answer compares two views of the same layers: *before*, the lower layers
 alone, and *after*, the merged view with the upper on top, both resolved by
@@ -16,7 +18,8 @@ entered. The rules:
   line, as in docker diff).
 
 Also the helpers that find a stack from a mount point or an upper directory,
-shared with `cowfs explain` and `cowfs status`.
+shared with `cowfs explain` and `cowfs status`, and the accounting of what an
+upper holds (`tree_size`, `object_size`), shared with `cowfs status` and `cowfs ps`.
 """
 
 import dataclasses
@@ -25,12 +28,12 @@ import stat
 import sys
 
 from cowfs import mounttable
-from cowfs.daemon.mount import mount_table, read_record, records
 from cowfs.errors import StackError
-from cowfs.explore.trace import human_size
+from cowfs.formatting import human_size
 from cowfs.overlay.lookup import Layers, join
-from cowfs.overlay.stack import Stack, parse_options
+from cowfs.overlay.stack import Stack, lowerdir_option, parse_options
 from cowfs.overlay.whiteout import is_whiteout
+from cowfs.runtime import read_record, records
 
 KERNEL_KEYS = ("lowerdir", "upperdir", "workdir", "redirect_dir", "userxattr")
 
@@ -49,20 +52,11 @@ class Located:
         return (self.record or {}).get("trace")
 
 
-def _mount_options():
-    """{mountpoint: (fstype, options)} of the mounts; the options joined by commas, as parse_options reads them."""
-    return {m.mountpoint: (m.fstype, ",".join(m.options)) for m in mounttable.read()}
-
-
-def _split_opts(text):
-    from cowfs.overlay.stack import _split
-    return _split(text, ",", keep_escapes=True)
-
-
 def mounted_stack(mountpoint):
     """The Located stack mounted exactly at `mountpoint` (cowfs or the kernel's overlay), or None."""
     real = os.path.realpath(mountpoint)
-    fstype, options = _mount_options().get(real, (None, None))
+    top = {m.mountpoint: m for m in mounttable.read()}.get(real)  # the last mount there is the one in use
+    fstype = top.fstype if top is not None else None
     if fstype == "fuse.cowfs":
         record = read_record(real)
         if record is None:
@@ -70,7 +64,7 @@ def mounted_stack(mountpoint):
                              "(mounted by another user?)")
         return Located(parse_options([record["options"]]), real, record, "cowfs")
     if fstype == "overlay":
-        kept = [o for o in _split_opts(options) if o.partition("=")[0] in KERNEL_KEYS]
+        kept = [o for o in top.options if o.partition("=")[0] in KERNEL_KEYS]
         return Located(parse_options([",".join(kept)]), real, None, "overlay")
     return None
 
@@ -79,8 +73,9 @@ def mount_containing(path):
     """The Located cowfs mount that holds `path` (the deepest one), and the merged path of `path` in it."""
     real = os.path.realpath(path)
     best = None
-    for _, mnt, fstype in mount_table():
-        if fstype != "fuse.cowfs":
+    for m in mounttable.read():
+        mnt = m.mountpoint
+        if m.fstype != "fuse.cowfs":
             continue
         if real == mnt or real.startswith(mnt.rstrip("/") + "/"):
             if best is None or len(mnt) > len(best):
@@ -115,8 +110,7 @@ def locate(target, lowers=(), options=()):
                          "give its lower layers with --lower DIR (topmost first)")
     opts = list(options)
     if lowers:
-        opts.insert(0, "lowerdir=" + ":".join(p.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
-                                              for p in lowers))
+        opts.insert(0, lowerdir_option(lowers))
     stack = parse_options(opts)
     if stack.upper is not None:
         raise StackError(f"{target}: give the upper directory as the argument, not as upperdir=")
@@ -163,7 +157,14 @@ def changes(stack):
 
 
 def tree_size(root):
-    """Bytes of data under `root`, as docker counts a layer's size: regular files and symlinks, hard links once."""
+    """Bytes of data under `root` (an upper or a layer), as Docker counts a container's or a layer's size.
+
+    The apparent size (st_size, not blocks: a sparse file counts its length) of
+    each regular file and symlink (a symlink holds its target's length); a
+    file with several hard links once; directories and whiteouts nothing. The
+    one count of an upper's size: `cowfs diff --size`, `cowfs status` and
+    `cowfs ps` all show it, and a layer's size in the store counts the same way.
+    """
     total, seen = 0, set()
     for dirpath, dirnames, filenames in os.walk(root):
         for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:

@@ -11,20 +11,18 @@ import json
 import os
 import stat
 
-from cowfs.daemon.mount import records
 from cowfs.errors import StackError
 from cowfs.explore.diff import mount_containing, mounted_stack, tree_size
-from cowfs.explore.trace import human_seconds, human_size, read_trace
+from cowfs.explore.trace import read_trace
+from cowfs.formatting import human_seconds, human_size, kind_name
 from cowfs.overlay.lookup import Layers
 from cowfs.overlay.whiteout import REDIRECT, get_marker, is_opaque, is_whiteout
+from cowfs.runtime import records
 
 
 def _kind(st):
-    if is_whiteout(st):
-        return "whiteout"
-    return {stat.S_IFREG: "file", stat.S_IFDIR: "directory", stat.S_IFLNK: "symlink", stat.S_IFIFO: "fifo",
-            stat.S_IFSOCK: "socket", stat.S_IFCHR: "char device", stat.S_IFBLK: "block device"}.get(
-                stat.S_IFMT(st.st_mode), "object")
+    """The kind name of a layer's object (cowfs.formatting.kind_name), or "whiteout"."""
+    return "whiteout" if is_whiteout(st) else kind_name(st.st_mode)
 
 
 def _layer_name(layer):
@@ -215,7 +213,7 @@ def copied_up(located, after=None, before=None):
         for e in read_trace(located.trace):
             if e.get("event") == "copy_up":
                 paths[e["path"]] = e.get("kind")
-        files = sum(1 for k in paths.values() if k != "dir")
+        files = sum(1 for k in paths.values() if k != kind_name(stat.S_IFDIR))
         return files, len(paths) - files, "trace"
     stack = located.stack
     before = before or Layers(dataclasses.replace(stack, upper=None))

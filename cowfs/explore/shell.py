@@ -18,10 +18,11 @@ import subprocess
 import sys
 import tempfile
 
+from cowfs import mounttable
 from cowfs.daemon import mount as mounting
 from cowfs.errors import StackError
 from cowfs.explore.diff import changes, format_changes, size_line
-from cowfs.overlay.stack import _escape, check, parse_options
+from cowfs.overlay.stack import check, lowerdir_option, parse_options, upperdir_option
 
 PREFIX = "[cowfs] "
 
@@ -81,7 +82,7 @@ def _stack(args):
         return image
     options = list(args.options)
     if args.layers:
-        options.insert(0, "lowerdir=" + ":".join(_escape(os.path.abspath(p)) for p in args.layers))
+        options.insert(0, lowerdir_option(os.path.abspath(p) for p in args.layers))
     if not any(opt.startswith("lowerdir=") or ",lowerdir=" in opt for opt in options):
         raise StackError("shell: give the lower layers: LAYER... (topmost first) or -o lowerdir=A:B")
     if any("upperdir=" in opt or "workdir=" in opt for opt in options):
@@ -132,7 +133,7 @@ def _run_shell(merged, tmp, events):
 
 def _still_mounted(path):
     real = os.path.realpath(path)
-    return any(mnt == real or mnt.startswith(real + "/") for _, mnt, _ in mounting.mount_table())
+    return any(m.mountpoint == real or m.mountpoint.startswith(real + "/") for m in mounttable.read())
 
 
 def run(args):
@@ -154,7 +155,7 @@ def run(args):
             os.mkdir(work)
         os.mkdir(merged)
         open(events, "w").close()
-        stack = check(parse_options(options + [f"upperdir={_escape(upper)},workdir={_escape(work)}"]))
+        stack = check(parse_options(options + [upperdir_option(upper, work)]))
         mounting.mount(stack, merged, trace=trace, human_trace=events)
         mounted = True
         try:
@@ -178,7 +179,7 @@ def run(args):
             try:
                 mounting.umount(merged)
             except StackError:
-                mounting._force_unmount(merged)
+                mounting.force_unmount(merged)
         if _still_mounted(tmp):
             print(f"cowfs: {tmp}: still mounted; left in place", file=sys.stderr)
         elif args.keep and not args.upper:

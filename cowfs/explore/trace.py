@@ -8,8 +8,12 @@ trace the engine has no subscriber and builds no event at all.
 
 import json
 import os
+import stat
 import threading
 
+from cowfs.formatting import human_seconds, human_size, kind_name
+
+FILE, DIR = kind_name(stat.S_IFREG), kind_name(stat.S_IFDIR)  # as events name them
 
 class TraceWriter:
     """An events subscriber that appends each event to `path` as one JSON line;
@@ -54,22 +58,6 @@ def read_trace(path):
     return events
 
 
-def human_size(n):
-    """Decimal units, as docker prints sizes: 20 B, 1.2 kB, 35.1 MB."""
-    n = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}" if n < 100 else f"{n:.0f} {unit}"
-        n /= 1000
-    return f"{n} B"  # unreachable
-
-
-def human_seconds(s):
-    if s < 1:
-        return f"{s * 1000:.1f} ms"
-    return f"{s:.2f} s"
-
-
 def _rel(path):
     return path.lstrip("/") or "/"
 
@@ -79,11 +67,12 @@ def describe(event):
     kind = event.get("event")
     path = _rel(event.get("path", "?"))
     if kind == "copy_up":
-        kind_ = event.get("kind", "file")
-        amount = "directory" if kind_ == "dir" else human_size(event.get("bytes", 0)) if kind_ == "file" else kind_
+        kind_ = event.get("kind", FILE)
+        is_dir = kind_ == DIR
+        amount = "directory" if is_dir else human_size(event.get("bytes", 0)) if kind_ == FILE else kind_
         if event.get("metadata_only"):
             amount += ", metadata only"
-        return (f"copy-up  {path}{'/' if kind_ == 'dir' else ''}  from layer {event.get('layer', '?')}  "
+        return (f"copy-up  {path}{'/' if is_dir else ''}  from layer {event.get('layer', '?')}  "
                 f"({amount}, {human_seconds(event.get('seconds', 0))}) on {event.get('trigger', '?')}")
     if kind == "whiteout":
         return f"whiteout  {path}  (deleted; the lower layers keep it, hidden)"

@@ -46,16 +46,22 @@ import threading
 import time
 import zlib
 
+from cowfs.errors import CowfsError
+from cowfs.formatting import docker_size, human_seconds
 from cowfs.overlay.whiteout import (
     OCI_OPAQUE,
-    OCI_PREFIX,
+    PREFIXES,
     REDIRECT,
     TRUSTED_PREFIX,
     USER_PREFIX,
     get_marker,
+    is_aufs_metadata,
+    is_oci_marker,
     is_opaque,
     is_whiteout,
     make_whiteout,
+    oci_marked_name,
+    oci_marker,
     set_opaque,
 )
 
@@ -63,10 +69,9 @@ CHUNK = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 XATTR_PAX = "SCHILY.xattr."
-OVERLAY_XATTR_PREFIXES = (TRUSTED_PREFIX, USER_PREFIX)
 
 
-class ArchiveError(Exception):
+class ArchiveError(CowfsError):
     """A layer or image archive that cowfs refuses; str() is the one-line message to show."""
 
     def __init__(self, archive, reason, member=None):
@@ -233,13 +238,13 @@ class Progress:
             return
         self.last = now
         self.shown = True
-        of = f" of {human_size(self.total)} ({100 * done // max(self.total, 1)}%)" if self.total else ""
-        print(f"cowfs: {self.label}: {human_size(done)}{of}", file=self.stream, flush=True)
+        of = f" of {docker_size(self.total)} ({100 * done // max(self.total, 1)}%)" if self.total else ""
+        print(f"cowfs: {self.label}: {docker_size(done)}{of}", file=self.stream, flush=True)
 
     def finish(self, done):
         if self.shown:
             took = time.monotonic() - self.start
-            print(f"cowfs: {self.label}: {human_size(done)} in {took:.1f}s", file=self.stream, flush=True)
+            print(f"cowfs: {self.label}: {docker_size(done)} in {human_seconds(took)}", file=self.stream, flush=True)
 
 
 class ProgressFile:
@@ -261,15 +266,6 @@ class ProgressFile:
 
     def close(self):
         self.f.close()
-
-
-def human_size(n):
-    """Sizes as Docker prints them: decimal units, three significant digits ("39B", "2.15MB", "5.6MB")."""
-    n = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
-        if n < 1000 or unit == "PB":
-            return f"{n:.3g}{unit}"
-        n /= 1000
 
 
 # -- reading a layer ------------------------------------------------------------------------------
@@ -336,7 +332,7 @@ class _Unpacker:
             if not key.startswith(XATTR_PAX):
                 continue
             name = key[len(XATTR_PAX):]
-            if name.startswith(OVERLAY_XATTR_PREFIXES):
+            if name.startswith(PREFIXES):
                 self.fail(f"carries the overlay's own xattr {name!r}", member)
             items.append((name, value.encode("utf-8", "surrogateescape")))
         return items
@@ -376,10 +372,10 @@ class _Unpacker:
             self.explicit[rel] = "opaque"  # no object on disk: the marker is an xattr of its directory
             set_opaque(self.real(parent), self.prefix)
             return
-        if base.startswith(OCI_PREFIX + OCI_PREFIX):
-            return  # other AUFS metadata (.wh..wh.plnk, .wh..wh.aufs): Docker skips them too
-        if base.startswith(OCI_PREFIX):
-            target = (parent + "/" if parent else "") + base[len(OCI_PREFIX):]
+        if is_aufs_metadata(base):
+            return  # Docker skips it too
+        if is_oci_marker(base):
+            target = (parent + "/" if parent else "") + oci_marked_name(base)
             if target in self.explicit:
                 self.fail("whiteout for a member of the same layer", member)
             self.claim(target, "whiteout", member)
@@ -502,7 +498,7 @@ class _Writer:
             return {}
         out = {}
         for name in sorted(names):
-            if name.startswith(OVERLAY_XATTR_PREFIXES) or name.startswith("trusted.overlay."):
+            if name.startswith(PREFIXES):
                 continue
             if not name.startswith(("user.", "security.", "trusted.")):
                 continue
@@ -565,7 +561,7 @@ class _Writer:
             st = os.lstat(path)
             if is_whiteout(st):
                 head = rel + "/" if rel else ""
-                self.marker(head + OCI_PREFIX + name, stat.S_IMODE(st.st_mode), st)
+                self.marker(head + oci_marker(name), stat.S_IMODE(st.st_mode), st)
                 continue
             self.entry(child, path, st)
             if not stat.S_ISDIR(st.st_mode):

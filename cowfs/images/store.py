@@ -1,4 +1,4 @@
-"""A content-addressed store of unpacked layers and the images made of them.
+"""A content-addressed store of unpacked layers and the images made of them, and the config fields cowfs writes.
 
 Layout of a store directory (as Docker's overlay2 and image store, simplified):
 
@@ -17,19 +17,23 @@ written (each by write-and-rename), so a failed import leaves the store as it wa
 """
 
 import contextlib
+import datetime
 import fcntl
 import hashlib
 import json
 import os
+import platform
+import re
 import shutil
 import tempfile
 import time
 
-from cowfs.images.archive import ArchiveError, unpack_layer
+from cowfs.errors import CowfsError
+from cowfs.images.archive import unpack_layer
 from cowfs.overlay.whiteout import TRUSTED_PREFIX, USER_PREFIX
 
 
-class StoreError(Exception):
+class StoreError(CowfsError):
     """A store operation cowfs refuses; str() is the one-line message to show."""
 
 
@@ -57,6 +61,31 @@ def normalise_ref(ref):
     if not name or "/" in tag:
         return ref + ":latest"
     return ref
+
+
+# -- the fields of an image config that cowfs writes and reads --------------------------------------
+
+def now_rfc3339():
+    """The time now as image configs and container records spell it: RFC 3339 in UTC, microseconds."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text):
+    """An RFC 3339 time as Docker writes it (up to nanoseconds, "Z" or an offset) -> seconds, or None."""
+    if not text:
+        return None
+    m = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)?$", text)
+    if not m:
+        return None
+    base, frac, zone = m.groups()
+    dt = datetime.datetime.fromisoformat(base + ((frac or ".") + "000000")[:7]
+                                         + ("+00:00" if zone in (None, "Z") else zone))
+    return dt.timestamp()
+
+
+def machine_architecture():
+    """This machine's architecture as OCI names it ("amd64", "arm64", ...)."""
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
 
 
 def _write_atomic(path, data):
@@ -272,7 +301,7 @@ class Transaction:
     def commit(self):
         """Make every staged layer and image visible. A failure part way removes what was renamed."""
         store = self.store
-        moved = []
+        moved, written = [], []
         with store.locked():
             try:
                 for diff_id, staged in self.layers.items():
@@ -281,7 +310,6 @@ class Transaction:
                         continue  # another import stored it meanwhile
                     os.rename(staged, target)
                     moved.append(target)
-                written = []
                 repos = store.repositories()
                 for config_bytes, refs in self.images:
                     hexpart = hashlib.sha256(config_bytes).hexdigest()
@@ -295,11 +323,12 @@ class Transaction:
             except BaseException:
                 for target in moved:
                     shutil.rmtree(target, ignore_errors=True)
-                for path in locals().get("written", []):
+                for path in written:
                     with contextlib.suppress(OSError):
                         os.unlink(path)
                 raise
         self.done = True
 
 
-__all__ = ["Store", "StoreError", "Transaction", "default_store", "normalise_ref", "check_digest", "ArchiveError"]
+__all__ = ["Store", "StoreError", "Transaction", "default_store", "normalise_ref", "check_digest", "now_rfc3339",
+           "parse_time", "machine_architecture"]

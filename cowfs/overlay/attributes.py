@@ -17,13 +17,6 @@ from cowfs.overlay.locking import locked
 from cowfs.overlay.whiteout import escape_xattr, unescape_xattr
 
 
-def kind_name(mode):
-    """The kind of object a mode (or bare type bits) stands for, as events name it."""
-    return {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFIFO: "fifo",
-            stat.S_IFCHR: "char device", stat.S_IFBLK: "block device", stat.S_IFSOCK: "socket"}.get(
-                stat.S_IFMT(mode) or mode, "object")
-
-
 def stat_dict(st, ino, nlink):
     """`st` as the engine answers getattr: a dict of st_* fields, times in ns."""
     return {

@@ -18,12 +18,12 @@ import stat
 import threading
 import time
 
-from cowfs.overlay.attributes import kind_name
+from cowfs.formatting import kind_name
 from cowfs.overlay.events import TRIGGERS
 from cowfs.overlay.locking import DataFirst, locked_for
 from cowfs.overlay.lookup import parent_of
 from cowfs.overlay.syscalls import RENAME_NOREPLACE, rename2
-from cowfs.overlay.whiteout import METACOPY, ORIGIN, is_private_xattr, set_marker
+from cowfs.overlay.whiteout import METACOPY, ORIGIN, TRUSTED_PREFIX, is_private_xattr, set_marker
 
 CHUNK = 1 << 30
 _names = itertools.count()
@@ -113,7 +113,7 @@ def copy_xattrs(src, dst, prefix):
             return
         raise
     for name in names:
-        if is_private_xattr(name, prefix) or name.startswith("trusted.overlay.") and prefix == "trusted.overlay.":
+        if is_private_xattr(name, prefix) or prefix == TRUSTED_PREFIX and name.startswith(TRUSTED_PREFIX):
             continue
         try:
             value = os.getxattr(src, name, **nofollow)

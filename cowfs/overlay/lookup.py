@@ -31,6 +31,7 @@ from cowfs.overlay.whiteout import (
     is_oci_marker,
     is_opaque,
     is_whiteout,
+    oci_marked_name,
     oci_marker,
 )
 
@@ -194,7 +195,7 @@ class Layers:
         for path in reversed(below):
             if node is not None:
                 if not node.is_dir:
-                    raise os_error(20, path)  # ENOTDIR
+                    raise os_error(errno.ENOTDIR, path)
                 node = self.child(node, parent_of(path)[1])
             self._keep(path, node)
         return node
@@ -208,7 +209,7 @@ class Layers:
     def resolve_required(self, path):
         node = self.resolve(path)
         if node is None:
-            raise os_error(2, path)  # ENOENT
+            raise os_error(errno.ENOENT, path)
         return node
 
     def _oci_deleted(self, layer, rel):
@@ -239,9 +240,9 @@ class Layers:
     def _check_redirect(redirect, path):
         """Refuse a redirect that would leave the layers, as the kernel does."""
         if not redirect or (not redirect.startswith("/") and "/" in redirect):
-            raise os_error(22, path)  # EINVAL: a relative redirect is one name
+            raise os_error(errno.EINVAL, path)  # a relative redirect is one name
         if any(c in ("", ".", "..") for c in redirect.strip("/").split("/")):
-            raise os_error(13, path)  # EACCES, as the kernel's lookup of "." or ".."
+            raise os_error(errno.EACCES, path)  # as the kernel's lookup of "." or ".."
 
     def _targets(self, parent, name):
         """Yield (layer, rel) to look at for `name`, top to bottom; the walk sends back each redirect it meets.
@@ -308,7 +309,7 @@ class Layers:
                 found.append((layer, rel, real, st))
                 if stat.S_ISREG(st.st_mode) and get_marker(real, self.prefix, METACOPY) is not None:
                     if not self.metacopy:
-                        raise os_error(1, join(parent.path, name))  # EPERM, as the kernel without metacopy=on
+                        raise os_error(errno.EPERM, join(parent.path, name))  # as the kernel without metacopy=on
                     data_wanted = True
                     redirect = get_marker(real, self.prefix, REDIRECT)
                     if redirect:
@@ -331,7 +332,7 @@ class Layers:
         if not found:
             return None
         if data_wanted and data is None:
-            raise os_error(5, join(parent.path, name))  # EIO: a metadata-only copy whose data is gone
+            raise os_error(errno.EIO, join(parent.path, name))  # a metadata-only copy whose data is gone
         layer, _, real, st = found[0]
         top_redirect = get_marker(real, self.prefix, REDIRECT) if layer == 0 and (
             stat.S_ISDIR(st.st_mode) or data_wanted) else None
@@ -367,7 +368,7 @@ class Layers:
                     name = entry.name
                     if layer > 0 and self.oci and is_oci_marker(name):
                         if name != OCI_OPAQUE:
-                            hidden_below.append(name[len(".wh."):])
+                            hidden_below.append(oci_marked_name(name))
                         continue
                     if name in seen:
                         continue

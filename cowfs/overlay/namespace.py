@@ -12,8 +12,8 @@ import os
 import stat
 
 from cowfs.errors import os_error
+from cowfs.formatting import kind_name
 from cowfs.overlay import acl, copyup
-from cowfs.overlay.attributes import kind_name
 from cowfs.overlay.locking import locked
 from cowfs.overlay.lookup import parent_of, renamed_paths
 from cowfs.overlay.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, rename2

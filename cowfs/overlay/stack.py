@@ -2,6 +2,11 @@
 
 Layer 0 is the upper (writable, or None for a read-only mount); layers 1..N
 are the lowers, topmost first, exactly as `lowerdir=A:B:C` lists them.
+
+This module also owns how a path is spelt inside an option (`\\,` `\\:` `\\\\`):
+every other module builds option strings with `escape_layer_path`,
+`lowerdir_value`, `lowerdir_option` and `upperdir_option`, and splits them
+with `split_options`, `split_layers` and `unescape`.
 """
 
 import dataclasses
@@ -62,9 +67,9 @@ class Stack:
 
     def option_string(self):
         """The stack as the kernel's `-o` option string (for /proc/mounts-like reports and re-mounting)."""
-        opts = ["lowerdir=" + ":".join(_escape(p) for p in self.lowers)]
+        opts = [lowerdir_option(self.lowers)]
         if self.upper is not None:
-            opts += ["upperdir=" + _escape(self.upper), "workdir=" + _escape(self.work)]
+            opts.append(upperdir_option(self.upper, self.work))
         if self.redirect_dir != "off":
             opts.append("redirect_dir=" + self.redirect_dir)
         if self.metacopy:
@@ -75,12 +80,29 @@ class Stack:
         return ",".join(opts)
 
 
-def _escape(path):
+def escape_layer_path(path):
+    """`path` spelt for an option value (lowerdir=, upperdir=, workdir=): `\\`, `:` and `,` backslash-escaped,
+    as the kernel reads them; `unescape` and `split_layers` undo it."""
     return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
 
 
-def _split(text, sep, keep_escapes=False):
-    """Split on `sep`, honouring backslash escapes as the kernel does for `\\:` and `\\,`;
+def lowerdir_value(paths):
+    """The value of a `lowerdir=` option for layer directories `paths`, topmost first: each escaped, colon-joined."""
+    return ":".join(escape_layer_path(p) for p in paths)
+
+
+def lowerdir_option(paths):
+    """The `lowerdir=A:B:C` option for layer directories `paths`, topmost first, each escaped."""
+    return "lowerdir=" + lowerdir_value(paths)
+
+
+def upperdir_option(upper, work):
+    """The `upperdir=U,workdir=W` options for an upper directory and its workdir, each escaped."""
+    return f"upperdir={escape_layer_path(upper)},workdir={escape_layer_path(work)}"
+
+
+def split_escaped(text, sep, keep_escapes=False):
+    """Split `text` on `sep`, honouring backslash escapes as the kernel does for `\\:` and `\\,`;
     with `keep_escapes` the parts keep their backslashes, for a second split."""
     parts, cur, i = [], [], 0
     while i < len(text):
@@ -99,12 +121,22 @@ def _split(text, sep, keep_escapes=False):
     return parts
 
 
+def split_options(text):
+    """The options of one `-o` string, split on unescaped commas; each keeps its escapes (`\\,` `\\:`)."""
+    return split_escaped(text, ",", keep_escapes=True)
+
+
+def split_layers(value):
+    """The layer paths of a `lowerdir=` value, split on unescaped colons and unescaped."""
+    return split_escaped(value, ":")
+
+
 def parse_options(option_strings):
     """Build a Stack from one or more `-o` strings. Raises StackError naming the bad option."""
     values = {}
     flags = []
     for text in option_strings:
-        for opt in _split(text, ",", keep_escapes=True):
+        for opt in split_options(text):
             if not opt:
                 continue
             key, has_value, value = opt.partition("=")
@@ -123,7 +155,7 @@ def parse_options(option_strings):
                 raise StackError(f"unknown option '{opt}'")
     if "lowerdir" not in values:
         raise StackError("missing 'lowerdir'")
-    lowers = _split(values["lowerdir"], ":")
+    lowers = split_layers(values["lowerdir"])
     if any(not p for p in lowers):
         raise StackError(f"empty layer in lowerdir={values['lowerdir']!r}")
     upper = unescape(values["upperdir"]) if "upperdir" in values else None
@@ -157,7 +189,7 @@ def parse_options(option_strings):
 
 def unescape(path):
     """A path as an option spells it (`\\,` `\\:` `\\\\`), without its backslash escapes."""
-    return _split(path, "\0")[0]
+    return split_escaped(path, "\0")[0]
 
 
 def _is_within(inner, outer):

@@ -1,4 +1,6 @@
-"""The on-disk markers of an overlay, in the kernel's format so that either can mount the other's upper.
+"""The on-disk markers of an overlay and their names: whiteouts, opaque dirs, redirects, OCI `.wh.` files.
+
+They are in the kernel's format, so that either can mount the other's upper.
 
 This is the only module that knows how deletions, opaque directories and
 redirects are spelled: a whiteout is a character device 0/0; an opaque
@@ -13,6 +15,7 @@ import stat
 
 TRUSTED_PREFIX = "trusted.overlay."
 USER_PREFIX = "user.overlay."
+PREFIXES = (TRUSTED_PREFIX, USER_PREFIX)  # either namespace: what a layer archive must never carry
 
 OCI_PREFIX = ".wh."
 OCI_OPAQUE = ".wh..wh..opq"
@@ -90,4 +93,16 @@ def oci_marker(name):
 
 
 def is_oci_marker(name):
+    """Whether `name` is an OCI marker file: a `.wh.NAME` whiteout, or the `.wh..wh..opq` opaque marker."""
     return name.startswith(OCI_PREFIX)
+
+
+def oci_marked_name(marker):
+    """The name an OCI whiteout file `.wh.NAME` deletes: NAME (the inverse of `oci_marker`)."""
+    return marker[len(OCI_PREFIX):]
+
+
+def is_aufs_metadata(name):
+    """Whether `name` is AUFS metadata other than the opaque marker (`.wh..wh.plnk`, `.wh..wh.aufs`):
+    layer tars may carry it, and it means nothing to an overlay (Docker skips it too)."""
+    return name.startswith(OCI_PREFIX + OCI_PREFIX) and name != OCI_OPAQUE

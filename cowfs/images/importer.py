@@ -1,0 +1,367 @@
+"""Importing images into the layer store: `docker save` archives, OCI image layouts and bare layer tarballs.
+
+Formats read by `import_archive`:
+- `docker save` archives: a tar (possibly gzip) with `manifest.json`, each
+  image's config JSON (`rootfs.diff_ids`, `history`) and its layer tars
+  (plain or gzip; the newer Docker layout with `blobs/sha256/` too);
+- OCI image layouts, as a directory or a tar: `oci-layout`, `index.json`,
+  `blobs/sha256/...`; indexes are followed to manifests (the one for this
+  machine's platform when there are several), manifests to configs and layers;
+- bare layer tarballs: plain, gzip, or zstd when the `zstandard` module or
+  the `zstd` command is there.
+Every digest the archive states is checked: the diff IDs of the config
+against the uncompressed layers, and OCI blob names against their content.
+"""
+
+import hashlib
+import json
+import os
+import re
+import sys
+import tarfile
+
+from cowfs.formatting import docker_size
+from cowfs.images.archive import (
+    ZSTD_MAGIC,
+    ArchiveError,
+    HashingReader,
+    Progress,
+    ProgressFile,
+    zstd_available,
+)
+from cowfs.images.store import StoreError, check_digest, machine_architecture, normalise_ref, now_rfc3339
+
+INDEX_TYPES = ("application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json")
+MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json",
+                  "application/vnd.docker.distribution.manifest.v2+json")
+MAX_JSON = 64 << 20  # a manifest or config larger than this is not one
+
+
+# -- sources: where the members of an archive come from -------------------------------------------
+
+class _DirSource:
+    """Members of an unpacked archive (an OCI layout directory); never followed out of the directory."""
+
+    def __init__(self, root, progress):
+        self.root = os.path.realpath(root)
+        self.progress = progress
+        self.done = 0
+
+    def _path(self, name):
+        parts = [p for p in name.split("/") if p not in ("", ".")]
+        if name.startswith("/") or ".." in parts:
+            raise ArchiveError(self.root, "member path leaves the archive", name)
+        path = os.path.realpath(os.path.join(self.root, *parts))
+        if not path.startswith(self.root + "/"):
+            raise ArchiveError(self.root, "member path leaves the archive (through a symlink)", name)
+        return path
+
+    def exists(self, name):
+        try:
+            return os.path.isfile(self._path(name))
+        except ArchiveError:
+            return False
+
+    def open(self, name):
+        try:
+            return _Counting(open(self._path(name), "rb"), self)
+        except FileNotFoundError:
+            raise ArchiveError(self.root, "missing from the archive", name) from None
+
+    def close(self):
+        pass
+
+
+class _Counting:
+    def __init__(self, f, source):
+        self.f, self.source = f, source
+
+    def read(self, n=-1):
+        data = self.f.read(n)
+        self.source.done += len(data)
+        if self.source.progress:
+            self.source.progress.update(self.source.done)
+        return data
+
+    def close(self):
+        self.f.close()
+
+
+class _TarSource:
+    """Members of an archive tar, read by name; nothing of the outer tar is ever extracted to disk."""
+
+    def __init__(self, tf, archive, fileobj):
+        self.tf, self.archive, self.fileobj = tf, archive, fileobj
+        self.members = {}
+        for info in tf.getmembers():
+            self.members.setdefault(_clean(info.name), info)
+
+    def exists(self, name):
+        info = self.members.get(_clean(name))
+        return info is not None and (info.isfile() or info.issym() or info.islnk())
+
+    def open(self, name):
+        info = self.members.get(_clean(name))
+        if info is None:
+            raise ArchiveError(self.archive, "missing from the archive", name)
+        try:
+            f = self.tf.extractfile(info)
+        except (KeyError, tarfile.TarError) as e:
+            raise ArchiveError(self.archive, f"cannot be read ({e})", name) from None
+        if f is None:
+            raise ArchiveError(self.archive, "is not a file", name)
+        return f
+
+    def close(self):
+        self.tf.close()
+        self.fileobj.close()
+
+
+def _clean(name):
+    return "/".join(p for p in name.split("/") if p not in ("", "."))
+
+
+def _read_json(source, name, archive, digest=None):
+    f = source.open(name)
+    try:
+        data = f.read(MAX_JSON + 1)
+    except (EOFError, tarfile.TarError, OSError) as e:
+        raise ArchiveError(archive, f"truncated or corrupt archive ({e})", name) from None
+    if len(data) > MAX_JSON:
+        raise ArchiveError(archive, "too large for a JSON document", name)
+    if digest is not None and "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+        raise ArchiveError(archive, f"digest mismatch: expected {digest}", name)
+    try:
+        return json.loads(data), data
+    except ValueError as e:
+        raise ArchiveError(archive, f"not valid JSON ({e})", name) from None
+
+
+# -- import ------------------------------------------------------------------------------------------
+
+def _platform_matches(desc):
+    plat = desc.get("platform") or {}
+    arch = machine_architecture()
+    return plat.get("os", "linux") == "linux" and plat.get("architecture", arch) == arch
+
+
+class _Importer:
+    def __init__(self, store, archive, name, out, err, show_progress):
+        self.store, self.archive, self.name = store, archive, name
+        self.out, self.err = out, err
+        self.show_progress = show_progress
+        self.progress = None
+
+    def say(self, text):
+        print(text, file=self.out, flush=True)
+
+    def open_source(self):
+        """(kind, source) for the archive: kind is "docker", "oci" or "layer" (source None for a bare layer)."""
+        path = self.archive
+        if os.path.isdir(path):
+            total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+            self.progress = Progress(f"importing {path}", total, self.err) if self.show_progress else None
+            source = _DirSource(path, self.progress)
+            if source.exists("manifest.json"):
+                return "docker", source
+            if source.exists("index.json") and source.exists("oci-layout"):
+                return "oci", source
+            raise ArchiveError(path, "directory is neither an OCI image layout (oci-layout, index.json) "
+                               "nor an unpacked docker save archive (manifest.json)")
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise ArchiveError(path, e.strerror or str(e)) from None
+        total = os.fstat(f.fileno()).st_size
+        self.progress = Progress(f"importing {path}", total, self.err) if self.show_progress else None
+        if f.read(4) == ZSTD_MAGIC:
+            f.close()
+            return "layer", None
+        f.seek(0)
+        pf = ProgressFile(f, self.progress) if self.progress else f
+        try:
+            tf = tarfile.open(fileobj=pf, mode="r:*")
+            source = _TarSource(tf, path, f)
+        except (tarfile.TarError, EOFError, OSError) as e:
+            f.close()
+            if isinstance(e, tarfile.ReadError) and "empty" not in str(e) and "truncated" not in str(e) \
+                    and "unexpected end" not in str(e):
+                raise ArchiveError(path, "not a tar archive, an OCI image layout or a docker save archive") from None
+            raise ArchiveError(path, f"truncated or corrupt archive ({e})") from None
+        if source.exists("manifest.json"):
+            return "docker", source
+        if source.exists("index.json") and source.exists("oci-layout"):
+            return "oci", source
+        source.close()
+        return "layer", None
+
+    def layer(self, txn, source, member, expected, blob_digest=None):
+        """Unpack one layer from `source` (unless stored already), print a line about it, return its diff ID."""
+        if expected is not None and txn.has_layer(expected):
+            self.say(f"{expected[7:19]}: already stored")
+            return expected
+        raw = HashingReader(source.open(member))
+        label = f"{self.archive}:{member}" if member else self.archive
+        diff_id = txn.add_layer(raw, label, expected=expected, progress=None)
+        raw.drain()
+        if blob_digest is not None and raw.digest != blob_digest:
+            raise ArchiveError(self.archive, f"blob digest mismatch: expected {blob_digest}, got {raw.digest}", member)
+        self.say_stored(txn, diff_id)
+        return diff_id
+
+    def say_stored(self, txn, diff_id):
+        """One line about a layer just added: unpacked (with its size), or already stored."""
+        if diff_id in txn.layers:
+            with open(os.path.join(txn.layers[diff_id], "layer.json")) as f:
+                size = json.load(f)["size"]
+            self.say(f"{diff_id[7:19]}: unpacked ({docker_size(size)})")
+        else:
+            self.say(f"{diff_id[7:19]}: already stored")
+
+    def run(self):
+        kind, source = self.open_source()
+        images = []  # (config bytes, refs)
+        try:
+            with self.store.transaction() as txn:
+                if kind == "docker":
+                    images = self.docker(txn, source)
+                elif kind == "oci":
+                    images = self.oci(txn, source)
+                else:
+                    images = self.bare(txn)
+                if self.name is not None:
+                    if len(images) != 1:
+                        raise ArchiveError(self.archive, f"holds {len(images)} images; --name needs exactly one")
+                    images = [(images[0][0], [self.name])]
+                ids = [(txn.add_image(config, refs), refs) for config, refs in images]
+                txn.commit()
+        finally:
+            if source is not None:
+                source.close()
+        if self.progress:
+            self.progress.finish(self.progress.total or 0)
+        for image_id, refs in ids:
+            for ref in refs:
+                self.say(f"Loaded image: {normalise_ref(ref)}")
+            if not refs:
+                self.say(f"Loaded image ID: {image_id}")
+        return ids
+
+    def docker(self, txn, source):
+        manifest, _ = _read_json(source, "manifest.json", self.archive)
+        if not isinstance(manifest, list) or not manifest:
+            raise ArchiveError(self.archive, "manifest.json is not a list of images", "manifest.json")
+        images = []
+        for entry in manifest:
+            try:
+                config_name, layer_names = entry["Config"], list(entry["Layers"])
+            except (KeyError, TypeError):
+                raise ArchiveError(self.archive, "an entry lacks Config or Layers", "manifest.json") from None
+            config, config_bytes = _read_json(source, config_name, self.archive)
+            diff_ids = list(config.get("rootfs", {}).get("diff_ids", []))
+            if len(diff_ids) != len(layer_names):
+                raise ArchiveError(self.archive, f"config lists {len(diff_ids)} diff IDs for "
+                                   f"{len(layer_names)} layers", config_name)
+            for member, diff_id in zip(layer_names, diff_ids):
+                try:
+                    check_digest(diff_id, "diff ID")
+                except StoreError as e:
+                    raise ArchiveError(self.archive, str(e), config_name) from None
+                blob = None
+                m = re.match(r"^blobs/sha256/([0-9a-f]{64})$", _clean(member))
+                if m:
+                    blob = "sha256:" + m.group(1)
+                self.layer(txn, source, member, diff_id, blob)
+            images.append((config_bytes, list(entry.get("RepoTags") or [])))
+        return images
+
+    def oci(self, txn, source):
+        layout, _ = _read_json(source, "oci-layout", self.archive)
+        if not isinstance(layout, dict) or "imageLayoutVersion" not in layout:
+            raise ArchiveError(self.archive, "not an OCI layout file", "oci-layout")
+        index, _ = _read_json(source, "index.json", self.archive)
+        images = []
+        for desc in index.get("manifests", []):
+            annotations = desc.get("annotations") or {}
+            ref = annotations.get("io.containerd.image.name")
+            tag = annotations.get("org.opencontainers.image.ref.name")
+            if ref is None and tag and (":" in tag or "/" in tag):
+                ref = tag
+            manifest_desc = self.pick_manifest(source, desc)
+            config_bytes = self.oci_image(txn, source, manifest_desc)
+            images.append((config_bytes, [ref] if ref else []))
+        if not images:
+            raise ArchiveError(self.archive, "index.json lists no image", "index.json")
+        return images
+
+    def blob_name(self, desc, where):
+        try:
+            return "blobs/sha256/" + check_digest(desc.get("digest"), "blob digest")
+        except (StoreError, AttributeError) as e:
+            raise ArchiveError(self.archive, str(e), where) from None
+
+    def pick_manifest(self, source, desc, depth=0):
+        if desc.get("mediaType") in INDEX_TYPES:
+            if depth > 4:
+                raise ArchiveError(self.archive, "indexes nested too deep", "index.json")
+            name = self.blob_name(desc, "index.json")
+            nested, _ = _read_json(source, name, self.archive, desc["digest"])
+            candidates = [d for d in nested.get("manifests", []) if _platform_matches(d)] or nested.get("manifests", [])
+            if not candidates:
+                raise ArchiveError(self.archive, "index lists no manifest", name)
+            return self.pick_manifest(source, candidates[0], depth + 1)
+        return desc
+
+    def oci_image(self, txn, source, desc):
+        name = self.blob_name(desc, "index.json")
+        manifest, _ = _read_json(source, name, self.archive, desc["digest"])
+        if manifest.get("mediaType", MANIFEST_TYPES[0]) not in MANIFEST_TYPES or "config" not in manifest:
+            raise ArchiveError(self.archive, "not an image manifest", name)
+        config_name = self.blob_name(manifest["config"], name)
+        config, config_bytes = _read_json(source, config_name, self.archive, manifest["config"]["digest"])
+        diff_ids = list(config.get("rootfs", {}).get("diff_ids", []))
+        layers = manifest.get("layers", [])
+        if len(diff_ids) != len(layers):
+            raise ArchiveError(self.archive, f"config lists {len(diff_ids)} diff IDs for {len(layers)} layers",
+                               config_name)
+        for layer_desc, diff_id in zip(layers, diff_ids):
+            try:
+                check_digest(diff_id, "diff ID")
+            except StoreError as e:
+                raise ArchiveError(self.archive, str(e), config_name) from None
+            media = layer_desc.get("mediaType", "")
+            if "zstd" in media and not zstd_available():
+                raise ArchiveError(self.archive, "zstd layer, and neither the zstandard module nor the zstd "
+                                   "command is installed", self.blob_name(layer_desc, name))
+            self.layer(txn, source, self.blob_name(layer_desc, name), diff_id, layer_desc["digest"])
+        return config_bytes
+
+    def bare(self, txn):
+        f = open(self.archive, "rb")
+        pf = ProgressFile(f, self.progress) if self.progress else f
+        try:
+            diff_id = txn.add_layer(pf, self.archive, progress=None)
+        finally:
+            f.close()
+        self.say_stored(txn, diff_id)
+        now = now_rfc3339()
+        config = {
+            "architecture": machine_architecture(),
+            "os": "linux", "created": now, "config": {},
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+            "history": [{"created": now, "created_by": f"cowfs import {os.path.basename(self.archive)}"}],
+        }
+        return [(json.dumps(config, sort_keys=True).encode(), [])]
+
+
+def import_archive(store, archive, name=None, out=None, err=None, progress=True):
+    """Import every image of `archive` into `store`, all or nothing. Returns [(image ID, refs)].
+
+    Raises:
+        ArchiveError: hostile, broken or mismatching archive (the store is unchanged).
+    """
+    out = out if out is not None else sys.stdout
+    err = err if err is not None else sys.stderr
+    if name is not None:
+        name = normalise_ref(name)
+    return _Importer(store, archive, name, out, err, progress).run()
