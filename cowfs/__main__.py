@@ -1,3 +1,5 @@
+"""`python -m cowfs`: the command line, as the installed `cowfs` script runs it."""
+
 import sys
 
 from cowfs.cli.main import main

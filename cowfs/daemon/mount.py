@@ -69,7 +69,7 @@ def _setup_logging(foreground, debug):
 
 def _open_trace(trace, human):
     """The events writer of a traced mount; a trace file that cannot be written is refused before mounting."""
-    from cowfs.explore.trace import TraceWriter
+    from cowfs.daemon.trace import TraceWriter
     for path in (trace, human):
         if path is None:
             continue

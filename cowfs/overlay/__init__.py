@@ -1,6 +1,9 @@
 """The union engine: overlayfs's semantics as plain Python, with no FUSE in it.
 
-`stack` (the layers and mount options), `lookup` (a path through the layers),
-`whiteout` (the on-disk markers), `copyup`, `workdir` (claiming and probing the
-work directory) and `union` (every operation on the merged view).
+Split as the kernel splits fs/overlayfs: `stack` (the layers and mount options,
+as params.c), `lookup` (a path through the layers, namei.c), `whiteout` (the
+on-disk markers), `copyup` (copy_up.c), `namespace` (names: dir.c),
+`attributes` (inode.c), `files` (file.c), `readdir`, `workdir` (claiming the
+work directory), `locking`, `credentials`, `events`, `acl`, `syscalls`; and
+`union`, the `Union` facade every caller uses.
 """
