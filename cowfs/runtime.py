@@ -6,16 +6,53 @@ Nothing here is on a layer's filesystem, so a daemon never keeps a layer busy.
 import fcntl
 import json
 import os
+import stat
 
 from cowfs import mounttable
+from cowfs.errors import CowfsError
 
 _held = set()  # the lock files this process holds
 
 
 def runtime_dir():
+    """/run/cowfs for root; $XDG_RUNTIME_DIR/cowfs for a user, or /tmp/cowfs-UID/cowfs without one."""
     if os.geteuid() == 0:
         return "/run/cowfs"
     return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/cowfs-{os.geteuid()}", "cowfs")
+
+
+def private_dir(path):
+    """Make `path` (and a missing /tmp/cowfs-UID above it) a directory only this user can use, and return it.
+
+    Another user could pre-create a predictable name in /tmp, or a symlink there, to read
+    or forge mount records and locks: a directory that is a symlink, is not ours or is
+    open to others is refused with one line, never used.
+    """
+    parent = os.path.dirname(path)
+    if os.geteuid() != 0 and parent == f"/tmp/cowfs-{os.geteuid()}":
+        _own_private(parent)
+    else:
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    _own_private(path)
+    return path
+
+
+def _own_private(path):
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise CowfsError(f"runtime directory {path}: not a directory (a symlink?); remove it, or set XDG_RUNTIME_DIR")
+    if st.st_uid != os.geteuid():
+        raise CowfsError(f"runtime directory {path}: owned by uid {st.st_uid}, not by you; remove it, "
+                         "or set XDG_RUNTIME_DIR")
+    if st.st_mode & 0o022:  # others may have put records or locks there
+        raise CowfsError(f"runtime directory {path}: writable by other users (mode {stat.S_IMODE(st.st_mode):04o}); "
+                         "remove it")
+    if st.st_mode & 0o077:  # made by an older cowfs (0755): ours, and nobody else could write to it
+        os.chmod(path, 0o700, follow_symlinks=False)
 
 
 def record_path(mountpoint):
@@ -40,8 +77,7 @@ def records():
 def lock_path(directory):
     """The lock file of a directory, named by its device and inode so that every spelling of it agrees."""
     st = os.stat(directory)
-    locks = os.path.join(runtime_dir(), "locks")
-    os.makedirs(locks, mode=0o700, exist_ok=True)
+    locks = private_dir(os.path.join(private_dir(runtime_dir()), "locks"))
     return os.path.join(locks, f"{st.st_dev}-{st.st_ino}.lock")
 
 

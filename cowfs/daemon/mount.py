@@ -20,7 +20,7 @@ from cowfs import mounttable
 from cowfs.errors import StackError
 from cowfs.overlay.stack import check, is_within
 from cowfs.overlay.union import Union
-from cowfs.runtime import read_record, record_path, runtime_dir
+from cowfs.runtime import private_dir, read_record, record_path, runtime_dir
 
 READY = b"\0cowfs-ready\n"
 START_TIMEOUT = 30.0
@@ -28,7 +28,7 @@ STOP_TIMEOUT = 10.0
 
 
 def _write_record(mountpoint, stack, trace=None):
-    os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
+    private_dir(runtime_dir())
     path = record_path(mountpoint)
     tmp = path + f".{os.getpid()}.tmp"
     record = {"pid": os.getpid(), "mountpoint": mountpoint, "options": stack.option_string()}
@@ -101,6 +101,7 @@ def mount(stack, mountpoint, *, foreground=False, debug=False, trace=None, human
     if is_within(runtime_dir(), mountpoint):
         raise StackError(f"mount point {mountpoint}: would hide cowfs's runtime directory {runtime_dir()} "
                          "(the daemon would reach it through its own mount)")
+    private_dir(runtime_dir())  # a runtime directory another user could reach is refused before anything
     if any(m.mountpoint == mountpoint for m in mounttable.read()):
         raise StackError(f"mount point {mountpoint}: busy (something is already mounted there)")
     if not os.path.exists("/dev/fuse"):

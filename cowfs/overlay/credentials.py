@@ -8,6 +8,20 @@ import dataclasses
 import os
 import stat
 
+CAP_SYS_ADMIN = 21  # the capability bit trusted.* xattrs need
+
+
+def may_use_trusted_xattrs():
+    """Whether this process has CAP_SYS_ADMIN, which trusted.* xattrs (the overlay's default markers) need."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_SYS_ADMIN & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.geteuid() == 0
+
 
 @dataclasses.dataclass(frozen=True)
 class Caller:

@@ -80,6 +80,18 @@ class Stack:
         return ",".join(opts)
 
 
+def with_userxattr(stack):
+    """`stack` with userxattr, as an unprivileged mount needs (trusted.* xattrs need CAP_SYS_ADMIN);
+    an option userxattr excludes is refused with the reason, as the kernel refuses the pair."""
+    if stack.userxattr:
+        return stack
+    for option, given in (("metacopy=on", stack.metacopy), ("redirect_dir=on", stack.redirect_dir == "on")):
+        if given:
+            raise StackError(f"{option}: needs trusted.* xattrs (CAP_SYS_ADMIN); an unprivileged mount uses "
+                             "userxattr, which excludes it")
+    return dataclasses.replace(stack, userxattr=True)
+
+
 def escape_layer_path(path):
     """`path` spelt for an option value (lowerdir=, upperdir=, workdir=): `\\`, `:` and `,` backslash-escaped,
     as the kernel reads them; `unescape` and `split_layers` undo it."""

@@ -152,12 +152,18 @@ def _empty_staging(work):
         except FileNotFoundError:
             pass
         try:
-            os.mkdir(WORK_SUBDIR, 0o000, dir_fd=parent)
+            os.mkdir(WORK_SUBDIR, _staging_mode(), dir_fd=parent)
         except FileExistsError:
             pass
         staging = os.open(WORK_SUBDIR, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=parent)
     finally:
         os.close(parent)
+    if _staging_mode():  # an unprivileged owner needs its own permissions (the kernel made it mode 000)
+        try:
+            os.fchmod(staging, _staging_mode())
+        except BaseException:
+            os.close(staging)
+            raise
     try:
         if _lexists_at(staging, VOLATILE_MARK):  # as the kernel: after a volatile mount, the upper may be damaged
             mark = f"{work}/{WORK_SUBDIR}/{VOLATILE_MARK}"
@@ -172,6 +178,12 @@ def _empty_staging(work):
         os.close(staging)
         raise
     return staging
+
+
+def _staging_mode():
+    """The kernel makes W/work mode 000: only a caller that passes every permission check (root)
+    can use it. An unprivileged mount needs it 0700, which keeps it as private."""
+    return 0o000 if os.geteuid() == 0 else 0o700
 
 
 def _lexists_at(dir_fd, relative):
