@@ -25,7 +25,8 @@ import traceback
 from hypothesis import Phase, settings
 from hypothesis.stateful import run_state_machine_as_test
 
-from cowfs.testing.machine import MODES, Divergence, parity_machine
+from cowfs.testing.harness import MODES, Divergence
+from cowfs.testing.machine import parity_machine
 from cowfs.testing.mounts import availability, mounts_under
 from cowfs.testing.plugin import register_profiles
 

@@ -1,8 +1,10 @@
 """Differential tests: the same operations on kernel overlayfs and on cowfs, over the same layers.
 
-Each scenario builds its lower layers once (in the kernel's on-disk format),
-then runs its operations on a kernel overlay mount and on a cowfs mount of
-those layers, each with its own upper and work directory, and checks that:
+Each scenario writes its lower layers once (a ``StackSpec``, in the kernel's
+on-disk format, by ``cowfs.testing.layers.materialise``), then runs its
+operations on a kernel overlay mount and on a cowfs mount of those layers,
+each with its own upper and work directory, and checks that
+(``cowfs.testing.harness.compare_scenario``):
 
 1. every operation had the same outcome (return value, or errno name);
 2. the merged trees are the same (``cowfs.testing.tree.snapshot``);
@@ -10,9 +12,12 @@ those layers, each with its own upper and work directory, and checks that:
 4. the kernel, mounting cowfs's upper directory over the same lowers, shows
    the tree cowfs showed (cowfs's upper is in the kernel's format).
 
-Every scenario runs with ``redirect_dir=off`` and ``redirect_dir=on``; those
-about whiteouts, opaque directories and xattrs also with ``userxattr``
-(which the kernel accepts from root, and which excludes ``redirect_dir``).
+Every scenario runs with ``redirect_dir=off``, ``redirect_dir=on`` and
+``metacopy=on``; those about whiteouts, opaque directories and xattrs also
+with ``userxattr`` (which the kernel accepts from root, and which excludes
+``redirect_dir``).  The modes and the known differences (excused by name)
+are the harness's: ``MODES`` and ``KNOWN_DIFFERENCES`` in
+``cowfs.testing.harness``.
 
 ``COWFS_DIFF_BACKEND=kernel`` replaces cowfs with a second kernel mount,
 to check the harness itself: every scenario must pass kernel-vs-kernel.
@@ -23,379 +28,105 @@ to check the harness itself: every scenario must pass kernel-vs-kernel.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import mmap
 import os
-import pickle
 import stat
-import threading
-import traceback
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
-from cowfs.testing.mounts import CowfsMount, KernelOverlay, make_opaque, make_whiteout, mounts_under
+from cowfs.testing.harness import BACKENDS, MODES, Pair, compare_scenario, failing_scenarios
+from cowfs.testing.layers import (
+    USER,
+    Device,
+    Dir,
+    Fifo,
+    File,
+    HardLink,
+    Layer,
+    Pattern,
+    StackSpec,
+    Symlink,
+    Whiteout,
+    materialise,
+    materialise_layer,
+)
+from cowfs.testing.outcomes import Session, diff_outcomes
 from cowfs.testing.tree import describe_stat, diff_snapshots, snapshot
 
 BACKEND = os.environ.get("COWFS_DIFF_BACKEND", "cowfs")
-if BACKEND not in ("cowfs", "kernel"):
+if BACKEND not in BACKENDS:
     raise RuntimeError(f"COWFS_DIFF_BACKEND must be 'cowfs' or 'kernel', not {BACKEND!r}")
-PINNED_TIME_NS = 1_000_000_000 * 10**9  # 2001-09-09: every lower object gets this mtime/atime
 OLD_TIME_NS = 1_200_000_000 * 10**9 + 123_456_789  # a time scenarios set on purpose
 SCENARIO_TIMEOUT = float(os.environ.get("COWFS_DIFF_TIMEOUT", "120"))  # seconds per mount's scenario
-USER = 1000  # the unprivileged uid/gid used for ownership and permission checks
-
-KERNEL_COMMON = ["index=off"]
-MODES = {
-    # mode: (kernel options, cowfs options)
-    "redirect_off": (["redirect_dir=off", "metacopy=off"], ["redirect_dir=off"]),
-    "redirect_on": (["redirect_dir=on", "metacopy=off"], ["redirect_dir=on"]),
-    "userxattr": (["userxattr", "metacopy=off"], ["userxattr"]),  # the kernel refuses userxattr with any redirect_dir
-    "metacopy": (["metacopy=on"], ["metacopy=on"]),  # implies redirect_dir=on, in both
-}
 
 
 # ---------------------------------------------------------------------------
-# recording operations
+# the lower layers (topmost first; cowfs.testing.layers makes missing parents 0755, root's)
 
-def _err(e: OSError) -> tuple[str, str]:
-    return ("errno", errno.errorcode.get(e.errno, str(e.errno)))
-
-
-class Session:
-    """Runs a scenario's operations under one mount root and records each outcome.
-
-    Every method takes paths relative to the mount root, records
-    ``(label, value)`` where value is the result or ``("errno", NAME)``, and
-    returns the value (None after an error).  Raw inode and device numbers
-    are never recorded.
-    """
-
-    def __init__(self, root: str, remount: Callable[[], None] | None, readonly: bool):
-        self.root = root
-        self._remount = remount
-        self.readonly = readonly
-        self.outcomes: list[tuple[str, object]] = []
-        self._fds: set[int] = set()
-
-    # -- plumbing
-    def p(self, rel: str) -> str:
-        return os.path.join(self.root, rel) if rel else self.root
-
-    def check(self, label: str, value):
-        self.outcomes.append((label, value))
-        return value
-
-    def do(self, label: str, fn, *args, **kwargs):
-        try:
-            value = fn(*args, **kwargs)
-        except OSError as e:
-            self.outcomes.append((label, _err(e)))
-            return None
-        self.outcomes.append((label, value))
-        return value
-
-    def ino(self, rel: str) -> int | None:
-        """Raw st_ino, for comparisons inside one mount only (never record it)."""
-        try:
-            return os.lstat(self.p(rel)).st_ino
-        except OSError:
-            return None
-
-    # -- reading
-    def stat(self, rel: str):
-        return self.do(f"lstat {rel}", lambda: describe_stat(os.lstat(self.p(rel))))
-
-    def stat_follow(self, rel: str):
-        return self.do(f"stat {rel}", lambda: describe_stat(os.stat(self.p(rel))))
-
-    def exists(self, rel: str):
-        return self.check(f"exists {rel}", os.path.lexists(self.p(rel)))
-
-    def read(self, rel: str, size: int = -1, offset: int = 0):
-        def go():
-            fd = os.open(self.p(rel), os.O_RDONLY)
-            try:
-                if size < 0:
-                    return os.pread(fd, os.fstat(fd).st_size + 1, offset)
-                return os.pread(fd, size, offset)
-            finally:
-                os.close(fd)
-        return self.do(f"read {rel}[{offset}:{size}]", go)
-
-    def digest(self, rel: str):
-        from cowfs.testing.tree import file_digest
-        return self.do(f"sha256 {rel}", file_digest, self.p(rel))
-
-    def listdir(self, rel: str = ""):
-        def go():
-            names = os.listdir(self.p(rel))
-            return {"names": sorted(names), "duplicates": len(names) != len(set(names))}
-        return self.do(f"listdir {rel or '.'}", go)
-
-    def scandir(self, rel: str = ""):
-        def go():
-            with os.scandir(self.p(rel)) as it:
-                return sorted(
-                    (e.name, e.is_dir(follow_symlinks=False), e.is_file(follow_symlinks=False),
-                     e.is_symlink()) for e in it
-                )
-        return self.do(f"scandir {rel or '.'}", go)
-
-    def readlink(self, rel: str):
-        return self.do(f"readlink {rel}", os.readlink, self.p(rel))
-
-    def access(self, rel: str, mode: int):
-        return self.do(f"access {rel} {mode}", os.access, self.p(rel), mode)
-
-    def getxattr(self, rel: str, name: str):
-        return self.do(f"getxattr {rel} {name}", os.getxattr, self.p(rel), name, follow_symlinks=False)
-
-    def listxattr(self, rel: str):
-        return self.do(f"listxattr {rel}", lambda: sorted(os.listxattr(self.p(rel), follow_symlinks=False)))
-
-    # -- changing
-    def write(self, rel: str, data: bytes, flags: int = os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
-              offset: int | None = None, mode: int = 0o644):
-        def go():
-            fd = os.open(self.p(rel), flags, mode)
-            try:
-                return os.write(fd, data) if offset is None else os.pwrite(fd, data, offset)
-            finally:
-                os.close(fd)
-        return self.do(f"write {rel} flags={flags:o} off={offset} {len(data)}B", go)
-
-    def create(self, rel: str, flags: int = os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode: int = 0o644):
-        def go():
-            os.close(os.open(self.p(rel), flags, mode))
-            return True
-        return self.do(f"create {rel} flags={flags:o} mode={mode:o}", go)
-
-    def unlink(self, rel: str):
-        return self.do(f"unlink {rel}", os.unlink, self.p(rel))
-
-    def rmdir(self, rel: str):
-        return self.do(f"rmdir {rel}", os.rmdir, self.p(rel))
-
-    def mkdir(self, rel: str, mode: int = 0o755):
-        return self.do(f"mkdir {rel}", os.mkdir, self.p(rel), mode)
-
-    def rename(self, a: str, b: str):
-        return self.do(f"rename {a} -> {b}", os.rename, self.p(a), self.p(b))
-
-    def link(self, a: str, b: str):
-        return self.do(f"link {a} -> {b}", os.link, self.p(a), self.p(b), follow_symlinks=False)
-
-    def symlink(self, target: str, rel: str):
-        return self.do(f"symlink {rel} -> {target}", os.symlink, target, self.p(rel))
-
-    def chmod(self, rel: str, mode: int):
-        return self.do(f"chmod {rel} {mode:o}", os.chmod, self.p(rel), mode)
-
-    def chown(self, rel: str, uid: int, gid: int, follow: bool = False):
-        return self.do(f"chown {rel} {uid}:{gid}", os.chown, self.p(rel), uid, gid, follow_symlinks=follow)
-
-    def utime(self, rel: str, ns: tuple[int, int], follow: bool = False):
-        return self.do(f"utime {rel}", os.utime, self.p(rel), ns=ns, follow_symlinks=follow)
-
-    def truncate(self, rel: str, length: int):
-        return self.do(f"truncate {rel} {length}", os.truncate, self.p(rel), length)
-
-    def setxattr(self, rel: str, name: str, value: bytes, flags: int = 0):
-        return self.do(f"setxattr {rel} {name} flags={flags}", os.setxattr, self.p(rel), name, value, flags,
-                       follow_symlinks=False)
-
-    def removexattr(self, rel: str, name: str):
-        return self.do(f"removexattr {rel} {name}", os.removexattr, self.p(rel), name, follow_symlinks=False)
-
-    def mkfifo(self, rel: str, mode: int = 0o644):
-        return self.do(f"mkfifo {rel}", os.mkfifo, self.p(rel), mode)
-
-    def mknod(self, rel: str, mode: int, device: int = 0):
-        return self.do(f"mknod {rel} {mode:o}", os.mknod, self.p(rel), mode, device)
-
-    # -- file descriptors (closed automatically at the end and before a remount)
-    def open(self, rel: str, flags: int, mode: int = 0o644) -> int | None:
-        try:
-            fd = os.open(self.p(rel), flags, mode)
-        except OSError as e:
-            self.outcomes.append((f"open {rel} {flags:o}", _err(e)))
-            return None
-        self._fds.add(fd)
-        self.outcomes.append((f"open {rel} {flags:o}", "fd"))
-        return fd
-
-    def pread(self, fd, size: int, offset: int, label: str = ""):
-        return self.do(f"pread {label} {size}@{offset}", os.pread, fd, size, offset)
-
-    def pwrite(self, fd, data: bytes, offset: int, label: str = ""):
-        return self.do(f"pwrite {label} {len(data)}@{offset}", os.pwrite, fd, data, offset)
-
-    def fd_write(self, fd, data: bytes, label: str = ""):
-        return self.do(f"write {label} {len(data)}", os.write, fd, data)
-
-    def fstat(self, fd, label: str = ""):
-        return self.do(f"fstat {label}", lambda: describe_stat(os.fstat(fd)))
-
-    def close(self, fd, label: str = ""):
-        if fd is None:
-            return self.check(f"close {label}", "no fd")
-        self._fds.discard(fd)
-        return self.do(f"close {label}", os.close, fd)
-
-    def close_all(self):
-        for fd in list(self._fds):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._fds.clear()
-
-    # -- harness hooks
-    def remount(self):
-        """Unmount and mount the same stack again (open fds are closed first)."""
-        self.close_all()
-        self._remount()
-        self.check("remount", True)
-
-    def as_user(self, uid: int, gid: int, ops: Callable[[Session], None]):
-        """Run *ops* in a forked child with uid/gid switched (real, effective and saved)."""
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child: never return into pytest
-            code = 0
-            try:
-                os.close(r)
-                child = Session(self.root, None, self.readonly)
-                try:
-                    os.setgroups([])
-                    os.setresgid(gid, gid, gid)
-                    os.setresuid(uid, uid, uid)
-                    ops(child)
-                    child.close_all()
-                except Exception:
-                    child.outcomes.append(("child exception", traceback.format_exc(limit=3)))
-                with os.fdopen(w, "wb") as f:
-                    f.write(pickle.dumps(child.outcomes))
-            except BaseException:
-                code = 1
-            finally:
-                os._exit(code)
-        os.close(w)
-        with os.fdopen(r, "rb") as f:
-            data = f.read()
-        os.waitpid(pid, 0)
-        child_outcomes = pickle.loads(data) if data else [("child", "crashed")]
-        self.outcomes.extend((f"[uid {uid}] {label}", value) for label, value in child_outcomes)
-
-
-# ---------------------------------------------------------------------------
-# building lower layers
-
-class Layers(list):
-    """The lower layer directories, topmost first, and the xattr flavour to write them in."""
-
-    def __init__(self, dirs, userxattr: bool):
-        super().__init__(dirs)
-        self.userxattr = userxattr
-
-    def whiteout(self, path):
-        make_whiteout(path)
-
-    def opaque(self, path):
-        make_opaque(path, userxattr=self.userxattr)
-
-
-def put(path: Path, data: bytes = b"", mode: int = 0o644, uid: int = 0, gid: int = 0, xattrs=None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    os.chown(path, uid, gid)
-    os.chmod(path, mode)
-    for name, value in (xattrs or {}).items():
-        os.setxattr(path, name, value)
-
-
-def mkdir(path: Path, mode: int = 0o755, uid: int = 0, gid: int = 0):
-    path.mkdir(parents=True, exist_ok=True)
-    os.chown(path, uid, gid)
-    os.chmod(path, mode)
-
-
-BIG = bytes((i * 7 + i // 251) % 256 for i in range(300_000))
+BIG = Pattern(300_000)
 SPARSE_SIZE = 4 << 20
 
-
-def build_std(L: Layers):
-    """The standard three-layer stack most scenarios use (l0 is topmost)."""
-    l0, l1, l2 = (Path(d) for d in L)
-    # bottom layer
-    put(l2 / "base.txt", b"base from l2\n")
-    put(l2 / "file.txt", b"bottom version, hidden by l0\n")
-    put(l2 / "dir" / "shared.txt", b"shared from l2\n")
-    put(l2 / "dir" / "bottom_only.txt", b"bottom only\n")
-    mkdir(l2 / "deep" / "a", 0o750, USER, USER)
-    mkdir(l2 / "deep" / "a" / "b", 0o705)
-    put(l2 / "deep" / "a" / "b" / "c" / "file.txt", b"deep file\n", 0o640, USER, USER)
-    put(l2 / "gone.txt", b"deleted by a whiteout in l1\n")
-    put(l2 / "gonedir" / "inner.txt", b"inside a deleted dir\n")
-    put(l2 / "opq" / "old.txt", b"hidden by opaque l1/opq\n")
-    put(l2 / "dup" / "x", b"x from l2\n")
-    put(l2 / "dup" / "only2", b"only in l2\n")
-    put(l2 / "dirsub" / "inner" / "l2.txt", b"l2 nested\n")
-    # middle layer
-    put(l1 / "dir" / "shared.txt", b"shared from l1\n")
-    put(l1 / "dir" / "mid_only.txt", b"middle only\n")
-    L.whiteout(l1 / "gone.txt")
-    L.whiteout(l1 / "gonedir")
-    mkdir(l1 / "opq")
-    L.opaque(l1 / "opq")
-    put(l1 / "opq" / "new.txt", b"in opaque dir\n")
-    put(l1 / "dup" / "x", b"x from l1\n")
-    put(l1 / "dup" / "y", b"y from l1\n")
-    put(l1 / "dup" / "only1", b"only in l1\n")
-    put(l1 / "wdir" / "a.txt", b"a\n")
-    put(l1 / "wdir" / "b.txt", b"b\n")
-    put(l1 / "dirsub" / "inner" / "l1.txt", b"l1 nested\n")
-    # top layer
-    put(l0 / "file.txt", b"hello world\n", 0o644, USER, USER)
-    put(l0 / "exec.sh", b"#!/bin/sh\necho hi\n", 0o755)
-    put(l0 / "suid.bin", b"\x7fELF pretend binary\n", 0o4755)
-    put(l0 / "sgid.bin", b"setgid\n", 0o2775, 0, USER)
-    put(l0 / "ro.txt", b"read only\n", 0o444)
-    put(l0 / "rootonly.txt", b"secret\n", 0o600)
-    put(l0 / "dir" / "top_only.txt", b"top only\n")
-    os.setxattr(l0 / "dir", "user.dirattr", b"1")
-    mkdir(l0 / "emptydir", 0o700, USER, USER)
-    os.symlink("file.txt", l0 / "link")
-    os.symlink("nowhere/at/all", l0 / "dangling")
-    os.symlink("dir", l0 / "dirlink")
-    put(l0 / "hl1", b"hard linked\n", 0o640, USER, 0)
-    os.link(l0 / "hl1", l0 / "hl2")
-    with open(l0 / "sparse.bin", "wb") as f:
-        f.write(b"start")
-        f.truncate(SPARSE_SIZE)
-        f.seek(SPARSE_SIZE - 3)
-        f.write(b"end")
-    os.mkfifo(l0 / "fifo", 0o620)
-    os.mknod(l0 / "nulldev", stat.S_IFCHR | 0o600, os.makedev(1, 3))
-    put(l0 / "xattr.txt", b"with xattrs\n", xattrs={"user.foo": b"bar", "user.empty": b""})
-    put(l0 / "dup" / "x", b"x from l0\n")
-    put(l0 / "dup" / "z", b"z from l0\n")
-    put(l0 / "big.bin", BIG)
-    mkdir(l0 / "wdir")
-    L.whiteout(l0 / "wdir" / "a.txt")
-    L.whiteout(l0 / "wdir" / "b.txt")
-    put(l0 / "dirsub" / "inner" / "l0.txt", b"l0 nested\n")
-
-
-def pin_times(root: str):
-    """Give every object under *root* the same old atime/mtime, children before parents (through
-    directory descriptors: a layer may hold paths longer than PATH_MAX)."""
-    for _dirpath, dirnames, filenames, dirfd in os.fwalk(root, topdown=False):
-        for name in filenames + dirnames:
-            os.utime(name, ns=(PINNED_TIME_NS, PINNED_TIME_NS), dir_fd=dirfd, follow_symlinks=False)
-    os.utime(root, ns=(PINNED_TIME_NS, PINNED_TIME_NS))
+STD = StackSpec(
+    Layer(  # l0, the top layer
+        File("file.txt", b"hello world\n", owner=(USER, USER)),
+        File("exec.sh", b"#!/bin/sh\necho hi\n", mode=0o755),
+        File("suid.bin", b"\x7fELF pretend binary\n", mode=0o4755),
+        File("sgid.bin", b"setgid\n", mode=0o2775, owner=(0, USER)),
+        File("ro.txt", b"read only\n", mode=0o444),
+        File("rootonly.txt", b"secret\n", mode=0o600),
+        Dir("dir", xattrs=(("user.dirattr", b"1"),)),
+        File("dir/top_only.txt", b"top only\n"),
+        Dir("emptydir", mode=0o700, owner=(USER, USER)),
+        Symlink("link", "file.txt"),
+        Symlink("dangling", "nowhere/at/all"),
+        Symlink("dirlink", "dir"),
+        File("hl1", b"hard linked\n", mode=0o640, owner=(USER, 0)),
+        HardLink("hl2", to="hl1"),
+        File("sparse.bin", b"start", hole=SPARSE_SIZE - 8, tail=b"end"),
+        Fifo("fifo", mode=0o600),
+        Device("nulldev", 1, 3, mode=0o600),
+        File("xattr.txt", b"with xattrs\n", xattrs=(("user.foo", b"bar"), ("user.empty", b""))),
+        File("dup/x", b"x from l0\n"),
+        File("dup/z", b"z from l0\n"),
+        File("big.bin", BIG),
+        Dir("wdir"),
+        Whiteout("wdir/a.txt"),
+        Whiteout("wdir/b.txt"),
+        File("dirsub/inner/l0.txt", b"l0 nested\n"),
+    ),
+    Layer(  # l1, the middle layer
+        File("dir/shared.txt", b"shared from l1\n"),
+        File("dir/mid_only.txt", b"middle only\n"),
+        Whiteout("gone.txt"),
+        Whiteout("gonedir"),
+        Dir("opq", opaque=True),
+        File("opq/new.txt", b"in opaque dir\n"),
+        File("dup/x", b"x from l1\n"),
+        File("dup/y", b"y from l1\n"),
+        File("dup/only1", b"only in l1\n"),
+        File("wdir/a.txt", b"a\n"),
+        File("wdir/b.txt", b"b\n"),
+        File("dirsub/inner/l1.txt", b"l1 nested\n"),
+    ),
+    Layer(  # l2, the bottom layer
+        File("base.txt", b"base from l2\n"),
+        File("file.txt", b"bottom version, hidden by l0\n"),
+        File("dir/shared.txt", b"shared from l2\n"),
+        File("dir/bottom_only.txt", b"bottom only\n"),
+        Dir("deep"),
+        Dir("deep/a", mode=0o750, owner=(USER, USER)),
+        Dir("deep/a/b", mode=0o705),
+        File("deep/a/b/c/file.txt", b"deep file\n", mode=0o640, owner=(USER, USER)),
+        File("gone.txt", b"deleted by a whiteout in l1\n"),
+        File("gonedir/inner.txt", b"inside a deleted dir\n"),
+        File("opq/old.txt", b"hidden by opaque l1/opq\n"),
+        File("dup/x", b"x from l2\n"),
+        File("dup/only2", b"only in l2\n"),
+        File("dirsub/inner/l2.txt", b"l2 nested\n"),
+    ),
+)
+"""The standard three-layer stack most scenarios use."""
 
 
 # ---------------------------------------------------------------------------
@@ -405,7 +136,7 @@ def pin_times(root: str):
 class Scenario:
     name: str
     ops: Callable[[Session], None]
-    build: Callable[[Layers], None] = build_std
+    layers: StackSpec = STD
     modes: tuple[str, ...] = ("redirect_off", "redirect_on", "metacopy")
     readonly: bool = False
     allow_other: bool = False  # cowfs needs allow_other for other uids to see the mount
@@ -414,12 +145,12 @@ class Scenario:
 SCENARIOS: dict[str, Scenario] = {}
 
 
-def scenario(*, build=build_std, userxattr=False, readonly=False, allow_other=False):
+def scenario(*, layers: StackSpec = STD, userxattr: bool = False, readonly: bool = False, allow_other: bool = False):
     def register(fn):
         name = fn.__name__.removeprefix("sc_")
         assert name not in SCENARIOS, name
         modes = ("redirect_off", "redirect_on", "metacopy") + (("userxattr",) if userxattr else ())
-        SCENARIOS[name] = Scenario(name, fn, build, modes, readonly, allow_other)
+        SCENARIOS[name] = Scenario(name, fn, layers, modes, readonly, allow_other)
         return fn
     return register
 
@@ -1009,16 +740,15 @@ def sc_names_like_libfuse_hidden(fs: Session):
     fs.read(hidden)
 
 
-def build_lower_links(L: Layers):
-    """The standard stack plus a file with three names in one lower layer, and a lower directory tree."""
-    build_std(L)
-    l1 = Path(L[1])
-    put(l1 / "hl" / "one", b"one file, three names\n")
-    os.link(l1 / "hl" / "one", l1 / "hl" / "two")
-    os.link(l1 / "hl" / "one", l1 / "hl" / "three")
+LOWER_LINKS = STD.with_entries((), (
+    File("hl/one", b"one file, three names\n"),
+    HardLink("hl/two", to="hl/one"),
+    HardLink("hl/three", to="hl/one"),
+))
+"""The standard stack plus a file with three names in one lower layer."""
 
 
-@scenario(build=build_lower_links, userxattr=True)
+@scenario(layers=LOWER_LINKS, userxattr=True)
 def sc_cached_attrs_follow_changes(fs: Session):
     """With attributes cached by the kernel, every change made through one name shows at once
     through every other name of the same file, and through descriptors opened before it."""
@@ -1158,17 +888,15 @@ def sc_whiteout_device_through_mount(fs: Session):
     fs.listdir("")
 
 
-def build_oci_names(L: Layers):
-    """Layers holding names in the OCI whiteout spelling: without oci_whiteouts they are ordinary files."""
-    build_std(L)
-    l0, l1, l2 = (Path(d) for d in L)
-    put(l0 / ".wh.base.txt", b"")
-    put(l0 / "dup" / ".wh..wh..opq", b"")
-    put(l1 / ".wh.file.txt", b"not a marker")
-    put(l2 / "empty", b"")
+OCI_NAMES = STD.with_entries(
+    (File(".wh.base.txt"), File("dup/.wh..wh..opq")),
+    (File(".wh.file.txt", b"not a marker"),),
+    (File("empty"),),
+)
+"""Layers holding names in the OCI whiteout spelling: without oci_whiteouts they are ordinary files."""
 
 
-@scenario(build=build_oci_names, userxattr=True)
+@scenario(layers=OCI_NAMES, userxattr=True)
 def sc_oci_names_are_ordinary(fs: Session):
     fs.listdir("")
     fs.listdir("dup")
@@ -1387,14 +1115,11 @@ def sc_rename_exchange_kinds(fs: Session):
     fs.listdir("")
 
 
-def build_odd_names(L: Layers):
-    """Names that are not valid UTF-8 (written with surrogate escapes, as os does for such bytes)."""
-    build_std(L)
-    put(Path(L[1]) / "caf\udce9.txt", b"a latin-1 name\n")
-    put(Path(L[2]) / "d\udcff" / "in", b"inside\n")
+ODD_NAMES = STD.with_entries((), (File("caf\udce9.txt", b"a latin-1 name\n"),), (File("d\udcff/in", b"inside\n"),))
+"""Names that are not valid UTF-8 (written with surrogate escapes, as os does for such bytes)."""
 
 
-@scenario(build=build_odd_names, userxattr=True)
+@scenario(layers=ODD_NAMES, userxattr=True)
 def sc_names_not_utf8(fs: Session):
     """Names that are not UTF-8 pass byte for byte: listing, copy-up, rename, create, whiteout."""
     fs.listdir("")
@@ -1408,19 +1133,20 @@ def sc_names_not_utf8(fs: Session):
     fs.read("d\udcff/n\udce9w")
 
 
-def build_large_dir(L: Layers):
-    build_std(L)
-    l0, l1, l2 = (Path(d) for d in L)
-    for i in range(400):
-        layer = (l0, l1, l2)[i % 3]
-        put(layer / "many" / f"entry-{i:04d}-{'x' * (i % 40)}", b"%d" % i)
-    for i in range(0, 400, 7):
-        if i % 3 == 2:  # a name in l2: hide it from l1
-            L.whiteout(l1 / "many" / f"entry-{i:04d}-{'x' * (i % 40)}")
-    put(l1 / "many" / "entry-0000-", b"shadowed")
+def _many(i: int) -> str:
+    return f"many/entry-{i:04d}-{'x' * (i % 40)}"
 
 
-@scenario(build=build_large_dir)
+LARGE_DIR = STD.with_entries(
+    [File(_many(i), b"%d" % i) for i in range(0, 400, 3)],
+    [File(_many(i), b"%d" % i) for i in range(1, 400, 3)]
+    + [Whiteout(_many(i)) for i in range(0, 400, 7) if i % 3 == 2]  # a name in l2: hide it from l1
+    + [File("many/entry-0000-", b"shadowed")],
+    [File(_many(i), b"%d" % i) for i in range(2, 400, 3)],
+)
+
+
+@scenario(layers=LARGE_DIR)
 def sc_readdir_large_merged(fs: Session):
     """A listing that needs several getdents calls (offsets across layers) still merges exactly."""
     fs.listdir("many")
@@ -1475,23 +1201,22 @@ def posix_acl(*entries: tuple[int, int, int]) -> bytes:
 ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_MASK, ACL_OTHER, NO_ID = 0x01, 0x02, 0x04, 0x10, 0x20, 0xFFFFFFFF
 
 
-def build_acls(L: Layers):
-    build_std(L)
-    l1 = Path(L[1])
-    put(l1 / "acl" / "granted", b"root's, readable by USER through an ACL\n", 0o640)
-    put(l1 / "acl" / "refused", b"world-readable but not by USER\n", 0o644)
-    os.setxattr(l1 / "acl" / "granted", "system.posix_acl_access", posix_acl(
-        (ACL_USER_OBJ, 6, NO_ID), (ACL_USER, 4, USER), (ACL_GROUP_OBJ, 4, NO_ID), (ACL_MASK, 4, NO_ID),
-        (ACL_OTHER, 0, NO_ID)))
-    os.setxattr(l1 / "acl" / "refused", "system.posix_acl_access", posix_acl(
-        (ACL_USER_OBJ, 6, NO_ID), (ACL_USER, 0, USER), (ACL_GROUP_OBJ, 4, NO_ID), (ACL_MASK, 4, NO_ID),
-        (ACL_OTHER, 4, NO_ID)))
-    os.setxattr(l1 / "acl", "system.posix_acl_default", posix_acl(
+ACLS = STD.with_entries((), (
+    Dir("acl", xattrs=(("system.posix_acl_default", posix_acl(
         (ACL_USER_OBJ, 7, NO_ID), (ACL_USER, 7, USER), (ACL_GROUP_OBJ, 5, NO_ID), (ACL_MASK, 7, NO_ID),
-        (ACL_OTHER, 5, NO_ID)))
+        (ACL_OTHER, 5, NO_ID))),)),
+    File("acl/granted", b"root's, readable by USER through an ACL\n", mode=0o640, xattrs=(
+        ("system.posix_acl_access", posix_acl(
+            (ACL_USER_OBJ, 6, NO_ID), (ACL_USER, 4, USER), (ACL_GROUP_OBJ, 4, NO_ID), (ACL_MASK, 4, NO_ID),
+            (ACL_OTHER, 0, NO_ID))),)),
+    File("acl/refused", b"world-readable but not by USER\n", mode=0o644, xattrs=(
+        ("system.posix_acl_access", posix_acl(
+            (ACL_USER_OBJ, 6, NO_ID), (ACL_USER, 0, USER), (ACL_GROUP_OBJ, 4, NO_ID), (ACL_MASK, 4, NO_ID),
+            (ACL_OTHER, 4, NO_ID))),)),
+))
 
 
-@scenario(build=build_acls, allow_other=True)
+@scenario(layers=ACLS, allow_other=True)
 def sc_posix_acls(fs: Session):
     """POSIX ACLs in a lower layer are enforced and survive copy-up; chmod rewrites the ACL's mask."""
     def as_user(u: Session):
@@ -1532,18 +1257,15 @@ def sc_posix_acls(fs: Session):
         fs.stat(rel)
 
 
-def build_shared_dirs(L: Layers):
-    build_std(L)
-    l0, l1, l2 = (Path(d) for d in L)
-    mkdir(l1 / "sticky", 0o1777)
-    put(l1 / "sticky" / "roots", b"root's", 0o666)
-    put(l2 / "sticky" / "users", b"user's", 0o644, USER, USER)
-    mkdir(l0 / "locked", 0o555)
-    put(l0 / "locked" / "f", b"f", 0o666)
-    put(l0 / "groupw.txt", b"group writable", 0o664, 0, USER)
+SHARED_DIRS = STD.with_entries(
+    (Dir("locked", mode=0o555), File("locked/f", b"f", mode=0o666),
+     File("groupw.txt", b"group writable", mode=0o664, owner=(0, USER))),
+    (Dir("sticky", mode=0o1777), File("sticky/roots", b"root's", mode=0o666)),
+    (File("sticky/users", b"user's", owner=(USER, USER)),),
+)
 
 
-@scenario(build=build_shared_dirs, allow_other=True)
+@scenario(layers=SHARED_DIRS, allow_other=True)
 def sc_permissions_sticky_and_groups(fs: Session):
     def as_user(u: Session):
         u.unlink("sticky/roots")
@@ -1717,31 +1439,29 @@ def sc_long_session(fs: Session):
 # ---------------------------------------------------------------------------
 # crafted redirect xattrs in the lower layers
 
-def build_crafted_redirects(L: Layers):
-    """Lower directories carrying redirect xattrs nobody made through a mount.
+CRAFTED_REDIRECTS = STD.with_entries(
+    (Dir("t_chain", xattrs=(("overlay.redirect", b"/r_abs"),)),  # -> l1/r_abs, which redirects again -> l2/d2
+     File("t_chain/own0", b"l0's own\n")),
+    [entry for d, value in [("r_abs", b"/d2"), ("r_etc", b"/etc"), ("r_rel", b"d2"), ("r_nested", b"/sub/d3"),
+                            ("r_missing", b"/nothere"), ("r_bad", b"a/b"), ("r_empty", b"")]
+     for entry in (Dir(d, xattrs=(("overlay.redirect", value),)),
+                   File(f"{d}/own", b"own entry of l1/" + d.encode() + b"\n"))]
+    + [File("f_redir", b"a file with a redirect\n",
+            xattrs=(("overlay.redirect", b"/d2"),))],  # not a directory: ignored (metacopy=off or not)
+    (File("d2/in_d2", b"in l2/d2\n"), File("sub/d3/in_d3", b"in l2/sub/d3\n"),
+     Dir("b_abs", xattrs=(("overlay.redirect", b"/d2"),)),  # bottom layer: ignored in every mode
+     File("b_abs/ownb", b"bottom\n")),
+)
+"""Lower directories carrying redirect xattrs nobody made through a mount (``overlay.redirect`` is
+written in the mode's flavour: trusted.overlay.redirect, or user.overlay.redirect with userxattr).
 
-    An absolute redirect is resolved from the root *of the overlay's lower layers*, never of
-    the host: "/etc" finds nothing (no layer has /etc) and the directory shows only its own
-    entries.  A redirect in the bottom layer is never read.  A relative one is a sibling name.
-    """
-    build_std(L)
-    l0, l1, l2 = (Path(d) for d in L)
-    name = ("user" if L.userxattr else "trusted") + ".overlay.redirect"
-    put(l2 / "d2" / "in_d2", b"in l2/d2\n")
-    put(l2 / "sub" / "d3" / "in_d3", b"in l2/sub/d3\n")
-    for d, value in [("r_abs", b"/d2"), ("r_etc", b"/etc"), ("r_rel", b"d2"), ("r_nested", b"/sub/d3"),
-                     ("r_missing", b"/nothere"), ("r_bad", b"a/b"), ("r_empty", b"")]:
-        put(l1 / d / "own", b"own entry of l1/" + d.encode() + b"\n")
-        os.setxattr(l1 / d, name, value)
-    put(l0 / "t_chain" / "own0", b"l0's own\n")
-    os.setxattr(l0 / "t_chain", name, b"/r_abs")  # -> l1/r_abs, which redirects again -> l2/d2
-    put(l2 / "b_abs" / "ownb", b"bottom\n")
-    os.setxattr(l2 / "b_abs", name, b"/d2")  # bottom layer: ignored in every mode
-    put(l1 / "f_redir", b"a file with a redirect\n")
-    os.setxattr(l1 / "f_redir", name, b"/d2")  # not a directory: ignored (metacopy=off or not)
+An absolute redirect is resolved from the root *of the overlay's lower layers*, never of
+the host: "/etc" finds nothing (no layer has /etc) and the directory shows only its own
+entries.  A redirect in the bottom layer is never read.  A relative one is a sibling name.
+"""
 
 
-@scenario(build=build_crafted_redirects, userxattr=True)
+@scenario(layers=CRAFTED_REDIRECTS, userxattr=True)
 def sc_crafted_redirects(fs: Session):
     """Kernel 6.18 (redirect_always_follow=Y, so redirect_dir=off means "follow"):
 
@@ -1783,7 +1503,7 @@ def sc_crafted_redirects(fs: Session):
 # ---------------------------------------------------------------------------
 # renaming one name of a hard-linked file onto another name of the same file
 
-@scenario(build=build_lower_links, userxattr=True)
+@scenario(layers=LOWER_LINKS, userxattr=True)
 def sc_rename_hardlink_onto_itself(fs: Session):
     """POSIX: rename(a, b) when a and b are the same file does nothing and succeeds.
 
@@ -1842,14 +1562,11 @@ def sc_rename_hardlink_onto_itself(fs: Session):
 # ---------------------------------------------------------------------------
 # which of S_ISUID / S_ISGID a non-owner's write, O_TRUNC and truncate clear
 
-def build_setid(L: Layers):
-    build_std(L)
-    l0 = Path(L[0])
-    for name, mode, gid in [("s6777", 0o6777, 0), ("s6767", 0o6767, 0), ("s2767", 0o2767, 0),
-                            ("g6767", 0o6767, USER), ("g2767", 0o2767, USER), ("s4777", 0o4777, 0)]:
-        for op in ("trunc", "write", "write0", "truncate", "ftruncate", "open"):
-            put(l0 / "setid" / f"{name}_{op}", b"data", mode, 0, gid)
-    mkdir(l0 / "setid", 0o777)
+SETID_FILES = [("s6777", 0o6777, 0), ("s6767", 0o6767, 0), ("s2767", 0o2767, 0),
+               ("g6767", 0o6767, USER), ("g2767", 0o2767, USER), ("s4777", 0o4777, 0)]
+SETID = STD.with_entries([Dir("setid", mode=0o777)] + [
+    File(f"setid/{name}_{op}", b"data", mode=mode, owner=(0, gid)) for name, mode, gid in SETID_FILES
+    for op in ("trunc", "write", "write0", "truncate", "ftruncate", "open")])
 
 
 def _setid_ops(u: Session, prefix: str):
@@ -1868,7 +1585,7 @@ def _setid_ops(u: Session, prefix: str):
         u.close(fd)
 
 
-@scenario(build=build_setid, allow_other=True)
+@scenario(layers=SETID, allow_other=True)
 def sc_setid_cleared_by_unprivileged_writes(fs: Session):
     """Kernel (6.18, setattr_should_drop_sgid rules), caller uid/gid 1000 not in group 0:
 
@@ -1901,18 +1618,14 @@ def sc_setid_cleared_by_unprivileged_writes(fs: Session):
 # ---------------------------------------------------------------------------
 # listxattr / getxattr of trusted.* by an unprivileged caller
 
-def build_trusted_xattrs(L: Layers):
-    build_std(L)
-    l0, l1 = Path(L[0]), Path(L[1])
-    put(l0 / "tx.txt", b"trusted and user xattrs\n", 0o644,
-        xattrs={"trusted.t1": b"T", "user.u1": b"U",
-                # private in one flavour, ordinary in the other: trusted.overlay.foo is hidden from
-                # everybody without userxattr, listed to root only with it; user.overlay.foo the reverse
-                "trusted.overlay.foo": b"F", "user.overlay.foo": b"F"})
-    mkdir(l1 / "txdir", 0o755)
-    os.setxattr(l1 / "txdir", "trusted.t2", b"T2")
-    os.setxattr(l1 / "txdir", "user.u2", b"U2")
-    put(l1 / "txdir" / "f", b"f\n")
+TRUSTED_XATTRS = STD.with_entries(
+    (File("tx.txt", b"trusted and user xattrs\n", xattrs=(
+        ("trusted.t1", b"T"), ("user.u1", b"U"),
+        # private in one flavour, ordinary in the other: trusted.overlay.foo is hidden from
+        # everybody without userxattr, listed to root only with it; user.overlay.foo the reverse
+        ("trusted.overlay.foo", b"F"), ("user.overlay.foo", b"F"))),),
+    (Dir("txdir", xattrs=(("trusted.t2", b"T2"), ("user.u2", b"U2"))), File("txdir/f", b"f\n")),
+)
 
 
 def _trusted_user_ops(u: Session):
@@ -1928,7 +1641,7 @@ def _trusted_user_ops(u: Session):
     u.removexattr("tx.txt", "trusted.t1")  # EPERM
 
 
-@scenario(build=build_trusted_xattrs, userxattr=True, allow_other=True)
+@scenario(layers=TRUSTED_XATTRS, userxattr=True, allow_other=True)
 def sc_trusted_xattrs_hidden_from_users(fs: Session):
     """Kernel: listxattr lists trusted.* only to a caller with CAP_SYS_ADMIN (ovl_can_list), never
     trusted.overlay.* (or user.overlay.* with userxattr; with userxattr the trusted.overlay.* names
@@ -2144,30 +1857,14 @@ def _stat_at(fd, name: str):
     return describe_stat(os.stat(name, dir_fd=fd, follow_symlinks=False))
 
 
-def build_deep(L: Layers):
-    build_std(L)
-    fd = _mkdirs_at(L[1], ["L"] * LOWER_DEEP)
-    try:
-        f = os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
-        os.write(f, b"lower deep\n")
-        os.close(f)
-    finally:
-        os.close(fd)
+DEEP_LOWER = STD.with_entries((), (File("/".join(["L"] * LOWER_DEEP) + "/f", b"lower deep\n"),))
 
 
-def build_long_names(L: Layers):
-    """A lower tree whose full path passes PATH_MAX: built through dir fds."""
-    build_std(L)
-    fd = _mkdirs_at(L[1], LONG_NAMES)
-    try:
-        f = os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
-        os.write(f, b"lower long\n")
-        os.close(f)
-    finally:
-        os.close(fd)
+LONG_LOWER = STD.with_entries((), (File("/".join(LONG_NAMES) + "/leaf", b"lower long\n"),))
+"""A lower tree whose full path passes PATH_MAX (written through dir fds)."""
 
 
-@scenario(build=build_deep)
+@scenario(layers=DEEP_LOWER)
 def sc_deep_tree_through_mount(fs: Session):
     """Kernel, every mode: DEEP levels of d/ created through the mount, appended to at the bottom
     (by full path and through dir fds) and removed; a LOWER_DEEP-level lower tree copied up at the
@@ -2192,7 +1889,7 @@ def sc_deep_tree_through_mount(fs: Session):
     fs.listdir("")
 
 
-@scenario(build=build_long_names)
+@scenario(layers=LONG_LOWER)
 def sc_path_longer_than_path_max(fs: Session):
     """Kernel, every mode: a merged path of 20 x 250-byte names (> 4096 bytes) can be created,
     stat-ed, appended to, copied up and deleted through dir fds; the full path gives ENAMETOOLONG
@@ -2225,106 +1922,11 @@ def sc_path_longer_than_path_max(fs: Session):
 
 
 # ---------------------------------------------------------------------------
-# the harness
-
-def _make_dirs(base: Path, *names) -> list[Path]:
-    out = []
-    for name in names:
-        d = base / name
-        d.mkdir(mode=0o755)
-        os.chmod(d, 0o755)
-        out.append(d)
-    return out
-
-
-class Stack:
-    """One side of the comparison: its own upper/work/mountpoint over the shared lowers."""
-
-    def __init__(self, base: Path, label: str, lowers, readonly: bool, kind: str, options):
-        self.label = label
-        upper, work, self.mnt = _make_dirs(base, f"{label}-upper", f"{label}-work", f"{label}-mnt")
-        self.upper = None if readonly else upper
-        work = None if readonly else work
-        if kind == "kernel":
-            self.mount = KernelOverlay(lowers, self.upper, work, self.mnt, KERNEL_COMMON + options[0])
-        else:
-            self.mount = CowfsMount(lowers, self.upper, work, self.mnt, options[1])
-
-    def run(self, sc: Scenario) -> tuple[list, dict]:
-        # A hung daemon would hang the whole suite: past the deadline, kill it so that
-        # every pending request fails (ENOTCONN), and report the hang.
-        fired = threading.Event()
-        watchdog = None
-        if isinstance(self.mount, CowfsMount):
-            def abort():
-                fired.set()
-                self.mount.abort()
-            watchdog = threading.Timer(SCENARIO_TIMEOUT, abort)
-            watchdog.daemon = True
-            watchdog.start()
-        try:
-            self.mount.mount()
-            fstypes = [t for m, t in mounts_under(self.mnt) if m == str(self.mnt)]
-            expected = "overlay" if isinstance(self.mount, KernelOverlay) else "fuse."
-            assert fstypes and fstypes[-1].startswith(expected), f"{self.mnt} mounted as {fstypes}, not {expected}*"
-            try:
-                def remount():
-                    self.mount.unmount()
-                    self.mount.mount()
-                session = Session(str(self.mnt), remount, sc.readonly)
-                try:
-                    sc.ops(session)
-                finally:
-                    session.close_all()
-                return session.outcomes, snapshot(self.mnt)
-            finally:
-                self.mount.unmount()
-        finally:
-            if watchdog is not None:
-                watchdog.cancel()
-            if fired.is_set():
-                raise AssertionError(f"scenario {sc.name} ran over {SCENARIO_TIMEOUT}s on {self.label}; daemon killed")
-
-
-def _diff_outcomes(a: list, b: list, a_name: str, b_name: str) -> str:
-    lines = []
-    for i in range(max(len(a), len(b))):
-        oa = a[i] if i < len(a) else ("<missing>", None)
-        ob = b[i] if i < len(b) else ("<missing>", None)
-        if oa != ob:
-            if oa[0] == ob[0] and isinstance(oa[1], dict) and isinstance(ob[1], dict):
-                keys = sorted(k for k in set(oa[1]) | set(ob[1])
-                              if oa[1].get(k, "<absent>") != ob[1].get(k, "<absent>"))
-                detail = ", ".join(f"{k}: {a_name}={oa[1].get(k, '<absent>')!r} {b_name}={ob[1].get(k, '<absent>')!r}"
-                                   for k in keys)
-                lines.append(f"  #{i} {oa[0]}: {detail}")
-            elif oa[0] == ob[0]:
-                lines.append(f"  #{i} {oa[0]}: {a_name}={oa[1]!r}  {b_name}={ob[1]!r}")
-            else:
-                lines.append(f"  #{i} {a_name}: {oa!r} / {b_name}: {ob!r}")
-    return "\n".join(lines)
-
-
-# Deliberate or unavoidable differences from the kernel, excluded by name (README.rst,
-# "Differences from the kernel"): (scenario, outcome label) -> why.
-KNOWN_DIFFERENCES: dict[tuple[str, str], str] = {
-    ("odirect", "O_DIRECT pwrite unaligned.bin 100@1 aligned=False"):
-        "the kernel overlay hands O_DIRECT to the upper filesystem, whose alignment rule refuses an "
-        "unaligned write (EINVAL on ext4); cowfs receives the data through FUSE and writes it through "
-        "its own descriptor, so it succeeds",
-}
-# Whole scenarios cowfs cannot pass, as strict xfails so that a fix shows up. None since the move
-# to libfuse 3, which passes renameat2 flags through (libfuse 2 failed rename_flags with EINVAL).
-KNOWN_FAILING: dict[str, str] = {}
-
-
-def _drop_known(name, outcomes):
-    return [(label, "excluded: " + KNOWN_DIFFERENCES[(name, label)]) if (name, label) in KNOWN_DIFFERENCES
-            else (label, value) for label, value in outcomes]
-
+# running them (the harness: cowfs.testing.harness)
 
 # the kernel is always the reference; FUSE is needed only when the tested side is cowfs
 MOUNT_MARKS = [pytest.mark.kernel] + ([pytest.mark.fuse] if BACKEND == "cowfs" else [])
+KNOWN_FAILING = failing_scenarios()  # whole scenarios cowfs cannot pass, as strict xfails
 CASES = [pytest.param(name, mode, id=f"{name}-{mode}", marks=MOUNT_MARKS + (
              [pytest.mark.xfail(strict=True, reason=KNOWN_FAILING[name])]
              if name in KNOWN_FAILING and BACKEND == "cowfs" else []))
@@ -2338,44 +1940,10 @@ def test_enough_scenarios():
 @pytest.mark.parametrize("name,mode", CASES)
 def test_differential(name, mode, shared_tmp):
     sc = SCENARIOS[name]
-    options = MODES[mode]
-    base = Path(shared_tmp)
-    lowers = _make_dirs(base, "l0", "l1", "l2")
-    sc.build(Layers([str(d) for d in lowers], userxattr=(mode == "userxattr")))
-    for d in lowers:
-        pin_times(str(d))
-    lowers_before = [snapshot(d, all_xattrs=True, exact_times=True) for d in lowers]
-
-    cowfs_options = (options[0], options[1] + (["allow_other"] if sc.allow_other else []))
-    reference = Stack(base, "kernel", lowers, sc.readonly, "kernel", options)
-    tested = Stack(base, "tested", lowers, sc.readonly, BACKEND, cowfs_options)
-    ref_out, ref_tree = reference.run(sc)
-    got_out, got_tree = tested.run(sc)
-    if BACKEND == "cowfs":
-        ref_out, got_out = _drop_known(name, ref_out), _drop_known(name, got_out)
-
-    problems = []
-    if ref_out != got_out:
-        problems.append(f"operation outcomes differ (kernel vs {BACKEND}):\n"
-                        f"{_diff_outcomes(ref_out, got_out, 'kernel', BACKEND)}")
-    if ref_tree != got_tree:
-        problems.append("merged trees differ:\n" + diff_snapshots(ref_tree, got_tree, "kernel", BACKEND))
-    for d, before in zip(lowers, lowers_before):
-        after = snapshot(d, all_xattrs=True, exact_times=True)
-        if after != before:
-            problems.append(f"lower layer {d.name} changed:\n" + diff_snapshots(before, after, "before", "after"))
-    if tested.upper is not None:
-        # the kernel must read the upper directory the tested side wrote, and see the same tree
-        (work, mnt) = _make_dirs(base, "check-work", "check-mnt")
-        check = KernelOverlay(lowers, tested.upper, work, mnt, KERNEL_COMMON + options[0])
-        check.mount()
-        try:
-            kernel_view = snapshot(mnt)
-        finally:
-            check.unmount()
-        if kernel_view != got_tree:
-            problems.append(f"kernel mounting {BACKEND}'s upper sees another tree:\n"
-                            + diff_snapshots(got_tree, kernel_view, BACKEND, "kernel-over-upper"))
+    lowers = materialise(sc.layers, shared_tmp, userxattr=MODES[mode].userxattr)
+    pair = Pair(shared_tmp, lowers, mode, BACKEND, readonly=sc.readonly,
+                cowfs_options=["allow_other"] if sc.allow_other else [])
+    problems, ref_out = compare_scenario(pair, sc.ops, name=name, timeout=SCENARIO_TIMEOUT)
     assert not problems, f"scenario {name} [{mode}]:\n" + "\n\n".join(problems)
     assert ref_out, "the scenario recorded no outcomes"
 
@@ -2384,11 +1952,13 @@ def test_differential(name, mode, shared_tmp):
 # the harness checks itself (plain directories, no mounts)
 
 def test_snapshot_sees_what_matters(tmp_path):
-    put(tmp_path / "f", b"data", 0o640, USER, USER, xattrs={"user.k": b"v"})
-    os.link(tmp_path / "f", tmp_path / "g")
-    os.symlink("sub", tmp_path / "s")
-    mkdir(tmp_path / "sub", 0o711)
-    put(tmp_path / "sub" / "inner", b"x")
+    materialise_layer(Layer(
+        File("f", b"data", mode=0o640, owner=(USER, USER), xattrs=(("user.k", b"v"),)),
+        HardLink("g", to="f"),
+        Symlink("s", "sub"),
+        Dir("sub", mode=0o711),
+        File("sub/inner", b"x"),
+    ), tmp_path)
     before = snapshot(tmp_path)
     assert before["hardlinks"] == [["f", "g"]]
     assert before["entries"]["s"]["target"] == "sub"
@@ -2401,7 +1971,7 @@ def test_snapshot_sees_what_matters(tmp_path):
     os.setxattr(tmp_path / "f", "user.k", b"w")
     os.chmod(tmp_path / "sub", 0o755)
     os.unlink(tmp_path / "g")
-    put(tmp_path / "g", b"data")
+    materialise_layer(Layer(File("g", b"data")), tmp_path)
     after = snapshot(tmp_path)
     report = diff_snapshots(before, after, "old", "new")
     assert "f: xattrs:" in report
@@ -2423,5 +1993,5 @@ def test_session_records_values_and_errno_names(tmp_path):
         ("unlink missing", ("errno", "ENOENT")),
         ("flag", True),
     ]
-    report = _diff_outcomes(fs.outcomes, fs.outcomes[:2] + [("rmdir a", None)], "k", "c")
+    report = diff_outcomes(fs.outcomes, fs.outcomes[:2] + [("rmdir a", None)], "k", "c")
     assert "#2 rmdir a: k=('errno', 'ENOTDIR')  c=None" in report and "#3" in report

@@ -15,7 +15,8 @@ import pytest
 
 import cowfs.cli.main as cli
 from cowfs.runtime import record_path
-from cowfs.testing.mounts import cowfs_mount, kernel_overlay, make_whiteout
+from cowfs.testing.layers import File, Layer, StackSpec, Whiteout, materialise_layer
+from cowfs.testing.mounts import cowfs_mount, kernel_overlay
 
 COWFS = [sys.executable, "-m", "cowfs"]
 
@@ -52,26 +53,32 @@ def run_cowfs(*args, check=True):
     return result
 
 
+LAYERS = StackSpec(
+    Layer(  # l1, the top
+        File("etc/issue", b"top\n"),
+        File("deleted-below"),
+        Whiteout("bye"),  # a whiteout in a lower layer hides l2's bye
+    ),
+    Layer(  # l2, the bottom (missing parents are made 0755)
+        File("etc/hosts", b"hosts\n"),
+        File("etc/motd", b"motd\n"),
+        File("dir/sub/f", b"x\n"),
+        File("old/inner/g", b"y\n"),
+        File("old/h", b"z\n"),
+        File("opq/gone", b"o\n"),
+        File("opq/kept", b"keep\n"),
+        File("bye", b"gone already\n"),
+    ),
+)
+
+
 def build(tmp_path):
     """l1 (top) and l2 (bottom) for the scenario; returns dict of paths."""
     d = {n: tmp_path / n for n in ("l1", "l2", "ku", "kw", "km", "cu", "cw", "cm")}
     for p in d.values():
         p.mkdir()
-    l1, l2 = d["l1"], d["l2"]
-    for sub in ("etc", "dir/sub", "old/inner", "opq"):
-        (l2 / sub).mkdir(parents=True)
-    (l2 / "etc/hosts").write_text("hosts\n")
-    (l2 / "etc/motd").write_text("motd\n")
-    (l2 / "dir/sub/f").write_text("x\n")
-    (l2 / "old/inner/g").write_text("y\n")
-    (l2 / "old/h").write_text("z\n")
-    (l2 / "opq/gone").write_text("o\n")
-    (l2 / "opq/kept").write_text("keep\n")
-    (l1 / "etc").mkdir()
-    (l1 / "etc/issue").write_text("top\n")
-    (l1 / "deleted-below").write_text("")
-    make_whiteout(str(l1 / "bye"))  # a whiteout in a lower layer hides l2's bye
-    (l2 / "bye").write_text("gone already\n")
+    for layer, root in zip(LAYERS, (d["l1"], d["l2"])):
+        materialise_layer(layer, root)
     return d
 
 

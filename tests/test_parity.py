@@ -20,7 +20,8 @@ import pytest
 from hypothesis import settings
 from hypothesis.stateful import run_state_machine_as_test
 
-from cowfs.testing.machine import KERNEL_QUIRKS, Divergence, parity_machine
+from cowfs.testing.harness import KNOWN_DIFFERENCES, Divergence
+from cowfs.testing.machine import parity_machine
 from cowfs.testing.plugin import register_profiles
 from cowfs.testing.strategies import (  # noqa: F401 (names used by pasted reproductions)
     Dir,
@@ -92,7 +93,7 @@ def _replay(cls, steps):
 
 @pytest.mark.kernel
 @pytest.mark.fuse
-@pytest.mark.xfail(strict=True, raises=Divergence, reason=KERNEL_QUIRKS["unmerged_whiteouts"])
+@pytest.mark.xfail(strict=True, raises=Divergence, reason=KNOWN_DIFFERENCES["unmerged_whiteouts"].reason)
 def test_regression_whiteout_in_unmerged_lower_dir_is_listed():
     # kernel: readdir of a/ lists 'c', lstat('a/c') -> ENOENT; cowfs: 'c' not listed
     _replay(RedirectOff, lambda state: state.init_stack(
@@ -101,7 +102,7 @@ def test_regression_whiteout_in_unmerged_lower_dir_is_listed():
 
 @pytest.mark.kernel
 @pytest.mark.fuse
-@pytest.mark.xfail(strict=True, raises=Divergence, reason=KERNEL_QUIRKS["small_holes"])
+@pytest.mark.xfail(strict=True, raises=Divergence, reason=KNOWN_DIFFERENCES["small_holes"].reason)
 def test_regression_copy_up_fills_holes_smaller_than_a_chunk():
     # kernel: the copied-up file is not sparse any more; cowfs: still sparse
     def steps(state):
@@ -132,7 +133,7 @@ def test_regression_userxattr_chmod_lower_fifo():
 
 @pytest.mark.kernel
 @pytest.mark.fuse
-@pytest.mark.xfail(strict=True, raises=Divergence, reason=KERNEL_QUIRKS["small_holes"])
+@pytest.mark.xfail(strict=True, raises=Divergence, reason=KNOWN_DIFFERENCES["small_holes"].reason)
 def test_regression_stat_after_copy_up_of_file_with_small_hole():
     # found by make fuzz [redirect_off]: stat('c/b/b') kernel sparse=False, cowfs sparse=True
     _replay(RedirectOffStrict, _stat_after_small_hole_copy_up)
@@ -147,7 +148,7 @@ def _stat_after_small_hole_copy_up(state):
 @pytest.mark.kernel
 @pytest.mark.fuse
 def test_small_hole_quirk_is_excused_by_name_only():
-    """The default machines excuse exactly KERNEL_QUIRKS['small_holes'] and still see the rest."""
+    """The default machines excuse exactly KNOWN_DIFFERENCES['small_holes'] and still see the rest."""
     _replay(RedirectOff, _stat_after_small_hole_copy_up)
     assert RedirectOff.known_differences == frozenset({"small_holes"})
 

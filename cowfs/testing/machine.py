@@ -1,12 +1,12 @@
-"""A Hypothesis state machine that runs the same operations on kernel overlayfs and on cowfs.
+"""The parity state machine: its rules run the same operations on kernel overlayfs and on cowfs, step by step.
 
 ``parity_machine(mode)`` returns a ``RuleBasedStateMachine`` class.  Each
 example draws a layer stack (``cowfs.testing.strategies.stacks``), writes it
-once, and mounts the *same* lower layers twice: with the kernel
-(``mount -t overlay``) and with cowfs, each with its own upper and work
-directory.  Every rule then performs one operation (writing and copy-up,
-deleting and creating, renaming and linking, reading) on both mounts and
-checks that
+once (``cowfs.testing.layers.materialise``), and mounts the *same* lower
+layers twice, kernel and cowfs, each with its own upper and work directory
+(``cowfs.testing.harness.Pair``).  Every rule then performs one operation
+(writing and copy-up, deleting and creating, renaming and linking, reading)
+on both mounts and checks that
 
 * the outcome is the same: the return value, or the errno name;
 * the whole merged tree is the same (``cowfs.testing.tree.snapshot``: type,
@@ -18,9 +18,10 @@ At the end (``teardown``, which always unmounts, whatever happened) both are
 unmounted, and cowfs's upper is mounted by the kernel and the kernel's upper
 by cowfs: each must show the tree its writer showed.
 
-Operations run in a helper process that is ``chroot``-ed into the mount, so
-symlinks in the layers (absolute ones, or ``../../..`` pointing out of the
-stack) resolve inside the merged view and never touch the host.
+Operations run in a helper process that is ``chroot``-ed into the mount
+(``cowfs.testing.worker``), so symlinks in the layers (absolute ones, or
+``../../..`` pointing out of the stack) resolve inside the merged view and
+never touch the host.
 
 A failing example prints as pasteable Python (``state = RedirectOff()``,
 ``state.init_stack(stack=StackSpec(...))``, ``state.rename(src='a', dst='b')``
@@ -28,78 +29,43 @@ A failing example prints as pasteable Python (``state = RedirectOff()``,
 class under the printed name with ``parity_machine`` and wrap the steps in
 ``try: ... finally: state.teardown()``.
 
-Kernel behaviour kept out by name, not by loosening comparisons: see
-``KERNEL_QUIRKS`` (whiteouts listed in unmerged lower directories are not
-drawn; "sparse" under cowfs where the kernel filled a small hole is
-excused); each has a strict-xfail regression test in tests/test_parity.py.
-
-Observations left out on purpose (see README, "Differences from the kernel"):
-``fstat`` on a held descriptor records type, mode, owner and size but not
-the link count, because the FUSE kernel module reports 0 links for any file
-unlinked through the mount.
+Known differences from the kernel are kept out by name, not by loosening
+comparisons (``cowfs.testing.harness.KNOWN_DIFFERENCES``): the machine
+excuses those in its ``known_differences`` (``small_holes``), draws no stack
+with whiteouts in unmerged lower directories (``unmerged_whiteouts``), and
+its ``fstat`` records no link count (``fstat_nlink``); each that shows has a
+strict-xfail regression test in tests/test_parity.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import errno
 import os
-import pickle
-import select
-import shutil
-import signal
-import struct
 import tempfile
-import time
 
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from cowfs.overlay.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, rename2
 from cowfs.testing import strategies as S
-from cowfs.testing.mounts import CowfsMount, KernelOverlay, MountError, force_unmount, mounts_under
+from cowfs.testing.harness import (
+    BACKENDS,
+    MODES,
+    PARITY,
+    Divergence,
+    Mode,
+    Pair,
+    Side,
+    cleanup_base,
+    excuse_tree,
+    excuse_value,
+    excused,
+)
+from cowfs.testing.layers import materialise
+from cowfs.testing.outcomes import is_errno, show
 from cowfs.testing.tree import describe_stat, diff_snapshots, snapshot
+from cowfs.testing.worker import Ops
 
 OP_TIMEOUT = float(os.environ.get("COWFS_PARITY_OP_TIMEOUT", "20"))  # seconds for one operation
-KERNEL_COMMON = ["index=off"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Mode:
-    """How both sides are mounted, and which stacks are drawn."""
-
-    name: str
-    kernel_options: tuple
-    cowfs_options: tuple
-    userxattr: bool = False
-    min_layers: int = 1
-    max_layers: int = 3
-
-
-MODES = {
-    "redirect_off": Mode("redirect_off", ("redirect_dir=off", "metacopy=off"), ("redirect_dir=off",)),
-    "redirect_on": Mode("redirect_on", ("redirect_dir=on", "metacopy=off"), ("redirect_dir=on",)),
-    # the kernel refuses userxattr together with any redirect_dir option (and with metacopy=on)
-    "userxattr": Mode("userxattr", ("userxattr", "metacopy=off"), ("userxattr",), userxattr=True),
-    "metacopy": Mode("metacopy", ("metacopy=on", "redirect_dir=on"), ("metacopy=on", "redirect_dir=on")),
-    "many_layers": Mode("many_layers", ("redirect_dir=on", "metacopy=off"), ("redirect_dir=on",), min_layers=4,
-                        max_layers=6),
-    "many_layers_off": Mode("many_layers_off", ("redirect_dir=off", "metacopy=off"), ("redirect_dir=off",),
-                            min_layers=4, max_layers=6),
-}
-
-# Kernel behaviour the drawn stacks stay clear of, by name (each has an explicit,
-# strict-xfail regression test in tests/test_parity.py until cowfs matches it):
-KERNEL_QUIRKS = {
-    "unmerged_whiteouts": "the kernel reads a directory that only one lower layer makes up straight from that "
-                          "layer, so readdir lists the whiteouts in it while lstat of those names fails with "
-                          "ENOENT; cowfs hides them (strategies.drop_unmerged_whiteouts)",
-    "small_holes": "the kernel copies a file up in 1 MiB chunks and writes zeros into any hole that does not "
-                   "cover a whole chunk, so the copy (or what a truncate leaves of it) is no longer sparse; cowfs "
-                   "keeps every hole. Excluded in the tree comparison: a regular file sparse under cowfs and "
-                   "not under the kernel, nothing else (ParityMachine.known_differences)",
-}
 
 CLASS_NAMES = {
     "redirect_off": "RedirectOff", "redirect_on": "RedirectOn", "userxattr": "UserXattr",
@@ -149,37 +115,10 @@ fd_slots = st.integers(0, 3)
 
 
 # --------------------------------------------------------------------------
-# the helper process chroot-ed into one mount
+# the operations, as the helper chroot-ed into each mount performs them
 
-def _errno_name(e: OSError) -> str:
-    return errno.errorcode.get(e.errno, str(e.errno))
-
-
-def _send(fd: int, obj) -> None:
-    data = pickle.dumps(obj)
-    data = struct.pack("!I", len(data)) + data
-    while data:
-        data = data[os.write(fd, data):]
-
-
-def _recv(fd: int, timeout: float | None):
-    def read_exact(n):
-        buf = b""
-        while len(buf) < n:
-            if timeout is not None:
-                ready, _, _ = select.select([fd], [], [], timeout)
-                if not ready:
-                    raise TimeoutError
-            chunk = os.read(fd, n - len(buf))
-            if not chunk:
-                raise EOFError
-            buf += chunk
-        return buf
-    (size,) = struct.unpack("!I", read_exact(4))
-    return pickle.loads(read_exact(size))
-
-
-def _worker_ops():
+def operations() -> Ops:
+    """The operations the rules run, by name (built in the helper, after its chroot)."""
     fds: dict[int, int] = {}
 
     def p(rel):
@@ -203,7 +142,7 @@ def _worker_ops():
         fds[slot] = os.open(p(path), OPEN_FLAGS[how] | os.O_NONBLOCK, 0o644)
         return True
 
-    def fstat(slot):
+    def fstat(slot):  # no link count: KNOWN_DIFFERENCES["fstat_nlink"]
         info = describe_stat(os.fstat(fds[slot]))
         return {k: info[k] for k in ("type", "mode", "uid", "gid", "size") if k in info}
 
@@ -244,150 +183,6 @@ def _worker_ops():
     }
 
 
-class Worker:
-    """A child process chroot-ed into *root* (a live mount) that performs operations on request."""
-
-    def __init__(self, root: str):
-        req_r, req_w = os.pipe()
-        resp_r, resp_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child never returns into the caller
-            code = 1
-            try:
-                keep = {0, 1, 2, req_r, resp_w}
-                for name in os.listdir("/proc/self/fd"):
-                    fd = int(name)
-                    if fd not in keep:
-                        with contextlib.suppress(OSError):
-                            os.close(fd)
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                os.chroot(root)
-                os.chdir("/")
-                os.umask(0o022)
-                ops = _worker_ops()
-                while True:
-                    try:
-                        request = _recv(req_r, None)
-                    except EOFError:
-                        break
-                    if request is None:
-                        break
-                    name, args = request
-                    try:
-                        value = ops[name](*args)
-                        reply = ("ok", value)
-                    except OSError as e:
-                        reply = ("errno", _errno_name(e))
-                    except Exception as e:  # a harness bug: report it, do not die
-                        reply = ("exception", f"{type(e).__name__}: {e}")
-                    _send(resp_w, reply)
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(req_r)
-        os.close(resp_w)
-        self.pid, self._req, self._resp = pid, req_w, resp_r
-
-    def call(self, name: str, *args, timeout: float = OP_TIMEOUT):
-        """``("ok", value)`` or ``("errno", NAME)``; raises TimeoutError when no answer comes in time."""
-        _send(self._req, (name, args))
-        return _recv(self._resp, timeout)
-
-    def stop(self) -> None:
-        if self.pid is None:
-            return
-        with contextlib.suppress(OSError):
-            _send(self._req, None)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            pid, _ = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                break
-            time.sleep(0.01)
-        else:
-            with contextlib.suppress(OSError):
-                os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
-        for fd in (self._req, self._resp):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.pid = None
-
-
-# --------------------------------------------------------------------------
-# one side of the comparison
-
-class Side:
-    """A mount (kernel or cowfs) with its own upper/work over the shared lowers, and its worker."""
-
-    def __init__(self, base: str, label: str, kind: str, lowers, options, upper=None):
-        self.label, self.kind = label, kind
-        self.upper = upper or _mkdir(base, f"{label}-upper")
-        self.work = _mkdir(base, f"{label}-work")
-        self.mnt = _mkdir(base, f"{label}-mnt")
-        if kind == "kernel":
-            self.mount = KernelOverlay(lowers, self.upper, self.work, self.mnt, KERNEL_COMMON + list(options))
-        else:
-            self.mount = CowfsMount(lowers, self.upper, self.work, self.mnt, list(options))
-        self.worker: Worker | None = None
-
-    def start(self) -> None:
-        self.mount.mount()
-        if not any(m == self.mnt for m, _ in mounts_under(self.mnt)):
-            raise MountError(f"{self.mnt} is not mounted after mounting it")
-        self.worker = Worker(self.mnt)
-
-    def call(self, name, *args):
-        try:
-            return self.worker.call(name, *args)
-        except TimeoutError:
-            if isinstance(self.mount, CowfsMount):
-                self.mount.abort()  # pending requests then fail with ENOTCONN and the worker can exit
-            raise AssertionError(f"{self.label}: {name}{args!r} did not return within {OP_TIMEOUT}s")
-
-    def stop(self) -> list[str]:
-        """Stop the worker and unmount; return the problems seen."""
-        problems = []
-        if self.worker is not None:
-            try:
-                self.worker.stop()
-            except Exception as e:
-                problems.append(f"{self.label}: stopping the worker: {e}")
-            self.worker = None
-        try:
-            self.mount.unmount()
-        except Exception as e:
-            problems.append(f"{self.label}: unmount: {e}")
-        return problems
-
-
-def _mkdir(base, name) -> str:
-    d = os.path.join(base, name)
-    os.mkdir(d)
-    os.chmod(d, 0o755)
-    return d
-
-
-def cleanup_base(base: str) -> list[str]:
-    """Unmount whatever is still mounted under *base*, then remove it; return the problems seen."""
-    problems = []
-    left = mounts_under(base)
-    for mnt, _ in sorted(left, reverse=True):
-        try:
-            force_unmount(mnt)
-        except MountError as e:
-            problems.append(str(e))
-    if left:
-        problems.append(f"still mounted at teardown (now unmounted): {left}")
-    if not mounts_under(base):
-        shutil.rmtree(base, ignore_errors=True)
-    return problems
-
-
-class Divergence(AssertionError):
-    """cowfs and the kernel disagreed."""
-
-
 # --------------------------------------------------------------------------
 # the machine
 
@@ -398,16 +193,14 @@ class ParityMachine(RuleBasedStateMachine):
     backend = "cowfs"  # "kernel": a second kernel mount instead of cowfs, to check the harness itself
     counters = {"examples": 0, "steps": 0}
     MAX_FDS = 4
-    # KERNEL_QUIRKS excluded from the tree comparison, by name (empty it to see them)
-    known_differences = frozenset({"small_holes"})
+    # the known differences (cowfs.testing.harness.KNOWN_DIFFERENCES) excused, by name (empty it to see them)
+    known_differences = excused(PARITY)
 
     def __init__(self):
         super().__init__()
         self.base = tempfile.mkdtemp(prefix="cowfs-parity-")
         os.chmod(self.base, 0o755)
-        self.sides: list[Side] = []
-        self.lowers: list[str] = []
-        self.lowers_before = None
+        self.pair: Pair | None = None
         self.fds: list[int] = []  # worker slots open on both sides
         self._next_slot = 0
         self._failed = False
@@ -417,45 +210,40 @@ class ParityMachine(RuleBasedStateMachine):
     # -- plumbing
     @property
     def kernel(self) -> Side:
-        return self.sides[0]
+        return self.pair.kernel
 
     @property
     def tested(self) -> Side:
-        return self.sides[1]
+        return self.pair.tested
 
     def _fail(self, message: str):
         self._failed = True
         raise Divergence(f"[{self.mode.name}] {message}")
 
     def _both(self, name: str, *args):
-        """Run one operation on both sides; fail on differing outcomes; return the common outcome."""
+        """Run one operation on both sides; fail on differing outcomes; return the common outcome
+        (the value, or ``("errno", NAME)``)."""
         type(self).counters["steps"] += 1
         self._since_remount += 1
         try:
-            ref = self.kernel.call(name, *args)
-            got = self.tested.call(name, *args)
+            ref = self.kernel.call(name, *args, timeout=OP_TIMEOUT)
+            got = self.tested.call(name, *args, timeout=OP_TIMEOUT)
         except BaseException:
             self._failed = True
             raise
-        for side, outcome in (("kernel", ref), (self.backend, got)):
-            if outcome[0] == "exception":
-                self._fail(f"{name}{args!r} raised in the {side} helper: {outcome[1]}")
-        if ("small_holes" in self.known_differences and ref != got and ref[0] == got[0] == "ok"
-                and isinstance(ref[1], dict) and isinstance(got[1], dict) and ref[1].get("type") == "file"
-                and ref[1].get("sparse") is False and got[1].get("sparse") is True):
-            got = ("ok", {**got[1], "sparse": False})  # KERNEL_QUIRKS["small_holes"], excused by name
+        for side, reply in (("kernel", ref), (self.backend, got)):
+            if reply[0] == "exception":
+                self._fail(f"{name}{args!r} raised in the {side} helper: {reply[1]}")
+        ref, got = ref[1], excuse_value(ref[1], got[1], self.known_differences)
         if ref != got:
-            self._fail(f"{name}{args!r}: kernel -> {_show(ref)}, {self.backend} -> {_show(got)}")
+            self._fail(f"{name}{args!r}: kernel -> {show(ref)}, {self.backend} -> {show(got)}")
         return ref
 
     def _start(self):
-        for side in self.sides:
-            side.start()
+        self.pair.start(operations)
 
     def _stop(self) -> list[str]:
-        problems = []
-        for side in reversed(self.sides):
-            problems += side.stop()
+        problems = self.pair.stop() if self.pair is not None else []
         self.fds.clear()
         return problems
 
@@ -468,14 +256,11 @@ class ParityMachine(RuleBasedStateMachine):
         """Write the drawn layers and mount them on both sides."""
         type(self).counters["examples"] += 1
         try:
-            layer_base = _mkdir(self.base, "layers")
-            self.lowers = S.materialise(stack, layer_base, userxattr=self.mode.userxattr)
-            self.lowers_before = [snapshot(d, all_xattrs=True, exact_times=True) for d in self.lowers]
-            self.sides = [
-                Side(self.base, "kernel", "kernel", self.lowers, self.mode.kernel_options),
-                Side(self.base, "tested", self.backend, self.lowers,
-                     self.mode.kernel_options if self.backend == "kernel" else self.mode.cowfs_options),
-            ]
+            layer_base = os.path.join(self.base, "layers")
+            os.mkdir(layer_base)
+            os.chmod(layer_base, 0o755)
+            lowers = materialise(stack, layer_base, userxattr=self.mode.userxattr)
+            self.pair = Pair(self.base, lowers, self.mode, self.backend)
             self._start()
         except BaseException:
             self._failed = True
@@ -524,7 +309,7 @@ class ParityMachine(RuleBasedStateMachine):
     def open_fd(self, path, how):
         slot = self._next_slot
         self._next_slot += 1
-        if self._both("open_fd", slot, path, how)[0] == "ok":
+        if not is_errno(self._both("open_fd", slot, path, how)):
             self.fds.append(slot)
 
     @precondition(lambda self: self.fds)
@@ -613,33 +398,20 @@ class ParityMachine(RuleBasedStateMachine):
     # -- checks after every step
     @invariant()
     def trees_match(self):
-        if not self.sides or self._failed:
+        if self.pair is None or self._failed:
             return
-        ref, got = snapshot(self.kernel.mnt), snapshot(self.tested.mnt)
-        got = self._excuse(ref, got)
+        ref, got = snapshot(self.kernel.mountpoint), snapshot(self.tested.mountpoint)
+        got = excuse_tree(ref, got, self.known_differences)
         if ref != got:
             self._fail("merged trees differ:\n" + diff_snapshots(ref, got, "kernel", self.backend))
 
-    def _excuse(self, ref: dict, got: dict) -> dict:
-        """*got* with the named known differences from *ref* (``known_differences``) taken back."""
-        if "small_holes" not in self.known_differences:
-            return got
-        entries = dict(got["entries"])
-        for rel, info in got["entries"].items():
-            theirs = ref["entries"].get(rel)
-            if theirs and info.get("type") == "file" and info.get("sparse") is True and theirs.get("sparse") is False:
-                entries[rel] = {**info, "sparse": False}
-        return {**got, "entries": entries}
-
     @invariant()
     def lowers_unchanged(self):
-        if self.lowers_before is None or self._failed:
+        if self.pair is None or self._failed:
             return
-        for d, before in zip(self.lowers, self.lowers_before):
-            after = snapshot(d, all_xattrs=True, exact_times=True)
-            if after != before:
-                self._fail(f"lower layer {os.path.basename(d)} changed:\n" + diff_snapshots(before, after, "before",
-                                                                                          "after"))
+        problems = self.pair.lower_changes()
+        if problems:
+            self._fail(problems[0])
 
     # -- the end: always unmount; then each must read the other's upper
     def teardown(self):
@@ -649,8 +421,8 @@ class ParityMachine(RuleBasedStateMachine):
         problems = []
         try:
             final = None
-            if self.sides and not self._failed:
-                final = {s.label: snapshot(s.mnt) for s in self.sides}
+            if self.pair is not None and not self._failed:
+                final = {s.label: snapshot(s.mountpoint) for s in self.pair.sides}
             problems += self._stop()
             if final is not None and not problems:
                 problems += self._cross_check(final)
@@ -660,16 +432,11 @@ class ParityMachine(RuleBasedStateMachine):
             self._fail("teardown:\n" + "\n".join(problems))
 
     def _fresh_view(self, tag, kind, upper, problems):
-        options = self.mode.kernel_options if kind == "kernel" else self.mode.cowfs_options
-        side = Side(self.base, tag, kind, self.lowers, options, upper=upper)
         try:
-            side.start()
-            return snapshot(side.mnt)
+            return self.pair.read_upper(tag, kind, upper)
         except Exception as e:
             problems.append(f"{kind} mounting {upper}: {e}")
             return None
-        finally:
-            problems += side.stop()
 
     def _cross_check(self, final) -> list[str]:
         """Each side mounts the other's upper and must read it as its own: as the writer saw it live,
@@ -692,16 +459,8 @@ class ParityMachine(RuleBasedStateMachine):
         return problems
 
 
-def _show(outcome):
-    kind, value = outcome
-    if kind == "errno":
-        return value
-    if isinstance(value, bytes) and len(value) > 40:
-        return f"{len(value)} bytes {value[:20]!r}..."
-    return repr(value)
-
-
-def parity_machine(mode: str | Mode = "redirect_off", backend: str = "cowfs", name: str | None = None):
+def parity_machine(mode: str | Mode = "redirect_off", backend: str = "cowfs",
+                   name: str | None = None) -> type[ParityMachine]:
     """A ``RuleBasedStateMachine`` class comparing *backend* ("cowfs", or "kernel" to check the
     harness) with the kernel in *mode* (a key of ``MODES`` or a ``Mode``).
 
@@ -711,8 +470,8 @@ def parity_machine(mode: str | Mode = "redirect_off", backend: str = "cowfs", na
     """
     if isinstance(mode, str):
         mode = MODES[mode]
-    if backend not in ("cowfs", "kernel"):
-        raise ValueError(f"backend must be 'cowfs' or 'kernel', not {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
     name = name or CLASS_NAMES.get(mode.name, "Parity_" + mode.name) + ("KernelSelf" if backend == "kernel" else "")
 
     def init_stack(self, stack):
@@ -723,8 +482,10 @@ def parity_machine(mode: str | Mode = "redirect_off", backend: str = "cowfs", na
         "backend": backend,
         "counters": {"examples": 0, "steps": 0},
         "init_stack": initialize(stack=S.stacks(mode.min_layers, mode.max_layers,
-                                                        unmerged_whiteouts=False))(init_stack),
+                                                unmerged_whiteouts=False))(init_stack),
         "__module__": __name__,
     })
     return cls
 
+
+__all__ = ["CLASS_NAMES", "MODES", "OP_TIMEOUT", "Divergence", "Mode", "ParityMachine", "operations", "parity_machine"]

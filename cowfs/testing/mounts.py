@@ -1,4 +1,4 @@
-"""Mount kernel overlayfs and cowfs over the same layers, and always unmount them.
+"""Mounting kernel overlayfs and cowfs over given layers, and always unmounting them; what this machine can mount.
 
 Both mounts are objects with ``mount()``/``unmount()`` (so a test can remount
 midway) and context managers (``kernel_overlay(...)``, ``cowfs_mount(...)``)
@@ -6,8 +6,10 @@ that unmount in ``finally`` whatever happened inside.  ``availability()`` says
 what this machine can do; ``require()`` turns a missing feature into a pytest
 skip, or a failure under ``CI=true`` (the project rule: nothing may skip in CI).
 
-``make_whiteout`` and ``make_opaque`` write the kernel's on-disk formats, for
-*building* lower layers in tests; they are not cowfs's implementation.
+``make_whiteout`` and ``make_opaque`` write the kernel's on-disk formats into
+an existing tree (scripts use them); tests describe whole layers as values and
+write them with ``cowfs.testing.layers.materialise``.  Neither is cowfs's
+implementation.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator, Sequence
 
 from cowfs import mounttable
+
+StrPath = str | os.PathLike  # a path as str or path-like object
 
 UNMOUNT_TIMEOUT = 15.0
 MOUNT_TIMEOUT = 60.0
@@ -37,12 +42,12 @@ class MountError(RuntimeError):
 # --------------------------------------------------------------------------
 # layer-building helpers (the kernel's formats)
 
-def make_whiteout(path) -> None:
+def make_whiteout(path: StrPath) -> None:
     """Create a whiteout at *path*: a character device 0/0, as the kernel writes it."""
     os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
 
 
-def make_opaque(path, userxattr: bool = False) -> None:
+def make_opaque(path: StrPath, userxattr: bool = False) -> None:
     """Mark directory *path* opaque (``trusted.overlay.opaque=y``, or ``user.`` with *userxattr*)."""
     name = ("user" if userxattr else "trusted") + ".overlay.opaque"
     os.setxattr(path, name, b"y", follow_symlinks=False)
@@ -51,23 +56,24 @@ def make_opaque(path, userxattr: bool = False) -> None:
 # --------------------------------------------------------------------------
 # /proc/mounts helpers
 
-def mounts_under(prefix) -> list[tuple[str, str]]:
+def mounts_under(prefix: StrPath) -> list[tuple[str, str]]:
     """(mountpoint, fstype) of every mount at or below *prefix*."""
     prefix = os.path.realpath(os.fspath(prefix))
     return [(m.mountpoint, m.fstype) for m in mounttable.read()
             if m.mountpoint == prefix or m.mountpoint.startswith(prefix.rstrip("/") + "/")]
 
 
-def is_mounted(mountpoint) -> bool:
+def is_mounted(mountpoint: StrPath) -> bool:
+    """True when something is mounted exactly at *mountpoint*."""
     mountpoint = os.path.realpath(os.fspath(mountpoint))
     return any(mnt == mountpoint for mnt, _ in mounts_under(mountpoint))
 
 
-def _run(cmd, timeout=MOUNT_TIMEOUT, env=None) -> subprocess.CompletedProcess:
+def _run(cmd: list[str], timeout: float = MOUNT_TIMEOUT, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def force_unmount(mountpoint) -> None:
+def force_unmount(mountpoint: StrPath) -> None:
     """Unmount *mountpoint* by any means: ``fusermount -u``, ``umount``, then ``umount -l``.
 
     Raises:
@@ -93,7 +99,8 @@ def force_unmount(mountpoint) -> None:
         raise MountError(f"could not unmount {mountpoint}: " + "; ".join(errors))
 
 
-def _overlay_options(lowers, upper, work, options) -> str:
+def _overlay_options(lowers: Sequence[StrPath], upper: StrPath | None, work: StrPath | None,
+                     options: Iterable[str]) -> str:
     parts = []
     paths = [os.path.abspath(os.fspath(p)) for p in lowers]
     for p in paths + [os.fspath(x) for x in (upper, work) if x is not None]:
@@ -117,7 +124,8 @@ class KernelOverlay:
 
     kind = "kernel"
 
-    def __init__(self, lowers, upper, work, mountpoint, options=()):
+    def __init__(self, lowers: Iterable[StrPath], upper: StrPath | None, work: StrPath | None, mountpoint: StrPath,
+                 options: Iterable[str] = ()) -> None:
         self.lowers, self.upper, self.work = list(lowers), upper, work
         self.mountpoint = os.path.abspath(os.fspath(mountpoint))
         self.options = list(options)
@@ -138,11 +146,11 @@ class KernelOverlay:
             if res.returncode != 0:
                 force_unmount(self.mountpoint)
 
-    def __enter__(self):
+    def __enter__(self) -> KernelOverlay:
         self.mount()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc) -> bool:
         self.unmount()
         return False
 
@@ -156,7 +164,7 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def pids_with_argument(arg) -> set[int]:
+def pids_with_argument(arg: StrPath) -> set[int]:
     """Live processes (other than this one) with *arg* as one argument: a cowfs daemon keeps its argv."""
     want = os.fsencode(str(arg))
     pids = set()
@@ -174,7 +182,7 @@ def pids_with_argument(arg) -> set[int]:
     return pids
 
 
-def wait_gone(pids, timeout: float = 10.0) -> bool:
+def wait_gone(pids: Iterable[int], timeout: float = 10.0) -> bool:
     """Wait until none of *pids* runs; False when some still do after *timeout* seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -202,7 +210,8 @@ class CowfsMount:
 
     kind = "cowfs"
 
-    def __init__(self, lowers, upper, work, mountpoint, options=(), cowfs_cmd=None):
+    def __init__(self, lowers: Iterable[StrPath], upper: StrPath | None, work: StrPath | None, mountpoint: StrPath,
+                 options: Iterable[str] = (), cowfs_cmd: Sequence[str] | None = None) -> None:
         self.lowers, self.upper, self.work = list(lowers), upper, work
         self.mountpoint = os.path.abspath(os.fspath(mountpoint))
         self.options = list(options)
@@ -270,11 +279,11 @@ class CowfsMount:
         if problems:
             raise MountError("; ".join(problems))
 
-    def __enter__(self):
+    def __enter__(self) -> CowfsMount:
         self.mount()
         return self
 
-    def __exit__(self, exc_type, *exc):
+    def __exit__(self, exc_type, *exc) -> bool:
         problems = self._cleanup()
         if problems and exc_type is None:
             raise MountError("; ".join(problems))
@@ -282,7 +291,8 @@ class CowfsMount:
 
 
 @contextlib.contextmanager
-def kernel_overlay(lowers, upper, work, mountpoint, options=()):
+def kernel_overlay(lowers: Iterable[StrPath], upper: StrPath | None, work: StrPath | None, mountpoint: StrPath,
+                   options: Iterable[str] = ()) -> Iterator[KernelOverlay]:
     """Mount kernel overlayfs (leftmost lower topmost); unmount on exit whatever happened."""
     m = KernelOverlay(lowers, upper, work, mountpoint, options)
     m.mount()
@@ -293,7 +303,8 @@ def kernel_overlay(lowers, upper, work, mountpoint, options=()):
 
 
 @contextlib.contextmanager
-def cowfs_mount(lowers, upper, work, mountpoint, options=(), cowfs_cmd=None):
+def cowfs_mount(lowers: Iterable[StrPath], upper: StrPath | None, work: StrPath | None, mountpoint: StrPath,
+                options: Iterable[str] = (), cowfs_cmd: Sequence[str] | None = None) -> Iterator[CowfsMount]:
     """Mount cowfs with the kernel's option syntax; unmount and wait for the daemon on exit.
 
     Raises:
@@ -349,6 +360,7 @@ def availability() -> dict[str, str | None]:
 
 
 def in_ci() -> bool:
+    """True under ``CI=true``, where a missing feature fails a test instead of skipping it."""
     return os.environ.get("CI", "").lower() == "true"
 
 
@@ -379,12 +391,12 @@ def require(*features: str) -> None:
 FUSECTL = "/sys/fs/fuse/connections"
 
 
-def fuse_connection(mountpoint) -> int:
+def fuse_connection(mountpoint: StrPath) -> int:
     """The fusectl connection number of the FUSE mount at *mountpoint* (its device minor)."""
     return _minor_of(mountpoint)
 
 
-def _minor_of(mountpoint) -> int:
+def _minor_of(mountpoint: StrPath) -> int:
     """The device minor of a mount, from /proc/self/mountinfo: a stat could hang on a hung mount."""
     want = os.path.realpath(os.fspath(mountpoint))
     found = None
@@ -417,7 +429,7 @@ class Hung(AssertionError):
 
 
 @contextlib.contextmanager
-def watchdog(mountpoint, seconds: float, what: str = "the operations"):
+def watchdog(mountpoint: StrPath, seconds: float, what: str = "the operations") -> Iterator[None]:
     """Run the body; if it takes longer than *seconds*, abort the FUSE connection of *mountpoint*
     (so nothing stays blocked) and raise Hung when the body returns."""
     import threading

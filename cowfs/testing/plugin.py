@@ -9,9 +9,10 @@ Registered through the ``pytest11`` entry point ``cowfs = cowfs.testing.plugin``
     (``@pytest.mark.parametrize("cowfs_stack", [spec_or_dirs], indirect=True)``),
     the marker ``@pytest.mark.cowfs_layers(spec_or_dirs, options=[...])``,
     or else one empty lower layer.  ``spec_or_dirs`` is a list of existing
-    layer directories (topmost first) or a ``cowfs.testing.strategies.StackSpec``
-    (written under the test's tmp_path).  The value is a ``MountedStack``
-    with ``.mountpoint``, ``.upper``, ``.work``, ``.lowers``, ``.options`` and
+    layer directories (topmost first) or a ``cowfs.testing.layers.StackSpec``
+    (written under the test's tmp_path).  The value is a mounted
+    ``cowfs.testing.harness.Side`` (alias ``MountedStack``) with ``.mountpoint``,
+    ``.upper``, ``.work``, ``.lowers``, ``.options``, ``.kind`` and
     ``.remount()``.  Skipped with the reason when FUSE is missing, failed
     instead under ``CI=true``.
 ``kernel_overlay``
@@ -30,13 +31,17 @@ them).  Registering does not load any of them.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
+import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 
 import pytest
 
 from cowfs.testing import mounts
+from cowfs.testing.harness import BACKENDS, Side
+from cowfs.testing.layers import StackSpec, materialise
+from cowfs.testing.mounts import StrPath
 
 try:  # Hypothesis is optional: without it the fixtures still work with layer directories
     from hypothesis import HealthCheck, settings
@@ -65,31 +70,15 @@ def register_profiles() -> None:
 register_profiles()
 
 
-@dataclasses.dataclass
-class MountedStack:
-    """A live mount: where it is, its layers, and a way to remount it."""
-
-    kind: str
-    mountpoint: str
-    upper: str
-    work: str
-    lowers: list
-    options: list
-    mount: object = dataclasses.field(repr=False, default=None)
-
-    def remount(self) -> None:
-        self.mount.unmount()
-        self.mount.mount()
+MountedStack = Side  # what the fixtures yield (the name this plugin has always documented)
 
 
-def _layers(spec_or_dirs, base: str, kind: str, userxattr: bool) -> list[str]:
+def _layers(spec_or_dirs: StackSpec | Iterable[StrPath] | None, base: str, kind: str, userxattr: bool) -> list[str]:
     if spec_or_dirs is None:  # one empty lower layer
         empty = os.path.join(base, f"{kind}-lower")
         os.mkdir(empty)
         return [empty]
-    if type(spec_or_dirs).__name__ == "StackSpec":
-        from cowfs.testing.strategies import materialise  # needs Hypothesis
-
+    if isinstance(spec_or_dirs, StackSpec):
         layer_base = os.path.join(base, f"{kind}-layers")
         os.mkdir(layer_base)
         return materialise(spec_or_dirs, layer_base, userxattr=userxattr)
@@ -97,33 +86,22 @@ def _layers(spec_or_dirs, base: str, kind: str, userxattr: bool) -> list[str]:
 
 
 @contextlib.contextmanager
-def mounted_stack(spec_or_dirs=None, base=None, kind: str = "cowfs", options=()):
+def mounted_stack(spec_or_dirs: StackSpec | Iterable[StrPath] | None = None, base: StrPath | None = None,
+                  kind: str = "cowfs", options: Iterable[str] = ()) -> Iterator[Side]:
     """Mount layers (a ``StackSpec`` or directories, topmost first) with cowfs or the kernel,
     with a fresh upper and work directory under *base* (a new temporary directory by default);
-    yield a ``MountedStack``; unmount whatever happened."""
+    yield the mounted ``cowfs.testing.harness.Side``; unmount whatever happened."""
     options = list(options)
+    if kind not in BACKENDS:
+        raise ValueError(f"kind must be 'cowfs' or 'kernel', not {kind!r}")
     own_base = base is None
     base = tempfile.mkdtemp(prefix=f"cowfs-{kind}-") if own_base else os.fspath(base)
     try:
-        dirs = {}
-        for name in ("upper", "work", "mnt"):
-            dirs[name] = os.path.join(base, f"{kind}-{name}")
-            os.mkdir(dirs[name])
         lowers = _layers(spec_or_dirs, base, kind, userxattr="userxattr" in options)
-        if kind == "kernel":
-            m = mounts.KernelOverlay(lowers, dirs["upper"], dirs["work"], dirs["mnt"], ["index=off"] + options)
-        elif kind == "cowfs":
-            m = mounts.CowfsMount(lowers, dirs["upper"], dirs["work"], dirs["mnt"], options)
-        else:
-            raise ValueError(f"kind must be 'cowfs' or 'kernel', not {kind!r}")
-        m.mount()
-        try:
-            yield MountedStack(kind, m.mountpoint, dirs["upper"], dirs["work"], lowers, options, m)
-        finally:
-            m.unmount()
+        with Side(base, kind, kind, lowers, options) as side:
+            yield side
     finally:
         if own_base and not mounts.mounts_under(base):
-            import shutil
             shutil.rmtree(base, ignore_errors=True)
 
 
@@ -145,7 +123,7 @@ def pytest_configure(config):
                    "and mount options the cowfs_stack / kernel_overlay fixtures mount")
 
 
-def _stack_fixture(request, tmp_path, kind):
+def _stack_fixture(request, tmp_path, kind: str) -> Iterator[Side]:
     mounts.require("fuse" if kind == "cowfs" else "kernel")
     layers, options = _requested(request)
     base = tmp_path / f"{kind}-stack"
@@ -155,13 +133,13 @@ def _stack_fixture(request, tmp_path, kind):
 
 
 @pytest.fixture
-def cowfs_stack(request, tmp_path):
+def cowfs_stack(request, tmp_path) -> Iterator[Side]:
     """A cowfs mount of the requested layers (see the module doc); always unmounted."""
     yield from _stack_fixture(request, tmp_path, "cowfs")
 
 
 @pytest.fixture
-def kernel_overlay(request, tmp_path):
+def kernel_overlay(request, tmp_path) -> Iterator[Side]:
     """A kernel overlayfs mount of the requested layers; skipped where the kernel cannot mount
     (not root, no overlay), failed instead under CI=true; always unmounted."""
     yield from _stack_fixture(request, tmp_path, "kernel")

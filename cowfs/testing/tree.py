@@ -1,4 +1,4 @@
-"""Comparable snapshots of a directory tree, for differential tests.
+"""Comparable snapshots of a directory tree (what a user of a merged view can observe), and their differences.
 
 A snapshot describes everything a user of a merged view can observe about
 each object (type, permission bits, owner, size, content digest, link target,
@@ -16,6 +16,9 @@ import errno
 import hashlib
 import os
 import stat
+from typing import Any
+
+from cowfs.testing.mounts import StrPath
 
 # Times before this instant are "fixed" (set on purpose by a test, or kept by
 # copy-up from a lower layer whose times the harness pinned) and are compared
@@ -35,10 +38,11 @@ _TYPE_NAMES = {
 
 
 def type_name(st_mode: int) -> str:
+    """``file``, ``dir``, ``symlink``, ``fifo``, ``chardev``, ``blockdev``, ``socket`` (or ``unknown-NNN``)."""
     return _TYPE_NAMES.get(stat.S_IFMT(st_mode), f"unknown-{stat.S_IFMT(st_mode):o}")
 
 
-def describe_stat(st: os.stat_result, exact_times: bool = False) -> dict:
+def describe_stat(st: os.stat_result, exact_times: bool = False) -> dict[str, Any]:
     """The comparable fields of one ``lstat`` result.
 
     Directories get no size, link count or mtime (they differ between two
@@ -69,7 +73,8 @@ def describe_stat(st: os.stat_result, exact_times: bool = False) -> dict:
     return out
 
 
-def file_digest(path: str) -> str:
+def file_digest(path: StrPath) -> str:
+    """The sha256 hex digest of the file at *path*."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -77,7 +82,7 @@ def file_digest(path: str) -> str:
     return digest.hexdigest()
 
 
-def read_xattrs(path: str, all_namespaces: bool = False) -> dict:
+def read_xattrs(path: StrPath, all_namespaces: bool = False) -> dict[str, Any]:
     """xattrs of *path* (not following symlinks): ``user.*`` only unless *all_namespaces*."""
     try:
         names = os.listxattr(path, follow_symlinks=False)
@@ -98,7 +103,7 @@ def _errno_name(e: OSError) -> str:
     return errno.errorcode.get(e.errno, str(e.errno))
 
 
-def snapshot(root, all_xattrs: bool = False, exact_times: bool = False) -> dict:
+def snapshot(root: StrPath, all_xattrs: bool = False, exact_times: bool = False) -> dict[str, Any]:
     """Describe the whole tree under *root* as a comparable dict.
 
     Returns ``{"entries": {relpath: fields}, "hardlinks": [sorted paths...]}``
