@@ -53,6 +53,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from cowfs.testing import harness
+from cowfs.testing.harness import MODES
 from cowfs.testing.mounts import (
     CowfsMount,
     KernelOverlay,
@@ -69,13 +71,8 @@ from cowfs.testing.mounts import (
 from cowfs.testing.tree import diff_snapshots, snapshot
 
 SCRATCH = Path("/tmp/crashB")
-KERNEL_COMMON = ["index=off"]
-MODES = {  # mode: (kernel options, cowfs options), as in tests/test_differential.py
-    "redirect_off": (["redirect_dir=off", "metacopy=off"], ["redirect_dir=off"]),
-    "redirect_on": (["redirect_dir=on", "metacopy=off"], ["redirect_dir=on"]),
-    "userxattr": (["userxattr", "metacopy=off"], ["userxattr"]),
-    "metacopy": (["metacopy=on"], ["metacopy=on"]),
-}
+KERNEL_COMMON = list(harness.KERNEL_COMMON)
+MODES = {name: MODES[name] for name in ("redirect_off", "redirect_on", "userxattr", "metacopy")}
 PINNED_TIME_NS = 1_000_000_000 * 10**9  # every lower object gets this mtime, so copies keep a fixed one
 USER = 1000
 DEAD = (errno.ENOTCONN, errno.ECONNABORTED)  # what a request gets once the daemon is gone
@@ -378,8 +375,8 @@ def plan_round(rng: random.Random, layout: Layout, touch: float = 0.75) -> list[
 def _state(entry: dict) -> dict:
     """An entry as an operation's state compares, without ``sparse``.
 
-    The kernel writes zeros into small holes when it copies up (KERNEL_QUIRKS
-    "small_holes" in cowfs.testing.machine), cowfs keeps them; the content
+    The kernel writes zeros into small holes when it copies up (the known
+    difference "small_holes" in cowfs.testing.harness), cowfs keeps them; the content
     hash still catches any copy that is not whole.
     """
     return {k: v for k, v in entry.items() if k != "sparse"}
@@ -586,7 +583,7 @@ class Figures:
 def run_round(mode: str, seed: str, index: int, lowers: list[Path], layout: Layout, manifests: list[dict],
               base: Path, workers: int, max_delay: float, figures: Figures) -> list[str]:
     """Plan, reference, crash, remount and check one round; return its problems."""
-    kernel_options, cowfs_options = MODES[mode]
+    kernel_options, cowfs_options = MODES[mode].options("kernel"), MODES[mode].options("cowfs")
     rng = random.Random(f"{seed}:{mode}:{index}")
     ops = plan_round(rng, layout)
     ref = run_reference(ops, lowers, base, kernel_options)
