@@ -55,14 +55,13 @@ from pathlib import Path
 
 from cowfs.testing import harness
 from cowfs.testing.harness import MODES
+from cowfs.testing.layers import USER, Dir, Entry, File, HardLink, Layer, StackSpec, Symlink, Whiteout, materialise
 from cowfs.testing.mounts import (
     CowfsMount,
     KernelOverlay,
     MountError,
     availability,
     force_unmount,
-    make_opaque,
-    make_whiteout,
     mounts_under,
     pid_alive,
     pids_with_argument,
@@ -73,8 +72,6 @@ from cowfs.testing.tree import diff_snapshots, snapshot
 SCRATCH = Path("/tmp/crashB")
 KERNEL_COMMON = list(harness.KERNEL_COMMON)
 MODES = {name: MODES[name] for name in ("redirect_off", "redirect_on", "userxattr", "metacopy")}
-PINNED_TIME_NS = 1_000_000_000 * 10**9  # every lower object gets this mtime, so copies keep a fixed one
-USER = 1000
 DEAD = (errno.ENOTCONN, errno.ECONNABORTED)  # what a request gets once the daemon is gone
 WORKER_GRACE = 3.0  # seconds the workers get to notice the dead mount before SIGKILL
 PAGE = 4096
@@ -175,15 +172,10 @@ class Layout:
     rm_dirs: dict[str, list[str]]  # directory -> its entries, to be emptied and removed
 
 
-def _put(path: Path, data: bytes, mode: int = 0o644, uid: int = 0, gid: int = 0) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    os.chown(path, uid, gid)
-    os.chmod(path, mode)
-
-
-def build_lowers(top: Path, bottom: Path, rng: random.Random, userxattr: bool) -> Layout:
-    """Write two lower layers (top over bottom) in the kernel's format; return what the workload may touch."""
+def lowers_spec(rng: random.Random) -> tuple[StackSpec, Layout]:
+    """Two lower layers (top over bottom), their content drawn from *rng*; and what the workload may touch."""
+    top: list[Entry] = []
+    bottom: list[Entry] = []
     data = {}
     for i in range(20):
         if i < 5:  # a few of several MB, so that a copy-up takes a while
@@ -193,70 +185,55 @@ def build_lowers(top: Path, bottom: Path, rng: random.Random, userxattr: bool) -
         rel = f"data/f{i:02}"
         layer = top if i % 4 == 3 else bottom
         if layer is top:  # also a bottom version, hidden by the top one
-            _put(bottom / rel, b"hidden bottom version\n")
-        _put(layer / rel, rng.randbytes(size), rng.choice([0o644, 0o600, 0o755, 0o4755]),
-             *rng.choice([(0, 0), (USER, USER), (0, USER)]))
-        if i % 3 == 0:
-            os.setxattr(layer / rel, "user.origin", f"lower {i}".encode())
+            bottom.append(File(rel, b"hidden bottom version\n"))
+        layer.append(File(rel, rng.randbytes(size), mode=rng.choice([0o644, 0o600, 0o755, 0o4755]),
+                          owner=rng.choice([(0, 0), (USER, USER), (0, USER)]),
+                          xattrs=(("user.origin", f"lower {i}".encode()),) if i % 3 == 0 else ()))
         data[rel] = size
     small = []
     for i in range(16):
         rel = f"small/s{i:02}"
-        _put((top if i % 2 else bottom) / rel, f"small file {i}\n".encode() * (i + 1))
+        (top if i % 2 else bottom).append(File(rel, f"small file {i}\n".encode() * (i + 1)))
         small.append(rel)
     links = []
     for i in range(4):
         a, b = f"hl/h{i}", f"hl/h{i}.link"
         size = rng.randint(1, 1 << 20)
-        _put(bottom / a, rng.randbytes(size), 0o640, USER, 0)
-        os.link(bottom / a, bottom / b)
+        bottom += [File(a, rng.randbytes(size), mode=0o640, owner=(USER, 0)), HardLink(b, to=a)]
         links.append((a, b, size))
     symlinks = []
-    (bottom / "sym").mkdir()
+    bottom.append(Dir("sym"))
     for i in range(6):
         rel = f"sym/k{i}"
-        os.symlink(f"../small/s{i:02}" if i % 3 else "nowhere/at/all", bottom / rel)
+        bottom.append(Symlink(rel, f"../small/s{i:02}" if i % 3 else "nowhere/at/all"))
         symlinks.append(rel)
     merged_dirs = []
     for i in range(4):
         d = f"mdir/d{i}"
-        _put(bottom / d / "low.txt", b"from the bottom layer\n")
-        _put(bottom / d / "sub" / "deep.txt", b"deep in the bottom layer\n")
-        _put(bottom / d / "gone.txt", b"hidden by a whiteout in the top layer\n")
-        _put(bottom / d / "mid.bin", rng.randbytes(300_000))
-        _put(top / d / "top.txt", b"from the top layer\n")
-        _put(top / d / "sub" / "top2.txt", b"also from the top layer\n")
-        make_whiteout(top / d / "gone.txt")
+        bottom += [File(f"{d}/low.txt", b"from the bottom layer\n"),
+                   File(f"{d}/sub/deep.txt", b"deep in the bottom layer\n"),
+                   File(f"{d}/gone.txt", b"hidden by a whiteout in the top layer\n"),
+                   File(f"{d}/mid.bin", rng.randbytes(300_000))]
+        top += [File(f"{d}/top.txt", b"from the top layer\n"), File(f"{d}/sub/top2.txt", b"also from the top layer\n"),
+                Whiteout(f"{d}/gone.txt")]
         merged_dirs.append(d)
     lower_dirs = []
     for i in range(4):
         d = f"ldir/d{i}"
-        _put(bottom / d / "a" / "b" / "file", f"nested {i}\n".encode(), 0o640, USER, USER)
-        _put(bottom / d / "big.bin", rng.randbytes(1 << 20))
-        os.symlink("a/b/file", bottom / d / "link")
+        bottom += [File(f"{d}/a/b/file", f"nested {i}\n".encode(), mode=0o640, owner=(USER, USER)),
+                   File(f"{d}/big.bin", rng.randbytes(1 << 20)), Symlink(f"{d}/link", "a/b/file")]
         lower_dirs.append(d)
     rm_dirs = {}
     for i in range(3):
         d = f"rmd/d{i}"
-        _put(bottom / d / "one", b"1\n")
-        _put(top / d / "two", b"2\n")
+        bottom.append(File(f"{d}/one", b"1\n"))
+        top.append(File(f"{d}/two", b"2\n"))
         rm_dirs[d] = ["one", "two"]
-    _put(bottom / "opq" / "hidden.txt", b"hidden by the opaque top directory\n")
-    _put(top / "opq" / "seen.txt", b"in the opaque directory\n")
-    make_opaque(top / "opq", userxattr=userxattr)
-    for d in ("moved", "new", "churn"):
-        (bottom / d).mkdir()
-    for layer in (top, bottom):
-        _pin_times(layer)
-    return Layout(data, small, links, symlinks, merged_dirs, lower_dirs, rm_dirs)
-
-
-def _pin_times(root: Path) -> None:
-    """Give every object under *root* the same old atime/mtime, children before parents."""
-    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
-        for name in filenames + dirnames:
-            os.utime(os.path.join(dirpath, name), ns=(PINNED_TIME_NS, PINNED_TIME_NS), follow_symlinks=False)
-    os.utime(root, ns=(PINNED_TIME_NS, PINNED_TIME_NS))
+    bottom.append(File("opq/hidden.txt", b"hidden by the opaque top directory\n"))
+    top += [Dir("opq", opaque=True), File("opq/seen.txt", b"in the opaque directory\n")]
+    bottom += [Dir("moved"), Dir("new"), Dir("churn")]
+    return StackSpec(Layer(*top), Layer(*bottom)), Layout(data, small, links, symlinks, merged_dirs, lower_dirs,
+                                                          rm_dirs)
 
 
 def manifest(layer: Path) -> dict:
@@ -722,10 +699,9 @@ def run_mode(mode: str, seed: str, rounds: int, start_round: int, workers: int, 
     top = Path(tempfile.mkdtemp(prefix=f"{mode}-", dir=SCRATCH))
     os.chmod(top, 0o755)
     try:
-        lowers = [top / "l0", top / "l1"]
-        for d in lowers:
-            d.mkdir()
-        layout = build_lowers(lowers[0], lowers[1], random.Random(f"{seed}:{mode}:layers"), mode == "userxattr")
+        spec, layout = lowers_spec(random.Random(f"{seed}:{mode}:layers"))
+        lowers = [Path(d) for d in materialise(spec, top, userxattr=mode == "userxattr")]  # l0 (top), l1
+        del spec  # tens of MB of content, written now
         manifests = [manifest(d) for d in lowers]
         for index in range(start_round, start_round + rounds):
             base = top / f"r{index:03}"

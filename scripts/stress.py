@@ -52,6 +52,7 @@ import tempfile
 import time
 from collections import Counter
 
+from cowfs.testing.layers import Dir, File, HardLink, Layer, StackSpec, Whiteout, materialise
 from cowfs.testing.mounts import (
     CowfsMount,
     KernelOverlay,
@@ -59,8 +60,6 @@ from cowfs.testing.mounts import (
     abort_connection,
     force_unmount,
     fuse_connection,
-    make_opaque,
-    make_whiteout,
     mounts_under,
     pid_alive,
     pids_with_argument,
@@ -119,32 +118,20 @@ def put(path: str, data: bytes) -> None:
         f.write(data)
 
 
-def build_lowers(base: str) -> list[str]:
-    """Three lower layers, topmost first, in the kernel's format: files, dirs, a whiteout, an
-    opaque dir, a hard-linked pair and two files of a few MB."""
-    l0, l1, l2 = (os.path.join(base, name) for name in ("l0", "l1", "l2"))
+def lower_layers() -> StackSpec:
+    """Three lower layers, topmost first: files, dirs, a whiteout, an opaque dir, a hard-linked pair and two
+    files of a few MB."""
     big = random.Random(0).randbytes(1 << 20)
-    put(f"{l2}/big.bin", big * 4)
-    put(f"{l2}/d/big.bin", big * 2)
-    put(f"{l2}/f0", b"l2 f0\n")
-    put(f"{l2}/d/f0", b"l2 d/f0\n")
-    put(f"{l2}/d/f1", b"l2 d/f1\n")
-    put(f"{l2}/d/sub/deep", b"l2 deep\n")
-    put(f"{l2}/shared/a/b/f0", b"l2 leaf\n")
-    put(f"{l2}/shared/a/f1", b"l2 shared/a/f1\n")
-    put(f"{l2}/shared/x/old", b"l2 hidden by opaque\n")
-    put(f"{l1}/d/x", b"l1 d/x\n")
-    put(f"{l1}/f1", b"l1 f1\n")
-    put(f"{l1}/shared/a/b/x", b"l1 leaf x\n")
-    put(f"{l1}/hl/x", GROUP_HEAD["hl"])
-    os.link(f"{l1}/hl/x", f"{l1}/hl/y")
-    make_whiteout(f"{l1}/d/f1")
-    os.makedirs(f"{l1}/shared/x")
-    make_opaque(f"{l1}/shared/x")
-    put(f"{l0}/x", b"l0 x\n")
-    put(f"{l0}/shared/sub/f0", b"l0 shared/sub/f0\n")
-    os.makedirs(f"{l0}/n")
-    return [l0, l1, l2]
+    return StackSpec(
+        Layer(File("x", b"l0 x\n"), File("shared/sub/f0", b"l0 shared/sub/f0\n"), Dir("n")),
+        Layer(File("d/x", b"l1 d/x\n"), File("f1", b"l1 f1\n"), File("shared/a/b/x", b"l1 leaf x\n"),
+              File("hl/x", GROUP_HEAD["hl"]), HardLink("hl/y", to="hl/x"), Whiteout("d/f1"),
+              Dir("shared/x", opaque=True)),
+        Layer(File("big.bin", big * 4), File("d/big.bin", big * 2), File("f0", b"l2 f0\n"),
+              File("d/f0", b"l2 d/f0\n"), File("d/f1", b"l2 d/f1\n"), File("d/sub/deep", b"l2 deep\n"),
+              File("shared/a/b/f0", b"l2 leaf\n"), File("shared/a/f1", b"l2 shared/a/f1\n"),
+              File("shared/x/old", b"l2 hidden by opaque\n")),
+    )
 
 
 def make_groups(root: str) -> None:
@@ -530,7 +517,7 @@ def run(config: Config, scratch: str = SCRATCH) -> list[Result]:
     old_umask = os.umask(0o022)
     results = []
     try:
-        lowers = build_lowers(base)
+        lowers = materialise(lower_layers(), base)  # base/l0, l1, l2
         for backend in config.backends:
             results.append(run_backend(backend, base, lowers, config))
     finally:
