@@ -1940,3 +1940,290 @@ class TestMetacopy:
         os.setxattr(env.upper / "f", TRUSTED + "metacopy", b"")
         u = env.union()
         assert errno_of(u.getattr, "/f") == errno.EPERM
+
+
+# ---------------------------------------------------------------------------------------------
+# recorded attributes (user.containers.override_stat, as containers/storage and fuse-overlayfs)
+# and the owner mapping options (uidmapping, gidmapping, squash_to_*)
+
+OVERRIDE = "user.containers.override_stat"
+
+
+def record(path, value):
+    """Record attributes on `path` as an unprivileged unpack does; on a layer root it marks the layer."""
+    os.setxattr(path, OVERRIDE, value if isinstance(value, bytes) else value.encode())
+    return path
+
+
+def recorded_on(path):
+    value = xattr(path, OVERRIDE)
+    return None if value is None else value.decode()
+
+
+def image_layer(env, marked=True):
+    """A lower layer as an unprivileged import leaves it: objects of this process, attributes recorded."""
+    low = env.lower()
+    if marked:
+        record(low, "0:0:0755:dir")
+    record(mkdirs(low, "bin"), "0:0:0755:dir")
+    record(put(low, "bin/su", b"#!su\n", 0o4755), "0:0:4755:file")
+    record(mkdirs(low, "dev"), "0:0:0755:dir")
+    record(put(low, "dev/null", b"", 0o600), "0:0:0666:char-1-3")
+    record(put(low, "dev/sda", b"", 0o600), "0:6:0660:block-8-0")  # as containers/storage spells it
+    record(put(low, "run/fifo", b"", 0o600), "5:5:0620:pipe")
+    record(mkdirs(low, "home/bob", 0o700), "1000:1000:0700:dir")
+    put(low, "plain", b"no record", 0o640)
+    os.symlink("bin/su", low / "lnk")
+    return low
+
+
+class TestRecordedAttributes:
+    def test_values_parse_and_format_back(self):
+        from cowfs.overlay import override
+        for value, uid, gid, mode, kind, rdev in [
+                ("0:0:0755:dir", 0, 0, 0o755, stat.S_IFDIR, 0),
+                ("1000:1001:4755:file", 1000, 1001, 0o4755, stat.S_IFREG, 0),
+                ("0:0:0777:symlink", 0, 0, 0o777, stat.S_IFLNK, 0),
+                ("5:5:0620:pipe", 5, 5, 0o620, stat.S_IFIFO, 0),
+                ("0:0:0700:socket", 0, 0, 0o700, stat.S_IFSOCK, 0),
+                ("0:6:0660:block-8-0", 0, 6, 0o660, stat.S_IFBLK, os.makedev(8, 0)),
+                ("0:0:0666:char-1-3", 0, 0, 0o666, stat.S_IFCHR, os.makedev(1, 3)),
+                ("0:0:1777", 0, 0, 0o1777, 0, 0)]:
+            parsed = override.parse(value)
+            assert (parsed.uid, parsed.gid, parsed.mode, parsed.kind, parsed.rdev) == (uid, gid, mode, kind, rdev)
+            assert override.format_value(parsed) == value
+            assert override.parse(override.format_value(parsed)) == parsed
+        # fuse-overlayfs writes the mode without padding; the Rust fuse-overlayfs spells devices char1:3
+        assert override.parse("1000:1000:755") == override.parse(b"1000:1000:0755")
+        assert override.parse("0:0:0666:char-1-3") == override.parse("0:0:0666:char1:3")
+        for bad in ("", "1:2", "a:0:0644", "0:0:0888", "0:0:17777", "-1:0:0644", "0:0:0644:bogus",
+                    "0:0:0644:char1", "0:0:0644:", "4294967295:0:0644", b"\xff:0:0644"):
+            with pytest.raises(ValueError):
+                override.parse(bad)
+
+    def test_marked_stack_shows_what_is_recorded(self, env):
+        image_layer(env)
+        u = env.union()
+        su = u.getattr("/bin/su")
+        assert (su["st_uid"], su["st_gid"], su["st_mode"]) == (0, 0, stat.S_IFREG | 0o4755)
+        null = u.getattr("/dev/null")
+        assert null["st_mode"] == stat.S_IFCHR | 0o666 and null["st_rdev"] == os.makedev(1, 3)
+        sda = u.getattr("/dev/sda")
+        assert sda["st_mode"] == stat.S_IFBLK | 0o660 and sda["st_gid"] == 6 and sda["st_rdev"] == os.makedev(8, 0)
+        fifo = u.getattr("/run/fifo")
+        assert (fifo["st_uid"], fifo["st_gid"], fifo["st_mode"]) == (5, 5, stat.S_IFIFO | 0o620)
+        bob = u.getattr("/home/bob")
+        assert (bob["st_uid"], bob["st_mode"]) == (1000, stat.S_IFDIR | 0o700)
+        plain = u.getattr("/plain")  # no record: as on disk
+        assert (plain["st_uid"], plain["st_mode"]) == (os.geteuid(), stat.S_IFREG | 0o640)
+        assert stat.S_ISLNK(u.getattr("/lnk")["st_mode"])
+        kinds = {name: kind for name, _, kind in u.readdir("/dev")}
+        assert kinds["null"] == stat.S_IFCHR and kinds["sda"] == stat.S_IFBLK
+        assert {name: kind for name, _, kind in u.readdir("/run")}["fifo"] == stat.S_IFIFO
+        for path, (uid, mode) in {"/bin/su": (0, stat.S_IFREG | 0o4755), "/run/fifo": (5, stat.S_IFIFO | 0o620),
+                                  "/dev/null": (0, stat.S_IFCHR | 0o666)}.items():
+            h = u.open(path, O_RDONLY)
+            try:
+                attrs = u.fgetattr(h, path)
+                assert (attrs["st_uid"], attrs["st_mode"]) == (uid, mode), path
+            finally:
+                u.release(h)
+        assert tree(env.upper) == {}
+
+    def test_only_a_marked_stack_reads_the_record(self, env, monkeypatch):
+        """The same objects in a layer that is not marked show as they are, and no getattr, fgetattr or
+        readdir of such a stack asks for the xattr: unmarked stacks pay nothing."""
+        unmarked, marked = image_layer(env, marked=False), image_layer(env)
+        u = env.union(lowers=[unmarked], upper=False)
+        asked = []
+        real_getxattr = os.getxattr
+
+        def counting(target, name, *args, **kwargs):
+            asked.append(name)
+            return real_getxattr(target, name, *args, **kwargs)
+        monkeypatch.setattr(os, "getxattr", counting)
+        su = u.getattr("/bin/su")
+        assert (su["st_uid"], su["st_mode"]) == (os.geteuid(), stat.S_IFREG | 0o4755)
+        assert stat.S_ISREG(u.getattr("/dev/null")["st_mode"])
+        assert {name: kind for name, _, kind in u.readdir("/dev")}["null"] == stat.S_IFREG
+        h = u.open("/dev/null", O_RDONLY)
+        assert stat.S_ISREG(u.fgetattr(h, "/dev/null")["st_mode"])
+        u.release(h)
+        assert OVERRIDE not in asked
+        assert stat.S_ISCHR(env.union(lowers=[marked], upper=False).getattr("/dev/null")["st_mode"])
+        assert OVERRIDE in asked
+
+    def test_the_record_never_shows_through_the_mount(self, env):
+        image_layer(env)
+        u = env.union()
+        for path in ("/", "/bin", "/bin/su", "/dev/null"):
+            assert OVERRIDE not in u.listxattr(path)
+            assert errno_of(u.getxattr, path, OVERRIDE) == errno.ENODATA
+        assert errno_of(u.setxattr, "/bin/su", OVERRIDE, b"0:0:0777:file") == errno.EPERM
+        assert errno_of(u.removexattr, "/bin/su", OVERRIDE) == errno.EPERM
+        assert tree(env.upper) == {}  # refused before any copy-up
+        h = u.open("/bin/su", O_RDONLY)
+        try:
+            assert errno_of(u.fsetxattr, h, OVERRIDE, b"0:0:0777:file") == errno.EPERM
+        finally:
+            u.release(h)
+        assert u.getattr("/bin/su")["st_mode"] == stat.S_IFREG | 0o4755
+
+    def test_copy_up_keeps_the_record(self, env):
+        """Also into an upper that is not marked itself: the stack is, and shows the copy the same."""
+        image_layer(env)
+        u = env.union()
+        write_at(u, "/bin/su", b"#!SU\n")
+        assert recorded_on(env.upper / "bin/su") == "0:0:4755:file"
+        assert recorded_on(env.upper / "bin") == "0:0:0755:dir"
+        su = u.getattr("/bin/su")
+        assert (su["st_uid"], su["st_mode"]) == (0, stat.S_IFREG | 0o4755)
+        u.utimens("/dev/null", FIXED_NS, FIXED_NS)
+        assert recorded_on(env.upper / "dev/null") == "0:0:0666:char-1-3"
+        assert os.lstat(env.upper / "dev/null").st_mtime_ns == FIXED_NS
+        assert u.getattr("/dev/null")["st_rdev"] == os.makedev(1, 3)
+
+    def test_chmod_and_chown_change_the_record_not_the_object(self, env):
+        image_layer(env)
+        record(env.upper, "0:0:0755:dir")
+        u = env.union()
+        u.chmod("/dev/null", 0o600)
+        assert recorded_on(env.upper / "dev/null") == "0:0:0600:char-1-3"  # the type stays
+        assert stat.S_IMODE(os.lstat(env.upper / "dev/null").st_mode) == 0o600
+        u.chmod("/bin/su", 0o4711)
+        assert stat.S_IMODE(os.lstat(env.upper / "bin/su").st_mode) == 0o4755  # on disk: unchanged
+        u.chown("/bin/su", 2000, -1)  # as chown(2): a non-directory loses its set-id bits
+        assert recorded_on(env.upper / "bin/su") == "2000:0:0711:file"
+        assert os.lstat(env.upper / "bin/su").st_uid == os.geteuid()
+        u.chown("/home/bob", -1, 3000)
+        assert recorded_on(env.upper / "home/bob") == "1000:3000:0700:dir"
+        attrs = u.getattr("/bin/su")
+        assert (attrs["st_uid"], attrs["st_gid"], attrs["st_mode"]) == (2000, 0, stat.S_IFREG | 0o711)
+        h = u.open("/bin/su", O_RDONLY)
+        try:
+            u.fchmod(h, 0o700)
+            u.fchown(h, -1, 7)
+        finally:
+            u.release(h)
+        assert recorded_on(env.upper / "bin/su") == "2000:7:0700:file"
+        u.chmod("/plain", 0o600)  # no record, and root may chmod: on disk, as always
+        assert recorded_on(env.upper / "plain") is None
+        assert stat.S_IMODE(os.lstat(env.upper / "plain").st_mode) == 0o600
+
+    def test_unprivileged_changes_in_a_marked_upper_are_recorded(self, env, monkeypatch):
+        """A process that cannot chown records the change of an object of its own in a marked upper;
+        in an upper that is not marked the change goes to disk as before."""
+        from cowfs.overlay import attributes
+        monkeypatch.setattr(attributes, "may_chown", lambda: False)
+        image_layer(env)
+        record(env.upper, "0:0:0755:dir")
+        u = env.union()
+        create(u, "/new", b"x", 0o644)
+        assert recorded_on(env.upper / "new") is None  # a new file is the caller's, as on disk
+        u.chown("/new", 123, 456)
+        assert recorded_on(env.upper / "new") == "123:456:0644:file"
+        assert os.lstat(env.upper / "new").st_uid == os.geteuid()
+        u.mkdir("/newdir", 0o755)
+        u.mkdir("/other", 0o755)
+        u.chmod("/newdir", 0o700)
+        assert recorded_on(env.upper / "newdir") == f"{os.geteuid()}:{os.getegid()}:0700:dir"
+        assert stat.S_IMODE(os.lstat(env.upper / "newdir").st_mode) == 0o755
+        assert u.getattr("/newdir")["st_mode"] == stat.S_IFDIR | 0o700
+        u.close()
+        os.removexattr(env.upper, OVERRIDE)
+        plain = env.union()
+        plain.chmod("/other", 0o750)  # no record, and the upper is not marked: on disk
+        assert stat.S_IMODE(os.lstat(env.upper / "other").st_mode) == 0o750
+        assert recorded_on(env.upper / "other") is None
+        plain.chmod("/newdir", 0o750)  # a record is kept up to date wherever it is
+        assert recorded_on(env.upper / "newdir") == f"{os.geteuid()}:{os.getegid()}:0750:dir"
+
+    def test_new_objects_belong_to_the_caller_or_record_it(self, env, monkeypatch):
+        image_layer(env)
+        record(env.upper, "0:0:0755:dir")
+        u = env.union()
+        h = u.create("/mine", stat.S_IFREG | 0o640, O_WRONLY | os.O_CREAT, owner=(1001, 1002))
+        u.release(h)
+        assert (os.lstat(env.upper / "mine").st_uid, recorded_on(env.upper / "mine")) == (1001, None)
+        attrs = u.getattr("/mine")
+        assert (attrs["st_uid"], attrs["st_gid"]) == (1001, 1002)
+        # a process that cannot give the file away records its owner instead (in a marked upper)
+        real_chown = os.chown
+
+        def unprivileged_chown(path, uid, gid, **kwargs):
+            if uid not in (-1, os.geteuid()) or gid not in (-1, os.getegid()):
+                raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), path)
+            return real_chown(path, uid, gid, **kwargs)
+        monkeypatch.setattr(os, "chown", unprivileged_chown)
+        u.mkdir("/theirs", 0o750, owner=(1001, 1002))
+        assert recorded_on(env.upper / "theirs") == "1001:1002:0750:dir"
+        attrs = u.getattr("/theirs")
+        assert (attrs["st_uid"], attrs["st_gid"], attrs["st_mode"]) == (1001, 1002, stat.S_IFDIR | 0o750)
+        assert errno_of(u.symlink, "/theirs-link", "x", owner=(1001, 1002)) == errno.EPERM  # no record there
+
+    def test_a_malformed_record_is_ignored(self, env):
+        """Ignored, as fuse-overlayfs ignores it: the object shows as it is on disk and stays usable
+        (readable, removable), and the next chmod or chown writes a good record over it."""
+        low = image_layer(env)
+        for name, value in [("garbage", b"garbage"), ("short", b"1:2"), ("badmode", b"0:0:0999:file"),
+                            ("dirtype", b"0:0:0755:dir"), ("linktype", b"0:0:0777:symlink"),
+                            ("binary", b"\xff\xfe:0:0644")]:
+            record(put(low, name, b"", 0o640), value)
+        record(mkdirs(low, "filedir"), "0:0:0644:file")
+        u = env.union()
+        for name in ("garbage", "short", "badmode", "dirtype", "linktype", "binary"):
+            attrs = u.getattr("/" + name)
+            assert (attrs["st_uid"], attrs["st_mode"]) == (os.geteuid(), stat.S_IFREG | 0o640), name
+        assert u.getattr("/filedir")["st_mode"] == stat.S_IFDIR | 0o755
+        assert {n: kind for n, _, kind in u.readdir("/")}["dirtype"] == stat.S_IFREG
+        u.chown("/garbage", 0, 0)
+        assert u.getattr("/garbage")["st_uid"] == 0
+
+    def test_owner_mapping_as_fuse_overlayfs(self, env):
+        image_layer(env)
+        u = env.union(uidmapping=((0, 1000, 1), (1000, 100000, 10)), gidmapping=((0, 1000, 1),))
+        su = u.getattr("/bin/su")  # recorded 0:0 on disk, shown mapped
+        assert (su["st_uid"], su["st_gid"]) == (1000, 1000)
+        bob = u.getattr("/home/bob")  # 1000:1000, in the second uid range, in no gid range
+        assert (bob["st_uid"], bob["st_gid"]) == (100000, 65534)
+        h = u.open("/bin/su", O_RDONLY)
+        assert u.fgetattr(h, "/bin/su")["st_uid"] == 1000
+        u.release(h)
+        u.chown("/plain", 100003, 1000)  # given as shown: mapped back
+        assert (os.lstat(env.upper / "plain").st_uid, os.lstat(env.upper / "plain").st_gid) == (1003, 0)
+        u.chown("/bin/su", 1000, -1)
+        assert recorded_on(env.upper / "bin/su").startswith("0:0:")
+        h = u.create("/new", stat.S_IFREG | 0o644, O_WRONLY | os.O_CREAT, owner=(100001, 1000))
+        u.release(h)
+        assert (os.lstat(env.upper / "new").st_uid, os.lstat(env.upper / "new").st_gid) == (1001, 0)
+        assert (u.getattr("/new")["st_uid"], u.getattr("/new")["st_gid"]) == (100001, 1000)
+
+    def test_squash_options_show_one_owner_and_write_nothing(self, env):
+        image_layer(env)
+        u = env.union(squash_to_root=True)
+        assert {(u.getattr(p)["st_uid"], u.getattr(p)["st_gid"]) for p in ("/plain", "/home/bob", "/")} == {(0, 0)}
+        u.close()
+        u = env.union(squash_to_root=True, squash_to_uid=42, uidmapping=((0, 7, 1),))
+        attrs = u.getattr("/home/bob")
+        assert (attrs["st_uid"], attrs["st_gid"]) == (42, 0)  # squash_to_uid wins over squash_to_root
+        u.chown("/plain", 7, -1)  # squash only changes what is shown; the mapping still maps back
+        assert os.lstat(env.upper / "plain").st_uid == 0
+        assert u.getattr("/plain")["st_uid"] == 42
+
+    def test_mapping_options_parse_as_fuse_overlayfs(self):
+        from cowfs.overlay.stack import parse_options
+        stack = parse_options(["lowerdir=/l,uidmapping=0:1000:1:1:100000:65536,gidmapping=:0:1000:1,"
+                               "squash_to_root,squash_to_uid=5,squash_to_gid=6"])
+        assert stack.uidmapping == ((0, 1000, 1), (1, 100000, 65536)) and stack.gidmapping == ((0, 1000, 1),)
+        assert (stack.squash_to_root, stack.squash_to_uid, stack.squash_to_gid) == (True, 5, 6)
+        assert parse_options([stack.option_string()]) == stack
+        assert parse_options(["lowerdir=/l"]).option_string() == "lowerdir=/l"
+        for bad, option in [("uidmapping=0:1000", "uidmapping"), ("gidmapping=0:a:1", "gidmapping"),
+                            ("uidmapping=0:1000:1:5", "uidmapping"), ("uidmapping=", "uidmapping"),
+                            ("uidmapping=0:4294967296:1", "uidmapping"), ("squash_to_uid=-1", "squash_to_uid"),
+                            ("squash_to_gid=x", "squash_to_gid"), ("squash_to_root=1", "squash_to_root"),
+                            ("squash_to_uid", "squash_to_uid")]:
+            with pytest.raises(StackError) as info:
+                parse_options(["lowerdir=/l," + bad])
+            message = str(info.value)
+            assert option in message and "\n" not in message, message

@@ -351,6 +351,8 @@ HOSTILE = {
     "overlay-xattr": ([member("d", "dir", pax={"SCHILY.xattr.trusted.overlay.redirect": "/etc"})],
                       "overlay's own xattr", "d"),
     "whiteout-over-own-member": ([member("a", data=b"a"), member(".wh.a")], "whiteout for a member", ".wh.a"),
+    "recorded-attributes-xattr": ([member("f", data=b"x", pax={
+        "SCHILY.xattr.user.containers.override_stat": "0:0:4755:file"})], "recorded-attributes xattr", "f"),
 }
 
 
@@ -375,11 +377,12 @@ def test_hostile_layer_is_refused_and_changes_nothing(tmp_path, store, case):
 
 
 def test_device_nodes_refused_unless_root(tmp_path, monkeypatch):
+    """Unless attributes are recorded (which a user's unpack does: see the rootless tests at the end)."""
     data = layer_tar(member("dev", "dir"), member("dev/null", "chr", major=1, minor=3))
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     os.mkdir(tmp_path / "d")
     with pytest.raises(ArchiveError, match=r"member 'dev/null': device node"):
-        unpack_layer(io.BytesIO(data), str(tmp_path / "d"), "dev.tar")
+        unpack_layer(io.BytesIO(data), str(tmp_path / "d"), "dev.tar", record=False)
     monkeypatch.undo()
     if os.geteuid() == 0:
         os.mkdir(tmp_path / "e")
@@ -851,3 +854,347 @@ def test_shell_on_an_image_uses_a_throwaway_layer(shared_tmp):
     assert diff_snapshots(before, store_state(store)) == ""  # nothing kept in the store
     merged = r.stdout.split(", mounted at ")[1].split()[0]
     assert merged.endswith("/merged") and not is_mounted(merged) and not os.path.exists(merged)
+
+
+# -- rootless: images with other owners, set-id files and devices, imported and mounted by a user ---------
+
+import importlib.util  # noqa: E402
+import pwd  # noqa: E402
+import tempfile  # noqa: E402
+
+import cowfs  # noqa: E402
+from cowfs.testing.mounts import in_ci  # noqa: E402
+
+OVERRIDE = "user.containers.override_stat"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(cowfs.__file__)))
+
+
+def owned(m, uid, gid):
+    """A member(...) result with another owner."""
+    m[0].uid, m[0].gid = uid, gid
+    return m
+
+
+ROOTLESS_LAYER = layer_tar(
+    member("bin", "dir"), member("bin/su", data=b"#!/bin/sh\n", mode=0o4755),
+    member("dev", "dir"), member("dev/null", "chr", mode=0o666, major=1, minor=3),
+    owned(member("dev/sda", "blk", mode=0o660, major=8, minor=0), 0, 6),
+    member("etc", "dir"), owned(member("etc/shadow", data=b"root:*:1::::::\n", mode=0o640), 0, 42),
+    member("etc/shared", data=b"for everyone\n", mode=0o666),
+    member("home", "dir"), owned(member("home/bob", "dir", mode=0o700), 1000, 1000),
+    member("run", "dir"), member("run/initctl", "fifo", mode=0o600),
+    member("tmp", "dir", mode=0o1777),
+    member("usr", "dir"), member("usr/sbin", "symlink", target="../bin", mode=0o777))
+# What an unprivileged import records: (type on disk, mode on disk, the xattr's value)
+ROOTLESS_RECORDS = {
+    "": ("dir", None, "0:0:0755:dir"),
+    "bin/su": ("file", 0o4755, "0:0:4755:file"),
+    "dev/null": ("file", 0o600, "0:0:0666:char-1-3"),
+    "dev/sda": ("file", 0o600, "0:6:0660:block-8-0"),
+    "etc/shadow": ("file", 0o640, "0:42:0640:file"),
+    "etc/shared": ("file", 0o666, "0:0:0666:file"),
+    "home/bob": ("dir", 0o700, "1000:1000:0700:dir"),
+    "run/initctl": ("file", 0o600, "0:0:0600:pipe"),
+    "tmp": ("dir", 0o1777, "0:0:1777:dir"),
+    "usr/sbin": ("symlink", None, None),  # no user.* xattr on a symlink: its owner is the user's
+}
+# What the mount shows of them: (uid, gid, st_mode, rdev)
+ROOTLESS_SHOWN = {
+    "bin/su": (0, 0, stat.S_IFREG | 0o4755, 0),
+    "dev/null": (0, 0, stat.S_IFCHR | 0o666, os.makedev(1, 3)),
+    "dev/sda": (0, 6, stat.S_IFBLK | 0o660, os.makedev(8, 0)),
+    "etc/shadow": (0, 42, stat.S_IFREG | 0o640, 0),
+    "home/bob": (1000, 1000, stat.S_IFDIR | 0o700, 0),
+    "run/initctl": (0, 0, stat.S_IFIFO | 0o600, 0),
+    "tmp": (0, 0, stat.S_IFDIR | 0o1777, 0),
+}
+
+
+def test_recorded_unpack_writes_back_the_same_entries(tmp_path):
+    """In-process (no other user needed): an unpack that records attributes, written back as a layer,
+    gives every entry its owner, mode, type and device number, and never the xattr itself."""
+    os.mkdir(tmp_path / "d")
+    diff_id, _ = unpack_layer(io.BytesIO(ROOTLESS_LAYER), str(tmp_path / "d"), "rootless.tar", record=True)
+    assert diff_id == sha(ROOTLESS_LAYER)  # the digest is the tar's, whatever is made of it
+    for rel, (_, _, value) in ROOTLESS_RECORDS.items():
+        got = os.getxattr(tmp_path / "d" / rel, OVERRIDE, follow_symlinks=False).decode() if value else None
+        assert got == value, rel
+    assert stat.S_ISREG(os.lstat(tmp_path / "d" / "dev/null").st_mode)
+    out = io.BytesIO()
+    write_layer(str(tmp_path / "d"), out)
+
+    def entries(data):
+        with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+            found = {}
+            for m in tf.getmembers():
+                assert not any(OVERRIDE in key for key in m.pax_headers), m.name
+                found[m.name.rstrip("/")] = (m.type, m.uid, m.gid, m.mode, m.devmajor, m.devminor, m.size,
+                                             m.linkname)
+            return found
+    written, original = entries(out.getvalue()), entries(ROOTLESS_LAYER)
+    written["usr/sbin"] = written["usr/sbin"][:1] + (0, 0) + written["usr/sbin"][3:]  # a symlink's owner is lost
+    assert written == original
+
+
+def test_marked_upper_is_written_as_root_would_write_it(tmp_path):
+    """In a marked upper a whiteout is the unprivileged user's: its marker is written as root's, and an
+    opaque directory's marker takes the directory's recorded owner, as with a privileged upper."""
+    upper = tmp_path / "upper"
+    os.makedirs(upper / "etc")
+    os.setxattr(upper, OVERRIDE, b"0:0:0755:dir")
+    os.setxattr(upper / "etc", OVERRIDE, b"0:0:0755:dir")
+    os.chown(upper / "etc", 1234, 1234)
+    os.mknod(upper / "etc" / "gone", stat.S_IFCHR, os.makedev(0, 0))
+    os.chown(upper / "etc" / "gone", 1234, 1234)
+    os.setxattr(upper / "etc", "trusted.overlay.opaque", b"y")
+    out = io.BytesIO()
+    write_layer(str(upper), out)
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tf:
+        owners = {m.name: (m.uid, m.gid) for m in tf.getmembers()}
+    assert owners == {"etc": (0, 0), "etc/.wh..wh..opq": (0, 0), "etc/.wh.gone": (0, 0)}
+
+
+# ROOTLESS HELPER, local and temporary: swap it for the shared unprivileged-user fixture being built in
+# cowfs.testing. It finds the user named by $COWFS_TEST_USER (default cowfsuser) and builds a Python every
+# user can run (a venv made with /usr/bin/python3 under /tmp, with mfusepy copied in from this one).
+# What is missing skips the tests, or fails them under CI=true.
+
+def _missing(reason):
+    if in_ci():
+        pytest.fail(f"required under CI=true but missing: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+class Rootless:
+    """An unprivileged user, and cowfs run as that user."""
+
+    def __init__(self, pw, python):
+        self.pw, self.python = pw, python
+        self.uid, self.gid = pw.pw_uid, pw.pw_gid
+
+    def run(self, argv, **kwargs):
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": self.pw.pw_dir, "USER": self.pw.pw_name,
+               "LANG": "C.UTF-8", "PYTHONPATH": REPO, "PYTHONDONTWRITEBYTECODE": "1"}
+        return subprocess.run(["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", "--",
+                               *[str(a) for a in argv]], env=env, cwd="/", capture_output=True, text=True,
+                              timeout=120, stdin=subprocess.DEVNULL, **kwargs)
+
+    def cowfs(self, *argv):
+        return self.run([self.python, "-m", "cowfs", *argv])
+
+    def python_json(self, code, *args):
+        r = self.run([self.python, "-c", "import json, os, sys\n" + code, *args])
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    def home_in(self, base, name="user"):
+        path = os.path.join(base, name)
+        os.mkdir(path, 0o755)
+        os.chown(path, self.uid, self.gid)
+        return path
+
+
+@pytest.fixture(scope="module")
+def rootless():
+    if os.geteuid() != 0:
+        _missing("the rootless tests switch to another user: run them as root")
+    name = os.environ.get("COWFS_TEST_USER", "cowfsuser")
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        _missing(f"no user {name!r} (set COWFS_TEST_USER to an unprivileged user)")
+    if pw.pw_uid == 0:
+        _missing(f"COWFS_TEST_USER {name!r} is root")
+    if shutil.which("setpriv") is None or not os.access("/usr/bin/python3", os.X_OK):
+        _missing("setpriv and /usr/bin/python3 are needed to run cowfs as another user")
+    spec = importlib.util.find_spec("mfusepy")
+    venv = tempfile.mkdtemp(prefix="cowfs-test-python-", dir="/tmp")
+    try:
+        os.chmod(venv, 0o755)
+        subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", venv], check=True, capture_output=True)
+        python = os.path.join(venv, "bin", "python")
+        site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+        if spec is not None and spec.origin:
+            if spec.submodule_search_locations:
+                shutil.copytree(os.path.dirname(spec.origin), os.path.join(site, "mfusepy"))
+            else:
+                shutil.copy(spec.origin, site)
+        subprocess.run(["chmod", "-R", "a+rX", venv], check=True)
+        user = Rootless(pw, python)
+        check = user.run([python, "-c", "import cowfs.daemon.libfuse, cowfs.cli.main"])
+        if check.returncode != 0:
+            _missing(f"{name} cannot run cowfs with {python}: {(check.stderr.strip().splitlines() or ['?'])[-1]}")
+        yield user
+    finally:
+        shutil.rmtree(venv, ignore_errors=True)
+
+
+def rootless_import(user, base, data=ROOTLESS_LAYER, name="acme/rootless:1"):
+    """Import the layer tar `data` as the user into a store of the user's under `base`; returns the store."""
+    tar = os.path.join(base, "layer.tar")
+    with open(tar, "wb") as f:
+        f.write(data)
+    store = os.path.join(base, "store")
+    r = user.cowfs("import", "-q", "--store", store, "--name", name, tar)
+    assert r.returncode == 0, r.stderr
+    return store
+
+
+SHOW = """
+out = {}
+for rel in sys.argv[2:]:
+    st = os.lstat(os.path.join(sys.argv[1], rel))
+    out[rel] = [st.st_uid, st.st_gid, st.st_mode, st.st_rdev, os.listxattr(os.path.join(sys.argv[1], rel),
+                follow_symlinks=False) if not os.path.islink(os.path.join(sys.argv[1], rel)) else []]
+print(json.dumps(out))
+"""
+
+
+def shown(user, mnt, rels):
+    """{rel: (uid, gid, st_mode, rdev)} as the user's stat sees them through the mount; no xattr of it shows."""
+    found = user.python_json(SHOW, mnt, *rels)
+    for rel, (*_, names) in found.items():
+        assert OVERRIDE not in names, rel
+    return {rel: tuple(v[:4]) for rel, v in found.items()}
+
+
+def user_unmount(user, *mountpoints):
+    for mnt in mountpoints:
+        if is_mounted(os.path.realpath(mnt)):
+            if user.cowfs("umount", mnt).returncode != 0:
+                force_unmount(mnt)
+
+
+def test_rootless_import_records_owners_modes_and_devices(shared_tmp, rootless):
+    base = rootless.home_in(shared_tmp)
+    store = rootless_import(rootless, base)
+    s = Store(store, create=False)
+    assert s.layer_ids() == [sha(ROOTLESS_LAYER)]  # the diff ID is the tar's: recording changes nothing of it
+    layer = s.layer_path(sha(ROOTLESS_LAYER))
+    for rel, (kind, mode, value) in ROOTLESS_RECORDS.items():
+        path = os.path.join(layer, rel)
+        st = os.lstat(path)
+        assert st.st_uid == rootless.uid, rel  # nothing could be given to another owner
+        assert {"dir": stat.S_ISDIR, "file": stat.S_ISREG, "symlink": stat.S_ISLNK}[kind](st.st_mode), rel
+        if mode is not None:
+            assert stat.S_IMODE(st.st_mode) == mode, rel
+        got = os.getxattr(path, OVERRIDE).decode() if value is not None else None
+        assert got == value, rel
+    assert os.path.getsize(os.path.join(layer, "dev/null")) == 0
+    # and the mount (read-only, of the layer alone) shows the image as it was made
+    mnt = rootless.home_in(shared_tmp, "ro")
+    try:
+        r = rootless.cowfs("mount", "-o", f"lowerdir={layer}", mnt)
+        assert r.returncode == 0, r.stderr
+        assert shown(rootless, mnt, list(ROOTLESS_SHOWN)) == ROOTLESS_SHOWN
+    finally:
+        user_unmount(rootless, mnt)
+
+
+def tar_entries(path):
+    """{name: (type, uid, gid, mode, devmajor, devminor, data)} of a layer tar; no entry carries the record."""
+    found = {}
+    with tarfile.open(path) as tf:
+        for m in tf.getmembers():
+            assert not any(OVERRIDE in key for key in m.pax_headers), m.name
+            data = tf.extractfile(m).read() if m.isfile() else None
+            found[m.name] = (m.type, m.uid, m.gid, m.mode, m.devmajor, m.devminor, data)
+    return found
+
+
+@pytest.mark.fuse
+def test_rootless_round_trip_is_exact(shared_tmp, rootless):
+    """import (as the user) -> cowfs mount IMAGE -> the image's owners, modes and devices show -> a change ->
+    cowfs commit: the tar carries the real owners -> imported again, the same shows."""
+    base = rootless.home_in(shared_tmp)
+    store = rootless_import(rootless, base)
+    m1, m2 = rootless.home_in(base, "m1"), rootless.home_in(base, "m2")
+    out = os.path.join(base, "commit.tar")
+    try:
+        r = rootless.cowfs("mount", "--store", store, "acme/rootless:1", m1)
+        assert r.returncode == 0, r.stderr
+        assert shown(rootless, m1, list(ROOTLESS_SHOWN)) == ROOTLESS_SHOWN
+        # the container's upper is marked as its image is: the merged root, which is the upper's, is root's
+        upper = os.path.join(store, "containers", r.stdout.strip(), "upper")
+        assert os.getxattr(upper, OVERRIDE) == b"0:0:0755:dir"
+        assert shown(rootless, m1, ["."]) == {".": (0, 0, stat.S_IFDIR | 0o755, 0)}
+        lines = rootless.run(["ls", "-ln", os.path.join(m1, "dev"), os.path.join(m1, "bin")]).stdout.splitlines()
+        assert any(line.startswith("crw-rw-rw- 1 0 0 1, 3 ") and line.endswith(" null") for line in lines), lines
+        assert any(line.startswith("brw-rw---- 1 0 6 8, 0 ") and line.endswith(" sda") for line in lines), lines
+        assert any(line.startswith("-rwsr-xr-x 1 0 0 ") and line.endswith(" su") for line in lines), lines
+        # a change as the user may make it: a file open to everyone, and a new file in the sticky /tmp
+        r = rootless.run([rootless.python, "-c", "import sys\nopen(sys.argv[1], 'a').write('changed\\n')\n"
+                          "open(sys.argv[2], 'w').write('new\\n')", os.path.join(m1, "etc/shared"),
+                          os.path.join(m1, "tmp/new")])
+        assert r.returncode == 0, r.stderr
+        r = rootless.cowfs("commit", m1, "-o", out, "--tag", "acme/rootless:2", "--store", store)
+        assert r.returncode == 0, r.stderr
+        diff_id = r.stdout.splitlines()[0]
+        assert diff_id == sha(open(out, "rb").read())
+        assert rootless.cowfs("umount", m1).returncode == 0
+        entries = tar_entries(out)
+        assert entries == {
+            "etc": (tarfile.DIRTYPE, 0, 0, 0o755, 0, 0, None),
+            "etc/shared": (tarfile.REGTYPE, 0, 0, 0o666, 0, 0, b"for everyone\nchanged\n"),
+            "tmp": (tarfile.DIRTYPE, 0, 0, 0o1777, 0, 0, None),
+            "tmp/new": (tarfile.REGTYPE, rootless.uid, rootless.gid, 0o644, 0, 0, b"new\n"),  # the caller's
+        }
+        # the committed layer, imported again (by --tag, as the user), shows the same
+        s = Store(store, create=False)
+        assert s.image_layers(s.resolve("acme/rootless:2")) == [sha(ROOTLESS_LAYER), diff_id]
+        top = s.layer_path(diff_id)
+        assert os.getxattr(os.path.join(top, "etc/shared"), OVERRIDE) == b"0:0:0666:file"
+        r = rootless.cowfs("mount", "--store", store, "acme/rootless:2", m2)
+        assert r.returncode == 0, r.stderr
+        again = shown(rootless, m2, list(ROOTLESS_SHOWN) + ["etc/shared", "tmp/new"])
+        assert {rel: again[rel] for rel in ROOTLESS_SHOWN} == ROOTLESS_SHOWN
+        assert again["etc/shared"] == (0, 0, stat.S_IFREG | 0o666, 0)
+        assert again["tmp/new"][:3] == (rootless.uid, rootless.gid, stat.S_IFREG | 0o644)
+        content = rootless.run(["cat", os.path.join(m2, "etc/shared")]).stdout
+        assert content == "for everyone\nchanged\n"
+    finally:
+        user_unmount(rootless, m1, m2)
+    # and as a bare layer tarball, into a fresh store: the same diff ID
+    fresh = rootless.home_in(base, "fresh")
+    r = rootless.cowfs("import", "-q", "--store", os.path.join(fresh, "store"), out)
+    assert r.returncode == 0, r.stderr
+    assert Store(os.path.join(fresh, "store"), create=False).layer_ids() == [diff_id]
+
+
+@pytest.mark.fuse
+def test_rootless_commit_of_an_unchanged_file_is_roots(shared_tmp, rootless):
+    """A file copied up and left as it was commits to the same layer, byte for byte, whether the image
+    was imported and mounted by root (real owners on disk) or by the user (recorded owners)."""
+    root_base = os.path.join(shared_tmp, "root")
+    os.mkdir(root_base)
+    tar = os.path.join(root_base, "layer.tar")
+    with open(tar, "wb") as f:
+        f.write(ROOTLESS_LAYER)
+    root_store = os.path.join(root_base, "store")
+    assert cli(root_store, "import", tar, "-q", "--name", "acme/rootless:1")[0] == 0
+    root_mnt = os.path.join(root_base, "m")
+    os.mkdir(root_mnt)
+    user_base = rootless.home_in(shared_tmp)
+    user_store = rootless_import(rootless, user_base)
+    user_mnt = rootless.home_in(user_base, "m")
+    root_out, user_out = os.path.join(root_base, "c.tar"), os.path.join(user_base, "c.tar")
+    try:
+        r = run_cowfs("mount", "--store", root_store, "acme/rootless:1", root_mnt)
+        assert r.returncode == 0, r.stderr
+        open(os.path.join(root_mnt, "etc/shared"), "ab").close()  # open for writing: copied up, unchanged
+        r = run_cowfs("commit", root_mnt, "-o", root_out)
+        assert r.returncode == 0, r.stderr
+        r = rootless.cowfs("mount", "--store", user_store, "acme/rootless:1", user_mnt)
+        assert r.returncode == 0, r.stderr
+        r = rootless.run([rootless.python, "-c", "import sys; open(sys.argv[1], 'ab').close()",
+                          os.path.join(user_mnt, "etc/shared")])
+        assert r.returncode == 0, r.stderr
+        r = rootless.cowfs("commit", user_mnt, "-o", user_out)
+        assert r.returncode == 0, r.stderr
+    finally:
+        unmount_all(root_mnt)
+        user_unmount(rootless, user_mnt)
+    assert tar_entries(user_out)["etc/shared"] == (tarfile.REGTYPE, 0, 0, 0o666, 0, 0, b"for everyone\n")
+    with open(root_out, "rb") as f, open(user_out, "rb") as g:
+        assert sha(g.read()) == sha(f.read())

@@ -20,17 +20,31 @@ naming the archive and the member:
   that, and it is the classic way to swap a checked entry for a hostile one;
   a directory entry for a directory that earlier members created implicitly
   is not a duplicate;
-- device nodes unless running as root; unknown member types; overlay xattrs
-  (`trusted.overlay.*`, `user.overlay.*`) smuggled in pax headers;
+- device nodes when attributes are not recorded (see below) and not running
+  as root; unknown member types; overlay xattrs (`trusted.overlay.*`,
+  `user.overlay.*`) or the recorded-attributes xattr smuggled in pax headers;
 - a diff ID or blob digest that does not match; a truncated or corrupt archive
   (including a tar that stops without its end-of-archive blocks).
+
+Without privilege (not root), an unpack cannot give an entry its owner nor
+make a device node, so it *records* the attributes instead, as containers/storage
+does (see cowfs/overlay/override.py): each entry is made as far as the user
+can (owned by the user, its mode applied with the user's own access kept), a
+regular file or directory carries its real uid, gid, mode and type in the
+`user.containers.override_stat` xattr, and a device node, FIFO or socket is
+an empty regular file whose xattr says what it is. The layer root is always
+marked, which tells a mount that the layer has recorded attributes. A symlink
+cannot carry a user.* xattr: its owner is lost (it is the user's).
 
 Writing (`write_layer`) turns an upper directory back into a layer tar:
 whiteouts become `.wh.NAME`, opaque directories get `.wh..wh..opq`, and a
 directory with a redirect is written with its whole merged content (its lower
 part is found through the redirect, which a layer tar cannot express) and an
-opaque marker. The output is reproducible: entries sorted, numeric owners
-without names, no atime/ctime, pax headers only for what needs them.
+opaque marker. An object with recorded attributes is written as they say (a
+device as a device entry), never with the xattr itself, so that a layer
+unpacked without privilege and written back is the layer it was. The output
+is reproducible: entries sorted, numeric owners without names, no
+atime/ctime, pax headers only for what needs them.
 """
 
 import errno
@@ -48,6 +62,7 @@ import zlib
 
 from cowfs.errors import CowfsError
 from cowfs.formatting import docker_size, human_seconds
+from cowfs.overlay import override
 from cowfs.overlay.whiteout import (
     OCI_OPAQUE,
     PREFIXES,
@@ -285,9 +300,10 @@ def normalise_name(name, archive):
 class _Unpacker:
     """The state of one layer being unpacked into `dest` (a fresh directory)."""
 
-    def __init__(self, dest, archive, prefix, allow_devices, same_owner):
+    def __init__(self, dest, archive, prefix, allow_devices, same_owner, record=False):
         self.dest, self.archive, self.prefix = dest, archive, prefix
         self.allow_devices, self.same_owner = allow_devices, same_owner
+        self.record = record  # keep owners, modes and types in the override xattr (see the module docstring)
         self.explicit = {}   # rel -> type of the member that created it
         self.implicit = set()  # directories created only as parents of later members
         self.dir_attrs = []  # (rel, member) applied at the end, deepest first
@@ -310,6 +326,9 @@ class _Unpacker:
             except FileNotFoundError:
                 os.mkdir(path, 0o755)
                 self.implicit.add(sub)
+                if self.record:  # owned by root, as a privileged unpack makes it
+                    override.write(path, override.Override(0, 0, stat.S_IMODE(os.lstat(path).st_mode),
+                                                           stat.S_IFDIR))
                 continue
             if stat.S_ISLNK(st.st_mode):
                 self.fail(f"goes through the symlink {sub!r} of the layer", member)
@@ -334,6 +353,8 @@ class _Unpacker:
             name = key[len(XATTR_PAX):]
             if name.startswith(PREFIXES):
                 self.fail(f"carries the overlay's own xattr {name!r}", member)
+            if override.is_override(name):
+                self.fail(f"carries the recorded-attributes xattr {name!r} (only an unpack may write it)", member)
             items.append((name, value.encode("utf-8", "surrogateescape")))
         return items
 
@@ -347,13 +368,29 @@ class _Unpacker:
                 if e.errno not in (errno.ENOTSUP, errno.EPERM):
                     raise
 
-    def apply_attrs(self, path, info, xattrs, is_link=False):
+    def apply_attrs(self, path, info, xattrs, is_link=False, kind=None, rdev=0):
+        """Give the object at `path` the attributes of member `info`; when recording, `kind` (S_IFMT
+        bits) is what it stands for: its owner, mode and type go to the override xattr, and on disk
+        it keeps its owner (the user) and the user's own access."""
         self.set_xattrs(path, xattrs)
         if self.same_owner:
             os.lchown(path, info.uid, info.gid)
-        if not is_link:
-            os.chmod(path, info.mode & 0o7777)
+        mode = info.mode & 0o7777
+        if self.record and kind is not None:
+            if kind == stat.S_IFDIR:
+                os.chmod(path, mode | 0o700)
+            elif kind == stat.S_IFREG:
+                os.chmod(path, mode | 0o600)
+            else:
+                os.chmod(path, 0o600)  # an empty stand-in for a device, FIFO or socket
+            override.write(path, override.Override(info.uid, info.gid, mode, kind, rdev))
+        elif not is_link:
+            os.chmod(path, mode)
         os.utime(path, ns=(int(info.mtime * 1e9),) * 2, follow_symlinks=False)
+
+    def stand_in(self, path):
+        """An empty regular file at `path`, for an object recorded as another type."""
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
 
     def add(self, tf, info):
         member = info.name
@@ -398,6 +435,7 @@ class _Unpacker:
             with os.fdopen(fd, "wb") as out:
                 shutil.copyfileobj(src, out, CHUNK)
             self.size += info.size
+            kind, rdev = stat.S_IFREG, 0
         elif info.issym():
             self.claim(rel, "symlink", member)
             os.symlink(info.linkname, path)
@@ -419,37 +457,60 @@ class _Unpacker:
             return  # a hard link shares its target's attributes
         elif info.isfifo():
             self.claim(rel, "fifo", member)
-            os.mkfifo(path, 0o600)
+            kind, rdev = stat.S_IFIFO, 0
+            # Recorded, a FIFO is a regular file: user.* xattrs exist only on files and directories,
+            # so a real FIFO could not keep its owner and mode. The mount shows it as a FIFO, and
+            # the kernel runs a FIFO's pipe itself, so the stand-in's (empty) content never shows.
+            if self.record:
+                self.stand_in(path)
+            else:
+                os.mkfifo(path, 0o600)
         elif info.ischr() or info.isblk():
-            if not self.allow_devices:
+            if not self.allow_devices and not self.record:
                 self.fail("device node (only root may create one)", member)
             self.claim(rel, "device", member)
             kind = stat.S_IFCHR if info.ischr() else stat.S_IFBLK
-            os.mknod(path, kind | 0o600, os.makedev(info.devmajor, info.devminor))
+            rdev = os.makedev(info.devmajor, info.devminor)
+            if self.record and kind == stat.S_IFCHR and rdev == 0:
+                make_whiteout(path)  # what a privileged unpack makes of it too (any user may make this one)
+                self.apply_attrs(path, info, xattrs)  # its owner is the user's: a whiteout's means nothing
+                return
+            if self.record:  # only root may make a device node: an empty file records it
+                self.stand_in(path)
+            else:
+                os.mknod(path, kind | 0o600, rdev)
         else:
             self.fail(f"unsupported member type {info.type!r}", member)
-        self.apply_attrs(path, info, xattrs)
+        self.apply_attrs(path, info, xattrs, kind=kind, rdev=rdev)
 
     def finish(self):
         for rel, info in sorted(self.dir_attrs, key=lambda item: item[0].count("/"), reverse=True):
-            self.apply_attrs(self.real(rel), info, [])
+            self.apply_attrs(self.real(rel), info, [], kind=stat.S_IFDIR)
+        if self.record:  # the mark of a layer with recorded attributes, as a privileged unpack leaves its root
+            override.mark(self.dest)
 
 
-def unpack_layer(f, dest, archive, expected=None, prefix=TRUSTED_PREFIX, allow_devices=None, progress=None):
+def unpack_layer(f, dest, archive, expected=None, prefix=TRUSTED_PREFIX, allow_devices=None, progress=None,
+                 record=None):
     """Unpack the layer tar read from `f` (plain, gzip or zstd) into the empty directory `dest`.
 
     Returns (diff_id, size): the sha256 of the uncompressed tar as "sha256:HEX"
     and the bytes the layer's objects hold. `dest` is left half-written when
     ArchiveError is raised: the caller unpacks into a staging directory.
+    `record` (default: when not root) records owners, modes and types in the
+    override xattr instead of making them (see the module docstring).
 
     Raises:
         ArchiveError: a hostile, broken or mismatching archive (see the module docstring).
     """
     if allow_devices is None:
         allow_devices = os.geteuid() == 0
+    if record is None:
+        record = os.geteuid() != 0
     stream = decompressed(f, archive)
     hashed = HashingReader(stream)
-    unpacker = _Unpacker(dest, archive, prefix, allow_devices, same_owner=os.geteuid() == 0)
+    unpacker = _Unpacker(dest, archive, prefix, allow_devices, same_owner=os.geteuid() == 0 and not record,
+                         record=record)
     member = None
     try:
         with tarfile.open(fileobj=hashed, mode="r|", errorlevel=2) as tf:
@@ -482,9 +543,10 @@ def unpack_layer(f, dest, archive, expected=None, prefix=TRUSTED_PREFIX, allow_d
 class _Writer:
     """Emits the entries of one layer tar in a fixed order with normalised metadata."""
 
-    def __init__(self, tf, prefix, layers, clamp_mtime):
+    def __init__(self, tf, prefix, layers, clamp_mtime, recorded=False):
         self.tf, self.prefix, self.layers = tf, prefix, layers
         self.clamp = clamp_mtime
+        self.recorded = recorded  # the upper is marked: its whiteouts' owners are this user's, not the layer's
         self.links = {}  # (st_dev, st_ino) -> name of the first member for that inode
 
     def mtime(self, st):
@@ -492,12 +554,17 @@ class _Writer:
         return min(t, self.clamp) if self.clamp is not None else t
 
     def xattrs(self, path):
+        """(pax headers of the xattrs to archive, the recorded attributes or None) of the object at `path`."""
         try:
             names = os.listxattr(path, follow_symlinks=False)
         except OSError:
-            return {}
+            return {}, None
         out = {}
+        recorded = None
         for name in sorted(names):
+            if override.is_override(name):  # written as the member's attributes, never as itself
+                recorded = override.read(path, os.lstat(path).st_mode)
+                continue
             if name.startswith(PREFIXES):
                 continue
             if not name.startswith(("user.", "security.", "trusted.")):
@@ -507,13 +574,20 @@ class _Writer:
             except OSError:
                 continue
             out[XATTR_PAX + name] = value.decode("utf-8", "surrogateescape")
-        return out
+        return out, recorded
 
-    def marker(self, name, mode, st):
+    def shown(self, path, st):
+        """(uid, gid, mode) of a directory as its member says them: recorded, or as on disk."""
+        recorded = self.xattrs(path)[1] if stat.S_ISDIR(st.st_mode) else None
+        if recorded is not None:
+            return recorded.uid, recorded.gid, recorded.mode
+        return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+
+    def marker(self, name, mode, uid, gid):
         info = tarfile.TarInfo(name)
         info.type = tarfile.REGTYPE
         info.mode = mode & 0o777
-        info.uid, info.gid = st.st_uid, st.st_gid
+        info.uid, info.gid = uid, gid
         info.uname = info.gname = ""
         info.mtime = 0  # as Docker writes its whiteout markers
         self.tf.addfile(info)
@@ -525,8 +599,11 @@ class _Writer:
         info.uid, info.gid = st.st_uid, st.st_gid
         info.uname = info.gname = ""
         info.mtime = self.mtime(st)
-        info.pax_headers = self.xattrs(path) if not stat.S_ISLNK(st.st_mode) else {}
+        info.pax_headers, recorded = self.xattrs(path) if not stat.S_ISLNK(st.st_mode) else ({}, None)
         fmt = stat.S_IFMT(st.st_mode)
+        if recorded is not None:
+            info.uid, info.gid, info.mode = recorded.uid, recorded.gid, recorded.mode
+            fmt = recorded.kind or fmt
         if fmt != stat.S_IFDIR and st.st_nlink > 1:
             key = (st.st_dev, st.st_ino)
             if key in self.links:
@@ -548,7 +625,8 @@ class _Writer:
             info.type = tarfile.FIFOTYPE
         elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
             info.type = tarfile.CHRTYPE if fmt == stat.S_IFCHR else tarfile.BLKTYPE
-            info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+            rdev = recorded.rdev if recorded is not None else st.st_rdev
+            info.devmajor, info.devminor = os.major(rdev), os.minor(rdev)
         else:
             return  # sockets are not archived (tar cannot hold them)
         self.tf.addfile(info)
@@ -561,17 +639,20 @@ class _Writer:
             st = os.lstat(path)
             if is_whiteout(st):
                 head = rel + "/" if rel else ""
-                self.marker(head + oci_marker(name), stat.S_IMODE(st.st_mode), st)
+                # in a marked upper the whiteout is the unprivileged user's: root's, as root would make it
+                owner = (0, 0) if self.recorded else (st.st_uid, st.st_gid)
+                self.marker(head + oci_marker(name), stat.S_IMODE(st.st_mode), *owner)
                 continue
             self.entry(child, path, st)
             if not stat.S_ISDIR(st.st_mode):
                 continue
+            uid, gid, mode = self.shown(path, st)
             if get_marker(path, self.prefix, REDIRECT) and self.layers is not None:
-                self.marker(child + "/" + OCI_OPAQUE, stat.S_IMODE(st.st_mode), st)
+                self.marker(child + "/" + OCI_OPAQUE, mode, uid, gid)
                 self.merged_dir("/" + child, child)
             else:
                 if is_opaque(path, self.prefix):
-                    self.marker(child + "/" + OCI_OPAQUE, stat.S_IMODE(st.st_mode), st)
+                    self.marker(child + "/" + OCI_OPAQUE, mode, uid, gid)
                 self.upper_dir(path, child)
 
     def merged_dir(self, merged, rel):
@@ -605,7 +686,7 @@ def write_layer(upper, out, lowers=(), prefix=TRUSTED_PREFIX, clamp_mtime=None):
         raise ArchiveError(upper, "has a redirected directory: give its lower layers (--lower) to expand it")
     hashed = HashingWriter(out)
     with tarfile.open(fileobj=hashed, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8") as tf:
-        _Writer(tf, prefix, layers, clamp_mtime).upper_dir(upper, "")
+        _Writer(tf, prefix, layers, clamp_mtime, override.is_marked(upper)).upper_dir(upper, "")
     return hashed.digest, hashed.count
 
 

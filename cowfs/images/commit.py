@@ -2,6 +2,9 @@
 
 The new image is its parent's layers plus the new one, with the parent's
 config and a history entry for the commit, as `docker commit` makes it.
+An upper with recorded attributes (a container of an image a user imported,
+see cowfs/overlay/override.py) is written with the owners, modes and types
+it records, as root would have written the same image (archive.py's writer).
 """
 
 import json

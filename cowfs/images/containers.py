@@ -13,6 +13,7 @@ import tempfile
 
 from cowfs import runtime
 from cowfs.images.store import StoreError, now_rfc3339
+from cowfs.overlay import override
 from cowfs.overlay.stack import parse_options
 
 CONTAINERS = "containers"
@@ -20,14 +21,23 @@ CONTAINER_FILE = "container.json"
 
 
 def create_container(store, image_id, ref, mountpoint):
-    """A new container layer of `image_id`: STORE/containers/ID/{upper,work,container.json}. Returns the record."""
+    """A new container layer of `image_id`: STORE/containers/ID/{upper,work,container.json}. Returns the record.
+
+    Over an image with recorded attributes (layers unpacked without privilege, see
+    cowfs/overlay/override.py) the upper is marked too, with the root its topmost such
+    layer shows: a change made through the mount is then recorded as well.
+    """
     root = os.path.join(store.root, CONTAINERS)
     os.makedirs(root, exist_ok=True)
     cid = secrets.token_hex(32)
+    marks = (override.root_value(store.layer_path(d)) for d in reversed(store.image_layers(image_id)))
+    mark = next((value for value in marks if value is not None), None)
     staged = tempfile.mkdtemp(prefix="ctr-", dir=os.path.join(store.root, "tmp"))
     try:
         for sub in ("upper", "work"):
             os.mkdir(os.path.join(staged, sub), 0o755)
+        if mark is not None:
+            override.mark(os.path.join(staged, "upper"), mark)
         record = {"Id": cid, "Image": image_id, "ImageRef": ref, "Created": now_rfc3339(),
                   "Mountpoint": os.path.realpath(mountpoint)}
         with open(os.path.join(staged, CONTAINER_FILE), "w") as f:

@@ -3,6 +3,11 @@
 As the kernel's inode.c: answers are read from the object where it lies now;
 every change first copies the object up (only its metadata, with metacopy=on),
 then acts on the upper copy.
+
+In a stack with recorded attributes (override.py), an object's recorded owner,
+mode and type are what it shows, and a chmod or chown changes the record
+(`Attributes._record`) rather than the object on disk; the owner mapping
+options (idmap.py) then apply to every owner shown, and back to every owner given.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ import os
 import stat
 
 from cowfs.errors import os_error
-from cowfs.overlay.credentials import Caller, drop_set_id, privileged
+from cowfs.overlay import override
+from cowfs.overlay.credentials import Caller, drop_set_id, may_chown, privileged
 from cowfs.overlay.locking import locked
 from cowfs.overlay.whiteout import escape_xattr, unescape_xattr
 
@@ -30,7 +36,7 @@ def stat_dict(st, ino, nlink):
 class Attributes:
     """The attribute operations of the engine (mixed into `Union`), by merged path.
 
-    Uses the engine's `layers`, `prefix`, `writable`, `_node`, `_require_writable` and `_copy_up`.
+    Uses the engine's `layers`, `prefix`, `writable`, `idmap`, `_node`, `_require_writable` and `_copy_up`.
     """
 
     @locked
@@ -42,6 +48,10 @@ class Attributes:
         st = os.lstat(node.real)  # cached nodes hold where an object is, not its current attributes
         nlink = 1 if node.is_dir and len(node.parts) > 1 else st.st_nlink  # as the kernel does for merged dirs
         attrs = stat_dict(st, self.layers.ino(node), nlink)
+        if self.layers.recorded:
+            override.present(attrs, node.real)
+        if self.idmap:
+            self.idmap.show(attrs)
         if node.data is not None:
             attrs["st_blocks"] = os.lstat(node.data).st_blocks  # the blocks are still the lower file's
         if not node.in_upper and not node.is_dir and st.st_nlink > 1:
@@ -73,14 +83,45 @@ class Attributes:
             raise os_error(errno.EOPNOTSUPP, path)
         self._require_writable(path)
         node = self._copy_up(node, data=False)
-        os.chmod(node.real, stat.S_IMODE(mode))
+        if not self._record(node.real, mode=mode):
+            os.chmod(node.real, stat.S_IMODE(mode))
 
     @locked
     def chown(self, path: str, uid: int, gid: int) -> None:
-        """Change owner; -1 leaves a field as it is."""
+        """Change owner (as the mount shows owners: mapped back first); -1 leaves a field as it is."""
         self._require_writable(path)
         node = self._copy_up(self._node(path), data=False)
-        os.chown(node.real, uid, gid, follow_symlinks=False)
+        if self.idmap:
+            uid, gid = self.idmap.disk_uid(uid), self.idmap.disk_gid(gid)
+        if not self._record(node.real, uid, gid):
+            os.chown(node.real, uid, gid, follow_symlinks=False)
+
+    def _record(self, target, uid=-1, gid=-1, mode=None):
+        """Make a chown or chmod of upper object `target` (a path, or a descriptor) a change of its
+        recorded attributes; False when it is not one, and the change goes to the object on disk.
+
+        It is one, as in fuse-overlayfs, for an object that carries recorded attributes, and for
+        any regular file or directory of this process's own in a marked upper when the process
+        cannot chown (an unprivileged mount): the record then starts from what the object shows.
+        A chown drops the set-id bits of a non-directory, as chown(2) does (the kernel also sends
+        the mode it wants then).
+        """
+        if not self.layers.recorded:
+            return False
+        st = os.fstat(target) if isinstance(target, int) else os.lstat(target)
+        if not override.carries(st.st_mode):
+            return False
+        current = override.read(target, st.st_mode)
+        if current is None:
+            if 0 not in self.layers.marked or st.st_uid != os.geteuid() or may_chown():
+                return False
+            current = override.of_stat(st)
+        changed = current.changed(uid, gid, mode)
+        if (uid != -1 or gid != -1) and not stat.S_ISDIR(st.st_mode):
+            kill = stat.S_ISUID | (stat.S_ISGID if changed.mode & stat.S_IXGRP else 0)
+            changed = changed.changed(mode=changed.mode & ~kill)
+        override.write(target, changed)
+        return True
 
     @locked
     def utimens(self, path: str, atime_ns: int | None = None, mtime_ns: int | None = None) -> None:
@@ -109,26 +150,37 @@ class Attributes:
     # -- xattrs ----------------------------------------------------------------------------------
     # The overlay's own xattrs never show; one named like them through the
     # mount is stored escaped, as Linux 6.7 and later do (see whiteout.py).
+    # The recorded attributes' xattr never shows either, and cannot be set
+    # through the mount: what it says is what stat shows (see override.py).
     @locked
     def getxattr(self, path: str, name: str) -> bytes:
-        return os.getxattr(self._node(path).real, escape_xattr(name, self.prefix), follow_symlinks=False)
+        node = self._node(path)
+        if override.is_override(name):
+            raise os_error(errno.ENODATA, path)
+        return os.getxattr(node.real, escape_xattr(name, self.prefix), follow_symlinks=False)
 
     @locked
     def listxattr(self, path: str, caller: Caller | None = None) -> list[str]:
         """The xattr names; trusted.* ones only for a privileged caller, as the kernel lists them."""
         names = (unescape_xattr(n, self.prefix) for n in os.listxattr(self._node(path).real, follow_symlinks=False))
-        return [n for n in names if n is not None and (privileged(caller) or not n.startswith("trusted."))]
+        return [n for n in names if n is not None and (privileged(caller) or not n.startswith("trusted."))
+                and not override.is_override(n)]
 
     @locked
     def setxattr(self, path: str, name: str, value: bytes, flags: int = 0) -> None:
         self._require_writable(path)
-        node = self._copy_up(self._node(path), data=False)
+        node = self._node(path)
+        if override.is_override(name):
+            raise os_error(errno.EPERM, path)
+        node = self._copy_up(node, data=False)
         os.setxattr(node.real, escape_xattr(name, self.prefix), value, flags, follow_symlinks=False)
 
     @locked
     def removexattr(self, path: str, name: str) -> None:
         self._require_writable(path)
         node = self._node(path)
+        if override.is_override(name):
+            raise os_error(errno.EPERM, path)
         real_name = escape_xattr(name, self.prefix)
         if not node.in_upper:
             os.getxattr(node.real, real_name, follow_symlinks=False)  # ENODATA before any copy-up, as the kernel

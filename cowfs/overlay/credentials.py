@@ -8,19 +8,29 @@ import dataclasses
 import os
 import stat
 
+CAP_CHOWN = 0  # the capability bit giving a file another owner needs
 CAP_SYS_ADMIN = 21  # the capability bit trusted.* xattrs need
 
 
-def may_use_trusted_xattrs():
-    """Whether this process has CAP_SYS_ADMIN, which trusted.* xattrs (the overlay's default markers) need."""
+def _capable(bit):
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> CAP_SYS_ADMIN & 1)
+                    return bool(int(line.split()[1], 16) >> bit & 1)
     except (OSError, ValueError, IndexError):
         pass
     return os.geteuid() == 0
+
+
+def may_use_trusted_xattrs():
+    """Whether this process has CAP_SYS_ADMIN, which trusted.* xattrs (the overlay's default markers) need."""
+    return _capable(CAP_SYS_ADMIN)
+
+
+def may_chown():
+    """Whether this process has CAP_CHOWN: without it, a file of its own cannot be given to another owner."""
+    return _capable(CAP_CHOWN)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ import os
 import stat
 
 from cowfs.errors import os_error
-from cowfs.overlay import copyup
+from cowfs.overlay import copyup, override
 from cowfs.overlay.attributes import stat_dict
 from cowfs.overlay.credentials import Caller, drop_set_id
 from cowfs.overlay.locking import locked
@@ -33,8 +33,8 @@ class Handle:
 class Files:
     """The open-file operations of the engine (mixed into `Union`).
 
-    Uses the engine's `stack`, `layers`, `prefix`, `work`, `_copied`, `_object_locks`, `_node`,
-    `_dir`, `_require_writable`, `_copy_up` and `_place_new`.
+    Uses the engine's `stack`, `layers`, `prefix`, `work`, `idmap`, `_copied`, `_object_locks`, `_node`,
+    `_dir`, `_require_writable`, `_copy_up`, `_place_new` and `_record`.
     """
 
     @locked
@@ -139,17 +139,28 @@ class Files:
             ino = int(os.getxattr(handle.fd, self.prefix + ORIGIN))
         except OSError:
             ino = self.layers.map_ino(st)
-        return stat_dict(st, ino, st.st_nlink)
+        attrs = stat_dict(st, ino, st.st_nlink)
+        if self.layers.recorded:
+            override.present(attrs, handle.fd)
+        if self.idmap:
+            self.idmap.show(attrs)
+        return attrs
 
     # Changes through an open file act on the handle's own object, also once its name is gone.
     # A handle on a lower file first gets a copy of its own (see `_own_copy`): use them on such
     # a handle only when its name is gone; while it is there, the path's operation copies up.
     def fchmod(self, handle: Handle, mode: int) -> None:
-        os.fchmod(self._own_fd(handle), stat.S_IMODE(mode))
+        fd = self._own_fd(handle)
+        if not self._record(fd, mode=mode):
+            os.fchmod(fd, stat.S_IMODE(mode))
 
     def fchown(self, handle: Handle, uid: int, gid: int) -> None:
-        """Change owner; -1 leaves a field as it is."""
-        os.fchown(self._own_fd(handle), uid, gid)
+        """Change owner (as the mount shows owners: mapped back first); -1 leaves a field as it is."""
+        fd = self._own_fd(handle)
+        if self.idmap:
+            uid, gid = self.idmap.disk_uid(uid), self.idmap.disk_gid(gid)
+        if not self._record(fd, uid, gid):
+            os.fchown(fd, uid, gid)
 
     def futimens(self, handle: Handle, atime_ns: int | None = None, mtime_ns: int | None = None) -> None:
         """Set times in ns; None keeps a time as it is (UTIME_OMIT)."""
@@ -159,9 +170,13 @@ class Files:
                          st.st_mtime_ns if mtime_ns is None else mtime_ns))
 
     def fsetxattr(self, handle: Handle, name: str, value: bytes, flags: int = 0) -> None:
+        if override.is_override(name):
+            raise os_error(errno.EPERM)
         os.setxattr(self._own_fd(handle), escape_xattr(name, self.prefix), value, flags)
 
     def fremovexattr(self, handle: Handle, name: str) -> None:
+        if override.is_override(name):
+            raise os_error(errno.EPERM)
         real_name = escape_xattr(name, self.prefix)
         os.getxattr(handle.fd, real_name)  # ENODATA before any copy, as the kernel
         os.removexattr(self._own_fd(handle), real_name)

@@ -22,6 +22,7 @@ import os
 import stat
 
 from cowfs.errors import os_error
+from cowfs.overlay import override
 from cowfs.overlay.whiteout import (
     METACOPY,
     OCI_OPAQUE,
@@ -99,6 +100,10 @@ class Layers:
         for root in self.roots:
             if root is not None:
                 self._fs_index.setdefault(os.stat(root).st_dev, len(self._fs_index))
+        # The layers with recorded attributes (see override.py), found once by their roots, as
+        # fuse-overlayfs finds them; only a stack with one pays for reading the xattr.
+        self.marked = frozenset(i for i, root in enumerate(self.roots) if root is not None and override.is_marked(root))
+        self.recorded = bool(self.marked)
         self._cache = {}
         self._dir_fds = {}  # layer -> {head of a long path: its directory's descriptor} (see real)
         self._retired = []  # upper descriptors still named by paths of the running operation

@@ -13,7 +13,7 @@ import stat
 
 from cowfs.errors import os_error
 from cowfs.formatting import kind_name
-from cowfs.overlay import acl, copyup
+from cowfs.overlay import acl, copyup, override
 from cowfs.overlay.locking import locked
 from cowfs.overlay.lookup import parent_of, renamed_paths
 from cowfs.overlay.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, rename2
@@ -23,16 +23,43 @@ from cowfs.overlay.whiteout import REDIRECT, is_opaque, is_whiteout, make_whiteo
 class Namespace:
     """The name operations of the engine (mixed into `Union`).
 
-    Uses the engine's `stack`, `layers`, `prefix`, `work`, `events`, `_node`, `_dir`, `_changed`,
+    Uses the engine's `stack`, `layers`, `prefix`, `work`, `events`, `idmap`, `_node`, `_dir`, `_changed`,
     `_require_writable`, `_copy_up` and `_upper_parent`.
     """
 
     # -- creating names --------------------------------------------------------------------------
     def _new_owner(self, parent, owner):
-        uid, gid = owner if owner is not None else (os.geteuid(), os.getegid())
+        """(uid, gid, setgid) on disk of a new object by `owner` (None: this process) in directory `parent`,
+        which passes on its group when it is set-group-ID (as its recorded attributes say, if any)."""
+        if owner is None:
+            uid, gid = os.geteuid(), os.getegid()
+        elif self.idmap:
+            uid, gid = self.idmap.disk_uid(owner[0]), self.idmap.disk_gid(owner[1])
+        else:
+            uid, gid = owner
         st = os.lstat(parent.real)
-        setgid = bool(st.st_mode & stat.S_ISGID)
-        return uid, (st.st_gid if setgid else gid), setgid
+        mode, group = st.st_mode, st.st_gid
+        if self.layers.recorded:
+            recorded = override.read(parent.real, st.st_mode)
+            if recorded is not None:
+                mode, group = recorded.mode, recorded.gid
+        setgid = bool(mode & stat.S_ISGID)
+        return uid, (group if setgid else gid), setgid
+
+    def _chown_new(self, tmp, uid, gid, kind):
+        """Give a new object its owner; True when it must be recorded instead (see override.py): an
+        unprivileged mount cannot give it away, and in a marked upper a file or directory keeps it
+        recorded. Otherwise an owner the mapping options ask for is left as this process's, as
+        fuse-overlayfs leaves it; without them the failure is the caller's (EPERM)."""
+        try:
+            os.chown(tmp, uid, gid, follow_symlinks=False)
+            return False
+        except PermissionError:
+            if 0 in self.layers.marked and override.carries(kind):
+                return True
+            if self.idmap:
+                return False
+            raise
 
     def _place_new(self, path, make, mode, owner, kind, umask=0):
         """Create a new object at merged `path`: built in the workdir, then renamed into the upper.
@@ -54,7 +81,7 @@ class Namespace:
                 fd = None
                 try:
                     fd = make(tmp)
-                    os.chown(tmp, uid, gid, follow_symlinks=False)
+                    record = self._chown_new(tmp, uid, gid, kind)
                     if kind != stat.S_IFLNK:
                         mode, acls = acl.for_new(upper_parent.real, mode, umask, kind == stat.S_IFDIR)
                         if kind == stat.S_IFDIR and setgid:
@@ -62,6 +89,8 @@ class Namespace:
                         os.chmod(tmp, stat.S_IMODE(mode))
                         for name, value in acls.items():  # after chmod, which would rewrite the ACL's mask
                             os.setxattr(tmp, name, value, follow_symlinks=False)
+                    if record:
+                        override.write(tmp, override.Override(uid, gid, stat.S_IMODE(mode), kind))
                     try:
                         existing = os.lstat(target)
                     except FileNotFoundError:

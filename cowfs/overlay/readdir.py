@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import stat
 
+from cowfs.overlay import override
 from cowfs.overlay.locking import locked
 from cowfs.overlay.lookup import join, parent_of
 
@@ -43,6 +44,10 @@ class Listing:
                 kind = stat.S_IFDIR
             elif entry.is_file(follow_symlinks=False):
                 kind = stat.S_IFREG
+                if self.layers.recorded:  # a device, FIFO or socket kept as a file shows its recorded type
+                    recorded = override.read(entry.path, kind)
+                    if recorded is not None and recorded.kind:
+                        kind = recorded.kind
             elif entry.is_symlink():
                 kind = stat.S_IFLNK
             else:

@@ -13,6 +13,7 @@ import dataclasses
 import os
 
 from cowfs.errors import StackError
+from cowfs.overlay.idmap import mapping_value, parse_id, parse_mapping
 from cowfs.overlay.whiteout import TRUSTED_PREFIX, USER_PREFIX
 
 # Generic mount(8) options that mount.fuse and fstab pass along; they mean
@@ -27,6 +28,7 @@ GENERIC_OPTIONS = {
 FUSE_MOUNT_FLAGS = {"rw", "suid", "nosuid", "dev", "nodev", "exec", "noexec", "async", "sync",
                     "atime", "noatime", "dirsync"}
 REDIRECT_MODES = ("on", "off", "follow", "nofollow")
+OWNER_OPTIONS = ("uidmapping", "gidmapping", "squash_to_uid", "squash_to_gid")  # with values, as fuse-overlayfs
 
 
 @dataclasses.dataclass
@@ -45,6 +47,12 @@ class Stack:
     allow_other: bool = None
     fsname: str = "cowfs"
     mount_flags: tuple = ()
+    # The owners the mount shows, as fuse-overlayfs's options of the same names (see idmap.py).
+    uidmapping: tuple = ()  # ((ID on disk, HOSTID shown, LEN), ...)
+    gidmapping: tuple = ()
+    squash_to_root: bool = False
+    squash_to_uid: int = None
+    squash_to_gid: int = None
 
     @property
     def prefix(self):
@@ -75,6 +83,12 @@ class Stack:
         if self.metacopy:
             opts.append("metacopy=on")
         opts += [name for name in ("userxattr", "oci_whiteouts", "volatile") if getattr(self, name)]
+        opts += [f"{name}={mapping_value(getattr(self, name))}" for name in ("uidmapping", "gidmapping")
+                 if getattr(self, name)]
+        if self.squash_to_root:
+            opts.append("squash_to_root")
+        opts += [f"{name}={getattr(self, name)}" for name in ("squash_to_uid", "squash_to_gid")
+                 if getattr(self, name) is not None]
         if self.read_only:
             opts.append("ro")
         return ",".join(opts)
@@ -157,11 +171,12 @@ def parse_options(option_strings):
                 continue
             if key in GENERIC_OPTIONS or key.startswith("x-") or key == "comment":
                 continue
-            if key in ("lowerdir", "upperdir", "workdir", "redirect_dir", "metacopy", "fsname"):
+            if key in ("lowerdir", "upperdir", "workdir", "redirect_dir", "metacopy", "fsname") + OWNER_OPTIONS:
                 if not has_value or not value:
                     raise StackError(f"option '{key}' needs a value")
                 values[key] = value
-            elif key in ("userxattr", "oci_whiteouts", "volatile", "ro", "allow_other") and not has_value:
+            elif key in ("userxattr", "oci_whiteouts", "volatile", "ro", "allow_other", "squash_to_root") \
+                    and not has_value:
                 values[key] = True
             else:
                 raise StackError(f"unknown option '{opt}'")
@@ -190,13 +205,24 @@ def parse_options(option_strings):
         raise StackError("conflicting options: userxattr,metacopy=on")
     if values.get("userxattr") and redirect == "on":
         raise StackError("conflicting options: userxattr,redirect_dir=on")
+    owners = {key: _owner_option(key, values[key]) for key in OWNER_OPTIONS if key in values}
     return Stack(
         lowers=lowers, upper=upper, work=work, redirect_dir=redirect, metacopy=metacopy,
         userxattr=bool(values.get("userxattr")), oci_whiteouts=bool(values.get("oci_whiteouts")),
         volatile=bool(values.get("volatile")) and upper is not None,  # the kernel ignores it without an upper
         read_only=bool(values.get("ro")), allow_other=True if values.get("allow_other") else None,
         fsname=values.get("fsname", "cowfs"), mount_flags=tuple(flags),
+        squash_to_root=bool(values.get("squash_to_root")), **owners,
     )
+
+
+def _owner_option(key, value):
+    """The parsed value of a uid/gid mapping or squash option; a malformed one is refused, naming it."""
+    try:
+        return parse_mapping(value) if key.endswith("mapping") else parse_id(value)
+    except ValueError:
+        expected = "ID:HOSTID:LEN[:ID2:HOSTID2:LEN2...]" if key.endswith("mapping") else "a numeric ID"
+        raise StackError(f"bad value for {key}: '{value}' ({expected}, unsigned 32-bit numbers)") from None
 
 
 def unescape(path):

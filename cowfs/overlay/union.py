@@ -20,8 +20,9 @@ handles do not take it, and neither does the copy of a file's data (see
 part uses; the operations live by concern, as in the kernel's fs/overlayfs:
 namespace.py (names: create, link, remove, rename), attributes.py (getattr and
 attribute and xattr changes by path), files.py (open files), readdir.py
-(listings), copyup.py (copy-up), locking.py (the engine lock) and
-credentials.py (the caller and its privileges).
+(listings), copyup.py (copy-up), locking.py (the engine lock),
+credentials.py (the caller and its privileges), override.py (recorded owners,
+modes and types of rootless images) and idmap.py (owner mapping options).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from cowfs.overlay.copyup import CopyUp, ObjectLocks
 from cowfs.overlay.credentials import Caller
 from cowfs.overlay.events import Events
 from cowfs.overlay.files import Files, Handle
+from cowfs.overlay.idmap import IdMap
 from cowfs.overlay.locking import locked
 from cowfs.overlay.lookup import Layers, Node
 from cowfs.overlay.namespace import Namespace
@@ -54,6 +56,7 @@ class Union(Namespace, Attributes, Files, Listing, CopyUp):
         self.layers = Layers(stack)
         self.prefix = stack.prefix
         self.writable = stack.writable
+        self.idmap = IdMap.of(stack)  # the owners shown and given through the mount (false: as on disk)
         self.work = None
         self._lock = threading.RLock()
         self._op = None  # the public operation running, for the "trigger" of copy-up events

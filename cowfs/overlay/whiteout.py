@@ -7,6 +7,8 @@ redirects are spelled: a whiteout is a character device 0/0; an opaque
 directory and a redirect are xattrs in the overlay's namespace (`trusted.overlay.`,
 or `user.overlay.` under `userxattr`); OCI layers instead use `.wh.NAME` files
 and a `.wh..wh..opq` file, which cowfs reads in lower layers on request.
+The one other name cowfs keeps on disk, the recorded attributes of images
+unpacked without privilege (`user.containers.override_stat`), is override.py's.
 """
 
 import errno
