@@ -4,6 +4,8 @@
 #   make venv    Debian packages (as root, when missing) and .venv with cowfs installed editable
 #   make demo    the Docker storage-driver walkthrough, mounted with cowfs (scripts/demo.sh)
 #   make test    the whole test suite
+#   make rootless-setup  (as root; test and check run it) the test user and /dev/fuse open to users, for
+#                the rootless tests, which drop root's privileges for real (tests/test_rootless.py)
 #   make check   the fast edit-test loop (under 2 minutes): engine tests and a sample of the mount tests
 #   make lint    ruff over cowfs, tests and scripts (rules in pyproject.toml)
 #   make bench   the benchmark (scripts/bench.py)
@@ -15,18 +17,20 @@ VENV := .venv
 DEBIAN_PACKAGES := fuse3 fuse-overlayfs attr tmux zstd
 PYTEST_ARGS ?=
 
-.PHONY: venv system-packages demo test check lint bench fuzz crash stress install clean
+.PHONY: venv system-packages rootless-setup demo test check lint bench fuzz crash stress install clean
 
 venv: $(VENV)/.installed
 
-# Installs only what is missing; a machine that has everything runs no apt-get at all.
+# Installs only what is missing; a machine that has everything runs no apt-get at all.  python3-venv is
+# needed by $(PYTHON) and by /usr/bin/python3, which makes the rootless tests' user its venv.
 system-packages:
 	@command -v dpkg >/dev/null || { echo "make: no dpkg here; install FUSE 3 (fusermount3), fuse-overlayfs and attr yourself"; exit 0; }; \
 	missing=""; \
 	for p in $(DEBIAN_PACKAGES); do \
 	  dpkg -s $$p 2>/dev/null | grep -q '^Status: install ok installed' || missing="$$missing $$p"; \
 	done; \
-	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
+	{ $(PYTHON) -c 'import ensurepip, venv' && /usr/bin/python3 -c 'import ensurepip, venv'; } 2>/dev/null \
+	  || missing="$$missing python3-venv"; \
 	[ -z "$$missing" ] && exit 0; \
 	if [ "$$(id -u)" -ne 0 ]; then \
 	  echo "make: missing Debian packages:$$missing; as root run: apt-get install$$missing" >&2; exit 1; \
@@ -34,6 +38,28 @@ system-packages:
 	echo "make: installing Debian packages:$$missing"; \
 	export DEBIAN_FRONTEND=noninteractive; \
 	apt-get update -q && apt-get install -y -q --no-install-recommends $$missing
+
+# What an ordinary user needs to mount, for tests/test_rootless.py (run as root; says what it changes):
+# the test user (COWFS_TEST_USER, default cowfs-test) with 65536 subordinate ids for the user namespaces
+# the kernel comparison runs in, and /dev/fuse 0666 (Debian's default; some machines ship it 0600, and then
+# no user can mount any FUSE filesystem).  As another user it changes nothing.
+ROOTLESS_USER := $(or $(COWFS_TEST_USER),cowfs-test)
+rootless-setup:
+	@if [ "$$(id -u)" -ne 0 ]; then echo "make rootless-setup: not root, nothing changed (the rootless tests run as you)"; exit 0; fi; \
+	if ! id -u $(ROOTLESS_USER) >/dev/null 2>&1; then \
+	  useradd --create-home --user-group --shell /bin/sh --comment "cowfs rootless tests" $(ROOTLESS_USER) || exit 1; \
+	  echo "make rootless-setup: created the user $(ROOTLESS_USER) (uid $$(id -u $(ROOTLESS_USER)))"; \
+	fi; \
+	for kind in uid gid; do \
+	  grep -qs "^$(ROOTLESS_USER):" /etc/sub$$kind && continue; \
+	  first=$$(cat /etc/subuid /etc/subgid 2>/dev/null | awk -F: 'BEGIN { m = 100000 } $$2 + $$3 > m { m = $$2 + $$3 } END { print m }'); \
+	  range="$$first-$$((first + 65535))"; \
+	  usermod --add-sub$${kind}s $$range $(ROOTLESS_USER) || exit 1; \
+	  echo "make rootless-setup: gave $(ROOTLESS_USER) the subordinate $${kind}s $$range (/etc/sub$$kind)"; \
+	done; \
+	if [ -c /dev/fuse ] && [ "$$(stat -c %a /dev/fuse)" = 600 ]; then \
+	  chmod 0666 /dev/fuse && echo "make rootless-setup: /dev/fuse was 0600, made 0666 (Debian's default) so that users can mount FUSE"; \
+	fi
 
 # The stamp is rebuilt when setup.cfg or pyproject.toml change (new dependencies).
 $(VENV)/.installed: setup.cfg pyproject.toml | system-packages
@@ -67,7 +93,7 @@ demo: venv
 	bash scripts/demo.sh
 
 # pytest's exit code 5 means "no tests collected": a failure here, never a pass.
-test: venv
+test: venv rootless-setup
 	@rc=0; $(VENV)/bin/python -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	[ $$rc -eq 5 ] && echo "make test: pytest collected no tests" >&2; \
 	exit $$rc
@@ -77,7 +103,7 @@ test: venv
 # as -k would also filter CHECK_TESTS; a -k that matches nothing fails (pytest exit 5).
 CHECK_TESTS ?= tests/test_engine.py tests/test_engine_concurrency.py tests/test_concurrency.py
 CHECK_DIFFERENTIAL ?= copyup_open_wronly or unlink_lower_file or rename_merged_dir or names_like_libfuse_hidden
-check: venv
+check: venv rootless-setup
 	$(VENV)/bin/python -m pytest -q $(CHECK_TESTS)
 	$(VENV)/bin/python -m pytest -q tests/test_differential.py -k "$(CHECK_DIFFERENTIAL)"
 

@@ -15,8 +15,9 @@ _held = set()  # the lock files this process holds
 
 
 def runtime_dir():
-    """/run/cowfs for root; $XDG_RUNTIME_DIR/cowfs for a user, or /tmp/cowfs-UID/cowfs without one."""
-    if os.geteuid() == 0:
+    """/run/cowfs for root; $XDG_RUNTIME_DIR/cowfs for a user (or the root of a user namespace), or /tmp/cowfs-UID/cowfs
+    without one."""
+    if os.geteuid() == 0 and os.access("/run", os.W_OK):  # not the root of a user namespace: /run is not its own
         return "/run/cowfs"
     return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/cowfs-{os.geteuid()}", "cowfs")
 

@@ -13,14 +13,26 @@ import tempfile
 
 import pytest
 
-from cowfs.testing.mounts import MountError, availability, force_unmount, in_ci, mounts_under, require
+from cowfs.testing.mounts import (
+    MountError,
+    availability,
+    force_unmount,
+    in_ci,
+    in_user_namespace,
+    mounts_under,
+    privileged,
+    require,
+)
 
 
 def pytest_report_header(config):
     avail = availability()
     parts = [f"{name}: {'available' if reason is None else 'MISSING (' + reason + ')'}"
              for name, reason in avail.items()]
-    return "cowfs test machine: " + "; ".join(parts) + ("; CI=true (missing features fail)" if in_ci() else "")
+    who = ("root" if privileged() else "root of a user namespace (userxattr only)" if os.geteuid() == 0
+           else f"uid {os.geteuid()}, unprivileged" + (" in a user namespace" if in_user_namespace() else ""))
+    return ("cowfs test machine: " + "; ".join(parts) + f"; running as {who}"
+            + ("; CI=true (missing features fail)" if in_ci() else ""))
 
 
 @pytest.fixture(autouse=True)

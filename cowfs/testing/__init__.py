@@ -11,6 +11,7 @@ Never imported by the filesystem itself.  The modules, each named after what it 
 ``strategies``  Hypothesis strategies that draw stacks (needs Hypothesis)
 ``machine``     the Hypothesis parity state machine's rules (needs Hypothesis)
 ``plugin``      the pytest plugin: mounted stacks as fixtures, Hypothesis profiles
+``unprivileged`` running things as a real unprivileged user (its Python, user namespaces), for rootless tests
 
 Nothing imported here needs Hypothesis.
 """
@@ -24,10 +25,12 @@ from cowfs.testing.mounts import (
     availability,
     cowfs_mount,
     force_unmount,
+    in_user_namespace,
     kernel_overlay,
     make_opaque,
     make_whiteout,
     mounts_under,
+    privileged,
     require,
 )
 from cowfs.testing.outcomes import Recorder, Session
@@ -36,6 +39,6 @@ from cowfs.testing.tree import diff_snapshots, snapshot
 __all__ = [
     "KNOWN_DIFFERENCES", "MODES", "CowfsMount", "Divergence", "KernelOverlay", "KnownDifference", "Mode",
     "MountError", "Pair", "Recorder", "Session", "Side", "StackSpec", "availability", "cowfs_mount",
-    "diff_snapshots", "force_unmount", "kernel_overlay", "make_opaque", "make_whiteout", "materialise",
-    "mounts_under", "require", "snapshot",
+    "diff_snapshots", "force_unmount", "in_user_namespace", "kernel_overlay", "make_opaque", "make_whiteout",
+    "materialise", "mounts_under", "privileged", "require", "snapshot",
 ]

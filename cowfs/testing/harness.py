@@ -37,7 +37,15 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from cowfs.testing.mounts import CowfsMount, KernelOverlay, MountError, StrPath, force_unmount, mounts_under
+from cowfs.testing.mounts import (
+    CowfsMount,
+    KernelOverlay,
+    MountError,
+    StrPath,
+    force_unmount,
+    mounts_under,
+    with_userxattr_unless_privileged,
+)
 from cowfs.testing.outcomes import Outcome, Session, diff_outcomes
 from cowfs.testing.tree import diff_snapshots, snapshot
 from cowfs.testing.worker import Ops, Worker
@@ -196,7 +204,8 @@ class Side:
     """One mounted stack, kernel or cowfs: its own upper, work directory and mount point over *lowers*.
 
     The directories are ``BASE/LABEL-upper``, ``-work`` and ``-mnt`` (no upper
-    and work when *readonly*; an existing *upper* when given).  Use it as a
+    and work when *readonly*; an existing *upper* when given).  Without root,
+    *options* get ``userxattr`` (``mounts.with_userxattr_unless_privileged``).  Use it as a
     context manager, or ``start()`` and ``stop()``; either way it is unmounted
     at the end whatever happened, and a cowfs daemon is waited for.
     """
@@ -208,7 +217,7 @@ class Side:
         base = os.fspath(base)
         self.label, self.kind = label, kind
         self.lowers: list[str] = [os.fspath(d) for d in lowers]
-        self.options: list[str] = list(options)
+        self.options: list[str] = with_userxattr_unless_privileged(options)  # as its mount has them
         self.upper: str | None = None
         self.work: str | None = None
         if not readonly:

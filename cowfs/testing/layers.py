@@ -19,6 +19,17 @@ overlay xattr in the stack's flavour: ``trusted.overlay.NAME``, or
 Every object in a materialised layer gets one old, fixed mtime/atime
 (``PINNED_TIME_NS``) so that ``cowfs.testing.tree.snapshot`` compares the
 times copy-up must keep exactly.  Nothing here needs Hypothesis.
+
+Written without root (``cowfs.testing.mounts.privileged()`` false): owner
+``(0, 0)``, the default, stands for whoever writes the layer, so an ordinary
+user's layer is its own and no chown is tried (root of a user namespace, the
+user mapped to root, gives its files owner 0 there, which is the user on
+disk).  Another owner needs that id mapped in the user namespace (a failure
+names the entry).  What only root of the initial namespace can make is left
+out, the same for every side that mounts the layers, and listed in
+*left_out* when given: device nodes other than whiteouts (mknod needs
+CAP_MKNOD there) and xattrs named ``trusted.*`` (CAP_SYS_ADMIN); an overlay
+marker in the trusted flavour is not left out (it fails: use ``userxattr``).
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ import os
 import stat
 from collections.abc import Iterable, Iterator
 
-from cowfs.testing.mounts import StrPath
+from cowfs.testing.mounts import StrPath, privileged
 
 PINNED_TIME_NS = 1_000_000_000 * 10**9  # 2001-09-09, below tree.FIXED_TIME_CUTOFF_NS
 USER = 1000  # the unprivileged uid/gid that owns things in layers and runs permission checks
@@ -222,7 +233,28 @@ def _lexists(name: str, dir_fd: int) -> bool:
         return False
 
 
-def _write_file(entry: File, name: str, dir_fd: int, userxattr: bool) -> None:
+def _set_xattrs(fd: int, entry: File | Dir, userxattr: bool, left_out: list[str] | None) -> None:
+    for xname, value in entry.xattrs:
+        if xname.startswith("trusted.") and not privileged():  # needs CAP_SYS_ADMIN of the initial namespace
+            if left_out is not None:
+                left_out.append(f"{entry.path}: xattr {xname}")
+            continue
+        os.setxattr(fd, overlay_xattr(xname, userxattr), value)
+
+
+def _chown(fd: int, entry: File | Dir) -> None:
+    """Give the entry its owner; (0, 0) written by an ordinary user means the user itself (no chown)."""
+    if tuple(entry.owner) == (0, 0) and os.geteuid() != 0:
+        return
+    try:
+        os.fchown(fd, *entry.owner)
+    except OSError as e:
+        where = "in this user namespace" if os.geteuid() == 0 else f"for uid {os.geteuid()}"
+        raise OSError(e.errno, f"layer entry {entry.path}: cannot give it owner {tuple(entry.owner)} {where} "
+                      f"({e.strerror})") from None
+
+
+def _write_file(entry: File, name: str, dir_fd: int, userxattr: bool, left_out: list[str] | None = None) -> None:
     fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dir_fd)
     try:
         os.write(fd, entry.data)
@@ -234,33 +266,33 @@ def _write_file(entry: File, name: str, dir_fd: int, userxattr: bool) -> None:
                 os.ftruncate(fd, entry.content_size())
         elif entry.tail:
             os.write(fd, entry.tail)
-        for xname, value in entry.xattrs:
-            os.setxattr(fd, overlay_xattr(xname, userxattr), value)
-        os.fchown(fd, *entry.owner)
+        _set_xattrs(fd, entry, userxattr, left_out)
+        _chown(fd, entry)
         os.fchmod(fd, entry.mode)  # after chown, which clears setuid/setgid
     finally:
         os.close(fd)
 
 
-def _make_dir(entry: Dir, name: str, dir_fd: int, userxattr: bool) -> None:
+def _make_dir(entry: Dir, name: str, dir_fd: int, userxattr: bool, left_out: list[str] | None = None) -> None:
     os.mkdir(name, 0o755, dir_fd=dir_fd)
     fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
     try:
-        for xname, value in entry.xattrs:
-            os.setxattr(fd, overlay_xattr(xname, userxattr), value)
+        _set_xattrs(fd, entry, userxattr, left_out)
         if entry.opaque:
             os.setxattr(fd, overlay_xattr("overlay.opaque", userxattr), b"y")
-        os.fchown(fd, *entry.owner)
+        _chown(fd, entry)
     finally:
         os.close(fd)
 
 
-def materialise_layer(layer: Iterable[Entry], root: StrPath, userxattr: bool = False) -> None:
+def materialise_layer(layer: Iterable[Entry], root: StrPath, userxattr: bool = False,
+                      left_out: list[str] | None = None) -> None:
     """Write the entries of *layer* under the existing directory *root*.
 
     Missing parent directories are made (0755, owned by the caller); an entry
     whose parent is not a directory, or whose path exists already, is skipped.
     Directory modes are set last, so that a read-only directory can still be filled.
+    Without root, what needs root is left out (the module doc), and listed in *left_out* when given.
     """
     root_fd = os.open(os.fspath(root), os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -272,10 +304,10 @@ def materialise_layer(layer: Iterable[Entry], root: StrPath, userxattr: bool = F
                 if dir_fd is None or _lexists(name, dir_fd):
                     continue
                 if isinstance(entry, File):
-                    _write_file(entry, name, dir_fd, userxattr)
+                    _write_file(entry, name, dir_fd, userxattr, left_out)
                     files.append(entry.path)
                 elif isinstance(entry, Dir):
-                    _make_dir(entry, name, dir_fd, userxattr)
+                    _make_dir(entry, name, dir_fd, userxattr, left_out)
                     dirs.append((entry.path, entry.mode))
                 elif isinstance(entry, Symlink):
                     os.symlink(entry.target, name, dir_fd=dir_fd)
@@ -292,6 +324,10 @@ def materialise_layer(layer: Iterable[Entry], root: StrPath, userxattr: bool = F
                     os.mkfifo(name, dir_fd=dir_fd)
                     os.chmod(name, entry.mode, dir_fd=dir_fd)
                 elif isinstance(entry, Device):
+                    if not privileged() and (entry.major, entry.minor) != (0, 0):  # mknod needs CAP_MKNOD
+                        if left_out is not None:
+                            left_out.append(f"{entry.path}: device {entry.major}/{entry.minor}")
+                        continue
                     os.mknod(name, stat.S_IFCHR | 0o600, os.makedev(entry.major, entry.minor), dir_fd=dir_fd)
                     os.chmod(name, entry.mode, dir_fd=dir_fd)
                 elif isinstance(entry, Whiteout):
@@ -315,18 +351,19 @@ def pin_times(root: StrPath, ns: int = PINNED_TIME_NS) -> None:
 
 
 def materialise(spec: Iterable[Iterable[Entry]], base: StrPath, userxattr: bool = False,
-                prefix: str = "l") -> list[str]:
+                prefix: str = "l", left_out: list[str] | None = None) -> list[str]:
     """Write every layer of *spec* to ``base/l0``, ``base/l1``, ... and return those paths, topmost first.
 
     Times are pinned to ``PINNED_TIME_NS``.  Opaque markers and ``overlay.*`` xattrs use
     ``user.overlay.`` when *userxattr* is true (for a ``userxattr`` mount), ``trusted.overlay.`` otherwise.
+    Without root, what needs root is left out (the module doc), and listed in *left_out* when given.
     """
     out = []
     for i, layer in enumerate(spec):
         d = os.path.join(os.fspath(base), f"{prefix}{i}")
         os.mkdir(d)
         os.chmod(d, 0o755)
-        materialise_layer(layer, d, userxattr=userxattr)
+        materialise_layer(layer, d, userxattr=userxattr, left_out=left_out)
         pin_times(d)
         out.append(d)
     return out

@@ -10,6 +10,21 @@ skip, or a failure under ``CI=true`` (the project rule: nothing may skip in CI).
 an existing tree (scripts use them); tests describe whole layers as values and
 write them with ``cowfs.testing.layers.materialise``.  Neither is cowfs's
 implementation.
+
+Without root
+------------
+Everything here also works for an ordinary user: a cowfs mount is a FUSE
+mount through the setuid ``fusermount3`` (/dev/fuse must be open to the user:
+mode 0666, Debian's default), unmounted with ``fusermount3 -u``.  A kernel
+overlay, which only root may mount in the initial namespace, then needs the
+test process to run inside a user namespace with a mount namespace, where
+the user is root (``unshare -Urm``, or ``cowfs.testing.unprivileged.run_as_user
+(..., userns=True)``): there the kernel mounts overlayfs with ``userxattr``
+and libfuse mounts FUSE itself, so both sides are visible to the test.
+``privileged()`` tells root of the initial namespace (trusted.* xattrs, any
+kernel overlay) from the rest, which must use ``userxattr``: both mounts add
+it to their options then; ``in_user_namespace()`` tells the namespace's root
+from real root.
 """
 
 from __future__ import annotations
@@ -51,6 +66,39 @@ def make_opaque(path: StrPath, userxattr: bool = False) -> None:
     """Mark directory *path* opaque (``trusted.overlay.opaque=y``, or ``user.`` with *userxattr*)."""
     name = ("user" if userxattr else "trusted") + ".overlay.opaque"
     os.setxattr(path, name, b"y", follow_symlinks=False)
+
+
+# --------------------------------------------------------------------------
+# who we are
+
+_IDENTITY_MAP = ["0", "0", "4294967295"]
+
+
+@functools.cache
+def in_user_namespace() -> bool:
+    """True when this process runs in a user namespace other than the initial one (its uid map is not
+    the identity over every id): its root is the root of that namespace only."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() != _IDENTITY_MAP
+    except OSError:
+        return False
+
+
+def privileged() -> bool:
+    """True for root of the initial user namespace: trusted.* xattrs, any kernel overlay.  Anybody else
+    (an ordinary user, or root of a user namespace) mounts with ``userxattr``."""
+    return os.geteuid() == 0 and not in_user_namespace()
+
+
+def with_userxattr_unless_privileged(options: Iterable[str]) -> list[str]:
+    """*options* with ``userxattr`` added when this process is not ``privileged()``: trusted.* xattrs
+    are out of its reach, and a kernel overlay mounted without them in a user namespace would only
+    limp along (no whiteouts or opaque markers it can write)."""
+    options = list(options)
+    if not privileged() and "userxattr" not in ",".join(options).split(","):
+        options.append("userxattr")
+    return options
 
 
 # --------------------------------------------------------------------------
@@ -120,7 +168,8 @@ def _overlay_options(lowers: Sequence[StrPath], upper: StrPath | None, work: Str
 # the two mounts
 
 class KernelOverlay:
-    """A kernel overlayfs mount (``mount -t overlay``); needs root."""
+    """A kernel overlayfs mount (``mount -t overlay``); needs root, or root of a user namespace
+    (where ``userxattr`` is added to the options, as ``with_userxattr_unless_privileged`` does)."""
 
     kind = "kernel"
 
@@ -128,7 +177,7 @@ class KernelOverlay:
                  options: Iterable[str] = ()) -> None:
         self.lowers, self.upper, self.work = list(lowers), upper, work
         self.mountpoint = os.path.abspath(os.fspath(mountpoint))
-        self.options = list(options)
+        self.options = with_userxattr_unless_privileged(options)
         self.option_string = _overlay_options(self.lowers, upper, work, self.options)
 
     def mount(self) -> None:
@@ -205,7 +254,8 @@ class CowfsMount:
 
     ``unmount()`` unmounts (``fusermount -u``, then ``umount -l``) and waits
     for the daemon to exit; a daemon that outlives its mount is terminated
-    (it is a process this object started) and reported as an error.
+    (it is a process this object started) and reported as an error.  Without
+    root, ``userxattr`` is added to the options (``with_userxattr_unless_privileged``).
     """
 
     kind = "cowfs"
@@ -214,7 +264,7 @@ class CowfsMount:
                  options: Iterable[str] = (), cowfs_cmd: Sequence[str] | None = None) -> None:
         self.lowers, self.upper, self.work = list(lowers), upper, work
         self.mountpoint = os.path.abspath(os.fspath(mountpoint))
-        self.options = list(options)
+        self.options = with_userxattr_unless_privileged(options)
         self.option_string = _overlay_options(self.lowers, upper, work, self.options)
         self.cowfs_cmd = list(cowfs_cmd) if cowfs_cmd else default_cowfs_cmd()
         self._daemon_pids: set[int] = set()
@@ -326,8 +376,13 @@ def _check_fuse() -> str | None:
         os.close(os.open("/dev/fuse", os.O_RDWR))
     except OSError as e:
         return f"/dev/fuse cannot be opened: {e.strerror}"
-    if not (shutil.which("fusermount") or shutil.which("fusermount3")):
+    fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
+    if not fusermount:
         return "fusermount is not on PATH (install the fuse3 or fuse package)"
+    if os.geteuid() != 0:  # an ordinary user mounts and unmounts through the setuid fusermount
+        st = os.stat(fusermount)
+        if not (st.st_mode & stat.S_ISUID and st.st_uid == 0):
+            return f"{fusermount} is not setuid root: an ordinary user cannot mount FUSE"
     lib = ctypes.util.find_library("fuse3")
     if not lib:
         return "libfuse3.so.3 not found (install fuse3)"
@@ -340,7 +395,8 @@ def _check_fuse() -> str | None:
 
 def _check_kernel_overlay() -> str | None:
     if os.geteuid() != 0:
-        return "kernel overlay mounts need root"
+        return ("kernel overlay mounts need root, or root of a user namespace: run the tests inside "
+                "`unshare -Urm` (then the kernel mounts with userxattr)")
     with tempfile.TemporaryDirectory(prefix="cowfs-probe-") as tmp:
         dirs = {name: os.path.join(tmp, name) for name in ("l", "u", "w", "m")}
         for d in dirs.values():
@@ -367,8 +423,8 @@ def in_ci() -> bool:
 def require(*features: str) -> None:
     """Skip the running pytest test when a feature is missing; fail instead under ``CI=true``.
 
-    Features: ``"fuse"`` (/dev/fuse, fusermount, libfuse.so.2) and
-    ``"kernel"`` (mounting kernel overlayfs, as root).
+    Features: ``"fuse"`` (/dev/fuse, fusermount, libfuse3) and
+    ``"kernel"`` (mounting kernel overlayfs: as root, or as root of a user namespace with ``userxattr``).
     """
     import pytest
 

@@ -16,10 +16,26 @@ Registered through the ``pytest11`` entry point ``cowfs = cowfs.testing.plugin``
     ``.remount()``.  Skipped with the reason when FUSE is missing, failed
     instead under ``CI=true``.
 ``kernel_overlay``
-    The same with the kernel's overlayfs (``mount -t overlay``, needs root).
+    The same with the kernel's overlayfs (``mount -t overlay``: needs root,
+    or root of a user namespace; see below).
 ``mounted_stack(spec_or_dirs, base, kind="cowfs", options=())``
     The context manager both fixtures use; call it inside ``@given`` tests,
     where function-scoped fixtures would be shared between examples.
+
+Without root (``cowfs.testing.mounts.privileged()`` false), both fixtures and
+``mounted_stack`` mount with ``userxattr`` (added when not given) and write a
+``StackSpec``'s markers as ``user.overlay.*``, as an unprivileged mount must:
+trusted.* xattrs need CAP_SYS_ADMIN of the initial namespace.  Nothing
+assumes root: the directories are the caller's, layers are written as
+``cowfs.testing.layers`` does for an ordinary user, cowfs's runtime directory
+is the user's own.  An ordinary user gets ``cowfs_stack`` as it is (FUSE
+through the setuid fusermount3); ``kernel_overlay`` needs the test process
+inside a user namespace with its own mount namespace, where the user is root
+(``unshare -Urm python -m pytest ...``, or
+``cowfs.testing.unprivileged.run_as_user(..., userns=True)``): the kernel then
+mounts overlayfs with ``userxattr`` and libfuse mounts cowfs directly, both
+visible to the test, so kernel and cowfs compare as they do for root, in the
+``userxattr`` mode only.  Outside one, it skips saying so (fails under CI=true).
 
 Hypothesis profiles (``--hypothesis-profile NAME``, or
 ``settings.load_profile(NAME)``): ``ci`` (deterministic, sized so that the
@@ -35,6 +51,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -94,6 +111,7 @@ def mounted_stack(spec_or_dirs: StackSpec | Iterable[StrPath] | None = None, bas
     options = list(options)
     if kind not in BACKENDS:
         raise ValueError(f"kind must be 'cowfs' or 'kernel', not {kind!r}")
+    options = mounts.with_userxattr_unless_privileged(options)  # layers written in the flavour mounted
     own_base = base is None
     base = tempfile.mkdtemp(prefix=f"cowfs-{kind}-") if own_base else os.fspath(base)
     try:
@@ -117,13 +135,13 @@ def _requested(request):
     return None, []
 
 
-def pytest_configure(config):
+def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "cowfs_layers(layers, options=[]): the layers (a StackSpec or directories, topmost first) "
                    "and mount options the cowfs_stack / kernel_overlay fixtures mount")
 
 
-def _stack_fixture(request, tmp_path, kind: str) -> Iterator[Side]:
+def _stack_fixture(request: pytest.FixtureRequest, tmp_path: Path, kind: str) -> Iterator[Side]:
     mounts.require("fuse" if kind == "cowfs" else "kernel")
     layers, options = _requested(request)
     base = tmp_path / f"{kind}-stack"
@@ -133,13 +151,13 @@ def _stack_fixture(request, tmp_path, kind: str) -> Iterator[Side]:
 
 
 @pytest.fixture
-def cowfs_stack(request, tmp_path) -> Iterator[Side]:
+def cowfs_stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Side]:
     """A cowfs mount of the requested layers (see the module doc); always unmounted."""
     yield from _stack_fixture(request, tmp_path, "cowfs")
 
 
 @pytest.fixture
-def kernel_overlay(request, tmp_path) -> Iterator[Side]:
+def kernel_overlay(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Side]:
     """A kernel overlayfs mount of the requested layers; skipped where the kernel cannot mount
-    (not root, no overlay), failed instead under CI=true; always unmounted."""
+    (neither root nor root of a user namespace, no overlay), failed instead under CI=true; always unmounted."""
     yield from _stack_fixture(request, tmp_path, "kernel")
