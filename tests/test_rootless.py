@@ -491,8 +491,6 @@ def test_a_layer_the_user_cannot_reach_is_refused(rootless, space):
         os.chmod(hidden, 0o700)
 
 
-@pytest.mark.xfail(strict=True, reason="cowfs bug: a layer behind a directory the user cannot search is reported as "
-                   "'No such file or directory' (cowfs/overlay/stack.py check() tests os.path.lexists), not EACCES")
 def test_a_layer_the_user_cannot_reach_is_refused_as_permission_denied(rootless, space):
     (space / "merged").mkdir()
     _give(space, rootless)
@@ -566,7 +564,7 @@ def shell_as_user(u: UnprivilegedUser, space: Path, *options: str) -> subprocess
 
 
 def test_cowfs_shell_as_a_user_leaves_nothing(rootless, space):
-    shell_as_user(rootless, space)  # without userxattr it fails for now (the xfail below); nothing may be left
+    shell_as_user(rootless, space)  # userxattr picked by cowfs itself (the next test); nothing may be left
     shutil.rmtree(space / "l1")
     result = shell_as_user(rootless, space, "-o", "userxattr")
     assert result.returncode == 0, result.stderr
@@ -576,9 +574,7 @@ def test_cowfs_shell_as_a_user_leaves_nothing(rootless, space):
                                                                           ["A", "/x"]], result.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="cowfs bug: `cowfs shell` does not pick userxattr without CAP_SYS_ADMIN, "
-                   "as `cowfs mount` does (cowfs/explore/shell.py builds its stack without cli's _unprivileged): "
-                   "an ordinary user gets 'cannot set trusted.overlay.* xattrs ... try the userxattr option'")
 def test_cowfs_shell_as_a_user_picks_userxattr_itself(rootless, space):
     result = shell_as_user(rootless, space)
     assert result.returncode == 0, result.stderr
+    assert "mounting with userxattr" in result.stderr, result.stderr

@@ -246,18 +246,6 @@ def _stack_from_args(args, parser):
     return stack, paths[-1], made[::-1]
 
 
-def _unprivileged(stack):
-    """The stack as this process can mount it: without CAP_SYS_ADMIN, with userxattr (said once on stderr)."""
-    from cowfs.overlay.credentials import may_use_trusted_xattrs
-    from cowfs.overlay.stack import with_userxattr
-    if stack.userxattr or may_use_trusted_xattrs():
-        return stack
-    stack = with_userxattr(stack)
-    print("cowfs: not privileged for trusted.* xattrs: mounting with userxattr (markers as user.overlay.*)",
-          file=sys.stderr)
-    return stack
-
-
 def _make_dirs(path):
     """Make `path` and its missing parents, as os.makedirs; return the directories made, parents first."""
     missing = []
@@ -312,12 +300,12 @@ def _mount_image(args, found, mounting):
     store, image_id, ref = found
     mountpoint = args.paths[1]
     opts = image_stack_options(store, image_id) + args.options
-    _unprivileged(parse_options(opts))  # refuse bad options before making anything
+    mounting.unprivileged(parse_options(opts), quiet=True)  # refuse bad options before making anything
     if not os.path.isdir(mountpoint):
         raise StackError(f"mount point {mountpoint}: No such directory")
     record = create_container(store, image_id, ref, mountpoint)
     try:
-        stack = _unprivileged(parse_options(opts + [upperdir_option(record["upper"], record["work"])]))
+        stack = parse_options(opts + [upperdir_option(record["upper"], record["work"])])
         if args.foreground or args.debug:
             print(record["Id"], flush=True)
         mounting.mount(stack, mountpoint, foreground=args.foreground, debug=args.debug, trace=args.trace,
@@ -380,11 +368,6 @@ def _run(args, mount_parser, helper_source):
             _mount_image(args, found, mounting)
             return 0
         stack, mountpoint, made = _stack_from_args(args, mount_parser)
-        try:
-            stack = _unprivileged(stack)
-        except CowfsError:
-            _remove_made(made)
-            raise
         if helper_source and helper_source != "cowfs" and "fsname=" not in ",".join(args.options):
             stack.fsname = helper_source
         try:

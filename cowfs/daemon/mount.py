@@ -18,13 +18,26 @@ import time
 
 from cowfs import mounttable
 from cowfs.errors import StackError
-from cowfs.overlay.stack import check, is_within
+from cowfs.overlay.credentials import may_use_trusted_xattrs
+from cowfs.overlay.stack import check, is_within, with_userxattr
 from cowfs.overlay.union import Union
 from cowfs.runtime import private_dir, read_record, record_path, runtime_dir
 
 READY = b"\0cowfs-ready\n"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
+
+
+def unprivileged(stack, quiet=False):
+    """The stack as this process can mount it: without CAP_SYS_ADMIN, with userxattr, as the kernel requires of
+    an unprivileged overlay (said once on stderr, unless `quiet`); options userxattr excludes are refused."""
+    if stack.userxattr or may_use_trusted_xattrs():
+        return stack
+    stack = with_userxattr(stack)
+    if not quiet:
+        print("cowfs: not privileged for trusted.* xattrs: mounting with userxattr (markers as user.overlay.*)",
+              file=sys.stderr)
+    return stack
 
 
 def _write_record(mountpoint, stack, trace=None):
@@ -96,7 +109,7 @@ def mount(stack, mountpoint, *, foreground=False, debug=False, trace=None, human
     """
     from cowfs.daemon.operations import serve  # imports libfuse: only when really mounting
 
-    stack = check(stack, mountpoint)
+    stack = check(unprivileged(stack), mountpoint)
     mountpoint = os.path.realpath(mountpoint)
     if is_within(runtime_dir(), mountpoint):
         raise StackError(f"mount point {mountpoint}: would hide cowfs's runtime directory {runtime_dir()} "

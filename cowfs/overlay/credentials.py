@@ -24,8 +24,18 @@ def _capable(bit):
 
 
 def may_use_trusted_xattrs():
-    """Whether this process has CAP_SYS_ADMIN, which trusted.* xattrs (the overlay's default markers) need."""
-    return _capable(CAP_SYS_ADMIN)
+    """Whether this process has CAP_SYS_ADMIN in the initial user namespace, which trusted.* xattrs (the
+    overlay's default markers) need: the root of a user namespace has it there, not on the host's files."""
+    return _in_initial_user_namespace() and _capable(CAP_SYS_ADMIN)
+
+
+def _in_initial_user_namespace():
+    """The initial user namespace maps every id to itself; any other maps only a part."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return True
 
 
 def may_chown():

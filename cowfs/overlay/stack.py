@@ -265,8 +265,10 @@ def check(stack, mountpoint=None):
     mount, and wait for itself forever).
     """
     def real_dir(path, role):
-        if not os.path.lexists(path):
-            raise StackError(f"{role} {path}: No such file or directory")
+        try:
+            os.lstat(path)
+        except OSError as e:  # missing, or behind a directory the caller cannot search (EACCES)
+            raise StackError(f"{role} {path}: {e.strerror}") from None
         real = os.path.realpath(path)
         if not os.path.isdir(real):
             raise StackError(f"{role} {path}: Not a directory")
