@@ -19,12 +19,14 @@ import shutil
 import stat
 import subprocess
 import tarfile
+import tempfile
 
 import pytest
 
 from cowfs.cli import images as image_cli
 from cowfs.images.archive import ArchiveError, unpack_layer, write_layer
 from cowfs.images.store import Store
+from cowfs.testing import unprivileged
 from cowfs.testing.tree import diff_snapshots, snapshot
 
 MTIME = 1_000_000_000  # fixed, old: the snapshots compare it exactly
@@ -680,7 +682,6 @@ def test_round_trip_kernel_and_cowfs_commit_the_same_layer(shared_tmp, round_tri
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(ops=st.lists(OPS, min_size=1, max_size=8))
 def test_round_trip_property(shared_tmp, round_trip_store, ops):
-    import tempfile
     store, image_id = round_trip_store
     base = tempfile.mkdtemp(dir=shared_tmp)
     check_round_trip(base, store, image_id, ops, with_cowfs=True)
@@ -858,15 +859,8 @@ def test_shell_on_an_image_uses_a_throwaway_layer(shared_tmp):
 
 # -- rootless: images with other owners, set-id files and devices, imported and mounted by a user ---------
 
-import importlib.util  # noqa: E402
-import pwd  # noqa: E402
-import tempfile  # noqa: E402
-
-import cowfs  # noqa: E402
-from cowfs.testing.mounts import in_ci  # noqa: E402
 
 OVERRIDE = "user.containers.override_stat"
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(cowfs.__file__)))
 
 
 def owned(m, uid, gid):
@@ -954,36 +948,21 @@ def test_marked_upper_is_written_as_root_would_write_it(tmp_path):
     assert owners == {"etc": (0, 0), "etc/.wh..wh..opq": (0, 0), "etc/.wh.gone": (0, 0)}
 
 
-# ROOTLESS HELPER, local and temporary: swap it for the shared unprivileged-user fixture being built in
-# cowfs.testing. It finds the user named by $COWFS_TEST_USER (default cowfsuser) and builds a Python every
-# user can run (a venv made with /usr/bin/python3 under /tmp, with mfusepy copied in from this one).
-# What is missing skips the tests, or fails them under CI=true.
-
-def _missing(reason):
-    if in_ci():
-        pytest.fail(f"required under CI=true but missing: {reason}", pytrace=False)
-    pytest.skip(reason)
-
-
 class Rootless:
-    """An unprivileged user, and cowfs run as that user."""
+    """The suite's unprivileged user (cowfs.testing.unprivileged), and cowfs run as that user."""
 
-    def __init__(self, pw, python):
-        self.pw, self.python = pw, python
-        self.uid, self.gid = pw.pw_uid, pw.pw_gid
+    def __init__(self, user):
+        self.user, self.uid, self.gid = user, user.uid, user.gid
+        self.python = unprivileged.user_python()
 
     def run(self, argv, **kwargs):
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": self.pw.pw_dir, "USER": self.pw.pw_name,
-               "LANG": "C.UTF-8", "PYTHONPATH": REPO, "PYTHONDONTWRITEBYTECODE": "1"}
-        return subprocess.run(["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", "--",
-                               *[str(a) for a in argv]], env=env, cwd="/", capture_output=True, text=True,
-                              timeout=120, stdin=subprocess.DEVNULL, **kwargs)
+        return unprivileged.run_as_user(argv, timeout=120, **kwargs)
 
     def cowfs(self, *argv):
-        return self.run([self.python, "-m", "cowfs", *argv])
+        return self.run(unprivileged.cowfs_argv(*argv))
 
     def python_json(self, code, *args):
-        r = self.run([self.python, "-c", "import json, os, sys\n" + code, *args])
+        r = unprivileged.run_python_as_user("import json, os, sys\n" + code, args=[str(a) for a in args])
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
 
@@ -996,38 +975,9 @@ class Rootless:
 
 @pytest.fixture(scope="module")
 def rootless():
-    if os.geteuid() != 0:
-        _missing("the rootless tests switch to another user: run them as root")
-    name = os.environ.get("COWFS_TEST_USER", "cowfsuser")
-    try:
-        pw = pwd.getpwnam(name)
-    except KeyError:
-        _missing(f"no user {name!r} (set COWFS_TEST_USER to an unprivileged user)")
-    if pw.pw_uid == 0:
-        _missing(f"COWFS_TEST_USER {name!r} is root")
-    if shutil.which("setpriv") is None or not os.access("/usr/bin/python3", os.X_OK):
-        _missing("setpriv and /usr/bin/python3 are needed to run cowfs as another user")
-    spec = importlib.util.find_spec("mfusepy")
-    venv = tempfile.mkdtemp(prefix="cowfs-test-python-", dir="/tmp")
-    try:
-        os.chmod(venv, 0o755)
-        subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", venv], check=True, capture_output=True)
-        python = os.path.join(venv, "bin", "python")
-        site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              check=True, capture_output=True, text=True).stdout.strip()
-        if spec is not None and spec.origin:
-            if spec.submodule_search_locations:
-                shutil.copytree(os.path.dirname(spec.origin), os.path.join(site, "mfusepy"))
-            else:
-                shutil.copy(spec.origin, site)
-        subprocess.run(["chmod", "-R", "a+rX", venv], check=True)
-        user = Rootless(pw, python)
-        check = user.run([python, "-c", "import cowfs.daemon.libfuse, cowfs.cli.main"])
-        if check.returncode != 0:
-            _missing(f"{name} cannot run cowfs with {python}: {(check.stderr.strip().splitlines() or ['?'])[-1]}")
-        yield user
-    finally:
-        shutil.rmtree(venv, ignore_errors=True)
+    if not unprivileged.can_switch_users():
+        pytest.skip("these tests import as root and as another user: run them as root")
+    return Rootless(unprivileged.require("user", "setpriv", "python", "fuse"))
 
 
 def rootless_import(user, base, data=ROOTLESS_LAYER, name="acme/rootless:1"):
@@ -1198,3 +1148,49 @@ def test_rootless_commit_of_an_unchanged_file_is_roots(shared_tmp, rootless):
     assert tar_entries(user_out)["etc/shared"] == (tarfile.REGTYPE, 0, 0, 0o666, 0, 0, b"for everyone\n")
     with open(root_out, "rb") as f, open(user_out, "rb") as g:
         assert sha(g.read()) == sha(f.read())
+
+
+SNAPSHOT_AS_USER = """
+from cowfs.testing.tree import snapshot
+print(json.dumps(snapshot(sys.argv[1])))
+"""
+
+
+@pytest.mark.fuse
+def test_rootless_mount_of_an_image_shows_what_a_root_mount_shows(shared_tmp, rootless):
+    """The same image imported and mounted by root and by the user: the user sees the same tree through
+    both mounts (names, types, modes, owners, sizes, content, device numbers, hard links), the one
+    exception being a symlink's owner, which no user.* xattr can hold on a symlink."""
+    root_base = os.path.join(shared_tmp, "root-vs-user")
+    os.mkdir(root_base)
+    os.chmod(root_base, 0o755)
+    tar = os.path.join(root_base, "layer.tar")
+    with open(tar, "wb") as f:
+        f.write(ROOTLESS_LAYER)
+    root_store = os.path.join(root_base, "store")
+    assert cli(root_store, "import", tar, "-q", "--name", "acme/rootless:1")[0] == 0
+    root_mnt = os.path.join(root_base, "m")
+    os.mkdir(root_mnt)
+    user_base = rootless.home_in(root_base)
+    user_store = rootless_import(rootless, user_base)
+    user_mnt = rootless.home_in(user_base, "m")
+    try:
+        r = run_cowfs("mount", "--store", root_store, "acme/rootless:1", root_mnt)  # allow_other: root's
+        assert r.returncode == 0, r.stderr
+        r = rootless.cowfs("mount", "--store", user_store, "acme/rootless:1", user_mnt)
+        assert r.returncode == 0, r.stderr
+        as_root_mounted = rootless.python_json(SNAPSHOT_AS_USER, root_mnt)
+        as_user_mounted = rootless.python_json(SNAPSHOT_AS_USER, user_mnt)
+    finally:
+        unmount_all(root_mnt)
+        user_unmount(rootless, user_mnt)
+    entries = as_root_mounted["entries"]
+    assert entries["dev/null"]["type"] == "chardev" and entries["dev/null"]["rdev"] == [1, 3]
+    assert entries["etc/shadow"]["sha256"].startswith("<read error")  # 0640 root:42, to the user too
+    symlinks = [rel for rel, e in entries.items() if e.get("type") == "symlink"]
+    assert symlinks == ["usr/sbin"]
+    for rel in symlinks:  # the known exception, checked exactly
+        assert (entries[rel]["uid"], as_user_mounted["entries"][rel]["uid"]) == (0, rootless.uid)
+        for snap in (as_root_mounted, as_user_mounted):
+            snap["entries"][rel].pop("uid"), snap["entries"][rel].pop("gid")
+    assert as_user_mounted == as_root_mounted, diff_snapshots(as_root_mounted, as_user_mounted, "root", "user")
