@@ -578,3 +578,48 @@ def test_cowfs_shell_as_a_user_picks_userxattr_itself(rootless, space):
     result = shell_as_user(rootless, space)
     assert result.returncode == 0, result.stderr
     assert "mounting with userxattr" in result.stderr, result.stderr
+
+
+# --------------------------------------------------------------------------
+# the image commands, with the user's own store
+
+def test_the_image_commands_as_a_user(rootless, space, unmount_after):
+    """import, images, history, inspect, mount IMAGE, ps, diff, commit, umount, rm and rmi, as the user, with
+    the store in the user's home ($HOME/.local/share/cowfs): each succeeds, and nothing is left behind."""
+    (rootfs,) = make_layers(space, StackSpec(Layer(File("etc/hostname", b"box\n"), File("bin/tool", b"#!/bin/sh\n",
+                                                                                           mode=0o755))), rootless)
+    tar = space / "rootfs.tar"
+    ok(run_as_user(["tar", "-C", str(rootfs), "-cf", str(tar), "."], cwd=space))
+    store = Path(rootless.home) / ".local/share/cowfs"
+    store_was_there = store.exists()
+    try:
+        ok(cowfs("import", tar, "--name", "box:1", cwd=space))
+        assert "box" in ok(cowfs("images", cwd=space)).stdout
+        ok(cowfs("history", "box:1", cwd=space))
+        ok(cowfs("inspect", "box:1", cwd=space))
+        mnt = space / "m"
+        mnt.mkdir()
+        _give(mnt, rootless)
+        unmount_after.append(mnt)
+        container = ok(cowfs("mount", "box:1", mnt, cwd=space)).stdout.split()[-1]
+        assert daemon_uids(mnt) == {rootless.uid}
+        # the image's root directory is root's (a layer's own root always is), etc/ the user's
+        ok(run_as_user(["sh", "-c", "echo changed > etc/hostname; echo n > etc/new"], cwd=mnt))
+        assert container[:12] in ok(cowfs("ps", cwd=space)).stdout
+        assert ok(cowfs("diff", mnt, cwd=space)).stdout == "C /etc\nC /etc/hostname\nA /etc/new\n"
+        ok(cowfs("commit", mnt, "--tag", "box:2", cwd=space))
+        ok(cowfs("umount", mnt, cwd=space))
+        assert not mounts_under(mnt)
+        ok(cowfs("rm", container, cwd=space))
+        assert container[:12] not in ok(cowfs("ps", cwd=space)).stdout
+        for tag in ("box:2", "box:1"):
+            ok(cowfs("rmi", tag, cwd=space))
+        assert "box" not in ok(cowfs("images", cwd=space)).stdout
+        for top in ("containers", "layers"):
+            assert not os.listdir(store / top), f"{top} left in the store: {os.listdir(store / top)}"
+        for dirpath, _, filenames in os.walk(store):
+            for name in filenames:
+                assert os.lstat(os.path.join(dirpath, name)).st_uid == rootless.uid
+    finally:
+        if not store_was_there:
+            shutil.rmtree(store, ignore_errors=True)
