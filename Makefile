@@ -8,7 +8,8 @@
 #                the rootless tests, which drop root's privileges for real (tests/test_rootless.py)
 #   make check   the fast edit-test loop (under 2 minutes): engine tests and a sample of the mount tests
 #   make lint    ruff over cowfs, tests and scripts (rules in pyproject.toml)
-#   make bench   the benchmark (scripts/bench.py)
+#   make bench   the benchmark (scripts/bench.py); make bench BENCH_ARGS=--quick
+#   make fuzz-cli  the command-line fuzz (tests/test_cli_fuzz.py) with many more examples
 #   make clean   remove scratch/ and .venv (refuses while something under scratch/ is mounted)
 
 SHELL := /bin/bash
@@ -17,7 +18,7 @@ VENV := .venv
 DEBIAN_PACKAGES := fuse3 fuse-overlayfs attr tmux zstd
 PYTEST_ARGS ?=
 
-.PHONY: venv system-packages rootless-setup demo test check lint bench fuzz crash stress install clean
+.PHONY: venv system-packages rootless-setup demo test check lint bench fuzz fuzz-cli crash stress install clean
 
 venv: $(VENV)/.installed
 
@@ -73,6 +74,17 @@ FUZZ_ARGS ?=
 fuzz: venv
 	$(VENV)/bin/python scripts/fuzz.py $(FUZZ_ARGS)
 
+# The command-line fuzz with many examples (the suite runs ~150): make fuzz-cli FUZZ_CLI_ARGS="--examples 20000"
+# (--examples N, --seed N; anything else goes to pytest)
+FUZZ_CLI_ARGS ?= --examples 3000
+fuzz-cli: venv
+	@set -- $(FUZZ_CLI_ARGS); examples=3000; rest=""; \
+	while [ $$# -gt 0 ]; do \
+	  case $$1 in --examples) examples=$$2; shift 2;; --seed) rest="$$rest --hypothesis-seed=$$2"; shift 2;; \
+	  *) rest="$$rest $$1"; shift;; esac; \
+	done; \
+	COWFS_FUZZ_CLI_EXAMPLES=$$examples $(VENV)/bin/python -m pytest -q -s tests/test_cli_fuzz.py $$rest
+
 # kill -9 the cowfs daemon mid-workload and check the remount: make crash CRASH_ARGS="--rounds 50 --seed 7"
 CRASH_ARGS ?=
 crash: venv
@@ -110,8 +122,10 @@ check: venv rootless-setup
 lint: venv
 	$(VENV)/bin/ruff check cowfs tests scripts
 
+# Arguments for scripts/bench.py (make eats a bare --quick): make bench BENCH_ARGS="--quick --only copyup"
+BENCH_ARGS ?=
 bench: venv
-	$(VENV)/bin/python scripts/bench.py
+	$(VENV)/bin/python scripts/bench.py $(BENCH_ARGS)
 
 clean:
 	@scratch="$$(pwd -P)/scratch"; \

@@ -29,5 +29,8 @@ def one_line(error):
     """
     if isinstance(error, OSError) and not isinstance(error, CowfsError):
         where = f"{error.filename}: " if error.filename else ""
-        return f"{where}{error.strerror or error}"
-    return str(error)
+        text = f"{where}{error.strerror or error}"
+    else:
+        text = str(error)
+    # a name may hold a newline (`cowfs rm $'a\nb'`): shown escaped, so one error stays one line
+    return text.replace("\n", "\\n").replace("\r", "\\r")

@@ -10,6 +10,7 @@ One spelling for each, everywhere:
   `human_duration` and `ago` for how long ago something was made, as Docker
   prints it ("2 years ago");
 - tables: `table` (columns three spaces apart, as docker prints them);
+- counts: `plural` ("1 layer", "2 layers");
 - file kinds: `kind_name` ("file", "dir", "symlink", "fifo", "socket",
   "char device", "block device"): the names a trace's events carry too.
 
@@ -103,3 +104,8 @@ def table(rows, header):
     for r in [header] + rows:
         lines.append("   ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
     return "\n".join(lines)
+
+
+def plural(n, word, words=None):
+    """ "1 layer", "0 layers", "2 images": `n` and `word`, or its plural (`words`, default word + "s")."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"

@@ -207,7 +207,7 @@ def test_status_counts_copies_from_the_upper_without_a_trace(tmp_path):
     (["explain", "/tmp/x"], "/tmp/x", "not inside a cowfs mount"),
     (["status", "/tmp"], "/tmp", "not a cowfs mount"),
     (["shell"], "lowerdir", "give the lower layers"),
-    (["shell", "/nonexistent-l"], "/nonexistent-l", "No such file"),
+    (["shell", "/nonexistent-l"], "/nonexistent-l", "no such layer directory, and no such image"),
     (["mount", "--trace", "/nonexistent-dir/t", "/tmp", "/tmp/m"], None, None),
 ])
 def test_refusals_are_one_line(argv, named, reason, capsys, tmp_path):

@@ -463,9 +463,9 @@ def test_commit_converts_markers_and_is_reproducible(tmp_path, store):
     upper = tmp_path / "upper"
     make_upper(upper)
     out1, out2 = tmp_path / "1.tar", tmp_path / "2.tar"
-    rc, stdout, err = cli(store, "commit", str(upper), "-o", str(out1))
+    rc, stdout, err = cli(store, "commit", "--upper-dir", str(upper), "-o", str(out1))
     assert rc == 0, err
-    assert cli(store, "commit", str(upper), "-o", str(out2))[0] == 0
+    assert cli(store, "commit", "--upper-dir", str(upper), "-o", str(out2))[0] == 0
     data = out1.read_bytes()
     assert data == out2.read_bytes()
     assert stdout.strip() == sha(data)
@@ -511,7 +511,8 @@ def test_commit_with_tag_adds_an_image(tmp_path, store):
     assert cli(store, "import", str(docker_save(tmp_path / "b.tar", [(["acme/base:1"], BASE_LAYERS, None)])))[0] == 0
     upper = tmp_path / "upper"
     make_upper(upper)
-    rc, out, err = cli(store, "commit", str(upper), "--from", "acme/base:1", "--tag", "acme/next:1", "-m", "hi")
+    rc, out, err = cli(store, "commit", "--upper-dir", str(upper), "--from", "acme/base:1", "--tag", "acme/next:1",
+                       "-m", "hi")
     assert rc == 0, err
     diff_id = out.splitlines()[0]
     s = Store(store)
@@ -520,11 +521,11 @@ def test_commit_with_tag_adds_an_image(tmp_path, store):
     assert "cowfs commit" in out.splitlines()[1] and "hi" in out.splitlines()[1]
     # the same with --lower paths of the store, found back to the parent image
     lowers = cli(store, "inspect", "--format", "lowerdir", "acme/base:1")[1].strip()
-    rc, out, err = cli(store, "commit", str(upper), "--lower", lowers, "--tag", "acme/next:2")
+    rc, out, err = cli(store, "commit", "--upper-dir", str(upper), "--lower", lowers, "--tag", "acme/next:2")
     assert rc == 0, err
     assert out.splitlines()[0] == diff_id
     assert s.image_layers(s.resolve("acme/next:2")) == s.image_layers(s.resolve("acme/next:1"))
-    rc, _, err = cli(store, "commit", str(upper), "--lower", str(tmp_path), "--tag", "acme/x:1")
+    rc, _, err = cli(store, "commit", "--upper-dir", str(upper), "--lower", str(tmp_path), "--tag", "acme/x:1")
     assert rc == 1 and "--tag needs the lowers from the store" in err
 
 
@@ -1194,3 +1195,954 @@ def test_rootless_mount_of_an_image_shows_what_a_root_mount_shows(shared_tmp, ro
         for snap in (as_root_mounted, as_user_mounted):
             snap["entries"][rel].pop("uid"), snap["entries"][rel].pop("gid")
     assert as_user_mounted == as_root_mounted, diff_snapshots(as_root_mounted, as_user_mounted, "root", "user")
+
+
+# -- a command line people trust: one line, exit statuses, nothing left behind (issue 13) ------------------
+#
+# Every case runs the real program (a subprocess), as root and again as the suite's unprivileged user
+# with a store of the user's own, and checks the one line on stderr, the exit status, and that nothing
+# in the store (or beside it) changed.
+
+import random  # noqa: E402
+import shlex  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+
+from cowfs.images import interrupts  # noqa: E402
+from cowfs.images.containers import create_container  # noqa: E402
+from cowfs.images.reference import BadReference, check_reference, check_tag_reference  # noqa: E402
+from cowfs.images.store import layer_content  # noqa: E402
+
+
+class AsRoot:
+    """Runs cowfs as this process's user (root when the suite runs as root)."""
+
+    name = "root"
+
+    def mkdir(self, path):
+        os.mkdir(path, 0o755)
+        return str(path)
+
+    def give(self, path):
+        """Make `path` (a file or directory tree made by the test) this runner's."""
+
+    def argv(self, *argv):
+        return COWFS + [str(a) for a in argv]
+
+    def env(self):
+        return None
+
+    def run(self, argv, stdin_file=None, pipe_from=None, timeout=120):
+        if pipe_from is not None:
+            argv = ["sh", "-c", f"cat {shlex.quote(str(pipe_from))} | {shlex.join(argv)}"]
+        with open(stdin_file or os.devnull, "rb") as stdin:
+            return subprocess.run(argv, stdin=stdin, capture_output=True, text=True, timeout=timeout, env=self.env())
+
+    def cowfs(self, *argv, **kwargs):
+        return self.run(self.argv(*argv), **kwargs)
+
+    def popen(self, *argv):
+        return subprocess.Popen(self.argv(*argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=self.env())
+
+
+class AsUser(AsRoot):
+    """Runs cowfs as the suite's unprivileged user (cowfs.testing.unprivileged), really without privileges."""
+
+    name = "user"
+
+    def __init__(self, user):
+        self.user = user
+
+    def mkdir(self, path):
+        os.mkdir(path, 0o755)
+        os.chown(path, self.user.uid, self.user.gid)
+        return str(path)
+
+    def give(self, path):
+        for dirpath, dirnames, filenames in os.walk(path):
+            for name in [dirpath] + [os.path.join(dirpath, n) for n in dirnames + filenames]:
+                os.lchown(name, self.user.uid, self.user.gid)
+
+    def argv(self, *argv):
+        return unprivileged.cowfs_argv(*argv)
+
+    def env(self):
+        return unprivileged.user_env()
+
+    def run(self, argv, stdin_file=None, pipe_from=None, timeout=120):
+        if stdin_file is not None:
+            argv = ["sh", "-c", f"exec {shlex.join(argv)} < {shlex.quote(str(stdin_file))}"]
+        elif pipe_from is not None:
+            argv = ["sh", "-c", f"cat {shlex.quote(str(pipe_from))} | {shlex.join(argv)}"]
+        return unprivileged.run_as_user(argv, timeout=timeout, cwd="/")
+
+    def popen(self, *argv):
+        return subprocess.Popen(unprivileged.drop_privileges_argv(self.argv(*argv)), cwd="/",
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=self.env())
+
+
+@pytest.fixture(params=["root", "user"])
+def who(request):
+    if request.param == "user":
+        if not unprivileged.can_switch_users():
+            pytest.skip("the user-facing cases run again as another user: run the tests as root")
+        return AsUser(unprivileged.require("user", "setpriv", "python"))
+    return AsRoot()
+
+
+def tree_state(root):
+    """The whole tree under `root`, times included, the store's staging directory's own mtime aside."""
+    state = snapshot(root, all_xattrs=True, exact_times=True)
+    for rel, entry in state["entries"].items():
+        if rel == "tmp" or rel.endswith("/tmp"):
+            entry.pop("mtime_ns", None)
+    return state
+
+
+def store_listing(store):
+    """{path: (type, size, sha256 of a JSON file)} of a store: what an interrupted import must leave as it was
+    (or as a completed one leaves it). A layer.json is compared without its `created` time."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(store):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, store)
+            st = os.lstat(path)
+            digest = None
+            if stat.S_ISREG(st.st_mode) and name.endswith(".json"):
+                with open(path, "rb") as f:
+                    data = f.read()
+                if name == "layer.json":
+                    data = json.dumps({k: v for k, v in json.loads(data).items() if k != "created"}).encode()
+                digest = hashlib.sha256(data).hexdigest()
+            size = st.st_size if stat.S_ISREG(st.st_mode) and digest is None else None
+            found[rel] = (stat.S_IFMT(st.st_mode), size, digest)
+    return found
+
+
+class Ctx:
+    """A copy of a store holding acme/base:1 and acme/app:1, with its archives, in `base`."""
+
+    def __init__(self, base, who):
+        self.base, self.who = base, who
+        self.store = os.path.join(base, "store")
+        s = Store(self.store, create=False, heal=False)
+        self.base_id, self.app_id = s.resolve("acme/base:1"), s.resolve("acme/app:1")
+        self.top = sha(APP_LAYERS[1])  # a layer only acme/app:1 has
+        self.fields = {"store": self.store, "base": base, "app12": self.app_id[7:19], "app_hex": self.app_id[7:],
+                       "top12": self.top[7:19]}
+
+    def path(self, *parts):
+        return os.path.join(self.store, *parts)
+
+    def write(self, rel, data):
+        with open(self.path(rel), "wb") as f:  # in place: the file keeps its owner
+            f.write(data)
+
+    def edit_json(self, rel, change):
+        with open(self.path(rel)) as f:
+            value = json.load(f)
+        change(value)
+        self.write(rel, json.dumps(value).encode())
+
+    def file(self, name, data):
+        path = os.path.join(self.base, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        self.who.give(path)
+        return path
+
+
+_templates = {}
+
+
+@pytest.fixture(scope="module")
+def template_dir():
+    path = tempfile.mkdtemp(prefix="cowfs-test-templates-")
+    os.chmod(path, 0o755)
+    yield path
+    _templates.clear()
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def ctx(who, template_dir, shared_tmp):
+    """A fresh copy (cp -a) of a store that `who` made by importing acme/base:1 and acme/app:1."""
+    if who.name not in _templates:
+        base = who.mkdir(os.path.join(template_dir, who.name))
+        for name, tag, layers in (("base.tar", "acme/base:1", BASE_LAYERS),
+                                  ("app.tar", "acme/app:1", BASE_LAYERS + APP_LAYERS)):
+            docker_save(os.path.join(base, name), [([tag], layers, None)])
+            who.give(os.path.join(base, name))
+            r = who.cowfs("import", "-q", "--store", os.path.join(base, "store"), os.path.join(base, name))
+            assert r.returncode == 0, r.stderr
+        _templates[who.name] = base
+    base = os.path.join(shared_tmp, who.name)
+    subprocess.run(["cp", "-a", _templates[who.name], base], check=True)
+    return Ctx(base, who)
+
+
+def _damage_layer_json(c):
+    c.edit_json(os.path.join("layers", c.top[7:], "layer.json"), lambda v: v.pop("size"))
+
+
+def _truncate_config(c):
+    rel = os.path.join("images", c.app_id[7:] + ".json")
+    with open(c.path(rel), "rb") as f:
+        data = f.read()
+    c.write(rel, data[:len(data) // 2])
+
+
+def _dangling_symlink_dir(c):
+    d = os.path.join(c.base, "conf")
+    os.makedirs(os.path.join(d, "modules-load.d"))
+    os.symlink("/nonexistent/modules", os.path.join(d, "modules-load.d", "modules.conf"))
+    with open(os.path.join(d, "hosts"), "w") as f:
+        f.write("127.0.0.1 localhost\n")
+    c.who.give(d)
+
+
+def _upper(c):
+    up = os.path.join(c.base, "up")
+    os.makedirs(os.path.join(up, "etc"))
+    with open(os.path.join(up, "etc", "motd"), "w") as f:
+        f.write("hi\n")
+    c.who.give(up)
+
+
+# name: (prepare(ctx) or None, argv (--store STORE is added after the command), stdin, exit status, the line)
+MESSAGES = {
+    "repositories-not-json": (lambda c: c.write("repositories.json", b"{\n"), ["images"], None, 1,
+                              "cowfs images: store {store}: repositories.json: not valid JSON (run cowfs system "
+                              "check)"),
+    "repositories-not-a-map": (lambda c: c.write("repositories.json", b"[]\n"), ["images"], None, 1,
+                               "cowfs images: store {store}: repositories.json: not a map of NAME:TAG to image IDs "
+                               "(run cowfs system check)"),
+    "store-json-without-its-key": (lambda c: c.write("store.json", b"{}"), ["images"], None, 1,
+                                   "cowfs images: store {store}: store.json: no xattr_prefix (run cowfs system "
+                                   "check)"),
+    "layer-directory-missing": (lambda c: shutil.rmtree(c.path("layers", c.top[7:])), ["images"], None, 1,
+                                "cowfs images: store {store}: layer {top12}: missing, and image {app12} uses it "
+                                "(run cowfs system check)"),
+    "layer-json-without-size": (_damage_layer_json, ["history", "acme/app:1"], None, 1,
+                                "cowfs history: store {store}: layer {top12}: layer.json has no size (run cowfs "
+                                "system check)"),
+    "config-truncated": (_truncate_config, ["images"], None, 1,
+                         "cowfs images: store {store}: images/{app_hex}.json: truncated or changed (its sha256 is "
+                         "not the image ID) (run cowfs system check)"),
+    "tag-of-a-missing-image": (lambda c: c.edit_json("repositories.json", lambda v: v.update(
+        {"acme/gone:1": "sha256:" + "0" * 64})), ["history", "acme/gone:1"], None, 1,
+        "cowfs history: store {store}: repositories.json: acme/gone:1 names image 000000000000, which is not "
+        "stored (run cowfs system check)"),
+    "layer-diff-missing": (lambda c: shutil.rmtree(c.path("layers", c.top[7:], "diff")),
+                           ["inspect", "--format", "lowerdir", "acme/app:1"], None, 1,
+                           "cowfs inspect: store {store}: layer {top12}: its diff/ directory is missing, and image "
+                           "{app12} uses it (run cowfs system check)"),
+    "import-etc": (None, ["import", "/etc"], None, 1,
+                   "cowfs import: /etc: a directory, but neither an OCI image layout (oci-layout, index.json) nor "
+                   "an unpacked docker save archive (manifest.json)"),
+    "import-a-directory-with-a-dangling-symlink": (
+        _dangling_symlink_dir, ["import", "{base}/conf"], None, 1,
+        "cowfs import: {base}/conf: a directory, but neither an OCI image layout (oci-layout, index.json) nor an "
+        "unpacked docker save archive (manifest.json)"),
+    "import-missing-file": (None, ["import", "{base}/nothere.tar"], None, 1,
+                            "cowfs import: {base}/nothere.tar: No such file or directory"),
+    "import-stdin-empty": (None, ["import", "-"], ("file", os.devnull), 1,
+                           "cowfs import: stdin: empty: no archive was read"),
+    "import-stdin-not-an-archive": (lambda c: c.file("notes.txt", b"hello\n"), ["import", "-"],
+                                    ("pipe", "{base}/notes.txt"), 1,
+                                    "cowfs import: stdin: not a tar archive, an OCI image layout or a docker save "
+                                    "archive"),
+    "import-bad-name": (None, ["import", "{base}/app.tar", "--name", "Bad Name!"], None, 1,
+                        "cowfs import: invalid reference 'Bad Name!': name component 'Bad Name!' may only hold "
+                        "lowercase letters and digits, separated by '.', '_', '__' or '-'"),
+    "import-name-with-a-digest": (None, ["import", "{base}/app.tar", "--name", "acme/app@sha256:" + "a" * 64], None,
+                                  1, "cowfs import: invalid reference 'acme/app@sha256:" + "a" * 64 + "': a digest "
+                                  "cannot name an image (give NAME[:TAG])"),
+    "import-archive-with-a-bad-tag": (
+        lambda c: c.who.give(docker_save(os.path.join(c.base, "badtag.tar"), [(["acme/App:1"], APP_LAYERS, None)])),
+        ["import", "{base}/badtag.tar"], None, 1,
+        "cowfs import: {base}/badtag.tar: member 'manifest.json': invalid reference 'acme/App:1': name component "
+        "'App' must be lowercase"),
+    "commit-etc": (None, ["commit", "/etc", "-o", "{base}/etc.tar"], None, 1,
+                   "cowfs commit: /etc: neither a cowfs mount nor a container's upper directory; to commit it "
+                   "anyway as an overlay upper directory: cowfs commit --upper-dir /etc"),
+    "commit-without-a-directory": (None, ["commit", "-o", "{base}/x.tar"], None, 2,
+                                   "cowfs commit: give the MOUNTPOINT (or container upper directory) to commit, or "
+                                   "--upper-dir DIR (see 'cowfs commit --help')"),
+    "commit-writes-nothing": (_upper, ["commit", "--upper-dir", "{base}/up"], None, 0,
+                              "cowfs commit: nothing written (only the diff ID above): give -o FILE or --tag "
+                              "NAME:TAG to keep the layer"),
+    "commit-bad-tag": (_upper, ["commit", "--upper-dir", "{base}/up", "--from", "acme/base:1", "--tag",
+                                "acme/App:2"], None, 1,
+                       "cowfs commit: invalid reference 'acme/App:2': name component 'App' must be lowercase"),
+    "system-without-subcommand": (None, ["system"], None, 2, None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MESSAGES))
+def test_each_refusal_is_one_line_and_changes_nothing(ctx, case):
+    prepare, argv, stdin, status, line = MESSAGES[case]
+    if prepare is not None:
+        prepare(ctx)
+    before = tree_state(ctx.base)
+    argv = [a.format(**ctx.fields) for a in argv]
+    argv = argv[:1] + ["--store", ctx.store] + argv[1:] if argv != ["system"] else argv + ["--store", ctx.store]
+    kind, source = stdin if stdin else (None, None)
+    source = source.format(**ctx.fields) if source else None
+    r = ctx.who.run(ctx.who.argv(*argv), stdin_file=source if kind == "file" else None,
+                    pipe_from=source if kind == "pipe" else None)
+    assert r.returncode == status, (r.returncode, r.stderr)
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    if line is not None:
+        assert r.stderr == line.format(**ctx.fields) + "\n"
+    if status != 0:
+        assert r.stdout == ""
+    assert diff_snapshots(before, tree_state(ctx.base)) == ""
+
+
+def test_commit_without_output_prints_the_diff_id(ctx):
+    _upper(ctx)
+    r = ctx.who.cowfs("commit", "--upper-dir", os.path.join(ctx.base, "up"), "-o", os.path.join(ctx.base, "u.tar"))
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    r2 = ctx.who.cowfs("commit", "--upper-dir", os.path.join(ctx.base, "up"))
+    assert r2.returncode == 0 and r2.stdout == r.stdout and r2.stderr.startswith("cowfs commit: nothing written")
+
+
+def test_commit_of_a_container_upper_needs_no_flag(tmp_path, store):
+    assert cli(store, "import", str(docker_save(tmp_path / "a.tar", [(["acme/a:1"], BASE_LAYERS, None)])))[0] == 0
+    s = Store(store)
+    record = create_container(s, s.resolve("acme/a:1"), "acme/a:1", str(tmp_path))
+    with open(os.path.join(record["upper"], "new"), "w") as f:
+        f.write("new\n")
+    rc, out, err = cli(store, "commit", record["upper"], "--tag", "acme/a:2")
+    assert rc == 0, err
+    assert s.image_layers(s.resolve("acme/a:2"))[:-1] == s.image_layers(s.resolve("acme/a:1"))
+    rc, _, err = cli(store, "commit", record["upper"], "--upper-dir", record["upper"])
+    assert rc == 2 and err == "cowfs commit: give MOUNTPOINT or --upper-dir DIR, not both (see 'cowfs commit --help')\n"
+
+
+def test_system_commands_on_a_store_of_ones_own(ctx):
+    """df, check, check --repair and prune, run by the store's owner (root, and the unprivileged user on a
+    store of its own): a killed import's leftover and a tag of a missing image, seen, fixed, gone."""
+    leftover = ctx.who.mkdir(ctx.path("tmp", "txn-1-killed"))
+    with open(os.path.join(leftover, "data"), "wb") as f:
+        f.write(b"x" * 2000)
+    ctx.who.give(leftover)
+    ctx.edit_json("repositories.json", lambda v: v.update({"acme/gone:1": "sha256:" + "0" * 64}))
+    r = ctx.who.cowfs("system", "df", "--json", "--store", ctx.store)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)[3] == {"Type": "Leftovers", "Total": 1, "Active": 0, "Size": 2000,
+                                       "Reclaimable": 2000}
+    r = ctx.who.cowfs("system", "check", "--store", ctx.store)
+    assert r.returncode == 1 and r.stdout.splitlines() == [
+        "tmp/txn-1-killed: left by an interrupted command (2kB) (--repair fixes it)",
+        "repositories.json: acme/gone:1 names image 000000000000, which is not stored (--repair fixes it)",
+        "2 problems; cowfs system check --repair fixes 2"], r.stdout + r.stderr
+    r = ctx.who.cowfs("system", "check", "--repair", "--store", ctx.store)
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "2 problems: 2 fixed, 0 not", r.stdout + r.stderr
+    r = ctx.who.cowfs("system", "prune", "--store", ctx.store)
+    assert r.returncode == 0 and r.stdout == "Total reclaimed space: 0B\n", r.stdout + r.stderr
+    r = ctx.who.cowfs("system", "check", "--store", ctx.store)
+    assert r.returncode == 0 and r.stdout == "no problems: 2 images, 4 layers, 0 containers checked\n"
+    assert os.listdir(ctx.path("tmp")) == []
+
+
+# -- import from stdin --------------------------------------------------------------------------------------
+
+def test_import_from_stdin_as_docker_load_does(ctx):
+    """`-` reads stdin: a pipe (spooled to the store's tmp/, which is empty afterwards), a redirected file,
+    and a pipe named by a path (/dev/stdin)."""
+    tar = docker_save(os.path.join(ctx.base, "c.tar"), [(["acme/c:1"], APP_LAYERS, None)])
+    ctx.who.give(tar)
+    for how, argv, stdin in (("pipe", ["import", "-"], ("pipe", tar)), ("file", ["import", "-"], ("file", tar)),
+                             ("dev-stdin", ["import", "/dev/stdin"], ("pipe", tar))):
+        r = ctx.who.cowfs(*argv, "--store", ctx.store, "--name", f"acme/{how}:1",
+                          stdin_file=stdin[1] if stdin[0] == "file" else None,
+                          pipe_from=stdin[1] if stdin[0] == "pipe" else None)
+        assert r.returncode == 0 and r.stderr == "", (how, r.stderr)
+        assert f"Loaded image: acme/{how}:1" in r.stdout
+        assert os.listdir(ctx.path("tmp")) == []
+    s = Store(ctx.store, create=False, heal=False)
+    assert len({s.resolve(f"acme/{how}:1") for how in ("pipe", "file", "dev-stdin")}) == 1
+
+
+# -- signals: one line, 128+N, the store as it was; SIGKILL healed by the next command ----------------------
+
+KILL_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL)
+INTERRUPTED = ("cowfs import: interrupted", "cowfs import: interrupted (after the change to the store was made)")
+
+
+def big_archive(path, megabytes=64):
+    """A docker save archive of acme/big:1: the base layers and a layer of incompressible data."""
+    files = [member("data", "dir")] + [member(f"data/f{i}", data=os.urandom(4 << 20)) for i in range(megabytes // 4)]
+    return docker_save(path, [(["acme/big:1"], BASE_LAYERS + [layer_tar(*files)], None)])
+
+
+def wait_for_txn(store, proc, timeout=30):
+    """Seconds until the import's transaction directory appears in tmp/ (None if the process ended first)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if any(n.startswith("txn-") for n in os.listdir(os.path.join(store, "tmp"))):
+            return time.monotonic() - start
+        if proc.poll() is not None:
+            return None
+        time.sleep(0.002)
+    raise AssertionError("no transaction appeared")
+
+
+def test_import_killed_at_any_point_leaves_the_store_as_before_or_as_after(who, shared_tmp):
+    """SIGINT, SIGTERM, SIGHUP and SIGKILL at seeded random points of an import of 64 MB: INT/TERM/HUP end it
+    with one line and 128+N, and the store is as before at once; after SIGKILL the next command (cowfs images)
+    makes it so. A signal that comes after the commit point leaves it as after a completed import."""
+    rng = random.Random(13)
+    points = 4
+    base = who.mkdir(os.path.join(shared_tmp, "kill"))
+    started = time.monotonic()
+    archive = big_archive(os.path.join(base, "big.tar"))
+    small = docker_save(os.path.join(base, "base.tar"), [(["acme/base:1"], BASE_LAYERS, None)])
+    who.give(base)
+    template = os.path.join(base, "template")
+    assert who.cowfs("import", "-q", "--store", template, small).returncode == 0
+    before = store_listing(template)
+    completed = os.path.join(base, "completed")
+    subprocess.run(["cp", "-a", template, completed], check=True)
+    proc = who.popen("import", "-q", "--store", completed, archive)
+    to_txn = wait_for_txn(completed, proc)
+    t0 = time.monotonic()
+    assert proc.wait(60) == 0, proc.stderr.read()
+    duration = time.monotonic() - t0
+    proc.stdout.close()
+    proc.stderr.close()
+    after = store_listing(completed)
+    assert after != before and os.listdir(os.path.join(completed, "tmp")) == []
+    outcomes = []
+    for signum in KILL_SIGNALS:
+        for i in range(points):
+            store = os.path.join(base, f"s-{signum}-{i}")
+            subprocess.run(["cp", "-a", template, store], check=True)
+            proc = who.popen("import", "-q", "--store", store, archive)
+            assert wait_for_txn(store, proc) is not None
+            time.sleep(rng.uniform(0, duration * 1.1))
+            try:
+                proc.send_signal(signum)
+            except ProcessLookupError:
+                pass
+            out, err = proc.communicate(timeout=60)
+            if proc.returncode == 0:
+                outcome = "completed"
+                assert err == ""
+            elif signum == signal.SIGKILL:
+                assert proc.returncode == -signal.SIGKILL
+                outcome = "killed"
+            elif proc.returncode == -signum:  # after the command, as the interpreter exits: its default action
+                assert err == ""
+                outcome = "completed"
+            else:
+                assert proc.returncode == 128 + signum, (signum, proc.returncode, err)
+                assert err.count("\n") == 1 and err.rstrip("\n") in INTERRUPTED, err
+                outcome = "after" if err.rstrip("\n") == INTERRUPTED[1] else "interrupted"
+                # nothing visible changed, before any other command ran
+                assert store_listing(store) == (after if outcome == "after" else before), (signum, outcome)
+            r = who.cowfs("images", "--store", store)
+            assert r.returncode == 0 and r.stderr == "", r.stderr
+            state = store_listing(store)
+            if outcome in ("completed", "after"):
+                assert state == after, (signum, outcome)
+            elif outcome == "interrupted":
+                assert state == before, signum
+            else:
+                assert state in (before, after), "a killed import left the store in between"
+            outcomes.append((signal.Signals(signum).name, outcome, "after" if state == after else "before"))
+            shutil.rmtree(store)
+    took = time.monotonic() - started
+    print(f"\n{who.name}: import of 64 MB: {duration:.2f} s (transaction after {to_txn:.2f} s); "
+          f"{len(outcomes)} kills in {took:.1f} s: {outcomes}")
+    assert took < 90
+
+
+def test_a_signal_inside_the_commit_waits_until_it_is_done(tmp_path, store, monkeypatch):
+    """In-process: SIGINT sent from inside the commit (renames under way) is held until the commit is
+    complete: the import is stored whole, and the line says the change was made."""
+    assert cli(store, "import", str(docker_save(tmp_path / "a.tar", [(["acme/a:1"], BASE_LAYERS, None)])))[0] == 0
+    apply = Store._apply
+
+    def apply_and_signal(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler ran by now (and held the signal)
+        return apply(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "_apply", apply_and_signal)
+    rc, out, err = cli(store, "import", str(docker_save(tmp_path / "b.tar", [(["acme/b:1"], APP_LAYERS, None)])))
+    assert rc == 130 and err == INTERRUPTED[1] + "\n"
+    monkeypatch.undo()
+    s = Store(store)
+    assert s.image_layers(s.resolve("acme/b:1")) == [sha(layer) for layer in APP_LAYERS]
+    assert os.listdir(store / "tmp") == [] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# The import, with a SIGKILL of itself at the n-th write of the commit (images, then repositories.json)
+KILL_IN_COMMIT = """
+import os, signal, sys
+from cowfs.images import store as store_module
+from cowfs.images.importer import import_archive
+writes = [0]
+write_file = store_module.Store.write_file
+def killing_write(self, rel, data):
+    writes[0] += 1
+    if writes[0] == int(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return write_file(self, rel, data)
+store_module.Store.write_file = killing_write
+import_archive(store_module.Store(sys.argv[1]), sys.argv[2], progress=False)
+"""
+
+
+@pytest.mark.parametrize("nth", [1, 2])
+def test_sigkill_past_the_commit_point_is_completed_by_the_next_command(tmp_path, store, nth):
+    """Killed after the layers were renamed into place (before the image's config, or before
+    repositories.json, was written): the next command completes the import rather than leave it half made."""
+    assert cli(store, "import", str(docker_save(tmp_path / "a.tar", [(["acme/a:1"], BASE_LAYERS, None)])))[0] == 0
+    archive = docker_save(tmp_path / "b.tar", [(["acme/b:1"], BASE_LAYERS + APP_LAYERS, None)])
+    reference = tmp_path / "reference"
+    subprocess.run(["cp", "-a", str(store), str(reference)], check=True)
+    assert cli(reference, "import", str(archive))[0] == 0
+    r = subprocess.run([sys.executable, "-c", KILL_IN_COMMIT, str(store), str(archive), str(nth)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    left = os.listdir(store / "tmp")
+    assert len(left) == 1 and os.path.exists(store / "tmp" / left[0] / "COMMIT")
+    rc, out, err = cli(store, "images")
+    assert rc == 0 and "acme/b" in out, err
+    assert store_listing(store) == store_listing(reference)
+
+
+def test_a_live_import_is_never_healed(shared_tmp):
+    """The next command removes what a dead import left, never the transaction of one that runs."""
+    who = AsRoot()
+    archive = big_archive(os.path.join(shared_tmp, "big.tar"), megabytes=256)
+    store = os.path.join(shared_tmp, "store")
+    assert who.cowfs("import", "-q", "--store", store, str(docker_save(
+        os.path.join(shared_tmp, "a.tar"), [(["acme/a:1"], BASE_LAYERS, None)]))).returncode == 0
+    proc = who.popen("import", "-q", "--store", store, archive)
+    try:
+        assert wait_for_txn(store, proc) is not None
+        os.makedirs(os.path.join(store, "tmp", "txn-1-dead", "layer1", "diff"))  # a killed import's
+        live = sorted(n for n in os.listdir(os.path.join(store, "tmp")) if n != "txn-1-dead")
+        df = json.loads(who.cowfs("system", "df", "--json", "--store", store).stdout)
+        leftovers = next(r for r in df if r["Type"] == "Leftovers")
+        assert leftovers["Total"] >= 2 and leftovers["Active"] >= 1
+        r = who.cowfs("images", "--store", store)
+        assert r.returncode == 0
+        remaining = os.listdir(os.path.join(store, "tmp"))
+        assert "txn-1-dead" not in remaining
+        assert proc.poll() is not None or set(live) <= set(remaining), (live, remaining)
+    finally:
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "acme/big" in who.cowfs("images", "--store", store).stdout
+    assert os.listdir(os.path.join(store, "tmp")) == []
+
+
+def test_signal_handlers_are_only_set_while_a_command_runs():
+    ignored = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with interrupts.handling():
+            assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN  # nohup's stays ignored
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGHUP, ignored)
+
+
+# -- references, as Docker checks them -------------------------------------------------------------------
+
+GOOD_REFERENCES = ["busybox", "acme/app", "acme/app:1.0", "a/b/c/d:latest", "localhost/app", "localhost:5000/app:1",
+                   "registry.example.com/team/app:v1.2.3", "registry.example.com:443/app", "[::1]:5000/app",
+                   "Registry.Example.com/app", "x/a.b_c__d-e--f:TAG_with.dots-", "app:" + "x" * 128, "a" * 255,
+                   "app@sha256:" + "0" * 64, "app:1@sha256:" + "f" * 64, "my_app", "0/1:2"]
+BAD_REFERENCES = {
+    "Bad Name!": "name component 'Bad Name!' may only hold lowercase letters and digits, separated by '.', '_', "
+                 "'__' or '-'",
+    "App": "name component 'App' must be lowercase",
+    "acme/App:1": "name component 'App' must be lowercase",
+    "": "empty name",
+    ":1": "empty name",
+    "app:": "empty tag after ':'",
+    "app:-1": "tag '-1' must be 1 to 128 letters, digits, '_', '.' or '-', and not start with '.' or '-'",
+    "app:.x": "tag '.x' must be 1 to 128 letters, digits, '_', '.' or '-', and not start with '.' or '-'",
+    "app:" + "x" * 129: "tag '" + "x" * 129 + "' must be 1 to 128 letters, digits, '_', '.' or '-', and not start "
+                        "with '.' or '-'",
+    "a" * 256: "name is 256 characters long (at most 255)",
+    "acme//app": "empty path component (a '/' at either end, or '//')",
+    "acme/app/": "empty path component (a '/' at either end, or '//')",
+    "/app": "empty path component (a '/' at either end, or '//')",
+    "a___b": "name component 'a___b' may only hold lowercase letters and digits, separated by '.', '_', '__' or '-'",
+    "a..b": "name component 'a..b' may only hold lowercase letters and digits, separated by '.', '_', '__' or '-'",
+    "-app": "name component '-app' may only hold lowercase letters and digits, separated by '.', '_', '__' or '-'",
+    "app-": "name component 'app-' may only hold lowercase letters and digits, separated by '.', '_', '__' or '-'",
+    "host_name:5000/app": "registry 'host_name:5000' is not a host name or address with an optional :port",
+    "a.b_c/app": "registry 'a.b_c' is not a host name or address with an optional :port",
+    "app@sha256:abc": "digest 'sha256:abc' is not sha256:<64 lowercase hex digits>",
+    "app@md5:" + "0" * 32: "digest 'md5:" + "0" * 32 + "' is not sha256:<64 lowercase hex digits>",
+    "app@sha256:" + "A" * 64: "digest 'sha256:" + "A" * 64 + "' is not sha256:<64 lowercase hex digits>",
+}
+
+
+@pytest.mark.parametrize("ref", GOOD_REFERENCES)
+def test_references_docker_accepts(ref):
+    assert check_reference(ref) == ref
+
+
+@pytest.mark.parametrize("ref", sorted(BAD_REFERENCES))
+def test_references_docker_refuses(ref):
+    with pytest.raises(BadReference) as e:
+        check_reference(ref)
+    assert str(e.value) == f"invalid reference {ref!r}: {BAD_REFERENCES[ref]}"
+
+
+def test_names_given_to_images_are_checked(tmp_path, store):
+    archive = str(docker_save(tmp_path / "a.tar", [(["acme/a:1"], BASE_LAYERS, None)]))
+    assert check_tag_reference("acme/a:1") == "acme/a:1"
+    with pytest.raises(BadReference, match="a digest cannot name an image"):
+        check_tag_reference("acme/a@sha256:" + "0" * 64)
+    for ref in ("Bad Name!", "acme/App", "a:b:c:", "x@sha256:" + "0" * 64):
+        rc, out, err = cli(store, "import", archive, "--name", ref)
+        assert rc == 1 and err.startswith(f"cowfs import: invalid reference {ref!r}: ") and err.count("\n") == 1
+    assert not os.path.exists(store / "images") or os.listdir(store / "images") == []
+    for ref in ("acme/a", "localhost:5000/acme/a:1.0", "Registry.Example.com/acme/a:v1"):
+        rc, out, err = cli(store, "import", archive, "--name", ref)
+        assert rc == 0, err
+        assert Store(store).resolve(ref)
+
+
+# -- --json and -q, and what --help says ---------------------------------------------------------------------
+
+def test_json_and_quiet_agree_with_the_tables(tmp_path, store):
+    assert cli(store, "import", str(docker_save(tmp_path / "a.tar", [(["acme/base:1"], BASE_LAYERS, None)])))[0] == 0
+    app = docker_save(tmp_path / "b.tar", [(["acme/app:1", "acme/app:latest"], BASE_LAYERS + APP_LAYERS, None)])
+    assert cli(store, "import", str(app))[0] == 0
+    bare = tmp_path / "bare.tar"
+    bare.write_bytes(layer_tar(member("x", data=b"x")))
+    assert cli(store, "import", str(bare))[0] == 0  # untagged: <none>
+    s = Store(store)
+    create_container(s, s.resolve("acme/app:1"), "acme/app:1", str(tmp_path))
+
+    rc, table_out, _ = cli(store, "images")
+    rows = json.loads(cli(store, "images", "--json")[1])
+    lines = table_out.splitlines()
+    assert len(rows) == len(lines) - 2 == 4
+    for row, line in zip(rows, lines[1:-1]):
+        assert sorted(row) == ["Created", "ID", "Repository", "SharedSize", "Size", "Tag", "UniqueSize"]
+        assert line.split()[:3] == [row["Repository"], row["Tag"], row["ID"][7:19]]
+    assert {(r["Repository"], r["Tag"]) for r in rows} >= {("<none>", "<none>"), ("acme/app", "latest")}
+    assert cli(store, "images", "-q")[1].split() == list(dict.fromkeys(r["ID"][7:19] for r in rows))
+    assert cli(store, "images", "-q", "--no-trunc")[1].split() == list(dict.fromkeys(r["ID"] for r in rows))
+    assert lines[-1].startswith("5 layers stored once: ")
+
+    history = json.loads(cli(store, "history", "--json", "acme/app:1")[1])
+    table_lines = cli(store, "history", "acme/app:1")[1].splitlines()[1:]
+    assert len(history) == len(table_lines) == 4
+    assert [h["ID"] for h in history] == [s.resolve("acme/app:1")] + ["<missing>"] * 3
+    assert [h["Size"] for h in history] == [len(b"#!/bin/sh\necho hello\n")] * 2 + [5, 31]
+    assert cli(store, "history", "-q", "acme/app:1")[1].split() == [s.resolve("acme/app:1")[7:19]] + ["<missing>"] * 3
+
+    ps = json.loads(cli(store, "ps", "--json")[1])
+    assert len(ps) == 1 and ps[0]["Mounted"] is False and ps[0]["Image"] == s.resolve("acme/app:1")
+    assert sorted(ps[0]) == ["Created", "ID", "Image", "ImageName", "Mounted", "MountedAt", "Size", "UpperDir"]
+    assert cli(store, "ps", "-q")[1].split() == [ps[0]["ID"][:12]]
+    assert cli(store, "ps")[1].splitlines()[1].split()[:2] == [ps[0]["ID"][:12], ps[0]["ImageName"]]
+
+    df = json.loads(cli(store, "system", "df", "--json")[1])
+    table_rows = [line.split() for line in cli(store, "system", "df")[1].splitlines()[1:]]
+    assert [r["Type"] for r in df] == [t[0] for t in table_rows] == ["Images", "Containers", "Layers", "Leftovers"]
+    for r, t in zip(df, table_rows):
+        assert [str(r["Total"]), str(r["Active"])] == t[1:3]
+    images, containers, layers, leftovers = df
+    assert (images["Total"], images["Active"], containers["Total"], containers["Active"]) == (3, 1, 1, 0)
+    assert (layers["Total"], layers["Active"], layers["Reclaimable"]) == (5, 5, 0)
+    assert images["Reclaimable"] == 1  # the bare image's one byte: base shares every layer with app
+    assert leftovers == {"Type": "Leftovers", "Total": 0, "Active": 0, "Size": 0, "Reclaimable": 0}
+    quiet = cli(store, "system", "df", "-q")[1].split()  # what RECLAIMABLE counts: images no container uses
+    untagged = next(i for i in s.image_ids() if not s.tags_of(i))
+    assert sorted(quiet) == sorted([s.resolve("acme/base:1"), untagged, ps[0]["ID"]])
+    rc, out, _ = cli(store, "inspect", "acme/app:1")
+    assert rc == 0 and json.loads(out)[0]["Id"] == s.resolve("acme/app:1")
+
+
+def test_one_layer_is_singular(tmp_path, store):
+    bare = tmp_path / "bare.tar"
+    bare.write_bytes(layer_tar(member("x", data=b"x")))
+    assert cli(store, "import", str(bare), "--name", "one")[0] == 0
+    assert cli(store, "images")[1].splitlines()[-1] == ("1 layer stored once: 1B; the images use 1B in all, so "
+                                                        "sharing saves 0B")
+    rc, out, _ = cli(store, "system", "check")
+    assert rc == 0 and out == "no problems: 1 image, 1 layer, 0 containers checked\n"
+
+
+def test_help_documents_exit_statuses_and_json_keys():
+    parser = argparse.ArgumentParser(prog="cowfs")
+    sub = parser.add_subparsers(dest="command")
+    image_cli.add_commands(sub)
+    for name in image_cli.COMMANDS:
+        text = sub.choices[name].format_help()
+        assert "exit status: 0 done; 1 refused or failed" in text and "128+N" in text, name
+    for name, keys in (("images", "Repository, Tag"), ("history", "CreatedBy"), ("ps", "MountedAt")):
+        text = sub.choices[name].format_help()
+        assert "--json" in text and "-q, --quiet" in text and keys in text, name
+    system = sub.choices["system"]._subparsers._group_actions[0].choices
+    assert sorted(system) == ["check", "df", "prune"]
+    assert "Type, Total, Active, Size" in system["df"].format_help()
+    assert "--repair" in system["check"].format_help() and "--dry-run" in system["prune"].format_help()
+
+
+# -- system df, prune, check --------------------------------------------------------------------------------
+
+def _store_with_everything(tmp_path, store):
+    """acme/base:1 and acme/app:1, a dangling (untagged) image, a layer no image uses (an rmi stopped half
+    way), a container of acme/app:1 (not mounted), and the leftover of a killed import."""
+    assert cli(store, "import", str(docker_save(tmp_path / "a.tar", [(["acme/base:1"], BASE_LAYERS, None)])))[0] == 0
+    app = docker_save(tmp_path / "b.tar", [(["acme/app:1"], BASE_LAYERS + APP_LAYERS, None)])
+    assert cli(store, "import", str(app))[0] == 0
+    bare = tmp_path / "bare.tar"
+    bare.write_bytes(layer_tar(member("dangling", data=b"d" * 100)))
+    assert cli(store, "import", str(bare))[0] == 0
+    orphan = tmp_path / "orphan.tar"
+    orphan.write_bytes(layer_tar(member("orphan", data=b"o" * 1000)))
+    assert cli(store, "import", str(orphan), "--name", "acme/orphan:1")[0] == 0
+    s = Store(store)
+    os.unlink(store / "images" / (s.resolve("acme/orphan:1")[7:] + ".json"))  # what a killed rmi leaves
+    repos = s.repositories()
+    del repos["acme/orphan:1"]
+    with s.locked():
+        s.write_repositories(repos)
+    container = create_container(s, s.resolve("acme/app:1"), "acme/app:1", str(tmp_path))
+    with open(os.path.join(container["upper"], "changed"), "wb") as f:
+        f.write(b"c" * 10)
+    os.makedirs(store / "tmp" / "txn-1-killed" / "layer1" / "diff")
+    (store / "tmp" / "txn-1-killed" / "layer1" / "diff" / "big").write_bytes(b"k" * 5000)
+    return s, container
+
+
+def test_system_df(tmp_path, store):
+    s, container = _store_with_everything(tmp_path, store)
+    rc, out, err = cli(store, "system", "df")
+    assert rc == 0, err
+    assert out.splitlines() == [
+        "TYPE         TOTAL   ACTIVE   SIZE     RECLAIMABLE",
+        "Images       3       1        178B     100B (56%)",
+        "Containers   1       0        10B      10B (100%)",
+        "Layers       6       5        1.18kB   1kB (84%)",
+        "Leftovers    1       0        5kB      5kB (100%)",
+    ]
+    assert os.path.exists(store / "tmp" / "txn-1-killed")  # df looks; it does not clean
+
+
+def test_system_prune(tmp_path, store):
+    s, container = _store_with_everything(tmp_path, store)
+    dangling = next(i for i in s.image_ids() if not s.tags_of(i))
+    orphan = sha(layer_tar(member("orphan", data=b"o" * 1000)))
+    before = store_state(store)
+    rc, out, err = cli(store, "system", "prune", "--dry-run")
+    assert rc == 0, err
+    assert diff_snapshots(before, store_state(store)) == ""
+    assert f"Would delete Images:\n{dangling}\n" in out and f"{orphan} (1kB)" in out and "tmp/txn-1-killed" in out
+    assert out.endswith("Total reclaimable space: 6.1kB\n") and "Containers" not in out
+    rc, out, err = cli(store, "system", "prune")
+    assert rc == 0, err
+    removed_layers = sorted([(sha(layer_tar(member("dangling", data=b"d" * 100))), "100B"), (orphan, "1kB")])
+    assert out.splitlines() == [
+        "Deleted Images:", f"deleted: {dangling}", "",
+        "Deleted Layers:", *[f"{d} ({size})" for d, size in removed_layers], "",
+        "Deleted Leftovers:", "tmp/txn-1-killed (5kB)", "",
+        "Total reclaimed space: 6.1kB"]
+    s = Store(store)
+    assert s.image_ids() == sorted([s.resolve("acme/base:1"), s.resolve("acme/app:1")])
+    assert set(s.layer_ids()) == {sha(layer) for layer in BASE_LAYERS + APP_LAYERS}
+    assert os.listdir(store / "tmp") == [] and os.path.isdir(container["upper"])
+    # -a removes acme/base:1 (no container), never acme/app:1 (a container's); --containers the container
+    base_id = s.resolve("acme/base:1")
+    rc, out, _ = cli(store, "system", "prune", "-a")
+    assert f"untagged: acme/base:1\ndeleted: {base_id}" in out and "acme/app" not in out
+    assert cli(store, "system", "prune", "-a", "--containers")[1].startswith(f"Deleted Containers:\n{container['Id']}")
+    assert Store(store).image_ids() == [] and Store(store).layer_ids() == [] and os.listdir(store / "containers") == []
+    assert cli(store, "system", "prune")[1] == "Total reclaimed space: 0B\n"
+
+
+@pytest.mark.kernel
+def test_prune_keeps_a_layer_a_live_mount_uses(tmp_path, store, shared_tmp):
+    s, _ = _store_with_everything(tmp_path, store)
+    orphan = sha(layer_tar(member("orphan", data=b"o" * 1000)))
+    empty = os.path.join(shared_tmp, "empty")
+    mnt = os.path.join(shared_tmp, "m")
+    os.mkdir(empty)
+    os.mkdir(mnt)
+    with kernel_overlay([s.layer_path(orphan), empty], None, None, mnt):
+        rc, out, err = cli(store, "system", "prune")
+        assert rc == 0 and orphan not in out, err
+        assert s.has_layer(orphan)
+        rc, out, _ = cli(store, "system", "check", "--repair")
+        assert s.has_layer(orphan)
+    rc, out, _ = cli(store, "system", "prune")
+    assert orphan in out and not s.has_layer(orphan)
+
+
+def _layer_with(s, path):
+    return next(d for d in s.layer_ids() if os.path.lexists(os.path.join(s.layer_path(d), path)))
+
+
+# name: (damage(store dir, Store), the line check prints, the line check --repair prints, and whether it fixes it)
+USED = "(image {base12} uses it: cowfs rmi {base12}, and import it again)"
+CHECKS = {
+    "repositories-not-json": (
+        lambda d, s: (d / "repositories.json").write_bytes(b"{"),
+        "repositories.json: not valid JSON (fix or remove it by hand: the images stay, untagged)",
+        "repositories.json: not valid JSON: not fixed (fix or remove it by hand: the images stay, untagged)", False),
+    "store-json-without-its-key": (
+        lambda d, s: (d / "store.json").write_text("{}"),
+        "store.json: no xattr_prefix (--repair fixes it)",
+        "store.json: no xattr_prefix: rewrote it with xattr_prefix {prefix} (as the layers show)", True),
+    "tag-of-a-missing-image": (
+        lambda d, s: s.write_repositories(dict(s.repositories(), **{"acme/gone:1": "sha256:" + "0" * 64})),
+        "repositories.json: acme/gone:1 names image 000000000000, which is not stored (--repair fixes it)",
+        "repositories.json: acme/gone:1 names image 000000000000, which is not stored: removed the tag acme/gone:1",
+        True),
+    "config-truncated": (
+        lambda d, s: (d / "images" / (s.resolve("acme/app:1")[7:] + ".json")).write_bytes(b"{"),
+        "image {app12}: truncated or changed (its sha256 is not the image ID) (cowfs rmi {app12}, and import it "
+        "again)",
+        "image {app12}: truncated or changed (its sha256 is not the image ID): not fixed (cowfs rmi {app12}, and "
+        "import it again)", False),
+    "layer-missing": (
+        lambda d, s: shutil.rmtree(s.layer_dir(sha(APP_LAYERS[1]))),
+        "image {app12}: its layer {top12} is missing (cowfs rmi {app12}, and import it again)",
+        "image {app12}: its layer {top12} is missing: not fixed (cowfs rmi {app12}, and import it again)", False),
+    "layer-file-changed": (
+        lambda d, s: open(os.path.join(s.layer_path(sha(BASE_LAYERS[0])), "bin/sh"), "ab").write(b"more"),
+        "layer {sh12}: holds 35 bytes, 31 when imported (changed since) " + USED,
+        "layer {sh12}: holds 35 bytes, 31 when imported (changed since): not fixed " + USED, False),
+    "layer-file-touched": (
+        lambda d, s: os.utime(os.path.join(s.layer_path(sha(BASE_LAYERS[0])), "bin/sh"), (0, 0)),
+        "layer {sh12}: content differs from what was imported (a file was changed, added or removed) " + USED,
+        "layer {sh12}: content differs from what was imported (a file was changed, added or removed): not fixed "
+        + USED, False),
+    "layer-file-added": (
+        lambda d, s: open(os.path.join(s.layer_path(sha(BASE_LAYERS[0])), "bin/empty"), "w").close(),
+        "layer {sh12}: content differs from what was imported (a file was changed, added or removed) " + USED,
+        "layer {sh12}: content differs from what was imported (a file was changed, added or removed): not fixed "
+        + USED, False),
+    "layer-json-missing": (
+        lambda d, s: os.unlink(os.path.join(s.layer_dir(sha(APP_LAYERS[1])), "layer.json")),
+        "layer {top12}: layer.json is missing (image {app12} uses it: cowfs rmi {app12}, and import it again)",
+        "layer {top12}: layer.json is missing: not fixed (image {app12} uses it: cowfs rmi {app12}, and import it "
+        "again)", False),
+    "layer-unused": (
+        lambda d, s: subprocess.run(["cp", "-a", s.layer_dir(sha(APP_LAYERS[1])), str(d / "layers" / ("a" * 64))],
+                                    check=True),
+        "layer aaaaaaaaaaaa: layer.json names another diff ID (--repair fixes it)",
+        "layer aaaaaaaaaaaa: layer.json names another diff ID: removed it (no image uses it)", True),
+    "leftover": (
+        lambda d, s: os.makedirs(d / "tmp" / "txn-7-gone" / "layer1"),
+        "tmp/txn-7-gone: left by an interrupted command (0B) (--repair fixes it)",
+        "tmp/txn-7-gone: left by an interrupted command (0B): removed it", True),
+    "tmp-missing": (
+        lambda d, s: os.rmdir(d / "tmp"),
+        "tmp/: missing (--repair fixes it)", "tmp/: missing: re-created the empty tmp/ directory", True),
+    "container-of-a-missing-image": (
+        lambda d, s: _orphan_container(d, s),
+        "container {cid12}: its image 000000000000 is not stored (import the image again, or cowfs rm {cid12})",
+        "container {cid12}: its image 000000000000 is not stored: not fixed (import the image again, or cowfs rm "
+        "{cid12})", False),
+    "container-work-missing": (
+        lambda d, s: os.rmdir(_container(d, s)["work"]),
+        "container {cid12}: its work/ directory is missing (--repair fixes it)",
+        "container {cid12}: its work/ directory is missing: re-created the empty work/ directory", True),
+    "container-record-broken": (
+        lambda d, s: open(os.path.join(os.path.dirname(_container(d, s)["upper"]), "container.json"), "w").write("{"),
+        "container {cid12}: container.json: not valid JSON (remove {store}/containers/{cid} by hand if its changes "
+        "are not needed)",
+        "container {cid12}: container.json: not valid JSON: not fixed (remove {store}/containers/{cid} by hand if "
+        "its changes are not needed)", False),
+}
+
+
+def _container(d, s):
+    return create_container(s, s.resolve("acme/app:1"), "acme/app:1", str(d))
+
+
+def _orphan_container(d, s):
+    record = _container(d, s)
+    path = os.path.join(os.path.dirname(record["upper"]), "container.json")
+    with open(path) as f:
+        data = json.load(f)
+    data["Image"] = "sha256:" + "0" * 64
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+@pytest.mark.parametrize("case", sorted(CHECKS))
+def test_system_check_and_repair(tmp_path, store, case):
+    damage, line, repair_line, fixed = CHECKS[case]
+    assert cli(store, "import", str(docker_save(tmp_path / "a.tar", [(["acme/base:1"], BASE_LAYERS, None)])))[0] == 0
+    assert cli(store, "import", str(docker_save(tmp_path / "b.tar", [(["acme/app:1"], BASE_LAYERS + APP_LAYERS,
+                                                                      None)])))[0] == 0
+    rc, out, err = cli(store, "system", "check")
+    assert rc == 0 and out == "no problems: 2 images, 4 layers, 0 containers checked\n", out + err
+    s = Store(store)
+    fields = {"store": str(store), "app12": s.resolve("acme/app:1")[7:19], "base12": s.resolve("acme/base:1")[7:19],
+              "top12": sha(APP_LAYERS[1])[7:19], "sh12": sha(BASE_LAYERS[0])[7:19], "prefix": s.prefix}
+    contents = {d: layer_content(s.layer_path(d)) for d in s.layer_ids()}
+    with s.locked(heal=False):
+        damage(store, s)
+    cids = os.listdir(store / "containers") if os.path.isdir(store / "containers") else []
+    if cids:
+        fields.update(cid=cids[0], cid12=cids[0][:12])
+    before = tree_state(store)
+    rc, out, err = cli(store, "system", "check")
+    assert rc == 1 and err == "", err
+    assert out.splitlines() == [line.format(**fields),
+                                "1 problem" + ("; cowfs system check --repair fixes 1" if fixed else "")]
+    assert diff_snapshots(before, tree_state(store)) == ""  # check only looks
+    rc, out, err = cli(store, "system", "check", "--repair")
+    assert rc == (0 if fixed else 1) and err == "", err
+    assert out.splitlines() == [repair_line.format(**fields), f"1 problem: {int(fixed)} fixed, {int(not fixed)} not"]
+    if fixed:
+        assert cli(store, "system", "check")[0] == 0
+    else:
+        assert diff_snapshots(before, tree_state(store)) == ""  # what it cannot fix, it does not touch
+    damaged = {sha(APP_LAYERS[1]), sha(BASE_LAYERS[0])}
+    for diff_id, content in contents.items():  # never a layer an image uses
+        if diff_id not in damaged or not case.startswith("layer-"):
+            assert layer_content(s.layer_path(diff_id)) == content, diff_id
+
+
+def test_check_repair_never_deletes_a_layer_an_image_uses(tmp_path, store):
+    """Every kind of damage at once, and a damaged image config: --repair removes the leftovers and the tag
+    of a missing image, and keeps every layer, even those no readable image names (the damaged image may)."""
+    assert cli(store, "import", str(docker_save(tmp_path / "a.tar", [(["acme/base:1"], BASE_LAYERS, None)])))[0] == 0
+    assert cli(store, "import", str(docker_save(tmp_path / "b.tar", [(["acme/app:1"], BASE_LAYERS + APP_LAYERS,
+                                                                      None)])))[0] == 0
+    s = Store(store)
+    layers = {d: layer_content(s.layer_path(d)) for d in s.layer_ids()}
+    app = s.resolve("acme/app:1")
+    (store / "images" / (app[7:] + ".json")).write_bytes(b"{\"rootfs\": ")  # the only user of the app layers
+    with open(os.path.join(s.layer_path(sha(BASE_LAYERS[0])), "bin", "sh"), "ab") as f:
+        f.write(b"changed")
+    repos = s.repositories()
+    repos["acme/gone:1"] = "sha256:" + "1" * 64
+    with s.locked(heal=False):
+        s.write_repositories(repos)
+    os.makedirs(store / "tmp" / "txn-3-gone")
+    rc, out, err = cli(store, "system", "check", "--repair")
+    assert rc == 1, out + err
+    assert "acme/gone:1 names image 111111111111, which is not stored: removed the tag acme/gone:1" in out
+    assert "tmp/txn-3-gone: left by an interrupted command (0B): removed it" in out
+    assert f"image {app[7:19]}: truncated or changed (its sha256 is not the image ID): not fixed" in out
+    assert f"layer {sha(BASE_LAYERS[0])[7:19]}: holds " in out, out
+    assert out.splitlines()[-1] == "4 problems: 2 fixed, 2 not", out
+    assert set(Store(store).layer_ids()) == set(layers)
+    for diff_id, content in layers.items():
+        if diff_id != sha(BASE_LAYERS[0]):
+            assert layer_content(s.layer_path(diff_id)) == content

@@ -1,19 +1,41 @@
-"""The image commands of the command line: import, images, history, inspect, rmi, commit, ps, rm.
+"""The image commands of the command line: import, images, history, inspect, rmi, commit, ps, rm, system.
 
 `add_commands(subparsers)` adds them to the main parser's subparsers;
 `run(args) -> exit code` runs the one chosen (args.command names it).
+
+Every one of them ends in one of four ways (the EXIT_STATUS epilog of each
+--help): 0 done; 1 refused or failed, with one line on stderr (`reporting`);
+2 a usage error; 128+N when signal N (SIGINT, SIGTERM, SIGHUP) stopped it,
+with the line `cowfs COMMAND: interrupted` and the store as it was, or as
+after the change when the signal came once it was made (see
+cowfs.images.interrupts). A damaged store is one line too (StoreDamaged).
 """
 
 import argparse
+import errno
 import json
 import os
+import shlex
 import sys
+import traceback
 
+from cowfs.cli import report
 from cowfs.cli.report import reporting
-from cowfs.errors import one_line
+from cowfs.errors import CowfsError, one_line, os_error
 from cowfs.explore.diff import tree_size
 from cowfs.formatting import ago, docker_size, table
-from cowfs.images.catalog import HISTORY_HEADER, IMAGES_HEADER, history_rows, inspect, list_images, lowerdir
+from cowfs.images import interrupts
+from cowfs.images.catalog import (
+    HISTORY_HEADER,
+    IMAGES_HEADER,
+    history_records,
+    history_table_rows,
+    image_records,
+    image_table_rows,
+    images_summary,
+    inspect,
+    lowerdir,
+)
 from cowfs.images.commit import commit
 from cowfs.images.containers import (
     container_mounted_at,
@@ -27,10 +49,16 @@ from cowfs.images.store import Store, StoreError, default_store, normalise_ref, 
 from cowfs.overlay.stack import split_layers
 from cowfs.overlay.whiteout import TRUSTED_PREFIX, USER_PREFIX
 
-COMMANDS = ("import", "images", "history", "inspect", "rmi", "commit", "ps", "rm")
+COMMANDS = ("import", "images", "history", "inspect", "rmi", "commit", "ps", "rm", "system")
 
 STORE_HELP = ("layer store directory (default: $COWFS_STORE, else /var/lib/cowfs for root, "
               "else $XDG_DATA_HOME/cowfs or ~/.local/share/cowfs)")
+
+EXIT_STATUS = """\
+exit status: 0 done; 1 refused or failed (one line on stderr says what and why);
+2 a usage error; 128+N stopped by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP),
+with the line `cowfs {name}: interrupted` and the store as it was.
+"""
 
 EPILOGS = {
     "import": """\
@@ -38,10 +66,17 @@ formats: docker save archives (manifest.json; plain or gzip), OCI image layouts
 (a directory or a tar with oci-layout, index.json, blobs/), and bare layer
 tarballs (plain, gzip, zstd when available). Every stated digest is checked;
 a hostile or broken archive is refused with one line and changes nothing.
+ARCHIVE - reads the archive from stdin (as docker load does); stdin or a pipe
+is copied to the store's tmp/ first, and that copy goes however the import
+ends. Names (--name, the archive's tags) must be valid Docker references.
+Stopped by Ctrl-C, SIGTERM or SIGHUP, the import changes nothing; after
+SIGKILL or a crash, the next command that opens the store removes what it
+left (or completes it, if it was past its commit point).
 
 examples:
   cowfs import my-final-image.tar
   docker save alpine:3.19 | gzip > alpine.tar.gz && cowfs import alpine.tar.gz
+  docker save alpine:3.19 | cowfs import -
   cowfs import ./oci-dir --name acme/app:1.0
   cowfs import rootfs.tar.zst --name acme/rootfs:latest
 """,
@@ -49,17 +84,31 @@ examples:
 SHARED SIZE counts the layers an image shares with another image; the last
 line says how much storing each layer once saves.
 
-example:
+--json prints one JSON list, a dict per row: Repository, Tag ("<none>" when
+untagged), ID (sha256:...), Created (RFC 3339 or null), Size, SharedSize,
+UniqueSize (bytes). -q prints the image IDs alone (12 hex digits; full with
+--no-trunc), each once.
+
+examples:
   cowfs images
+  cowfs images --json | jq -r '.[] | "\\(.Repository):\\(.Tag) \\(.Size)"'
+  cowfs rmi $(cowfs images -q)
 """,
     "history": """\
-example:
+--json prints one JSON list, newest first, a dict per step: ID (the image's
+on the newest step, else "<missing>"), Created (RFC 3339 or null), CreatedBy
+(whole), Size (bytes), Comment, EmptyLayer (true for a step that made no
+layer). -q prints the IDs column alone.
+
+examples:
   cowfs history acme/my-final-image:1.0
+  cowfs history --json acme/my-final-image:1.0
 """,
     "inspect": """\
-formats: json (the default, as docker image inspect), layers (RootFS.Layers
-as a JSON list), lowerdir (the layer directories, topmost first, for
-cowfs mount -o lowerdir=...), id.
+formats: json (the default, as docker image inspect: a JSON list of one
+object with Id, RepoTags, Created, Author, Architecture, Os, Config, Size,
+GraphDriver, RootFS), layers (RootFS.Layers as a JSON list), lowerdir (the
+layer directories, topmost first, for cowfs mount -o lowerdir=...), id.
 
 examples:
   cowfs inspect acme/my-final-image:1.0
@@ -83,17 +132,27 @@ twice gives the same bytes. Prints the layer's diff ID.
 MOUNTPOINT is a live cowfs mount: its upper and lower layers come from the
 mount; when it is a container of an image (cowfs mount IMAGE MOUNTPOINT), that
 image is the parent (as --from IMAGE), so --tag makes the image's layers plus
-the new one, as docker commit does.
+the new one, as docker commit does. A container's upper directory
+(STORE/containers/ID/upper) works the same. Any other directory is refused,
+so that a typo never archives /etc: give it with --upper-dir DIR to say it is
+an overlay upper directory. Without -o or --tag, only the diff ID is printed
+(to compare an upper with a stored layer) and stderr says nothing was written.
 
 examples:
   cowfs commit /mnt/app --tag acme/app:1.1 -m "configured"
-  cowfs commit /c/upper --from acme/my-final-image:1.0 --tag acme/changed:1.0
-  cowfs commit /c/upper --lower /img/l2 --lower /img/l1 -o layer.tar
-  cowfs commit /c/upper --lower $(cowfs inspect --format lowerdir acme/app:1.0) --tag acme/app:2.0
+  cowfs commit --upper-dir /c/upper --from acme/my-final-image:1.0 --tag acme/changed:1.0
+  cowfs commit --upper-dir /c/upper --lower /img/l2 --lower /img/l1 -o layer.tar
+  cowfs commit --upper-dir /c/upper --lower $(cowfs inspect --format lowerdir acme/app:1.0) --tag acme/app:2.0
 """,
     "ps": """\
-example:
+--json prints one JSON list, a dict per container: ID, Image (sha256:...),
+ImageName (as the IMAGE column), Created (RFC 3339), Mounted (true/false),
+MountedAt (the mount point, or null), Size (bytes in its upper), UpperDir.
+-q prints the container IDs alone (12 hex digits; full with --no-trunc).
+
+examples:
   cowfs ps
+  cowfs rm $(cowfs ps -q)
 """,
     "rm": """\
 A mounted container is refused: cowfs umount its mount point first.
@@ -101,30 +160,103 @@ A mounted container is refused: cowfs umount its mount point first.
 examples:
   cowfs rm 0f3c9e21a7b4
 """,
+    "system": """\
+`cowfs system SUBCOMMAND --help` says what each one does and prints.
+
+examples:
+  cowfs system df
+  cowfs system prune --dry-run
+  cowfs system check --repair
+""",
+    "system df": """\
+Images: stored images, ACTIVE those a container was made from; SIZE their
+layers (each once), RECLAIMABLE what removing the inactive ones would free.
+Containers: ACTIVE the mounted ones; SIZE the data in their uppers.
+Layers: ACTIVE those an image or a live mount uses.
+Leftovers: entries of the store's tmp/, ACTIVE those of running commands;
+the others were left by interrupted ones (the next command removes them).
+
+--json prints one JSON list, a dict per row: Type, Total, Active, Size,
+Reclaimable (bytes). -q prints what makes up RECLAIMABLE, by ID: images no
+container uses, containers not mounted, unused layers, tmp/NAME leftovers.
+
+examples:
+  cowfs system df
+  cowfs system df --json
+""",
+    "system prune": """\
+Removes, and lists: what interrupted commands left in tmp/, dangling images
+(untagged, and no container made from them; with -a every image no container
+was made from), layers no remaining image uses, and with --containers the
+containers that are not mounted (their changes are lost). Asks nothing;
+--dry-run lists what would go. Never removes a layer a live mount stacks.
+
+examples:
+  cowfs system prune --dry-run
+  cowfs system prune
+  cowfs system prune -a --containers
+""",
+    "system check": """\
+Verifies store.json, repositories.json (valid references to stored images),
+each image (its file's sha256 is its ID; its layers are stored), each layer
+(layer.json names its diff ID; diff/ is there, holds the recorded size, and
+its content digest, recorded at import, still matches: a file changed, added
+or removed shows), each container (its record, its image, upper/ and work/),
+and tmp/ (leftovers of interrupted commands). One line per problem on stdout,
+then a summary; exit 1 when there is a problem.
+
+--repair fixes what can be fixed without deleting anything an image, a
+container or a live mount uses: removes leftovers and unused layers,
+completes a transaction stopped past its commit point, drops tags naming
+missing images, re-creates missing empty directories and store.json; it says
+what it could not fix (exit 1 then).
+
+examples:
+  cowfs system check
+  cowfs system check --repair
+""",
 }
 
 
-def _parser(sub, name, help_text, description):
-    p = sub.add_parser(name, help=help_text, description=description, epilog=EPILOGS[name],
+class UsageError(CowfsError):
+    """Options that do not go together: `cowfs COMMAND: MESSAGE (see ...)`, exit 2."""
+
+
+def _epilog(name):
+    return EPILOGS[name] + "\n" + EXIT_STATUS.format(name=name)
+
+
+def _parser(sub, name, help_text, description, epilog_name=None):
+    p = sub.add_parser(name, help=help_text, description=description, epilog=_epilog(epilog_name or name),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", metavar="DIR", help=STORE_HELP)
     return p
 
 
+def _output_options(p, what, no_trunc=True):
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="one JSON document, for scripts (keys below)")
+    shown.add_argument("-q", "--quiet", action="store_true", help=f"only {what}")
+    if no_trunc:
+        p.add_argument("--no-trunc", action="store_true", help="do not shorten IDs")
+
+
 def add_commands(subparsers):
     """Add the image subcommands to an argparse subparsers object (made with dest="command")."""
     p = _parser(subparsers, "import", "import images from a docker save archive, an OCI layout or a layer tar",
-                "Import every image of ARCHIVE into the layer store (all or nothing).")
+                "Import every image of ARCHIVE (- for stdin) into the layer store (all or nothing).")
     p.add_argument("archive", metavar="ARCHIVE")
     p.add_argument("--name", metavar="NAME:TAG", help="name the image (the archive must hold exactly one)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
 
-    _parser(subparsers, "images", "list the images in the layer store",
-            "List the stored images, with how much of each is shared with other images.")
+    p = _parser(subparsers, "images", "list the images in the layer store",
+                "List the stored images, with how much of each is shared with other images.")
+    _output_options(p, "the image IDs")
 
     p = _parser(subparsers, "history", "show the history of an image",
                 "Show the steps an image was made by, newest first, with the size of each layer.")
     p.add_argument("image", metavar="IMAGE")
+    _output_options(p, "the IDs column", no_trunc=False)
     p.add_argument("--no-trunc", action="store_true", help="do not shorten CREATED BY and IDs")
 
     p = _parser(subparsers, "inspect", "show an image's details (layers, config)",
@@ -138,9 +270,11 @@ def add_commands(subparsers):
     p.add_argument("images", nargs="+", metavar="IMAGE")
 
     p = _parser(subparsers, "commit", "turn a mount's upper layer into a layer tar and optionally an image",
-                "Write the changes in a cowfs mount's upper layer, or an overlay upper directory, as an OCI "
-                "layer tar.")
-    p.add_argument("upper", metavar="MOUNTPOINT|UPPERDIR")
+                "Write the changes in a cowfs mount's upper layer, a container's upper directory or an "
+                "overlay upper directory (--upper-dir) as an OCI layer tar.")
+    p.add_argument("upper", nargs="?", metavar="MOUNTPOINT|CONTAINER-UPPER")
+    p.add_argument("--upper-dir", metavar="DIR",
+                   help="commit DIR, an overlay upper directory that is no cowfs mount nor container's upper")
     p.add_argument("--lower", action="append", default=[], metavar="DIR",
                    help="a lower layer, topmost first (repeat, or colon-separate); needed to expand "
                         "redirected directories and for --tag without --from")
@@ -153,26 +287,99 @@ def add_commands(subparsers):
     p.add_argument("--clamp-mtime", type=int, metavar="SECONDS",
                    help="cap every mtime at this time (as SOURCE_DATE_EPOCH), for archives independent of when")
 
-    _parser(subparsers, "ps", "list the container layers (cowfs mount IMAGE MOUNTPOINT made them)",
-            "List the containers of the layer store: their image, mount point, and whether they are mounted.")
+    p = _parser(subparsers, "ps", "list the container layers (cowfs mount IMAGE MOUNTPOINT made them)",
+                "List the containers of the layer store: their image, mount point, and whether they are mounted.")
+    _output_options(p, "the container IDs")
 
     p = _parser(subparsers, "rm", "remove container layers (refused while mounted)",
                 "Delete containers' writable layers from the layer store.")
     p.add_argument("containers", nargs="+", metavar="CONTAINER", help="a container ID or a unique prefix of one")
 
+    p = _parser(subparsers, "system", "the layer store itself: disk usage (df), prune, check [--repair]",
+                "Look after the layer store: what it holds and could free (df), remove what nothing uses "
+                "(prune), verify it (check).")
+    system = p.add_subparsers(dest="system_command", metavar="SUBCOMMAND", required=True)
+    df = _system_parser(system, "df", "show what the store holds and what could be freed",
+                        "Show the store's images, containers, layers and leftovers: how many, how many are in "
+                        "use, their size, and how much could be freed (as docker system df).")
+    _output_options(df, "the IDs of what could be freed", no_trunc=False)
+    pr = _system_parser(system, "prune", "remove unused layers, dangling images and leftovers",
+                        "Remove what nothing uses: leftovers of interrupted commands, dangling images, unused "
+                        "layers, and with --containers the containers that are not mounted.")
+    pr.add_argument("-a", "--all", action="store_true", help="remove every image no container was made from, "
+                    "not only untagged ones")
+    pr.add_argument("--containers", action="store_true", help="also remove the containers that are not mounted "
+                    "(their changes are lost)")
+    pr.add_argument("-n", "--dry-run", action="store_true", help="only list what would be removed")
+    ck = _system_parser(system, "check", "verify the store; --repair fixes what is safe to fix",
+                        "Verify every part of the layer store and print one line per problem.")
+    ck.add_argument("--repair", action="store_true", help="fix what can be fixed without deleting anything in use")
 
-def _store(args, create):
+
+def _system_parser(system, name, help_text, description):
+    p = system.add_parser(name, help=help_text, description=description, epilog=_epilog(f"system {name}"),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", metavar="DIR", default=argparse.SUPPRESS, help=STORE_HELP)
+    p.add_argument("--debug", dest="show_traceback", action="store_true", default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
+    return p
+
+
+def _store(args, create, heal=True, strict=True):
     root = args.store or default_store()
     if not create and not os.path.isdir(os.path.join(root, "layers")):
         raise StoreError(f"{root}: no layer store here (import an image first, or give --store)")
-    return Store(root, create=create)
+    return Store(root, create=create, heal=heal, strict=strict)
+
+
+def _name(args):
+    return f"cowfs {args.command}" + (f" {args.system_command}" if args.command == "system" else "")
+
+
+def _debugging():
+    debugging = getattr(report, "debugging", None)
+    return bool(debugging()) if debugging is not None else False
 
 
 def run(args, out=None, err=None):
-    """Run the image command in `args`; errors are one line `cowfs COMMAND: ...` on stderr and exit 1."""
+    """Run the image command in `args`; errors are one line `cowfs COMMAND: ...` on stderr and exit 1, a usage
+    error exit 2, a signal (INT, TERM, HUP) `cowfs COMMAND: interrupted` and exit 128+N."""
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
-    return reporting(lambda: _run(args, out, err), f"cowfs {args.command}", err)
+    name = _name(args)
+    with interrupts.handling():
+        try:
+            return reporting(lambda: _run_checked(args, out, err), name, err)
+        except interrupts.Interrupted as e:
+            _say(err, f"{name}: {e}", show_traceback=True)
+            return e.status
+        except _Usage as e:
+            _say(err, f"{name}: {e.args[0]} (see '{name} --help')")
+            return 2
+
+
+class _Usage(BaseException):
+    """A UsageError passed by `reporting` (which makes every CowfsError exit 1)."""
+
+
+def _run_checked(args, out, err):
+    try:
+        return _run(args, out, err)
+    except UsageError as e:
+        raise _Usage(str(e)) from None
+
+
+def _say(stream, line, show_traceback=False):
+    try:
+        if show_traceback and _debugging():
+            traceback.print_exc(file=stream)
+        print(line, file=stream, flush=True)
+    except (OSError, ValueError):
+        pass  # stderr is gone (SIGHUP: the terminal closed): the exit status says it
+
+
+def _json(out, value):
+    print(json.dumps(value, indent=2), file=out)
 
 
 def _run(args, out, err):
@@ -182,12 +389,25 @@ def _run(args, out, err):
         import_archive(store, args.archive, name=args.name, out=out, err=err, progress=not args.quiet)
     elif cmd == "images":
         store = _store(args, create=False)
-        rows, summary = list_images(store)
-        print(table(rows, IMAGES_HEADER), file=out)
-        print(summary, file=out)
+        rows, summary = image_records(store)
+        if args.json:
+            _json(out, rows)
+        elif args.quiet:
+            for image_id in dict.fromkeys(r["ID"] for r in rows):
+                print(image_id if args.no_trunc else image_id[7:19], file=out)
+        else:
+            print(table(image_table_rows(rows, args.no_trunc), IMAGES_HEADER), file=out)
+            print(images_summary(summary), file=out)
     elif cmd == "history":
         store = _store(args, create=False)
-        print(table(history_rows(store, store.resolve(args.image), args.no_trunc), HISTORY_HEADER), file=out)
+        records = history_records(store, store.resolve(args.image))
+        if args.json:
+            _json(out, records)
+        elif args.quiet:
+            for r in records:
+                print(r["ID"] if args.no_trunc or r["ID"] == "<missing>" else r["ID"][7:19], file=out)
+        else:
+            print(table(history_table_rows(records, args.no_trunc), HISTORY_HEADER), file=out)
     elif cmd == "inspect":
         store = _store(args, create=False)
         image_id = store.resolve(args.image)
@@ -200,40 +420,11 @@ def _run(args, out, err):
         else:
             print(image_id, file=out)
     elif cmd == "rmi":
-        store = _store(args, create=False)
-        status = 0
-        used = images_in_use(store)
-        for ref in args.images:
-            try:
-                image_id = store.resolve(ref)
-                by_name = ref in store.repositories() or normalise_ref(ref) in store.repositories()
-                if image_id in used and not (by_name and len(store.tags_of(image_id)) > 1):
-                    raise StoreError(f"{ref}: image is used by container {used[image_id][0][:12]} "
-                                     "(cowfs rm it first)")
-                untagged, removed, layers = store.remove_image(ref)
-            except StoreError as e:
-                print(f"cowfs rmi: {one_line(e)}", file=err)
-                status = 1
-                continue
-            for t in untagged:
-                print(f"Untagged: {t}", file=out)
-            if removed:
-                print(f"Deleted: {removed}", file=out)
-            for layer in layers:
-                print(f"Deleted layer: {layer}", file=out)
-        return status
+        return _rmi(args, out, err)
     elif cmd == "commit":
-        _commit(args, out)
+        _commit(args, out, err)
     elif cmd == "ps":
-        store = _store(args, create=False)
-        rows = []
-        for r in list_containers(store):
-            mounted = container_mounted_at(r)
-            tags = store.tags_of(r["Image"]) if os.path.exists(
-                os.path.join(store.root, "images", r["Image"][7:] + ".json")) else []
-            rows.append((r["Id"][:12], tags[0] if tags else r["Image"][7:19], ago(parse_time(r.get("Created"))),
-                         f"mounted at {mounted}" if mounted else "not mounted", docker_size(tree_size(r["upper"]))))
-        print(table(rows, ("CONTAINER ID", "IMAGE", "CREATED", "STATUS", "SIZE")), file=out)
+        _ps(args, out)
     elif cmd == "rm":
         store = _store(args, create=False)
         status = 0
@@ -244,33 +435,114 @@ def _run(args, out, err):
                 print(f"cowfs rm: {one_line(e)}", file=err)
                 status = 1
         return status
+    elif cmd == "system":
+        return _system(args, out)
     else:
         raise StoreError(f"unknown command {cmd!r}")
     return 0
 
 
-def _commit(args, out):
-    """`cowfs commit MOUNTPOINT|UPPERDIR`: a live cowfs mount gives its upper and lowers; a container's upper
-    gives its store and image (the parent, unless --from or --lower say otherwise)."""
+def _rmi(args, out, err):
+    store = _store(args, create=False)
+    status = 0
+    used = images_in_use(store)
+    for ref in args.images:
+        try:
+            image_id = store.resolve(ref)
+            by_name = ref in store.repositories() or normalise_ref(ref) in store.repositories()
+            if image_id in used and not (by_name and len(store.tags_of(image_id)) > 1):
+                raise StoreError(f"{ref}: image is used by container {used[image_id][0][:12]} "
+                                 "(cowfs rm it first)")
+            untagged, removed, layers = store.remove_image(ref)
+        except StoreError as e:
+            print(f"cowfs rmi: {one_line(e)}", file=err)
+            status = 1
+            continue
+        for t in untagged:
+            print(f"Untagged: {t}", file=out)
+        if removed:
+            print(f"Deleted: {removed}", file=out)
+        for layer in layers:
+            print(f"Deleted layer: {layer}", file=out)
+    return status
+
+
+def _ps(args, out):
+    store = _store(args, create=False)
+    records = []
+    for r in list_containers(store):
+        mounted = container_mounted_at(r)
+        tags = store.tags_of(r["Image"]) if store.has_image(r["Image"]) else []
+        records.append({"ID": r["Id"], "Image": r["Image"], "ImageName": tags[0] if tags else r["Image"][7:19],
+                        "Created": r.get("Created"), "Mounted": mounted is not None, "MountedAt": mounted,
+                        "Size": tree_size(r["upper"]), "UpperDir": r["upper"]})
+    if args.json:
+        _json(out, records)
+    elif args.quiet:
+        for r in records:
+            print(r["ID"] if args.no_trunc else r["ID"][:12], file=out)
+    else:
+        rows = [(r["ID"] if args.no_trunc else r["ID"][:12], r["ImageName"], ago(parse_time(r["Created"])),
+                 f"mounted at {r['MountedAt']}" if r["Mounted"] else "not mounted", docker_size(r["Size"]))
+                for r in records]
+        print(table(rows, ("CONTAINER ID", "IMAGE", "CREATED", "STATUS", "SIZE")), file=out)
+
+
+def _system(args, out):
+    from cowfs.images import maintenance
+    sub = args.system_command
+    if sub == "df":
+        store = _store(args, create=False, heal=False)
+        if args.quiet:
+            for item in maintenance.reclaimable_ids(store):
+                print(item, file=out)
+            return 0
+        records = maintenance.disk_usage(store)
+        if args.json:
+            _json(out, records)
+        else:
+            print(table(maintenance.df_table_rows(records), maintenance.DF_HEADER), file=out)
+        return 0
+    if sub == "prune":
+        store = _store(args, create=False, heal=False)
+        maintenance.prune(store, all_images=args.all, containers=args.containers, dry_run=args.dry_run, out=out)
+        return 0
+    store = _store(args, create=False, heal=False, strict=False)
+    return maintenance.run_check(store, repair=args.repair, out=out)
+
+
+def _commit(args, out, err):
+    """`cowfs commit MOUNTPOINT|CONTAINER-UPPER` or `--upper-dir DIR`: a live cowfs mount gives its upper and
+    lowers; a container's upper gives its store and image (the parent, unless --from or --lower say otherwise);
+    any other directory only when --upper-dir says it is an overlay upper."""
     from cowfs.daemon.mount import is_cowfs_mount
     from cowfs.overlay.stack import parse_options
     from cowfs.runtime import read_record
+    if args.upper is not None and args.upper_dir is not None:
+        raise UsageError("give MOUNTPOINT or --upper-dir DIR, not both")
+    if args.upper is None and args.upper_dir is None:
+        raise UsageError("give the MOUNTPOINT (or container upper directory) to commit, or --upper-dir DIR")
+    given = args.upper if args.upper is not None else args.upper_dir
+    if not os.path.isdir(given):
+        raise os_error(errno.ENOTDIR if os.path.exists(given) else errno.ENOENT, given)
     lowers = [p for value in args.lower for p in split_layers(value) if p]
-    upper, userxattr, from_image, store_root = args.upper, args.userxattr, args.from_image, args.store
-    real = os.path.realpath(args.upper)
-    if is_cowfs_mount(real):
+    upper, userxattr, from_image, store_root = given, args.userxattr, args.from_image, args.store
+    real = os.path.realpath(given)
+    mount_lowers = None
+    if args.upper is not None and is_cowfs_mount(real):
         record = read_record(real)
         if record is None:
-            raise StoreError(f"{args.upper}: a cowfs mount without a record in the runtime directory "
-                             "(give its UPPERDIR instead)")
+            raise StoreError(f"{given}: a cowfs mount without a record in the runtime directory "
+                             "(give its upper directory with --upper-dir instead)")
         stack = parse_options([record["options"]])
         if stack.upper is None:
-            raise StoreError(f"{args.upper}: a read-only mount has no upper layer to commit")
+            raise StoreError(f"{given}: a read-only mount has no upper layer to commit")
         upper, userxattr = stack.upper, userxattr or stack.userxattr
         mount_lowers = stack.lowers
-    else:
-        mount_lowers = None
     container_store, container = container_of_upper(upper)
+    if args.upper is not None and mount_lowers is None and container is None:
+        raise StoreError(f"{given}: neither a cowfs mount nor a container's upper directory; to commit it "
+                         f"anyway as an overlay upper directory: cowfs commit --upper-dir {shlex.quote(given)}")
     if container is not None and not lowers and from_image is None:
         if store_root is None or os.path.realpath(store_root) == os.path.realpath(container_store):
             store_root = container_store
@@ -287,3 +559,6 @@ def _commit(args, out):
     commit(upper, lowers, out_path=args.output, store=store, tag=args.tag, from_image=from_image,
            prefix=USER_PREFIX if userxattr else TRUSTED_PREFIX, clamp_mtime=args.clamp_mtime,
            message=args.message, created_by=args.created_by, out=out)
+    if args.output is None and args.tag is None:
+        _say(err, "cowfs commit: nothing written (only the diff ID above): give -o FILE or --tag NAME:TAG to "
+                  "keep the layer")

@@ -182,11 +182,16 @@ def mount(stack, mountpoint, *, foreground=False, debug=False, trace=None, human
             _remove_record(mountpoint)
         os._exit(code)
     os.close(write_end)
-    union.hand_over()  # the daemon holds the workdir lock now
-    if writer is not None:
-        writer.close()  # and the trace
-    output = _read_until_ready(read_end, pid)
-    os.close(read_end)
+    try:
+        union.hand_over()  # the daemon holds the workdir lock now
+        if writer is not None:
+            writer.close()  # and the trace
+        output = _read_until_ready(read_end, pid)
+    except BaseException:  # Ctrl-C while the daemon starts: stop it, and leave nothing mounted
+        _stop_daemon(pid, mountpoint)
+        raise
+    finally:
+        os.close(read_end)
     if READY in output:
         return
     _reap(pid)
@@ -223,6 +228,24 @@ def _reap(pid):
         time.sleep(0.1)
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
+
+
+def _stop_daemon(pid, mountpoint):
+    """Stop a daemon that is starting (SIGTERM: libfuse unmounts and it exits), and undo what it got to:
+    the mount, its record."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except OSError:
+        pass
+    _reap(pid)
+    if is_cowfs_mount(mountpoint):
+        force_unmount(mountpoint)
+    record = read_record(mountpoint)
+    if record is not None and record.get("pid") == pid:
+        try:
+            os.unlink(record_path(mountpoint))
+        except OSError:
+            pass
 
 
 def force_unmount(mountpoint):

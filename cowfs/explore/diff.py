@@ -23,6 +23,7 @@ upper holds (`tree_size`, `object_size`), shared with `cowfs status` and `cowfs 
 """
 
 import dataclasses
+import json
 import os
 import stat
 import sys
@@ -212,15 +213,34 @@ def size_line(stack):
     return f"size: {human_size(upper)} (virtual {human_size(virtual)})"
 
 
+def diff_json(located, found, target, sizes=False):
+    """What `cowfs diff --json` prints (keys documented in `cowfs diff --help`; always all of them)."""
+    stack = located.stack
+    upper_size = virtual = None
+    if sizes:
+        upper_size = tree_size(stack.upper)
+        virtual = upper_size + sum(tree_size(layer) for layer in stack.lowers)
+    return {"target": target, "upper": stack.upper, "lowers": list(stack.lowers),
+            "changes": [{"kind": kind, "path": path, "size": object_size(real) if real else None}
+                        for kind, path, real in found],
+            "upper_size": upper_size, "virtual_size": virtual}
+
+
 def run(args):
     located = locate(args.target, args.lower, args.options)
     try:
         found = changes(located.stack)
     except OSError as e:
         raise StackError(f"{e.filename or args.target}: {e.strerror}") from None
-    for line in format_changes(found, args.size):
-        print(line)
-    if args.size:
-        print(size_line(located.stack))
+    if getattr(args, "json", False):
+        print(json.dumps(diff_json(located, found, args.target, args.size), indent=2))
+    elif getattr(args, "quiet", False):
+        for _, path, _ in found:
+            print(path)
+    else:
+        for line in format_changes(found, args.size):
+            print(line)
+        if args.size:
+            print(size_line(located.stack))
     sys.stdout.flush()
     return 0

@@ -113,12 +113,13 @@ def explain(located, path):
     origin = _resolve(before, path) if stack.upper else None
     info = {"path": path, "mountpoint": located.mountpoint, "exists": node is not None,
             "provided_by": node.layer if node is not None else None,
-            "kind": _kind(node.st) if node is not None else None, "layers": []}
+            "kind": _kind(node.st) if node is not None else None, "copied_up": False, "copied_from": None,
+            "copy_up": None, "history": [], "summary": None, "layers": []}
     parts = dict(node.parts) if node is not None else {}
     for layer, root in enumerate(after.roots):
         if root is None:
             continue
-        entry = {"layer": layer, "name": _layer_name(layer), "root": root}
+        entry = {"layer": layer, "name": _layer_name(layer), "root": root, "role": None, "reason": None}
         rel = parts.get(layer, path.strip("/"))
         real = after.real(layer, rel)
         st = _lstat(real)
@@ -185,8 +186,9 @@ def format_explain(info):
         what = e["kind"] or "-"
         if e["size"] is not None:
             what += f", {human_size(e['size'])}"
+        reason = e.get("reason") or ""
         role = {"provides": "provides it", "merged": "merged into it", "absent": "no entry",
-                "whiteout": "whiteout: " + e.get("reason", ""), "hidden": "hidden: " + e.get("reason", "")}[e["role"]]
+                "whiteout": "whiteout: " + reason, "hidden": "hidden: " + reason}[e["role"]]
         if e["role"] in ("provides", "merged") and e.get("reason"):
             role += f" ({e['reason']})"
         lines.append(f"  {e['name']:<8} {e['root']:<{width}}  {what:<16} {role}")
@@ -238,7 +240,8 @@ def status(located):
             "options": [o for o in (["redirect_dir=" + stack.redirect_dir] if stack.redirect_dir != "off" else [])
                         + [n for n in ("userxattr", "oci_whiteouts") if getattr(stack, n)]
                         + (["ro"] if stack.read_only else [])],
-            "trace": located.trace}
+            "trace": located.trace, "upper_size": None, "copied_up_files": None, "copied_up_dirs": None,
+            "copied_up_source": None}
     if stack.upper:
         files, dirs, source = copied_up(located)
         info.update(upper_size=tree_size(stack.upper), copied_up_files=files, copied_up_dirs=dirs,
@@ -281,6 +284,9 @@ def run_status(args):
     infos = [status(located) for located in found if located is not None]
     if args.json:
         print(json.dumps(infos, indent=2))
+    elif getattr(args, "quiet", False):
+        for info in infos:
+            print(info["mountpoint"])
     elif not infos:
         print("no cowfs mounts")
     else:

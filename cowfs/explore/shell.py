@@ -22,7 +22,7 @@ from cowfs import mounttable
 from cowfs.daemon import mount as mounting
 from cowfs.errors import StackError
 from cowfs.explore.diff import changes, format_changes, size_line
-from cowfs.overlay.stack import check, lowerdir_option, parse_options, upperdir_option
+from cowfs.overlay.stack import check, lowerdir_option, parse_options, split_options, upperdir_option
 
 PREFIX = "[cowfs] "
 
@@ -67,6 +67,9 @@ def _image_options(args):
     root = getattr(args, "store", None) or default_store()
     image_id = looks_like_image(root, args.layers[0])
     if image_id is None:
+        if not os.path.lexists(args.layers[0]):
+            raise StackError(f"{args.layers[0]}: no such layer directory, and no such image in store "
+                             f"{os.path.abspath(root)}")
         return None
     store = Store(root, create=False)
     print(f"cowfs shell: image {args.layers[0]} ({image_id[7:19]}) from the store {store.root}, "
@@ -81,6 +84,11 @@ def _stack(args):
             raise StackError("shell: give an upper directory with --upper DIR, not -o upperdir=")
         return image
     options = list(args.options)
+    keys = [opt.partition("=")[0] for text in options for opt in split_options(text)]
+    if args.layers and "lowerdir" in keys:
+        raise StackError("shell: the lower layers are given twice: as LAYER... and as -o lowerdir=; give one")
+    if keys.count("lowerdir") > 1:
+        raise StackError("shell: option 'lowerdir' given twice")
     if args.layers:
         options.insert(0, lowerdir_option(os.path.abspath(p) for p in args.layers))
     if not any(opt.startswith("lowerdir=") or ",lowerdir=" in opt for opt in options):
@@ -125,10 +133,47 @@ def _run_shell(merged, tmp, events):
     child = subprocess.Popen(command, cwd=merged, env=env)
     old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP)}
     try:
-        return child.wait()
+        status = child.wait()
+        return 128 - status if status < 0 else status  # killed by signal N: 128+N, as a shell says it
+    except BaseException:  # cowfs itself was stopped (SIGTERM, SIGHUP): hang up on the shell first
+        child.send_signal(signal.SIGHUP)
+        try:
+            child.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        raise
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+def _make_dirs(path):
+    """Make `path` and its missing parents; return those made, deepest first."""
+    missing = []
+    while not os.path.lexists(path):
+        missing.insert(0, path)
+        path = os.path.dirname(path)
+    made = []
+    try:
+        for d in missing:
+            os.mkdir(d)
+            made.insert(0, d)
+    except BaseException:
+        _remove_made(made)
+        raise
+    return made
+
+
+def _remove_made(made):
+    """Remove the directories made (and a workdir's staging directory) while they are empty."""
+    from cowfs.overlay.workdir import WORK_SUBDIR
+    for d in made:
+        for path in (os.path.join(d, WORK_SUBDIR), d):
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
 
 
 def _still_mounted(path):
@@ -137,18 +182,22 @@ def _still_mounted(path):
 
 
 def run(args):
+    """Mount, run the shell, list the changes, unmount and clean up; the exit status is the shell's."""
     options = _stack(args)
+    status = 0
     tmp = tempfile.mkdtemp(prefix="cowfs-shell-")
     merged = os.path.join(tmp, "merged")
     trace = os.path.join(tmp, "trace.jsonl")
     events = os.path.join(tmp, "events.txt")
-    mounted = False
+    mounted = served = False  # served: the stack was mounted, so --keep has something to keep
+    made = []  # the directories made for --upper: removed again when the mount does not happen
     try:
         if args.upper:
+            check(mounting.unprivileged(parse_options(options), quiet=True))  # refuse before making anything
             upper = os.path.abspath(args.upper)
             work = upper.rstrip("/") + ".work"
-            os.makedirs(upper, exist_ok=True)
-            os.makedirs(work, exist_ok=True)
+            made = _make_dirs(upper)
+            made = _make_dirs(work) + made  # removed in this order: the workdir first
         else:
             upper, work = os.path.join(tmp, "upper"), os.path.join(tmp, "work")
             os.mkdir(upper)
@@ -157,7 +206,8 @@ def run(args):
         open(events, "w").close()
         stack = check(parse_options(options + [upperdir_option(upper, work)]))
         mounting.mount(stack, merged, trace=trace, human_trace=events)
-        mounted = True
+        mounted = served = True
+        made = []
         try:
             print(f"cowfs shell: {len(stack.lowers)} lower layer{'s' if len(stack.lowers) != 1 else ''} "
                   f"under the upper {upper}, mounted at {merged}")
@@ -175,6 +225,7 @@ def run(args):
             mounting.umount(merged)
             mounted = False
     finally:
+        _remove_made(made)
         if mounted or _still_mounted(merged):
             try:
                 mounting.umount(merged)
@@ -182,7 +233,7 @@ def run(args):
                 mounting.force_unmount(merged)
         if _still_mounted(tmp):
             print(f"cowfs: {tmp}: still mounted; left in place", file=sys.stderr)
-        elif args.keep and not args.upper:
+        elif args.keep and served and not args.upper:
             for name in ("merged", "events.txt", "events.txt.seen", "hook.sh", "bashrc", "shenv"):
                 path = os.path.join(tmp, name)
                 if os.path.isdir(path):
@@ -191,10 +242,10 @@ def run(args):
                     os.unlink(path)
             print(f"cowfs shell: kept the upper {os.path.join(tmp, 'upper')} and the trace {trace}")
         else:
-            if args.keep:
+            if args.keep and served:
                 keep_trace = args.upper.rstrip("/") + ".trace.jsonl"
                 if os.path.exists(trace):
                     shutil.move(trace, keep_trace)
                     print(f"cowfs shell: kept the trace {keep_trace}")
             shutil.rmtree(tmp, ignore_errors=True)
-    return 0
+    return status

@@ -6,67 +6,117 @@ in cowfs.images.containers; how sizes, times and tables look is cowfs.formatting
 
 import os
 
-from cowfs.formatting import ago, docker_size
-from cowfs.images.store import Store, StoreError, parse_time
+from cowfs.formatting import ago, docker_size, plural
+from cowfs.images.store import Store, StoreDamaged, StoreError, parse_time
 from cowfs.overlay.stack import lowerdir_value
 from cowfs.overlay.whiteout import USER_PREFIX
 
 
+def layer_sizes(store, image_id):
+    """{diff ID: size} of an image's layers; StoreDamaged when one is missing or its layer.json is broken."""
+    return {d: store.layer_info(d, used_by=image_id)["size"] for d in store.image_layers(image_id)}
+
+
 def image_size(store, image_id):
-    return sum(store.layer_info(d)["size"] for d in store.image_layers(image_id) if store.has_layer(d))
+    return sum(layer_sizes(store, image_id).values())
+
+
+def image_records(store):
+    """`cowfs images` as data: ([one dict per image and tag, as the table's rows], summary dict).
+
+    Row keys: Repository, Tag ("<none>" for an untagged image), ID (sha256:...),
+    Created (the config's RFC 3339 time, or None), Size, SharedSize, UniqueSize
+    (bytes). Summary keys: Layers (layers stored), Size (their bytes), UsedSize
+    (the images' sizes added up), Saved (UsedSize - Size).
+    """
+    repos = store.repositories()
+    image_ids = store.image_ids()
+    users, sizes = {}, {}
+    for image_id in image_ids:
+        found = layer_sizes(store, image_id)
+        sizes.update(found)
+        for diff_id in found:
+            users[diff_id] = users.get(diff_id, 0) + 1
+    for diff_id in store.layer_ids():
+        if diff_id not in sizes:
+            sizes[diff_id] = store.layer_info(diff_id)["size"]
+    rows = []
+    for image_id in image_ids:
+        config = store.config(image_id)
+        layers = set(store.image_layers(image_id))
+        size = sum(sizes[d] for d in layers)
+        shared = sum(sizes[d] for d in layers if users.get(d, 0) > 1)
+        created = config.get("created") if isinstance(config.get("created"), str) else None
+        for ref in store.tags_of(image_id, repos) or ["<none>:<none>"]:
+            repo, _, tag = ref.rpartition(":")
+            rows.append({"Repository": repo, "Tag": tag, "ID": image_id, "Created": created, "Size": size,
+                         "SharedSize": shared, "UniqueSize": size - shared})
+    stored = sum(sizes.values())
+    used = sum(sizes[d] * n for d, n in users.items())
+    return rows, {"Layers": len(sizes), "Size": stored, "UsedSize": used, "Saved": used - stored}
+
+
+def image_table_rows(rows, no_trunc=False):
+    return [(r["Repository"], r["Tag"], r["ID"] if no_trunc else r["ID"][7:19], ago(parse_time(r["Created"])),
+             docker_size(r["Size"]), docker_size(r["SharedSize"]), docker_size(r["UniqueSize"])) for r in rows]
+
+
+def images_summary(summary):
+    """The line under `cowfs images`: how much storing each layer once saves."""
+    return (f"{plural(summary['Layers'], 'layer')} stored once: {docker_size(summary['Size'])}; the images use "
+            f"{docker_size(summary['UsedSize'])} in all, so sharing saves {docker_size(summary['Saved'])}")
 
 
 def list_images(store):
     """Rows for `cowfs images` and the sharing summary line."""
-    repos = store.repositories()
-    users = {}
-    for image_id in store.image_ids():
-        for diff_id in set(store.image_layers(image_id)):
-            users[diff_id] = users.get(diff_id, 0) + 1
-    sizes = {d: store.layer_info(d)["size"] for d in store.layer_ids()}
-    rows = []
-    for image_id in store.image_ids():
-        config = store.config(image_id)
-        layers = set(store.image_layers(image_id))
-        size = sum(sizes.get(d, 0) for d in layers)
-        shared = sum(sizes.get(d, 0) for d in layers if users.get(d, 0) > 1)
-        for ref in store.tags_of(image_id, repos) or ["<none>:<none>"]:
-            repo, _, tag = ref.rpartition(":")
-            rows.append((repo, tag, image_id[7:19], ago(parse_time(config.get("created"))), docker_size(size),
-                         docker_size(shared), docker_size(size - shared)))
-    stored = sum(sizes.values())
-    unshared = sum(sizes.get(d, 0) * n for d, n in users.items())
-    summary = (f"{len(sizes)} layers stored once: {docker_size(stored)}; the images use {docker_size(unshared)} "
-               f"in all, so sharing saves {docker_size(unshared - stored)}")
-    return rows, summary
+    rows, summary = image_records(store)
+    return image_table_rows(rows), images_summary(summary)
 
 
 IMAGES_HEADER = ("REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE", "SHARED SIZE", "UNIQUE SIZE")
 HISTORY_HEADER = ("IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT")
 
 
-def history_rows(store, image_id, no_trunc=False):
-    """Newest first, as `docker image history`: the image's ID on the top row, `<missing>` below it."""
+def history_records(store, image_id):
+    """`cowfs history` as data, newest first: dicts with ID (the image's on the top row, else "<missing>"),
+    Created (RFC 3339 or None), CreatedBy, Size (bytes), Comment, EmptyLayer."""
     config = store.config(image_id)
     diff_ids = store.image_layers(image_id)
-    entries = config.get("history") or [{"created": config.get("created"), "created_by": ""} for _ in diff_ids]
-    rows = []
+    entries = config.get("history")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        entries = [{"created": config.get("created"), "created_by": ""} for _ in diff_ids]
+    records = []
     layer_index = 0
     for entry in entries:
         size = 0
-        if not entry.get("empty_layer"):
-            if layer_index < len(diff_ids) and store.has_layer(diff_ids[layer_index]):
-                size = store.layer_info(diff_ids[layer_index])["size"]
+        empty = bool(entry.get("empty_layer"))
+        if not empty:
+            if layer_index < len(diff_ids):
+                size = store.layer_info(diff_ids[layer_index], used_by=image_id)["size"]
             layer_index += 1
-        created_by = (entry.get("created_by") or "").replace("\n", " ").replace("\t", " ")
+        created = entry.get("created") if isinstance(entry.get("created"), str) else None
+        records.append({"ID": "<missing>", "Created": created, "CreatedBy": str(entry.get("created_by") or ""),
+                        "Size": size, "Comment": str(entry.get("comment") or ""), "EmptyLayer": empty})
+    records.reverse()
+    if records:
+        records[0]["ID"] = image_id
+    return records
+
+
+def history_table_rows(records, no_trunc=False):
+    rows = []
+    for r in records:
+        created_by = r["CreatedBy"].replace("\n", " ").replace("\t", " ")
         if not no_trunc and len(created_by) > 45:
             created_by = created_by[:44] + "…"
-        created = ago(parse_time(entry.get("created")))
-        rows.append(["<missing>", created, created_by, docker_size(size), entry.get("comment", "")])
-    rows.reverse()
-    if rows:
-        rows[0][0] = image_id if no_trunc else image_id[7:19]
+        shown_id = r["ID"] if no_trunc or r["ID"] == "<missing>" else r["ID"][7:19]
+        rows.append([shown_id, ago(parse_time(r["Created"])), created_by, docker_size(r["Size"]), r["Comment"]])
     return rows
+
+
+def history_rows(store, image_id, no_trunc=False):
+    """Newest first, as `docker image history`: the image's ID on the top row, `<missing>` below it."""
+    return history_table_rows(history_records(store, image_id), no_trunc)
 
 
 def inspect(store, image_id):
@@ -88,20 +138,35 @@ def inspect(store, image_id):
 
 
 def lowerdir(store, image_id):
-    """The image's layer directories as a lowerdir= value: topmost first, colon-separated (and escaped)."""
-    return lowerdir_value(store.layer_path(d) for d in reversed(store.image_layers(image_id)))
+    """The image's layer directories as a lowerdir= value: topmost first, colon-separated (and escaped).
+    StoreDamaged when one of them is missing."""
+    paths = []
+    seen = set()
+    for diff_id in reversed(store.image_layers(image_id)):
+        if diff_id in seen:  # the same layer again, lower down: everything it holds shows from above already,
+            continue  # and the kernel, like cowfs, refuses one directory as two layers
+        seen.add(diff_id)
+        store.layer_info(diff_id, used_by=image_id)
+        if not os.path.isdir(store.layer_path(diff_id)):
+            raise store.damaged(f"layer {diff_id[7:19]}", f"its diff/ directory is missing, and image "
+                                f"{image_id[7:19]} uses it")
+        paths.append(store.layer_path(diff_id))
+    return lowerdir_value(paths)
 
 
 def looks_like_image(store_root, ref):
     """The image ID `ref` names in the store at `store_root`, or None (no store there, or no such image).
 
     A path that exists is never taken for an image: `cowfs mount DIR MNT` keeps meaning a one-layer mount.
+    A damaged store raises StoreDamaged (one line saying what is wrong) rather than hide the image.
     """
     if os.path.exists(ref) or not os.path.isdir(os.path.join(store_root, "layers")):
         return None
     try:
         return Store(store_root, create=False).resolve(ref)
-    except (StoreError, ValueError):
+    except StoreDamaged:
+        raise
+    except StoreError:
         return None
 
 

@@ -10,9 +10,9 @@ it records, as root would have written the same image (archive.py's writer).
 import json
 import os
 import sys
-import tempfile
 
 from cowfs.images.archive import ArchiveError, write_layer
+from cowfs.images.reference import check_tag_reference
 from cowfs.images.store import StoreError, machine_architecture, normalise_ref, now_rfc3339
 from cowfs.overlay.whiteout import TRUSTED_PREFIX
 
@@ -38,8 +38,11 @@ def commit(upper, lowers=(), out_path=None, store=None, tag=None, from_image=Non
     Raises:
         ArchiveError: the upper cannot be archived (a redirect without lowers, unreadable files).
         StoreError: the parent image cannot be found, or the lowers are not store layers.
+        BadReference: `tag` is not a name Docker would accept.
     """
     out = out if out is not None else sys.stdout
+    if tag is not None:
+        check_tag_reference(tag)
     if not os.path.isdir(upper):
         raise ArchiveError(upper, "not a directory")
     lowers = list(lowers)
@@ -60,14 +63,13 @@ def commit(upper, lowers=(), out_path=None, store=None, tag=None, from_image=Non
     for p in lowers:
         if not os.path.isdir(p):
             raise ArchiveError(p, "lower layer is not a directory")
-    tmp_tar = None
+    staging = tmp_tar = None
     try:
         if out_path is not None:
             target = out_path
         elif tag is not None:
-            fd, tmp_tar = tempfile.mkstemp(prefix="commit-", suffix=".tar", dir=os.path.join(store.root, "tmp"))
-            os.close(fd)
-            target = tmp_tar
+            staging = store.staging("commit")  # removed however this ends (and by the next command after SIGKILL)
+            target = tmp_tar = os.path.join(staging.path, "layer.tar")
         else:
             target = None
         if target is None:
@@ -108,5 +110,5 @@ def commit(upper, lowers=(), out_path=None, store=None, tag=None, from_image=Non
             print(f"Tagged {normalise_ref(tag)} as {image_id}", file=out)
         return diff_id, image_id
     finally:
-        if tmp_tar is not None and os.path.exists(tmp_tar):
-            os.unlink(tmp_tar)
+        if staging is not None:
+            staging.close()

@@ -8,11 +8,11 @@ the image a container's upper came from (`container_of_upper`).
 import json
 import os
 import secrets
-import shutil
-import tempfile
 
 from cowfs import runtime
-from cowfs.images.store import StoreError, now_rfc3339
+from cowfs.errors import CowfsError
+from cowfs.images import interrupts
+from cowfs.images.store import StoreDamaged, StoreError, is_digest, now_rfc3339
 from cowfs.overlay import override
 from cowfs.overlay.stack import parse_options
 
@@ -32,8 +32,9 @@ def create_container(store, image_id, ref, mountpoint):
     cid = secrets.token_hex(32)
     marks = (override.root_value(store.layer_path(d)) for d in reversed(store.image_layers(image_id)))
     mark = next((value for value in marks if value is not None), None)
-    staged = tempfile.mkdtemp(prefix="ctr-", dir=os.path.join(store.root, "tmp"))
-    try:
+    with store.staging("ctr") as staging:  # built in tmp/, renamed into place whole
+        staged = os.path.join(staging.path, "container")
+        os.mkdir(staged, 0o755)
         for sub in ("upper", "work"):
             os.mkdir(os.path.join(staged, sub), 0o755)
         if mark is not None:
@@ -43,9 +44,6 @@ def create_container(store, image_id, ref, mountpoint):
         with open(os.path.join(staged, CONTAINER_FILE), "w") as f:
             json.dump(record, f, indent=1)
         os.rename(staged, os.path.join(root, cid))
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
     return dict(record, upper=os.path.join(root, cid, "upper"), work=os.path.join(root, cid, "work"))
 
 
@@ -63,15 +61,33 @@ def container_of_upper(upper):
     return os.path.dirname(os.path.dirname(cdir)), dict(record, upper=upper, work=os.path.join(cdir, "work"))
 
 
-def list_containers(store):
-    """Every container record of the store, oldest first."""
+def read_container(store, cid):
+    """The record of container directory `cid` (with its upper and work). StoreDamaged when container.json
+    is missing or not as cowfs writes it."""
+    cdir = os.path.join(store.root, CONTAINERS, cid)
+    what = f"container {cid[:12]}"
+    try:
+        record = store.load_json(os.path.join(CONTAINERS, cid, CONTAINER_FILE))
+    except FileNotFoundError:
+        raise store.damaged(what, f"{CONTAINER_FILE} is missing") from None
+    except StoreDamaged as e:
+        raise store.damaged(what, f"{CONTAINER_FILE}: {e.problem}") from None
+    if not isinstance(record, dict) or record.get("Id") != cid or not is_digest(record.get("Image")):
+        raise store.damaged(what, f"{CONTAINER_FILE} lacks its Id or Image")
+    return dict(record, upper=os.path.join(cdir, "upper"), work=os.path.join(cdir, "work"))
+
+
+def container_dirs(store):
+    """The names (container IDs) of the directories in STORE/containers."""
     root = os.path.join(store.root, CONTAINERS)
-    found = []
-    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        _, record = container_of_upper(os.path.join(root, name, "upper"))
-        if record is not None:
-            found.append(record)
-    return sorted(found, key=lambda r: r.get("Created", ""))
+    return sorted(os.listdir(root)) if os.path.isdir(root) else []
+
+
+def list_containers(store):
+    """Every container record of the store, oldest first. StoreDamaged for a container.json that is not
+    as cowfs writes it."""
+    found = [read_container(store, cid) for cid in container_dirs(store)]
+    return sorted(found, key=lambda r: str(r.get("Created", "")))
 
 
 def resolve_container(store, ref):
@@ -89,7 +105,7 @@ def container_mounted_at(record):
     for rec in runtime.records():
         try:
             stack = parse_options([rec.get("options", "")])
-        except Exception:  # noqa: BLE001 - a record we cannot read is not this container's
+        except (CowfsError, ValueError, TypeError, AttributeError):  # a record we cannot read is not this one
             continue
         if stack.upper and os.path.realpath(stack.upper) == os.path.realpath(record["upper"]):
             return rec.get("mountpoint")
@@ -103,9 +119,10 @@ def remove_container(store, ref):
     if mounted:
         raise StoreError(f"container {record['Id'][:12]} is mounted at {mounted} (cowfs umount it first)")
     cdir = os.path.dirname(record["upper"])
-    trash = tempfile.mkdtemp(prefix="rm-", dir=os.path.join(store.root, "tmp"))
-    os.rename(cdir, os.path.join(trash, "container"))
-    shutil.rmtree(trash, ignore_errors=True)
+    with store.staging("rm") as trash:
+        with interrupts.deferred():
+            os.rename(cdir, os.path.join(trash.path, "container"))
+            interrupts.changed()
     return record["Id"]
 
 

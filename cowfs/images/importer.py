@@ -9,6 +9,11 @@ Formats read by `import_archive`:
   machine's platform when there are several), manifests to configs and layers;
 - bare layer tarballs: plain, gzip, or zstd when the `zstandard` module or
   the `zstd` command is there.
+ARCHIVE `-` is read from stdin, as `docker load` does; stdin, a pipe or a
+FIFO is first copied to a file in the store's tmp/ (the formats need to
+seek), which goes away however the import ends. A directory must be an OCI
+layout or an unpacked docker save archive; image names are checked as Docker
+checks them (cowfs.images.reference).
 Every digest the archive states is checked: the diff IDs of the config
 against the uncompressed layers, and OCI blob names against their content.
 """
@@ -17,11 +22,14 @@ import hashlib
 import json
 import os
 import re
+import stat
 import sys
 import tarfile
 
-from cowfs.formatting import docker_size
+from cowfs.formatting import docker_size, plural
 from cowfs.images.archive import (
+    CHUNK,
+    GZIP_MAGIC,
     ZSTD_MAGIC,
     ArchiveError,
     HashingReader,
@@ -29,6 +37,7 @@ from cowfs.images.archive import (
     ProgressFile,
     zstd_available,
 )
+from cowfs.images.reference import BadReference, check_tag_reference
 from cowfs.images.store import StoreError, check_digest, machine_architecture, normalise_ref, now_rfc3339
 
 INDEX_TYPES = ("application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json")
@@ -145,9 +154,26 @@ def _platform_matches(desc):
     return plat.get("os", "linux") == "linux" and plat.get("architecture", arch) == arch
 
 
+def _tree_bytes(root):
+    """Bytes of the regular files under `root` (for progress lines); what cannot be read counts nothing."""
+    total = 0
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
+
+
 class _Importer:
     def __init__(self, store, archive, name, out, err, show_progress):
-        self.store, self.archive, self.name = store, archive, name
+        self.store, self.name = store, name
+        self.archive = "stdin" if archive == "-" else archive  # how messages name it
+        self.given = archive
+        self.path = archive  # the file read: the archive, or its copy in tmp/
         self.out, self.err = out, err
         self.show_progress = show_progress
         self.progress = None
@@ -155,25 +181,68 @@ class _Importer:
     def say(self, text):
         print(text, file=self.out, flush=True)
 
+    def needs_spool(self):
+        """True when the archive is a stream (stdin, a pipe, a FIFO, a device): it is copied to a file first."""
+        if self.given == "-":
+            try:
+                return not stat.S_ISREG(os.fstat(0).st_mode)
+            except OSError:
+                return True
+        try:
+            st = os.stat(self.given)
+        except OSError:
+            return False  # open_source says what is wrong
+        return not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode))
+
+    def spool(self, directory):
+        """Copy the stream to `directory`/archive; returns that path."""
+        if self.given == "-":
+            if os.isatty(0):
+                raise ArchiveError(self.archive, "is a terminal: pipe an archive in (cowfs import - < IMAGE.tar)")
+            src = os.fdopen(os.dup(0), "rb")
+        else:
+            try:
+                src = open(self.given, "rb")
+            except OSError as e:
+                raise ArchiveError(self.archive, e.strerror or str(e)) from None
+        progress = Progress(f"reading {self.archive}", None, self.err) if self.show_progress else None
+        path = os.path.join(directory, "archive")
+        done = 0
+        with src, open(path, "wb") as out:
+            for chunk in iter(lambda: src.read(CHUNK), b""):
+                out.write(chunk)
+                done += len(chunk)
+                if progress:
+                    progress.update(done)
+        if progress:
+            progress.finish(done)
+        if done == 0:
+            raise ArchiveError(self.archive, "empty: no archive was read")
+        return path
+
     def open_source(self):
         """(kind, source) for the archive: kind is "docker", "oci" or "layer" (source None for a bare layer)."""
-        path = self.archive
+        path = self.path
+        if self.given == "-" and path == "-":
+            path = self.path = "/proc/self/fd/0"  # stdin is a regular file (cowfs import - < FILE)
         if os.path.isdir(path):
-            total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
-            self.progress = Progress(f"importing {path}", total, self.err) if self.show_progress else None
-            source = _DirSource(path, self.progress)
+            source = _DirSource(path, None)
             if source.exists("manifest.json"):
-                return "docker", source
-            if source.exists("index.json") and source.exists("oci-layout"):
-                return "oci", source
-            raise ArchiveError(path, "directory is neither an OCI image layout (oci-layout, index.json) "
-                               "nor an unpacked docker save archive (manifest.json)")
+                kind = "docker"
+            elif source.exists("index.json") and source.exists("oci-layout"):
+                kind = "oci"
+            else:
+                raise ArchiveError(path, "a directory, but neither an OCI image layout (oci-layout, index.json) "
+                                   "nor an unpacked docker save archive (manifest.json)")
+            if self.show_progress:
+                self.progress = source.progress = Progress(f"importing {path}", _tree_bytes(path), self.err)
+            return kind, source
         try:
             f = open(path, "rb")
         except OSError as e:
-            raise ArchiveError(path, e.strerror or str(e)) from None
+            raise ArchiveError(self.archive, e.strerror or str(e)) from None
         total = os.fstat(f.fileno()).st_size
-        self.progress = Progress(f"importing {path}", total, self.err) if self.show_progress else None
+        self.progress = Progress(f"importing {self.archive}", total, self.err) if self.show_progress else None
         if f.read(4) == ZSTD_MAGIC:
             f.close()
             return "layer", None
@@ -181,19 +250,35 @@ class _Importer:
         pf = ProgressFile(f, self.progress) if self.progress else f
         try:
             tf = tarfile.open(fileobj=pf, mode="r:*")
-            source = _TarSource(tf, path, f)
+            source = _TarSource(tf, self.archive, f)
         except (tarfile.TarError, EOFError, OSError) as e:
+            f.seek(0)
+            compressed = f.read(6).startswith((GZIP_MAGIC, b"BZh", b"\xfd7zXZ"))
             f.close()
-            if isinstance(e, tarfile.ReadError) and "empty" not in str(e) and "truncated" not in str(e) \
-                    and "unexpected end" not in str(e):
-                raise ArchiveError(path, "not a tar archive, an OCI image layout or a docker save archive") from None
-            raise ArchiveError(path, f"truncated or corrupt archive ({e})") from None
+            reason = " ".join(str(e).split())
+            if isinstance(e, tarfile.ReadError) and "could not be opened successfully" in reason:
+                if not compressed:
+                    raise ArchiveError(self.archive, "not a tar archive, an OCI image layout or a docker save "
+                                       "archive") from None
+                reason = "its compressed stream cannot be read"
+            elif isinstance(e, tarfile.ReadError) and "empty" not in reason and "truncated" not in reason \
+                    and "unexpected end" not in reason:
+                raise ArchiveError(self.archive, "not a tar archive, an OCI image layout or a docker save "
+                                   "archive") from None
+            raise ArchiveError(self.archive, f"truncated or corrupt archive ({reason})") from None
         if source.exists("manifest.json"):
             return "docker", source
         if source.exists("index.json") and source.exists("oci-layout"):
             return "oci", source
         source.close()
         return "layer", None
+
+    def checked_ref(self, ref, where):
+        """An image name the archive gives, checked as Docker checks it."""
+        try:
+            return check_tag_reference(ref)
+        except BadReference as e:
+            raise ArchiveError(self.archive, str(e), where) from None
 
     def layer(self, txn, source, member, expected, blob_digest=None):
         """Unpack one layer from `source` (unless stored already), print a line about it, return its diff ID."""
@@ -219,6 +304,16 @@ class _Importer:
             self.say(f"{diff_id[7:19]}: already stored")
 
     def run(self):
+        spool = self.store.staging("stdin") if self.needs_spool() else None
+        try:
+            if spool is not None:
+                self.path = self.spool(spool.path)
+            return self.run_source()
+        finally:
+            if spool is not None:
+                spool.close()
+
+    def run_source(self):
         kind, source = self.open_source()
         images = []  # (config bytes, refs)
         try:
@@ -231,7 +326,8 @@ class _Importer:
                     images = self.bare(txn)
                 if self.name is not None:
                     if len(images) != 1:
-                        raise ArchiveError(self.archive, f"holds {len(images)} images; --name needs exactly one")
+                        raise ArchiveError(self.archive, f"holds {plural(len(images), 'image')}; --name needs "
+                                           "exactly one")
                     images = [(images[0][0], [self.name])]
                 ids = [(txn.add_image(config, refs), refs) for config, refs in images]
                 txn.commit()
@@ -251,6 +347,13 @@ class _Importer:
         manifest, _ = _read_json(source, "manifest.json", self.archive)
         if not isinstance(manifest, list) or not manifest:
             raise ArchiveError(self.archive, "manifest.json is not a list of images", "manifest.json")
+        for entry in manifest:  # the names first: a bad one is refused before anything is unpacked
+            tags = entry.get("RepoTags") or [] if isinstance(entry, dict) else []
+            if not isinstance(tags, list):
+                raise ArchiveError(self.archive, "RepoTags is not a list", "manifest.json")
+            if self.name is None:
+                for tag in tags:
+                    self.checked_ref(tag, "manifest.json")
         images = []
         for entry in manifest:
             try:
@@ -260,8 +363,8 @@ class _Importer:
             config, config_bytes = _read_json(source, config_name, self.archive)
             diff_ids = list(config.get("rootfs", {}).get("diff_ids", []))
             if len(diff_ids) != len(layer_names):
-                raise ArchiveError(self.archive, f"config lists {len(diff_ids)} diff IDs for "
-                                   f"{len(layer_names)} layers", config_name)
+                raise ArchiveError(self.archive, f"config lists {plural(len(diff_ids), 'diff ID')} for "
+                                   f"{plural(len(layer_names), 'layer')}", config_name)
             for member, diff_id in zip(layer_names, diff_ids):
                 try:
                     check_digest(diff_id, "diff ID")
@@ -287,6 +390,8 @@ class _Importer:
             tag = annotations.get("org.opencontainers.image.ref.name")
             if ref is None and tag and (":" in tag or "/" in tag):
                 ref = tag
+            if ref is not None and self.name is None:
+                ref = self.checked_ref(ref, "index.json")
             manifest_desc = self.pick_manifest(source, desc)
             config_bytes = self.oci_image(txn, source, manifest_desc)
             images.append((config_bytes, [ref] if ref else []))
@@ -322,8 +427,8 @@ class _Importer:
         diff_ids = list(config.get("rootfs", {}).get("diff_ids", []))
         layers = manifest.get("layers", [])
         if len(diff_ids) != len(layers):
-            raise ArchiveError(self.archive, f"config lists {len(diff_ids)} diff IDs for {len(layers)} layers",
-                               config_name)
+            raise ArchiveError(self.archive, f"config lists {plural(len(diff_ids), 'diff ID')} for "
+                               f"{plural(len(layers), 'layer')}", config_name)
         for layer_desc, diff_id in zip(layers, diff_ids):
             try:
                 check_digest(diff_id, "diff ID")
@@ -337,7 +442,7 @@ class _Importer:
         return config_bytes
 
     def bare(self, txn):
-        f = open(self.archive, "rb")
+        f = open(self.path, "rb")
         pf = ProgressFile(f, self.progress) if self.progress else f
         try:
             diff_id = txn.add_layer(pf, self.archive, progress=None)
@@ -349,7 +454,7 @@ class _Importer:
             "architecture": machine_architecture(),
             "os": "linux", "created": now, "config": {},
             "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-            "history": [{"created": now, "created_by": f"cowfs import {os.path.basename(self.archive)}"}],
+            "history": [{"created": now, "created_by": f"cowfs import {os.path.basename(self.given)}"}],
         }
         return [(json.dumps(config, sort_keys=True).encode(), [])]
 
@@ -363,5 +468,5 @@ def import_archive(store, archive, name=None, out=None, err=None, progress=True)
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
     if name is not None:
-        name = normalise_ref(name)
+        name = normalise_ref(check_tag_reference(name))
     return _Importer(store, archive, name, out, err, progress).run()

@@ -3,21 +3,40 @@
 Layout of a store directory (as Docker's overlay2 and image store, simplified):
 
     layers/HEX/diff/        the layer unpacked, in the overlay's on-disk format
-    layers/HEX/layer.json   {"diff_id", "size", "created"}; HEX is the diff ID's hex
+    layers/HEX/layer.json   {"diff_id", "size", "created", "content"}; HEX is the diff ID's hex
     images/HEX.json         an image's config JSON, byte for byte; HEX (its sha256) is the image ID
     repositories.json       {"name:tag": "sha256:IMAGE-ID"}
     store.json              {"xattr_prefix": "trusted.overlay." | "user.overlay."}
+    containers/ID/          a container's upper, work and container.json (cowfs.images.containers)
     tmp/                    staging: everything new is built here, then renamed into place
     lock                    flock'ed by every change
 
-A layer is stored once, whatever number of images use it. Changes happen
-in a `Transaction`: layers are unpacked under tmp/, and only when all of
-them are complete are they renamed into layers/ and the image and tag files
-written (each by write-and-rename), so a failed import leaves the store as it was.
+A layer is stored once, whatever number of images use it. Its `size` counts
+the bytes of its files and symlinks (as `tree_size` and Docker do), and its
+`content` is `layer_content`'s digest of the unpacked tree, computed right
+after unpacking: the diff ID is the digest of the tar, which an unpacked
+directory cannot give back, so `cowfs system check` verifies the diff ID's
+name, the size and this digest.
+
+Changes happen in a `Transaction`: layers are unpacked under tmp/txn-*, and
+only when all of them are complete are they renamed into layers/ and the
+image and tag files written. Its commit point is one file, tmp/txn-*/COMMIT,
+written (write-and-rename) with the whole plan before the first rename: a
+transaction without it is dropped, one with it is completed. So whatever
+stops an import, the store is as it was before or as after it, never in
+between.
+
+Every entry of tmp/ belongs to the process that made it, which holds an
+flock on it as long as it lives (`Staging`); entries are made under the store
+lock. A process stopped without cleaning up (SIGKILL, a crash, a power cut)
+leaves its entry unlocked: the next command that opens the store (`heal`)
+removes it, or completes it when it is a transaction past its commit point,
+and never touches an entry whose process is alive (a concurrent import).
 """
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import hashlib
 import json
@@ -25,16 +44,31 @@ import os
 import platform
 import re
 import shutil
+import stat
 import tempfile
 import time
 
 from cowfs.errors import CowfsError
+from cowfs.images import interrupts
 from cowfs.images.archive import unpack_layer
-from cowfs.overlay.whiteout import TRUSTED_PREFIX, USER_PREFIX
+from cowfs.images.reference import check_tag_reference
+from cowfs.overlay.whiteout import PREFIXES, TRUSTED_PREFIX, USER_PREFIX
+
+IMAGE_FILE = re.compile(r"[0-9a-f]{64}\.json")
+HEX64 = re.compile(r"[0-9a-f]{64}")
+COMMIT_FILE = "COMMIT"
 
 
 class StoreError(CowfsError):
     """A store operation cowfs refuses; str() is the one-line message to show."""
+
+
+class StoreDamaged(StoreError):
+    """The store holds something cowfs did not write (a truncated file, a missing layer): one line naming it."""
+
+    def __init__(self, root, what, problem):
+        self.root, self.what, self.problem = root, what, problem
+        super().__init__(f"store {root}: {what}: {problem} (run cowfs system check)")
 
 
 def default_store():
@@ -50,9 +84,13 @@ def default_store():
 def check_digest(digest, what="digest"):
     """A "sha256:HEX" digest, checked so that it can name a file; returns HEX."""
     algo, _, hexpart = str(digest).partition(":")
-    if algo != "sha256" or len(hexpart) != 64 or any(c not in "0123456789abcdef" for c in hexpart):
+    if algo != "sha256" or not HEX64.fullmatch(hexpart):
         raise StoreError(f"bad {what} {digest!r} (expected sha256:<64 hex digits>)")
     return hexpart
+
+
+def is_digest(value):
+    return isinstance(value, str) and value.startswith("sha256:") and HEX64.fullmatch(value[7:]) is not None
 
 
 def normalise_ref(ref):
@@ -72,14 +110,17 @@ def now_rfc3339():
 
 def parse_time(text):
     """An RFC 3339 time as Docker writes it (up to nanoseconds, "Z" or an offset) -> seconds, or None."""
-    if not text:
+    if not text or not isinstance(text, str):
         return None
     m = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)?$", text)
     if not m:
         return None
     base, frac, zone = m.groups()
-    dt = datetime.datetime.fromisoformat(base + ((frac or ".") + "000000")[:7]
-                                         + ("+00:00" if zone in (None, "Z") else zone))
+    try:
+        dt = datetime.datetime.fromisoformat(base + ((frac or ".") + "000000")[:7]
+                                             + ("+00:00" if zone in (None, "Z") else zone))
+    except ValueError:
+        return None
     return dt.timestamp()
 
 
@@ -88,44 +129,352 @@ def machine_architecture():
     return {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
 
 
-def _write_atomic(path, data):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
+# -- what a layer directory holds ------------------------------------------------------------------------
+
+def _kept_xattr(name):
+    """The xattrs a layer's content digest covers: all but security.* (relabelled by the system) and the
+    overlay's own other than opaque (a kernel overlay may add origin, impure, ... to what it mounts)."""
+    if name.startswith("security."):
+        return False
+    for prefix in PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):] == "opaque"
+    return True
+
+
+def layer_content(root):
+    """(content digest, size) of an unpacked layer directory.
+
+    The digest is the sha256 of one record per object, in sorted path order:
+    path, type, permission bits, owner, group, mtime (seconds; not the root's),
+    and the sha256 of a file's data, a symlink's target or a device's number,
+    and the xattrs `_kept_xattr` keeps. The size counts regular files (once per
+    inode) and symlinks' targets, as `tree_size` does and the unpack recorded.
+    """
+    digest = hashlib.sha256()
+    size = 0
+    inodes = {}
+    stack = [b""]
+    broot = os.fsencode(root)
+    while stack:
+        rel = stack.pop()
+        path = os.path.join(broot, rel) if rel else broot
+        st = os.lstat(path)
+        kind = stat.S_IFMT(st.st_mode)
+        if stat.S_ISREG(kind):
+            key = (st.st_dev, st.st_ino)
+            if key not in inodes:
+                h = hashlib.sha256()
+                with open(path, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        h.update(chunk)
+                inodes[key] = h.hexdigest()
+                size += st.st_size
+            data = inodes[key]
+        elif stat.S_ISLNK(kind):
+            target = os.readlink(path)
+            size += len(target)
+            data = hashlib.sha256(target).hexdigest()
+        elif stat.S_ISCHR(kind) or stat.S_ISBLK(kind):
+            data = f"{os.major(st.st_rdev)},{os.minor(st.st_rdev)}"
+        else:
+            data = ""
+        xattrs = []
+        try:
+            names = os.listxattr(path, follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in (errno.ENOTSUP, errno.EPERM):
+                raise
+            names = []
+        for name in sorted(n for n in names if _kept_xattr(n)):
+            try:
+                value = os.getxattr(path, name, follow_symlinks=False)
+            except OSError as e:
+                if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+                    continue
+                raise
+            xattrs.append(f"{name}={value.hex()}")
+        mtime = int(st.st_mtime) if rel else 0
+        record = [rel.hex(), f"{kind:o}", f"{stat.S_IMODE(st.st_mode):o}", str(st.st_uid), str(st.st_gid),
+                  str(mtime), data, ",".join(xattrs)]
+        digest.update(("\0".join(record) + "\n").encode())
+        if stat.S_ISDIR(kind):
+            names = sorted(os.listdir(path), reverse=True)  # popped in sorted order
+            stack.extend((rel + b"/" + n) if rel else n for n in names)
+    return "sha256:" + digest.hexdigest(), size
+
+
+# -- staging: entries of tmp/ owned by a live process -----------------------------------------------------
+
+_held_locks = {}  # store lock file -> [fd, depth]: the store lock is re-entrant within a process
+
+
+def _owner_gone(path):
+    """True when nothing holds the flock of tmp/ entry `path` (its process is gone); False when one does, or
+    when it cannot be told (an entry we may not open is left alone)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        return e.errno == errno.ELOOP  # a symlink: nothing of ours, and nothing holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def _remove(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def data_size(path):
+    """Bytes of data under `path` (regular files once per inode, symlinks' targets; directories and whiteouts
+    nothing), as `tree_size` counts an upper or a layer: for df and prune."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return 0
+    if not stat.S_ISDIR(st.st_mode):
+        return st.st_size
+    total, seen = 0, set()
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in seen or stat.S_ISDIR(st.st_mode):
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_size
+    return total
+
+
+class Staging:
+    """A directory tmp/KIND-PID-XXXX of this process, flock'ed while it lives; `close()` removes it."""
+
+    def __init__(self, store, kind):
+        self.path = None
+        self._fd = None
+        with store.locked():  # made and locked under the store lock: `heal` never sees it unowned
+            self.path = tempfile.mkdtemp(prefix=f"{kind}-{os.getpid()}-", dir=os.path.join(store.root, "tmp"))
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BaseException:
+                self.close()
+                raise
+
+    def close(self):
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
 
 class Store:
-    def __init__(self, root, create=True):
+    """A layer store at `root`. `create` makes it (else it must exist); `heal` removes or completes what
+    interrupted commands left in tmp/; `strict=False` opens one with a damaged store.json (for check)."""
+
+    def __init__(self, root, create=True, heal=True, strict=True):
         self.root = os.path.abspath(root)
+        self._configs = {}
+        self.problem = None  # with strict=False: what is wrong with store.json
         if create:
             for sub in ("layers", "images", "tmp"):
                 os.makedirs(os.path.join(self.root, sub), exist_ok=True)
         elif not os.path.isdir(os.path.join(self.root, "layers")):
             raise StoreError(f"{self.root}: not a cowfs store")
-        meta = os.path.join(self.root, "store.json")
-        if os.path.exists(meta):
-            with open(meta) as f:
-                self.prefix = json.load(f)["xattr_prefix"]
+        try:
+            meta = self.load_json("store.json")
+        except FileNotFoundError:
+            meta = None
+        except StoreDamaged as e:
+            if strict:
+                raise
+            meta, self.problem = None, e.problem
+        if meta is not None:
+            prefix = meta.get("xattr_prefix") if isinstance(meta, dict) else None
+            if prefix not in PREFIXES:
+                problem = ("no xattr_prefix" if not isinstance(meta, dict) or "xattr_prefix" not in meta
+                           else f"xattr_prefix {prefix!r} is neither {TRUSTED_PREFIX!r} nor {USER_PREFIX!r}")
+                if strict:
+                    raise StoreDamaged(self.root, "store.json", problem)
+                self.problem = problem
+                meta = None
+        if meta is not None:
+            self.prefix = meta["xattr_prefix"]
         else:
             self.prefix = TRUSTED_PREFIX if os.geteuid() == 0 else USER_PREFIX
-            if create:
-                _write_atomic(meta, json.dumps({"xattr_prefix": self.prefix}).encode())
+            if create and self.problem is None:
+                with self.locked(heal=False):
+                    if not os.path.exists(os.path.join(self.root, "store.json")):
+                        self.write_file("store.json", json.dumps({"xattr_prefix": self.prefix}).encode())
+        if heal:
+            self.heal()
+
+    # -- reading what the store holds, checked ----------------------------------------------------------
+    def damaged(self, what, problem):
+        return StoreDamaged(self.root, what, problem)
+
+    def load_json(self, rel):
+        """The JSON document in file `rel` of the store; FileNotFoundError when missing, StoreDamaged when
+        it is not JSON."""
+        with open(os.path.join(self.root, rel), "rb") as f:
+            data = f.read()
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise self.damaged(rel, "not valid JSON" if data else "empty") from None
 
     # -- locking and staging ----------------------------------------------------------------------
     @contextlib.contextmanager
-    def locked(self):
-        with open(os.path.join(self.root, "lock"), "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+    def locked(self, heal=True):
+        """The store lock (re-entrant within this process); taking it first heals tmp/ (see `heal`)."""
+        path = os.path.join(self.root, "lock")
+        held = _held_locks.get(path)
+        if held is not None:
+            held[1] += 1
             try:
                 yield
             finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+                held[1] -= 1
+            return
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)  # read-only: whoever made it, it serves
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            _held_locks[path] = [fd, 1]
+            try:
+                if heal:
+                    self._heal_locked()
+                yield
+            finally:
+                del _held_locks[path]
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
     def transaction(self):
         return Transaction(self)
+
+    def staging(self, kind):
+        """A Staging directory in tmp/ (a context manager)."""
+        return Staging(self, kind)
+
+    def write_file(self, rel, data):
+        """Write `data` to file `rel` of the store atomically (a file in tmp/, fsync'ed, renamed into place).
+        Call it under the store lock: an unlocked file in tmp/ is taken for a leftover."""
+        fd, tmp = tempfile.mkstemp(prefix=f".w-{os.getpid()}-", dir=os.path.join(self.root, "tmp"))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.rename(tmp, os.path.join(self.root, rel))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def leftovers(self):
+        """[(name, owner alive, bytes)] of the entries of tmp/."""
+        tmp = os.path.join(self.root, "tmp")
+        try:
+            names = sorted(os.listdir(tmp))
+        except FileNotFoundError:
+            return []
+        found = []
+        for name in names:
+            path = os.path.join(tmp, name)
+            found.append((name, not _owner_gone(path), data_size(path)))
+        return found
+
+    def heal(self):
+        """Remove what interrupted commands left in tmp/ (completing a transaction past its commit point);
+        an entry whose process lives is left alone. Returns [(name, bytes, "removed" | "completed")].
+        Nothing is done (nor locked) when tmp/ is empty, or when the store is not ours to write."""
+        try:
+            if not os.listdir(os.path.join(self.root, "tmp")):
+                return []
+            with self.locked(heal=False):
+                return self._heal_locked()
+        except (FileNotFoundError, PermissionError):
+            return []
+        except OSError as e:
+            if e.errno == errno.EROFS:
+                return []
+            raise
+
+    def _heal_locked(self):
+        tmp = os.path.join(self.root, "tmp")
+        try:
+            names = sorted(os.listdir(tmp))
+        except FileNotFoundError:
+            return []
+        done = []
+        for name in names:
+            path = os.path.join(tmp, name)
+            if not _owner_gone(path):
+                continue
+            size = data_size(path)
+            how = "removed"
+            if os.path.isfile(os.path.join(path, COMMIT_FILE)) and not os.path.islink(path):
+                with interrupts.deferred():
+                    self._apply(path, self._plan(path))
+                how = "completed"
+            _remove(path)
+            done.append((name, size, how))
+        return done
+
+    def _plan(self, txn_dir):
+        try:
+            with open(os.path.join(txn_dir, COMMIT_FILE), "rb") as f:
+                return json.loads(f.read())
+        except ValueError:
+            raise self.damaged(f"tmp/{os.path.basename(txn_dir)}/{COMMIT_FILE}", "not valid JSON") from None
+
+    def _apply(self, txn_dir, plan, done=None):
+        """Make the layers and images of a transaction's plan visible (idempotent: what is there stays)."""
+        done = done if done is not None else []
+        for diff_id, name in plan["layers"]:
+            target = self.layer_dir(diff_id)
+            staged = os.path.join(txn_dir, name)
+            if os.path.exists(target) or not os.path.isdir(staged):
+                continue  # stored meanwhile by another import, or moved before an interruption
+            os.rename(staged, target)
+            done.append(("layer", target, staged))
+        for image in plan["images"]:
+            rel = os.path.join("images", check_digest(image["id"], "image ID") + ".json")
+            if not os.path.exists(os.path.join(self.root, rel)):
+                with open(os.path.join(txn_dir, image["config"]), "rb") as f:
+                    self.write_file(rel, f.read())
+                done.append(("image", os.path.join(self.root, rel), None))
+        refs = {ref: image["id"] for image in plan["images"] for ref in image["refs"]}
+        if refs:
+            repos = self.repositories()
+            if any(repos.get(ref) != image_id for ref, image_id in refs.items()):
+                repos.update(refs)
+                self.write_repositories(repos)
+        return done
 
     # -- layers ------------------------------------------------------------------------------------
     def layer_dir(self, diff_id):
@@ -138,14 +487,32 @@ class Store:
     def has_layer(self, diff_id):
         return os.path.exists(os.path.join(self.layer_dir(diff_id), "layer.json"))
 
-    def layer_info(self, diff_id):
-        with open(os.path.join(self.layer_dir(diff_id), "layer.json")) as f:
-            return json.load(f)
+    def layer_info(self, diff_id, used_by=None):
+        """layer.json of a stored layer, checked. StoreDamaged when missing (`used_by`: the image needing it)
+        or not as cowfs writes it."""
+        what = f"layer {check_digest(diff_id, 'diff ID')[:12]}"
+        try:
+            info = self.load_json(os.path.join("layers", diff_id[7:], "layer.json"))
+        except FileNotFoundError:
+            used = f", and image {used_by[7:19]} uses it" if used_by else ""
+            gone = "missing" if not os.path.isdir(self.layer_dir(diff_id)) else "layer.json is missing"
+            raise self.damaged(what, gone + used) from None
+        except StoreDamaged as e:
+            raise self.damaged(what, f"layer.json: {e.problem}") from None
+        if not isinstance(info, dict) or info.get("diff_id") != diff_id:
+            raise self.damaged(what, "layer.json names another diff ID")
+        if not isinstance(info.get("size"), int) or isinstance(info.get("size"), bool) or info["size"] < 0:
+            raise self.damaged(what, "layer.json has no size")
+        return info
 
     def layer_ids(self):
         out = []
-        for name in os.listdir(os.path.join(self.root, "layers")):
-            if os.path.exists(os.path.join(self.root, "layers", name, "layer.json")):
+        try:
+            names = os.listdir(os.path.join(self.root, "layers"))
+        except FileNotFoundError:
+            raise self.damaged("layers", "missing") from None
+        for name in names:
+            if HEX64.fullmatch(name) and os.path.exists(os.path.join(self.root, "layers", name, "layer.json")):
                 out.append("sha256:" + name)
         return sorted(out)
 
@@ -154,36 +521,70 @@ class Store:
         real = os.path.realpath(path)
         head, diff = os.path.split(real)
         layers, hexpart = os.path.split(head)
-        if diff == "diff" and layers == os.path.realpath(os.path.join(self.root, "layers")):
+        if diff == "diff" and layers == os.path.realpath(os.path.join(self.root, "layers")) \
+                and HEX64.fullmatch(hexpart):
             digest = "sha256:" + hexpart
             return digest if self.has_layer(digest) else None
         return None
 
     # -- images ------------------------------------------------------------------------------------
     def image_ids(self):
-        return sorted("sha256:" + n[:-5] for n in os.listdir(os.path.join(self.root, "images"))
-                      if n.endswith(".json") and len(n) == 69)
+        try:
+            names = os.listdir(os.path.join(self.root, "images"))
+        except FileNotFoundError:
+            raise self.damaged("images", "missing") from None
+        return sorted("sha256:" + n[:-5] for n in names if IMAGE_FILE.fullmatch(n))
+
+    def has_image(self, image_id):
+        return is_digest(image_id) and os.path.exists(os.path.join(self.root, "images", image_id[7:] + ".json"))
 
     def config_bytes(self, image_id):
-        with open(os.path.join(self.root, "images", check_digest(image_id, "image ID") + ".json"), "rb") as f:
-            return f.read()
+        rel = os.path.join("images", check_digest(image_id, "image ID") + ".json")
+        try:
+            with open(os.path.join(self.root, rel), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise self.damaged(rel, "missing") from None
+        if hashlib.sha256(data).hexdigest() != image_id[7:]:
+            raise self.damaged(rel, "truncated or changed (its sha256 is not the image ID)")
+        return data
 
     def config(self, image_id):
-        return json.loads(self.config_bytes(image_id))
+        """An image's config, checked: the file's sha256 is the image ID, it is JSON, its diff IDs are digests."""
+        if image_id in self._configs:
+            return self._configs[image_id]
+        data = self.config_bytes(image_id)
+        rel = f"images/{image_id[7:]}.json"
+        try:
+            config = json.loads(data)
+        except ValueError:
+            raise self.damaged(rel, "not valid JSON") from None
+        if not isinstance(config, dict):
+            raise self.damaged(rel, "not an image config (a JSON object)")
+        rootfs = config.get("rootfs", {})
+        diff_ids = rootfs.get("diff_ids", []) if isinstance(rootfs, dict) else None
+        if not isinstance(diff_ids, list) or not all(is_digest(d) for d in diff_ids):
+            raise self.damaged(rel, "rootfs.diff_ids is not a list of sha256 digests")
+        self._configs[image_id] = config
+        return config
 
     def image_layers(self, image_id):
         return list(self.config(image_id).get("rootfs", {}).get("diff_ids", []))
 
     def repositories(self):
         try:
-            with open(os.path.join(self.root, "repositories.json")) as f:
-                return json.load(f)
+            repos = self.load_json("repositories.json")
         except FileNotFoundError:
             return {}
+        if not isinstance(repos, dict):
+            raise self.damaged("repositories.json", "not a map of NAME:TAG to image IDs")
+        for ref, image_id in repos.items():
+            if not is_digest(image_id):
+                raise self.damaged("repositories.json", f"{ref} names {image_id!r}, which is not an image ID")
+        return repos
 
     def write_repositories(self, repos):
-        _write_atomic(os.path.join(self.root, "repositories.json"),
-                      json.dumps(dict(sorted(repos.items())), indent=1).encode() + b"\n")
+        self.write_file("repositories.json", json.dumps(dict(sorted(repos.items())), indent=1).encode() + b"\n")
 
     def tags_of(self, image_id, repos=None):
         repos = self.repositories() if repos is None else repos
@@ -192,11 +593,12 @@ class Store:
     def resolve(self, ref):
         """The image ID for a name[:tag], a full or short image ID ("sha256:" optional). Raises StoreError."""
         repos = self.repositories()
-        if ref in repos:
-            return repos[ref]
-        full = normalise_ref(ref)
-        if full in repos:
-            return repos[full]
+        found = repos.get(ref) or repos.get(normalise_ref(ref))
+        if found is not None:
+            if not self.has_image(found):
+                name = ref if ref in repos else normalise_ref(ref)
+                raise self.damaged("repositories.json", f"{name} names image {found[7:19]}, which is not stored")
+            return found
         hexpart = ref[len("sha256:"):] if ref.startswith("sha256:") else ref
         if len(hexpart) >= 4 and all(c in "0123456789abcdef" for c in hexpart):
             found = [i for i in self.image_ids() if i[7:].startswith(hexpart)]
@@ -209,48 +611,51 @@ class Store:
     def remove_image(self, ref):
         """Untag `ref`; when the image has no tag left (or `ref` was an ID), remove it and every layer
         no other image uses. Returns (untagged refs, removed image ID or None, removed layer IDs)."""
-        with self.locked():
-            image_id = self.resolve(ref)
-            repos = self.repositories()
-            tags = self.tags_of(image_id, repos)
-            by_name = ref in repos or normalise_ref(ref) in repos
-            untagged = [normalise_ref(ref) if normalise_ref(ref) in repos else ref] if by_name else tags
-            for t in untagged:
-                repos.pop(t, None)
-            if by_name and self.tags_of(image_id, repos):
+        trash = None
+        try:
+            with interrupts.deferred(), self.locked():
+                image_id = self.resolve(ref)
+                repos = self.repositories()
+                tags = self.tags_of(image_id, repos)
+                by_name = ref in repos or normalise_ref(ref) in repos
+                untagged = [normalise_ref(ref) if normalise_ref(ref) in repos else ref] if by_name else tags
+                for t in untagged:
+                    repos.pop(t, None)
+                if by_name and self.tags_of(image_id, repos):
+                    self.write_repositories(repos)
+                    interrupts.changed()
+                    return untagged, None, []
+                used = set()
+                for other in self.image_ids():
+                    if other != image_id:
+                        used.update(self.image_layers(other))
+                removed = [d for d in self.layer_ids() if d not in used]
+                trash = Staging(self, "rm")
                 self.write_repositories(repos)
-                return untagged, None, []
-            self.write_repositories(repos)
-            os.unlink(os.path.join(self.root, "images", image_id[7:] + ".json"))
-            used = set()
-            for other in self.image_ids():
-                used.update(self.image_layers(other))
-            removed = []
-            for diff_id in self.layer_ids():
-                if diff_id not in used:
-                    self._remove_layer(diff_id)
-                    removed.append(diff_id)
-            return untagged, image_id, removed
-
-    def _remove_layer(self, diff_id):
-        """Rename out of layers/ first (atomic), then delete at leisure."""
-        trash = tempfile.mkdtemp(prefix="rm-", dir=os.path.join(self.root, "tmp"))
-        os.rename(self.layer_dir(diff_id), os.path.join(trash, "layer"))
-        shutil.rmtree(trash, ignore_errors=True)
+                os.unlink(os.path.join(self.root, "images", image_id[7:] + ".json"))
+                self._configs.pop(image_id, None)
+                for diff_id in removed:  # renamed out of layers/ now (atomic), deleted below at leisure
+                    os.rename(self.layer_dir(diff_id), os.path.join(trash.path, diff_id[7:]))
+                interrupts.changed()
+        finally:
+            if trash is not None:
+                trash.close()
+        return untagged, image_id, removed
 
 
 class Transaction:
     """New layers and images, made visible all together by `commit()`; dropped without a trace otherwise.
 
-    Use as a context manager: leaving it by an exception removes the staging
-    directory and anything this transaction had already renamed into place.
+    Use as a context manager: leaving it by an exception (or a signal) removes
+    the staging directory. See the module docstring for its commit point.
     """
 
     def __init__(self, store):
         self.store = store
-        self.dir = tempfile.mkdtemp(prefix="txn-", dir=os.path.join(store.root, "tmp"))
+        self._staging = Staging(store, "txn")
+        self.dir = self._staging.path
         self.layers = {}  # diff_id -> staged layer directory
-        self.images = []  # (config bytes, [refs])
+        self.images = []  # (image ID, staged config file name, [refs])
         self.done = False
         self._count = 0
 
@@ -258,7 +663,7 @@ class Transaction:
         return self
 
     def __exit__(self, exc_type, *exc):
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self._staging.close()
         return False
 
     def has_layer(self, diff_id):
@@ -283,52 +688,67 @@ class Transaction:
         if self.has_layer(diff_id):
             shutil.rmtree(staged)
             return diff_id
+        content, _ = layer_content(os.path.join(staged, "diff"))
         with open(os.path.join(staged, "layer.json"), "w") as out:
-            json.dump({"diff_id": diff_id, "size": size, "created": time.time()}, out)
+            json.dump({"diff_id": diff_id, "size": size, "created": time.time(), "content": content}, out)
         self.layers[diff_id] = staged
         return diff_id
 
     def add_image(self, config_bytes, refs=()):
-        """Record an image (its config JSON, byte for byte) and the name:tags to point at it; returns its ID."""
-        config = json.loads(config_bytes)
-        for diff_id in config.get("rootfs", {}).get("diff_ids", []):
+        """Record an image (its config JSON, byte for byte) and the name:tags to point at it; returns its ID.
+
+        Raises:
+            BadReference: a ref that Docker would refuse.
+            StoreError: the config is not JSON, or names a layer neither stored nor added.
+        """
+        refs = [normalise_ref(check_tag_reference(r)) for r in refs]
+        try:
+            config = json.loads(config_bytes)
+        except ValueError:
+            raise StoreError("image config is not valid JSON") from None
+        rootfs = config.get("rootfs", {}) if isinstance(config, dict) else None
+        diff_ids = rootfs.get("diff_ids", []) if isinstance(rootfs, dict) else None
+        if not isinstance(diff_ids, list) or not all(is_digest(d) for d in diff_ids):
+            raise StoreError("image config: rootfs.diff_ids is not a list of sha256 digests")
+        for diff_id in diff_ids:
             if not self.has_layer(diff_id):
                 raise StoreError(f"image config names layer {diff_id}, which is neither stored nor imported")
         image_id = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
-        self.images.append((config_bytes, [normalise_ref(r) for r in refs]))
+        name = f"image{len(self.images) + 1}.json"
+        with open(os.path.join(self.dir, name), "wb") as f:
+            f.write(config_bytes)
+        self.images.append((image_id, name, refs))
         return image_id
 
     def commit(self):
-        """Make every staged layer and image visible. A failure part way removes what was renamed."""
+        """Make every staged layer and image visible, or (on an error) nothing. A signal waits until it is done;
+        after SIGKILL, the next command that opens the store completes it (see the module docstring)."""
         store = self.store
-        moved, written = [], []
-        with store.locked():
+        plan = {"layers": [[d, os.path.basename(p)] for d, p in self.layers.items()],
+                "images": [{"id": i, "config": name, "refs": refs} for i, name, refs in self.images]}
+        marker = os.path.join(self.dir, COMMIT_FILE)
+        with interrupts.deferred(), store.locked():
+            with open(marker + ".new", "wb") as f:
+                f.write(json.dumps(plan).encode())
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(marker + ".new", marker)  # the commit point
+            done = []
             try:
-                for diff_id, staged in self.layers.items():
-                    target = store.layer_dir(diff_id)
-                    if os.path.exists(target):
-                        continue  # another import stored it meanwhile
-                    os.rename(staged, target)
-                    moved.append(target)
-                repos = store.repositories()
-                for config_bytes, refs in self.images:
-                    hexpart = hashlib.sha256(config_bytes).hexdigest()
-                    path = os.path.join(store.root, "images", hexpart + ".json")
-                    if not os.path.exists(path):
-                        _write_atomic(path, config_bytes)
-                        written.append(path)
-                    for ref in refs:
-                        repos[ref] = "sha256:" + hexpart
-                store.write_repositories(repos)
+                store._apply(self.dir, plan, done)
             except BaseException:
-                for target in moved:
-                    shutil.rmtree(target, ignore_errors=True)
-                for path in written:
+                os.unlink(marker)
+                for kind, path, staged in reversed(done):
                     with contextlib.suppress(OSError):
-                        os.unlink(path)
+                        if kind == "layer":
+                            os.rename(path, staged)
+                        else:
+                            os.unlink(path)
                 raise
+            interrupts.changed()
         self.done = True
 
 
-__all__ = ["Store", "StoreError", "Transaction", "default_store", "normalise_ref", "check_digest", "now_rfc3339",
-           "parse_time", "machine_architecture"]
+__all__ = ["Staging", "Store", "StoreDamaged", "StoreError", "Transaction", "check_digest", "data_size",
+           "default_store", "is_digest", "layer_content", "machine_architecture", "normalise_ref", "now_rfc3339",
+           "parse_time"]

@@ -262,7 +262,8 @@ def check(stack, mountpoint=None):
     Raises StackError for a missing or non-directory layer, overlapping layers,
     a workdir on another filesystem than the upper, a mount point inside a layer,
     or a layer inside the mount point (its daemon would reach it through its own
-    mount, and wait for itself forever).
+    mount, and wait for itself forever); with a mount point, also for a directory
+    used as two layers, as the kernel refuses it.
     """
     def real_dir(path, role):
         try:
@@ -291,10 +292,20 @@ def check(stack, mountpoint=None):
             if is_within(real, mnt):
                 raise StackError(f"{name}: inside the mount point {mountpoint} "
                                  "(the daemon would reach it through its own mount)")
+    # A mount, as the kernel's: a directory used as two layers (by any path: it compares the inodes), two
+    # lowers or a lower and the upper, is refused with "overlayfs: conflicting lowerdir path" (ELOOP, as of
+    # Linux 6.18; a layer inside another is "overlapping"). The engine alone (no mount point) serves the same
+    # lower twice: the second is wholly hidden by the first.
+    ids = [os.stat(real) for _, real in named]
     for i, (name_a, a) in enumerate(named):
-        for name_b, b in named[i + 1:]:
-            if a == b and name_a.startswith("lowerdir") and name_b.startswith("lowerdir"):
-                continue  # the same lower twice is harmless: the kernel allows it too
+        for j in range(i + 1, len(named)):
+            name_b, b = named[j]
+            if mountpoint is None and a == b and name_a.startswith("lowerdir") and name_b.startswith("lowerdir"):
+                continue
+            if os.path.samestat(ids[i], ids[j]):
+                what = "conflicting lowerdir path: " if name_a.startswith("lowerdir") else ""
+                raise StackError(f"{name_b}: {what}the same directory as {name_a} (a directory may be one "
+                                 "layer only, as the kernel requires)")
             if _is_within(a, b) or _is_within(b, a):
                 raise StackError(f"{name_a}: overlaps {name_b}")
     return dataclasses.replace(stack, lowers=lowers, upper=upper, work=work)

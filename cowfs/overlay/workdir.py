@@ -9,6 +9,7 @@ directory descriptors, and a symlink is removed, never followed.
 """
 
 import os
+import shlex
 import shutil
 import stat
 import time
@@ -168,7 +169,7 @@ def _empty_staging(work):
         if _lexists_at(staging, VOLATILE_MARK):  # as the kernel: after a volatile mount, the upper may be damaged
             mark = f"{work}/{WORK_SUBDIR}/{VOLATILE_MARK}"
             raise StackError(f"workdir {work}: a volatile mount used it, so a crash may have lost data "
-                             f"in the upper (remove {mark} if you know it did not)")
+                             f"in the upper (if you know it did not: rm -r {shlex.quote(mark)})")
         for entry in list(os.scandir(staging)):
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.name, dir_fd=staging)

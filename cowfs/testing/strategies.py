@@ -18,7 +18,12 @@ here so that printed reproductions import from one place.
 
 from __future__ import annotations
 
-from hypothesis import strategies as st
+try:
+    from hypothesis import strategies as st
+except ModuleNotFoundError as e:  # the values and the builder need no Hypothesis: cowfs.testing.layers
+    raise ImportError("cowfs.testing.strategies needs Hypothesis, which comes with cowfs's test extra: "
+                      "pip install 'cowfs[test]' (or import StackSpec and materialise from cowfs.testing.layers, "
+                      "which need no Hypothesis)", name=e.name) from e
 
 from cowfs.testing.layers import (
     PINNED_TIME_NS,
