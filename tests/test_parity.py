@@ -174,3 +174,17 @@ def test_regression_metacopy_data_step_moves_mtime():
         state.rename(dst='a', src='b')
         state.open_fd(how='w', path='a')
     _replay(parity_machine("metacopy"), steps)
+
+
+@pytest.mark.kernel
+@pytest.mark.fuse
+@pytest.mark.parametrize("machine", [RedirectOff, RedirectOn, UserXattr], ids=lambda m: m.__name__)
+def test_regression_mkdir_in_a_merged_dir_is_opaque_only_without_offline_changes(machine):
+    # found by comparing the uppers: cowfs made every new directory in a merged one opaque; the kernel
+    # does so only when lower layers may not change offline (redirect_dir=on, metacopy), so a layer
+    # committed from a redirect_dir=off upper would have hidden a base's directory of that name
+    def steps(state):
+        state.init_stack(stack=StackSpec(Layer(Dir('a'), File('a/f'))))
+        state.mkdir(path='a/new', mode=Oct(0o755))
+        state.mkdir(path='b', mode=Oct(0o755))
+    _replay(machine, steps)

@@ -65,8 +65,10 @@ class Namespace:
         """Create a new object at merged `path`: built in the workdir, then renamed into the upper.
 
         `make(tmp)` creates the bare object and may return an open descriptor.
-        A directory made where a whiteout stands, or in a merged directory,
-        is made opaque so that old lower entries do not come back. The umask
+        A directory made where a whiteout stands is made opaque so that old
+        lower entries do not come back; one made in a merged directory too,
+        unless offline changes are allowed (`Stack.allow_offline_changes`), as
+        the kernel does. The umask
         applies unless the directory has a default ACL, which is inherited.
         """
         self._require_writable(path)
@@ -95,7 +97,8 @@ class Namespace:
                         existing = os.lstat(target)
                     except FileNotFoundError:
                         existing = None
-                    opaque = kind == stat.S_IFDIR and (existing is not None or upper_parent.has_lower)
+                    opaque = kind == stat.S_IFDIR and (existing is not None or (
+                        upper_parent.has_lower and not self.stack.allow_offline_changes))
                     if opaque:
                         set_opaque(tmp, self.prefix)
                     if existing is None:
@@ -344,7 +347,9 @@ class Namespace:
         moves_data_ref = self.stack.metacopy and stat.S_ISREG(node.st.st_mode) and (
             node.data is not None or not node.in_upper)  # a metadata-only copy finds its data by name
         if (node.is_dir and node.has_lower) or moves_data_ref:
-            if from_parent == to_parent:
+            # as the kernel's ovl_need_absolute_redirect: relative within one directory, except for
+            # a lower hard link, whose upper names could come to live in different directories
+            if from_parent == to_parent and (node.is_dir or _lower_nlink(node) == 1):
                 redirect = node.redirect or from_name
             else:
                 redirect = "/" + next(rel for layer, rel in node.parts if layer > 0)
@@ -376,3 +381,8 @@ class Namespace:
             os.mkdir(tmp, 0o700)
             set_opaque(tmp, self.prefix)
             rename2(tmp, real, RENAME_EXCHANGE)
+
+
+def _lower_nlink(node):
+    """The link count of the lower file whose data `node` reads (its own while it is not copied up)."""
+    return (os.lstat(node.data) if node.data is not None else node.st).st_nlink

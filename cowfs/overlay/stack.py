@@ -68,6 +68,13 @@ class Stack:
         return self.redirect_dir == "on"
 
     @property
+    def allow_offline_changes(self):
+        """As the kernel's ovl_allow_offline_changes: without redirects, metacopy (or index and
+        xino, which cowfs does not have), lower layers may be changed while unmounted, so the
+        overlay leaves no marker that would hide what a lower gains meanwhile (no opaque mkdir)."""
+        return not self.metacopy and self.redirect_dir != "on"
+
+    @property
     def follow_redirects(self):
         """As the kernel: redirect_dir=off still follows (redirect_always_follow), and userxattr,
         which unprivileged mounts need, never does."""

@@ -186,6 +186,38 @@ def excuse_tree(ref: dict, got: dict, names: Iterable[str]) -> dict:
     return {**got, "entries": entries}
 
 
+# The overlay xattrs that identify objects rather than describe the merge: the kernel's origin file
+# handles (and the "impure" and "uuid" marks that go with them), cowfs's own origin inode number.
+# Each side reads only its own, so uppers are compared without them.
+IDENTITY_XATTRS = ("origin", "impure", "uuid", "cowfs.origin")
+
+
+def upper_snapshot(upper: str, userxattr: bool) -> dict:
+    """The upper directory *upper* as the overlay left it on disk, comparable between the kernel and
+    cowfs: names, types, modes, owners, sizes, content, whiteouts, every xattr but IDENTITY_XATTRS.
+
+    A whiteout's link count is left out, and so is any hard-link group of whiteouts only: the kernel
+    may share one whiteout inode between several names (a link to W/work's "whiteout"), cowfs
+    makes one per name; either is the same whiteout to any reader."""
+    prefix = "user.overlay." if userxattr else "trusted.overlay."
+    private = {prefix + name for name in IDENTITY_XATTRS}
+    snap = snapshot(upper, all_xattrs=True)
+    whiteouts = set()
+    for rel, info in snap["entries"].items():
+        xattrs = {k: v for k, v in info.get("xattrs", {}).items() if k not in private}
+        if xattrs:
+            info["xattrs"] = xattrs
+        else:
+            info.pop("xattrs", None)
+        if prefix + "metacopy" in xattrs:  # no data of its own: st_blocks counts only an xattr block
+            info.pop("sparse", None)
+        if info.get("type") == "chardev" and tuple(info.get("rdev", ())) == (0, 0):
+            whiteouts.add(rel)
+            info.pop("nlink", None)
+    snap["hardlinks"] = [group for group in snap["hardlinks"] if not set(group) <= whiteouts]
+    return snap
+
+
 class Divergence(AssertionError):
     """cowfs and the kernel disagreed."""
 
@@ -450,6 +482,15 @@ def compare_scenario(pair: Pair, ops: Callable[[Session], Any], *, name: str,
         problems.append("merged trees differ:\n" + diff_snapshots(ref_tree, compared_tree, "kernel", backend))
     problems += pair.lower_changes()
     if pair.tested.upper is not None:
+        # the upper directories themselves, as each side left them on disk
+        userxattr = "userxattr" in pair.kernel.options
+        ref_upper = upper_snapshot(pair.kernel.upper, userxattr)
+        got_upper = upper_snapshot(pair.tested.upper, userxattr)
+        if backend == "cowfs":
+            got_upper = excuse_tree(ref_upper, got_upper, names)
+        if ref_upper != got_upper:
+            problems.append(f"upper directories differ (kernel vs {backend}):\n"
+                            + diff_snapshots(ref_upper, got_upper, "kernel", backend))
         # the kernel must read the upper directory the tested side wrote, and see the same tree
         kernel_view = pair.read_upper("check", "kernel", pair.tested.upper)
         if kernel_view != got_tree:

@@ -59,6 +59,7 @@ from cowfs.testing.harness import (
     excuse_tree,
     excuse_value,
     excused,
+    upper_snapshot,
 )
 from cowfs.testing.layers import materialise
 from cowfs.testing.outcomes import is_errno, show
@@ -404,6 +405,11 @@ class ParityMachine(RuleBasedStateMachine):
         got = excuse_tree(ref, got, self.known_differences)
         if ref != got:
             self._fail("merged trees differ:\n" + diff_snapshots(ref, got, "kernel", self.backend))
+        # and the upper directories on disk, as each side has written them so far
+        ref = upper_snapshot(self.kernel.upper, self.mode.userxattr)
+        got = excuse_tree(ref, upper_snapshot(self.tested.upper, self.mode.userxattr), self.known_differences)
+        if ref != got:
+            self._fail("upper directories differ:\n" + diff_snapshots(ref, got, "kernel", self.backend))
 
     @invariant()
     def lowers_unchanged(self):
