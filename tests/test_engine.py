@@ -2227,3 +2227,38 @@ class TestRecordedAttributes:
                 parse_options(["lowerdir=/l," + bad])
             message = str(info.value)
             assert option in message and "\n" not in message, message
+
+
+# ---------------------------------------------------------------------------------------------
+# copy-up keeps file capabilities and set-id bits (chown clears both: the copy is owned first)
+
+# security.capability of `setcap cap_net_raw+ep`: a VFS_CAP_REVISION_2 struct (magic with the
+# effective flag, then permitted/inheritable for the low and the high 32 capabilities)
+CAP_NET_RAW_EP = bytes.fromhex("01000002" "00200000" "00000000" "00000000" "00000000")
+
+
+@pytest.mark.parametrize("metacopy", [False, True], ids=["full", "metacopy"])
+def test_copy_up_keeps_security_capability_and_set_id_bits(env, metacopy):
+    low = env.lower()
+    ping = put(low, "ping", b"\x7fELF", mode=0o755)
+    os.chown(ping, 0, 0)
+    os.setxattr(ping, "security.capability", CAP_NET_RAW_EP)
+    su = put(low, "su", b"\x7fELF")
+    os.chown(su, 0, 0)
+    os.chmod(su, 0o6755)
+    os.setxattr(su, "security.capability", CAP_NET_RAW_EP)
+    assert stat.S_IMODE(os.lstat(su).st_mode) == 0o6755
+    u = env.union(metacopy=metacopy, redirect_dir="on" if metacopy else "off")
+    u.chmod("/ping", 0o750)  # a change of metadata only: the copy must keep the capability, as the kernel's does
+    assert os.getxattr(env.upper / "ping", "security.capability") == CAP_NET_RAW_EP
+    assert stat.S_IMODE(os.lstat(env.upper / "ping").st_mode) == 0o750
+    u.utimens("/su", FIXED_NS, FIXED_NS)  # copies up without touching the mode: set-id bits and capability stay
+    st = os.lstat(env.upper / "su")
+    assert stat.S_IMODE(st.st_mode) == 0o6755
+    assert os.getxattr(env.upper / "su", "security.capability") == CAP_NET_RAW_EP
+    assert u.getxattr("/ping", "security.capability") == CAP_NET_RAW_EP
+    h = u.open("/ping", O_RDWR)  # the data copy-up (of a metadata-only copy: writes into the upper file)
+    u.release(h)
+    assert os.getxattr(env.upper / "ping", "security.capability") == CAP_NET_RAW_EP
+    assert TRUSTED + "metacopy" not in os.listxattr(env.upper / "ping")
+    assert read_all(u, "/ping") == b"\x7fELF"

@@ -106,6 +106,30 @@ def test_diff_of_a_kernel_upper_and_a_cowfs_upper_agree(tmp_path):
     assert live == live_kernel == by_upper == EXPECTED
 
 
+def test_diff_leaves_out_directories_whose_only_change_is_their_times(tmp_path):
+    """As Docker's overlay2 diff: a directory of the upper that a lower has too is a change when its
+    type, mode or owner differ, or when something under it changes; its times (and size) are not
+    (`touch -d 2020-01-01 m/home` copies /home up and changes nothing `docker diff` lists)."""
+    lower, upper = tmp_path / "l", tmp_path / "u"
+    for name in ("home/bob", "srv", "opt", "var/log", "tmp"):
+        (lower / name).mkdir(parents=True)
+    (lower / "home/bob/.profile").write_bytes(b"x\n")
+    for name in ("home", "home/bob", "srv", "opt", "var", "tmp"):
+        (upper / name).mkdir(parents=True)
+        st = os.lstat(lower / name)
+        os.chmod(upper / name, st.st_mode & 0o7777)
+        os.chown(upper / name, st.st_uid, st.st_gid)
+    os.utime(upper / "home", (1577836800, 1577836800))  # touch -d 2020-01-01 m/home
+    os.utime(upper / "home/bob", (1577836800, 1577836800))
+    os.utime(upper / "tmp", ns=(1, 1))
+    os.chmod(upper / "srv", 0o700)  # chmod: listed
+    os.chown(upper / "opt", 1234, 0)  # chown: listed
+    (upper / "var/new").write_bytes(b"n\n")  # a change under a directory: its parent is listed
+    (upper / "added").mkdir()  # a new directory: listed, however empty
+    out = run_cowfs("diff", upper, "--lower", lower).stdout
+    assert out == "A /added\nC /opt\nC /srv\nC /var\nA /var/new\n"
+
+
 @pytest.mark.fuse
 def test_diff_size_and_total(tmp_path):
     d = build(tmp_path)

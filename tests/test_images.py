@@ -81,21 +81,25 @@ def history_entry(created_by, empty=False, created="2024-01-01T00:00:00Z"):
     return entry
 
 
-def image_config(layers, history=None):
+def image_config(layers, history=None, created="2024-01-01T00:00:00Z"):
     diff_ids = [sha(layer) for layer in layers]
     history = history or [history_entry(f"step {i}") for i in range(len(layers))]
-    return json.dumps({"architecture": "amd64", "os": "linux", "created": "2024-01-01T00:00:00Z",
-                       "config": {"Cmd": ["/bin/sh"]}, "rootfs": {"type": "layers", "diff_ids": diff_ids},
-                       "history": history}, sort_keys=True).encode()
+    config = {"architecture": "amd64", "os": "linux", "created": created,
+              "config": {"Cmd": ["/bin/sh"]}, "rootfs": {"type": "layers", "diff_ids": diff_ids},
+              "history": history}
+    if created is None:
+        del config["created"]
+    return json.dumps(config, sort_keys=True).encode()
 
 
-def docker_save(path, images, compress=False, diff_ids=None, mangle=None):
-    """Write a `docker save` archive: images is [(repo_tags, [layer tar bytes], history or None)]."""
+def docker_save(path, images, compress=False, diff_ids=None, mangle=None, created=None):
+    """Write a `docker save` archive: images is [(repo_tags, [layer tar bytes], history or None)];
+    `created`, when given, is the config's created time of each image (None: no created field)."""
     manifest = []
     with tarfile.open(path, "w") as tf:
         written = set()
-        for tags, layers, history in images:
-            config = image_config(layers, history)
+        for i, (tags, layers, history) in enumerate(images):
+            config = image_config(layers, history) if created is None else image_config(layers, history, created[i])
             if diff_ids is not None:
                 c = json.loads(config)
                 c["rootfs"]["diff_ids"] = diff_ids
@@ -263,6 +267,33 @@ def test_images_history_inspect_and_rmi(tmp_path, store):
     assert rc == 0 and s.layer_ids() == [] and s.image_ids() == []
 
 
+def test_images_are_listed_newest_first(tmp_path, store):
+    """As `docker images`: by Created, newest first (Docker sorts whole seconds and leaves ties in no
+    set order: here the exact time, then the image ID); an image without a created time is last; the
+    rows of an image's tags stay together. --json and -q list in the same order."""
+    layers = [layer_tar(member(f"f{i}", data=b"%d" % i)) for i in range(5)]
+    created = ["2024-03-01T00:00:00Z", "2021-06-01T12:00:00.5+02:00", None, "2024-03-01T00:00:00Z",
+               "2021-06-01T10:00:00.25Z"]
+    tags = [["acme/a:1"], ["acme/b:1", "acme/b:latest"], ["acme/c:1"], ["acme/d:1"], ["acme/e:1"]]
+    path = docker_save(tmp_path / "five.tar", [(tags[i], [layers[i]], None) for i in range(5)], created=created)
+    rc, _, err = cli(store, "import", str(path))
+    assert rc == 0, err
+    s = Store(store)
+    ids = [s.resolve(t[0]) for t in tags]
+    tied = sorted([ids[0], ids[3]])  # the same time: by image ID
+    expected_ids = tied + [ids[1], ids[4], ids[2]]  # 10:00:00.5Z is after 10:00:00.25Z; no created time last
+    assert expected_ids != sorted(ids)  # what the order was before: it must tell the two apart
+    rc, out, _ = cli(store, "images", "--json")
+    rows = json.loads(out)
+    assert [r["ID"] for r in rows] == [i for i in expected_ids for _ in range(2 if i == ids[1] else 1)]
+    assert [f"{r['Repository']}:{r['Tag']}" for r in rows if r["ID"] == ids[1]] == ["acme/b:1", "acme/b:latest"]
+    rc, out, _ = cli(store, "images", "-q", "--no-trunc")
+    assert out.split() == expected_ids
+    rc, out, _ = cli(store, "images")
+    table_ids = [line.split()[2] for line in out.splitlines()[1:-1]]
+    assert list(dict.fromkeys(table_ids)) == [i[7:19] for i in expected_ids]
+
+
 def test_oci_layout_directory_and_tar(tmp_path, store):
     layers = BASE_LAYERS + APP_LAYERS[:1]
     d = oci_layout(tmp_path / "oci", layers, ref="acme/oci:1.0")
@@ -305,6 +336,65 @@ def test_bare_layer_tarballs(tmp_path, store, compression):
     s = Store(store)
     assert s.image_layers(s.resolve("acme/rootfs:latest")) == [sha(data)]
     assert open(os.path.join(s.layer_path(sha(data)), "etc", "os-release"), "rb").read() == b"ID=test\n"
+
+
+# security.capability of `setcap cap_net_raw+ep` (a VFS_CAP_REVISION_2 struct), as tar --xattrs stores it
+CAP_NET_RAW_EP = bytes.fromhex("0100000200200000000000000000000000000000")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="owners and security.* xattrs are made only by root")
+def test_import_keeps_file_capabilities_and_set_id_bits(tmp_path, store):
+    """chown drops security.capability and the set-id bits: the owner must come before both (as in
+    Docker and umoci), or `getcap` finds nothing on an imported ping."""
+    cap = {"SCHILY.xattr.security.capability": CAP_NET_RAW_EP.decode("utf-8", "surrogateescape")}
+
+    def owned(m, uid, gid):
+        m[0].uid, m[0].gid = uid, gid
+        return m
+
+    path = tmp_path / "caps.tar"
+    path.write_bytes(layer_tar(member("bin", "dir"), member("bin/ping", data=b"\x7fELF", mode=0o755, pax=cap),
+                               member("bin/su", data=b"\x7fELF", mode=0o4755, pax=cap),
+                               owned(member("bin/wall", data=b"\x7fELF", mode=0o2755), 1000, 5),
+                               owned(member("bin/mine", data=b"\x7fELF", mode=0o6750, pax=cap), 1000, 1000)))
+    rc, _, err = cli(store, "import", str(path), "--name", "t:1")
+    assert rc == 0, err
+    s = Store(store)
+    diff = s.layer_path(s.image_layers(s.resolve("t:1"))[0])
+    for name, mode, owner, has_cap in [("ping", 0o755, (0, 0), True), ("su", 0o4755, (0, 0), True),
+                                       ("wall", 0o2755, (1000, 5), False), ("mine", 0o6750, (1000, 1000), True)]:
+        st = os.lstat(os.path.join(diff, "bin", name))
+        assert (stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid)) == (mode, owner), name
+        names = os.listxattr(os.path.join(diff, "bin", name))
+        assert ("security.capability" in names) == has_cap, name
+        if has_cap:
+            assert os.getxattr(os.path.join(diff, "bin", name), "security.capability") == CAP_NET_RAW_EP, name
+    if shutil.which("getcap"):
+        shown = subprocess.run(["getcap", os.path.join(diff, "bin", "ping")], capture_output=True, text=True).stdout
+        assert "cap_net_raw" in shown
+
+
+def test_import_quiet_prints_only_the_loaded_lines(tmp_path, store, monkeypatch):
+    """As `docker load -q`: "Loaded image: NAME" (or "Loaded image ID: sha256:..." for an image without a
+    name) and nothing else, neither the per-layer lines on stdout nor progress lines on stderr."""
+    from cowfs.images import archive
+    monkeypatch.setattr(archive.Progress, "INTERVAL", 0.0)
+    both = docker_save(tmp_path / "both.tar", [(["acme/my-base-image:1.0"], BASE_LAYERS, None),
+                                               (["acme/my-final-image:1.0"], BASE_LAYERS + APP_LAYERS, None)])
+    rc, out, err = cli(store, "import", "-q", str(both))
+    assert rc == 0, err
+    assert (out, err) == ("Loaded image: acme/my-base-image:1.0\nLoaded image: acme/my-final-image:1.0\n", "")
+    rc, out, err = cli(store, "import", "-q", str(both))  # again: every layer already stored
+    assert (rc, out, err) == (0, "Loaded image: acme/my-base-image:1.0\nLoaded image: acme/my-final-image:1.0\n",
+                              "")
+    bare = tmp_path / "rootfs.tar"
+    bare.write_bytes(layer_tar(member("quiet", data=b"q")))
+    rc, out, err = cli(store, "import", "--quiet", str(bare))
+    s = Store(store)
+    (image_id,) = [i for i in s.image_ids() if not s.tags_of(i)]
+    assert (rc, out, err) == (0, f"Loaded image ID: {image_id}\n", "")
+    rc, out, _ = cli(store, "import", str(bare), "--name", "acme/loud:1")  # without -q: a line per layer
+    assert out.splitlines() == [f"{sha(bare.read_bytes())[7:19]}: already stored", "Loaded image: acme/loud:1"]
 
 
 def test_progress_lines_on_stderr(tmp_path, store, monkeypatch):

@@ -72,6 +72,9 @@ ends. Names (--name, the archive's tags) must be valid Docker references.
 Stopped by Ctrl-C, SIGTERM or SIGHUP, the import changes nothing; after
 SIGKILL or a crash, the next command that opens the store removes what it
 left (or completes it, if it was past its commit point).
+Output: a line per layer (unpacked, or already stored), then "Loaded image:
+NAME" per name ("Loaded image ID: sha256:..." for an unnamed image); -q
+prints only those last lines, as docker load -q does.
 
 examples:
   cowfs import my-final-image.tar
@@ -81,6 +84,8 @@ examples:
   cowfs import rootfs.tar.zst --name acme/rootfs:latest
 """,
     "images": """\
+Images are listed newest first (by their created time; those without one
+last), as docker images lists them; --json and -q keep that order.
 SHARED SIZE counts the layers an image shares with another image; the last
 line says how much storing each layer once saves.
 
@@ -247,7 +252,8 @@ def add_commands(subparsers):
                 "Import every image of ARCHIVE (- for stdin) into the layer store (all or nothing).")
     p.add_argument("archive", metavar="ARCHIVE")
     p.add_argument("--name", metavar="NAME:TAG", help="name the image (the archive must hold exactly one)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="only the 'Loaded image' lines: no line per layer, no progress lines on stderr")
 
     p = _parser(subparsers, "images", "list the images in the layer store",
                 "List the stored images, with how much of each is shared with other images.")
@@ -386,7 +392,8 @@ def _run(args, out, err):
     cmd = args.command
     if cmd == "import":
         store = _store(args, create=True)
-        import_archive(store, args.archive, name=args.name, out=out, err=err, progress=not args.quiet)
+        import_archive(store, args.archive, name=args.name, out=out, err=err, progress=not args.quiet,
+                       quiet=args.quiet)
     elif cmd == "images":
         store = _store(args, create=False)
         rows, summary = image_records(store)

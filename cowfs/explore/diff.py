@@ -11,6 +11,10 @@ entered. The rules:
 
 - a name in *after* whose object is in the upper: C when *before* has the name,
   else A (so a directory copied up because something in it changed is C);
+  but not a directory that *before* has as a directory with the same mode,
+  owner and file capability, when nothing under it is listed: its times (or
+  size) alone are no change, as in Docker's overlay2 diff (`touch` on a lower
+  directory copies it up and lists nothing);
 - a name in *after* found in a lower layer at another path than *before*
   finds there (through a redirect: a renamed directory): A (or C), with its
   contents, as if it had been copied;
@@ -31,11 +35,13 @@ import sys
 from cowfs import mounttable
 from cowfs.errors import StackError
 from cowfs.formatting import human_size
+from cowfs.overlay import override
 from cowfs.overlay.lookup import Layers, join
 from cowfs.overlay.stack import Stack, lowerdir_option, parse_options
 from cowfs.overlay.whiteout import is_whiteout
 from cowfs.runtime import read_record, records
 
+CAPABILITY = "security.capability"
 KERNEL_KEYS = ("lowerdir", "upperdir", "workdir", "redirect_dir", "userxattr")
 
 
@@ -128,6 +134,27 @@ def _layers(stack):
     return Layers(stack), Layers(dataclasses.replace(stack, upper=None))
 
 
+def _dir_attrs(layers, node):
+    """What makes a directory a change in Docker's overlay2 diff: its mode (with the type), owner
+    and file capability; the recorded ones in a stack with recorded attributes (see override.py)."""
+    st = node.st
+    found = override.read(node.real, st.st_mode) if layers.recorded else None
+    shown = (st.st_mode, st.st_uid, st.st_gid) if found is None else \
+        ((found.kind or stat.S_IFMT(st.st_mode)) | found.mode, found.uid, found.gid)
+    try:
+        capability = os.getxattr(node.real, CAPABILITY, follow_symlinks=False)
+    except OSError:
+        capability = None
+    return shown, capability
+
+
+def same_dir(after, a, before, b):
+    """Whether directory `a` of the upper shows as lower directory `b` did, times and size aside:
+    Docker leaves those out for a directory (they move with every change of its entries, and a
+    copy-up for a child or a `touch` is no change of its own)."""
+    return _dir_attrs(after, a) == _dir_attrs(before, b)
+
+
 def changes(stack):
     """[(kind, path, upper_real_or_None)] in path order: kind is "A", "C" or "D"."""
     after, before = _layers(stack)
@@ -150,7 +177,10 @@ def changes(stack):
                 continue  # the lower object, at the path it always had
             found.append(("A" if b is None else "C", a.path, a.real if a.layer == 0 else None))
             if a.is_dir:
+                at = len(found)
                 walk(a, b if b is not None and b.is_dir else None)
+                if len(found) == at and b is not None and b.is_dir and same_dir(after, a, before, b):
+                    found.pop()  # copied up for its times only (or for a change undone): not a change
 
     walk(after.root(), before.root())
     found.sort(key=lambda change: change[1].split("/"))

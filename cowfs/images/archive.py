@@ -371,10 +371,14 @@ class _Unpacker:
     def apply_attrs(self, path, info, xattrs, is_link=False, kind=None, rdev=0):
         """Give the object at `path` the attributes of member `info`; when recording, `kind` (S_IFMT
         bits) is what it stands for: its owner, mode and type go to the override xattr, and on disk
-        it keeps its owner (the user) and the user's own access."""
-        self.set_xattrs(path, xattrs)
+        it keeps its owner (the user) and the user's own access.
+
+        The order is Docker's and umoci's: owner, xattrs, mode, times. chown drops a file's
+        `security.capability` and its set-id bits, so both are given after it; the mode last,
+        so that it is the member's whatever an ACL among the xattrs did to it."""
         if self.same_owner:
             os.lchown(path, info.uid, info.gid)
+        self.set_xattrs(path, xattrs)
         mode = info.mode & 0o7777
         if self.record and kind is not None:
             if kind == stat.S_IFDIR:

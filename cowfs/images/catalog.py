@@ -21,8 +21,26 @@ def image_size(store, image_id):
     return sum(layer_sizes(store, image_id).values())
 
 
+def created_time(config):
+    """The config's created time in seconds, or None when it has none (or not RFC 3339)."""
+    created = config.get("created")
+    return parse_time(created) if isinstance(created, str) else None
+
+
+def newest_first(store, image_ids):
+    """`image_ids` in `docker images` order: by Created, newest first, images without a created time
+    last (Docker counts them as created at time 0). Docker compares whole seconds and leaves ties in
+    no set order; here they go by the exact time, then by image ID, so that the order is always one."""
+    def key(image_id):
+        t = created_time(store.config(image_id))
+        return (t is None, -(t or 0.0), image_id)
+    return sorted(image_ids, key=key)
+
+
 def image_records(store):
     """`cowfs images` as data: ([one dict per image and tag, as the table's rows], summary dict).
+
+    Images come newest first (see `newest_first`), the rows of an image's tags together, by tag.
 
     Row keys: Repository, Tag ("<none>" for an untagged image), ID (sha256:...),
     Created (the config's RFC 3339 time, or None), Size, SharedSize, UniqueSize
@@ -41,7 +59,7 @@ def image_records(store):
         if diff_id not in sizes:
             sizes[diff_id] = store.layer_info(diff_id)["size"]
     rows = []
-    for image_id in image_ids:
+    for image_id in newest_first(store, image_ids):
         config = store.config(image_id)
         layers = set(store.image_layers(image_id))
         size = sum(sizes[d] for d in layers)

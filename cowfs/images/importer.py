@@ -169,8 +169,9 @@ def _tree_bytes(root):
 
 
 class _Importer:
-    def __init__(self, store, archive, name, out, err, show_progress):
+    def __init__(self, store, archive, name, out, err, show_progress, quiet=False):
         self.store, self.name = store, name
+        self.quiet = quiet  # only the "Loaded image" lines, as docker load -q
         self.archive = "stdin" if archive == "-" else archive  # how messages name it
         self.given = archive
         self.path = archive  # the file read: the archive, or its copy in tmp/
@@ -180,6 +181,11 @@ class _Importer:
 
     def say(self, text):
         print(text, file=self.out, flush=True)
+
+    def say_layer(self, text):
+        """A line about one layer (stdout, as docker load's); none with quiet."""
+        if not self.quiet:
+            self.say(text)
 
     def needs_spool(self):
         """True when the archive is a stream (stdin, a pipe, a FIFO, a device): it is copied to a file first."""
@@ -283,7 +289,7 @@ class _Importer:
     def layer(self, txn, source, member, expected, blob_digest=None):
         """Unpack one layer from `source` (unless stored already), print a line about it, return its diff ID."""
         if expected is not None and txn.has_layer(expected):
-            self.say(f"{expected[7:19]}: already stored")
+            self.say_layer(f"{expected[7:19]}: already stored")
             return expected
         raw = HashingReader(source.open(member))
         label = f"{self.archive}:{member}" if member else self.archive
@@ -299,9 +305,9 @@ class _Importer:
         if diff_id in txn.layers:
             with open(os.path.join(txn.layers[diff_id], "layer.json")) as f:
                 size = json.load(f)["size"]
-            self.say(f"{diff_id[7:19]}: unpacked ({docker_size(size)})")
+            self.say_layer(f"{diff_id[7:19]}: unpacked ({docker_size(size)})")
         else:
-            self.say(f"{diff_id[7:19]}: already stored")
+            self.say_layer(f"{diff_id[7:19]}: already stored")
 
     def run(self):
         spool = self.store.staging("stdin") if self.needs_spool() else None
@@ -459,8 +465,12 @@ class _Importer:
         return [(json.dumps(config, sort_keys=True).encode(), [])]
 
 
-def import_archive(store, archive, name=None, out=None, err=None, progress=True):
+def import_archive(store, archive, name=None, out=None, err=None, progress=True, quiet=False):
     """Import every image of `archive` into `store`, all or nothing. Returns [(image ID, refs)].
+
+    On `out`, a line per layer, then "Loaded image: NAME" per name (or "Loaded image ID: sha256:..."
+    for an image without one); with `quiet`, only the latter, as `docker load -q`. `progress` is
+    whether long reads print progress lines on `err`.
 
     Raises:
         ArchiveError: hostile, broken or mismatching archive (the store is unchanged).
@@ -469,4 +479,4 @@ def import_archive(store, archive, name=None, out=None, err=None, progress=True)
     err = err if err is not None else sys.stderr
     if name is not None:
         name = normalise_ref(check_tag_reference(name))
-    return _Importer(store, archive, name, out, err, progress).run()
+    return _Importer(store, archive, name, out, err, progress, quiet).run()

@@ -26,6 +26,7 @@ from cowfs.overlay.syscalls import RENAME_NOREPLACE, rename2
 from cowfs.overlay.whiteout import METACOPY, ORIGIN, TRUSTED_PREFIX, is_private_xattr, set_marker
 
 CHUNK = 1 << 30
+CAPABILITY = "security.capability"
 _names = itertools.count()
 
 
@@ -123,9 +124,14 @@ def copy_xattrs(src, dst, prefix):
                 raise
 
 
-def copy_attrs(st, path):
-    """Owner, then mode (chown clears setuid), then times: the order that keeps every bit."""
+def copy_owner(st, path):
+    """The owner first: chown clears setuid/setgid and drops `security.capability`, so the
+    mode (`copy_mode_and_times`) and the xattrs come after it."""
     os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
+
+
+def copy_mode_and_times(st, path):
+    """Mode, then times (last: nothing after them may move them)."""
     if not stat.S_ISLNK(st.st_mode):
         os.chmod(path, stat.S_IMODE(st.st_mode))
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
@@ -160,16 +166,33 @@ def build_copy(src, st, tmp, prefix, origin_ino, metadata_only=False, sync=True)
         os.symlink(os.readlink(src), tmp)
     else:
         os.mknod(tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev)
+    # Owner, xattrs, mode, times, in that order (as the kernel's copy-up keeps them all): a
+    # chown after the xattrs would drop `security.capability`, and one after the mode the
+    # set-id bits; the mode comes after the xattrs, so that an ACL set there leaves it as it was.
+    copy_owner(st, tmp)
     copy_xattrs(src, tmp, prefix)
     if origin_ino is not None and (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or not prefix.startswith("user.")):
         set_marker(tmp, prefix, ORIGIN, str(origin_ino))  # user.* xattrs exist only on files and directories
-    copy_attrs(st, tmp)
+    copy_mode_and_times(st, tmp)
 
 
 def fill_data(src, fd_out, sync=True):
     """Complete a metadata-only copy open at `fd_out` with the data of file `src`. The caller
-    removes the marker afterwards, so that until that last step reads still come from `src`."""
+    removes the marker afterwards, so that until that last step reads still come from `src`.
+
+    Writing to a file drops its `security.capability` (whoever writes), so the capability the
+    metadata copy carries is set again after the data, as the kernel's copy-up does."""
+    try:
+        capability = os.getxattr(fd_out, CAPABILITY)
+    except OSError as e:
+        if e.errno not in (errno.ENODATA, errno.ENOTSUP):
+            raise
+        capability = None
     _copy_into(src, fd_out, os.fstat(fd_out).st_size, sync)
+    if capability is not None:
+        os.setxattr(fd_out, CAPABILITY, capability)
+        if sync:
+            os.fsync(fd_out)
 
 
 def _copy_into(src, fd_out, size, sync):
