@@ -33,6 +33,7 @@ from cowfs.testing.mounts import (
     is_mounted,
     mounts_under,
     pid_alive,
+    pids_under,
     pids_with_argument,
     require,
     wait_gone,
@@ -643,23 +644,6 @@ def _paths_under(root):
     return found
 
 
-def _processes_under(prefix):
-    """Live processes other than this one with an argument at or below `prefix` (a daemon keeps its argv)."""
-    want = os.fsencode(str(prefix)).rstrip(b"/")
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if any(a == want or a.startswith(want + b"/") for a in argv) and pid_alive(int(entry)):
-            found.append(int(entry))
-    return found
-
-
 class Who:
     """Runs `cowfs ARGS` (and a shell command) as root, or as the unprivileged test user."""
 
@@ -747,7 +731,7 @@ def test_every_refusal_is_one_line_and_leaves_nothing(who, place, args, status, 
     assert "Traceback" not in result.stderr and result.stdout == ""
     assert _paths_under(place["root"]) == before, "a refused command changed the directory"
     assert not mounts_under(place["root"]), "a refused command left a mount"
-    assert not _processes_under(place["root"]), "a refused command left a process (a daemon?)"
+    assert not pids_under(place["root"]), "a refused command left a process (a daemon?)"
     assert not os.path.exists(place["store"]), "a refused command made a layer store"
     if "rm -r" in line:  # the command the message gives works, and then the mount does
         command = lines[0].split("if you know it did not: ")[1].rstrip(")")

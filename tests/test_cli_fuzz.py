@@ -46,7 +46,7 @@ from hypothesis import strategies as st
 import cowfs.cli.main as cli
 import cowfs.daemon.mount as mounting
 from cowfs.errors import StackError
-from cowfs.testing.mounts import mounts_under, pid_alive
+from cowfs.testing.mounts import mounts_under, pids_under
 
 EXAMPLES = int(os.environ.get("COWFS_FUZZ_CLI_EXAMPLES", "150"))
 SUBPROCESS_EXAMPLES = max(20, EXAMPLES // 6)
@@ -262,22 +262,6 @@ def _under(path, roots):
     return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
 
 
-def processes_under(prefix):
-    want = os.fsencode(prefix).rstrip(b"/")
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except OSError:
-            continue
-        if any(a == want or a.startswith(want + b"/") for a in args) and pid_alive(int(entry)):
-            found.append(int(entry))
-    return found
-
-
 def check(argv, status, stdout, stderr, base, d, before, parser):
     """The properties every command line must have (see the module doc)."""
     shown = f"cowfs {' '.join(repr(a) for a in argv)}: exit {status}\nstderr: {stderr!r}"
@@ -290,7 +274,7 @@ def check(argv, status, stdout, stderr, base, d, before, parser):
     if status != 0:
         assert len(lines) >= 1, shown
     assert not mounts_under(base), shown
-    assert not processes_under(base), shown
+    assert not pids_under(base), shown
     assert os.listdir(d["tmp"]) == [], f"{shown}\ntemporary files left: {os.listdir(d['tmp'])}"
     after = snapshot(base)
     roots = allowed_writes(argv, d, parser)
@@ -398,7 +382,7 @@ def _fuzz(template, runner, examples, label):
     finally:
         for mnt, _ in sorted(mounts_under(base), reverse=True):
             subprocess.run(["umount", "-l", mnt], capture_output=True)
-        for pid in processes_under(base):
+        for pid in pids_under(base):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(base, ignore_errors=True)

@@ -36,7 +36,7 @@ import pytest
 from cowfs.testing import unprivileged
 from cowfs.testing.harness import cleanup_base
 from cowfs.testing.layers import Dir, File, Layer, StackSpec, Whiteout, materialise_layer
-from cowfs.testing.mounts import in_ci, mounts_under, pid_alive, pids_with_argument, wait_gone
+from cowfs.testing.mounts import in_ci, mounts_under, pids_under, pids_with_argument, wait_gone
 from cowfs.testing.unprivileged import UnprivilegedUser, cowfs_argv, run_as_user
 
 pytestmark = pytest.mark.fuse
@@ -81,33 +81,14 @@ def space(rootless: UnprivilegedUser) -> Iterator[Path]:
             shutil.rmtree(path, ignore_errors=True)
             if path.exists():
                 problems.append(f"{path} could not be removed")
-        if not wait_gone(processes_under(path), timeout=10):
-            left = processes_under(path)
+        if not wait_gone(pids_under(path, dash=True), timeout=10):
+            left = pids_under(path, dash=True)
             for pid in left:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
             problems.append(f"processes {left} (cowfs daemons?) outlived the test; killed")
         if problems:
             pytest.fail("; ".join(problems), pytrace=False)
-
-
-def processes_under(prefix: Path | str, uid: int | None = None) -> list[int]:
-    """Live processes (of *uid*, when given) with an argument at or below *prefix*, or starting with
-    *prefix*- (a cowfs daemon keeps its mount point in argv)."""
-    want = os.fsencode(str(prefix))
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            if uid is not None and os.stat(f"/proc/{entry}").st_uid != uid:
-                continue
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-            if any(arg == want or arg.startswith(want.rstrip(b"/") + b"/") or arg.startswith(want + b"-")
-                   for arg in argv) and pid_alive(int(entry)):
-                found.append(int(entry))
-    return found
 
 
 def needs_root(what: str) -> None:
@@ -559,7 +540,7 @@ def shell_as_user(u: UnprivilegedUser, space: Path, *options: str) -> subprocess
                          input='test "$(id -u)" != 0 && echo hi > x; echo more >> etc/hosts; exit\n')
     left = shell_dirs() - before
     assert not any(mounts_under(p) for p in left) and not left, f"cowfs shell left {left}"
-    assert not mounts_under(space) and not processes_under("/tmp/cowfs-shell", u.uid)
+    assert not mounts_under(space) and not pids_under("/tmp/cowfs-shell", u.uid, dash=True)
     return result
 
 

@@ -439,7 +439,7 @@ def _check_mount_spelling(args, parser):
 
 def _stack_from_args(args):
     """The Stack, mount point and the directories made for it, from either spelling: `-o lowerdir=... MNT`,
-    or `LOWER... [--upper U [--work W]] MNT` (which makes U and its workdir when missing; deepest first in
+    or `LOWER... [--upper U [--work W]] MNT` (which makes U and its workdir when missing; parents first in
     the list). Other -o options go with either spelling."""
     paths = list(args.paths)
     mountpoint = paths.pop()
@@ -452,14 +452,14 @@ def _stack_from_args(args):
     work = os.path.abspath(args.work) if args.work else upper.rstrip("/") + ".work"
     stack = parse_options(opts + [upperdir_option(upper, work)])
     _precheck(stack, mountpoint)
-    made = []
+    from cowfs.daemon.mount import make_dirs, remove_made
+    made = make_dirs(upper)
     try:
-        made += _make_dirs(upper)
-        made += _make_dirs(work)
+        made += make_dirs(work)
     except BaseException:
-        _remove_made(made[::-1])
+        remove_made(made)
         raise
-    return stack, mountpoint, made[::-1]
+    return stack, mountpoint, made
 
 
 def _precheck(stack, mountpoint):
@@ -470,36 +470,6 @@ def _precheck(stack, mountpoint):
     from cowfs.daemon.mount import unprivileged
     from cowfs.overlay.stack import check
     check(unprivileged(dataclasses.replace(stack, upper=None, work=None), quiet=True), mountpoint)
-
-
-def _make_dirs(path):
-    """Make `path` and its missing parents, as os.makedirs; return the directories made, parents first
-    (none left behind when one cannot be made)."""
-    missing = []
-    while not os.path.lexists(path):
-        missing.insert(0, path)
-        path = os.path.dirname(path)
-    made = []
-    try:
-        for d in missing:
-            os.mkdir(d)
-            made.append(d)
-    except BaseException:
-        _remove_made(made[::-1])
-        raise
-    return made
-
-
-def _remove_made(made):
-    """After a refused mount: remove the (still empty) directories it made, and the staging directory a
-    workdir got; a directory with anything else in it stays."""
-    from cowfs.overlay.workdir import WORK_SUBDIR
-    for d in made:
-        for path in (os.path.join(d, WORK_SUBDIR), d):
-            try:
-                os.rmdir(path)
-            except OSError:
-                pass
 
 
 def _image_form(args):
@@ -644,7 +614,7 @@ def _run(args, helper_source):
             mounting.mount(stack, mountpoint, foreground=args.foreground, debug=args.debug, trace=args.trace,
                            human_trace=args.human_trace)
         except BaseException:
-            _remove_made(made)
+            mounting.remove_made(made)
             raise
     elif args.command == "umount":
         mounting.umount(args.mountpoint)

@@ -28,6 +28,36 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
 
+def make_dirs(path):
+    """Make `path` and its missing parents, as os.makedirs; return the directories made, parents first
+    (none left behind when one cannot be made). For a mount that makes its upper and workdir."""
+    missing = []
+    while not os.path.lexists(path):
+        missing.insert(0, path)
+        path = os.path.dirname(path)
+    made = []
+    try:
+        for d in missing:
+            os.mkdir(d)
+            made.append(d)
+    except BaseException:
+        remove_made(made)
+        raise
+    return made
+
+
+def remove_made(made):
+    """After a refused or finished mount: remove the directories `make_dirs` made (`made`, parents first:
+    removed deepest first), with the staging directory a workdir got; one holding anything else stays."""
+    from cowfs.overlay.workdir import WORK_SUBDIR
+    for d in reversed(made):
+        for path in (os.path.join(d, WORK_SUBDIR), d):
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
+
+
 def unprivileged(stack, quiet=False):
     """The stack as this process can mount it: without CAP_SYS_ADMIN, with userxattr, as the kernel requires of
     an unprivileged overlay (said once on stderr, unless `quiet`); options userxattr excludes are refused."""

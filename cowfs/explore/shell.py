@@ -148,34 +148,6 @@ def _run_shell(merged, tmp, events):
             signal.signal(sig, handler)
 
 
-def _make_dirs(path):
-    """Make `path` and its missing parents; return those made, deepest first."""
-    missing = []
-    while not os.path.lexists(path):
-        missing.insert(0, path)
-        path = os.path.dirname(path)
-    made = []
-    try:
-        for d in missing:
-            os.mkdir(d)
-            made.insert(0, d)
-    except BaseException:
-        _remove_made(made)
-        raise
-    return made
-
-
-def _remove_made(made):
-    """Remove the directories made (and a workdir's staging directory) while they are empty."""
-    from cowfs.overlay.workdir import WORK_SUBDIR
-    for d in made:
-        for path in (os.path.join(d, WORK_SUBDIR), d):
-            try:
-                os.rmdir(path)
-            except OSError:
-                pass
-
-
 def _still_mounted(path):
     real = os.path.realpath(path)
     return any(m.mountpoint == real or m.mountpoint.startswith(real + "/") for m in mounttable.read())
@@ -196,8 +168,8 @@ def run(args):
             check(mounting.unprivileged(parse_options(options), quiet=True))  # refuse before making anything
             upper = os.path.abspath(args.upper)
             work = upper.rstrip("/") + ".work"
-            made = _make_dirs(upper)
-            made = _make_dirs(work) + made  # removed in this order: the workdir first
+            made = mounting.make_dirs(upper)
+            made += mounting.make_dirs(work)
         else:
             upper, work = os.path.join(tmp, "upper"), os.path.join(tmp, "work")
             os.mkdir(upper)
@@ -225,7 +197,7 @@ def run(args):
             mounting.umount(merged)
             mounted = False
     finally:
-        _remove_made(made)
+        mounting.remove_made(made)
         if mounted or _still_mounted(merged):
             try:
                 mounting.umount(merged)

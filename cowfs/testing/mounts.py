@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from cowfs import mounttable
 
@@ -216,17 +216,31 @@ def pid_alive(pid: int) -> bool:
 def pids_with_argument(arg: StrPath) -> set[int]:
     """Live processes (other than this one) with *arg* as one argument: a cowfs daemon keeps its argv."""
     want = os.fsencode(str(arg))
+    return _pids_where(lambda argv: want in argv)
+
+
+def pids_under(prefix: StrPath, uid: int | None = None, dash: bool = False) -> set[int]:
+    """Live processes (other than this one; of *uid* when given) with an argument at or below *prefix*,
+    or, with *dash*, starting with *prefix*- (a mount point's daemon, a temp dir's siblings)."""
+    want = os.fsencode(str(prefix)).rstrip(b"/")
+    return _pids_where(lambda argv: any(a == want or a.startswith(want + b"/") or (dash and a.startswith(want + b"-"))
+                                        for a in argv), uid)
+
+
+def _pids_where(matches: Callable[[list[bytes]], bool], uid: int | None = None) -> set[int]:
     pids = set()
     me = os.getpid()
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == me:
             continue
         try:
+            if uid is not None and os.stat(f"/proc/{entry}").st_uid != uid:
+                continue
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if want in argv and pid_alive(int(entry)):
+        if matches(argv) and pid_alive(int(entry)):
             pids.add(int(entry))
     return pids
 
