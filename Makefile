@@ -113,7 +113,7 @@ test: venv rootless-setup
 # The edit-test loop: the engine without FUSE, then a few differential scenarios (kernel
 # overlay vs cowfs, in every mode) picked by CHECK_DIFFERENTIAL. A separate pytest run,
 # as -k would also filter CHECK_TESTS; a -k that matches nothing fails (pytest exit 5).
-CHECK_TESTS ?= tests/test_engine.py tests/test_engine_concurrency.py tests/test_concurrency.py
+CHECK_TESTS ?= tests/test_layout.py tests/test_engine.py tests/test_engine_concurrency.py tests/test_concurrency.py
 CHECK_DIFFERENTIAL ?= copyup_open_wronly or unlink_lower_file or rename_merged_dir or names_like_libfuse_hidden
 check: venv rootless-setup
 	$(VENV)/bin/python -m pytest -q $(CHECK_TESTS)
