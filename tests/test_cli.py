@@ -1049,7 +1049,7 @@ def test_completion_of_commands_and_options(bash_script):
     parser, _ = cli.build_parser()
     assert _complete(bash_script, "cowfs", "") == list(parser.commands) + ["--help", "--version", "--debug"]
     assert _complete(bash_script, "cowfs", "u") == ["umount"]
-    assert _complete(bash_script, "cowfs", "--debug", "ex") == ["explain"]
+    assert _complete(bash_script, "cowfs", "--debug", "ex") == ["explain", "export"]
     assert _complete(bash_script, "cowfs", "mount", "--u") == ["--upper"]
     assert _complete(bash_script, "cowfs", "diff", "-") == ["-h", "--help", "--lower", "-o", "-s", "--size",
                                                            "--json", "-q", "--quiet"]

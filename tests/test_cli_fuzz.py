@@ -242,7 +242,8 @@ def snapshot(base):
 
 
 def allowed_writes(argv, d, parser):
-    """Where the command may write: the default store, every --store it was given, commit's output."""
+    """Where the command may write: the default store, every --store it was given, the output file of the
+    commands that write one (commit, save, export)."""
     roots = [d["store"]]
     words = list(argv)
     for i, word in enumerate(words):
@@ -252,7 +253,7 @@ def allowed_writes(argv, d, parser):
                 value = words[i + 1]
             elif word.startswith(flag + "=") and flag.startswith("--"):
                 value = word.split("=", 1)[1]
-            if value is None or (flag == "-o" and words[:1] != ["commit"]):
+            if value is None or (flag == "-o" and words[:1] not in (["commit"], ["save"], ["export"])):
                 continue
             roots.append(os.path.abspath(os.path.join(d["root"], value)) if value else d["root"] + "/\0")
     return roots

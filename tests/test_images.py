@@ -2236,3 +2236,188 @@ def test_check_repair_never_deletes_a_layer_an_image_uses(tmp_path, store):
     for diff_id, content in layers.items():
         if diff_id != sha(BASE_LAYERS[0]):
             assert layer_content(s.layer_path(diff_id)) == content
+
+
+# -- tag, save, export: images and containers out of the store ---------------------------------------------
+
+def canonical_layers(tmp_path, layers):
+    """The layers as cowfs writes them back (unpacked, then written with write_layer): the form `cowfs save`
+    can reproduce byte for byte."""
+    out = []
+    for i, data in enumerate(layers):
+        dest = tmp_path / f"canonical{i}"
+        dest.mkdir()
+        unpack_layer(io.BytesIO(data), str(dest), "test")
+        buf = io.BytesIO()
+        write_layer(str(dest), buf)
+        out.append(buf.getvalue())
+    return out
+
+
+def test_tag_names_an_image_by_name_id_or_prefix(tmp_path, store):
+    path = docker_save(tmp_path / "app.tar", [(["acme/app:1"], BASE_LAYERS + APP_LAYERS, None),
+                                              (["acme/base:1"], BASE_LAYERS, None)])
+    assert cli(store, "import", str(path), "-q")[0] == 0
+    s = Store(store)
+    app, base = s.resolve("acme/app:1"), s.resolve("acme/base:1")
+    assert cli(store, "tag", "acme/app:1", "acme/app:latest") == (0, "", "")
+    assert cli(store, "tag", app[7:19], "registry.example.com:5000/acme/app") == (0, "", "")
+    assert cli(store, "tag", app, "acme/other:2") == (0, "", "")
+    repos = Store(store).repositories()
+    assert repos["acme/app:latest"] == repos["registry.example.com:5000/acme/app:latest"] == app
+    assert repos["acme/other:2"] == app and Store(store).resolve("acme/app") == app
+    assert cli(store, "tag", "acme/base:1", "acme/other:2") == (0, "", "")  # a tag moves, as docker tag
+    assert Store(store).repositories()["acme/other:2"] == base
+    before = store_state(store)
+    for source, target, says in (("acme/app:1", "Acme/App:1", "must be lowercase"),
+                                 ("acme/app:1", "acme/app:1@sha256:" + "0" * 64, "a digest cannot name"),
+                                 ("acme/app:1", "acme/app:", "empty tag"),
+                                 ("nosuch:1", "acme/x:1", "no such image: nosuch:1"),
+                                 (app[7:8], "acme/x:1", "no such image")):
+        rc, out, err = cli(store, "tag", source, target)
+        assert rc == 1 and out == "" and err.count("\n") == 1 and err.startswith("cowfs tag: "), err
+        assert says in err, err
+    assert store_state(store) == before
+
+
+def saved_members(path):
+    with tarfile.open(path) as tf:
+        return {m.name: (tf.extractfile(m).read() if m.isfile() else None) for m in tf.getmembers()}
+
+
+def test_save_then_import_gives_the_same_images(tmp_path, store):
+    layers = canonical_layers(tmp_path, BASE_LAYERS + APP_LAYERS)
+    path = docker_save(tmp_path / "app.tar", [(["acme/app:1"], layers, None), (["acme/base:1"], layers[:2], None)])
+    assert cli(store, "import", str(path), "-q")[0] == 0
+    assert cli(store, "tag", "acme/app:1", "acme/app:2")[0] == 0
+    s = Store(store)
+    app, base = s.resolve("acme/app:1"), s.resolve("acme/base:1")
+    out = tmp_path / "saved.tar"
+    assert cli(store, "save", "acme/app:1", "acme/app:2", "acme/base:1", "-o", str(out)) == (0, "", "")
+    # the layout the importer's docker save reader (and docker load) reads
+    members = saved_members(out)
+    manifest = json.loads(members["manifest.json"])
+    assert [sorted(e) for e in manifest] == [["Config", "Layers", "RepoTags"]] * 2
+    assert manifest[0]["RepoTags"] == ["acme/app:1", "acme/app:2"] and manifest[1]["RepoTags"] == ["acme/base:1"]
+    assert manifest[0]["Config"] == "blobs/sha256/" + app[7:]
+    assert members[manifest[0]["Config"]] == s.config_bytes(app)
+    assert manifest[0]["Layers"] == ["blobs/sha256/" + d[7:] for d in s.image_layers(app)]
+    for name in manifest[0]["Layers"]:  # each layer tar is the one imported, byte for byte
+        assert sha(members[name]) == "sha256:" + name.rsplit("/", 1)[1]
+    assert [members[n] for n in manifest[0]["Layers"]] == layers
+    assert json.loads(members["repositories"]) == {"acme/app": {"1": sha(layers[-1])[7:], "2": sha(layers[-1])[7:]},
+                                                   "acme/base": {"1": sha(layers[1])[7:]}}
+    assert json.loads(members["oci-layout"]) == {"imageLayoutVersion": "1.0.0"}
+    index = json.loads(members["index.json"])
+    assert [m["annotations"]["io.containerd.image.name"] for m in index["manifests"]] == \
+        ["acme/app:1", "acme/app:2", "acme/base:1"]
+    for desc in index["manifests"]:
+        blob = members["blobs/sha256/" + desc["digest"][7:]]
+        assert sha(blob) == desc["digest"] and json.loads(blob)["config"]["digest"] in (app, base)
+    # into a fresh store: the same IDs, diff IDs, tags and trees
+    fresh = tmp_path / "fresh"
+    rc, text, err = cli(fresh, "import", str(out), "-q")
+    assert rc == 0, err
+    assert text == "Loaded image: acme/app:1\nLoaded image: acme/app:2\nLoaded image: acme/base:1\n"
+    f = Store(fresh)
+    assert f.repositories() == s.repositories() and f.image_ids() == s.image_ids()
+    for image_id in (app, base):
+        assert f.image_layers(image_id) == s.image_layers(image_id)
+    for diff_id in s.layer_ids():
+        assert diff_snapshots(snapshot(s.layer_path(diff_id), all_xattrs=True),
+                              snapshot(f.layer_path(diff_id), all_xattrs=True)) == ""
+    # by ID: no RepoTags, and the importer loads it untagged
+    assert cli(store, "save", base[7:19], "-o", str(out))[0] == 0
+    assert json.loads(saved_members(out)["manifest.json"])[0]["RepoTags"] is None
+    rc, text, _ = cli(tmp_path / "third", "import", str(out), "-q")
+    assert rc == 0 and text == f"Loaded image ID: {base}\n"
+
+
+def test_save_to_stdout_and_refusals(tmp_path, store):
+    layers = canonical_layers(tmp_path, BASE_LAYERS)
+    path = docker_save(tmp_path / "base.tar", [(["acme/base:1"], layers, None)])
+    assert cli(store, "import", str(path), "-q")[0] == 0
+    r = subprocess.run(COWFS + ["save", "acme/base:1", "--store", str(store)], capture_output=True, timeout=120)
+    assert r.returncode == 0 and r.stderr == b""
+    (tmp_path / "stdout.tar").write_bytes(r.stdout)
+    assert json.loads(saved_members(tmp_path / "stdout.tar")["manifest.json"])[0]["RepoTags"] == ["acme/base:1"]
+    # a layer imported from a tar cowfs would write otherwise cannot be given back as its diff ID: refused,
+    # one line, no FILE (nor anything in the store's tmp/)
+    other = docker_save(tmp_path / "other.tar", [(["acme/other:1"], BASE_LAYERS, None)])
+    assert cli(store, "import", str(other), "-q")[0] == 0
+    out = tmp_path / "out.tar"
+    rc, text, err = cli(store, "save", "acme/base:1", "acme/other:1", "-o", str(out))
+    assert rc == 1 and text == "" and err.count("\n") == 1 and "cannot be written back" in err, err
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == sorted(
+        ["base.tar", "other.tar", "stdout.tar", "store"] + [f"canonical{i}" for i in range(len(layers))])
+    assert os.listdir(os.path.join(store, "tmp")) == []
+    rc, _, err = cli(store, "save", "nosuch:1", "-o", str(out))
+    assert rc == 1 and err == f"cowfs save: no such image: nosuch:1 (in store {store})\n" and not out.exists()
+    rc, _, err = cli(store, "save", "acme/base:1", "-o", str(tmp_path))
+    assert rc == 1 and err.count("\n") == 1 and "directory" in err.lower()
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    parser = argparse.ArgumentParser(prog="cowfs")
+    image_cli.add_commands(parser.add_subparsers(dest="command"))
+    err = io.StringIO()
+    args = parser.parse_args(["save", "--store", str(store), "acme/base:1"])
+    assert image_cli.run(args, out=Terminal(), err=err) == 1
+    assert err.getvalue() == ("cowfs save: refusing to write a tar archive to a terminal: give -o FILE or "
+                              "redirect stdout\n")
+
+
+def extracted(data, dest):
+    """A tar (bytes) extracted as root extracts it (owners, modes, devices), for a snapshot."""
+    os.mkdir(dest)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        tf.extractall(dest, numeric_owner=True, filter="fully_trusted")
+        for m in tf.getmembers():  # tarfile leaves a symlink's own time as extracted
+            if m.issym():
+                os.utime(os.path.join(dest, m.name), (m.mtime, m.mtime), follow_symlinks=False)
+    return dest
+
+
+@pytest.mark.fuse
+def test_export_is_the_mounted_container(shared_tmp):
+    store = app_store(shared_tmp)
+    m = os.path.join(shared_tmp, "m")
+    os.mkdir(m)
+    try:
+        r = run_cowfs("mount", "acme/app:1", m, "--store", store)
+        assert r.returncode == 0, r.stderr
+        cid = r.stdout.strip()
+        with open(os.path.join(m, "app/hello.sh"), "a") as f:
+            f.write("echo again\n")
+        os.unlink(os.path.join(m, "etc/os-release"))
+        shutil.rmtree(os.path.join(m, "old"))
+        os.mkdir(os.path.join(m, "old"))
+        with open(os.path.join(m, "old/z"), "w") as f:
+            f.write("z")
+        os.mkdir(os.path.join(m, "data"))
+        os.symlink("../app/hello.sh", os.path.join(m, "data/link"))
+        os.link(os.path.join(m, "old/z"), os.path.join(m, "data/z-again"))
+        os.chmod(os.path.join(m, "bin"), 0o700)
+        mounted = snapshot(m)
+        # while mounted, by a unique prefix, to a file
+        out = os.path.join(shared_tmp, "export.tar")
+        r = run_cowfs("export", cid[:12], "-o", out, "--store", store)
+        assert r.returncode == 0 and r.stdout == "" and r.stderr == "", r.stderr
+        with open(out, "rb") as f:
+            data = f.read()
+        names = tar_listing(data)
+        assert not any(".wh." in name for name, *_ in names)
+        got = snapshot(extracted(data, os.path.join(shared_tmp, "x1")))
+        assert diff_snapshots(mounted, got, "mount", "export") == ""
+        assert run_cowfs("umount", m).returncode == 0
+        # not mounted, to stdout: the same tar
+        r = subprocess.run(COWFS + ["export", cid, "--store", store], capture_output=True, timeout=120)
+        assert r.returncode == 0 and r.stdout == data, r.stderr
+    finally:
+        unmount_all(m)
+    for ref, says in (("0f3c9e21a7b4", "no such container: 0f3c9e21a7b4"), ("", "no such container")):
+        r = run_cowfs("export", ref, "-o", os.path.join(shared_tmp, "no.tar"), "--store", store)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and says in r.stderr, r.stderr
+        assert not os.path.exists(os.path.join(shared_tmp, "no.tar"))

@@ -1,4 +1,5 @@
-"""The image commands of the command line: import, images, history, inspect, rmi, commit, ps, rm, system.
+"""The image commands of the command line: import, images, history, inspect, tag, save, rmi, commit, ps, rm,
+export, system.
 
 `add_commands(subparsers)` adds them to the main parser's subparsers;
 `run(args) -> exit code` runs the one chosen (args.command names it).
@@ -45,11 +46,13 @@ from cowfs.images.containers import (
     remove_container,
 )
 from cowfs.images.importer import import_archive
+from cowfs.images.saving import export_container, output_file, save_images
 from cowfs.images.store import Store, StoreError, default_store, normalise_ref, parse_time
 from cowfs.overlay.stack import split_layers
 from cowfs.overlay.whiteout import TRUSTED_PREFIX, USER_PREFIX
 
-COMMANDS = ("import", "images", "history", "inspect", "rmi", "commit", "ps", "rm", "system")
+COMMANDS = ("import", "images", "history", "inspect", "tag", "save", "rmi", "commit", "ps", "rm", "export",
+            "system")
 
 STORE_HELP = ("layer store directory (default: $COWFS_STORE, else /var/lib/cowfs for root, "
               "else $XDG_DATA_HOME/cowfs or ~/.local/share/cowfs)")
@@ -119,6 +122,42 @@ examples:
   cowfs inspect acme/my-final-image:1.0
   cowfs inspect --format layers acme/my-final-image:1.0
   cowfs mount -o lowerdir=$(cowfs inspect --format lowerdir acme/app:1.0),upperdir=U,workdir=W /mnt
+""",
+    "tag": """\
+SOURCE is an image's NAME[:TAG], its ID or a unique prefix of it; TARGET a
+valid Docker reference NAME[:TAG] (":latest" when no tag), which then names
+that image (moved from another image it named). Prints nothing, as docker
+tag does.
+
+examples:
+  cowfs tag acme/app:1.0 acme/app:latest
+  cowfs tag 3b1c7e5a0d2f registry.example.com:5000/acme/app:1.0
+""",
+    "save": """\
+Writes a docker save archive (as docker save 25+: manifest.json, repositories,
+and an OCI image layout, index.json, oci-layout and blobs/sha256/, over the same
+uncompressed blobs) that docker load and cowfs import read. Names given are
+the archive's RepoTags; an image given by ID alone has none.
+To FILE (written next to it and renamed: a refused save leaves no FILE), or to
+stdout when it is not a terminal. The store keeps layers unpacked: each layer
+tar is written back from it, and must give its recorded diff ID; a layer
+imported from a tar in another form than cowfs writes cannot, and its image is
+refused with one line (docker load would refuse a mismatching layer).
+
+examples:
+  cowfs save acme/app:1.0 -o app.tar
+  cowfs save acme/app:1.0 acme/base:1.0 | gzip > images.tar.gz
+  cowfs save acme/app:1.0 | docker load
+""",
+    "export": """\
+Writes the container's root filesystem as one tar, as docker export: its
+image's layers with its upper on top, whiteouts and opaque directories
+applied, read from the layers without mounting (mounted or not). To FILE
+(written next to it and renamed), or to stdout when it is not a terminal.
+
+examples:
+  cowfs export 0f3c9e21a7b4 -o rootfs.tar
+  cowfs export 0f3c9e21a7b4 | tar -t
 """,
     "rmi": """\
 Layers still used by another image are kept. An image that a container
@@ -271,6 +310,16 @@ def add_commands(subparsers):
     p.add_argument("--format", "-f", default="json", choices=("json", "layers", "lowerdir", "id"),
                    help="what to print (default: json)")
 
+    p = _parser(subparsers, "tag", "give an image another name (as docker tag)",
+                "Make TARGET name the image SOURCE names.")
+    p.add_argument("source", metavar="SOURCE", help="NAME[:TAG], an image ID or a unique prefix of one")
+    p.add_argument("target", metavar="TARGET", help="NAME[:TAG]")
+
+    p = _parser(subparsers, "save", "write images to a docker save archive (as docker save)",
+                "Save one or more images to a tar archive (to stdout when not a terminal), as docker save.")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+
     p = _parser(subparsers, "rmi", "remove an image (layers used by other images are kept)",
                 "Untag and remove images; layers no remaining image uses are deleted.")
     p.add_argument("images", nargs="+", metavar="IMAGE")
@@ -300,6 +349,11 @@ def add_commands(subparsers):
     p = _parser(subparsers, "rm", "remove container layers (refused while mounted)",
                 "Delete containers' writable layers from the layer store.")
     p.add_argument("containers", nargs="+", metavar="CONTAINER", help="a container ID or a unique prefix of one")
+
+    p = _parser(subparsers, "export", "write a container's filesystem as a tar (as docker export)",
+                "Export a container's merged root filesystem as a tar archive (to stdout when not a terminal).")
+    p.add_argument("container", metavar="CONTAINER", help="a container ID or a unique prefix of one")
+    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
 
     p = _parser(subparsers, "system", "the layer store itself: disk usage (df), prune, check [--repair]",
                 "Look after the layer store: what it holds and could free (df), remove what nothing uses "
@@ -426,6 +480,15 @@ def _run(args, out, err):
             print(lowerdir(store, image_id), file=out)
         else:
             print(image_id, file=out)
+    elif cmd == "tag":
+        store = _store(args, create=False)
+        store.tag(args.source, args.target)
+    elif cmd == "save":
+        store = _store(args, create=False)
+        _write_out(args, out, lambda f: save_images(store, args.images, f))
+    elif cmd == "export":
+        store = _store(args, create=False)
+        _write_out(args, out, lambda f: export_container(store, args.container, f))
     elif cmd == "rmi":
         return _rmi(args, out, err)
     elif cmd == "commit":
@@ -447,6 +510,28 @@ def _run(args, out, err):
     else:
         raise StoreError(f"unknown command {cmd!r}")
     return 0
+
+
+def _write_out(args, out, write):
+    """Run write(binary file) on -o FILE (written next to it, renamed into place) or on stdout; stdout must
+    not be a terminal (a tar there is garbage), as docker save and export refuse."""
+    if args.output is not None:
+        if args.output == "":
+            raise os_error(errno.ENOENT, args.output)
+        if os.path.isdir(args.output):
+            raise os_error(errno.EISDIR, args.output)
+        with output_file(args.output) as f:
+            write(f)
+        return
+    isatty = getattr(out, "isatty", None)
+    if isatty is not None and isatty():
+        raise StoreError("refusing to write a tar archive to a terminal: give -o FILE or redirect stdout")
+    binary = getattr(out, "buffer", None)
+    if binary is None:
+        raise StoreError("stdout is not a binary stream: give -o FILE")
+    out.flush()
+    write(binary)
+    binary.flush()
 
 
 def _rmi(args, out, err):

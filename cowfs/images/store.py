@@ -608,6 +608,24 @@ class Store:
                 raise StoreError(f"image ID {ref!r} is ambiguous ({len(found)} images start with it)")
         raise StoreError(f"no such image: {ref} (in store {self.root})")
 
+    def tag(self, source, target):
+        """Name image `source` (a name[:tag], a full or unique short image ID) `target` too, as docker tag:
+        a tag already naming another image moves. Returns (image ID, the normalised target).
+
+        Raises:
+            BadReference: `target` is no valid NAME[:TAG].
+            StoreError: no such image, or an ambiguous ID prefix.
+        """
+        target = normalise_ref(check_tag_reference(target))
+        with interrupts.deferred(), self.locked():
+            image_id = self.resolve(source)
+            repos = self.repositories()
+            if repos.get(target) != image_id:
+                repos[target] = image_id
+                self.write_repositories(repos)
+                interrupts.changed()
+        return image_id, target
+
     def remove_image(self, ref):
         """Untag `ref`; when the image has no tag left (or `ref` was an ID), remove it and every layer
         no other image uses. Returns (untagged refs, removed image ID or None, removed layer IDs)."""
