@@ -23,7 +23,6 @@ import traceback
 from cowfs.cli import report
 from cowfs.cli.report import reporting
 from cowfs.errors import CowfsError, one_line, os_error
-from cowfs.explore.diff import tree_size
 from cowfs.formatting import ago, docker_size, table
 from cowfs.images import interrupts
 from cowfs.images.catalog import (
@@ -49,6 +48,7 @@ from cowfs.images.importer import import_archive
 from cowfs.images.saving import export_container, output_file, save_images
 from cowfs.images.store import Store, StoreError, default_store, normalise_ref, parse_time
 from cowfs.overlay.stack import split_layers
+from cowfs.overlay.usage import tree_size
 from cowfs.overlay.whiteout import TRUSTED_PREFIX, USER_PREFIX
 
 COMMANDS = ("import", "images", "history", "inspect", "tag", "save", "rmi", "commit", "ps", "rm", "export",

@@ -22,8 +22,8 @@ entered. The rules:
   line, as in docker diff).
 
 Also the helpers that find a stack from a mount point or an upper directory,
-shared with `cowfs explain` and `cowfs status`, and the accounting of what an
-upper holds (`tree_size`, `object_size`), shared with `cowfs status` and `cowfs ps`.
+shared with `cowfs explain` and `cowfs status`, and what one upper object holds
+(`object_size`); a whole upper's or layer's size is `cowfs.overlay.usage.tree_size`.
 """
 
 import dataclasses
@@ -38,6 +38,7 @@ from cowfs.formatting import human_size
 from cowfs.overlay import override
 from cowfs.overlay.lookup import Layers, join
 from cowfs.overlay.stack import Stack, lowerdir_option, parse_options
+from cowfs.overlay.usage import tree_size
 from cowfs.overlay.whiteout import is_whiteout
 from cowfs.runtime import read_record, records
 
@@ -185,32 +186,6 @@ def changes(stack):
     walk(after.root(), before.root())
     found.sort(key=lambda change: change[1].split("/"))
     return found
-
-
-def tree_size(root):
-    """Bytes of data under `root` (an upper or a layer), as Docker counts a container's or a layer's size.
-
-    The apparent size (st_size, not blocks: a sparse file counts its length) of
-    each regular file and symlink (a symlink holds its target's length); a
-    file with several hard links once; directories and whiteouts nothing. The
-    one count of an upper's size: `cowfs diff --size`, `cowfs status` and
-    `cowfs ps` all show it, and a layer's size in the store counts the same way.
-    """
-    total, seen = 0, set()
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-            try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except OSError:
-                continue
-            if is_whiteout(st) or stat.S_ISDIR(st.st_mode):
-                continue
-            if st.st_nlink > 1:
-                if (st.st_dev, st.st_ino) in seen:
-                    continue
-                seen.add((st.st_dev, st.st_ino))
-            total += st.st_size
-    return total
 
 
 def object_size(real):

@@ -13,9 +13,10 @@ import stat
 
 from cowfs.daemon.trace import read_trace
 from cowfs.errors import StackError
-from cowfs.explore.diff import mount_containing, mounted_stack, tree_size
+from cowfs.explore.diff import mount_containing, mounted_stack
 from cowfs.formatting import human_seconds, human_size, kind_name
 from cowfs.overlay.lookup import Layers
+from cowfs.overlay.usage import tree_size
 from cowfs.overlay.whiteout import REDIRECT, get_marker, is_opaque, is_whiteout
 from cowfs.runtime import records
 

@@ -53,17 +53,13 @@ from cowfs.images.store import (
     Staging,
     StoreDamaged,
     StoreError,
-    data_size,
     layer_content,
 )
 from cowfs.overlay.stack import parse_options, split_layers
+from cowfs.overlay.usage import tree_size
 from cowfs.overlay.whiteout import TRUSTED_PREFIX, USER_PREFIX
 
 DF_HEADER = ("TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE")
-
-
-def _tree_size(path):
-    return data_size(path)
 
 
 # -- what is in use ------------------------------------------------------------------------------
@@ -119,7 +115,7 @@ def disk_usage(store):
     active_layers = set().union(*(layers_of[i] for i in active_images)) if active_images else set()
     images_size = sum(sizes[d] for d in image_layers)
     used_layers = image_layers | layers_in_live_mounts(store)
-    container_sizes = {c["Id"]: _tree_size(c["upper"]) for c in containers}
+    container_sizes = {c["Id"]: tree_size(c["upper"]) for c in containers}
     leftovers = store.leftovers()
     return [
         {"Type": "Images", "Total": len(image_ids), "Active": len(active_images), "Size": images_size,
@@ -193,10 +189,10 @@ def prune(store, all_images=False, containers=False, dry_run=False, out=None):
 
     if dry_run:
         total = (sum(size for _, size, how in leftovers if how == "removed")
-                 + sum(_tree_size(c["upper"]) for c in removed_containers) + sum(layer_sizes.values()))
+                 + sum(tree_size(c["upper"]) for c in removed_containers) + sum(layer_sizes.values()))
     else:
         for c in removed_containers:
-            size = _tree_size(c["upper"])
+            size = tree_size(c["upper"])
             remove_container(store, c["Id"])
             total += size
         if removed_images or removed_layers:

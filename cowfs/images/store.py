@@ -52,6 +52,7 @@ from cowfs.errors import CowfsError
 from cowfs.images import interrupts
 from cowfs.images.archive import unpack_layer
 from cowfs.images.reference import check_tag_reference
+from cowfs.overlay.usage import tree_size
 from cowfs.overlay.whiteout import PREFIXES, TRUSTED_PREFIX, USER_PREFIX
 
 IMAGE_FILE = re.compile(r"[0-9a-f]{64}\.json")
@@ -237,29 +238,6 @@ def _remove(path):
             os.unlink(path)
 
 
-def data_size(path):
-    """Bytes of data under `path` (regular files once per inode, symlinks' targets; directories and whiteouts
-    nothing), as `tree_size` counts an upper or a layer: for df and prune."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return 0
-    if not stat.S_ISDIR(st.st_mode):
-        return st.st_size
-    total, seen = 0, set()
-    for dirpath, dirnames, filenames in os.walk(path):
-        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-            try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except OSError:
-                continue
-            if (st.st_dev, st.st_ino) in seen or stat.S_ISDIR(st.st_mode):
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            total += st.st_size
-    return total
-
-
 class Staging:
     """A directory tmp/KIND-PID-XXXX of this process, flock'ed while it lives; `close()` removes it."""
 
@@ -405,7 +383,7 @@ class Store:
         found = []
         for name in names:
             path = os.path.join(tmp, name)
-            found.append((name, not _owner_gone(path), data_size(path)))
+            found.append((name, not _owner_gone(path), tree_size(path)))
         return found
 
     def heal(self):
@@ -435,7 +413,7 @@ class Store:
             path = os.path.join(tmp, name)
             if not _owner_gone(path):
                 continue
-            size = data_size(path)
+            size = tree_size(path)
             how = "removed"
             if os.path.isfile(os.path.join(path, COMMIT_FILE)) and not os.path.islink(path):
                 with interrupts.deferred():
@@ -767,6 +745,6 @@ class Transaction:
         self.done = True
 
 
-__all__ = ["Staging", "Store", "StoreDamaged", "StoreError", "Transaction", "check_digest", "data_size",
+__all__ = ["Staging", "Store", "StoreDamaged", "StoreError", "Transaction", "check_digest",
            "default_store", "is_digest", "layer_content", "machine_architecture", "normalise_ref", "now_rfc3339",
            "parse_time"]
