@@ -158,6 +158,15 @@ def never_mounts(monkeypatch):
 # =============================================================================================
 # option errors, in-process
 
+def wait_mounted(proc, mountpoint, err_path, timeout=30):
+    """Wait until a foreground cowfs `proc` has mounted `mountpoint` (failing with its stderr if it exits)."""
+    deadline = time.monotonic() + timeout
+    while not is_mounted(mountpoint):
+        assert proc.poll() is None, f"exited {proc.returncode}: {err_path.read_text()}"
+        assert time.monotonic() < deadline, f"not mounted within {timeout} s"
+        time.sleep(0.05)
+
+
 class TestOptionErrors:
     @pytest.mark.parametrize("option, named, reason", [
         ("upperdir={u},workdir={w}", "lowerdir", "missing"),
@@ -464,11 +473,7 @@ class TestMount:
             proc = subprocess.Popen(COWFS + ["mount", "-f", "-o", opts(dirs), str(dirs["m"])],
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
         try:
-            deadline = time.monotonic() + 30
-            while not is_mounted(dirs["m"]):
-                assert proc.poll() is None, f"exited {proc.returncode}: {err_path.read_text()}"
-                assert time.monotonic() < deadline, "not mounted within 30 s"
-                time.sleep(0.05)
+            wait_mounted(proc, dirs["m"], err_path)
             assert (dirs["m"] / "top").read_text() == "l1"
             assert proc.poll() is None  # still serving in the foreground
             res = subprocess.run(["fusermount", "-u", str(dirs["m"])], capture_output=True, text=True)
@@ -808,11 +813,7 @@ def test_foreground_mount_prints_nothing_of_libfuse(dirs, flag):
                                          "--work", str(dirs["w"]), str(dirs["m"])],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
     try:
-        deadline = time.monotonic() + 30
-        while not is_mounted(dirs["m"]):
-            assert proc.poll() is None, f"exited {proc.returncode}: {err_path.read_text()}"
-            assert time.monotonic() < deadline, "not mounted within 30 s"
-            time.sleep(0.05)
+        wait_mounted(proc, dirs["m"], err_path)
         assert (dirs["m"] / "top").read_text() == "l1"
         assert subprocess.run(["fusermount", "-u", str(dirs["m"])], capture_output=True).returncode == 0
         assert proc.wait(timeout=15) == 0

@@ -1203,12 +1203,12 @@ def test_rootless_round_trip_is_exact(shared_tmp, rootless):
     assert Store(os.path.join(fresh, "store"), create=False).layer_ids() == [diff_id]
 
 
-@pytest.mark.fuse
-def test_rootless_commit_of_an_unchanged_file_is_roots(shared_tmp, rootless):
-    """A file copied up and left as it was commits to the same layer, byte for byte, whether the image
-    was imported and mounted by root (real owners on disk) or by the user (recorded owners)."""
-    root_base = os.path.join(shared_tmp, "root")
+def root_and_user_imports(shared_tmp, name, rootless):
+    """ROOTLESS_LAYER imported as acme/rootless:1 by root and by the user, each into a store of its own, with
+    an empty mount point each: (root base, store, mount point, user base, store, mount point)."""
+    root_base = os.path.join(shared_tmp, name)
     os.mkdir(root_base)
+    os.chmod(root_base, 0o755)
     tar = os.path.join(root_base, "layer.tar")
     with open(tar, "wb") as f:
         f.write(ROOTLESS_LAYER)
@@ -1216,9 +1216,17 @@ def test_rootless_commit_of_an_unchanged_file_is_roots(shared_tmp, rootless):
     assert cli(root_store, "import", tar, "-q", "--name", "acme/rootless:1")[0] == 0
     root_mnt = os.path.join(root_base, "m")
     os.mkdir(root_mnt)
-    user_base = rootless.home_in(shared_tmp)
+    user_base = rootless.home_in(root_base)
     user_store = rootless_import(rootless, user_base)
-    user_mnt = rootless.home_in(user_base, "m")
+    return root_base, root_store, root_mnt, user_base, user_store, rootless.home_in(user_base, "m")
+
+
+@pytest.mark.fuse
+def test_rootless_commit_of_an_unchanged_file_is_roots(shared_tmp, rootless):
+    """A file copied up and left as it was commits to the same layer, byte for byte, whether the image
+    was imported and mounted by root (real owners on disk) or by the user (recorded owners)."""
+    root_base, root_store, root_mnt, user_base, user_store, user_mnt = root_and_user_imports(shared_tmp, "root",
+                                                                                             rootless)
     root_out, user_out = os.path.join(root_base, "c.tar"), os.path.join(user_base, "c.tar")
     try:
         r = run_cowfs("mount", "--store", root_store, "acme/rootless:1", root_mnt)
@@ -1252,19 +1260,7 @@ def test_rootless_mount_of_an_image_shows_what_a_root_mount_shows(shared_tmp, ro
     """The same image imported and mounted by root and by the user: the user sees the same tree through
     both mounts (names, types, modes, owners, sizes, content, device numbers, hard links), the one
     exception being a symlink's owner, which no user.* xattr can hold on a symlink."""
-    root_base = os.path.join(shared_tmp, "root-vs-user")
-    os.mkdir(root_base)
-    os.chmod(root_base, 0o755)
-    tar = os.path.join(root_base, "layer.tar")
-    with open(tar, "wb") as f:
-        f.write(ROOTLESS_LAYER)
-    root_store = os.path.join(root_base, "store")
-    assert cli(root_store, "import", tar, "-q", "--name", "acme/rootless:1")[0] == 0
-    root_mnt = os.path.join(root_base, "m")
-    os.mkdir(root_mnt)
-    user_base = rootless.home_in(root_base)
-    user_store = rootless_import(rootless, user_base)
-    user_mnt = rootless.home_in(user_base, "m")
+    _, root_store, root_mnt, _, user_store, user_mnt = root_and_user_imports(shared_tmp, "root-vs-user", rootless)
     try:
         r = run_cowfs("mount", "--store", root_store, "acme/rootless:1", root_mnt)  # allow_other: root's
         assert r.returncode == 0, r.stderr

@@ -139,7 +139,7 @@ def _dir_attrs(layers, node):
     """What makes a directory a change in Docker's overlay2 diff: its mode (with the type), owner
     and file capability; the recorded ones in a stack with recorded attributes (see override.py)."""
     st = node.st
-    found = override.read(node.real, st.st_mode) if layers.recorded else None
+    found = override.read(node.real, st.st_mode) if layers.marked else None
     shown = (st.st_mode, st.st_uid, st.st_gid) if found is None else \
         ((found.kind or stat.S_IFMT(st.st_mode)) | found.mode, found.uid, found.gid)
     try:

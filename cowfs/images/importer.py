@@ -182,6 +182,19 @@ class _Importer:
     def say(self, text):
         print(text, file=self.out, flush=True)
 
+    def _diff_ids(self, config, layer_count, config_name):
+        """The config's diff IDs, one per layer of the manifest, each a well-formed digest."""
+        diff_ids = list(config.get("rootfs", {}).get("diff_ids", []))
+        if len(diff_ids) != layer_count:
+            raise ArchiveError(self.archive, f"config lists {plural(len(diff_ids), 'diff ID')} for "
+                               f"{plural(layer_count, 'layer')}", config_name)
+        for diff_id in diff_ids:
+            try:
+                check_digest(diff_id, "diff ID")
+            except StoreError as e:
+                raise ArchiveError(self.archive, str(e), config_name) from None
+        return diff_ids
+
     def say_layer(self, text):
         """A line about one layer (stdout, as docker load's); none with quiet."""
         if not self.quiet:
@@ -367,15 +380,8 @@ class _Importer:
             except (KeyError, TypeError):
                 raise ArchiveError(self.archive, "an entry lacks Config or Layers", "manifest.json") from None
             config, config_bytes = _read_json(source, config_name, self.archive)
-            diff_ids = list(config.get("rootfs", {}).get("diff_ids", []))
-            if len(diff_ids) != len(layer_names):
-                raise ArchiveError(self.archive, f"config lists {plural(len(diff_ids), 'diff ID')} for "
-                                   f"{plural(len(layer_names), 'layer')}", config_name)
+            diff_ids = self._diff_ids(config, len(layer_names), config_name)
             for member, diff_id in zip(layer_names, diff_ids):
-                try:
-                    check_digest(diff_id, "diff ID")
-                except StoreError as e:
-                    raise ArchiveError(self.archive, str(e), config_name) from None
                 blob = None
                 m = re.match(r"^blobs/sha256/([0-9a-f]{64})$", _clean(member))
                 if m:
@@ -430,16 +436,9 @@ class _Importer:
             raise ArchiveError(self.archive, "not an image manifest", name)
         config_name = self.blob_name(manifest["config"], name)
         config, config_bytes = _read_json(source, config_name, self.archive, manifest["config"]["digest"])
-        diff_ids = list(config.get("rootfs", {}).get("diff_ids", []))
         layers = manifest.get("layers", [])
-        if len(diff_ids) != len(layers):
-            raise ArchiveError(self.archive, f"config lists {plural(len(diff_ids), 'diff ID')} for "
-                               f"{plural(len(layers), 'layer')}", config_name)
+        diff_ids = self._diff_ids(config, len(layers), config_name)
         for layer_desc, diff_id in zip(layers, diff_ids):
-            try:
-                check_digest(diff_id, "diff ID")
-            except StoreError as e:
-                raise ArchiveError(self.archive, str(e), config_name) from None
             media = layer_desc.get("mediaType", "")
             if "zstd" in media and not zstd_available():
                 raise ArchiveError(self.archive, "zstd layer, and neither the zstandard module nor the zstd "

@@ -48,7 +48,7 @@ class Attributes:
         st = os.lstat(node.real)  # cached nodes hold where an object is, not its current attributes
         nlink = 1 if node.is_dir and len(node.parts) > 1 else st.st_nlink  # as the kernel does for merged dirs
         attrs = stat_dict(st, self.layers.ino(node), nlink)
-        if self.layers.recorded:
+        if self.layers.marked:
             override.present(attrs, node.real)
         if self.idmap:
             self.idmap.show(attrs)
@@ -106,7 +106,7 @@ class Attributes:
         A chown drops the set-id bits of a non-directory, as chown(2) does (the kernel also sends
         the mode it wants then).
         """
-        if not self.layers.recorded:
+        if not self.layers.marked:
             return False
         st = os.fstat(target) if isinstance(target, int) else os.lstat(target)
         if not override.carries(st.st_mode):

@@ -140,7 +140,7 @@ class Files:
         except OSError:
             ino = self.layers.map_ino(st)
         attrs = stat_dict(st, ino, st.st_nlink)
-        if self.layers.recorded:
+        if self.layers.marked:
             override.present(attrs, handle.fd)
         if self.idmap:
             self.idmap.show(attrs)

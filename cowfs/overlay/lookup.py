@@ -103,7 +103,6 @@ class Layers:
         # The layers with recorded attributes (see override.py), found once by their roots, as
         # fuse-overlayfs finds them; only a stack with one pays for reading the xattr.
         self.marked = frozenset(i for i, root in enumerate(self.roots) if root is not None and override.is_marked(root))
-        self.recorded = bool(self.marked)
         self._cache = {}
         self._dir_fds = {}  # layer -> {head of a long path: its directory's descriptor} (see real)
         self._retired = []  # upper descriptors still named by paths of the running operation

@@ -39,7 +39,7 @@ class Namespace:
             uid, gid = owner
         st = os.lstat(parent.real)
         mode, group = st.st_mode, st.st_gid
-        if self.layers.recorded:
+        if self.layers.marked:
             recorded = override.read(parent.real, st.st_mode)
             if recorded is not None:
                 mode, group = recorded.mode, recorded.gid

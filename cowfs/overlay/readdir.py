@@ -44,7 +44,7 @@ class Listing:
                 kind = stat.S_IFDIR
             elif entry.is_file(follow_symlinks=False):
                 kind = stat.S_IFREG
-                if self.layers.recorded:  # a device, FIFO or socket kept as a file shows its recorded type
+                if self.layers.marked:  # a device, FIFO or socket kept as a file shows its recorded type
                     recorded = override.read(entry.path, kind)
                     if recorded is not None and recorded.kind:
                         kind = recorded.kind
