@@ -98,11 +98,12 @@ def ago(when, now=None):
 
 
 def table(rows, header):
-    """Rows under a header, each column as wide as its widest cell, three spaces apart (as docker's tables)."""
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    """Rows under a header, aligned as docker's tables (Go's tabwriter with a minimum width of 10 and a padding
+    of 3): each column but the last as wide as its widest cell and 3 spaces, and at least 10."""
+    widths = [max(max(len(str(r[i])) for r in [header] + rows) + 3, 10) for i in range(len(header))]
     lines = []
     for r in [header] + rows:
-        lines.append("   ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+        lines.append("".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
     return "\n".join(lines)
 
 

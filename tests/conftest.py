@@ -1,7 +1,7 @@
 """Shared fixtures: temporary directories that other users can traverse, and the FUSE/kernel gate.
 
-Tests marked ``fuse`` or ``kernel`` (markers declared in setup.cfg) are
-skipped with a reason when this machine cannot run them, and fail instead
+Tests marked ``fuse``, ``kernel`` or ``docker`` (markers declared in setup.cfg)
+are skipped with a reason when this machine cannot run them, and fail instead
 under ``CI=true``.  The header of every run says what is available.
 """
 
@@ -16,6 +16,7 @@ import pytest
 from cowfs.testing.mounts import (
     MountError,
     availability,
+    docker_availability,
     force_unmount,
     in_ci,
     in_user_namespace,
@@ -26,7 +27,7 @@ from cowfs.testing.mounts import (
 
 
 def pytest_report_header(config):
-    avail = availability()
+    avail = dict(availability(), docker=docker_availability())
     parts = [f"{name}: {'available' if reason is None else 'MISSING (' + reason + ')'}"
              for name, reason in avail.items()]
     who = ("root" if privileged() else "root of a user namespace (userxattr only)" if os.geteuid() == 0
@@ -37,8 +38,9 @@ def pytest_report_header(config):
 
 @pytest.fixture(autouse=True)
 def _gate_on_mount_features(request):
-    """Skip (or, under CI=true, fail) tests marked fuse/kernel when the machine cannot mount."""
-    needed = [name for name in ("fuse", "kernel") if request.node.get_closest_marker(name)]
+    """Skip (or, under CI=true, fail) tests marked fuse/kernel when the machine cannot mount, and tests
+    marked docker when it cannot run a private dockerd (cowfs.testing.docker)."""
+    needed = [name for name in ("fuse", "kernel", "docker") if request.node.get_closest_marker(name)]
     if needed:
         require(*needed)
 

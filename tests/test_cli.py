@@ -1052,7 +1052,7 @@ def test_completion_of_commands_and_options(bash_script):
     assert _complete(bash_script, "cowfs", "u") == ["umount"]
     assert _complete(bash_script, "cowfs", "--debug", "ex") == ["explain", "export"]
     assert _complete(bash_script, "cowfs", "mount", "--u") == ["--upper"]
-    assert _complete(bash_script, "cowfs", "diff", "-") == ["-h", "--help", "--lower", "-o", "-s", "--size",
+    assert _complete(bash_script, "cowfs", "diff", "-") == ["-h", "--help", "--store", "--lower", "-o", "-s", "--size",
                                                            "--json", "-q", "--quiet"]
     assert _complete(bash_script, "cowfs", "mount", "-o", "low") == ["lowerdir="]
     assert _complete(bash_script, "cowfs", "completion", "") == ["bash", "zsh"]

@@ -24,6 +24,7 @@ import tempfile
 import pytest
 
 from cowfs.cli import images as image_cli
+from cowfs.formatting import docker_size
 from cowfs.images.archive import ArchiveError, unpack_layer, write_layer
 from cowfs.images.store import Store
 from cowfs.testing import unprivileged
@@ -288,7 +289,7 @@ def test_images_are_listed_newest_first(tmp_path, store):
     assert [r["ID"] for r in rows] == [i for i in expected_ids for _ in range(2 if i == ids[1] else 1)]
     assert [f"{r['Repository']}:{r['Tag']}" for r in rows if r["ID"] == ids[1]] == ["acme/b:1", "acme/b:latest"]
     rc, out, _ = cli(store, "images", "-q", "--no-trunc")
-    assert out.split() == expected_ids
+    assert out.split() == [r["ID"] for r in rows]
     rc, out, _ = cli(store, "images")
     table_ids = [line.split()[2] for line in out.splitlines()[1:-1]]
     assert list(dict.fromkeys(table_ids)) == [i[7:19] for i in expected_ids]
@@ -577,6 +578,40 @@ def test_commit_converts_markers_and_is_reproducible(tmp_path, store):
     assert diff_snapshots(snapshot(upper, all_xattrs=True), snapshot(tmp_path / "back", all_xattrs=True)) == ""
 
 
+def test_commit_writes_markers_with_dockers_modes(tmp_path):
+    """Docker's overlay2 writes a whiteout as a regular file of mode 0600 (whatever the char device's mode),
+    an opaque marker with its directory's mode (tests/test_docker.py compares with Docker itself)."""
+    upper = tmp_path / "upper"
+    make_upper(upper)
+    os.chmod(upper / "old", 0o750)
+    buf = io.BytesIO()
+    write_layer(str(upper), buf)
+    with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as tf:
+        modes = {m.name: (m.type, m.mode, m.size) for m in tf.getmembers() if ".wh." in m.name}
+    assert modes == {"etc/.wh.gone": (tarfile.REGTYPE, 0o600, 0), "old/.wh..wh..opq": (tarfile.REGTYPE, 0o750, 0)}
+
+
+def test_diff_leaves_out_copies_that_show_as_before(tmp_path):
+    """As docker diff (a walk of both views): a non-directory copied up is a change only when it shows
+    otherwise than before (type, mode, owner, size, mtime, capability); a hard link made to a lower file
+    copies it up unchanged, and only the new name is listed (tests/test_docker.py checks with Docker)."""
+    lower, upper = tmp_path / "l", tmp_path / "u"
+    lower.mkdir()
+    upper.mkdir()
+    for name in ("linked", "same", "touched", "longer", "chmod"):
+        (lower / name).write_bytes(b"data\n")
+        os.utime(lower / name, (MTIME, MTIME))
+        shutil.copy2(lower / name, upper / name)
+    os.link(upper / "linked", upper / "new-link")  # ln lower-file new-link: a copy-up, then the link
+    os.utime(upper / "touched", (MTIME + 1, MTIME + 1))
+    (upper / "longer").write_bytes(b"data and more\n")
+    os.utime(upper / "longer", (MTIME, MTIME))
+    os.chmod(upper / "chmod", 0o600)
+    os.utime(upper / "same", ns=(MTIME * 10**9 + 5, MTIME * 10**9 + 5))  # nanoseconds against a tar's none: same
+    out = run_cowfs("diff", upper, "--lower", lower).stdout
+    assert out == "C /chmod\nC /longer\nA /new-link\nC /touched\n"
+
+
 def test_commit_expands_redirected_directory(tmp_path):
     lower = tmp_path / "lower"
     os.makedirs(lower / "src" / "sub")
@@ -607,8 +642,17 @@ def test_commit_with_tag_adds_an_image(tmp_path, store):
     diff_id = out.splitlines()[0]
     s = Store(store)
     assert s.image_layers(s.resolve("acme/next:1")) == [sha(layer) for layer in BASE_LAYERS] + [diff_id]
-    rc, out, _ = cli(store, "history", "acme/next:1")
-    assert "cowfs commit" in out.splitlines()[1] and "hi" in out.splitlines()[1]
+    rc, out, _ = cli(store, "history", "--no-trunc", "acme/next:1")
+    rows = out.splitlines()
+    base_id, next_id = s.resolve("acme/base:1"), s.resolve("acme/next:1")
+    # as docker commit: the parent is recorded, and the row says the image's Cmd (a container's command)
+    assert rows[1].startswith(next_id) and "/bin/sh" in rows[1] and "hi" in rows[1], out
+    assert rows[2].startswith(base_id), out
+    assert json.loads(cli(store, "inspect", "acme/next:1")[1])[0]["Parent"] == base_id
+    assert json.loads(cli(store, "inspect", "acme/base:1")[1])[0]["Parent"] == ""
+    rc, out, _ = cli(store, "commit", "--upper-dir", str(upper), "--from", "acme/base:1", "--tag", "acme/by:1",
+                     "--created-by", "make it")
+    assert "make it" in cli(store, "history", "acme/by:1")[1].splitlines()[1]
     # the same with --lower paths of the store, found back to the parent image
     lowers = cli(store, "inspect", "--format", "lowerdir", "acme/base:1")[1].strip()
     rc, out, err = cli(store, "commit", "--upper-dir", str(upper), "--lower", lowers, "--tag", "acme/next:2")
@@ -894,7 +938,7 @@ def test_commit_mountpoint_of_a_container_makes_a_child_image(shared_tmp):
         assert r.stdout.splitlines()[1] == f"Tagged acme/app:2 as {s.resolve('acme/app:2')}"
         assert s.image_layers(s.resolve("acme/app:2")) == parent + [diff_id]
         history = run_cowfs("history", "acme/app:2", "--store", store).stdout.splitlines()
-        assert "cowfs commit" in history[1] and "from a mount" in history[1] and len(history) == 1 + len(parent) + 1
+        assert "/bin/sh" in history[1] and "from a mount" in history[1] and len(history) == 1 + len(parent) + 1
         # the same layer as committing the container's upper directory with the image's lowers
         lowers = cli(store, "inspect", "--format", "lowerdir", "acme/app:1")[1].strip()
         upper = os.path.join(store, "containers", cid, "upper")
@@ -1924,20 +1968,25 @@ def test_json_and_quiet_agree_with_the_tables(tmp_path, store):
         assert sorted(row) == ["Created", "ID", "Repository", "SharedSize", "Size", "Tag", "UniqueSize"]
         assert line.split()[:3] == [row["Repository"], row["Tag"], row["ID"][7:19]]
     assert {(r["Repository"], r["Tag"]) for r in rows} >= {("<none>", "<none>"), ("acme/app", "latest")}
-    assert cli(store, "images", "-q")[1].split() == list(dict.fromkeys(r["ID"][7:19] for r in rows))
-    assert cli(store, "images", "-q", "--no-trunc")[1].split() == list(dict.fromkeys(r["ID"] for r in rows))
+    assert cli(store, "images", "-q")[1].split() == [r["ID"][7:19] for r in rows]  # a row each, as docker's
+    assert cli(store, "images", "-q", "--no-trunc")[1].split() == [r["ID"] for r in rows]
     assert lines[-1].startswith("5 layers stored once: ")
 
     history = json.loads(cli(store, "history", "--json", "acme/app:1")[1])
     table_lines = cli(store, "history", "acme/app:1")[1].splitlines()[1:]
     assert len(history) == len(table_lines) == 4
     assert [h["ID"] for h in history] == [s.resolve("acme/app:1")] + ["<missing>"] * 3
-    assert [h["Size"] for h in history] == [len(b"#!/bin/sh\necho hello\n")] * 2 + [5, 31]
+    # a symlink adds nothing to a layer's size, as in Docker
+    assert [h["Size"] for h in history] == [len(b"#!/bin/sh\necho hello\n")] * 2 + [1, 31]
     assert cli(store, "history", "-q", "acme/app:1")[1].split() == [s.resolve("acme/app:1")[7:19]] + ["<missing>"] * 3
 
     ps = json.loads(cli(store, "ps", "--json")[1])
     assert len(ps) == 1 and ps[0]["Mounted"] is False and ps[0]["Image"] == s.resolve("acme/app:1")
-    assert sorted(ps[0]) == ["Created", "ID", "Image", "ImageName", "Mounted", "MountedAt", "Size", "UpperDir"]
+    assert sorted(ps[0]) == ["Created", "ID", "Image", "ImageName", "Mounted", "MountedAt", "Size", "UpperDir",
+                             "VirtualSize"]
+    image = json.loads(cli(store, "inspect", "acme/app:1")[1])[0]
+    assert ps[0]["VirtualSize"] == ps[0]["Size"] + image["Size"]
+    assert cli(store, "ps")[1].splitlines()[1].endswith(f"(virtual {docker_size(ps[0]['VirtualSize'])})")
     assert cli(store, "ps", "-q")[1].split() == [ps[0]["ID"][:12]]
     assert cli(store, "ps")[1].splitlines()[1].split()[:2] == [ps[0]["ID"][:12], ps[0]["ImageName"]]
 
@@ -2017,11 +2066,11 @@ def test_system_df(tmp_path, store):
     rc, out, err = cli(store, "system", "df")
     assert rc == 0, err
     assert out.splitlines() == [
-        "TYPE         TOTAL   ACTIVE   SIZE     RECLAIMABLE",
-        "Images       3       1        178B     100B (56%)",
-        "Containers   1       0        10B      10B (100%)",
-        "Layers       6       5        1.18kB   1kB (84%)",
-        "Leftovers    1       0        5kB      5kB (100%)",
+        "TYPE         TOTAL     ACTIVE    SIZE      RECLAIMABLE",  # columns at least 10 wide, as Docker's
+        "Images       3         1         174B      100B (57%)",  # layers count regular files only, as Docker's
+        "Containers   1         0         10B       10B (100%)",
+        "Layers       6         5         1.17kB    1kB (85%)",
+        "Leftovers    1         0         5kB       5kB (100%)",
     ]
     assert os.path.exists(store / "tmp" / "txn-1-killed")  # df looks; it does not clean
 
@@ -2082,6 +2131,20 @@ def _layer_with(s, path):
 # name: (damage(store dir, Store), the line check prints, the line check --repair prints, and whether it fixes it)
 USED = "(image {base12} uses it: cowfs rmi {base12}, and import it again)"
 CHECKS = {
+    "layer-size-of-an-older-cowfs": (
+        lambda d, s: s.write_file(f"layers/{sha(BASE_LAYERS[1])[7:]}/layer.json", json.dumps(dict(
+            s.layer_info(sha(BASE_LAYERS[1])), size=1 + len("/lib"))).encode()),
+        "layer {usr12}: size recorded by an older cowfs (5, counting symlinks; 1 as Docker counts) (--repair fixes it)",
+        "layer {usr12}: size recorded by an older cowfs (5, counting symlinks; 1 as Docker counts): recorded 1", True),
+    "parent-of-a-missing-image": (
+        lambda d, s: s.write_parents({"sha256:" + "0" * 64: s.resolve("acme/base:1")}),
+        "parents.json: records the parent of image 000000000000, which is not stored (--repair fixes it)",
+        "parents.json: records the parent of image 000000000000, which is not stored: removed the record", True),
+    "parents-not-json": (
+        lambda d, s: (d / "parents.json").write_bytes(b"["),
+        "parents.json: not valid JSON (remove it by hand: history then shows <missing> for the parents)",
+        "parents.json: not valid JSON: not fixed (remove it by hand: history then shows <missing> for the parents)",
+        False),
     "repositories-not-json": (
         lambda d, s: (d / "repositories.json").write_bytes(b"{"),
         "repositories.json: not valid JSON (fix or remove it by hand: the images stay, untagged)",
@@ -2178,7 +2241,8 @@ def test_system_check_and_repair(tmp_path, store, case):
     assert rc == 0 and out == "no problems: 2 images, 4 layers, 0 containers checked\n", out + err
     s = Store(store)
     fields = {"store": str(store), "app12": s.resolve("acme/app:1")[7:19], "base12": s.resolve("acme/base:1")[7:19],
-              "top12": sha(APP_LAYERS[1])[7:19], "sh12": sha(BASE_LAYERS[0])[7:19], "prefix": s.prefix}
+              "top12": sha(APP_LAYERS[1])[7:19], "sh12": sha(BASE_LAYERS[0])[7:19], "prefix": s.prefix,
+              "usr12": sha(BASE_LAYERS[1])[7:19]}
     contents = {d: layer_content(s.layer_path(d)) for d in s.layer_ids()}
     with s.locked(heal=False):
         damage(store, s)
@@ -2329,6 +2393,126 @@ def test_save_then_import_gives_the_same_images(tmp_path, store):
     assert rc == 0 and text == f"Loaded image ID: {base}\n"
 
 
+def test_parents_are_kept_as_docker_keeps_them(tmp_path, store):
+    """docker commit records the parent: history fills the IDs up the chain, save/load carry it (Parent in
+    manifest.json, only to an image saved too), images hides an untagged parent, rmi keeps it for its child."""
+    layers = canonical_layers(tmp_path, BASE_LAYERS)
+    assert cli(store, "import", str(docker_save(tmp_path / "b.tar", [(["acme/base:1"], layers, None)])), "-q")[0] == 0
+    upper = tmp_path / "upper"
+    make_upper(upper)
+    assert cli(store, "commit", "--upper-dir", str(upper), "--from", "acme/base:1", "--tag", "acme/next:1")[0] == 0
+    upper2 = tmp_path / "upper2"
+    os.makedirs(upper2 / "srv")
+    (upper2 / "srv" / "x").write_bytes(b"x")
+    assert cli(store, "commit", "--upper-dir", str(upper2), "--from", "acme/next:1", "--tag", "acme/third:1")[0] == 0
+    s = Store(store)
+    base, nxt, third = (s.resolve(r) for r in ("acme/base:1", "acme/next:1", "acme/third:1"))
+    assert s.parent(third) == nxt and s.parent(nxt) == base and s.parent(base) is None
+    ids = [r["ID"] for r in json.loads(cli(store, "history", "--json", "acme/third:1")[1])]
+    assert ids == [third, nxt, base, "<missing>"]
+    # save: Parent only where the parent is saved too; into a fresh store, the same chain
+    out = tmp_path / "saved.tar"
+    assert cli(store, "save", "acme/third:1", "acme/next:1", "acme/base:1", "-o", str(out)) == (0, "", "")
+    manifest = json.loads(saved_members(out)["manifest.json"])
+    assert [e.get("Parent") for e in manifest] == [nxt, base, None]
+    fresh = tmp_path / "fresh"
+    assert cli(fresh, "import", str(out), "-q")[0] == 0
+    f = Store(fresh)
+    assert f.parent(third) == nxt and f.parent(nxt) == base
+    assert cli(fresh, "history", "--json", "acme/third:1")[1] == cli(store, "history", "--json", "acme/third:1")[1]
+    assert cli(store, "save", "acme/third:1", "-o", str(out))[0] == 0
+    assert "Parent" not in json.loads(saved_members(out)["manifest.json"])[0]
+    # a hand-made manifest naming a parent whose layers are not the image's first ones: refused, as docker load
+    assert cli(store, "save", "acme/third:1", "acme/base:1", "-o", str(out))[0] == 0
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(out) as src, tarfile.open(bad, "w") as dst:
+        for m in src.getmembers():
+            data = src.extractfile(m).read() if m.isfile() else None
+            if m.name == "manifest.json":
+                entries = json.loads(data)
+                entries[1]["Parent"] = third  # base's "parent" would be the image made on it
+                data = json.dumps(entries).encode()
+                m.size = len(data)
+            dst.addfile(m, io.BytesIO(data) if data is not None else None)
+    rc, text, err = cli(tmp_path / "other", "import", str(bad), "-q")
+    assert rc == 1 and "is not a valid parent" in err and err.count("\n") == 1, err
+    assert Store(tmp_path / "other").image_ids() == []
+    # rmi by name of an image with a child only untags it; images hides it then (-a shows it), as Docker
+    rc, text, err = cli(store, "rmi", "acme/next:1")
+    assert (rc, text) == (0, "Untagged: acme/next:1\n"), err
+    assert s.has_image(nxt)
+    assert nxt not in [r["ID"] for r in json.loads(cli(store, "images", "--json")[1])]
+    assert nxt in [r["ID"] for r in json.loads(cli(store, "images", "--json", "-a")[1])]
+    rc, text, err = cli(store, "rmi", nxt[7:19])
+    assert rc == 1 and "image has dependent child images" in err and s.has_image(nxt)
+    rc, text, err = cli(store, "system", "prune", "--dry-run")  # untagged, but its child stays: kept
+    assert rc == 0 and nxt not in text, text
+    rc, text, err = cli(store, "system", "prune", "-a", "--dry-run")  # it goes with its child
+    assert rc == 0 and nxt in text and third in text, text
+    rc, text, err = cli(store, "system", "prune")
+    assert rc == 0 and s.has_image(nxt), text
+    # removing the child takes the untagged parent with it (docker rmi prunes it); the tagged base stays
+    rc, text, err = cli(store, "rmi", "acme/third:1")
+    assert rc == 0, err
+    assert text.splitlines()[:3] == ["Untagged: acme/third:1", f"Deleted: {third}", f"Deleted: {nxt}"]
+    assert Store(store).image_ids() == [base] and Store(store).parents() == {}
+
+
+def test_qualified_references_and_images_filter(tmp_path, store):
+    """Docker Hub's long spellings name the same image (docker.io/library/busybox is busybox); images
+    REPOSITORY[:TAG] filters, with wildcards."""
+    path = docker_save(tmp_path / "app.tar", [(["acme/app:1"], BASE_LAYERS + APP_LAYERS, None),
+                                              (["busybox:1.36"], BASE_LAYERS, None)])
+    assert cli(store, "import", str(path), "-q")[0] == 0
+    s = Store(store)
+    for ref in ("docker.io/library/busybox:1.36", "library/busybox:1.36", "index.docker.io/busybox:1.36"):
+        assert s.resolve(ref) == s.resolve("busybox:1.36"), ref
+    assert s.resolve("docker.io/acme/app:1") == s.resolve("acme/app:1")
+    rc, _, err = cli(store, "tag", "docker.io/library/busybox:1.36", "docker.io/library/busybox:latest")
+    assert rc == 0, err
+    assert "busybox:latest" in Store(store).repositories()
+    assert json.loads(cli(store, "inspect", "docker.io/library/busybox")[1])[0]["Id"] == s.resolve("busybox:1.36")
+
+    def shown(*args):
+        return [(r["Repository"], r["Tag"]) for r in json.loads(cli(store, "images", "--json", *args)[1])]
+    assert sorted(shown("busybox")) == [("busybox", "1.36"), ("busybox", "latest")]
+    assert shown("busybox:1.*") == [("busybox", "1.36")]
+    assert shown("docker.io/library/busybox:latest") == [("busybox", "latest")]
+    assert shown("acme/*") == [("acme/app", "1")] and shown("acme") == []
+    assert shown("nothing") == []
+
+
+def test_commit_and_diff_take_a_container_id(tmp_path, store):
+    """docker commit CONTAINER REPOSITORY[:TAG] and docker diff CONTAINER: a container ID or unique prefix."""
+    from cowfs.images.containers import create_container
+    layers = canonical_layers(tmp_path, BASE_LAYERS)
+    assert cli(store, "import", str(docker_save(tmp_path / "b.tar", [(["acme/base:1"], layers, None)])), "-q")[0] == 0
+    s = Store(store)
+    record = create_container(s, s.resolve("acme/base:1"), "acme/base:1", str(tmp_path / "mnt"))
+    os.makedirs(os.path.join(record["upper"], "srv"))
+    with open(os.path.join(record["upper"], "srv", "new"), "w") as f:
+        f.write("x")
+    r = subprocess.run(COWFS + ["diff", "--store", str(store), record["Id"][:10]], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.splitlines() == ["A /srv", "A /srv/new"], r
+    # inspect takes a container too, as docker inspect: where its layers are
+    shown = json.loads(cli(store, "inspect", record["Id"][:10])[1])[0]
+    assert shown["Id"] == record["Id"] and shown["Image"] == s.resolve("acme/base:1")
+    assert shown["GraphDriver"]["Data"]["UpperDir"] == record["upper"] and shown["State"]["Mounted"] is False
+    assert shown["SizeRw"] == 1
+    assert cli(store, "inspect", "--format", "{{.GraphDriver.Data.UpperDir}} {{.State.Status}}",
+               record["Id"][:10])[1] == record["upper"] + " created\n"
+    assert cli(store, "inspect", "--format", "id", record["Id"][:10])[1] == record["Id"] + "\n"
+    rc, out, err = cli(store, "commit", record["Id"][:10], "acme/changed:1")
+    assert rc == 0, err
+    changed = Store(store).resolve("acme/changed:1")
+    assert Store(store).parent(changed) == s.resolve("acme/base:1")
+    rc, _, err = cli(store, "commit", record["Id"][:10], "acme/changed:2", "--tag", "acme/changed:3")
+    assert rc == 2 and "not both" in err
+    rc, _, err = cli(store, "commit", "0" * 9 + "nothere")
+    assert rc == 1 and "nothere" in err and err.count("\n") == 1, err
+
+
 def test_save_to_stdout_and_refusals(tmp_path, store):
     layers = canonical_layers(tmp_path, BASE_LAYERS)
     path = docker_save(tmp_path / "base.tar", [(["acme/base:1"], layers, None)])
@@ -2341,6 +2525,9 @@ def test_save_to_stdout_and_refusals(tmp_path, store):
     # one line, no FILE (nor anything in the store's tmp/)
     other = docker_save(tmp_path / "other.tar", [(["acme/other:1"], BASE_LAYERS, None)])
     assert cli(store, "import", str(other), "-q")[0] == 0
+    s = Store(store)
+    for diff_id in s.image_layers(s.resolve("acme/other:1")):  # as imported by an older cowfs: no tar-split
+        os.unlink(os.path.join(s.layer_dir(diff_id), "tar-split.gz"))
     out = tmp_path / "out.tar"
     rc, text, err = cli(store, "save", "acme/base:1", "acme/other:1", "-o", str(out))
     assert rc == 1 and text == "" and err.count("\n") == 1 and "cannot be written back" in err, err
@@ -2417,3 +2604,143 @@ def test_export_is_the_mounted_container(shared_tmp):
         r = run_cowfs("export", ref, "-o", os.path.join(shared_tmp, "no.tar"), "--store", store)
         assert r.returncode == 1 and r.stderr.count("\n") == 1 and says in r.stderr, r.stderr
         assert not os.path.exists(os.path.join(shared_tmp, "no.tar"))
+
+
+# -- save gives back any imported layer tar, byte for byte (its tar-split) ----------------------------------
+
+def _patch_header(data, offset, mode=None):
+    """`data` with the 512-byte header at `offset` given the raw mode field `mode` (type bits and all, as Go's
+    archive/tar writes it), its checksum made again."""
+    header = bytearray(data[offset:offset + 512])
+    if mode is not None:
+        header[100:108] = b"%07o\0" % mode
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    return data[:offset] + bytes(header) + data[offset + 512:]
+
+
+def foreign_layer(big=b""):
+    """A layer tar in no form cowfs writes: type bits in the mode fields, user and group names, a GNU long
+    name, a ustar prefix, a hard link, a whiteout, a symlink, an empty file, a pax xattr and eight zero blocks
+    at the end (two would do)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        def add(name, kind=tarfile.REGTYPE, data=None, mode=0o644, **attrs):
+            info = tarfile.TarInfo(name)
+            info.type, info.mode, info.mtime, info.uname, info.gname = kind, mode, MTIME, "root", "wheel"
+            for key, value in attrs.items():
+                setattr(info, key, value)
+            if data is not None:
+                info.size = len(data)
+            tf.addfile(info, io.BytesIO(data) if data is not None else None)
+        add("./", tarfile.DIRTYPE, mode=0o755)
+        add("./etc/", tarfile.DIRTYPE, mode=0o755)
+        add("./etc/os-release", data=b"ID=foreign\n")
+        add("./etc/big", data=big)
+        add("./etc/empty", data=b"")
+        add("./etc/again", tarfile.LNKTYPE, linkname="./etc/os-release")
+        add("./etc/.wh.gone", data=b"", mode=0o600, mtime=0)
+        add("./etc/link", tarfile.SYMTYPE, linkname="/etc/os-release", mode=0o777)
+        add("./" + "long" * 40, data=b"a GNU long name")
+        tf.format = tarfile.USTAR_FORMAT
+        add("./" + "p" * 60 + "/", tarfile.DIRTYPE, mode=0o755)
+        add("./" + "p" * 60 + "/" + "q" * 60, data=b"a ustar prefix")
+        tf.format = tarfile.PAX_FORMAT
+        add("./etc/attr", data=b"with an xattr", pax_headers={"SCHILY.xattr.user.note": "hi"})
+    data = buf.getvalue() + bytes(512 * 6)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        for info in tf.getmembers():
+            kind = stat.S_IFDIR if info.isdir() else stat.S_IFLNK if info.issym() else stat.S_IFREG
+            data = _patch_header(data, info.offset_data - 512, kind | info.mode)
+    return data
+
+
+def _saved_layers(path):
+    members = saved_members(path)
+    return [members[name] for name in json.loads(members["manifest.json"])[0]["Layers"]]
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_save_gives_back_a_foreign_layer_byte_for_byte(tmp_path, store, compress):
+    layers = [foreign_layer(big=os.urandom(3 << 20)), layer_tar(member("app", "dir"), member("app/x", data=b"x"))]
+    with tarfile.open(fileobj=io.BytesIO(layers[0])) as tf:  # what the layer holds, as meant
+        assert tf.getmember("./etc").mode == stat.S_IFDIR | 0o755 and tf.getmember("./etc/attr").pax_headers
+        assert tf.getmember("./" + "p" * 60 + "/" + "q" * 60).uname == "root"
+    assert layers[0][100:108] == b"0040755\0" and layers[0].endswith(bytes(512 * 8))
+    assert write_layer_of(tmp_path, layers[0]) != layers[0]  # not canonical: write_layer alone cannot do it
+    path = docker_save(tmp_path / "foreign.tar", [(["acme/foreign:1"], layers, None)], compress=compress)
+    rc, _, err = cli(store, "import", str(path), "-q")
+    assert rc == 0, err
+    s = Store(store)
+    split = os.path.join(s.layer_dir(sha(layers[0])), "tar-split.gz")
+    assert os.path.getsize(split) < 4096  # the 3 MiB of data is in diff/, not in the tar-split
+    assert cli(store, "system", "check") == (0, "no problems: 1 image, 2 layers, 0 containers checked\n", "")
+    out = tmp_path / "saved.tar"
+    assert cli(store, "save", "acme/foreign:1", "-o", str(out)) == (0, "", "")
+    assert _saved_layers(out) == layers
+    # and into a fresh store, then saved again: the same bytes
+    fresh = tmp_path / "fresh"
+    assert cli(fresh, "import", str(out), "-q")[0] == 0
+    again = tmp_path / "again.tar"
+    assert cli(fresh, "save", "acme/foreign:1", "-o", str(again)) == (0, "", "")
+    assert _saved_layers(again) == layers
+
+
+def write_layer_of(tmp_path, data):
+    dest = tmp_path / f"w{len(os.listdir(tmp_path))}"
+    dest.mkdir()
+    unpack_layer(io.BytesIO(data), str(dest), "test")
+    buf = io.BytesIO()
+    write_layer(str(dest), buf)
+    return buf.getvalue()
+
+
+def test_save_refuses_a_layer_whose_tree_changed(tmp_path, store):
+    layer = foreign_layer()
+    path = docker_save(tmp_path / "foreign.tar", [(["acme/foreign:1"], [layer], None)])
+    assert cli(store, "import", str(path), "-q")[0] == 0
+    s = Store(store)
+    with open(os.path.join(s.layer_path(sha(layer)), "etc/os-release"), "ab") as f:
+        f.write(b"more\n")
+    out = tmp_path / "out.tar"
+    rc, text, err = cli(store, "save", "acme/foreign:1", "-o", str(out))
+    assert rc == 1 and text == "" and err.count("\n") == 1 and "cannot be written back" in err, err
+    assert "etc/os-release in its tree holds 16 bytes, 11 when imported" in err, err
+    assert not out.exists() and os.listdir(os.path.join(store, "tmp")) == []
+    # the same size, other bytes: the diff ID says it
+    with open(os.path.join(s.layer_path(sha(layer)), "etc/os-release"), "wb") as f:
+        f.write(b"ID=changed\n")
+    rc, _, err = cli(store, "save", "acme/foreign:1", "-o", str(out))
+    assert rc == 1 and err.count("\n") == 1 and "changed since" in err, err
+    # a symlink where a file was: not followed
+    os.unlink(os.path.join(s.layer_path(sha(layer)), "etc/os-release"))
+    os.symlink("/etc/hostname", os.path.join(s.layer_path(sha(layer)), "etc/os-release"))
+    rc, _, err = cli(store, "save", "acme/foreign:1", "-o", str(out))
+    assert rc == 1 and err.count("\n") == 1 and "etc/os-release" in err, err
+    assert not out.exists()
+
+
+def test_save_without_a_tar_split_writes_the_tree_back(tmp_path, store):
+    canonical = canonical_layers(tmp_path, BASE_LAYERS)
+    foreign = foreign_layer()
+    path = docker_save(tmp_path / "both.tar", [(["acme/canonical:1"], canonical, None),
+                                               (["acme/foreign:1"], [foreign], None)])
+    assert cli(store, "import", str(path), "-q")[0] == 0
+    s = Store(store)
+    for diff_id in s.layer_ids():  # as a layer imported by an older cowfs
+        os.unlink(os.path.join(s.layer_dir(diff_id), "tar-split.gz"))
+    out = tmp_path / "out.tar"
+    assert cli(store, "save", "acme/canonical:1", "-o", str(out)) == (0, "", "")
+    assert _saved_layers(out) == canonical
+    rc, _, err = cli(store, "save", "acme/foreign:1", "-o", str(out))
+    assert rc == 1 and err.count("\n") == 1 and "not in canonical form" in err, err
+    # a damaged tar-split is as none: check says so, save falls back (and refuses a foreign layer)
+    split = os.path.join(s.layer_dir(sha(foreign)), "tar-split.gz")
+    with open(split, "wb") as f:
+        f.write(gzip.compress(b"cowfs-tar-split\x01R\0\0\0\x09short"))
+    rc, text, _ = cli(store, "system", "check")
+    assert rc == 1 and [line for line in text.splitlines() if "tar-split" in line] == [
+        f"layer {sha(foreign)[7:19]}: its tar-split.gz cannot be read (truncated): cowfs save can give its tar "
+        "back only if it was canonical"], text
+    rc, _, err = cli(store, "save", "acme/foreign:1", "-o", str(out))
+    assert rc == 1 and err.count("\n") == 1 and "not in canonical form" in err, err

@@ -31,6 +31,7 @@ from cowfs.images.catalog import (
     history_records,
     history_table_rows,
     image_records,
+    image_size,
     image_table_rows,
     images_summary,
     inspect,
@@ -39,14 +40,16 @@ from cowfs.images.catalog import (
 from cowfs.images.commit import commit
 from cowfs.images.containers import (
     container_mounted_at,
+    container_named,
     container_of_upper,
     images_in_use,
+    inspect_container,
     list_containers,
     remove_container,
 )
 from cowfs.images.importer import import_archive
 from cowfs.images.saving import export_container, output_file, save_images
-from cowfs.images.store import Store, StoreError, default_store, normalise_ref, parse_time
+from cowfs.images.store import Store, StoreDamaged, StoreError, default_store, normalise_ref, parse_time
 from cowfs.overlay.stack import split_layers
 from cowfs.overlay.usage import tree_size
 from cowfs.overlay.whiteout import TRUSTED_PREFIX, USER_PREFIX
@@ -95,11 +98,18 @@ line says how much storing each layer once saves.
 --json prints one JSON list, a dict per row: Repository, Tag ("<none>" when
 untagged), ID (sha256:...), Created (RFC 3339 or null), Size, SharedSize,
 UniqueSize (bytes). -q prints the image IDs alone (12 hex digits; full with
---no-trunc), each once.
+--no-trunc), one per row as docker images -q prints them (an image with two
+tags twice).
+--format TEMPLATE prints each row through a Go template, as docker images
+--format does: fields .ID .Repository .Tag .Digest .CreatedSince .CreatedAt
+.Size .SharedSize .UniqueSize .Containers (as the columns show them);
+"table TEMPLATE" adds a header row and aligns the \\t-separated columns;
+"json" prints one JSON object per line.
 
 examples:
   cowfs images
   cowfs images --json | jq -r '.[] | "\\(.Repository):\\(.Tag) \\(.Size)"'
+  cowfs images --format 'table {{.Repository}}\\t{{.Tag}}\\t{{.ID}}\\t{{.Size}}'
   cowfs rmi $(cowfs images -q)
 """,
     "history": """\
@@ -107,20 +117,29 @@ examples:
 on the newest step, else "<missing>"), Created (RFC 3339 or null), CreatedBy
 (whole), Size (bytes), Comment, EmptyLayer (true for a step that made no
 layer). -q prints the IDs column alone.
+--format TEMPLATE prints each step through a Go template, as docker history
+--format does: fields .ID .CreatedSince .CreatedAt (RFC 3339) .CreatedBy .Size
+.Comment (as the columns show them); "table TEMPLATE" and "json" as for
+cowfs images.
 
 examples:
   cowfs history acme/my-final-image:1.0
   cowfs history --json acme/my-final-image:1.0
+  cowfs history --format '{{.Size}}\\t{{.CreatedBy}}' acme/my-final-image:1.0
 """,
     "inspect": """\
 formats: json (the default, as docker image inspect: a JSON list of one
 object with Id, RepoTags, Created, Author, Architecture, Os, Config, Size,
 GraphDriver, RootFS), layers (RootFS.Layers as a JSON list), lowerdir (the
-layer directories, topmost first, for cowfs mount -o lowerdir=...), id.
+layer directories, topmost first, for cowfs mount -o lowerdir=...), id, or
+a Go template (any FORMAT with {{ in it), as docker image inspect --format:
+its fields are the JSON object's keys ({{.Id}}, {{json .RootFS.Layers}},
+{{index .RepoTags 0}}, {{range .RootFS.Layers}}{{println .}}{{end}}).
 
 examples:
   cowfs inspect acme/my-final-image:1.0
   cowfs inspect --format layers acme/my-final-image:1.0
+  cowfs inspect --format '{{.Id}} {{json .Config.Cmd}}' acme/my-final-image:1.0
   cowfs mount -o lowerdir=$(cowfs inspect --format lowerdir acme/app:1.0),upperdir=U,workdir=W /mnt
 """,
     "tag": """\
@@ -176,14 +195,18 @@ twice gives the same bytes. Prints the layer's diff ID.
 MOUNTPOINT is a live cowfs mount: its upper and lower layers come from the
 mount; when it is a container of an image (cowfs mount IMAGE MOUNTPOINT), that
 image is the parent (as --from IMAGE), so --tag makes the image's layers plus
-the new one, as docker commit does. A container's upper directory
-(STORE/containers/ID/upper) works the same. Any other directory is refused,
+the new one, as docker commit does. A container's ID (or a unique prefix, as
+cowfs ps lists it) or its upper directory (STORE/containers/ID/upper) works
+the same, mounted or not. The new image's parent is recorded (history and
+inspect show it) and its history row says what docker commit records for a
+container of that image: the image's Cmd. Any other directory is refused,
 so that a typo never archives /etc: give it with --upper-dir DIR to say it is
 an overlay upper directory. Without -o or --tag, only the diff ID is printed
 (to compare an upper with a stored layer) and stderr says nothing was written.
 
 examples:
   cowfs commit /mnt/app --tag acme/app:1.1 -m "configured"
+  cowfs commit 0f3c9e21a7b4 acme/app:1.1
   cowfs commit --upper-dir /c/upper --from acme/my-final-image:1.0 --tag acme/changed:1.0
   cowfs commit --upper-dir /c/upper --lower /img/l2 --lower /img/l1 -o layer.tar
   cowfs commit --upper-dir /c/upper --lower $(cowfs inspect --format lowerdir acme/app:1.0) --tag acme/app:2.0
@@ -191,12 +214,20 @@ examples:
     "ps": """\
 --json prints one JSON list, a dict per container: ID, Image (sha256:...),
 ImageName (as the IMAGE column), Created (RFC 3339), Mounted (true/false),
-MountedAt (the mount point, or null), Size (bytes in its upper), UpperDir.
+MountedAt (the mount point, or null), Size (bytes in its upper), VirtualSize
+(those and its image's, as SIZE shows them, "2B (virtual 1.98MB)" as docker ps
+-s), UpperDir.
 -q prints the container IDs alone (12 hex digits; full with --no-trunc).
+--format TEMPLATE prints each container through a Go template, as docker ps
+--format does: fields .ID .Image .Command (its image's entrypoint and command,
+quoted) .CreatedAt .RunningFor .Status .Size (as the columns show them) .Names
+(empty: containers have no names) .Mounts (the mount point, or empty);
+"table TEMPLATE" and "json" as for cowfs images.
 
 examples:
   cowfs ps
   cowfs rm $(cowfs ps -q)
+  cowfs ps --format '{{.ID}} {{.Image}} {{.Mounts}}'
 """,
     "rm": """\
 A mounted container is refused: cowfs umount its mount point first.
@@ -283,6 +314,7 @@ def _output_options(p, what, no_trunc=True):
     shown.add_argument("-q", "--quiet", action="store_true", help=f"only {what}")
     if no_trunc:
         p.add_argument("--no-trunc", action="store_true", help="do not shorten IDs")
+    return shown
 
 
 def add_commands(subparsers):
@@ -296,19 +328,24 @@ def add_commands(subparsers):
 
     p = _parser(subparsers, "images", "list the images in the layer store",
                 "List the stored images, with how much of each is shared with other images.")
-    _output_options(p, "the image IDs")
+    p.add_argument("reference", nargs="?", metavar="REPOSITORY[:TAG]",
+                   help="only the images this names (shell wildcards allowed: 'acme/*', 'app:1.*')")
+    p.add_argument("-a", "--all", action="store_true",
+                   help="also the untagged parents kept for their children (docker images -a)")
+    _format_option(_output_options(p, "the image IDs"), "row")
 
     p = _parser(subparsers, "history", "show the history of an image",
                 "Show the steps an image was made by, newest first, with the size of each layer.")
     p.add_argument("image", metavar="IMAGE")
-    _output_options(p, "the IDs column", no_trunc=False)
+    _format_option(_output_options(p, "the IDs column", no_trunc=False), "step")
     p.add_argument("--no-trunc", action="store_true", help="do not shorten CREATED BY and IDs")
 
     p = _parser(subparsers, "inspect", "show an image's details (layers, config)",
                 "Show an image's details, as docker image inspect.")
     p.add_argument("image", metavar="IMAGE")
-    p.add_argument("--format", "-f", default="json", choices=("json", "layers", "lowerdir", "id"),
-                   help="what to print (default: json)")
+    p.add_argument("--format", "-f", default="json", choices=_NamedOrTemplate(("json", "layers", "lowerdir", "id")),
+                   metavar="FORMAT", help="what to print: json (the default), layers, lowerdir, id, or a Go "
+                   "template such as '{{.Id}}' (see below)")
 
     p = _parser(subparsers, "tag", "give an image another name (as docker tag)",
                 "Make TARGET name the image SOURCE names.")
@@ -327,7 +364,9 @@ def add_commands(subparsers):
     p = _parser(subparsers, "commit", "turn a mount's upper layer into a layer tar and optionally an image",
                 "Write the changes in a cowfs mount's upper layer, a container's upper directory or an "
                 "overlay upper directory (--upper-dir) as an OCI layer tar.")
-    p.add_argument("upper", nargs="?", metavar="MOUNTPOINT|CONTAINER-UPPER")
+    p.add_argument("upper", nargs="?", metavar="MOUNTPOINT|CONTAINER")
+    p.add_argument("repository", nargs="?", metavar="REPOSITORY[:TAG]",
+                   help="name the new image, as --tag (docker commit CONTAINER REPOSITORY[:TAG])")
     p.add_argument("--upper-dir", metavar="DIR",
                    help="commit DIR, an overlay upper directory that is no cowfs mount nor container's upper")
     p.add_argument("--lower", action="append", default=[], metavar="DIR",
@@ -337,14 +376,15 @@ def add_commands(subparsers):
     p.add_argument("--tag", "-t", metavar="NAME:TAG", help="add an image to the store: the lowers' layers + this one")
     p.add_argument("-o", "--output", metavar="OUT.tar", help="write the layer tar here")
     p.add_argument("-m", "--message", default="", help="history comment")
-    p.add_argument("--created-by", default="cowfs commit", help="history CREATED BY text (default: cowfs commit)")
+    p.add_argument("--created-by", metavar="TEXT", help="history CREATED BY text (default: the image's Cmd, as "
+                   "docker commit records a container's command; else 'cowfs commit')")
     p.add_argument("--userxattr", action="store_true", help="the upper's markers are user.overlay.* xattrs")
     p.add_argument("--clamp-mtime", type=int, metavar="SECONDS",
                    help="cap every mtime at this time (as SOURCE_DATE_EPOCH), for archives independent of when")
 
     p = _parser(subparsers, "ps", "list the container layers (cowfs mount IMAGE MOUNTPOINT made them)",
                 "List the containers of the layer store: their image, mount point, and whether they are mounted.")
-    _output_options(p, "the container IDs")
+    _format_option(_output_options(p, "the container IDs"), "container")
 
     p = _parser(subparsers, "rm", "remove container layers (refused while mounted)",
                 "Delete containers' writable layers from the layer store.")
@@ -450,12 +490,14 @@ def _run(args, out, err):
                        quiet=args.quiet)
     elif cmd == "images":
         store = _store(args, create=False)
-        rows, summary = image_records(store)
+        rows, summary = image_records(store, all_images=args.all, reference=args.reference)
         if args.json:
             _json(out, rows)
         elif args.quiet:
-            for image_id in dict.fromkeys(r["ID"] for r in rows):
-                print(image_id if args.no_trunc else image_id[7:19], file=out)
+            for r in rows:  # one per row, as docker images -q: an image with two tags shows twice
+                print(r["ID"] if args.no_trunc else r["ID"][7:19], file=out)
+        elif _templated(args):
+            out.write(_images_formatted(store, rows, args.format, args.no_trunc))
         else:
             print(table(image_table_rows(rows, args.no_trunc), IMAGES_HEADER), file=out)
             print(images_summary(summary), file=out)
@@ -467,19 +509,24 @@ def _run(args, out, err):
         elif args.quiet:
             for r in records:
                 print(r["ID"] if args.no_trunc or r["ID"] == "<missing>" else r["ID"][7:19], file=out)
+        elif _templated(args):
+            out.write(_history_formatted(records, args.format, args.no_trunc))
         else:
             print(table(history_table_rows(records, args.no_trunc), HISTORY_HEADER), file=out)
     elif cmd == "inspect":
         store = _store(args, create=False)
-        image_id = store.resolve(args.image)
+        image_id, container = _image_or_container(store, args.image)
+        data = inspect(store, image_id) if container is None else inspect_container(store, container)
         if args.format == "json":
-            print(json.dumps([inspect(store, image_id)], indent=4), file=out)
+            print(json.dumps([data], indent=4), file=out)
         elif args.format == "layers":
             print(json.dumps(store.image_layers(image_id)), file=out)
         elif args.format == "lowerdir":
             print(lowerdir(store, image_id), file=out)
+        elif args.format == "id":
+            print(data["Id"], file=out)
         else:
-            print(image_id, file=out)
+            out.write(_inspect_formatted(data, args.format, "image" if container is None else "container"))
     elif cmd == "tag":
         store = _store(args, create=False)
         store.tag(args.source, args.target)
@@ -545,15 +592,15 @@ def _rmi(args, out, err):
             if image_id in used and not (by_name and len(store.tags_of(image_id)) > 1):
                 raise StoreError(f"{ref}: image is used by container {used[image_id][0][:12]} "
                                  "(cowfs rm it first)")
-            untagged, removed, layers = store.remove_image(ref)
+            untagged, removed, layers = store.remove_image(ref, keep=used)
         except StoreError as e:
             print(f"cowfs rmi: {one_line(e)}", file=err)
             status = 1
             continue
         for t in untagged:
             print(f"Untagged: {t}", file=out)
-        if removed:
-            print(f"Deleted: {removed}", file=out)
+        for image_id in removed:
+            print(f"Deleted: {image_id}", file=out)
         for layer in layers:
             print(f"Deleted layer: {layer}", file=out)
     return status
@@ -564,20 +611,32 @@ def _ps(args, out):
     records = []
     for r in list_containers(store):
         mounted = container_mounted_at(r)
-        tags = store.tags_of(r["Image"]) if store.has_image(r["Image"]) else []
+        stored = store.has_image(r["Image"])
+        tags = store.tags_of(r["Image"]) if stored else []
+        size = tree_size(r["upper"])
         records.append({"ID": r["Id"], "Image": r["Image"], "ImageName": tags[0] if tags else r["Image"][7:19],
                         "Created": r.get("Created"), "Mounted": mounted is not None, "MountedAt": mounted,
-                        "Size": tree_size(r["upper"]), "UpperDir": r["upper"]})
+                        "Size": size, "VirtualSize": size + (image_size(store, r["Image"]) if stored else 0),
+                        "UpperDir": r["upper"]})
     if args.json:
         _json(out, records)
     elif args.quiet:
         for r in records:
             print(r["ID"] if args.no_trunc else r["ID"][:12], file=out)
+    elif _templated(args):
+        out.write(_ps_formatted(store, records, args.format, args.no_trunc))
     else:
-        rows = [(r["ID"] if args.no_trunc else r["ID"][:12], r["ImageName"], ago(parse_time(r["Created"])),
-                 f"mounted at {r['MountedAt']}" if r["Mounted"] else "not mounted", docker_size(r["Size"]))
-                for r in records]
-        print(table(rows, ("CONTAINER ID", "IMAGE", "CREATED", "STATUS", "SIZE")), file=out)
+        print(table([_ps_cells(r, args.no_trunc) for r in records], PS_HEADER), file=out)
+
+
+PS_HEADER = ("CONTAINER ID", "IMAGE", "CREATED", "STATUS", "SIZE")
+
+
+def _ps_cells(r, no_trunc):
+    """A row of the ps table (and what --format's fields of the same name show)."""
+    return (r["ID"] if no_trunc else r["ID"][:12], r["ImageName"], ago(parse_time(r["Created"])),
+            f"mounted at {r['MountedAt']}" if r["Mounted"] else "not mounted",
+            f"{docker_size(r['Size'])} (virtual {docker_size(r['VirtualSize'])})")
 
 
 def _system(args, out):
@@ -614,7 +673,14 @@ def _commit(args, out, err):
         raise UsageError("give MOUNTPOINT or --upper-dir DIR, not both")
     if args.upper is None and args.upper_dir is None:
         raise UsageError("give the MOUNTPOINT (or container upper directory) to commit, or --upper-dir DIR")
+    if args.repository is not None:
+        if args.tag is not None:
+            raise UsageError("give the new image's name once: REPOSITORY[:TAG] or --tag, not both")
+        args.tag = args.repository
     given = args.upper if args.upper is not None else args.upper_dir
+    named = container_named(args.store or default_store(), given) if args.upper is not None else None
+    if named is not None:  # a container ID (or unique prefix), as docker commit takes it
+        given = named[1]["upper"]
     if not os.path.isdir(given):
         raise os_error(errno.ENOTDIR if os.path.exists(given) else errno.ENOENT, given)
     lowers = [p for value in args.lower for p in split_layers(value) if p]
@@ -654,3 +720,116 @@ def _commit(args, out, err):
     if args.output is None and args.tag is None:
         _say(err, "cowfs commit: nothing written (only the diff ID above): give -o FILE or --tag NAME:TAG to "
                   "keep the layer")
+
+
+# -- --format TEMPLATE (cowfs.cli.template): each command's rows with the fields docker's formatter has --------
+#
+# {field: its column's header}, as docker/cli names them: the header row of "table ..." and, where cowfs's
+# table has that column, where a field's value is taken from (so that it shows what the column shows).
+IMAGES_FIELDS = {"ID": "IMAGE ID", "Repository": "REPOSITORY", "Tag": "TAG", "Digest": "DIGEST",
+                 "CreatedSince": "CREATED", "CreatedAt": "CREATED AT", "Size": "SIZE", "SharedSize": "SHARED SIZE",
+                 "UniqueSize": "UNIQUE SIZE", "Containers": "CONTAINERS"}
+HISTORY_FIELDS = {"ID": "IMAGE", "CreatedSince": "CREATED", "CreatedAt": "CREATED AT", "CreatedBy": "CREATED BY",
+                  "Size": "SIZE", "Comment": "COMMENT"}
+PS_FIELDS = {"ID": "CONTAINER ID", "Image": "IMAGE", "Command": "COMMAND", "CreatedAt": "CREATED AT",
+             "RunningFor": "CREATED", "Status": "STATUS", "Size": "SIZE", "Names": "NAMES", "Mounts": "MOUNTS"}
+
+
+class _NamedOrTemplate(tuple):
+    """inspect --format's choices: the named formats (which --help and completion list), or any Go template."""
+
+    def __contains__(self, value):
+        return super().__contains__(value) or "{{" in value
+
+
+def _format_option(shown, what):
+    """--format TEMPLATE, in the group of --json and -q (one of the three at a time)."""
+    shown.add_argument("--format", metavar="TEMPLATE",
+                       help=f"print each {what} through a Go template, as docker's --format (fields below)")
+
+
+def _templated(args):
+    """Whether --format gives a template ("table" alone asks for the usual table, as it does of docker)."""
+    return args.format is not None and args.format != "table"
+
+
+def _row(kind, fields):
+    """A row for a template: a struct (asking for a field it lacks is an error), its fields sorted as docker
+    marshals a row for {{json .}}."""
+    from cowfs.cli.template import Record
+    return Record(kind, dict(sorted(fields.items())))
+
+
+def _as_columns(fields, header, cells):
+    """{field: the cell of its column} for the `fields` that the table (`header`, a row's `cells`) shows."""
+    shown = dict(zip(header, cells))
+    return {field: shown[column] for field, column in fields.items() if column in shown}
+
+
+def _images_formatted(store, rows, fmt, no_trunc):
+    from cowfs.cli.template import format_rows, go_time
+    used = images_in_use(store)
+    formatted = []
+    for r, cells in zip(rows, image_table_rows(rows, no_trunc)):
+        fields = _as_columns(IMAGES_FIELDS, IMAGES_HEADER, cells)
+        fields.update(Digest="<none>", CreatedAt=go_time(parse_time(r["Created"])),
+                      Containers=str(len(used.get(r["ID"], []))))
+        formatted.append(_row("images row", fields))
+    return format_rows(fmt, formatted, IMAGES_FIELDS)
+
+
+def _history_formatted(records, fmt, no_trunc):
+    from cowfs.cli.template import format_rows, go_time
+    formatted = []
+    for r, cells in zip(records, history_table_rows(records, no_trunc)):
+        fields = _as_columns(HISTORY_FIELDS, HISTORY_HEADER, cells)
+        fields.update(CreatedAt=go_time(parse_time(r["Created"]), rfc3339=True))
+        formatted.append(_row("history row", fields))
+    return format_rows(fmt, formatted, HISTORY_FIELDS)
+
+
+def _ps_formatted(store, records, fmt, no_trunc):
+    from cowfs.cli.template import format_rows, go_quote, go_time
+    formatted = []
+    for r in records:
+        command = _container_command(store, r["Image"])
+        if not no_trunc and len(command) > 20:
+            command = command[:19] + "…"  # as docker ps shortens it
+        fields = _as_columns(PS_FIELDS, PS_HEADER, _ps_cells(r, no_trunc))
+        fields.update(Command=go_quote(command), CreatedAt=go_time(parse_time(r["Created"])), Names="",
+                      Mounts=r["MountedAt"] or "")
+        formatted.append(_row("ps row", fields))
+    return format_rows(fmt, formatted, PS_FIELDS)
+
+
+def _container_command(store, image_id):
+    """What docker ps shows as the COMMAND of a container of the image: its Entrypoint and Cmd, space-joined
+    ("" when the image is gone or has neither)."""
+    if not store.has_image(image_id):
+        return ""
+    config = store.config(image_id).get("config") or {}
+    return " ".join(str(word) for key in ("Entrypoint", "Cmd") if isinstance(config.get(key), list)
+                    for word in config[key])
+
+
+def _inspect_formatted(data, fmt, kind):
+    """inspect --format TEMPLATE: the template run on the object --format json prints (GraphDriver, RootFS and
+    State structs, as in docker's ImageInspect and ContainerJSON; Config a map), and a newline."""
+    from cowfs.cli.template import Record, render
+    structs = {key: Record(key, data[key]) for key in ("GraphDriver", "RootFS", "State")
+               if isinstance(data.get(key), dict)}
+    return render(fmt, Record(kind, dict(data, **structs))) + "\n"
+
+
+def _image_or_container(store, ref):
+    """(image ID, None) for an image's name, ID or prefix; else (its image ID, record) for a container's ID or
+    unique prefix, as docker inspect takes either. Neither: the image lookup's one-line error."""
+    try:
+        return store.resolve(ref), None
+    except StoreDamaged:
+        raise
+    except StoreError:
+        named = container_named(store.root, ref)
+        if named is None:
+            raise
+        return named[1]["Image"], named[1]

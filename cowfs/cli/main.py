@@ -91,6 +91,7 @@ examples:
   cowfs diff --size /mnt/merged                  with the bytes each change holds in the upper, and totals
   cowfs diff /c/upper --lower /img/l2 --lower /img/l1      an upper directory, lowers topmost first
   cowfs diff /c/upper -o lowerdir=/img/l2:/img/l1           the same, in the kernel's spelling
+  cowfs diff 0f3c9e21a7b4                        a container of the layer store (cowfs ps), as docker diff
 """
 
 EXPLAIN_EPILOG = """\
@@ -303,7 +304,9 @@ def _add_explore_parsers(sub):
     d = sub.add_parser("diff", help="the changes in the upper layer, as docker diff lists them", epilog=DIFF_EPILOG,
                        description="List what the upper layer changes: A added, C changed, D deleted.",
                        formatter_class=raw)
-    d.add_argument("target", metavar="MOUNTPOINT|UPPERDIR")
+    d.add_argument("target", metavar="MOUNTPOINT|UPPERDIR|CONTAINER")
+    d.add_argument("--store", metavar="DIR", help="the layer store of CONTAINER (default: $COWFS_STORE, else the "
+                   "user's store, as for the image commands)")
     d.add_argument("--lower", action="append", default=[], metavar="DIR",
                    help="a lower layer of UPPERDIR, topmost first (repeat)")
     d.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
@@ -359,7 +362,26 @@ def _run_completion(args):
 
 
 # Commands other than mount, umount and the image commands: name -> runner(args) -> exit code.
-RUNNERS = {"diff": _run_module("diff"), "explain": _run_module("explain"),
+def _run_diff(args):
+    """diff of a MOUNTPOINT or UPPERDIR, or of a container by ID (as docker diff): its mount point when
+    mounted, else its upper over its image's layers."""
+    from cowfs.images.containers import container_mounted_at, container_named
+    from cowfs.images.store import default_store
+    named = None
+    if not args.lower and not args.options:
+        named = container_named(args.store or default_store(), args.target)
+    if named is not None:
+        from cowfs.images.catalog import image_stack_options
+        store, record = named
+        mounted = container_mounted_at(record)
+        if mounted is not None:
+            args.target = mounted
+        else:
+            args.target, args.options = record["upper"], image_stack_options(store, record["Image"])
+    return _run_module("diff")(args)
+
+
+RUNNERS = {"diff": _run_diff, "explain": _run_module("explain"),
            "status": _run_module("explain", "run_status"), "shell": _run_module("shell"),
            "completion": _run_completion}
 

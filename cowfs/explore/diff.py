@@ -11,10 +11,14 @@ entered. The rules:
 
 - a name in *after* whose object is in the upper: C when *before* has the name,
   else A (so a directory copied up because something in it changed is C);
-  but not a directory that *before* has as a directory with the same mode,
-  owner and file capability, when nothing under it is listed: its times (or
-  size) alone are no change, as in Docker's overlay2 diff (`touch` on a lower
-  directory copies it up and lists nothing);
+  but not when the object shows as *before* showed it, as Docker's overlay2
+  diff compares them (a tree walk of both views, `archive.ChangesDirs`): the
+  same type, permission bits, owner, device number and file capability, and
+  for a non-directory the same size and mtime (to the second when either
+  side has no nanoseconds, as a tar gives none); for a directory, nothing
+  under it listed either (its times and size are no change: `touch` on a
+  lower directory copies it up and lists nothing, and so does a hard link
+  made to a lower file, whose copy-up changes nothing shown);
 - a name in *after* found in a lower layer at another path than *before*
   finds there (through a redirect: a renamed directory): A (or C), with its
   contents, as if it had been copied;
@@ -135,25 +139,48 @@ def _layers(stack):
     return Layers(stack), Layers(dataclasses.replace(stack, upper=None))
 
 
-def _dir_attrs(layers, node):
-    """What makes a directory a change in Docker's overlay2 diff: its mode (with the type), owner
-    and file capability; the recorded ones in a stack with recorded attributes (see override.py)."""
+def _shown_attrs(layers, node):
+    """What Docker's overlay2 diff compares of an object (moby's `statDifferent` and the capability):
+    its mode with the type, owner, device number and file capability, and for a non-directory its
+    size and mtime; the recorded ones in a stack with recorded attributes (see override.py)."""
     st = node.st
     found = override.read(node.real, st.st_mode) if layers.marked else None
-    shown = (st.st_mode, st.st_uid, st.st_gid) if found is None else \
-        ((found.kind or stat.S_IFMT(st.st_mode)) | found.mode, found.uid, found.gid)
+    if found is None:
+        shown = (st.st_mode, st.st_uid, st.st_gid, st.st_rdev)
+    else:
+        shown = ((found.kind or stat.S_IFMT(st.st_mode)) | found.mode, found.uid, found.gid, found.rdev)
     try:
         capability = os.getxattr(node.real, CAPABILITY, follow_symlinks=False)
     except OSError:
         capability = None
-    return shown, capability
+    times = None if stat.S_ISDIR(shown[0]) else (st.st_size, st.st_mtime_ns)
+    return shown, capability, times
+
+
+def _same_time(a_ns, b_ns):
+    """moby's sameFsTimeSpec: the same second, and the same nanoseconds unless either has none (a time
+    from a tar has none)."""
+    (a_s, a_n), (b_s, b_n) = divmod(a_ns, 10**9), divmod(b_ns, 10**9)
+    return a_s == b_s and (a_n == b_n or a_n == 0 or b_n == 0)
+
+
+def same_object(after, a, before, b):
+    """Whether object `a` of the upper shows as `b` did before, as Docker's diff compares them: the
+    same type, mode, owner, device number and capability; for non-directories the same size and mtime
+    too. A directory's times and size are left out (they move with every change of its entries, and a
+    copy-up for a child or a `touch` is no change of its own)."""
+    shown_a, cap_a, times_a = _shown_attrs(after, a)
+    shown_b, cap_b, times_b = _shown_attrs(before, b)
+    if shown_a != shown_b or cap_a != cap_b:
+        return False
+    if times_a is None:
+        return True
+    return times_a[0] == times_b[0] and _same_time(times_a[1], times_b[1])
 
 
 def same_dir(after, a, before, b):
-    """Whether directory `a` of the upper shows as lower directory `b` did, times and size aside:
-    Docker leaves those out for a directory (they move with every change of its entries, and a
-    copy-up for a child or a `touch` is no change of its own)."""
-    return _dir_attrs(after, a) == _dir_attrs(before, b)
+    """Whether directory `a` of the upper shows as lower directory `b` did, times and size aside."""
+    return same_object(after, a, before, b)
 
 
 def changes(stack):
@@ -176,6 +203,8 @@ def changes(stack):
                 continue
             if a.layer != 0 and b is not None and b.layer == a.layer and b.real == a.real:
                 continue  # the lower object, at the path it always had
+            if b is not None and not a.is_dir and not b.is_dir and a.layer == 0 and same_object(after, a, before, b):
+                continue  # copied up, and shows as before (a hard link made to it; a chown to its owner)
             found.append(("A" if b is None else "C", a.path, a.real if a.layer == 0 else None))
             if a.is_dir:
                 at = len(found)

@@ -37,7 +37,8 @@ marked, which tells a mount that the layer has recorded attributes. A symlink
 cannot carry a user.* xattr: its owner is lost (it is the user's).
 
 Writing (`write_layer`) turns an upper directory back into a layer tar:
-whiteouts become `.wh.NAME`, opaque directories get `.wh..wh..opq`, and a
+whiteouts become `.wh.NAME` (mode 0600, as Docker writes them), opaque
+directories get `.wh..wh..opq` (with the directory's mode), and a
 directory with a redirect is written with its whole merged content (its lower
 part is found through the redirect, which a layer tar cannot express) and an
 opaque marker. An object with recorded attributes is written as they say (a
@@ -45,14 +46,34 @@ device as a device entry), never with the xattr itself, so that a layer
 unpacked without privilege and written back is the layer it was. The output
 is reproducible: entries sorted, numeric owners without names, no
 atime/ctime, pax headers only for what needs them.
+
+Giving the tar back (`write_split_layer`): `write_layer` gives the bytes of
+a layer tar only when it was in that canonical form, so an unpack can also
+record the layer's *tar-split* (as Docker keeps tar-split.json.gz per
+layer): every byte of the uncompressed tar except the data of the regular
+files that land in the tree unchanged, which are referred to by their path.
+The tar is then rebuilt from it and the tree, byte for byte, whatever wrote
+it (headers, names, padding, end blocks and anything after them). Hard
+links, `.wh.` markers, sparse and empty files keep what data they have in
+the tar-split. The file is gzip-compressed; inside, the magic
+`cowfs-tar-split\\x01` and then records, big-endian:
+
+    R  u32 N, N bytes            N bytes of the tar, as they were
+    F  u64 SIZE, u16 N, N bytes  SIZE bytes of the tar: the data of the file at this path under diff/
+    E  u64 LENGTH, 32 bytes      the end: the tar's length and sha256 (the diff ID), nothing after it
+
+A file's data is read by its path without following any symlink, and
+must have the size recorded; the whole must give the diff ID.
 """
 
+import contextlib
 import errno
 import gzip
 import hashlib
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import tarfile
@@ -84,6 +105,10 @@ CHUNK = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 XATTR_PAX = "SCHILY.xattr."
+# The mode of a `.wh.NAME` entry: Docker's overlay2 writes every whiteout as a regular file 0600, whatever
+# the mode of the character device in the upper (the kernel makes it 0000); an opaque marker takes its
+# directory's mode.
+WHITEOUT_MODE = 0o600
 
 
 class ArchiveError(CowfsError):
@@ -307,6 +332,7 @@ class _Unpacker:
         self.explicit = {}   # rel -> type of the member that created it
         self.implicit = set()  # directories created only as parents of later members
         self.dir_attrs = []  # (rel, member) applied at the end, deepest first
+        self.on_data = None  # called (offset of the data in the tar, size, rel) before a file's data is copied
         self.size = 0
 
     def fail(self, reason, member):
@@ -434,6 +460,8 @@ class _Unpacker:
             return
         if info.isreg():
             self.claim(rel, "file", member)
+            if self.on_data is not None and info.size and not info.issparse():
+                self.on_data(info.offset_data, info.size, rel)  # its data lands in diff/REL unchanged
             src = tf.extractfile(info)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "wb") as out:
@@ -443,7 +471,6 @@ class _Unpacker:
         elif info.issym():
             self.claim(rel, "symlink", member)
             os.symlink(info.linkname, path)
-            self.size += len(os.fsencode(info.linkname))
             self.apply_attrs(path, info, xattrs, is_link=True)
             return
         elif info.islnk():
@@ -495,7 +522,7 @@ class _Unpacker:
 
 
 def unpack_layer(f, dest, archive, expected=None, prefix=TRUSTED_PREFIX, allow_devices=None, progress=None,
-                 record=None):
+                 record=None, split=None):
     """Unpack the layer tar read from `f` (plain, gzip or zstd) into the empty directory `dest`.
 
     Returns (diff_id, size): the sha256 of the uncompressed tar as "sha256:HEX"
@@ -503,6 +530,9 @@ def unpack_layer(f, dest, archive, expected=None, prefix=TRUSTED_PREFIX, allow_d
     ArchiveError is raised: the caller unpacks into a staging directory.
     `record` (default: when not root) records owners, modes and types in the
     override xattr instead of making them (see the module docstring).
+    `split`, a file path, gets the layer's tar-split (see "Giving the tar
+    back" in the module docstring); it is not written if the recording
+    fails, which only makes the layer's save fall back to `write_layer`.
 
     Raises:
         ArchiveError: a hostile, broken or mismatching archive (see the module docstring).
@@ -515,9 +545,13 @@ def unpack_layer(f, dest, archive, expected=None, prefix=TRUSTED_PREFIX, allow_d
     hashed = HashingReader(stream)
     unpacker = _Unpacker(dest, archive, prefix, allow_devices, same_owner=os.geteuid() == 0 and not record,
                          record=record)
+    reader = hashed
+    if split is not None:
+        reader = _SplitRecorder(hashed, split)
+        unpacker.on_data = reader.reference
     member = None
     try:
-        with tarfile.open(fileobj=hashed, mode="r|", errorlevel=2) as tf:
+        with tarfile.open(fileobj=reader, mode="r|", errorlevel=2) as tf:
             for info in tf:
                 member = info.name
                 unpacker.add(tf, info)
@@ -525,7 +559,10 @@ def unpack_layer(f, dest, archive, expected=None, prefix=TRUSTED_PREFIX, allow_d
                     progress.update(hashed.count)
             member = None
             unpacker.finish()
-        hashed.drain()
+        while reader.read(CHUNK):  # what follows the end-of-archive blocks (the diff ID covers it)
+            pass
+        if reader is not hashed:
+            reader.finish(hashed.sha.digest())
     except (EOFError, tarfile.TarError, zlib.error, gzip.BadGzipFile) as e:
         reason = str(e) or type(e).__name__
         raise ArchiveError(archive, f"truncated or corrupt archive ({reason})", member) from None
@@ -535,11 +572,226 @@ def unpack_layer(f, dest, archive, expected=None, prefix=TRUSTED_PREFIX, allow_d
         close = getattr(stream, "close", None)
         if close is not None:
             close()
+        if reader is not hashed:
+            reader.close()
     if hashed.count % 512 or hashed.tail != bytes(len(hashed.tail)) or hashed.count < 1024:
         raise ArchiveError(archive, "truncated archive (no end-of-archive blocks)")
     if expected is not None and hashed.digest != expected:
         raise ArchiveError(archive, f"digest mismatch: expected {expected}, got {hashed.digest}")
     return hashed.digest, unpacker.size
+
+
+# -- giving the tar back: the tar-split ----------------------------------------------------------------
+
+SPLIT_FILE = "tar-split.gz"  # next to a stored layer's diff/
+SPLIT_MAGIC = b"cowfs-tar-split\x01"
+_RAW, _FILE, _END = b"R", b"F", b"E"
+_SPLIT_RAW_MAX = 1 << 20  # a raw record holds at most this many bytes
+
+
+class SplitCorrupt(CowfsError):
+    """A tar-split that cannot be read (truncated, not one, a bad record): the layer has none, in effect."""
+
+
+class SplitMismatch(CowfsError):
+    """The tree of a layer no longer holds what its tar-split refers to; str() says what (one line)."""
+
+
+class _SplitRecorder:
+    """A reader through `f` (the uncompressed tar, as hashed) that writes the tar-split of what is read to the
+    file `path`: the bytes themselves, except the data that `reference` names, which is in diff/ already.
+
+    tarfile's stream reads ahead of the member it is at (at most its buffer, 10 KiB), so a byte is written
+    only when it is WINDOW bytes old: the unpacker names a member's data (`reference`) before reading it,
+    hence before its first byte is written. Memory: at most 2 * WINDOW. Should a reference come too late
+    (never, with tarfile as it is), the recording stops and no tar-split is written: never a wrong one."""
+
+    WINDOW = 1 << 20
+
+    def __init__(self, f, path):
+        self.f, self.path = f, path
+        self.out = gzip.GzipFile(path, "wb", compresslevel=6, mtime=0)
+        self.out.write(SPLIT_MAGIC)
+        self.pos = 0  # bytes read
+        self.done = 0  # bytes before this are in the tar-split (raw, or in a file record)
+        self.pending = bytearray()  # the bytes [done, pos)
+        self.refs = []  # (offset, size, rel) named and not reached yet, in order
+        self.skip_to = 0  # the end of the data of the file record written last
+        self.broken = False
+
+    def read(self, n=-1):
+        data = self.f.read(n)
+        if data and not self.broken:
+            self.pending += data
+            self.pos += len(data)
+            if len(self.pending) > 2 * self.WINDOW:
+                self._write(self.pos - self.WINDOW)
+        return data
+
+    def reference(self, offset, size, rel):
+        """The `size` bytes at `offset` in the tar are the data of the file diff/`rel`, which the unpacker
+        copies there unchanged."""
+        if offset < max(self.done, self.skip_to, self.refs[-1][0] + self.refs[-1][1] if self.refs else 0):
+            self.broken = True  # already written as raw bytes (or overlapping): give up, see the class docstring
+            self.pending = bytearray()
+            return
+        self.refs.append((offset, size, os.fsencode(rel)))
+
+    def _write(self, upto):
+        out = self.out
+        while self.done < upto:
+            if self.done < self.skip_to:
+                n = min(upto, self.skip_to) - self.done
+            elif self.refs and self.refs[0][0] == self.done:
+                offset, size, rel = self.refs.pop(0)
+                out.write(_FILE + struct.pack(">QH", size, len(rel)) + rel)
+                self.skip_to = offset + size
+                continue
+            else:
+                n = min(upto, self.refs[0][0] if self.refs else upto, self.done + _SPLIT_RAW_MAX) - self.done
+                out.write(_RAW + struct.pack(">I", n))
+                out.write(memoryview(self.pending)[:n])
+            del self.pending[:n]
+            self.done += n
+
+    def finish(self, sha256):
+        """Write what is left and the end record (the tar's length and sha256); an error or a broken recording
+        leaves no file."""
+        try:
+            if not self.broken:
+                self._write(self.pos)
+                if self.refs or self.done != self.pos:
+                    self.broken = True
+            if not self.broken:
+                self.out.write(_END + struct.pack(">Q", self.pos) + sha256)
+            self.out.close()
+        except OSError:
+            self.broken = True
+            raise
+        finally:
+            if self.broken:
+                self.close()
+
+    def close(self):
+        """Drop the file unless `finish` completed it."""
+        if self.broken or not self.out.closed:
+            self.out.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+
+def _split_records(f):
+    """The records of the tar-split read from `f` (binary, gzip-compressed): ("raw", bytes), ("file", size, rel)
+    and at last ("end", length, sha256 bytes); SplitCorrupt for anything else."""
+    def exactly(n):
+        data = g.read(n)
+        if len(data) != n:
+            raise SplitCorrupt("truncated")
+        return data
+
+    try:
+        with gzip.GzipFile(fileobj=f, mode="rb") as g:
+            if g.read(len(SPLIT_MAGIC)) != SPLIT_MAGIC:
+                raise SplitCorrupt("not a cowfs tar-split")
+            while True:
+                kind = exactly(1)
+                if kind == _RAW:
+                    (n,) = struct.unpack(">I", exactly(4))
+                    yield "raw", exactly(n)
+                elif kind == _FILE:
+                    size, n = struct.unpack(">QH", exactly(10))
+                    rel = exactly(n)
+                    parts = rel.split(b"/")
+                    if not rel or any(p in (b"", b".", b"..") or b"\0" in p for p in parts):
+                        raise SplitCorrupt(f"bad path {rel!r}")
+                    yield "file", size, rel
+                elif kind == _END:
+                    length, digest = struct.unpack(">Q32s", exactly(40))
+                    if g.read(1):
+                        raise SplitCorrupt("data after the end record")
+                    yield "end", length, digest
+                    return
+                else:
+                    raise SplitCorrupt(f"unknown record {kind!r}")
+    except (OSError, EOFError, zlib.error, struct.error) as e:  # gzip.BadGzipFile is an OSError
+        raise SplitCorrupt(str(e) or type(e).__name__) from None
+
+
+def check_split(path):
+    """Read the tar-split at `path` through; SplitCorrupt when it cannot be, OSError when it cannot be opened."""
+    with open(path, "rb") as f:
+        total = 0
+        for record in _split_records(f):
+            if record[0] == "raw":
+                total += len(record[1])
+            elif record[0] == "file":
+                total += record[1]
+            elif record[1] != total:
+                raise SplitCorrupt(f"records {total} bytes, its end {record[1]}")
+
+
+def _open_beneath(root, rel):
+    """A read-only fd of the regular file `rel` (bytes) under the directory `root`, following no symlink."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        parts = rel.split(b"/")
+        for part in parts[:-1]:
+            sub = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        return os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def write_split_layer(diff, split, out):
+    """Write the layer tar that was unpacked into `diff`, byte for byte, from its tar-split (the file `split`)
+    and the files of `diff`, to `out`. Returns (diff_id, size in bytes of the tar).
+
+    Raises:
+        SplitCorrupt: the tar-split cannot be read (or opened).
+        SplitMismatch: a file it refers to is not in the tree as it was unpacked (one line saying which).
+    """
+    hashed = HashingWriter(out)
+    try:
+        f = open(split, "rb")
+    except OSError as e:
+        raise SplitCorrupt(f"{SPLIT_FILE}: {e.strerror}") from None
+    with f:
+        for record in _split_records(f):
+            if record[0] == "raw":
+                hashed.write(record[1])
+            elif record[0] == "file":
+                _copy_tree_file(diff, record[2], record[1], hashed)
+            elif (record[1], record[2]) != (hashed.count, hashed.sha.digest()):
+                raise SplitMismatch(f"its tree gives a tar of sha256:{hashed.sha.hexdigest()[:12]}, "
+                                    f"not the one imported (changed since)")
+    return hashed.digest, hashed.count
+
+
+def _copy_tree_file(diff, rel, size, out):
+    name = os.fsdecode(rel)
+    try:
+        fd = _open_beneath(diff, rel)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            raise SplitMismatch(f"{name} is missing from its tree") from None
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise SplitMismatch(f"{name} (or a directory above it) is a symlink or not what was imported") from None
+        raise SplitMismatch(f"{name}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise SplitMismatch(f"{name} in its tree is not a regular file (changed since it was imported)")
+        if st.st_size != size:
+            raise SplitMismatch(f"{name} in its tree holds {st.st_size} bytes, {size} when imported")
+        left = size
+        while left:
+            data = f.read(min(left, CHUNK))
+            if not data:
+                raise SplitMismatch(f"{name} in its tree shrank while being read")
+            out.write(data)
+            left -= len(data)
 
 
 # -- writing a layer ------------------------------------------------------------------------------
@@ -645,7 +897,7 @@ class _Writer:
                 head = rel + "/" if rel else ""
                 # in a marked upper the whiteout is the unprivileged user's: root's, as root would make it
                 owner = (0, 0) if self.recorded else (st.st_uid, st.st_gid)
-                self.marker(head + oci_marker(name), stat.S_IMODE(st.st_mode), *owner)
+                self.marker(head + oci_marker(name), WHITEOUT_MODE, *owner)
                 continue
             self.entry(child, path, st)
             if not stat.S_ISDIR(st.st_mode):

@@ -4,9 +4,11 @@ Import is in cowfs.images.importer, commit in cowfs.images.commit, containers
 in cowfs.images.containers; how sizes, times and tables look is cowfs.formatting.
 """
 
+import fnmatch
 import os
 
 from cowfs.formatting import ago, docker_size, plural
+from cowfs.images.reference import normalise_ref
 from cowfs.images.store import Store, StoreDamaged, StoreError, parse_time
 from cowfs.overlay.stack import lowerdir_value
 from cowfs.overlay.whiteout import USER_PREFIX
@@ -37,10 +39,13 @@ def newest_first(store, image_ids):
     return sorted(image_ids, key=key)
 
 
-def image_records(store):
+def image_records(store, all_images=False, reference=None):
     """`cowfs images` as data: ([one dict per image and tag, as the table's rows], summary dict).
 
-    Images come newest first (see `newest_first`), the rows of an image's tags together, by tag.
+    Images come newest first (see `newest_first`), the rows of an image's tags together, by tag. As in
+    `docker images`, an untagged image with children (a parent kept for them) is left out unless
+    `all_images`; `reference` (REPOSITORY or REPOSITORY:TAG, with shell wildcards) keeps only the rows it
+    matches.
 
     Row keys: Repository, Tag ("<none>" for an untagged image), ID (sha256:...),
     Created (the config's RFC 3339 time, or None), Size, SharedSize, UniqueSize
@@ -59,19 +64,34 @@ def image_records(store):
         if diff_id not in sizes:
             sizes[diff_id] = store.layer_info(diff_id)["size"]
     rows = []
+    parents = store.parents()
     for image_id in newest_first(store, image_ids):
+        tags = store.tags_of(image_id, repos)
+        if not tags and not all_images and store.children(image_id, parents):
+            continue
         config = store.config(image_id)
         layers = set(store.image_layers(image_id))
         size = sum(sizes[d] for d in layers)
         shared = sum(sizes[d] for d in layers if users.get(d, 0) > 1)
         created = config.get("created") if isinstance(config.get("created"), str) else None
-        for ref in store.tags_of(image_id, repos) or ["<none>:<none>"]:
+        for ref in tags or ["<none>:<none>"]:
             repo, _, tag = ref.rpartition(":")
+            if reference is not None and not _matches(reference, repo, tag):
+                continue
             rows.append({"Repository": repo, "Tag": tag, "ID": image_id, "Created": created, "Size": size,
                          "SharedSize": shared, "UniqueSize": size - shared})
     stored = sum(sizes.values())
     used = sum(sizes[d] * n for d, n in users.items())
     return rows, {"Layers": len(sizes), "Size": stored, "UsedSize": used, "Saved": used - stored}
+
+
+def _matches(reference, repo, tag):
+    """Whether REPOSITORY[:TAG] (shell wildcards allowed, as docker images takes it) names this row."""
+    name, _, want_tag = reference.rpartition(":")
+    if not name or "/" in want_tag:  # no tag given (a ':' before the last '/' is a registry's port)
+        name, want_tag = reference, None
+    name = normalise_ref(name).rpartition(":")[0]  # as shown: docker.io/library/alpine is alpine
+    return fnmatch.fnmatchcase(repo, name) and (want_tag is None or fnmatch.fnmatchcase(tag, want_tag))
 
 
 def image_table_rows(rows, no_trunc=False):
@@ -96,7 +116,8 @@ HISTORY_HEADER = ("IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT")
 
 
 def history_records(store, image_id):
-    """`cowfs history` as data, newest first: dicts with ID (the image's on the top row, else "<missing>"),
+    """`cowfs history` as data, newest first: dicts with ID (the image's on the top row, its parent's on the
+    next, and so on up its parents, as Docker fills them; "<missing>" past the last recorded parent),
     Created (RFC 3339 or None), CreatedBy, Size (bytes), Comment, EmptyLayer."""
     config = store.config(image_id)
     diff_ids = store.image_layers(image_id)
@@ -116,8 +137,12 @@ def history_records(store, image_id):
         records.append({"ID": "<missing>", "Created": created, "CreatedBy": str(entry.get("created_by") or ""),
                         "Size": size, "Comment": str(entry.get("comment") or ""), "EmptyLayer": empty})
     records.reverse()
-    if records:
-        records[0]["ID"] = image_id
+    chain = image_id  # as docker history: the top row the image, each row below the next parent up
+    for record in records:
+        if chain is None:
+            break
+        record["ID"] = chain
+        chain = store.parent(chain)
     return records
 
 
@@ -133,7 +158,7 @@ def history_table_rows(records, no_trunc=False):
 
 
 def history_rows(store, image_id, no_trunc=False):
-    """Newest first, as `docker image history`: the image's ID on the top row, `<missing>` below it."""
+    """Newest first, as `docker image history`: the image's ID on the top row, its parents' below it."""
     return history_table_rows(history_records(store, image_id), no_trunc)
 
 
@@ -144,15 +169,44 @@ def inspect(store, image_id):
     return {
         "Id": image_id,
         "RepoTags": store.tags_of(image_id),
+        "Parent": store.parent(image_id) or "",
         "Created": config.get("created"),
         "Author": config.get("author", ""),
         "Architecture": config.get("architecture"),
         "Os": config.get("os"),
-        "Config": config.get("config", {}),
+        "Config": docker_config(config.get("config")),
         "Size": image_size(store, image_id),
         "GraphDriver": {"Name": "cowfs", "Data": {"LowerDir": lowerdir(store, image_id)}},
         "RootFS": {"Type": "layers", "Layers": diff_ids},
     }
+
+
+# The fields of Docker's container.Config, in its order, with what Docker prints when the image's config lacks
+# one; OMIT marks those it leaves out when empty (json omitempty).
+OMIT = object()
+DOCKER_CONFIG_FIELDS = (("Hostname", ""), ("Domainname", ""), ("User", ""), ("AttachStdin", False),
+                        ("AttachStdout", False), ("AttachStderr", False), ("ExposedPorts", OMIT), ("Tty", False),
+                        ("OpenStdin", False), ("StdinOnce", False), ("Env", None), ("Cmd", None),
+                        ("Healthcheck", OMIT), ("ArgsEscaped", OMIT), ("Image", ""), ("Volumes", None),
+                        ("WorkingDir", ""), ("Entrypoint", None), ("NetworkDisabled", OMIT), ("MacAddress", OMIT),
+                        ("OnBuild", None), ("Labels", None), ("StopSignal", OMIT), ("StopTimeout", OMIT),
+                        ("Shell", OMIT))
+
+
+def docker_config(config):
+    """An image's config.config as `docker image inspect` prints it: every field of Docker's struct, in its
+    order, absent ones as Docker prints them (fields Docker does not know are left out, as it drops them)."""
+    if not isinstance(config, dict):
+        return None
+    shown = {}
+    for name, default in DOCKER_CONFIG_FIELDS:
+        value = config.get(name)
+        if default is OMIT:
+            if value not in (None, "", False, [], {}, 0):
+                shown[name] = value
+        else:
+            shown[name] = default if value is None else value
+    return shown
 
 
 def lowerdir(store, image_id):

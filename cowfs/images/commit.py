@@ -1,7 +1,8 @@
 """`cowfs commit`: an upper directory written as a layer tar, and optionally added to the store as an image.
 
 The new image is its parent's layers plus the new one, with the parent's
-config and a history entry for the commit, as `docker commit` makes it.
+config and a history entry for the commit, and the parent recorded as its
+parent, as `docker commit` makes it.
 An upper with recorded attributes (a container of an image a user imported,
 see cowfs/overlay/override.py) is written with the owners, modes and types
 it records, as root would have written the same image (archive.py's writer).
@@ -30,10 +31,11 @@ def _parent_for(store, lowers):
 
 
 def commit(upper, lowers=(), out_path=None, store=None, tag=None, from_image=None, prefix=TRUSTED_PREFIX,
-           clamp_mtime=None, message="", created_by="cowfs commit", out=None):
+           clamp_mtime=None, message="", created_by=None, out=None):
     """Write the upper directory as a layer tar; with `tag`, add an image (parent layers + it) to `store`.
 
-    Returns (diff_id, image_id or None).
+    Returns (diff_id, image_id or None). The history entry's CREATED BY is `created_by`, else what `docker
+    commit` records for a container of the parent (its Config.Cmd joined by spaces), else "cowfs commit".
 
     Raises:
         ArchiveError: the upper cannot be archived (a redirect without lowers, unreadable files).
@@ -90,13 +92,16 @@ def commit(upper, lowers=(), out_path=None, store=None, tag=None, from_image=Non
         if tag is not None:
             now = now_rfc3339()
             if parent_id is not None:
-                config = store.config(parent_id)
+                config = json.loads(store.config_bytes(parent_id))  # a copy: the store caches its own
             else:
                 config = {"architecture": machine_architecture(), "os": "linux", "config": {},
                           "rootfs": {"type": "layers", "diff_ids": []},
                           "history": [{"created": now, "created_by": ""} for _ in parent_layers]}
             config["created"] = now
             config["rootfs"] = {"type": "layers", "diff_ids": list(parent_layers) + [diff_id]}
+            if created_by is None:
+                cmd = (config.get("config") or {}).get("Cmd") if parent_id is not None else None
+                created_by = " ".join(cmd) if isinstance(cmd, list) and cmd else "cowfs commit"
             entry = {"created": now, "created_by": created_by}
             if message:
                 entry["comment"] = message
@@ -105,7 +110,7 @@ def commit(upper, lowers=(), out_path=None, store=None, tag=None, from_image=Non
             with store.transaction() as txn:
                 with open(target, "rb") as f:
                     txn.add_layer(f, target, expected=diff_id)
-                image_id = txn.add_image(config_bytes, [tag])
+                image_id = txn.add_image(config_bytes, [tag], parent=parent_id)
                 txn.commit()
             print(f"Tagged {normalise_ref(tag)} as {image_id}", file=out)
         return diff_id, image_id

@@ -12,9 +12,11 @@ import secrets
 from cowfs import runtime
 from cowfs.errors import CowfsError
 from cowfs.images import interrupts
-from cowfs.images.store import StoreDamaged, StoreError, is_digest, now_rfc3339
+from cowfs.images.catalog import lowerdir
+from cowfs.images.store import Store, StoreDamaged, StoreError, is_digest, now_rfc3339
 from cowfs.overlay import override
 from cowfs.overlay.stack import parse_options
+from cowfs.overlay.usage import tree_size
 
 CONTAINERS = "containers"
 CONTAINER_FILE = "container.json"
@@ -98,6 +100,37 @@ def resolve_container(store, ref):
     if found:
         raise StoreError(f"container ID {ref!r} is ambiguous ({len(found)} containers start with it)")
     raise StoreError(f"no such container: {ref} (in store {store.root})")
+
+
+def container_named(store_root, ref):
+    """(store, record) of the container `ref` (a full or unique short container ID) names in the store at
+    `store_root`, or None: when `ref` is an existing path (a path always wins), no store is there, or no
+    container has that ID. An ambiguous prefix raises StoreError."""
+    if os.path.lexists(ref) or not os.path.isdir(os.path.join(store_root, CONTAINERS)):
+        return None
+    if not ref or not all(c in "0123456789abcdef" for c in ref):
+        return None
+    store = Store(store_root, create=False)
+    if not any(cid.startswith(ref) for cid in container_dirs(store)):
+        return None
+    return store, resolve_container(store, ref)
+
+
+def inspect_container(store, record):
+    """A container as `docker inspect` shows one (the fields that mean something here): where its layers are
+    (GraphDriver.Data, MergedDir its mount point when mounted), whether it is mounted, its upper's size."""
+    mounted = container_mounted_at(record)
+    return {
+        "Id": record["Id"],
+        "Created": record.get("Created"),
+        "Image": record["Image"],
+        "Config": {"Image": record.get("ImageRef") or record["Image"]},
+        "State": {"Status": "mounted" if mounted else "created", "Mounted": mounted is not None},
+        "GraphDriver": {"Name": "cowfs", "Data": {
+            "LowerDir": lowerdir(store, record["Image"]) if store.has_image(record["Image"]) else "",
+            "UpperDir": record["upper"], "WorkDir": record["work"], "MergedDir": mounted or ""}},
+        "SizeRw": tree_size(record["upper"]),
+    }
 
 
 def container_mounted_at(record):

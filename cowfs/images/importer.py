@@ -38,7 +38,7 @@ from cowfs.images.archive import (
     zstd_available,
 )
 from cowfs.images.reference import BadReference, check_tag_reference
-from cowfs.images.store import StoreError, check_digest, machine_architecture, normalise_ref, now_rfc3339
+from cowfs.images.store import StoreError, check_digest, is_digest, machine_architecture, normalise_ref, now_rfc3339
 
 INDEX_TYPES = ("application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json")
 MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json",
@@ -334,7 +334,7 @@ class _Importer:
 
     def run_source(self):
         kind, source = self.open_source()
-        images = []  # (config bytes, refs)
+        images = []  # (config bytes, refs, parent image ID or None)
         try:
             with self.store.transaction() as txn:
                 if kind == "docker":
@@ -347,8 +347,9 @@ class _Importer:
                     if len(images) != 1:
                         raise ArchiveError(self.archive, f"holds {plural(len(images), 'image')}; --name needs "
                                            "exactly one")
-                    images = [(images[0][0], [self.name])]
-                ids = [(txn.add_image(config, refs), refs) for config, refs in images]
+                    images = [(images[0][0], [self.name], images[0][2])]
+                ids = [(txn.add_image(config, refs, parent), refs) for config, refs, parent in _parents_first(
+                    images, txn.store.has_image)]
                 txn.commit()
         finally:
             if source is not None:
@@ -387,7 +388,10 @@ class _Importer:
                 if m:
                     blob = "sha256:" + m.group(1)
                 self.layer(txn, source, member, diff_id, blob)
-            images.append((config_bytes, list(entry.get("RepoTags") or [])))
+            parent = entry.get("Parent")
+            if parent is not None and not is_digest(parent):
+                raise ArchiveError(self.archive, f"Parent {parent!r} is not an image ID", "manifest.json")
+            images.append((config_bytes, list(entry.get("RepoTags") or []), parent))
         return images
 
     def oci(self, txn, source):
@@ -406,7 +410,7 @@ class _Importer:
                 ref = self.checked_ref(ref, "index.json")
             manifest_desc = self.pick_manifest(source, desc)
             config_bytes = self.oci_image(txn, source, manifest_desc)
-            images.append((config_bytes, [ref] if ref else []))
+            images.append((config_bytes, [ref] if ref else [], None))
         if not images:
             raise ArchiveError(self.archive, "index.json lists no image", "index.json")
         return images
@@ -461,7 +465,25 @@ class _Importer:
             "rootfs": {"type": "layers", "diff_ids": [diff_id]},
             "history": [{"created": now, "created_by": f"cowfs import {os.path.basename(self.given)}"}],
         }
-        return [(json.dumps(config, sort_keys=True).encode(), [])]
+        return [(json.dumps(config, sort_keys=True).encode(), [], None)]
+
+
+def _parents_first(images, stored):
+    """`images` [(config bytes, refs, parent)] ordered so that a parent comes before its children, as docker
+    load needs it there; a parent neither stored nor in the archive is dropped (docker save leaves out the
+    link to a parent it did not save, so only a hand-made manifest has one)."""
+    ids = ["sha256:" + hashlib.sha256(config).hexdigest() for config, _, _ in images]
+    pending = [(i, (config, refs, parent if parent in ids or stored(parent) else None))
+               for i, (config, refs, parent) in zip(ids, images)]
+    ordered, placed = [], set()
+    while pending:
+        ready = [(i, image) for i, image in pending if image[2] is None or image[2] not in ids or image[2] in placed]
+        if not ready:  # a cycle: no order makes them parents, so none is
+            ready = [(i, (c, r, None)) for i, (c, r, _) in pending]
+        ordered += [image for _, image in ready]
+        placed.update(i for i, _ in ready)
+        pending = [(i, image) for i, image in pending if i not in placed]
+    return ordered
 
 
 def import_archive(store, archive, name=None, out=None, err=None, progress=True, quiet=False):

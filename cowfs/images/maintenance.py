@@ -9,6 +9,7 @@ an image that a container was made from, or a mounted container.
 - store.json: present, a JSON object with xattr_prefix trusted.overlay. or
   user.overlay.; layers/, images/ and tmp/ present;
 - repositories.json: a JSON object of valid references to stored images;
+- parents.json: a JSON object of image IDs, each child stored;
 - each image: its file's sha256 is its ID (nothing truncated or changed), it
   is a JSON object with a list of diff IDs, and every one of its layers is
   stored;
@@ -16,14 +17,17 @@ an image that a container was made from, or a mounted container.
   diff/ directory is there, holds the recorded size, and its content digest
   (`cowfs.images.store.layer_content`, recorded at import; layers imported by
   an older cowfs have none, and get the size check alone) is what was
-  recorded; a layer no image uses is a leftover of an interrupted rmi;
+  recorded; its tar-split, when it has one, can be read through (else `cowfs
+  save` can give its tar back only if it was canonical); a layer no image
+  uses is a leftover of an interrupted rmi;
 - each container: container.json readable, its image stored, upper/ and work/
   present;
 - tmp/: entries left by interrupted commands (their process is gone).
 
 `--repair` fixes what can be fixed without losing anything in use: it removes
 leftovers and unused layers, completes a transaction stopped past its commit
-point, drops a tag naming an image that is not stored, re-creates missing
+point, drops a tag naming an image that is not stored (and the parent record
+of one), re-creates missing
 empty directories (layers/, images/, tmp/, a container's work/ or upper/, an
 empty layer's diff/) and a damaged store.json. What it cannot fix it says.
 """
@@ -36,6 +40,7 @@ from cowfs import mounttable, runtime
 from cowfs.errors import CowfsError
 from cowfs.formatting import docker_size, plural
 from cowfs.images import interrupts
+from cowfs.images.archive import SPLIT_FILE, SplitCorrupt, check_split
 from cowfs.images.containers import (
     CONTAINER_FILE,
     CONTAINERS,
@@ -181,7 +186,8 @@ def prune(store, all_images=False, containers=False, dry_run=False, out=None):
     used_images = {c["Image"] for c in kept_containers}
     repos = store.repositories()
     image_ids = store.image_ids()
-    removed_images = [i for i in image_ids if i not in used_images and (all_images or not store.tags_of(i, repos))]
+    removed_images = _without_kept_children(store, [i for i in image_ids if i not in used_images
+                                                    and (all_images or not store.tags_of(i, repos))])
     kept_images = [i for i in image_ids if i not in removed_images]
     used_layers = set().union(*(set(store.image_layers(i)) for i in kept_images)) | layers_in_live_mounts(store)
     removed_layers = [d for d in store.layer_ids() if d not in used_layers]
@@ -227,6 +233,17 @@ def prune(store, all_images=False, containers=False, dry_run=False, out=None):
     return total
 
 
+def _without_kept_children(store, image_ids):
+    """`image_ids` less those with a child that stays: a parent goes only with its children, as in Docker."""
+    parents = store.parents()
+    removed = set(image_ids)
+    while True:
+        kept_parents = {p for c, p in parents.items() if c not in removed and store.has_image(c)}
+        if not removed & kept_parents:
+            return [i for i in image_ids if i in removed]
+        removed -= kept_parents
+
+
 def remove_unused(store, image_ids, diff_ids):
     """Remove images (and their tags) and layers, re-checking under the lock that no remaining image, container
     or live mount uses them. Returns the bytes of the layers removed."""
@@ -235,7 +252,8 @@ def remove_unused(store, image_ids, diff_ids):
     try:
         with interrupts.deferred(), store.locked():
             used_images = {c["Image"] for c in list_containers(store)}
-            image_ids = [i for i in image_ids if i not in used_images and store.has_image(i)]
+            image_ids = _without_kept_children(store, [i for i in image_ids if i not in used_images
+                                                       and store.has_image(i)])
             repos = store.repositories()
             kept = {ref: i for ref, i in repos.items() if i not in image_ids}
             remaining = [i for i in store.image_ids() if i not in image_ids]
@@ -244,6 +262,7 @@ def remove_unused(store, image_ids, diff_ids):
             trash = Staging(store, "rm")
             if kept != repos:
                 store.write_repositories(kept)
+            store.forget_parents(store.parents(), image_ids)
             for image_id in image_ids:
                 os.unlink(os.path.join(store.root, "images", image_id[7:] + ".json"))
             for diff_id in diff_ids:
@@ -382,6 +401,18 @@ def check(store):
         except BadReference as e:
             problems.append(Problem("repositories.json", str(e), hint="cowfs rmi it, and name the image again"))
 
+    # parents.json
+    try:
+        parents = store.parents()
+    except StoreDamaged as e:
+        problems.append(Problem("parents.json", e.problem, hint="remove it by hand: history then shows "
+                                "<missing> for the parents"))
+        parents = {}
+    for child in sorted(parents):
+        if child not in image_ids:
+            problems.append(Problem("parents.json", f"records the parent of image {child[7:19]}, which is not "
+                                    "stored", _drop_parent_fix(store, child)))
+
     # layers
     for name in layer_names:
         path = os.path.join(layers_dir, name)
@@ -411,7 +442,10 @@ def check(store):
         except OSError as e:
             problems.append(Problem(what, f"cannot be read: {e.filename}: {e.strerror}", hint="check its permissions"))
             continue
-        if size != info["size"]:
+        if size != info["size"] and size + _symlink_bytes(diff) == info["size"] and info.get("content") == content:
+            problems.append(Problem(what, f"size recorded by an older cowfs ({info['size']}, counting symlinks; "
+                                    f"{size} as Docker counts)", _resize_fix(store, diff_id, size)))
+        elif size != info["size"]:
             problems.append(Problem(what, f"holds {plural(size, 'byte')}, {info['size']} when imported (changed since)",
                                     unused_fix, hint))
         elif info.get("content") not in (None, content):
@@ -420,6 +454,13 @@ def check(store):
         elif not in_use:
             problems.append(Problem(what, f"used by no image ({docker_size(size)}, left by an interrupted rmi)",
                                     unused_fix, hint))
+        split = os.path.join(store.layer_dir(diff_id), SPLIT_FILE)
+        if os.path.lexists(split):
+            try:
+                check_split(split)
+            except (OSError, SplitCorrupt) as e:
+                problems.append(Problem(what, f"its {SPLIT_FILE} cannot be read ({getattr(e, 'strerror', None) or e}"
+                                        "): cowfs save can give its tar back only if it was canonical"))
 
     # containers
     for cid in container_dirs(store):
@@ -468,6 +509,36 @@ def _drop_ref_fix(store, ref, image_id):
                 del repos[ref]
                 store.write_repositories(repos)
         return f"removed the tag {ref}"
+    return fix
+
+
+def _symlink_bytes(root):
+    """The bytes of the symlink targets under `root`, which layer sizes counted before they followed Docker."""
+    total = 0
+    for top, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(top, name)
+            if os.path.islink(path):
+                total += len(os.fsencode(os.readlink(path)))
+    return total
+
+
+def _resize_fix(store, diff_id, size):
+    def fix():
+        with interrupts.deferred(), store.locked():
+            info = store.layer_info(diff_id)
+            store.write_file(os.path.join("layers", diff_id[7:], "layer.json"),
+                             json.dumps(dict(info, size=size)).encode())
+        return f"recorded {size}"
+    return fix
+
+
+def _drop_parent_fix(store, child):
+    def fix():
+        with interrupts.deferred(), store.locked():
+            if not store.has_image(child):
+                store.forget_parents(store.parents(), [child])
+        return "removed the record"
     return fix
 
 

@@ -25,6 +25,8 @@ DOMAIN = re.compile(rf"(?:{DOMAIN_COMPONENT}(?:\.{DOMAIN_COMPONENT})*|\[[0-9A-Fa
 TAG = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 NAME_MAX = 255
+DEFAULT_DOMAINS = ("docker.io", "index.docker.io")  # Docker Hub's names: the default registry
+OFFICIAL = "library/"  # the namespace of Docker Hub's official images, left out when shown
 
 
 class BadReference(CowfsError):
@@ -90,4 +92,22 @@ def check_tag_reference(ref):
     return ref
 
 
-__all__ = ["BadReference", "check_reference", "check_tag_reference"]
+def normalise_ref(ref):
+    """A reference as Docker shows it (its "familiar" form), ":latest" added when it has no tag nor digest:
+    "alpine", "library/alpine", "docker.io/library/alpine" and "index.docker.io/alpine" are all
+    "alpine:latest"; "docker.io/acme/app:1" is "acme/app:1". A registry port ("host:5000/name") is no tag."""
+    name, tag, digest = _split(ref)
+    for domain in DEFAULT_DOMAINS:
+        if name.startswith(domain + "/"):
+            name = name[len(domain) + 1:]
+            if "/" not in name:
+                name = OFFICIAL + name
+            break
+    if name.startswith(OFFICIAL) and name.count("/") == 1:
+        name = name[len(OFFICIAL):]
+    if tag is None and digest is None:
+        tag = "latest"
+    return name + (f":{tag}" if tag is not None else "") + (f"@{digest}" if digest is not None else "")
+
+
+__all__ = ["BadReference", "check_reference", "check_tag_reference", "normalise_ref"]

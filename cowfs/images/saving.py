@@ -3,24 +3,28 @@
 `save_images` writes what `docker save` (25 and later) writes, which `docker
 load` of any version and `cowfs import` read:
 
-    manifest.json            [{"Config": "blobs/sha256/C", "RepoTags": [...], "Layers": ["blobs/sha256/L", ...]}]
+    manifest.json            [{"Config": "blobs/sha256/C", "RepoTags": [...], "Layers": ["blobs/sha256/L", ...],
+                               "Parent": "sha256:P" when the image's parent is saved too}]
     repositories             {"name": {"tag": "L of the top layer"}} for older loaders
     blobs/sha256/C           the image config, byte for byte (C is the image ID's hex)
     blobs/sha256/L           each layer tar, uncompressed (L is its diff ID's hex)
     blobs/sha256/M           an OCI image manifest per image
     index.json, oci-layout   the OCI image layout over the same blobs
 
-The store keeps a layer unpacked, not its tar: the tar is written back from
-the layer directory with `write_layer` (entries sorted, numeric owners, pax
-headers only where needed). That gives back the original bytes only when the
-original tar was in that same canonical form (a layer `cowfs commit` made,
-for one); any other tar (another order, user names, other header formats,
-implicit directories, whiteout times) gives other bytes, hence another diff
-ID, and the image's config (and so its ID) names the original. Such an image
-is refused, with one line naming the layer: an archive whose layers do not
-match their diff IDs is one `docker load` refuses. Every layer is written and
-checked before anything goes to the output; a file output is written next to
-FILE and renamed into place, so a refused or interrupted save leaves no FILE.
+The store keeps a layer unpacked, not its tar: an imported layer's tar is
+rebuilt byte for byte from its tar-split (the tar's bytes but its files'
+data, recorded when the layer was stored: `write_split_layer`) and the files
+of its tree. A layer with none (stored by an older cowfs) or whose tar-split
+cannot be read is written back with `write_layer` (entries sorted, numeric
+owners, pax headers only where needed), which gives the original bytes only
+when the original tar was in that canonical form (a layer `cowfs commit`
+made, for one). A layer that does not give back its diff ID (no usable
+tar-split and a tar in another form, or a tree changed since) is refused,
+with one line naming it: its image's config (and so its ID) names the
+original, and an archive whose layers do not match their diff IDs is one
+`docker load` refuses. Every layer is written and checked before anything
+goes to the output; a file output is written next to FILE and renamed into
+place, so a refused or interrupted save leaves no FILE.
 
 `export_container` writes a container's merged view (its image's layers with
 its upper on top, whiteouts and opaque directories applied) as one tar, as
@@ -36,7 +40,7 @@ import stat
 import tarfile
 import tempfile
 
-from cowfs.images.archive import _Writer, write_layer
+from cowfs.images.archive import SPLIT_FILE, SplitCorrupt, SplitMismatch, _Writer, write_layer, write_split_layer
 from cowfs.images.containers import resolve_container
 from cowfs.images.store import StoreError, normalise_ref
 from cowfs.overlay import override
@@ -96,6 +100,30 @@ def _reference(tag):
     return name, t
 
 
+def _write_layer_back(store, diff_id, image_id, path):
+    """Write the tar of layer `diff_id` to the file `path`: from its tar-split when it has one (readable),
+    else with `write_layer`; StoreError (one line) when that does not give the diff ID back."""
+    split = os.path.join(store.layer_dir(diff_id), SPLIT_FILE)
+    cannot = f"layer {diff_id[7:19]} of image {image_id[7:19]} cannot be written back as it was imported"
+    with open(path, "wb") as f:
+        if os.path.lexists(split):
+            try:
+                got, _ = write_split_layer(store.layer_path(diff_id), split, f)
+            except SplitMismatch as e:
+                raise StoreError(f"{cannot} ({e})") from None
+            except SplitCorrupt:
+                f.seek(0)
+                f.truncate()
+            else:
+                if got != diff_id:
+                    raise StoreError(f"{cannot} (its tree gives {got[7:19]}: changed since)")
+                return
+        got, _ = write_layer(store.layer_path(diff_id), f, prefix=store.prefix)
+    if got != diff_id:
+        raise StoreError(f"{cannot} (its tar was not in canonical form, and the store keeps the unpacked "
+                         f"tree, which gives {got[7:19]}, with no readable {SPLIT_FILE})")
+
+
 def save_images(store, refs, out):
     """Write the images `refs` name as a docker save archive to the binary stream `out`. Returns the image IDs.
 
@@ -111,18 +139,14 @@ def save_images(store, refs, out):
                     continue
                 store.layer_info(diff_id, used_by=image_id)
                 path = os.path.join(staging.path, diff_id[7:])
-                with open(path, "wb") as f:
-                    got, _ = write_layer(store.layer_path(diff_id), f, prefix=store.prefix)
-                if got != diff_id:
-                    raise StoreError(f"layer {diff_id[7:19]} of image {image_id[7:19]} cannot be written back "
-                                     f"as it was imported (its tar was not in canonical form: the store keeps "
-                                     f"the unpacked tree, which gives {got[7:19]})")
+                _write_layer_back(store, diff_id, image_id, path)
                 layers[diff_id] = path
         with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8") as tf:
             _add_dir(tf, "blobs")
             _add_dir(tf, "blobs/sha256")
             written = set()
             manifest, index, repositories = [], [], {}
+            saved = {image_id for image_id, _ in plan}
             for image_id, tags in plan:
                 config = store.config_bytes(image_id)
                 diff_ids = store.image_layers(image_id)
@@ -147,8 +171,12 @@ def save_images(store, refs, out):
                 if oci_hex not in written:
                     _add_bytes(tf, _blob(oci_hex), oci)
                     written.add(oci_hex)
-                manifest.append({"Config": _blob(image_id[7:]), "RepoTags": tags or None,
-                                 "Layers": [_blob(d[7:]) for d in diff_ids]})
+                item = {"Config": _blob(image_id[7:]), "RepoTags": tags or None,
+                        "Layers": [_blob(d[7:]) for d in diff_ids]}
+                parent = store.parent(image_id)
+                if parent is not None and parent in saved:  # as docker save: a link only to an image it saves
+                    item["Parent"] = parent
+                manifest.append(item)
                 desc = {"mediaType": MANIFEST_MEDIA, "digest": "sha256:" + oci_hex, "size": len(oci)}
                 for tag in tags or [None]:
                     annotations = {}

@@ -4,15 +4,22 @@ Layout of a store directory (as Docker's overlay2 and image store, simplified):
 
     layers/HEX/diff/        the layer unpacked, in the overlay's on-disk format
     layers/HEX/layer.json   {"diff_id", "size", "created", "content"}; HEX is the diff ID's hex
+    layers/HEX/tar-split.gz the layer tar's bytes but its files' data (cowfs.images.archive), written by
+                            `add_layer`: `cowfs save` gives the tar back from it and diff/; a layer stored
+                            by an older cowfs has none (then only a canonical tar can be given back)
     images/HEX.json         an image's config JSON, byte for byte; HEX (its sha256) is the image ID
     repositories.json       {"name:tag": "sha256:IMAGE-ID"}
+    parents.json            {"sha256:CHILD": "sha256:PARENT"}: what an image was committed from (Docker's
+                            image parent: history and inspect show it; a parent is kept while it has children)
     store.json              {"xattr_prefix": "trusted.overlay." | "user.overlay."}
     containers/ID/          a container's upper, work and container.json (cowfs.images.containers)
     tmp/                    staging: everything new is built here, then renamed into place
     lock                    flock'ed by every change
 
 A layer is stored once, whatever number of images use it. Its `size` counts
-the bytes of its files and symlinks (as `tree_size` and Docker do), and its
+the data of its regular files, hard links once, as Docker sizes a layer (a
+container's upper is sized as Docker sizes one, symlinks included: `tree_size`),
+and its
 `content` is `layer_content`'s digest of the unpacked tree, computed right
 after unpacking: the diff ID is the digest of the tar, which an unpacked
 directory cannot give back, so `cowfs system check` verifies the diff ID's
@@ -50,14 +57,15 @@ import time
 
 from cowfs.errors import CowfsError
 from cowfs.images import interrupts
-from cowfs.images.archive import unpack_layer
-from cowfs.images.reference import check_tag_reference
+from cowfs.images.archive import SPLIT_FILE, unpack_layer
+from cowfs.images.reference import check_tag_reference, normalise_ref
 from cowfs.overlay.usage import tree_size
 from cowfs.overlay.whiteout import PREFIXES, TRUSTED_PREFIX, USER_PREFIX
 
 IMAGE_FILE = re.compile(r"[0-9a-f]{64}\.json")
 HEX64 = re.compile(r"[0-9a-f]{64}")
 COMMIT_FILE = "COMMIT"
+PARENTS_FILE = "parents.json"
 
 
 class StoreError(CowfsError):
@@ -92,14 +100,6 @@ def check_digest(digest, what="digest"):
 
 def is_digest(value):
     return isinstance(value, str) and value.startswith("sha256:") and HEX64.fullmatch(value[7:]) is not None
-
-
-def normalise_ref(ref):
-    """"name" -> "name:latest"; "name:tag" stays; a registry port ("host:5000/name") is not a tag."""
-    name, _, tag = ref.rpartition(":")
-    if not name or "/" in tag:
-        return ref + ":latest"
-    return ref
 
 
 # -- the fields of an image config that cowfs writes and reads --------------------------------------
@@ -149,8 +149,9 @@ def layer_content(root):
     The digest is the sha256 of one record per object, in sorted path order:
     path, type, permission bits, owner, group, mtime (seconds; not the root's),
     and the sha256 of a file's data, a symlink's target or a device's number,
-    and the xattrs `_kept_xattr` keeps. The size counts regular files (once per
-    inode) and symlinks' targets, as `tree_size` does and the unpack recorded.
+    and the xattrs `_kept_xattr` keeps. The size counts regular files' data,
+    once per inode, as the unpack recorded it and as Docker sizes a layer (the
+    sizes in its tar headers: symlinks and hard links add nothing).
     """
     digest = hashlib.sha256()
     size = 0
@@ -173,9 +174,7 @@ def layer_content(root):
                 size += st.st_size
             data = inodes[key]
         elif stat.S_ISLNK(kind):
-            target = os.readlink(path)
-            size += len(target)
-            data = hashlib.sha256(target).hexdigest()
+            data = hashlib.sha256(os.readlink(path)).hexdigest()
         elif stat.S_ISCHR(kind) or stat.S_ISBLK(kind):
             data = f"{os.major(st.st_rdev)},{os.minor(st.st_rdev)}"
         else:
@@ -446,6 +445,12 @@ class Store:
                 with open(os.path.join(txn_dir, image["config"]), "rb") as f:
                     self.write_file(rel, f.read())
                 done.append(("image", os.path.join(self.root, rel), None))
+        links = {image["id"]: image["parent"] for image in plan["images"] if image.get("parent")}
+        if links:
+            parents = self.parents()
+            if any(parents.get(c) != p for c, p in links.items()):
+                parents.update(links)
+                self.write_parents(parents)
         refs = {ref: image["id"] for image in plan["images"] for ref in image["refs"]}
         if refs:
             repos = self.repositories()
@@ -564,6 +569,42 @@ class Store:
     def write_repositories(self, repos):
         self.write_file("repositories.json", json.dumps(dict(sorted(repos.items())), indent=1).encode() + b"\n")
 
+    def parents(self):
+        """{child image ID: parent image ID}, as Docker records a committed (or loaded) image's parent."""
+        try:
+            parents = self.load_json(PARENTS_FILE)
+        except FileNotFoundError:
+            return {}
+        if not isinstance(parents, dict) or not all(is_digest(k) and is_digest(v) for k, v in parents.items()):
+            raise self.damaged(PARENTS_FILE, "not a map of image IDs to image IDs")
+        return parents
+
+    def write_parents(self, parents):
+        self.write_file(PARENTS_FILE, json.dumps(dict(sorted(parents.items())), indent=1).encode() + b"\n")
+
+    def parent(self, image_id):
+        """The stored image `image_id` was made from, or None."""
+        found = self.parents().get(image_id)
+        return found if found is not None and self.has_image(found) else None
+
+    def children(self, image_id, parents=None):
+        parents = self.parents() if parents is None else parents
+        return sorted(c for c, p in parents.items() if p == image_id and self.has_image(c))
+
+    def valid_parent(self, image_id, parent_id, configs=None):
+        """Whether `parent_id` can be `image_id`'s parent, as docker load decides: its layers and history
+        are the start of the child's (and shorter). `configs` maps IDs not stored yet to their configs."""
+        configs = configs or {}
+        child = configs.get(image_id) or self.config(image_id)
+        parent = configs.get(parent_id) or self.config(parent_id)
+        c_hist, p_hist = child.get("history") or [], parent.get("history") or []
+        if c_hist or p_hist:
+            if len(p_hist) >= len(c_hist) or c_hist[:len(p_hist)] != p_hist:
+                return False
+        c_layers = child.get("rootfs", {}).get("diff_ids", [])
+        p_layers = parent.get("rootfs", {}).get("diff_ids", [])
+        return len(p_layers) <= len(c_layers) and c_layers[:len(p_layers)] == p_layers
+
     def tags_of(self, image_id, repos=None):
         repos = self.repositories() if repos is None else repos
         return sorted(ref for ref, iid in repos.items() if iid == image_id)
@@ -604,39 +645,59 @@ class Store:
                 interrupts.changed()
         return image_id, target
 
-    def remove_image(self, ref):
-        """Untag `ref`; when the image has no tag left (or `ref` was an ID), remove it and every layer
-        no other image uses. Returns (untagged refs, removed image ID or None, removed layer IDs)."""
+    def remove_image(self, ref, keep=()):
+        """Untag `ref`; when the image has no tag left (or `ref` was an ID), remove it, then its parents that
+        are left untagged with no other child (unless in `keep`: images containers use), and every layer no
+        remaining image uses, as docker rmi does. An image with children stays (untagged) when its last tag
+        goes, and is refused by ID. Returns (untagged refs, [removed image IDs], [removed layer IDs])."""
         trash = None
         try:
             with interrupts.deferred(), self.locked():
                 image_id = self.resolve(ref)
                 repos = self.repositories()
+                parents = self.parents()
                 tags = self.tags_of(image_id, repos)
                 by_name = ref in repos or normalise_ref(ref) in repos
+                if not by_name and self.children(image_id, parents):
+                    raise StoreError(f"conflict: unable to delete {image_id[7:19]} - image has dependent child "
+                                     "images")
                 untagged = [normalise_ref(ref) if normalise_ref(ref) in repos else ref] if by_name else tags
                 for t in untagged:
                     repos.pop(t, None)
-                if by_name and self.tags_of(image_id, repos):
+                if by_name and (self.tags_of(image_id, repos) or self.children(image_id, parents)):
                     self.write_repositories(repos)
                     interrupts.changed()
-                    return untagged, None, []
+                    return untagged, [], []
+                removed_images = [image_id]
+                up = parents.get(image_id)
+                while (up is not None and self.has_image(up) and up not in keep and not self.tags_of(up, repos)
+                       and self.children(up, parents) == [removed_images[-1]]):
+                    removed_images.append(up)
+                    up = parents.get(up)
                 used = set()
                 for other in self.image_ids():
-                    if other != image_id:
+                    if other not in removed_images:
                         used.update(self.image_layers(other))
                 removed = [d for d in self.layer_ids() if d not in used]
                 trash = Staging(self, "rm")
                 self.write_repositories(repos)
-                os.unlink(os.path.join(self.root, "images", image_id[7:] + ".json"))
-                self._configs.pop(image_id, None)
+                self.forget_parents(parents, removed_images)
+                for gone in removed_images:
+                    os.unlink(os.path.join(self.root, "images", gone[7:] + ".json"))
+                    self._configs.pop(gone, None)
                 for diff_id in removed:  # renamed out of layers/ now (atomic), deleted below at leisure
                     os.rename(self.layer_dir(diff_id), os.path.join(trash.path, diff_id[7:]))
                 interrupts.changed()
         finally:
             if trash is not None:
                 trash.close()
-        return untagged, image_id, removed
+        return untagged, removed_images, removed
+
+    def forget_parents(self, parents, image_ids):
+        """Drop the parent records of removed images (under the lock)."""
+        kept = {c: p for c, p in parents.items() if c not in image_ids}
+        if kept != parents:
+            self.write_parents(kept)
 
 
 class Transaction:
@@ -651,7 +712,8 @@ class Transaction:
         self._staging = Staging(store, "txn")
         self.dir = self._staging.path
         self.layers = {}  # diff_id -> staged layer directory
-        self.images = []  # (image ID, staged config file name, [refs])
+        self.images = []  # (image ID, staged config file name, [refs], parent image ID or None)
+        self.configs = {}  # image ID -> parsed config, of the images added
         self.done = False
         self._count = 0
 
@@ -680,7 +742,8 @@ class Transaction:
         os.mkdir(staged)
         os.mkdir(os.path.join(staged, "diff"))
         diff_id, size = unpack_layer(f, os.path.join(staged, "diff"), archive, expected=expected,
-                                     prefix=self.store.prefix, progress=progress)
+                                     prefix=self.store.prefix, progress=progress,
+                                     split=os.path.join(staged, SPLIT_FILE))
         if self.has_layer(diff_id):
             shutil.rmtree(staged)
             return diff_id
@@ -690,8 +753,9 @@ class Transaction:
         self.layers[diff_id] = staged
         return diff_id
 
-    def add_image(self, config_bytes, refs=()):
-        """Record an image (its config JSON, byte for byte) and the name:tags to point at it; returns its ID.
+    def add_image(self, config_bytes, refs=(), parent=None):
+        """Record an image (its config JSON, byte for byte), the name:tags to point at it, and the image it
+        was made from (`parent`, stored or added before it); returns its ID.
 
         Raises:
             BadReference: a ref that Docker would refuse.
@@ -713,7 +777,14 @@ class Transaction:
         name = f"image{len(self.images) + 1}.json"
         with open(os.path.join(self.dir, name), "wb") as f:
             f.write(config_bytes)
-        self.images.append((image_id, name, refs))
+        if parent is not None:
+            if parent not in self.configs and not self.store.has_image(parent):
+                raise StoreError(f"parent image {parent} is neither stored nor imported")
+            if not self.store.valid_parent(image_id, parent, dict(self.configs, **{image_id: config})):
+                raise StoreError(f"image {parent[7:19]} is not a valid parent for {image_id[7:19]} (its layers "
+                                 "and history are not the start of the image's)")
+        self.images.append((image_id, name, refs, parent))
+        self.configs[image_id] = config
         return image_id
 
     def commit(self):
@@ -721,7 +792,8 @@ class Transaction:
         after SIGKILL, the next command that opens the store completes it (see the module docstring)."""
         store = self.store
         plan = {"layers": [[d, os.path.basename(p)] for d, p in self.layers.items()],
-                "images": [{"id": i, "config": name, "refs": refs} for i, name, refs in self.images]}
+                "images": [{"id": i, "config": name, "refs": refs, "parent": parent}
+                           for i, name, refs, parent in self.images]}
         marker = os.path.join(self.dir, COMMIT_FILE)
         with interrupts.deferred(), store.locked():
             with open(marker + ".new", "wb") as f:

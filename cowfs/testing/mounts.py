@@ -3,8 +3,11 @@
 Both mounts are objects with ``mount()``/``unmount()`` (so a test can remount
 midway) and context managers (``kernel_overlay(...)``, ``cowfs_mount(...)``)
 that unmount in ``finally`` whatever happened inside.  ``availability()`` says
-what this machine can do; ``require()`` turns a missing feature into a pytest
-skip, or a failure under ``CI=true`` (the project rule: nothing may skip in CI).
+what this machine can do (``docker_availability()`` whether a private dockerd
+could run, for the tests marked ``docker``); ``require()`` turns a missing
+feature into a pytest skip, or a failure under ``CI=true`` (the project rule:
+nothing may skip in CI), as ``missing_feature(reason)`` does for one found
+missing later (a dockerd that does not start).
 
 ``make_whiteout`` and ``make_opaque`` write the kernel's on-disk formats into
 an existing tree (scripts use them); tests describe whole layers as values and
@@ -429,29 +432,47 @@ def availability() -> dict[str, str | None]:
     return {"fuse": _check_fuse(), "kernel": _check_kernel_overlay()}
 
 
+@functools.cache
+def docker_availability() -> str | None:
+    """Why the tests marked ``docker`` cannot run here (no dockerd, docker client or static busybox, not
+    root), or None. Cheap: it starts nothing; a daemon that then fails to start is reported by the test's
+    fixture through `missing_feature` (see cowfs.testing.docker). Kept out of `availability()`, which
+    scripts check before mounting."""
+    from cowfs.testing import docker
+
+    return docker.unavailable()
+
+
 def in_ci() -> bool:
     """True under ``CI=true``, where a missing feature fails a test instead of skipping it."""
     return os.environ.get("CI", "").lower() == "true"
 
 
+def missing_feature(reason: str) -> None:
+    """Skip the running pytest test (or fixture) because of *reason*; fail instead under ``CI=true``."""
+    import pytest
+
+    if in_ci():
+        pytest.fail(f"required under CI=true but missing: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 def require(*features: str) -> None:
     """Skip the running pytest test when a feature is missing; fail instead under ``CI=true``.
 
-    Features: ``"fuse"`` (/dev/fuse, fusermount, libfuse3) and
-    ``"kernel"`` (mounting kernel overlayfs: as root, or as root of a user namespace with ``userxattr``).
+    Features: ``"fuse"`` (/dev/fuse, fusermount, libfuse3),
+    ``"kernel"`` (mounting kernel overlayfs: as root, or as root of a user namespace with ``userxattr``) and
+    ``"docker"`` (a private dockerd can be started: see `docker_availability`).
     """
-    import pytest
-
-    avail = availability()
+    avail = dict(availability())
+    if "docker" in features:
+        avail["docker"] = docker_availability()
     missing = [f"{f}: {avail[f]}" for f in features if avail.get(f)]
     unknown = [f for f in features if f not in avail]
     if unknown:
-        raise ValueError(f"unknown feature(s) {unknown}; known: {sorted(avail)}")
+        raise ValueError(f"unknown feature(s) {unknown}; known: {sorted(avail) + ['docker']}")
     if missing:
-        reason = "; ".join(missing)
-        if in_ci():
-            pytest.fail(f"required under CI=true but missing: {reason}", pytrace=False)
-        pytest.skip(reason)
+        missing_feature("; ".join(missing))
 
 
 # --------------------------------------------------------------------------
