@@ -67,6 +67,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml | system-packages
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "make: cowfs needs Python 3.11 or newer as $(PYTHON) (make PYTHON=python3.11)" >&2; exit 1; }
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(VENV)/bin/python -m compileall -q cowfs >/dev/null
 	touch $@
 
 # The kernel-vs-cowfs parity machine, time-boxed per mode: make fuzz FUZZ_ARGS="--minutes 10"
@@ -125,6 +126,7 @@ lint: venv
 # Arguments for scripts/bench.py (make eats a bare --quick): make bench BENCH_ARGS="--quick --only copyup"
 BENCH_ARGS ?=
 bench: venv
+	@$(VENV)/bin/python -m compileall -q cowfs >/dev/null  # each mount starts an interpreter: no compiling there
 	$(VENV)/bin/python scripts/bench.py $(BENCH_ARGS)
 
 clean:

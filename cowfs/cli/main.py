@@ -5,16 +5,12 @@ import os
 import sys
 
 from cowfs import __version__
-from cowfs.cli import images as image_cli
 from cowfs.cli.report import paths_as_bytes, reporting, stopping_on_signals
 from cowfs.errors import StackError
-from cowfs.overlay.stack import (
-    lowerdir_option,
-    parse_options,
-    split_options,
-    unescape,
-    upperdir_option,
-)
+
+# Imported where used, not here: the image commands (cowfs.cli.images and the store behind it) and the engine
+# (cowfs.overlay.stack), which `cowfs umount` never needs and `cowfs mount` needs only in part; each
+# `cowfs mount`/`umount` pays for every module imported at start (issue 15).
 
 DESCRIPTION = """\
 cowfs stacks read-only layer directories under a writable upper directory,
@@ -228,6 +224,7 @@ class TopParser(Parser):
 
 def command_groups(parser):
     """[(title, [command, ...])] as `cowfs --help` lists them; every command of the parser is in one group."""
+    from cowfs.cli import images as image_cli
     names = list(parser.commands)
     groups = [(title, [n for n in members if n in names]) for title, members in GROUPS]
     images = [n for n in image_cli.COMMANDS if n in names and n not in MAINTENANCE]
@@ -251,8 +248,11 @@ def command_example(parser, name):
     return None
 
 
-def build_parser():
-    """(the `cowfs` parser, its `mount` subparser); parser.commands lists the command names."""
+def build_parser(only_mounts=False):
+    """(the `cowfs` parser, its `mount` subparser); parser.commands lists the command names.
+
+    With `only_mounts`, the parser has the mount and umount commands alone (what `cowfs mount ...` and
+    `cowfs umount ...` parse with): the others' parsers, and the image commands' imports, cost every mount."""
     parser = TopParser(prog="cowfs", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"cowfs {__version__}")
     parser.add_argument("--debug", dest="show_traceback", action="store_true",
@@ -284,13 +284,15 @@ def build_parser():
                        epilog="example:\n  cowfs umount /mnt/merged\n",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
-    _add_explore_parsers(sub)
-    image_cli.add_commands(sub)
-    c = sub.add_parser("completion", help="print a shell completion script (bash, zsh)",
-                       description="Print a script that makes the shell complete cowfs's commands, options, "
-                       "paths and image names.", epilog=COMPLETION_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    c.add_argument("shell", choices=("bash", "zsh"), help="the shell to complete in")
+    if not only_mounts:
+        from cowfs.cli import images as image_cli
+        _add_explore_parsers(sub)
+        image_cli.add_commands(sub)
+        c = sub.add_parser("completion", help="print a shell completion script (bash, zsh)",
+                           description="Print a script that makes the shell complete cowfs's commands, options, "
+                           "paths and image names.", epilog=COMPLETION_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        c.add_argument("shell", choices=("bash", "zsh"), help="the shell to complete in")
     parser.commands = tuple(sub.choices)
     for command in sub.choices.values():  # `cowfs COMMAND ... --debug` works too (shown in `cowfs --help`)
         if "--debug" not in command._option_string_actions:
@@ -423,6 +425,7 @@ LAYER_KEYS = ("lowerdir", "upperdir", "workdir")
 
 def _option_keys(options):
     """The keys of the -o strings, in order, with repeats (`lowerdir`, `ro`, ...)."""
+    from cowfs.overlay.stack import split_options
     return [opt.partition("=")[0] for text in options for opt in split_options(text) if opt]
 
 
@@ -463,6 +466,7 @@ def _stack_from_args(args):
     """The Stack, mount point and the directories made for it, from either spelling: `-o lowerdir=... MNT`,
     or `LOWER... [--upper U [--work W]] MNT` (which makes U and its workdir when missing; parents first in
     the list). Other -o options go with either spelling."""
+    from cowfs.overlay.stack import lowerdir_option, parse_options, upperdir_option
     paths = list(args.paths)
     mountpoint = paths.pop()
     opts = list(args.options)
@@ -525,6 +529,7 @@ def _mount_image(args, found, mounting):
 
     from cowfs.images.catalog import image_stack_options
     from cowfs.images.containers import create_container
+    from cowfs.overlay.stack import parse_options, upperdir_option
     store, image_id, ref = found
     mountpoint = args.paths[1]
     opts = image_stack_options(store, image_id) + args.options
@@ -548,6 +553,7 @@ def _mount_image(args, found, mounting):
 
 def _take_trace_option(args):
     """Move `trace=FILE` out of the -o strings (the stack knows nothing of it) into args.trace."""
+    from cowfs.overlay.stack import split_options, unescape
     kept = []
     for text in args.options:
         parts = []
@@ -591,7 +597,7 @@ def _parse_and_run(argv):
     if argv[:1] == ["__complete"]:  # the completion script's helper: never in --help
         from cowfs.cli.completion import complete
         return complete(argv[1:])
-    parser, mount_parser = build_parser()
+    parser, mount_parser = build_parser(only_mounts=argv[:1] in (["mount"], ["umount"]))
     helper_source = None
     if argv and not argv[0].startswith("-") and argv[0] not in parser.commands:
         rewritten = _mount_helper_form(argv, parser.commands)
@@ -615,8 +621,10 @@ def _parse_and_run(argv):
         _check_mount_spelling(args, mount_parser)
     elif args.command == "diff" and args.quiet and args.size:
         parser.commands_action.choices["diff"].error("-q lists paths alone: it takes no --size")
-    if args.command in image_cli.COMMANDS:
-        return image_cli.run(args)
+    if args.command not in COMMANDS:
+        from cowfs.cli import images as image_cli
+        if args.command in image_cli.COMMANDS:
+            return image_cli.run(args)
     return _run(args, helper_source)
 
 

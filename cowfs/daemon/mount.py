@@ -6,22 +6,18 @@ and tools can list the mounts.
 """
 
 import json
-import logging
-import logging.handlers
 import os
 import select
-import shutil
 import signal
-import subprocess
 import sys
 import time
 
 from cowfs import mounttable
 from cowfs.errors import StackError
-from cowfs.overlay.credentials import may_use_trusted_xattrs
-from cowfs.overlay.stack import check, is_within, with_userxattr
-from cowfs.overlay.union import Union
 from cowfs.runtime import private_dir, read_record, record_path, runtime_dir
+
+# The engine (cowfs.overlay), libfuse, logging and subprocess are imported where used: `cowfs umount` needs
+# none of them, and every `cowfs mount`/`umount` pays for what is imported at start (issue 15).
 
 READY = b"\0cowfs-ready\n"
 START_TIMEOUT = 30.0
@@ -61,6 +57,8 @@ def remove_made(made):
 def unprivileged(stack, quiet=False):
     """The stack as this process can mount it: without CAP_SYS_ADMIN, with userxattr, as the kernel requires of
     an unprivileged overlay (said once on stderr, unless `quiet`); options userxattr excludes are refused."""
+    from cowfs.overlay.credentials import may_use_trusted_xattrs
+    from cowfs.overlay.stack import with_userxattr
     if stack.userxattr or may_use_trusted_xattrs():
         return stack
     stack = with_userxattr(stack)
@@ -98,6 +96,8 @@ def is_cowfs_mount(mountpoint):
 
 
 def _setup_logging(foreground, debug):
+    import logging
+    import logging.handlers
     logger = logging.getLogger("cowfs")
     logger.setLevel(logging.DEBUG if debug else logging.WARNING)
     if foreground:
@@ -138,6 +138,8 @@ def mount(stack, mountpoint, *, foreground=False, debug=False, trace=None, human
     no mount and no daemon are left behind.
     """
     from cowfs.daemon.operations import serve  # imports libfuse: only when really mounting
+    from cowfs.overlay.stack import check, is_within
+    from cowfs.overlay.union import Union
 
     stack = check(unprivileged(stack), mountpoint)
     mountpoint = os.path.realpath(mountpoint)
@@ -251,12 +253,9 @@ def _read_until_ready(fd, pid):
 
 
 def _reap(pid):
-    for _ in range(50):
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return
-        time.sleep(0.1)
-    os.kill(pid, signal.SIGKILL)
+    """Reap the daemon child `pid`, killing it when it has not exited within 5 s."""
+    if not _wait_exit(pid, 5.0):
+        os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
 
 
@@ -278,10 +277,31 @@ def _stop_daemon(pid, mountpoint):
             pass
 
 
+def _run_tool(cmd):
+    """Run `cmd` (looked up in PATH), its output discarded: (exit status, its stderr), or None when there is
+    no such program. posix_spawn, not subprocess: `cowfs umount` need not import subprocess (issue 15)."""
+    read_end, write_end = os.pipe()
+    try:
+        pid = os.posix_spawnp(cmd[0], cmd, os.environ, file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+            (os.POSIX_SPAWN_DUP2, write_end, 2)])
+    except FileNotFoundError:
+        os.close(read_end)
+        return None
+    finally:
+        os.close(write_end)
+    with open(read_end, "rb") as f:
+        err = f.read()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), err.decode(errors="replace")
+
+
 def force_unmount(mountpoint):
     """Unmount `mountpoint` by any means (fusermount -u, umount, umount -l): True when one of them did."""
     for cmd in (["fusermount", "-u", mountpoint], ["umount", mountpoint], ["umount", "-l", mountpoint]):
-        if shutil.which(cmd[0]) and subprocess.run(cmd, capture_output=True).returncode == 0:
+        result = _run_tool(cmd)
+        if result is not None and result[0] == 0:
             return True
     return False
 
@@ -292,18 +312,24 @@ def umount(mountpoint):
     if not is_cowfs_mount(real):
         raise StackError(f"{mountpoint}: not a cowfs mount")
     record = read_record(real)
-    errors = []
-    for cmd in (["fusermount", "-u", real], ["umount", real]):
-        if not shutil.which(cmd[0]):
-            continue
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode == 0:
-            break
-        errors.append(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"{cmd[0]} failed")
-    else:
-        raise StackError(f"{mountpoint}: cannot unmount: {errors[-1] if errors else 'no fusermount or umount'}")
-    if record:
-        _wait_exit(record.get("pid"))
+    pid = record.get("pid") if record else None
+    pidfd = _pidfd(pid)  # before unmounting: the daemon's pid cannot be another process's by the time we wait
+    try:
+        errors = []
+        for cmd in (["fusermount", "-u", real], ["umount", real]):
+            result = _run_tool(cmd)
+            if result is None:
+                continue
+            code, stderr = result
+            if code == 0:
+                break
+            errors.append(stderr.strip().splitlines()[-1] if stderr.strip() else f"{cmd[0]} failed")
+        else:
+            raise StackError(f"{mountpoint}: cannot unmount: {errors[-1] if errors else 'no fusermount or umount'}")
+        _wait_exit(pid, STOP_TIMEOUT, pidfd)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 def _alive(pid):
@@ -315,9 +341,33 @@ def _alive(pid):
         return False
 
 
-def _wait_exit(pid):
+def _pidfd(pid):
+    """A pidfd of `pid`, readable once the process has exited; None when it is gone already, or without pidfds
+    (before Linux 5.3: then `_wait_exit` polls)."""
     if not pid:
-        return
-    deadline = time.monotonic() + STOP_TIMEOUT
-    while time.monotonic() < deadline and _alive(pid):
-        time.sleep(0.02)
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _wait_exit(pid, timeout=STOP_TIMEOUT, pidfd=None):
+    """Wait up to `timeout` seconds until `pid` has exited (a zombie has): True when it has.
+
+    Woken by the process's pidfd (`pidfd`, or one opened here) as it exits, not by polling."""
+    if not pid:
+        return True
+    fd = pidfd if pidfd is not None else _pidfd(pid)
+    if fd is not None:
+        try:
+            return bool(select.select([fd], [], [], timeout)[0])
+        finally:
+            if pidfd is None:
+                os.close(fd)
+    deadline = time.monotonic() + timeout  # no pidfd: gone already (ESRCH), or an old kernel
+    while _alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True

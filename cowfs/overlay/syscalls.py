@@ -1,7 +1,6 @@
 """renameat2(2), which the standard library lacks: its flags make whiteouts and exchanges atomic."""
 
 import ctypes
-import ctypes.util
 import os
 
 RENAME_NOREPLACE = 1 << 0
@@ -10,7 +9,8 @@ RENAME_WHITEOUT = 1 << 2
 
 AT_FDCWD = -100
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+# The C library the interpreter already has loaded: find_library would run `ldconfig -p` at every start.
+_libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = _libc.renameat2
 _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 _renameat2.restype = ctypes.c_int
