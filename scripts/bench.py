@@ -45,6 +45,8 @@ BACKENDS = ("cowfs", "fuse-overlayfs", "kernel")
 MOUNT_TIMEOUT = 60  # seconds for a mount command to come back
 COMMAND_TIMEOUT = 1800  # seconds for one timed command
 DEEP_PATH = "/".join(f"d{i}" for i in range(8))  # the stat workloads' deep directory
+WIDE_DIR = "wide"  # the lookup workloads' directory: in every layer, its names in the bottom one
+OWN_NAMES = 3  # names of its own each layer has in WIDE_DIR
 START = time.perf_counter()
 
 
@@ -70,6 +72,7 @@ class Sizes:
     rm_tree_files: int  # lower tree removed with rm -rf
     layer_counts: tuple[int, ...]  # stat deep in the tree under this many lowers
     stat_calls: int  # repeated stats per repetition (capped at ~1 s)
+    lookup_names: int  # names (bottom layer only) stat'ed by the lookup workloads
     bigtree_files: int  # the large tree of the memory workload
 
 
@@ -77,13 +80,13 @@ FULL = Sizes(
     reps=5, tree_files=20_000, bigdir_entries=10_000, big_file_mib=1024,
     chown_files=8, chown_file_mib=64, create_files=10_000, untar_max_files=3000,
     rm_tree_files=5000, layer_counts=(1, 16, 128, 500), stat_calls=2000,
-    bigtree_files=200_000,
+    lookup_names=2000, bigtree_files=200_000,
 )
 QUICK = Sizes(
     reps=3, tree_files=500, bigdir_entries=500, big_file_mib=16,
     chown_files=4, chown_file_mib=2, create_files=300, untar_max_files=200,
     rm_tree_files=200, layer_counts=(1, 16, 128, 500), stat_calls=200,
-    bigtree_files=2000,
+    lookup_names=200, bigtree_files=2000,
 )
 
 
@@ -206,11 +209,15 @@ def build_main_stack(root: Path, sizes: Sizes) -> Stack:
     return Stack(root, ["lower0", "lower1"])
 
 
-def build_layer_pool(root: Path, max_layers: int) -> None:
-    """max_layers-1 small layers plus 'bottom', each holding the same deep chain.
+def build_layer_pool(root: Path, max_layers: int, n_names: int) -> None:
+    """max_layers-1 small layers plus 'bottom', each holding the same deep chain and WIDE_DIR.
 
     Every layer has DEEP_PATH (so every directory on the way is merged across
     all layers) and a file of its own; only 'bottom' holds DEEP_PATH/target.
+    Every layer has WIDE_DIR with OWN_NAMES names of its own; only 'bottom'
+    holds the n_names names the lookup workloads stat (small files of their
+    own, not hard links, which overlays may treat specially; the pool builds
+    in a second or two even for 500 layers).
     """
     names = [f"L{i:03d}" for i in range(max_layers - 1)] + ["bottom"]
     for name in names:
@@ -218,7 +225,16 @@ def build_layer_pool(root: Path, max_layers: int) -> None:
         deep.mkdir(parents=True)
         write_file(str(root / name / f"top-{name}"), b"layer\n")
         write_file(str(deep / f"leaf-{name}"), b"layer\n")
+        (root / name / WIDE_DIR).mkdir()
+        for j in range(OWN_NAMES):
+            write_file(str(root / name / WIDE_DIR / f"own-{name}-{j}"), b"layer\n")
     write_file(str(root / "bottom" / DEEP_PATH / "target"), b"target\n")
+    for i in range(n_names):
+        write_file(str(root / "bottom" / WIDE_DIR / lookup_name(i)), b"name\n")
+
+
+def lookup_name(i: int) -> str:
+    return f"n{i:05d}"
 
 
 def layer_stack(root: Path, n_layers: int) -> Stack:
@@ -276,7 +292,7 @@ class Stacks:
         if name.startswith("layers"):
             pool = root / "layers"
             if not pool.exists():
-                build_layer_pool(pool, max(self.sizes.layer_counts))
+                build_layer_pool(pool, max(self.sizes.layer_counts), self.sizes.lookup_names)
             return layer_stack(pool, int(name[len("layers"):]))
         raise KeyError(name)
 
@@ -307,14 +323,14 @@ def daemon_pids(mountpoint: Path) -> list[int]:
     return sorted(pids_with_argument(mountpoint))
 
 
-def peak_memory(pids: list[int]) -> int:
-    """The largest VmHWM (peak resident set) among the daemon's processes, in bytes."""
+def peak_memory(pids: list[int], field: str = "VmHWM") -> int:
+    """The largest VmHWM (peak resident set; or another /proc/PID/status field) among the daemon's processes, in bytes."""
     peaks = []
     for pid in pids:
         try:
             with open(f"/proc/{pid}/status") as f:
                 for line in f:
-                    if line.startswith("VmHWM:"):
+                    if line.startswith(f"{field}:"):
                         peaks.append(int(line.split()[1]) * 1024)
         except OSError:
             continue
@@ -466,6 +482,7 @@ class Workload:
     max_reps: int | None = None
     kernel: bool = True  # meaningful for the kernel too
     volatile: bool = False  # mount cowfs and the kernel with volatile (fuse-overlayfs never syncs anyway)
+    cycle: bool = False  # fn(backend, stack, rundir, ctx) mounts and unmounts itself, timing both
 
 
 WORKLOADS: list[Workload] = []
@@ -486,13 +503,13 @@ class Ctx:
 
 @workload("tree_find_cold", fresh=True, cold=True)
 def tree_find_cold(m: Mount, ctx: Ctx) -> float:
-    """`find` over the merged 20k-file tree right after dropping caches and mounting."""
+    """`find` over the merged tree (20,000 files in 421 directories) right after dropping caches and mounting."""
     return timed(["find", str(m.path / "tree")])
 
 
 @workload("tree_find_warm")
 def tree_find_warm(m: Mount, ctx: Ctx) -> float:
-    """`find` over the merged 20k-file tree again on the same mount (caches warm)."""
+    """`find` over the merged tree (20,000 files in 421 directories) again on the same mount (caches warm)."""
     return timed(["find", str(m.path / "tree")])
 
 
@@ -596,13 +613,101 @@ def stat_deep(m: Mount, ctx: Ctx, n_layers: int) -> dict[str, float]:
     return {f"stat_{n_layers}L_first": first, f"stat_{n_layers}L_repeat": repeat}
 
 
+def lookups(m: Mount, ctx: Ctx, n_layers: int) -> dict[str, float]:
+    """2,000 first stats of names in a directory every layer has, names in the bottom layer only; then again.
+
+    `first`: the names one after the other right after mount (a fresh mount
+    per repetition; the lower layers' own caches are as the previous
+    repetition left them, nothing is dropped), each a lookup through all the
+    layers above the bottom one. `repeat`: the same stats again on the same
+    mount (second pass, straight after the first). Both are the time of the
+    whole pass; the layers have the directory (wide/) with 3 names of their own.
+    """
+    paths = [str(m.path / WIDE_DIR / lookup_name(i)) for i in range(ctx.sizes.lookup_names)]
+    passes = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        for path in paths:
+            os.stat(path)
+        passes.append(time.perf_counter() - t0)
+    return {f"lookup_{n_layers}L_first": passes[0], f"lookup_{n_layers}L_repeat": passes[1]}
+
+
 def register_stat_workloads(layer_counts: tuple[int, ...]) -> None:
-    """One stat workload per layer count, listed before the memory workloads."""
+    """One stat and one lookup workload per layer count, listed before the memory workloads."""
     at = next((i for i, wl in enumerate(WORKLOADS) if wl.name.startswith("mem_")), len(WORKLOADS))
-    for n in reversed(layer_counts):
-        fn = lambda m, ctx, n=n: stat_deep(m, ctx, n)  # noqa: E731
-        fn.__doc__ = stat_deep.__doc__
-        WORKLOADS.insert(at, Workload(f"stat_{n}L", fn, f"layers{n}", fresh=True))
+    for make, name in ((lookups, "lookup"), (stat_deep, "stat")):
+        for n in reversed(layer_counts):
+            fn = lambda m, ctx, n=n, make=make: make(m, ctx, n)  # noqa: E731
+            fn.__doc__ = make.__doc__
+            WORKLOADS.insert(at, Workload(f"{name}_{n}L", fn, f"layers{n}", fresh=True))
+
+
+def depth_rows(results: dict, layer_counts: tuple[int, ...]) -> dict:
+    """results with lookup_{first,repeat}_<max>L/<min>L rows after the lookup rows: per backend,
+    the median at the deepest stack over the median at the shallowest (the target: repeat <= 1.2)."""
+    lo, hi = min(layer_counts), max(layer_counts)
+    if lo == hi:
+        return results
+    derived = {}
+    for kind in ("first", "repeat"):
+        deep, shallow = results.get(f"lookup_{hi}L_{kind}", {}), results.get(f"lookup_{lo}L_{kind}", {})
+        row = {}
+        for backend, cell in deep.items():
+            other = shallow.get(backend)
+            if cell.median is not None and other is not None and other.median:
+                row[backend] = Cell("x", [cell.median / other.median])
+            else:
+                row[backend] = Cell("x", error=cell.error or (other.error if other else None) or "-")
+        if row:
+            derived[f"lookup_{kind}_{hi}L/{lo}L"] = row
+    if not derived:
+        return results
+    last = max(i for i, metric in enumerate(results) if metric.startswith("lookup_"))
+    items = list(results.items())
+    return dict(items[:last + 1] + list(derived.items()) + items[last + 1:])
+
+
+@workload("mount_cycle", stack="layers1", cycle=True)
+def mount_cycle(backend: str, stack: Stack, rundir: Path, ctx: Ctx) -> float:
+    """Mount a one-layer stack, stat a file in it, unmount: the whole cycle, as a test's fixture does it.
+
+    The commands a user runs: `cowfs mount -o ...` and `cowfs umount` (the CLI,
+    Python's start-up included), `fuse-overlayfs -o ...` and `fusermount3 -u`,
+    `mount -t overlay` and `umount`; timed until the unmount command returns.
+    """
+    upper, work, mnt = rundir / "upper", rundir / "work", rundir / "mnt"
+    cmd = mount_command(backend, stack, upper, work, mnt)
+    fusermount = shutil.which("fusermount3") or shutil.which("fusermount") or "fusermount"
+    umount_cmd = {"cowfs": [sys.executable, "-m", "cowfs", "umount", str(mnt)],
+                  "fuse-overlayfs": [fusermount, "-u", str(mnt)],
+                  "kernel": ["umount", str(mnt)]}[backend]
+    env = cowfs_env() if backend == "cowfs" else None
+    errfile = rundir / "cycle.err"
+    m = Mount(backend, mnt)
+    ACTIVE[mnt] = m  # unmounted on the way out whatever happens below
+    try:
+        # stderr to a file, not a pipe: the daemon keeps it open (see mount()).
+        with open(errfile, "w") as err:
+            t0 = time.perf_counter()
+            mounted_rc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                        cwd=stack.root, env=env, timeout=MOUNT_TIMEOUT).returncode
+            if mounted_rc == 0:
+                os.stat(mnt / f"top-{stack.lowers[-1]}")
+            t1 = time.perf_counter()
+            if mounted_rc != 0:
+                raise BenchError(f"mount exit {mounted_rc}: {tail(errfile.read_text(errors='replace'))}")
+            if backend != "kernel":
+                m.pids = daemon_pids(mnt)  # untimed: only to wait for the daemon's exit below
+            t2 = time.perf_counter()
+            umounted_rc = subprocess.run(umount_cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=err, env=env, timeout=MOUNT_TIMEOUT).returncode
+            t3 = time.perf_counter()
+        if umounted_rc != 0 or is_mounted(mnt):
+            raise BenchError(f"unmount exit {umounted_rc}: {tail(errfile.read_text(errors='replace'))}")
+    finally:
+        unmount(m)  # nothing to do when unmounted but wait for the daemon to exit
+    return (t1 - t0) + (t3 - t2)
 
 
 def memory_after_walk(m: Mount, tree: Path) -> int:
@@ -618,9 +723,18 @@ def mem_tree(m: Mount, ctx: Ctx) -> int:
 
 
 @workload("mem_bigtree", stack="bigtree", fresh=True, warmup=False, unit="B", kernel=False, max_reps=1)
-def mem_bigtree(m: Mount, ctx: Ctx) -> int:
-    """Daemon peak RSS (VmHWM) after `find` + `ls -lR` over the 200k-file tree (one rep: slow, and a peak barely varies)."""
-    return memory_after_walk(m, m.path / "tree")
+def mem_bigtree(m: Mount, ctx: Ctx) -> dict[str, float]:
+    """Daemon peak RSS (VmHWM) after `ls -lR` of the 200k-file tree, and its growth per file.
+
+    `mem_bigtree`: the peak over the daemon's processes right after `ls -lR`
+    on a fresh mount (one rep: slow, and a peak barely varies);
+    `mem_bigtree_per_file`: (that peak - the resident size right after
+    mount) / number of files, in bytes.
+    """
+    start = peak_memory(m.pids, "VmRSS")
+    run(["ls", "-lR", str(m.path / "tree")])
+    peak = peak_memory(m.pids)
+    return {"mem_bigtree": peak, "mem_bigtree_per_file": (peak - start) / ctx.sizes.bigtree_files}
 
 
 # --------------------------------------------------------------------------- running
@@ -666,7 +780,11 @@ def run_workload(wl: Workload, backend: str, ctx: Ctx, rundir: Path, results: di
     stack = ctx.stacks.get(wl.stack)
     reps = min(ctx.sizes.reps, wl.max_reps or ctx.sizes.reps)
     plan = ([("warm-up", True)] if wl.warmup else []) + [(f"rep {i + 1}/{reps}", False) for i in range(reps)]
-    if wl.fresh:
+    if wl.cycle:
+        for label, is_warmup in plan:
+            settle(rundir, wl.cold)
+            record(results, backend, wl, wl.fn(backend, stack, rundir, ctx), is_warmup, label)
+    elif wl.fresh:
         for label, is_warmup in plan:
             settle(rundir, wl.cold)
             with mounted(backend, stack, rundir, wl.volatile) as m:
@@ -682,7 +800,8 @@ def mark(results: dict, wl: Workload, backend: str, error: str, ctx: Ctx) -> Non
     """Record a workload's failure (or n/a) on every metric it would have produced."""
     metrics = [name for name in results if name == wl.name or name.startswith(wl.name + "_")]
     if not metrics:
-        metrics = [wl.name] if not wl.name.startswith("stat_") else [f"{wl.name}_first", f"{wl.name}_repeat"]
+        metrics = ([f"{wl.name}_first", f"{wl.name}_repeat"] if wl.name.startswith(("stat_", "lookup_"))
+                   else [wl.name, f"{wl.name}_per_file"] if wl.name == "mem_bigtree" else [wl.name])
     for metric in metrics:
         cell = results.setdefault(metric, {}).setdefault(backend, Cell(wl.unit))
         cell.error = error
@@ -717,8 +836,10 @@ def run_all(workloads: list[Workload], backends: list[str], ctx: Ctx, scratch: P
 def fmt(value: float | None, unit: str) -> str:
     if value is None:
         return "-"
+    if unit == "x":
+        return f"{value:.2f}x"
     if unit == "B":
-        return f"{value / 2**20:.1f} MiB"
+        return f"{value / 2**20:.1f} MiB" if abs(value) >= 2**20 else f"{value:.0f} B"
     for scale, suffix in ((1, "s"), (1e-3, "ms"), (1e-6, "us")):
         if value >= scale or suffix == "us":
             return f"{value / scale:.3g} {suffix}"
@@ -751,6 +872,19 @@ def table(results: dict, backends: list[str]) -> str:
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]
     lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def legend(results: dict, workloads: list[Workload]) -> str:
+    """What each row measures: the first line of its workload's description."""
+    lines = []
+    for wl in workloads:
+        metrics = [m for m in results if m == wl.name or m.startswith(wl.name + "_")]
+        if metrics:
+            names = wl.name if metrics == [wl.name] else ", ".join(metrics)
+            lines.append(f"{names}: {(wl.fn.__doc__ or '').strip().splitlines()[0]}")
+    lines += [f"{m}: each backend's median at the deepest stack over its median at the shallowest"
+              for m in results if "/" in m]
     return "\n".join(lines)
 
 
@@ -892,8 +1026,10 @@ def main(argv: list[str] | None = None) -> int:
     if interrupted:
         return 130
 
-    text = table(results, backends)
-    notes = (f"{'quick' if args.quick else 'full'} run, median of {sizes.reps} repetitions after a warm-up; "
+    results = depth_rows(results, sizes.layer_counts)
+    text = table(results, backends) + "\n\n" + legend(results, workloads)
+    notes = (f"{'quick run (smaller sizes than the descriptions say: see sizes in bench.json)' if args.quick else 'full run'}, "
+             f"median of {sizes.reps} repetitions after a warm-up; "
              f"ratios < 1 mean cowfs is faster. Total time {total:.0f} s.")
     print(text)
     print(notes)
