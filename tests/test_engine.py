@@ -271,6 +271,86 @@ def errno_of(call, *args, **kwargs):
 # =============================================================================================
 # lookup and merge
 
+class TestLookupInDeepStacks:
+    """A directory many layers share is looked up through the names its layers list (read once each), not
+    with an lstat per layer: the answers must be the ones the layer-by-layer walk gives."""
+
+    def stack(self, env, depth=8):
+        layers = [env.lower() for _ in range(depth)]
+        for i, layer in enumerate(layers):
+            put(layer, f"d/own{i}", str(i).encode())
+        return layers
+
+    def test_each_name_comes_from_the_topmost_layer_holding_it(self, env):
+        layers = self.stack(env)
+        put(layers[5], "d/shared", b"five")
+        put(layers[2], "d/shared", b"two")
+        put(layers[-1], "d/bottom", b"bottom")
+        put(env.upper, "d/own3", b"upper")
+        u = env.union()
+        assert read_all(u, "/d/shared") == b"two"
+        assert read_all(u, "/d/bottom") == b"bottom"
+        assert read_all(u, "/d/own3") == b"upper" and read_all(u, "/d/own6") == b"6"
+        assert errno_of(u.getattr, "/d/nowhere") == errno.ENOENT
+        assert names(u, "/d") == sorted(["bottom", "shared"] + [f"own{i}" for i in range(8)])
+
+    def test_whiteouts_opaque_dirs_and_oci_markers_in_middle_layers(self, env):
+        layers = self.stack(env)
+        put(layers[6], "d/gone", b"x")
+        whiteout(layers[3], "d/gone")
+        put(layers[6], "d/sub/deep", b"hidden")
+        opaque(layers[2], "d/sub")
+        put(layers[2], "d/sub/kept", b"k")
+        put(layers[7], "d/oci-gone", b"x")
+        put(layers[4], "d/.wh.oci-gone", b"")
+        u = env.union()
+        assert errno_of(u.getattr, "/d/gone") == errno.ENOENT
+        assert names(u, "/d/sub") == ["kept"]
+        assert read_all(u, "/d/oci-gone") == b"x"  # without oci_whiteouts, .wh.NAME is a name
+        env.close()
+        u = env.union(oci_whiteouts=True)
+        assert errno_of(u.getattr, "/d/oci-gone") == errno.ENOENT
+        assert errno_of(u.getattr, "/d/.wh.oci-gone") == errno.ENOENT
+
+    def test_a_layer_that_cannot_be_listed_is_asked_by_name(self, env, monkeypatch):
+        from cowfs.overlay.lookup import Layers
+        layers = self.stack(env)
+        put(layers[4], "d/secret", b"s")
+        listing = Layers._listing
+        monkeypatch.setattr(Layers, "_listing", lambda self, layer, head: None if layer == 5 else listing(
+            self, layer, head))  # lower 4 is layer 5: as a directory without read permission
+        u = env.union()
+        assert read_all(u, "/d/secret") == b"s"
+        assert read_all(u, "/d/own1") == b"1" and read_all(u, "/d/own4") == b"4"
+        assert errno_of(u.getattr, "/d/nowhere") == errno.ENOENT
+
+    def test_removing_a_lower_name_whites_it_out_from_any_depth(self, env):
+        self.stack(env)
+        u = env.union()
+        u.unlink("/d/own6")
+        assert errno_of(u.getattr, "/d/own6") == errno.ENOENT
+        assert os.path.lexists(env.upper / "d" / "own6")  # the whiteout
+        u.unlink("/d/own0")
+        assert names(u, "/d") == [f"own{i}" for i in (1, 2, 3, 4, 5, 7)]
+
+    def test_listings_kept_are_bounded(self, env, monkeypatch):
+        from cowfs.overlay.lookup import Layers
+        layers = self.stack(env, depth=6)
+        for i in range(20):
+            put(layers[1], f"d/many{i}", b"d")
+            put(layers[1], f"e/many{i}", b"e")
+        put(layers[2], "e/x", b"")
+        put(layers[3], "e/y", b"")
+        monkeypatch.setattr(Layers, "LISTING_LIMIT", 30)  # names, in all; one directory's may exceed it
+        u = env.union()
+        assert all(read_all(u, f"/d/many{i}") == b"d" for i in range(20))
+        held = u.layers._indexed_names
+        assert all(read_all(u, f"/e/many{i}") == b"e" for i in range(20))
+        assert held > 20 and u.layers._indexed_names <= 30  # d's names went to make room for e's
+        assert u.layers._listed_names <= 30
+        assert all(read_all(u, f"/d/many{i}") == b"d" for i in range(20))  # read again when needed
+
+
 class TestLookup:
     def test_upper_file_hides_lower_file(self, env):
         low = env.lower()

@@ -3,7 +3,11 @@
 Assumptions, as in the kernel: lower layers never change while mounted; the
 upper changes only through this process. So where each name is found can be
 cached until the next change of names in the upper (`Layers.forget`); the
-attributes of an object are read afresh when asked for.
+attributes of an object are read afresh when asked for. And a lower
+directory's names, read once, answer for good which of the lower layers a
+merged directory spans can hold a name: a lookup asks only those (and the
+upper and the bottom layer), so its cost does not grow with the depth of the
+stack (as fuse-overlayfs reads each layer's directory once).
 
 Lookup rules for one name, walking the layers from the upper down:
 - a whiteout (char device 0/0, or an OCI `.wh.NAME` in a lower with
@@ -85,10 +89,24 @@ def join(path, name):
     return path + name if path.endswith("/") else path + "/" + name
 
 
+class _WithUnlisted(dict):
+    """An index of a directory some of whose layers could not be listed: those layers may hold any name."""
+
+    def __init__(self, index, unlisted, order):
+        super().__init__(index)
+        self.unlisted, self.order = unlisted, order
+
+    def get(self, name, default=()):
+        found = super().get(name, ())
+        return tuple(sorted(found + self.unlisted, key=self.order.__getitem__))
+
+
 class Layers:
     """The layer roots of a stack and the lookup rules over them; answers are cached until `forget`."""
 
     CACHE_LIMIT = 100_000
+    LISTING_LIMIT = 1_000_000  # names of lower directories kept in memory, in all (one directory may be more)
+    LISTING_MIN_PARTS = 3  # a directory in fewer layers is looked up with lstat alone
 
     def __init__(self, stack):
         self.roots = [stack.upper] + list(stack.lowers)
@@ -104,6 +122,12 @@ class Layers:
         # fuse-overlayfs finds them; only a stack with one pays for reading the xattr.
         self.marked = frozenset(i for i, root in enumerate(self.roots) if root is not None and override.is_marked(root))
         self._cache = {}
+        # Names of lower directories, read once each (lower layers never change): a lookup in a directory
+        # many layers share asks only the layers that hold the name, whatever the depth of the stack.
+        self._listings = {}  # (layer, rel of a directory) -> frozenset of its names, or None (unreadable)
+        self._listed_names = 0
+        self._indexes = {}  # the parts of a merged directory -> {name: the parts holding it} (see _candidates)
+        self._indexed_names = 0
         self._dir_fds = {}  # layer -> {head of a long path: its directory's descriptor} (see real)
         self._retired = []  # upper descriptors still named by paths of the running operation
         # Numbers kept in memory for copies that cannot carry the origin xattr (symlinks and
@@ -216,6 +240,66 @@ class Layers:
             raise os_error(errno.ENOENT, path)
         return node
 
+    def _listing(self, layer, head):
+        """The names in lower directory `head` of `layer`, read once and kept (within LISTING_LIMIT names
+        in all, the oldest listings dropped first); None when it cannot be listed (then lstat decides)."""
+        key = (layer, head)
+        names = self._listings.get(key, False)
+        if names is False:
+            try:
+                names = frozenset(os.listdir(self.real(layer, head)))
+            except OSError:
+                names = None
+            while self._listings and self._listed_names + len(names or ()) > self.LISTING_LIMIT:
+                dropped = self._listings.pop(next(iter(self._listings)))
+                self._listed_names -= len(dropped or ())
+            self._listings[key] = names
+            self._listed_names += len(names or ())
+        return names
+
+    def _candidates(self, parent, name):
+        """The parts of `parent` (its (layer, rel) pairs) that may hold `name`: the upper's, the lower ones whose
+        directory lists it (or its OCI whiteout), and the bottom one, which is asked with one lstat rather
+        than read whole. Only for a directory in LISTING_MIN_PARTS layers or more; else all of its parts."""
+        parts = parent.parts
+        if len(parts) < self.LISTING_MIN_PARTS:
+            return parts
+        index = self._indexes.get(parts)
+        if index is None:
+            index = self._index(parts)
+        holders = index.get(name, ())
+        if self.oci and holders == () and is_oci_marker(name):
+            return parts
+        head = (parts[0],) if parts[0][0] == 0 else ()
+        return head + holders + (parts[-1],)
+
+    def _index(self, parts):
+        """name -> the middle lower parts holding it (or its OCI whiteout), top first, from their listings;
+        a part that cannot be listed holds every name."""
+        index = {}
+        unlisted = []
+        for part in parts[1 if parts[0][0] == 0 else 0:-1]:
+            names = self._listing(*part)
+            if names is None:
+                unlisted.append(part)
+                continue
+            for entry in names:
+                if self.oci and is_oci_marker(entry) and entry != OCI_OPAQUE:
+                    entry = oci_marked_name(entry)
+                found = index.get(entry)
+                if found is None:
+                    index[entry] = (part,)
+                elif found[-1] != part:
+                    index[entry] = found + (part,)
+        if unlisted:  # every name may be there: keep the order of the layers
+            order = {part: i for i, part in enumerate(parts)}
+            index = _WithUnlisted(index, tuple(unlisted), order)
+        while self._indexes and self._indexed_names + len(index) > self.LISTING_LIMIT:
+            self._indexed_names -= len(self._indexes.pop(next(iter(self._indexes))))
+        self._indexes[parts] = index
+        self._indexed_names += len(index)
+        return index
+
     def _oci_deleted(self, layer, rel):
         if layer == 0 or not self.oci:
             return False
@@ -248,7 +332,7 @@ class Layers:
         if any(c in ("", ".", "..") for c in redirect.strip("/").split("/")):
             raise os_error(errno.EACCES, path)  # as the kernel's lookup of "." or ".."
 
-    def _targets(self, parent, name):
+    def _targets(self, parent, name, candidates=None):
         """Yield (layer, rel) to look at for `name`, top to bottom; the walk sends back each redirect it meets.
 
         As in the kernel, a redirect replaces the last component of what is looked
@@ -256,7 +340,8 @@ class Layers:
         absolute redirect); an absolute one restarts it from the layer roots.
         """
         absolute, target = False, name
-        last = -1
+        parts = parent.parts if candidates is None else candidates  # those that may hold `name` itself
+        pos, last = 0, -1
         while True:
             if absolute:
                 layer = next((i for i in range(last + 1, len(self.roots)) if self.roots[i] is not None), None)
@@ -264,10 +349,11 @@ class Layers:
                     return
                 rel = target
             else:
-                part = next(((i, r) for i, r in parent.parts if i > last), None)
-                if part is None:
+                while pos < len(parts) and parts[pos][0] <= last:
+                    pos += 1
+                if pos == len(parts):
                     return
-                layer, prel = part
+                layer, prel = parts[pos]
                 rel = (prel + "/" if prel else "") + target
             last = layer
             redirect = yield layer, rel
@@ -277,6 +363,7 @@ class Layers:
                 else:
                     head = target.rpartition("/")[0]
                     target = (head + "/" if head else "") + redirect
+                    parts, pos = parent.parts, 0  # another name: every layer below may hold it
                 yield None  # acknowledge the send
 
     def child(self, parent, name):
@@ -284,7 +371,7 @@ class Layers:
         found = []
         redirect_seen = None
         data_wanted, data = False, None
-        walk = self._targets(parent, name)
+        walk = self._targets(parent, name, self._candidates(parent, name))
         for layer, rel in walk:
             if layer > 0 and self.oci and is_oci_marker(name) and redirect_seen is None:
                 continue  # OCI markers in lower layers never show in the merged view
@@ -345,7 +432,7 @@ class Layers:
 
     def lower_positive(self, parent, name):
         """True when a lower layer shows `name` under `parent`: removing it from the upper needs a whiteout."""
-        for layer, prel in parent.parts:
+        for layer, prel in self._candidates(parent, name):
             if layer == 0:
                 continue
             rel = (prel + "/" if prel else "") + name
