@@ -833,3 +833,88 @@ def test_private_dockerd_leaves_nothing_behind():
         d.stop()
     assert not mounts_under(base) and not os.path.exists(base)
     assert wait_gone(pids, 5), f"still running: {[p for p in pids if pid_alive(p)]}"
+
+
+# -- Docker with the kernel's redirect_dir / metacopy on ---------------------------------------------------
+
+OVERLAY_PARAMETERS = "/sys/module/overlay/parameters"
+# What each variant turns on in the kernel's defaults (Docker's overlay2 passes neither option, so the
+# module's defaults decide; metacopy=on needs redirects), and the cowfs options that mean the same.
+VARIANTS = {"redirect_dir": ({"redirect_dir": "Y"}, "redirect_dir=on"),
+            "metacopy": ({"redirect_dir": "Y", "metacopy": "Y"}, "redirect_dir=on,metacopy=on")}
+
+
+@contextlib.contextmanager
+def overlay_defaults(values):
+    """The overlay module's default options set to `values` for the block, and restored after it whatever
+    happens (they are the machine's: only mounts made meanwhile, without these options, see them)."""
+    saved = {}
+    try:
+        for name, value in values.items():
+            path = os.path.join(OVERLAY_PARAMETERS, name)
+            with open(path) as f:
+                saved[name] = f.read().strip()
+            with open(path, "w") as f:
+                f.write(value)
+        yield
+    finally:
+        for name, value in saved.items():
+            with open(os.path.join(OVERLAY_PARAMETERS, name), "w") as f:
+                f.write(value)
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_docker_with_redirects_or_metacopy_on(dockerd, images, store, shared_tmp, variant):
+    """Docker's overlay2 follows the kernel's defaults; with redirect_dir (and metacopy) on, a renamed lower
+    directory becomes a redirect in its upper and docker diff/commit fall back to comparing merged views.
+    The same CHANGES in a cowfs container mounted with those options: the same merged tree, the same diff,
+    the same committed layer."""
+    defaults, options = VARIANTS[variant]
+    if not os.access(os.path.join(OVERLAY_PARAMETERS, "redirect_dir"), os.W_OK):
+        missing_feature(f"docker: cannot set the overlay module's defaults in {OVERLAY_PARAMETERS}")
+    saved = os.path.join(shared_tmp, "rich.tar")
+    dockerd.docker("save", "-o", saved, dk.RICH_IMAGE)
+    points = Points()
+    with overlay_defaults(defaults):
+        d = started(tempfile.mkdtemp(prefix="cowfs-dkr-", dir="/tmp"))
+        try:
+            d.docker("load", "-i", saved)
+            res = d.docker("run", "-i", "--network", "none", "--name", "changed", dk.RICH_IMAGE, input=CHANGES)
+            assert "changes-done" in res.stdout, res.stderr
+            upper = d.json("inspect", "changed")[0]["GraphDriver"]["Data"]["UpperDir"]
+            docker_upper = walk_tree(upper, xattrs=None)
+            # (with metacopy=Y Docker's upper holds no metacopy copy for these changes: the variant still shows
+            # what the second option changes in Docker, nothing in the tree, diff or layer)
+            wanted = {"trusted.overlay.redirect"}
+            found = {name for e in docker_upper["entries"].values() for name in e.get("xattrs", {})}
+            assert wanted <= found, f"Docker's side: its upper has no {sorted(wanted - found)} (the test is wrong)"
+            exported = exported_tree(d, "changed")
+            init = init_paths(d, "changed")
+            docker_changes = docker_diff(d, "changed")
+            d.docker("commit", "changed", "acme/rich:variant")
+            docker_layer = docker_save_layers(d, "acme/rich:variant", shared_tmp)[0][-1]
+        finally:
+            d.stop()
+        mnt = os.path.join(shared_tmp, "c")
+        os.mkdir(mnt)
+        cid = None
+        layer = os.path.join(shared_tmp, "layer.tar")
+        try:
+            cid = cowfs("mount", dk.RICH_IMAGE, mnt, "-o", options, "--store", store).stdout.strip()
+            run_in(mnt, CHANGES)
+            cowfs_upper = walk_tree(os.path.join(store, "containers", cid, "upper"), xattrs=None)
+            found = {name for e in cowfs_upper["entries"].values() for name in e.get("xattrs", {})}
+            points.equal(sorted(wanted & found), sorted(wanted), f"the overlay xattrs of cowfs's upper ({options})")
+            points.same_tree(exported, without(walk_tree(mnt), init), f"the cowfs mount ({options}) after CHANGES")
+            got = {(c["kind"], c["path"]) for c in cowfs_json("diff", "--json", mnt)["changes"]}
+            points.same_set(docker_changes, got, f"cowfs diff ({options})")
+            cowfs("commit", mnt, "-o", layer)
+        finally:
+            if is_mounted(mnt) and cowfs("umount", mnt, check=False).returncode != 0:
+                force_unmount(mnt)
+            if cid:
+                cowfs("rm", cid, "--store", store, check=False)
+    with open(layer, "rb") as f:
+        points.same_tree(layer_entries(docker_layer), layer_entries(f.read()), f"cowfs commit ({options})")
+    points.check()

@@ -550,6 +550,28 @@ def tar_listing(data):
                 for m in tf.getmembers()]
 
 
+def test_commit_of_a_metacopy_upper_takes_the_data_from_below(tmp_path, store):
+    """A metadata-only copy (metacopy=on: a chown copies up the inode, not the data) is committed with the
+    lower file's data; without the lowers, commit refuses rather than write an empty file."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    (lower / "etc").mkdir(parents=True)
+    (lower / "etc" / "conf").write_bytes(b"the data, kept below\n")
+    (upper / "etc").mkdir(parents=True)
+    meta = upper / "etc" / "conf"
+    with open(meta, "wb") as f:
+        f.truncate(len(b"the data, kept below\n"))  # as the kernel makes it: the size, no data
+    os.chown(meta, 1000, 1000)
+    os.setxattr(meta, "trusted.overlay.metacopy", b"")
+    out = tmp_path / "layer.tar"
+    rc, _, err = cli(store, "commit", "--upper-dir", str(upper), "--lower", str(lower), "-o", str(out))
+    assert rc == 0, err
+    with tarfile.open(out) as tf:
+        member = tf.getmember("etc/conf")
+        assert (member.uid, tf.extractfile(member).read()) == (1000, b"the data, kept below\n")
+    rc, _, err = cli(store, "commit", "--upper-dir", str(upper), "-o", str(tmp_path / "no.tar"))
+    assert rc == 1 and "metadata-only copy" in err and not (tmp_path / "no.tar").exists(), err
+
+
 def test_commit_converts_markers_and_is_reproducible(tmp_path, store):
     upper = tmp_path / "upper"
     make_upper(upper)

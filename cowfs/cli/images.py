@@ -192,6 +192,11 @@ directory renamed with redirect_dir=on is written with its whole merged
 content. Entries are sorted and owners numeric, so committing the same upper
 twice gives the same bytes. Prints the layer's diff ID.
 
+A mount with redirect_dir=on or metacopy=on is committed as Docker's overlay2
+commits then (it cannot read such an upper directly): the changes cowfs diff
+lists, each added or changed path as the mount shows it, each deleted one as a
+.wh. entry of mode 0, no opaque markers.
+
 MOUNTPOINT is a live cowfs mount: its upper and lower layers come from the
 mount; when it is a container of an image (cowfs mount IMAGE MOUNTPOINT), that
 image is the parent (as --from IMAGE), so --tag makes the image's layers plus
@@ -684,6 +689,7 @@ def _commit(args, out, err):
     if not os.path.isdir(given):
         raise os_error(errno.ENOTDIR if os.path.exists(given) else errno.ENOENT, given)
     lowers = [p for value in args.lower for p in split_layers(value) if p]
+    naive = None
     upper, userxattr, from_image, store_root = given, args.userxattr, args.from_image, args.store
     real = os.path.realpath(given)
     mount_lowers = None
@@ -697,6 +703,9 @@ def _commit(args, out, err):
             raise StoreError(f"{given}: a read-only mount has no upper layer to commit")
         upper, userxattr = stack.upper, userxattr or stack.userxattr
         mount_lowers = stack.lowers
+        if stack.redirect_dir == "on" or stack.metacopy:  # as Docker's overlay2 then: its "naive" diff
+            from cowfs.explore.diff import changes
+            naive = [(kind, path) for kind, path, _ in changes(stack)]
     container_store, container = container_of_upper(upper)
     if args.upper is not None and mount_lowers is None and container is None:
         raise StoreError(f"{given}: neither a cowfs mount nor a container's upper directory; to commit it "
@@ -716,7 +725,7 @@ def _commit(args, out, err):
         store = Store(store_root, create=False) if store_root else _store(args, create=False)
     commit(upper, lowers, out_path=args.output, store=store, tag=args.tag, from_image=from_image,
            prefix=USER_PREFIX if userxattr else TRUSTED_PREFIX, clamp_mtime=args.clamp_mtime,
-           message=args.message, created_by=args.created_by, out=out)
+           message=args.message, created_by=args.created_by, out=out, changes=naive)
     if args.output is None and args.tag is None:
         _say(err, "cowfs commit: nothing written (only the diff ID above): give -o FILE or --tag NAME:TAG to "
                   "keep the layer")

@@ -85,6 +85,7 @@ from cowfs.errors import CowfsError
 from cowfs.formatting import docker_size, human_seconds
 from cowfs.overlay import override
 from cowfs.overlay.whiteout import (
+    METACOPY,
     OCI_OPAQUE,
     PREFIXES,
     REDIRECT,
@@ -848,8 +849,9 @@ class _Writer:
         info.mtime = 0  # as Docker writes its whiteout markers
         self.tf.addfile(info)
 
-    def entry(self, name, path, st):
-        """One object as a member named `name` (hard links to an inode already written become links)."""
+    def entry(self, name, path, st, data=None):
+        """One object as a member named `name` (hard links to an inode already written become links); a
+        metadata-only copy (metacopy) reads its data from `data`, the lower file holding it."""
         info = tarfile.TarInfo(name)
         info.mode = stat.S_IMODE(st.st_mode)
         info.uid, info.gid = st.st_uid, st.st_gid
@@ -870,7 +872,7 @@ class _Writer:
             self.links[key] = name
         if fmt == stat.S_IFREG:
             info.type, info.size = tarfile.REGTYPE, st.st_size
-            with open(path, "rb") as src:
+            with open(data or path, "rb") as src:
                 self.tf.addfile(info, src)
             return
         if fmt == stat.S_IFDIR:
@@ -899,7 +901,13 @@ class _Writer:
                 owner = (0, 0) if self.recorded else (st.st_uid, st.st_gid)
                 self.marker(head + oci_marker(name), WHITEOUT_MODE, *owner)
                 continue
-            self.entry(child, path, st)
+            data = None
+            if stat.S_ISREG(st.st_mode) and get_marker(path, self.prefix, METACOPY) is not None:
+                if self.layers is None:  # its data is in a lower layer
+                    raise ArchiveError(path, "is a metadata-only copy (metacopy): give the lower layers (--lower) "
+                                       "that hold its data")
+                data = self.layers.resolve_required("/" + child).data
+            self.entry(child, path, st, data)
             if not stat.S_ISDIR(st.st_mode):
                 continue
             uid, gid, mode = self.shown(path, st)
@@ -918,7 +926,7 @@ class _Writer:
             child_merged = merged + "/" + name
             child = self.layers.resolve_required(child_merged)
             st = os.lstat(child.real)
-            self.entry(f"{rel}/{name}", child.real, st)
+            self.entry(f"{rel}/{name}", child.real, st, child.data)
             if stat.S_ISDIR(st.st_mode):
                 self.merged_dir(child_merged, f"{rel}/{name}")
 
@@ -937,12 +945,31 @@ def write_layer(upper, out, lowers=(), prefix=TRUSTED_PREFIX, clamp_mtime=None):
     layers = None
     if lowers:
         layers = Layers(Stack(lowers=[os.path.abspath(p) for p in lowers], upper=os.path.abspath(upper),
-                              redirect_dir="follow", userxattr=prefix == USER_PREFIX))
+                              redirect_dir="follow", metacopy=True, userxattr=prefix == USER_PREFIX))
     elif _has_redirect(upper, prefix):
         raise ArchiveError(upper, "has a redirected directory: give its lower layers (--lower) to expand it")
     hashed = HashingWriter(out)
     with tarfile.open(fileobj=hashed, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8") as tf:
         _Writer(tf, prefix, layers, clamp_mtime, override.is_marked(upper)).upper_dir(upper, "")
+    return hashed.digest, hashed.count
+
+
+def write_changes(merged, changes, out, prefix=TRUSTED_PREFIX, clamp_mtime=None, recorded=False):
+    """Write a list of changes between two views as a layer tar to `out`, as Docker's overlay2 does when it
+    cannot read its upper directly (redirect_dir or metacopy on: its "naive" diff): in path order, each added
+    or changed path as the merged view shows it (`merged`: a Layers over the whole stack), each deleted one
+    as a `.wh.NAME` entry of mode 0, and no opaque markers (the entries a directory hides are deletions).
+    `changes` is [(kind "A" | "C" | "D", merged path)]. Returns (diff_id, size in bytes of the tar)."""
+    hashed = HashingWriter(out)
+    with tarfile.open(fileobj=hashed, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8") as tf:
+        writer = _Writer(tf, prefix, merged, clamp_mtime, recorded)
+        for kind, path in sorted(changes, key=lambda change: change[1]):  # Docker sorts them as strings
+            head, _, name = path.strip("/").rpartition("/")
+            if kind == "D":
+                writer.marker((head + "/" if head else "") + oci_marker(name), 0, 0, 0)
+                continue
+            node = merged.resolve_required(path)
+            writer.entry(path.strip("/"), node.real, os.lstat(node.real), node.data)
     return hashed.digest, hashed.count
 
 

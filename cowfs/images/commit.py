@@ -12,10 +12,13 @@ import json
 import os
 import sys
 
-from cowfs.images.archive import ArchiveError, write_layer
+from cowfs.images.archive import ArchiveError, write_changes, write_layer
 from cowfs.images.reference import check_tag_reference
 from cowfs.images.store import StoreError, machine_architecture, normalise_ref, now_rfc3339
-from cowfs.overlay.whiteout import TRUSTED_PREFIX
+from cowfs.overlay import override
+from cowfs.overlay.lookup import Layers
+from cowfs.overlay.stack import Stack
+from cowfs.overlay.whiteout import TRUSTED_PREFIX, USER_PREFIX
 
 
 def _parent_for(store, lowers):
@@ -31,11 +34,13 @@ def _parent_for(store, lowers):
 
 
 def commit(upper, lowers=(), out_path=None, store=None, tag=None, from_image=None, prefix=TRUSTED_PREFIX,
-           clamp_mtime=None, message="", created_by=None, out=None):
+           clamp_mtime=None, message="", created_by=None, out=None, changes=None):
     """Write the upper directory as a layer tar; with `tag`, add an image (parent layers + it) to `store`.
 
     Returns (diff_id, image_id or None). The history entry's CREATED BY is `created_by`, else what `docker
     commit` records for a container of the parent (its Config.Cmd joined by spaces), else "cowfs commit".
+    With `changes` ([(kind, merged path)], as `cowfs diff` finds them), the layer is written from those, as
+    Docker writes it when its overlay has redirects or metacopy on (see archive.write_changes).
 
     Raises:
         ArchiveError: the upper cannot be archived (a redirect without lowers, unreadable files).
@@ -74,13 +79,22 @@ def commit(upper, lowers=(), out_path=None, store=None, tag=None, from_image=Non
             target = tmp_tar = os.path.join(staging.path, "layer.tar")
         else:
             target = None
+        if changes is not None:
+            merged = Layers(Stack(lowers=[os.path.abspath(p) for p in lowers], upper=os.path.abspath(upper),
+                                  redirect_dir="follow", metacopy=True, userxattr=prefix == USER_PREFIX))
+
+            def write(f):
+                return write_changes(merged, changes, f, prefix, clamp_mtime, override.is_marked(upper))
+        else:
+            def write(f):
+                return write_layer(upper, f, lowers, prefix, clamp_mtime)
         if target is None:
-            diff_id, _ = write_layer(upper, None, lowers, prefix, clamp_mtime)
+            diff_id, _ = write(None)
         else:
             partial = target + ".partial" if target != tmp_tar else target
             try:
                 with open(partial, "wb") as f:
-                    diff_id, _ = write_layer(upper, f, lowers, prefix, clamp_mtime)
+                    diff_id, _ = write(f)
                 if partial != target:
                     os.rename(partial, target)
             except BaseException:

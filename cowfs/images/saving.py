@@ -240,7 +240,8 @@ def export_container(store, ref, out):
             raise store.damaged(f"layer {os.path.basename(os.path.dirname(path))[:12]}", "missing")
     userxattr = store.prefix == USER_PREFIX
     if lowers:
-        stack = Stack(lowers=lowers, upper=record["upper"], redirect_dir="follow", userxattr=userxattr)
+        stack = Stack(lowers=lowers, upper=record["upper"], redirect_dir="follow", metacopy=True,
+                      userxattr=userxattr)
     else:
         stack = Stack(lowers=[record["upper"]], userxattr=userxattr)
     layers = Layers(stack)
@@ -253,7 +254,7 @@ def export_container(store, ref, out):
                 child_merged = join(merged, name)
                 child = layers.resolve_required(child_merged)
                 st = os.lstat(child.real)
-                writer.entry(f"{rel}{name}", child.real, st)
+                writer.entry(f"{rel}{name}", child.real, st, child.data)  # a metacopy's data from below
                 if stat.S_ISDIR(st.st_mode):
                     walk(child_merged, f"{rel}{name}/")
 
