@@ -27,10 +27,12 @@ to check the harness itself: every scenario must pass kernel-vs-kernel.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import mmap
 import os
 import stat
+import struct
 from collections.abc import Callable
 
 import pytest
@@ -1434,6 +1436,117 @@ def sc_long_session(fs: Session):
     fs.stat("dir/mid_only.txt")
     fs.truncate("cycle", 100)
     fs.stat("cycle")
+
+
+def _listed_numbers_match(fs: Session, rel: str) -> None:
+    """Each entry's d_ino in the listing of `rel` is the st_ino lstat shows: a cached listing must
+    follow a copy-up that renumbers an entry."""
+    def go():
+        with os.scandir(fs.p(rel)) as it:
+            listed = {e.name: e.inode() for e in it}
+        return sorted(name for name, ino in listed.items() if ino != os.lstat(os.path.join(fs.p(rel), name)).st_ino)
+    fs.do(f"entries of {rel or '.'} whose d_ino is not their st_ino", go)
+
+
+def _dotdot_number_matches(fs: Session, rel: str) -> None:
+    """The d_ino of ".." in the listing of `rel` is its parent's st_ino (read with getdents, which lists it)."""
+    def go():
+        fd = os.open(fs.p(rel), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for name, ino in _getdents(fd):
+                if name == "..":
+                    return ino == os.lstat(os.path.dirname(fs.p(rel).rstrip("/"))).st_ino
+        finally:
+            os.close(fd)
+        return None
+    fs.do(f"'..' listed in {rel} is its parent", go)
+
+
+def _getdents(fd: int):
+    """(name, d_ino) of every entry of the open directory `fd`, "." and ".." included."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(1 << 16)
+    while True:
+        n = libc.syscall(217, fd, buf, len(buf))  # getdents64 on x86-64
+        if n < 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        if n == 0:
+            return
+        pos = 0
+        while pos < n:
+            ino, _off, reclen = struct.unpack_from("QqH", buf.raw, pos)
+            name = buf.raw[pos + 19:pos + reclen].split(b"\0", 1)[0]
+            yield os.fsdecode(name), ino
+            pos += reclen
+
+
+@scenario(userxattr=True)
+def sc_listing_after_change_through_other_path(fs: Session):
+    """A listing read, then its directory changed through another path to it (a renamed parent,
+    a rename from another directory), then read again at once: the kernel's cached listing goes."""
+    fs.mkdir("p")
+    fs.mkdir("p/q")
+    fs.write("p/q/f", b"f")
+    fs.listdir("p/q")
+    fs.rename("p", "p2")  # the same directory, now reached by another path
+    fs.write("p2/q/g", b"g")
+    fs.listdir("p2/q")
+    fs.unlink("p2/q/f")
+    fs.scandir("p2/q")
+    fs.listdir("dup")
+    fs.rename("dir/shared.txt", "dup/shared.txt")  # a file from another, merged, directory
+    fs.listdir("dup")
+    fs.listdir("dir")
+    fs.rename("p2/q/g", "dup/y")  # over a lower file
+    fs.scandir("dup")
+    fs.scandir("p2/q")
+    fs.rename("p2/q", "dir/q")  # a directory to another parent: its ".." is another directory now
+    _dotdot_number_matches(fs, "dir/q")
+    fs.listdir("dir")
+    fs.listdir("p2")
+
+
+@scenario(userxattr=True)
+def sc_listing_after_rmdir_mkdir(fs: Session):
+    """List a merged directory, empty it, remove it and make it again: each listing read right
+    after the change shows the change; the new directory is empty (opaque)."""
+    fs.listdir("dirsub/inner")
+    for name in ("l0.txt", "l1.txt", "l2.txt"):
+        fs.unlink(f"dirsub/inner/{name}")
+        fs.listdir("dirsub/inner")
+    fs.rmdir("dirsub/inner")
+    fs.listdir("dirsub")
+    fs.mkdir("dirsub/inner")
+    fs.listdir("dirsub/inner")
+    fs.scandir("dirsub")
+    fs.write("dirsub/inner/l1.txt", b"new")
+    fs.listdir("dirsub/inner")
+    fs.listdir("emptydir")
+    fs.rmdir("emptydir")
+    fs.mkdir("emptydir")
+    fs.scandir("emptydir")
+    fs.scandir("")
+
+
+@scenario(userxattr=True)
+def sc_listing_while_children_copied_up(fs: Session):
+    """A listing cached, then entries in it copied up (a child directory, a lower hard link that
+    copy-up renumbers): listed again at once, names, types and numbers are those stat shows."""
+    fs.scandir("deep/a")
+    _listed_numbers_match(fs, "deep/a")
+    fs.chmod("deep/a/b", 0o755)  # copies deep, deep/a and deep/a/b up
+    fs.scandir("deep/a")
+    _listed_numbers_match(fs, "deep/a")
+    fs.write("deep/a/b/c/new", b"new")
+    fs.scandir("deep/a/b/c")
+    _listed_numbers_match(fs, "deep/a/b/c")
+    fs.scandir("")
+    _listed_numbers_match(fs, "")
+    fs.write("hl1", b"HL", W, offset=0)  # copies a lower hard link up
+    fs.scandir("")
+    _listed_numbers_match(fs, "")
+    fs.chmod("dir/shared.txt", 0o600)
+    _listed_numbers_match(fs, "dir")
 
 
 # ---------------------------------------------------------------------------

@@ -43,6 +43,7 @@ CAP_AUTO_INVAL_DATA = 1 << 12
 CAP_READDIRPLUS = 1 << 13
 CAP_READDIRPLUS_AUTO = 1 << 14
 CAP_POSIX_ACL = 1 << 19
+CAP_NO_OPENDIR_SUPPORT = 1 << 24  # the kernel opens a directory itself when opendir answers ENOSYS
 
 # fuse_lowlevel.h: which attributes a SETATTR sets
 SET_ATTR_MODE, SET_ATTR_UID, SET_ATTR_GID, SET_ATTR_SIZE = 1 << 0, 1 << 1, 1 << 2, 1 << 3

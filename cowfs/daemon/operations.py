@@ -8,13 +8,23 @@ Nothing here waits on the kernel while serving a request. The one
 notification that can wait (dropping a cached name, which takes the
 directory's lock in the kernel) goes through `Notifier`'s own thread; the
 attribute-only invalidation a request may send takes no lock the kernel
-could be holding for another request, so it cannot deadlock.
+could be holding for another request, so it cannot deadlock, and neither can
+dropping a directory's cached listing (`_relist`, see there).
+
+Directories need no open state: the kernel opens them without asking
+(opendir answers ENOSYS) and keeps their listings in its page cache until they
+change. A change made by a request on that directory (create, link, unlink,
+rmdir, rename) drops the kernel's copy by itself; a change it cannot see (a
+copy-up that gives an entry another number, the ``..`` of a directory moved
+to another parent, a change whose request failed or whose answer was lost)
+is announced by `_relist` before the answer goes out.
 """
 
 import contextlib
 import ctypes
 import errno
 import functools
+import itertools
 import logging
 import os
 import queue
@@ -32,12 +42,16 @@ from cowfs.overlay.union import Caller
 log = logging.getLogger("cowfs")
 
 # How long the kernel may keep names and attributes without asking again. Every change made
-# through the mount either updates the kernel's copy itself or is announced (`_settle`).
-ENTRY_TIMEOUT = 1.0
-ATTR_TIMEOUT = 1.0
+# through the mount either updates the kernel's copy itself or is announced (`_settle`), so the
+# limit only bounds how late a change behind the mount's back (to a layer) shows.
+ENTRY_TIMEOUT = 3600.0
+ATTR_TIMEOUT = 3600.0
 NEGATIVE_TIMEOUT = 1.0
 THREADS = 10
+ENCODED_KEPT = 20_000  # entries of encoded listings kept, in all (one directory's may be more)
 PLUS_SENT_KEPT = 4096  # directories whose last listing (and whether it went with attributes) is kept
+PLUS_RESEND = 1.0  # seconds during which a directory's entries go out again without attributes
+REPLACED_KEPT = 64  # listings a change replaced, kept for readers still in the middle of them
 RETRIES = 10  # of an operation whose path a concurrent rename made out of date
 MOVE_WAIT = 5.0  # seconds to wait for a rename or removal to finish before retrying
 
@@ -92,6 +106,8 @@ def _request(method):
     def callback(self, req, *args):
         ll.pin_thread_state()
         self._pending.paths = []
+        self._pending.dirs = []  # directories whose listing the request changes, as the kernel knows
+        self._pending.stale = []  # directories whose listing changed in a way the kernel cannot see
         try:
             reply = method(self, req, *args)
         except OSError as e:
@@ -99,12 +115,18 @@ def _request(method):
         except Exception:
             log.exception("cowfs: unexpected failure in %s", method.__name__)
             reply = Reply(ll.reply_err, errno.EIO)
+        dirs = self._pending.dirs
+        if reply.send is ll.reply_err and reply.args[0] != 0:
+            self._pending.stale += dirs  # the kernel drops its listing on success only; a failure may
+            # still have changed the directory (made the object, then failed to read it back)
         try:
             self._settle()  # a failed operation may have copied something up all the same
         except Exception:
             log.exception("cowfs: unexpected failure after %s", method.__name__)
-        if reply.send(req, *reply.args) != 0 and reply.undo is not None:
-            reply.undo()
+        if reply.send(req, *reply.args) != 0:  # interrupted: the kernel never heard of the change
+            if reply.undo is not None:
+                reply.undo()
+            self._relist(dirs)
     return callback
 
 
@@ -120,9 +142,13 @@ class CowfsOperations:
         self.on_ready = on_ready
         self.table = InodeTable()
         self.handles = {}  # fh -> Open
-        self.listings = {}  # directory fh -> (its inode, its entries read at offset 0, with attributes?)
-        self._plus_sent = {}  # directory node id -> when its entries last went out with attributes
-        self._encoded = {}  # directory node id -> (engine listing, its entries with names encoded once)
+        self._plus_sent = {}  # directory node id -> (when its entries last went out with attributes, listing id)
+        self._encoded = {}  # directory node id -> (engine listing, its entries with names encoded once, listing id)
+        self._encoded_entries = 0  # the entries in _encoded, kept within ENCODED_KEPT
+        self._replaced = {}  # listing id -> (directory node id, entries): listings a change replaced, newest last
+        self._replaced_lock = threading.Lock()
+        self._listing_ids = itertools.count(1)  # next() is atomic under the GIL
+        self.opendir_needed = True  # until the kernel says it can open directories without asking
         self._fhs = iter(range(1, 1 << 62))  # next() is atomic under the GIL
         self._pending = threading.local()  # paths copied up by the request this thread serves
         self.notifier = None
@@ -138,14 +164,18 @@ class CowfsOperations:
 
     def _settle(self):
         """After a copy-up, the kernel's inode for that name may hold old attributes (st_nlink of a
-        directory that became merged), or the name may now be another object (a broken hard link)."""
+        directory that became merged), or the name may now be another object (a broken hard link),
+        and its parent's cached listing an old number for it."""
         paths, self._pending.paths = self._pending.paths, []
+        stale, self._pending.stale = self._pending.stale, []
         for path in paths:
+            parent_path, _, name = path.rpartition("/")
+            parent = self.table.at_path(parent_path or "/")
+            if parent is not None:
+                stale.append(parent)
             inode = self.table.at_path(path)
             if inode is None:
                 continue
-            parent_path, _, name = path.rpartition("/")
-            parent = self.table.at_path(parent_path or "/")
             try:
                 attrs = self.union.getattr(path)
             except OSError:
@@ -154,6 +184,18 @@ class CowfsOperations:
                 self.notifier.forget_name(parent.id, name)
             else:
                 ll.notify_inval_inode(self.session, inode.id, -1, 0)  # attributes only: never waits
+        self._relist(stale)
+
+    def _relist(self, directories):
+        """Drop the kernel's cached listings of `directories`, inline. This waits only for the lock
+        of a page of a directory's listing, which the kernel holds while it copies cached entries
+        to a reader (or adds entries it was sent), never while it waits for a request of ours;
+        and, unlike dropping a name, it takes no directory lock. It also drops the attributes."""
+        done = set()
+        for inode in directories:
+            if inode.id not in done:
+                done.add(inode.id)
+                ll.notify_inval_inode(self.session, inode.id, 0, 0)  # -ENOENT when not cached
 
     def _at(self, inode, operation, name=None, same=None):
         """Run `operation(path)` on the merged path of `inode` (or of `name` in it).
@@ -242,6 +284,7 @@ class CowfsOperations:
             if conn.capable & cap:
                 conn.want |= cap
         conn.want &= ~(ll.CAP_SPLICE_READ | ll.CAP_SPLICE_WRITE | ll.CAP_SPLICE_MOVE)
+        self.opendir_needed = not conn.capable & ll.CAP_NO_OPENDIR_SUPPORT  # then opendir answers ENOSYS
         if self.on_ready is not None:
             self.on_ready()
 
@@ -331,6 +374,7 @@ class CowfsOperations:
         """mknod, mkdir, symlink, link: make the object at the new path, then answer as a lookup would
         (for a hard link, with the inode of its `source` when the link is that same object)."""
         parent, name = self.table.get(parent_id), _name(name)
+        self._pending.dirs.append(parent)
 
         def create(path):
             make(path)
@@ -373,6 +417,7 @@ class CowfsOperations:
 
     def _remove(self, parent_id, name, remove):
         parent, name = self.table.get(parent_id), _name(name)
+        self._pending.dirs.append(parent)
         with self.table.moving_names():
             self._at(parent, remove, name)
             self.table.removed(parent, name)
@@ -382,11 +427,16 @@ class CowfsOperations:
     def rename(self, req, parent_id, name, new_parent_id, new_name, flags):
         parent, new_parent = self.table.get(parent_id), self.table.get(new_parent_id)
         name, new_name = _name(name), _name(new_name)
+        self._pending.dirs += [parent, new_parent]
         with self.table.moving_names():
             new = self.table.child_path(new_parent, new_name)
             if self._at(parent, lambda old: self.union.rename(old, new, flags), name) is not False:
                 self.table.renamed(parent, name, new_parent, new_name, exchange=bool(flags & RENAME_EXCHANGE))
                 self._pending.paths.append(new)  # a lower hard link moved is a copy now (see _settle)
+                if new_parent is not parent:  # a directory moved lists another "..": the kernel cannot know
+                    moved = [(new_parent.kids or {}).get(new_name)] + (
+                        [(parent.kids or {}).get(name)] if flags & RENAME_EXCHANGE else [])
+                    self._pending.stale += [i for i in moved if i is not None and i.kind == stat.S_IFDIR]
         return OK
 
     # -- attributes of the filesystem, xattrs ----------------------------------------------------
@@ -478,6 +528,7 @@ class CowfsOperations:
     @_request
     def create(self, req, parent_id, name, mode, fi):
         parent, name = self.table.get(parent_id), _name(name)
+        self._pending.dirs.append(parent)
         caller = self._caller(req)
         info = fi.contents
 
@@ -534,15 +585,17 @@ class CowfsOperations:
     # -- directories -----------------------------------------------------------------------------
     @_request
     def opendir(self, req, node_id, fi):
-        inode = self.table.get(node_id)
-        fi.contents.fh = next(self._fhs)
-        self.listings[fi.contents.fh] = (inode, None, False)
+        """A directory needs no open state (see `_list`). A kernel that can open directories without
+        asking is told so (ENOSYS): it stops sending OPENDIR and RELEASEDIR, and keeps each listing
+        in its page cache (as it does with the flags below) until a change drops it."""
+        if not self.opendir_needed:
+            raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+        self.table.get(node_id)
+        info = fi.contents
+        info.fh = 0
+        info.cache_readdir = 1  # keep the listing in the kernel's page cache
+        info.keep_cache = 1  # and do not drop it at this open
         return Reply(ll.reply_open, fi)
-
-    @_request
-    def releasedir(self, req, node_id, fi):
-        self.listings.pop(fi.contents.fh, None)
-        return OK
 
     @_request
     def fsyncdir(self, req, node_id, datasync, fi):
@@ -559,25 +612,34 @@ class CowfsOperations:
     def _list(self, req, node_id, size, offset, fi, plus):
         """Entries from `offset` on, as many as fit. With `plus`, each goes with its attributes and
         counts as a lookup ("." and ".." do not): unless this directory's entries went out with
-        their attributes less than ENTRY_TIMEOUT ago, since the kernel still holds those."""
-        fh = fi.contents.fh
-        inode, entries, with_attrs = self.listings.get(fh, (self.table.get(node_id), None, False))
-        if entries is None or offset == 0:
-            listing = self._at(inode, lambda path: self.union.readdir(_named(path)))
-            entries = self._encoded.get(inode.id)
-            if entries is None or entries[0] is not listing:  # the engine keeps a listing until a change
-                if len(self._encoded) >= PLUS_SENT_KEPT:
-                    self._encoded.clear()
-                entries = self._encoded[inode.id] = (listing, [(name, os.fsencode(name), ino, mode)
-                                                               for name, ino, mode in listing])
-            entries = entries[1]
+        their attributes less than PLUS_RESEND ago, since the kernel still holds those.
+
+        There is no open state: an offset names the listing it points into (its id in the high
+        32 bits) as well as the place, so a reader that started before a change goes on through
+        the listing it started with, as long as it is kept (`REPLACED_KEPT`)."""
+        inode = self.table.get(node_id)
+        listing_id, start = offset >> 32, offset & 0xFFFFFFFF
+        entries = None
+        if offset:
+            current = self._encoded.get(inode.id)
+            if current is not None and current[2] == listing_id:
+                entries = current[1]
+            else:
+                replaced = self._replaced.get(listing_id)
+                if replaced is not None and replaced[0] == inode.id:
+                    entries = replaced[1]
+        if entries is None:  # a new reader, or one whose listing is no longer kept: the current one
+            entries, listing_id = self._listing(inode)
+        sent = self._plus_sent.get(inode.id)
+        if offset == 0:
             now = time.monotonic()
-            with_attrs = plus and now - self._plus_sent.get(inode.id, -ENTRY_TIMEOUT) >= ENTRY_TIMEOUT
+            with_attrs = plus and (sent is None or now - sent[0] >= PLUS_RESEND)
             if with_attrs:
                 if len(self._plus_sent) >= PLUS_SENT_KEPT:
                     self._plus_sent.clear()  # only a hint: forgetting costs one more full listing
-                self._plus_sent[inode.id] = now
-            self.listings[fh] = (inode, entries, with_attrs)
+                self._plus_sent[inode.id] = (now, listing_id)
+        else:  # go on as the reader started
+            with_attrs = plus and sent is not None and sent[1] == listing_id
         base = self.table.path(inode) if with_attrs else None
         if base is not None and not base.endswith("/"):
             base += "/"
@@ -585,11 +647,13 @@ class CowfsOperations:
         used = 0
         st, bare, full = ll.Stat(), ll.EntryParam(), ll.EntryParam(attr_timeout=ATTR_TIMEOUT,
                                                                      entry_timeout=ENTRY_TIMEOUT)
-        for index in range(offset, len(entries)):
+        for index in range(start, len(entries)):
+            next_offset = listing_id << 32 | index + 1
             name, encoded, ino, mode = entries[index]
             if not plus:
                 st.st_ino, st.st_mode = ino, mode
-                need = ll.add_direntry(req, ctypes.byref(buf, used), size - used, encoded, ctypes.byref(st), index + 1)
+                need = ll.add_direntry(req, ctypes.byref(buf, used), size - used, encoded, ctypes.byref(st),
+                                       next_offset)
                 if used + need > size:
                     break
                 used += need
@@ -613,13 +677,36 @@ class CowfsOperations:
             if e is bare:  # no inode: the kernel only learns the name, number and type
                 bare.attr.st_ino, bare.attr.st_mode = ino, mode
             need = ll.add_direntry_plus(req, ctypes.byref(buf, used), size - used, encoded, ctypes.byref(e),
-                                        index + 1)
+                                        next_offset)
             if used + need > size:
                 if found is not None:
                     self.table.forget(found, 1)  # did not go out
                 break
             used += need
         return Reply(ll.reply_buf, buf, used)
+
+    def _listing(self, inode):
+        """The current listing of directory `inode` with its names encoded, and its id. The engine
+        keeps a listing until the next change, and so is it kept here; the one it replaces is kept
+        a while longer for readers in the middle of it."""
+        listing = self._at(inode, lambda path: self.union.readdir(_named(path)))
+        current = self._encoded.get(inode.id)
+        if current is not None and current[0] is listing:
+            return current[1], current[2]
+        entries = [(name, os.fsencode(name), ino, mode) for name, ino, mode in listing]
+        listing_id = next(self._listing_ids) & 0x7FFFFFFF  # offsets stay below 2**63
+        with self._replaced_lock:  # (readers only .get() these; changes are made one thread at a time)
+            old = self._encoded.pop(inode.id, None)
+            kept = self._encoded_entries + len(entries) - (len(old[1]) if old is not None else 0)
+            while self._encoded and kept > ENCODED_KEPT:  # the oldest first; the kernel caches listings itself
+                kept -= len(self._encoded.pop(next(iter(self._encoded)))[1])
+            self._encoded[inode.id] = (listing, entries, listing_id)
+            self._encoded_entries = kept
+            if current is not None:
+                self._replaced[current[2]] = (inode.id, current[1])
+                while len(self._replaced) > REPLACED_KEPT:
+                    del self._replaced[next(iter(self._replaced))]
+        return entries, listing_id
 
 
 class _Groups:

@@ -104,7 +104,7 @@ class _WithUnlisted(dict):
 class Layers:
     """The layer roots of a stack and the lookup rules over them; answers are cached until `forget`."""
 
-    CACHE_LIMIT = 100_000
+    CACHE_LIMIT = 20_000
     LISTING_LIMIT = 1_000_000  # names of lower directories kept in memory, in all (one directory may be more)
     LISTING_MIN_PARTS = 3  # a directory in fewer layers is looked up with lstat alone
 
