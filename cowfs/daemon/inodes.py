@@ -17,6 +17,10 @@ import threading
 ROOT_ID = 1
 
 
+_KINDS = {kind: kind for kind in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK,
+                                  stat.S_IFIFO, stat.S_IFSOCK)}
+
+
 class Inode:
     """One kernel inode. Its names are the first one (`parent`, `name`) and, for a file with
     several, the others in `more`; `kids` maps the names found inside a directory."""
@@ -26,8 +30,9 @@ class Inode:
     def __init__(self, node_id, key, kind):
         self.id = node_id
         self.key = key          # see key_of, or None once the object may be gone
-        self.kind = kind        # the file type bits: an inode never changes kind (the kernel would take it
-                                # for a bad one and fail every use of it with EIO)
+        self.kind = _KINDS.get(kind, kind)  # the file type bits, one shared int per type: an inode never
+                                # changes kind (the kernel would take it for a bad one and fail every use
+                                # of it with EIO)
         self.nlookup = 0        # lookups the kernel has not forgotten
         self.parent = None      # first name, by which the engine's path is built (None: no name left)
         self.name = None

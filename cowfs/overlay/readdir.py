@@ -13,12 +13,13 @@ from cowfs.overlay import override
 from cowfs.overlay.locking import locked
 from cowfs.overlay.lookup import join, parent_of
 
-LISTINGS_KEPT = 4096  # directories whose merged listing stays cached
+LISTED_KEPT = 20_000  # entries of merged listings kept cached, in all (one directory's may be more): the
+# kernel keeps listings itself, so these serve a reader in the middle of one and a listing read again soon
 
 
 class Listing:
-    """readdir for the engine (mixed into `Union`). Uses the engine's `layers`, `_listings`
-    (emptied by `_changed`), `_node` and `_dir`."""
+    """readdir for the engine (mixed into `Union`). Uses the engine's `layers`, `_listings` and `_listed`
+    (the entries in it; both emptied by `_changed`), `_node` and `_dir`."""
 
     @locked
     def readdir(self, path: str) -> list[tuple[str, int, int]]:
@@ -28,9 +29,12 @@ class Listing:
         directories again and again."""
         entries = self._listings.get(path)
         if entries is None:
-            if len(self._listings) >= LISTINGS_KEPT:
-                self._listings.clear()
-            entries = self._listings[path] = self._read_dir(path)
+            entries = self._read_dir(path)
+            kept = self._listed + len(entries)
+            while self._listings and kept > LISTED_KEPT:  # the oldest go first
+                kept -= len(self._listings.pop(next(iter(self._listings))))
+            self._listings[path] = entries
+            self._listed = kept
         return entries
 
     def _read_dir(self, path):

@@ -62,6 +62,7 @@ class Union(Namespace, Attributes, Files, Listing, CopyUp):
         self._op = None  # the public operation running, for the "trigger" of copy-up events
         self.events = Events()
         self._listings = {}  # merged path -> readdir's answer, until the upper changes
+        self._listed = 0  # the entries in _listings (see readdir.LISTED_KEPT)
         self._copied = set()  # identities of lower files copied up, to move open read handles over
         self._object_locks = ObjectLocks()
         self._workdir = None
@@ -106,3 +107,4 @@ class Union(Namespace, Attributes, Files, Listing, CopyUp):
         """The upper changed: cached lookups and listings go."""
         self.layers.forget()
         self._listings.clear()
+        self._listed = 0
