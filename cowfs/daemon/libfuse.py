@@ -15,6 +15,13 @@ import threading
 
 _choice = os.environ.get("FUSE_LIBRARY_NAME")
 os.environ["FUSE_LIBRARY_NAME"] = "fuse3"  # mfusepy would take libfuse 2 when both are installed
+_path = os.environ.get("FUSE_LIBRARY_PATH")
+if _path is None:  # by its soname, as the loader finds it: mfusepy's find_library would run `ldconfig -p`
+    try:
+        ctypes.CDLL("libfuse3.so.3")
+        os.environ["FUSE_LIBRARY_PATH"] = "libfuse3.so.3"
+    except OSError:
+        pass  # not there by that name: mfusepy looks for it
 try:
     import mfusepy
 finally:
@@ -22,6 +29,8 @@ finally:
         del os.environ["FUSE_LIBRARY_NAME"]
     else:
         os.environ["FUSE_LIBRARY_NAME"] = _choice
+    if _path is None:
+        os.environ.pop("FUSE_LIBRARY_PATH", None)
 if mfusepy.fuse_version_major != 3 or mfusepy.fuse_version_minor < 12:
     raise ImportError(f"cowfs needs libfuse 3.12 or newer, found {mfusepy._libfuse_path} "
                       f"({mfusepy.fuse_version_major}.{mfusepy.fuse_version_minor}; install fuse3)")
