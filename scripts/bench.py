@@ -710,6 +710,34 @@ def mount_cycle(backend: str, stack: Stack, rundir: Path, ctx: Ctx) -> float:
     return (t1 - t0) + (t3 - t2)
 
 
+_SHARED: list = []  # the shared cowfs daemon of mount_cycle_shared, started at its first use
+
+
+@workload("mount_cycle_shared", stack="layers1", cycle=True)
+def mount_cycle_shared(backend: str, stack: Stack, rundir: Path, ctx: Ctx) -> float:
+    """The same cycle when cowfs's test toolkit keeps one daemon for every mount (cowfs.testing.shared).
+
+    What a property-based test that mounts a stack per example pays per mount
+    with `SharedDaemon`: mount, stat, unmount, each answered by the running
+    daemon. fuse-overlayfs and the kernel have no such daemon: their cycle is
+    mount_cycle's.
+    """
+    if backend != "cowfs":
+        return mount_cycle(backend, stack, rundir, ctx)
+    from cowfs.testing.shared import SharedDaemon
+    if not _SHARED:
+        _SHARED.append(SharedDaemon())
+    daemon = _SHARED[0]
+    upper, work, mnt = rundir / "upper", rundir / "work", rundir / "mnt"
+    t0 = time.perf_counter()
+    daemon.mount([stack.root / name for name in stack.lowers], upper, work, mnt)
+    try:
+        os.stat(mnt / f"top-{stack.lowers[-1]}")
+    finally:
+        daemon.unmount(mnt)
+    return time.perf_counter() - t0
+
+
 def memory_after_walk(m: Mount, tree: Path) -> int:
     run(["find", str(tree)])
     run(["ls", "-lR", str(tree)])
@@ -1020,6 +1048,8 @@ def main(argv: list[str] | None = None) -> int:
         interrupted = True
         log("interrupted: unmounting")
     finally:
+        for daemon in _SHARED:
+            daemon.close()
         unmount_all()
         unmount_leftovers(scratch)  # e.g. a mount that came up just as Ctrl-C arrived
     total = time.perf_counter() - START

@@ -554,7 +554,7 @@ def test_locks_go_with_the_mount(dirs):
 
 
 # =============================================================================================
-# issue 13, "a command line people trust": every refusal of the command line, as root and as a user
+# "A command line people trust": every refusal of the command line, as root and as a user
 #
 # One table: the command line (placeholders name paths of a fresh directory), the exit status, and the
 # one stderr line it must print. Each row runs twice, as root and as the unprivileged test user in a

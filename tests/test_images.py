@@ -1349,7 +1349,7 @@ def test_rootless_mount_of_an_image_shows_what_a_root_mount_shows(shared_tmp, ro
     assert as_user_mounted == as_root_mounted, diff_snapshots(as_root_mounted, as_user_mounted, "root", "user")
 
 
-# -- a command line people trust: one line, exit statuses, nothing left behind (issue 13) ------------------
+# -- a command line people trust: one line, exit statuses, nothing left behind -------------------------
 #
 # Every case runs the real program (a subprocess), as root and again as the suite's unprivileged user
 # with a store of the user's own, and checks the one line on stderr, the exit status, and that nothing

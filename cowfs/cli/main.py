@@ -10,7 +10,7 @@ from cowfs.errors import StackError
 
 # Imported where used, not here: the image commands (cowfs.cli.images and the store behind it) and the engine
 # (cowfs.overlay.stack), which `cowfs umount` never needs and `cowfs mount` needs only in part; each
-# `cowfs mount`/`umount` pays for every module imported at start (issue 15).
+# `cowfs mount`/`umount` pays for every module imported at start.
 
 DESCRIPTION = """\
 cowfs stacks read-only layer directories under a writable upper directory,

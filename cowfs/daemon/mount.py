@@ -17,7 +17,7 @@ from cowfs.errors import StackError
 from cowfs.runtime import private_dir, read_record, record_path, runtime_dir
 
 # The engine (cowfs.overlay), libfuse, logging and subprocess are imported where used: `cowfs umount` needs
-# none of them, and every `cowfs mount`/`umount` pays for what is imported at start (issue 15).
+# none of them, and every `cowfs mount`/`umount` pays for what is imported at start.
 
 READY = b"\0cowfs-ready\n"
 START_TIMEOUT = 30.0
@@ -279,7 +279,7 @@ def _stop_daemon(pid, mountpoint):
 
 def _run_tool(cmd):
     """Run `cmd` (looked up in PATH), its output discarded: (exit status, its stderr), or None when there is
-    no such program. posix_spawn, not subprocess: `cowfs umount` need not import subprocess (issue 15)."""
+    no such program. posix_spawn, not subprocess: `cowfs umount` need not import subprocess."""
     read_end, write_end = os.pipe()
     try:
         pid = os.posix_spawnp(cmd[0], cmd, os.environ, file_actions=[

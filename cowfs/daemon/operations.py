@@ -787,8 +787,9 @@ def _escape(value):
 
 
 def serve(union, mountpoint, *, foreground=True, debug=False, allow_other=False, read_only=False,
-          fsname="cowfs", mount_flags=(), on_ready=None):
-    """Mount `union` at `mountpoint` and serve it until unmounted (blocks)."""
+          fsname="cowfs", mount_flags=(), on_ready=None, signals=True):
+    """Mount `union` at `mountpoint` and serve it until unmounted (blocks). Without `signals` (a session
+    served in a thread of a process serving several, cowfs.daemon.shared) no signal handler is set."""
     options = [f"fsname={_escape(fsname)}", "subtype=cowfs", "default_permissions"]
     if os.geteuid() == 0:
         options += ["dev", "suid"]  # like the kernel overlay, when root may allow it
@@ -807,9 +808,10 @@ def serve(union, mountpoint, *, foreground=True, debug=False, allow_other=False,
     if not session:
         raise RuntimeError("fuse: cannot start a session")
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_DFL)  # libfuse installs its own only over the default
-        ll.set_signal_handlers(session)
+        if signals:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)  # libfuse installs its own only over the default
+            ll.set_signal_handlers(session)
         if ll.session_mount(session, os.fsencode(mountpoint)) != 0:
             raise RuntimeError("fuse: mount failed")
         ops.session = session
@@ -825,6 +827,7 @@ def serve(union, mountpoint, *, foreground=True, debug=False, allow_other=False,
             ops.notifier.stop()
             ll.session_unmount(session)
     finally:
-        ll.remove_signal_handlers(session)
+        if signals:
+            ll.remove_signal_handlers(session)
         ll.session_destroy(session)  # calls destroy if the kernel had sent init
         ops.close()
