@@ -65,6 +65,7 @@ def image_records(store, all_images=False, reference=None):
             sizes[diff_id] = store.layer_info(diff_id)["size"]
     rows = []
     parents = store.parents()
+    matches = _matcher(reference) if reference is not None else None
     for image_id in newest_first(store, image_ids):
         tags = store.tags_of(image_id, repos)
         if not tags and not all_images and store.children(image_id, parents):
@@ -76,7 +77,7 @@ def image_records(store, all_images=False, reference=None):
         created = config.get("created") if isinstance(config.get("created"), str) else None
         for ref in tags or ["<none>:<none>"]:
             repo, _, tag = ref.rpartition(":")
-            if reference is not None and not _matches(reference, repo, tag):
+            if matches is not None and not matches(repo, tag):
                 continue
             rows.append({"Repository": repo, "Tag": tag, "ID": image_id, "Created": created, "Size": size,
                          "SharedSize": shared, "UniqueSize": size - shared})
@@ -85,13 +86,14 @@ def image_records(store, all_images=False, reference=None):
     return rows, {"Layers": len(sizes), "Size": stored, "UsedSize": used, "Saved": used - stored}
 
 
-def _matches(reference, repo, tag):
-    """Whether REPOSITORY[:TAG] (shell wildcards allowed, as docker images takes it) names this row."""
+def _matcher(reference):
+    """A test of (repo, tag) rows for REPOSITORY[:TAG] (shell wildcards allowed, as docker images takes it)."""
     name, _, want_tag = reference.rpartition(":")
     if not name or "/" in want_tag:  # no tag given (a ':' before the last '/' is a registry's port)
         name, want_tag = reference, None
     name = normalise_ref(name).rpartition(":")[0]  # as shown: docker.io/library/alpine is alpine
-    return fnmatch.fnmatchcase(repo, name) and (want_tag is None or fnmatch.fnmatchcase(tag, want_tag))
+    return lambda repo, tag: (fnmatch.fnmatchcase(repo, name)
+                              and (want_tag is None or fnmatch.fnmatchcase(tag, want_tag)))
 
 
 def image_table_rows(rows, no_trunc=False):
@@ -137,12 +139,12 @@ def history_records(store, image_id):
         records.append({"ID": "<missing>", "Created": created, "CreatedBy": str(entry.get("created_by") or ""),
                         "Size": size, "Comment": str(entry.get("comment") or ""), "EmptyLayer": empty})
     records.reverse()
-    chain = image_id  # as docker history: the top row the image, each row below the next parent up
+    chain, parents = image_id, store.parents()  # as docker history: the image, then each parent up
     for record in records:
         if chain is None:
             break
         record["ID"] = chain
-        chain = store.parent(chain)
+        chain = store.parent(chain, parents)
     return records
 
 

@@ -147,6 +147,7 @@ def save_images(store, refs, out):
             written = set()
             manifest, index, repositories = [], [], {}
             saved = {image_id for image_id, _ in plan}
+            parents = store.parents()
             for image_id, tags in plan:
                 config = store.config_bytes(image_id)
                 diff_ids = store.image_layers(image_id)
@@ -173,7 +174,7 @@ def save_images(store, refs, out):
                     written.add(oci_hex)
                 item = {"Config": _blob(image_id[7:]), "RepoTags": tags or None,
                         "Layers": [_blob(d[7:]) for d in diff_ids]}
-                parent = store.parent(image_id)
+                parent = store.parent(image_id, parents)
                 if parent is not None and parent in saved:  # as docker save: a link only to an image it saves
                     item["Parent"] = parent
                 manifest.append(item)

@@ -372,18 +372,17 @@ class Store:
                 os.unlink(tmp)
             raise
 
-    def leftovers(self):
-        """[(name, owner alive, bytes)] of the entries of tmp/."""
+    def _tmp_entries(self):
+        """[(name, path)] of the entries of tmp/, by name ([] without tmp/)."""
         tmp = os.path.join(self.root, "tmp")
         try:
-            names = sorted(os.listdir(tmp))
+            return [(name, os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))]
         except FileNotFoundError:
             return []
-        found = []
-        for name in names:
-            path = os.path.join(tmp, name)
-            found.append((name, not _owner_gone(path), tree_size(path)))
-        return found
+
+    def leftovers(self):
+        """[(name, owner alive, bytes)] of the entries of tmp/."""
+        return [(name, not _owner_gone(path), tree_size(path)) for name, path in self._tmp_entries()]
 
     def heal(self):
         """Remove what interrupted commands left in tmp/ (completing a transaction past its commit point);
@@ -402,14 +401,8 @@ class Store:
             raise
 
     def _heal_locked(self):
-        tmp = os.path.join(self.root, "tmp")
-        try:
-            names = sorted(os.listdir(tmp))
-        except FileNotFoundError:
-            return []
         done = []
-        for name in names:
-            path = os.path.join(tmp, name)
+        for name, path in self._tmp_entries():
             if not _owner_gone(path):
                 continue
             size = tree_size(path)
@@ -582,9 +575,9 @@ class Store:
     def write_parents(self, parents):
         self.write_file(PARENTS_FILE, json.dumps(dict(sorted(parents.items())), indent=1).encode() + b"\n")
 
-    def parent(self, image_id):
-        """The stored image `image_id` was made from, or None."""
-        found = self.parents().get(image_id)
+    def parent(self, image_id, parents=None):
+        """The stored image `image_id` was made from, or None (`parents`: parents() already read)."""
+        found = (self.parents() if parents is None else parents).get(image_id)
         return found if found is not None and self.has_image(found) else None
 
     def children(self, image_id, parents=None):

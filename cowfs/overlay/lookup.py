@@ -267,11 +267,8 @@ class Layers:
         index = self._indexes.get(parts)
         if index is None:
             index = self._index(parts)
-        holders = index.get(name, ())
-        if self.oci and holders == () and is_oci_marker(name):
-            return parts
         head = (parts[0],) if parts[0][0] == 0 else ()
-        return head + holders + (parts[-1],)
+        return head + index.get(name, ()) + (parts[-1],)
 
     def _index(self, parts):
         """name -> the middle lower parts holding it (or its OCI whiteout), top first, from their listings;
