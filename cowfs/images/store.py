@@ -46,6 +46,7 @@ import datetime
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -708,7 +709,7 @@ class Transaction:
         self.images = []  # (image ID, staged config file name, [refs], parent image ID or None)
         self.configs = {}  # image ID -> parsed config, of the images added
         self.done = False
-        self._count = 0
+        self._count = itertools.count(1)  # staged layer names; add_layer may run in several threads (pull)
 
     def __enter__(self):
         return self
@@ -730,8 +731,7 @@ class Transaction:
             check_digest(expected, "diff ID")
             if self.has_layer(expected):
                 return expected
-        self._count += 1
-        staged = os.path.join(self.dir, f"layer{self._count}")
+        staged = os.path.join(self.dir, f"layer{next(self._count)}")
         os.mkdir(staged)
         os.mkdir(os.path.join(staged, "diff"))
         diff_id, size = unpack_layer(f, os.path.join(staged, "diff"), archive, expected=expected,
@@ -743,7 +743,7 @@ class Transaction:
         content, _ = layer_content(os.path.join(staged, "diff"))
         with open(os.path.join(staged, "layer.json"), "w") as out:
             json.dump({"diff_id": diff_id, "size": size, "created": time.time(), "content": content}, out)
-        self.layers[diff_id] = staged
+        self.layers.setdefault(diff_id, staged)
         return diff_id
 
     def add_image(self, config_bytes, refs=(), parent=None):
