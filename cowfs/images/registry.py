@@ -247,12 +247,16 @@ class BlobCache:
                 repos.append(repo)
                 self.dirty = True
 
+    def encoded(self, also=()):
+        """The file's new content: entries of stored layers (and of `also`, layers about to be)."""
+        known = set(self.store.layer_ids()) | set(also)
+        kept = {d: e for d, e in self.data.items() if d in known}
+        return json.dumps(kept, indent=1, sort_keys=True).encode() + b"\n"
+
     def save(self):
         if self.dirty:
             with self.store.locked():
-                known = set(self.store.layer_ids())
-                kept = {d: e for d, e in self.data.items() if d in known}
-                self.store.write_file(CACHE_FILE, json.dumps(kept, indent=1, sort_keys=True).encode() + b"\n")
+                self.store.write_file(CACHE_FILE, self.encoded())
             self.dirty = False
 
 
@@ -622,8 +626,11 @@ def pull(store, ref, platform=None, insecure=False, out=None, quiet=False):
     if not isinstance(config_digest, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", config_digest):
         raise client.fail(f"the manifest's config digest {config_digest!r} is not sha256:<64 hex digits>")
     layers = [_layer_desc(client, d, "manifest") for d in layers]
-    config_bytes, _, _ = client.json_document(f"{remote.repository}/blobs/{config_digest}", scope, None,
-                                              config_digest, what="config")
+    if store.has_image(config_digest):  # the config is the image: stored already, nothing to fetch
+        config_bytes = store.config_bytes(config_digest)
+    else:
+        config_bytes, _, _ = client.json_document(f"{remote.repository}/blobs/{config_digest}", scope, None,
+                                                  config_digest, what="config")
     config = _parse_json(client, config_bytes, "image config")
     diff_ids = (config.get("rootfs") or {}).get("diff_ids") if isinstance(config.get("rootfs"), dict) else None
     if not isinstance(diff_ids, list) or len(diff_ids) != len(layers) or not all(
@@ -693,9 +700,9 @@ def pull(store, ref, platform=None, insecure=False, out=None, quiet=False):
             txn.add_image(config_bytes, refs)
         except (StoreError, BadReference) as e:
             raise client.fail(str(e)) from None
+        if cache.dirty:  # written with the layers, so that a pull stopped anywhere changes nothing
+            txn.add_file(CACHE_FILE, cache.encoded(also=diff_ids))
         txn.commit()
-    with contextlib.suppress(OSError, StoreError):
-        cache.save()
     lines.say(f"Digest: {digest}")
     lines.say(f"Status: {'Image is up to date' if had_image else 'Downloaded newer image'} for {shown_name}")
     if quiet:
@@ -868,8 +875,6 @@ def push(store, ref, insecure=False, out=None, quiet=False):
         finally:
             cancel.set()
             pool.shutdown(wait=True, cancel_futures=True)
-            with contextlib.suppress(OSError, StoreError):
-                cache.save()
     if not _has_blob(client, remote.repository, scope, image_id):
         with store.staging("push") as staging:
             path = os.path.join(staging.path, "config")
@@ -877,6 +882,8 @@ def push(store, ref, insecure=False, out=None, quiet=False):
                 f.write(config_bytes)
             _upload(client, remote.repository, scope, path, image_id, Lines(out, True), "config", threading.Event())
     digest, size = _put_manifest(client, remote, scope, config_bytes, image_id, diff_ids, pushed)
+    with contextlib.suppress(OSError, StoreError):  # what is where, kept once the push is done
+        cache.save()
     lines.say(f"{remote.tag}: digest: {digest} size: {size}")
     return digest
 
