@@ -45,7 +45,6 @@ import ipaddress
 import json
 import os
 import re
-import shutil
 import sys
 import threading
 import time
@@ -714,31 +713,50 @@ def pull(store, ref, platform=None, insecure=False, out=None, quiet=False):
 
 # -- push ---------------------------------------------------------------------------------------------------
 
+class _HashingFile:
+    """A file written through, its sha256 and size kept (the compressed blob's digest, in the same pass)."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data):
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
 def _compress_layer(store, diff_id, image_id, directory):
-    """Write layer `diff_id` as a deterministic gzip blob in `directory`: (path, digest, size)."""
-    from cowfs.images.saving import _write_layer_back
+    """Write layer `diff_id` as a deterministic gzip blob in `directory`, in one pass (tar, gzip, digest):
+    (path, digest, size). The tar is the one imported, from its tar-split, as `cowfs save` writes it back."""
+    from cowfs.images.archive import SPLIT_FILE, SplitCorrupt, SplitMismatch, write_layer, write_split_layer
 
-    tar = os.path.join(directory, diff_id[7:] + ".tar")
-    _write_layer_back(store, diff_id, image_id, tar)
-    path = tar + ".gz"
-    sha = hashlib.sha256()
-    size = 0
+    path = os.path.join(directory, diff_id[7:] + ".gz")
+    cannot = f"layer {diff_id[7:19]} of image {image_id[7:19]} cannot be written back as it was stored"
 
-    class _Hashing:
-        def write(self, data):
-            nonlocal size
-            sha.update(data)
-            size += len(data)
-            return raw.write(data)
+    def written(write):
+        with open(path, "wb") as raw:
+            hashing = _HashingFile(raw)
+            with gzip.GzipFile(filename="", mode="wb", fileobj=hashing, compresslevel=GZIP_LEVEL, mtime=0) as gz:
+                got = write(gz)
+        return got, hashing
 
-        def flush(self):
-            raw.flush()
-
-    with open(tar, "rb") as src, open(path, "wb") as raw:
-        with gzip.GzipFile(filename="", mode="wb", fileobj=_Hashing(), compresslevel=GZIP_LEVEL, mtime=0) as gz:
-            shutil.copyfileobj(src, gz, CHUNK)
-    os.unlink(tar)
-    return path, "sha256:" + sha.hexdigest(), size
+    split = os.path.join(store.layer_dir(diff_id), SPLIT_FILE)
+    got = None
+    if os.path.lexists(split):
+        try:
+            got, hashing = written(lambda gz: write_split_layer(store.layer_path(diff_id), split, gz)[0])
+        except SplitMismatch as e:
+            raise StoreError(f"{cannot} ({e})") from None
+        except SplitCorrupt:
+            got = None
+    if got is None:
+        got, hashing = written(lambda gz: write_layer(store.layer_path(diff_id), gz, prefix=store.prefix)[0])
+    if got != diff_id:
+        raise StoreError(f"{cannot} (its tree gives {got[7:19]})")
+    return path, "sha256:" + hashing.sha.hexdigest(), hashing.size
 
 
 class _Upload:
