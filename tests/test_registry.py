@@ -405,6 +405,38 @@ def test_login_help_and_usage():
     assert r.returncode == 2 and "do not go together" in r.stderr
 
 
+def test_plain_http_for_loopback_and_insecure_registries(tmp_path):
+    from cowfs.images import registry as reg
+
+    assert reg.Client(Remote("127.0.0.1:5000/a")).base == "http://127.0.0.1:5000/v2/"
+    assert reg.Client(Remote("localhost/a:1")).base == "http://localhost/v2/"
+    assert reg.Client(Remote("[::1]:5000/a")).base == "http://[::1]:5000/v2/"
+    assert reg.Client(Remote("registry.example.com/a")).base == "https://registry.example.com/v2/"
+    assert reg.Client(Remote("alpine")).base == "https://registry-1.docker.io/v2/"
+    assert reg.Client(Remote("registry.example.com/a"), insecure=True).base == "http://registry.example.com/v2/"
+    store = Store(str(tmp_path / "s"))
+    reg.remember_insecure(store, "build-host:5000")
+    assert reg.insecure_registries(store) == {"build-host:5000"}
+
+
+def test_a_pull_stopped_by_sigterm_says_so_and_changes_nothing(tmp_path):
+    with FakeRegistry() as fake:
+        _, blobs, _ = fake_image(fake, layers=[layer_tar(member("big", data=os.urandom(200_000)))])
+        fake.rate = 100_000  # two seconds
+        store = app_store(tmp_path, layers=[APP_LAYERS[0]])
+        before = store_state(store)
+        proc = subprocess.Popen(COWFS + ["pull", f"{fake.host}/acme/app:1.0", "--store", store],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while fake.sent < 50_000 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert err.strip().splitlines()[-1] == "cowfs pull: interrupted"
+        assert store_state(store) == before
+
+
 def test_remote_names():
     r = Remote("alpine")
     assert (r.domain, r.repository, r.tag, r.local) == ("docker.io", "library/alpine", "latest", "alpine:latest")
