@@ -437,6 +437,30 @@ def test_a_pull_stopped_by_sigterm_says_so_and_changes_nothing(tmp_path):
         assert store_state(store) == before
 
 
+def test_progress_redraws_on_a_terminal_and_prints_changes_elsewhere():
+    import io
+
+    from cowfs.images.registry import Lines
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    plain, tty = io.StringIO(), Tty()
+    for out in (plain, tty):
+        lines = Lines(out)
+        lines.set("aaa", "Pulling fs layer")
+        lines.set("bbb", "Pulling fs layer")
+        lines.set("aaa", "Downloading", lines.bar(5, 10))
+        lines.set("aaa", "Downloading", lines.bar(6, 10))
+        lines.set("aaa", "Pull complete")
+    assert plain.getvalue().splitlines() == ["aaa: Pulling fs layer", "bbb: Pulling fs layer", "aaa: Downloading",
+                                             "aaa: Pull complete"]
+    screen = tty.getvalue()
+    assert "\x1b[2A" in screen and "aaa: Downloading [" in screen and screen.endswith(
+        "\x1b[2Kaaa: Pull complete\n\x1b[2Kbbb: Pulling fs layer\n")
+
+
 def test_remote_names():
     r = Remote("alpine")
     assert (r.domain, r.repository, r.tag, r.local) == ("docker.io", "library/alpine", "latest", "alpine:latest")

@@ -637,8 +637,7 @@ def pull(store, ref, platform=None, insecure=False, out=None, quiet=False):
         raise client.fail(f"the config's rootfs.diff_ids are not {len(layers)} sha256 digests, one per layer")
     image_id = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
     shown_name = remote.local if remote.digest is None else f"{remote.name}@{remote.digest}"
-    lines.say(f"{remote.reference if remote.digest is None else remote.digest}: Pulling from "
-              f"{remote.name}")
+    lines.say(f"{remote.reference}: Pulling from {remote.repository}")  # as docker pull says it
     cache = BlobCache(store)
     repo_key = f"{remote.domain}/{remote.repository}"
     refs = [remote.local] if remote.digest is None else []
