@@ -183,7 +183,9 @@ def _write_private(store, rel, value):
 
 def save_credentials(store, domain, user, password):
     data = _load(store, AUTH_FILE, {})
-    auths = data.setdefault("auths", {}) if isinstance(data.get("auths"), dict) else data.setdefault("auths", {})
+    if not isinstance(data.get("auths"), dict):
+        data["auths"] = {}
+    auths = data["auths"]
     auths[domain] = {"auth": base64.b64encode(f"{user}:{password}".encode()).decode()}
     _write_private(store, AUTH_FILE, data)
 
