@@ -15,7 +15,7 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
-DEBIAN_PACKAGES := fuse3 fuse-overlayfs attr tmux zstd docker.io busybox-static
+DEBIAN_PACKAGES := fuse3 fuse-overlayfs attr tmux zstd docker.io busybox-static docker-registry skopeo apache2-utils
 PYTEST_ARGS ?=
 
 .PHONY: venv system-packages rootless-setup demo test check lint bench fuzz fuzz-cli crash stress install clean

@@ -9,6 +9,11 @@ and backend with the ratios cowfs/fuse-overlayfs and cowfs/kernel.
     .venv/bin/python scripts/bench.py [--quick] [--out DIR] [--only WORKLOAD...]
                                       [--backends cowfs,fuse-overlayfs,kernel]
 
+An optional group, pull_registry and push_registry, times cowfs pull and
+push of a ~100 MiB image against a private loopback docker-registry beside
+skopeo copy of the same image (skipped, with a line saying why, when
+docker-registry or skopeo is missing): --only '*_registry' runs it alone.
+
 Needs root (kernel overlay mounts, dropping the page cache). Stdout: the
 table. Stderr: one progress line per step. The out dir gets bench.json (every
 repetition and the environment), bench.txt (the table) and bench.png (the
@@ -21,6 +26,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fnmatch
+import hashlib
+import io
 import json
 import math
 import os
@@ -858,6 +865,111 @@ def run_all(workloads: list[Workload], backends: list[str], ctx: Ctx, scratch: P
     return results
 
 
+# --------------------------------------------------------------------------- registry rows (optional group)
+
+REGISTRY_IMAGE_MIB = 100  # the image pulled and pushed: four layers, half random half text
+REGISTRY_TOOLS = ("cowfs", "skopeo")
+
+
+def registry_missing() -> str | None:
+    """Why the registry rows cannot run (docker-registry or skopeo missing), or None."""
+    from cowfs.testing.registry import unavailable
+
+    return unavailable() or (None if shutil.which("skopeo") else "no skopeo")
+
+
+def registry_layer(path: Path, index: int, mib: int) -> None:
+    """A layer tar of `mib` MiB: files of random bytes (incompressible) and of text (compressible)."""
+    text = b"".join(b"line %d of a text file in layer %d, as configuration and scripts are\n" % (i, index)
+                    for i in range(4096))
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for i in range(mib):
+            data = os.urandom(1 << 19) + (text * 8)[: 1 << 19]
+            info = tarfile.TarInfo(f"layer{index}/file{i:04d}")
+            info.size, info.mtime, info.mode = len(data), 1_000_000_000, 0o644
+            tf.addfile(info, io.BytesIO(data))
+
+
+def registry_rows(scratch: Path, reps: int, quick: bool) -> dict[str, dict[str, Cell]]:
+    """pull_registry and push_registry: cowfs pull/push of a ~100 MiB image against a private loopback
+    docker-registry, side by side with skopeo copy of the same image (to an OCI layout; from the
+    docker save archive cowfs save writes, whose layers skopeo compresses as cowfs does)."""
+    from cowfs.testing.registry import private_registry
+
+    mib = 8 if quick else REGISTRY_IMAGE_MIB
+    root = scratch / "registry"
+    remove_tree(root)
+    root.mkdir(parents=True)
+    cowfs = [sys.executable, "-m", "cowfs"]
+    layers = []
+    for i in range(4):
+        path = root / f"layer{i}.tar"
+        registry_layer(path, i, mib // 4)
+        layers.append(path)
+    # a docker save archive of the layers, imported into the store the pushes start from
+    diff_ids = ["sha256:" + hashlib.sha256(p.read_bytes()).hexdigest() for p in layers]
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": diff_ids},
+                         "history": [{"created_by": f"layer {i}"} for i in range(4)]}).encode()
+    archive = root / "image.tar"
+    with tarfile.open(archive, "w") as tf:
+        for i, p in enumerate(layers):
+            tf.add(str(p), f"l{i}.tar")
+        info = tarfile.TarInfo("config.json")
+        info.size = len(config)
+        tf.addfile(info, io.BytesIO(config))
+        manifest = json.dumps([{"Config": "config.json", "RepoTags": ["bench/app:1"],
+                                "Layers": [f"l{i}.tar" for i in range(4)]}]).encode()
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(manifest)
+        tf.addfile(info, io.BytesIO(manifest))
+    source = root / "source-store"
+    run(cowfs + ["import", "-q", str(archive), "--store", str(source)])
+    results: dict[str, dict[str, Cell]] = {"pull_registry": {}, "push_registry": {}}
+    for tool in REGISTRY_TOOLS:
+        for metric in results:
+            results[metric][tool] = Cell("s")
+    plan = [("warm-up", True)] + [(f"rep {i + 1}/{reps}", False) for i in range(reps)]
+    for label, is_warmup in plan:
+        with private_registry(base=str(root / "reg")) as reg:
+            # push: into an empty registry, nothing cached (cowfs compresses every layer, as skopeo does)
+            with contextlib.suppress(FileNotFoundError):
+                (source / "distribution.json").unlink()
+            ref = f"{reg.host}/bench/app:1"
+            run(cowfs + ["tag", "bench/app:1", ref, "--store", str(source)])
+            for tool, cmd in (("cowfs", cowfs + ["push", "-q", ref, "--store", str(source)]),
+                              ("skopeo", ["skopeo", "copy", "-q", "--dest-tls-verify=false",
+                                          f"docker-archive:{archive}", f"docker://{reg.host}/bench/sk:1"])):
+                os.sync()
+                took = timed(cmd)
+                cell = results["push_registry"][tool]
+                (cell.warmup if is_warmup else cell.values).append(took)
+                log(f"{tool:<14} push_registry          {label:<8} {fmt(took, 's')}")
+            # pull: into an empty store, an empty OCI layout
+            for tool in REGISTRY_TOOLS:
+                target = root / f"pulled-{tool}"
+                remove_tree(target)
+                cmd = (cowfs + ["pull", "-q", ref, "--store", str(target)] if tool == "cowfs" else
+                       ["skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{ref}", f"oci:{target}:x"])
+                os.sync()
+                took = timed(cmd)
+                cell = results["pull_registry"][tool]
+                (cell.warmup if is_warmup else cell.values).append(took)
+                log(f"{tool:<14} pull_registry          {label:<8} {fmt(took, 's')}")
+                remove_tree(target)
+        remove_tree(root / "reg")
+    return results
+
+
+def registry_table(rows: dict[str, dict[str, Cell]]) -> str:
+    lines = [f"{'registry (median)':<20}{'cowfs':>10}{'skopeo':>10}{'cowfs/skopeo':>14}"]
+    for metric, row in rows.items():
+        r = ratio(row, "cowfs", "skopeo")
+        lines.append(f"{metric:<20}{cell_text(row['cowfs']):>10}{cell_text(row['skopeo']):>10}"
+                     f"{(f'{r:.2f}' if r is not None else '-'):>14}")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- reporting
 
 
@@ -939,7 +1051,7 @@ def environment(scratch: Path) -> dict:
 
 
 def write_json(path: Path, results: dict, env: dict, sizes: Sizes, workloads: list[Workload],
-               argv: list[str], total: float, stacks: Stacks) -> None:
+               argv: list[str], total: float, stacks: Stacks, registry: dict | None = None) -> None:
     doc = {
         "command": " ".join(argv),
         "environment": env,
@@ -951,6 +1063,8 @@ def write_json(path: Path, results: dict, env: dict, sizes: Sizes, workloads: li
         "ratios": {metric: {"cowfs/fuse-overlayfs": ratio(row, "cowfs", "fuse-overlayfs"),
                             "cowfs/kernel": ratio(row, "cowfs", "kernel")}
                    for metric, row in results.items()},
+        "registry": {metric: {t: asdict(c) | {"median": c.median} for t, c in row.items()}
+                     | {"cowfs/skopeo": ratio(row, "cowfs", "skopeo")} for metric, row in (registry or {}).items()},
         "total_seconds": total,
     }
     path.write_text(json.dumps(doc, indent=2) + "\n")
@@ -1006,11 +1120,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+REGISTRY_ROWS = ("pull_registry", "push_registry")
+
+
+def registry_wanted(patterns: list[str] | None) -> bool:
+    return not patterns or any(fnmatch.fnmatchcase(n, p) for p in patterns for n in REGISTRY_ROWS)
+
+
 def select(workloads: list[Workload], patterns: list[str] | None) -> list[Workload]:
     if not patterns:
         return workloads
     chosen = [wl for wl in workloads if any(fnmatch.fnmatchcase(wl.name, p) for p in patterns)]
-    if not chosen:
+    if not chosen and not registry_wanted(patterns):
         raise SystemExit(f"bench: no workload matches {' '.join(patterns)} (see --list)")
     return chosen
 
@@ -1025,6 +1146,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for wl in WORKLOADS:
             print(f"{wl.name:<20} {(wl.fn.__doc__ or '').strip().splitlines()[0]}")
+        for name in REGISTRY_ROWS:
+            print(f"{name:<20} cowfs {name.split('_')[0]} of a {REGISTRY_IMAGE_MIB} MiB image from a local registry, "
+                  "beside skopeo copy (optional: needs docker-registry and skopeo)")
         return 0
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if unknown := set(backends) - set(BACKENDS):
@@ -1042,8 +1166,21 @@ def main(argv: list[str] | None = None) -> int:
         log("WARNING: cannot write /proc/sys/vm/drop_caches (not root?): 'cold' runs are only remounted")
     ctx = Ctx(sizes, Stacks(scratch, sizes))
     results, interrupted = {}, False
+    registry: dict[str, dict[str, Cell]] = {}
+    registry_note = ""
     try:
         results = run_all(workloads, backends, ctx, scratch)
+        if registry_wanted(args.only):
+            missing = registry_missing()
+            if missing:
+                registry_note = f"registry rows skipped: {missing}"
+                log(registry_note)
+            else:
+                try:
+                    registry = registry_rows(scratch, sizes.reps, args.quick)
+                except (BenchError, OSError, subprocess.SubprocessError, RuntimeError) as e:
+                    registry_note = f"registry rows failed: {e}"
+                    log(registry_note)
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: unmounting")
@@ -1057,14 +1194,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
     results = depth_rows(results, sizes.layer_counts)
-    text = table(results, backends) + "\n\n" + legend(results, workloads)
+    text = table(results, backends) + "\n\n" + legend(results, workloads) if results else ""
+    if registry:
+        text += ("\n\n" if text else "") + registry_table(registry) + "\n" + (registry_rows.__doc__ or "").strip()
+    elif registry_note:
+        text += ("\n\n" if text else "") + registry_note
     notes = (f"{'quick run (smaller sizes than the descriptions say: see sizes in bench.json)' if args.quick else 'full run'}, "
              f"median of {sizes.reps} repetitions after a warm-up; "
              f"ratios < 1 mean cowfs is faster. Total time {total:.0f} s.")
     print(text)
     print(notes)
     write_json(out / "bench.json", results, environment(scratch), sizes, workloads,
-               [Path(sys.executable).name, "scripts/bench.py", *argv], total, ctx.stacks)
+               [Path(sys.executable).name, "scripts/bench.py", *argv], total, ctx.stacks, registry)
     (out / "bench.txt").write_text(text + "\n" + notes + "\n")
     print(f"raw numbers: {out / 'bench.json'}")
     print(plot(out / "bench.png", results))

@@ -1,6 +1,6 @@
 """Shared fixtures: temporary directories that other users can traverse, and the FUSE/kernel gate.
 
-Tests marked ``fuse``, ``kernel`` or ``docker`` (markers declared in setup.cfg)
+Tests marked ``fuse``, ``kernel``, ``docker`` or ``registry`` (markers declared in setup.cfg)
 are skipped with a reason when this machine cannot run them, and fail instead
 under ``CI=true``.  The header of every run says what is available.
 """
@@ -22,12 +22,13 @@ from cowfs.testing.mounts import (
     in_user_namespace,
     mounts_under,
     privileged,
+    registry_availability,
     require,
 )
 
 
 def pytest_report_header(config):
-    avail = dict(availability(), docker=docker_availability())
+    avail = dict(availability(), docker=docker_availability(), registry=registry_availability())
     parts = [f"{name}: {'available' if reason is None else 'MISSING (' + reason + ')'}"
              for name, reason in avail.items()]
     who = ("root" if privileged() else "root of a user namespace (userxattr only)" if os.geteuid() == 0
@@ -40,7 +41,7 @@ def pytest_report_header(config):
 def _gate_on_mount_features(request):
     """Skip (or, under CI=true, fail) tests marked fuse/kernel when the machine cannot mount, and tests
     marked docker when it cannot run a private dockerd (cowfs.testing.docker)."""
-    needed = [name for name in ("fuse", "kernel", "docker") if request.node.get_closest_marker(name)]
+    needed = [name for name in ("fuse", "kernel", "docker", "registry") if request.node.get_closest_marker(name)]
     if needed:
         require(*needed)
 

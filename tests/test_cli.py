@@ -566,7 +566,7 @@ USERXATTR_NOTICE = "cowfs: not privileged for trusted.* xattrs: mounting with us
 REFUSALS = [
     # 1. a word that is no command: mount(8)'s helper form only with -o
     ("unknown-command", ["unmount", "{m}"], 2, r"^cowfs: 'unmount' is not a cowfs command; did you mean 'umount'\?$"),
-    ("unknown-command-2", ["pull", "alpine"], 2, r"^cowfs: 'pull' is not a cowfs command; see 'cowfs --help'$"),
+    ("unknown-command-2", ["run", "alpine"], 2, r"^cowfs: 'run' is not a cowfs command; see 'cowfs --help'$"),
     ("unknown-command-3", ["mout", "{l1}", "{m}"], 2,
      r"^cowfs: 'mout' is not a cowfs command; did you mean 'mount'\?$"),
     ("unknown-option", ["--bogus"], 2, r"^cowfs: unrecognized arguments: --bogus \(see 'cowfs --help'\)$"),

@@ -918,3 +918,42 @@ def test_docker_with_redirects_or_metacopy_on(dockerd, images, store, shared_tmp
     with open(layer, "rb") as f:
         points.same_tree(layer_entries(docker_layer), layer_entries(f.read()), f"cowfs commit ({options})")
     points.check()
+
+
+# -- through a registry ------------------------------------------------------------------------------------
+
+@pytest.mark.fuse
+@pytest.mark.registry
+def test_docker_pulls_what_cowfs_pushed(dockerd, images, store, shared_tmp):
+    """cowfs push of the rich image to a private loopback registry, docker pull (Docker takes 127.0.0.0/8 for
+    an insecure registry without being told), docker create + export: the cowfs mount, file for file, and
+    the same image ID."""
+    from cowfs.testing.registry import private_registry
+
+    running = contextlib.ExitStack()
+    try:
+        reg = running.enter_context(private_registry(base=os.path.join(shared_tmp, "registry")))
+    except RuntimeError as e:  # the registry did not start (a failure below is the test's)
+        running.close()
+        missing_feature(f"registry: {e}")
+    ref = f"{reg.host}/acme/rich:pushed"
+    with running:
+        try:
+            cowfs("tag", dk.RICH_IMAGE, ref, "--store", store)
+            cowfs("push", ref, "--store", store)
+            dockerd.docker("pull", ref)
+            assert dockerd.json("image", "inspect", ref)[0]["Id"] == Store(store).resolve(ref)
+            dockerd.docker("create", "--name", "pulled", ref)
+            try:
+                init = init_paths(dockerd, "pulled")
+                exported = without(tar_tree(docker_export(dockerd, "pulled"), times=True), init)
+            finally:
+                dockerd.docker("rm", "pulled")
+                dockerd.docker("rmi", ref)
+        finally:
+            cowfs("rmi", ref, "--store", store, check=False)
+    with cowfs_container(store, dk.RICH_IMAGE, shared_tmp) as (mnt, _):
+        mounted = without(walk_tree(mnt, times=True), init)
+    points = Points()
+    points.same_tree(exported, mounted, f"docker pull of cowfs push {dk.RICH_IMAGE}")
+    points.check()

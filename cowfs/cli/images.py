@@ -1,5 +1,5 @@
-"""The image commands of the command line: import, images, history, inspect, tag, save, rmi, commit, ps, rm,
-export, system.
+"""The image commands of the command line: import, pull, push, login, logout, images, history, inspect, tag,
+save, rmi, commit, ps, rm, export, system.
 
 `add_commands(subparsers)` adds them to the main parser's subparsers;
 `run(args) -> exit code` runs the one chosen (args.command names it).
@@ -54,7 +54,8 @@ from cowfs.overlay.stack import split_layers
 from cowfs.overlay.usage import tree_size
 from cowfs.overlay.whiteout import TRUSTED_PREFIX, USER_PREFIX
 
-COMMANDS = ("import", "images", "history", "inspect", "tag", "save", "rmi", "commit", "ps", "rm", "export",
+COMMANDS = ("import", "pull", "push", "login", "logout", "images", "history", "inspect", "tag", "save", "rmi",
+            "commit", "ps", "rm", "export",
             "system")
 
 STORE_HELP = ("layer store directory (default: $COWFS_STORE, else /var/lib/cowfs for root, "
@@ -88,6 +89,60 @@ examples:
   docker save alpine:3.19 | cowfs import -
   cowfs import ./oci-dir --name acme/app:1.0
   cowfs import rootfs.tar.zst --name acme/rootfs:latest
+""",
+    "pull": """\
+Fetches the image's manifest (from an image index, the one for this
+machine's platform, or --platform), its config, and only the layers the
+store lacks, several at once: each is unpacked while it downloads, with its
+blob digest, its size and its diff ID checked. All or nothing: a pull that
+fails or is stopped (SIGKILL too) leaves the store as it was. A second pull
+of the same image downloads no layer. Output as docker pull's: one line per
+layer (redrawn in place on a terminal, a line per change of status
+otherwise), then the digest and the name pulled; -q prints only the name.
+Registries on loopback (localhost, 127.0.0.0/8, [::1]) are spoken to in
+plain HTTP, as Docker does; others in HTTPS unless --insecure is given, or
+was given to `cowfs login` (the store's registries.json). Logins are those
+of `cowfs login`.
+
+examples:
+  cowfs pull 127.0.0.1:5000/acme/app:1.0
+  cowfs pull registry.example.com/acme/app@sha256:0123...cdef
+  cowfs pull --platform linux/arm64 127.0.0.1:5000/acme/app:1.0
+  cowfs pull --insecure build-host:5000/acme/app:1.0
+""",
+    "push": """\
+Sends the image NAME:TAG names (tag it so first: cowfs tag IMAGE NAME:TAG)
+to the registry NAME names: for each layer, nothing when the registry has
+it (HEAD), a cross-repository mount when another repository of that
+registry is known to hold it (the store remembers where it pulled and
+pushed blobs: distribution.json), else the layer's tar compressed with gzip
+by cowfs, deterministically (the same layer always gives the same blob).
+Then the config and a Docker schema 2 manifest (OCI when the registry
+refuses that). Output as docker push's: a line per layer, then
+"TAG: digest: sha256:... size: N".
+
+examples:
+  cowfs tag acme/app:1.0 127.0.0.1:5000/acme/app:1.0
+  cowfs push 127.0.0.1:5000/acme/app:1.0
+""",
+    "login": """\
+Checks the user name and password against REGISTRY (HTTP basic auth, or a
+bearer token from the registry's token server, as it asks) and stores them
+in the store's auth.json (mode 0600, the format of Docker's config.json and
+of containers' auth.json: skopeo --authfile reads it). The password is
+asked on a terminal, or read from stdin with --password-stdin. --insecure
+records REGISTRY as spoken to in plain HTTP (registries.json).
+
+examples:
+  cowfs login 127.0.0.1:5000 -u alice
+  echo "$PASSWORD" | cowfs login registry.example.com -u alice --password-stdin
+  cowfs login --insecure build-host:5000 -u ci --password-stdin < token
+""",
+    "logout": """\
+Removes the login stored for REGISTRY (the store's auth.json).
+
+examples:
+  cowfs logout 127.0.0.1:5000
 """,
     "images": """\
 Images are listed newest first (by their created time; those without one
@@ -331,6 +386,32 @@ def add_commands(subparsers):
     p.add_argument("-q", "--quiet", action="store_true",
                    help="only the 'Loaded image' lines: no line per layer, no progress lines on stderr")
 
+    p = _parser(subparsers, "pull", "download an image from a registry (as docker pull)",
+                "Pull an image from a registry into the layer store (all or nothing).")
+    p.add_argument("reference", metavar="NAME[:TAG|@DIGEST]")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                   help="the platform to pick from an image index (default: this machine's)")
+    p.add_argument("--insecure", action="store_true", help="plain HTTP, not HTTPS")
+    p.add_argument("-q", "--quiet", action="store_true", help="only the name pulled: no line per layer")
+
+    p = _parser(subparsers, "push", "upload an image to a registry (as docker push)",
+                "Push an image of the layer store to a registry: only what the registry lacks is sent.")
+    p.add_argument("reference", metavar="NAME[:TAG]")
+    p.add_argument("--insecure", action="store_true", help="plain HTTP, not HTTPS")
+    p.add_argument("-q", "--quiet", action="store_true", help="only the digest line: no line per layer")
+
+    p = _parser(subparsers, "login", "log in to a registry (the login is stored for pull and push)",
+                "Log in to a registry: the user name and password are checked, then stored.")
+    p.add_argument("registry", metavar="REGISTRY", help="HOST[:PORT]")
+    p.add_argument("-u", "--username", metavar="USER")
+    p.add_argument("-p", "--password", metavar="PASSWORD", help="(visible to other users: prefer --password-stdin)")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    p.add_argument("--insecure", action="store_true", help="plain HTTP, not HTTPS (remembered for REGISTRY)")
+
+    p = _parser(subparsers, "logout", "forget the login stored for a registry",
+                "Remove the login stored for a registry.")
+    p.add_argument("registry", metavar="REGISTRY", help="HOST[:PORT]")
+
     p = _parser(subparsers, "images", "list the images in the layer store",
                 "List the stored images, with how much of each is shared with other images.")
     p.add_argument("reference", nargs="?", metavar="REPOSITORY[:TAG]",
@@ -493,6 +574,8 @@ def _run(args, out, err):
         store = _store(args, create=True)
         import_archive(store, args.archive, name=args.name, out=out, err=err, progress=not args.quiet,
                        quiet=args.quiet)
+    elif cmd in ("pull", "push", "login", "logout"):
+        return _registry(args, out, err)
     elif cmd == "images":
         store = _store(args, create=False)
         rows, summary = image_records(store, all_images=args.all, reference=args.reference)
@@ -562,6 +645,55 @@ def _run(args, out, err):
     else:
         raise StoreError(f"unknown command {cmd!r}")
     return 0
+
+
+def _registry(args, out, err):
+    from cowfs.images import registry
+
+    cmd = args.command
+    if cmd == "pull":
+        registry.pull(_store(args, create=True), args.reference, platform=args.platform, insecure=args.insecure,
+                      out=out, quiet=args.quiet)
+    elif cmd == "push":
+        digest = registry.push(_store(args, create=False), args.reference, insecure=args.insecure, out=out,
+                               quiet=args.quiet)
+        if args.quiet:
+            print(digest, file=out)
+    elif cmd == "login":
+        user, password = _login_prompt(args)
+        registry.login(_store(args, create=True), args.registry, user, password, insecure=args.insecure)
+        print("Login Succeeded", file=out)
+    else:
+        store = _store(args, create=False)
+        if registry.forget_credentials(store, args.registry):
+            print(f"Removing login credentials for {args.registry}", file=out)
+        else:
+            print(f"Not logged in to {args.registry}", file=out)
+    return 0
+
+
+def _login_prompt(args):
+    """(user, password) from the options, stdin (--password-stdin) or the terminal."""
+    import getpass
+
+    if args.password is not None and args.password_stdin:
+        raise UsageError("--password and --password-stdin do not go together")
+    user = args.username
+    if user is None:
+        if args.password_stdin or not sys.stdin.isatty():
+            raise UsageError("give the user name (-u USER)")
+        user = input("Username: ").strip()
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif args.password is not None:
+        password = args.password
+    elif sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+    else:
+        raise UsageError("no password: give --password-stdin (or run on a terminal)")
+    if not user or not password:
+        raise UsageError("empty user name or password")
+    return user, password
 
 
 def _write_out(args, out, write):

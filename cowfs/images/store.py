@@ -46,6 +46,7 @@ import datetime
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -438,6 +439,11 @@ class Store:
                 with open(os.path.join(txn_dir, image["config"]), "rb") as f:
                     self.write_file(rel, f.read())
                 done.append(("image", os.path.join(self.root, rel), None))
+        for rel, name in plan.get("files", []):
+            staged = os.path.join(txn_dir, name)
+            if os.path.isfile(staged) and "/" not in rel and not rel.startswith("."):
+                with open(staged, "rb") as f:
+                    self.write_file(rel, f.read())
         links = {image["id"]: image["parent"] for image in plan["images"] if image.get("parent")}
         if links:
             parents = self.parents()
@@ -707,8 +713,9 @@ class Transaction:
         self.layers = {}  # diff_id -> staged layer directory
         self.images = []  # (image ID, staged config file name, [refs], parent image ID or None)
         self.configs = {}  # image ID -> parsed config, of the images added
+        self.files = []  # (store file, staged file name): written with the rest (`add_file`)
         self.done = False
-        self._count = 0
+        self._count = itertools.count(1)  # staged layer names; add_layer may run in several threads (pull)
 
     def __enter__(self):
         return self
@@ -730,8 +737,7 @@ class Transaction:
             check_digest(expected, "diff ID")
             if self.has_layer(expected):
                 return expected
-        self._count += 1
-        staged = os.path.join(self.dir, f"layer{self._count}")
+        staged = os.path.join(self.dir, f"layer{next(self._count)}")
         os.mkdir(staged)
         os.mkdir(os.path.join(staged, "diff"))
         diff_id, size = unpack_layer(f, os.path.join(staged, "diff"), archive, expected=expected,
@@ -743,7 +749,7 @@ class Transaction:
         content, _ = layer_content(os.path.join(staged, "diff"))
         with open(os.path.join(staged, "layer.json"), "w") as out:
             json.dump({"diff_id": diff_id, "size": size, "created": time.time(), "content": content}, out)
-        self.layers[diff_id] = staged
+        self.layers.setdefault(diff_id, staged)
         return diff_id
 
     def add_image(self, config_bytes, refs=(), parent=None):
@@ -780,13 +786,22 @@ class Transaction:
         self.configs[image_id] = config
         return image_id
 
+    def add_file(self, rel, data):
+        """Write `data` to the store's file `rel` (a top-level JSON file: distribution.json) when, and only when,
+        the transaction commits."""
+        name = f"file{len(self.files) + 1}"
+        with open(os.path.join(self.dir, name), "wb") as f:
+            f.write(data)
+        self.files.append((rel, name))
+
     def commit(self):
         """Make every staged layer and image visible, or (on an error) nothing. A signal waits until it is done;
         after SIGKILL, the next command that opens the store completes it (see the module docstring)."""
         store = self.store
         plan = {"layers": [[d, os.path.basename(p)] for d, p in self.layers.items()],
                 "images": [{"id": i, "config": name, "refs": refs, "parent": parent}
-                           for i, name, refs, parent in self.images]}
+                           for i, name, refs, parent in self.images],
+                "files": [[rel, name] for rel, name in self.files]}
         marker = os.path.join(self.dir, COMMIT_FILE)
         with interrupts.deferred(), store.locked():
             with open(marker + ".new", "wb") as f:

@@ -456,6 +456,15 @@ def docker_availability() -> str | None:
     return docker.unavailable()
 
 
+@functools.cache
+def registry_availability() -> str | None:
+    """Why the tests marked ``registry`` cannot run here (no docker-registry binary), or None; a registry
+    that then fails to start is reported by the test's fixture (cowfs.testing.registry)."""
+    from cowfs.testing import registry
+
+    return registry.unavailable()
+
+
 def in_ci() -> bool:
     """True under ``CI=true``, where a missing feature fails a test instead of skipping it."""
     return os.environ.get("CI", "").lower() == "true"
@@ -475,15 +484,18 @@ def require(*features: str) -> None:
 
     Features: ``"fuse"`` (/dev/fuse, fusermount, libfuse3),
     ``"kernel"`` (mounting kernel overlayfs: as root, or as root of a user namespace with ``userxattr``) and
-    ``"docker"`` (a private dockerd can be started: see `docker_availability`).
+    ``"docker"`` (a private dockerd can be started: see `docker_availability`) and
+    ``"registry"`` (a private docker-registry can be started: see `registry_availability`).
     """
     avail = dict(availability())
     if "docker" in features:
         avail["docker"] = docker_availability()
+    if "registry" in features:
+        avail["registry"] = registry_availability()
     missing = [f"{f}: {avail[f]}" for f in features if avail.get(f)]
     unknown = [f for f in features if f not in avail]
     if unknown:
-        raise ValueError(f"unknown feature(s) {unknown}; known: {sorted(avail) + ['docker']}")
+        raise ValueError(f"unknown feature(s) {unknown}; known: {sorted(avail) + ['docker', 'registry']}")
     if missing:
         missing_feature("; ".join(missing))
 
