@@ -103,6 +103,7 @@ from cowfs.overlay.whiteout import (
 )
 
 CHUNK = 1 << 20
+TAR_BUFFER = 256 << 10  # what tarfile reads at once; less than _SplitRecorder.WINDOW (see there)
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 XATTR_PAX = "SCHILY.xattr."
@@ -335,6 +336,7 @@ class _Unpacker:
         self.dir_attrs = []  # (rel, member) applied at the end, deepest first
         self.on_data = None  # called (offset of the data in the tar, size, rel) before a file's data is copied
         self.size = 0
+        self.hashes = {}  # rel (bytes) -> sha256 hex of the data written: the tree digest need not read it again
 
     def fail(self, reason, member):
         raise ArchiveError(self.archive, reason, member)
@@ -464,9 +466,13 @@ class _Unpacker:
             if self.on_data is not None and info.size and not info.issparse():
                 self.on_data(info.offset_data, info.size, rel)  # its data lands in diff/REL unchanged
             src = tf.extractfile(info)
+            sha = hashlib.sha256()
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                shutil.copyfileobj(src, out, CHUNK)
+            with os.fdopen(fd, "wb", buffering=0) as out:
+                while data := src.read(CHUNK):
+                    sha.update(data)
+                    out.write(data)
+            self.hashes[os.fsencode(rel)] = sha.hexdigest()
             self.size += info.size
             kind, rdev = stat.S_IFREG, 0
         elif info.issym():
@@ -523,7 +529,7 @@ class _Unpacker:
 
 
 def unpack_layer(f, dest, archive, expected=None, prefix=TRUSTED_PREFIX, allow_devices=None, progress=None,
-                 record=None, split=None):
+                 record=None, split=None, hashes=None):
     """Unpack the layer tar read from `f` (plain, gzip or zstd) into the empty directory `dest`.
 
     Returns (diff_id, size): the sha256 of the uncompressed tar as "sha256:HEX"
@@ -534,6 +540,8 @@ def unpack_layer(f, dest, archive, expected=None, prefix=TRUSTED_PREFIX, allow_d
     `split`, a file path, gets the layer's tar-split (see "Giving the tar
     back" in the module docstring); it is not written if the recording
     fails, which only makes the layer's save fall back to `write_layer`.
+    `hashes`, a dict, gets the sha256 (hex) of each regular file written, by
+    its path (bytes) under `dest`: `layer_content` then reads none again.
 
     Raises:
         ArchiveError: a hostile, broken or mismatching archive (see the module docstring).
@@ -552,7 +560,8 @@ def unpack_layer(f, dest, archive, expected=None, prefix=TRUSTED_PREFIX, allow_d
         unpacker.on_data = reader.reference
     member = None
     try:
-        with tarfile.open(fileobj=reader, mode="r|", errorlevel=2) as tf:
+        # reads of TAR_BUFFER, not tarfile's 10 KiB records: a Python call less per 10 KiB through the readers
+        with tarfile.open(fileobj=reader, mode="r|", errorlevel=2, bufsize=TAR_BUFFER) as tf:
             for info in tf:
                 member = info.name
                 unpacker.add(tf, info)
@@ -579,6 +588,8 @@ def unpack_layer(f, dest, archive, expected=None, prefix=TRUSTED_PREFIX, allow_d
         raise ArchiveError(archive, "truncated archive (no end-of-archive blocks)")
     if expected is not None and hashed.digest != expected:
         raise ArchiveError(archive, f"digest mismatch: expected {expected}, got {hashed.digest}")
+    if hashes is not None:
+        hashes.update(unpacker.hashes)
     return hashed.digest, unpacker.size
 
 
@@ -602,7 +613,7 @@ class _SplitRecorder:
     """A reader through `f` (the uncompressed tar, as hashed) that writes the tar-split of what is read to the
     file `path`: the bytes themselves, except the data that `reference` names, which is in diff/ already.
 
-    tarfile's stream reads ahead of the member it is at (at most its buffer, 10 KiB), so a byte is written
+    tarfile's stream reads ahead of the member it is at (at most its buffer, TAR_BUFFER), so a byte is written
     only when it is WINDOW bytes old: the unpacker names a member's data (`reference`) before reading it,
     hence before its first byte is written. Memory: at most 2 * WINDOW. Should a reference come too late
     (never, with tarfile as it is), the recording stops and no tar-split is written: never a wrong one."""

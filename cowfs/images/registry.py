@@ -478,6 +478,15 @@ class Lines:
             elif old is None or old[0] != status:
                 print(f"{key}: {status}", file=self.out, flush=True)
 
+    def progress(self, key, status, done, total):
+        """`set` with a progress bar, the bar drawn only when it would be shown (it is called per chunk)."""
+        if self.quiet or (self.tty and self.rows.get(key, ("",))[0] == status
+                          and time.monotonic() - self.last < 0.1):
+            return
+        if not self.tty and self.rows.get(key, ("",))[0] == status:
+            return
+        self.set(key, status, self.bar(done, total))
+
     def _redraw(self):
         out = [f"\x1b[{self.drawn}A"] if self.drawn else []
         for key in self.order:
@@ -557,7 +566,7 @@ class _BlobStream:
             if self.count > self.size:
                 raise self.client.fail(f"digest mismatch: blob {self.desc['digest']} is longer than its "
                                        f"{self.size} bytes")
-            self.lines.set(self.key, "Downloading", self.lines.bar(self.count, self.size))
+            self.lines.progress(self.key, "Downloading", self.count, self.size)
         elif self.count < self.size:
             raise self.truncated("the connection ended")
         return data
@@ -777,7 +786,7 @@ class _Upload:
             raise _Cancelled()
         data = self.f.read(n if n and n > 0 else CHUNK)
         self.done += len(data)
-        self.lines.set(self.key, "Pushing", self.lines.bar(self.done, self.size))
+        self.lines.progress(self.key, "Pushing", self.done, self.size)
         return data
 
     def close(self):

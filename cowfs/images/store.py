@@ -144,7 +144,7 @@ def _kept_xattr(name):
     return True
 
 
-def layer_content(root):
+def layer_content(root, hashes=None):
     """(content digest, size) of an unpacked layer directory.
 
     The digest is the sha256 of one record per object, in sorted path order:
@@ -153,7 +153,11 @@ def layer_content(root):
     and the xattrs `_kept_xattr` keeps. The size counts regular files' data,
     once per inode, as the unpack recorded it and as Docker sizes a layer (the
     sizes in its tar headers: symlinks and hard links add nothing).
+
+    `hashes` ({path (bytes): sha256 hex}) gives the data digests of files just
+    written, as the unpack took them: those are not read again.
     """
+    hashes = hashes or {}
     digest = hashlib.sha256()
     size = 0
     inodes = {}
@@ -167,11 +171,14 @@ def layer_content(root):
         if stat.S_ISREG(kind):
             key = (st.st_dev, st.st_ino)
             if key not in inodes:
-                h = hashlib.sha256()
-                with open(path, "rb") as f:
-                    for chunk in iter(lambda: f.read(1 << 20), b""):
-                        h.update(chunk)
-                inodes[key] = h.hexdigest()
+                if rel in hashes:
+                    inodes[key] = hashes[rel]
+                else:
+                    h = hashlib.sha256()
+                    with open(path, "rb") as f:
+                        for chunk in iter(lambda: f.read(1 << 20), b""):
+                            h.update(chunk)
+                    inodes[key] = h.hexdigest()
                 size += st.st_size
             data = inodes[key]
         elif stat.S_ISLNK(kind):
@@ -740,13 +747,14 @@ class Transaction:
         staged = os.path.join(self.dir, f"layer{next(self._count)}")
         os.mkdir(staged)
         os.mkdir(os.path.join(staged, "diff"))
+        hashes = {}
         diff_id, size = unpack_layer(f, os.path.join(staged, "diff"), archive, expected=expected,
                                      prefix=self.store.prefix, progress=progress,
-                                     split=os.path.join(staged, SPLIT_FILE))
+                                     split=os.path.join(staged, SPLIT_FILE), hashes=hashes)
         if self.has_layer(diff_id):
             shutil.rmtree(staged)
             return diff_id
-        content, _ = layer_content(os.path.join(staged, "diff"))
+        content, _ = layer_content(os.path.join(staged, "diff"), hashes)
         with open(os.path.join(staged, "layer.json"), "w") as out:
             json.dump({"diff_id": diff_id, "size": size, "created": time.time(), "content": content}, out)
         self.layers.setdefault(diff_id, staged)
