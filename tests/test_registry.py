@@ -3,6 +3,7 @@ for interoperability, and a fake registry (cowfs.testing.registry) for the answe
 
 import base64
 import gzip
+import io
 import json
 import os
 import random
@@ -468,3 +469,27 @@ def test_remote_names():
     assert (r.domain, r.repository, r.tag, r.digest) == ("127.0.0.1:5000", "acme/app", None, "sha256:" + "a" * 64)
     r = Remote("localhost:5000/app:1")
     assert (r.domain, r.repository, r.local) == ("localhost:5000", "app", "localhost:5000/app:1")
+
+
+def test_block_gzip_is_gzip_deterministic_and_stores_what_does_not_compress():
+    from cowfs.images.registry import _BlockGzip
+
+    rng = random.Random(7)
+    noise = rng.randbytes(600 << 10)
+    text = b"".join(b"line %d of some text\n" % i for i in range(40000))
+    for data in (b"", b"x", text, noise, noise[:300 << 10] + text + noise[300 << 10:] + b"end"):
+        blobs = []
+        for piece in (1000, 65536, 1 << 20):
+            out = io.BytesIO()
+            gz = _BlockGzip(out)
+            for i in range(0, len(data), piece):
+                gz.write(data[i:i + piece])
+            gz.close()
+            blobs.append(out.getvalue())
+        assert blobs[0] == blobs[1] == blobs[2]  # the bytes decide, not how they were written
+        blob = blobs[0]
+        assert blob[:10] == b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" and gzip.decompress(blob) == data
+        if data is noise:
+            assert len(data) < len(blob) < len(data) * 1.001  # stored: not deflated for nothing
+        if data is text:
+            assert len(blob) <= len(gzip.compress(data, 6, mtime=0)) * 1.01  # deflated as well as one stream
