@@ -2290,6 +2290,24 @@ def test_system_check_and_repair(tmp_path, store, case):
             assert layer_content(s.layer_path(diff_id)) == content, diff_id
 
 
+def test_check_takes_the_tree_digest_earlier_cowfs_recorded(tmp_path, store):
+    """Layers imported when the tree digest covered whiteouts' times are not taken for changed ones."""
+    assert cli(store, "import", str(docker_save(tmp_path / "a.tar", [(["acme/base:1"], BASE_LAYERS, None)])))[0] == 0
+    s = Store(store)
+    top = sha(BASE_LAYERS[1])
+    os.utime(os.path.join(s.layer_path(top), "etc", "gone"), (1, 1), follow_symlinks=False)
+    path = os.path.join(s.layer_dir(top), "layer.json")
+    info = json.loads(open(path).read())
+    older = layer_content(s.layer_path(top), whiteout_times=True)[0]
+    assert older != info["content"]
+    with open(path, "w") as f:
+        json.dump(dict(info, content=older), f)
+    assert cli(store, "system", "check") == (0, "no problems: 1 image, 2 layers, 0 containers checked\n", "")
+    with open(path, "w") as f:
+        json.dump(dict(info, content="sha256:" + "0" * 64), f)
+    assert "content differs" in cli(store, "system", "check")[1]
+
+
 def test_check_repair_never_deletes_a_layer_an_image_uses(tmp_path, store):
     """Every kind of damage at once, and a damaged image config: --repair removes the leftovers and the tag
     of a missing image, and keeps every layer, even those no readable image names (the damaged image may)."""
@@ -2318,6 +2336,25 @@ def test_check_repair_never_deletes_a_layer_an_image_uses(tmp_path, store):
     for diff_id, content in layers.items():
         if diff_id != sha(BASE_LAYERS[0]):
             assert layer_content(s.layer_path(diff_id)) == content
+
+
+def test_the_tree_digest_is_the_same_whenever_a_whiteout_was_made(tmp_path):
+    """Unpacked, a whiteout gets the time it is made (Docker's overlay2 gives it that too): two stores that
+    import one layer at other times record one tree digest; the other times still count."""
+    data = layer_tar(member("etc", "dir"), member("etc/.wh.gone"), member("etc/kept", data=b"x"))
+    hashes, trees = {}, []
+    for i, when in enumerate((1_000_000_000, 1_700_000_000)):
+        dest = tmp_path / f"d{i}"
+        dest.mkdir()
+        unpack_layer(io.BytesIO(data), str(dest), "test", hashes=hashes if i else None)
+        assert os.path.getmtime(dest / "etc" / "kept") == MTIME
+        os.utime(dest / "etc" / "gone", (when, when), follow_symlinks=False)
+        trees.append(dest)
+    assert hashes == {b"etc/kept": hashlib.sha256(b"x").hexdigest()}
+    assert layer_content(trees[0]) == layer_content(trees[1]) == layer_content(trees[1], hashes)
+    assert layer_content(trees[0], whiteout_times=True) != layer_content(trees[1], whiteout_times=True)
+    os.utime(trees[1] / "etc" / "kept", (1, 1))
+    assert layer_content(trees[0]) != layer_content(trees[1])
 
 
 # -- tag, save, export: images and containers out of the store ---------------------------------------------

@@ -448,7 +448,7 @@ def check(store):
         elif size != info["size"]:
             problems.append(Problem(what, f"holds {plural(size, 'byte')}, {info['size']} when imported (changed since)",
                                     unused_fix, hint))
-        elif info.get("content") not in (None, content):
+        elif info.get("content") not in (None, content) and info["content"] != _older_content(diff):
             problems.append(Problem(what, "content differs from what was imported (a file was changed, added or "
                                     "removed)", unused_fix, hint))
         elif not in_use:
@@ -557,6 +557,14 @@ def _remove_layer_fix(store, diff_id):
                 os.rename(store.layer_dir(diff_id), os.path.join(trash.path, diff_id[7:]))
         return "removed it (no image uses it)"
     return fix
+
+
+def _older_content(diff):
+    """The content digest as earlier cowfs recorded it (whiteouts' times included), or None."""
+    try:
+        return layer_content(diff, whiteout_times=True)[0]
+    except OSError:
+        return None
 
 
 def _recreate_empty_layer_fix(store, diff_id, info):

@@ -144,18 +144,22 @@ def _kept_xattr(name):
     return True
 
 
-def layer_content(root, hashes=None):
+def layer_content(root, hashes=None, whiteout_times=False):
     """(content digest, size) of an unpacked layer directory.
 
     The digest is the sha256 of one record per object, in sorted path order:
-    path, type, permission bits, owner, group, mtime (seconds; not the root's),
-    and the sha256 of a file's data, a symlink's target or a device's number,
-    and the xattrs `_kept_xattr` keeps. The size counts regular files' data,
-    once per inode, as the unpack recorded it and as Docker sizes a layer (the
-    sizes in its tar headers: symlinks and hard links add nothing).
+    path, type, permission bits, owner, group, mtime (seconds; not the root's,
+    nor a whiteout's: unpacked, Docker's overlay2 gives a whiteout the time it
+    makes it, so its time is not the layer's), and the sha256 of a file's
+    data, a symlink's target or a device's number, and the xattrs
+    `_kept_xattr` keeps. The size counts regular files' data, once per inode,
+    as the unpack recorded it and as Docker sizes a layer (the sizes in its
+    tar headers: symlinks and hard links add nothing).
 
     `hashes` ({path (bytes): sha256 hex}) gives the data digests of files just
     written, as the unpack took them: those are not read again.
+    `whiteout_times` covers whiteouts' times too: the digest as layers
+    imported by earlier cowfs recorded it.
     """
     hashes = hashes or {}
     digest = hashlib.sha256()
@@ -202,7 +206,8 @@ def layer_content(root, hashes=None):
                     continue
                 raise
             xattrs.append(f"{name}={value.hex()}")
-        mtime = int(st.st_mtime) if rel else 0
+        whiteout = stat.S_ISCHR(kind) and st.st_rdev == 0
+        mtime = int(st.st_mtime) if rel and (whiteout_times or not whiteout) else 0
         record = [rel.hex(), f"{kind:o}", f"{stat.S_IMODE(st.st_mode):o}", str(st.st_uid), str(st.st_gid),
                   str(mtime), data, ",".join(xattrs)]
         digest.update(("\0".join(record) + "\n").encode())
