@@ -155,6 +155,22 @@ def test_a_blob_of_another_repository_is_mounted_not_uploaded(tmp_path, registry
     assert layer_contents(fresh, second) == layer_contents(store, "acme/app:1.0")
 
 
+def test_a_layer_changed_in_the_store_is_not_pushed(tmp_path, registry):
+    """A layer is sent as it is compressed: one whose tree no longer gives its diff ID fails the push in
+    one line, and the registry gets no manifest (the upload is never completed with a digest)."""
+    store = app_store(tmp_path)
+    s = Store(store)
+    with open(os.path.join(s.layer_path(s.image_layers(s.resolve("acme/app:1.0"))[0]), "bin", "sh"), "ab") as f:
+        f.write(b"changed")
+    ref = f"{registry.host}/acme/changed:1"
+    ok(store, "tag", "acme/app:1.0", ref)
+    since = len(registry.requests_logged())
+    line = one_error_line(store, "push", ref)
+    assert "cannot be written back as it was stored" in line, line
+    sent = registry.requests_logged()[since:]
+    assert not [r for r in sent if "/manifests/" in r and r.startswith("PUT ")], sent
+
+
 def test_errors_of_a_real_registry_are_one_line(tmp_path, registry):
     store = app_store(tmp_path)
     before = store_state(store)

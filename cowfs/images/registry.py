@@ -12,9 +12,10 @@ stopped anywhere (SIGKILL included) leaves the store as it was.
 (`?mount=&from=`), or else the layer's tar gzip-compressed by cowfs
 deterministically (level 6, gzip's and Docker's default; mtime 0, no file
 name; 128 KiB blocks, a block whose samples do not compress stored as it is:
-the same layer always gives the same blob), the layers compressed and sent
-several at once, then the config, then a Docker schema 2 manifest (an OCI one
-when the registry refuses that).
+the same layer always gives the same blob), each sent while it is
+compressed (a chunked PATCH, as docker push sends a layer), several at once;
+then the config, then a Docker schema 2 manifest (an OCI one when the
+registry refuses that).
 
 What the store remembers of blobs is in distribution.json: per diff ID, the
 compressed blobs known for it (digest, size, media type, whether cowfs makes
@@ -45,6 +46,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import queue
 import re
 import struct
 import sys
@@ -804,36 +806,138 @@ class _BlockGzip:
         pass
 
 
-def _compress_layer(store, diff_id, image_id, directory):
-    """Write layer `diff_id` as a deterministic gzip blob in `directory`, in one pass (tar, gzip, digest):
-    (path, digest, size). The tar is the one imported, from its tar-split, as `cowfs save` writes it back."""
-    from cowfs.images.archive import SPLIT_FILE, SplitCorrupt, SplitMismatch, write_layer, write_split_layer
+def _compress_layer(store, diff_id, image_id, out):
+    """Write layer `diff_id` to `out` as a deterministic gzip blob, in one pass (tar, gzip, digest): (digest,
+    size). The tar is the one imported, from its tar-split (read through first: the blob is sent as it is
+    made, so a tar-split found broken half-way could not be dropped for the tree), as `cowfs save` writes
+    it back; else the tar of the tree."""
+    from cowfs.images.archive import (
+        SPLIT_FILE,
+        SplitCorrupt,
+        SplitMismatch,
+        check_split,
+        write_layer,
+        write_split_layer,
+    )
 
-    path = os.path.join(directory, diff_id[7:] + ".gz")
     cannot = f"layer {diff_id[7:19]} of image {image_id[7:19]} cannot be written back as it was stored"
-
-    def written(write):
-        with open(path, "wb") as raw:
-            hashing = _HashingFile(raw)
-            gz = _BlockGzip(hashing)
-            got = write(gz)
-            gz.close()
-        return got, hashing
-
     split = os.path.join(store.layer_dir(diff_id), SPLIT_FILE)
-    got = None
-    if os.path.lexists(split):
+    try:
+        check_split(split)
+    except (OSError, SplitCorrupt):
+        split = None
+    hashing = _HashingFile(out)
+    gz = _BlockGzip(hashing)
+    if split is not None:
         try:
-            got, hashing = written(lambda gz: write_split_layer(store.layer_path(diff_id), split, gz)[0])
+            got = write_split_layer(store.layer_path(diff_id), split, gz)[0]
         except SplitMismatch as e:
             raise StoreError(f"{cannot} ({e})") from None
-        except SplitCorrupt:
-            got = None
-    if got is None:
-        got, hashing = written(lambda gz: write_layer(store.layer_path(diff_id), gz, prefix=store.prefix)[0])
+        except SplitCorrupt as e:  # changed since it was read through
+            raise StoreError(f"{cannot} (its tar-split: {e})") from None
+    else:
+        got = write_layer(store.layer_path(diff_id), gz, prefix=store.prefix)[0]
+    gz.close()
     if got != diff_id:
         raise StoreError(f"{cannot} (its tree gives {got[7:19]})")
-    return path, "sha256:" + hashing.sha.hexdigest(), hashing.size
+    return "sha256:" + hashing.sha.hexdigest(), hashing.size
+
+
+class _Pipe:
+    """The writer a layer is compressed into, in a thread of its own, while the upload reads it (`chunks`):
+    a few MiB at most in between. Once `stop` is set, writing raises _Cancelled (the upload ended)."""
+
+    def __init__(self):
+        self.queue = queue.Queue(maxsize=8)
+        self.stop = threading.Event()
+        self.buffer = bytearray()
+
+    def _put(self, item):
+        while True:
+            if self.stop.is_set():
+                raise _Cancelled()
+            try:
+                self.queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def write(self, data):
+        self.buffer += data
+        if len(self.buffer) >= CHUNK:
+            self._put(bytes(self.buffer))
+            self.buffer = bytearray()
+        return len(data)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        """The end of the blob (or of what could be made of it)."""
+        if self.buffer:
+            self._put(bytes(self.buffer))
+            self.buffer = bytearray()
+        self._put(None)
+
+    def chunks(self, cancel, progress):
+        done = 0
+        while not cancel.is_set():
+            try:
+                chunk = self.queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if chunk is None:
+                return
+            done += len(chunk)
+            progress(done)
+            yield chunk
+
+
+def _absolute(client, location):
+    return location if not location.startswith("/") else client.base[:-len("/v2/")] + location
+
+
+def _stream_upload(client, repository, scope, make, lines, key, cancel):
+    """Upload the blob `make(out)` writes to `out` (returning its (digest, size)) as it is made: POST, a
+    PATCH of its bytes (chunked, as docker push sends a layer), then PUT with the digest. Returns
+    (digest, size)."""
+    r = client.request("POST", f"{repository}/blobs/uploads/", scope, ok=(202,))
+    location = r.headers.get("Location")
+    r.close()
+    if not location:
+        raise client.fail("the registry started an upload but gave no Location")
+    pipe, made = _Pipe(), {}
+
+    def work():
+        try:
+            made["blob"] = make(pipe)
+        except BaseException as e:  # noqa: BLE001 - handed to the uploading thread, which raises it
+            made["error"] = e
+        finally:
+            with contextlib.suppress(_Cancelled):
+                pipe.close()
+
+    worker = threading.Thread(target=work, name=f"gzip-{key}", daemon=True)
+    worker.start()
+    try:
+        body = pipe.chunks(cancel, lambda done: lines.progress(key, "Pushing", done, 0))
+        r = client.request("PATCH", _absolute(client, location), scope, ok=(202,), data=body, retry=False,
+                           headers={"Content-Type": "application/octet-stream"})
+        location = r.headers.get("Location") or location
+        r.close()
+    finally:
+        pipe.stop.set()
+        worker.join()
+    if "error" in made and not isinstance(made["error"], _Cancelled):
+        raise made["error"]
+    if cancel.is_set() or "blob" not in made:
+        raise _Cancelled()
+    digest, size = made["blob"]
+    location = _absolute(client, location)
+    sep = "&" if "?" in location else "?"
+    client.request("PUT", f"{location}{sep}digest={digest}", scope, ok=(201,), data=b"",
+                   headers={"Content-Length": "0"}).close()
+    return digest, size
 
 
 class _Upload:
@@ -866,8 +970,7 @@ def _upload(client, repository, scope, path, digest, lines, key, cancel):
     r.close()
     if not location:
         raise client.fail("the registry started an upload but gave no Location")
-    if location.startswith("/"):
-        location = client.base[:-len("/v2/")] + location
+    location = _absolute(client, location)
     sep = "&" if "?" in location else "?"
     body = _Upload(path, lines, key, cancel)
     try:
@@ -913,7 +1016,7 @@ def push(store, ref, insecure=False, out=None, quiet=False):
     cancel = threading.Event()
     pushed = {}  # diff ID -> descriptor
 
-    def send(diff_id, staging):
+    def send(diff_id):
         key = diff_id[7:19]
         lines.set(key, "Preparing")
         # blobs known to be in this registry: here already, or mountable from another repository
@@ -945,31 +1048,25 @@ def push(store, ref, insecure=False, out=None, quiet=False):
             cache.note(diff_id, made[0]["digest"], made[0]["size"], made[0]["mediaType"], repo_key)
             lines.set(key, "Layer already exists")
             return made[0]
-        path, digest, size = _compress_layer(store, diff_id, image_id, staging)
-        cache.note(diff_id, digest, size, DOCKER_GZIP, made=True)
-        if _has_blob(client, remote.repository, scope, digest):
-            lines.set(key, "Layer already exists")
-        else:
-            _upload(client, remote.repository, scope, path, digest, lines, key, cancel)
-            lines.set(key, "Pushed")
-        os.unlink(path)
+        digest, size = _stream_upload(client, remote.repository, scope,
+                                      lambda out: _compress_layer(store, diff_id, image_id, out), lines, key, cancel)
+        lines.set(key, "Pushed")
         cache.note(diff_id, digest, size, DOCKER_GZIP, repo_key, made=True)
         return {"digest": digest, "size": size, "mediaType": DOCKER_GZIP}
 
-    with store.staging("push") as staging:
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="push")
-        try:
-            unique = list(dict.fromkeys(diff_ids))
-            futures = {pool.submit(send, d, staging.path): d for d in reversed(unique)}
-            for f in concurrent.futures.as_completed(futures):
-                error = f.exception()
-                if error is not None and not isinstance(error, _Cancelled):
-                    cancel.set()
-                    raise error
-                pushed[futures[f]] = f.result()
-        finally:
-            cancel.set()
-            pool.shutdown(wait=True, cancel_futures=True)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="push")
+    try:
+        unique = list(dict.fromkeys(diff_ids))
+        futures = {pool.submit(send, d): d for d in reversed(unique)}
+        for f in concurrent.futures.as_completed(futures):
+            error = f.exception()
+            if error is not None and not isinstance(error, _Cancelled):
+                cancel.set()
+                raise error
+            pushed[futures[f]] = f.result()
+    finally:
+        cancel.set()
+        pool.shutdown(wait=True, cancel_futures=True)
     if not _has_blob(client, remote.repository, scope, image_id):
         with store.staging("push") as staging:
             path = os.path.join(staging.path, "config")
