@@ -13,6 +13,8 @@ An optional group, pull_registry and push_registry, times cowfs pull and
 push of a ~100 MiB image against a private loopback docker-registry beside
 skopeo copy of the same image (skipped, with a line saying why, when
 docker-registry or skopeo is missing): --only '*_registry' runs it alone.
+Pulls are also timed against skopeo copy into containers-storage's overlay
+driver, which unpacks the layers as cowfs pull does (as root only).
 
 Needs root (kernel overlay mounts, dropping the page cache). Stdout: the
 table. Stderr: one progress line per step. The out dir gets bench.json (every
@@ -120,10 +122,10 @@ def run(cmd: list[str], timeout: float = COMMAND_TIMEOUT, **kwargs) -> subproces
     return proc
 
 
-def timed(cmd: list[str]) -> float:
+def timed(cmd: list[str], **kwargs) -> float:
     """Wall-clock seconds of one command (its output goes to /dev/null)."""
     t0 = time.perf_counter()
-    run(cmd)
+    run(cmd, **kwargs)
     return time.perf_counter() - t0
 
 
@@ -869,6 +871,25 @@ def run_all(workloads: list[Workload], backends: list[str], ctx: Ctx, scratch: P
 
 REGISTRY_IMAGE_MIB = 100  # the image pulled and pushed: four layers, half random half text
 REGISTRY_TOOLS = ("cowfs", "skopeo")
+STORAGE_TOOL = "skopeo-storage"  # skopeo copy into containers-storage (overlay driver): it unpacks, as cowfs does
+
+
+def storage_pull(ref: str, target: Path) -> float:
+    """Seconds of skopeo copy of `ref` into a fresh containers-storage under `target` (overlay driver, its
+    own storage.conf); the mounts the driver leaves under `target` are unmounted and the tree removed."""
+    target.mkdir(parents=True)
+    conf = target / "storage.conf"
+    conf.write_text(f'[storage]\ndriver = "overlay"\ngraphroot = "{target}/root"\nrunroot = "{target}/run"\n')
+    env = dict(os.environ, CONTAINERS_STORAGE_CONF=str(conf))
+    try:
+        return timed(["skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{ref}",
+                      f"containers-storage:[overlay@{target}/root+{target}/run]bench/app:1"], env=env)
+    finally:
+        with open("/proc/self/mounts") as f:
+            mounted = [line.split()[1].replace("\\040", " ") for line in f]
+        for point in sorted((m for m in mounted if m.startswith(f"{target}/")), key=len, reverse=True):
+            subprocess.run(["umount", point], stderr=subprocess.DEVNULL, check=False)
+        remove_tree(target)
 
 
 def registry_missing() -> str | None:
@@ -893,7 +914,9 @@ def registry_layer(path: Path, index: int, mib: int) -> None:
 def registry_rows(scratch: Path, reps: int, quick: bool) -> dict[str, dict[str, Cell]]:
     """pull_registry and push_registry: cowfs pull/push of a ~100 MiB image against a private loopback
     docker-registry, side by side with skopeo copy of the same image (to an OCI layout; from the
-    docker save archive cowfs save writes, whose layers skopeo compresses as cowfs does)."""
+    docker save archive cowfs save writes, whose layers skopeo compresses as cowfs does). The ratio is on
+    skopeo's download to an OCI layout; as root, pulls are also timed into containers-storage's overlay
+    driver (skopeo-storage), which unpacks each layer as cowfs does."""
     from cowfs.testing.registry import private_registry
 
     mib = 8 if quick else REGISTRY_IMAGE_MIB
@@ -929,6 +952,9 @@ def registry_rows(scratch: Path, reps: int, quick: bool) -> dict[str, dict[str, 
     for tool in REGISTRY_TOOLS:
         for metric in results:
             results[metric][tool] = Cell("s")
+    with_storage = os.geteuid() == 0
+    if with_storage:
+        results["pull_registry"][STORAGE_TOOL] = Cell("s")
     plan = [("warm-up", True)] + [(f"rep {i + 1}/{reps}", False) for i in range(reps)]
     for label, is_warmup in plan:
         with private_registry(base=str(root / "reg")) as reg:
@@ -957,16 +983,28 @@ def registry_rows(scratch: Path, reps: int, quick: bool) -> dict[str, dict[str, 
                 (cell.warmup if is_warmup else cell.values).append(took)
                 log(f"{tool:<14} pull_registry          {label:<8} {fmt(took, 's')}")
                 remove_tree(target)
+            if with_storage:
+                target = root / "pulled-storage"
+                remove_tree(target)
+                os.sync()
+                took = storage_pull(ref, target)
+                cell = results["pull_registry"][STORAGE_TOOL]
+                (cell.warmup if is_warmup else cell.values).append(took)
+                log(f"{STORAGE_TOOL:<14} pull_registry          {label:<8} {fmt(took, 's')}")
         remove_tree(root / "reg")
     return results
 
 
 def registry_table(rows: dict[str, dict[str, Cell]]) -> str:
-    lines = [f"{'registry (median)':<20}{'cowfs':>10}{'skopeo':>10}{'cowfs/skopeo':>14}"]
+    lines = [f"{'registry (median)':<20}{'cowfs':>10}{'skopeo':>10}{'cowfs/skopeo':>14}"
+             f"{'skopeo-storage':>16}{'cowfs/storage':>15}"]
     for metric, row in rows.items():
         r = ratio(row, "cowfs", "skopeo")
+        rs = ratio(row, "cowfs", STORAGE_TOOL)
+        storage = cell_text(row[STORAGE_TOOL]) if STORAGE_TOOL in row else "-"
         lines.append(f"{metric:<20}{cell_text(row['cowfs']):>10}{cell_text(row['skopeo']):>10}"
-                     f"{(f'{r:.2f}' if r is not None else '-'):>14}")
+                     f"{(f'{r:.2f}' if r is not None else '-'):>14}{storage:>16}"
+                     f"{(f'{rs:.2f}' if rs is not None else '-'):>15}")
     return "\n".join(lines)
 
 
@@ -1064,7 +1102,9 @@ def write_json(path: Path, results: dict, env: dict, sizes: Sizes, workloads: li
                             "cowfs/kernel": ratio(row, "cowfs", "kernel")}
                    for metric, row in results.items()},
         "registry": {metric: {t: asdict(c) | {"median": c.median} for t, c in row.items()}
-                     | {"cowfs/skopeo": ratio(row, "cowfs", "skopeo")} for metric, row in (registry or {}).items()},
+                     | {"cowfs/skopeo": ratio(row, "cowfs", "skopeo"),
+                        "cowfs/skopeo-storage": ratio(row, "cowfs", STORAGE_TOOL)}
+                     for metric, row in (registry or {}).items()},
         "total_seconds": total,
     }
     path.write_text(json.dumps(doc, indent=2) + "\n")
