@@ -750,7 +750,7 @@ class _BlockGzip:
     for nothing). The choice depends on the bytes only: the same tar gives the same blob, one gzip member."""
 
     BLOCK = 128 << 10
-    SAMPLE = 4 << 10  # two samples of this many bytes, at the start and the middle of a block
+    SAMPLE = 1 << 10  # two samples of this many bytes, at the start and the middle of a block
     HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
 
     def __init__(self, f):
@@ -779,7 +779,7 @@ class _BlockGzip:
         if len(block) < 2 * self.SAMPLE:
             return False
         for start in (0, len(block) // 2):
-            probe = zlib.compressobj(1, zlib.DEFLATED, -15)
+            probe = zlib.compressobj(1, zlib.DEFLATED, -10, 2)  # a 1 KiB window: cheap to set up
             if len(probe.compress(block[start:start + self.SAMPLE]) + probe.flush()) < self.SAMPLE * 0.97:
                 return False
         return True
