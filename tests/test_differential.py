@@ -750,6 +750,98 @@ LOWER_LINKS = STD.with_entries((), (
 """The standard stack plus a file with three names in one lower layer."""
 
 
+# -- index=on: a lower hard link stays one file across copy-up ----------------
+
+INDEX_LINKS = LOWER_LINKS.with_entries((
+    File("pair/a", b"two names in the top layer\n"),
+    HardLink("pair/b", to="pair/a"),
+), ())
+"""LOWER_LINKS plus a two-name file in the top layer, for the index mode."""
+
+
+def index_scenario(*modes):
+    """A scenario of the index mode (index=on), on INDEX_LINKS; also in `modes`, e.g. with index=off,
+    where the same operations break the links (the kernel's default)."""
+    def register(fn):
+        name = fn.__name__.removeprefix("sc_")
+        assert name not in SCENARIOS, name
+        SCENARIOS[name] = Scenario(name, fn, INDEX_LINKS, ("index",) + modes)
+        return fn
+    return register
+
+
+def _link_names(fs, names):
+    for rel in names:
+        fs.stat(rel)
+        fs.check(f"same st_ino {rel} {names[0]}", fs.ino(rel) == fs.ino(names[0]))
+        fs.read(rel)
+
+
+# Each change goes through a name first looked up after a remount: FUSE hands the daemon an inode,
+# not the name, and the daemon acts on the name the inode was first found by (the kernel links up
+# the very name used; the merged view is the same either way, the upper would not be).
+
+@index_scenario("redirect_on")
+def sc_index_copyup_each_name(fs: Session):
+    """Copy-up of each name in turn: with index=on every name stays the same inode, one data."""
+    names = ("hl/one", "hl/two", "hl/three")
+    ino = fs.ino("hl/one")
+    fs.chmod("hl/one", 0o600)
+    _link_names(fs, names)
+    fs.remount()
+    fs.utime("hl/two", (OLD_TIME_NS, OLD_TIME_NS))
+    _link_names(fs, names)
+    fs.remount()
+    fs.setxattr("hl/three", "user.tag", b"3")
+    _link_names(fs, names)
+    fs.check("st_ino kept across copy-up", fs.ino("hl/one") == ino)
+    fs.listdir("hl")
+
+
+@index_scenario("redirect_on")
+def sc_index_write_one_read_other(fs: Session):
+    """Data written through one name shows through the others, copied up or not."""
+    fs.write("hl/two", b"written through two\n", W | TRUNC)
+    _link_names(fs, ("hl/two", "hl/one", "hl/three"))
+    fs.write("pair/a", b"appended\n", W | APPEND)
+    _link_names(fs, ("pair/a", "pair/b"))
+    fs.remount()
+    fs.write("hl/three", b"THREE", W, offset=0)
+    _link_names(fs, ("hl/three", "hl/one", "hl/two"))
+
+
+@index_scenario("redirect_on")
+def sc_index_unlink_names(fs: Session):
+    """Unlinking names one by one: the link count drops on every name left, the data stays."""
+    fs.unlink("hl/one")
+    _link_names(fs, ("hl/two", "hl/three"))
+    fs.remount()
+    fs.unlink("hl/three")
+    _link_names(fs, ("hl/two",))
+    fs.write("hl/two", b"last\n", W | APPEND)
+    fs.read("hl/two")
+    fs.unlink("hl/two")
+    fs.listdir("hl")
+    fs.unlink("pair/b")
+    _link_names(fs, ("pair/a",))
+
+
+@index_scenario()
+def sc_index_rename_link(fs: Session):
+    """Renames and new links of a lower hard link: one inode throughout."""
+    fs.rename("hl/one", "hl/uno")
+    _link_names(fs, ("hl/uno", "hl/two", "hl/three"))
+    fs.remount()
+    fs.link("hl/two", "hl/four")
+    _link_names(fs, ("hl/two", "hl/uno", "hl/three", "hl/four"))
+    fs.remount()
+    fs.rename("pair/a", "hl/three")  # replaces a name of the other group
+    _link_names(fs, ("hl/uno", "hl/two", "hl/four"))
+    _link_names(fs, ("hl/three", "pair/b"))
+    fs.listdir("hl")
+    fs.listdir("pair")
+
+
 @scenario(layers=LOWER_LINKS, userxattr=True)
 def sc_cached_attrs_follow_changes(fs: Session):
     """With attributes cached by the kernel, every change made through one name shows at once

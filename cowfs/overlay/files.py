@@ -17,7 +17,7 @@ from cowfs.overlay.attributes import stat_dict
 from cowfs.overlay.credentials import Caller, drop_set_id
 from cowfs.overlay.locking import locked
 from cowfs.overlay.lookup import parent_of
-from cowfs.overlay.whiteout import ORIGIN, escape_xattr
+from cowfs.overlay.whiteout import escape_xattr
 
 
 class Handle:
@@ -135,9 +135,8 @@ class Files:
         if handle.lower_id is not None and handle.lower_id in self._copied and path is not None:
             self._follow_copy_up(handle, path)
         st = os.fstat(handle.fd)
-        try:
-            ino = int(os.getxattr(handle.fd, self.prefix + ORIGIN))
-        except OSError:
+        ino = self.layers.upper_origin_ino(handle.fd) if handle.lower_id is None else None
+        if ino is None:
             ino = self.layers.map_ino(st)
         attrs = stat_dict(st, ino, st.st_nlink)
         if self.layers.marked:
@@ -196,7 +195,7 @@ class Files:
                 return  # another thread did it
             st = os.fstat(handle.fd)
             with copyup.staged(self.work) as tmp:
-                copyup.build_copy(handle.fd, st, tmp, self.prefix, self.layers.origin_ino(st), sync=False)
+                copyup.build_copy(handle.fd, st, tmp, self.prefix, self.layers.origin_handle(handle.fd, st), sync=False)
                 fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 os.dup2(fd, handle.fd)

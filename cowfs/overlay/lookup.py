@@ -26,8 +26,9 @@ import os
 import stat
 
 from cowfs.errors import os_error
-from cowfs.overlay import override
+from cowfs.overlay import handles, override
 from cowfs.overlay.whiteout import (
+    KERNEL_ORIGIN,
     METACOPY,
     OCI_OPAQUE,
     ORIGIN,
@@ -56,6 +57,8 @@ class Node:
     parts: tuple        # ((layer, path relative to that layer's root), ...), top to bottom
     redirect: str = None  # the redirect xattr of the deciding directory (or metacopy file), if any
     data: str = None  # for a metadata-only copy (metacopy=on): the lower file that still holds the data
+    index: str = None  # index=on, a lower hard link another name of which was copied up: its index entry,
+    # the upper inode that `real` then is (the name is still the lower's)
 
     @property
     def is_dir(self):
@@ -133,6 +136,9 @@ class Layers:
         # Numbers kept in memory for copies that cannot carry the origin xattr (symlinks and
         # special files under userxattr): merged path -> st_ino, as the kernel's cached inode keeps it.
         self.remembered = {}
+        self.index = None  # WORKDIR/index with index=on (set by the engine once the workdir is claimed)
+        self._uuids = {}  # st_dev -> the UUID of that filesystem, as origin file handles carry it
+        self._origins = {}  # an origin xattr's value -> the st_ino it gives (None: not to be used)
 
     def forget(self):
         """Drop every cached answer: the upper has changed."""
@@ -183,16 +189,91 @@ class Layers:
 
     def ino(self, node):
         """st_ino as the merged view shows it: an upper copy keeps the number its lower origin had."""
-        if node.in_upper:
-            origin = get_marker(node.real, self.prefix, ORIGIN)
-            if origin:
-                return int(origin)
-            if node.path in self.remembered:
-                return self.remembered[node.path]
+        if node.in_upper and node.path != "/":  # the root shows its own, as the kernel's (index=on gives it an origin)
+            number = self.upper_origin_ino(node.real, node.path)
+            if number is not None:
+                return number
+        elif node.index is not None:  # an indexed lower hard link: the number of its origin, as the kernel's
+            return self.map_ino(os.lstat(self.real(*node.parts[0])))
         return self.map_ino(node.st)
 
+    def upper_origin_ino(self, real, path=None):
+        """The st_ino the upper object at `real` (merged `path`), or open at descriptor `real`, shows by
+        its origin; None for its own."""
+        nofollow = {} if isinstance(real, int) else {"follow_symlinks": False}
+        try:
+            value = os.getxattr(real, self.prefix + KERNEL_ORIGIN, **nofollow)
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.ENOENT):
+                raise
+            value = None
+        if value is not None:
+            number = self._origins.get(value, False)
+            if number is False:
+                number = self._origins[value] = self._decode_origin(value)
+            if number is not None:
+                return number
+        try:  # what cowfs recorded before it wrote the kernel's
+            return int(os.getxattr(real, self.prefix + ORIGIN, **nofollow))
+        except (OSError, ValueError):
+            return self.remembered.get(path)
+
+    def _decode_origin(self, value):
+        """The st_ino an origin file handle gives, as the kernel finds it: in the first lower layer
+        on a filesystem of the handle's UUID; None when it is unknown or gone."""
+        try:
+            decoded = handles.decode(value)
+        except ValueError:
+            return None  # the kernel warns "invalid origin" and goes on without it
+        if decoded is None:
+            return None
+        _, kind, uuid, data = decoded
+        for layer in range(1, len(self.roots)):
+            root = self.roots[layer]
+            dev = os.stat(root).st_dev
+            if self.fs_uuid(dev) != uuid:
+                continue
+            try:
+                fd = handles.open_handle(root, kind, data)
+            except OSError as e:
+                if e.errno == errno.EPERM:  # no CAP_DAC_READ_SEARCH: the number the handle carries
+                    number = handles.handle_ino(kind, data)
+                    return None if number is None else self.map_dev_ino(dev, number)
+                if e.errno in (errno.ESTALE, errno.ENOENT, errno.EINVAL, errno.EOPNOTSUPP):
+                    return None
+                raise
+            try:
+                return self.map_ino(os.fstat(fd))
+            finally:
+                os.close(fd)
+        return None
+
+    def fs_uuid(self, dev):
+        """The UUID of the filesystem of device `dev` (one of the layers')."""
+        uuid = self._uuids.get(dev)
+        if uuid is None:
+            root = next(r for r in self.roots if r is not None and os.stat(r).st_dev == dev)
+            uuid = self._uuids[dev] = handles.fs_uuid(root)
+        return uuid
+
+    def origin_handle(self, src, st, indexed=False):
+        """The origin xattr value for a copy-up of lower object `src` (a path or descriptor) with lstat
+        `st`: its file handle, as the kernel records it; None when none is recorded (a lower hard
+        link, whose copy-up breaks it unless indexed; a filesystem without file handles)."""
+        if not (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1 or indexed):
+            return None
+        try:
+            return handles.encode(src, self.fs_uuid(st.st_dev))
+        except StopIteration:
+            return None
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EPERM):
+                return None
+            raise
+
     def origin_ino(self, st):
-        """The number to record when a lower object with lstat `st` is copied up, or None when it must not be kept.
+        """The number to keep in memory when a copy cannot carry the origin xattr (a symlink or special file
+        under userxattr), or None when it must not be kept.
 
         As in the kernel with index=off, a lower hard link may be broken by copy-up,
         so a lower file with several links does not pass its number on.
@@ -424,8 +505,26 @@ class Layers:
         layer, _, real, st = found[0]
         top_redirect = get_marker(real, self.prefix, REDIRECT) if layer == 0 and (
             stat.S_ISDIR(st.st_mode) or data_wanted) else None
-        return Node(join(parent.path, name), layer, real, st, tuple((i, r) for i, r, _, _ in found), top_redirect,
-                    data)
+        parts = tuple((i, r) for i, r, _, _ in found)
+        if layer > 0 and self.index is not None and st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            entry = self.index_entry(real, st)
+            if entry is not None:  # another name of this lower file was copied up: this name is that inode
+                return Node(join(parent.path, name), layer, entry, os.lstat(entry), parts, index=entry)
+        return Node(join(parent.path, name), layer, real, st, parts, top_redirect, data)
+
+    def index_entry(self, real, st):
+        """index=on: the path of the index entry of lower object `real` (lstat `st`) when it has one."""
+        origin = self.origin_handle(real, st, indexed=True)
+        if origin is None:
+            return None
+        entry = self.index + "/" + handles.index_name(origin)
+        try:
+            entry_st = os.lstat(entry)
+        except FileNotFoundError:
+            return None
+        if is_whiteout(entry_st) or stat.S_IFMT(entry_st.st_mode) != stat.S_IFMT(st.st_mode):
+            return None  # a stale entry (nfs_export's whiteout) or another kind of object: not this one
+        return entry
 
     def lower_positive(self, parent, name):
         """True when a lower layer shows `name` under `parent`: removing it from the upper needs a whiteout."""
@@ -472,9 +571,7 @@ class Layers:
         """st_ino of an entry listed from a directory on device `dev`, the number getattr gives,
         at the cost of a syscall only in the upper."""
         if layer == 0:
-            origin = get_marker(entry.path, self.prefix, ORIGIN)
-            if origin:
-                return int(origin)
-            if path in self.remembered:
-                return self.remembered[path]
+            number = self.upper_origin_ino(entry.path, path)
+            if number is not None:
+                return number
         return self.map_dev_ino(dev, entry.inode())

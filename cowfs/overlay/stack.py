@@ -43,6 +43,7 @@ class Stack:
     metacopy: bool = False
     oci_whiteouts: bool = False
     volatile: bool = False  # no sync to the upper (copy-ups, fsync), as the kernel's option
+    index: bool = False  # index=on: lower hard links stay one file after copy-up (WORKDIR/index)
     read_only: bool = False
     allow_other: bool = None
     fsname: str = "cowfs"
@@ -69,10 +70,10 @@ class Stack:
 
     @property
     def allow_offline_changes(self):
-        """As the kernel's ovl_allow_offline_changes: without redirects, metacopy (or index and
+        """As the kernel's ovl_allow_offline_changes: without redirects, metacopy or index (or
         xino, which cowfs does not have), lower layers may be changed while unmounted, so the
         overlay leaves no marker that would hide what a lower gains meanwhile (no opaque mkdir)."""
-        return not self.metacopy and self.redirect_dir != "on"
+        return not self.metacopy and self.redirect_dir != "on" and not self.index
 
     @property
     def follow_redirects(self):
@@ -89,6 +90,8 @@ class Stack:
             opts.append("redirect_dir=" + self.redirect_dir)
         if self.metacopy:
             opts.append("metacopy=on")
+        if self.index:
+            opts.append("index=on")
         opts += [name for name in ("userxattr", "oci_whiteouts", "volatile") if getattr(self, name)]
         opts += [f"{name}={mapping_value(getattr(self, name))}" for name in ("uidmapping", "gidmapping")
                  if getattr(self, name)]
@@ -178,7 +181,8 @@ def parse_options(option_strings):
                 continue
             if key in GENERIC_OPTIONS or key.startswith("x-") or key == "comment":
                 continue
-            if key in ("lowerdir", "upperdir", "workdir", "redirect_dir", "metacopy", "fsname") + OWNER_OPTIONS:
+            if key in ("lowerdir", "upperdir", "workdir", "redirect_dir", "metacopy", "index", "fsname") \
+                    + OWNER_OPTIONS:
                 if not has_value or not value:
                     raise StackError(f"option '{key}' needs a value")
                 values[key] = value
@@ -212,11 +216,15 @@ def parse_options(option_strings):
         raise StackError("conflicting options: userxattr,metacopy=on")
     if values.get("userxattr") and redirect == "on":
         raise StackError("conflicting options: userxattr,redirect_dir=on")
+    index = values.get("index", "off")
+    if index not in ("on", "off"):
+        raise StackError(f"bad value for index: '{index}' (on or off)")
     owners = {key: _owner_option(key, values[key]) for key in OWNER_OPTIONS if key in values}
     return Stack(
         lowers=lowers, upper=upper, work=work, redirect_dir=redirect, metacopy=metacopy,
         userxattr=bool(values.get("userxattr")), oci_whiteouts=bool(values.get("oci_whiteouts")),
         volatile=bool(values.get("volatile")) and upper is not None,  # the kernel ignores it without an upper
+        index=index == "on" and upper is not None,  # the kernel's index needs an upper (it is in the workdir)
         read_only=bool(values.get("ro")), allow_other=True if values.get("allow_other") else None,
         fsname=values.get("fsname", "cowfs"), mount_flags=tuple(flags),
         squash_to_root=bool(values.get("squash_to_root")), **owners,

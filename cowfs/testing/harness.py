@@ -83,6 +83,8 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("userxattr", ("userxattr", "metacopy=off"), ("userxattr",), userxattr=True),
     # metacopy=on implies redirect_dir=on in both; said explicitly
     Mode("metacopy", ("metacopy=on", "redirect_dir=on"), ("metacopy=on", "redirect_dir=on")),
+    # index=on: lower hard links stay one file across copy-up (WORKDIR/index is compared too)
+    Mode("index", ("index=on", "redirect_dir=on", "metacopy=off"), ("index=on", "redirect_dir=on")),
     Mode("many_layers", ("redirect_dir=on", "metacopy=off"), ("redirect_dir=on",), min_layers=4, max_layers=6),
     Mode("many_layers_off", ("redirect_dir=off", "metacopy=off"), ("redirect_dir=off",), min_layers=4,
          max_layers=6),
@@ -243,7 +245,8 @@ class Side:
     """
 
     def __init__(self, base: StrPath, label: str, kind: str, lowers: Sequence[StrPath], options: Iterable[str] = (),
-                 *, upper: StrPath | None = None, readonly: bool = False, cowfs_cmd: Sequence[str] | None = None):
+                 *, upper: StrPath | None = None, work: StrPath | None = None, readonly: bool = False,
+                 cowfs_cmd: Sequence[str] | None = None):
         if kind not in BACKENDS:
             raise ValueError(f"kind must be one of {BACKENDS}, not {kind!r}")
         base = os.fspath(base)
@@ -254,7 +257,7 @@ class Side:
         self.work: str | None = None
         if not readonly:
             self.upper = os.fspath(upper) if upper is not None else _mkdir(base, f"{label}-upper")
-            self.work = _mkdir(base, f"{label}-work")
+            self.work = os.fspath(work) if work is not None else _mkdir(base, f"{label}-work")
         self.mountpoint: str = _mkdir(base, f"{label}-mnt")
         self.mount: KernelOverlay | CowfsMount
         if kind == "kernel":
@@ -416,10 +419,11 @@ class Pair:
     def lower_changes(self) -> list[str]:
         return lower_changes(self.lowers, self.lowers_before)
 
-    def read_upper(self, tag: str, kind: str, upper: StrPath) -> dict:
-        """Mount *upper* over the lowers with a fresh *kind* side (``BASE/TAG-work``, ``-mnt``), in this
-        mode, and snapshot it; always unmounted.  Raises MountError when mounting or unmounting fails."""
-        with Side(self.base, tag, kind, self.lowers, self.mode.options(kind), upper=upper) as side:
+    def read_upper(self, tag: str, kind: str, upper: StrPath, work: StrPath | None = None) -> dict:
+        """Mount *upper* over the lowers with a fresh *kind* side (``BASE/TAG-work``, ``-mnt``; or the
+        workdir *work*, which an index=on upper needs: its index holds data), in this mode, and snapshot
+        it; always unmounted.  Raises MountError when mounting or unmounting fails."""
+        with Side(self.base, tag, kind, self.lowers, self.mode.options(kind), upper=upper, work=work) as side:
             return snapshot(side.mountpoint)
 
 
@@ -460,6 +464,17 @@ def run_scenario(side: Side, ops: Callable[[Session], Any], *, name: str, readon
             side.unmount()
 
 
+def index_snapshot(work: str, userxattr: bool) -> dict:
+    """WORKDIR/index of an index=on mount, less the kernel's temporary `#` entries (its shared whiteout)."""
+    snap = upper_snapshot(os.path.join(work, "index"), userxattr)
+    upper = ("user.overlay." if userxattr else "trusted.overlay.") + "upper"  # a handle of each side's own upper
+    snap["entries"].get(".", {}).get("xattrs", {}).pop(upper, None)
+    snap["entries"] = {rel: info for rel, info in snap["entries"].items() if not rel.startswith("#")}
+    snap["hardlinks"] = [[rel for rel in group if not rel.startswith("#")] for group in snap["hardlinks"]]
+    snap["hardlinks"] = [group for group in snap["hardlinks"] if len(group) > 1]
+    return snap
+
+
 def compare_scenario(pair: Pair, ops: Callable[[Session], Any], *, name: str,
                      timeout: float) -> tuple[list[str], list[tuple[str, Outcome]]]:
     """Run a fixed scenario on both sides of *pair* and compare: every outcome (less the known
@@ -492,7 +507,13 @@ def compare_scenario(pair: Pair, ops: Callable[[Session], Any], *, name: str,
             problems.append(f"upper directories differ (kernel vs {backend}):\n"
                             + diff_snapshots(ref_upper, got_upper, "kernel", backend))
         # the kernel must read the upper directory the tested side wrote, and see the same tree
-        kernel_view = pair.read_upper("check", "kernel", pair.tested.upper)
+        if "index=on" in pair.kernel.options:  # the index, as each side left it (not the kernel's temp names)
+            ref_index, got_index = (index_snapshot(side.work, userxattr) for side in (pair.kernel, pair.tested))
+            if ref_index != got_index:
+                problems.append(f"WORKDIR/index differs (kernel vs {backend}):\n"
+                                + diff_snapshots(ref_index, got_index, "kernel", backend))
+        kernel_view = pair.read_upper("check", "kernel", pair.tested.upper,
+                                      pair.tested.work if "index=on" in pair.kernel.options else None)
         if kernel_view != got_tree:
             problems.append(f"kernel mounting {backend}'s upper sees another tree:\n"
                             + diff_snapshots(got_tree, kernel_view, backend, "kernel-over-upper"))
