@@ -54,6 +54,7 @@ MACHINES = {
     "many_layers": ManyLayers,
     "many_layers_off": ManyLayersOff,
     "metacopy": parity_machine("metacopy"),
+    "index": parity_machine("index"),
 }
 
 @pytest.mark.parametrize("mode", list(MACHINES), ids=list(MACHINES))
