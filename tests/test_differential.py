@@ -46,6 +46,7 @@ from cowfs.testing.layers import (
     File,
     HardLink,
     Layer,
+    Oct,
     Pattern,
     StackSpec,
     Symlink,
@@ -840,6 +841,94 @@ def sc_index_rename_link(fs: Session):
     _link_names(fs, ("hl/three", "pair/b"))
     fs.listdir("hl")
     fs.listdir("pair")
+
+
+# -- data-only lower layers (`lowerdir=A:B::D1::D2`): a composefs-style stack ----------------------
+
+def _meta(path, size, redirect, mode=0o644):
+    """A metacopy file of the metadata layer: `size` bytes of hole, its data at absolute `redirect`."""
+    return File(path, hole=size, mode=Oct(mode),
+                xattrs=(("overlay.metacopy", b""), ("overlay.redirect", redirect.encode())))
+
+
+COMPOSEFS = StackSpec(
+    Layer(  # the metadata layer
+        _meta("etc/hosts", 12, "/ab/cdef"),
+        _meta("bin/tool", 10, "/cd/0123", mode=0o755),
+        _meta("shadowed", 8, "/ab/shadow"),
+        _meta("in_lower", 16, "/objects/lowerdata"),
+        _meta("missing", 5, "/zz/none"),
+        _meta("big.img", 1_000_000, "/ab/sparse"),
+        File("plain.txt", b"plain in the metadata layer\n"),
+    ),
+    Layer(  # a normal lower layer
+        File("lower.txt", b"a normal lower file\n"),
+        File("objects/lowerdata", b"data in a lower\n"),
+    ),
+    Layer(  # data-only
+        File("ab/cdef", b"127.0.0.1 x\n"),
+        File("ab/shadow", b"from d1\n"),
+        File("never_by_name.txt", b"a data-only layer's names never show\n"),
+        File("ab/sparse", hole=1_000_000),
+    ),
+    Layer(  # data-only
+        File("ab/shadow", b"from d2\n"),
+        File("cd/0123", b"tool data\n", mode=Oct(0o600)),
+        File("plain.txt", b"hidden: data-only\n"),
+    ),
+)
+"""Two lower layers (metacopy files with absolute redirects, and a normal one) over two data-only layers."""
+
+
+def data_only_scenario(readonly=False):
+    def register(fn):
+        name = fn.__name__.removeprefix("sc_")
+        assert name not in SCENARIOS, name
+        SCENARIOS[name] = Scenario(name, fn, COMPOSEFS, ("data_only",), readonly)
+        return fn
+    return register
+
+
+COMPOSED = ("etc/hosts", "bin/tool", "shadowed", "in_lower", "plain.txt", "lower.txt")
+
+
+@data_only_scenario(readonly=True)
+def sc_data_only_read(fs: Session):
+    """Names come from the lower layers only; data through each redirect, from the first data layer
+    that has it (or the normal lower below the metadata layer)."""
+    fs.listdir("")
+    for rel in ("etc", "bin", "ab", "cd", "never_by_name.txt", "objects"):
+        fs.stat(rel)
+    for rel in COMPOSED:
+        fs.stat(rel)
+        fs.read(rel)
+    fs.stat("missing")
+    fs.read("missing")
+    fs.stat("big.img")  # the data not looked up yet: the kernel shows the size's pages as blocks
+    fs.digest("big.img")
+    fs.stat("big.img")  # now the data file's own (none: all hole)
+
+
+@data_only_scenario()
+def sc_data_only_copy_up(fs: Session):
+    """Copy-up of metacopy files whose data is in a data-only layer: metadata only, then the data."""
+    fs.chmod("etc/hosts", 0o600)
+    fs.read("etc/hosts")
+    fs.stat("etc/hosts")
+    fs.write("bin/tool", b"TOOL", W, offset=0)
+    fs.read("bin/tool")
+    fs.rename("shadowed", "etc/moved")
+    fs.read("etc/moved")
+    fs.link("in_lower", "bin/also")
+    fs.read("bin/also")
+    fs.unlink("plain.txt")
+    fs.listdir("")
+    fs.remount()
+    for rel in ("etc/hosts", "bin/tool", "etc/moved", "bin/also", "in_lower"):
+        fs.stat(rel)
+        fs.read(rel)
+    fs.listdir("")
+    fs.listdir("etc")
 
 
 @scenario(layers=LOWER_LINKS, userxattr=True)

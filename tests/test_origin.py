@@ -171,3 +171,72 @@ def test_st_ino_the_same_over_the_others_upper(shared_tmp, writer, reader, optio
     assert {n: read[n] for n in same} == {n: lower_inos[n] for n in same}
     if not index:
         assert read["hl1"] == os.lstat(upper + "/hl1").st_ino  # a broken lower hard link: its own number
+
+
+def test_index_off_without_file_handles(tmp_path, monkeypatch):
+    """A layer whose filesystem gives no file handles: index=on goes on as index=off, with a warning."""
+    lower, upper, work = _layers(tmp_path)
+    monkeypatch.setattr(handles, "supports_handles", lambda path: path != lower)
+    u = _union(lower, upper, work, "index=on")
+    try:
+        assert u.layers.index is None and not os.path.exists(work + "/index")
+        assert u.warnings == ["index=on: a layer's filesystem gives no file handles; going on with index=off"]
+        u.chmod("/hl1", 0o600)
+        assert u.getattr("/hl2")["st_ino"] != u.getattr("/hl1")["st_ino"]  # broken, as with index=off
+    finally:
+        u.close()
+
+
+# -- data-only lower layers ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("value,lowers,data", [
+    ("a:b::c::d", ["a", "b"], ("c", "d")),
+    ("a::c", ["a"], ("c",)),
+    ("a\\::b", ["a:", "b"], ()),
+])
+def test_data_only_layers_parsed(value, lowers, data):
+    stack = parse_options([f"lowerdir={value},metacopy=on"])
+    assert (stack.lowers, stack.data_lowers) == (lowers, data)
+    assert stack.option_string().startswith(f"lowerdir={value},")
+
+
+@pytest.mark.parametrize("value,message", [
+    ("::c", "need a lower layer above them"),
+    ("a::c:d", "regular lower layers cannot follow data lower layers"),
+    ("a:::c", "empty layer"),
+    ("a::", "empty layer"),
+])
+def test_data_only_layers_refused(value, message):
+    with pytest.raises(StackError, match=message):
+        parse_options([f"lowerdir={value}"])
+
+
+def test_datadir_needs_lowerdir_plus():
+    """As the kernel: datadir+= appends after lowerdir+= layers, never after a lowerdir= list."""
+    with pytest.raises(StackError, match="datadir\\+ cannot follow lowerdir="):
+        parse_options(["lowerdir=/a,datadir+=/d"])
+    with pytest.raises(StackError, match="needs a value"):
+        parse_options(["lowerdir=/a,datadir+="])
+
+
+def test_data_only_reached_by_absolute_redirect_only(tmp_path):
+    meta, data = tmp_path / "meta", tmp_path / "data"
+    (data / "objects").mkdir(parents=True)
+    (data / "objects/abc").write_bytes(b"the data\n")
+    (data / "shown").write_bytes(b"never by name\n")
+    meta.mkdir()
+    f = meta / "file"
+    f.write_bytes(b"")
+    os.truncate(f, 9)
+    os.setxattr(f, TRUSTED + "metacopy", b"")
+    os.setxattr(f, TRUSTED + "redirect", b"/objects/abc")
+    u = Union(check(parse_options([f"lowerdir={meta}::{data},metacopy=on"])))
+    h = u.open("/file", os.O_RDONLY)
+    assert u.read(h, 100, 0) == b"the data\n"
+    u.release(h)
+    assert sorted(name for name, *_ in u.readdir("/")) == [".", "..", "file"]
+    for path in ("/shown", "/objects"):
+        with pytest.raises(OSError) as e:
+            u.getattr(path)
+        assert e.value.errno == errno.ENOENT
+    assert u.getattr("/file")["st_ino"] == os.lstat(f).st_ino  # the metadata file's number, not the data's

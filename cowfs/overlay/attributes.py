@@ -12,6 +12,7 @@ options (idmap.py) then apply to every owner shown, and back to every owner give
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -55,8 +56,11 @@ class Attributes:
             override.present(attrs, node.real)
         if self.idmap:
             self.idmap.show(attrs)
-        if node.data is not None:
-            attrs["st_blocks"] = os.lstat(node.data).st_blocks  # the blocks are still the lower file's
+        if node.data is not None and self.layers.data_unreached(node.data):
+            attrs["st_blocks"] = (st.st_size + 4095) // 4096 * 8  # the kernel's estimate (data not looked up yet)
+        elif node.data is not None:
+            with contextlib.suppress(FileNotFoundError):  # the data of a data-only layer may be missing
+                attrs["st_blocks"] = os.lstat(node.data).st_blocks  # the blocks are still the lower file's
         if not node.in_upper and not node.is_dir and st.st_nlink > 1 and self.layers.index is None:
             # A lower hard link: a copy-up will break it, so the kernel overlay gives each of its
             # names an inode of its own; a FUSE adapter does the same.

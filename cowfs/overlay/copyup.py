@@ -146,7 +146,7 @@ def copy_mode_and_times(st, path):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
-def build_copy(src, st, tmp, prefix, origin, metadata_only=False, sync=True):
+def build_copy(src, st, tmp, prefix, origin, metadata_only=False, sync=True, data=None):
     """Build at `tmp` a full copy of the object at `src` (type, data, owner, mode, times, xattrs).
 
     `src` is a path, or for a regular file an open descriptor of it (a file
@@ -154,7 +154,8 @@ def build_copy(src, st, tmp, prefix, origin, metadata_only=False, sync=True):
     entries stay in the lower and merge. With `metadata_only` a regular file
     gets its size but no data (all hole) and the metacopy marker, as the
     kernel's metacopy=on does. `origin`, the lower object's file handle in the
-    kernel's format (see handles.py), is recorded when given. The data is synced before the copy is renamed
+    kernel's format (see handles.py), is recorded when given. `data` is the
+    file that holds a lower metacopy file's data (its own is all hole). The data is synced before the copy is renamed
     into place (unless `sync` is false, for volatile mounts), so a crash never
     leaves an empty file over a lower one.
     """
@@ -165,7 +166,7 @@ def build_copy(src, st, tmp, prefix, origin, metadata_only=False, sync=True):
             if metadata_only:
                 os.ftruncate(fd_out, st.st_size)
             else:
-                _copy_into(src, fd_out, st.st_size, sync)
+                _copy_into(data if data is not None else src, fd_out, st.st_size, sync)
         finally:
             os.close(fd_out)
         if metadata_only:
@@ -414,7 +415,8 @@ class CopyUp:
             if number is not None:
                 self.layers.remembered[node.path] = number  # no user.* xattr on this type: keep it in memory
         origin = self.layers.origin_handle(node.real, node.st, self._indexed(node))
-        build_copy(node.real, node.st, tmp, self.prefix, origin, meta_only, sync=not self.stack.volatile)
+        build_copy(node.real, node.st, tmp, self.prefix, origin, meta_only, sync=not self.stack.volatile,
+                   data=node.data)
 
     def _indexed(self, node):
         """index=on: whether `node` is copied up through WORKDIR/index, as the kernel's ovl_need_index

@@ -83,6 +83,17 @@ def renamed_paths(paths, old, new, exchange=False):
     return moves
 
 
+def _data_path(path, redirect):
+    """Where a walk goes after `redirect`, for the data-only layers: None until a redirect is absolute
+    (only those lead there), then that path, a relative redirect replacing its last component."""
+    if redirect.startswith("/"):
+        return redirect.strip("/")
+    if path is None:
+        return None
+    head = path.rpartition("/")[0]
+    return (head + "/" if head else "") + redirect
+
+
 def parent_of(path):
     head, _, name = path.rpartition("/")
     return (head or "/"), name
@@ -112,7 +123,8 @@ class Layers:
     LISTING_MIN_PARTS = 3  # a directory in fewer layers is looked up with lstat alone
 
     def __init__(self, stack):
-        self.roots = [stack.upper] + list(stack.lowers)
+        self.roots = [stack.upper] + list(stack.lowers) + list(stack.data_lowers)
+        self.first_data = 1 + len(stack.lowers)  # the data-only layers: from here to the end, never by name
         self.prefix = stack.prefix
         self.oci = stack.oci_whiteouts
         self.follow_redirects = stack.follow_redirects
@@ -136,6 +148,9 @@ class Layers:
         # Numbers kept in memory for copies that cannot carry the origin xattr (symlinks and
         # special files under userxattr): merged path -> st_ino, as the kernel's cached inode keeps it.
         self.remembered = {}
+        # Data in data-only layers that has been opened: the kernel looks such data up only when first
+        # needed, and until then shows its blocks as the size rounded up to pages.
+        self.data_reached = set()
         self.index = None  # WORKDIR/index with index=on (set by the engine once the workdir is claimed)
         self._uuids = {}  # st_dev -> the UUID of that filesystem, as origin file handles carry it
         self._origins = {}  # an origin xattr's value -> the st_ino it gives (None: not to be used)
@@ -284,7 +299,7 @@ class Layers:
 
     # -- lookup ----------------------------------------------------------------------------------
     def root(self):
-        parts = tuple((layer, "") for layer, root in enumerate(self.roots) if root is not None)
+        parts = tuple((layer, "") for layer, root in enumerate(self.roots[:self.first_data]) if root is not None)
         top = parts[0][0]
         real = self.roots[top]
         return Node("/", top, real, os.lstat(real), parts)
@@ -422,7 +437,7 @@ class Layers:
         pos, last = 0, -1
         while True:
             if absolute:
-                layer = next((i for i in range(last + 1, len(self.roots)) if self.roots[i] is not None), None)
+                layer = next((i for i in range(last + 1, self.first_data) if self.roots[i] is not None), None)
                 if layer is None:
                     return
                 rel = target
@@ -448,6 +463,7 @@ class Layers:
         """Look `name` up in the directory `parent`; None when it does not exist in the merged view."""
         found = []
         redirect_seen = None
+        data_path = None  # after an absolute redirect: the path it leads to, for the data-only layers
         data_wanted, data = False, None
         walk = self._targets(parent, name, self._candidates(parent, name))
         for layer, rel in walk:
@@ -470,7 +486,14 @@ class Layers:
                     if get_marker(real, self.prefix, METACOPY) is None:
                         data = real
                         break
-                    continue  # itself metadata only (a lower layer that was once an upper)
+                    # itself metadata only (a lower layer that was once an upper, or a composefs-style
+                    # metadata layer): its redirect leads on
+                    redirect = get_marker(real, self.prefix, REDIRECT)
+                    if redirect:
+                        self._check_redirect(redirect, join(parent.path, name))
+                        redirect_seen, data_path = redirect, _data_path(data_path, redirect)
+                        walk.send(redirect)
+                    continue
                 break
             if not stat.S_ISDIR(st.st_mode):
                 if found:
@@ -483,7 +506,7 @@ class Layers:
                     redirect = get_marker(real, self.prefix, REDIRECT)
                     if redirect:
                         self._check_redirect(redirect, join(parent.path, name))
-                        redirect_seen = redirect
+                        redirect_seen, data_path = redirect, _data_path(data_path, redirect)
                         walk.send(redirect)
                     continue
                 break
@@ -500,6 +523,10 @@ class Layers:
                     walk.send(redirect)
         if not found:
             return None
+        if data_wanted and data is None and data_path is not None and self.first_data < len(self.roots):
+            # As the kernel, which looks in the data-only layers only when the data is first needed: the
+            # name exists; reaching its data fails with ENOENT (the path where it was sought).
+            data = self._data_only(data_path) or self.real(self.first_data, data_path)
         if data_wanted and data is None:
             raise os_error(errno.EIO, join(parent.path, name))  # a metadata-only copy whose data is gone
         layer, _, real, st = found[0]
@@ -511,6 +538,25 @@ class Layers:
             if entry is not None:  # another name of this lower file was copied up: this name is that inode
                 return Node(join(parent.path, name), layer, entry, os.lstat(entry), parts, index=entry)
         return Node(join(parent.path, name), layer, real, st, parts, top_redirect, data)
+
+    def data_unreached(self, data):
+        """Whether `data` is in a data-only layer and not yet opened (see data_reached)."""
+        return data not in self.data_reached and any(
+            data.startswith(root + "/") for root in self.roots[self.first_data:])
+
+    def _data_only(self, rel):
+        """The data of a metacopy file whose absolute redirect leads to `rel`: the first regular file at
+        `rel` in the data-only layers (no whiteout, opaque dir or symlink counts there), or None."""
+        for layer in range(self.first_data, len(self.roots)):
+            if not self._through_dirs(layer, rel):
+                continue
+            real = self.real(layer, rel)
+            try:
+                if stat.S_ISREG(os.lstat(real).st_mode):
+                    return real
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        return None
 
     def index_entry(self, real, st):
         """index=on: the path of the index entry of lower object `real` (lstat `st`) when it has one."""

@@ -37,6 +37,9 @@ class Stack:
 
     lowers: list
     upper: str = None
+    # Data-only lower layers (`lowerdir=A::D1::D2`, `datadir+=D`), below every lower: never looked up
+    # by name, only for the data of a metacopy file whose redirect is absolute.
+    data_lowers: tuple = ()
     work: str = None
     redirect_dir: str = "off"
     userxattr: bool = False
@@ -83,7 +86,7 @@ class Stack:
 
     def option_string(self):
         """The stack as the kernel's `-o` option string (for /proc/mounts-like reports and re-mounting)."""
-        opts = [lowerdir_option(self.lowers)]
+        opts = [lowerdir_option(self.lowers) + "".join("::" + escape_layer_path(p) for p in self.data_lowers)]
         if self.upper is not None:
             opts.append(upperdir_option(self.upper, self.work))
         if self.redirect_dir != "off":
@@ -186,6 +189,10 @@ def parse_options(option_strings):
                 if not has_value or not value:
                     raise StackError(f"option '{key}' needs a value")
                 values[key] = value
+            elif key == "datadir+":
+                if not has_value or not value:
+                    raise StackError(f"option '{key}' needs a value")
+                values.setdefault(key, []).append(value)
             elif key in ("userxattr", "oci_whiteouts", "volatile", "ro", "allow_other", "squash_to_root") \
                     and not has_value:
                 values[key] = True
@@ -193,9 +200,10 @@ def parse_options(option_strings):
                 raise StackError(f"unknown option '{opt}'")
     if "lowerdir" not in values:
         raise StackError("missing 'lowerdir'")
-    lowers = split_layers(values["lowerdir"])
-    if any(not p for p in lowers):
-        raise StackError(f"empty layer in lowerdir={values['lowerdir']!r}")
+    lowers, data_lowers = _lower_layers(values["lowerdir"])
+    if "datadir+" in values:  # as the kernel: data layers append after lowerdir+ layers, not after lowerdir=
+        raise StackError("conflicting options: datadir+ cannot follow lowerdir= (use lowerdir+=, or "
+                         "lowerdir=A::DATA)")
     upper = unescape(values["upperdir"]) if "upperdir" in values else None
     work = unescape(values["workdir"]) if "workdir" in values else None
     if upper is not None and work is None:
@@ -221,7 +229,7 @@ def parse_options(option_strings):
         raise StackError(f"bad value for index: '{index}' (on or off)")
     owners = {key: _owner_option(key, values[key]) for key in OWNER_OPTIONS if key in values}
     return Stack(
-        lowers=lowers, upper=upper, work=work, redirect_dir=redirect, metacopy=metacopy,
+        lowers=lowers, data_lowers=tuple(data_lowers), upper=upper, work=work, redirect_dir=redirect, metacopy=metacopy,
         userxattr=bool(values.get("userxattr")), oci_whiteouts=bool(values.get("oci_whiteouts")),
         volatile=bool(values.get("volatile")) and upper is not None,  # the kernel ignores it without an upper
         index=index == "on" and upper is not None,  # the kernel's index needs an upper (it is in the workdir)
@@ -229,6 +237,27 @@ def parse_options(option_strings):
         fsname=values.get("fsname", "cowfs"), mount_flags=tuple(flags),
         squash_to_root=bool(values.get("squash_to_root")), **owners,
     )
+
+
+def _lower_layers(value):
+    """The lower layers and the data-only layers of a `lowerdir=` value: `A:B::D1::D2`, each data-only
+    layer after a double colon, below every lower, as the kernel reads it (and refuses otherwise)."""
+    parts = split_layers(value)
+    lowers, data, after_double = [], [], False
+    for i, part in enumerate(parts):
+        if not part:
+            if i == 0 or i == len(parts) - 1 or not parts[i - 1]:
+                raise StackError(f"empty layer in lowerdir={value!r}" + (
+                    " (data-only layers need a lower layer above them)" if i == 0 and len(parts) > 2 else ""))
+            after_double = True
+            continue
+        if after_double:
+            if parts[i - 1]:
+                raise StackError(f"lowerdir={value!r}: regular lower layers cannot follow data lower layers")
+            data.append(part)
+        else:
+            lowers.append(part)
+    return lowers, data
 
 
 def _owner_option(key, value):
@@ -291,7 +320,8 @@ def check(stack, mountpoint=None):
         return real
 
     lowers = [real_dir(p, "lowerdir") for p in stack.lowers]
-    named = [(f"lowerdir {p}", r) for p, r in zip(stack.lowers, lowers)]
+    data_lowers = tuple(real_dir(p, "data-only lowerdir") for p in stack.data_lowers)
+    named = [(f"lowerdir {p}", r) for p, r in zip(stack.lowers + list(stack.data_lowers), lowers + list(data_lowers))]
     upper = work = None
     if stack.upper is not None:
         upper = real_dir(stack.upper, "upperdir")
@@ -323,4 +353,4 @@ def check(stack, mountpoint=None):
                                  "layer only, as the kernel requires)")
             if _is_within(a, b) or _is_within(b, a):
                 raise StackError(f"{name_a}: overlaps {name_b}")
-    return dataclasses.replace(stack, lowers=lowers, upper=upper, work=work)
+    return dataclasses.replace(stack, lowers=lowers, data_lowers=data_lowers, upper=upper, work=work)

@@ -67,6 +67,7 @@ class Mode:
     userxattr: bool = False  # overlay xattrs in the layers are user.overlay.*, not trusted.overlay.*
     min_layers: int = 1
     max_layers: int = 3
+    data_only: int = 0  # the last lower layers of a stack are data-only (`lowerdir=A::D`)
 
     def options(self, kind: str) -> list[str]:
         """The options a *kind* ("kernel" or "cowfs") side is mounted with in this mode
@@ -85,6 +86,8 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("metacopy", ("metacopy=on", "redirect_dir=on"), ("metacopy=on", "redirect_dir=on")),
     # index=on: lower hard links stay one file across copy-up (WORKDIR/index is compared too)
     Mode("index", ("index=on", "redirect_dir=on", "metacopy=off"), ("index=on", "redirect_dir=on")),
+    # the last two lower layers are data-only (`lowerdir=A:B::D1::D2`): reached by metacopy redirects only
+    Mode("data_only", ("metacopy=on", "redirect_dir=on"), ("metacopy=on", "redirect_dir=on"), data_only=2),
     Mode("many_layers", ("redirect_dir=on", "metacopy=off"), ("redirect_dir=on",), min_layers=4, max_layers=6),
     Mode("many_layers_off", ("redirect_dir=off", "metacopy=off"), ("redirect_dir=off",), min_layers=4,
          max_layers=6),
@@ -246,7 +249,7 @@ class Side:
 
     def __init__(self, base: StrPath, label: str, kind: str, lowers: Sequence[StrPath], options: Iterable[str] = (),
                  *, upper: StrPath | None = None, work: StrPath | None = None, readonly: bool = False,
-                 cowfs_cmd: Sequence[str] | None = None):
+                 cowfs_cmd: Sequence[str] | None = None, data_only: int = 0):
         if kind not in BACKENDS:
             raise ValueError(f"kind must be one of {BACKENDS}, not {kind!r}")
         base = os.fspath(base)
@@ -262,9 +265,10 @@ class Side:
         self.mount: KernelOverlay | CowfsMount
         if kind == "kernel":
             self.mount = KernelOverlay(self.lowers, self.upper, self.work, self.mountpoint,
-                                       list(KERNEL_COMMON) + self.options)
+                                       list(KERNEL_COMMON) + self.options, data_only)
         else:
-            self.mount = CowfsMount(self.lowers, self.upper, self.work, self.mountpoint, self.options, cowfs_cmd)
+            self.mount = CowfsMount(self.lowers, self.upper, self.work, self.mountpoint, self.options, cowfs_cmd,
+                                    data_only)
         self.worker: Worker | None = None
 
     def __repr__(self) -> str:
@@ -393,9 +397,11 @@ class Pair:
         self.backend = backend
         self.readonly = readonly
         extra = list(cowfs_options) if backend == "cowfs" else []
-        self.kernel = Side(self.base, "kernel", "kernel", self.lowers, self.mode.options("kernel"), readonly=readonly)
+        data_only = self.mode.data_only
+        self.kernel = Side(self.base, "kernel", "kernel", self.lowers, self.mode.options("kernel"), readonly=readonly,
+                           data_only=data_only)
         self.tested = Side(self.base, "tested", backend, self.lowers, self.mode.options(backend) + extra,
-                           readonly=readonly)
+                           readonly=readonly, data_only=data_only)
         self.lowers_before = lower_snapshots(self.lowers)
 
     @property
@@ -423,7 +429,8 @@ class Pair:
         """Mount *upper* over the lowers with a fresh *kind* side (``BASE/TAG-work``, ``-mnt``; or the
         workdir *work*, which an index=on upper needs: its index holds data), in this mode, and snapshot
         it; always unmounted.  Raises MountError when mounting or unmounting fails."""
-        with Side(self.base, tag, kind, self.lowers, self.mode.options(kind), upper=upper, work=work) as side:
+        with Side(self.base, tag, kind, self.lowers, self.mode.options(kind), upper=upper, work=work,
+                  data_only=self.mode.data_only) as side:
             return snapshot(side.mountpoint)
 
 
