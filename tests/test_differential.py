@@ -830,12 +830,16 @@ def sc_index_unlink_names(fs: Session):
 @index_scenario()
 def sc_index_rename_link(fs: Session):
     """Renames and new links of a lower hard link: one inode throughout."""
+    fs.rename("pair/b", "pair/a")  # two names of one lower file: nothing happens, with index=on
+    fs.listdir("pair")
     fs.rename("hl/one", "hl/uno")
     _link_names(fs, ("hl/uno", "hl/two", "hl/three"))
     fs.remount()
     fs.link("hl/two", "hl/four")
     _link_names(fs, ("hl/two", "hl/uno", "hl/three", "hl/four"))
     fs.remount()
+    fs.rename("hl/three", "hl/two")  # two names of one file: nothing happens, with index=on
+    fs.listdir("hl")
     fs.rename("pair/a", "hl/three")  # replaces a name of the other group
     _link_names(fs, ("hl/uno", "hl/two", "hl/four"))
     _link_names(fs, ("hl/three", "pair/b"))

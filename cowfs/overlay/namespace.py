@@ -327,6 +327,8 @@ class Namespace:
                 raise os_error(errno.EISDIR, new)
             if src.in_upper and dst.in_upper and os.path.samestat(src.st, dst.st):
                 return False  # two links to one file: rename(2) does nothing
+            if self.layers.index is not None and not src.is_dir and os.path.samestat(src.st, dst.st):
+                return False  # index=on: names of one lower file (or its indexed copy) are one inode too
         if not self._can_move(src):
             raise os_error(errno.EXDEV, old)
         if dst is not None and dst.is_dir and self.layers.list_dir(dst):
