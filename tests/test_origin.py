@@ -240,3 +240,49 @@ def test_data_only_reached_by_absolute_redirect_only(tmp_path):
             u.getattr(path)
         assert e.value.errno == errno.ENOENT
     assert u.getattr("/file")["st_ino"] == os.lstat(f).st_ino  # the metadata file's number, not the data's
+
+
+def _impure_dirs(upper):
+    found = []
+    for top, dirs, _ in os.walk(upper):
+        for d in [top] + [os.path.join(top, x) for x in dirs]:
+            try:
+                if os.getxattr(d, TRUSTED + "impure") == b"y":
+                    found.append(os.path.relpath(d, upper))
+            except OSError:
+                pass
+    return sorted(set(found))
+
+
+@pytest.mark.kernel
+@pytest.mark.fuse
+def test_impure_dirs_as_the_kernels_and_its_readdir_d_ino(shared_tmp):
+    """Copy-up marks the upper parent "impure", and so does a rename of an object with an origin into
+    another directory, on both; the kernel reading cowfs's upper then lists each entry with the
+    d_ino its stat shows."""
+    lower = os.path.join(shared_tmp, "lower")
+    os.makedirs(lower + "/d")
+    with open(lower + "/d/inner", "wb") as f:
+        f.write(b"x\n")
+    impure = {}
+    for kind in ("kernel", "cowfs"):
+        upper, work, mnt = (os.path.join(shared_tmp, f"{kind}-{x}") for x in ("upper", "work", "mnt"))
+        for d in (upper, work, mnt):
+            os.mkdir(d)
+        m = _mounted(kind, lower, upper, work, mnt, ["redirect_dir=on"])
+        try:
+            os.makedirs(mnt + "/newdir/sub")
+            os.chmod(mnt + "/d/inner", 0o600)
+            os.rename(mnt + "/d/inner", mnt + "/newdir/inner")
+            os.rename(mnt + "/newdir/sub", mnt + "/d/sub")
+        finally:
+            m.unmount()
+        impure[kind] = _impure_dirs(upper)
+    assert impure["cowfs"] == impure["kernel"] == [".", "d", "newdir"]
+    m = _mounted("kernel", lower, upper, work, mnt, ["redirect_dir=on"])
+    try:
+        for d in ("", "d", "newdir"):
+            for entry in os.scandir(os.path.join(mnt, d)):
+                assert entry.inode() == os.lstat(entry.path).st_ino, entry.path
+    finally:
+        m.unmount()

@@ -25,6 +25,7 @@ from cowfs.overlay.locking import DataFirst, locked_for
 from cowfs.overlay.lookup import parent_of
 from cowfs.overlay.syscalls import RENAME_NOREPLACE, rename2
 from cowfs.overlay.whiteout import (
+    IMPURE,
     KERNEL_ORIGIN,
     METACOPY,
     NLINK,
@@ -248,6 +249,13 @@ def set_nlink(real, prefix, nlink):
     set_marker(real, prefix, NLINK, f"U{nlink - os.lstat(real).st_nlink:+d}")
 
 
+def mark_impure(directory, prefix):
+    """Mark upper `directory` "impure", as the kernel does once it may hold an entry with an origin: the
+    kernel's readdir then gives such entries their origin's d_ino (cowfs's own does so everywhere)."""
+    if get_marker(directory, prefix, IMPURE) != "y":
+        set_marker(directory, prefix, IMPURE, "y")
+
+
 def restore_times(path, st):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
@@ -430,6 +438,7 @@ class CopyUp:
         os.link(entry, target, follow_symlinks=False)
         restore_times(parent_real, parent_st)
         set_nlink(entry, self.prefix, nlink)
+        mark_impure(parent_real, self.prefix)
 
     def _install(self, node, tmp, parent_real, meta_only, started):
         """Rename the finished copy of `node` into upper directory `parent_real`; returns its upper path.
@@ -442,6 +451,7 @@ class CopyUp:
             self._link_up(entry, target, parent_real, node.st.st_nlink)
         else:
             install(tmp, target, parent_real)
+        mark_impure(parent_real, self.prefix)  # as the kernel's copy-up, whatever it copied
         regular = stat.S_ISREG(node.st.st_mode)
         if regular and not meta_only:
             self._copied.add((node.st.st_dev, node.st.st_ino))

@@ -419,6 +419,8 @@ class Namespace:
             set_opaque(node.real, self.prefix)
             if self.events:
                 self.events.emit("opaque", to)
+        if from_parent != to_parent and _has_origin(node.real, self.prefix):
+            copyup.mark_impure(upper_parent.real, self.prefix)  # as the kernel's rename into another dir
         return node, upper_parent
 
     def _move_remembered(self, old, new, exchange=False):
@@ -437,6 +439,14 @@ class Namespace:
             os.mkdir(tmp, 0o700)
             set_opaque(tmp, self.prefix)
             rename2(tmp, real, RENAME_EXCHANGE)
+
+
+def _has_origin(real, prefix):
+    try:
+        os.getxattr(real, prefix + KERNEL_ORIGIN, follow_symlinks=False)
+    except OSError:
+        return False
+    return True
 
 
 def _lower_nlink(node):

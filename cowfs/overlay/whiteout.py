@@ -28,6 +28,7 @@ KERNEL_ORIGIN = "origin"
 # What cowfs recorded before it wrote the kernel's: the st_ino itself, still read
 # so that uppers written then keep their numbers (never written now).
 ORIGIN = "cowfs.origin"
+IMPURE = "impure"  # on an upper directory that may hold entries with an origin (the kernel's readdir d_ino)
 NLINK = "nlink"  # index=on: the merged link count of an indexed file, "U%+d" from the upper inode's
 UPPER = "upper"  # index=on: on the index directory, a handle of the upper root
 UUID = "uuid"  # on the upper root: the overlay's own UUID (uuid=on)
