@@ -286,3 +286,22 @@ def test_impure_dirs_as_the_kernels_and_its_readdir_d_ino(shared_tmp):
                 assert entry.inode() == os.lstat(entry.path).st_ino, entry.path
     finally:
         m.unmount()
+
+
+@pytest.mark.kernel
+@pytest.mark.fuse
+def test_index_refusal_matches_the_kernels(shared_tmp):
+    """An index=on upper mounted over other lower layers: the kernel refuses it (ESTALE, "failed to
+    verify upper root origin"), and so does cowfs, in one line."""
+    from cowfs.testing.mounts import MountError
+    lower, upper, work = _layers(shared_tmp)
+    other, mnt = os.path.join(shared_tmp, "other"), os.path.join(shared_tmp, "mnt")
+    os.mkdir(other)
+    os.mkdir(mnt)
+    _mounted("cowfs", lower, upper, work, mnt, ["index=on"]).unmount()
+    for kind in ("kernel", "cowfs"):
+        with pytest.raises(MountError) as e:
+            _mounted(kind, other, upper, work, mnt, ["index=on"])
+        assert ("Stale file handle" if kind == "kernel" else "origin is not lowerdir") in str(e.value)
+    _mounted("kernel", lower, upper, work, mnt, ["index=on"]).unmount()  # its own lower: both mount it
+    _mounted("cowfs", lower, upper, work, mnt, ["index=on"]).unmount()
