@@ -847,6 +847,16 @@ def sc_index_rename_link(fs: Session):
     fs.listdir("pair")
 
 
+@index_scenario()
+def sc_index_link_up_other_name(fs: Session):
+    """A change through a second name of an indexed file, the first still known to the mount: the
+    kernel links up the name used, cowfs the one first found (KNOWN_DIFFERENCES: index_link_up_name)."""
+    fs.chmod("hl/one", 0o600)
+    fs.stat("hl/two")
+    fs.utime("hl/two", (OLD_TIME_NS, OLD_TIME_NS))
+    _link_names(fs, ("hl/one", "hl/two", "hl/three"))
+
+
 # -- data-only lower layers (`lowerdir=A:B::D1::D2`): a composefs-style stack ----------------------
 
 def _meta(path, size, redirect, mode=0o644):
