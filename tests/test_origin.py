@@ -305,3 +305,20 @@ def test_index_refusal_matches_the_kernels(shared_tmp):
         assert ("Stale file handle" if kind == "kernel" else "origin is not lowerdir") in str(e.value)
     _mounted("kernel", lower, upper, work, mnt, ["index=on"]).unmount()  # its own lower: both mount it
     _mounted("cowfs", lower, upper, work, mnt, ["index=on"]).unmount()
+
+
+def test_an_indexed_copy_mounted_without_index_shows_its_own_number(tmp_path):
+    """As the kernel with index=off: the origin of a lower hard link is not used (the copy may be one of
+    several broken apart), so the upper's own number shows."""
+    lower, upper, work = _layers(tmp_path)
+    u = _union(lower, upper, work, "index=on")
+    try:
+        u.chmod("/hl1", 0o600)
+        assert u.getattr("/hl1")["st_ino"] == os.lstat(lower + "/hl1").st_ino
+    finally:
+        u.close()
+    u = _union(lower, upper, work)
+    try:
+        assert u.getattr("/hl1")["st_ino"] == os.lstat(upper + "/hl1").st_ino
+    finally:
+        u.close()

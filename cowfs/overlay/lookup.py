@@ -258,9 +258,14 @@ class Layers:
                     return None
                 raise
             try:
-                return self.map_ino(os.fstat(fd))
+                st = os.fstat(fd)
             finally:
                 os.close(fd)
+            # As the kernel: a lower hard link's number only for an indexed copy (it would be shared by
+            # the names a copy-up without index broke apart)
+            if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1 or self.index is not None:
+                return self.map_ino(st)
+            return None
         return None
 
     def fs_uuid(self, dev):
