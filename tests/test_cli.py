@@ -173,11 +173,12 @@ class TestOptionErrors:
         ("lowerdir={l1},upperdir={u}", "workdir", "missing"),
         ("lowerdir={l1},workdir={w}", "upperdir", "missing"),
         ("lowerdir={l1},bogus=1", "bogus", "unknown option"),
-        ("lowerdir={l1},index=on", "index", "unknown option"),
+        ("lowerdir={l1},index=maybe", "index", "bad value"),
         ("lowerdir={l1},upperdir={u},workdir={w},redirect_dir=maybe", "redirect_dir", "bad value|invalid"),
         ("lowerdir={l1},upperdir={u},workdir={w},userxattr,redirect_dir=on", "userxattr",
          "conflict|incompatible|not allowed"),
-        ("lowerdir={l1}::{l2}", "lowerdir", "empty"),
+        ("lowerdir={l1}:::{l2}", "lowerdir", "empty"),
+        ("lowerdir={l1}::{l2}:{l1}", "lowerdir", "cannot follow data"),
         ("lowerdir=", "lowerdir", "value|empty|missing"),
     ])
     def test_refused_in_one_line(self, dirs, capsys, never_mounts, option, named, reason):

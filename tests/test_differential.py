@@ -46,6 +46,7 @@ from cowfs.testing.layers import (
     File,
     HardLink,
     Layer,
+    Oct,
     Pattern,
     StackSpec,
     Symlink,
@@ -748,6 +749,200 @@ LOWER_LINKS = STD.with_entries((), (
     HardLink("hl/three", to="hl/one"),
 ))
 """The standard stack plus a file with three names in one lower layer."""
+
+
+# -- index=on: a lower hard link stays one file across copy-up ----------------
+
+INDEX_LINKS = LOWER_LINKS.with_entries((
+    File("pair/a", b"two names in the top layer\n"),
+    HardLink("pair/b", to="pair/a"),
+), ())
+"""LOWER_LINKS plus a two-name file in the top layer, for the index mode."""
+
+
+def index_scenario(*modes):
+    """A scenario of the index mode (index=on), on INDEX_LINKS; also in `modes`, e.g. with index=off,
+    where the same operations break the links (the kernel's default)."""
+    def register(fn):
+        name = fn.__name__.removeprefix("sc_")
+        assert name not in SCENARIOS, name
+        SCENARIOS[name] = Scenario(name, fn, INDEX_LINKS, ("index",) + modes)
+        return fn
+    return register
+
+
+def _link_names(fs, names):
+    for rel in names:
+        fs.stat(rel)
+        fs.check(f"same st_ino {rel} {names[0]}", fs.ino(rel) == fs.ino(names[0]))
+        fs.read(rel)
+
+
+# Each change goes through a name first looked up after a remount: FUSE hands the daemon an inode,
+# not the name, and the daemon acts on the name the inode was first found by (the kernel links up
+# the very name used; the merged view is the same either way, the upper would not be).
+
+@index_scenario("redirect_on")
+def sc_index_copyup_each_name(fs: Session):
+    """Copy-up of each name in turn: with index=on every name stays the same inode, one data."""
+    names = ("hl/one", "hl/two", "hl/three")
+    ino = fs.ino("hl/one")
+    fs.chmod("hl/one", 0o600)
+    _link_names(fs, names)
+    fs.remount()
+    fs.utime("hl/two", (OLD_TIME_NS, OLD_TIME_NS))
+    _link_names(fs, names)
+    fs.remount()
+    fs.setxattr("hl/three", "user.tag", b"3")
+    _link_names(fs, names)
+    fs.check("st_ino kept across copy-up", fs.ino("hl/one") == ino)
+    fs.listdir("hl")
+
+
+@index_scenario("redirect_on")
+def sc_index_write_one_read_other(fs: Session):
+    """Data written through one name shows through the others, copied up or not."""
+    fs.write("hl/two", b"written through two\n", W | TRUNC)
+    _link_names(fs, ("hl/two", "hl/one", "hl/three"))
+    fs.write("pair/a", b"appended\n", W | APPEND)
+    _link_names(fs, ("pair/a", "pair/b"))
+    fs.remount()
+    fs.write("hl/three", b"THREE", W, offset=0)
+    _link_names(fs, ("hl/three", "hl/one", "hl/two"))
+
+
+@index_scenario("redirect_on")
+def sc_index_unlink_names(fs: Session):
+    """Unlinking names one by one: the link count drops on every name left, the data stays."""
+    fs.unlink("hl/one")
+    _link_names(fs, ("hl/two", "hl/three"))
+    fs.remount()
+    fs.unlink("hl/three")
+    _link_names(fs, ("hl/two",))
+    fs.write("hl/two", b"last\n", W | APPEND)
+    fs.read("hl/two")
+    fs.unlink("hl/two")
+    fs.listdir("hl")
+    fs.unlink("pair/b")
+    _link_names(fs, ("pair/a",))
+
+
+@index_scenario()
+def sc_index_rename_link(fs: Session):
+    """Renames and new links of a lower hard link: one inode throughout."""
+    fs.rename("pair/b", "pair/a")  # two names of one lower file: nothing happens, with index=on
+    fs.listdir("pair")
+    fs.rename("hl/one", "hl/uno")
+    _link_names(fs, ("hl/uno", "hl/two", "hl/three"))
+    fs.remount()
+    fs.link("hl/two", "hl/four")
+    _link_names(fs, ("hl/two", "hl/uno", "hl/three", "hl/four"))
+    fs.remount()
+    fs.rename("hl/three", "hl/two")  # two names of one file: nothing happens, with index=on
+    fs.listdir("hl")
+    fs.rename("pair/a", "hl/three")  # replaces a name of the other group
+    _link_names(fs, ("hl/uno", "hl/two", "hl/four"))
+    _link_names(fs, ("hl/three", "pair/b"))
+    fs.listdir("hl")
+    fs.listdir("pair")
+
+
+@index_scenario()
+def sc_index_link_up_other_name(fs: Session):
+    """A change through a second name of an indexed file, the first still known to the mount: the
+    kernel links up the name used, cowfs the one first found (KNOWN_DIFFERENCES: index_link_up_name)."""
+    fs.chmod("hl/one", 0o600)
+    fs.stat("hl/two")
+    fs.utime("hl/two", (OLD_TIME_NS, OLD_TIME_NS))
+    _link_names(fs, ("hl/one", "hl/two", "hl/three"))
+
+
+# -- data-only lower layers (`lowerdir=A:B::D1::D2`): a composefs-style stack ----------------------
+
+def _meta(path, size, redirect, mode=0o644):
+    """A metacopy file of the metadata layer: `size` bytes of hole, its data at absolute `redirect`."""
+    return File(path, hole=size, mode=Oct(mode),
+                xattrs=(("overlay.metacopy", b""), ("overlay.redirect", redirect.encode())))
+
+
+COMPOSEFS = StackSpec(
+    Layer(  # the metadata layer
+        _meta("etc/hosts", 12, "/ab/cdef"),
+        _meta("bin/tool", 10, "/cd/0123", mode=0o755),
+        _meta("shadowed", 8, "/ab/shadow"),
+        _meta("in_lower", 16, "/objects/lowerdata"),
+        _meta("missing", 5, "/zz/none"),
+        _meta("big.img", 1_000_000, "/ab/sparse"),
+        File("plain.txt", b"plain in the metadata layer\n"),
+    ),
+    Layer(  # a normal lower layer
+        File("lower.txt", b"a normal lower file\n"),
+        File("objects/lowerdata", b"data in a lower\n"),
+    ),
+    Layer(  # data-only
+        File("ab/cdef", b"127.0.0.1 x\n"),
+        File("ab/shadow", b"from d1\n"),
+        File("never_by_name.txt", b"a data-only layer's names never show\n"),
+        File("ab/sparse", hole=1_000_000),
+    ),
+    Layer(  # data-only
+        File("ab/shadow", b"from d2\n"),
+        File("cd/0123", b"tool data\n", mode=Oct(0o600)),
+        File("plain.txt", b"hidden: data-only\n"),
+    ),
+)
+"""Two lower layers (metacopy files with absolute redirects, and a normal one) over two data-only layers."""
+
+
+def data_only_scenario(readonly=False):
+    def register(fn):
+        name = fn.__name__.removeprefix("sc_")
+        assert name not in SCENARIOS, name
+        SCENARIOS[name] = Scenario(name, fn, COMPOSEFS, ("data_only",), readonly)
+        return fn
+    return register
+
+
+COMPOSED = ("etc/hosts", "bin/tool", "shadowed", "in_lower", "plain.txt", "lower.txt")
+
+
+@data_only_scenario(readonly=True)
+def sc_data_only_read(fs: Session):
+    """Names come from the lower layers only; data through each redirect, from the first data layer
+    that has it (or the normal lower below the metadata layer)."""
+    fs.listdir("")
+    for rel in ("etc", "bin", "ab", "cd", "never_by_name.txt", "objects"):
+        fs.stat(rel)
+    for rel in COMPOSED:
+        fs.stat(rel)
+        fs.read(rel)
+    fs.stat("missing")
+    fs.read("missing")
+    fs.stat("big.img")  # the data not looked up yet: the kernel shows the size's pages as blocks
+    fs.digest("big.img")
+    fs.stat("big.img")  # now the data file's own (none: all hole)
+
+
+@data_only_scenario()
+def sc_data_only_copy_up(fs: Session):
+    """Copy-up of metacopy files whose data is in a data-only layer: metadata only, then the data."""
+    fs.chmod("etc/hosts", 0o600)
+    fs.read("etc/hosts")
+    fs.stat("etc/hosts")
+    fs.write("bin/tool", b"TOOL", W, offset=0)
+    fs.read("bin/tool")
+    fs.rename("shadowed", "etc/moved")
+    fs.read("etc/moved")
+    fs.link("in_lower", "bin/also")
+    fs.read("bin/also")
+    fs.unlink("plain.txt")
+    fs.listdir("")
+    fs.remount()
+    for rel in ("etc/hosts", "bin/tool", "etc/moved", "bin/also", "in_lower"):
+        fs.stat(rel)
+        fs.read(rel)
+    fs.listdir("")
+    fs.listdir("etc")
 
 
 @scenario(layers=LOWER_LINKS, userxattr=True)

@@ -1453,7 +1453,7 @@ class TestUnlinkedOpenFiles:
         attrs = u.fgetattr(h)
         assert stat.S_IMODE(attrs["st_mode"]) == 0o600
         assert (attrs["st_uid"], attrs["st_gid"], attrs["st_mtime"], attrs["st_nlink"]) == (1000, 0, FIXED_NS, 0)
-        assert set(os.listxattr(h.fd)) - {TRUSTED + "cowfs.origin"} == {"user.new", TRUSTED + "overlay.mine"}
+        assert set(os.listxattr(h.fd)) - {TRUSTED + "origin"} == {"user.new", TRUSTED + "overlay.mine"}
         assert u.read(h, 100, 0) == b"lower data"
         assert tree(env.upper) == {"a": "whiteout"}
         u.release(h)
@@ -1987,7 +1987,8 @@ class TestMetacopy:
         u.chmod("/f", 0o600)
         upper_f = env.upper / "f"
         assert xattr(upper_f, TRUSTED + "metacopy") == b""
-        assert os.stat(upper_f).st_size == 10000 and os.stat(upper_f).st_blocks == 0  # all hole
+        # all hole: its blocks are at most one xattr block (the origin file handle may not fit in the inode)
+        assert os.stat(upper_f).st_size == 10000 and os.stat(upper_f).st_blocks <= 8
         assert read_all(u, "/f") == b"lower data" * 1000
         h = u.open("/f", os.O_WRONLY)
         u.write(h, b"UPPER", 0)

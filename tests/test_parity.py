@@ -47,6 +47,9 @@ ManyLayersOff = parity_machine("many_layers_off")   # 4-6 lower layers, redirect
 RedirectOffKernelSelf = parity_machine("redirect_off", backend="kernel")
 RedirectOffStrict = type("RedirectOffStrict", (RedirectOff,), {"known_differences": frozenset()})
 
+Index = parity_machine("index")
+IndexStrict = type("IndexStrict", (Index,), {"known_differences": frozenset()})
+
 MACHINES = {
     "redirect_off": RedirectOff,
     "redirect_on": RedirectOn,
@@ -54,6 +57,7 @@ MACHINES = {
     "many_layers": ManyLayers,
     "many_layers_off": ManyLayersOff,
     "metacopy": parity_machine("metacopy"),
+    "index": Index,
 }
 
 @pytest.mark.parametrize("mode", list(MACHINES), ids=list(MACHINES))
@@ -111,6 +115,28 @@ def test_regression_copy_up_fills_holes_smaller_than_a_chunk():
     _replay(RedirectOffStrict, steps)  # the machines excuse this quirk by name; this one does not
 
 
+def _index_link_up_other_name(state):
+    # found by make fuzz [index]: c/a/b is a second name of c/b; chmod through it links up c/a/b on the
+    # kernel, c/b (the name the mount found first) on cowfs: only the upper differs
+    state.init_stack(stack=StackSpec(Layer(Dir('c'), File('c/b', mode=0o755), Dir('c/a'), File('c/a/a'),
+                                           HardLink('c/a/b'))))
+    state.trees_match()  # the invariant, which finds c/b first
+    state.chmod(mode=0o644, path='c/a/b')
+
+
+@pytest.mark.kernel
+@pytest.mark.fuse
+def test_regression_index_links_up_another_name_of_the_file():
+    _replay(Index, _index_link_up_other_name)  # excused by name (index_link_up_name), and read back with W/index
+
+
+@pytest.mark.kernel
+@pytest.mark.fuse
+@pytest.mark.xfail(strict=True, raises=Divergence, reason=KNOWN_DIFFERENCES["index_link_up_name"].reason)
+def test_regression_index_links_up_another_name_of_the_file_strict():
+    _replay(IndexStrict, _index_link_up_other_name)
+
+
 @pytest.mark.kernel
 @pytest.mark.fuse
 def test_regression_rename_lower_dir_over_nonempty_dir_is_exdev():
@@ -148,9 +174,10 @@ def _stat_after_small_hole_copy_up(state):
 @pytest.mark.kernel
 @pytest.mark.fuse
 def test_small_hole_quirk_is_excused_by_name_only():
-    """The default machines excuse exactly KNOWN_DIFFERENCES['small_holes'] and still see the rest."""
+    """The default machines excuse exactly KNOWN_DIFFERENCES['small_holes'] (and the index mode's
+    index_link_up_name, which only an upper with indexed files can show) and still see the rest."""
     _replay(RedirectOff, _stat_after_small_hole_copy_up)
-    assert RedirectOff.known_differences == frozenset({"small_holes"})
+    assert RedirectOff.known_differences == frozenset({"small_holes", "index_link_up_name"})
 
 
 @pytest.mark.kernel

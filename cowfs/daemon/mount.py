@@ -170,6 +170,8 @@ def mount(stack, mountpoint, *, foreground=False, debug=False, trace=None, human
         if writer is not None:
             writer.close()
         raise
+    for warning in union.warnings:  # what the mount does otherwise than asked, as the kernel says in its log
+        print(f"cowfs: {warning}", file=sys.stderr)
     if writer is not None:
         union.events.subscribe(writer)
     options = dict(foreground=True, debug=debug, allow_other=allow_other, read_only=not stack.writable,

@@ -522,6 +522,8 @@ class CowfsOperations:
                 raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
             return handle
         handle = self._at(inode, open_it)
+        if handle.attrs_changed:
+            ll.notify_inval_inode(self.session, node_id, -1, 0)  # attributes only: st_blocks moved
         fh = self._keep(inode, handle, info)
         return Reply(ll.reply_open, fi, undo=lambda: self._drop(fh))
 

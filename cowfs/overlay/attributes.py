@@ -12,12 +12,14 @@ options (idmap.py) then apply to every owner shown, and back to every owner give
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
 
 from cowfs.errors import os_error
 from cowfs.overlay import override
+from cowfs.overlay.copyup import merged_nlink
 from cowfs.overlay.credentials import Caller, drop_set_id, may_chown, privileged
 from cowfs.overlay.locking import locked
 from cowfs.overlay.whiteout import escape_xattr, unescape_xattr
@@ -47,14 +49,19 @@ class Attributes:
     def _attrs(self, node):
         st = os.lstat(node.real)  # cached nodes hold where an object is, not its current attributes
         nlink = 1 if node.is_dir and len(node.parts) > 1 else st.st_nlink  # as the kernel does for merged dirs
+        if self.layers.index is not None and not node.is_dir and (node.in_upper or node.index is not None):
+            nlink = merged_nlink(node.real, self.prefix, st)  # an indexed file: its recorded merged count
         attrs = stat_dict(st, self.layers.ino(node), nlink)
         if self.layers.marked:
             override.present(attrs, node.real)
         if self.idmap:
             self.idmap.show(attrs)
-        if node.data is not None:
-            attrs["st_blocks"] = os.lstat(node.data).st_blocks  # the blocks are still the lower file's
-        if not node.in_upper and not node.is_dir and st.st_nlink > 1:
+        if node.data is not None and self.layers.data_unreached(node.data):
+            attrs["st_blocks"] = (st.st_size + 4095) // 4096 * 8  # the kernel's estimate (data not looked up yet)
+        elif node.data is not None:
+            with contextlib.suppress(FileNotFoundError):  # the data of a data-only layer may be missing
+                attrs["st_blocks"] = os.lstat(node.data).st_blocks  # the blocks are still the lower file's
+        if not node.in_upper and not node.is_dir and st.st_nlink > 1 and self.layers.index is None:
             # A lower hard link: a copy-up will break it, so the kernel overlay gives each of its
             # names an inode of its own; a FUSE adapter does the same.
             attrs["lower_link"] = True
@@ -172,7 +179,8 @@ class Attributes:
         node = self._node(path)
         if override.is_override(name):
             raise os_error(errno.EPERM, path)
-        node = self._copy_up(node, data=False)
+        if node.index is None:  # an indexed inode takes the xattr as it is, no name linked up (as the kernel's)
+            node = self._copy_up(node, data=False)
         os.setxattr(node.real, escape_xattr(name, self.prefix), value, flags, follow_symlinks=False)
 
     @locked
@@ -184,5 +192,6 @@ class Attributes:
         real_name = escape_xattr(name, self.prefix)
         if not node.in_upper:
             os.getxattr(node.real, real_name, follow_symlinks=False)  # ENODATA before any copy-up, as the kernel
-        node = self._copy_up(node, data=False)
+        if node.index is None:
+            node = self._copy_up(node, data=False)
         os.removexattr(node.real, real_name, follow_symlinks=False)

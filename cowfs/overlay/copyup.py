@@ -19,11 +19,21 @@ import threading
 import time
 
 from cowfs.formatting import kind_name
+from cowfs.overlay import handles
 from cowfs.overlay.events import TRIGGERS
 from cowfs.overlay.locking import DataFirst, locked_for
 from cowfs.overlay.lookup import parent_of
 from cowfs.overlay.syscalls import RENAME_NOREPLACE, rename2
-from cowfs.overlay.whiteout import METACOPY, ORIGIN, TRUSTED_PREFIX, is_private_xattr, set_marker
+from cowfs.overlay.whiteout import (
+    IMPURE,
+    KERNEL_ORIGIN,
+    METACOPY,
+    NLINK,
+    TRUSTED_PREFIX,
+    get_marker,
+    is_private_xattr,
+    set_marker,
+)
 
 CHUNK = 1 << 30
 CAPABILITY = "security.capability"
@@ -137,14 +147,16 @@ def copy_mode_and_times(st, path):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
-def build_copy(src, st, tmp, prefix, origin_ino, metadata_only=False, sync=True):
+def build_copy(src, st, tmp, prefix, origin, metadata_only=False, sync=True, data=None):
     """Build at `tmp` a full copy of the object at `src` (type, data, owner, mode, times, xattrs).
 
     `src` is a path, or for a regular file an open descriptor of it (a file
     open under a name that is gone). Directories are copied empty: their
     entries stay in the lower and merge. With `metadata_only` a regular file
     gets its size but no data (all hole) and the metacopy marker, as the
-    kernel's metacopy=on does. The data is synced before the copy is renamed
+    kernel's metacopy=on does. `origin`, the lower object's file handle in the
+    kernel's format (see handles.py), is recorded when given. `data` is the
+    file that holds a lower metacopy file's data (its own is all hole). The data is synced before the copy is renamed
     into place (unless `sync` is false, for volatile mounts), so a crash never
     leaves an empty file over a lower one.
     """
@@ -155,7 +167,7 @@ def build_copy(src, st, tmp, prefix, origin_ino, metadata_only=False, sync=True)
             if metadata_only:
                 os.ftruncate(fd_out, st.st_size)
             else:
-                _copy_into(src, fd_out, st.st_size, sync)
+                _copy_into(data if data is not None else src, fd_out, st.st_size, sync)
         finally:
             os.close(fd_out)
         if metadata_only:
@@ -171,8 +183,8 @@ def build_copy(src, st, tmp, prefix, origin_ino, metadata_only=False, sync=True)
     # set-id bits; the mode comes after the xattrs, so that an ACL set there leaves it as it was.
     copy_owner(st, tmp)
     copy_xattrs(src, tmp, prefix)
-    if origin_ino is not None and (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or not prefix.startswith("user.")):
-        set_marker(tmp, prefix, ORIGIN, str(origin_ino))  # user.* xattrs exist only on files and directories
+    if origin is not None and (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or not prefix.startswith("user.")):
+        os.setxattr(tmp, prefix + KERNEL_ORIGIN, origin, follow_symlinks=False)  # user.* only on files and dirs
     copy_mode_and_times(st, tmp)
 
 
@@ -215,6 +227,33 @@ def install(tmp, dst, parent):
     parent_st = os.lstat(parent)
     rename2(tmp, dst, RENAME_NOREPLACE)
     restore_times(parent, parent_st)
+
+
+def merged_nlink(real, prefix, st=None):
+    """The link count the merged view shows for the upper file at `real`: an indexed file's nlink
+    xattr ("U" and a signed difference from the upper inode's own count) when it has one."""
+    st = st or os.lstat(real)
+    value = get_marker(real, prefix, NLINK)
+    if value and len(value) > 2 and value[0] == "U" and value[1] in "+-":
+        try:
+            nlink = st.st_nlink + int(value[1:])
+        except ValueError:
+            return st.st_nlink
+        if nlink > 0:
+            return nlink
+    return st.st_nlink
+
+
+def set_nlink(real, prefix, nlink):
+    """Record `nlink` as the merged link count of the indexed upper file at `real` (see merged_nlink)."""
+    set_marker(real, prefix, NLINK, f"U{nlink - os.lstat(real).st_nlink:+d}")
+
+
+def mark_impure(directory, prefix):
+    """Mark upper `directory` "impure", as the kernel does once it may hold an entry with an origin: the
+    kernel's readdir then gives such entries their origin's d_ino (cowfs's own does so everywhere)."""
+    if get_marker(directory, prefix, IMPURE) != "y":
+        set_marker(directory, prefix, IMPURE, "y")
 
 
 def restore_times(path, st):
@@ -330,7 +369,15 @@ class CopyUp:
                 raise DataFirst(node)
             return node
         self._require_writable(node.path)
-        meta_only = self.stack.metacopy and not data and stat.S_ISREG(node.st.st_mode)
+        if node.index is not None:  # another name of it is up: this one links to the same inode
+            parent_real = self._upper_dir(parent_of(node.path)[0])
+            try:
+                self._link_up(node.index, self.layers.real(0, node.path[1:]), parent_real,
+                              merged_nlink(node.index, self.prefix))
+            finally:
+                self._changed()
+            return self.layers.resolve_required(node.path)
+        meta_only = self.stack.metacopy and not data and stat.S_ISREG(node.st.st_mode) and not self._indexed(node)
         if stat.S_ISREG(node.st.st_mode) and not meta_only:
             raise DataFirst(node)
         parent_real = self._upper_dir(parent_of(node.path)[0])
@@ -371,15 +418,40 @@ class CopyUp:
 
     def _build(self, node, tmp, meta_only=False):
         """Build at `tmp` the copy of lower `node`."""
-        origin = self.layers.origin_ino(node.st)
-        if origin is not None and self.stack.userxattr and not (node.is_dir or stat.S_ISREG(node.st.st_mode)):
-            self.layers.remembered[node.path] = origin  # no user.* xattr on this type: keep it in memory
-        build_copy(node.real, node.st, tmp, self.prefix, origin, meta_only, sync=not self.stack.volatile)
+        if self.stack.userxattr and not (node.is_dir or stat.S_ISREG(node.st.st_mode)):
+            number = self.layers.origin_ino(node.st)
+            if number is not None:
+                self.layers.remembered[node.path] = number  # no user.* xattr on this type: keep it in memory
+        origin = self.layers.origin_handle(node.real, node.st, self._indexed(node))
+        build_copy(node.real, node.st, tmp, self.prefix, origin, meta_only, sync=not self.stack.volatile,
+                   data=node.data)
+
+    def _indexed(self, node):
+        """index=on: whether `node` is copied up through WORKDIR/index, as the kernel's ovl_need_index
+        says: a lower non-directory with several links, so that its names stay one file."""
+        return self.layers.index is not None and not node.in_upper and not node.is_dir and node.st.st_nlink > 1
+
+    def _link_up(self, entry, target, parent_real, nlink):
+        """Give the indexed inode at `entry` the upper name `target` (in `parent_real`, whose times stay);
+        `nlink` is its link count in the merged view, kept in its nlink xattr as the kernel keeps it."""
+        parent_st = os.lstat(parent_real)
+        os.link(entry, target, follow_symlinks=False)
+        restore_times(parent_real, parent_st)
+        set_nlink(entry, self.prefix, nlink)
+        mark_impure(parent_real, self.prefix)
 
     def _install(self, node, tmp, parent_real, meta_only, started):
-        """Rename the finished copy of `node` into upper directory `parent_real`; returns its upper path."""
+        """Rename the finished copy of `node` into upper directory `parent_real`; returns its upper path.
+        An indexed copy goes into the index first, then gets its name, as the kernel's."""
         target = self.layers.real(0, node.path[1:])  # an upper object sits at its merged path
-        install(tmp, target, parent_real)
+        if self._indexed(node):
+            origin = self.layers.origin_handle(node.real, node.st, indexed=True)
+            entry = self.layers.index + "/" + handles.index_name(origin)
+            rename2(tmp, entry, RENAME_NOREPLACE)
+            self._link_up(entry, target, parent_real, node.st.st_nlink)
+        else:
+            install(tmp, target, parent_real)
+        mark_impure(parent_real, self.prefix)  # as the kernel's copy-up, whatever it copied
         regular = stat.S_ISREG(node.st.st_mode)
         if regular and not meta_only:
             self._copied.add((node.st.st_dev, node.st.st_ino))

@@ -17,17 +17,18 @@ from cowfs.overlay.attributes import stat_dict
 from cowfs.overlay.credentials import Caller, drop_set_id
 from cowfs.overlay.locking import locked
 from cowfs.overlay.lookup import parent_of
-from cowfs.overlay.whiteout import ORIGIN, escape_xattr
+from cowfs.overlay.whiteout import escape_xattr
 
 
 class Handle:
     """An open file: the real descriptor and, while it reads a lower file, that file's identity."""
 
-    __slots__ = ("fd", "lower_id")
+    __slots__ = ("fd", "lower_id", "attrs_changed")
 
     def __init__(self, fd, lower_id=None):
         self.fd = fd
         self.lower_id = lower_id
+        self.attrs_changed = False  # opening it changed the file's attributes (data-only data reached)
 
 
 class Files:
@@ -51,6 +52,9 @@ class Files:
         # No O_DIRECT: the kernel side of FUSE decides direct I/O, and our buffers are not aligned for it.
         real_flags = (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT)) | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(node.data or node.real, real_flags)  # a metadata-only copy reads from its lower data
+        reached = node.data is not None and self.layers.data_unreached(node.data)
+        if reached:
+            self.layers.data_reached.add(node.data)  # its blocks are the data's from now on (see Layers)
         if flags & os.O_TRUNC:
             try:
                 drop_set_id(fd, caller)
@@ -63,7 +67,9 @@ class Files:
             lower_id = (data_st.st_dev, data_st.st_ino)
         elif not node.in_upper:
             lower_id = (node.st.st_dev, node.st.st_ino)
-        return Handle(fd, lower_id)
+        handle = Handle(fd, lower_id)
+        handle.attrs_changed = reached
+        return handle
 
     @locked
     def create(self, path: str, mode: int, flags: int, owner: tuple[int, int] | None = None,
@@ -135,9 +141,8 @@ class Files:
         if handle.lower_id is not None and handle.lower_id in self._copied and path is not None:
             self._follow_copy_up(handle, path)
         st = os.fstat(handle.fd)
-        try:
-            ino = int(os.getxattr(handle.fd, self.prefix + ORIGIN))
-        except OSError:
+        ino = self.layers.upper_origin_ino(handle.fd) if handle.lower_id is None else None
+        if ino is None:
             ino = self.layers.map_ino(st)
         attrs = stat_dict(st, ino, st.st_nlink)
         if self.layers.marked:
@@ -196,7 +201,7 @@ class Files:
                 return  # another thread did it
             st = os.fstat(handle.fd)
             with copyup.staged(self.work) as tmp:
-                copyup.build_copy(handle.fd, st, tmp, self.prefix, self.layers.origin_ino(st), sync=False)
+                copyup.build_copy(handle.fd, st, tmp, self.prefix, self.layers.origin_handle(handle.fd, st), sync=False)
                 fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 os.dup2(fd, handle.fd)

@@ -26,8 +26,9 @@ import os
 import stat
 
 from cowfs.errors import os_error
-from cowfs.overlay import override
+from cowfs.overlay import handles, override
 from cowfs.overlay.whiteout import (
+    KERNEL_ORIGIN,
     METACOPY,
     OCI_OPAQUE,
     ORIGIN,
@@ -56,6 +57,8 @@ class Node:
     parts: tuple        # ((layer, path relative to that layer's root), ...), top to bottom
     redirect: str = None  # the redirect xattr of the deciding directory (or metacopy file), if any
     data: str = None  # for a metadata-only copy (metacopy=on): the lower file that still holds the data
+    index: str = None  # index=on, a lower hard link another name of which was copied up: its index entry,
+    # the upper inode that `real` then is (the name is still the lower's)
 
     @property
     def is_dir(self):
@@ -78,6 +81,17 @@ def renamed_paths(paths, old, new, exchange=False):
     if exchange:
         moves += [(p, old + p[len(new):]) for p in paths if p == new or p.startswith(new + "/")]
     return moves
+
+
+def _data_path(path, redirect):
+    """Where a walk goes after `redirect`, for the data-only layers: None until a redirect is absolute
+    (only those lead there), then that path, a relative redirect replacing its last component."""
+    if redirect.startswith("/"):
+        return redirect.strip("/")
+    if path is None:
+        return None
+    head = path.rpartition("/")[0]
+    return (head + "/" if head else "") + redirect
 
 
 def parent_of(path):
@@ -109,7 +123,8 @@ class Layers:
     LISTING_MIN_PARTS = 3  # a directory in fewer layers is looked up with lstat alone
 
     def __init__(self, stack):
-        self.roots = [stack.upper] + list(stack.lowers)
+        self.roots = [stack.upper] + list(stack.lowers) + list(stack.data_lowers)
+        self.first_data = 1 + len(stack.lowers)  # the data-only layers: from here to the end, never by name
         self.prefix = stack.prefix
         self.oci = stack.oci_whiteouts
         self.follow_redirects = stack.follow_redirects
@@ -133,6 +148,12 @@ class Layers:
         # Numbers kept in memory for copies that cannot carry the origin xattr (symlinks and
         # special files under userxattr): merged path -> st_ino, as the kernel's cached inode keeps it.
         self.remembered = {}
+        # Data in data-only layers that has been opened: the kernel looks such data up only when first
+        # needed, and until then shows its blocks as the size rounded up to pages.
+        self.data_reached = set()
+        self.index = None  # WORKDIR/index with index=on (set by the engine once the workdir is claimed)
+        self._uuids = {}  # st_dev -> the UUID of that filesystem, as origin file handles carry it
+        self._origins = {}  # an origin xattr's value -> the st_ino it gives (None: not to be used)
 
     def forget(self):
         """Drop every cached answer: the upper has changed."""
@@ -183,16 +204,96 @@ class Layers:
 
     def ino(self, node):
         """st_ino as the merged view shows it: an upper copy keeps the number its lower origin had."""
-        if node.in_upper:
-            origin = get_marker(node.real, self.prefix, ORIGIN)
-            if origin:
-                return int(origin)
-            if node.path in self.remembered:
-                return self.remembered[node.path]
+        if node.in_upper and node.path != "/":  # the root shows its own, as the kernel's (index=on gives it an origin)
+            number = self.upper_origin_ino(node.real, node.path)
+            if number is not None:
+                return number
+        elif node.index is not None:  # an indexed lower hard link: the number of its origin, as the kernel's
+            return self.map_ino(os.lstat(self.real(*node.parts[0])))
         return self.map_ino(node.st)
 
+    def upper_origin_ino(self, real, path=None):
+        """The st_ino the upper object at `real` (merged `path`), or open at descriptor `real`, shows by
+        its origin; None for its own."""
+        nofollow = {} if isinstance(real, int) else {"follow_symlinks": False}
+        try:
+            value = os.getxattr(real, self.prefix + KERNEL_ORIGIN, **nofollow)
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.ENOENT):
+                raise
+            value = None
+        if value is not None:
+            number = self._origins.get(value, False)
+            if number is False:
+                number = self._origins[value] = self._decode_origin(value)
+            if number is not None:
+                return number
+        try:  # what cowfs recorded before it wrote the kernel's
+            return int(os.getxattr(real, self.prefix + ORIGIN, **nofollow))
+        except (OSError, ValueError):
+            return self.remembered.get(path)
+
+    def _decode_origin(self, value):
+        """The st_ino an origin file handle gives, as the kernel finds it: in the first lower layer
+        on a filesystem of the handle's UUID; None when it is unknown or gone."""
+        try:
+            decoded = handles.decode(value)
+        except ValueError:
+            return None  # the kernel warns "invalid origin" and goes on without it
+        if decoded is None:
+            return None
+        _, kind, uuid, data = decoded
+        for layer in range(1, len(self.roots)):
+            root = self.roots[layer]
+            dev = os.stat(root).st_dev
+            if self.fs_uuid(dev) != uuid:
+                continue
+            try:
+                fd = handles.open_handle(root, kind, data)
+            except OSError as e:
+                if e.errno == errno.EPERM:  # no CAP_DAC_READ_SEARCH: the number the handle carries
+                    number = handles.handle_ino(kind, data)
+                    return None if number is None else self.map_dev_ino(dev, number)
+                if e.errno in (errno.ESTALE, errno.ENOENT, errno.EINVAL, errno.EOPNOTSUPP):
+                    return None
+                raise
+            try:
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            # As the kernel: a lower hard link's number only for an indexed copy (it would be shared by
+            # the names a copy-up without index broke apart)
+            if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1 or self.index is not None:
+                return self.map_ino(st)
+            return None
+        return None
+
+    def fs_uuid(self, dev):
+        """The UUID of the filesystem of device `dev` (one of the layers')."""
+        uuid = self._uuids.get(dev)
+        if uuid is None:
+            root = next(r for r in self.roots if r is not None and os.stat(r).st_dev == dev)
+            uuid = self._uuids[dev] = handles.fs_uuid(root)
+        return uuid
+
+    def origin_handle(self, src, st, indexed=False):
+        """The origin xattr value for a copy-up of lower object `src` (a path or descriptor) with lstat
+        `st`: its file handle, as the kernel records it; None when none is recorded (a lower hard
+        link, whose copy-up breaks it unless indexed; a filesystem without file handles)."""
+        if not (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1 or indexed):
+            return None
+        try:
+            return handles.encode(src, self.fs_uuid(st.st_dev))
+        except StopIteration:
+            return None
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EPERM):
+                return None
+            raise
+
     def origin_ino(self, st):
-        """The number to record when a lower object with lstat `st` is copied up, or None when it must not be kept.
+        """The number to keep in memory when a copy cannot carry the origin xattr (a symlink or special file
+        under userxattr), or None when it must not be kept.
 
         As in the kernel with index=off, a lower hard link may be broken by copy-up,
         so a lower file with several links does not pass its number on.
@@ -203,7 +304,7 @@ class Layers:
 
     # -- lookup ----------------------------------------------------------------------------------
     def root(self):
-        parts = tuple((layer, "") for layer, root in enumerate(self.roots) if root is not None)
+        parts = tuple((layer, "") for layer, root in enumerate(self.roots[:self.first_data]) if root is not None)
         top = parts[0][0]
         real = self.roots[top]
         return Node("/", top, real, os.lstat(real), parts)
@@ -341,7 +442,7 @@ class Layers:
         pos, last = 0, -1
         while True:
             if absolute:
-                layer = next((i for i in range(last + 1, len(self.roots)) if self.roots[i] is not None), None)
+                layer = next((i for i in range(last + 1, self.first_data) if self.roots[i] is not None), None)
                 if layer is None:
                     return
                 rel = target
@@ -367,6 +468,7 @@ class Layers:
         """Look `name` up in the directory `parent`; None when it does not exist in the merged view."""
         found = []
         redirect_seen = None
+        data_path = None  # after an absolute redirect: the path it leads to, for the data-only layers
         data_wanted, data = False, None
         walk = self._targets(parent, name, self._candidates(parent, name))
         for layer, rel in walk:
@@ -389,7 +491,14 @@ class Layers:
                     if get_marker(real, self.prefix, METACOPY) is None:
                         data = real
                         break
-                    continue  # itself metadata only (a lower layer that was once an upper)
+                    # itself metadata only (a lower layer that was once an upper, or a composefs-style
+                    # metadata layer): its redirect leads on
+                    redirect = get_marker(real, self.prefix, REDIRECT)
+                    if redirect:
+                        self._check_redirect(redirect, join(parent.path, name))
+                        redirect_seen, data_path = redirect, _data_path(data_path, redirect)
+                        walk.send(redirect)
+                    continue
                 break
             if not stat.S_ISDIR(st.st_mode):
                 if found:
@@ -402,7 +511,7 @@ class Layers:
                     redirect = get_marker(real, self.prefix, REDIRECT)
                     if redirect:
                         self._check_redirect(redirect, join(parent.path, name))
-                        redirect_seen = redirect
+                        redirect_seen, data_path = redirect, _data_path(data_path, redirect)
                         walk.send(redirect)
                     continue
                 break
@@ -419,13 +528,54 @@ class Layers:
                     walk.send(redirect)
         if not found:
             return None
+        if data_wanted and data is None and data_path is not None and self.first_data < len(self.roots):
+            # As the kernel, which looks in the data-only layers only when the data is first needed: the
+            # name exists; reaching its data fails with ENOENT (the path where it was sought).
+            data = self._data_only(data_path) or self.real(self.first_data, data_path)
         if data_wanted and data is None:
             raise os_error(errno.EIO, join(parent.path, name))  # a metadata-only copy whose data is gone
         layer, _, real, st = found[0]
         top_redirect = get_marker(real, self.prefix, REDIRECT) if layer == 0 and (
             stat.S_ISDIR(st.st_mode) or data_wanted) else None
-        return Node(join(parent.path, name), layer, real, st, tuple((i, r) for i, r, _, _ in found), top_redirect,
-                    data)
+        parts = tuple((i, r) for i, r, _, _ in found)
+        if layer > 0 and self.index is not None and st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            entry = self.index_entry(real, st)
+            if entry is not None:  # another name of this lower file was copied up: this name is that inode
+                return Node(join(parent.path, name), layer, entry, os.lstat(entry), parts, index=entry)
+        return Node(join(parent.path, name), layer, real, st, parts, top_redirect, data)
+
+    def data_unreached(self, data):
+        """Whether `data` is in a data-only layer and not yet opened (see data_reached)."""
+        return data not in self.data_reached and any(
+            data.startswith(root + "/") for root in self.roots[self.first_data:])
+
+    def _data_only(self, rel):
+        """The data of a metacopy file whose absolute redirect leads to `rel`: the first regular file at
+        `rel` in the data-only layers (no whiteout, opaque dir or symlink counts there), or None."""
+        for layer in range(self.first_data, len(self.roots)):
+            if not self._through_dirs(layer, rel):
+                continue
+            real = self.real(layer, rel)
+            try:
+                if stat.S_ISREG(os.lstat(real).st_mode):
+                    return real
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        return None
+
+    def index_entry(self, real, st):
+        """index=on: the path of the index entry of lower object `real` (lstat `st`) when it has one."""
+        origin = self.origin_handle(real, st, indexed=True)
+        if origin is None:
+            return None
+        entry = self.index + "/" + handles.index_name(origin)
+        try:
+            entry_st = os.lstat(entry)
+        except FileNotFoundError:
+            return None
+        if is_whiteout(entry_st) or stat.S_IFMT(entry_st.st_mode) != stat.S_IFMT(st.st_mode):
+            return None  # a stale entry (nfs_export's whiteout) or another kind of object: not this one
+        return entry
 
     def lower_positive(self, parent, name):
         """True when a lower layer shows `name` under `parent`: removing it from the upper needs a whiteout."""
@@ -472,9 +622,7 @@ class Layers:
         """st_ino of an entry listed from a directory on device `dev`, the number getattr gives,
         at the cost of a syscall only in the upper."""
         if layer == 0:
-            origin = get_marker(entry.path, self.prefix, ORIGIN)
-            if origin:
-                return int(origin)
-            if path in self.remembered:
-                return self.remembered[path]
+            number = self.upper_origin_ino(entry.path, path)
+            if number is not None:
+                return number
         return self.map_dev_ino(dev, entry.inode())

@@ -13,11 +13,19 @@ import stat
 
 from cowfs.errors import os_error
 from cowfs.formatting import kind_name
-from cowfs.overlay import acl, copyup, override
+from cowfs.overlay import acl, copyup, handles, override
 from cowfs.overlay.locking import locked
 from cowfs.overlay.lookup import parent_of, renamed_paths
 from cowfs.overlay.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, rename2
-from cowfs.overlay.whiteout import REDIRECT, is_opaque, is_whiteout, make_whiteout, set_marker, set_opaque
+from cowfs.overlay.whiteout import (
+    KERNEL_ORIGIN,
+    REDIRECT,
+    is_opaque,
+    is_whiteout,
+    make_whiteout,
+    set_marker,
+    set_opaque,
+)
 
 
 class Namespace:
@@ -164,6 +172,8 @@ class Namespace:
                 self._changed()
         else:
             src = self._copy_up(src)
+        entry = self._index_of(src)
+        nlink = copyup.merged_nlink(entry, self.prefix) if entry is not None else None
         upper_parent, name = self._upper_parent(new)
         target = upper_parent.real + "/" + name
         over_whiteout = os.path.lexists(target)
@@ -174,6 +184,8 @@ class Namespace:
                     os.rename(tmp, target)
             else:
                 os.link(src.real, target, follow_symlinks=False)
+            if entry is not None:
+                copyup.set_nlink(entry, self.prefix, nlink + 1)
         finally:
             self._changed()
         if self.events:
@@ -206,6 +218,7 @@ class Namespace:
 
     def _remove(self, node):
         """Remove `node` from the merged view (an open descriptor keeps an upper file alive, unnamed)."""
+        node, entry, nlink = self._indexed_name(node)
         self.layers.remembered.pop(node.path, None)
         parent_path, name = parent_of(node.path)
         needs_whiteout = self.layers.lower_positive(self.layers.resolve_required(parent_path), name)
@@ -228,8 +241,46 @@ class Namespace:
                 with copyup.staged(self.work) as tmp:
                     make_whiteout(tmp)
                     rename2(tmp, upper_parent.real + "/" + name, RENAME_NOREPLACE)
+            self._name_gone(entry, nlink)
         finally:
             self._changed()
+
+    # -- index=on: the merged link count of a lower hard link copied up through WORKDIR/index -------
+    def _index_of(self, node):
+        """The index entry of upper file `node` when it is indexed (its origin names an entry that is
+        its own inode), else None."""
+        if self.layers.index is None or node is None or node.is_dir or not node.in_upper:
+            return None
+        try:
+            origin = os.getxattr(node.real, self.prefix + KERNEL_ORIGIN, follow_symlinks=False)
+        except OSError:
+            return None
+        entry = self.layers.index + "/" + handles.index_name(origin)
+        try:
+            return entry if os.path.samestat(os.lstat(entry), os.lstat(node.real)) else None
+        except FileNotFoundError:
+            return None
+
+    def _indexed_name(self, node):
+        """Before a name of a lower hard link goes, the file is copied up through the index, as the
+        kernel does, so that the index keeps its merged link count; returns (node, its index entry
+        or None, the merged link count before)."""
+        if self.layers.index is None or node is None or node.is_dir:
+            return node, None, None
+        if node.index is not None or self._indexed(node):
+            node = self._copy_up(node)
+        entry = self._index_of(node)
+        return node, entry, (copyup.merged_nlink(entry, self.prefix) if entry is not None else None)
+
+    def _name_gone(self, entry, nlink):
+        """One name of the indexed file at `entry`, whose merged count was `nlink`, is gone: the count
+        drops, and at none left the index entry goes too."""
+        if entry is None:
+            return
+        if nlink <= 1:
+            os.unlink(entry)
+        else:
+            copyup.set_nlink(entry, self.prefix, nlink - 1)
 
     def _whiteout_in_place(self, real, tmp):
         """Turn the upper entry at `real` into a whiteout, in one step; the entry lands at staging name `tmp`."""
@@ -276,12 +327,15 @@ class Namespace:
                 raise os_error(errno.EISDIR, new)
             if src.in_upper and dst.in_upper and os.path.samestat(src.st, dst.st):
                 return False  # two links to one file: rename(2) does nothing
+            if self.layers.index is not None and not src.is_dir and os.path.samestat(src.st, dst.st):
+                return False  # index=on: names of one lower file (or its indexed copy) are one inode too
         if not self._can_move(src):
             raise os_error(errno.EXDEV, old)
         if dst is not None and dst.is_dir and self.layers.list_dir(dst):
             raise os_error(errno.ENOTEMPTY, new)
 
         needs_whiteout = self.layers.lower_positive(self.layers.resolve_required(old_parent_path), old_name)
+        dst, dst_entry, dst_nlink = self._indexed_name(dst)
         try:
             src, upper_parent = self._prepare_move(src, new)
             target = upper_parent.real + "/" + new_name
@@ -297,6 +351,8 @@ class Namespace:
                     os.unlink(src.real)
             else:
                 rename2(src.real, target, RENAME_WHITEOUT if needs_whiteout else 0)
+            if dst_entry is not None and not os.path.samestat(os.lstat(dst_entry), os.lstat(target)):
+                self._name_gone(dst_entry, dst_nlink)
         finally:
             self._changed()
         self._move_remembered(old, new)
@@ -363,6 +419,8 @@ class Namespace:
             set_opaque(node.real, self.prefix)
             if self.events:
                 self.events.emit("opaque", to)
+        if from_parent != to_parent and _has_origin(node.real, self.prefix):
+            copyup.mark_impure(upper_parent.real, self.prefix)  # as the kernel's rename into another dir
         return node, upper_parent
 
     def _move_remembered(self, old, new, exchange=False):
@@ -381,6 +439,14 @@ class Namespace:
             os.mkdir(tmp, 0o700)
             set_opaque(tmp, self.prefix)
             rename2(tmp, real, RENAME_EXCHANGE)
+
+
+def _has_origin(real, prefix):
+    try:
+        os.getxattr(real, prefix + KERNEL_ORIGIN, follow_symlinks=False)
+    except OSError:
+        return False
+    return True
 
 
 def _lower_nlink(node):

@@ -37,12 +37,16 @@ class Stack:
 
     lowers: list
     upper: str = None
+    # Data-only lower layers (`lowerdir=A::D1::D2`, `datadir+=D`), below every lower: never looked up
+    # by name, only for the data of a metacopy file whose redirect is absolute.
+    data_lowers: tuple = ()
     work: str = None
     redirect_dir: str = "off"
     userxattr: bool = False
     metacopy: bool = False
     oci_whiteouts: bool = False
     volatile: bool = False  # no sync to the upper (copy-ups, fsync), as the kernel's option
+    index: bool = False  # index=on: lower hard links stay one file after copy-up (WORKDIR/index)
     read_only: bool = False
     allow_other: bool = None
     fsname: str = "cowfs"
@@ -69,10 +73,10 @@ class Stack:
 
     @property
     def allow_offline_changes(self):
-        """As the kernel's ovl_allow_offline_changes: without redirects, metacopy (or index and
+        """As the kernel's ovl_allow_offline_changes: without redirects, metacopy or index (or
         xino, which cowfs does not have), lower layers may be changed while unmounted, so the
         overlay leaves no marker that would hide what a lower gains meanwhile (no opaque mkdir)."""
-        return not self.metacopy and self.redirect_dir != "on"
+        return not self.metacopy and self.redirect_dir != "on" and not self.index
 
     @property
     def follow_redirects(self):
@@ -82,13 +86,15 @@ class Stack:
 
     def option_string(self):
         """The stack as the kernel's `-o` option string (for /proc/mounts-like reports and re-mounting)."""
-        opts = [lowerdir_option(self.lowers)]
+        opts = [lowerdir_option(self.lowers) + "".join("::" + escape_layer_path(p) for p in self.data_lowers)]
         if self.upper is not None:
             opts.append(upperdir_option(self.upper, self.work))
         if self.redirect_dir != "off":
             opts.append("redirect_dir=" + self.redirect_dir)
         if self.metacopy:
             opts.append("metacopy=on")
+        if self.index:
+            opts.append("index=on")
         opts += [name for name in ("userxattr", "oci_whiteouts", "volatile") if getattr(self, name)]
         opts += [f"{name}={mapping_value(getattr(self, name))}" for name in ("uidmapping", "gidmapping")
                  if getattr(self, name)]
@@ -178,10 +184,15 @@ def parse_options(option_strings):
                 continue
             if key in GENERIC_OPTIONS or key.startswith("x-") or key == "comment":
                 continue
-            if key in ("lowerdir", "upperdir", "workdir", "redirect_dir", "metacopy", "fsname") + OWNER_OPTIONS:
+            if key in ("lowerdir", "upperdir", "workdir", "redirect_dir", "metacopy", "index", "fsname") \
+                    + OWNER_OPTIONS:
                 if not has_value or not value:
                     raise StackError(f"option '{key}' needs a value")
                 values[key] = value
+            elif key == "datadir+":
+                if not has_value or not value:
+                    raise StackError(f"option '{key}' needs a value")
+                values.setdefault(key, []).append(value)
             elif key in ("userxattr", "oci_whiteouts", "volatile", "ro", "allow_other", "squash_to_root") \
                     and not has_value:
                 values[key] = True
@@ -189,9 +200,10 @@ def parse_options(option_strings):
                 raise StackError(f"unknown option '{opt}'")
     if "lowerdir" not in values:
         raise StackError("missing 'lowerdir'")
-    lowers = split_layers(values["lowerdir"])
-    if any(not p for p in lowers):
-        raise StackError(f"empty layer in lowerdir={values['lowerdir']!r}")
+    lowers, data_lowers = _lower_layers(values["lowerdir"])
+    if "datadir+" in values:  # as the kernel: data layers append after lowerdir+ layers, not after lowerdir=
+        raise StackError("conflicting options: datadir+ cannot follow lowerdir= (use lowerdir+=, or "
+                         "lowerdir=A::DATA)")
     upper = unescape(values["upperdir"]) if "upperdir" in values else None
     work = unescape(values["workdir"]) if "workdir" in values else None
     if upper is not None and work is None:
@@ -212,15 +224,40 @@ def parse_options(option_strings):
         raise StackError("conflicting options: userxattr,metacopy=on")
     if values.get("userxattr") and redirect == "on":
         raise StackError("conflicting options: userxattr,redirect_dir=on")
+    index = values.get("index", "off")
+    if index not in ("on", "off"):
+        raise StackError(f"bad value for index: '{index}' (on or off)")
     owners = {key: _owner_option(key, values[key]) for key in OWNER_OPTIONS if key in values}
     return Stack(
-        lowers=lowers, upper=upper, work=work, redirect_dir=redirect, metacopy=metacopy,
+        lowers=lowers, data_lowers=tuple(data_lowers), upper=upper, work=work, redirect_dir=redirect, metacopy=metacopy,
         userxattr=bool(values.get("userxattr")), oci_whiteouts=bool(values.get("oci_whiteouts")),
         volatile=bool(values.get("volatile")) and upper is not None,  # the kernel ignores it without an upper
+        index=index == "on" and upper is not None,  # the kernel's index needs an upper (it is in the workdir)
         read_only=bool(values.get("ro")), allow_other=True if values.get("allow_other") else None,
         fsname=values.get("fsname", "cowfs"), mount_flags=tuple(flags),
         squash_to_root=bool(values.get("squash_to_root")), **owners,
     )
+
+
+def _lower_layers(value):
+    """The lower layers and the data-only layers of a `lowerdir=` value: `A:B::D1::D2`, each data-only
+    layer after a double colon, below every lower, as the kernel reads it (and refuses otherwise)."""
+    parts = split_layers(value)
+    lowers, data, after_double = [], [], False
+    for i, part in enumerate(parts):
+        if not part:
+            if i == 0 or i == len(parts) - 1 or not parts[i - 1]:
+                raise StackError(f"empty layer in lowerdir={value!r}" + (
+                    " (data-only layers need a lower layer above them)" if i == 0 and len(parts) > 2 else ""))
+            after_double = True
+            continue
+        if after_double:
+            if parts[i - 1]:
+                raise StackError(f"lowerdir={value!r}: regular lower layers cannot follow data lower layers")
+            data.append(part)
+        else:
+            lowers.append(part)
+    return lowers, data
 
 
 def _owner_option(key, value):
@@ -283,7 +320,8 @@ def check(stack, mountpoint=None):
         return real
 
     lowers = [real_dir(p, "lowerdir") for p in stack.lowers]
-    named = [(f"lowerdir {p}", r) for p, r in zip(stack.lowers, lowers)]
+    data_lowers = tuple(real_dir(p, "data-only lowerdir") for p in stack.data_lowers)
+    named = [(f"lowerdir {p}", r) for p, r in zip(stack.lowers + list(stack.data_lowers), lowers + list(data_lowers))]
     upper = work = None
     if stack.upper is not None:
         upper = real_dir(stack.upper, "upperdir")
@@ -315,4 +353,4 @@ def check(stack, mountpoint=None):
                                  "layer only, as the kernel requires)")
             if _is_within(a, b) or _is_within(b, a):
                 raise StackError(f"{name_a}: overlaps {name_b}")
-    return dataclasses.replace(stack, lowers=lowers, upper=upper, work=work)
+    return dataclasses.replace(stack, lowers=lowers, data_lowers=data_lowers, upper=upper, work=work)

@@ -69,6 +69,8 @@ class Union(Namespace, Attributes, Files, Listing, CopyUp):
         if stack.upper is not None:
             self._workdir = workdir.claim(stack)
             self.work = self._workdir.work
+            self.layers.index = self._workdir.index
+        self.warnings = self._workdir.warnings if self._workdir is not None else []
 
     # -- setup -----------------------------------------------------------------------------------
     def close(self) -> None:

@@ -22,10 +22,16 @@ PREFIXES = (TRUSTED_PREFIX, USER_PREFIX)  # either namespace: what a layer archi
 OCI_PREFIX = ".wh."
 OCI_OPAQUE = ".wh..wh..opq"
 
-# cowfs's own xattr: the st_ino an object showed before its copy-up, so that it
-# keeps it afterwards. It lives in the overlay namespace so that the kernel,
-# mounting a cowfs upper, hides it like its own private xattrs.
+# The origin of a copied-up object: a file handle of the lower object in the
+# kernel's `struct ovl_fb` (see handles.py), so that it keeps its st_ino.
+KERNEL_ORIGIN = "origin"
+# What cowfs recorded before it wrote the kernel's: the st_ino itself, still read
+# so that uppers written then keep their numbers (never written now).
 ORIGIN = "cowfs.origin"
+IMPURE = "impure"  # on an upper directory that may hold entries with an origin (the kernel's readdir d_ino)
+NLINK = "nlink"  # index=on: the merged link count of an indexed file, "U%+d" from the upper inode's
+UPPER = "upper"  # index=on: on the index directory, a handle of the upper root
+UUID = "uuid"  # on the upper root: the overlay's own UUID (uuid=on)
 OPAQUE = "opaque"
 REDIRECT = "redirect"
 METACOPY = "metacopy"  # on an upper file that holds only metadata: its data is still in a lower layer

@@ -8,6 +8,7 @@ Nothing in the workdir is followed out of it: it is worked on through
 directory descriptors, and a symlink is removed, never followed.
 """
 
+import errno
 import os
 import shlex
 import shutil
@@ -16,11 +17,12 @@ import time
 
 from cowfs import mounttable
 from cowfs.errors import StackError
-from cowfs.overlay import copyup
+from cowfs.overlay import copyup, handles
 from cowfs.overlay.stack import parse_options, unescape
-from cowfs.overlay.whiteout import OPAQUE, set_marker
+from cowfs.overlay.whiteout import KERNEL_ORIGIN, OPAQUE, UPPER, set_marker
 from cowfs.runtime import drop_lock, holds_lock, leave_lock, records, take_lock
 
+INDEX_SUBDIR = "index"  # index=on: the kernel's index of copied-up lower hard links, by origin file handle
 WORK_SUBDIR = "work"  # the same staging directory the kernel uses, so either cleans the other's leftovers
 VOLATILE_MARK = "incompat/volatile"  # in WORK_SUBDIR: left by a volatile mount, refused by the next one
 LOCK_WAIT = 5.0  # seconds a mount waits for a lock whose holder's mount is gone (its daemon still exiting)
@@ -33,6 +35,8 @@ class Workdir:
     def __init__(self, stack):
         self.stack = stack
         self.work = stack.work + "/" + WORK_SUBDIR
+        self.index = None  # WORKDIR/index once index=on is set up
+        self.warnings = []  # what the mount does otherwise than asked, one line each (index=on turned off)
         self._locks = []  # (fd, path) of the upper and work directories' locks
 
     def close(self):
@@ -84,6 +88,47 @@ def _claim(claimed, stack):
                          + ("" if stack.userxattr else "; try the userxattr option")) from None
     finally:
         os.rmdir(probe)
+    if stack.index:
+        _set_up_index(claimed, stack)
+
+
+def _set_up_index(claimed, stack):
+    """index=on, as the kernel mounts it: the upper root records the top lower root as its origin (a
+    different one refuses the mount: the index would name other files), WORKDIR/index exists and
+    records the upper root as its `upper`. Without file handles on every layer, index stays off
+    with a warning, as the kernel's."""
+    if not all(handles.supports_handles(p) for p in (stack.upper, *stack.lowers)):
+        claimed.warnings.append("index=on: a layer's filesystem gives no file handles; going on with index=off")
+        return
+    lower_root = stack.lowers[0]
+    origin = handles.encode(lower_root, handles.fs_uuid(lower_root))
+    _verify_or_set(stack.upper, stack.prefix + KERNEL_ORIGIN, origin,
+                   f"upperdir {stack.upper}: its origin is not lowerdir {lower_root} (made over other lower "
+                   "layers); index=on refuses it, as the kernel does (ESTALE)")
+    index = stack.work + "/" + INDEX_SUBDIR
+    try:
+        os.mkdir(index, _staging_mode())
+    except FileExistsError:
+        if not stat.S_ISDIR(os.lstat(index).st_mode):
+            raise StackError(f"workdir {stack.work}: {INDEX_SUBDIR} is not a directory") from None
+    upper = handles.encode(stack.upper, handles.fs_uuid(stack.upper), upper=True)
+    _verify_or_set(index, stack.prefix + UPPER, upper,
+                   f"workdir {stack.work}: its index belongs to another upperdir than {stack.upper}; index=on "
+                   "refuses it, as the kernel does (ESTALE)")
+    claimed.index = index
+
+
+def _verify_or_set(path, name, value, mismatch):
+    """Set xattr `name` of `path` to `value`, or check that it holds it already (StackError `mismatch` if not)."""
+    try:
+        held = os.getxattr(path, name, follow_symlinks=False)
+    except OSError as e:
+        if e.errno != errno.ENODATA:
+            raise
+        os.setxattr(path, name, value, follow_symlinks=False)
+        return
+    if held != value:
+        raise StackError(mismatch)
 
 
 def _refuse_kernel_overlay_users(stack):

@@ -437,9 +437,12 @@ class ParityMachine(RuleBasedStateMachine):
         if problems and not self._failed:
             self._fail("teardown:\n" + "\n".join(problems))
 
-    def _fresh_view(self, tag, kind, upper, problems):
+    def _fresh_view(self, tag, kind, side, problems):
+        """*kind* mounting *side*'s upper afresh (with its workdir under index=on, whose index holds data)."""
+        upper = side.upper
+        work = side.work if "index=on" in self.mode.kernel_options else None
         try:
-            return self.pair.read_upper(tag, kind, upper)
+            return self.pair.read_upper(tag, kind, upper, work)
         except Exception as e:
             problems.append(f"{kind} mounting {upper}: {e}")
             return None
@@ -455,10 +458,10 @@ class ParityMachine(RuleBasedStateMachine):
             (self.backend, self.kernel, self.tested),
         ]
         for i, (kind, writer, own) in enumerate(pairs):
-            view = self._fresh_view(f"x{i}-{kind}", kind, writer.upper, problems)
+            view = self._fresh_view(f"x{i}-{kind}", kind, writer, problems)
             if view is None or view == final[writer.label]:
                 continue
-            own_view = self._fresh_view(f"o{i}-{kind}", kind, own.upper, problems)
+            own_view = self._fresh_view(f"o{i}-{kind}", kind, own, problems)
             if own_view is not None and view != own_view:
                 problems.append(f"{kind} reading {writer.label}'s upper sees another tree than its own upper:\n"
                                 + diff_snapshots(own_view, view, f"{kind}-over-own-upper", f"{kind}-over-upper"))

@@ -152,13 +152,15 @@ def force_unmount(mountpoint: StrPath) -> None:
 
 
 def _overlay_options(lowers: Sequence[StrPath], upper: StrPath | None, work: StrPath | None,
-                     options: Iterable[str]) -> str:
+                     options: Iterable[str], data_only: int = 0) -> str:
+    """The `-o` string of a stack; the last *data_only* lowers are data-only layers (`::`)."""
     parts = []
     paths = [os.path.abspath(os.fspath(p)) for p in lowers]
     for p in paths + [os.fspath(x) for x in (upper, work) if x is not None]:
         if any(c in p for c in ",:\\"):
             raise ValueError(f"layer path {p!r} contains a character the option syntax cannot carry")
-    parts.append("lowerdir=" + ":".join(paths))
+    split = len(paths) - data_only
+    parts.append("lowerdir=" + ":".join(paths[:split]) + "".join("::" + p for p in paths[split:]))
     if upper is not None:
         if work is None:
             raise ValueError("an upper directory needs a work directory")
@@ -178,11 +180,11 @@ class KernelOverlay:
     kind = "kernel"
 
     def __init__(self, lowers: Iterable[StrPath], upper: StrPath | None, work: StrPath | None, mountpoint: StrPath,
-                 options: Iterable[str] = ()) -> None:
+                 options: Iterable[str] = (), data_only: int = 0) -> None:
         self.lowers, self.upper, self.work = list(lowers), upper, work
         self.mountpoint = os.path.abspath(os.fspath(mountpoint))
         self.options = with_userxattr_unless_privileged(options)
-        self.option_string = _overlay_options(self.lowers, upper, work, self.options)
+        self.option_string = _overlay_options(self.lowers, upper, work, self.options, data_only)
 
     def mount(self) -> None:
         res = _run(["mount", "-t", "overlay", "overlay", "-o", self.option_string, self.mountpoint])
@@ -293,11 +295,11 @@ class CowfsMount:
     kind = "cowfs"
 
     def __init__(self, lowers: Iterable[StrPath], upper: StrPath | None, work: StrPath | None, mountpoint: StrPath,
-                 options: Iterable[str] = (), cowfs_cmd: Sequence[str] | None = None) -> None:
+                 options: Iterable[str] = (), cowfs_cmd: Sequence[str] | None = None, data_only: int = 0) -> None:
         self.lowers, self.upper, self.work = list(lowers), upper, work
         self.mountpoint = os.path.abspath(os.fspath(mountpoint))
         self.options = with_userxattr_unless_privileged(options)
-        self.option_string = _overlay_options(self.lowers, upper, work, self.options)
+        self.option_string = _overlay_options(self.lowers, upper, work, self.options, data_only)
         self.cowfs_cmd = list(cowfs_cmd) if cowfs_cmd else default_cowfs_cmd()
         self._daemon_pids: set[int] = set()
 

@@ -1,0 +1,324 @@
+"""The kernel's origin file handle and index=on, both ways: an upper one side made, mounted by the other.
+
+With every layer on one filesystem the kernel's rule is deterministic: a
+copied-up object shows its lower origin's st_ino (a directory, a file with
+one link, or any indexed file). cowfs and the kernel must show the same
+numbers over an upper either of them wrote; the engine-only tests check the
+format itself (handles.py) and what index=on refuses.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+
+import pytest
+
+from cowfs.errors import StackError
+from cowfs.overlay import handles
+from cowfs.overlay.stack import check, parse_options
+from cowfs.overlay.union import Union
+from cowfs.testing.mounts import CowfsMount, KernelOverlay
+
+TRUSTED = "trusted.overlay."
+
+
+def _layers(base):
+    lower, upper, work = (os.path.join(base, name) for name in ("lower", "upper", "work"))
+    for d in (lower, upper, work, lower + "/d"):
+        os.makedirs(d)
+    for name, data in (("single", b"one name\n"), ("d/inner", b"inner\n"), ("hl1", b"linked\n")):
+        with open(os.path.join(lower, name), "wb") as f:
+            f.write(data)
+    os.link(lower + "/hl1", lower + "/hl2")
+    return lower, upper, work
+
+
+def _union(lower, upper, work, *options):
+    return Union(check(parse_options([",".join((f"lowerdir={lower},upperdir={upper},workdir={work}",) + options)])))
+
+
+# -- the format ----------------------------------------------------------------------------------
+
+def test_origin_is_the_kernels_file_handle(tmp_path):
+    lower, upper, work = _layers(tmp_path)
+    u = _union(lower, upper, work)
+    try:
+        ino = u.getattr("/single")["st_ino"]
+        u.chmod("/single", 0o600)
+        assert u.getattr("/single")["st_ino"] == ino == os.lstat(lower + "/single").st_ino
+        value = os.getxattr(upper + "/single", TRUSTED + "origin")
+        version, magic, length, flags, kind, uuid = struct.unpack_from("<BBBBB16s", value)
+        assert (version, magic, length, flags) == (0, 0xFB, len(value), 0)
+        assert (kind, value[21:]) == handles.file_handle(lower + "/single")
+        assert uuid == handles.fs_uuid(lower)
+        u.chmod("/hl1", 0o600)  # index=off: a lower hard link is broken by copy-up, and gets no origin
+        with pytest.raises(OSError) as e:
+            os.getxattr(upper + "/hl1", TRUSTED + "origin")
+        assert e.value.errno == errno.ENODATA
+        assert u.getattr("/hl1")["st_ino"] == os.lstat(upper + "/hl1").st_ino != os.lstat(lower + "/hl1").st_ino
+    finally:
+        u.close()
+
+
+def test_decode_refuses_malformed_and_skips_unknown():
+    assert handles.decode(b"") is None
+    with pytest.raises(ValueError):
+        handles.decode(b"\x00\xfa" + bytes(19))
+    assert handles.decode(bytes([1, 0xFB, 21, 0, 1]) + bytes(16)) is None  # a later version: origin unknown
+    assert handles.decode(bytes([0, 0xFB, 21, 1, 1]) + bytes(16)) is None  # big endian
+    assert handles.decode(bytes([0, 0xFB, 25, 0, 1]) + bytes(16) + b"abcd") == (0, 1, bytes(16), b"abcd")
+
+
+def test_old_cowfs_origin_still_read(tmp_path):
+    """An upper written before cowfs wrote the kernel's origin keeps its numbers."""
+    lower, upper, work = _layers(tmp_path)
+    with open(upper + "/single", "wb") as f:
+        f.write(b"copied earlier\n")
+    os.setxattr(upper + "/single", TRUSTED + "cowfs.origin", b"4242")
+    u = _union(lower, upper, work)
+    try:
+        assert u.getattr("/single")["st_ino"] == 4242
+    finally:
+        u.close()
+
+
+# -- index=on in the engine ----------------------------------------------------------------------
+
+def test_index_keeps_a_lower_hard_link_one_file(tmp_path):
+    lower, upper, work = _layers(tmp_path)
+    u = _union(lower, upper, work, "index=on")
+    try:
+        ino = os.lstat(lower + "/hl1").st_ino
+        assert u.getattr("/hl2")["st_ino"] == ino
+        h = u.open("/hl1", os.O_WRONLY | os.O_APPEND)
+        u.write(h, b"more\n", 0)
+        u.release(h)
+        assert [u.getattr(p)["st_ino"] for p in ("/hl1", "/hl2")] == [ino, ino]
+        assert [u.getattr(p)["st_nlink"] for p in ("/hl1", "/hl2")] == [2, 2]
+        h = u.open("/hl2", os.O_RDONLY)
+        assert u.read(h, 100, 0) == b"linked\nmore\n"  # the other name reads the copy, from the index
+        u.release(h)
+        entries = os.listdir(work + "/index")
+        origin = os.getxattr(upper + "/hl1", TRUSTED + "origin")
+        assert entries == [origin.hex()]
+        assert os.path.samestat(os.lstat(work + "/index/" + entries[0]), os.lstat(upper + "/hl1"))
+        assert os.getxattr(upper + "/hl1", TRUSTED + "nlink") == b"U+0"
+        u.unlink("/hl1")
+        assert u.getattr("/hl2")["st_nlink"] == 1
+        u.unlink("/hl2")
+        assert os.listdir(work + "/index") == []  # no name left: the entry goes
+        assert os.getxattr(upper, TRUSTED + "origin") == handles.encode(lower, handles.fs_uuid(lower))
+        assert os.getxattr(work + "/index", TRUSTED + "upper") == handles.encode(
+            upper, handles.fs_uuid(upper), upper=True)
+    finally:
+        u.close()
+
+
+def test_index_refuses_an_upper_made_over_other_lowers(tmp_path):
+    lower, upper, work = _layers(tmp_path)
+    _union(lower, upper, work, "index=on").close()
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(StackError, match="origin is not lowerdir"):
+        _union(other, upper, work, "index=on")
+    _union(other, upper, work).close()  # without index nothing is checked, as the kernel
+
+
+# -- both ways through real mounts ---------------------------------------------------------------
+
+def _mounted(kind, lower, upper, work, mnt, options):
+    cls = KernelOverlay if kind == "kernel" else CowfsMount
+    m = cls([lower], upper, work, mnt, options)
+    m.mount()
+    return m
+
+
+def _inos(mnt, names):
+    return {name: os.lstat(os.path.join(mnt, name)).st_ino for name in names}
+
+
+@pytest.mark.kernel
+@pytest.mark.fuse
+@pytest.mark.parametrize("writer,reader", [("kernel", "cowfs"), ("cowfs", "kernel")])
+@pytest.mark.parametrize("options", [("redirect_dir=on",), ("index=on", "redirect_dir=on")], ids=["noindex", "index"])
+def test_st_ino_the_same_over_the_others_upper(shared_tmp, writer, reader, options):
+    """One side copies up (a file, a directory, a file in it, a lower hard link); the other side,
+    mounting that upper (with the same workdir: index=on keeps data in it), shows the same numbers,
+    and with every layer on one filesystem they are the lower objects' own."""
+    lower, upper, work = _layers(shared_tmp)
+    mnt = os.path.join(shared_tmp, "mnt")
+    os.mkdir(mnt)
+    names = ("single", "d", "d/inner", "hl1", "hl2")
+    index = "index=on" in options
+    m = _mounted(writer, lower, upper, work, mnt, ["index=off", *options] if writer == "kernel" else options)
+    try:
+        for name in ("single", "d/inner", "hl1"):
+            os.chmod(os.path.join(mnt, name), 0o640)
+        written = _inos(mnt, names)
+    finally:
+        m.unmount()
+    m = _mounted(reader, lower, upper, work, mnt, ["index=off", *options] if reader == "kernel" else options)
+    try:
+        read = _inos(mnt, names)
+        assert os.lstat(os.path.join(mnt, "hl2")).st_nlink == 2  # the lower file, or the indexed one
+    finally:
+        m.unmount()
+    assert read == written
+    lower_inos = _inos(lower, names)
+    same = ("single", "d", "d/inner", "hl2") + (("hl1",) if index else ())
+    assert {n: read[n] for n in same} == {n: lower_inos[n] for n in same}
+    if not index:
+        assert read["hl1"] == os.lstat(upper + "/hl1").st_ino  # a broken lower hard link: its own number
+
+
+def test_index_off_without_file_handles(tmp_path, monkeypatch):
+    """A layer whose filesystem gives no file handles: index=on goes on as index=off, with a warning."""
+    lower, upper, work = _layers(tmp_path)
+    monkeypatch.setattr(handles, "supports_handles", lambda path: path != lower)
+    u = _union(lower, upper, work, "index=on")
+    try:
+        assert u.layers.index is None and not os.path.exists(work + "/index")
+        assert u.warnings == ["index=on: a layer's filesystem gives no file handles; going on with index=off"]
+        u.chmod("/hl1", 0o600)
+        assert u.getattr("/hl2")["st_ino"] != u.getattr("/hl1")["st_ino"]  # broken, as with index=off
+    finally:
+        u.close()
+
+
+# -- data-only lower layers ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("value,lowers,data", [
+    ("a:b::c::d", ["a", "b"], ("c", "d")),
+    ("a::c", ["a"], ("c",)),
+    ("a\\::b", ["a:", "b"], ()),
+])
+def test_data_only_layers_parsed(value, lowers, data):
+    stack = parse_options([f"lowerdir={value},metacopy=on"])
+    assert (stack.lowers, stack.data_lowers) == (lowers, data)
+    assert stack.option_string().startswith(f"lowerdir={value},")
+
+
+@pytest.mark.parametrize("value,message", [
+    ("::c", "need a lower layer above them"),
+    ("a::c:d", "regular lower layers cannot follow data lower layers"),
+    ("a:::c", "empty layer"),
+    ("a::", "empty layer"),
+])
+def test_data_only_layers_refused(value, message):
+    with pytest.raises(StackError, match=message):
+        parse_options([f"lowerdir={value}"])
+
+
+def test_datadir_needs_lowerdir_plus():
+    """As the kernel: datadir+= appends after lowerdir+= layers, never after a lowerdir= list."""
+    with pytest.raises(StackError, match="datadir\\+ cannot follow lowerdir="):
+        parse_options(["lowerdir=/a,datadir+=/d"])
+    with pytest.raises(StackError, match="needs a value"):
+        parse_options(["lowerdir=/a,datadir+="])
+
+
+def test_data_only_reached_by_absolute_redirect_only(tmp_path):
+    meta, data = tmp_path / "meta", tmp_path / "data"
+    (data / "objects").mkdir(parents=True)
+    (data / "objects/abc").write_bytes(b"the data\n")
+    (data / "shown").write_bytes(b"never by name\n")
+    meta.mkdir()
+    f = meta / "file"
+    f.write_bytes(b"")
+    os.truncate(f, 9)
+    os.setxattr(f, TRUSTED + "metacopy", b"")
+    os.setxattr(f, TRUSTED + "redirect", b"/objects/abc")
+    u = Union(check(parse_options([f"lowerdir={meta}::{data},metacopy=on"])))
+    h = u.open("/file", os.O_RDONLY)
+    assert u.read(h, 100, 0) == b"the data\n"
+    u.release(h)
+    assert sorted(name for name, *_ in u.readdir("/")) == [".", "..", "file"]
+    for path in ("/shown", "/objects"):
+        with pytest.raises(OSError) as e:
+            u.getattr(path)
+        assert e.value.errno == errno.ENOENT
+    assert u.getattr("/file")["st_ino"] == os.lstat(f).st_ino  # the metadata file's number, not the data's
+
+
+def _impure_dirs(upper):
+    found = []
+    for top, dirs, _ in os.walk(upper):
+        for d in [top] + [os.path.join(top, x) for x in dirs]:
+            try:
+                if os.getxattr(d, TRUSTED + "impure") == b"y":
+                    found.append(os.path.relpath(d, upper))
+            except OSError:
+                pass
+    return sorted(set(found))
+
+
+@pytest.mark.kernel
+@pytest.mark.fuse
+def test_impure_dirs_as_the_kernels_and_its_readdir_d_ino(shared_tmp):
+    """Copy-up marks the upper parent "impure", and so does a rename of an object with an origin into
+    another directory, on both; the kernel reading cowfs's upper then lists each entry with the
+    d_ino its stat shows."""
+    lower = os.path.join(shared_tmp, "lower")
+    os.makedirs(lower + "/d")
+    with open(lower + "/d/inner", "wb") as f:
+        f.write(b"x\n")
+    impure = {}
+    for kind in ("kernel", "cowfs"):
+        upper, work, mnt = (os.path.join(shared_tmp, f"{kind}-{x}") for x in ("upper", "work", "mnt"))
+        for d in (upper, work, mnt):
+            os.mkdir(d)
+        m = _mounted(kind, lower, upper, work, mnt, ["redirect_dir=on"])
+        try:
+            os.makedirs(mnt + "/newdir/sub")
+            os.chmod(mnt + "/d/inner", 0o600)
+            os.rename(mnt + "/d/inner", mnt + "/newdir/inner")
+            os.rename(mnt + "/newdir/sub", mnt + "/d/sub")
+        finally:
+            m.unmount()
+        impure[kind] = _impure_dirs(upper)
+    assert impure["cowfs"] == impure["kernel"] == [".", "d", "newdir"]
+    m = _mounted("kernel", lower, upper, work, mnt, ["redirect_dir=on"])
+    try:
+        for d in ("", "d", "newdir"):
+            for entry in os.scandir(os.path.join(mnt, d)):
+                assert entry.inode() == os.lstat(entry.path).st_ino, entry.path
+    finally:
+        m.unmount()
+
+
+@pytest.mark.kernel
+@pytest.mark.fuse
+def test_index_refusal_matches_the_kernels(shared_tmp):
+    """An index=on upper mounted over other lower layers: the kernel refuses it (ESTALE, "failed to
+    verify upper root origin"), and so does cowfs, in one line."""
+    from cowfs.testing.mounts import MountError
+    lower, upper, work = _layers(shared_tmp)
+    other, mnt = os.path.join(shared_tmp, "other"), os.path.join(shared_tmp, "mnt")
+    os.mkdir(other)
+    os.mkdir(mnt)
+    _mounted("cowfs", lower, upper, work, mnt, ["index=on"]).unmount()
+    for kind in ("kernel", "cowfs"):
+        with pytest.raises(MountError) as e:
+            _mounted(kind, other, upper, work, mnt, ["index=on"])
+        assert ("Stale file handle" if kind == "kernel" else "origin is not lowerdir") in str(e.value)
+    _mounted("kernel", lower, upper, work, mnt, ["index=on"]).unmount()  # its own lower: both mount it
+    _mounted("cowfs", lower, upper, work, mnt, ["index=on"]).unmount()
+
+
+def test_an_indexed_copy_mounted_without_index_shows_its_own_number(tmp_path):
+    """As the kernel with index=off: the origin of a lower hard link is not used (the copy may be one of
+    several broken apart), so the upper's own number shows."""
+    lower, upper, work = _layers(tmp_path)
+    u = _union(lower, upper, work, "index=on")
+    try:
+        u.chmod("/hl1", 0o600)
+        assert u.getattr("/hl1")["st_ino"] == os.lstat(lower + "/hl1").st_ino
+    finally:
+        u.close()
+    u = _union(lower, upper, work)
+    try:
+        assert u.getattr("/hl1")["st_ino"] == os.lstat(upper + "/hl1").st_ino
+    finally:
+        u.close()
