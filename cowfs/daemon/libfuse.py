@@ -146,7 +146,7 @@ OPS_FIELDS = [
     ("retrieve_reply", ctypes.c_void_p),
     ("forget_multi", _f(None, req_t, ctypes.c_size_t, ctypes.POINTER(ForgetData))),
     ("flock", ctypes.c_void_p),
-    ("fallocate", ctypes.c_void_p),
+    ("fallocate", _f(None, req_t, ino_t, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, fi_p)),
     ("readdirplus", _f(None, req_t, ino_t, ctypes.c_size_t, ctypes.c_int64, fi_p)),
     ("copy_file_range", ctypes.c_void_p),
     ("lseek", ctypes.c_void_p),

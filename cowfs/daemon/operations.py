@@ -569,6 +569,14 @@ class CowfsOperations:
         return Reply(ll.reply_write, written)
 
     @_request
+    def fallocate(self, req, node_id, mode, offset, length, fi):
+        """The kernel sends only the modes FUSE passes on (KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE), through a
+        handle open for writing; the size it learns from the answer, the mode (set-id bits) by a notice."""
+        if self.union.fallocate(self._handle(fi), mode, offset, length, self._caller(req)):
+            ll.notify_inval_inode(self.session, node_id, -1, 0)
+        return OK
+
+    @_request
     def flush(self, req, node_id, fi):
         return OK
 

@@ -12,7 +12,7 @@ import os
 import stat
 
 from cowfs.errors import os_error
-from cowfs.overlay import copyup, override
+from cowfs.overlay import copyup, override, syscalls
 from cowfs.overlay.attributes import stat_dict
 from cowfs.overlay.credentials import Caller, drop_set_id
 from cowfs.overlay.locking import locked
@@ -120,6 +120,13 @@ class Files:
     def ftruncate(self, handle: Handle, length: int, caller: Caller | None = None) -> None:
         os.ftruncate(handle.fd, length)
         drop_set_id(handle.fd, caller)
+
+    def fallocate(self, handle: Handle, mode: int, offset: int, length: int, caller: Caller | None = None) -> bool:
+        """fallocate(2) through a handle open for writing, so on the upper copy (opening it copied the file
+        up), as the kernel's overlay passes it to the upper file: every mode the upper takes, its errno for
+        the rest. Set-id bits go as with `write`; True when the file's mode changed."""
+        syscalls.fallocate(handle.fd, mode, offset, length)
+        return drop_set_id(handle.fd, caller)
 
     def fsync(self, handle: Handle, datasync: bool = False) -> None:
         if not self.stack.volatile:

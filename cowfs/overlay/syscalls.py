@@ -1,4 +1,5 @@
-"""renameat2(2), which the standard library lacks: its flags make whiteouts and exchanges atomic."""
+"""System calls the standard library lacks: renameat2(2), whose flags make whiteouts and exchanges atomic,
+and fallocate(2) with its modes (punching holes, zeroing ranges)."""
 
 import ctypes
 import os
@@ -21,3 +22,23 @@ def rename2(src, dst, flags=0):
     if _renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), flags) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), src, None, dst)
+
+
+# fallocate(2) modes (linux/falloc.h); os.posix_fallocate has no modes.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_COLLAPSE_RANGE = 0x08
+FALLOC_FL_ZERO_RANGE = 0x10
+FALLOC_FL_INSERT_RANGE = 0x20
+FALLOC_FL_UNSHARE_RANGE = 0x40
+
+_fallocate = _libc.fallocate64
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd, mode, offset, length):
+    """fallocate(2) on descriptor `fd` with `mode` (FALLOC_FL_*). Raises OSError with the kernel's errno."""
+    if _fallocate(fd, mode, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
