@@ -140,6 +140,11 @@ KNOWN_DIFFERENCES: dict[str, KnownDifference] = {d.name: d for d in (
         "hands them to the upper fs",
         kept_out="not in the scenarios or fsx draws; strict xfail in tests/test_fileops.py"),
     KnownDifference(
+        "refused_options",
+        "cowfs refuses verity=on|require (it records and checks no fs-verity digests) and nfs_export=on (a FUSE "
+        "mount is not exported by the overlay's NFS code), which the kernel mounts without an upper",
+        kept_out="tests/test_kernel_options.py expects these refusals"),
+    KnownDifference(
         "fstat_nlink",
         "FUSE reports 0 links on a descriptor of a file unlinked through the mount, even one with names left",
         kept_out="not recorded: the parity machine's fstat leaves the link count out"),
