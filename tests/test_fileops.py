@@ -1,8 +1,10 @@
-"""fallocate(2) and random file I/O: cowfs against the kernel overlay, over the same layers.
+"""fallocate(2), file attribute flags (chattr, lsattr) and random file I/O: cowfs against the kernel overlay.
 
 The fixed scenarios run as those of ``tests/test_differential.py`` do
 (``compare_scenario``: every outcome, the merged trees, the lowers, the upper
-directories on disk, and the kernel's view of cowfs's upper).  The fsx-style
+directories on disk, and the kernel's view of cowfs's upper; for the flags, the
+upper inodes' own flags too, as the upper keeps append-only and immutable in
+its ``overlay.protattr`` xattr, never on the inode).  The fsx-style
 test draws sequences of reads, writes, truncates, fallocates, hole punches and
 range zeroings with Hypothesis, on a lower file that each sequence copies up
 (at once, or only at its first write), and compares both mounts byte for byte
@@ -13,14 +15,29 @@ after every step, then the two upper copies on disk.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import stat
+import struct
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from cowfs.overlay.fileattr import (
+    FS_APPEND_FL,
+    FS_IMMUTABLE_FL,
+    FS_IOC_FSGETXATTR,
+    FS_IOC_FSSETXATTR,
+    FS_IOC_SETFLAGS,
+    FS_NOATIME_FL,
+    FS_SYNC_FL,
+    FS_XFLAG_IMMUTABLE,
+    FS_XFLAG_NOATIME,
+    FSXATTR,
+    real_flags,
+)
 from cowfs.overlay.syscalls import (
     FALLOC_FL_COLLAPSE_RANGE,
     FALLOC_FL_INSERT_RANGE,
@@ -37,6 +54,7 @@ from cowfs.testing.outcomes import Session, errno_outcome
 TIMEOUT = float(os.environ.get("COWFS_DIFF_TIMEOUT", "120"))
 KEEP, PUNCH, ZERO = FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 FALLOC_FL_WRITE_ZEROES = 0x80
+OLD_NS = 1_200_000_000 * 10**9
 MOUNTED = [pytest.mark.kernel, pytest.mark.fuse]
 SCENARIO_MODES = ("redirect_off", "redirect_on", "metacopy")
 
@@ -159,6 +177,206 @@ def test_fallocate_collapse_and_insert(shared_tmp):
         fs.close(fd)
     problems, _ = compare_scenario(pair, shift, name="fallocate_shift", timeout=TIMEOUT)
     assert not problems, "\n".join(problems)
+
+
+# -- file attribute flags (chattr, lsattr) --------------------------------------------------------------
+
+# Set on the lower layer's files before mounting (materialise writes no flags), cleared afterwards.
+LOWER_FLAGS = {"l0/imm.txt": FS_IMMUTABLE_FL, "l0/app.txt": FS_APPEND_FL, "l0/noatime.txt": FS_NOATIME_FL,
+               "l0/sync.txt": FS_SYNC_FL, "l0/adir": FS_NOATIME_FL, "l0/idir": FS_IMMUTABLE_FL}
+FLAG_LAYERS = StackSpec(
+    Layer(
+        File("plain.txt", b"plain\n"),
+        File("imm.txt", b"immutable in the lower\n"),
+        File("app.txt", b"append-only in the lower\n"),
+        File("noatime.txt", b"noatime\n"),
+        File("sync.txt", b"sync\n"),
+        File("mine.txt", b"the user's\n", owner=(USER, USER)),
+        File("adir/inner.txt", b"inner\n"),
+        File("idir/inner.txt", b"inner\n"),
+        Dir("dir", mode=0o777),
+        File("dir/f.txt", b"f\n"),
+    ),
+    Layer(File("dir/low.txt", b"low\n")),
+)
+VISIBLE = 0x000BFFFF  # the flags lsattr shows (FS_FL_USER_VISIBLE)
+
+
+def _getflags(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        return real_flags(fd) & VISIBLE
+    finally:
+        os.close(fd)
+
+
+def _setflags(path: str, flags: int) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("=Q", flags))
+    finally:
+        os.close(fd)
+
+
+def _chattr(fs: Session, rel: str, add: int = 0, remove: int = 0) -> None:
+    """As chattr: read the flags, then set them changed (each step recorded)."""
+    def go():
+        _setflags(fs.p(rel), (_getflags(fs.p(rel)) | add) & ~remove)
+    fs.do(f"chattr {rel} +{add:#x} -{remove:#x}", go)
+    fs.do(f"lsattr {rel}", _getflags, fs.p(rel))
+
+
+def _fsxflags(path: str) -> tuple:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        xflags, extsize, _, projid, _ = FSXATTR.unpack(fcntl.ioctl(fd, FS_IOC_FSGETXATTR, bytes(FSXATTR.size)))
+        return xflags, extsize, projid
+    finally:
+        os.close(fd)
+
+
+def _append(path: str, data: bytes, flags: int = os.O_WRONLY | os.O_APPEND) -> int:
+    fd = os.open(path, flags)
+    try:
+        return os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def sc_chattr_lower_flags(fs: Session):
+    """Flags of lower objects show; an immutable or append-only lower file refuses changes before any
+    copy-up; clearing the flag copies up (the copy keeps the others); sync/noatime go with a copy-up."""
+    for rel in ("plain.txt", "imm.txt", "app.txt", "noatime.txt", "sync.txt", "adir", "idir", "dir"):
+        fs.do(f"lsattr {rel}", _getflags, fs.p(rel))
+        fs.do(f"fsxattr {rel}", _fsxflags, fs.p(rel))
+    fs.do("write imm.txt", _append, fs.p("imm.txt"), b"x", os.O_WRONLY)
+    fs.chmod("imm.txt", 0o600)
+    fs.unlink("imm.txt")
+    fs.rename("imm.txt", "moved.txt")
+    fs.setxattr("imm.txt", "user.k", b"v")
+    fs.truncate("app.txt", 0)
+    fs.do("write app.txt not appending", _append, fs.p("app.txt"), b"x", os.O_WRONLY)
+    fs.do("append app.txt", _append, fs.p("app.txt"), b"appended\n")
+    fs.read("app.txt")
+    fs.do("create in idir", _append, fs.p("idir/new.txt"), b"x", os.O_WRONLY | os.O_CREAT)
+    fs.unlink("idir/inner.txt")
+    fs.do("create in adir", _append, fs.p("adir/new.txt"), b"x", os.O_WRONLY | os.O_CREAT)
+    fs.chmod("noatime.txt", 0o600)
+    fs.do("append sync.txt", _append, fs.p("sync.txt"), b"more\n")
+    _chattr(fs, "imm.txt", remove=FS_IMMUTABLE_FL)
+    fs.do("write imm.txt after chattr -i", _append, fs.p("imm.txt"), b"now\n")
+    _chattr(fs, "app.txt", remove=FS_APPEND_FL)
+    fs.truncate("app.txt", 3)
+    _chattr(fs, "idir", remove=FS_IMMUTABLE_FL)
+    fs.do("create in idir after chattr -i", _append, fs.p("idir/new.txt"), b"x", os.O_WRONLY | os.O_CREAT)
+    for rel in ("imm.txt", "app.txt", "noatime.txt", "sync.txt", "adir", "idir"):
+        fs.do(f"lsattr {rel} at the end", _getflags, fs.p(rel))
+
+
+def sc_chattr_set_through_mount(fs: Session):
+    """chattr through the mount copies up; +i and +a go to the upper's protattr, not to the upper inode,
+    and refuse what the VFS refuses; a remount reads them back."""
+    _chattr(fs, "plain.txt", add=FS_NOATIME_FL | FS_SYNC_FL)
+    _chattr(fs, "dir/f.txt", add=FS_IMMUTABLE_FL)
+    fs.do("write immutable dir/f.txt", _append, fs.p("dir/f.txt"), b"x")
+    fs.utime("dir/f.txt", (OLD_NS, OLD_NS))
+    fs.link("dir/f.txt", "dir/link.txt")
+    fs.rename("dir/low.txt", "dir/f.txt")
+    _chattr(fs, "dir/low.txt", add=FS_APPEND_FL)
+    fs.do("append dir/low.txt", _append, fs.p("dir/low.txt"), b"more\n")
+    fs.do("trunc dir/low.txt", _append, fs.p("dir/low.txt"), b"x", os.O_WRONLY | os.O_TRUNC)
+    fs.unlink("dir/low.txt")
+    _chattr(fs, "dir", add=FS_APPEND_FL)
+    fs.do("create in append-only dir", _append, fs.p("dir/new.txt"), b"x", os.O_WRONLY | os.O_CREAT)
+    fs.unlink("dir/new.txt")
+    fs.mkdir("dir/sub")
+    fs.rmdir("dir/sub")
+    _chattr(fs, "dir", add=FS_IMMUTABLE_FL)
+    fs.mkdir("dir/sub2")
+    fs.do("fsxattr dir", _fsxflags, fs.p("dir"))
+    fs.remount()
+    for rel in ("plain.txt", "dir", "dir/f.txt", "dir/low.txt"):
+        fs.do(f"lsattr {rel} after remount", _getflags, fs.p(rel))
+    fs.do("write immutable dir/f.txt after remount", _append, fs.p("dir/f.txt"), b"x")
+    _chattr(fs, "dir", remove=FS_IMMUTABLE_FL | FS_APPEND_FL)
+    _chattr(fs, "dir/f.txt", remove=FS_IMMUTABLE_FL)
+    _chattr(fs, "dir/low.txt", remove=FS_APPEND_FL)
+    fs.unlink("dir/low.txt")
+
+    def as_user(u: Session):
+        _chattr(u, "plain.txt", add=FS_NOATIME_FL)  # not the owner: EPERM
+        _chattr(u, "mine.txt", add=FS_NOATIME_FL)
+        _chattr(u, "mine.txt", add=FS_IMMUTABLE_FL)  # needs CAP_LINUX_IMMUTABLE
+    fs.as_user(USER, USER, as_user)
+
+
+def sc_fsxattr_set_through_mount(fs: Session):
+    """FS_IOC_FSSETXATTR, as xfs_io chattr: the same split of the flags as FS_IOC_SETFLAGS."""
+    def set_x(rel, xflags):
+        fd = os.open(fs.p(rel), os.O_RDONLY)
+        try:
+            fsx = list(FSXATTR.unpack(fcntl.ioctl(fd, FS_IOC_FSGETXATTR, bytes(FSXATTR.size))))
+            fsx[0] = xflags
+            fcntl.ioctl(fd, FS_IOC_FSSETXATTR, FSXATTR.pack(*fsx))
+        finally:
+            os.close(fd)
+    fs.do("fssetxattr plain.txt immutable|noatime", set_x, "plain.txt", FS_XFLAG_IMMUTABLE | FS_XFLAG_NOATIME)
+    fs.do("fsxattr plain.txt", _fsxflags, fs.p("plain.txt"))
+    fs.do("lsattr plain.txt", _getflags, fs.p("plain.txt"))
+    fs.do("write plain.txt", _append, fs.p("plain.txt"), b"x")
+    fs.do("fssetxattr plain.txt none", set_x, "plain.txt", 0)
+    fs.do("fsxattr plain.txt", _fsxflags, fs.p("plain.txt"))
+    fs.do("lsattr fifo-less symlink", lambda: _getflags(fs.p("dir/low.txt")))
+
+
+FLAG_SCENARIOS = {fn.__name__.removeprefix("sc_"): fn for fn in (
+    sc_chattr_lower_flags, sc_chattr_set_through_mount, sc_fsxattr_set_through_mount)}
+
+
+def _flags_tree(root: str) -> dict:
+    """The flags of every regular file and directory under `root` (the upper's inodes, as lsattr shows)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            if stat.S_ISREG(os.lstat(path).st_mode) or stat.S_ISDIR(os.lstat(path).st_mode):
+                out[os.path.relpath(path, root)] = _getflags(path)
+    return out
+
+
+def _clear_flags(base: str) -> None:
+    """Lower, upper or work: no immutable or append-only inode may stay, or nothing can remove it."""
+    for dirpath, dirnames, filenames in os.walk(base):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            if stat.S_ISREG(os.lstat(path).st_mode) or stat.S_ISDIR(os.lstat(path).st_mode):
+                try:
+                    if _getflags(path) & (FS_IMMUTABLE_FL | FS_APPEND_FL):
+                        _setflags(path, _getflags(path) & ~(FS_IMMUTABLE_FL | FS_APPEND_FL))
+                except OSError:
+                    pass
+
+
+@pytest.mark.parametrize("name", list(FLAG_SCENARIOS))
+@pytest.mark.parametrize("mode", SCENARIO_MODES)
+@pytest.mark.kernel
+@pytest.mark.fuse
+def test_fileattr_differential(name, mode, shared_tmp):
+    """As the fixed scenarios, and the upper inodes' own flags compared too (no i or a on either)."""
+    lowers = materialise(FLAG_LAYERS, shared_tmp)
+    try:
+        for rel, flags in LOWER_FLAGS.items():
+            path = os.path.join(shared_tmp, rel)
+            _setflags(path, _getflags(path) | flags)
+        pair = Pair(shared_tmp, lowers, mode)
+        problems, ref_out = compare_scenario(pair, FLAG_SCENARIOS[name], name=name, timeout=TIMEOUT)
+        assert not problems, f"scenario {name} [{mode}]:\n" + "\n\n".join(problems)
+        assert ("errno", "EPERM") in [value for _, value in ref_out], "nothing was refused: the scenario tests nothing"
+        ref_flags, got_flags = _flags_tree(pair.kernel.upper), _flags_tree(pair.tested.upper)
+        assert got_flags == ref_flags, f"upper inode flags differ: kernel {ref_flags} cowfs {got_flags}"
+        assert not any(f & (FS_IMMUTABLE_FL | FS_APPEND_FL) for f in ref_flags.values())
+    finally:
+        _clear_flags(shared_tmp)
 
 
 # -- fsx: random sequences ---------------------------------------------------------------------------

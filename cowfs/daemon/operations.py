@@ -30,12 +30,14 @@ import os
 import queue
 import signal
 import stat
+import struct
 import threading
 import time
 
 from cowfs.daemon import libfuse as ll
 from cowfs.daemon.inodes import InodeTable
 from cowfs.daemon.inodes import identity as _identity
+from cowfs.overlay import fileattr
 from cowfs.overlay.syscalls import RENAME_EXCHANGE
 from cowfs.overlay.union import Caller
 
@@ -278,7 +280,7 @@ class CowfsOperations:
     def init(self, userdata, conn):
         ll.pin_thread_state()
         conn = conn.contents
-        for cap in (ll.CAP_POSIX_ACL, ll.CAP_DONT_MASK):
+        for cap in (ll.CAP_POSIX_ACL, ll.CAP_DONT_MASK, ll.CAP_IOCTL_DIR):
             # the kernel checks and caches POSIX ACLs, as it does for the kernel overlay; the umask is
             # applied here, since it must not apply under a default ACL
             if conn.capable & cap:
@@ -485,6 +487,29 @@ class CowfsOperations:
         caller = self._caller(req)
         names = self._at(self.table.get(node_id), lambda path: self.union.listxattr(_named(path), caller))
         return _sized(b"".join(os.fsencode(n) + b"\0" for n in names), size)
+
+    @_request
+    def ioctl(self, req, node_id, cmd, arg, fi, flags, in_buf, in_size, out_size):
+        """The file attribute flags (chattr, lsattr): the kernel asks for them through a handle it opens
+        itself (none for a directory), so they are read and set by name. Any other ioctl: ENOTTY, as on
+        the kernel overlay."""
+        inode = self.table.get(node_id)
+        if cmd in (fileattr.FS_IOC_GETFLAGS, fileattr.FS_IOC32_GETFLAGS):
+            data = struct.pack("=I", self._at(inode, lambda path: self.union.getflags(_named(path))))
+            return Reply(ll.reply_ioctl, 0, data, min(len(data), out_size))
+        if cmd == fileattr.FS_IOC_FSGETXATTR:
+            data = self._at(inode, lambda path: self.union.fsgetxattr(_named(path)))
+            return Reply(ll.reply_ioctl, 0, data, min(len(data), out_size))
+        if cmd in (fileattr.FS_IOC_SETFLAGS, fileattr.FS_IOC32_SETFLAGS) and in_size >= 4:
+            value = struct.unpack("=I", ctypes.string_at(in_buf, 4))[0]
+            self._at(inode, lambda path: self.union.setflags(_named(path), value))
+        elif cmd == fileattr.FS_IOC_FSSETXATTR and in_size >= fileattr.FSXATTR.size:
+            value = ctypes.string_at(in_buf, in_size)
+            self._at(inode, lambda path: self.union.fssetxattr(_named(path), value))
+        else:
+            raise OSError(errno.ENOTTY, os.strerror(errno.ENOTTY))
+        ll.notify_inval_inode(self.session, node_id, -1, 0)  # its ctime changed: attributes only
+        return Reply(ll.reply_ioctl, 0, None, 0)
 
     # -- files -----------------------------------------------------------------------------------
     def _keep(self, inode, handle, fi):

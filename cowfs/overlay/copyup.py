@@ -19,6 +19,7 @@ import threading
 import time
 
 from cowfs.formatting import kind_name
+from cowfs.overlay import fileattr
 from cowfs.overlay.events import TRIGGERS
 from cowfs.overlay.locking import DataFirst, locked_for
 from cowfs.overlay.lookup import parent_of
@@ -171,6 +172,7 @@ def build_copy(src, st, tmp, prefix, origin_ino, metadata_only=False, sync=True)
     # set-id bits; the mode comes after the xattrs, so that an ACL set there leaves it as it was.
     copy_owner(st, tmp)
     copy_xattrs(src, tmp, prefix)
+    fileattr.copy_up_flags(src, st, tmp, prefix)
     if origin_ino is not None and (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or not prefix.startswith("user.")):
         set_marker(tmp, prefix, ORIGIN, str(origin_ino))  # user.* xattrs exist only on files and directories
     copy_mode_and_times(st, tmp)

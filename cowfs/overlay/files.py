@@ -15,6 +15,7 @@ from cowfs.errors import os_error
 from cowfs.overlay import copyup, override, syscalls
 from cowfs.overlay.attributes import stat_dict
 from cowfs.overlay.credentials import Caller, drop_set_id
+from cowfs.overlay.fileattr import FS_APPEND_FL, FS_IMMUTABLE_FL
 from cowfs.overlay.locking import locked
 from cowfs.overlay.lookup import parent_of
 from cowfs.overlay.whiteout import ORIGIN, escape_xattr
@@ -47,6 +48,8 @@ class Files:
             raise os_error(errno.EISDIR, path)
         if writing:
             self._require_writable(path)
+            appending = flags & os.O_APPEND and not flags & os.O_TRUNC  # all an append-only file allows
+            self._check_protection(node, path, FS_IMMUTABLE_FL | (0 if appending else FS_APPEND_FL))
             node = self._copy_up(node)
         # No O_DIRECT: the kernel side of FUSE decides direct I/O, and our buffers are not aligned for it.
         real_flags = (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT)) | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -13,7 +13,7 @@ import stat
 
 from cowfs.errors import os_error
 from cowfs.formatting import kind_name
-from cowfs.overlay import acl, copyup, override
+from cowfs.overlay import acl, copyup, fileattr, override
 from cowfs.overlay.locking import locked
 from cowfs.overlay.lookup import parent_of, renamed_paths
 from cowfs.overlay.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, rename2
@@ -75,6 +75,7 @@ class Namespace:
         parent = self._dir(parent_of(path)[0])
         if self.layers.resolve(path) is not None:
             raise os_error(errno.EEXIST, path)
+        self._check_protection(parent, path, fileattr.FS_IMMUTABLE_FL)
         uid, gid, setgid = self._new_owner(parent, owner)
         upper_parent, name = self._upper_parent(path)
         target = upper_parent.real + "/" + name
@@ -102,6 +103,7 @@ class Namespace:
                     if opaque:
                         set_opaque(tmp, self.prefix)
                     if existing is None:
+                        fileattr.inherit_flags(upper_parent.real, tmp, kind)
                         rename2(tmp, target, RENAME_NOREPLACE)
                     elif not is_whiteout(existing):
                         raise os_error(errno.EEXIST, path)
@@ -151,9 +153,11 @@ class Namespace:
         src = self._node(old)
         if src.is_dir:
             raise os_error(errno.EPERM, old)
-        self._dir(parent_of(new)[0])
+        new_parent = self._dir(parent_of(new)[0])
         if self.layers.resolve(new) is not None:
             raise os_error(errno.EEXIST, new)
+        self._check_protection(new_parent, new, fileattr.FS_IMMUTABLE_FL)
+        self._check_protection(src, old)
         if self.stack.metacopy and stat.S_ISREG(src.st.st_mode) and (src.data is not None or not src.in_upper):
             # A metadata-only copy stays one: an absolute redirect on the shared inode lets
             # every name of it find the data (the kernel uses the origin file handle instead).
@@ -189,6 +193,7 @@ class Namespace:
         node = self._node(path)
         if node.is_dir:
             raise os_error(errno.EISDIR, path)
+        self._check_removable(node)
         self._remove(node)
 
     @locked
@@ -200,6 +205,7 @@ class Namespace:
             raise os_error(errno.ENOTDIR, path)
         if path == "/":
             raise os_error(errno.EBUSY, path)
+        self._check_removable(node)
         if self.layers.list_dir(node):
             raise os_error(errno.ENOTEMPTY, path)
         self._remove(node)
@@ -230,6 +236,12 @@ class Namespace:
                     rename2(tmp, upper_parent.real + "/" + name, RENAME_NOREPLACE)
         finally:
             self._changed()
+
+    def _check_removable(self, node):
+        """EPERM for a name that may not go: an append-only or immutable object, or one in an append-only
+        or immutable directory (as the VFS's may_delete)."""
+        self._check_protection(node, node.path)
+        self._check_protection(self._node(parent_of(node.path)[0]), node.path)
 
     def _whiteout_in_place(self, real, tmp):
         """Turn the upper entry at `real` into a whiteout, in one step; the entry lands at staging name `tmp`."""
@@ -264,9 +276,16 @@ class Namespace:
         if flags & RENAME_EXCHANGE:
             if dst is None:
                 raise os_error(errno.ENOENT, new)
+            self._check_removable(src)
+            self._check_removable(dst)
             return self._exchange(src, dst)
         if old == new:
             return False
+        self._check_removable(src)
+        if dst is not None:
+            self._check_removable(dst)
+        else:
+            self._check_protection(self._node(new_parent_path), new, fileattr.FS_IMMUTABLE_FL)
         if src.is_dir and (new + "/").startswith(old + "/"):
             raise os_error(errno.EINVAL, new)
         if dst is not None:  # the checks the VFS makes before the overlay is asked

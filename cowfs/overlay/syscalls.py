@@ -1,5 +1,5 @@
 """System calls the standard library lacks: renameat2(2), whose flags make whiteouts and exchanges atomic,
-and fallocate(2) with its modes (punching holes, zeroing ranges)."""
+fallocate(2) with its modes (punching holes, zeroing ranges), and statx(2)'s attributes (immutable, append-only)."""
 
 import ctypes
 import os
@@ -42,3 +42,23 @@ def fallocate(fd, mode, offset, length):
     if _fallocate(fd, mode, offset, length) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
+
+
+# statx(2)'s attributes, which os.stat does not give: whether an inode is immutable or append-only, read
+# without opening it (as the VFS checks them), for any type of object.
+STATX_ATTR_IMMUTABLE = 0x10
+STATX_ATTR_APPEND = 0x20
+AT_SYMLINK_NOFOLLOW = 0x100
+_statx = _libc.statx
+_statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+_statx.restype = ctypes.c_int
+_statx_buf = ctypes.c_uint64 * 32  # struct statx is 256 bytes; stx_attributes is its second 8-byte word
+
+
+def statx_attributes(path):
+    """The stx_attributes (STATX_ATTR_*) of `path`, not following a symlink. Raises OSError."""
+    buf = _statx_buf()
+    if _statx(AT_FDCWD, os.fsencode(path), AT_SYMLINK_NOFOLLOW, 0, buf) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), path)
+    return buf[1]
