@@ -355,7 +355,8 @@ class CowfsOperations:
                 now = time.time_ns()
                 atime = _when(to_set, ll.SET_ATTR_ATIME, ll.SET_ATTR_ATIME_NOW, a.st_atimespec, now)
                 mtime = _when(to_set, ll.SET_ATTR_MTIME, ll.SET_ATTR_MTIME_NOW, a.st_mtimespec, now)
-                u.utimens(path, atime, mtime) if path is not None else u.futimens(handle, atime, mtime)
+                touch = to_set & ll.SET_ATTR_ATIME_NOW and to_set & ll.SET_ATTR_MTIME_NOW
+                u.utimens(path, atime, mtime, bool(touch)) if path is not None else u.futimens(handle, atime, mtime)
             return self._attrs(inode, path, handle)
         return _attr_reply(self._at(inode, lambda path: self._on_object(inode, path, given, apply), same=inode))
 

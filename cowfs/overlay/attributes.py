@@ -19,6 +19,7 @@ import stat
 from cowfs.errors import os_error
 from cowfs.overlay import override
 from cowfs.overlay.credentials import Caller, drop_set_id, may_chown, privileged
+from cowfs.overlay.fileattr import FS_IMMUTABLE_FL, PROT_FLAGS
 from cowfs.overlay.locking import locked
 from cowfs.overlay.whiteout import escape_xattr, unescape_xattr
 
@@ -127,11 +128,13 @@ class Attributes:
         return True
 
     @locked
-    def utimens(self, path: str, atime_ns: int | None = None, mtime_ns: int | None = None) -> None:
-        """Set times in ns; None keeps a time as it is (UTIME_OMIT)."""
+    def utimens(self, path: str, atime_ns: int | None = None, mtime_ns: int | None = None,
+                touch: bool = False) -> None:
+        """Set times in ns; None keeps a time as it is (UTIME_OMIT). A `touch` (both to now) is allowed
+        on an append-only object, as the VFS allows it; explicit times are not."""
         self._require_writable(path)
         node = self._node(path)
-        self._check_protection(node, path)
+        self._check_protection(node, path, FS_IMMUTABLE_FL if touch else PROT_FLAGS)
         node = self._copy_up(node, data=False)
         st = os.lstat(node.real)
         os.utime(node.real, ns=(st.st_atime_ns if atime_ns is None else atime_ns,
