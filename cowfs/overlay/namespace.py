@@ -191,9 +191,10 @@ class Namespace:
         """Remove a non-directory; a name a lower layer has becomes a whiteout."""
         self._require_writable(path)
         node = self._node(path)
+        if path != "/":
+            self._check_removable(node)  # first, as the VFS's may_delete
         if node.is_dir:
             raise os_error(errno.EISDIR, path)
-        self._check_removable(node)
         self._remove(node)
 
     @locked
@@ -201,11 +202,12 @@ class Namespace:
         """Remove an empty (in the merged view) directory, with the whiteouts inside its upper part."""
         self._require_writable(path)
         node = self._node(path)
+        if path != "/":
+            self._check_removable(node)  # first, as the VFS's may_delete
         if not node.is_dir:
             raise os_error(errno.ENOTDIR, path)
         if path == "/":
             raise os_error(errno.EBUSY, path)
-        self._check_removable(node)
         if self.layers.list_dir(node):
             raise os_error(errno.ENOTEMPTY, path)
         self._remove(node)
@@ -281,20 +283,22 @@ class Namespace:
             return self._exchange(src, dst)
         if old == new:
             return False
+        if src.is_dir and (new + "/").startswith(old + "/"):
+            raise os_error(errno.EINVAL, new)
+        # the checks the VFS makes before the overlay is asked, in its order: the same file, then may the
+        # old name go (append-only, immutable), then may the new one go or be made, then the types
+        if dst is not None and src.in_upper and dst.in_upper and os.path.samestat(src.st, dst.st):
+            return False  # two links to one file: rename(2) does nothing
         self._check_removable(src)
         if dst is not None:
             self._check_removable(dst)
         else:
             self._check_protection(self._node(new_parent_path), new, fileattr.FS_IMMUTABLE_FL)
-        if src.is_dir and (new + "/").startswith(old + "/"):
-            raise os_error(errno.EINVAL, new)
-        if dst is not None:  # the checks the VFS makes before the overlay is asked
+        if dst is not None:
             if src.is_dir and not dst.is_dir:
                 raise os_error(errno.ENOTDIR, new)
             if dst.is_dir and not src.is_dir:
                 raise os_error(errno.EISDIR, new)
-            if src.in_upper and dst.in_upper and os.path.samestat(src.st, dst.st):
-                return False  # two links to one file: rename(2) does nothing
         if not self._can_move(src):
             raise os_error(errno.EXDEV, old)
         if dst is not None and dst.is_dir and self.layers.list_dir(dst):
