@@ -34,6 +34,9 @@ options (-o, comma-separated, as the kernel's overlay takes them):
   volatile            never sync the upper (copy-ups, fsync): faster, but after a crash
                       throw the upper away; the next mount of W is refused until
                       W/work/incompat/volatile is removed, as with the kernel
+  xino=on|off|auto, uuid=on|off|null|auto, nfs_export=off, verity=off
+                      accepted as the kernel spells them (no effect on cowfs);
+                      nfs_export=on and verity=on|require are refused
   ro                  mount read-only; every change fails with EROFS
   allow_other         let other users in (the default when mounted by root)
   trace=FILE          the same as --trace FILE
