@@ -148,9 +148,10 @@ def _stat_after_small_hole_copy_up(state):
 @pytest.mark.kernel
 @pytest.mark.fuse
 def test_small_hole_quirk_is_excused_by_name_only():
-    """The default machines excuse exactly KNOWN_DIFFERENCES['small_holes'] and still see the rest."""
+    """The default machines excuse exactly KNOWN_DIFFERENCES['small_holes'] (and 'protection_after_type',
+    a rule for one errno pair of removals and renames) and still see the rest."""
     _replay(RedirectOff, _stat_after_small_hole_copy_up)
-    assert RedirectOff.known_differences == frozenset({"small_holes"})
+    assert RedirectOff.known_differences == frozenset({"small_holes", "protection_after_type"})
 
 
 @pytest.mark.kernel
