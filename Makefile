@@ -10,6 +10,7 @@
 #   make lint    ruff over cowfs, tests and scripts (rules in pyproject.toml)
 #   make bench   the benchmark (scripts/bench.py); make bench BENCH_ARGS=--quick
 #   make fuzz-cli  the command-line fuzz (tests/test_cli_fuzz.py) with many more examples
+#   make fuzz-fsx  random read/write/truncate/fallocate sequences, kernel vs cowfs (tests/test_fileops.py)
 #   make clean   remove scratch/ and .venv (refuses while something under scratch/ is mounted)
 
 SHELL := /bin/bash
@@ -18,7 +19,7 @@ VENV := .venv
 DEBIAN_PACKAGES := fuse3 fuse-overlayfs attr tmux zstd docker.io busybox-static docker-registry skopeo apache2-utils
 PYTEST_ARGS ?=
 
-.PHONY: venv system-packages rootless-setup demo test check lint bench fuzz fuzz-cli crash stress install clean
+.PHONY: venv system-packages rootless-setup demo test check lint bench fuzz fuzz-cli fuzz-fsx crash stress install clean
 
 venv: $(VENV)/.installed
 
@@ -85,6 +86,12 @@ fuzz-cli: venv
 	  *) rest="$$rest $$1"; shift;; esac; \
 	done; \
 	COWFS_FUZZ_CLI_EXAMPLES=$$examples $(VENV)/bin/python -m pytest -q -s tests/test_cli_fuzz.py $$rest
+
+# The fsx-style test with many sequences (the suite draws 20 per mode; 400 take about 30 s):
+# make fuzz-fsx FSX_EXAMPLES=5000
+FSX_EXAMPLES ?= 1000
+fuzz-fsx: venv
+	COWFS_FSX_EXAMPLES=$(FSX_EXAMPLES) $(VENV)/bin/python -m pytest -q tests/test_fileops.py -k fsx
 
 # kill -9 the cowfs daemon mid-workload and check the remount: make crash CRASH_ARGS="--rounds 50 --seed 7"
 CRASH_ARGS ?=

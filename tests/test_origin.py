@@ -219,6 +219,16 @@ def test_datadir_needs_lowerdir_plus():
         parse_options(["lowerdir=/a,datadir+="])
 
 
+def test_datadir_after_lowerdir_plus():
+    """datadir+= layers go below the lowerdir+= ones, in order; a lowerdir+= after a datadir+= is refused
+    ("regular lower layers cannot follow data layers", as the kernel says in dmesg)."""
+    stack = parse_options(["lowerdir+=/a,lowerdir+=/b:c,datadir+=/d1", "datadir+=/d2,metacopy=on"])
+    assert list(stack.lowers) == ["/a", "/b:c"]
+    assert list(stack.data_lowers) == ["/d1", "/d2"]
+    with pytest.raises(StackError, match="regular lower layers cannot follow data layers"):
+        parse_options(["lowerdir+=/a,datadir+=/d,lowerdir+=/b"])
+
+
 def test_data_only_reached_by_absolute_redirect_only(tmp_path):
     meta, data = tmp_path / "meta", tmp_path / "data"
     (data / "objects").mkdir(parents=True)

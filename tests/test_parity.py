@@ -174,10 +174,11 @@ def _stat_after_small_hole_copy_up(state):
 @pytest.mark.kernel
 @pytest.mark.fuse
 def test_small_hole_quirk_is_excused_by_name_only():
-    """The default machines excuse exactly KNOWN_DIFFERENCES['small_holes'] (and the index mode's
-    index_link_up_name, which only an upper with indexed files can show) and still see the rest."""
+    """The default machines excuse exactly KNOWN_DIFFERENCES['small_holes'] (with 'protection_after_type',
+    a rule for one errno pair of removals and renames, and the index mode's index_link_up_name, which only
+    an upper with indexed files can show) and still see the rest."""
     _replay(RedirectOff, _stat_after_small_hole_copy_up)
-    assert RedirectOff.known_differences == frozenset({"small_holes", "index_link_up_name"})
+    assert RedirectOff.known_differences == frozenset({"small_holes", "protection_after_type", "index_link_up_name"})
 
 
 @pytest.mark.kernel

@@ -22,6 +22,8 @@ leaves a whiteout there. The upper stays readable by the kernel's overlay.
 MOUNT_EPILOG = """\
 options (-o, comma-separated, as the kernel's overlay takes them):
   lowerdir=A:B:C      read-only layers, leftmost is topmost (required)
+  lowerdir+=A         one read-only layer, as it is spelt (no escapes; repeat it,
+                      topmost first); not after lowerdir=
   upperdir=U          the writable layer (without it: a read-only mount)
   workdir=W           an empty directory on U's filesystem, for atomic steps
   redirect_dir=on|off rename directories that have lower parts (default off: EXDEV)
@@ -32,6 +34,9 @@ options (-o, comma-separated, as the kernel's overlay takes them):
   volatile            never sync the upper (copy-ups, fsync): faster, but after a crash
                       throw the upper away; the next mount of W is refused until
                       W/work/incompat/volatile is removed, as with the kernel
+  xino=on|off|auto, uuid=on|off|null|auto, nfs_export=off, verity=off
+                      accepted as the kernel spells them (no effect on cowfs);
+                      nfs_export=on and verity=on|require are refused
   ro                  mount read-only; every change fails with EROFS
   allow_other         let other users in (the default when mounted by root)
   trace=FILE          the same as --trace FILE
@@ -436,7 +441,7 @@ def _check_mount_spelling(args, parser):
     for key in LAYER_KEYS + ("trace",):
         if keys.count(key) > 1:
             parser.error(f"option '{key}' given twice")
-    given = {k for k in keys if k in LAYER_KEYS}
+    given = {k for k in keys if k in LAYER_KEYS} | ({"lowerdir"} if "lowerdir+" in keys else set())
     if args.trace is not None and "trace" in keys:
         parser.error("the trace is given twice: --trace and -o trace=; give one")
     if args.upper is not None and "upperdir" in given:
@@ -506,7 +511,7 @@ def _image_form(args):
     neither is refused, naming both places it was looked for."""
     if len(args.paths) != 2 or args.upper is not None or args.work is not None:
         return None
-    if set(_option_keys(args.options)) & set(LAYER_KEYS):
+    if set(_option_keys(args.options)) & set(LAYER_KEYS + ("lowerdir+",)):
         return None
     from cowfs.images.catalog import looks_like_image
     from cowfs.images.store import Store, default_store

@@ -48,6 +48,7 @@ CAP_DONT_MASK = 1 << 6
 CAP_SPLICE_WRITE = 1 << 7
 CAP_SPLICE_MOVE = 1 << 8
 CAP_SPLICE_READ = 1 << 9
+CAP_IOCTL_DIR = 1 << 11  # ioctls on directories reach the daemon (chattr, lsattr)
 CAP_AUTO_INVAL_DATA = 1 << 12
 CAP_READDIRPLUS = 1 << 13
 CAP_READDIRPLUS_AUTO = 1 << 14
@@ -140,13 +141,14 @@ OPS_FIELDS = [
     ("getlk", ctypes.c_void_p),
     ("setlk", ctypes.c_void_p),
     ("bmap", ctypes.c_void_p),
-    ("ioctl", ctypes.c_void_p),
+    ("ioctl", _f(None, req_t, ino_t, ctypes.c_uint, ctypes.c_void_p, fi_p, ctypes.c_uint, ctypes.c_void_p,
+                 ctypes.c_size_t, ctypes.c_size_t)),
     ("poll", ctypes.c_void_p),
     ("write_buf", _f(None, req_t, ino_t, ctypes.POINTER(BufVec), ctypes.c_int64, fi_p)),
     ("retrieve_reply", ctypes.c_void_p),
     ("forget_multi", _f(None, req_t, ctypes.c_size_t, ctypes.POINTER(ForgetData))),
     ("flock", ctypes.c_void_p),
-    ("fallocate", ctypes.c_void_p),
+    ("fallocate", _f(None, req_t, ino_t, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, fi_p)),
     ("readdirplus", _f(None, req_t, ino_t, ctypes.c_size_t, ctypes.c_int64, fi_p)),
     ("copy_file_range", ctypes.c_void_p),
     ("lseek", ctypes.c_void_p),
@@ -176,6 +178,7 @@ reply_buf = _declare("fuse_reply_buf", _int, req_t, ctypes.c_char_p, _sz)
 reply_data = _declare("fuse_reply_data", _int, req_t, ctypes.POINTER(BufVec), _int)
 reply_statfs = _declare("fuse_reply_statfs", _int, req_t, ctypes.POINTER(StatVfs))
 reply_xattr = _declare("fuse_reply_xattr", _int, req_t, _sz)
+reply_ioctl = _declare("fuse_reply_ioctl", _int, req_t, _int, ctypes.c_char_p, _sz)
 add_direntry = _declare("fuse_add_direntry", _sz, req_t, _vp, _sz, ctypes.c_char_p, st_p, ctypes.c_int64)
 add_direntry_plus = _declare("fuse_add_direntry_plus", _sz, req_t, _vp, _sz, ctypes.c_char_p,
                              ctypes.POINTER(EntryParam), ctypes.c_int64)

@@ -30,12 +30,14 @@ import os
 import queue
 import signal
 import stat
+import struct
 import threading
 import time
 
 from cowfs.daemon import libfuse as ll
 from cowfs.daemon.inodes import InodeTable
 from cowfs.daemon.inodes import identity as _identity
+from cowfs.overlay import fileattr
 from cowfs.overlay.syscalls import RENAME_EXCHANGE
 from cowfs.overlay.union import Caller
 
@@ -278,7 +280,7 @@ class CowfsOperations:
     def init(self, userdata, conn):
         ll.pin_thread_state()
         conn = conn.contents
-        for cap in (ll.CAP_POSIX_ACL, ll.CAP_DONT_MASK):
+        for cap in (ll.CAP_POSIX_ACL, ll.CAP_DONT_MASK, ll.CAP_IOCTL_DIR):
             # the kernel checks and caches POSIX ACLs, as it does for the kernel overlay; the umask is
             # applied here, since it must not apply under a default ACL
             if conn.capable & cap:
@@ -353,7 +355,8 @@ class CowfsOperations:
                 now = time.time_ns()
                 atime = _when(to_set, ll.SET_ATTR_ATIME, ll.SET_ATTR_ATIME_NOW, a.st_atimespec, now)
                 mtime = _when(to_set, ll.SET_ATTR_MTIME, ll.SET_ATTR_MTIME_NOW, a.st_mtimespec, now)
-                u.utimens(path, atime, mtime) if path is not None else u.futimens(handle, atime, mtime)
+                touch = to_set & ll.SET_ATTR_ATIME_NOW and to_set & ll.SET_ATTR_MTIME_NOW
+                u.utimens(path, atime, mtime, bool(touch)) if path is not None else u.futimens(handle, atime, mtime)
             return self._attrs(inode, path, handle)
         return _attr_reply(self._at(inode, lambda path: self._on_object(inode, path, given, apply), same=inode))
 
@@ -486,6 +489,29 @@ class CowfsOperations:
         names = self._at(self.table.get(node_id), lambda path: self.union.listxattr(_named(path), caller))
         return _sized(b"".join(os.fsencode(n) + b"\0" for n in names), size)
 
+    @_request
+    def ioctl(self, req, node_id, cmd, arg, fi, flags, in_buf, in_size, out_size):
+        """The file attribute flags (chattr, lsattr): the kernel asks for them through a handle it opens
+        itself (none for a directory), so they are read and set by name. Any other ioctl: ENOTTY, as on
+        the kernel overlay."""
+        inode = self.table.get(node_id)
+        if cmd in (fileattr.FS_IOC_GETFLAGS, fileattr.FS_IOC32_GETFLAGS):
+            data = struct.pack("=I", self._at(inode, lambda path: self.union.getflags(_named(path))))
+            return Reply(ll.reply_ioctl, 0, data, min(len(data), out_size))
+        if cmd == fileattr.FS_IOC_FSGETXATTR:
+            data = self._at(inode, lambda path: self.union.fsgetxattr(_named(path)))
+            return Reply(ll.reply_ioctl, 0, data, min(len(data), out_size))
+        if cmd in (fileattr.FS_IOC_SETFLAGS, fileattr.FS_IOC32_SETFLAGS) and in_size >= 4:
+            value = struct.unpack("=I", ctypes.string_at(in_buf, 4))[0]
+            self._at(inode, lambda path: self.union.setflags(_named(path), value))
+        elif cmd == fileattr.FS_IOC_FSSETXATTR and in_size >= fileattr.FSXATTR.size:
+            value = ctypes.string_at(in_buf, in_size)
+            self._at(inode, lambda path: self.union.fssetxattr(_named(path), value))
+        else:
+            raise OSError(errno.ENOTTY, os.strerror(errno.ENOTTY))
+        ll.notify_inval_inode(self.session, node_id, -1, 0)  # its ctime changed: attributes only
+        return Reply(ll.reply_ioctl, 0, None, 0)
+
     # -- files -----------------------------------------------------------------------------------
     def _keep(self, inode, handle, fi):
         fh = next(self._fhs)
@@ -569,6 +595,14 @@ class CowfsOperations:
         if written and self.union.wrote(handle, self._caller(req)):
             ll.notify_inval_inode(self.session, node_id, -1, 0)  # its set-id bits went: attributes only
         return Reply(ll.reply_write, written)
+
+    @_request
+    def fallocate(self, req, node_id, mode, offset, length, fi):
+        """The kernel sends only the modes FUSE passes on (KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE), through a
+        handle open for writing; the size it learns from the answer, the mode (set-id bits) by a notice."""
+        if self.union.fallocate(self._handle(fi), mode, offset, length, self._caller(req)):
+            ll.notify_inval_inode(self.session, node_id, -1, 0)
+        return OK
 
     @_request
     def fsync(self, req, node_id, datasync, fi):

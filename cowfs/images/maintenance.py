@@ -78,7 +78,7 @@ def layers_in_live_mounts(store):
     try:
         for mount in mounttable.read():
             if mount.fstype == "overlay":
-                option_sets.extend(opt for opt in mount.options if opt.startswith("lowerdir="))
+                option_sets.extend(opt for opt in mount.options if opt.startswith(("lowerdir=", "lowerdir+=")))
     except OSError:
         pass
     layers = os.path.realpath(os.path.join(store.root, "layers"))

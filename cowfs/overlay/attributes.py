@@ -21,6 +21,7 @@ from cowfs.errors import os_error
 from cowfs.overlay import override
 from cowfs.overlay.copyup import merged_nlink
 from cowfs.overlay.credentials import Caller, drop_set_id, may_chown, privileged
+from cowfs.overlay.fileattr import FS_IMMUTABLE_FL, PROT_FLAGS
 from cowfs.overlay.locking import locked
 from cowfs.overlay.whiteout import escape_xattr, unescape_xattr
 
@@ -89,6 +90,7 @@ class Attributes:
         if stat.S_ISLNK(node.st.st_mode):
             raise os_error(errno.EOPNOTSUPP, path)
         self._require_writable(path)
+        self._check_protection(node, path)
         node = self._copy_up(node, data=False)
         if not self._record(node.real, mode=mode):
             os.chmod(node.real, stat.S_IMODE(mode))
@@ -97,7 +99,9 @@ class Attributes:
     def chown(self, path: str, uid: int, gid: int) -> None:
         """Change owner (as the mount shows owners: mapped back first); -1 leaves a field as it is."""
         self._require_writable(path)
-        node = self._copy_up(self._node(path), data=False)
+        node = self._node(path)
+        self._check_protection(node, path)
+        node = self._copy_up(node, data=False)
         if self.idmap:
             uid, gid = self.idmap.disk_uid(uid), self.idmap.disk_gid(gid)
         if not self._record(node.real, uid, gid):
@@ -131,10 +135,14 @@ class Attributes:
         return True
 
     @locked
-    def utimens(self, path: str, atime_ns: int | None = None, mtime_ns: int | None = None) -> None:
-        """Set times in ns; None keeps a time as it is (UTIME_OMIT)."""
+    def utimens(self, path: str, atime_ns: int | None = None, mtime_ns: int | None = None,
+                touch: bool = False) -> None:
+        """Set times in ns; None keeps a time as it is (UTIME_OMIT). A `touch` (both to now) is allowed
+        on an append-only object, as the VFS allows it; explicit times are not."""
         self._require_writable(path)
-        node = self._copy_up(self._node(path), data=False)
+        node = self._node(path)
+        self._check_protection(node, path, FS_IMMUTABLE_FL if touch else PROT_FLAGS)
+        node = self._copy_up(node, data=False)
         st = os.lstat(node.real)
         os.utime(node.real, ns=(st.st_atime_ns if atime_ns is None else atime_ns,
                                 st.st_mtime_ns if mtime_ns is None else mtime_ns), follow_symlinks=False)
@@ -146,6 +154,7 @@ class Attributes:
         if node.is_dir:
             raise os_error(errno.EISDIR, path)
         self._require_writable(path)
+        self._check_protection(node, path)
         node = self._copy_up(node)
         fd = os.open(node.real, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
@@ -179,6 +188,7 @@ class Attributes:
         node = self._node(path)
         if override.is_override(name):
             raise os_error(errno.EPERM, path)
+        self._check_protection(node, path)
         if node.index is None:  # an indexed inode takes the xattr as it is, no name linked up (as the kernel's)
             node = self._copy_up(node, data=False)
         os.setxattr(node.real, escape_xattr(name, self.prefix), value, flags, follow_symlinks=False)
@@ -189,6 +199,7 @@ class Attributes:
         node = self._node(path)
         if override.is_override(name):
             raise os_error(errno.EPERM, path)
+        self._check_protection(node, path)
         real_name = escape_xattr(name, self.prefix)
         if not node.in_upper:
             os.getxattr(node.real, real_name, follow_symlinks=False)  # ENODATA before any copy-up, as the kernel

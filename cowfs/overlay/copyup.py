@@ -19,7 +19,7 @@ import threading
 import time
 
 from cowfs.formatting import kind_name
-from cowfs.overlay import handles
+from cowfs.overlay import fileattr, handles
 from cowfs.overlay.events import TRIGGERS
 from cowfs.overlay.locking import DataFirst, locked_for
 from cowfs.overlay.lookup import parent_of
@@ -183,6 +183,7 @@ def build_copy(src, st, tmp, prefix, origin, metadata_only=False, sync=True, dat
     # set-id bits; the mode comes after the xattrs, so that an ACL set there leaves it as it was.
     copy_owner(st, tmp)
     copy_xattrs(src, tmp, prefix)
+    fileattr.copy_up_flags(src, st, tmp, prefix)
     if origin is not None and (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or not prefix.startswith("user.")):
         os.setxattr(tmp, prefix + KERNEL_ORIGIN, origin, follow_symlinks=False)  # user.* only on files and dirs
     copy_mode_and_times(st, tmp)

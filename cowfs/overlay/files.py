@@ -12,9 +12,10 @@ import os
 import stat
 
 from cowfs.errors import os_error
-from cowfs.overlay import copyup, override
+from cowfs.overlay import copyup, override, syscalls
 from cowfs.overlay.attributes import stat_dict
 from cowfs.overlay.credentials import Caller, drop_set_id
+from cowfs.overlay.fileattr import FS_APPEND_FL, FS_IMMUTABLE_FL
 from cowfs.overlay.locking import locked
 from cowfs.overlay.lookup import parent_of
 from cowfs.overlay.whiteout import escape_xattr
@@ -48,6 +49,8 @@ class Files:
             raise os_error(errno.EISDIR, path)
         if writing:
             self._require_writable(path)
+            appending = flags & os.O_APPEND and not flags & os.O_TRUNC  # all an append-only file allows
+            self._check_protection(node, path, FS_IMMUTABLE_FL | (0 if appending else FS_APPEND_FL))
             node = self._copy_up(node)
         # No O_DIRECT: the kernel side of FUSE decides direct I/O, and our buffers are not aligned for it.
         real_flags = (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT)) | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -126,6 +129,13 @@ class Files:
     def ftruncate(self, handle: Handle, length: int, caller: Caller | None = None) -> None:
         os.ftruncate(handle.fd, length)
         drop_set_id(handle.fd, caller)
+
+    def fallocate(self, handle: Handle, mode: int, offset: int, length: int, caller: Caller | None = None) -> bool:
+        """fallocate(2) through a handle open for writing, so on the upper copy (opening it copied the file
+        up), as the kernel's overlay passes it to the upper file: every mode the upper takes, its errno for
+        the rest. Set-id bits go as with `write`; True when the file's mode changed."""
+        syscalls.fallocate(handle.fd, mode, offset, length)
+        return drop_set_id(handle.fd, caller)
 
     def fsync(self, handle: Handle, datasync: bool = False) -> None:
         if not self.stack.volatile:

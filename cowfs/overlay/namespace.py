@@ -13,7 +13,7 @@ import stat
 
 from cowfs.errors import os_error
 from cowfs.formatting import kind_name
-from cowfs.overlay import acl, copyup, handles, override
+from cowfs.overlay import acl, copyup, fileattr, handles, override
 from cowfs.overlay.locking import locked
 from cowfs.overlay.lookup import parent_of, renamed_paths
 from cowfs.overlay.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, rename2
@@ -83,6 +83,7 @@ class Namespace:
         parent = self._dir(parent_of(path)[0])
         if self.layers.resolve(path) is not None:
             raise os_error(errno.EEXIST, path)
+        self._check_protection(parent, path, fileattr.FS_IMMUTABLE_FL)
         uid, gid, setgid = self._new_owner(parent, owner)
         upper_parent, name = self._upper_parent(path)
         target = upper_parent.real + "/" + name
@@ -110,6 +111,7 @@ class Namespace:
                     if opaque:
                         set_opaque(tmp, self.prefix)
                     if existing is None:
+                        fileattr.inherit_flags(upper_parent.real, tmp, kind)
                         rename2(tmp, target, RENAME_NOREPLACE)
                     elif not is_whiteout(existing):
                         raise os_error(errno.EEXIST, path)
@@ -159,9 +161,11 @@ class Namespace:
         src = self._node(old)
         if src.is_dir:
             raise os_error(errno.EPERM, old)
-        self._dir(parent_of(new)[0])
+        new_parent = self._dir(parent_of(new)[0])
         if self.layers.resolve(new) is not None:
             raise os_error(errno.EEXIST, new)
+        self._check_protection(new_parent, new, fileattr.FS_IMMUTABLE_FL)
+        self._check_protection(src, old)
         if self.stack.metacopy and stat.S_ISREG(src.st.st_mode) and (src.data is not None or not src.in_upper):
             # A metadata-only copy stays one: an absolute redirect on the shared inode lets
             # every name of it find the data (the kernel uses the origin file handle instead).
@@ -199,6 +203,8 @@ class Namespace:
         """Remove a non-directory; a name a lower layer has becomes a whiteout."""
         self._require_writable(path)
         node = self._node(path)
+        if path != "/":
+            self._check_removable(node)  # first, as the VFS's may_delete
         if node.is_dir:
             raise os_error(errno.EISDIR, path)
         self._remove(node)
@@ -208,6 +214,8 @@ class Namespace:
         """Remove an empty (in the merged view) directory, with the whiteouts inside its upper part."""
         self._require_writable(path)
         node = self._node(path)
+        if path != "/":
+            self._check_removable(node)  # first, as the VFS's may_delete
         if not node.is_dir:
             raise os_error(errno.ENOTDIR, path)
         if path == "/":
@@ -282,6 +290,12 @@ class Namespace:
         else:
             copyup.set_nlink(entry, self.prefix, nlink - 1)
 
+    def _check_removable(self, node):
+        """EPERM for a name that may not go: an append-only or immutable object, or one in an append-only
+        or immutable directory (as the VFS's may_delete)."""
+        self._check_protection(node, node.path)
+        self._check_protection(self._node(parent_of(node.path)[0]), node.path)
+
     def _whiteout_in_place(self, real, tmp):
         """Turn the upper entry at `real` into a whiteout, in one step; the entry lands at staging name `tmp`."""
         try:
@@ -315,20 +329,29 @@ class Namespace:
         if flags & RENAME_EXCHANGE:
             if dst is None:
                 raise os_error(errno.ENOENT, new)
+            self._check_removable(src)
+            self._check_removable(dst)
             return self._exchange(src, dst)
         if old == new:
             return False
         if src.is_dir and (new + "/").startswith(old + "/"):
             raise os_error(errno.EINVAL, new)
-        if dst is not None:  # the checks the VFS makes before the overlay is asked
+        # the checks the VFS makes before the overlay is asked, in its order: the same file, then may the
+        # old name go (append-only, immutable), then may the new one go or be made, then the types
+        if dst is not None and src.in_upper and dst.in_upper and os.path.samestat(src.st, dst.st):
+            return False  # two links to one file: rename(2) does nothing
+        if dst is not None and self.layers.index is not None and not src.is_dir and os.path.samestat(src.st, dst.st):
+            return False  # index=on: names of one lower file (or its indexed copy) are one inode too
+        self._check_removable(src)
+        if dst is not None:
+            self._check_removable(dst)
+        else:
+            self._check_protection(self._node(new_parent_path), new, fileattr.FS_IMMUTABLE_FL)
+        if dst is not None:
             if src.is_dir and not dst.is_dir:
                 raise os_error(errno.ENOTDIR, new)
             if dst.is_dir and not src.is_dir:
                 raise os_error(errno.EISDIR, new)
-            if src.in_upper and dst.in_upper and os.path.samestat(src.st, dst.st):
-                return False  # two links to one file: rename(2) does nothing
-            if self.layers.index is not None and not src.is_dir and os.path.samestat(src.st, dst.st):
-                return False  # index=on: names of one lower file (or its indexed copy) are one inode too
         if not self._can_move(src):
             raise os_error(errno.EXDEV, old)
         if dst is not None and dst.is_dir and self.layers.list_dir(dst):

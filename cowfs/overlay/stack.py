@@ -29,6 +29,16 @@ FUSE_MOUNT_FLAGS = {"rw", "suid", "nosuid", "dev", "nodev", "exec", "noexec", "a
                     "atime", "noatime", "dirsync"}
 REDIRECT_MODES = ("on", "off", "follow", "nofollow")
 OWNER_OPTIONS = ("uidmapping", "gidmapping", "squash_to_uid", "squash_to_gid")  # with values, as fuse-overlayfs
+# The kernel's options that cowfs accepts with these values (a bad value is refused as the kernel refuses it);
+# KERNEL_REFUSED names the values it cannot honour, with why. See `_kernel_option`.
+KERNEL_VALUES = {"xino": ("on", "off", "auto"), "uuid": ("on", "off", "null", "auto"), "nfs_export": ("on", "off"),
+                 "verity": ("on", "off", "require")}
+KERNEL_REFUSED = {
+    "nfs_export=on": "a FUSE mount cannot be exported over NFS by the kernel's overlay export code "
+                     "(and the kernel needs index=on for it, which cowfs does not have)",
+    "verity=on": "cowfs does not record or check fs-verity digests of metacopy data",
+    "verity=require": "cowfs does not record or check fs-verity digests of metacopy data",
+}
 
 
 @dataclasses.dataclass
@@ -57,6 +67,9 @@ class Stack:
     squash_to_root: bool = False
     squash_to_uid: int = None
     squash_to_gid: int = None
+    # Accepted for the kernel's spelling; cowfs's behaviour is the same for every accepted value (README.rst).
+    xino: str = None
+    uuid: str = None
 
     @property
     def prefix(self):
@@ -102,6 +115,7 @@ class Stack:
             opts.append("squash_to_root")
         opts += [f"{name}={getattr(self, name)}" for name in ("squash_to_uid", "squash_to_gid")
                  if getattr(self, name) is not None]
+        opts += [f"{name}={getattr(self, name)}" for name in ("xino", "uuid") if getattr(self, name) is not None]
         if self.read_only:
             opts.append("ro")
         return ",".join(opts)
@@ -174,18 +188,21 @@ def parse_options(option_strings):
     """Build a Stack from one or more `-o` strings. Raises StackError naming the bad option."""
     values = {}
     flags = []
+    added = []  # the layers of lowerdir+= options, topmost first
     for text in option_strings:
         for opt in split_options(text):
             if not opt:
                 continue
             key, has_value, value = opt.partition("=")
+            if key in ("lowerdir", "lowerdir+") or key in KERNEL_VALUES:
+                _kernel_option(key, has_value, value, values, added)
+                continue
             if key in FUSE_MOUNT_FLAGS and not has_value:
                 flags.append(key)
                 continue
             if key in GENERIC_OPTIONS or key.startswith("x-") or key == "comment":
                 continue
-            if key in ("lowerdir", "upperdir", "workdir", "redirect_dir", "metacopy", "index", "fsname") \
-                    + OWNER_OPTIONS:
+            if key in ("upperdir", "workdir", "redirect_dir", "metacopy", "index", "fsname") + OWNER_OPTIONS:
                 if not has_value or not value:
                     raise StackError(f"option '{key}' needs a value")
                 values[key] = value
@@ -198,12 +215,15 @@ def parse_options(option_strings):
                 values[key] = True
             else:
                 raise StackError(f"unknown option '{opt}'")
-    if "lowerdir" not in values:
+    if "lowerdir" not in values and not added:
         raise StackError("missing 'lowerdir'")
-    lowers, data_lowers = _lower_layers(values["lowerdir"])
-    if "datadir+" in values:  # as the kernel: data layers append after lowerdir+ layers, not after lowerdir=
-        raise StackError("conflicting options: datadir+ cannot follow lowerdir= (use lowerdir+=, or "
-                         "lowerdir=A::DATA)")
+    if added:  # lowerdir+= layers, then datadir+= ones below them, each taken as it is spelt
+        lowers, data_lowers = list(added), list(values.get("datadir+", ()))
+    else:
+        lowers, data_lowers = _lower_layers(values["lowerdir"])
+        if "datadir+" in values:  # as the kernel: data layers append after lowerdir+ layers, not after lowerdir=
+            raise StackError("conflicting options: datadir+ cannot follow lowerdir= (use lowerdir+=, or "
+                             "lowerdir=A::DATA)")
     upper = unescape(values["upperdir"]) if "upperdir" in values else None
     work = unescape(values["workdir"]) if "workdir" in values else None
     if upper is not None and work is None:
@@ -235,7 +255,8 @@ def parse_options(option_strings):
         index=index == "on" and upper is not None,  # the kernel's index needs an upper (it is in the workdir)
         read_only=bool(values.get("ro")), allow_other=True if values.get("allow_other") else None,
         fsname=values.get("fsname", "cowfs"), mount_flags=tuple(flags),
-        squash_to_root=bool(values.get("squash_to_root")), **owners,
+        squash_to_root=bool(values.get("squash_to_root")), xino=values.get("xino"), uuid=values.get("uuid"),
+        **owners,
     )
 
 
@@ -258,6 +279,31 @@ def _lower_layers(value):
         else:
             lowers.append(part)
     return lowers, data
+
+
+def _kernel_option(key, has_value, value, values, added):
+    """One `lowerdir=`, `lowerdir+=` or KERNEL_VALUES option, into `values` (and `added`), as the kernel
+    reads it. `lowerdir+=DIR` names one layer, taken as it is spelt (no `\\` escapes: a `:` is part of
+    the path), topmost first in the order given; `lowerdir=` replaces the layers named before it, and no
+    `lowerdir+=` may follow it."""
+    if not has_value or not value:
+        raise StackError(f"option '{key}' needs a value")
+    if key == "lowerdir+":
+        if "lowerdir" in values:
+            raise StackError(f"lowerdir+={value}: lowerdir+ cannot follow lowerdir (as the kernel refuses it)")
+        if "datadir+" in values:
+            raise StackError(f"lowerdir+={value}: regular lower layers cannot follow data layers (as the kernel "
+                             "refuses it)")
+        added.append(value)
+    elif key == "lowerdir":
+        added.clear()
+        values[key] = value
+    elif value not in KERNEL_VALUES[key]:
+        raise StackError(f"bad value for {key}: '{value}' (one of: {', '.join(KERNEL_VALUES[key])})")
+    elif f"{key}={value}" in KERNEL_REFUSED:
+        raise StackError(f"{key}={value}: not supported: {KERNEL_REFUSED[f'{key}={value}']}")
+    elif key in ("xino", "uuid"):
+        values[key] = value
 
 
 def _owner_option(key, value):

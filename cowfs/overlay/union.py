@@ -21,7 +21,7 @@ part uses; the operations live by concern, as in the kernel's fs/overlayfs:
 namespace.py (names: create, link, remove, rename), attributes.py (getattr and
 attribute and xattr changes by path), files.py (open files), readdir.py
 (listings), copyup.py (copy-up), locking.py (the engine lock),
-credentials.py (the caller and its privileges), override.py (recorded owners,
+credentials.py (the caller and its privileges), fileattr.py (chattr flags), override.py (recorded owners,
 modes and types of rootless images) and idmap.py (owner mapping options).
 """
 
@@ -37,6 +37,7 @@ from cowfs.overlay.attributes import Attributes
 from cowfs.overlay.copyup import CopyUp, ObjectLocks
 from cowfs.overlay.credentials import Caller
 from cowfs.overlay.events import Events
+from cowfs.overlay.fileattr import FileAttrs
 from cowfs.overlay.files import Files, Handle
 from cowfs.overlay.idmap import IdMap
 from cowfs.overlay.locking import locked
@@ -48,7 +49,7 @@ from cowfs.overlay.stack import Stack
 __all__ = ["Caller", "Handle", "Union"]
 
 
-class Union(Namespace, Attributes, Files, Listing, CopyUp):
+class Union(Namespace, Attributes, Files, FileAttrs, Listing, CopyUp):
     """A mounted stack of layers, usable in-process: `Union(check(stack)).getattr("/etc/hosts")`."""
 
     def __init__(self, stack: Stack) -> None:
