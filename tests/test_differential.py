@@ -890,6 +890,28 @@ def sc_whiteout_device_through_mount(fs: Session):
     fs.listdir("")
 
 
+MAJOR_ZERO_DEVICES = STD.with_entries(
+    (Device("dev0_1", 0, 1), Device("base.txt", 0, 1), Device("dir/bottom_only.txt", 0, 255)),
+    (Device("dup/y", 0, 7),),
+)
+"""Character devices of major 0 that are not 0/0: devices, not whiteouts, even over a lower file."""
+
+
+@scenario(layers=MAJOR_ZERO_DEVICES)
+def sc_major_zero_devices_are_not_whiteouts(fs: Session):
+    fs.listdir("")
+    fs.listdir("dir")
+    fs.listdir("dup")
+    for name in ("dev0_1", "base.txt", "dir/bottom_only.txt", "dup/y"):
+        fs.stat(name)
+    fs.chown("dev0_1", USER, USER)  # a copy-up of the device
+    fs.stat("dev0_1")
+    fs.unlink("base.txt")  # the lower file below it stays hidden
+    fs.stat("base.txt")
+    fs.rename("dup/y", "dup/y2")
+    fs.listdir("dup")
+
+
 OCI_NAMES = STD.with_entries(
     (File(".wh.base.txt"), File("dup/.wh..wh..opq")),
     (File(".wh.file.txt", b"not a marker"),),

@@ -541,6 +541,49 @@ class TestLookup:
 # =============================================================================================
 # copy-up
 
+class TestMajorZeroDevices:
+    """Only a character device 0/0 is a whiteout: one of major 0 and another minor is a device like any other."""
+
+    @staticmethod
+    def device(root, rel, major, minor):
+        p = Path(root, rel)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        os.mknod(p, stat.S_IFCHR | 0o640, os.makedev(major, minor))
+        return p
+
+    @pytest.mark.parametrize("minor", [1, 2, 255, 1 << 19])
+    def test_shown_listed_and_hiding_lower_files(self, env, minor):
+        top, bottom = env.lower(), env.lower()
+        self.device(top, "dev", 0, minor)
+        self.device(top, "f", 0, minor)
+        put(bottom, "f", b"below")
+        put(bottom, "g", b"below")
+        self.device(env.upper, "g", 0, minor)
+        u = env.union()
+        for name in ("dev", "f", "g"):
+            st = u.getattr("/" + name)
+            assert stat.S_ISCHR(st["st_mode"]) and st["st_rdev"] == os.makedev(0, minor), name
+        assert names(u, "/") == ["dev", "f", "g"]
+
+    def test_copied_up_as_the_same_device(self, env):
+        low = env.lower()
+        self.device(low, "dev", 0, 1)
+        u = env.union()
+        u.chown("/dev", 1234, 1234)
+        st = os.lstat(env.upper / "dev")
+        assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(0, 1) and st.st_uid == 1234
+        assert u.getattr("/dev")["st_rdev"] == os.makedev(0, 1)
+        assert names(u, "/") == ["dev"]
+
+    def test_zero_zero_is_the_whiteout(self, env):
+        top, bottom = env.lower(), env.lower()
+        whiteout(top, "f")
+        put(bottom, "f", b"below")
+        u = env.union()
+        assert errno_of(u.getattr, "/f") == errno.ENOENT
+        assert names(u, "/") == []
+
+
 class TestCopyUp:
     def test_partial_write_keeps_the_rest_of_the_original(self, env):
         low = env.lower()
