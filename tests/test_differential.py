@@ -15,7 +15,9 @@ each with its own upper and work directory, and checks that
 Every scenario runs with ``redirect_dir=off``, ``redirect_dir=on`` and
 ``metacopy=on``; those about whiteouts, opaque directories and xattrs also
 with ``userxattr`` (which the kernel accepts from root, and which excludes
-``redirect_dir``).  The modes and the known differences (excused by name)
+``redirect_dir``); those that rename lower directories also write their upper
+with ``redirect_dir=on`` and read it back, on a second mount of each side, with
+``redirect_dir=follow`` and ``nofollow``.  The modes and the known differences (excused by name)
 are the harness's: ``MODES`` and ``KNOWN_DIFFERENCES`` in
 ``cowfs.testing.harness``.
 
@@ -147,11 +149,15 @@ class Scenario:
 SCENARIOS: dict[str, Scenario] = {}
 
 
-def scenario(*, layers: StackSpec = STD, userxattr: bool = False, readonly: bool = False, allow_other: bool = False):
+def scenario(*, layers: StackSpec = STD, userxattr: bool = False, readonly: bool = False, allow_other: bool = False,
+             redirects: bool = False):
+    """Register a scenario; *redirects*: it renames lower directories, and the upper it writes with
+    redirect_dir=on is also read back with redirect_dir=follow and nofollow."""
     def register(fn):
         name = fn.__name__.removeprefix("sc_")
         assert name not in SCENARIOS, name
-        modes = ("redirect_off", "redirect_on", "metacopy") + (("userxattr",) if userxattr else ())
+        modes = ("redirect_off", "redirect_on", "metacopy") + (("userxattr",) if userxattr else ()) + (
+            ("redirect_follow", "redirect_nofollow") if redirects else ())
         SCENARIOS[name] = Scenario(name, fn, layers, modes, readonly, allow_other)
         return fn
     return register
@@ -621,7 +627,7 @@ def sc_rename_dir_onto_whiteout_stays_opaque(fs: Session):
     fs.listdir("gonedir")
 
 
-@scenario()
+@scenario(redirects=True)
 def sc_rename_upper_only_dir(fs: Session):
     fs.mkdir("new")
     fs.mkdir("new/sub")
@@ -636,7 +642,7 @@ def sc_rename_upper_only_dir(fs: Session):
     fs.stat("emptydir")
 
 
-@scenario()
+@scenario(redirects=True)
 def sc_rename_merged_dir(fs: Session):
     fs.rename("dir", "dir2")  # EXDEV with redirect_dir=off
     fs.listdir("dir2")
@@ -648,7 +654,7 @@ def sc_rename_merged_dir(fs: Session):
     fs.getxattr("dir2", "user.dirattr")
 
 
-@scenario()
+@scenario(redirects=True)
 def sc_rename_merged_dir_and_back(fs: Session):
     fs.rename("dir", "dir2")
     fs.rename("dir2", "dir")
@@ -662,7 +668,7 @@ def sc_rename_merged_dir_and_back(fs: Session):
     fs.listdir("")
 
 
-@scenario()
+@scenario(redirects=True)
 def sc_rename_nested_merged_dir(fs: Session):
     fs.rename("dirsub/inner", "moved_inner")  # redirect to an absolute path
     fs.listdir("moved_inner")
@@ -674,7 +680,7 @@ def sc_rename_nested_merged_dir(fs: Session):
     fs.listdir("dir/opq")
 
 
-@scenario()
+@scenario(redirects=True)
 def sc_rename_into_opaque_dir(fs: Session):
     fs.rename("file.txt", "opq/file.txt")
     fs.listdir("opq")
@@ -1596,7 +1602,7 @@ entries.  A redirect in the bottom layer is never read.  A relative one is a sib
 """
 
 
-@scenario(layers=CRAFTED_REDIRECTS, userxattr=True)
+@scenario(layers=CRAFTED_REDIRECTS, userxattr=True, redirects=True)
 def sc_crafted_redirects(fs: Session):
     """Kernel 6.18 (redirect_always_follow=Y, so redirect_dir=off means "follow"):
 

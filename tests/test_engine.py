@@ -2094,6 +2094,59 @@ class TestEvents:
 # ---------------------------------------------------------------------------------------------
 # metacopy=on: metadata-only copy-up in the kernel's format
 
+class TestRedirectsReadBack:
+    """An upper written with redirect_dir=on, mounted again: `follow` follows its redirects; `nofollow`
+    (and userxattr) refuses a lookup through one with EPERM where a layer below could hold its target,
+    leaves it out of an impure directory's listing, and shows a moved directory under a new one as it is."""
+
+    @pytest.fixture
+    def written(self, env):
+        low = env.lower()
+        put(low, "a/f", b"f")
+        put(low, "c/g", b"g")
+        put(low, "e/h", b"h")
+        u = env.union(redirect_dir="on")
+        u.rename("/a", "/b")
+        u.mkdir("/d", 0o755)
+        u.rename("/c", "/d/c2")
+        write_at(u, "/e/h", b"H")  # e: copied up, so an impure directory
+        env.close()
+        return env
+
+    def test_follow(self, written):
+        u = written.union(redirect_dir="follow")
+        assert names(u, "/") == ["b", "d", "e"]
+        assert names(u, "/b") == ["f"] and names(u, "/d/c2") == ["g"]
+        assert read_all(u, "/b/f") == b"f"
+
+    @pytest.mark.parametrize("options", [dict(redirect_dir="nofollow"), dict(userxattr=True)],
+                             ids=["nofollow", "userxattr"])
+    def test_nofollow(self, written, options):
+        if options.get("userxattr"):  # the same upper, spelled in user.overlay.*
+            for path, name in ((written.upper, "impure"), (written.upper / "b", "redirect"),
+                               (written.upper / "d/c2", "redirect"), (written.upper / "e", "impure")):
+                os.setxattr(path, USER + name, os.getxattr(path, TRUSTED + name))
+        u = written.union(**options)
+        for path in ("/b", "/b/f"):
+            assert errno_of(u.getattr, path) == errno.EPERM, path
+        assert errno_of(u.readdir, "/b") == errno.EPERM
+        assert errno_of(u.rename, "/b", "/b2") == errno.EPERM
+        assert names(u, "/") == ["d", "e"]  # the root is impure: its refused entry is left out
+        assert names(u, "/d") == ["c2"] and names(u, "/d/c2") == []  # d has no lower: nothing to follow into
+        assert names(u, "/e") == ["h"]
+
+    def test_nofollow_lists_a_refused_entry_of_a_pure_directory(self, written):
+        os.removexattr(written.upper, TRUSTED + "impure")
+        u = written.union(redirect_dir="nofollow")
+        assert names(u, "/") == ["b", "d", "e"]
+        assert errno_of(u.getattr, "/b") == errno.EPERM
+
+    def test_copy_up_and_moves_mark_their_parents_impure(self, written):
+        assert xattr(written.upper, TRUSTED + "impure") == b"y"
+        assert xattr(written.upper / "d", TRUSTED + "impure") == b"y"  # c2 moved in with a redirect
+        assert xattr(written.upper / "e", TRUSTED + "impure") == b"y"  # h copied up into it
+
+
 class TestMetacopy:
     def test_chmod_copies_metadata_only_and_data_follows_on_write(self, env):
         low = env.lower()

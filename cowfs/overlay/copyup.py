@@ -23,7 +23,7 @@ from cowfs.overlay.events import TRIGGERS
 from cowfs.overlay.locking import DataFirst, locked_for
 from cowfs.overlay.lookup import parent_of
 from cowfs.overlay.syscalls import RENAME_NOREPLACE, rename2
-from cowfs.overlay.whiteout import METACOPY, ORIGIN, TRUSTED_PREFIX, is_private_xattr, set_marker
+from cowfs.overlay.whiteout import METACOPY, ORIGIN, TRUSTED_PREFIX, is_private_xattr, mark_impure, set_marker
 
 CHUNK = 1 << 30
 CAPABILITY = "security.capability"
@@ -380,6 +380,7 @@ class CopyUp:
         """Rename the finished copy of `node` into upper directory `parent_real`; returns its upper path."""
         target = self.layers.real(0, node.path[1:])  # an upper object sits at its merged path
         install(tmp, target, parent_real)
+        mark_impure(parent_real, self.prefix)  # it now holds a copy, as the kernel's copy-up marks it
         regular = stat.S_ISREG(node.st.st_mode)
         if regular and not meta_only:
             self._copied.add((node.st.st_dev, node.st.st_ino))

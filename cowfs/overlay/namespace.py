@@ -17,7 +17,17 @@ from cowfs.overlay import acl, copyup, override
 from cowfs.overlay.locking import locked
 from cowfs.overlay.lookup import parent_of, renamed_paths
 from cowfs.overlay.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, rename2
-from cowfs.overlay.whiteout import REDIRECT, is_opaque, is_whiteout, make_whiteout, set_marker, set_opaque
+from cowfs.overlay.whiteout import (
+    ORIGIN,
+    REDIRECT,
+    get_marker,
+    is_opaque,
+    is_whiteout,
+    make_whiteout,
+    mark_impure,
+    set_marker,
+    set_opaque,
+)
 
 
 class Namespace:
@@ -297,6 +307,9 @@ class Namespace:
                     os.unlink(src.real)
             else:
                 rename2(src.real, target, RENAME_WHITEOUT if needs_whiteout else 0)
+            if old_parent_path != new_parent_path and any(
+                    get_marker(target, self.prefix, marker) is not None for marker in (ORIGIN, REDIRECT)):
+                mark_impure(upper_parent.real, self.prefix)  # a copy or a redirect moved in, as the kernel marks it
         finally:
             self._changed()
         self._move_remembered(old, new)

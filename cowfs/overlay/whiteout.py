@@ -29,6 +29,9 @@ ORIGIN = "cowfs.origin"
 OPAQUE = "opaque"
 REDIRECT = "redirect"
 METACOPY = "metacopy"  # on an upper file that holds only metadata: its data is still in a lower layer
+# on an upper directory that holds copies or moved objects (not only new ones), as the kernel marks it: its
+# readdir then looks each upper entry up, and leaves out those the lookup refuses (see lookup.py)
+IMPURE = "impure"
 
 
 def is_whiteout(st):
@@ -62,6 +65,12 @@ def is_opaque(path, prefix):
 
 def set_opaque(path, prefix):
     set_marker(path, prefix, OPAQUE, "y")
+
+
+def mark_impure(path, prefix):
+    """Mark upper directory `path` impure, once (the kernel's ovl_set_impure)."""
+    if get_marker(path, prefix, IMPURE) != "y":
+        set_marker(path, prefix, IMPURE, "y")
 
 
 def is_private_xattr(name, prefix):
