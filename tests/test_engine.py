@@ -13,6 +13,7 @@ device 0/0, opaque = trusted.overlay.opaque=y), so these tests also pin the
 format the engine writes into the upper.
 """
 
+import collections
 import errno
 import hashlib
 import os
@@ -674,6 +675,88 @@ class TestCopyUp:
             assert u.read(h, 4096, size - 4096) == b"tail" * 1024
         finally:
             u.release(h)
+
+    # a sparse file of several extents, each longer than one transfer, that ends in a hole
+    SPARSE_EXTENTS = ((2 << 20, bytes(range(251)) * 10_000), (9 << 20, b"second" * 300_000))
+    SPARSE_SIZE = 16 << 20
+    SLICE = 300_000  # the most one copy_file_range, sendfile or read moves here: several calls per extent
+
+    @pytest.mark.parametrize("way", ["copy_file_range", "sendfile", "read", "no_seek_data"])
+    def test_copy_up_of_extents_in_many_slices_by_each_way(self, env, monkeypatch, way):
+        """Every way the data can move (the kernel's copy_file_range, then sendfile, then read and write,
+        each a fallback of the one before), each moving less than asked: the copy is exact, holes kept."""
+        low = env.lower()
+        with open(low / "f", "wb") as f:
+            for offset, data in self.SPARSE_EXTENTS:
+                f.seek(offset)
+                f.write(data)
+            f.truncate(self.SPARSE_SIZE)
+        lower_blocks = os.lstat(low / "f").st_blocks
+        real_cfr, real_sendfile, real_lseek, real_pread = os.copy_file_range, os.sendfile, os.lseek, os.pread
+        moved = collections.Counter()  # bytes moved, by way
+
+        def copy_file_range(src, dst, count, offset_src=None, offset_dst=None):
+            if way != "copy_file_range" and way != "no_seek_data":
+                raise OSError(errno.EXDEV, "no copy_file_range across these")
+            n = real_cfr(src, dst, min(count, self.SLICE), offset_src, offset_dst)
+            moved["copy_file_range"] += n
+            return n
+
+        def sendfile(out_fd, in_fd, offset, count):
+            if way == "read":
+                raise OSError(errno.EINVAL, "no sendfile here")
+            n = real_sendfile(out_fd, in_fd, offset, min(count, self.SLICE))
+            moved["sendfile"] += n
+            return n
+
+        def pread(fd, count, offset):
+            data = real_pread(fd, count, offset)
+            moved["read"] += len(data)
+            return data
+
+        def lseek(fd, pos, how):
+            if way == "no_seek_data" and how in (os.SEEK_DATA, os.SEEK_HOLE):
+                raise OSError(errno.EINVAL, "no SEEK_DATA here")
+            return real_lseek(fd, pos, how)
+        monkeypatch.setattr(os, "copy_file_range", copy_file_range)
+        monkeypatch.setattr(os, "sendfile", sendfile)
+        monkeypatch.setattr(os, "lseek", lseek)
+        monkeypatch.setattr(os, "pread", pread)
+        u = env.union()
+        u.chmod("/f", 0o600)
+        monkeypatch.undo()
+        data_bytes = sum(len(data) for _, data in self.SPARSE_EXTENTS)
+        assert set(moved) == {"copy_file_range" if way == "no_seek_data" else way}, moved  # the first way that works
+        if way == "no_seek_data":
+            assert sum(moved.values()) == self.SPARSE_SIZE
+        else:  # the data extents, to whole blocks: no hole read
+            assert data_bytes <= sum(moved.values()) < data_bytes + 8192 * len(self.SPARSE_EXTENTS), moved
+        with open(env.upper / "f", "rb") as f:
+            copy = f.read()
+        expected = bytearray(self.SPARSE_SIZE)
+        for offset, data in self.SPARSE_EXTENTS:
+            expected[offset:offset + len(data)] = data
+        assert len(copy) == self.SPARSE_SIZE and copy == bytes(expected)
+        if way != "no_seek_data":  # without SEEK_DATA the holes are read as zeros, and may be written
+            blocks = os.lstat(env.upper / "f").st_blocks
+            assert blocks <= lower_blocks + 64, f"copy-up filled holes: {blocks} blocks"
+
+    def test_copy_up_of_a_file_that_shrank_stops_at_its_end(self, env, monkeypatch):
+        """The lower file is shorter than its stat said (it changed under the overlay): no endless loop."""
+        low = env.lower()
+        put(low, "f", b"x" * 5000)
+        u = env.union()
+        real_copy_data, real_lseek = copyup.copy_data, os.lseek
+
+        def lseek(fd, pos, how):  # no SEEK_DATA: the copy asks for every byte up to the size it was told
+            if how in (os.SEEK_DATA, os.SEEK_HOLE):
+                raise OSError(errno.EINVAL, "no SEEK_DATA here")
+            return real_lseek(fd, pos, how)
+        monkeypatch.setattr(os, "lseek", lseek)
+        monkeypatch.setattr(copyup, "copy_data", lambda src, dst, size: real_copy_data(src, dst, size + 100_000))
+        u.chmod("/f", 0o600)
+        monkeypatch.undo()
+        assert (env.upper / "f").read_bytes() == b"x" * 5000 + bytes(100_000)
 
     def test_chmod_copies_up_and_changes_only_the_mode(self, env):
         low = env.lower()
