@@ -24,6 +24,7 @@ import pytest
 
 from cowfs.errors import StackError
 from cowfs.overlay import copyup
+from cowfs.overlay import whiteout as whiteout_module
 from cowfs.overlay.stack import Stack, check
 from cowfs.overlay.union import Caller, Union
 
@@ -575,6 +576,19 @@ class TestMajorZeroDevices:
         assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(0, 1) and st.st_uid == 1234
         assert u.getattr("/dev")["st_rdev"] == os.makedev(0, 1)
         assert names(u, "/") == ["dev"]
+
+    def test_whiteouts_are_made_as_the_kernel_makes_them(self, env):
+        low = env.lower()
+        put(low, "f", b"x")
+        u = env.union()
+        u.unlink("/f")
+        st = os.lstat(env.upper / "f")
+        assert st.st_mode == stat.S_IFCHR and st.st_rdev == 0  # c--------- 0/0
+
+    @pytest.mark.parametrize("name,aufs", [(".wh..wh.plnk", True), (".wh..wh.aufs", True), (".wh..wh..opq", False),
+                                           (".wh.f", False), ("f", False), (".wh.", False)])
+    def test_aufs_metadata_names(self, name, aufs):
+        assert whiteout_module.is_aufs_metadata(name) is aufs
 
     def test_zero_zero_is_the_whiteout(self, env):
         top, bottom = env.lower(), env.lower()
@@ -2163,6 +2177,27 @@ class TestEvents:
         assert (hosts["layer"], hosts["kind"], hosts["bytes"], hosts["trigger"]) == (1, "file", 20, "open for write")
         assert seen[0]["trigger"] == "open for write" and seen[0]["kind"] == "dir"
         assert hosts["seconds"] >= 0
+
+    def test_copy_up_events_say_what_moved(self, env):
+        """Metadata-only copy-up, then its data; a symlink's copy moves no data; times are durations."""
+        top, bottom = env.lower(), env.lower()
+        put(bottom, "f", b"x" * 3000)
+        os.symlink("f", top / "link")
+        u = env.union(metacopy=True, redirect_dir="on")
+        seen = []
+        u.events.subscribe(seen.append)
+        u.chmod("/f", 0o600)
+        write_at(u, "/f", b"y")
+        u.chown("/link", 1234, 1234)  # the engine's paths are never followed: the link itself
+        meta, data, link = seen
+        assert {k: meta[k] for k in ("event", "path", "layer", "kind", "bytes", "trigger", "metadata_only")} == \
+            dict(event="copy_up", path="/f", layer=2, kind="file", bytes=0, trigger="chmod", metadata_only=True)
+        assert {k: data[k] for k in ("event", "path", "layer", "kind", "bytes", "trigger", "data_only")} == \
+            dict(event="copy_up", path="/f", layer=2, kind="file", bytes=3000, trigger="open for write",
+                 data_only=True)
+        assert {k: link[k] for k in ("event", "path", "layer", "kind", "bytes", "metadata_only")} == \
+            dict(event="copy_up", path="/link", layer=1, kind="symlink", bytes=0, metadata_only=False)
+        assert all(0 <= e["seconds"] < 60 for e in seen)
 
     def test_no_listener_no_event_objects(self, env, monkeypatch):
         low = env.lower()
