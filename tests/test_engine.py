@@ -350,6 +350,10 @@ class TestLookupInDeepStacks:
         held = u.layers._indexed_names
         assert all(read_all(u, f"/e/many{i}") == b"e" for i in range(20))
         assert held > 20 and u.layers._indexed_names <= 30  # d's names went to make room for e's
+        layers_ = u.layers  # the counts are what the caches hold
+        assert layers_._indexed_names == sum(len(index) for index in layers_._indexes.values())
+        assert layers_._listed_names == sum(len(names or ()) for names in layers_._listings.values())
+        assert layers_._listed_names <= 30 + 21 and len(layers_._listings) >= 1
         assert u.layers._listed_names <= 30
         assert all(read_all(u, f"/d/many{i}") == b"d" for i in range(20))  # read again when needed
 
@@ -1641,6 +1645,62 @@ class TestDeepTrees:
 
 # =============================================================================================
 # open files whose name is gone: changes through the handle act on its own object
+
+class TestPathsPastPathMax:
+    """A path longer than PATH_MAX is reached from a directory descriptor of its head, kept per layer;
+    the upper's retire when the upper changes (a directory there may have moved)."""
+
+    def test_read_copy_up_rename_and_list_past_path_max(self, env):
+        low = env.lower()
+        bottom = "".join(f"/{i:02}" + "n" * 250 for i in range(15))  # 3795 bytes below the layer root
+        fd = os.open(low, os.O_RDONLY | os.O_DIRECTORY)
+        for name in bottom[1:].split("/"):
+            os.mkdir(name, dir_fd=fd)
+            fd, parent = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+            os.close(parent)
+        with open(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as f:
+            f.write(b"x")
+        os.close(fd)
+        u = env.union()
+        assert read_all(u, bottom + "/f") == b"x"
+        assert u.layers._dir_fds.get(1), "no descriptor of a lower directory was used"
+        write_at(u, bottom + "/f", b"y", 1)  # copies up 15 directories, then the file
+        assert read_all(u, bottom + "/f") == b"xy"
+        u.rename(bottom + "/f", bottom + "/g")
+        assert 0 not in u.layers._dir_fds  # the upper's descriptors retired with the change
+        assert names(u, bottom) == ["g"] and read_all(u, bottom + "/g") == b"xy"
+        u.unlink(bottom + "/g")
+        assert names(u, bottom) == []
+
+
+class TestInodeNumbers:
+    def test_each_filesystem_gets_its_own_high_bits(self, env):
+        low = env.lower()
+        put(low, "f", b"x")
+        u = env.union()
+        layers = u.layers
+        home = os.lstat(low).st_dev
+        assert layers.map_dev_ino(home, 7) == 7  # the first filesystem keeps its numbers
+        seen = len(layers._fs_index)
+        first, second = 10**9 + 1, 10**9 + 2  # two other filesystems, as device numbers
+        assert layers.map_dev_ino(first, 7) == 7 | (seen << 56)
+        assert layers.map_dev_ino(second, 7) == 7 | ((seen + 1) << 56)
+        assert layers.map_dev_ino(first, 9) == 9 | (seen << 56)  # the same filesystem, the same bits
+
+
+@pytest.mark.parametrize("paths,old,new,exchange,moves", [
+    (["/a", "/a/b", "/ab", "/c"], "/a", "/x", False, [("/a", "/x"), ("/a/b", "/x/b")]),
+    (["/a/b/c", "/b"], "/a/b", "/b", False, [("/a/b/c", "/b/c")]),
+    (["/a", "/a/b", "/x", "/x/y", "/xy"], "/a", "/x", True,
+     [("/a", "/x"), ("/a/b", "/x/b"), ("/x", "/a"), ("/x/y", "/a/y")]),
+    (["/q"], "/a", "/x", True, []),
+])
+def test_renamed_paths(paths, old, new, exchange, moves):
+    from cowfs.overlay.lookup import renamed_paths
+    assert renamed_paths(paths, old, new, exchange) == moves
+    if not exchange:
+        assert renamed_paths(paths, old, new) == moves
+
 
 class TestUnlinkedOpenFiles:
     @pytest.mark.parametrize("was_open_for", ["write", "read"])
