@@ -672,6 +672,61 @@ class TestCopyUp:
         assert stat.S_IMODE(attrs["st_mode"]) == 0o4755
         assert attrs["st_mtime"] == FIXED_NS + 1
 
+    def test_copy_up_from_a_filesystem_without_xattrs(self, env, monkeypatch):
+        low = env.lower()
+        put(low, "f", b"x")
+        u = env.union()  # the lowers' snapshot is taken here, with xattrs
+        real = os.listxattr
+
+        def listxattr(path, *args, **kwargs):
+            if str(path).startswith(str(low)):
+                raise OSError(errno.ENOTSUP, "no xattrs on this filesystem")
+            return real(path, *args, **kwargs)
+        monkeypatch.setattr(os, "listxattr", listxattr)
+        u.chmod("/f", 0o600)
+        monkeypatch.undo()
+        assert (env.upper / "f").read_bytes() == b"x"
+
+    def test_a_copy_never_replaces_what_appeared_at_its_place(self, env, monkeypatch):
+        """The rename into the upper refuses to replace (RENAME_NOREPLACE): what got there first stays."""
+        low = env.lower()
+        put(low, "f", b"lower")
+        u = env.union()
+        real = copyup.rename2
+
+        def rename2(src, dst, flags=0):
+            if str(dst) == str(env.upper / "f"):
+                Path(dst).write_bytes(b"first")
+            return real(src, dst, flags)
+        monkeypatch.setattr(copyup, "rename2", rename2)
+        assert errno_of(u.chmod, "/f", 0o600) == errno.EEXIST
+        assert (env.upper / "f").read_bytes() == b"first"
+
+    def test_read_handle_follows_the_data_copy_up_of_a_metadata_only_copy(self, env):
+        low = env.lower()
+        put(low, "f", b"xxxxx")
+        u = env.union(metacopy=True, redirect_dir="on")
+        h = u.open("/f", O_RDONLY)
+        try:
+            u.chmod("/f", 0o600)  # metadata only: the data stays below
+            write_at(u, "/f", b"Y")  # the data follows
+            assert u.read(h, 5, 0, path="/f") == b"Yxxxx"
+        finally:
+            u.release(h)
+
+    def test_userxattr_keeps_the_inode_number_of_a_copied_symlink_and_fifo(self, env):
+        """user.* xattrs exist only on files and directories: the number is kept in memory instead."""
+        low = env.lower()
+        os.symlink("target", low / "link")
+        os.mkfifo(low / "fifo")
+        u = env.union(userxattr=True)
+        before = {name: u.getattr(name)["st_ino"] for name in ("/link", "/fifo")}
+        for name in before:
+            u.chown(name, 1234, 1234)
+        assert {name: u.getattr(name)["st_ino"] for name in before} == before
+        assert {n for n, ino, _ in u.readdir("/") if n in ("link", "fifo")} == {"link", "fifo"}
+        assert {n: ino for n, ino, _ in u.readdir("/") if "/" + n in before} == {n[1:]: i for n, i in before.items()}
+
     def test_copy_up_keeps_holes(self, env):
         low = env.lower()
         size = 64 << 20
