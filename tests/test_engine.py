@@ -594,6 +594,17 @@ class TestMajorZeroDevices:
     def test_aufs_metadata_names(self, name, aufs):
         assert whiteout_module.is_aufs_metadata(name) is aufs
 
+    def test_a_redirect_to_a_name_that_is_not_utf8(self, env):
+        """Names are bytes: a redirect to one that is not UTF-8 is written and read back as those bytes."""
+        low = env.lower()
+        os.makedirs(os.fsencode(low) + b"/caf\xe9/sub")
+        u = env.union(redirect_dir="on")
+        u.rename("/caf\udce9", "/moved")
+        assert os.getxattr(env.upper / "moved", TRUSTED + "redirect") == b"caf\xe9"
+        env.close()
+        u = env.union(redirect_dir="on")
+        assert names(u, "/moved") == ["sub"]
+
     def test_zero_zero_is_the_whiteout(self, env):
         top, bottom = env.lower(), env.lower()
         whiteout(top, "f")
