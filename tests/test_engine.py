@@ -518,6 +518,19 @@ class TestLookup:
             u.getattr("/new/secret")
 
 
+    @pytest.mark.parametrize("redirect,code", [(b"a/b", errno.EINVAL), (b"", errno.EINVAL), (b"/a//b", errno.EACCES),
+                                               (b"/a/./b", errno.EACCES), (b"..", errno.EACCES), (b".", errno.EACCES)])
+    def test_bad_redirects_are_refused_naming_the_directory(self, env, redirect, code):
+        """As the kernel: a relative redirect is one name (EINVAL), and no component is empty, "." or ".."."""
+        low = env.lower()
+        mkdirs(low, "a/b")
+        d = mkdirs(env.upper, "new")
+        os.setxattr(d, TRUSTED + "redirect", redirect)
+        u = env.union(redirect_dir="on")
+        with pytest.raises(OSError) as info:
+            u.getattr("/new")
+        assert (info.value.errno, info.value.filename) == (code, "/new")
+
     def test_redirect_does_not_follow_symlinks_in_a_layer(self, env, tmp_path):
         put(tmp_path, "outside/sub/secret", b"s")
         low = env.lower()
