@@ -546,6 +546,28 @@ class TestLookup:
         with pytest.raises(OSError):
             u.getattr("/new/secret")
 
+    def test_renames_leave_a_whiteout_only_where_a_lower_name_shows(self, env):
+        low = env.lower()
+        put(low, "f", b"lower")
+        u = env.union()
+        write_at(u, "/f", b"L")  # copied up: upper and lower
+        u.rename("/f", "/g")
+        create(u, "/n", b"new")  # upper only
+        u.rename("/n", "/m")
+        assert tree(env.upper) == {"f": "whiteout", "g": "file", "m": "file"}
+        assert names(u, "/") == ["g", "m"]
+
+    def test_redirect_is_not_walked_through_a_symlink_deeper_down(self, env, tmp_path):
+        put(tmp_path, "outside/sub/secret", b"s")
+        low = env.lower()
+        mkdirs(low, "a")
+        os.symlink(str(tmp_path / "outside"), low / "a" / "link")
+        d = mkdirs(env.upper, "new")
+        os.setxattr(d, TRUSTED + "redirect", b"/a/link/sub")
+        u = env.union(redirect_dir="on")
+        assert names(u, "/new") == []
+        assert errno_of(u.getattr, "/new/secret") == errno.ENOENT
+
     def test_path_through_symlink_in_layer_is_not_followed(self, env, tmp_path):
         outside = tmp_path / "outside"
         put(outside, "secret", b"s")
@@ -2041,6 +2063,28 @@ class TestReaddir:
 # OCI whiteouts in lower layers
 
 class TestOciWhiteouts:
+    def test_markers_in_the_upper_are_ordinary_names(self, env):
+        """OCI markers mean something in lower layers only: in the upper they are names like any other."""
+        low = env.lower()
+        put(low, "d/x", b"lower")
+        put(env.upper, "d/.wh..wh..opq", b"")
+        put(env.upper, "d/.wh.x", b"")
+        put(env.upper, "d/y", b"upper")
+        put(env.upper, "d/.wh.y", b"")
+        u = env.union(oci_whiteouts=True)
+        assert names(u, "/d") == [".wh..wh..opq", ".wh.x", ".wh.y", "x", "y"]
+        assert read_all(u, "/d/x") == b"lower" and read_all(u, "/d/y") == b"upper"
+
+    def test_renaming_a_name_a_lower_marker_deletes_leaves_no_whiteout(self, env):
+        top, bottom = env.lower(), env.lower()
+        put(top, ".wh.x", b"")
+        put(bottom, "x", b"deleted")
+        u = env.union(oci_whiteouts=True)
+        create(u, "/x", b"new")
+        u.rename("/x", "/y")
+        assert tree(env.upper) == {"y": "file"}
+        assert names(u, "/") == ["y"]
+
     def test_wh_file_hides_name_below(self, env):
         top, bottom = env.lower(), env.lower()
         put(bottom, "f", b"x")
