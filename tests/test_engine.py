@@ -2074,6 +2074,7 @@ class TestOciWhiteouts:
         u = env.union(oci_whiteouts=True)
         assert names(u, "/d") == [".wh..wh..opq", ".wh.x", ".wh.y", "x", "y"]
         assert read_all(u, "/d/x") == b"lower" and read_all(u, "/d/y") == b"upper"
+        assert all(stat.S_ISREG(u.getattr("/d/" + n)["st_mode"]) for n in (".wh..wh..opq", ".wh.x", ".wh.y"))
 
     def test_renaming_a_name_a_lower_marker_deletes_leaves_no_whiteout(self, env):
         top, bottom = env.lower(), env.lower()
@@ -2395,6 +2396,27 @@ class TestEvents:
 # ---------------------------------------------------------------------------------------------
 # metacopy=on: metadata-only copy-up in the kernel's format
 
+class TestMetacopyErrors:
+    def test_a_metadata_only_copy_without_its_data_is_an_io_error(self, env):
+        env.lower()
+        put(env.upper, "d/f", b"")
+        os.setxattr(env.upper / "d/f", TRUSTED + "metacopy", b"")
+        u = env.union(metacopy=True, redirect_dir="on")
+        with pytest.raises(OSError) as info:
+            u.getattr("/d/f")
+        assert (info.value.errno, info.value.filename) == (errno.EIO, "/d/f")
+
+    def test_a_metadata_only_copy_is_refused_without_metacopy(self, env):
+        low = env.lower()
+        put(low, "d/f", b"data")
+        put(env.upper, "d/f", b"")
+        os.setxattr(env.upper / "d/f", TRUSTED + "metacopy", b"")
+        u = env.union()
+        with pytest.raises(OSError) as info:
+            u.getattr("/d/f")
+        assert (info.value.errno, info.value.filename) == (errno.EPERM, "/d/f")
+
+
 class TestRedirectsReadBack:
     """An upper written with redirect_dir=on, mounted again: `follow` follows its redirects; `nofollow`
     (and userxattr) refuses a lookup through one with EPERM where a layer below could hold its target,
@@ -2429,7 +2451,9 @@ class TestRedirectsReadBack:
                 os.setxattr(path, USER + name, os.getxattr(path, TRUSTED + name))
         u = written.union(**options)
         for path in ("/b", "/b/f"):
-            assert errno_of(u.getattr, path) == errno.EPERM, path
+            with pytest.raises(OSError) as info:
+                u.getattr(path)
+            assert (info.value.errno, info.value.filename) == (errno.EPERM, "/b"), path
         assert errno_of(u.readdir, "/b") == errno.EPERM
         assert errno_of(u.rename, "/b", "/b2") == errno.EPERM
         assert names(u, "/") == ["d", "e"]  # the root is impure: its refused entry is left out
