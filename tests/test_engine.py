@@ -557,6 +557,26 @@ class TestLookup:
         assert tree(env.upper) == {"f": "whiteout", "g": "file", "m": "file"}
         assert names(u, "/") == ["g", "m"]
 
+    def test_renames_look_for_a_lower_name_in_every_layer(self, env):
+        top, bottom = env.lower(), env.lower()
+        mkdirs(top, "d")
+        put(bottom, "d/f", b"bottom")  # not in the top layer: the bottom one still shows it
+        put(bottom, "d/.wh.q", b"")
+        u = env.union(oci_whiteouts=True)
+        u.rename("/d/f", "/d/g")  # d is not in the upper yet: the layers asked are the top and the bottom
+        create(u, "/d/.wh.q", b"")  # an OCI marker's name in the upper: never needs a whiteout
+        u.rename("/d/.wh.q", "/d/r")
+        assert tree(env.upper) == {"d": "dir", "d/f": "whiteout", "d/g": "file", "d/r": "file"}
+
+    def test_a_bad_redirect_in_the_bottom_layer_is_never_read(self, env):
+        top, bottom = env.lower(), env.lower()
+        mkdirs(top, "d")
+        d = mkdirs(bottom, "d")
+        os.setxattr(d, TRUSTED + "redirect", b"a/b")  # refused (EINVAL) anywhere else
+        put(bottom, "d/f", b"f")
+        u = env.union(redirect_dir="on")
+        assert names(u, "/d") == ["f"]
+
     def test_redirect_is_not_walked_through_a_symlink_deeper_down(self, env, tmp_path):
         put(tmp_path, "outside/sub/secret", b"s")
         low = env.lower()
