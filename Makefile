@@ -11,6 +11,8 @@
 #   make bench   the benchmark (scripts/bench.py); make bench BENCH_ARGS=--quick
 #   make fuzz-cli  the command-line fuzz (tests/test_cli_fuzz.py) with many more examples
 #   make fuzz-fsx  random read/write/truncate/fallocate sequences, kernel vs cowfs (tests/test_fileops.py)
+#   make mutate  mutation testing (mutmut, installed into .venv on first use) of the engine, the adapter's
+#                state and the archive code against the in-process tests; survivors in mutants/report.txt
 #   make clean   remove scratch/ and .venv (refuses while something under scratch/ is mounted)
 
 SHELL := /bin/bash
@@ -19,7 +21,7 @@ VENV := .venv
 DEBIAN_PACKAGES := fuse3 fuse-overlayfs attr tmux zstd docker.io busybox-static docker-registry skopeo apache2-utils
 PYTEST_ARGS ?=
 
-.PHONY: venv system-packages rootless-setup demo test check lint bench fuzz fuzz-cli fuzz-fsx crash stress install clean
+.PHONY: venv system-packages rootless-setup demo test check lint bench fuzz fuzz-cli fuzz-fsx crash stress install clean mutate
 
 venv: $(VENV)/.installed
 
@@ -92,6 +94,23 @@ fuzz-cli: venv
 FSX_EXAMPLES ?= 1000
 fuzz-fsx: venv
 	COWFS_FSX_EXAMPLES=$(FSX_EXAMPLES) $(VENV)/bin/python -m pytest -q tests/test_fileops.py -k fsx
+# Mutation testing, a habit rather than a gate (`make test` never runs it): mutmut 3 changes the code of
+# the modules setup.cfg's [mutmut] names one small change at a time and runs the in-process tests that
+# reach it (tests/test_engine.py); a change no test notices survives.  mutmut goes into .venv here, on
+# first use, not into the test extra: nothing else needs it.  MUTATE takes mutmut's name globs, for a
+# part: make mutate MUTATE="cowfs.overlay.whiteout* cowfs.overlay.copyup*".  Results are kept in mutants/
+# (a second run only checks what changed); rm -rf mutants for a fresh one.
+MUTATE ?=
+MUTATE_JOBS ?= 2
+mutate: venv
+	@$(VENV)/bin/python -c 'import mutmut' 2>/dev/null || \
+	  $(VENV)/bin/python -m pip install -q --disable-pip-version-check 'mutmut >= 3.8, < 4'
+	@start=$$(date +%s); rc=0; $(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS) $(MUTATE) || rc=$$?; \
+	$(VENV)/bin/python scripts/mutation_report.py > mutants/report.txt || rc=$$?; \
+	echo; tail -n +$$(grep -n '^file ' mutants/report.txt | cut -d: -f1) mutants/report.txt; \
+	echo "make mutate: $$(grep -c ': survived: ' mutants/report.txt) survived, $$(grep -c ': no tests: ' mutants/report.txt)" \
+	  "not reached by any test, in $$(( $$(date +%s) - start ))s; each listed in mutants/report.txt"; \
+	exit $$rc
 
 # kill -9 the cowfs daemon mid-workload and check the remount: make crash CRASH_ARGS="--rounds 50 --seed 7"
 CRASH_ARGS ?=

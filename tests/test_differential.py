@@ -15,7 +15,9 @@ each with its own upper and work directory, and checks that
 Every scenario runs with ``redirect_dir=off``, ``redirect_dir=on`` and
 ``metacopy=on``; those about whiteouts, opaque directories and xattrs also
 with ``userxattr`` (which the kernel accepts from root, and which excludes
-``redirect_dir``).  The modes and the known differences (excused by name)
+``redirect_dir``); those that rename lower directories also write their upper
+with ``redirect_dir=on`` and read it back, on a second mount of each side, with
+``redirect_dir=follow`` and ``nofollow``.  The modes and the known differences (excused by name)
 are the harness's: ``MODES`` and ``KNOWN_DIFFERENCES`` in
 ``cowfs.testing.harness``.
 
@@ -148,11 +150,15 @@ class Scenario:
 SCENARIOS: dict[str, Scenario] = {}
 
 
-def scenario(*, layers: StackSpec = STD, userxattr: bool = False, readonly: bool = False, allow_other: bool = False):
+def scenario(*, layers: StackSpec = STD, userxattr: bool = False, readonly: bool = False, allow_other: bool = False,
+             redirects: bool = False):
+    """Register a scenario; *redirects*: it renames lower directories, and the upper it writes with
+    redirect_dir=on is also read back with redirect_dir=follow and nofollow."""
     def register(fn):
         name = fn.__name__.removeprefix("sc_")
         assert name not in SCENARIOS, name
-        modes = ("redirect_off", "redirect_on", "metacopy") + (("userxattr",) if userxattr else ())
+        modes = ("redirect_off", "redirect_on", "metacopy") + (("userxattr",) if userxattr else ()) + (
+            ("redirect_follow", "redirect_nofollow") if redirects else ())
         SCENARIOS[name] = Scenario(name, fn, layers, modes, readonly, allow_other)
         return fn
     return register
@@ -622,7 +628,7 @@ def sc_rename_dir_onto_whiteout_stays_opaque(fs: Session):
     fs.listdir("gonedir")
 
 
-@scenario()
+@scenario(redirects=True)
 def sc_rename_upper_only_dir(fs: Session):
     fs.mkdir("new")
     fs.mkdir("new/sub")
@@ -637,7 +643,7 @@ def sc_rename_upper_only_dir(fs: Session):
     fs.stat("emptydir")
 
 
-@scenario()
+@scenario(redirects=True)
 def sc_rename_merged_dir(fs: Session):
     fs.rename("dir", "dir2")  # EXDEV with redirect_dir=off
     fs.listdir("dir2")
@@ -649,7 +655,7 @@ def sc_rename_merged_dir(fs: Session):
     fs.getxattr("dir2", "user.dirattr")
 
 
-@scenario()
+@scenario(redirects=True)
 def sc_rename_merged_dir_and_back(fs: Session):
     fs.rename("dir", "dir2")
     fs.rename("dir2", "dir")
@@ -663,7 +669,7 @@ def sc_rename_merged_dir_and_back(fs: Session):
     fs.listdir("")
 
 
-@scenario()
+@scenario(redirects=True)
 def sc_rename_nested_merged_dir(fs: Session):
     fs.rename("dirsub/inner", "moved_inner")  # redirect to an absolute path
     fs.listdir("moved_inner")
@@ -675,7 +681,7 @@ def sc_rename_nested_merged_dir(fs: Session):
     fs.listdir("dir/opq")
 
 
-@scenario()
+@scenario(redirects=True)
 def sc_rename_into_opaque_dir(fs: Session):
     fs.rename("file.txt", "opq/file.txt")
     fs.listdir("opq")
@@ -1083,6 +1089,28 @@ def sc_whiteout_device_through_mount(fs: Session):
     fs.mknod("base.txt", stat.S_IFCHR | 0o600, os.makedev(0, 0))
     fs.stat("base.txt")
     fs.listdir("")
+
+
+MAJOR_ZERO_DEVICES = STD.with_entries(
+    (Device("dev0_1", 0, 1), Device("base.txt", 0, 1), Device("dir/bottom_only.txt", 0, 255)),
+    (Device("dup/y", 0, 7),),
+)
+"""Character devices of major 0 that are not 0/0: devices, not whiteouts, even over a lower file."""
+
+
+@scenario(layers=MAJOR_ZERO_DEVICES)
+def sc_major_zero_devices_are_not_whiteouts(fs: Session):
+    fs.listdir("")
+    fs.listdir("dir")
+    fs.listdir("dup")
+    for name in ("dev0_1", "base.txt", "dir/bottom_only.txt", "dup/y"):
+        fs.stat(name)
+    fs.chown("dev0_1", USER, USER)  # a copy-up of the device
+    fs.stat("dev0_1")
+    fs.unlink("base.txt")  # the lower file below it stays hidden
+    fs.stat("base.txt")
+    fs.rename("dup/y", "dup/y2")
+    fs.listdir("dup")
 
 
 OCI_NAMES = STD.with_entries(
@@ -1769,7 +1797,7 @@ entries.  A redirect in the bottom layer is never read.  A relative one is a sib
 """
 
 
-@scenario(layers=CRAFTED_REDIRECTS, userxattr=True)
+@scenario(layers=CRAFTED_REDIRECTS, userxattr=True, redirects=True)
 def sc_crafted_redirects(fs: Session):
     """Kernel 6.18 (redirect_always_follow=Y, so redirect_dir=off means "follow"):
 

@@ -13,6 +13,7 @@ device 0/0, opaque = trusted.overlay.opaque=y), so these tests also pin the
 format the engine writes into the upper.
 """
 
+import collections
 import errno
 import hashlib
 import os
@@ -23,6 +24,7 @@ import pytest
 
 from cowfs.errors import StackError
 from cowfs.overlay import copyup
+from cowfs.overlay import whiteout as whiteout_module
 from cowfs.overlay.stack import Stack, check
 from cowfs.overlay.union import Caller, Union
 
@@ -192,7 +194,8 @@ class Env:
 
     def assert_work_empty(self, when):
         if self.staging.exists():
-            left = os.listdir(self.staging)
+            # W/work/incompat/volatile is a volatile mount's mark, kept on purpose, not a copy left behind
+            left = [n for n in os.listdir(self.staging) if n != "incompat"]
             assert left == [], f"W/work not empty {when}: {left}"
 
     def assert_lowers_unchanged(self):
@@ -347,6 +350,10 @@ class TestLookupInDeepStacks:
         held = u.layers._indexed_names
         assert all(read_all(u, f"/e/many{i}") == b"e" for i in range(20))
         assert held > 20 and u.layers._indexed_names <= 30  # d's names went to make room for e's
+        layers_ = u.layers  # the counts are what the caches hold
+        assert layers_._indexed_names == sum(len(index) for index in layers_._indexes.values())
+        assert layers_._listed_names == sum(len(names or ()) for names in layers_._listings.values())
+        assert layers_._listed_names <= 30 + 21 and len(layers_._listings) >= 1
         assert u.layers._listed_names <= 30
         assert all(read_all(u, f"/d/many{i}") == b"d" for i in range(20))  # read again when needed
 
@@ -511,6 +518,19 @@ class TestLookup:
             u.getattr("/new/secret")
 
 
+    @pytest.mark.parametrize("redirect,code", [(b"a/b", errno.EINVAL), (b"", errno.EINVAL), (b"/a//b", errno.EACCES),
+                                               (b"/a/./b", errno.EACCES), (b"..", errno.EACCES), (b".", errno.EACCES)])
+    def test_bad_redirects_are_refused_naming_the_directory(self, env, redirect, code):
+        """As the kernel: a relative redirect is one name (EINVAL), and no component is empty, "." or ".."."""
+        low = env.lower()
+        mkdirs(low, "a/b")
+        d = mkdirs(env.upper, "new")
+        os.setxattr(d, TRUSTED + "redirect", redirect)
+        u = env.union(redirect_dir="on")
+        with pytest.raises(OSError) as info:
+            u.getattr("/new")
+        assert (info.value.errno, info.value.filename) == (code, "/new")
+
     def test_redirect_does_not_follow_symlinks_in_a_layer(self, env, tmp_path):
         put(tmp_path, "outside/sub/secret", b"s")
         low = env.lower()
@@ -526,6 +546,48 @@ class TestLookup:
         with pytest.raises(OSError):
             u.getattr("/new/secret")
 
+    def test_renames_leave_a_whiteout_only_where_a_lower_name_shows(self, env):
+        low = env.lower()
+        put(low, "f", b"lower")
+        u = env.union()
+        write_at(u, "/f", b"L")  # copied up: upper and lower
+        u.rename("/f", "/g")
+        create(u, "/n", b"new")  # upper only
+        u.rename("/n", "/m")
+        assert tree(env.upper) == {"f": "whiteout", "g": "file", "m": "file"}
+        assert names(u, "/") == ["g", "m"]
+
+    def test_renames_look_for_a_lower_name_in_every_layer(self, env):
+        top, bottom = env.lower(), env.lower()
+        mkdirs(top, "d")
+        put(bottom, "d/f", b"bottom")  # not in the top layer: the bottom one still shows it
+        put(bottom, "d/.wh.q", b"")
+        u = env.union(oci_whiteouts=True)
+        u.rename("/d/f", "/d/g")  # d is not in the upper yet: the layers asked are the top and the bottom
+        create(u, "/d/.wh.q", b"")  # an OCI marker's name in the upper: never needs a whiteout
+        u.rename("/d/.wh.q", "/d/r")
+        assert tree(env.upper) == {"d": "dir", "d/f": "whiteout", "d/g": "file", "d/r": "file"}
+
+    def test_a_bad_redirect_in_the_bottom_layer_is_never_read(self, env):
+        top, bottom = env.lower(), env.lower()
+        mkdirs(top, "d")
+        d = mkdirs(bottom, "d")
+        os.setxattr(d, TRUSTED + "redirect", b"a/b")  # refused (EINVAL) anywhere else
+        put(bottom, "d/f", b"f")
+        u = env.union(redirect_dir="on")
+        assert names(u, "/d") == ["f"]
+
+    def test_redirect_is_not_walked_through_a_symlink_deeper_down(self, env, tmp_path):
+        put(tmp_path, "outside/sub/secret", b"s")
+        low = env.lower()
+        mkdirs(low, "a")
+        os.symlink(str(tmp_path / "outside"), low / "a" / "link")
+        d = mkdirs(env.upper, "new")
+        os.setxattr(d, TRUSTED + "redirect", b"/a/link/sub")
+        u = env.union(redirect_dir="on")
+        assert names(u, "/new") == []
+        assert errno_of(u.getattr, "/new/secret") == errno.ENOENT
+
     def test_path_through_symlink_in_layer_is_not_followed(self, env, tmp_path):
         outside = tmp_path / "outside"
         put(outside, "secret", b"s")
@@ -539,6 +601,73 @@ class TestLookup:
 
 # =============================================================================================
 # copy-up
+
+class TestMajorZeroDevices:
+    """Only a character device 0/0 is a whiteout: one of major 0 and another minor is a device like any other."""
+
+    @staticmethod
+    def device(root, rel, major, minor):
+        p = Path(root, rel)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        os.mknod(p, stat.S_IFCHR | 0o640, os.makedev(major, minor))
+        return p
+
+    @pytest.mark.parametrize("minor", [1, 2, 255, 1 << 19])
+    def test_shown_listed_and_hiding_lower_files(self, env, minor):
+        top, bottom = env.lower(), env.lower()
+        self.device(top, "dev", 0, minor)
+        self.device(top, "f", 0, minor)
+        put(bottom, "f", b"below")
+        put(bottom, "g", b"below")
+        self.device(env.upper, "g", 0, minor)
+        u = env.union()
+        for name in ("dev", "f", "g"):
+            st = u.getattr("/" + name)
+            assert stat.S_ISCHR(st["st_mode"]) and st["st_rdev"] == os.makedev(0, minor), name
+        assert names(u, "/") == ["dev", "f", "g"]
+
+    def test_copied_up_as_the_same_device(self, env):
+        low = env.lower()
+        self.device(low, "dev", 0, 1)
+        u = env.union()
+        u.chown("/dev", 1234, 1234)
+        st = os.lstat(env.upper / "dev")
+        assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(0, 1) and st.st_uid == 1234
+        assert u.getattr("/dev")["st_rdev"] == os.makedev(0, 1)
+        assert names(u, "/") == ["dev"]
+
+    def test_whiteouts_are_made_as_the_kernel_makes_them(self, env):
+        low = env.lower()
+        put(low, "f", b"x")
+        u = env.union()
+        u.unlink("/f")
+        st = os.lstat(env.upper / "f")
+        assert st.st_mode == stat.S_IFCHR and st.st_rdev == 0  # c--------- 0/0
+
+    @pytest.mark.parametrize("name,aufs", [(".wh..wh.plnk", True), (".wh..wh.aufs", True), (".wh..wh..opq", False),
+                                           (".wh.f", False), ("f", False), (".wh.", False)])
+    def test_aufs_metadata_names(self, name, aufs):
+        assert whiteout_module.is_aufs_metadata(name) is aufs
+
+    def test_a_redirect_to_a_name_that_is_not_utf8(self, env):
+        """Names are bytes: a redirect to one that is not UTF-8 is written and read back as those bytes."""
+        low = env.lower()
+        os.makedirs(os.fsencode(low) + b"/caf\xe9/sub")
+        u = env.union(redirect_dir="on")
+        u.rename("/caf\udce9", "/moved")
+        assert os.getxattr(env.upper / "moved", TRUSTED + "redirect") == b"caf\xe9"
+        env.close()
+        u = env.union(redirect_dir="on")
+        assert names(u, "/moved") == ["sub"]
+
+    def test_zero_zero_is_the_whiteout(self, env):
+        top, bottom = env.lower(), env.lower()
+        whiteout(top, "f")
+        put(bottom, "f", b"below")
+        u = env.union()
+        assert errno_of(u.getattr, "/f") == errno.ENOENT
+        assert names(u, "/") == []
+
 
 class TestCopyUp:
     def test_partial_write_keeps_the_rest_of_the_original(self, env):
@@ -609,6 +738,61 @@ class TestCopyUp:
         assert stat.S_IMODE(attrs["st_mode"]) == 0o4755
         assert attrs["st_mtime"] == FIXED_NS + 1
 
+    def test_copy_up_from_a_filesystem_without_xattrs(self, env, monkeypatch):
+        low = env.lower()
+        put(low, "f", b"x")
+        u = env.union()  # the lowers' snapshot is taken here, with xattrs
+        real = os.listxattr
+
+        def listxattr(path, *args, **kwargs):
+            if str(path).startswith(str(low)):
+                raise OSError(errno.ENOTSUP, "no xattrs on this filesystem")
+            return real(path, *args, **kwargs)
+        monkeypatch.setattr(os, "listxattr", listxattr)
+        u.chmod("/f", 0o600)
+        monkeypatch.undo()
+        assert (env.upper / "f").read_bytes() == b"x"
+
+    def test_a_copy_never_replaces_what_appeared_at_its_place(self, env, monkeypatch):
+        """The rename into the upper refuses to replace (RENAME_NOREPLACE): what got there first stays."""
+        low = env.lower()
+        put(low, "f", b"lower")
+        u = env.union()
+        real = copyup.rename2
+
+        def rename2(src, dst, flags=0):
+            if str(dst) == str(env.upper / "f"):
+                Path(dst).write_bytes(b"first")
+            return real(src, dst, flags)
+        monkeypatch.setattr(copyup, "rename2", rename2)
+        assert errno_of(u.chmod, "/f", 0o600) == errno.EEXIST
+        assert (env.upper / "f").read_bytes() == b"first"
+
+    def test_read_handle_follows_the_data_copy_up_of_a_metadata_only_copy(self, env):
+        low = env.lower()
+        put(low, "f", b"xxxxx")
+        u = env.union(metacopy=True, redirect_dir="on")
+        h = u.open("/f", O_RDONLY)
+        try:
+            u.chmod("/f", 0o600)  # metadata only: the data stays below
+            write_at(u, "/f", b"Y")  # the data follows
+            assert u.read(h, 5, 0, path="/f") == b"Yxxxx"
+        finally:
+            u.release(h)
+
+    def test_userxattr_keeps_the_inode_number_of_a_copied_symlink_and_fifo(self, env):
+        """user.* xattrs exist only on files and directories: the number is kept in memory instead."""
+        low = env.lower()
+        os.symlink("target", low / "link")
+        os.mkfifo(low / "fifo")
+        u = env.union(userxattr=True)
+        before = {name: u.getattr(name)["st_ino"] for name in ("/link", "/fifo")}
+        for name in before:
+            u.chown(name, 1234, 1234)
+        assert {name: u.getattr(name)["st_ino"] for name in before} == before
+        assert {n for n, ino, _ in u.readdir("/") if n in ("link", "fifo")} == {"link", "fifo"}
+        assert {n: ino for n, ino, _ in u.readdir("/") if "/" + n in before} == {n[1:]: i for n, i in before.items()}
+
     def test_copy_up_keeps_holes(self, env):
         low = env.lower()
         size = 64 << 20
@@ -630,6 +814,88 @@ class TestCopyUp:
             assert u.read(h, 4096, size - 4096) == b"tail" * 1024
         finally:
             u.release(h)
+
+    # a sparse file of several extents, each longer than one transfer, that ends in a hole
+    SPARSE_EXTENTS = ((2 << 20, bytes(range(251)) * 10_000), (9 << 20, b"second" * 300_000))
+    SPARSE_SIZE = 16 << 20
+    SLICE = 300_000  # the most one copy_file_range, sendfile or read moves here: several calls per extent
+
+    @pytest.mark.parametrize("way", ["copy_file_range", "sendfile", "read", "no_seek_data"])
+    def test_copy_up_of_extents_in_many_slices_by_each_way(self, env, monkeypatch, way):
+        """Every way the data can move (the kernel's copy_file_range, then sendfile, then read and write,
+        each a fallback of the one before), each moving less than asked: the copy is exact, holes kept."""
+        low = env.lower()
+        with open(low / "f", "wb") as f:
+            for offset, data in self.SPARSE_EXTENTS:
+                f.seek(offset)
+                f.write(data)
+            f.truncate(self.SPARSE_SIZE)
+        lower_blocks = os.lstat(low / "f").st_blocks
+        real_cfr, real_sendfile, real_lseek, real_pread = os.copy_file_range, os.sendfile, os.lseek, os.pread
+        moved = collections.Counter()  # bytes moved, by way
+
+        def copy_file_range(src, dst, count, offset_src=None, offset_dst=None):
+            if way != "copy_file_range" and way != "no_seek_data":
+                raise OSError(errno.EXDEV, "no copy_file_range across these")
+            n = real_cfr(src, dst, min(count, self.SLICE), offset_src, offset_dst)
+            moved["copy_file_range"] += n
+            return n
+
+        def sendfile(out_fd, in_fd, offset, count):
+            if way == "read":
+                raise OSError(errno.EINVAL, "no sendfile here")
+            n = real_sendfile(out_fd, in_fd, offset, min(count, self.SLICE))
+            moved["sendfile"] += n
+            return n
+
+        def pread(fd, count, offset):
+            data = real_pread(fd, count, offset)
+            moved["read"] += len(data)
+            return data
+
+        def lseek(fd, pos, how):
+            if way == "no_seek_data" and how in (os.SEEK_DATA, os.SEEK_HOLE):
+                raise OSError(errno.EINVAL, "no SEEK_DATA here")
+            return real_lseek(fd, pos, how)
+        monkeypatch.setattr(os, "copy_file_range", copy_file_range)
+        monkeypatch.setattr(os, "sendfile", sendfile)
+        monkeypatch.setattr(os, "lseek", lseek)
+        monkeypatch.setattr(os, "pread", pread)
+        u = env.union()
+        u.chmod("/f", 0o600)
+        monkeypatch.undo()
+        data_bytes = sum(len(data) for _, data in self.SPARSE_EXTENTS)
+        assert set(moved) == {"copy_file_range" if way == "no_seek_data" else way}, moved  # the first way that works
+        if way == "no_seek_data":
+            assert sum(moved.values()) == self.SPARSE_SIZE
+        else:  # the data extents, to whole blocks: no hole read
+            assert data_bytes <= sum(moved.values()) < data_bytes + 8192 * len(self.SPARSE_EXTENTS), moved
+        with open(env.upper / "f", "rb") as f:
+            copy = f.read()
+        expected = bytearray(self.SPARSE_SIZE)
+        for offset, data in self.SPARSE_EXTENTS:
+            expected[offset:offset + len(data)] = data
+        assert len(copy) == self.SPARSE_SIZE and copy == bytes(expected)
+        if way != "no_seek_data":  # without SEEK_DATA the holes are read as zeros, and may be written
+            blocks = os.lstat(env.upper / "f").st_blocks
+            assert blocks <= lower_blocks + 64, f"copy-up filled holes: {blocks} blocks"
+
+    def test_copy_up_of_a_file_that_shrank_stops_at_its_end(self, env, monkeypatch):
+        """The lower file is shorter than its stat said (it changed under the overlay): no endless loop."""
+        low = env.lower()
+        put(low, "f", b"x" * 5000)
+        u = env.union()
+        real_copy_data, real_lseek = copyup.copy_data, os.lseek
+
+        def lseek(fd, pos, how):  # no SEEK_DATA: the copy asks for every byte up to the size it was told
+            if how in (os.SEEK_DATA, os.SEEK_HOLE):
+                raise OSError(errno.EINVAL, "no SEEK_DATA here")
+            return real_lseek(fd, pos, how)
+        monkeypatch.setattr(os, "lseek", lseek)
+        monkeypatch.setattr(copyup, "copy_data", lambda src, dst, size: real_copy_data(src, dst, size + 100_000))
+        u.chmod("/f", 0o600)
+        monkeypatch.undo()
+        assert (env.upper / "f").read_bytes() == b"x" * 5000 + bytes(100_000)
 
     def test_chmod_copies_up_and_changes_only_the_mode(self, env):
         low = env.lower()
@@ -836,6 +1102,77 @@ class TestCopyUp:
             env.union()
         env.close()
         env.union()  # released by close()
+
+
+class TestSyncBeforeInstall:
+    """A copy is flushed before it is renamed over the lower file in the merged view, so that a crash
+    leaves the lower file or the whole copy, never an empty one; under `volatile` nothing is flushed."""
+
+    @pytest.fixture
+    def calls(self, monkeypatch):
+        """Every fsync (with the path of its descriptor), rename into place and xattr removal, in order."""
+        seen = []
+        real_fsync, real_rename2, real_removexattr = os.fsync, copyup.rename2, os.removexattr
+
+        def fsync(fd):
+            seen.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+            return real_fsync(fd)
+
+        def rename2(src, dst, flags=0):
+            seen.append(("rename", str(src), str(dst)))
+            return real_rename2(src, dst, flags)
+
+        def removexattr(path, name, *args, **kwargs):
+            where = os.readlink(f"/proc/self/fd/{path}") if isinstance(path, int) else str(path)
+            seen.append(("removexattr", where, name))
+            return real_removexattr(path, name, *args, **kwargs)
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(copyup, "rename2", rename2)
+        monkeypatch.setattr(os, "removexattr", removexattr)
+        return seen
+
+    @pytest.mark.parametrize("trigger", ["write", "truncate", "chmod"])
+    def test_copy_is_synced_in_the_workdir_then_renamed(self, env, calls, trigger):
+        low = env.lower()
+        put(low, "f", b"x" * 5000)
+        u = env.union()
+        {"write": lambda: write_at(u, "/f", b"y"), "truncate": lambda: u.truncate("/f", 10),
+         "chmod": lambda: u.chmod("/f", 0o600)}[trigger]()
+        renames = [c for c in calls if c[0] == "rename" and c[2] == str(env.upper / "f")]
+        assert len(renames) == 1, calls
+        tmp = renames[0][1]
+        assert os.path.dirname(tmp) == str(env.staging)
+        synced = [i for i, c in enumerate(calls) if c == ("fsync", tmp)]
+        assert synced and synced[-1] < calls.index(renames[0]), calls
+
+    def test_metacopy_data_is_synced_before_the_marker_goes(self, env, calls):
+        low = env.lower()
+        put(low, "f", b"x" * 5000)
+        u = env.union(metacopy=True, redirect_dir="on")
+        u.chmod("/f", 0o600)  # a metadata-only copy
+        del calls[:]
+        write_at(u, "/f", b"y")  # its data follows
+        upper_f = str(env.upper / "f")
+        marker = calls.index(("removexattr", upper_f, TRUSTED + "metacopy"))
+        assert ("fsync", upper_f) in calls[:marker], calls
+
+    @pytest.mark.parametrize("metacopy", [False, True], ids=["full", "metacopy"])
+    def test_volatile_syncs_nothing(self, env, calls, metacopy):
+        low = env.lower()
+        put(low, "f", b"x" * 5000)
+        put(low, "g", b"x" * 5000)
+        u = env.union(volatile=True, **(dict(metacopy=True, redirect_dir="on") if metacopy else {}))
+        u.chmod("/f", 0o600)
+        write_at(u, "/f", b"y")
+        h = u.open("/g", O_WRONLY)
+        try:
+            u.write(h, b"z", 0)
+            u.fsync(h)
+        finally:
+            u.release(h)
+        assert any(c[0] == "rename" for c in calls), calls  # copies did happen
+        assert [c for c in calls if c[0] == "fsync"] == []
+        assert (env.upper / "f").read_bytes() == b"y" + b"x" * 4999
 
 
 # =============================================================================================
@@ -1430,6 +1767,62 @@ class TestDeepTrees:
 # =============================================================================================
 # open files whose name is gone: changes through the handle act on its own object
 
+class TestPathsPastPathMax:
+    """A path longer than PATH_MAX is reached from a directory descriptor of its head, kept per layer;
+    the upper's retire when the upper changes (a directory there may have moved)."""
+
+    def test_read_copy_up_rename_and_list_past_path_max(self, env):
+        low = env.lower()
+        bottom = "".join(f"/{i:02}" + "n" * 250 for i in range(15))  # 3795 bytes below the layer root
+        fd = os.open(low, os.O_RDONLY | os.O_DIRECTORY)
+        for name in bottom[1:].split("/"):
+            os.mkdir(name, dir_fd=fd)
+            fd, parent = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+            os.close(parent)
+        with open(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as f:
+            f.write(b"x")
+        os.close(fd)
+        u = env.union()
+        assert read_all(u, bottom + "/f") == b"x"
+        assert u.layers._dir_fds.get(1), "no descriptor of a lower directory was used"
+        write_at(u, bottom + "/f", b"y", 1)  # copies up 15 directories, then the file
+        assert read_all(u, bottom + "/f") == b"xy"
+        u.rename(bottom + "/f", bottom + "/g")
+        assert 0 not in u.layers._dir_fds  # the upper's descriptors retired with the change
+        assert names(u, bottom) == ["g"] and read_all(u, bottom + "/g") == b"xy"
+        u.unlink(bottom + "/g")
+        assert names(u, bottom) == []
+
+
+class TestInodeNumbers:
+    def test_each_filesystem_gets_its_own_high_bits(self, env):
+        low = env.lower()
+        put(low, "f", b"x")
+        u = env.union()
+        layers = u.layers
+        home = os.lstat(low).st_dev
+        assert layers.map_dev_ino(home, 7) == 7  # the first filesystem keeps its numbers
+        seen = len(layers._fs_index)
+        first, second = 10**9 + 1, 10**9 + 2  # two other filesystems, as device numbers
+        assert layers.map_dev_ino(first, 7) == 7 | (seen << 56)
+        assert layers.map_dev_ino(second, 7) == 7 | ((seen + 1) << 56)
+        assert layers.map_dev_ino(first, 9) == 9 | (seen << 56)  # the same filesystem, the same bits
+
+
+@pytest.mark.parametrize("paths,old,new,exchange,moves", [
+    (["/a", "/a/b", "/ab", "/c"], "/a", "/x", False, [("/a", "/x"), ("/a/b", "/x/b")]),
+    (["/a/b/c", "/b"], "/a/b", "/b", False, [("/a/b/c", "/b/c")]),
+    (["/a", "/a/b", "/x", "/x/y", "/xy"], "/a", "/x", True,
+     [("/a", "/x"), ("/a/b", "/x/b"), ("/x", "/a"), ("/x/y", "/a/y")]),
+    (["/q"], "/a", "/x", True, []),
+])
+def test_renamed_paths(paths, old, new, exchange, moves):
+    from cowfs.overlay.lookup import renamed_paths
+    assert renamed_paths(paths, old, new, exchange) == moves
+    if not exchange:
+        assert renamed_paths(paths, old, new) == moves
+
+
 class TestUnlinkedOpenFiles:
     @pytest.mark.parametrize("was_open_for", ["write", "read"])
     def test_metadata_changes_through_the_handle_after_unlink(self, env, was_open_for):
@@ -1690,6 +2083,29 @@ class TestReaddir:
 # OCI whiteouts in lower layers
 
 class TestOciWhiteouts:
+    def test_markers_in_the_upper_are_ordinary_names(self, env):
+        """OCI markers mean something in lower layers only: in the upper they are names like any other."""
+        low = env.lower()
+        put(low, "d/x", b"lower")
+        put(env.upper, "d/.wh..wh..opq", b"")
+        put(env.upper, "d/.wh.x", b"")
+        put(env.upper, "d/y", b"upper")
+        put(env.upper, "d/.wh.y", b"")
+        u = env.union(oci_whiteouts=True)
+        assert names(u, "/d") == [".wh..wh..opq", ".wh.x", ".wh.y", "x", "y"]
+        assert read_all(u, "/d/x") == b"lower" and read_all(u, "/d/y") == b"upper"
+        assert all(stat.S_ISREG(u.getattr("/d/" + n)["st_mode"]) for n in (".wh..wh..opq", ".wh.x", ".wh.y"))
+
+    def test_renaming_a_name_a_lower_marker_deletes_leaves_no_whiteout(self, env):
+        top, bottom = env.lower(), env.lower()
+        put(top, ".wh.x", b"")
+        put(bottom, "x", b"deleted")
+        u = env.union(oci_whiteouts=True)
+        create(u, "/x", b"new")
+        u.rename("/x", "/y")
+        assert tree(env.upper) == {"y": "file"}
+        assert names(u, "/") == ["y"]
+
     def test_wh_file_hides_name_below(self, env):
         top, bottom = env.lower(), env.lower()
         put(bottom, "f", b"x")
@@ -1966,6 +2382,27 @@ class TestEvents:
         assert seen[0]["trigger"] == "open for write" and seen[0]["kind"] == "dir"
         assert hosts["seconds"] >= 0
 
+    def test_copy_up_events_say_what_moved(self, env):
+        """Metadata-only copy-up, then its data; a symlink's copy moves no data; times are durations."""
+        top, bottom = env.lower(), env.lower()
+        put(bottom, "f", b"x" * 3000)
+        os.symlink("f", top / "link")
+        u = env.union(metacopy=True, redirect_dir="on")
+        seen = []
+        u.events.subscribe(seen.append)
+        u.chmod("/f", 0o600)
+        write_at(u, "/f", b"y")
+        u.chown("/link", 1234, 1234)  # the engine's paths are never followed: the link itself
+        meta, data, link = seen
+        assert {k: meta[k] for k in ("event", "path", "layer", "kind", "bytes", "trigger", "metadata_only")} == \
+            dict(event="copy_up", path="/f", layer=2, kind="file", bytes=0, trigger="chmod", metadata_only=True)
+        assert {k: data[k] for k in ("event", "path", "layer", "kind", "bytes", "trigger", "data_only")} == \
+            dict(event="copy_up", path="/f", layer=2, kind="file", bytes=3000, trigger="open for write",
+                 data_only=True)
+        assert {k: link[k] for k in ("event", "path", "layer", "kind", "bytes", "metadata_only")} == \
+            dict(event="copy_up", path="/link", layer=1, kind="symlink", bytes=0, metadata_only=False)
+        assert all(0 <= e["seconds"] < 60 for e in seen)
+
     def test_no_listener_no_event_objects(self, env, monkeypatch):
         low = env.lower()
         put(low, "f", b"x")
@@ -1978,6 +2415,82 @@ class TestEvents:
 
 # ---------------------------------------------------------------------------------------------
 # metacopy=on: metadata-only copy-up in the kernel's format
+
+class TestMetacopyErrors:
+    def test_a_metadata_only_copy_without_its_data_is_an_io_error(self, env):
+        env.lower()
+        put(env.upper, "d/f", b"")
+        os.setxattr(env.upper / "d/f", TRUSTED + "metacopy", b"")
+        u = env.union(metacopy=True, redirect_dir="on")
+        with pytest.raises(OSError) as info:
+            u.getattr("/d/f")
+        assert (info.value.errno, info.value.filename) == (errno.EIO, "/d/f")
+
+    def test_a_metadata_only_copy_is_refused_without_metacopy(self, env):
+        low = env.lower()
+        put(low, "d/f", b"data")
+        put(env.upper, "d/f", b"")
+        os.setxattr(env.upper / "d/f", TRUSTED + "metacopy", b"")
+        u = env.union()
+        with pytest.raises(OSError) as info:
+            u.getattr("/d/f")
+        assert (info.value.errno, info.value.filename) == (errno.EPERM, "/d/f")
+
+
+class TestRedirectsReadBack:
+    """An upper written with redirect_dir=on, mounted again: `follow` follows its redirects; `nofollow`
+    (and userxattr) refuses a lookup through one with EPERM where a layer below could hold its target,
+    leaves it out of an impure directory's listing, and shows a moved directory under a new one as it is."""
+
+    @pytest.fixture
+    def written(self, env):
+        low = env.lower()
+        put(low, "a/f", b"f")
+        put(low, "c/g", b"g")
+        put(low, "e/h", b"h")
+        u = env.union(redirect_dir="on")
+        u.rename("/a", "/b")
+        u.mkdir("/d", 0o755)
+        u.rename("/c", "/d/c2")
+        write_at(u, "/e/h", b"H")  # e: copied up, so an impure directory
+        env.close()
+        return env
+
+    def test_follow(self, written):
+        u = written.union(redirect_dir="follow")
+        assert names(u, "/") == ["b", "d", "e"]
+        assert names(u, "/b") == ["f"] and names(u, "/d/c2") == ["g"]
+        assert read_all(u, "/b/f") == b"f"
+
+    @pytest.mark.parametrize("options", [dict(redirect_dir="nofollow"), dict(userxattr=True)],
+                             ids=["nofollow", "userxattr"])
+    def test_nofollow(self, written, options):
+        if options.get("userxattr"):  # the same upper, spelled in user.overlay.*
+            for path, name in ((written.upper, "impure"), (written.upper / "b", "redirect"),
+                               (written.upper / "d/c2", "redirect"), (written.upper / "e", "impure")):
+                os.setxattr(path, USER + name, os.getxattr(path, TRUSTED + name))
+        u = written.union(**options)
+        for path in ("/b", "/b/f"):
+            with pytest.raises(OSError) as info:
+                u.getattr(path)
+            assert (info.value.errno, info.value.filename) == (errno.EPERM, "/b"), path
+        assert errno_of(u.readdir, "/b") == errno.EPERM
+        assert errno_of(u.rename, "/b", "/b2") == errno.EPERM
+        assert names(u, "/") == ["d", "e"]  # the root is impure: its refused entry is left out
+        assert names(u, "/d") == ["c2"] and names(u, "/d/c2") == []  # d has no lower: nothing to follow into
+        assert names(u, "/e") == ["h"]
+
+    def test_nofollow_lists_a_refused_entry_of_a_pure_directory(self, written):
+        os.removexattr(written.upper, TRUSTED + "impure")
+        u = written.union(redirect_dir="nofollow")
+        assert names(u, "/") == ["b", "d", "e"]
+        assert errno_of(u.getattr, "/b") == errno.EPERM
+
+    def test_copy_up_and_moves_mark_their_parents_impure(self, written):
+        assert xattr(written.upper, TRUSTED + "impure") == b"y"
+        assert xattr(written.upper / "d", TRUSTED + "impure") == b"y"  # c2 moved in with a redirect
+        assert xattr(written.upper / "e", TRUSTED + "impure") == b"y"  # h copied up into it
+
 
 class TestMetacopy:
     def test_chmod_copies_metadata_only_and_data_follows_on_write(self, env):

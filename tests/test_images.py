@@ -936,6 +936,52 @@ def test_mount_of_a_missing_image_is_one_line_and_makes_nothing(shared_tmp):
     assert "no such image" in r.stderr and containers_of(store) == [] and not is_mounted(m)
 
 
+
+IMAGE_MOUNT_REFUSALS = {
+    # case: (mount point, extra arguments, what the one line says)
+    "missing mount point": (lambda base, store: os.path.join(base, "nowhere"), [], "No such directory"),
+    "file as mount point": (lambda base, store: _made_file(base), [], "No such directory"),
+    "busy mount point": (lambda base, store: "/proc", [], "busy"),
+    "mount point over the store": (lambda base, store: store, [], "inside the mount point"),
+    "bad option": (lambda base, store: _made_dir(base), ["-o", "metacopy=maybe"], "metacopy"),
+    "trace in a missing directory": (lambda base, store: _made_dir(base),
+                                     ["-o", "trace=" + "/nonexistent/dir/trace.log"], "trace"),
+}
+
+
+def _made_file(base):
+    path = os.path.join(base, "a-file")
+    with open(path, "w") as f:
+        f.write("x")
+    return path
+
+
+def _made_dir(base):
+    path = os.path.join(base, "m")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(IMAGE_MOUNT_REFUSALS))
+def test_refused_image_mount_is_one_line_and_leaves_no_container(shared_tmp, case):
+    """`cowfs mount IMAGE MNT` makes a container before it mounts: a refusal at any step takes it back."""
+    store = app_store(shared_tmp)
+    make_mountpoint, extra, said = IMAGE_MOUNT_REFUSALS[case]
+    mountpoint = make_mountpoint(shared_tmp, store)
+    # STORE/containers stays once made (removing it could race with another mount's new container)
+    os.makedirs(os.path.join(store, "containers"), exist_ok=True)
+    before = store_state(store)
+    before["entries"]["containers"].pop("mtime_ns")
+    r = run_cowfs("mount", "acme/app:1", mountpoint, "--store", store, *extra)
+    assert r.returncode == 1, r
+    assert r.stdout == "" and r.stderr.count("\n") == 1 and said in r.stderr, r.stderr
+    assert containers_of(store) == []
+    after = store_state(store)
+    after["entries"]["containers"].pop("mtime_ns")
+    assert after == before, diff_snapshots(before, after, "before", "after")
+    assert not is_mounted(os.path.realpath(mountpoint)) or mountpoint == "/proc"
+
+
 @pytest.mark.fuse
 def test_commit_mountpoint_of_a_container_makes_a_child_image(shared_tmp):
     store = app_store(shared_tmp)

@@ -24,6 +24,7 @@ from cowfs.testing.harness import KNOWN_DIFFERENCES, Divergence
 from cowfs.testing.machine import parity_machine
 from cowfs.testing.plugin import register_profiles
 from cowfs.testing.strategies import (  # noqa: F401 (names used by pasted reproductions)
+    Device,
     Dir,
     Fifo,
     File,
@@ -31,6 +32,7 @@ from cowfs.testing.strategies import (  # noqa: F401 (names used by pasted repro
     Layer,
     Oct,
     Pattern,
+    Socket,
     StackSpec,
     Symlink,
     Whiteout,

@@ -538,9 +538,9 @@ def _mount_image(args, found, mounting):
     store, image_id, ref = found
     mountpoint = args.paths[1]
     opts = image_stack_options(store, image_id) + args.options
-    mounting.unprivileged(parse_options(opts), quiet=True)  # refuse bad options before making anything
     if not os.path.isdir(mountpoint):
         raise StackError(f"mount point {mountpoint}: No such directory")
+    _precheck(parse_options(opts), mountpoint)  # bad options, a mount point over the layers: before any container
     record = create_container(store, image_id, ref, mountpoint)
     try:
         stack = parse_options(opts + [upperdir_option(record["upper"], record["work"])])

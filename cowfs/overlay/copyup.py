@@ -25,13 +25,13 @@ from cowfs.overlay.locking import DataFirst, locked_for
 from cowfs.overlay.lookup import parent_of
 from cowfs.overlay.syscalls import RENAME_NOREPLACE, rename2
 from cowfs.overlay.whiteout import (
-    IMPURE,
     KERNEL_ORIGIN,
     METACOPY,
     NLINK,
     TRUSTED_PREFIX,
     get_marker,
     is_private_xattr,
+    mark_impure,
     set_marker,
 )
 
@@ -248,13 +248,6 @@ def merged_nlink(real, prefix, st=None):
 def set_nlink(real, prefix, nlink):
     """Record `nlink` as the merged link count of the indexed upper file at `real` (see merged_nlink)."""
     set_marker(real, prefix, NLINK, f"U{nlink - os.lstat(real).st_nlink:+d}")
-
-
-def mark_impure(directory, prefix):
-    """Mark upper `directory` "impure", as the kernel does once it may hold an entry with an origin: the
-    kernel's readdir then gives such entries their origin's d_ino (cowfs's own does so everywhere)."""
-    if get_marker(directory, prefix, IMPURE) != "y":
-        set_marker(directory, prefix, IMPURE, "y")
 
 
 def restore_times(path, st):

@@ -28,6 +28,7 @@ import stat
 from cowfs.errors import os_error
 from cowfs.overlay import handles, override
 from cowfs.overlay.whiteout import (
+    IMPURE,
     KERNEL_ORIGIN,
     METACOPY,
     OCI_OPAQUE,
@@ -464,6 +465,30 @@ class Layers:
                     parts, pos = parent.parts, 0  # another name: every layer below may hold it
                 yield None  # acknowledge the send
 
+    def _reads_redirect(self, parent, layer):
+        """Whether the redirect of a directory found in `layer` is read, as the kernel's lookup does: when
+        following redirects, in every layer but the bottom one (below it they lead nowhere); when not, only
+        while the parent has a layer below `layer`, where the redirect would lead (and is refused)."""
+        if self.follow_redirects:
+            return layer < len(self.roots) - 1
+        return parent.parts[-1][0] > layer
+
+    def lookup_refused(self, parent, name):
+        """True when the lookup of `name` in directory `parent` fails (see `refusing_lookups`)."""
+        try:
+            self.child(parent, name)
+        except OSError:
+            return True
+        return False
+
+    def refusing_lookups(self, node):
+        """Whether a listing of directory `node` leaves out the upper entries whose lookup fails: not
+        following redirects, in a merged directory whose upper is impure. The kernel's readdir looks the
+        entries of an impure upper directory up for their inode numbers, and drops those it cannot (a
+        lookup refused for a redirect, here or below); other modes leave it to the lookup."""
+        return (not self.follow_redirects and node.parts[0][0] == 0 and self._reads_redirect(node, 0)
+                and get_marker(self.real(0, node.parts[0][1]), self.prefix, IMPURE) == "y")
+
     def child(self, parent, name):
         """Look `name` up in the directory `parent`; None when it does not exist in the merged view."""
         found = []
@@ -518,7 +543,7 @@ class Layers:
             found.append((layer, rel, real, st))
             if self._oci_deleted(layer, rel) or self._opaque(layer, real):
                 break
-            if layer < len(self.roots) - 1:  # the bottom layer's redirects lead nowhere: never read
+            if self._reads_redirect(parent, layer):
                 redirect = get_marker(real, self.prefix, REDIRECT)
                 if redirect is not None:
                     self._check_redirect(redirect, join(parent.path, name))
@@ -599,6 +624,7 @@ class Layers:
         """The merged listing of a directory: [(name, layer, DirEntry)], upper names first, each name once."""
         seen = set()
         entries = []
+        refusing = self.refusing_lookups(node)
         for layer, rel in node.parts:
             hidden_below = []
             with os.scandir(self.real(layer, rel)) as it:
@@ -613,6 +639,8 @@ class Layers:
                     seen.add(name)
                     if not (entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False)
                             or entry.is_symlink()) and is_whiteout(entry.stat(follow_symlinks=False)):
+                        continue
+                    if refusing and layer == 0 and self.lookup_refused(node, name):
                         continue
                     entries.append((name, layer, entry))
             seen.update(hidden_below)

@@ -23,6 +23,7 @@ from cowfs.overlay.whiteout import (
     is_opaque,
     is_whiteout,
     make_whiteout,
+    mark_impure,
     set_marker,
     set_opaque,
 )
@@ -443,7 +444,7 @@ class Namespace:
             if self.events:
                 self.events.emit("opaque", to)
         if from_parent != to_parent and _has_origin(node.real, self.prefix):
-            copyup.mark_impure(upper_parent.real, self.prefix)  # as the kernel's rename into another dir
+            mark_impure(upper_parent.real, self.prefix)  # as the kernel's rename into another dir
         return node, upper_parent
 
     def _move_remembered(self, old, new, exchange=False):

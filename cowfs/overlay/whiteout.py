@@ -28,13 +28,15 @@ KERNEL_ORIGIN = "origin"
 # What cowfs recorded before it wrote the kernel's: the st_ino itself, still read
 # so that uppers written then keep their numbers (never written now).
 ORIGIN = "cowfs.origin"
-IMPURE = "impure"  # on an upper directory that may hold entries with an origin (the kernel's readdir d_ino)
 NLINK = "nlink"  # index=on: the merged link count of an indexed file, "U%+d" from the upper inode's
 UPPER = "upper"  # index=on: on the index directory, a handle of the upper root
 UUID = "uuid"  # on the upper root: the overlay's own UUID (uuid=on)
 OPAQUE = "opaque"
 REDIRECT = "redirect"
 METACOPY = "metacopy"  # on an upper file that holds only metadata: its data is still in a lower layer
+# on an upper directory that holds copies or moved objects (not only new ones), as the kernel marks it: its
+# readdir then looks each upper entry up, and leaves out those the lookup refuses (see lookup.py)
+IMPURE = "impure"
 
 
 def is_whiteout(st):
@@ -68,6 +70,12 @@ def is_opaque(path, prefix):
 
 def set_opaque(path, prefix):
     set_marker(path, prefix, OPAQUE, "y")
+
+
+def mark_impure(path, prefix):
+    """Mark upper directory `path` impure, once (the kernel's ovl_set_impure)."""
+    if get_marker(path, prefix, IMPURE) != "y":
+        set_marker(path, prefix, IMPURE, "y")
 
 
 def is_private_xattr(name, prefix):

@@ -68,6 +68,9 @@ class Mode:
     min_layers: int = 1
     max_layers: int = 3
     data_only: int = 0  # the last lower layers of a stack are data-only (`lowerdir=A::D`)
+    # the mode the operations run in, when another: each side then unmounts and mounts again with this
+    # mode's options, and what it shows is compared (an upper written with redirects, read without them)
+    written_with: str | None = None
 
     def options(self, kind: str) -> list[str]:
         """The options a *kind* ("kernel" or "cowfs") side is mounted with in this mode
@@ -91,6 +94,12 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("many_layers", ("redirect_dir=on", "metacopy=off"), ("redirect_dir=on",), min_layers=4, max_layers=6),
     Mode("many_layers_off", ("redirect_dir=off", "metacopy=off"), ("redirect_dir=off",), min_layers=4,
          max_layers=6),
+    # an upper written with redirect_dir=on, read back without creating redirects: following them, or not
+    # (then the kernel refuses a lookup through one with EPERM)
+    Mode("redirect_follow", ("redirect_dir=follow", "metacopy=off"), ("redirect_dir=follow",),
+         written_with="redirect_on"),
+    Mode("redirect_nofollow", ("redirect_dir=nofollow", "metacopy=off"), ("redirect_dir=nofollow",),
+         written_with="redirect_on"),
 )}
 
 
@@ -288,7 +297,7 @@ class Side:
 
     def __init__(self, base: StrPath, label: str, kind: str, lowers: Sequence[StrPath], options: Iterable[str] = (),
                  *, upper: StrPath | None = None, work: StrPath | None = None, readonly: bool = False,
-                 cowfs_cmd: Sequence[str] | None = None, data_only: int = 0):
+                 cowfs_cmd: Sequence[str] | None = None, data_only: int = 0, read_options: Iterable[str] | None = None):
         if kind not in BACKENDS:
             raise ValueError(f"kind must be one of {BACKENDS}, not {kind!r}")
         base = os.fspath(base)
@@ -301,14 +310,26 @@ class Side:
             self.upper = os.fspath(upper) if upper is not None else _mkdir(base, f"{label}-upper")
             self.work = os.fspath(work) if work is not None else _mkdir(base, f"{label}-work")
         self.mountpoint: str = _mkdir(base, f"{label}-mnt")
-        self.mount: KernelOverlay | CowfsMount
-        if kind == "kernel":
-            self.mount = KernelOverlay(self.lowers, self.upper, self.work, self.mountpoint,
-                                       list(KERNEL_COMMON) + self.options, data_only)
-        else:
-            self.mount = CowfsMount(self.lowers, self.upper, self.work, self.mountpoint, self.options, cowfs_cmd,
-                                    data_only)
+        self.cowfs_cmd, self.data_only = cowfs_cmd, data_only
+        # the options of the mount that reads what this one wrote, when another (a mode's written_with)
+        self.read_options: list[str] | None = None if read_options is None else list(read_options)
+        self.mount: KernelOverlay | CowfsMount = self._mount_with(self.options)
         self.worker: Worker | None = None
+
+    def _mount_with(self, options: list[str]) -> KernelOverlay | CowfsMount:
+        if self.kind == "kernel":
+            return KernelOverlay(self.lowers, self.upper, self.work, self.mountpoint, list(KERNEL_COMMON) + options,
+                                 self.data_only)
+        return CowfsMount(self.lowers, self.upper, self.work, self.mountpoint, options, self.cowfs_cmd, self.data_only)
+
+    def remount_to_read(self) -> None:
+        """Unmount, and mount again with ``read_options`` from now on (when set; else with the same)."""
+        self.mount.unmount()
+        if self.read_options is not None:
+            self.options = with_userxattr_unless_privileged(self.read_options)
+            self.mount = self._mount_with(self.options)
+            self.read_options = None
+        self.start()
 
     def __repr__(self) -> str:
         return f"<Side {self.label} ({self.kind}) at {self.mountpoint}>"
@@ -436,11 +457,14 @@ class Pair:
         self.backend = backend
         self.readonly = readonly
         extra = list(cowfs_options) if backend == "cowfs" else []
+        writing = MODES[self.mode.written_with] if self.mode.written_with else self.mode
+        reading = self.mode.written_with is not None
         data_only = self.mode.data_only
-        self.kernel = Side(self.base, "kernel", "kernel", self.lowers, self.mode.options("kernel"), readonly=readonly,
-                           data_only=data_only)
-        self.tested = Side(self.base, "tested", backend, self.lowers, self.mode.options(backend) + extra,
-                           readonly=readonly, data_only=data_only)
+        self.kernel = Side(self.base, "kernel", "kernel", self.lowers, writing.options("kernel"), readonly=readonly,
+                           data_only=data_only, read_options=self.mode.options("kernel") if reading else None)
+        self.tested = Side(self.base, "tested", backend, self.lowers, writing.options(backend) + extra,
+                           readonly=readonly, data_only=data_only,
+                           read_options=self.mode.options(backend) + extra if reading else None)
         self.lowers_before = lower_snapshots(self.lowers)
 
     @property
@@ -496,7 +520,8 @@ def cleanup_base(base: StrPath) -> list[str]:
 def run_scenario(side: Side, ops: Callable[[Session], Any], *, name: str, readonly: bool,
                  timeout: float) -> tuple[list[tuple[str, Outcome]], dict]:
     """Mount *side*, run *ops* on a ``Session`` at its root, snapshot the merged tree, unmount.
-    Returns (outcomes, tree).  A cowfs daemon that takes longer than *timeout* is killed."""
+    Returns (outcomes, tree).  A cowfs daemon that takes longer than *timeout* is killed.
+    A side with ``read_options`` is mounted again with them before the snapshot."""
     with side.time_limit(timeout, f"scenario {name}"):
         side.start()
         try:
@@ -505,6 +530,8 @@ def run_scenario(side: Side, ops: Callable[[Session], Any], *, name: str, readon
                 ops(session)
             finally:
                 session.close_all()
+            if side.read_options is not None:
+                side.remount_to_read()
             return session.outcomes, snapshot(side.mountpoint)
         finally:
             side.unmount()

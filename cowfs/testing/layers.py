@@ -28,7 +28,8 @@ disk).  Another owner needs that id mapped in the user namespace (a failure
 names the entry).  What only root of the initial namespace can make is left
 out, the same for every side that mounts the layers, and listed in
 *left_out* when given: device nodes other than whiteouts (mknod needs
-CAP_MKNOD there) and xattrs named ``trusted.*`` (CAP_SYS_ADMIN); an overlay
+CAP_MKNOD there), xattrs named ``trusted.*`` (CAP_SYS_ADMIN) and ``security.*``
+(``security.capability``: CAP_SETFCAP); an overlay
 marker in the trusted flavour is not left out (it fails: use ``userxattr``).
 """
 
@@ -138,12 +139,22 @@ class Fifo(_Spec):
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class Device(_Spec):
-    """A character device *major*/*minor* (0/0 is a whiteout: use ``Whiteout`` for that)."""
+    """A character device *major*/*minor* (0/0 is a whiteout: use ``Whiteout`` for that), or a block
+    device when *block*."""
 
     path: str
     major: int = 1
     minor: int = 3
     mode: int = Oct(0o600)
+    block: bool = False
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Socket(_Spec):
+    """A unix socket's inode, as bind(2) leaves it (made with mknod, which any path length allows)."""
+
+    path: str
+    mode: int = Oct(0o755)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -151,7 +162,7 @@ class Whiteout(_Spec):
     path: str
 
 
-Entry = File | Dir | Symlink | HardLink | Fifo | Device | Whiteout
+Entry = File | Dir | Symlink | HardLink | Fifo | Device | Socket | Whiteout
 
 
 class Layer(tuple):
@@ -235,7 +246,8 @@ def _lexists(name: str, dir_fd: int) -> bool:
 
 def _set_xattrs(fd: int, entry: File | Dir, userxattr: bool, left_out: list[str] | None) -> None:
     for xname, value in entry.xattrs:
-        if xname.startswith("trusted.") and not privileged():  # needs CAP_SYS_ADMIN of the initial namespace
+        # trusted.* needs CAP_SYS_ADMIN of the initial namespace; security.capability, CAP_SETFCAP there
+        if xname.startswith(("trusted.", "security.")) and not privileged():
             if left_out is not None:
                 left_out.append(f"{entry.path}: xattr {xname}")
             continue
@@ -266,8 +278,8 @@ def _write_file(entry: File, name: str, dir_fd: int, userxattr: bool, left_out: 
                 os.ftruncate(fd, entry.content_size())
         elif entry.tail:
             os.write(fd, entry.tail)
+        _chown(fd, entry)  # before the xattrs: a chown drops security.capability
         _set_xattrs(fd, entry, userxattr, left_out)
-        _chown(fd, entry)
         os.fchmod(fd, entry.mode)  # after chown, which clears setuid/setgid
     finally:
         os.close(fd)
@@ -328,7 +340,11 @@ def materialise_layer(layer: Iterable[Entry], root: StrPath, userxattr: bool = F
                         if left_out is not None:
                             left_out.append(f"{entry.path}: device {entry.major}/{entry.minor}")
                         continue
-                    os.mknod(name, stat.S_IFCHR | 0o600, os.makedev(entry.major, entry.minor), dir_fd=dir_fd)
+                    kind = stat.S_IFBLK if entry.block else stat.S_IFCHR
+                    os.mknod(name, kind | 0o600, os.makedev(entry.major, entry.minor), dir_fd=dir_fd)
+                    os.chmod(name, entry.mode, dir_fd=dir_fd)
+                elif isinstance(entry, Socket):
+                    os.mknod(name, stat.S_IFSOCK | 0o600, dir_fd=dir_fd)
                     os.chmod(name, entry.mode, dir_fd=dir_fd)
                 elif isinstance(entry, Whiteout):
                     os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dir_fd)
@@ -380,6 +396,7 @@ def describe(spec: Iterable[Iterable[Entry]]) -> str:
 
 
 __all__ = [
-    "PINNED_TIME_NS", "USER", "Oct", "Pattern", "File", "Dir", "Symlink", "HardLink", "Fifo", "Device", "Whiteout",
+    "PINNED_TIME_NS", "USER", "Oct", "Pattern", "File", "Dir", "Symlink", "HardLink", "Fifo", "Device", "Socket",
+    "Whiteout",
     "Entry", "Layer", "StackSpec", "overlay_xattr", "materialise", "materialise_layer", "pin_times", "describe",
 ]

@@ -82,6 +82,7 @@ OP_TIMEOUT = float(os.environ.get("COWFS_PARITY_OP_TIMEOUT", "20"))  # seconds f
 CLASS_NAMES = {
     "redirect_off": "RedirectOff", "redirect_on": "RedirectOn", "userxattr": "UserXattr",
     "metacopy": "Metacopy", "many_layers": "ManyLayers", "many_layers_off": "ManyLayersOff",
+    "redirect_follow": "RedirectFollow", "redirect_nofollow": "RedirectNofollow",
 }
 
 
@@ -123,6 +124,7 @@ XATTR_NAMES = ("user.a", "user.b", "user.new", "trusted.t", "trusted.overlay.opa
 xattr_names = st.sampled_from(XATTR_NAMES)
 xattr_values = st.sampled_from((b"v", b"", b"y", b"longer value"))
 XATTR_FLAGS = {"any": 0, "create": os.XATTR_CREATE, "replace": os.XATTR_REPLACE}
+NODE_KINDS = {"chr": 0o020000, "blk": 0o060000, "sock": 0o140000}  # stat.S_IFCHR, S_IFBLK, S_IFSOCK
 fd_slots = st.integers(0, 3)
 
 
@@ -173,6 +175,7 @@ def operations() -> Ops:
         "rmdir": lambda path: os.rmdir(p(path)),
         "mkdir": lambda path, mode: os.mkdir(p(path), mode),
         "mkfifo": lambda path, mode: os.mkfifo(p(path), mode),
+        "mknod": lambda path, kind, numbers, mode: os.mknod(p(path), NODE_KINDS[kind] | mode, os.makedev(*numbers)),
         "rename": lambda src, dst: os.rename(p(src), p(dst)),
         "rename2": lambda src, dst, flags: rename2(p(src), p(dst), flags),
         "link": lambda src, dst: os.link(p(src), p(dst), follow_symlinks=False),
@@ -402,6 +405,10 @@ class ParityMachine(RuleBasedStateMachine):
     @rule(path=paths, mode=file_modes)
     def mkfifo(self, path, mode):
         self._both("mkfifo", path, mode)
+
+    @rule(path=paths, kind=st.sampled_from(tuple(NODE_KINDS)), numbers=st.sampled_from(S.DEVICES), mode=file_modes)
+    def mknod(self, path, kind, numbers, mode):
+        self._both("mknod", path, kind, numbers, mode)
 
     @rule(link_target=st.sampled_from(S.SYMLINK_TARGETS), path=paths)
     def symlink(self, link_target, path):

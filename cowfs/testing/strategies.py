@@ -3,7 +3,7 @@
 A drawn stack is a plain value whose ``repr`` is valid Python, so a failing
 example printed by Hypothesis can be pasted into a regression test as it is::
 
-    from cowfs.testing.strategies import StackSpec, Layer, File, Dir, Symlink, HardLink, Fifo, Whiteout
+    from cowfs.testing.strategies import StackSpec, Layer, File, Dir, Symlink, HardLink, Fifo, Device, Socket, Whiteout
 
     spec = StackSpec(Layer(File('a', data=b'x'), Whiteout('b')), Layer(Dir('b'), File('b/c')))
     lowers = materialise(spec, tmp_path, userxattr=False)   # [.../l0, .../l1], topmost first
@@ -36,6 +36,7 @@ from cowfs.testing.layers import (
     Layer,
     Oct,
     Pattern,
+    Socket,
     StackSpec,
     Symlink,
     Whiteout,
@@ -45,7 +46,8 @@ from cowfs.testing.layers import (
     pin_times,
 )
 
-NAMES = ("a", "b", "c")
+LONG_NAME = "l" * 250 + "-long"  # 255 bytes, NAME_MAX: copy-up, whiteouts and staging names must fit
+NAMES = ("a", "b", "c", LONG_NAME)
 FILE_MODES = tuple(Oct(m) for m in (0o644, 0o755, 0o600, 0o444, 0o000, 0o4755, 0o2755, 0o6711, 0o1644, 0o640))
 DIR_MODES = tuple(Oct(m) for m in (0o755, 0o700, 0o1777, 0o555, 0o2775, 0o711))
 OWNERS = ((0, 0), (USER, USER), (0, USER), (USER, 0))
@@ -54,6 +56,9 @@ SYMLINK_TARGETS = (
     "/a", "/b/c", "/etc/passwd", "/", "../../../../../../etc",          # absolute and pointing up and out
 )
 XATTR_NAMES = ("user.a", "user.b", "user.long.name")
+# `setcap cap_net_raw+ep`: a VFS_CAP_REVISION_2 struct (a chown or a write drops it; copy-up keeps it)
+CAPABILITY = ("security.capability", bytes.fromhex("01000002" "00200000" "00000000" "00000000" "00000000"))
+DEVICES = ((1, 3), (1, 5), (0, 1), (0, 7), (0, 255), (5, 1), (7, 0), (8, 1), (259, 65536))  # 0/N: no whiteout
 XATTR_VALUES = (b"", b"1", b"value", b"\x00\xff")
 DATA = (b"", b"x", b"hello\n", b"0123456789abcdef", Pattern(5000), Pattern(200_000))
 HOLES = (0, 0, 0, (2 << 20) + 4096)  # holes the kernel's copy-up keeps too (see stacks())
@@ -69,12 +74,19 @@ dir_modes = st.sampled_from(DIR_MODES)
 owners = st.sampled_from(OWNERS)
 xattr_sets = st.lists(st.tuples(st.sampled_from(XATTR_NAMES), st.sampled_from(XATTR_VALUES)),
                       max_size=2, unique_by=lambda kv: kv[0]).map(tuple)
+file_xattr_sets = st.one_of(xattr_sets, xattr_sets, xattr_sets, xattr_sets.map(lambda xs: (*xs, CAPABILITY)))
 
 
 def _file(path, small_holes=True):
     holes = HOLES + SMALL_HOLES if small_holes else HOLES
     return st.builds(File, st.just(path), data=st.sampled_from(DATA), hole=st.sampled_from(holes),
-                     tail=st.sampled_from((b"", b"", b"end")), mode=file_modes, owner=owners, xattrs=xattr_sets)
+                     tail=st.sampled_from((b"", b"", b"end")), mode=file_modes, owner=owners,
+                     xattrs=file_xattr_sets)
+
+
+def _device(path):
+    return st.sampled_from(DEVICES).flatmap(lambda numbers: st.builds(
+        Device, st.just(path), st.just(numbers[0]), st.just(numbers[1]), mode=file_modes, block=st.booleans()))
 
 
 def _leaf(path, small_holes=True):
@@ -85,6 +97,8 @@ def _leaf(path, small_holes=True):
         st.builds(Whiteout, st.just(path)),
         st.builds(HardLink, st.just(path), st.integers(0, 3)),
         st.builds(Fifo, st.just(path), file_modes),
+        _device(path),
+        st.builds(Socket, st.just(path), file_modes),
     )
 
 
@@ -104,8 +118,9 @@ def _subtree(draw, prefix: str, depth: int, max_depth: int, small_holes: bool = 
 
 
 def layers(max_depth: int = 3, small_holes: bool = True) -> st.SearchStrategy[Layer]:
-    """One lower layer: files (holes, user xattrs, odd modes, setuid), dirs (some opaque),
-    symlinks, hard links, FIFOs and whiteouts, named from ``NAMES``, at most *max_depth* deep."""
+    """One lower layer: files (holes, user xattrs, file capabilities, odd modes, setuid), dirs (some
+    opaque), symlinks, hard links, FIFOs, character and block devices (major 0 among them), sockets and
+    whiteouts, named from ``NAMES`` (one of them 255 bytes long), at most *max_depth* deep."""
     return _subtree("", 1, max_depth, small_holes).map(lambda entries: Layer(*entries))
 
 
@@ -172,6 +187,6 @@ def stacks(min_layers: int = 1, max_layers: int = 6, max_depth: int = 3,
 
 __all__ = [
     "NAMES", "PINNED_TIME_NS", "USER", "Oct", "Pattern", "File", "Dir", "Symlink", "HardLink", "Fifo", "Device",
-    "Whiteout", "Layer", "StackSpec", "layers", "stacks", "contributing_layers", "drop_unmerged_whiteouts",
+    "Socket", "Whiteout", "Layer", "StackSpec", "layers", "stacks", "contributing_layers", "drop_unmerged_whiteouts",
     "materialise", "materialise_layer", "pin_times", "describe",
 ]
