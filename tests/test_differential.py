@@ -1340,6 +1340,24 @@ def sc_rename_exchange_kinds(fs: Session):
     fs.listdir("")
 
 
+LONG = "l" * 255
+LONG_NAMES = STD.with_entries((), (File(f"{LONG}/{LONG}/f", b"deep\n"), File(f"{LONG}/short/f", b"short\n")), ())
+"""Directories whose absolute path is longer than the kernel's longest redirect (redirect_max, 256)."""
+
+
+@scenario(layers=LONG_NAMES)
+def sc_rename_needs_too_long_redirect(fs: Session):
+    """A move whose absolute redirect would pass 256 bytes fails with EXDEV (the tools then copy), after the
+    copy-ups; a relative one (same directory) or a short absolute one does not."""
+    fs.rename(f"{LONG}/{LONG}", "moved")  # "/" + 511 bytes: EXDEV under redirect_dir=on as off
+    fs.do("exchange with a long one", _renameat2, fs.p("dir"), fs.p(f"{LONG}/{LONG}"), 2)
+    fs.rename(f"{LONG}/{LONG}", f"{LONG}/again")  # relative: any length
+    fs.rename(f"{LONG}/short", "short")  # "/" + 255 + "/short": 262 bytes, too long as well
+    fs.rename("dirsub/inner", "inner")  # short and absolute
+    for name in ("", LONG, "inner", "moved"):
+        fs.listdir(name)
+
+
 ODD_NAMES = STD.with_entries((), (File("caf\udce9.txt", b"a latin-1 name\n"),), (File("d\udcff/in", b"inside\n"),))
 """Names that are not valid UTF-8 (written with surrogate escapes, as os does for such bytes)."""
 

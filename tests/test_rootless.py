@@ -398,11 +398,9 @@ def test_the_fixtures_work_for_an_ordinary_user(where, rootless, space):
 # Where the kernel, mounted in a user namespace, differs from itself mounted by root (which cowfs follows):
 # it cannot encode file handles there, so it writes an empty user.overlay.origin on copy-up, and a copied-up
 # file's inode is then keyed by the lower inode for a name looked up before the copy-up and by the upper
-# inode for names looked up after: names of one hard-linked file show different st_ino, and renaming one
-# onto another fails with ESTALE.  Each must fail with exactly this, and nothing else may fail.
+# inode for names looked up after, and renaming one name of a hard-linked file onto another fails with
+# ESTALE.  Each must fail with exactly this, and nothing else may fail.
 KERNEL_IN_USERNS = {
-    "test_differential[cached_attrs_follow_changes-userxattr]":
-        "hard-link groups: kernel=[['hl1', 'hl2']] cowfs=[['dir/a2', 'exec.sh'], ['hl1', 'hl2']]",
     "test_differential[rename_hardlink_onto_itself-userxattr]":
         "#18 rename base2 -> base.txt: kernel=('errno', 'ESTALE')  cowfs=None",
 }

@@ -28,6 +28,10 @@ from cowfs.overlay.whiteout import (
     set_opaque,
 )
 
+# The longest absolute redirect the kernel writes (its overlay module's redirect_max, 256 by default): a
+# move that needs a longer one fails with EXDEV, so that tools fall back to copying, as on the kernel.
+REDIRECT_MAX = 256
+
 
 class Namespace:
     """The name operations of the engine (mixed into `Union`).
@@ -400,6 +404,7 @@ class Namespace:
                 raise os_error(errno.EXDEV, node.path)
         old, new = a.path, b.path
         try:
+            self._copy_up(b, data=False)  # the kernel copies both up before it writes either redirect
             a, _ = self._prepare_move(a, new)
             b, _ = self._prepare_move(self.layers.resolve_required(new), old)
             rename2(self.layers.resolve_required(old).real, b.real, RENAME_EXCHANGE)
@@ -435,6 +440,8 @@ class Namespace:
                 redirect = "/" + next(rel for layer, rel in node.parts if layer > 0)
         node = self._copy_up(node, data=False)
         upper_parent, _ = self._upper_parent(to)
+        if redirect is not None and redirect.startswith("/") and len(redirect) > REDIRECT_MAX:
+            raise os_error(errno.EXDEV, node.path)  # after the copy-ups, as the kernel's ovl_set_redirect
         if redirect is not None and redirect != node.redirect:
             set_marker(node.real, self.prefix, REDIRECT, redirect)
             if self.events:
