@@ -489,6 +489,14 @@ class Layers:
         return (not self.follow_redirects and node.parts[0][0] == 0 and self._reads_redirect(node, 0)
                 and get_marker(self.real(0, node.parts[0][1]), self.prefix, IMPURE) == "y")
 
+    def _data_redirect(self, real, parent, name):
+        """The redirect of metadata-only file `real` (`name` in `parent`), checked: where the walk goes on
+        to find its data; None without one."""
+        redirect = get_marker(real, self.prefix, REDIRECT)
+        if redirect:
+            self._check_redirect(redirect, join(parent.path, name))
+        return redirect or None
+
     def child(self, parent, name):
         """Look `name` up in the directory `parent`; None when it does not exist in the merged view."""
         found = []
@@ -518,9 +526,8 @@ class Layers:
                         break
                     # itself metadata only (a lower layer that was once an upper, or a composefs-style
                     # metadata layer): its redirect leads on
-                    redirect = get_marker(real, self.prefix, REDIRECT)
+                    redirect = self._data_redirect(real, parent, name)
                     if redirect:
-                        self._check_redirect(redirect, join(parent.path, name))
                         redirect_seen, data_path = redirect, _data_path(data_path, redirect)
                         walk.send(redirect)
                     continue
@@ -533,9 +540,8 @@ class Layers:
                     if not self.metacopy:
                         raise os_error(errno.EPERM, join(parent.path, name))  # as the kernel without metacopy=on
                     data_wanted = True
-                    redirect = get_marker(real, self.prefix, REDIRECT)
+                    redirect = self._data_redirect(real, parent, name)
                     if redirect:
-                        self._check_redirect(redirect, join(parent.path, name))
                         redirect_seen, data_path = redirect, _data_path(data_path, redirect)
                         walk.send(redirect)
                     continue
