@@ -2020,6 +2020,23 @@ class TestXattrs:
         assert names(u, "/d") == ["new", "shown"]
         assert not [n for n in u.listxattr("/d") if n.startswith(TRUSTED)]
 
+    @pytest.mark.parametrize("userxattr", [False, True])
+    def test_copy_up_skips_only_the_overlays_own_xattrs(self, env, userxattr):
+        """As the kernel: a lower file's xattrs of the overlay's own prefix are not copied up, those
+        after them are; under userxattr, trusted.overlay.* is an ordinary name and goes up too."""
+        low = env.lower()
+        f = put(low, "f", b"x")
+        own, other = (USER, TRUSTED) if userxattr else (TRUSTED, USER)
+        os.setxattr(f, own + "keep", b"1")  # listed first (ext4 and tmpfs list in the order set)
+        os.setxattr(f, other + "keep", b"2")
+        os.setxattr(f, "user.a", b"3")
+        u = env.union(userxattr=userxattr)
+        u.setxattr("/f", "user.c", b"4")
+        assert xattr(env.upper / "f", own + "keep") is None
+        assert xattr(env.upper / "f", other + "keep") == b"2"
+        assert xattr(env.upper / "f", "user.a") == b"3"
+        assert xattr(env.upper / "f", "user.c") == b"4"
+
 
 # =============================================================================================
 # readdir

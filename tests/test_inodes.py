@@ -216,6 +216,7 @@ def test_an_inode_lives_until_every_lookup_is_forgotten(table):
     assert table.at_path("/a") is a
     table.forget(a, 1)
     assert gone(table, a)
+    assert table.path(a) is None  # a request still holding it finds no name
     assert table.at_path("/a") is None
     assert table.root.kids is None
     assert len(table) == 1
