@@ -2503,6 +2503,21 @@ class TestRedirectsReadBack:
         assert names(u, "/") == ["b", "d", "e"]
         assert errno_of(u.getattr, "/b") == errno.EPERM
 
+    def test_nofollow_reads_impure_of_the_directory_listed(self, env):
+        """A merged subdirectory that is impure leaves its refused entry out, whatever the root is."""
+        low = env.lower()
+        put(low, "c/g", b"g")
+        put(low, "e/h", b"h")
+        u = env.union(redirect_dir="on")
+        u.rename("/c", "/e/c3")
+        env.close()
+        assert xattr(env.upper / "e", TRUSTED + "impure") == b"y"
+        os.removexattr(env.upper, TRUSTED + "impure")
+        u = env.union(redirect_dir="nofollow")
+        assert names(u, "/") == ["e"]
+        assert names(u, "/e") == ["h"]
+        assert errno_of(u.getattr, "/e/c3") == errno.EPERM
+
     def test_copy_up_and_moves_mark_their_parents_impure(self, written):
         assert xattr(written.upper, TRUSTED + "impure") == b"y"
         assert xattr(written.upper / "d", TRUSTED + "impure") == b"y"  # c2 moved in with a redirect
