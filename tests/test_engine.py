@@ -1490,6 +1490,19 @@ class TestRename:
         assert read_all(u, "/q/b/f") == b"x"
         assert names(u, "/p") == []
 
+    def test_a_lower_directorys_own_redirect_is_not_carried_up(self, env):
+        """A directory redirected in a lower layer (one that was an upper), renamed beside itself: as the
+        kernel, the copy names it by its lower name, whose lookup follows the lower redirect on."""
+        top, bottom = env.lower(), env.lower()
+        put(top, "a/one", b"1")
+        os.setxattr(top / "a", TRUSTED + "redirect", b"/orig")
+        put(bottom, "orig/two", b"2")
+        u = env.union(redirect_dir="on")
+        assert names(u, "/a") == ["one", "two"]
+        u.rename("/a", "/b")
+        assert xattr(env.upper / "b", TRUSTED + "redirect") == b"a"
+        assert names(u, "/b") == ["one", "two"]
+
     def test_second_rename_in_same_parent_keeps_original_redirect(self, env):
         low = env.lower()
         put(low, "a/f", b"x")
