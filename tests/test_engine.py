@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from cowfs.errors import StackError
-from cowfs.overlay import copyup
+from cowfs.overlay import copyup, lookup
 from cowfs.overlay import whiteout as whiteout_module
 from cowfs.overlay.stack import Stack, check
 from cowfs.overlay.union import Caller, Union
@@ -1794,17 +1794,25 @@ class TestPathsPastPathMax:
             os.close(parent)
         with open(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as f:
             f.write(b"x")
+        with open(os.open("f2", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as f:
+            f.write(b"2")
         os.close(fd)
         u = env.union()
         assert read_all(u, bottom + "/f") == b"x"
-        assert u.layers._dir_fds.get(1), "no descriptor of a lower directory was used"
+        heads = u.layers._dir_fds.get(1)
+        assert heads, "no descriptor of a lower directory was used"
+        # one head, cut at the chunk boundary: the paths below it share one descriptor
+        assert len(heads) == 1 and all(len(head) < lookup.PATH_CHUNK for head in heads), heads
+        open_fds = len(os.listdir("/proc/self/fd"))
+        assert read_all(u, bottom + "/f2") == b"2"
+        assert len(os.listdir("/proc/self/fd")) == open_fds  # the head's descriptor is reused, not opened again
         write_at(u, bottom + "/f", b"y", 1)  # copies up 15 directories, then the file
         assert read_all(u, bottom + "/f") == b"xy"
         u.rename(bottom + "/f", bottom + "/g")
         assert 0 not in u.layers._dir_fds  # the upper's descriptors retired with the change
-        assert names(u, bottom) == ["g"] and read_all(u, bottom + "/g") == b"xy"
+        assert names(u, bottom) == ["f2", "g"] and read_all(u, bottom + "/g") == b"xy"
         u.unlink(bottom + "/g")
-        assert names(u, bottom) == []
+        assert names(u, bottom) == ["f2"]
 
 
 class TestInodeNumbers:
