@@ -2041,6 +2041,20 @@ class TestXattrs:
         assert names(u, "/d") == ["new", "shown"]
         assert not [n for n in u.listxattr("/d") if n.startswith(TRUSTED)]
 
+    def test_copy_up_of_a_symlink_keeps_its_own_xattrs(self, env):
+        """Read from the symlink and set on its copy, never through it (as the kernel's copy-up)."""
+        low = env.lower()
+        target = put(low, "target", b"t")
+        os.setxattr(target, "trusted.t", b"T")
+        os.symlink("target", low / "link")
+        os.setxattr(low / "link", "trusted.l", b"L", follow_symlinks=False)
+        u = env.union()
+        u.chown("/link", 1234, 1234)
+        assert os.readlink(env.upper / "link") == "target"
+        assert xattr(env.upper / "link", "trusted.l") == b"L"
+        assert xattr(env.upper / "link", "trusted.t") is None
+        assert not os.path.lexists(env.upper / "target")
+
     @pytest.mark.parametrize("userxattr", [False, True])
     def test_copy_up_skips_only_the_overlays_own_xattrs(self, env, userxattr):
         """As the kernel: a lower file's xattrs of the overlay's own prefix are not copied up, those
