@@ -1,0 +1,300 @@
+"""The layer archive code's small parts in-process (cowfs.images.archive): the readers and writers an
+unpack and a save stream through, the member-name check, the progress lines and the error message.
+
+tests/test_images.py unpacks and writes whole layers; these pin what each part promises, so that a
+change no layer happens to show (a tail kept too short, a read past the peeked bytes) is caught here.
+"""
+
+import gzip
+import hashlib
+import io
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from cowfs.images import archive
+from cowfs.images.archive import (
+    ArchiveError,
+    HashingReader,
+    HashingWriter,
+    Progress,
+    ProgressFile,
+    decompressed,
+    normalise_name,
+)
+
+DATA = bytes(range(256)) * 40  # 10240 bytes, no run of equal bytes
+
+
+class Reads(io.BytesIO):
+    """A BytesIO that records the size of every read asked of it."""
+
+    def __init__(self, data):
+        super().__init__(data)
+        self.asked = []
+
+    def read(self, n=-1):
+        self.asked.append(n)
+        return super().read(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# the error
+
+def test_archive_error_names_the_archive_and_the_member():
+    e = ArchiveError("img.tar", "'..' in a member name", "a/../b")
+    assert str(e) == "img.tar: member 'a/../b': '..' in a member name"
+    assert (e.archive, e.reason, e.member) == ("img.tar", "'..' in a member name", "a/../b")
+    e = ArchiveError("img.tar", "truncated archive")
+    assert str(e) == "img.tar: truncated archive"
+    assert e.member is None
+    assert str(ArchiveError("img.tar", "bad", "")) == "img.tar: member '': bad"  # an empty name is still named
+
+
+# ---------------------------------------------------------------------------------------------
+# member names
+
+@pytest.mark.parametrize("name,rel", [
+    ("a", "a"), ("./a/b", "a/b"), ("a//b/", "a/b"), ("./", ""), (".", ""), ("a/./b/.", "a/b"), ("..a/b..", "..a/b.."),
+])
+def test_normalise_name(name, rel):
+    assert normalise_name(name, "x.tar") == rel
+
+
+@pytest.mark.parametrize("name,reason", [
+    ("/etc/passwd", "absolute path in a layer"),
+    ("a/../../b", "'..' in a member name"),
+    ("..", "'..' in a member name"),
+    ("a/b\0c", "NUL byte in a member name"),
+])
+def test_normalise_name_refuses(name, reason):
+    with pytest.raises(ArchiveError) as e:
+        normalise_name(name, "x.tar")
+    assert (e.value.archive, e.value.reason, e.value.member) == ("x.tar", reason, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading: hashing, peeking, decompressing
+
+def test_hashing_reader_counts_hashes_and_keeps_the_tail():
+    r = HashingReader(io.BytesIO(DATA))
+    assert r.read(700) == DATA[:700]
+    assert r.tail == DATA[:700]
+    assert r.read(700) == DATA[700:1400]
+    assert r.tail == DATA[1400 - 1024:1400]  # the last 1024 bytes, across reads
+    assert r.count == 1400
+    r.drain()
+    assert r.count == len(DATA)
+    assert r.tail == DATA[-1024:]
+    assert r.read(10) == b""
+    assert r.count == len(DATA) and r.tail == DATA[-1024:]
+    assert r.digest == "sha256:" + hashlib.sha256(DATA).hexdigest()
+
+
+def test_hashing_reader_drains_in_chunks(monkeypatch):
+    monkeypatch.setattr(archive, "CHUNK", 4096)
+    f = Reads(DATA)
+    r = HashingReader(f)
+    r.drain()
+    assert f.asked == [4096, 4096, 4096, 4096]
+    assert r.count == len(DATA)
+
+
+def test_hashing_reader_of_nothing():
+    r = HashingReader(io.BytesIO(b""))
+    assert r.read() == b""
+    assert (r.count, r.tail) == (0, b"")
+    assert r.digest == "sha256:" + hashlib.sha256(b"").hexdigest()
+
+
+def test_hashing_writer():
+    out = io.BytesIO()
+    w = HashingWriter(out)
+    assert w.write(b"abc") == 3
+    assert w.write(b"") == 0
+    assert w.write(b"de") == 2
+    w.flush()
+    assert out.getvalue() == b"abcde"
+    assert w.count == w.tell() == 5
+    assert w.digest == "sha256:" + hashlib.sha256(b"abcde").hexdigest()
+    nowhere = HashingWriter()
+    assert nowhere.write(b"abcde") == 5
+    nowhere.flush()
+    assert nowhere.tell() == 5 and nowhere.digest == w.digest
+
+
+def test_hashing_writer_flushes_its_file():
+    class Flushed(io.BytesIO):
+        flushes = 0
+
+        def flush(self):
+            self.flushes += 1
+    out = Flushed()
+    HashingWriter(out).flush()
+    assert out.flushes == 1
+
+
+def test_prefixed_gives_the_head_back_first():
+    rest = Reads(b"6789")
+    p = archive._Prefixed(b"012345", rest)
+    assert p.read(2) == b"01"
+    assert rest.asked == []  # served from the head alone
+    assert p.read(6) == b"234567"  # the head's end, then the rest
+    assert rest.asked == [2]
+    assert p.read(1) == b"8"
+    assert p.read(-1) == b"9"
+    assert p.read(5) == b""
+
+
+@pytest.mark.parametrize("n", [-1, None])
+def test_prefixed_reads_all(n):
+    p = archive._Prefixed(b"0123", io.BytesIO(b"456"))
+    assert p.read(n) == b"0123456"
+    assert p.read(n) == b""
+
+
+def test_prefixed_read_of_exactly_the_head():
+    rest = Reads(b"45")
+    p = archive._Prefixed(b"0123", rest)
+    assert p.read(4) == b"0123"
+    assert rest.asked == []
+    assert p.read() == b"45"
+
+
+def test_decompressed_plain():
+    f = decompressed(io.BytesIO(DATA), "x.tar")
+    assert f.read() == DATA
+    assert decompressed(io.BytesIO(b"ab"), "x.tar").read() == b"ab"  # shorter than any magic
+
+
+def test_decompressed_gzip():
+    f = decompressed(io.BytesIO(gzip.compress(DATA)), "x.tar.gz")
+    assert f.read() == DATA
+
+
+def zstd_compress(data):
+    assert shutil.which("zstd"), "make venv installs the zstd package; the test needs its command"
+    return subprocess.run(["zstd", "-q", "-c"], input=data, stdout=subprocess.PIPE, check=True).stdout
+
+
+def test_decompressed_zstd_by_the_command(monkeypatch):
+    """Without the zstandard module, the zstd command decompresses, fed from a thread."""
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # import zstandard fails
+    f = decompressed(io.BytesIO(zstd_compress(DATA) * 2), "x.tar.zst")  # two frames: both are read
+    assert isinstance(f, archive._ZstdProcess)
+    got = b""
+    while chunk := f.read(3000):
+        got += chunk
+    assert got == DATA * 2
+    assert f.read(10) == b""
+    f.close()
+    assert f.proc.returncode == 0
+
+
+def test_zstd_command_failure_is_an_eof_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    f = decompressed(io.BytesIO(zstd_compress(DATA)[:-8] + b"garbage!"), "x.tar.zst")
+    with pytest.raises(EOFError) as e:
+        while f.read(4096):
+            pass
+    assert str(e.value).startswith("zstd: ")
+    assert len(str(e.value)) > len("zstd: ")  # the command's own message
+    f.close()
+
+
+def test_zstd_command_closed_early(monkeypatch):
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    f = decompressed(io.BytesIO(zstd_compress(DATA * 100)), "x.tar.zst")
+    assert f.read(10) == DATA[:10]
+    f.close()  # the reader stops early: the process ends, the feeding thread too
+    assert f.proc.returncode is not None
+    assert not f.thread.is_alive()
+
+
+def test_zstd_missing_altogether(monkeypatch):
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    monkeypatch.setattr(archive.shutil, "which", lambda name: None)
+    with pytest.raises(ArchiveError) as e:
+        decompressed(io.BytesIO(archive.ZSTD_MAGIC + b"\0" * 20), "x.tar.zst")
+    assert str(e.value) == ("x.tar.zst: zstd-compressed, and neither the zstandard module nor the zstd command "
+                            "is installed")
+    assert archive.zstd_available() is False
+
+
+# ---------------------------------------------------------------------------------------------
+# progress
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = Clock()
+    monkeypatch.setattr(archive.time, "monotonic", c)
+    return c
+
+
+def test_progress_a_line_a_second(clock):
+    out = io.StringIO()
+    p = Progress("unpacking", total=3_000_000, stream=out)
+    assert p.interval == Progress.INTERVAL == 1.0
+    clock.now += 0.99
+    p.update(1_000_000)
+    assert out.getvalue() == ""  # too soon
+    clock.now += 0.01
+    p.update(1_500_000)
+    assert out.getvalue() == "cowfs: unpacking: 1.5MB of 3MB (50%)\n"
+    clock.now += 0.5
+    p.update(2_000_000)
+    assert out.getvalue().count("\n") == 1  # a second since the last line, not since the start
+    clock.now += 0.5
+    p.update(2_999_999)
+    assert out.getvalue().splitlines()[-1] == "cowfs: unpacking: 3MB of 3MB (99%)"
+    clock.now = 102.5
+    p.finish(3_000_000)
+    assert out.getvalue().splitlines()[-1] == "cowfs: unpacking: 3MB in 2.50 s"
+
+
+def test_progress_without_a_total(clock):
+    out = io.StringIO()
+    p = Progress("reading", stream=out)
+    clock.now += 2
+    p.update(42)
+    assert out.getvalue() == "cowfs: reading: 42B\n"
+
+
+def test_progress_silent_for_a_short_read(clock):
+    out = io.StringIO()
+    p = Progress("reading", total=10, stream=out)
+    clock.now += 0.5
+    p.update(10)
+    p.finish(10)
+    assert out.getvalue() == ""
+
+
+def test_progress_goes_to_stderr_by_default(clock, capsys):
+    p = Progress("reading", total=0)
+    clock.now += 1
+    p.update(5)
+    captured = capsys.readouterr()
+    assert captured.err == "cowfs: reading: 5B\n" and captured.out == ""  # a total of 0 is no total
+
+
+def test_progress_file_reports_its_position(clock):
+    out = io.StringIO()
+    f = ProgressFile(io.BytesIO(DATA), Progress("x", total=len(DATA), stream=out))
+    clock.now += 1
+    assert f.read(5120) == DATA[:5120]
+    assert out.getvalue() == "cowfs: x: 5.12kB of 10.2kB (50%)\n"
+    assert f.tell() == 5120
+    assert f.seek(10) == 10
+    assert f.read(2) == DATA[10:12]
+    f.close()
+    assert f.f.closed
