@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import io
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -298,3 +299,72 @@ def test_progress_file_reports_its_position(clock):
     assert f.read(2) == DATA[10:12]
     f.close()
     assert f.f.closed
+
+
+# ---------------------------------------------------------------------------------------------
+# the tar-split's records
+
+def split_file(tmp_path, body, magic=archive.SPLIT_MAGIC):
+    path = tmp_path / "tar-split.gz"
+    path.write_bytes(gzip.compress(magic + body))
+    return path
+
+
+def raw(data):
+    return b"R" + struct.pack(">I", len(data)) + data
+
+
+def file_record(size, rel):
+    return b"F" + struct.pack(">QH", size, len(rel)) + rel
+
+
+def end(length, digest=b"d" * 32):
+    return b"E" + struct.pack(">Q", length) + digest
+
+
+def records(path):
+    with open(path, "rb") as f:
+        return list(archive._split_records(f))
+
+
+def test_split_records_read_back(tmp_path):
+    path = split_file(tmp_path, raw(b"head") + file_record(7, b"a/b") + raw(b"") + end(11, b"s" * 32))
+    assert records(path) == [("raw", b"head"), ("file", 7, b"a/b"), ("raw", b""), ("end", 11, b"s" * 32)]
+    archive.check_split(path)
+
+
+@pytest.mark.parametrize("body,magic,reason", [
+    (end(0), b"cowfs-tar-split\x02", "not a cowfs tar-split"),
+    (raw(b"x") + b"X", archive.SPLIT_MAGIC, "unknown record b'X'"),
+    (raw(b"x"), archive.SPLIT_MAGIC, "truncated"),  # no end record
+    (b"R\0\0\0\x09short", archive.SPLIT_MAGIC, "truncated"),
+    (end(0)[:20], archive.SPLIT_MAGIC, "truncated"),
+    (end(0) + b"!", archive.SPLIT_MAGIC, "data after the end record"),
+    (file_record(1, b"") + end(1), archive.SPLIT_MAGIC, "bad path b''"),
+    (file_record(1, b"a//b") + end(1), archive.SPLIT_MAGIC, "bad path b'a//b'"),
+    (file_record(1, b"a/../b") + end(1), archive.SPLIT_MAGIC, "bad path b'a/../b'"),
+    (file_record(1, b"./b") + end(1), archive.SPLIT_MAGIC, "bad path b'./b'"),
+    (file_record(1, b"a\0b") + end(1), archive.SPLIT_MAGIC, "bad path b'a\\x00b'"),
+])
+def test_split_records_refused(tmp_path, body, magic, reason):
+    path = split_file(tmp_path, body, magic)
+    with pytest.raises(archive.SplitCorrupt) as e:
+        records(path)
+    assert str(e.value) == reason
+    with pytest.raises(archive.SplitCorrupt):
+        archive.check_split(path)
+
+
+def test_split_that_is_not_gzip(tmp_path):
+    path = tmp_path / "tar-split.gz"
+    path.write_bytes(b"plain bytes, no gzip")
+    with pytest.raises(archive.SplitCorrupt) as e:
+        archive.check_split(path)
+    assert str(e.value)
+
+
+def test_check_split_adds_up_the_lengths(tmp_path):
+    archive.check_split(split_file(tmp_path, raw(b"abc") + file_record(5, b"f") + raw(b"de") + end(10)))
+    with pytest.raises(archive.SplitCorrupt) as e:
+        archive.check_split(split_file(tmp_path, raw(b"abc") + file_record(5, b"f") + raw(b"de") + end(11)))
+    assert str(e.value) == "records 10 bytes, its end 11"
