@@ -8,10 +8,12 @@ change no layer happens to show (a tail kept too short, a read past the peeked b
 import gzip
 import hashlib
 import io
+import os
 import shutil
 import struct
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
@@ -24,6 +26,7 @@ from cowfs.images.archive import (
     ProgressFile,
     decompressed,
     normalise_name,
+    unpack_layer,
 )
 
 DATA = bytes(range(256)) * 40  # 10240 bytes, no run of equal bytes
@@ -368,3 +371,72 @@ def test_check_split_adds_up_the_lengths(tmp_path):
     with pytest.raises(archive.SplitCorrupt) as e:
         archive.check_split(split_file(tmp_path, raw(b"abc") + file_record(5, b"f") + raw(b"de") + end(11)))
     assert str(e.value) == "records 10 bytes, its end 11"
+
+
+# ---------------------------------------------------------------------------------------------
+# the tar given back from the tar-split and the tree
+
+def layer_tar(files):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tf.addfile(info)
+            else:
+                info.size, info.mode = len(data), 0o644
+                tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.fixture
+def unpacked(tmp_path):
+    """A layer unpacked with its tar-split: (the tar, diff/, the tar-split's path)."""
+    data = layer_tar([("d", None), ("d/a", b"A" * 3000), ("d/e", b""), ("top", b"T" * 700)])
+    diff, split = tmp_path / "diff", tmp_path / "tar-split.gz"
+    diff.mkdir()
+    unpack_layer(io.BytesIO(data), str(diff), "l.tar", split=str(split), record=False)
+    return data, diff, split
+
+
+def test_the_tar_given_back_byte_for_byte(unpacked):
+    data, diff, split = unpacked
+    out = io.BytesIO()
+    assert archive.write_split_layer(str(diff), str(split), out) == (
+        "sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+    assert out.getvalue() == data
+    assert split.stat().st_size < 3000  # the files' data is in diff/, not in the tar-split
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda diff: os.unlink(diff / "d/a"), "d/a is missing from its tree"),
+    (lambda diff: (os.unlink(diff / "d/a"), os.symlink("../top", diff / "d/a")),
+     "d/a (or a directory above it) is a symlink or not what was imported"),
+    (lambda diff: (os.rename(diff / "d", diff / "d2"), os.symlink("d2", diff / "d")),
+     "d/a (or a directory above it) is a symlink or not what was imported"),
+    (lambda diff: (os.unlink(diff / "d/a"), os.mkfifo(diff / "d/a")),
+     "d/a in its tree is not a regular file (changed since it was imported)"),
+    (lambda diff: (diff / "d/a").write_bytes(b"short"), "d/a in its tree holds 5 bytes, 3000 when imported"),
+])
+def test_the_tar_is_not_given_back_from_a_changed_tree(unpacked, change, message):
+    _, diff, split = unpacked
+    change(diff)
+    with pytest.raises(archive.SplitMismatch) as e:
+        archive.write_split_layer(str(diff), str(split), io.BytesIO())
+    assert str(e.value) == message
+
+
+def test_the_tar_is_not_given_back_from_changed_bytes(unpacked):
+    _, diff, split = unpacked
+    (diff / "top").write_bytes(b"t" * 700)
+    with pytest.raises(archive.SplitMismatch) as e:
+        archive.write_split_layer(str(diff), str(split), io.BytesIO())
+    assert str(e.value).startswith("its tree gives a tar of sha256:")
+    assert str(e.value).endswith(", not the one imported (changed since)")
+
+
+def test_no_tar_split_to_give_back(tmp_path):
+    with pytest.raises(archive.SplitCorrupt) as e:
+        archive.write_split_layer(str(tmp_path), str(tmp_path / "none.gz"), io.BytesIO())
+    assert str(e.value) == "tar-split.gz: No such file or directory"
