@@ -10,6 +10,7 @@ import hashlib
 import io
 import os
 import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -440,3 +441,74 @@ def test_no_tar_split_to_give_back(tmp_path):
     with pytest.raises(archive.SplitCorrupt) as e:
         archive.write_split_layer(str(tmp_path), str(tmp_path / "none.gz"), io.BytesIO())
     assert str(e.value) == "tar-split.gz: No such file or directory"
+
+
+# ---------------------------------------------------------------------------------------------
+# writing an upper as a layer tar
+
+def members(data):
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        return {m.name: m for m in tf.getmembers()}
+
+
+def test_write_layer_member_by_member(tmp_path):
+    upper = tmp_path / "upper"
+    (upper / "d/sub").mkdir(parents=True)
+    os.chmod(upper / "d", 0o751)
+    os.chown(upper / "d", 11, 12)
+    f = upper / "d/f"
+    f.write_bytes(b"data")
+    os.chown(f, 21, 22)
+    os.chmod(f, 0o4640)  # after chown, which drops set-id bits
+    os.setxattr(f, "user.note", b"hi")
+    os.setxattr(f, "trusted.kept", b"t")
+    os.setxattr(f, "trusted.overlay.origin", b"never")
+    os.setxattr(f, "user.overlay.x", b"never")
+    os.link(f, upper / "d/hard")
+    os.symlink("/elsewhere", upper / "d/link")
+    os.mkfifo(upper / "d/fifo")
+    os.chmod(upper / "d/fifo", 0o620)
+    os.mknod(upper / "d/dev", stat.S_IFCHR | 0o600, os.makedev(4, 5))
+    os.mknod(upper / "d/blk", stat.S_IFBLK | 0o600, os.makedev(7, 1))
+    os.mknod(upper / "d/sock", stat.S_IFSOCK | 0o600)
+    os.mknod(upper / "d/sub/gone", stat.S_IFCHR, os.makedev(0, 0))
+    os.chown(upper / "d/sub/gone", 31, 32, follow_symlinks=False)
+    os.setxattr(upper / "d/sub", "trusted.overlay.opaque", b"y")
+    os.chmod(upper / "d/sub", 0o705)
+    for path in upper.rglob("*"):
+        os.utime(path, (5000, 5000), follow_symlinks=False)
+    os.utime(f, (9000, 9000))
+    out = io.BytesIO()
+    digest, size = archive.write_layer(str(upper), out, clamp_mtime=6000)
+    data = out.getvalue()
+    assert (digest, size) == ("sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+    m = members(data)
+    assert list(m) == ["d", "d/blk", "d/dev", "d/f", "d/fifo", "d/hard", "d/link", "d/sub", "d/sub/.wh..wh..opq",
+                       "d/sub/.wh.gone"]  # sorted, the socket left out, each directory's markers after it
+    assert (m["d"].type, m["d"].mode, m["d"].uid, m["d"].gid) == (tarfile.DIRTYPE, 0o751, 11, 12)
+    file = m["d/f"]
+    assert (file.type, file.mode, file.uid, file.gid, file.size) == (tarfile.REGTYPE, 0o4640, 21, 22, 4)
+    assert file.mtime == 6000  # clamped
+    assert m["d"].mtime == 5000  # under the clamp: as it is
+    assert (file.uname, file.gname) == ("", "")
+    assert {k: v for k, v in file.pax_headers.items() if k.startswith("SCHILY.")} == {
+        "SCHILY.xattr.trusted.kept": "t", "SCHILY.xattr.user.note": "hi"}
+    assert (m["d/hard"].type, m["d/hard"].linkname) == (tarfile.LNKTYPE, "d/f")
+    assert not [k for k in m["d/hard"].pax_headers if k.startswith("SCHILY.")]
+    assert (m["d/link"].type, m["d/link"].linkname) == (tarfile.SYMTYPE, "/elsewhere")
+    assert (m["d/fifo"].type, m["d/fifo"].mode) == (tarfile.FIFOTYPE, 0o620)
+    assert (m["d/dev"].type, m["d/dev"].devmajor, m["d/dev"].devminor) == (tarfile.CHRTYPE, 4, 5)
+    assert (m["d/blk"].type, m["d/blk"].devmajor, m["d/blk"].devminor) == (tarfile.BLKTYPE, 7, 1)
+    opq, wh = m["d/sub/.wh..wh..opq"], m["d/sub/.wh.gone"]
+    assert (opq.type, opq.mode, opq.mtime, opq.size) == (tarfile.REGTYPE, 0o705, 0, 0)  # its directory's mode
+    assert (wh.type, wh.mode, wh.mtime, wh.uid, wh.gid) == (tarfile.REGTYPE, 0o600, 0, 31, 32)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        assert tf.extractfile("d/f").read() == b"data"
+    # the same upper, the same bytes
+    again = io.BytesIO()
+    archive.write_layer(str(upper), again, clamp_mtime=6000)
+    assert again.getvalue() == data
+    # without a clamp, the file's own time
+    unclamped = io.BytesIO()
+    archive.write_layer(str(upper), unclamped)
+    assert members(unclamped.getvalue())["d/f"].mtime == 9000
