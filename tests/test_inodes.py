@@ -8,6 +8,7 @@ go), and the move generation that tells a request its path may be stale.
 """
 
 import errno
+import os
 import stat
 import threading
 import time
@@ -75,7 +76,7 @@ def test_root_is_node_one_and_never_forgotten(table):
 def test_unknown_node_id_is_stale(table):
     with pytest.raises(OSError) as e:
         table.get(2)
-    assert e.value.errno == errno.ESTALE
+    assert (e.value.errno, e.value.strerror) == (errno.ESTALE, os.strerror(errno.ESTALE))
     table.forget_id(99, 1)  # a forget of an id never given (or already forgotten) is no error
     assert len(table) == 1
 
@@ -89,6 +90,14 @@ def test_new_objects_get_new_ids_from_two(table):
     assert table.get(a.id) is a and table.get(b.id) is b and table.get(c.id) is c
     assert len(table) == 4
     assert a.nlookup == b.nlookup == c.nlookup == 1
+
+
+def test_inodes_of_one_type_share_one_kind_object(table):
+    """A table may hold millions of inodes: each keeps its type as the one int of that type, not its own."""
+    a = table.found(table.root, "a", attrs(10))
+    b = table.found(table.root, "b", attrs(11))
+    assert a.kind == b.kind == REG
+    assert a.kind is b.kind
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +197,8 @@ def test_paths_are_built_from_the_names(table):
     assert table.at_path("/a/b/c/d") is None  # below a file: nothing
     assert table.at_path("/x/b") is None
     assert table.at_path("/b") is None
+    odd = table.found(b, "XcX", attrs(5))
+    assert table.at_path("/a/b/XcX") is odd  # only slashes are trimmed
 
 
 def test_no_path_once_a_directory_on_the_way_is_removed(table):
@@ -198,7 +209,7 @@ def test_no_path_once_a_directory_on_the_way_is_removed(table):
     assert table.path(f) is None
     with pytest.raises(OSError) as e:
         table.child_path(d, "x")
-    assert e.value.errno == errno.ENOENT
+    assert (e.value.errno, e.value.strerror) == (errno.ENOENT, os.strerror(errno.ENOENT))
     assert table.at_path("/d") is None
     assert table.at_path("/d/f") is None
 
@@ -425,6 +436,14 @@ def test_a_rename_of_an_unknown_name_onto_a_known_one(table):
     assert not gone(table, t)
 
 
+def test_a_rename_between_directories_with_no_known_names(table):
+    d = table.found(table.root, "d", attrs(2, DIR))
+    e = table.found(table.root, "e", attrs(3, DIR))
+    table.renamed(d, "x", e, "y")
+    assert d.kids is None and e.kids is None
+    assert table.at_path("/d") is d and table.at_path("/e") is e
+
+
 def test_a_rename_onto_an_unknown_name(table):
     a = table.found(table.root, "a", attrs(10))
     d = table.found(table.root, "d", attrs(2, DIR))
@@ -601,3 +620,18 @@ def test_settled_gives_up_after_the_timeout(table):
     thread.join()
     assert 0.15 < waited < 5
     assert table.settled(generation, 0.2) is True
+
+
+def test_settled_during_its_own_move_waits_for_anothers(table):
+    """A thread moving names itself still waits for another thread's move (only its own never counts)."""
+    release = threading.Event()
+    thread = moving_in_thread(table, release)
+    timer = threading.Timer(0.3, release.set)
+    with table.moving_names():
+        generation = table.generation
+        start = time.monotonic()
+        timer.start()
+        assert table.settled(generation, 20) is True
+        waited = time.monotonic() - start
+    thread.join()
+    assert 0.2 < waited < 8
