@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import types
 
 import pytest
 
@@ -218,6 +219,14 @@ def test_zstd_command_closed_early(monkeypatch):
     assert not f.thread.is_alive()
 
 
+def test_zstd_available(monkeypatch):
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    assert archive.zstd_available() is bool(shutil.which("zstd")) is True  # make venv installs the command
+    monkeypatch.setitem(sys.modules, "zstandard", types.ModuleType("zstandard"))
+    monkeypatch.setattr(archive.shutil, "which", lambda name: None)
+    assert archive.zstd_available() is True  # the module alone will do
+
+
 def test_zstd_missing_altogether(monkeypatch):
     monkeypatch.setitem(sys.modules, "zstandard", None)
     monkeypatch.setattr(archive.shutil, "which", lambda name: None)
@@ -273,6 +282,30 @@ def test_progress_without_a_total(clock):
     clock.now += 2
     p.update(42)
     assert out.getvalue() == "cowfs: reading: 42B\n"
+
+
+def test_progress_of_a_one_byte_total(clock):
+    out = io.StringIO()
+    p = Progress("reading", total=1, stream=out)
+    clock.now += 1
+    p.update(1)
+    assert out.getvalue() == "cowfs: reading: 1B of 1B (100%)\n"
+
+
+def test_progress_lines_are_flushed(clock):
+    """stderr may be a pipe, block-buffered: each line goes out when it is printed."""
+    class Stream(io.StringIO):
+        flushed = ""
+
+        def flush(self):
+            self.flushed = self.getvalue()
+    out = Stream()
+    p = Progress("reading", total=10, stream=out)
+    clock.now += 1
+    p.update(5)
+    assert out.flushed == "cowfs: reading: 5B of 10B (50%)\n"
+    p.finish(10)
+    assert out.flushed.endswith("cowfs: reading: 10B in 1.00 s\n")
 
 
 def test_progress_silent_for_a_short_read(clock):
@@ -364,7 +397,7 @@ def test_split_that_is_not_gzip(tmp_path):
     path.write_bytes(b"plain bytes, no gzip")
     with pytest.raises(archive.SplitCorrupt) as e:
         archive.check_split(path)
-    assert str(e.value)
+    assert str(e.value) == "Not a gzipped file (b'pl')"
 
 
 def test_check_split_adds_up_the_lengths(tmp_path):
@@ -431,10 +464,11 @@ def test_the_tar_is_not_given_back_from_a_changed_tree(unpacked, change, message
 def test_the_tar_is_not_given_back_from_changed_bytes(unpacked):
     _, diff, split = unpacked
     (diff / "top").write_bytes(b"t" * 700)
+    out = io.BytesIO()
     with pytest.raises(archive.SplitMismatch) as e:
-        archive.write_split_layer(str(diff), str(split), io.BytesIO())
-    assert str(e.value).startswith("its tree gives a tar of sha256:")
-    assert str(e.value).endswith(", not the one imported (changed since)")
+        archive.write_split_layer(str(diff), str(split), out)
+    given = hashlib.sha256(out.getvalue()).hexdigest()
+    assert str(e.value) == f"its tree gives a tar of sha256:{given[:12]}, not the one imported (changed since)"
 
 
 def test_no_tar_split_to_give_back(tmp_path):
@@ -502,6 +536,7 @@ def test_write_layer_member_by_member(tmp_path):
     opq, wh = m["d/sub/.wh..wh..opq"], m["d/sub/.wh.gone"]
     assert (opq.type, opq.mode, opq.mtime, opq.size) == (tarfile.REGTYPE, 0o705, 0, 0)  # its directory's mode
     assert (wh.type, wh.mode, wh.mtime, wh.uid, wh.gid) == (tarfile.REGTYPE, 0o600, 0, 31, 32)
+    assert (wh.uname, wh.gname, opq.uname, opq.gname) == ("", "", "", "")
     with tarfile.open(fileobj=io.BytesIO(data)) as tf:
         assert tf.extractfile("d/f").read() == b"data"
     # the same upper, the same bytes
@@ -512,3 +547,63 @@ def test_write_layer_member_by_member(tmp_path):
     unclamped = io.BytesIO()
     archive.write_layer(str(upper), unclamped)
     assert members(unclamped.getvalue())["d/f"].mtime == 9000
+
+
+def test_write_changes_as_dockers_naive_diff(tmp_path):
+    """Each added or changed path as the merged view shows it, each deleted one a `.wh.` entry of mode 0,
+    in path order whatever the order given; no opaque markers."""
+    from cowfs.overlay.lookup import Layers
+    from cowfs.overlay.stack import Stack
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    (lower / "d").mkdir(parents=True)
+    (lower / "d/f").write_bytes(b"old")
+    (lower / "d/gone").write_bytes(b"")
+    (lower / "x").write_bytes(b"")
+    (upper / "d").mkdir(parents=True)
+    (upper / "d/f").write_bytes(b"changed")
+    os.chmod(upper / "d/f", 0o640)
+    (upper / "new").write_bytes(b"n")
+    for path in (upper / "d/f", upper / "new"):
+        os.utime(path, (9000, 9000))
+    merged = Layers(Stack(lowers=[str(lower)], upper=str(upper)))
+    out = io.BytesIO()
+    digest, size = archive.write_changes(merged, [("A", "/new"), ("D", "/x"), ("C", "/d/f"), ("D", "/d/gone")],
+                                         out, clamp_mtime=6000)
+    data = out.getvalue()
+    assert (digest, size) == ("sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+    m = members(data)
+    assert list(m) == ["d/f", "d/.wh.gone", "new", ".wh.x"]  # by merged path: /d/f, /d/gone, /new, /x
+    for name in ("d/.wh.gone", ".wh.x"):
+        wh = m[name]
+        assert (wh.type, wh.mode, wh.uid, wh.gid, wh.mtime, wh.size) == (tarfile.REGTYPE, 0, 0, 0, 0, 0)
+    f = m["d/f"]
+    assert (f.type, f.mode, f.size, f.mtime) == (tarfile.REGTYPE, 0o640, 7, 6000)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        assert tf.extractfile("d/f").read() == b"changed"
+        assert tf.extractfile("new").read() == b"n"
+
+
+def test_write_layer_of_recorded_attributes(tmp_path):
+    """A recorded object is written as its record says, its other xattrs kept; a record of a type the
+    object cannot be (a directory recorded as a file) is ignored, as a mount ignores it."""
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    f = upper / "f"
+    f.write_bytes(b"x")
+    os.setxattr(f, "user.containers.override_stat", b"5:6:4755:file")
+    os.setxattr(f, "user.zz", b"kept")
+    os.setxattr(f, "user.aa", b"kept too")
+    (upper / "dir").mkdir()
+    os.chmod(upper / "dir", 0o711)
+    os.setxattr(upper / "dir", "user.containers.override_stat", b"7:8:0700:file")
+    m = members(_written(upper))
+    assert (m["f"].type, m["f"].uid, m["f"].gid, m["f"].mode) == (tarfile.REGTYPE, 5, 6, 0o4755)
+    assert {k: v for k, v in m["f"].pax_headers.items() if k.startswith("SCHILY.")} == {
+        "SCHILY.xattr.user.aa": "kept too", "SCHILY.xattr.user.zz": "kept"}
+    assert (m["dir"].type, m["dir"].uid, m["dir"].mode) == (tarfile.DIRTYPE, 0, 0o711)
+
+
+def _written(upper, **options):
+    out = io.BytesIO()
+    archive.write_layer(str(upper), out, **options)
+    return out.getvalue()
