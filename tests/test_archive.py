@@ -607,3 +607,15 @@ def _written(upper, **options):
     out = io.BytesIO()
     archive.write_layer(str(upper), out, **options)
     return out.getvalue()
+
+
+def test_write_layer_expands_a_redirected_directory_in_name_order(tmp_path):
+    """A redirected directory is written whole, from every layer, its entries by name (not upper first)."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    (lower / "src").mkdir(parents=True)
+    (lower / "src/a").write_bytes(b"a")
+    (upper / "dst").mkdir(parents=True)
+    os.setxattr(upper / "dst", "trusted.overlay.redirect", b"/src")
+    (upper / "dst/z").write_bytes(b"z")
+    m = members(_written(upper, lowers=[str(lower)]))
+    assert list(m) == ["dst", "dst/.wh..wh..opq", "dst/a", "dst/z"]
