@@ -619,3 +619,21 @@ def test_write_layer_expands_a_redirected_directory_in_name_order(tmp_path):
     (upper / "dst/z").write_bytes(b"z")
     m = members(_written(upper, lowers=[str(lower)]))
     assert list(m) == ["dst", "dst/.wh..wh..opq", "dst/a", "dst/z"]
+
+
+def test_write_layer_reads_a_metadata_only_copys_data_below(tmp_path):
+    """metacopy: a copy holding only metadata, in a redirected directory too, is written with the data of
+    the lower file it stands for."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    (lower / "src").mkdir(parents=True)
+    (lower / "src/f").write_bytes(b"data")
+    (lower / "g").write_bytes(b"gggg")
+    (upper / "dst").mkdir(parents=True)
+    os.setxattr(upper / "dst", "trusted.overlay.redirect", b"/src")
+    for copy in (upper / "dst/f", upper / "g"):
+        with open(copy, "wb") as f:
+            f.truncate(4)  # as large as its data, all hole
+        os.setxattr(copy, "trusted.overlay.metacopy", b"")
+    with tarfile.open(fileobj=io.BytesIO(_written(upper, lowers=[str(lower)]))) as tf:
+        assert tf.extractfile("dst/f").read() == b"data"
+        assert tf.extractfile("g").read() == b"gggg"
