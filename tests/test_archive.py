@@ -610,7 +610,8 @@ def _written(upper, **options):
 
 
 def test_write_layer_expands_a_redirected_directory_in_name_order(tmp_path):
-    """A redirected directory is written whole, from every layer, its entries by name (not upper first)."""
+    """A redirected directory is written whole, from every layer, its entries by name (not upper first);
+    without its lower layers it cannot be."""
     lower, upper = tmp_path / "lower", tmp_path / "upper"
     (lower / "src").mkdir(parents=True)
     (lower / "src/a").write_bytes(b"a")
@@ -619,6 +620,16 @@ def test_write_layer_expands_a_redirected_directory_in_name_order(tmp_path):
     (upper / "dst/z").write_bytes(b"z")
     m = members(_written(upper, lowers=[str(lower)]))
     assert list(m) == ["dst", "dst/.wh..wh..opq", "dst/a", "dst/z"]
+    with pytest.raises(ArchiveError) as e:
+        _written(upper)
+    assert str(e.value) == f"{upper}: has a redirected directory: give its lower layers (--lower) to expand it"
+
+
+def test_write_layer_of_names_not_in_ascii(tmp_path):
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    (upper / "caf\u00e9").write_bytes(b"x")
+    assert list(members(_written(upper))) == ["caf\u00e9"]
 
 
 def test_write_layer_reads_a_metadata_only_copys_data_below(tmp_path):
