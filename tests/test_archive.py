@@ -648,3 +648,76 @@ def test_write_layer_reads_a_metadata_only_copys_data_below(tmp_path):
     with tarfile.open(fileobj=io.BytesIO(_written(upper, lowers=[str(lower)]))) as tf:
         assert tf.extractfile("dst/f").read() == b"data"
         assert tf.extractfile("g").read() == b"gggg"
+
+
+def test_a_metadata_only_copy_needs_its_lowers(tmp_path):
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    (upper / "f").write_bytes(b"")
+    os.setxattr(upper / "f", "trusted.overlay.metacopy", b"")
+    with pytest.raises(ArchiveError) as e:
+        _written(upper)
+    assert str(e.value) == (f"{upper / 'f'}: is a metadata-only copy (metacopy): give the lower layers (--lower) "
+                            "that hold its data")
+
+
+# ---------------------------------------------------------------------------------------------
+# recording a tar-split while reading
+
+def recorded(tmp_path, monkeypatch, steps, window=16):
+    """Run a _SplitRecorder over 200 bytes with a `window`-byte window: `steps` are ("read", n) and
+    ("ref", offset, size, rel); returns the records written, or None when none were."""
+    monkeypatch.setattr(archive._SplitRecorder, "WINDOW", window)
+    data = bytes(range(200))
+    path = tmp_path / "tar-split.gz"
+    r = archive._SplitRecorder(io.BytesIO(data), str(path))
+    for step in steps:
+        if step[0] == "read":
+            r.read(step[1])
+        else:
+            r.reference(*step[1:])
+    while r.read(7):
+        pass
+    r.finish(hashlib.sha256(data).digest())
+    r.close()
+    return records(path) if path.exists() else None
+
+
+def test_split_recorder_leaves_referenced_data_out(tmp_path, monkeypatch):
+    got = recorded(tmp_path, monkeypatch, [("ref", 50, 30, "a"), ("read", 10), ("ref", 120, 5, "b/c")])
+    data = bytes(range(200))
+    joined = []  # raw records are cut where the window was written out: join them
+    for rec in got:
+        if rec[0] == "raw" and joined and joined[-1][0] == "raw":
+            joined[-1] = ("raw", joined[-1][1] + rec[1])
+        else:
+            joined.append(rec)
+    assert joined == [("raw", data[:50]), ("file", 30, b"a"), ("raw", data[80:120]), ("file", 5, b"b/c"),
+                      ("raw", data[125:]), ("end", 200, hashlib.sha256(data).digest())]
+
+
+def test_split_recorder_writes_raw_records_of_at_most_a_mebibyte(tmp_path, monkeypatch):
+    monkeypatch.setattr(archive, "_SPLIT_RAW_MAX", 64)
+    got = recorded(tmp_path, monkeypatch, [], window=1000)  # all written at the end, in one go
+    assert [len(rec[1]) for rec in got if rec[0] == "raw"] == [64, 64, 64, 8]
+
+
+@pytest.mark.parametrize("steps", [
+    [("read", 100), ("ref", 10, 5, "late")],  # its bytes already written as raw ones
+    [("ref", 50, 30, "a"), ("ref", 60, 5, "overlaps")],
+    [("ref", 50, 30, "a"), ("ref", 40, 5, "before")],
+])
+def test_split_recorder_gives_up_rather_than_record_wrongly(tmp_path, monkeypatch, steps):
+    assert recorded(tmp_path, monkeypatch, steps) is None
+    assert not (tmp_path / "tar-split.gz").exists()
+
+
+def test_split_recorder_keeps_at_most_two_windows(tmp_path, monkeypatch):
+    monkeypatch.setattr(archive._SplitRecorder, "WINDOW", 16)
+    r = archive._SplitRecorder(io.BytesIO(bytes(200)), str(tmp_path / "s.gz"))
+    for _ in range(20):
+        r.read(5)
+        assert len(r.pending) <= 32 and r.pos - r.done == len(r.pending)
+    assert r.done >= 200 - 32  # written out as it goes
+    r.close()
+    assert not (tmp_path / "s.gz").exists()  # not finished: dropped
