@@ -721,3 +721,15 @@ def test_split_recorder_keeps_at_most_two_windows(tmp_path, monkeypatch):
     assert r.pos == 100 and r.done >= r.pos - 32  # written out as it goes
     r.close()
     assert not (tmp_path / "s.gz").exists()  # not finished: dropped
+
+
+def test_write_layer_links_each_name_to_its_own_inode(tmp_path):
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    for name in ("a", "b"):
+        (upper / name).write_bytes(name.encode())
+        os.link(upper / name, upper / (name + "2"))
+    m = members(_written(upper))
+    assert [(n, m[n].type, m[n].linkname) for n in m] == [
+        ("a", tarfile.REGTYPE, ""), ("a2", tarfile.LNKTYPE, "a"), ("b", tarfile.REGTYPE, ""),
+        ("b2", tarfile.LNKTYPE, "b")]
