@@ -733,3 +733,13 @@ def test_write_layer_links_each_name_to_its_own_inode(tmp_path):
     assert [(n, m[n].type, m[n].linkname) for n in m] == [
         ("a", tarfile.REGTYPE, ""), ("a2", tarfile.LNKTYPE, "a"), ("b", tarfile.REGTYPE, ""),
         ("b2", tarfile.LNKTYPE, "b")]
+
+
+def test_write_layer_keeps_a_file_capability(tmp_path):
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    (upper / "ping").write_bytes(b"x")
+    cap = struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0)  # revision 2, effective; cap_net_raw permitted
+    os.setxattr(upper / "ping", "security.capability", cap)
+    headers = members(_written(upper))["ping"].pax_headers
+    assert headers["SCHILY.xattr.security.capability"].encode("utf-8", "surrogateescape") == cap
