@@ -96,7 +96,7 @@ fuzz-fsx: venv
 	COWFS_FSX_EXAMPLES=$(FSX_EXAMPLES) $(VENV)/bin/python -m pytest -q tests/test_fileops.py -k fsx
 # Mutation testing, a habit rather than a gate (`make test` never runs it): mutmut 3 changes the code of
 # the modules setup.cfg's [mutmut] names one small change at a time and runs the in-process tests that
-# reach it (tests/test_engine.py); a change no test notices survives.  mutmut goes into .venv here, on
+# reach it (setup.cfg lists them); a change no test notices survives.  mutmut goes into .venv here, on
 # first use, not into the test extra: nothing else needs it.  MUTATE takes mutmut's name globs, for a
 # part: make mutate MUTATE="cowfs.overlay.whiteout* cowfs.overlay.copyup*".  Results are kept in mutants/
 # (a second run only checks what changed); rm -rf mutants for a fresh one.

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from cowfs.errors import StackError
-from cowfs.overlay import copyup
+from cowfs.overlay import copyup, lookup
 from cowfs.overlay import whiteout as whiteout_module
 from cowfs.overlay.stack import Stack, check
 from cowfs.overlay.union import Caller, Union
@@ -1490,6 +1490,19 @@ class TestRename:
         assert read_all(u, "/q/b/f") == b"x"
         assert names(u, "/p") == []
 
+    def test_a_lower_directorys_own_redirect_is_not_carried_up(self, env):
+        """A directory redirected in a lower layer (one that was an upper), renamed beside itself: as the
+        kernel, the copy names it by its lower name, whose lookup follows the lower redirect on."""
+        top, bottom = env.lower(), env.lower()
+        put(top, "a/one", b"1")
+        os.setxattr(top / "a", TRUSTED + "redirect", b"/orig")
+        put(bottom, "orig/two", b"2")
+        u = env.union(redirect_dir="on")
+        assert names(u, "/a") == ["one", "two"]
+        u.rename("/a", "/b")
+        assert xattr(env.upper / "b", TRUSTED + "redirect") == b"a"
+        assert names(u, "/b") == ["one", "two"]
+
     def test_second_rename_in_same_parent_keeps_original_redirect(self, env):
         low = env.lower()
         put(low, "a/f", b"x")
@@ -1781,17 +1794,25 @@ class TestPathsPastPathMax:
             os.close(parent)
         with open(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as f:
             f.write(b"x")
+        with open(os.open("f2", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as f:
+            f.write(b"2")
         os.close(fd)
         u = env.union()
         assert read_all(u, bottom + "/f") == b"x"
-        assert u.layers._dir_fds.get(1), "no descriptor of a lower directory was used"
+        heads = u.layers._dir_fds.get(1)
+        assert heads, "no descriptor of a lower directory was used"
+        # one head, cut at the chunk boundary: the paths below it share one descriptor
+        assert len(heads) == 1 and all(len(head) < lookup.PATH_CHUNK for head in heads), heads
+        open_fds = len(os.listdir("/proc/self/fd"))
+        assert read_all(u, bottom + "/f2") == b"2"
+        assert len(os.listdir("/proc/self/fd")) == open_fds  # the head's descriptor is reused, not opened again
         write_at(u, bottom + "/f", b"y", 1)  # copies up 15 directories, then the file
         assert read_all(u, bottom + "/f") == b"xy"
         u.rename(bottom + "/f", bottom + "/g")
         assert 0 not in u.layers._dir_fds  # the upper's descriptors retired with the change
-        assert names(u, bottom) == ["g"] and read_all(u, bottom + "/g") == b"xy"
+        assert names(u, bottom) == ["f2", "g"] and read_all(u, bottom + "/g") == b"xy"
         u.unlink(bottom + "/g")
-        assert names(u, bottom) == []
+        assert names(u, bottom) == ["f2"]
 
 
 class TestInodeNumbers:
@@ -2019,6 +2040,37 @@ class TestXattrs:
         create(u, "/d/new")
         assert names(u, "/d") == ["new", "shown"]
         assert not [n for n in u.listxattr("/d") if n.startswith(TRUSTED)]
+
+    def test_copy_up_of_a_symlink_keeps_its_own_xattrs(self, env):
+        """Read from the symlink and set on its copy, never through it (as the kernel's copy-up)."""
+        low = env.lower()
+        target = put(low, "target", b"t")
+        os.setxattr(target, "trusted.t", b"T")
+        os.symlink("target", low / "link")
+        os.setxattr(low / "link", "trusted.l", b"L", follow_symlinks=False)
+        u = env.union()
+        u.chown("/link", 1234, 1234)
+        assert os.readlink(env.upper / "link") == "target"
+        assert xattr(env.upper / "link", "trusted.l") == b"L"
+        assert xattr(env.upper / "link", "trusted.t") is None
+        assert not os.path.lexists(env.upper / "target")
+
+    @pytest.mark.parametrize("userxattr", [False, True])
+    def test_copy_up_skips_only_the_overlays_own_xattrs(self, env, userxattr):
+        """As the kernel: a lower file's xattrs of the overlay's own prefix are not copied up, those
+        after them are; under userxattr, trusted.overlay.* is an ordinary name and goes up too."""
+        low = env.lower()
+        f = put(low, "f", b"x")
+        own, other = (USER, TRUSTED) if userxattr else (TRUSTED, USER)
+        os.setxattr(f, own + "keep", b"1")  # listed first (ext4 and tmpfs list in the order set)
+        os.setxattr(f, other + "keep", b"2")
+        os.setxattr(f, "user.a", b"3")
+        u = env.union(userxattr=userxattr)
+        u.setxattr("/f", "user.c", b"4")
+        assert xattr(env.upper / "f", own + "keep") is None
+        assert xattr(env.upper / "f", other + "keep") == b"2"
+        assert xattr(env.upper / "f", "user.a") == b"3"
+        assert xattr(env.upper / "f", "user.c") == b"4"
 
 
 # =============================================================================================
@@ -2485,6 +2537,21 @@ class TestRedirectsReadBack:
         u = written.union(redirect_dir="nofollow")
         assert names(u, "/") == ["b", "d", "e"]
         assert errno_of(u.getattr, "/b") == errno.EPERM
+
+    def test_nofollow_reads_impure_of_the_directory_listed(self, env):
+        """A merged subdirectory that is impure leaves its refused entry out, whatever the root is."""
+        low = env.lower()
+        put(low, "c/g", b"g")
+        put(low, "e/h", b"h")
+        u = env.union(redirect_dir="on")
+        u.rename("/c", "/e/c3")
+        env.close()
+        assert xattr(env.upper / "e", TRUSTED + "impure") == b"y"
+        os.removexattr(env.upper, TRUSTED + "impure")
+        u = env.union(redirect_dir="nofollow")
+        assert names(u, "/") == ["e"]
+        assert names(u, "/e") == ["h"]
+        assert errno_of(u.getattr, "/e/c3") == errno.EPERM
 
     def test_copy_up_and_moves_mark_their_parents_impure(self, written):
         assert xattr(written.upper, TRUSTED + "impure") == b"y"

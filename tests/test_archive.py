@@ -1,0 +1,745 @@
+"""The layer archive code's small parts in-process (cowfs.images.archive): the readers and writers an
+unpack and a save stream through, the member-name check, the progress lines and the error message.
+
+tests/test_images.py unpacks and writes whole layers; these pin what each part promises, so that a
+change no layer happens to show (a tail kept too short, a read past the peeked bytes) is caught here.
+"""
+
+import gzip
+import hashlib
+import io
+import os
+import shutil
+import stat
+import struct
+import subprocess
+import sys
+import tarfile
+import types
+
+import pytest
+
+from cowfs.images import archive
+from cowfs.images.archive import (
+    ArchiveError,
+    HashingReader,
+    HashingWriter,
+    Progress,
+    ProgressFile,
+    decompressed,
+    normalise_name,
+    unpack_layer,
+)
+
+DATA = bytes(range(256)) * 40  # 10240 bytes, no run of equal bytes
+
+
+class Reads(io.BytesIO):
+    """A BytesIO that records the size of every read asked of it."""
+
+    def __init__(self, data):
+        super().__init__(data)
+        self.asked = []
+
+    def read(self, n=-1):
+        self.asked.append(n)
+        return super().read(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# the error
+
+def test_archive_error_names_the_archive_and_the_member():
+    e = ArchiveError("img.tar", "'..' in a member name", "a/../b")
+    assert str(e) == "img.tar: member 'a/../b': '..' in a member name"
+    assert (e.archive, e.reason, e.member) == ("img.tar", "'..' in a member name", "a/../b")
+    e = ArchiveError("img.tar", "truncated archive")
+    assert str(e) == "img.tar: truncated archive"
+    assert e.member is None
+    assert str(ArchiveError("img.tar", "bad", "")) == "img.tar: member '': bad"  # an empty name is still named
+
+
+# ---------------------------------------------------------------------------------------------
+# member names
+
+@pytest.mark.parametrize("name,rel", [
+    ("a", "a"), ("./a/b", "a/b"), ("a//b/", "a/b"), ("./", ""), (".", ""), ("a/./b/.", "a/b"), ("..a/b..", "..a/b.."),
+])
+def test_normalise_name(name, rel):
+    assert normalise_name(name, "x.tar") == rel
+
+
+@pytest.mark.parametrize("name,reason", [
+    ("/etc/passwd", "absolute path in a layer"),
+    ("a/../../b", "'..' in a member name"),
+    ("..", "'..' in a member name"),
+    ("a/b\0c", "NUL byte in a member name"),
+])
+def test_normalise_name_refuses(name, reason):
+    with pytest.raises(ArchiveError) as e:
+        normalise_name(name, "x.tar")
+    assert (e.value.archive, e.value.reason, e.value.member) == ("x.tar", reason, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading: hashing, peeking, decompressing
+
+def test_hashing_reader_counts_hashes_and_keeps_the_tail():
+    r = HashingReader(io.BytesIO(DATA))
+    assert r.read(700) == DATA[:700]
+    assert r.tail == DATA[:700]
+    assert r.read(700) == DATA[700:1400]
+    assert r.tail == DATA[1400 - 1024:1400]  # the last 1024 bytes, across reads
+    assert r.count == 1400
+    r.drain()
+    assert r.count == len(DATA)
+    assert r.tail == DATA[-1024:]
+    assert r.read(10) == b""
+    assert r.count == len(DATA) and r.tail == DATA[-1024:]
+    assert r.digest == "sha256:" + hashlib.sha256(DATA).hexdigest()
+
+
+def test_hashing_reader_drains_in_chunks(monkeypatch):
+    monkeypatch.setattr(archive, "CHUNK", 4096)
+    f = Reads(DATA)
+    r = HashingReader(f)
+    r.drain()
+    assert f.asked == [4096, 4096, 4096, 4096]
+    assert r.count == len(DATA)
+
+
+def test_hashing_reader_of_nothing():
+    r = HashingReader(io.BytesIO(b""))
+    assert r.read() == b""
+    assert (r.count, r.tail) == (0, b"")
+    assert r.digest == "sha256:" + hashlib.sha256(b"").hexdigest()
+
+
+def test_hashing_writer():
+    out = io.BytesIO()
+    w = HashingWriter(out)
+    assert w.write(b"abc") == 3
+    assert w.write(b"") == 0
+    assert w.write(b"de") == 2
+    w.flush()
+    assert out.getvalue() == b"abcde"
+    assert w.count == w.tell() == 5
+    assert w.digest == "sha256:" + hashlib.sha256(b"abcde").hexdigest()
+    nowhere = HashingWriter()
+    assert nowhere.write(b"abcde") == 5
+    nowhere.flush()
+    assert nowhere.tell() == 5 and nowhere.digest == w.digest
+
+
+def test_hashing_writer_flushes_its_file():
+    class Flushed(io.BytesIO):
+        flushes = 0
+
+        def flush(self):
+            self.flushes += 1
+    out = Flushed()
+    HashingWriter(out).flush()
+    assert out.flushes == 1
+
+
+def test_prefixed_gives_the_head_back_first():
+    rest = Reads(b"6789")
+    p = archive._Prefixed(b"012345", rest)
+    assert p.read(2) == b"01"
+    assert rest.asked == []  # served from the head alone
+    assert p.read(6) == b"234567"  # the head's end, then the rest
+    assert rest.asked == [2]
+    assert p.read(1) == b"8"
+    assert p.read(-1) == b"9"
+    assert p.read(5) == b""
+
+
+@pytest.mark.parametrize("n", [-1, None])
+def test_prefixed_reads_all(n):
+    p = archive._Prefixed(b"0123", io.BytesIO(b"456"))
+    assert p.read(n) == b"0123456"
+    assert p.read(n) == b""
+
+
+def test_prefixed_read_of_exactly_the_head():
+    rest = Reads(b"45")
+    p = archive._Prefixed(b"0123", rest)
+    assert p.read(4) == b"0123"
+    assert rest.asked == []
+    assert p.read() == b"45"
+
+
+def test_decompressed_plain():
+    f = decompressed(io.BytesIO(DATA), "x.tar")
+    assert f.read() == DATA
+    assert decompressed(io.BytesIO(b"ab"), "x.tar").read() == b"ab"  # shorter than any magic
+
+
+def test_decompressed_gzip():
+    f = decompressed(io.BytesIO(gzip.compress(DATA)), "x.tar.gz")
+    assert f.read() == DATA
+
+
+def zstd_compress(data):
+    assert shutil.which("zstd"), "make venv installs the zstd package; the test needs its command"
+    return subprocess.run(["zstd", "-q", "-c"], input=data, stdout=subprocess.PIPE, check=True).stdout
+
+
+def test_decompressed_zstd_by_the_command(monkeypatch):
+    """Without the zstandard module, the zstd command decompresses, fed from a thread."""
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # import zstandard fails
+    f = decompressed(io.BytesIO(zstd_compress(DATA) * 2), "x.tar.zst")  # two frames: both are read
+    assert isinstance(f, archive._ZstdProcess)
+    got = b""
+    while chunk := f.read(3000):
+        got += chunk
+    assert got == DATA * 2
+    assert f.read(10) == b""
+    f.close()
+    assert f.proc.returncode == 0
+
+
+def test_zstd_command_failure_is_an_eof_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    f = decompressed(io.BytesIO(zstd_compress(DATA)[:-8] + b"garbage!"), "x.tar.zst")
+    with pytest.raises(EOFError) as e:
+        while f.read(4096):
+            pass
+    assert str(e.value).startswith("zstd: ")
+    assert len(str(e.value)) > len("zstd: ")  # the command's own message
+    f.close()
+
+
+def test_zstd_command_closed_early(monkeypatch):
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    f = decompressed(io.BytesIO(zstd_compress(DATA * 100)), "x.tar.zst")
+    assert f.read(10) == DATA[:10]
+    f.close()  # the reader stops early: the process ends, the feeding thread too
+    assert f.proc.returncode is not None
+    assert not f.thread.is_alive()
+
+
+def test_zstd_available(monkeypatch):
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    assert archive.zstd_available() is bool(shutil.which("zstd")) is True  # make venv installs the command
+    monkeypatch.setitem(sys.modules, "zstandard", types.ModuleType("zstandard"))
+    monkeypatch.setattr(archive.shutil, "which", lambda name: None)
+    assert archive.zstd_available() is True  # the module alone will do
+
+
+def test_zstd_missing_altogether(monkeypatch):
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    monkeypatch.setattr(archive.shutil, "which", lambda name: None)
+    with pytest.raises(ArchiveError) as e:
+        decompressed(io.BytesIO(archive.ZSTD_MAGIC + b"\0" * 20), "x.tar.zst")
+    assert str(e.value) == ("x.tar.zst: zstd-compressed, and neither the zstandard module nor the zstd command "
+                            "is installed")
+    assert archive.zstd_available() is False
+
+
+# ---------------------------------------------------------------------------------------------
+# progress
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = Clock()
+    monkeypatch.setattr(archive.time, "monotonic", c)
+    return c
+
+
+def test_progress_a_line_a_second(clock):
+    out = io.StringIO()
+    p = Progress("unpacking", total=3_000_000, stream=out)
+    assert p.interval == Progress.INTERVAL == 1.0
+    clock.now += 0.99
+    p.update(1_000_000)
+    assert out.getvalue() == ""  # too soon
+    clock.now += 0.01
+    p.update(1_500_000)
+    assert out.getvalue() == "cowfs: unpacking: 1.5MB of 3MB (50%)\n"
+    clock.now += 0.5
+    p.update(2_000_000)
+    assert out.getvalue().count("\n") == 1  # a second since the last line, not since the start
+    clock.now += 0.5
+    p.update(2_999_999)
+    assert out.getvalue().splitlines()[-1] == "cowfs: unpacking: 3MB of 3MB (99%)"
+    clock.now = 102.5
+    p.finish(3_000_000)
+    assert out.getvalue().splitlines()[-1] == "cowfs: unpacking: 3MB in 2.50 s"
+
+
+def test_progress_without_a_total(clock):
+    out = io.StringIO()
+    p = Progress("reading", stream=out)
+    clock.now += 2
+    p.update(42)
+    assert out.getvalue() == "cowfs: reading: 42B\n"
+
+
+def test_progress_of_a_one_byte_total(clock):
+    out = io.StringIO()
+    p = Progress("reading", total=1, stream=out)
+    clock.now += 1
+    p.update(1)
+    assert out.getvalue() == "cowfs: reading: 1B of 1B (100%)\n"
+
+
+def test_progress_lines_are_flushed(clock):
+    """stderr may be a pipe, block-buffered: each line goes out when it is printed."""
+    class Stream(io.StringIO):
+        flushed = ""
+
+        def flush(self):
+            self.flushed = self.getvalue()
+    out = Stream()
+    p = Progress("reading", total=10, stream=out)
+    clock.now += 1
+    p.update(5)
+    assert out.flushed == "cowfs: reading: 5B of 10B (50%)\n"
+    p.finish(10)
+    assert out.flushed.endswith("cowfs: reading: 10B in 1.00 s\n")
+
+
+def test_progress_silent_for_a_short_read(clock):
+    out = io.StringIO()
+    p = Progress("reading", total=10, stream=out)
+    clock.now += 0.5
+    p.update(10)
+    p.finish(10)
+    assert out.getvalue() == ""
+
+
+def test_progress_goes_to_stderr_by_default(clock, capsys):
+    p = Progress("reading", total=0)
+    clock.now += 1
+    p.update(5)
+    captured = capsys.readouterr()
+    assert captured.err == "cowfs: reading: 5B\n" and captured.out == ""  # a total of 0 is no total
+
+
+def test_progress_file_reports_its_position(clock):
+    out = io.StringIO()
+    f = ProgressFile(io.BytesIO(DATA), Progress("x", total=len(DATA), stream=out))
+    clock.now += 1
+    assert f.read(5120) == DATA[:5120]
+    assert out.getvalue() == "cowfs: x: 5.12kB of 10.2kB (50%)\n"
+    assert f.tell() == 5120
+    assert f.seek(10) == 10
+    assert f.read(2) == DATA[10:12]
+    f.close()
+    assert f.f.closed
+
+
+# ---------------------------------------------------------------------------------------------
+# the tar-split's records
+
+def split_file(tmp_path, body, magic=archive.SPLIT_MAGIC):
+    path = tmp_path / "tar-split.gz"
+    path.write_bytes(gzip.compress(magic + body))
+    return path
+
+
+def raw(data):
+    return b"R" + struct.pack(">I", len(data)) + data
+
+
+def file_record(size, rel):
+    return b"F" + struct.pack(">QH", size, len(rel)) + rel
+
+
+def end(length, digest=b"d" * 32):
+    return b"E" + struct.pack(">Q", length) + digest
+
+
+def records(path):
+    with open(path, "rb") as f:
+        return list(archive._split_records(f))
+
+
+def test_split_records_read_back(tmp_path):
+    path = split_file(tmp_path, raw(b"head") + file_record(7, b"a/b") + raw(b"") + end(11, b"s" * 32))
+    assert records(path) == [("raw", b"head"), ("file", 7, b"a/b"), ("raw", b""), ("end", 11, b"s" * 32)]
+    archive.check_split(path)
+
+
+@pytest.mark.parametrize("body,magic,reason", [
+    (end(0), b"cowfs-tar-split\x02", "not a cowfs tar-split"),
+    (raw(b"x") + b"X", archive.SPLIT_MAGIC, "unknown record b'X'"),
+    (raw(b"x"), archive.SPLIT_MAGIC, "truncated"),  # no end record
+    (b"R\0\0\0\x09short", archive.SPLIT_MAGIC, "truncated"),
+    (end(0)[:20], archive.SPLIT_MAGIC, "truncated"),
+    (end(0) + b"!", archive.SPLIT_MAGIC, "data after the end record"),
+    (file_record(1, b"") + end(1), archive.SPLIT_MAGIC, "bad path b''"),
+    (file_record(1, b"a//b") + end(1), archive.SPLIT_MAGIC, "bad path b'a//b'"),
+    (file_record(1, b"a/../b") + end(1), archive.SPLIT_MAGIC, "bad path b'a/../b'"),
+    (file_record(1, b"./b") + end(1), archive.SPLIT_MAGIC, "bad path b'./b'"),
+    (file_record(1, b"a\0b") + end(1), archive.SPLIT_MAGIC, "bad path b'a\\x00b'"),
+])
+def test_split_records_refused(tmp_path, body, magic, reason):
+    path = split_file(tmp_path, body, magic)
+    with pytest.raises(archive.SplitCorrupt) as e:
+        records(path)
+    assert str(e.value) == reason
+    with pytest.raises(archive.SplitCorrupt):
+        archive.check_split(path)
+
+
+def test_split_that_is_not_gzip(tmp_path):
+    path = tmp_path / "tar-split.gz"
+    path.write_bytes(b"plain bytes, no gzip")
+    with pytest.raises(archive.SplitCorrupt) as e:
+        archive.check_split(path)
+    assert str(e.value) == "Not a gzipped file (b'pl')"
+
+
+def test_check_split_adds_up_the_lengths(tmp_path):
+    archive.check_split(split_file(tmp_path, raw(b"abc") + file_record(5, b"f") + raw(b"de") + end(10)))
+    with pytest.raises(archive.SplitCorrupt) as e:
+        archive.check_split(split_file(tmp_path, raw(b"abc") + file_record(5, b"f") + raw(b"de") + end(11)))
+    assert str(e.value) == "records 10 bytes, its end 11"
+
+
+# ---------------------------------------------------------------------------------------------
+# the tar given back from the tar-split and the tree
+
+def layer_tar(files):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tf.addfile(info)
+            else:
+                info.size, info.mode = len(data), 0o644
+                tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.fixture
+def unpacked(tmp_path):
+    """A layer unpacked with its tar-split: (the tar, diff/, the tar-split's path)."""
+    data = layer_tar([("d", None), ("d/a", b"A" * 3000), ("d/e", b""), ("top", b"T" * 700)])
+    diff, split = tmp_path / "diff", tmp_path / "tar-split.gz"
+    diff.mkdir()
+    unpack_layer(io.BytesIO(data), str(diff), "l.tar", split=str(split), record=False)
+    return data, diff, split
+
+
+def test_the_tar_given_back_byte_for_byte(unpacked):
+    data, diff, split = unpacked
+    out = io.BytesIO()
+    assert archive.write_split_layer(str(diff), str(split), out) == (
+        "sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+    assert out.getvalue() == data
+    assert split.stat().st_size < 3000  # the files' data is in diff/, not in the tar-split
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda diff: os.unlink(diff / "d/a"), "d/a is missing from its tree"),
+    (lambda diff: (os.unlink(diff / "d/a"), os.symlink("../top", diff / "d/a")),
+     "d/a (or a directory above it) is a symlink or not what was imported"),
+    (lambda diff: (os.rename(diff / "d", diff / "d2"), os.symlink("d2", diff / "d")),
+     "d/a (or a directory above it) is a symlink or not what was imported"),
+    (lambda diff: (os.unlink(diff / "d/a"), os.mkfifo(diff / "d/a")),
+     "d/a in its tree is not a regular file (changed since it was imported)"),
+    (lambda diff: (diff / "d/a").write_bytes(b"short"), "d/a in its tree holds 5 bytes, 3000 when imported"),
+])
+def test_the_tar_is_not_given_back_from_a_changed_tree(unpacked, change, message):
+    _, diff, split = unpacked
+    change(diff)
+    with pytest.raises(archive.SplitMismatch) as e:
+        archive.write_split_layer(str(diff), str(split), io.BytesIO())
+    assert str(e.value) == message
+
+
+def test_the_tar_is_not_given_back_from_changed_bytes(unpacked):
+    _, diff, split = unpacked
+    (diff / "top").write_bytes(b"t" * 700)
+    out = io.BytesIO()
+    with pytest.raises(archive.SplitMismatch) as e:
+        archive.write_split_layer(str(diff), str(split), out)
+    given = hashlib.sha256(out.getvalue()).hexdigest()
+    assert str(e.value) == f"its tree gives a tar of sha256:{given[:12]}, not the one imported (changed since)"
+
+
+def test_no_tar_split_to_give_back(tmp_path):
+    with pytest.raises(archive.SplitCorrupt) as e:
+        archive.write_split_layer(str(tmp_path), str(tmp_path / "none.gz"), io.BytesIO())
+    assert str(e.value) == "tar-split.gz: No such file or directory"
+
+
+# ---------------------------------------------------------------------------------------------
+# writing an upper as a layer tar
+
+def members(data):
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        return {m.name: m for m in tf.getmembers()}
+
+
+def test_write_layer_member_by_member(tmp_path):
+    upper = tmp_path / "upper"
+    (upper / "d/sub").mkdir(parents=True)
+    os.chmod(upper / "d", 0o751)
+    os.chown(upper / "d", 11, 12)
+    f = upper / "d/f"
+    f.write_bytes(b"data")
+    os.chown(f, 21, 22)
+    os.chmod(f, 0o4640)  # after chown, which drops set-id bits
+    os.setxattr(f, "user.note", b"hi")
+    os.setxattr(f, "trusted.kept", b"t")
+    os.setxattr(f, "trusted.overlay.origin", b"never")
+    os.setxattr(f, "user.overlay.x", b"never")
+    os.link(f, upper / "d/hard")
+    os.symlink("/elsewhere", upper / "d/link")
+    os.mkfifo(upper / "d/fifo")
+    os.chmod(upper / "d/fifo", 0o620)
+    os.mknod(upper / "d/dev", stat.S_IFCHR | 0o600, os.makedev(4, 5))
+    os.mknod(upper / "d/blk", stat.S_IFBLK | 0o600, os.makedev(7, 1))
+    os.mknod(upper / "d/sock", stat.S_IFSOCK | 0o600)
+    os.mknod(upper / "d/sub/gone", stat.S_IFCHR, os.makedev(0, 0))
+    os.chown(upper / "d/sub/gone", 31, 32, follow_symlinks=False)
+    os.setxattr(upper / "d/sub", "trusted.overlay.opaque", b"y")
+    os.chmod(upper / "d/sub", 0o705)
+    for path in upper.rglob("*"):
+        os.utime(path, (5000, 5000), follow_symlinks=False)
+    os.utime(f, (9000, 9000))
+    out = io.BytesIO()
+    digest, size = archive.write_layer(str(upper), out, clamp_mtime=6000)
+    data = out.getvalue()
+    assert (digest, size) == ("sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+    m = members(data)
+    assert list(m) == ["d", "d/blk", "d/dev", "d/f", "d/fifo", "d/hard", "d/link", "d/sub", "d/sub/.wh..wh..opq",
+                       "d/sub/.wh.gone"]  # sorted, the socket left out, each directory's markers after it
+    assert (m["d"].type, m["d"].mode, m["d"].uid, m["d"].gid) == (tarfile.DIRTYPE, 0o751, 11, 12)
+    file = m["d/f"]
+    assert (file.type, file.mode, file.uid, file.gid, file.size) == (tarfile.REGTYPE, 0o4640, 21, 22, 4)
+    assert file.mtime == 6000  # clamped
+    assert m["d"].mtime == 5000  # under the clamp: as it is
+    assert (file.uname, file.gname) == ("", "")
+    assert {k: v for k, v in file.pax_headers.items() if k.startswith("SCHILY.")} == {
+        "SCHILY.xattr.trusted.kept": "t", "SCHILY.xattr.user.note": "hi"}
+    assert (m["d/hard"].type, m["d/hard"].linkname) == (tarfile.LNKTYPE, "d/f")
+    assert not [k for k in m["d/hard"].pax_headers if k.startswith("SCHILY.")]
+    assert (m["d/link"].type, m["d/link"].linkname) == (tarfile.SYMTYPE, "/elsewhere")
+    assert (m["d/fifo"].type, m["d/fifo"].mode) == (tarfile.FIFOTYPE, 0o620)
+    assert (m["d/dev"].type, m["d/dev"].devmajor, m["d/dev"].devminor) == (tarfile.CHRTYPE, 4, 5)
+    assert (m["d/blk"].type, m["d/blk"].devmajor, m["d/blk"].devminor) == (tarfile.BLKTYPE, 7, 1)
+    opq, wh = m["d/sub/.wh..wh..opq"], m["d/sub/.wh.gone"]
+    assert (opq.type, opq.mode, opq.mtime, opq.size) == (tarfile.REGTYPE, 0o705, 0, 0)  # its directory's mode
+    assert (wh.type, wh.mode, wh.mtime, wh.uid, wh.gid) == (tarfile.REGTYPE, 0o600, 0, 31, 32)
+    assert (wh.uname, wh.gname, opq.uname, opq.gname) == ("", "", "", "")
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        assert tf.extractfile("d/f").read() == b"data"
+    # the same upper, the same bytes
+    again = io.BytesIO()
+    archive.write_layer(str(upper), again, clamp_mtime=6000)
+    assert again.getvalue() == data
+    # without a clamp, the file's own time
+    unclamped = io.BytesIO()
+    archive.write_layer(str(upper), unclamped)
+    assert members(unclamped.getvalue())["d/f"].mtime == 9000
+
+
+def test_write_changes_as_dockers_naive_diff(tmp_path):
+    """Each added or changed path as the merged view shows it, each deleted one a `.wh.` entry of mode 0,
+    in path order whatever the order given; no opaque markers."""
+    from cowfs.overlay.lookup import Layers
+    from cowfs.overlay.stack import Stack
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    (lower / "d").mkdir(parents=True)
+    (lower / "d/f").write_bytes(b"old")
+    (lower / "d/gone").write_bytes(b"")
+    (lower / "x").write_bytes(b"")
+    (upper / "d").mkdir(parents=True)
+    (upper / "d/f").write_bytes(b"changed")
+    os.chmod(upper / "d/f", 0o640)
+    (upper / "new").write_bytes(b"n")
+    for path in (upper / "d/f", upper / "new"):
+        os.utime(path, (9000, 9000))
+    merged = Layers(Stack(lowers=[str(lower)], upper=str(upper)))
+    out = io.BytesIO()
+    digest, size = archive.write_changes(merged, [("A", "/new"), ("D", "/x"), ("C", "/d/f"), ("D", "/d/gone")],
+                                         out, clamp_mtime=6000)
+    data = out.getvalue()
+    assert (digest, size) == ("sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+    m = members(data)
+    assert list(m) == ["d/f", "d/.wh.gone", "new", ".wh.x"]  # by merged path: /d/f, /d/gone, /new, /x
+    for name in ("d/.wh.gone", ".wh.x"):
+        wh = m[name]
+        assert (wh.type, wh.mode, wh.uid, wh.gid, wh.mtime, wh.size) == (tarfile.REGTYPE, 0, 0, 0, 0, 0)
+    f = m["d/f"]
+    assert (f.type, f.mode, f.size, f.mtime) == (tarfile.REGTYPE, 0o640, 7, 6000)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        assert tf.extractfile("d/f").read() == b"changed"
+        assert tf.extractfile("new").read() == b"n"
+
+
+def test_write_layer_of_recorded_attributes(tmp_path):
+    """A recorded object is written as its record says, its other xattrs kept; a record of a type the
+    object cannot be (a directory recorded as a file) is ignored, as a mount ignores it."""
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    f = upper / "f"
+    f.write_bytes(b"x")
+    os.setxattr(f, "user.containers.override_stat", b"5:6:4755:file")
+    os.setxattr(f, "user.zz", b"kept")
+    os.setxattr(f, "user.aa", b"kept too")
+    (upper / "dir").mkdir()
+    os.chmod(upper / "dir", 0o711)
+    os.setxattr(upper / "dir", "user.containers.override_stat", b"7:8:0700:file")
+    m = members(_written(upper))
+    assert (m["f"].type, m["f"].uid, m["f"].gid, m["f"].mode) == (tarfile.REGTYPE, 5, 6, 0o4755)
+    assert {k: v for k, v in m["f"].pax_headers.items() if k.startswith("SCHILY.")} == {
+        "SCHILY.xattr.user.aa": "kept too", "SCHILY.xattr.user.zz": "kept"}
+    assert (m["dir"].type, m["dir"].uid, m["dir"].mode) == (tarfile.DIRTYPE, 0, 0o711)
+
+
+def _written(upper, **options):
+    out = io.BytesIO()
+    archive.write_layer(str(upper), out, **options)
+    return out.getvalue()
+
+
+def test_write_layer_expands_a_redirected_directory_in_name_order(tmp_path):
+    """A redirected directory is written whole, from every layer, its entries by name (not upper first);
+    without its lower layers it cannot be."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    (lower / "src").mkdir(parents=True)
+    (lower / "src/a").write_bytes(b"a")
+    (upper / "dst").mkdir(parents=True)
+    os.setxattr(upper / "dst", "trusted.overlay.redirect", b"/src")
+    (upper / "dst/z").write_bytes(b"z")
+    m = members(_written(upper, lowers=[str(lower)]))
+    assert list(m) == ["dst", "dst/.wh..wh..opq", "dst/a", "dst/z"]
+    with pytest.raises(ArchiveError) as e:
+        _written(upper)
+    assert str(e.value) == f"{upper}: has a redirected directory: give its lower layers (--lower) to expand it"
+
+
+def test_write_layer_of_names_not_in_ascii(tmp_path):
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    (upper / "caf\u00e9").write_bytes(b"x")
+    assert list(members(_written(upper))) == ["caf\u00e9"]
+
+
+def test_write_layer_reads_a_metadata_only_copys_data_below(tmp_path):
+    """metacopy: a copy holding only metadata, in a redirected directory too, is written with the data of
+    the lower file it stands for."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    (lower / "src").mkdir(parents=True)
+    (lower / "src/f").write_bytes(b"data")
+    (lower / "g").write_bytes(b"gggg")
+    (upper / "dst").mkdir(parents=True)
+    os.setxattr(upper / "dst", "trusted.overlay.redirect", b"/src")
+    for copy in (upper / "dst/f", upper / "g"):
+        with open(copy, "wb") as f:
+            f.truncate(4)  # as large as its data, all hole
+        os.setxattr(copy, "trusted.overlay.metacopy", b"")
+    with tarfile.open(fileobj=io.BytesIO(_written(upper, lowers=[str(lower)]))) as tf:
+        assert tf.extractfile("dst/f").read() == b"data"
+        assert tf.extractfile("g").read() == b"gggg"
+
+
+def test_a_metadata_only_copy_needs_its_lowers(tmp_path):
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    (upper / "f").write_bytes(b"")
+    os.setxattr(upper / "f", "trusted.overlay.metacopy", b"")
+    with pytest.raises(ArchiveError) as e:
+        _written(upper)
+    assert str(e.value) == (f"{upper / 'f'}: is a metadata-only copy (metacopy): give the lower layers (--lower) "
+                            "that hold its data")
+
+
+# ---------------------------------------------------------------------------------------------
+# recording a tar-split while reading
+
+def recorded(tmp_path, monkeypatch, steps, window=16):
+    """Run a _SplitRecorder over 200 bytes with a `window`-byte window: `steps` are ("read", n) and
+    ("ref", offset, size, rel); returns the records written, or None when none were."""
+    monkeypatch.setattr(archive._SplitRecorder, "WINDOW", window)
+    data = bytes(range(200))
+    path = tmp_path / "tar-split.gz"
+    r = archive._SplitRecorder(io.BytesIO(data), str(path))
+    for step in steps:
+        if step[0] == "read":
+            r.read(step[1])
+        else:
+            r.reference(*step[1:])
+    while r.read(7):
+        pass
+    r.finish(hashlib.sha256(data).digest())
+    r.close()
+    return records(path) if path.exists() else None
+
+
+def test_split_recorder_leaves_referenced_data_out(tmp_path, monkeypatch):
+    got = recorded(tmp_path, monkeypatch, [("ref", 50, 30, "a"), ("read", 10), ("ref", 120, 5, "b/c")])
+    data = bytes(range(200))
+    joined = []  # raw records are cut where the window was written out: join them
+    for rec in got:
+        if rec[0] == "raw" and joined and joined[-1][0] == "raw":
+            joined[-1] = ("raw", joined[-1][1] + rec[1])
+        else:
+            joined.append(rec)
+    assert joined == [("raw", data[:50]), ("file", 30, b"a"), ("raw", data[80:120]), ("file", 5, b"b/c"),
+                      ("raw", data[125:]), ("end", 200, hashlib.sha256(data).digest())]
+
+
+def test_split_recorder_writes_raw_records_of_at_most_a_mebibyte(tmp_path, monkeypatch):
+    monkeypatch.setattr(archive, "_SPLIT_RAW_MAX", 64)
+    got = recorded(tmp_path, monkeypatch, [], window=1000)  # all written at the end, in one go
+    assert [len(rec[1]) for rec in got if rec[0] == "raw"] == [64, 64, 64, 8]
+
+
+@pytest.mark.parametrize("steps", [
+    [("read", 100), ("ref", 10, 5, "late")],  # its bytes already written as raw ones
+    [("ref", 50, 30, "a"), ("ref", 60, 5, "overlaps")],
+    [("ref", 50, 30, "a"), ("ref", 40, 5, "before")],
+])
+def test_split_recorder_gives_up_rather_than_record_wrongly(tmp_path, monkeypatch, steps):
+    assert recorded(tmp_path, monkeypatch, steps) is None
+    assert not (tmp_path / "tar-split.gz").exists()
+
+
+def test_split_recorder_keeps_at_most_two_windows(tmp_path, monkeypatch):
+    monkeypatch.setattr(archive._SplitRecorder, "WINDOW", 16)
+    r = archive._SplitRecorder(io.BytesIO(bytes(200)), str(tmp_path / "s.gz"))
+    for _ in range(20):
+        r.read(5)
+        assert len(r.pending) <= 32 and r.pos - r.done == len(r.pending)
+    assert r.pos == 100 and r.done >= r.pos - 32  # written out as it goes
+    r.close()
+    assert not (tmp_path / "s.gz").exists()  # not finished: dropped
+
+
+def test_write_layer_links_each_name_to_its_own_inode(tmp_path):
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    for name in ("a", "b"):
+        (upper / name).write_bytes(name.encode())
+        os.link(upper / name, upper / (name + "2"))
+    m = members(_written(upper))
+    assert [(n, m[n].type, m[n].linkname) for n in m] == [
+        ("a", tarfile.REGTYPE, ""), ("a2", tarfile.LNKTYPE, "a"), ("b", tarfile.REGTYPE, ""),
+        ("b2", tarfile.LNKTYPE, "b")]
+
+
+def test_write_layer_keeps_a_file_capability(tmp_path):
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    (upper / "ping").write_bytes(b"x")
+    cap = struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0)  # revision 2, effective; cap_net_raw permitted
+    os.setxattr(upper / "ping", "security.capability", cap)
+    headers = members(_written(upper))["ping"].pax_headers
+    assert headers["SCHILY.xattr.security.capability"].encode("utf-8", "surrogateescape") == cap
