@@ -1955,6 +1955,25 @@ def test_signal_handlers_are_only_set_while_a_command_runs():
         signal.signal(signal.SIGHUP, ignored)
 
 
+
+def test_a_signal_as_the_handlers_go_back_is_not_an_interruption(monkeypatch):
+    """The command is over once the handlers are being restored: a signal then (here SIGTERM, while SIGINT's
+    handler goes back first) must not escape as an Interrupted traceback from the teardown."""
+    real = signal.signal
+    sent = []
+
+    def restoring(signum, handler):
+        if not sent and signum == signal.SIGINT and handler is not interrupts._handler:
+            sent.append(signum)
+            os.kill(os.getpid(), signal.SIGTERM)  # SIGTERM's handler is still cowfs's at this point
+        return real(signum, handler)
+
+    with interrupts.handling():
+        monkeypatch.setattr(signal, "signal", restoring)
+    monkeypatch.setattr(signal, "signal", real)
+    assert sent == [signal.SIGINT]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
 # -- references, as Docker checks them -------------------------------------------------------------------
 
 GOOD_REFERENCES = ["busybox", "acme/app", "acme/app:1.0", "a/b/c/d:latest", "localhost/app", "localhost:5000/app:1",

@@ -533,15 +533,15 @@ def run(args, out=None, err=None):
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
     name = _name(args)
-    with interrupts.handling():
-        try:
+    try:  # outside the block too: a signal may come as the handlers go in, before reporting() runs
+        with interrupts.handling():
             return reporting(lambda: _run_checked(args, out, err), name, err)
-        except interrupts.Interrupted as e:
-            _say(err, f"{name}: {e}", show_traceback=True)
-            return e.status
-        except _Usage as e:
-            _say(err, f"{name}: {e.args[0]} (see '{name} --help')")
-            return 2
+    except interrupts.Interrupted as e:
+        _say(err, f"{name}: {e}", show_traceback=True)
+        return e.status
+    except _Usage as e:
+        _say(err, f"{name}: {e.args[0]} (see '{name} --help')")
+        return 2
 
 
 class _Usage(BaseException):

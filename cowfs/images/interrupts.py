@@ -81,6 +81,7 @@ def handling():
                 old[signum] = signal.signal(signum, _handler)
         yield
     finally:
+        _state.stopping = True  # the command is over: a signal during the teardown is not an interruption
         for signum, handler in old.items():
             signal.signal(signum, handler)
         _state = outer
