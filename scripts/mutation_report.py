@@ -1,5 +1,9 @@
 """The survivors of `make mutate` (mutmut 3's results under mutants/), one line each: file:line, function,
-the line as it was and as the mutant has it; then the counts and the score per file.
+the line as it was and as the mutant has it; then the counts and the score per file: killed and timed-out
+mutants over all but the equivalent ones.
+
+A survivor that is equivalent (no test can tell it from the code as written) is listed, with the reason, in
+scripts/mutation_equivalents.txt; the report leaves it out of the score and prints it as `equivalent`.
 
 Run from the repository root after `mutmut run`:  python scripts/mutation_report.py [--all]
 (--all: the killed mutants too).  Reads mutmut's own records, so it needs the version the Makefile pins.
@@ -11,6 +15,7 @@ import argparse
 import ast
 import collections
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -19,6 +24,34 @@ KILLED = {1, 3}
 TIMEOUT = {-24, 24, 36, 152, 255}
 SURVIVED = {0}
 NO_TESTS = {5, 33}
+
+
+EQUIVALENTS = Path(__file__).with_name("mutation_equivalents.txt")
+
+
+def read_equivalents(path=EQUIVALENTS):
+    """{(file, function, old, new): reason} from the equivalents file: an entry is one line
+    `FILE: FUNCTION: 'line as written' -> 'line as mutated'` (as the report prints a survivor, without the
+    line number and verdict), followed by indented lines saying why no test can tell the two apart."""
+    entries, key = {}, None
+    for number, line in enumerate(path.read_text().splitlines() if path.exists() else (), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        if line[0].isspace():
+            if key is None:
+                sys.exit(f"mutation_report: {path}:{number}: a reason with no entry above it")
+            entries[key] = (entries[key] + " " + line.strip()).strip()
+            continue
+        match = re.fullmatch(r"(\S+): (\S+): (.+) -> (.+)", line.rstrip())
+        if not match:
+            sys.exit(f"mutation_report: {path}:{number}: not `FILE: FUNCTION: 'old' -> 'new'`")
+        file, where, old, new = match.groups()
+        key = (file, where, ast.literal_eval(old), ast.literal_eval(new))
+        entries[key] = ""
+    for key, reason in entries.items():
+        if not reason:
+            sys.exit(f"mutation_report: {path}: {key[0]}: {key[1]}: an equivalent mutant needs its reason")
+    return entries
 
 
 def status(code):
@@ -72,6 +105,15 @@ def locate(source_lines, span, old):
     return span[0]
 
 
+def table_row(label, c):
+    """One row of the table: the counts and the score, killed and timed out over all but the equivalents."""
+    total = sum(c.values())
+    dead = c["killed"] + c["timeout"]
+    score = 100 * dead / (total - c["equivalent"]) if total > c["equivalent"] else 100.0
+    return (f"{label:40} {total:6} {c['killed']:7} {c['timeout']:8} {c['survived']:9} {c['no tests']:9} "
+            f"{c['equivalent']:7} {score:6.1f}%")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--all", action="store_true", help="list the killed mutants too")
@@ -80,6 +122,8 @@ def main(argv=None):
         from mutmut.mutation.diff_apply import get_diff_for_mutant
     except ImportError:
         sys.exit("mutation_report: mutmut is not installed here (make mutate installs it into .venv)")
+    equivalents = read_equivalents()
+    used = set()
     counts = collections.OrderedDict()
     lines = []
     for meta in sorted(Path("mutants").rglob("*.py.meta")):
@@ -95,26 +139,37 @@ def main(argv=None):
         source = source_path.read_text()
         tree = ast.parse(source)
         source_lines = source.splitlines()
-        counts[str(source_path)] = collections.Counter(status(v) for v in checked.values())
+        count = counts[str(source_path)] = collections.Counter()
         for mutant, code in sorted(checked.items(), key=lambda kv: int(kv[0].rsplit("_", 1)[1])):
             verdict = status(code)
             if verdict in ("killed", "timeout") and not args.all:
+                count[verdict] += 1
                 continue
             cls, name = function_of(mutant)
             old, new = changed_lines(get_diff_for_mutant(mutant, path=source_path))
-            number = locate(source_lines, function_lines(tree, cls, name), old)
             where = f"{cls}.{name}" if cls else name
+            key = (str(source_path), where, old.strip(), new.strip())
+            if verdict == "survived" and key in equivalents:
+                verdict = "equivalent"
+                used.add(key)
+            count[verdict] += 1
+            number = locate(source_lines, function_lines(tree, cls, name), old)
             lines.append((str(source_path), number, f"{source_path}:{number}: {verdict}: {where}: "
                           f"{old.strip()!r} -> {new.strip()!r}  [{mutant.rpartition('.')[2]}]"))
     for _, _, text in sorted(lines):
         print(text)
+    for key in sorted(set(equivalents) - used):
+        if key[0] in counts:  # a module this run checked: the entry no longer names a surviving mutant
+            print(f"{EQUIVALENTS.name}: stale: {key[0]}: {key[1]}: {key[2]!r} -> {key[3]!r}")
     print()
-    print(f"{'file':40} {'total':>6} {'killed':>7} {'timeout':>8} {'survived':>9} {'no tests':>9} {'score':>7}")
+    print(f"{'file':40} {'total':>6} {'killed':>7} {'timeout':>8} {'survived':>9} {'no tests':>9} "
+          f"{'equiv.':>7} {'score':>7}")
     for path, c in counts.items():
-        total = sum(c.values())
-        dead = c["killed"] + c["timeout"]
-        print(f"{path:40} {total:6} {c['killed']:7} {c['timeout']:8} {c['survived']:9} {c['no tests']:9} "
-              f"{100 * dead / total:6.1f}%")
+        print(table_row(path, c))
+    for label, prefixes in (("engine and archive", ("cowfs/overlay/", "cowfs/images/")), ("all", ("cowfs/",))):
+        c = sum((c for path, c in counts.items() if path.startswith(prefixes)), collections.Counter())
+        if c:
+            print(table_row(label, c))
     return 0
 
 
