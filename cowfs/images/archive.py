@@ -201,14 +201,13 @@ class _ZstdProcess:
     def __init__(self, f, binary):
         self.proc = subprocess.Popen([binary, "-dcq"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE)
-        self.error = None
 
         def feed():
             try:
                 for chunk in iter(lambda: f.read(CHUNK), b""):
                     self.proc.stdin.write(chunk)
-            except (OSError, ValueError) as e:  # the reader stopped early, or a broken pipe
-                self.error = e
+            except (OSError, ValueError):  # the reader stopped early, or a broken pipe: zstd then sees
+                pass  # its input end short, and read() raises with zstd's own message
             finally:
                 try:
                     self.proc.stdin.close()
@@ -224,7 +223,7 @@ class _ZstdProcess:
             rc = self.proc.wait()
             self.thread.join()
             if rc != 0:
-                raise EOFError("zstd: " + self.proc.stderr.read().decode(errors="replace").strip())
+                raise EOFError("zstd: " + os.fsdecode(self.proc.stderr.read()).strip())
         return data
 
     def close(self):
