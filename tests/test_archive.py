@@ -10,11 +10,13 @@ import hashlib
 import io
 import os
 import shutil
+import signal
 import stat
 import struct
 import subprocess
 import sys
 import tarfile
+import threading
 import types
 
 import pytest
@@ -211,11 +213,20 @@ def test_zstd_command_failure_is_an_eof_error(monkeypatch):
 
 
 def test_zstd_command_closed_early(monkeypatch):
+    """A reader that stops early ends the command, which is still writing (more than a pipe holds), and the
+    feeding thread; close() does not wait for the command to finish on its own."""
     monkeypatch.setitem(sys.modules, "zstandard", None)
-    f = decompressed(io.BytesIO(zstd_compress(DATA * 100)), "x.tar.zst")
-    assert f.read(10) == DATA[:10]
-    f.close()  # the reader stops early: the process ends, the feeding thread too
-    assert f.proc.returncode is not None
+    data = os.urandom(4 << 20)
+    f = decompressed(io.BytesIO(zstd_compress(data)), "x.tar.zst")
+    assert f.read(10) == data[:10]
+    closer = threading.Thread(target=f.close)
+    closer.start()
+    closer.join(30)
+    if closer.is_alive():
+        f.proc.kill()
+        closer.join()
+        pytest.fail("close() waited for a zstd command that was still writing")
+    assert f.proc.returncode == -signal.SIGKILL
     assert not f.thread.is_alive()
 
 
@@ -581,6 +592,36 @@ def test_write_changes_as_dockers_naive_diff(tmp_path):
     with tarfile.open(fileobj=io.BytesIO(data)) as tf:
         assert tf.extractfile("d/f").read() == b"changed"
         assert tf.extractfile("new").read() == b"n"
+
+
+def test_write_changes_takes_metadata_only_data_from_below_and_keeps_xattrs(tmp_path):
+    """A metadata-only copy in the upper is written with its lower data and the upper's attributes; user and
+    security xattrs go into the member, the overlay's own do not; names that end in X are not cut."""
+    from cowfs.overlay.lookup import Layers
+    from cowfs.overlay.stack import Stack
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    lower.mkdir()
+    upper.mkdir()
+    (lower / "metaX").write_bytes(b"lower data")
+    (lower / "goneX").write_bytes(b"")
+    meta = upper / "metaX"
+    meta.write_bytes(b"")
+    os.truncate(meta, len(b"lower data"))  # a metadata-only copy has the size, not the data
+    os.setxattr(meta, "trusted.overlay.metacopy", b"")
+    os.setxattr(meta, "user.note", b"kept")
+    os.chmod(meta, 0o600)
+    os.utime(meta, (7000, 7000))
+    merged = Layers(Stack(lowers=[str(lower)], upper=str(upper), redirect_dir="follow", metacopy=True))
+    out = io.BytesIO()
+    archive.write_changes(merged, [("D", "/goneX"), ("C", "/metaX")], out)
+    m = members(out.getvalue())
+    assert list(m) == [".wh.goneX", "metaX"]
+    f = m["metaX"]
+    assert (f.mode, f.size, f.mtime) == (0o600, len(b"lower data"), 7000)
+    assert f.pax_headers.get("SCHILY.xattr.user.note") == "kept"
+    assert not any("overlay" in key for key in f.pax_headers)
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tf:
+        assert tf.extractfile("metaX").read() == b"lower data"
 
 
 def test_write_layer_of_recorded_attributes(tmp_path):

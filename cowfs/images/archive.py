@@ -964,7 +964,7 @@ def write_layer(upper, out, lowers=(), prefix=TRUSTED_PREFIX, clamp_mtime=None):
     return hashed.digest, hashed.count
 
 
-def write_changes(merged, changes, out, prefix=TRUSTED_PREFIX, clamp_mtime=None, recorded=False):
+def write_changes(merged, changes, out, prefix=TRUSTED_PREFIX, clamp_mtime=None):
     """Write a list of changes between two views as a layer tar to `out`, as Docker's overlay2 does when it
     cannot read its upper directly (redirect_dir or metacopy on: its "naive" diff): in path order, each added
     or changed path as the merged view shows it (`merged`: a Layers over the whole stack), each deleted one
@@ -972,7 +972,7 @@ def write_changes(merged, changes, out, prefix=TRUSTED_PREFIX, clamp_mtime=None,
     `changes` is [(kind "A" | "C" | "D", merged path)]. Returns (diff_id, size in bytes of the tar)."""
     hashed = HashingWriter(out)
     with tarfile.open(fileobj=hashed, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8") as tf:
-        writer = _Writer(tf, prefix, merged, clamp_mtime, recorded)
+        writer = _Writer(tf, prefix, merged, clamp_mtime)
         for kind, path in sorted(changes, key=lambda change: change[1]):  # Docker sorts them as strings
             head, _, name = path.strip("/").rpartition("/")
             if kind == "D":

@@ -15,7 +15,6 @@ import sys
 from cowfs.images.archive import ArchiveError, write_changes, write_layer
 from cowfs.images.reference import check_tag_reference
 from cowfs.images.store import StoreError, machine_architecture, normalise_ref, now_rfc3339
-from cowfs.overlay import override
 from cowfs.overlay.lookup import Layers
 from cowfs.overlay.stack import Stack
 from cowfs.overlay.whiteout import TRUSTED_PREFIX, USER_PREFIX
@@ -84,7 +83,7 @@ def commit(upper, lowers=(), out_path=None, store=None, tag=None, from_image=Non
                                   redirect_dir="follow", metacopy=True, userxattr=prefix == USER_PREFIX))
 
             def write(f):
-                return write_changes(merged, changes, f, prefix, clamp_mtime, override.is_marked(upper))
+                return write_changes(merged, changes, f, prefix, clamp_mtime)
         else:
             def write(f):
                 return write_layer(upper, f, lowers, prefix, clamp_mtime)
