@@ -463,12 +463,25 @@ def test_the_tar_given_back_byte_for_byte(unpacked):
     (lambda diff: (os.unlink(diff / "d/a"), os.mkfifo(diff / "d/a")),
      "d/a in its tree is not a regular file (changed since it was imported)"),
     (lambda diff: (diff / "d/a").write_bytes(b"short"), "d/a in its tree holds 5 bytes, 3000 when imported"),
+    # a FIFO where a directory was: refused at once, never opened for reading (which would wait for a writer)
+    (lambda diff: (shutil.rmtree(diff / "d"), os.mkfifo(diff / "d")),
+     "d/a (or a directory above it) is a symlink or not what was imported"),
 ])
 def test_the_tar_is_not_given_back_from_a_changed_tree(unpacked, change, message):
     _, diff, split = unpacked
     change(diff)
-    with pytest.raises(archive.SplitMismatch) as e:
-        archive.write_split_layer(str(diff), str(split), io.BytesIO())
+
+    def waited(signum, frame):
+        raise AssertionError("write_split_layer waited 10 s on an object of the tree")
+
+    previous = signal.signal(signal.SIGALRM, waited)
+    signal.alarm(10)
+    try:
+        with pytest.raises(archive.SplitMismatch) as e:
+            archive.write_split_layer(str(diff), str(split), io.BytesIO())
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     assert str(e.value) == message
 
 
