@@ -2592,7 +2592,9 @@ class TestMetacopy:
         assert parse_options(["lowerdir=/l,metacopy=on"]).redirect_dir == "on"
         for bad in ("metacopy=on,redirect_dir=off", "metacopy=on,userxattr"):
             with pytest.raises(StackError, match="conflicting options"):
-                parse_options(["lowerdir=/l," + bad])
+                parse_options(["lowerdir=/l,upperdir=/u,workdir=/w," + bad])
+        # without an upper the kernel takes redirect_dir=off (which still follows) as on
+        assert parse_options(["lowerdir=/l,metacopy=on,redirect_dir=off"]).redirect_dir == "on"
 
     def test_without_metacopy_a_metadata_copy_is_refused(self, env):
         low = env.lower()

@@ -243,7 +243,9 @@ def parse_options(option_strings):
     if redirect not in REDIRECT_MODES:
         raise StackError(f"bad value for redirect_dir: '{redirect}' (one of: {', '.join(REDIRECT_MODES)})")
     if metacopy and redirect != "on":
-        raise StackError(f"conflicting options: metacopy=on,redirect_dir={redirect}")
+        if upper is not None or redirect not in ("off", "follow"):
+            raise StackError(f"conflicting options: metacopy=on,redirect_dir={redirect}")
+        redirect = "on"  # as the kernel: without an upper (where redirects are made), following them is "on"
     if values.get("userxattr") and metacopy:
         raise StackError("conflicting options: userxattr,metacopy=on")
     if values.get("userxattr") and redirect == "on":
