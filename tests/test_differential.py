@@ -160,13 +160,14 @@ VERITY_ON_SCENARIOS = {
 
 
 def scenario(*, layers: StackSpec = STD, userxattr: bool = False, readonly: bool = False, allow_other: bool = False,
-             redirects: bool = False):
+             redirects: bool = False, verity: bool = True):
     """Register a scenario; *redirects*: it renames lower directories, and the upper it writes with
-    redirect_dir=on is also read back with redirect_dir=follow and nofollow."""
+    redirect_dir=on is also read back with redirect_dir=follow and nofollow; *verity* false: not in the
+    VERITY_MODES (a long scenario about names only)."""
     def register(fn):
         name = fn.__name__.removeprefix("sc_")
         assert name not in SCENARIOS, name
-        modes = ("redirect_off", "redirect_on", "metacopy") + VERITY_MODES + (
+        modes = ("redirect_off", "redirect_on", "metacopy") + (VERITY_MODES if verity else ()) + (
             ("verity_on",) if name in VERITY_ON_SCENARIOS else ()) + (("userxattr",) if userxattr else ()) + (
             ("redirect_follow", "redirect_nofollow") if redirects else ())
         SCENARIOS[name] = Scenario(name, fn, layers, modes, readonly, allow_other)
@@ -2228,7 +2229,7 @@ LONG_LOWER = STD.with_entries((), (File("/".join(LONG_NAMES) + "/leaf", b"lower 
 """A lower tree whose full path passes PATH_MAX (written through dir fds)."""
 
 
-@scenario(layers=DEEP_LOWER)
+@scenario(layers=DEEP_LOWER, verity=False)
 def sc_deep_tree_through_mount(fs: Session):
     """Kernel, every mode: DEEP levels of d/ created through the mount, appended to at the bottom
     (by full path and through dir fds) and removed; a LOWER_DEEP-level lower tree copied up at the
@@ -2253,7 +2254,7 @@ def sc_deep_tree_through_mount(fs: Session):
     fs.listdir("")
 
 
-@scenario(layers=LONG_LOWER)
+@scenario(layers=LONG_LOWER, verity=False)
 def sc_path_longer_than_path_max(fs: Session):
     """Kernel, every mode: a merged path of 20 x 250-byte names (> 4096 bytes) can be created,
     stat-ed, appended to, copied up and deleted through dir fds; the full path gives ENAMETOOLONG
