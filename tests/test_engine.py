@@ -2684,14 +2684,25 @@ class TestVerityFormat:
             verity.check(mode, value, "/data", "/f", lambda path: measured)
         assert (info.value.errno, info.value.filename) == (code, "/f")
 
-    def test_measure_asks_the_kernel(self, tmp_path):
-        """FS_IOC_MEASURE_VERITY on a file without fs-verity (or on a kernel or filesystem without it) is no
-        digest; a missing file is an error."""
+    def test_measure_asks_the_kernel(self, tmp_path, monkeypatch):
+        """A file without fs-verity (statx) has no digest, and is not opened: not even an unreadable one;
+        FS_IOC_MEASURE_VERITY on such a file (or on a kernel or filesystem without fs-verity) is no digest
+        either; a missing file is an error."""
         put(tmp_path, "f", b"data")
-        assert verity.FS_IOC_MEASURE_VERITY == 0xC0046686
         assert verity.measure(str(tmp_path / "f")) is None
+        assert verity.FS_IOC_MEASURE_VERITY == 0xC0046686
+        fd = os.open(tmp_path / "f", O_RDONLY)
+        try:
+            assert verity.measure_fd(fd) is None
+        finally:
+            os.close(fd)
         with pytest.raises(FileNotFoundError):
             verity.measure(str(tmp_path / "missing"))
+        opened = []
+        real_open = os.open
+        monkeypatch.setattr(verity.os, "open", lambda *args, **kw: opened.append(args) or real_open(*args, **kw))
+        assert verity.measure(str(tmp_path / "f")) is None
+        assert opened == []
 
 
 class TestVerity:

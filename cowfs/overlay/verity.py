@@ -10,14 +10,18 @@ header's 4 bytes plus the digest's), flags (0), digest_algo (the fs-verity
 algorithm number, FS_VERITY_HASH_ALG_*), then the digest.  No digest is an
 empty value, as a plain metacopy=on copy has.
 
-Digests are measured by the kernel (FS_IOC_MEASURE_VERITY); a filesystem or
-kernel without fs-verity, or a file without it, has none.
+Digests are measured by the kernel (FS_IOC_MEASURE_VERITY) for a file that
+statx says has fs-verity, and only for one: any other file is never opened
+(one the daemon may not read included), as the kernel opens only those.  A
+filesystem or kernel without fs-verity has no file with it.
 """
 
 import errno
 import fcntl
 import os
 import struct
+
+from cowfs.overlay.syscalls import STATX_ATTR_VERITY, statx_attributes
 
 HEADER = struct.Struct("BBBB")  # version, len, flags, digest_algo
 MAX_DIGEST = 64  # FS_VERITY_MAX_DIGEST_SIZE (SHA-512)
@@ -32,19 +36,26 @@ NO_VERITY = (errno.ENODATA, errno.ENOTTY, errno.EOPNOTSUPP)
 
 
 def measure(path):
-    """The fs-verity digest of regular file `path` as (algorithm number, digest bytes), or None
-    when it has none. Opened read-only and without following a symlink, as fs-verity files only open."""
+    """The fs-verity digest of regular file `path` as (algorithm number, digest bytes), or None when
+    it has none. Opened (read-only, not through a symlink) only when statx says it has fs-verity."""
+    if not statx_attributes(path) & STATX_ATTR_VERITY:
+        return None
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
-        buf = bytearray(_DIGEST_HEAD.pack(0, MAX_DIGEST) + bytes(MAX_DIGEST))
-        try:
-            fcntl.ioctl(fd, FS_IOC_MEASURE_VERITY, buf, True)
-        except OSError as e:
-            if e.errno in NO_VERITY:
-                return None
-            raise
+        return measure_fd(fd)
     finally:
         os.close(fd)
+
+
+def measure_fd(fd):
+    """The fs-verity digest of the file open at `fd` (see `measure`), or None when it has none."""
+    buf = bytearray(_DIGEST_HEAD.pack(0, MAX_DIGEST) + bytes(MAX_DIGEST))
+    try:
+        fcntl.ioctl(fd, FS_IOC_MEASURE_VERITY, buf, True)
+    except OSError as e:
+        if e.errno in NO_VERITY:
+            return None
+        raise
     algo, size = _DIGEST_HEAD.unpack_from(buf)
     return algo, bytes(buf[_DIGEST_HEAD.size:_DIGEST_HEAD.size + size])
 
