@@ -13,9 +13,10 @@ each with its own upper and work directory, and checks that
    the tree cowfs showed (cowfs's upper is in the kernel's format).
 
 Every scenario runs with ``redirect_dir=off``, ``redirect_dir=on`` and
-``metacopy=on``; those about whiteouts, opaque directories and xattrs also
-with ``userxattr`` (which the kernel accepts from root, and which excludes
-``redirect_dir``); those that rename lower directories also write their upper
+``metacopy=on``, and with ``metacopy=on`` under ``verity=require`` (also reading an upper written
+with ``metacopy=on`` alone under ``verity=require``); those about copy-up also under ``verity=on``;
+those about whiteouts, opaque directories and xattrs also with ``userxattr`` (which the kernel
+accepts from root, and which excludes ``redirect_dir``); those that rename lower directories also write their upper
 with ``redirect_dir=on`` and read it back, on a second mount of each side, with
 ``redirect_dir=follow`` and ``nofollow``.  The modes and the known differences (excused by name)
 are the harness's: ``MODES`` and ``KNOWN_DIFFERENCES`` in
@@ -148,16 +149,26 @@ class Scenario:
 
 
 SCENARIOS: dict[str, Scenario] = {}
+# fs-verity over metacopy=on (MODES in cowfs.testing.harness): no file has fs-verity here, so verity=require
+# copies whole, and fails digest-less metacopy files with EIO; verity=on makes the metacopy mode's copies, so
+# only the scenarios about copy-up run in it
+VERITY_MODES = ("verity_require", "verity_require_over_metacopy")
+VERITY_ON_SCENARIOS = {
+    "copyup_open_wronly", "copyup_open_trunc", "copyup_truncate", "copyup_chmod", "metadata_then_data", "copyup_chown",
+    "copyup_utime", "copyup_setxattr", "copyup_link", "copyup_rename_lower_file", "rename_lower_file_elsewhere",
+    "read_fd_across_copyup", "rename_exchange_kinds", "hardlink_counts"}
 
 
 def scenario(*, layers: StackSpec = STD, userxattr: bool = False, readonly: bool = False, allow_other: bool = False,
-             redirects: bool = False):
+             redirects: bool = False, verity: bool = True):
     """Register a scenario; *redirects*: it renames lower directories, and the upper it writes with
-    redirect_dir=on is also read back with redirect_dir=follow and nofollow."""
+    redirect_dir=on is also read back with redirect_dir=follow and nofollow; *verity* false: not in the
+    VERITY_MODES (a long scenario about names only)."""
     def register(fn):
         name = fn.__name__.removeprefix("sc_")
         assert name not in SCENARIOS, name
-        modes = ("redirect_off", "redirect_on", "metacopy") + (("userxattr",) if userxattr else ()) + (
+        modes = ("redirect_off", "redirect_on", "metacopy") + (VERITY_MODES if verity else ()) + (
+            ("verity_on",) if name in VERITY_ON_SCENARIOS else ()) + (("userxattr",) if userxattr else ()) + (
             ("redirect_follow", "redirect_nofollow") if redirects else ())
         SCENARIOS[name] = Scenario(name, fn, layers, modes, readonly, allow_other)
         return fn
@@ -904,7 +915,7 @@ def data_only_scenario(readonly=False):
     def register(fn):
         name = fn.__name__.removeprefix("sc_")
         assert name not in SCENARIOS, name
-        SCENARIOS[name] = Scenario(name, fn, COMPOSEFS, ("data_only",), readonly)
+        SCENARIOS[name] = Scenario(name, fn, COMPOSEFS, ("data_only", "data_only_verity_require"), readonly)
         return fn
     return register
 
@@ -2218,7 +2229,7 @@ LONG_LOWER = STD.with_entries((), (File("/".join(LONG_NAMES) + "/leaf", b"lower 
 """A lower tree whose full path passes PATH_MAX (written through dir fds)."""
 
 
-@scenario(layers=DEEP_LOWER)
+@scenario(layers=DEEP_LOWER, verity=False)
 def sc_deep_tree_through_mount(fs: Session):
     """Kernel, every mode: DEEP levels of d/ created through the mount, appended to at the bottom
     (by full path and through dir fds) and removed; a LOWER_DEEP-level lower tree copied up at the
@@ -2243,7 +2254,7 @@ def sc_deep_tree_through_mount(fs: Session):
     fs.listdir("")
 
 
-@scenario(layers=LONG_LOWER)
+@scenario(layers=LONG_LOWER, verity=False)
 def sc_path_longer_than_path_max(fs: Session):
     """Kernel, every mode: a merged path of 20 x 250-byte names (> 4096 bytes) can be created,
     stat-ed, appended to, copied up and deleted through dir fds; the full path gives ENAMETOOLONG
@@ -2289,6 +2300,7 @@ CASES = [pytest.param(name, mode, id=f"{name}-{mode}", marks=MOUNT_MARKS + (
 
 def test_enough_scenarios():
     assert len(SCENARIOS) >= 45, f"only {len(SCENARIOS)} scenarios"
+    assert VERITY_ON_SCENARIOS <= set(SCENARIOS), VERITY_ON_SCENARIOS - set(SCENARIOS)
 
 
 @pytest.mark.parametrize("name,mode", CASES)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from cowfs.errors import StackError
-from cowfs.overlay import copyup, lookup
+from cowfs.overlay import copyup, lookup, verity
 from cowfs.overlay import whiteout as whiteout_module
 from cowfs.overlay.stack import Stack, check
 from cowfs.overlay.union import Caller, Union
@@ -2592,7 +2592,9 @@ class TestMetacopy:
         assert parse_options(["lowerdir=/l,metacopy=on"]).redirect_dir == "on"
         for bad in ("metacopy=on,redirect_dir=off", "metacopy=on,userxattr"):
             with pytest.raises(StackError, match="conflicting options"):
-                parse_options(["lowerdir=/l," + bad])
+                parse_options(["lowerdir=/l,upperdir=/u,workdir=/w," + bad])
+        # without an upper the kernel takes redirect_dir=off (which still follows) as on
+        assert parse_options(["lowerdir=/l,metacopy=on,redirect_dir=off"]).redirect_dir == "on"
 
     def test_without_metacopy_a_metadata_copy_is_refused(self, env):
         low = env.lower()
@@ -2601,6 +2603,240 @@ class TestMetacopy:
         os.setxattr(env.upper / "f", TRUSTED + "metacopy", b"")
         u = env.union()
         assert errno_of(u.getattr, "/f") == errno.EPERM
+
+
+# ---------------------------------------------------------------------------------------------
+# verity=on|require: fs-verity digests of metacopy data (no fs-verity on the test machines: the
+# digests come from a measure function the tests give the engine)
+
+SHA256 = 1  # FS_VERITY_HASH_ALG_SHA256
+DIGEST = (SHA256, bytes(range(32)))
+OTHER = (SHA256, bytes(range(1, 33)))
+
+
+class FakeVerity:
+    """Measures as the tests say: {real path: (algorithm, digest)}; a file not named has no fs-verity."""
+
+    def __init__(self, digests=None):
+        self.digests = dict(digests or {})
+        self.measured = []
+
+    def __call__(self, path):
+        self.measured.append(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+        return self.digests.get(str(path))
+
+
+def verity_union(env, verity, fake, **options):
+    u = env.union(metacopy=True, redirect_dir="on", verity=verity, **options)
+    u._union._measure_verity = fake
+    return u
+
+
+class TestVerityFormat:
+    def test_a_digest_is_recorded_in_the_kernels_struct(self):
+        value = verity.metacopy_value(DIGEST)
+        assert value == bytes([0, 36, 0, SHA256]) + bytes(range(32))  # version, len, flags, algorithm, digest
+        assert verity.recorded_digest(value, "/f") == DIGEST
+        sha512 = (2, b"\xee" * 64)
+        assert len(verity.metacopy_value(sha512)) == verity.MAX_SIZE == 68
+        assert verity.recorded_digest(verity.metacopy_value(sha512), "/f") == sha512
+
+    def test_no_digest_is_the_empty_value(self):
+        assert verity.metacopy_value(None) == b""
+        assert verity.recorded_digest(b"", "/f") is None
+        assert verity.recorded_digest(bytes([0, 4, 0, 0]), "/f") is None  # a header without an algorithm
+
+    @pytest.mark.parametrize("value, code", [
+        (b"\x00\x03\x00", errno.EIO),  # shorter than the header
+        (bytes([1, 36, 0, 1]) + bytes(32), errno.EIO),  # another version
+        (bytes([0, 35, 0, 1]) + bytes(32), errno.EIO),  # the length byte is not the size
+        (bytes([0, 69, 0, 1]) + bytes(65), errno.ERANGE),  # longer than any digest
+    ], ids=["short", "version", "length", "long"])
+    def test_a_value_the_kernel_refuses_is_refused(self, value, code):
+        with pytest.raises(OSError) as info:
+            verity.recorded_digest(value, "/d/f")
+        assert (info.value.errno, info.value.filename) == (code, "/d/f")
+        assert "metacopy xattr" in info.value.strerror and "\n" not in info.value.strerror
+
+    @pytest.mark.parametrize("raw", [b"", b"x" * 65])
+    def test_a_digest_of_no_size_or_too_long_is_not_written(self, raw):
+        with pytest.raises(ValueError):
+            verity.metacopy_value((SHA256, raw))
+
+    @pytest.mark.parametrize("mode, value, measured, code", [
+        ("on", b"", None, None),
+        ("require", b"", None, errno.EIO),
+        ("on", "digest", DIGEST, None),
+        ("require", "digest", DIGEST, None),
+        ("on", "digest", None, errno.EIO),
+        ("on", "digest", OTHER, errno.EIO),
+        ("on", "digest", (2, bytes(range(32))), errno.EIO),  # the same bytes under another algorithm
+        ("off", b"garbage", None, None),
+    ])
+    def test_check(self, mode, value, measured, code):
+        value = verity.metacopy_value(DIGEST) if value == "digest" else value
+        if code is None:
+            verity.check(mode, value, "/data", "/f", lambda path: measured)
+            return
+        with pytest.raises(OSError) as info:
+            verity.check(mode, value, "/data", "/f", lambda path: measured)
+        assert (info.value.errno, info.value.filename) == (code, "/f")
+
+    def test_measure_asks_the_kernel(self, tmp_path, monkeypatch):
+        """A file without fs-verity (statx) has no digest, and is not opened: not even an unreadable one;
+        FS_IOC_MEASURE_VERITY on such a file (or on a kernel or filesystem without fs-verity) is no digest
+        either; a missing file is an error."""
+        put(tmp_path, "f", b"data")
+        assert verity.measure(str(tmp_path / "f")) is None
+        assert verity.FS_IOC_MEASURE_VERITY == 0xC0046686
+        fd = os.open(tmp_path / "f", O_RDONLY)
+        try:
+            assert verity.measure_fd(fd) is None
+        finally:
+            os.close(fd)
+        with pytest.raises(FileNotFoundError):
+            verity.measure(str(tmp_path / "missing"))
+        opened = []
+        real_open = os.open
+        monkeypatch.setattr(verity.os, "open", lambda *args, **kw: opened.append(args) or real_open(*args, **kw))
+        assert verity.measure(str(tmp_path / "f")) is None
+        assert opened == []
+
+
+class TestVerity:
+    def test_verity_neither_implies_nor_needs_metacopy(self):
+        """As Linux 6.16 and later: verity= is independent of metacopy, redirect_dir and userxattr."""
+        from cowfs.overlay.stack import parse_options
+        stack = parse_options(["lowerdir=/l,upperdir=/u,workdir=/w,verity=require"])
+        assert (stack.verity, stack.metacopy, stack.redirect_dir) == ("require", False, "off")
+        for other in ("metacopy=off", "redirect_dir=off", "userxattr", "metacopy=on"):
+            assert parse_options(["lowerdir=/l,verity=on," + other]).verity == "on"
+        assert parse_options([stack.option_string()]) == stack
+        assert "verity=require" in stack.option_string().split(",")
+
+    def test_off_measures_nothing(self, env):
+        low = env.lower()
+        put(low, "f", b"lower data")
+        fake = FakeVerity()
+        u = verity_union(env, "off", fake)
+        u.chmod("/f", 0o600)
+        assert read_all(u, "/f") == b"lower data"
+        assert fake.measured == [] and xattr(env.upper / "f", TRUSTED + "metacopy") == b""
+
+    @pytest.mark.parametrize("mode", ["on", "require"])
+    def test_metadata_copy_records_the_digest_and_reads_check_it(self, env, mode):
+        low = env.lower()
+        put(low, "f", b"lower data")
+        fake = FakeVerity({str(low / "f"): DIGEST})
+        u = verity_union(env, mode, fake)
+        u.chmod("/f", 0o600)
+        assert xattr(env.upper / "f", TRUSTED + "metacopy") == verity.metacopy_value(DIGEST)
+        assert os.stat(env.upper / "f").st_blocks <= 8  # metadata only
+        assert read_all(u, "/f") == b"lower data"
+        u.chown("/f", 1, 1)  # a copy-up call of an upper metacopy file checks too, and passes
+        fake.digests[str(low / "f")] = OTHER  # the lower data changed (offline)
+        for call, args in ((u.open, ("/f", O_RDONLY)), (u.chmod, ("/f", 0o644)), (u.rename, ("/f", "/g")),
+                           (u.link, ("/f", "/g")), (u.truncate, ("/f", 1)), (u.utimens, ("/f", 1, 1))):
+            with pytest.raises(OSError) as info:
+                call(*args)
+            assert (info.value.errno, info.value.filename) == (errno.EIO, "/f"), call
+            assert "wrong fs-verity digest" in info.value.strerror
+        del fake.digests[str(low / "f")]  # fs-verity gone from the lower data
+        assert "no fs-verity digest" in str(errno_of_error(u.open, "/f", O_RDONLY))
+        assert u.getattr("/f")["st_mode"] & 0o777 == 0o600  # the metadata stays readable
+        assert names(u, "/") == ["f"]
+        u.setxattr("/f", "user.k", b"v")  # an upper object takes an xattr without a copy-up (no check)
+        u.unlink("/f")
+        assert names(u, "/") == []
+
+    def test_on_records_no_digest_for_data_without_one(self, env):
+        low = env.lower()
+        put(low, "f", b"lower data")
+        u = verity_union(env, "on", FakeVerity())
+        u.chmod("/f", 0o600)
+        u.rename("/f", "/g")
+        assert xattr(env.upper / "g", TRUSTED + "metacopy") == b""
+        assert xattr(env.upper / "g", TRUSTED + "redirect") == b"f"  # its data found by name
+        assert read_all(u, "/g") == b"lower data"
+
+    def test_require_copies_whole_data_without_a_digest(self, env):
+        """verity=require: a metadata-only copy could never be read, so the data comes along, and a
+        renamed file needs no redirect to it."""
+        low = env.lower()
+        put(low, "f", b"lower data")
+        put(low, "a/g", b"other data")
+        mkdirs(low, "b")
+        u = verity_union(env, "require", FakeVerity())
+        u.chmod("/f", 0o600)
+        u.rename("/a/g", "/b/g")
+        for rel in ("f", "b/g"):
+            assert TRUSTED + "metacopy" not in os.listxattr(env.upper / rel)
+            assert TRUSTED + "redirect" not in os.listxattr(env.upper / rel)
+        assert (env.upper / "f").read_bytes() == b"lower data" and (env.upper / "b/g").read_bytes() == b"other data"
+        assert tree(env.upper)["a/g"] == "whiteout"
+
+    def test_require_refuses_the_data_of_a_metacopy_file_without_a_digest(self, env):
+        """An upper written with metacopy=on alone, mounted with verity=require: what needs the data (open,
+        any copy-up) fails with EIO; stat, listing, unlink and an upper file's xattrs do not."""
+        low = env.lower()
+        for name in "fghk":
+            put(low, name, b"data " + name.encode())
+        u = env.union(metacopy=True, redirect_dir="on")
+        for name in "fghk":
+            u.chmod("/" + name, 0o600)
+        env.close()
+        fake = FakeVerity({str(low / name): DIGEST for name in "fghk"})  # even data with a digest
+        u = verity_union(env, "require", fake)
+        for call, args in ((u.open, ("/f", O_RDONLY)), (u.open, ("/f", O_WRONLY)), (u.chmod, ("/f", 0o644)),
+                           (u.chown, ("/f", 0, 0)), (u.rename, ("/g", "/g2")), (u.link, ("/g", "/g2")),
+                           (u.truncate, ("/f", 0))):
+            with pytest.raises(OSError) as info:
+                call(*args)
+            assert (info.value.errno, info.value.filename) == (errno.EIO, args[0]), call
+            assert info.value.strerror.endswith("(metacopy file has no fs-verity digest (verity=require))")
+        assert fake.measured == []  # refused on the marker alone
+        assert u.getattr("/f")["st_size"] == len(b"data f") and names(u, "/") == list("fghk")
+        u.setxattr("/h", "user.k", b"v")
+        u.removexattr("/h", "user.k")
+        u.unlink("/k")
+        assert names(u, "/") == list("fgh")
+        assert xattr(env.upper / "f", TRUSTED + "metacopy") == b""  # nothing was copied
+
+    def test_a_lower_metacopy_file_is_checked_too(self, env):
+        """A metacopy file in a lower layer (an upper become a layer, or a composefs metadata layer)."""
+        data = env.lower()
+        put(data, "f", b"the data")
+        meta = env.lower()
+        env.lowers.reverse()  # meta above data
+        put(meta, "f", b"")
+        os.truncate(meta / "f", len(b"the data"))
+        os.setxattr(meta / "f", TRUSTED + "metacopy", verity.metacopy_value(DIGEST))
+        fake = FakeVerity({str(data / "f"): DIGEST})
+        u = verity_union(env, "require", fake)
+        assert read_all(u, "/f") == b"the data"
+        u.chmod("/f", 0o600)  # metadata only: the digest comes from the data, measured again
+        assert xattr(env.upper / "f", TRUSTED + "metacopy") == verity.metacopy_value(DIGEST)
+        fake.digests[str(data / "f")] = OTHER
+        assert errno_of(u.open, "/f", O_RDONLY) == errno.EIO
+
+    def test_the_data_copy_up_drops_the_digest_with_the_marker(self, env):
+        low = env.lower()
+        put(low, "f", b"lower data")
+        u = verity_union(env, "on", FakeVerity({str(low / "f"): DIGEST}))
+        u.chmod("/f", 0o600)
+        write_at(u, "/f", b"L")
+        assert TRUSTED + "metacopy" not in os.listxattr(env.upper / "f")
+        assert (env.upper / "f").read_bytes() == b"Lower data"
+        assert read_all(u, "/f") == b"Lower data"
+
+
+def errno_of_error(call, *args):
+    """The OSError `call(*args)` raises (the test fails if it raises none)."""
+    with pytest.raises(OSError) as info:
+        call(*args)
+    return info.value
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,13 +4,14 @@ refuses them on this machine (the mount-time comparison mounts both with the sam
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
 
 from cowfs.errors import StackError
 from cowfs.overlay.stack import parse_options
-from cowfs.testing.harness import KERNEL_COMMON
+from cowfs.testing.harness import KERNEL_COMMON, upper_snapshot
 from cowfs.testing.mounts import CowfsMount, KernelOverlay, MountError
 from cowfs.testing.tree import snapshot
 
@@ -40,8 +41,6 @@ class TestParsing:
         ("lowerdir=/a,nfs_export=maybe", "bad value for nfs_export"),
         ("lowerdir=/a,verity=maybe", "bad value for verity"),
         ("lowerdir=/a,nfs_export=on", "nfs_export=on: not supported"),
-        ("lowerdir=/a,verity=on", "verity=on: not supported"),
-        ("lowerdir=/a,verity=require", "verity=require: not supported"),
     ])
     def test_refused_in_one_line(self, options, words):
         with pytest.raises(StackError) as info:
@@ -57,10 +56,10 @@ class TestParsing:
 
 # -- the kernel's verdict on the same options ---------------------------------------------------------
 
-# Refused by cowfs though the kernel mounts them (known difference refused_options): cowfs neither records nor
-# checks fs-verity digests, and a FUSE mount is not exported by the overlay's NFS code (the kernel exports a
-# mount without an upper even with index=off; with an upper it needs index=on: test_nfs_export_with_an_upper).
-COWFS_ONLY_REFUSES = {"verity=on", "verity=require", "nfs_export=on"}
+# Refused by cowfs though the kernel mounts it (known difference refused_options): a FUSE mount is not exported
+# by the overlay's NFS code (the kernel exports a mount without an upper even with index=off; with an upper it
+# needs index=on: test_nfs_export_with_an_upper).
+COWFS_ONLY_REFUSES = {"nfs_export=on"}
 
 
 def _layers(base):
@@ -88,7 +87,13 @@ OPTION_CASES = [
 ] + [f"lowerdir={{l1}}:{{l2}},{o}" for o in (
     "xino=on", "xino=off", "xino=auto", "xino=bad", "uuid=on", "uuid=off", "uuid=null", "uuid=auto", "uuid=bad",
     "nfs_export=on", "nfs_export=off", "nfs_export=bad", "verity=off", "verity=on", "verity=require",
-    "verity=bad")]
+    "verity=bad",
+    # as Linux 6.16 and later, verity= goes with every other option: it neither implies nor needs metacopy=on
+    "verity=on,metacopy=off", "verity=require,metacopy=off", "verity=on,redirect_dir=off",
+    "verity=require,redirect_dir=nofollow", "verity=on,userxattr", "verity=require,metacopy=on",
+    "verity=on,metacopy=on,redirect_dir=off", "verity=require,metacopy=on,userxattr",
+    # without an upper, the kernel takes redirect_dir=off (which follows) and follow as on: metacopy=on goes
+    "metacopy=on,redirect_dir=off", "metacopy=on,redirect_dir=follow", "metacopy=on,redirect_dir=nofollow")]
 
 
 def _fill(template, paths):
@@ -167,3 +172,129 @@ def test_nfs_export_with_an_upper(shared_tmp):
         mount.option_string = f"lowerdir={paths['l1']},upperdir={upper},workdir={work},nfs_export=on" + (
             "," + ",".join(KERNEL_COMMON) if kind == "kernel" else "")
         assert _try(mount, mnt) is None, f"{kind} mounted -o {mount.option_string}"
+
+
+# -- verity= with an upper: what each side does and leaves on disk --------------------------------------
+
+def _sides(base, lowers, options, tag=""):
+    """A kernel and a cowfs mount of `lowers`, each with its own upper and work (made under `base`,
+    or reused when there), with `options`: {kind: (mount, upper)}."""
+    sides = {}
+    for kind, cls in (("kernel", KernelOverlay), ("cowfs", CowfsMount)):
+        upper, work, mnt = (os.path.join(base, f"{kind}-{d}") for d in ("upper", "work", "mnt" + tag))
+        for d in (upper, work, mnt):
+            os.makedirs(d, exist_ok=True)
+        extra = list(KERNEL_COMMON) if kind == "kernel" else []
+        sides[kind] = (cls(lowers, upper, work, mnt, list(options) + extra), upper)
+    return sides
+
+
+def _outcome(call, *args):
+    """What a call through the mount did: its result, or the errno's name."""
+    try:
+        result = call(*args)
+    except OSError as e:
+        return errno.errorcode[e.errno]
+    return result if result is None or isinstance(result, (bytes, int, list)) else "ok"
+
+
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _write(path):
+    with open(path, "r+b") as f:
+        return f.write(b"W")
+
+
+@pytest.mark.kernel
+@pytest.mark.fuse
+@pytest.mark.parametrize("options", [
+    ("verity=on",), ("verity=require",), ("verity=on", "metacopy=off"), ("verity=require", "redirect_dir=off"),
+    ("verity=on", "userxattr"),
+], ids=",".join)
+def test_verity_alone_copies_whole(options, shared_tmp):
+    """verity= without metacopy=on (Linux 6.16 and later): a chmod copies the whole file up, a rename too
+    (no redirect); both sides leave the same upper."""
+    low = os.path.join(shared_tmp, "low")
+    os.makedirs(os.path.join(low, "a"))
+    for rel in ("f", "a/g"):
+        with open(os.path.join(low, rel), "wb") as f:
+            f.write(b"lower data " + rel.encode())
+    seen = {}
+    for kind, (mount, upper) in _sides(shared_tmp, [low], options).items():
+        mount.mount()
+        try:
+            mnt = mount.mountpoint
+            os.chmod(os.path.join(mnt, "f"), 0o600)
+            os.rename(os.path.join(mnt, "a/g"), os.path.join(mnt, "g"))
+            merged = snapshot(mnt)
+        finally:
+            mount.unmount()
+        seen[kind] = (merged, upper_snapshot(upper, "userxattr" in options))
+    assert seen["cowfs"] == seen["kernel"]
+    entries = seen["kernel"][1]["entries"]
+    assert not any(k.endswith("overlay.metacopy") for k in entries["f"].get("xattrs", {}))
+    assert entries["f"]["size"] == len(b"lower data f") and "sha256" in entries["g"]
+
+
+# Each operation on a metacopy file the upper got under metacopy=on alone, then mounted with
+# verity=require,metacopy=on: the kernel refuses to use data no digest vouches for.
+REQUIRE_OPS = [
+    ("stat", lambda m: os.stat(m + "/f").st_size),
+    ("listdir", lambda m: sorted(os.listdir(m))),
+    ("read", lambda m: _read(m + "/f")),
+    ("open for write", lambda m: _write(m + "/f")),
+    ("truncate", lambda m: os.truncate(m + "/f", 1)),
+    ("chmod", lambda m: os.chmod(m + "/f", 0o640)),
+    ("chown", lambda m: os.chown(m + "/f", 1, 1)),
+    ("utime", lambda m: os.utime(m + "/f", (1, 1))),
+    ("rename", lambda m: os.rename(m + "/g", m + "/g2")),
+    ("link", lambda m: os.link(m + "/g", m + "/g3")),
+    ("setxattr", lambda m: os.setxattr(m + "/h", "user.k", b"v")),
+    ("getxattr", lambda m: os.getxattr(m + "/h", "user.k")),
+    ("unlink", lambda m: os.unlink(m + "/k")),
+    ("listdir after", lambda m: sorted(os.listdir(m))),
+    ("read a file copied whole", lambda m: _read(m + "/new")),
+]
+
+
+@pytest.mark.kernel
+@pytest.mark.fuse
+def test_verity_require_over_a_metacopy_upper(shared_tmp):
+    """An upper written with metacopy=on (each side its own), mounted again with verity=require: what needs
+    a digest-less metacopy file's data (open, any copy-up) fails with EIO on both, the rest works, a new
+    copy-up is whole; the same outcomes, merged trees and uppers."""
+    low = os.path.join(shared_tmp, "low")
+    os.mkdir(low)
+    for name in ("f", "g", "h", "k", "new"):
+        with open(os.path.join(low, name), "wb") as f:
+            f.write(b"data of " + name.encode())
+    seen = {}
+    for mount, _ in _sides(shared_tmp, [low], ("metacopy=on",)).values():
+        mount.mount()
+        try:
+            for name in ("f", "g", "h", "k"):
+                os.chmod(os.path.join(mount.mountpoint, name), 0o600)
+        finally:
+            mount.unmount()
+    for kind, (mount, upper) in _sides(shared_tmp, [low], ("verity=require", "metacopy=on"), "2").items():
+        mount.mount()
+        try:
+            outcomes = [(name, _outcome(op, mount.mountpoint)) for name, op in REQUIRE_OPS[:-1]]
+            os.chmod(os.path.join(mount.mountpoint, "new"), 0o600)
+            outcomes.append((REQUIRE_OPS[-1][0], _outcome(REQUIRE_OPS[-1][1], mount.mountpoint)))
+            merged = snapshot(mount.mountpoint)
+        finally:
+            mount.unmount()
+        seen[kind] = (outcomes, merged, upper_snapshot(upper, False))
+    assert seen["cowfs"][0] == seen["kernel"][0]
+    assert seen["cowfs"][1:] == seen["kernel"][1:]
+    kernel = dict(seen["kernel"][0])
+    assert [name for name, result in seen["kernel"][0] if result == "EIO"] == [
+        "read", "open for write", "truncate", "chmod", "chown", "utime", "rename", "link"], kernel
+    assert kernel["listdir after"] == ["f", "g", "h", "new"] and kernel["getxattr"] == b"v"
+    entries = seen["kernel"][2]["entries"]
+    assert not any(k.endswith("overlay.metacopy") for k in entries["new"].get("xattrs", {}))
+    assert entries["f"]["xattrs"]["trusted.overlay.metacopy"] is not None  # still metadata only

@@ -24,7 +24,8 @@ KINDS = {
 }
 # Layer options of -o values (lowerdir=A:B ...) complete directories after the '='.
 MOUNT_OPTION_WORDS = ("lowerdir=", "upperdir=", "workdir=", "redirect_dir=on", "redirect_dir=off", "metacopy=on",
-                      "userxattr", "oci_whiteouts", "volatile", "ro", "allow_other", "trace=")
+                      "verity=on", "verity=require", "userxattr", "oci_whiteouts", "volatile", "ro", "allow_other",
+                      "trace=")
 
 
 def _kind(action):

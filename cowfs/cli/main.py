@@ -34,9 +34,14 @@ options (-o, comma-separated, as the kernel's overlay takes them):
   volatile            never sync the upper (copy-ups, fsync): faster, but after a crash
                       throw the upper away; the next mount of W is refused until
                       W/work/incompat/volatile is removed, as with the kernel
-  xino=on|off|auto, uuid=on|off|null|auto, nfs_export=off, verity=off
+  verity=on|require   with metacopy=on: record the fs-verity digest of a lower file's
+                      data in its metadata-only copy, and check it before the data
+                      is used (EIO if it differs); require: a metacopy file without
+                      a digest fails with EIO, and a file whose data has none is
+                      copied whole
+  xino=on|off|auto, uuid=on|off|null|auto, nfs_export=off
                       accepted as the kernel spells them (no effect on cowfs);
-                      nfs_export=on and verity=on|require are refused
+                      nfs_export=on is refused
   ro                  mount read-only; every change fails with EROFS
   allow_other         let other users in (the default when mounted by root)
   trace=FILE          the same as --trace FILE

@@ -114,6 +114,8 @@ def _request(method):
             reply = method(self, req, *args)
         except OSError as e:
             reply = Reply(ll.reply_err, e.errno if isinstance(e.errno, int) and e.errno > 0 else errno.EIO)
+            if getattr(e, "attrs_changed", False) and isinstance(e.filename, str):
+                self._pending.paths.append(e.filename)  # its attributes moved before it failed (see _settle)
         except Exception:
             log.exception("cowfs: unexpected failure in %s", method.__name__)
             reply = Reply(ll.reply_err, errno.EIO)

@@ -189,7 +189,9 @@ class Attributes:
         if override.is_override(name):
             raise os_error(errno.EPERM, path)
         self._check_protection(node, path)
-        if node.index is None:  # an indexed inode takes the xattr as it is, no name linked up (as the kernel's)
+        # an indexed inode takes the xattr as it is, no name linked up; an upper one is not copied up (nor its
+        # metacopy data checked under verity), as the kernel's
+        if node.index is None and not node.in_upper:
             node = self._copy_up(node, data=False)
         os.setxattr(node.real, escape_xattr(name, self.prefix), value, flags, follow_symlinks=False)
 
@@ -203,6 +205,6 @@ class Attributes:
         real_name = escape_xattr(name, self.prefix)
         if not node.in_upper:
             os.getxattr(node.real, real_name, follow_symlinks=False)  # ENODATA before any copy-up, as the kernel
-        if node.index is None:
+        if node.index is None and not node.in_upper:  # as setxattr
             node = self._copy_up(node, data=False)
         os.removexattr(node.real, real_name, follow_symlinks=False)

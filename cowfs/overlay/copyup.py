@@ -18,8 +18,9 @@ import stat
 import threading
 import time
 
+from cowfs.errors import os_error
 from cowfs.formatting import kind_name
-from cowfs.overlay import fileattr, handles
+from cowfs.overlay import fileattr, handles, verity
 from cowfs.overlay.events import TRIGGERS
 from cowfs.overlay.locking import DataFirst, locked_for
 from cowfs.overlay.lookup import parent_of
@@ -147,14 +148,15 @@ def copy_mode_and_times(st, path):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
-def build_copy(src, st, tmp, prefix, origin, metadata_only=False, sync=True, data=None):
+def build_copy(src, st, tmp, prefix, origin, metadata_only=False, sync=True, data=None, digest=None):
     """Build at `tmp` a full copy of the object at `src` (type, data, owner, mode, times, xattrs).
 
     `src` is a path, or for a regular file an open descriptor of it (a file
     open under a name that is gone). Directories are copied empty: their
     entries stay in the lower and merge. With `metadata_only` a regular file
     gets its size but no data (all hole) and the metacopy marker, as the
-    kernel's metacopy=on does. `origin`, the lower object's file handle in the
+    kernel's metacopy=on does; `digest`, the fs-verity digest of its data, is
+    then recorded in the marker (verity.py). `origin`, the lower object's file handle in the
     kernel's format (see handles.py), is recorded when given. `data` is the
     file that holds a lower metacopy file's data (its own is all hole). The data is synced before the copy is renamed
     into place (unless `sync` is false, for volatile mounts), so a crash never
@@ -171,7 +173,7 @@ def build_copy(src, st, tmp, prefix, origin, metadata_only=False, sync=True, dat
         finally:
             os.close(fd_out)
         if metadata_only:
-            set_marker(tmp, prefix, METACOPY, "")
+            os.setxattr(tmp, prefix + METACOPY, verity.metacopy_value(digest), follow_symlinks=False)
     elif stat.S_ISDIR(mode):
         os.mkdir(tmp, 0o700)
     elif stat.S_ISLNK(mode):
@@ -351,13 +353,18 @@ class CopyUp:
     `_changed` and `_require_writable`.
     """
 
+    # How fs-verity digests are measured (verity.measure); tests put their own here.
+    _measure_verity = staticmethod(verity.measure)
+
     def _copy_up(self, node, data=True):
         """Bring `node` and its parent directories into the upper; returns its upper node.
 
         With metacopy=on and `data` false (a change of metadata only), a regular
         file is copied without its data, which follows at the first `data` copy-up.
         A copy that needs a file's data raises DataFirst (see `locking.locked`).
+        Under verity=on|require a metacopy file's data is checked first, as by the kernel before any copy-up.
         """
+        self._verify_data(node)
         if node.in_upper:
             if data and node.data is not None:
                 raise DataFirst(node)
@@ -371,14 +378,16 @@ class CopyUp:
             finally:
                 self._changed()
             return self.layers.resolve_required(node.path)
-        meta_only = self.stack.metacopy and not data and stat.S_ISREG(node.st.st_mode) and not self._indexed(node)
+        meta_only, digest = False, None
+        if self.stack.metacopy and not data and stat.S_ISREG(node.st.st_mode) and not self._indexed(node):
+            meta_only, digest = self._metacopy_digest(node)
         if stat.S_ISREG(node.st.st_mode) and not meta_only:
             raise DataFirst(node)
         parent_real = self._upper_dir(parent_of(node.path)[0])
         try:
             with staged(self.work) as tmp:
                 started = time.perf_counter()
-                self._build(node, tmp, meta_only)
+                self._build(node, tmp, meta_only, digest)
                 self._install(node, tmp, parent_real, meta_only, started)
         finally:
             self._changed()
@@ -410,15 +419,56 @@ class CopyUp:
         self._upper_dir(parent_path)
         return self.layers.resolve_required(parent_path), name
 
-    def _build(self, node, tmp, meta_only=False):
-        """Build at `tmp` the copy of lower `node`."""
+    def _metacopy_digest(self, node):
+        """For a metadata-only copy-up of lower regular file `node`: whether it may be one, and the fs-verity
+        digest of its data to record. As the kernel's: under verity=on the digest when the data has one;
+        under verity=require a file whose data has none is copied whole instead."""
+        if self.stack.verity == "off":
+            return True, None
+        data = node.data or node.real
+        try:
+            digest = self._measure_verity(data)
+        except FileNotFoundError:
+            raise os_error(errno.ENOENT, node.path) from None
+        return (digest is not None or self.stack.verity != "require"), digest
+
+    def _stays_metadata_only(self, node):
+        """metacopy=on: whether regular file `node` is a metadata-only copy, or becomes one when it is
+        copied up for a change of metadata (see `_metacopy_digest`); its data then stays below."""
+        return node.data is not None or (not node.in_upper and self._metacopy_digest(node)[0])
+
+    def _verify_data(self, node):
+        """Before the data of metacopy file `node` is used, or the file is copied up: under verity=on|require,
+        the digest its marker records checked against its data (verity.check), as the kernel's
+        ovl_verify_lowerdata. Raises OSError EIO naming the reason; a file with its own data passes.
+
+        As the kernel's, data in a data-only layer is reached (its blocks are the file's from then on) before
+        the check, which may then fail: the error then has `attrs_changed` set, for the FUSE adapter."""
+        if self.stack.verity == "off" or node.data is None:
+            return
+        if not os.path.lexists(node.data):  # data a data-only layer lacks: ENOENT first, as the kernel's lookup
+            raise os_error(errno.ENOENT, node.path)
+        reached = self.layers.data_unreached(node.data)
+        if reached:
+            self.layers.data_reached.add(node.data)
+        try:
+            value = os.getxattr(node.real, self.prefix + METACOPY, follow_symlinks=False)
+            verity.check(self.stack.verity, value, node.data, node.path, self._measure_verity)
+        except FileNotFoundError:
+            raise os_error(errno.ENOENT, node.path) from None
+        except OSError as e:
+            e.attrs_changed = reached
+            raise
+
+    def _build(self, node, tmp, meta_only=False, digest=None):
+        """Build at `tmp` the copy of lower `node` (with `digest` recorded when metadata only)."""
         if self.stack.userxattr and not (node.is_dir or stat.S_ISREG(node.st.st_mode)):
             number = self.layers.origin_ino(node.st)
             if number is not None:
                 self.layers.remembered[node.path] = number  # no user.* xattr on this type: keep it in memory
         origin = self.layers.origin_handle(node.real, node.st, self._indexed(node))
         build_copy(node.real, node.st, tmp, self.prefix, origin, meta_only, sync=not self.stack.volatile,
-                   data=node.data)
+                   data=node.data, digest=digest)
 
     def _indexed(self, node):
         """index=on: whether `node` is copied up through WORKDIR/index, as the kernel's ovl_need_index

@@ -47,6 +47,8 @@ class Files:
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
         if node.is_dir and writing:
             raise os_error(errno.EISDIR, path)
+        unreached = node.data is not None and self.layers.data_unreached(node.data)
+        self._verify_data(node)  # verity=on|require: a metacopy file's data is checked first (and reached)
         if writing:
             self._require_writable(path)
             appending = flags & os.O_APPEND and not flags & os.O_TRUNC  # all an append-only file allows
@@ -55,7 +57,7 @@ class Files:
         # No O_DIRECT: the kernel side of FUSE decides direct I/O, and our buffers are not aligned for it.
         real_flags = (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT)) | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(node.data or node.real, real_flags)  # a metadata-only copy reads from its lower data
-        reached = node.data is not None and self.layers.data_unreached(node.data)
+        reached = node.data is not None and (unreached or self.layers.data_unreached(node.data))
         if reached:
             self.layers.data_reached.add(node.data)  # its blocks are the data's from now on (see Layers)
         if flags & os.O_TRUNC:

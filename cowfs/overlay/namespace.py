@@ -171,7 +171,7 @@ class Namespace:
             raise os_error(errno.EEXIST, new)
         self._check_protection(new_parent, new, fileattr.FS_IMMUTABLE_FL)
         self._check_protection(src, old)
-        if self.stack.metacopy and stat.S_ISREG(src.st.st_mode) and (src.data is not None or not src.in_upper):
+        if self.stack.metacopy and stat.S_ISREG(src.st.st_mode) and self._stays_metadata_only(src):
             # A metadata-only copy stays one: an absolute redirect on the shared inode lets
             # every name of it find the data (the kernel uses the origin file handle instead).
             data_path = "/" + next(rel for layer, rel in src.parts if layer > 0)
@@ -429,8 +429,8 @@ class Namespace:
         from_parent, from_name = parent_of(node.path)
         to_parent, _ = parent_of(to)
         redirect = None
-        moves_data_ref = self.stack.metacopy and stat.S_ISREG(node.st.st_mode) and (
-            node.data is not None or not node.in_upper)  # a metadata-only copy finds its data by name
+        # a metadata-only copy finds its data by name
+        moves_data_ref = self.stack.metacopy and stat.S_ISREG(node.st.st_mode) and self._stays_metadata_only(node)
         if (node.is_dir and node.has_lower) or moves_data_ref:
             # as the kernel's ovl_need_absolute_redirect: relative within one directory, except for
             # a lower hard link, whose upper names could come to live in different directories

@@ -36,8 +36,6 @@ KERNEL_VALUES = {"xino": ("on", "off", "auto"), "uuid": ("on", "off", "null", "a
 KERNEL_REFUSED = {
     "nfs_export=on": "a FUSE mount cannot be exported over NFS by the kernel's overlay export code "
                      "(and the kernel needs index=on for it, which cowfs does not have)",
-    "verity=on": "cowfs does not record or check fs-verity digests of metacopy data",
-    "verity=require": "cowfs does not record or check fs-verity digests of metacopy data",
 }
 
 
@@ -67,6 +65,10 @@ class Stack:
     squash_to_root: bool = False
     squash_to_uid: int = None
     squash_to_gid: int = None
+    # fs-verity digests of metacopy data (verity.py): "off", "on" (recorded when the lower data has one,
+    # checked where recorded) or "require" (every metacopy file must record one). As in Linux 6.16 and later,
+    # independent of metacopy: without metacopy=on no metacopy file is made or followed, and it does nothing.
+    verity: str = "off"
     # Accepted for the kernel's spelling; cowfs's behaviour is the same for every accepted value (README.rst).
     xino: str = None
     uuid: str = None
@@ -108,6 +110,8 @@ class Stack:
             opts.append("metacopy=on")
         if self.index:
             opts.append("index=on")
+        if self.verity != "off":
+            opts.append("verity=" + self.verity)
         opts += [name for name in ("userxattr", "oci_whiteouts", "volatile") if getattr(self, name)]
         opts += [f"{name}={mapping_value(getattr(self, name))}" for name in ("uidmapping", "gidmapping")
                  if getattr(self, name)]
@@ -239,7 +243,9 @@ def parse_options(option_strings):
     if redirect not in REDIRECT_MODES:
         raise StackError(f"bad value for redirect_dir: '{redirect}' (one of: {', '.join(REDIRECT_MODES)})")
     if metacopy and redirect != "on":
-        raise StackError(f"conflicting options: metacopy=on,redirect_dir={redirect}")
+        if upper is not None or redirect not in ("off", "follow"):
+            raise StackError(f"conflicting options: metacopy=on,redirect_dir={redirect}")
+        redirect = "on"  # as the kernel: without an upper (where redirects are made), following them is "on"
     if values.get("userxattr") and metacopy:
         raise StackError("conflicting options: userxattr,metacopy=on")
     if values.get("userxattr") and redirect == "on":
@@ -256,6 +262,7 @@ def parse_options(option_strings):
         read_only=bool(values.get("ro")), allow_other=True if values.get("allow_other") else None,
         fsname=values.get("fsname", "cowfs"), mount_flags=tuple(flags),
         squash_to_root=bool(values.get("squash_to_root")), xino=values.get("xino"), uuid=values.get("uuid"),
+        verity=values.get("verity", "off"),
         **owners,
     )
 
@@ -302,7 +309,7 @@ def _kernel_option(key, has_value, value, values, added):
         raise StackError(f"bad value for {key}: '{value}' (one of: {', '.join(KERNEL_VALUES[key])})")
     elif f"{key}={value}" in KERNEL_REFUSED:
         raise StackError(f"{key}={value}: not supported: {KERNEL_REFUSED[f'{key}={value}']}")
-    elif key in ("xino", "uuid"):
+    elif key in ("xino", "uuid", "verity"):
         values[key] = value
 
 

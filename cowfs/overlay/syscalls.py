@@ -48,6 +48,7 @@ def fallocate(fd, mode, offset, length):
 # without opening it (as the VFS checks them), for any type of object.
 STATX_ATTR_IMMUTABLE = 0x10
 STATX_ATTR_APPEND = 0x20
+STATX_ATTR_VERITY = 0x100000  # the file has fs-verity
 AT_SYMLINK_NOFOLLOW = 0x100
 _statx = _libc.statx
 _statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
