@@ -381,6 +381,23 @@ def test_split_records_read_back(tmp_path):
     archive.check_split(path)
 
 
+def test_split_records_read_lengths_unsigned(tmp_path):
+    """Sizes and lengths past the signed range and a path longer than 32 KiB read back as written."""
+    long_path = b"/".join([b"d" * 200] * 165)  # 33,164 bytes
+    path = split_file(tmp_path, file_record(2**63 + 5, long_path) + end(2**64 - 1))
+    assert records(path) == [("file", 2**63 + 5, long_path), ("end", 2**64 - 1, b"d" * 32)]
+
+
+def test_split_records_name_an_error_without_a_message(tmp_path):
+    class Failing(io.RawIOBase):
+        def readinto(self, b):
+            raise OSError()  # no errno, no text
+
+    with pytest.raises(archive.SplitCorrupt) as e:
+        list(archive._split_records(Failing()))
+    assert str(e.value) == "OSError"
+
+
 @pytest.mark.parametrize("body,magic,reason", [
     (end(0), b"cowfs-tar-split\x02", "not a cowfs tar-split"),
     (raw(b"x") + b"X", archive.SPLIT_MAGIC, "unknown record b'X'"),
@@ -483,6 +500,28 @@ def test_the_tar_is_not_given_back_from_a_changed_tree(unpacked, change, message
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
     assert str(e.value) == message
+
+
+def test_a_tree_file_that_cannot_be_opened_is_named_with_the_reason(tmp_path):
+    with pytest.raises(archive.SplitMismatch) as e:
+        archive._copy_tree_file(str(tmp_path), b"n" * 300, 0, io.BytesIO())
+    assert str(e.value) == "n" * 300 + ": File name too long"
+
+
+def test_a_tree_file_that_shrinks_while_read(unpacked, monkeypatch):
+    """The file is read to the size it had when opened; ending sooner is a mismatch, not a short tar."""
+    _, diff, split = unpacked
+    real_fstat = os.fstat
+
+    def grown(fd):  # as if the file had been 3000 bytes longer when opened
+        st = list(real_fstat(fd))
+        st[stat.ST_SIZE] += 3000 if stat.S_ISREG(st[stat.ST_MODE]) else 0
+        return os.stat_result(st)
+
+    monkeypatch.setattr(archive.os, "fstat", grown)
+    with pytest.raises(archive.SplitMismatch) as e:
+        archive._copy_tree_file(str(diff), b"d/a", 6000, io.BytesIO())
+    assert str(e.value) == "d/a in its tree shrank while being read"
 
 
 def test_the_tar_is_not_given_back_from_changed_bytes(unpacked):

@@ -701,7 +701,7 @@ def _split_records(f):
         return data
 
     try:
-        with gzip.GzipFile(fileobj=f, mode="rb") as g:
+        with gzip.GzipFile(fileobj=f) as g:
             if g.read(len(SPLIT_MAGIC)) != SPLIT_MAGIC:
                 raise SplitCorrupt("not a cowfs tar-split")
             while True:
@@ -932,7 +932,7 @@ class _Writer:
     def merged_dir(self, merged, rel):
         """Everything the merged view shows under `merged`, from whichever layer (for a redirected directory)."""
         node = self.layers.resolve_required(merged)
-        for name, _, _entry in sorted(self.layers.list_dir(node), key=lambda item: item[0]):
+        for name, _, _entry in sorted(self.layers.list_dir(node)):  # names are unique: sorted by name
             child_merged = merged + "/" + name
             child = self.layers.resolve_required(child_merged)
             st = os.lstat(child.real)
@@ -964,7 +964,7 @@ def write_layer(upper, out, lowers=(), prefix=TRUSTED_PREFIX, clamp_mtime=None):
     return hashed.digest, hashed.count
 
 
-def write_changes(merged, changes, out, prefix=TRUSTED_PREFIX, clamp_mtime=None):
+def write_changes(merged, changes, out, clamp_mtime=None):
     """Write a list of changes between two views as a layer tar to `out`, as Docker's overlay2 does when it
     cannot read its upper directly (redirect_dir or metacopy on: its "naive" diff): in path order, each added
     or changed path as the merged view shows it (`merged`: a Layers over the whole stack), each deleted one
@@ -972,7 +972,7 @@ def write_changes(merged, changes, out, prefix=TRUSTED_PREFIX, clamp_mtime=None)
     `changes` is [(kind "A" | "C" | "D", merged path)]. Returns (diff_id, size in bytes of the tar)."""
     hashed = HashingWriter(out)
     with tarfile.open(fileobj=hashed, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8") as tf:
-        writer = _Writer(tf, prefix, merged, clamp_mtime)
+        writer = _Writer(tf, None, None, clamp_mtime)  # it reads no upper: names come from `merged`
         for kind, path in sorted(changes, key=lambda change: change[1]):  # Docker sorts them as strings
             head, _, name = path.strip("/").rpartition("/")
             if kind == "D":

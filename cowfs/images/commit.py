@@ -83,7 +83,7 @@ def commit(upper, lowers=(), out_path=None, store=None, tag=None, from_image=Non
                                   redirect_dir="follow", metacopy=True, userxattr=prefix == USER_PREFIX))
 
             def write(f):
-                return write_changes(merged, changes, f, prefix, clamp_mtime)
+                return write_changes(merged, changes, f, clamp_mtime)
         else:
             def write(f):
                 return write_layer(upper, f, lowers, prefix, clamp_mtime)
