@@ -648,7 +648,8 @@ def test_write_changes_as_dockers_naive_diff(tmp_path):
 
 def test_write_changes_takes_metadata_only_data_from_below_and_keeps_xattrs(tmp_path):
     """A metadata-only copy in the upper is written with its lower data and the upper's attributes; user and
-    security xattrs go into the member, the overlay's own do not; names that end in X are not cut."""
+    security xattrs go into the member, the overlay's own do not; names that end in X are not cut, names that
+    are not UTF-8 keep their bytes."""
     from cowfs.overlay.lookup import Layers
     from cowfs.overlay.stack import Stack
     lower, upper = tmp_path / "lower", tmp_path / "upper"
@@ -663,11 +664,13 @@ def test_write_changes_takes_metadata_only_data_from_below_and_keeps_xattrs(tmp_
     os.setxattr(meta, "user.note", b"kept")
     os.chmod(meta, 0o600)
     os.utime(meta, (7000, 7000))
+    with open(os.path.join(os.fsencode(upper), b"not utf-8 \xff"), "wb") as f:
+        f.write(b"bytes")
     merged = Layers(Stack(lowers=[str(lower)], upper=str(upper), redirect_dir="follow", metacopy=True))
     out = io.BytesIO()
-    archive.write_changes(merged, [("D", "/goneX"), ("C", "/metaX")], out)
+    archive.write_changes(merged, [("D", "/goneX"), ("C", "/metaX"), ("A", os.fsdecode(b"/not utf-8 \xff"))], out)
     m = members(out.getvalue())
-    assert list(m) == [".wh.goneX", "metaX"]
+    assert list(m) == [".wh.goneX", "metaX", os.fsdecode(b"not utf-8 \xff")]  # the name's bytes as on disk
     f = m["metaX"]
     assert (f.mode, f.size, f.mtime) == (0o600, len(b"lower data"), 7000)
     assert f.pax_headers.get("SCHILY.xattr.user.note") == "kept"
