@@ -199,6 +199,8 @@ class Layers:
     def ino(self, node):
         """st_ino as the merged view shows it: an upper copy keeps the number its lower origin had."""
         if node.in_upper and node.path != "/":  # the root shows its own, as the kernel's (index=on gives it an origin)
+            if node.is_dir and node.has_lower:  # merged: its top lower's, found by name whatever its origin says
+                return self.map_ino(os.lstat(self.real(*node.parts[1])))
             number = self.upper_origin_ino(node.real, node.path)
             if number is not None:
                 return number
