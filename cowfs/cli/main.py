@@ -34,9 +34,14 @@ options (-o, comma-separated, as the kernel's overlay takes them):
   volatile            never sync the upper (copy-ups, fsync): faster, but after a crash
                       throw the upper away; the next mount of W is refused until
                       W/work/incompat/volatile is removed, as with the kernel
-  xino=on|off|auto, uuid=on|off|null|auto, nfs_export=off, verity=off
-                      accepted as the kernel spells them (no effect on cowfs);
-                      nfs_export=on and verity=on|require are refused
+  uuid=on|off|null|auto
+                      as the kernel: the UUID origins carry (off: null, all layers
+                      on one filesystem) and overlay.uuid on the upper root (on;
+                      auto: on a new upper)
+  xino=on|off|auto    inode numbers over several filesystems: the kernel's xino
+                      numbers (off too: FUSE has one st_dev for all files)
+  nfs_export=off, verity=off
+                      accepted; nfs_export=on and verity=on|require are refused
   ro                  mount read-only; every change fails with EROFS
   allow_other         let other users in (the default when mounted by root)
   trace=FILE          the same as --trace FILE

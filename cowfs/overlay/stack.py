@@ -67,7 +67,7 @@ class Stack:
     squash_to_root: bool = False
     squash_to_uid: int = None
     squash_to_gid: int = None
-    # Accepted for the kernel's spelling; cowfs's behaviour is the same for every accepted value (README.rst).
+    # None: the kernel's default (xino=off here, uuid=auto); what each does is filesystems.py's.
     xino: str = None
     uuid: str = None
 
