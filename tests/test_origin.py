@@ -460,29 +460,35 @@ def _change_through(mnt):
 
 @pytest.mark.kernel
 @pytest.mark.fuse
-@pytest.mark.parametrize("uuid", UUID_VALUES)
-def test_upper_with_each_uuid_value_as_the_kernels(shared_tmp, uuid):
+@pytest.mark.parametrize("uuid,userxattr", [(value, False) for value in UUID_VALUES] + [("auto", True), ("off", True)])
+def test_upper_with_each_uuid_value_as_the_kernels(shared_tmp, uuid, userxattr):
     """The same changes through the kernel and cowfs, each with uuid=VALUE, every layer on a tmpfs (a
-    UUID that is not null): the uppers are the same on disk, with the overlay's UUID on the root or not,
-    and the same filesystem UUID in each origin (compared, as the snapshot's `origins` keeps it)."""
+    UUID that is not null): the uppers are the same on disk, with the overlay's UUID on the root or not
+    (`user.overlay.uuid` under userxattr), and the same filesystem UUID in each origin (compared, as the
+    snapshot's `origins` keeps it)."""
+    prefix = "user.overlay." if userxattr else TRUSTED
+    options = [f"uuid={uuid}"] + (["userxattr"] if userxattr else [])
     with scratch_filesystem(os.path.join(shared_tmp, "fs")) as fs:
         lower = _layers(fs)[0]
-        uppers = {}
+        uppers, fsids = {}, {}
         for kind in ("kernel", "cowfs"):
             upper, work, mnt = (os.path.join(fs, f"{kind}-{x}") for x in ("upper", "work", "mnt"))
             for d in (upper, work, mnt):
                 os.mkdir(d)
-            m = _mounted(kind, lower, upper, work, mnt, [f"uuid={uuid}"] + (["index=off"] if kind == "kernel" else []))
+            m = _mounted(kind, lower, upper, work, mnt, options + (["index=off"] if kind == "kernel" else []))
             try:
                 _change_through(mnt)
+                fsids[kind] = os.statvfs(mnt).f_fsid
             finally:
                 m.unmount()
-            uppers[kind] = upper_snapshot(upper, userxattr=False, origins=True)
+            uppers[kind] = upper_snapshot(upper, userxattr=userxattr, origins=True)
         assert uppers["cowfs"] == uppers["kernel"]
+        # The kernel's fsid: from the overlay's UUID, or the upper's filesystem's. FUSE's statfs reply has none.
+        assert fsids["kernel"] != 0 and fsids["cowfs"] == 0
         entries = uppers["kernel"]["entries"]
         carried = (handles.NULL_UUID if uuid == "off" else handles.fs_uuid(fs)).hex()
-        assert entries["single"]["xattrs"][TRUSTED + "origin"] == f"<origin on uuid {carried}>"
-        assert (TRUSTED + "uuid" in entries["."].get("xattrs", {})) == (uuid in ("on", "auto"))
+        assert entries["single"]["xattrs"][prefix + "origin"] == f"<origin on uuid {carried}>"
+        assert (prefix + "uuid" in entries["."].get("xattrs", {})) == (uuid in ("on", "auto"))
 
 
 @pytest.mark.kernel
