@@ -596,3 +596,34 @@ def test_a_lower_filesystem_of_null_uuid(shared_tmp, options):
         assert shown["cowfs"] == shown["kernel"]
         own = os.lstat(upper + "/single").st_ino
         assert (shown["kernel"] == own) == (options == ())
+
+
+@pytest.mark.kernel
+@pytest.mark.fuse
+def test_two_lower_filesystems_of_one_uuid(shared_tmp):
+    """Two lowers on two ext4 images of the same UUID: neither can be told by its UUID, so, as the kernel,
+    index=on goes on as index=off and no origin into them is followed (the copies show their own numbers)."""
+    same = "12121212-3434-5656-7878-909090909090"
+    with scratch_filesystem(os.path.join(shared_tmp, "a"), uuid=same) as a, \
+            scratch_filesystem(os.path.join(shared_tmp, "b"), uuid=same) as b:
+        lower = _layers(a)[0]
+        other = os.path.join(b, "lower")
+        os.mkdir(other)
+        shown = {}
+        for kind in ("kernel", "cowfs"):
+            upper, work, mnt = (os.path.join(shared_tmp, f"{kind}-{x}") for x in ("upper", "work", "mnt"))
+            for d in (upper, work, mnt):
+                os.mkdir(d)
+            m = KernelOverlay if kind == "kernel" else CowfsMount
+            for _ in range(2):  # the copy-up, then a fresh mount that reads its origins
+                mount = m([lower, other], upper, work, mnt, ["index=on"])
+                mount.mount()
+                try:
+                    os.chmod(mnt + "/single", 0o600)
+                    os.chmod(mnt + "/hl1", 0o600)
+                    inos = _inos(mnt, ("single", "hl1"))
+                finally:
+                    mount.unmount()
+            shown[kind] = (inos, _inos(upper, ("single", "hl1")), os.path.exists(work + "/index"))
+        for kind, (inos, own, indexed) in shown.items():
+            assert inos == own and not indexed, kind

@@ -79,6 +79,11 @@ class Filesystems:
                 self._bad_uuid.update((fsid, self._fsid[dev]))
                 return
 
+    @property
+    def uuids_ambiguous(self):
+        """Whether some lower filesystem cannot be told by its UUID (the kernel then turns index=on off)."""
+        return bool(self._bad_uuid)
+
     def _xino_bits(self):
         """The high bits the kernel keeps for filesystem numbers: 32 when every layer's inode numbers fit
         in 32 bits, else just enough for the numbers (and one more, for its own overflow range)."""

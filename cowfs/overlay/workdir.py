@@ -105,6 +105,9 @@ def _set_up_index(claimed, stack, filesystems):
     if not all(handles.supports_handles(p) for p in (stack.upper, *stack.lowers)):
         claimed.warnings.append("index=on: a layer's filesystem gives no file handles; going on with index=off")
         return
+    if filesystems.uuids_ambiguous:
+        claimed.warnings.append("index=on: two lower filesystems have the same UUID; going on with index=off")
+        return
     lower_root = stack.lowers[0]
     origin = handles.encode(lower_root, filesystems.handle_uuid(os.stat(lower_root).st_dev))
     _verify_or_set(stack.upper, stack.prefix + KERNEL_ORIGIN, origin,
