@@ -4,7 +4,7 @@ which UUID origin file handles carry and when one is believed (`uuid=`), the ove
 The kernel gives the upper's filesystem the number 0 (kept for it even on a
 mount without an upper) and every other filesystem of a layer the next one,
 in layer order. When the layers span several filesystems, st_ino is the real
-inode number with that number above its bits: above bit 33 when every layer
+inode number with that number above its bits: from bit 33 up when every layer
 gives the 32-bit handles of a filesystem without its own handle encoder
 (ext4), else in the fewest top bits that hold the numbers (tmpfs, btrfs).
 The kernel's `xino=off` shows the real number with a device number per
