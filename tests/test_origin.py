@@ -436,19 +436,29 @@ def test_uuid_decides_which_origins_are_followed(tmp_path, monkeypatch, written,
             _union(lower, upper, work, f"uuid={read}", "index=on")
 
 
-def test_uuid_off_on_several_filesystems_is_null(tmp_path, monkeypatch):
-    """uuid=off needs every layer on the upper's filesystem; otherwise it is uuid=null, with the kernel's
-    warning."""
-    lower, upper, work = _layers(tmp_path)
-    real_stat = os.stat
-    monkeypatch.setattr(os, "stat", lambda p, *a, **k: os.stat_result(
-        (*real_stat(p, *a, **k)[:2], 4242, *real_stat(p, *a, **k)[3:])) if p == lower else real_stat(p, *a, **k))
-    u = _union(lower, upper, work, "uuid=off")
-    try:
-        assert u.layers.filesystems.uuid_mode == "null"
-        assert "going on with uuid=null" in u.warnings[0]
-    finally:
-        u.close()
+@pytest.mark.kernel
+@pytest.mark.fuse
+def test_uuid_off_on_several_filesystems_is_null(shared_tmp):
+    """uuid=off needs every layer on the upper's filesystem: with the lower on a tmpfs it is uuid=null, on
+    the kernel (a warning in its log) and on cowfs (a warning at mount): origins carry the tmpfs's UUID."""
+    with scratch_filesystem(os.path.join(shared_tmp, "fs")) as fs:
+        lower = _layers(fs)[0]
+        uppers = {}
+        for kind in ("kernel", "cowfs"):
+            upper, work, mnt = (os.path.join(shared_tmp, f"{kind}-{x}") for x in ("upper", "work", "mnt"))
+            for d in (upper, work, mnt):
+                os.mkdir(d)
+            m = _mounted(kind, lower, upper, work, mnt, ["uuid=off"] + (["index=off"] if kind == "kernel" else []))
+            try:
+                _change_through(mnt)
+            finally:
+                m.unmount()
+            uppers[kind] = upper_snapshot(upper, userxattr=False, origins=True)
+        assert uppers["cowfs"] == uppers["kernel"]
+        carried = handles.fs_uuid(fs)
+        assert carried != handles.NULL_UUID
+        shown = uppers["kernel"]["entries"]["single"]["xattrs"][TRUSTED + "origin"]
+        assert shown == f"<origin on uuid {carried.hex()}>"
 
 
 def _change_through(mnt):
