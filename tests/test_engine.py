@@ -1816,14 +1816,16 @@ class TestPathsPastPathMax:
 
 
 class TestInodeNumbers:
-    def test_each_filesystem_gets_its_own_high_bits(self, env):
+    def test_a_filesystem_no_layer_names_gets_high_bits_of_its_own(self, env):
+        """A mount inside a layer: its numbers stay apart from the layers' (bit 56 up, above the kernel's
+        numbering of the layers' filesystems)."""
         low = env.lower()
         put(low, "f", b"x")
         u = env.union()
         layers = u.layers
         home = os.lstat(low).st_dev
-        assert layers.map_dev_ino(home, 7) == 7  # the first filesystem keeps its numbers
-        seen = len(layers._fs_index)
+        assert layers.map_dev_ino(home, 7) == 7  # every layer on one filesystem: the real numbers
+        seen = layers.filesystems.count
         first, second = 10**9 + 1, 10**9 + 2  # two other filesystems, as device numbers
         assert layers.map_dev_ino(first, 7) == 7 | (seen << 56)
         assert layers.map_dev_ino(second, 7) == 7 | ((seen + 1) << 56)

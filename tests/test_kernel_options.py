@@ -4,6 +4,7 @@ refuses them on this machine (the mount-time comparison mounts both with the sam
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 
@@ -12,7 +13,7 @@ import pytest
 from cowfs.errors import StackError
 from cowfs.overlay.stack import parse_options
 from cowfs.testing.harness import KERNEL_COMMON, upper_snapshot
-from cowfs.testing.mounts import CowfsMount, KernelOverlay, MountError
+from cowfs.testing.mounts import CowfsMount, KernelOverlay, MountError, scratch_filesystem
 from cowfs.testing.tree import snapshot
 
 
@@ -208,6 +209,42 @@ def _write(path):
         return f.write(b"W")
 
 
+# -- xino=: inode numbers over layers on one filesystem or several --------------------------------
+
+XINO_NAMES = ("f", "d", "d/g", "copied")  # from the lowers; the root and a new file show the upper's own
+
+
+def _xino_layers(lowers):
+    """Files in each lower (topmost first): `f`, `d/g` and `copied` in the top one, `more-N` below."""
+    for i, lower in enumerate(lowers):
+        os.makedirs(os.path.join(lower, "d"), exist_ok=True)
+        names = ("f", "d/g", "copied") if i == 0 else (f"more-{i}",)
+        for name in names:
+            with open(os.path.join(lower, name), "w") as f:
+                f.write(name)
+    return XINO_NAMES + tuple(f"more-{i}" for i in range(1, len(lowers)))
+
+
+def _numbers_through(kind, base, lowers, names, xino):
+    """st_ino of each name through a fresh mount of `kind` with xino=VALUE after a copy-up, with the st_dev
+    they show, and whether the root and a new file showed their upper's own numbers."""
+    upper, work, mnt = (os.path.join(base, f"{kind}-{xino}-{x}") for x in ("upper", "work", "mnt"))
+    for d in (upper, work, mnt):
+        os.mkdir(d)
+    cls = KernelOverlay if kind == "kernel" else CowfsMount
+    m = cls(lowers, upper, work, mnt, [f"xino={xino}"] + (list(KERNEL_COMMON) if kind == "kernel" else []))
+    m.mount()
+    try:
+        os.chmod(os.path.join(mnt, "copied"), 0o600)
+        with open(os.path.join(mnt, "new"), "w"):
+            pass
+        stats = {name: os.lstat(os.path.join(mnt, name)) for name in names + (".", "new")}
+        own = all(stats[name].st_ino == os.lstat(os.path.join(upper, name)).st_ino for name in (".", "new"))
+        return {name: stats[name].st_ino for name in names}, {st.st_dev for st in stats.values()}, own
+    finally:
+        m.unmount()
+
+
 @pytest.mark.kernel
 @pytest.mark.fuse
 @pytest.mark.parametrize("options", [
@@ -298,3 +335,39 @@ def test_verity_require_over_a_metacopy_upper(shared_tmp):
     entries = seen["kernel"][2]["entries"]
     assert not any(k.endswith("overlay.metacopy") for k in entries["new"].get("xattrs", {}))
     assert entries["f"]["xattrs"]["trusted.overlay.metacopy"] is not None  # still metadata only
+
+
+@pytest.mark.kernel
+@pytest.mark.fuse
+@pytest.mark.parametrize("layout", ["one", "tmpfs", "ext4", "tmpfs+ext4"])
+def test_inode_numbers_as_the_kernels_xino(shared_tmp, layout):
+    """The upper on /tmp's filesystem, the lowers on it (one) or on others: a tmpfs (64-bit inode numbers:
+    the kernel keeps the fewest top bits for the filesystem's number), an ext4 image (32-bit ones: bits
+    33 up), both. cowfs shows the kernel's numbers for xino=on and xino=auto. For xino=off the kernel
+    shows each layer's real numbers under a device number per layer, which a FUSE mount cannot (one
+    st_dev): cowfs shows the xino=on numbers then, unique on its one device."""
+    with contextlib.ExitStack() as stack:
+        lowers = []
+        if layout == "one":
+            lowers.append(os.path.join(shared_tmp, "lower"))
+        for kind in layout.split("+") if layout != "one" else ():
+            uuid = "11111111-2222-3333-4444-555555555555" if kind == "ext4" else None  # a tmpfs has its own
+            fs = stack.enter_context(scratch_filesystem(os.path.join(shared_tmp, kind), uuid=uuid))
+            lowers.append(os.path.join(fs, "lower"))
+        names = _xino_layers(lowers)
+        seen = {(kind, xino): _numbers_through(kind, shared_tmp, lowers, names, xino)
+                for kind in ("kernel", "cowfs") for xino in ("on", "auto", "off")}
+        real = os.lstat(lowers[0] + "/f").st_ino
+    for xino in ("on", "auto"):
+        assert seen["cowfs", xino][0] == seen["kernel", xino][0], xino
+    for key, (_, devs, own) in seen.items():
+        assert own or key == ("kernel", "off"), key  # the kernel's root, on several: a number of its own
+        assert len(devs) == 1 or key == ("kernel", "off"), key
+    assert seen["cowfs", "off"][0] == seen["kernel", "on"][0]
+    assert len(set(seen["cowfs", "off"][0].values())) == len(names)
+    if layout == "one":  # every layer on one filesystem: xino changes nothing, the real numbers show
+        assert seen["kernel", "off"][0] == seen["kernel", "on"][0] and seen["kernel", "on"][0]["f"] == real
+        assert len(seen["kernel", "off"][1]) == 1
+    else:
+        assert seen["kernel", "on"][0]["f"] != real == seen["kernel", "off"][0]["f"]
+        assert len(seen["kernel", "off"][1]) > 1  # what cowfs cannot show

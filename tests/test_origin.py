@@ -19,7 +19,8 @@ from cowfs.errors import StackError
 from cowfs.overlay import handles
 from cowfs.overlay.stack import check, parse_options
 from cowfs.overlay.union import Union
-from cowfs.testing.mounts import CowfsMount, KernelOverlay
+from cowfs.testing.harness import upper_snapshot
+from cowfs.testing.mounts import CowfsMount, KernelOverlay, MountError, scratch_filesystem, set_image_uuid
 
 TRUSTED = "trusted.overlay."
 
@@ -141,36 +142,44 @@ def _inos(mnt, names):
 
 @pytest.mark.kernel
 @pytest.mark.fuse
+@pytest.mark.parametrize("uuid", ["auto", "on", "off", "null"])
 @pytest.mark.parametrize("writer,reader", [("kernel", "cowfs"), ("cowfs", "kernel")])
 @pytest.mark.parametrize("options", [("redirect_dir=on",), ("index=on", "redirect_dir=on")], ids=["noindex", "index"])
-def test_st_ino_the_same_over_the_others_upper(shared_tmp, writer, reader, options):
+def test_st_ino_the_same_over_the_others_upper(shared_tmp, writer, reader, options, uuid):
     """One side copies up (a file, a directory, a file in it, a lower hard link); the other side,
-    mounting that upper (with the same workdir: index=on keeps data in it), shows the same numbers,
-    and with every layer on one filesystem they are the lower objects' own."""
-    lower, upper, work = _layers(shared_tmp)
-    mnt = os.path.join(shared_tmp, "mnt")
-    os.mkdir(mnt)
-    names = ("single", "d", "d/inner", "hl1", "hl2")
-    index = "index=on" in options
-    m = _mounted(writer, lower, upper, work, mnt, ["index=off", *options] if writer == "kernel" else options)
-    try:
-        for name in ("single", "d/inner", "hl1"):
-            os.chmod(os.path.join(mnt, name), 0o640)
-        written = _inos(mnt, names)
-    finally:
-        m.unmount()
-    m = _mounted(reader, lower, upper, work, mnt, ["index=off", *options] if reader == "kernel" else options)
-    try:
-        read = _inos(mnt, names)
-        assert os.lstat(os.path.join(mnt, "hl2")).st_nlink == 2  # the lower file, or the indexed one
-    finally:
-        m.unmount()
-    assert read == written
-    lower_inos = _inos(lower, names)
-    same = ("single", "d", "d/inner", "hl2") + (("hl1",) if index else ())
-    assert {n: read[n] for n in same} == {n: lower_inos[n] for n in same}
-    if not index:
-        assert read["hl1"] == os.lstat(upper + "/hl1").st_ino  # a broken lower hard link: its own number
+    mounting that upper (with the same workdir: index=on keeps data in it) with the same uuid=,
+    shows the same numbers, and with every layer on one filesystem they are the lower objects' own.
+    The layers are on a tmpfs, whose UUID is not null: uuid=off writes and expects the null one."""
+    with scratch_filesystem(os.path.join(shared_tmp, "fs")) as fs:
+        lower, upper, work = _layers(fs)
+        mnt = os.path.join(shared_tmp, "mnt")
+        os.mkdir(mnt)
+        names = ("single", "d", "d/inner", "hl1", "hl2")
+        index = "index=on" in options
+        options = (*options, f"uuid={uuid}")
+        m = _mounted(writer, lower, upper, work, mnt, ["index=off", *options] if writer == "kernel" else options)
+        try:
+            for name in ("single", "d/inner", "hl1"):
+                os.chmod(os.path.join(mnt, name), 0o640)
+            written = _inos(mnt, names)
+        finally:
+            m.unmount()
+        m = _mounted(reader, lower, upper, work, mnt, ["index=off", *options] if reader == "kernel" else options)
+        try:
+            read = _inos(mnt, names)
+            assert os.lstat(os.path.join(mnt, "hl2")).st_nlink == 2  # the lower file, or the indexed one
+        finally:
+            m.unmount()
+        assert read == written
+        lower_inos = _inos(lower, names)
+        same = ("single", "d", "d/inner", "hl2") + (("hl1",) if index else ())
+        assert {n: read[n] for n in same} == {n: lower_inos[n] for n in same}
+        if not index:
+            assert read["hl1"] == os.lstat(upper + "/hl1").st_ino  # a broken lower hard link: its own number
+        carried = handles.NULL_UUID if uuid == "off" else handles.fs_uuid(fs)
+        assert carried != handles.NULL_UUID or uuid == "off"
+        assert [_origin_uuid(upper + "/" + n) for n in ("single", "d", "d/inner")] == [carried] * 3
+        assert _has_uuid(upper) == (uuid in ("on", "auto"))
 
 
 def test_index_off_without_file_handles(tmp_path, monkeypatch):
@@ -332,3 +341,299 @@ def test_an_indexed_copy_mounted_without_index_shows_its_own_number(tmp_path):
         assert u.getattr("/hl1")["st_ino"] == os.lstat(upper + "/hl1").st_ino
     finally:
         u.close()
+
+
+# -- uuid=: the UUID origins carry, the overlay's own -------------------------------------------
+
+UUID_VALUES = ("on", "off", "null", "auto")
+FAKE_UUID = bytes(range(1, 17))
+
+
+def _origin_uuid(path, prefix=TRUSTED):
+    return handles.decode(os.getxattr(path, prefix + "origin"))[2]
+
+
+def _has_uuid(path, prefix=TRUSTED):
+    try:
+        return len(os.getxattr(path, prefix + "uuid")) == 16
+    except OSError as e:
+        assert e.errno == errno.ENODATA
+        return False
+
+
+@pytest.mark.parametrize("value", UUID_VALUES)
+def test_uuid_in_origins_and_on_the_upper_root(tmp_path, monkeypatch, value):
+    """On one filesystem (of a non-null UUID here): uuid=off writes the null UUID into origins, every
+    other value the filesystem's; on and auto (a new upper) store the overlay's UUID on the upper root,
+    and keep it over later mounts."""
+    monkeypatch.setattr(handles, "fs_uuid", lambda path: FAKE_UUID)
+    lower, upper, work = _layers(tmp_path)
+    u = _union(lower, upper, work, f"uuid={value}")
+    try:
+        u.chmod("/single", 0o600)
+        assert u.getattr("/single")["st_ino"] == os.lstat(lower + "/single").st_ino
+    finally:
+        u.close()
+    assert _origin_uuid(upper + "/single") == (handles.NULL_UUID if value == "off" else FAKE_UUID)
+    assert _has_uuid(upper) == (value in ("on", "auto"))
+    if value in ("on", "auto"):
+        kept = os.getxattr(upper, TRUSTED + "uuid")
+        _union(lower, upper, work, f"uuid={value}").close()
+        assert os.getxattr(upper, TRUSTED + "uuid") == kept
+
+
+def test_uuid_auto_on_an_upper_used_before_stays_null(tmp_path):
+    """uuid=auto on an upper whose root is impure (mounted before, without a UUID): no UUID is stored;
+    uuid=on stores one."""
+    lower, upper, work = _layers(tmp_path)
+    u = _union(lower, upper, work, "uuid=null")
+    u.chmod("/single", 0o600)
+    u.close()
+    assert os.getxattr(upper, TRUSTED + "impure") == b"y" and not _has_uuid(upper)
+    u = _union(lower, upper, work)
+    assert u.layers.filesystems.uuid_mode == "null"
+    u.close()
+    assert not _has_uuid(upper)
+    _union(lower, upper, work, "uuid=on").close()
+    assert _has_uuid(upper)
+
+
+def test_a_bad_overlay_uuid_means_uuid_null_with_a_warning(tmp_path):
+    lower, upper, work = _layers(tmp_path)
+    os.setxattr(upper, TRUSTED + "uuid", b"12345678")
+    u = _union(lower, upper, work, "uuid=on")
+    try:
+        assert u.layers.filesystems.uuid_mode == "null"
+        assert u.warnings == [f"upperdir {upper}: cannot get the overlay's uuid (8 bytes, not 16); going on "
+                              "with uuid=null"]
+    finally:
+        u.close()
+    assert os.getxattr(upper, TRUSTED + "uuid") == b"12345678"  # left as it is, as the kernel
+
+
+@pytest.mark.parametrize("written,read,followed", [
+    ("off", "off", True), ("off", "null", False), ("off", "on", False),
+    ("on", "off", False), ("on", "null", True), ("null", "auto", True),
+])
+def test_uuid_decides_which_origins_are_followed(tmp_path, monkeypatch, written, read, followed):
+    """An origin is followed only if it carries the UUID the mount expects: the filesystem's, or the null
+    UUID with uuid=off; otherwise the copy shows its own number (and index=on refuses the upper)."""
+    monkeypatch.setattr(handles, "fs_uuid", lambda path: FAKE_UUID)
+    lower, upper, work = _layers(tmp_path)
+    u = _union(lower, upper, work, f"uuid={written}", "index=on")
+    u.chmod("/single", 0o600)
+    u.close()
+    u = _union(lower, upper, work, f"uuid={read}")
+    try:
+        shown = u.getattr("/single")["st_ino"]
+    finally:
+        u.close()
+    assert shown == os.lstat((lower if followed else upper) + "/single").st_ino
+    if followed:
+        _union(lower, upper, work, f"uuid={read}", "index=on").close()
+    else:
+        with pytest.raises(StackError, match="origin is not lowerdir"):
+            _union(lower, upper, work, f"uuid={read}", "index=on")
+
+
+@pytest.mark.kernel
+@pytest.mark.fuse
+def test_uuid_off_on_several_filesystems_is_null(shared_tmp):
+    """uuid=off needs every layer on the upper's filesystem: with the lower on a tmpfs it is uuid=null, on
+    the kernel (a warning in its log) and on cowfs (a warning at mount): origins carry the tmpfs's UUID."""
+    with scratch_filesystem(os.path.join(shared_tmp, "fs")) as fs:
+        lower = _layers(fs)[0]
+        uppers = {}
+        for kind in ("kernel", "cowfs"):
+            upper, work, mnt = (os.path.join(shared_tmp, f"{kind}-{x}") for x in ("upper", "work", "mnt"))
+            for d in (upper, work, mnt):
+                os.mkdir(d)
+            m = _mounted(kind, lower, upper, work, mnt, ["uuid=off"] + (["index=off"] if kind == "kernel" else []))
+            try:
+                _change_through(mnt)
+            finally:
+                m.unmount()
+            uppers[kind] = upper_snapshot(upper, userxattr=False, origins=True)
+        assert uppers["cowfs"] == uppers["kernel"]
+        carried = handles.fs_uuid(fs)
+        assert carried != handles.NULL_UUID
+        shown = uppers["kernel"]["entries"]["single"]["xattrs"][TRUSTED + "origin"]
+        assert shown == f"<origin on uuid {carried.hex()}>"
+
+
+def _change_through(mnt):
+    """A copy-up of a file, of a directory and a file in it, and a new directory."""
+    for name in ("single", "d/inner"):
+        os.chmod(os.path.join(mnt, name), 0o640)
+    os.mkdir(os.path.join(mnt, "new"))
+
+
+@pytest.mark.kernel
+@pytest.mark.fuse
+@pytest.mark.parametrize("uuid,userxattr", [(value, False) for value in UUID_VALUES] + [("auto", True), ("off", True)])
+def test_upper_with_each_uuid_value_as_the_kernels(shared_tmp, uuid, userxattr):
+    """The same changes through the kernel and cowfs, each with uuid=VALUE, every layer on a tmpfs (a
+    UUID that is not null): the uppers are the same on disk, with the overlay's UUID on the root or not
+    (`user.overlay.uuid` under userxattr), and the same filesystem UUID in each origin (compared, as the
+    snapshot's `origins` keeps it)."""
+    prefix = "user.overlay." if userxattr else TRUSTED
+    options = [f"uuid={uuid}"] + (["userxattr"] if userxattr else [])
+    with scratch_filesystem(os.path.join(shared_tmp, "fs")) as fs:
+        lower = _layers(fs)[0]
+        uppers, fsids = {}, {}
+        for kind in ("kernel", "cowfs"):
+            upper, work, mnt = (os.path.join(fs, f"{kind}-{x}") for x in ("upper", "work", "mnt"))
+            for d in (upper, work, mnt):
+                os.mkdir(d)
+            m = _mounted(kind, lower, upper, work, mnt, options + (["index=off"] if kind == "kernel" else []))
+            try:
+                _change_through(mnt)
+                fsids[kind] = os.statvfs(mnt).f_fsid
+            finally:
+                m.unmount()
+            uppers[kind] = upper_snapshot(upper, userxattr=userxattr, origins=True)
+        assert uppers["cowfs"] == uppers["kernel"]
+        # The kernel's fsid: from the overlay's UUID, or the upper's filesystem's. FUSE's statfs reply has none.
+        assert fsids["kernel"] != 0 and fsids["cowfs"] == 0
+        entries = uppers["kernel"]["entries"]
+        carried = (handles.NULL_UUID if uuid == "off" else handles.fs_uuid(fs)).hex()
+        assert entries["single"]["xattrs"][prefix + "origin"] == f"<origin on uuid {carried}>"
+        assert (prefix + "uuid" in entries["."].get("xattrs", {})) == (uuid in ("on", "auto"))
+
+
+@pytest.mark.kernel
+@pytest.mark.fuse
+@pytest.mark.parametrize("written,read", [("on", "off"), ("off", "null"), ("off", "on"), ("null", "off")])
+def test_an_upper_mounted_with_another_uuid_value_as_the_kernel(shared_tmp, written, read):
+    """An upper made with one uuid= value, mounted with another by the kernel, then by cowfs: the same
+    numbers (an origin of the wrong UUID is not followed: the copy's own number), and with index=on
+    both refuse it or both mount it."""
+    with scratch_filesystem(os.path.join(shared_tmp, "fs")) as fs:
+        lower, upper, work = _layers(fs)
+        mnt = os.path.join(fs, "mnt")
+        os.mkdir(mnt)
+        _mounted("kernel", lower, upper, work, mnt, [f"uuid={written}", "index=on"]).unmount()
+        m = _mounted("kernel", lower, upper, work, mnt, [f"uuid={written}", "index=off"])
+        try:
+            _change_through(mnt)
+        finally:
+            m.unmount()
+        shown = {}
+        for kind in ("kernel", "cowfs"):
+            m = _mounted(kind, lower, upper, work, mnt, [f"uuid={read}"] + (["index=off"] if kind == "kernel" else []))
+            try:
+                shown[kind] = _inos(mnt, ("single", "d", "d/inner"))
+            finally:
+                m.unmount()
+        assert shown["cowfs"] == shown["kernel"]
+        followed = (written == "off") == (read == "off")
+        assert shown["kernel"]["single"] == os.lstat((lower if followed else upper) + "/single").st_ino
+        refused = {}
+        for kind in ("kernel", "cowfs"):
+            try:
+                _mounted(kind, lower, upper, work, mnt, [f"uuid={read}", "index=on"]).unmount()
+                refused[kind] = False
+            except MountError:
+                refused[kind] = True
+        assert refused == {"kernel": not followed, "cowfs": not followed}
+
+
+@pytest.mark.kernel
+@pytest.mark.fuse
+def test_a_lower_filesystem_given_another_uuid(shared_tmp):
+    """The lower's filesystem (an ext4 image) gets another UUID between mounts, its inodes unchanged:
+    origins written before are not followed, by the kernel nor by cowfs (the copies show their own
+    numbers), and index=on refuses the upper (the kernel: ESTALE)."""
+    with scratch_filesystem(os.path.join(shared_tmp, "img"), uuid="11111111-2222-3333-4444-555555555555") as img:
+        lower = _layers(img)[0]
+        uppers = {}
+        for name in ("plain", "indexed"):
+            upper, work, mnt = (os.path.join(shared_tmp, f"{name}-{x}") for x in ("upper", "work", "mnt"))
+            for d in (upper, work, mnt):
+                os.mkdir(d)
+            m = _mounted("kernel", lower, upper, work, mnt, ["index=on" if name == "indexed" else "index=off"])
+            try:
+                _change_through(mnt)
+            finally:
+                m.unmount()
+            uppers[name] = (upper, work, mnt)
+            assert _origin_uuid(upper + "/single") == bytes.fromhex("11111111222233334444555555555555")
+        shown = {}
+        for when in ("before", "after"):
+            if when == "after":
+                set_image_uuid(img, "99999999-2222-3333-4444-555555555555")
+            for kind in ("kernel", "cowfs"):  # xino: numbers of the two filesystems told apart alike
+                m = _mounted(kind, lower, *uppers["plain"], ["xino=auto"] + (["index=off"] if kind == "kernel" else []))
+                try:
+                    shown[when, kind] = _inos(m.mountpoint, ("single", "d"))
+                finally:
+                    m.unmount()
+            assert shown[when, "cowfs"] == shown[when, "kernel"], when
+        own = os.lstat(uppers["plain"][0] + "/single").st_ino
+        assert shown["before", "kernel"]["single"] != own == shown["after", "kernel"]["single"]
+        for kind in ("kernel", "cowfs"):
+            with pytest.raises(MountError, match="Stale file handle" if kind == "kernel" else "origin is not lowerdir"):
+                _mounted(kind, lower, *uppers["indexed"], ["index=on"])
+
+
+@pytest.mark.kernel
+@pytest.mark.fuse
+@pytest.mark.parametrize("options", [(), ("redirect_dir=on", "xino=auto"), ("xino=on",)],
+                         ids=["default", "redirect", "xino"])
+def test_a_lower_filesystem_of_null_uuid(shared_tmp, options):
+    """A lower on another filesystem than the upper, whose UUID is null (an ext4 image made so): as the
+    kernel, origins into it are not followed unless the stack uses a feature that forbids changing
+    lowers offline (redirect_dir=on, xino=on, ...); the copy shows the same number on both (given
+    xino: the kernel's default on this machine is xino=off, whose per-layer st_dev FUSE cannot show)."""
+    with scratch_filesystem(os.path.join(shared_tmp, "img"), uuid="clear") as img:
+        lower = _layers(img)[0]
+        assert handles.fs_uuid(lower) == handles.NULL_UUID
+        upper, work, mnt = (os.path.join(shared_tmp, x) for x in ("upper", "work", "mnt"))
+        for d in (upper, work, mnt):
+            os.mkdir(d)
+        m = _mounted("kernel", lower, upper, work, mnt, ["index=off", *options])
+        try:
+            os.chmod(mnt + "/single", 0o600)
+        finally:
+            m.unmount()
+        shown = {}
+        for kind in ("kernel", "cowfs"):
+            m = _mounted(kind, lower, upper, work, mnt, list(options) + (["index=off"] if kind == "kernel" else []))
+            try:
+                shown[kind] = os.lstat(mnt + "/single").st_ino
+            finally:
+                m.unmount()
+        assert shown["cowfs"] == shown["kernel"]
+        own = os.lstat(upper + "/single").st_ino
+        assert (shown["kernel"] == own) == (options == ())
+
+
+@pytest.mark.kernel
+@pytest.mark.fuse
+def test_two_lower_filesystems_of_one_uuid(shared_tmp):
+    """Two lowers on two ext4 images of the same UUID: neither can be told by its UUID, so, as the kernel,
+    index=on goes on as index=off and no origin into them is followed (the copies show their own numbers)."""
+    same = "12121212-3434-5656-7878-909090909090"
+    with scratch_filesystem(os.path.join(shared_tmp, "a"), uuid=same) as a, \
+            scratch_filesystem(os.path.join(shared_tmp, "b"), uuid=same) as b:
+        lower = _layers(a)[0]
+        other = os.path.join(b, "lower")
+        os.mkdir(other)
+        shown = {}
+        for kind in ("kernel", "cowfs"):
+            upper, work, mnt = (os.path.join(shared_tmp, f"{kind}-{x}") for x in ("upper", "work", "mnt"))
+            for d in (upper, work, mnt):
+                os.mkdir(d)
+            m = KernelOverlay if kind == "kernel" else CowfsMount
+            for _ in range(2):  # the copy-up, then a fresh mount that reads its origins
+                mount = m([lower, other], upper, work, mnt, ["index=on"])
+                mount.mount()
+                try:
+                    os.chmod(mnt + "/single", 0o600)
+                    os.chmod(mnt + "/hl1", 0o600)
+                    inos = _inos(mnt, ("single", "hl1"))
+                finally:
+                    mount.unmount()
+            shown[kind] = (inos, _inos(upper, ("single", "hl1")), os.path.exists(work + "/index"))
+        for kind, (inos, own, indexed) in shown.items():
+            assert inos == own and not indexed, kind

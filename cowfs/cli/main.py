@@ -39,9 +39,13 @@ options (-o, comma-separated, as the kernel's overlay takes them):
                       is used (EIO if it differs); require: a metacopy file without
                       a digest fails with EIO, and a file whose data has none is
                       copied whole
-  xino=on|off|auto, uuid=on|off|null|auto, nfs_export=off
-                      accepted as the kernel spells them (no effect on cowfs);
-                      nfs_export=on is refused
+  uuid=on|off|null|auto
+                      as the kernel: the UUID origins carry (off: null, all layers
+                      on one filesystem) and overlay.uuid on the upper root (on;
+                      auto: on a new upper)
+  xino=on|off|auto    inode numbers over several filesystems: the kernel's xino
+                      numbers (off too: FUSE has one st_dev for all files)
+  nfs_export=off      accepted; nfs_export=on is refused
   ro                  mount read-only; every change fails with EROFS
   allow_other         let other users in (the default when mounted by root)
   trace=FILE          the same as --trace FILE

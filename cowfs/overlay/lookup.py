@@ -27,6 +27,7 @@ import stat
 
 from cowfs.errors import os_error
 from cowfs.overlay import handles, override
+from cowfs.overlay.filesystems import Filesystems
 from cowfs.overlay.whiteout import (
     IMPURE,
     KERNEL_ORIGIN,
@@ -42,7 +43,6 @@ from cowfs.overlay.whiteout import (
     oci_marker,
 )
 
-XINO_SHIFT = 56
 LONG_PATH = 3072  # bytes: a path this long goes through a directory descriptor (PATH_MAX is 4096)
 PATH_CHUNK = 2048  # where long paths are cut, so that neighbours share a descriptor
 
@@ -130,10 +130,7 @@ class Layers:
         self.oci = stack.oci_whiteouts
         self.follow_redirects = stack.follow_redirects
         self.metacopy = stack.metacopy
-        self._fs_index = {}
-        for root in self.roots:
-            if root is not None:
-                self._fs_index.setdefault(os.stat(root).st_dev, len(self._fs_index))
+        self.filesystems = Filesystems(stack)  # their numbers (st_ino's high bits) and UUIDs
         # The layers with recorded attributes (see override.py), found once by their roots, as
         # fuse-overlayfs finds them; only a stack with one pays for reading the xattr.
         self.marked = frozenset(i for i, root in enumerate(self.roots) if root is not None and override.is_marked(root))
@@ -153,7 +150,6 @@ class Layers:
         # needed, and until then shows its blocks as the size rounded up to pages.
         self.data_reached = set()
         self.index = None  # WORKDIR/index with index=on (set by the engine once the workdir is claimed)
-        self._uuids = {}  # st_dev -> the UUID of that filesystem, as origin file handles carry it
         self._origins = {}  # an origin xattr's value -> the st_ino it gives (None: not to be used)
 
     def forget(self):
@@ -194,18 +190,17 @@ class Layers:
 
     # -- inode numbers -------------------------------------------------------------------------
     def map_ino(self, st):
-        """A st_ino unique across the layers' filesystems (the kernel's xino idea)."""
-        return self.map_dev_ino(st.st_dev, st.st_ino)
+        """A st_ino unique across the layers' filesystems, as the kernel's xino makes it."""
+        return self.filesystems.map_ino(st.st_dev, st.st_ino)
 
     def map_dev_ino(self, dev, ino):
-        index = self._fs_index.get(dev)
-        if index is None:
-            index = self._fs_index.setdefault(dev, len(self._fs_index))
-        return ino | (index << XINO_SHIFT) if index else ino
+        return self.filesystems.map_ino(dev, ino)
 
     def ino(self, node):
         """st_ino as the merged view shows it: an upper copy keeps the number its lower origin had."""
         if node.in_upper and node.path != "/":  # the root shows its own, as the kernel's (index=on gives it an origin)
+            if node.is_dir and node.has_lower:  # merged: its top lower's, found by name whatever its origin says
+                return self.map_ino(os.lstat(self.real(*node.parts[1])))
             number = self.upper_origin_ino(node.real, node.path)
             if number is not None:
                 return number
@@ -236,7 +231,8 @@ class Layers:
 
     def _decode_origin(self, value):
         """The st_ino an origin file handle gives, as the kernel finds it: in the first lower layer
-        on a filesystem of the handle's UUID; None when it is unknown or gone."""
+        that holds it, on a filesystem of the handle's UUID (the null UUID with uuid=off); None when it is
+        unknown or gone."""
         try:
             decoded = handles.decode(value)
         except ValueError:
@@ -247,7 +243,7 @@ class Layers:
         for layer in range(1, len(self.roots)):
             root = self.roots[layer]
             dev = os.stat(root).st_dev
-            if self.fs_uuid(dev) != uuid:
+            if not self.filesystems.follows(dev, uuid):
                 continue
             try:
                 fd = handles.open_handle(root, kind, data)
@@ -255,7 +251,9 @@ class Layers:
                 if e.errno == errno.EPERM:  # no CAP_DAC_READ_SEARCH: the number the handle carries
                     number = handles.handle_ino(kind, data)
                     return None if number is None else self.map_dev_ino(dev, number)
-                if e.errno in (errno.ESTALE, errno.ENOENT, errno.EINVAL, errno.EOPNOTSUPP):
+                if e.errno == errno.ESTALE:
+                    continue  # not on this layer's filesystem: the next may hold it
+                if e.errno in (errno.ENOENT, errno.EINVAL, errno.EOPNOTSUPP):
                     return None
                 raise
             try:
@@ -269,14 +267,6 @@ class Layers:
             return None
         return None
 
-    def fs_uuid(self, dev):
-        """The UUID of the filesystem of device `dev` (one of the layers')."""
-        uuid = self._uuids.get(dev)
-        if uuid is None:
-            root = next(r for r in self.roots if r is not None and os.stat(r).st_dev == dev)
-            uuid = self._uuids[dev] = handles.fs_uuid(root)
-        return uuid
-
     def origin_handle(self, src, st, indexed=False):
         """The origin xattr value for a copy-up of lower object `src` (a path or descriptor) with lstat
         `st`: its file handle, as the kernel records it; None when none is recorded (a lower hard
@@ -284,8 +274,8 @@ class Layers:
         if not (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1 or indexed):
             return None
         try:
-            return handles.encode(src, self.fs_uuid(st.st_dev))
-        except StopIteration:
+            return handles.encode(src, self.filesystems.handle_uuid(st.st_dev))
+        except KeyError:  # not on a layer's filesystem
             return None
         except OSError as e:
             if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EPERM):

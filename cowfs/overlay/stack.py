@@ -69,7 +69,7 @@ class Stack:
     # checked where recorded) or "require" (every metacopy file must record one). As in Linux 6.16 and later,
     # independent of metacopy: without metacopy=on no metacopy file is made or followed, and it does nothing.
     verity: str = "off"
-    # Accepted for the kernel's spelling; cowfs's behaviour is the same for every accepted value (README.rst).
+    # None: the kernel's default (xino=off here, uuid=auto); what each does is filesystems.py's.
     xino: str = None
     uuid: str = None
 

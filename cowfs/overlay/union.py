@@ -68,7 +68,7 @@ class Union(Namespace, Attributes, Files, FileAttrs, Listing, CopyUp):
         self._object_locks = ObjectLocks()
         self._workdir = None
         if stack.upper is not None:
-            self._workdir = workdir.claim(stack)
+            self._workdir = workdir.claim(stack, self.layers.filesystems)
             self.work = self._workdir.work
             self.layers.index = self._workdir.index
         self.warnings = self._workdir.warnings if self._workdir is not None else []

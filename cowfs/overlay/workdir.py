@@ -18,6 +18,7 @@ import time
 from cowfs import mounttable
 from cowfs.errors import StackError
 from cowfs.overlay import copyup, handles
+from cowfs.overlay.filesystems import Filesystems, settle_uuid
 from cowfs.overlay.stack import parse_options, unescape
 from cowfs.overlay.whiteout import KERNEL_ORIGIN, OPAQUE, UPPER, set_marker
 from cowfs.runtime import drop_lock, holds_lock, leave_lock, records, take_lock
@@ -37,6 +38,7 @@ class Workdir:
         self.work = stack.work + "/" + WORK_SUBDIR
         self.index = None  # WORKDIR/index once index=on is set up
         self.warnings = []  # what the mount does otherwise than asked, one line each (index=on turned off)
+        self.uuid = None  # the overlay's UUID (uuid=on, or auto on a new upper), as its upper root keeps it
         self._locks = []  # (fd, path) of the upper and work directories' locks
 
     def close(self):
@@ -52,18 +54,19 @@ class Workdir:
         self._locks = []
 
 
-def claim(stack):
-    """Lock the upper and work directories for this mount, and clear what an interrupted one left in the workdir."""
+def claim(stack, filesystems=None):
+    """Lock the upper and work directories for this mount, clear what an interrupted one left in the workdir,
+    and settle the overlay's UUID (`filesystems`: the stack's, see filesystems.py)."""
     claimed = Workdir(stack)
     try:
-        _claim(claimed, stack)
+        _claim(claimed, stack, filesystems or Filesystems(stack))
     except BaseException:
         claimed.close()
         raise
     return claimed
 
 
-def _claim(claimed, stack):
+def _claim(claimed, stack, filesystems):
     _refuse_kernel_overlay_users(stack)
     for role, path in (("upperdir", stack.upper), ("workdir", stack.work)):
         claimed._locks.append(_lock(role, path))
@@ -88,11 +91,13 @@ def _claim(claimed, stack):
                          + ("" if stack.userxattr else "; try the userxattr option")) from None
     finally:
         os.rmdir(probe)
+    claimed.uuid = settle_uuid(filesystems, stack.upper, stack.prefix)
+    claimed.warnings.extend(filesystems.warnings)
     if stack.index:
-        _set_up_index(claimed, stack)
+        _set_up_index(claimed, stack, filesystems)
 
 
-def _set_up_index(claimed, stack):
+def _set_up_index(claimed, stack, filesystems):
     """index=on, as the kernel mounts it: the upper root records the top lower root as its origin (a
     different one refuses the mount: the index would name other files), WORKDIR/index exists and
     records the upper root as its `upper`. Without file handles on every layer, index stays off
@@ -100,8 +105,11 @@ def _set_up_index(claimed, stack):
     if not all(handles.supports_handles(p) for p in (stack.upper, *stack.lowers)):
         claimed.warnings.append("index=on: a layer's filesystem gives no file handles; going on with index=off")
         return
+    if filesystems.uuids_ambiguous:
+        claimed.warnings.append("index=on: two lower filesystems have the same UUID; going on with index=off")
+        return
     lower_root = stack.lowers[0]
-    origin = handles.encode(lower_root, handles.fs_uuid(lower_root))
+    origin = handles.encode(lower_root, filesystems.handle_uuid(os.stat(lower_root).st_dev))
     _verify_or_set(stack.upper, stack.prefix + KERNEL_ORIGIN, origin,
                    f"upperdir {stack.upper}: its origin is not lowerdir {lower_root} (made over other lower "
                    "layers); index=on refuses it, as the kernel does (ESTALE)")
@@ -111,7 +119,7 @@ def _set_up_index(claimed, stack):
     except FileExistsError:
         if not stat.S_ISDIR(os.lstat(index).st_mode):
             raise StackError(f"workdir {stack.work}: {INDEX_SUBDIR} is not a directory") from None
-    upper = handles.encode(stack.upper, handles.fs_uuid(stack.upper), upper=True)
+    upper = handles.encode(stack.upper, filesystems.handle_uuid(os.stat(stack.upper).st_dev), upper=True)
     _verify_or_set(index, stack.prefix + UPPER, upper,
                    f"workdir {stack.work}: its index belongs to another upperdir than {stack.upper}; index=on "
                    "refuses it, as the kernel does (ESTALE)")

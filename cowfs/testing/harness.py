@@ -37,6 +37,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+from cowfs.overlay import handles
 from cowfs.testing.mounts import (
     CowfsMount,
     KernelOverlay,
@@ -254,23 +255,43 @@ def _without_indexed_names(snap: dict) -> dict:
 
 # The overlay xattrs that identify objects rather than describe the merge: the kernel's origin file
 # handles (and the "impure" and "uuid" marks that go with them), cowfs's own origin inode number.
-# Each side reads only its own, so uppers are compared without them.
+# Their values are not compared as they are (see upper_snapshot for what is).
 IDENTITY_XATTRS = ("origin", "impure", "uuid", "cowfs.origin")
+UUID_SIZE = 16
 
 
-def upper_snapshot(upper: str, userxattr: bool) -> dict:
+def _identity_value(name: str, value: Any) -> Any:
+    """What is compared of an identity xattr: the presence of the overlay's UUID (random, but
+    16 bytes; another value as it is), and the filesystem UUID an origin file handle carries."""
+    if not isinstance(value, bytes):
+        return value  # an error reading it
+    if name == "uuid":
+        return f"<{UUID_SIZE} bytes>" if len(value) == UUID_SIZE else value
+    try:
+        decoded = handles.decode(value)
+    except ValueError:
+        return value
+    return value if decoded is None else "<origin on uuid " + decoded[2].hex() + ">"
+
+
+def upper_snapshot(upper: str, userxattr: bool, origins: bool = False) -> dict:
     """The upper directory *upper* as the overlay left it on disk, comparable between the kernel and
-    cowfs: names, types, modes, owners, sizes, content, whiteouts, every xattr but IDENTITY_XATTRS.
+    cowfs: names, types, modes, owners, sizes, content, whiteouts, every xattr but IDENTITY_XATTRS,
+    of which only the overlay's UUID is compared: whether it is there (its value is random), and,
+    with *origins*, the filesystem UUID each origin file handle carries (not by default: where the
+    kernel records an origin and where cowfs does differ without a difference either shows).
 
     A whiteout's link count is left out, and so is any hard-link group of whiteouts only: the kernel
     may share one whiteout inode between several names (a link to W/work's "whiteout"), cowfs
     makes one per name; either is the same whiteout to any reader."""
     prefix = "user.overlay." if userxattr else "trusted.overlay."
+    kept = {prefix + "uuid"} | ({prefix + "origin"} if origins else set())
     private = {prefix + name for name in IDENTITY_XATTRS}
     snap = snapshot(upper, all_xattrs=True)
     whiteouts = set()
     for rel, info in snap["entries"].items():
-        xattrs = {k: v for k, v in info.get("xattrs", {}).items() if k not in private}
+        xattrs = {k: _identity_value(k[len(prefix):], v) if k in kept else v
+                  for k, v in info.get("xattrs", {}).items() if k in kept or k not in private}
         if xattrs:
             info["xattrs"] = xattrs
         else:

@@ -574,3 +574,46 @@ def watchdog(mountpoint: StrPath, seconds: float, what: str = "the operations") 
     if fired:
         raise Hung(f"{what} on {mountpoint} took longer than {seconds} s: the daemon hung "
                    "(connection aborted through fusectl)")
+
+
+# --------------------------------------------------------------------------
+# filesystems of their own, for what depends on the layers' filesystems (their UUIDs, inode numbers)
+
+@contextlib.contextmanager
+def scratch_filesystem(mountpoint: StrPath, uuid: str | None = None, size_mb: int = 32) -> Iterator[str]:
+    """A filesystem of its own at *mountpoint* (made if missing) for the body, unmounted afterwards
+    whatever happened: a tmpfs (the kernel gives it a random UUID), or with *uuid* an ext4 image
+    (``clear``: the null UUID) in the file ``MOUNTPOINT.img``, on a loop device that the unmount
+    frees. Needs root; a missing mkfs.ext4 fails the test (no skip)."""
+    mountpoint = os.fspath(mountpoint)
+    os.makedirs(mountpoint, exist_ok=True)
+    if uuid is None:
+        cmd = ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", mountpoint]
+    else:
+        image = mountpoint + ".img"
+        with open(image, "wb") as f:
+            f.truncate(size_mb << 20)
+        made = _run(["mkfs.ext4", "-q", "-F", "-U", uuid, image])
+        if made.returncode != 0:
+            raise MountError(f"mkfs.ext4 {image}: {made.stderr.strip()}")
+        cmd = ["mount", "-o", "loop", image, mountpoint]
+    res = _run(cmd)
+    if res.returncode != 0:
+        raise MountError(f"{' '.join(cmd)}: {res.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        force_unmount(mountpoint)
+
+
+def set_image_uuid(mountpoint: StrPath, uuid: str) -> None:
+    """Give the ext4 image of a `scratch_filesystem` another UUID: unmounted, checked, changed, mounted again
+    (the same inodes under another UUID)."""
+    mountpoint = os.fspath(mountpoint)
+    image = mountpoint + ".img"
+    force_unmount(mountpoint)
+    _run(["e2fsck", "-f", "-y", image])  # tune2fs wants a freshly checked filesystem; 1 means "fixed"
+    for cmd in (["tune2fs", "-U", uuid, image], ["mount", "-o", "loop", image, mountpoint]):
+        res = _run(cmd)
+        if res.returncode != 0:
+            raise MountError(f"{' '.join(cmd)}: {res.stderr.strip()}")
