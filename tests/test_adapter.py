@@ -1,0 +1,1182 @@
+"""The FUSE adapter in-process (cowfs.daemon.operations): its request methods called directly, without a mount.
+
+The `fuse` fixture stands in for libfuse's side of a session: every reply
+and notification function the adapter calls is replaced by a recorder (a
+real one, handed a request that is not libfuse's, would crash the
+interpreter); the functions that only fill memory (fuse_add_direntry,
+fuse_add_direntry_plus, fuse_buf_size, fuse_buf_copy) are libfuse's own, so
+a listing is read back from the bytes the kernel would get.  The engine under
+the adapter is a real `Union` over layers in tmp_path.
+
+What is checked is the adapter's contract with the kernel: each request is
+answered exactly once; the engine's errno goes through (EIO for anything
+unexpected); an entry carries the engine's attributes and the node id the
+inode table gives, and counts a lookup that a forget takes back (or that an
+interrupted answer never made); handles are kept until released; listings
+continue from their offsets; and the kernel's caches are invalidated where
+the module says.
+"""
+
+import ctypes
+import errno
+import logging
+import os
+import stat
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from cowfs.daemon import libfuse as ll
+from cowfs.daemon import operations
+from cowfs.daemon.operations import (
+    ATTR_TIMEOUT,
+    ENTRY_TIMEOUT,
+    NEGATIVE_TIMEOUT,
+    CowfsOperations,
+    Notifier,
+)
+from cowfs.overlay import copyup, fileattr
+from cowfs.overlay.stack import Stack, check
+from cowfs.overlay.syscalls import RENAME_EXCHANGE
+from cowfs.overlay.union import Union
+
+SESSION = 0x5E55  # what the adapter takes for its session: only ever handed to the recorders
+ROOT = ll.ROOT_ID
+
+
+# ---------------------------------------------------------------------------------------------
+# libfuse's side, recorded
+
+def _stat(st):
+    """The fields of a struct stat the kernel reads, as a dict (times in ns)."""
+    return {"st_ino": st.st_ino, "st_mode": st.st_mode, "st_nlink": st.st_nlink, "st_uid": st.st_uid,
+            "st_gid": st.st_gid, "st_rdev": st.st_rdev, "st_size": st.st_size, "st_blocks": st.st_blocks,
+            "st_blksize": st.st_blksize,
+            "st_atime": st.st_atimespec.tv_sec * 10**9 + st.st_atimespec.tv_nsec,
+            "st_mtime": st.st_mtimespec.tv_sec * 10**9 + st.st_mtimespec.tv_nsec,
+            "st_ctime": st.st_ctimespec.tv_sec * 10**9 + st.st_ctimespec.tv_nsec}
+
+
+def _entry(e):
+    return {"ino": e.ino, "generation": e.generation, "attr": _stat(e.attr), "attr_timeout": e.attr_timeout,
+            "entry_timeout": e.entry_timeout}
+
+
+def _fi(fi):
+    info = fi.contents
+    return {"fh": info.fh, "keep_cache": info.keep_cache, "cache_readdir": info.cache_readdir}
+
+
+class Fuse:
+    """Records the answers and notifications the adapter sends, by request."""
+
+    def __init__(self):
+        self.replies = []  # (req, kind, *values)
+        self.notices = []  # ("inode", session, node id, offset, length) / ("entry", session, parent id, name)
+        self.ctx = ll.Ctx(uid=0, gid=0, pid=1, umask=0o022)
+        self.groups = []
+        self.groups_asked = []  # the sizes of the buffers req_getgroups was given
+        self.result = 0  # what a reply returns: not 0 when the request was interrupted
+        self.pinned = 0
+        self._reqs = iter(range(0x1000, 1 << 40))
+
+    def _answer(self, req, kind, *values):
+        self.replies.append((req, kind, *values))
+        return self.result
+
+    def reply_err(self, req, err):
+        return self._answer(req, "err", err)
+
+    def reply_none(self, req):
+        self.replies.append((req, "none"))
+
+    def reply_entry(self, req, e):
+        return self._answer(req, "entry", _entry(e._obj))
+
+    def reply_create(self, req, e, fi):
+        return self._answer(req, "create", _entry(e._obj), _fi(fi))
+
+    def reply_attr(self, req, st, timeout):
+        return self._answer(req, "attr", _stat(st._obj), timeout)
+
+    def reply_readlink(self, req, target):
+        return self._answer(req, "readlink", target)
+
+    def reply_open(self, req, fi):
+        return self._answer(req, "open", _fi(fi))
+
+    def reply_write(self, req, count):
+        return self._answer(req, "write", count)
+
+    def reply_buf(self, req, buf, size):
+        return self._answer(req, "buf", bytes(buf[:size]) if buf is not None else None, size)
+
+    def reply_data(self, req, vec, flags):
+        b = vec._obj.buf[0]
+        assert (vec._obj.count, vec._obj.idx, vec._obj.off) == (1, 0, 0)
+        return self._answer(req, "data", os.pread(b.fd, b.size, b.pos), b.flags, flags)
+
+    def reply_statfs(self, req, sv):
+        return self._answer(req, "statfs", {name: getattr(sv._obj, name) for name, _ in ll.StatVfs._fields_
+                                            if name.startswith("f_") and name != "f_fsid"})
+
+    def reply_xattr(self, req, size):
+        return self._answer(req, "xattr", size)
+
+    def reply_ioctl(self, req, result, data, size):
+        return self._answer(req, "ioctl", result, data, size)
+
+    def req_ctx(self, req):
+        return ctypes.pointer(self.ctx)
+
+    def req_getgroups(self, req, size, buf):
+        self.groups_asked.append(size)
+        for i, gid in enumerate(self.groups[:size]):
+            buf[i] = gid
+        return len(self.groups)
+
+    def notify_inval_inode(self, session, node_id, offset, length):
+        self.notices.append(("inode", session, node_id, offset, length))
+        return 0
+
+    def notify_inval_entry(self, session, parent_id, name, size):
+        assert size == len(name)
+        self.notices.append(("entry", session, parent_id, name))
+        return 0
+
+    def pin_thread_state(self):
+        self.pinned += 1
+
+    # -- requests --------------------------------------------------------------------------------
+    def call(self, method, *args):
+        """Send one request to `method`; its one answer, as (kind, *values)."""
+        req = next(self._reqs)
+        before = len(self.replies)
+        pinned = self.pinned
+        assert method(req, *args) is None
+        answers = self.replies[before:]
+        assert [a[0] for a in answers] == [req], f"{method.__name__} answered {answers}"
+        assert self.pinned == pinned + 1  # a libfuse thread's Python state is kept
+        return answers[0][1:]
+
+    def invalidated(self):
+        """The notifications sent since the last call, then forgotten."""
+        notices, self.notices = self.notices, []
+        return notices
+
+
+PATCHED = ["reply_err", "reply_none", "reply_entry", "reply_create", "reply_attr", "reply_readlink", "reply_open",
+           "reply_write", "reply_buf", "reply_data", "reply_statfs", "reply_xattr", "reply_ioctl", "req_ctx",
+           "req_getgroups", "notify_inval_inode", "notify_inval_entry", "pin_thread_state"]
+
+
+@pytest.fixture
+def fuse(monkeypatch):
+    f = Fuse()
+    for name in PATCHED:
+        monkeypatch.setattr(ll, name, getattr(f, name))
+    # bound to libfuse's own reply_err when the module was imported
+    monkeypatch.setattr(operations, "OK", operations.Reply(ll.reply_err, 0))
+    return f
+
+
+# ---------------------------------------------------------------------------------------------
+# the adapter over a real engine
+
+class Adapter:
+    def __init__(self, tmp_path, fuse):
+        self.fuse = fuse
+        self.lower = tmp_path / "lower"
+        self.upper = tmp_path / "upper"
+        self.work = tmp_path / "work"
+        for p in (self.lower, self.upper, self.work):
+            p.mkdir()
+        self.ops = None
+
+    def start(self, read_only=False):
+        stack = (Stack(lowers=[str(self.lower)]) if read_only
+                 else Stack(lowers=[str(self.lower)], upper=str(self.upper), work=str(self.work)))
+        self.union = Union(check(stack))
+        self.ops = CowfsOperations(self.union)
+        self.ops.session = SESSION
+        self.ops.notifier = Notifier(SESSION)
+        return self.ops
+
+    def stop(self):
+        if self.ops is not None:
+            self.ops.notifier.stop()
+            self.ops.close()
+            self.ops = None
+
+    def __getattr__(self, name):
+        """ad.lookup(...): send the request `name` and return its answer."""
+        ops = self.__dict__.get("ops")
+        if ops is None:
+            raise AttributeError(name)
+        return lambda *args: self.fuse.call(getattr(ops, name), *args)
+
+    # -- shortcuts -------------------------------------------------------------------------------
+    def node(self, path):
+        """Look every name of `path` up, as the kernel would: the node id."""
+        node_id = ROOT
+        for name in path.strip("/").split("/"):
+            kind, e = self.lookup(node_id, name.encode())
+            assert kind == "entry" and e["ino"], (path, name)
+            node_id = e["ino"]
+        return node_id
+
+    def open_fh(self, node_id, flags=os.O_RDONLY):
+        kind, info = self.open(node_id, fi(flags))
+        assert kind == "open"
+        return info["fh"]
+
+
+@pytest.fixture
+def ad(tmp_path, fuse):
+    a = Adapter(tmp_path, fuse)
+    yield a
+    a.stop()
+    for name in os.listdir(tmp_path):
+        copyup.discard(str(tmp_path / name))
+
+
+def fi(flags=0, fh=0):
+    return ctypes.pointer(ll.FileInfo(flags=flags, fh=fh))
+
+
+NO_FI = ctypes.POINTER(ll.FileInfo)()
+
+
+def put(root, rel, data=b"", mode=None):
+    p = Path(root, rel)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+    if mode is not None:
+        os.chmod(p, mode)
+    return p
+
+
+def engine_attrs(ad, path):
+    return ad.union.getattr(path)
+
+
+def entry_attr(attrs):
+    """The attributes an entry carries: the engine's, as the kernel reads them back."""
+    return {k: attrs[k] for k in ("st_ino", "st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size",
+                                  "st_blocks", "st_blksize", "st_atime", "st_mtime", "st_ctime")}
+
+
+def memory(data):
+    """What the kernel's WRITE brings: a buffer vector over `data` in memory (fuse_buf_copy consumes it)."""
+    buf = ctypes.create_string_buffer(data, len(data))
+    vec = ll.BufVec(count=1)
+    vec.buf[0].size, vec.buf[0].mem = len(data), ctypes.cast(buf, ctypes.c_void_p)
+    vec._data = buf
+    return ctypes.pointer(vec)
+
+
+def dirents(data):
+    """[(name, ino, type, next offset)] of a READDIR answer, as the kernel parses it."""
+    out, pos = [], 0
+    while pos < len(data):
+        ino, off, namelen, kind = struct.unpack_from("=QQII", data, pos)
+        name = data[pos + 24:pos + 24 + namelen].decode()
+        out.append((name, ino, kind, off))
+        pos += (24 + namelen + 7) & ~7
+    assert pos == len(data)
+    return out
+
+
+def direntplus(data):
+    """[(name, node id, generation, entry timeout, attr timeout, attr dict, ino, type, next offset)] of a
+    READDIRPLUS answer."""
+    out, pos = [], 0
+    while pos < len(data):
+        nodeid, generation, entry_valid, attr_valid, entry_nsec, attr_nsec = struct.unpack_from("=QQQQII", data, pos)
+        (a_ino, a_size, a_blocks, a_atime, a_mtime, a_ctime, a_atimensec, a_mtimensec, a_ctimensec, a_mode,
+         a_nlink, a_uid, a_gid, a_rdev, a_blksize, _flags) = struct.unpack_from("=6Q10I", data, pos + 40)
+        attr = {"st_ino": a_ino, "st_size": a_size, "st_blocks": a_blocks, "st_mode": a_mode, "st_nlink": a_nlink,
+                "st_uid": a_uid, "st_gid": a_gid, "st_rdev": a_rdev, "st_blksize": a_blksize,
+                "st_atime": a_atime * 10**9 + a_atimensec, "st_mtime": a_mtime * 10**9 + a_mtimensec,
+                "st_ctime": a_ctime * 10**9 + a_ctimensec}
+        ino, off, namelen, kind = struct.unpack_from("=QQII", data, pos + 128)
+        name = data[pos + 152:pos + 152 + namelen].decode()
+        out.append((name, nodeid, generation, entry_valid + entry_nsec / 1e9, attr_valid + attr_nsec / 1e9,
+                    attr, ino, kind, off))
+        pos += (152 + namelen + 7) & ~7
+    assert pos == len(data)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# lookups, entries and forgets
+
+def test_lookup_answers_the_engines_attributes_with_a_new_node_id(ad):
+    put(ad.lower, "d/f", b"hello")
+    ops = ad.start()
+    kind, e = ad.lookup(ROOT, b"d")
+    assert kind == "entry"
+    assert e == {"ino": 2, "generation": 0, "attr": entry_attr(engine_attrs(ad, "/d")),
+                 "attr_timeout": ATTR_TIMEOUT, "entry_timeout": ENTRY_TIMEOUT}
+    kind, f = ad.lookup(2, b"f")
+    assert f["ino"] == 3 and f["attr"] == entry_attr(engine_attrs(ad, "/d/f"))
+    assert f["attr"]["st_size"] == 5 and stat.S_ISREG(f["attr"]["st_mode"])
+    assert ops.table.path(ops.table.get(3)) == "/d/f"
+    assert ad.fuse.invalidated() == []  # a lookup changes nothing the kernel holds
+
+
+def test_a_lookup_of_a_missing_name_is_a_negative_entry_kept_a_short_while(ad):
+    ad.start()
+    kind, e = ad.lookup(ROOT, b"nothing")
+    assert kind == "entry"
+    assert (e["ino"], e["entry_timeout"], e["attr_timeout"]) == (0, NEGATIVE_TIMEOUT, 0)
+    assert len(ad.ops.table) == 1
+
+
+def test_lookups_are_counted_and_forgotten(ad):
+    put(ad.lower, "f")
+    ops = ad.start()
+    ids = {ad.lookup(ROOT, b"f")[1]["ino"] for _ in range(3)}
+    assert ids == {2}
+    inode = ops.table.get(2)
+    assert inode.nlookup == 3
+    assert ad.forget(2, 2) == ("none",)
+    assert inode.nlookup == 1
+    assert ad.forget(2, 1) == ("none",)
+    assert ad.getattr(2, NO_FI) == ("err", errno.ESTALE)  # forgotten: the id is gone
+    assert ad.forget(2, 1) == ("none",)  # a forget of an id no longer known is no error
+
+
+def test_forget_multi_forgets_each(ad):
+    put(ad.lower, "a")
+    put(ad.lower, "b")
+    ops = ad.start()
+    a, b = ad.node("a"), ad.node("b")
+    ad.lookup(ROOT, b"b")
+    forgets = (ll.ForgetData * 2)(ll.ForgetData(a, 1), ll.ForgetData(b, 1))
+    assert ad.forget_multi(2, forgets) == ("none",)
+    assert ad.getattr(a, NO_FI) == ("err", errno.ESTALE)
+    assert ops.table.get(b).nlookup == 1
+    forgets = (ll.ForgetData * 1)(ll.ForgetData(b, 1))
+    assert ad.forget_multi(1, forgets) == ("none",)
+    assert ad.getattr(b, NO_FI) == ("err", errno.ESTALE)
+
+
+def test_an_entry_the_kernel_never_got_is_not_counted(ad):
+    put(ad.lower, "f")
+    ops = ad.start()
+    ad.fuse.result = -errno.ENOENT  # the request was interrupted: the answer went nowhere
+    kind, e = ad.lookup(ROOT, b"f")
+    assert e["ino"] == 2
+    assert len(ops.table) == 1  # the inode is gone again
+    ad.fuse.result = 0
+    node = ad.node("f")
+    ad.fuse.result = -errno.ENOENT
+    ad.lookup(ROOT, b"f")
+    assert ops.table.get(node).nlookup == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+def test_the_engines_errno_is_the_answer(ad):
+    put(ad.lower, "f")
+    ad.start()
+    f = ad.node("f")
+    assert ad.lookup(f, b"x") == ("err", errno.ENOTDIR)
+    assert ad.lookup(99, b"x") == ("err", errno.ESTALE)
+    assert ad.mkdir(ROOT, b"f", 0o755) == ("err", errno.EEXIST)
+    assert ad.readlink(f) == ("err", errno.EINVAL)
+    assert ad.rmdir(ROOT, b"f") == ("err", errno.ENOTDIR)
+
+
+def test_anything_unexpected_is_eio_and_logged(ad, caplog, monkeypatch):
+    put(ad.lower, "f")
+    ad.start()
+
+    def broken(path):
+        raise ValueError("broken")
+    monkeypatch.setattr(ad.union, "getattr", broken)
+    with caplog.at_level(logging.ERROR, logger="cowfs"):
+        assert ad.lookup(ROOT, b"f") == ("err", errno.EIO)
+    assert [r.getMessage() for r in caplog.records] == ["cowfs: unexpected failure in lookup"]
+    assert caplog.records[0].exc_info[0] is ValueError
+
+
+@pytest.mark.parametrize("error", [OSError("no errno"), OSError(0, "zero"), OSError(-5, "negative"),
+                                   OSError("EPERM", "not a number")])
+def test_an_oserror_without_a_real_errno_is_eio(ad, monkeypatch, error):
+    ad.start()
+
+    def broken(path):
+        raise error
+    monkeypatch.setattr(ad.union, "getattr", broken)
+    assert ad.lookup(ROOT, b"f") == ("err", errno.EIO)
+
+
+def test_a_failure_after_the_answer_was_made_is_logged_and_the_answer_still_goes(ad, caplog, monkeypatch):
+    put(ad.lower, "f")
+    ops = ad.start()
+
+    def broken():
+        raise ValueError("settle")
+    monkeypatch.setattr(ops, "_settle", broken)
+    with caplog.at_level(logging.ERROR, logger="cowfs"):
+        kind, e = ad.lookup(ROOT, b"f")
+    assert kind == "entry" and e["ino"] == 2
+    assert [r.getMessage() for r in caplog.records] == ["cowfs: unexpected failure after lookup"]
+
+
+# ---------------------------------------------------------------------------------------------
+# getattr and setattr
+
+def test_getattr_by_name_and_through_a_handle_once_the_name_is_gone(ad):
+    put(ad.lower, "f", b"abc")
+    ad.start()
+    f = ad.node("f")
+    assert ad.getattr(f, NO_FI) == ("attr", entry_attr(engine_attrs(ad, "/f")), ATTR_TIMEOUT)
+    assert ad.getattr(ROOT, NO_FI) == ("attr", entry_attr(engine_attrs(ad, "/")), ATTR_TIMEOUT)
+    fh = ad.open_fh(f, os.O_RDWR)
+    before = engine_attrs(ad, "/f")
+    assert ad.unlink(ROOT, b"f") == ("err", 0)
+    kind, attrs, _ = ad.getattr(f, fi(fh=fh))
+    assert kind == "attr" and attrs["st_size"] == 3 and attrs["st_ino"] == before["st_ino"]
+    kind, borrowed, _ = ad.getattr(f, NO_FI)  # no handle given: one of the inode's own
+    assert borrowed == attrs
+    assert ad.release(f, fi(fh=fh)) == ("err", 0)
+    assert ad.getattr(f, NO_FI) == ("err", errno.ENOENT)  # the kernel still holds the inode
+    ad.forget(f, 1)
+    assert ad.getattr(f, NO_FI) == ("err", errno.ESTALE)
+
+
+def test_an_unlinked_inode_without_handles_has_no_attributes(ad):
+    put(ad.lower, "f")
+    ops = ad.start()
+    f = ad.node("f")
+    ad.unlink(ROOT, b"f")
+    assert ops.table.path(ops.table.get(f)) is None
+    assert ad.getattr(f, NO_FI) == ("err", errno.ENOENT)
+    assert ad.setattr(f, ctypes.pointer(ll.Stat(st_mode=0o600)), ll.SET_ATTR_MODE, NO_FI) == ("err", errno.ENOENT)
+
+
+def test_an_object_of_another_kind_at_the_name_is_not_the_inode(ad):
+    """Changed behind the adapter's back: answering with the new object would make the kernel take its
+    inode for a bad one."""
+    put(ad.lower, "f")
+    ad.start()
+    f = ad.node("f")
+    ad.union.unlink("/f")
+    ad.union.mkdir("/f", 0o755)
+    assert ad.getattr(f, NO_FI) == ("err", errno.ENOENT)
+    ad.union.rmdir("/f")
+    ad.union.mknod("/f", stat.S_IFREG | 0o644)  # the same kind, another number: a copy-up does that too
+    kind, attrs, _ = ad.getattr(f, NO_FI)
+    assert kind == "attr" and attrs == entry_attr(engine_attrs(ad, "/f"))
+
+
+def set_attrs(ad, node_id, to_set, fh=None, **fields):
+    st = ll.Stat()
+    for key, value in fields.items():
+        if key in ("atime", "mtime"):
+            ts = getattr(st, f"st_{key}spec")
+            ts.tv_sec, ts.tv_nsec = divmod(value, 10**9)
+        else:
+            setattr(st, key, value)
+    return ad.setattr(node_id, ctypes.pointer(st), to_set, NO_FI if fh is None else fi(fh=fh))
+
+
+T1, T2 = 1_111_111_111_222_333_444, 1_222_222_222_555_666_777
+
+
+def test_setattr_sets_what_to_set_says_and_answers_the_new_attributes(ad):
+    put(ad.lower, "f", b"0123456789", mode=0o644)
+    ad.start()
+    f = ad.node("f")
+    up = ad.upper / "f"
+    kind, attrs, timeout = set_attrs(ad, f, ll.SET_ATTR_MODE, st_mode=stat.S_IFREG | 0o600, st_uid=7, st_size=1)
+    assert (kind, timeout) == ("attr", ATTR_TIMEOUT)
+    assert attrs == entry_attr(engine_attrs(ad, "/f"))
+    assert stat.S_IMODE(up.stat().st_mode) == 0o600 and up.stat().st_uid == 0 and up.stat().st_size == 10
+    set_attrs(ad, f, ll.SET_ATTR_UID, st_uid=7, st_gid=8)
+    assert (up.stat().st_uid, up.stat().st_gid) == (7, 0)
+    set_attrs(ad, f, ll.SET_ATTR_GID, st_uid=9, st_gid=8)
+    assert (up.stat().st_uid, up.stat().st_gid) == (7, 8)
+    kind, attrs, _ = set_attrs(ad, f, ll.SET_ATTR_UID | ll.SET_ATTR_GID, st_uid=5, st_gid=6)
+    assert (up.stat().st_uid, up.stat().st_gid) == (5, 6) == (attrs["st_uid"], attrs["st_gid"])
+    kind, attrs, _ = set_attrs(ad, f, ll.SET_ATTR_SIZE, st_size=4)
+    assert up.read_bytes() == b"0123" and attrs["st_size"] == 4
+    set_attrs(ad, f, ll.SET_ATTR_ATIME | ll.SET_ATTR_MTIME, atime=T1, mtime=T2)
+    assert (up.stat().st_atime_ns, up.stat().st_mtime_ns) == (T1, T2)
+    set_attrs(ad, f, ll.SET_ATTR_ATIME, atime=T2, mtime=T1)
+    assert (up.stat().st_atime_ns, up.stat().st_mtime_ns) == (T2, T2)  # mtime left alone
+    set_attrs(ad, f, ll.SET_ATTR_MTIME, atime=T1, mtime=T1)
+    assert (up.stat().st_atime_ns, up.stat().st_mtime_ns) == (T2, T1)
+    start = time.time_ns()
+    set_attrs(ad, f, ll.SET_ATTR_ATIME | ll.SET_ATTR_ATIME_NOW | ll.SET_ATTR_MTIME, atime=T1, mtime=T2)
+    assert up.stat().st_atime_ns >= start - 10**7 and up.stat().st_mtime_ns == T2
+    set_attrs(ad, f, ll.SET_ATTR_ATIME | ll.SET_ATTR_MTIME | ll.SET_ATTR_MTIME_NOW, atime=T1, mtime=T2)
+    assert up.stat().st_atime_ns == T1 and up.stat().st_mtime_ns >= start - 10**7
+    set_attrs(ad, f, ll.SET_ATTR_ATIME | ll.SET_ATTR_MTIME, atime=T1, mtime=T1)
+    kind, attrs, _ = set_attrs(ad, f, ll.SET_ATTR_ATIME | ll.SET_ATTR_MTIME | ll.SET_ATTR_ATIME_NOW
+                             | ll.SET_ATTR_MTIME_NOW, atime=T2, mtime=T2)
+    assert attrs["st_atime"] >= start - 10**7 and attrs["st_mtime"] >= start - 10**7
+    assert attrs["st_atime"] == up.stat().st_atime_ns
+    kind, attrs, _ = set_attrs(ad, f, 0, st_mode=0o777, st_size=0, atime=T1, mtime=T1)
+    assert attrs == entry_attr(engine_attrs(ad, "/f")) and up.read_bytes() == b"0123"
+
+
+def test_setattr_through_a_handle(ad):
+    put(ad.lower, "f", b"0123456789", mode=0o644)
+    ad.start()
+    f = ad.node("f")
+    fh = ad.open_fh(f, os.O_RDWR)
+    ad.unlink(ROOT, b"f")  # only the handle leads to it now
+    kind, attrs, _ = set_attrs(ad, f, ll.SET_ATTR_SIZE | ll.SET_ATTR_MODE | ll.SET_ATTR_UID | ll.SET_ATTR_GID,
+                             fh=fh, st_size=3, st_mode=0o600, st_uid=3, st_gid=4)
+    handle = ad.ops.handles[fh].handle
+    st = os.fstat(handle.fd)
+    assert (st.st_size, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (3, 0o600, 3, 4)
+    assert (attrs["st_size"], attrs["st_uid"], attrs["st_gid"]) == (3, 3, 4)
+    set_attrs(ad, f, ll.SET_ATTR_ATIME | ll.SET_ATTR_MTIME, fh=fh, atime=T1, mtime=T2)
+    st = os.fstat(handle.fd)
+    assert (st.st_atime_ns, st.st_mtime_ns) == (T1, T2)
+    kind, attrs, _ = set_attrs(ad, f, ll.SET_ATTR_SIZE | ll.SET_ATTR_MODE, st_size=1, st_mode=0o640)  # borrowed
+    st = os.fstat(handle.fd)
+    assert (st.st_size, stat.S_IMODE(st.st_mode)) == (1, 0o640) == (attrs["st_size"], stat.S_IMODE(attrs["st_mode"]))
+
+
+def test_a_truncate_by_name_of_a_file_open_elsewhere(ad):
+    put(ad.lower, "f", b"0123456789")
+    ad.start()
+    f = ad.node("f")
+    fh = ad.open_fh(f, os.O_RDWR)
+    set_attrs(ad, f, ll.SET_ATTR_SIZE, fh=fh, st_size=2)
+    assert (ad.upper / "f").read_bytes() == b"01"
+    set_attrs(ad, f, ll.SET_ATTR_SIZE, st_size=1)
+    assert (ad.upper / "f").read_bytes() == b"0"
+
+
+# ---------------------------------------------------------------------------------------------
+# making and removing names
+
+def test_mkdir_mknod_symlink_answer_as_a_lookup_with_the_callers_owner_and_umask(ad):
+    ops = ad.start()
+    ad.fuse.ctx = ll.Ctx(uid=1234, gid=5678, pid=1, umask=0o027)
+    kind, d = ad.mkdir(ROOT, b"d", 0o777)
+    assert kind == "entry" and d["ino"] == 2
+    assert d["attr"] == entry_attr(engine_attrs(ad, "/d"))
+    st = (ad.upper / "d").stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o750, 1234, 5678)
+    kind, n = ad.mknod(2, b"fifo", stat.S_IFIFO | 0o666, 0)
+    st = (ad.upper / "d/fifo").lstat()
+    assert stat.S_ISFIFO(st.st_mode) and (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 1234, 5678)
+    assert n["ino"] == 3 and n["attr"] == entry_attr(engine_attrs(ad, "/d/fifo"))
+    kind, s = ad.symlink(b"../target", 2, b"link")
+    assert s["ino"] == 4 and s["attr"] == entry_attr(engine_attrs(ad, "/d/link"))
+    assert (ad.upper / "d/link").lstat().st_uid == 1234
+    assert os.readlink(ad.upper / "d/link") == "../target"
+    assert ad.readlink(4) == ("readlink", b"../target")
+    assert [ops.table.get(i).nlookup for i in (2, 3, 4)] == [1, 1, 1]
+    assert ops.table.path(ops.table.get(4)) == "/d/link"
+
+
+def test_a_hard_link_is_the_same_inode(ad):
+    put(ad.lower, "f", b"x")
+    ops = ad.start()
+    f = ad.node("f")
+    kind, e = ad.link(f, ROOT, b"g")
+    assert kind == "entry" and e["ino"] == f
+    assert e["attr"]["st_nlink"] == 2 and e["attr"] == entry_attr(engine_attrs(ad, "/g"))
+    assert ops.table.get(f).nlookup == 2
+    kind, e = ad.link(f, ROOT, b"h")
+    assert e["ino"] == f and ops.table.get(f).nlookup == 3
+    assert ad.link(f, ROOT, b"h") == ("err", errno.EEXIST)
+    ad.unlink(ROOT, b"f")
+    ad.unlink(ROOT, b"g")
+    ad.unlink(ROOT, b"h")
+    assert ad.link(f, ROOT, b"again") == ("err", errno.ENOENT)  # no name left to link from
+
+
+def test_a_link_to_a_name_that_is_now_another_object_is_a_new_inode(ad, monkeypatch):
+    put(ad.lower, "f", b"x")
+    put(ad.lower, "other", b"y")
+    ops = ad.start()
+    f = ad.node("f")
+    real = ad.union.link
+    monkeypatch.setattr(ad.union, "link", lambda old, new: real("/other", new))
+    kind, e = ad.link(f, ROOT, b"g")
+    assert e["ino"] not in (f, ROOT) and e["attr"]["st_ino"] == engine_attrs(ad, "/other")["st_ino"]
+    assert ops.table.get(f).nlookup == 1
+
+
+def test_a_change_the_kernel_sees_drops_no_listing_but_a_failed_one_does(ad):
+    put(ad.lower, "d/x")
+    ad.start()
+    d = ad.node("d")
+    ad.fuse.invalidated()
+    assert ad.mkdir(d, b"new", 0o755)[0] == "entry"
+    # the parent was copied up on the way: its attributes (st_nlink of a merged directory) and its
+    # parent's listing (another number for it) go; its own listing the kernel drops itself
+    assert ad.fuse.invalidated() == [("inode", SESSION, d, -1, 0), ("inode", SESSION, ROOT, 0, 0)]
+    assert ad.mkdir(d, b"new", 0o755) == ("err", errno.EEXIST)
+    assert ad.fuse.invalidated() == [("inode", SESSION, d, 0, 0)]  # the kernel keeps its listing on failure
+    assert ad.unlink(d, b"nothing") == ("err", errno.ENOENT)
+    assert ad.fuse.invalidated() == [("inode", SESSION, d, 0, 0)]
+    assert ad.unlink(d, b"new") == ("err", errno.EISDIR)
+    assert ad.fuse.invalidated() == [("inode", SESSION, d, 0, 0)]
+    assert ad.rmdir(d, b"new") == ("err", 0)
+    assert ad.fuse.invalidated() == []
+
+
+def test_a_change_whose_answer_was_lost_drops_the_listing(ad):
+    ops = ad.start()
+    ad.fuse.result = -errno.ENOENT
+    kind, e = ad.mkdir(ROOT, b"d", 0o755)
+    assert kind == "entry" and (ad.upper / "d").is_dir()
+    assert ad.fuse.invalidated() == [("inode", SESSION, ROOT, 0, 0)]
+    assert len(ops.table) == 1  # and the lookup is not counted
+
+
+def test_unlink_and_rmdir_let_the_name_go(ad):
+    put(ad.lower, "d/f")
+    put(ad.lower, "e/g")
+    ops = ad.start()
+    f, e = ad.node("d/f"), ad.node("e")
+    assert ad.unlink(ops.table.get(f).parent.id, b"f") == ("err", 0)
+    assert ops.table.get(f).parent is None  # the kernel still holds it: no name
+    assert (ad.upper / "d/f").is_char_device()  # a whiteout hides the lower file
+    assert ad.rmdir(ROOT, b"e") == ("err", errno.ENOTEMPTY)
+    ad.unlink(e, b"g")
+    assert ad.rmdir(ROOT, b"e") == ("err", 0)
+    assert ops.table.at_path("/e") is None
+    assert ad.lookup(ROOT, b"e")[1]["ino"] == 0
+
+
+def test_rename_moves_the_name_in_the_table(ad):
+    put(ad.lower, "d/f", b"f")
+    put(ad.lower, "e/g", b"g")
+    ops = ad.start()
+    d, e, f, g = ad.node("d"), ad.node("e"), ad.node("d/f"), ad.node("e/g")
+    ad.fuse.invalidated()
+    assert ad.rename(d, b"f", e, b"h", 0) == ("err", 0)
+    assert ops.table.path(ops.table.get(f)) == "/e/h"
+    assert (ad.upper / "e/h").read_bytes() == b"f"
+    # copied up on the way (both parents and the file), and the moved name may be another object now
+    assert ad.fuse.invalidated() == [("inode", SESSION, i, -1, 0) for i in (d, e, f)] + [
+        ("inode", SESSION, i, 0, 0) for i in (ROOT, d, e)]
+    assert ad.rename(e, b"h", e, b"g", RENAME_EXCHANGE) == ("err", 0)
+    assert ops.table.path(ops.table.get(f)) == "/e/g" and ops.table.path(ops.table.get(g)) == "/e/h"
+    assert ad.rename(e, b"nothing", d, b"x", 0) == ("err", errno.ENOENT)
+
+
+def test_a_directory_moved_to_another_parent_has_its_listing_dropped(ad):
+    ad.start()
+    a, b = ad.mkdir(ROOT, b"a", 0o755)[1]["ino"], ad.mkdir(ROOT, b"b", 0o755)[1]["ino"]
+    sub, other = ad.mkdir(a, b"sub", 0o755)[1]["ino"], ad.mkdir(b, b"other", 0o755)[1]["ino"]
+    y = ad.mknod(b, b"y", stat.S_IFREG | 0o644, 0)[1]["ino"]
+    ad.fuse.invalidated()
+
+    def notices(attrs_of, relisted):
+        return [("inode", SESSION, attrs_of, -1, 0)] + [("inode", SESSION, i, 0, 0) for i in relisted]
+    assert ad.rename(a, b"sub", b, b"sub", 0) == ("err", 0)
+    # its ".." is another directory now; and the new name's parent's listing, as after any rename
+    assert ad.fuse.invalidated() == notices(sub, [sub, b])
+    assert ad.rename(b, b"sub", b, b"sub2", 0) == ("err", 0)  # the same parent: the same ".."
+    assert ad.fuse.invalidated() == notices(sub, [b])
+    assert ad.rename(b, b"y", a, b"y", 0) == ("err", 0)  # a file: no listing of its own
+    assert ad.fuse.invalidated() == notices(y, [a])
+    assert ad.rename(b, b"sub2", a, b"y", RENAME_EXCHANGE) == ("err", 0)  # the directory goes to a
+    assert ad.fuse.invalidated() == notices(sub, [sub, a])
+    assert ad.rename(a, b"y", b, b"other", RENAME_EXCHANGE) == ("err", 0)  # both directories move
+    assert ad.fuse.invalidated() == notices(sub, [sub, other, b])
+
+
+# ---------------------------------------------------------------------------------------------
+# open files
+
+def test_open_read_write_release(ad):
+    put(ad.lower, "f", b"hello world")
+    ops = ad.start()
+    f = ad.node("f")
+    kind, info = ad.open(f, fi(os.O_RDONLY))
+    assert kind == "open" and info == {"fh": 1, "keep_cache": 1, "cache_readdir": 0}
+    assert ops.handles[1].inode is ops.table.get(f) and ops.table.get(f).handles == {1}
+    assert ad.read(f, 5, 6, fi(fh=1)) == ("data", b"world", ll.BUF_IS_FD | ll.BUF_FD_SEEK, 0)
+    assert ad.read(f, 100, 0, fi(fh=1)) == ("data", b"hello world", ll.BUF_IS_FD | ll.BUF_FD_SEEK, 0)
+    w = ad.open_fh(f, os.O_WRONLY)
+    assert w == 2
+    assert ad.write_buf(f, memory(b"WORLD"), 6, fi(fh=w)) == ("write", 5)
+    assert (ad.upper / "f").read_bytes() == b"hello WORLD"
+    assert ad.read(f, 100, 0, fi(fh=1)) == ("data", b"hello WORLD", ll.BUF_IS_FD | ll.BUF_FD_SEEK, 0)  # copied up
+    fd = ops.handles[w].handle.fd
+    assert ad.release(f, fi(fh=w)) == ("err", 0)
+    assert w not in ops.handles and ops.table.get(f).handles == {1}
+    with pytest.raises(OSError) as e:
+        os.fstat(fd)
+    assert e.value.errno == errno.EBADF  # closed
+    assert ad.read(f, 1, 0, fi(fh=w)) == ("err", errno.EBADF)
+    assert ad.write_buf(f, memory(b"x"), 0, fi(fh=w)) == ("err", errno.EBADF)
+    assert ad.release(f, fi(fh=w)) == ("err", 0)  # twice: nothing left to do
+    ad.release(f, fi(fh=1))
+    assert ops.handles == {} and not ops.table.get(f).handles
+
+
+def test_a_write_that_drops_set_id_bits_tells_the_kernel(ad):
+    put(ad.lower, "f", b"x", mode=0o6755)
+    ad.start()
+    f = ad.node("f")
+    fh = ad.open_fh(f, os.O_WRONLY)
+    ad.fuse.invalidated()
+    ad.fuse.ctx = ll.Ctx(uid=1000, gid=1000, pid=1, umask=0o022)
+    assert ad.write_buf(f, memory(b""), 0, fi(fh=fh)) == ("write", 0)
+    assert stat.S_IMODE((ad.upper / "f").stat().st_mode) == 0o6755  # nothing written: nothing dropped
+    assert ad.fuse.invalidated() == []
+    assert ad.write_buf(f, memory(b"y"), 0, fi(fh=fh)) == ("write", 1)
+    assert stat.S_IMODE((ad.upper / "f").stat().st_mode) == 0o755
+    assert ad.fuse.invalidated() == [("inode", SESSION, f, -1, 0)]
+    assert ad.write_buf(f, memory(b"y"), 0, fi(fh=fh)) == ("write", 1)
+    assert ad.fuse.invalidated() == []  # nothing left to drop
+
+
+def test_a_failed_write_is_its_errno(ad):
+    put(ad.lower, "f", b"x")
+    ad.start()
+    f = ad.node("f")
+    fh = ad.open_fh(f, os.O_RDONLY)  # not open for writing: the descriptor refuses
+    assert ad.write_buf(f, memory(b"y"), 0, fi(fh=fh)) == ("err", errno.EBADF)
+
+
+def test_an_open_the_kernel_never_heard_of_is_closed_again(ad):
+    put(ad.lower, "f", b"x")
+    ops = ad.start()
+    f = ad.node("f")
+    ad.fuse.result = -errno.ENOENT
+    kind, info = ad.open(f, fi(os.O_RDONLY))
+    assert kind == "open" and info["fh"] == 1
+    assert ops.handles == {} and not ops.table.get(f).handles
+
+
+def test_open_of_a_name_that_is_another_kind_now(ad):
+    put(ad.lower, "f", b"x")
+    ops = ad.start()
+    f = ad.node("f")
+    ad.union.unlink("/f")
+    ad.union.mkdir("/f", 0o755)
+    assert ad.open(f, fi(os.O_RDONLY)) == ("err", errno.ENOENT)
+    assert ops.handles == {}
+    assert ad.open(ROOT, fi(os.O_WRONLY)) == ("err", errno.EISDIR)
+
+
+def test_opening_data_reached_for_the_first_time_drops_the_attributes(ad, monkeypatch):
+    put(ad.lower, "f", b"x")
+    ops = ad.start()
+    f = ad.node("f")
+    real = ad.union.open
+
+    def reached(*args):
+        handle = real(*args)
+        handle.attrs_changed = True
+        return handle
+    monkeypatch.setattr(ad.union, "open", reached)
+    ad.fuse.invalidated()
+    ad.open(f, fi(os.O_RDONLY))
+    assert ad.fuse.invalidated() == [("inode", SESSION, f, -1, 0)]
+    assert len(ops.handles) == 1
+
+
+def test_create_answers_the_entry_and_the_handle(ad):
+    ops = ad.start()
+    ad.fuse.ctx = ll.Ctx(uid=1234, gid=5678, pid=1, umask=0o077)
+    kind, e, info = ad.create(ROOT, b"new", stat.S_IFREG | 0o666, fi(os.O_WRONLY | os.O_CREAT))
+    assert kind == "create"
+    assert e["ino"] == 2 and e["attr"] == entry_attr(engine_attrs(ad, "/new"))
+    assert (e["attr_timeout"], e["entry_timeout"]) == (ATTR_TIMEOUT, ENTRY_TIMEOUT)
+    assert info == {"fh": 1, "keep_cache": 1, "cache_readdir": 0}
+    st = (ad.upper / "new").stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o600, 1234, 5678)
+    assert ops.handles[1].inode is ops.table.get(2) and ops.table.get(2).nlookup == 1
+    assert ad.create(ROOT, b"new", stat.S_IFREG | 0o666, fi(os.O_WRONLY | os.O_CREAT | os.O_EXCL)) == (
+        "err", errno.EEXIST)
+
+
+def test_a_create_the_kernel_never_heard_of_is_undone_in_the_table(ad):
+    ops = ad.start()
+    ad.fuse.result = -errno.ENOENT
+    kind, e, info = ad.create(ROOT, b"new", stat.S_IFREG | 0o644, fi(os.O_WRONLY | os.O_CREAT))
+    assert ops.handles == {} and len(ops.table) == 1
+    assert ad.fuse.invalidated() == [("inode", SESSION, ROOT, 0, 0)]
+
+
+def test_a_create_whose_attributes_cannot_be_read_closes_its_handle(ad, monkeypatch):
+    ops = ad.start()
+    released = []
+    real = ad.union.release
+    monkeypatch.setattr(ad.union, "getattr", lambda path: (_ for _ in ()).throw(OSError(errno.EIO, "no")))
+    monkeypatch.setattr(ad.union, "release", lambda handle: (released.append(handle), real(handle)))
+    assert ad.create(ROOT, b"new", stat.S_IFREG | 0o644, fi(os.O_WRONLY | os.O_CREAT)) == ("err", errno.EIO)
+    assert len(released) == 1 and ops.handles == {}
+
+
+def test_fallocate_and_fsync(ad):
+    put(ad.lower, "f", b"x", mode=0o6755)
+    ad.start()
+    f = ad.node("f")
+    fh = ad.open_fh(f, os.O_RDWR)
+    ad.fuse.invalidated()
+    assert ad.fallocate(f, 0, 0, 4096, fi(fh=fh)) == ("err", 0)
+    assert (ad.upper / "f").stat().st_size == 4096
+    assert ad.fuse.invalidated() == []  # root keeps the set-id bits
+    ad.fuse.ctx = ll.Ctx(uid=1000, gid=1000, pid=1, umask=0o022)
+    assert ad.fallocate(f, 0, 0, 8192, fi(fh=fh)) == ("err", 0)
+    assert stat.S_IMODE((ad.upper / "f").stat().st_mode) == 0o755
+    assert ad.fuse.invalidated() == [("inode", SESSION, f, -1, 0)]
+    assert ad.fallocate(f, 0, 0, 1, fi(fh=99)) == ("err", errno.EBADF)
+    assert ad.fsync(f, 0, fi(fh=fh)) == ("err", 0)
+    assert ad.fsync(f, 1, fi(fh=fh)) == ("err", 0)
+    assert ad.fsync(f, 1, fi(fh=99)) == ("err", errno.EBADF)
+    assert ad.fsyncdir(ROOT, 0, fi()) == ("err", 0)
+
+
+def test_fsync_passes_datasync_on(ad, monkeypatch):
+    put(ad.lower, "f", b"x")
+    ad.start()
+    f = ad.node("f")
+    fh = ad.open_fh(f, os.O_RDWR)
+    asked = []
+    monkeypatch.setattr(ad.union, "fsync", lambda handle, datasync: asked.append(datasync))
+    ad.fsync(f, 0, fi(fh=fh))
+    ad.fsync(f, 7, fi(fh=fh))
+    assert asked == [False, True]
+
+
+def test_a_handle_borrowed_while_released_is_closed_by_the_borrower(ad, monkeypatch):
+    put(ad.lower, "f", b"x")
+    ops = ad.start()
+    f = ad.node("f")
+    fh = ad.open_fh(f, os.O_RDWR)
+    ad.unlink(ROOT, b"f")
+    inode = ops.table.get(f)
+    fd = ops.handles[fh].handle.fd
+    real = ad.union.fgetattr
+
+    def release_meanwhile(handle, path):
+        ops._drop(fh)  # the kernel closes it while getattr borrows it
+        os.fstat(fd)  # still open
+        return real(handle, path)
+    monkeypatch.setattr(ad.union, "fgetattr", release_meanwhile)
+    kind, attrs, _ = ad.getattr(f, NO_FI)
+    assert kind == "attr" and attrs["st_size"] == 1
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    assert fh not in ops.handles and not inode.handles
+
+
+# ---------------------------------------------------------------------------------------------
+# directories
+
+DT_DIR, DT_REG, DT_LNK = stat.S_IFDIR >> 12, stat.S_IFREG >> 12, stat.S_IFLNK >> 12
+
+
+def test_opendir_answers_enosys_once_the_kernel_can_do_without(ad):
+    ops = ad.start()
+    kind, info = ad.opendir(ROOT, fi(fh=5))
+    assert kind == "open" and info == {"fh": 0, "keep_cache": 1, "cache_readdir": 1}
+    assert ad.opendir(42, fi()) == ("err", errno.ESTALE)
+    ops.opendir_needed = False
+    assert ad.opendir(ROOT, fi()) == ("err", errno.ENOSYS)
+
+
+def test_readdir_lists_dot_dotdot_and_the_merged_names_with_their_numbers_and_types(ad):
+    put(ad.lower, "d/f", b"x")
+    os.symlink("f", ad.lower / "d/l")
+    (ad.lower / "d/sub").mkdir()
+    ad.start()
+    d = ad.node("d")
+    kind, data, size = ad.readdir(d, 4096, 0, fi())
+    assert kind == "buf" and size == len(data)
+    entries = dirents(data)
+    listing = ad.union.readdir("/d")
+    assert [(name, ino, kind) for name, ino, kind, _ in entries] == [
+        (name, ino, mode >> 12) for name, ino, mode in listing]
+    assert [(name, kind) for name, _, kind, _ in entries[:2]] == [(".", DT_DIR), ("..", DT_DIR)]
+    assert sorted((name, kind) for name, _, kind, _ in entries[2:]) == [("f", DT_REG), ("l", DT_LNK), ("sub", DT_DIR)]
+    assert entries[0][1] == engine_attrs(ad, "/d")["st_ino"] and entries[1][1] == engine_attrs(ad, "/")["st_ino"]
+    listing_id = entries[0][3] >> 32
+    assert listing_id > 0
+    assert [off for *_, off in entries] == [listing_id << 32 | i for i in range(1, 6)]
+    assert ad.readdir(d, 4096, entries[-1][3], fi()) == ("buf", b"", 0)  # the end
+
+
+def test_readdir_goes_on_from_an_offset_and_stops_where_the_buffer_is_full(ad):
+    for i in range(10):
+        put(ad.lower, f"d/file{i}")
+    ad.start()
+    d = ad.node("d")
+    whole = dirents(ad.readdir(d, 4096, 0, fi())[1])
+    assert len(whole) == 12
+    got, offset = [], 0
+    while True:
+        kind, data, size = ad.readdir(d, 100, offset, fi())  # room for 2 or 3 entries
+        assert size <= 100
+        if not size:
+            break
+        page = dirents(data)
+        got += page
+        offset = page[-1][3]
+    assert got == whole
+    kind, data, size = ad.readdir(d, 32, 0, fi())  # exactly one "." (24 + 1, padded to 32)
+    assert [e[0] for e in dirents(data)] == ["."] and size == 32
+    assert ad.readdir(d, 31, 0, fi()) == ("buf", b"", 0)
+    assert ad.readdir(99, 4096, 0, fi()) == ("err", errno.ESTALE)
+
+
+def test_a_reader_goes_on_through_the_listing_it_started_with(ad):
+    put(ad.lower, "d/a")
+    put(ad.lower, "d/b")
+    put(ad.lower, "e/x")
+    ops = ad.start()
+    d, e = ad.node("d"), ad.node("e")
+    first = dirents(ad.readdir(d, 4096, 0, fi())[1])
+    middle = first[1][3]  # after ".."
+    assert ad.mknod(d, b"c", stat.S_IFREG | 0o644, 0)[0] == "entry"
+    rest = dirents(ad.readdir(d, 4096, middle, fi())[1])
+    assert sorted(x[0] for x in rest) == ["a", "b"]
+    assert [x[3] >> 32 for x in rest] == [middle >> 32] * 2
+    fresh = dirents(ad.readdir(d, 4096, 0, fi())[1])
+    assert sorted(x[0] for x in fresh[2:]) == ["a", "b", "c"] and fresh[0][3] >> 32 != middle >> 32
+    new_id = fresh[0][3] >> 32
+    # an offset into another directory's listing, or one no longer kept, reads the current one
+    other = dirents(ad.readdir(e, 4096, 0, fi())[1])
+    assert [x[0] for x in dirents(ad.readdir(d, 4096, other[1][3], fi())[1])] == [x[0] for x in fresh[2:]]
+    assert [x[0] for x in dirents(ad.readdir(e, 4096, middle, fi())[1])] == ["x"]
+    unknown = (0x7FFFFFF0 << 32) | 2
+    assert [x[3] >> 32 for x in dirents(ad.readdir(d, 4096, unknown, fi())[1])] == [new_id] * 3
+    assert len(ops._replaced) == 1
+
+
+def test_readdirplus_sends_entries_with_attributes_and_counts_their_lookups(ad):
+    put(ad.lower, "d/f", b"abc")
+    (ad.lower / "d/sub").mkdir()
+    ops = ad.start()
+    d = ad.node("d")
+    kind, data, size = ad.readdirplus(d, 4096, 0, fi())
+    entries = {e[0]: e for e in direntplus(data)}
+    assert list(entries)[:2] == [".", ".."]
+    for name in (".", ".."):
+        _, node_id, generation, entry_t, attr_t, attr, ino, kind, _ = entries[name]
+        assert (node_id, entry_t, attr_t, kind) == (0, 0, 0, DT_DIR)  # the kernel looks those up itself
+        assert attr["st_ino"] == ino and attr["st_mode"] == stat.S_IFDIR
+    for name in ("f", "sub"):
+        _, node_id, generation, entry_t, attr_t, attr, ino, kind, _ = entries[name]
+        inode = ops.table.get(node_id)
+        assert ops.table.path(inode) == f"/d/{name}" and inode.nlookup == 1 and generation == 0
+        assert (entry_t, attr_t) == (ENTRY_TIMEOUT, ATTR_TIMEOUT)
+        want = engine_attrs(ad, f"/d/{name}")
+        assert attr == {k: want[k] for k in attr} and ino == want["st_ino"]
+    # again at once: the kernel still holds those, they go out bare (and count no lookup)
+    again = direntplus(ad.readdirplus(d, 4096, 0, fi())[1])
+    assert [(e[0], e[1]) for e in again] == [(e[0], 0) for e in entries.values()]
+    assert ops.table.get(entries["f"][1]).nlookup == 1
+    # a reader going on from an offset into the listing that went out with attributes gets them
+    half = direntplus(ad.readdirplus(d, 4096, again[1][8], fi())[1])
+    assert [e[1] for e in half] == [entries[e[0]][1] for e in half]
+    assert ops.table.get(entries["f"][1]).nlookup == 2
+
+
+def test_readdirplus_after_the_resend_window_sends_attributes_again(ad, monkeypatch):
+    put(ad.lower, "d/f")
+    ops = ad.start()
+    d = ad.node("d")
+    clock = [1000.0]
+    monkeypatch.setattr(operations.time, "monotonic", lambda: clock[0])
+    first = direntplus(ad.readdirplus(d, 4096, 0, fi())[1])
+    assert first[2][1] != 0
+    clock[0] += operations.PLUS_RESEND - 0.01
+    assert direntplus(ad.readdirplus(d, 4096, 0, fi())[1])[2][1] == 0
+    clock[0] += 0.01
+    again = direntplus(ad.readdirplus(d, 4096, 0, fi())[1])
+    assert again[2][1] == first[2][1] and ops.table.get(first[2][1]).nlookup == 2
+    # a reader that started with attributes goes on with them
+    clock[0] += operations.PLUS_RESEND
+    start = direntplus(ad.readdirplus(d, 48 + 152, 0, fi())[1])  # room for "." only
+    assert [e[0] for e in start] == ["."]
+    rest = direntplus(ad.readdirplus(d, 4096, start[0][8], fi())[1])
+    assert [e[0] for e in rest] == ["..", "f"] and rest[1][1] == first[2][1]
+    assert ops.table.get(first[2][1]).nlookup == 3
+
+
+def test_an_entry_that_did_not_fit_is_no_lookup(ad):
+    put(ad.lower, "d/f")
+    ops = ad.start()
+    d = ad.node("d")
+    data = ad.readdirplus(d, 2 * 160, 0, fi())[1]  # "." and "..": the third does not fit
+    assert [e[0] for e in direntplus(data)] == [".", ".."]
+    assert ops.table.at_path("/d/f") is None
+    rest = direntplus(ad.readdirplus(d, 4096, direntplus(data)[1][8], fi())[1])
+    assert [e[0] for e in rest] == ["f"]  # with its attributes, as the reader started
+    assert ops.table.get(rest[0][1]).nlookup == 1  # this one lookup: the first did not go out
+
+
+def test_readdirplus_skips_a_name_gone_since_the_listing_and_sends_a_bare_entry_that_fails(ad, monkeypatch):
+    put(ad.lower, "d/gone")
+    put(ad.lower, "d/bad")
+    put(ad.lower, "d/good")
+    ad.start()
+    d = ad.node("d")
+    real = ad.union.getattr
+
+    def getattr_(path):
+        if path == "/d/gone":
+            raise FileNotFoundError(errno.ENOENT, "gone")
+        if path == "/d/bad":
+            raise OSError(errno.EIO, "bad")
+        return real(path)
+    ad.union.readdir("/d")
+    monkeypatch.setattr(ad.union, "getattr", getattr_)
+    entries = {e[0]: e for e in direntplus(ad.readdirplus(d, 4096, 0, fi())[1])}
+    assert sorted(entries) == [".", "..", "bad", "good"]
+    assert entries["bad"][1] == 0 and entries["bad"][7] == DT_REG  # name, number and type only
+    assert entries["good"][1] != 0
+
+
+def test_readdirplus_of_the_root(ad):
+    put(ad.lower, "f")
+    ops = ad.start()
+    entries = direntplus(ad.readdirplus(ROOT, 4096, 0, fi())[1])
+    assert [e[0] for e in entries] == [".", "..", "f"]
+    assert ops.table.path(ops.table.get(entries[2][1])) == "/f"
+
+
+# ---------------------------------------------------------------------------------------------
+# the filesystem's attributes, access, xattrs, ioctls
+
+def test_statfs_is_the_uppers(ad):
+    ad.start()
+    kind, sv = ad.statfs(ROOT)
+    assert kind == "statfs"
+    real = os.statvfs(ad.upper)
+    for key in ("f_bsize", "f_frsize", "f_blocks", "f_files", "f_flag", "f_namemax"):
+        assert sv[key] == getattr(real, key), key
+    assert sv == {key: value for key, value in ad.union.statfs().items()} | {"f_type": 0}
+
+
+def test_access(ad):
+    put(ad.lower, "f")
+    ad.start()
+    f = ad.node("f")
+    assert ad.access(f, os.R_OK | os.W_OK) == ("err", 0)
+    ad.union.unlink("/f")
+    assert ad.access(f, os.F_OK) == ("err", errno.ENOENT)
+
+
+def test_access_on_a_read_only_mount(ad):
+    put(ad.lower, "f")
+    ad.start(read_only=True)
+    f = ad.node("f")
+    assert ad.access(f, os.W_OK) == ("err", errno.EROFS)
+    assert ad.access(f, os.R_OK) == ("err", 0)
+
+
+def test_xattrs_and_their_size_probes(ad):
+    put(ad.lower, "f")
+    ops = ad.start()
+    f = ad.node("f")
+    value = ctypes.create_string_buffer(b"value\0with nul", 14)
+    assert ad.setxattr(f, b"user.a", value, 14, 0) == ("err", 0)
+    assert os.getxattr(ad.upper / "f", "user.a") == b"value\0with nul"
+    assert ad.setxattr(f, b"user.a", value, 3, os.XATTR_CREATE) == ("err", errno.EEXIST)
+    assert ad.setxattr(f, b"user.a", value, 5, os.XATTR_REPLACE) == ("err", 0)
+    assert ad.getxattr(f, b"user.a", 0) == ("xattr", 5)  # the size, when asked for it
+    assert ad.getxattr(f, b"user.a", 4) == ("err", errno.ERANGE)
+    assert ad.getxattr(f, b"user.a", 5) == ("buf", b"value", 5)
+    assert ad.getxattr(f, b"user.a", 100) == ("buf", b"value", 5)
+    assert ad.getxattr(f, b"user.none", 100) == ("err", errno.ENODATA)
+    ad.setxattr(f, b"user.bb", value, 0, 0)
+    assert ad.getxattr(f, b"user.bb", 0) == ("xattr", 0)
+    names = b"user.a\0user.bb\0"
+    assert ad.listxattr(f, 0) == ("xattr", len(names))
+    assert ad.listxattr(f, len(names) - 1) == ("err", errno.ERANGE)
+    kind, listed, size = ad.listxattr(f, len(names))
+    assert kind == "buf" and sorted(listed.split(b"\0")) == sorted(names.split(b"\0")) and size == len(names)
+    assert ad.removexattr(f, b"user.a") == ("err", 0)
+    assert ad.removexattr(f, b"user.a") == ("err", errno.ENODATA)
+    assert ad.listxattr(f, 100) == ("buf", b"user.bb\0", 8)
+    ad.unlink(ROOT, b"f")
+    assert ad.getxattr(f, b"user.bb", 100) == ("err", errno.ENOENT)
+    assert ops.table.get(f).nlookup == 1
+
+
+def test_xattrs_of_an_unlinked_open_file_go_through_its_handle(ad):
+    put(ad.lower, "f")
+    ops = ad.start()
+    f = ad.node("f")
+    fh = ad.open_fh(f, os.O_RDWR)
+    ad.unlink(ROOT, b"f")
+    fd = ops.handles[fh].handle.fd
+    value = ctypes.create_string_buffer(b"v", 1)
+    assert ad.setxattr(f, b"user.x", value, 1, 0) == ("err", 0)
+    assert os.getxattr(fd, "user.x") == b"v"
+    assert ad.removexattr(f, b"user.x") == ("err", 0)
+    assert "user.x" not in os.listxattr(fd)
+    ad.release(f, fi(fh=fh))
+    assert ad.setxattr(f, b"user.x", value, 1, 0) == ("err", errno.ENOENT)
+    assert ad.removexattr(f, b"user.x") == ("err", errno.ENOENT)
+
+
+def test_listxattr_hides_from_an_unprivileged_caller_what_it_may_not_see(ad):
+    put(ad.lower, "f")
+    ad.start()
+    f = ad.node("f")
+    os.setxattr(ad.lower / "f", "trusted.mine", b"x")
+    assert b"trusted.mine\0" in ad.listxattr(f, 1000)[1]
+    ad.fuse.ctx = ll.Ctx(uid=1000, gid=1000, pid=1, umask=0o022)
+    assert b"trusted.mine" not in ad.listxattr(f, 1000)[1]
+
+
+def test_ioctl_flags(ad):
+    put(ad.lower, "f")
+    ad.start()
+    f = ad.node("f")
+    ad.fuse.invalidated()
+    real = fileattr.real_flags(str(ad.lower / "f"))
+    for cmd in (fileattr.FS_IOC_GETFLAGS, fileattr.FS_IOC32_GETFLAGS):
+        kind, result, data, size = ad.ioctl(f, cmd, None, fi(), 0, None, 0, 8)
+        assert (kind, result, size) == ("ioctl", 0, 4) and len(data) == 4
+        flags = struct.unpack("=I", data)[0]
+        assert flags == ad.union.getflags("/f") == real
+        assert ad.ioctl(f, cmd, None, fi(), 0, None, 0, 2) == ("ioctl", 0, data, 2)  # as much as asked for
+    buf = ctypes.create_string_buffer(struct.pack("=I", real | fileattr.FS_NOATIME_FL), 4)
+    assert ad.ioctl(f, fileattr.FS_IOC_SETFLAGS, None, fi(), 0, buf, 4, 0) == ("ioctl", 0, None, 0)
+    assert ad.union.getflags("/f") & fileattr.FS_NOATIME_FL
+    # its ctime changed (then, copied up on the way: its attributes again and its parent's listing)
+    assert ad.fuse.invalidated() == [("inode", SESSION, f, -1, 0), ("inode", SESSION, f, -1, 0),
+                                     ("inode", SESSION, ROOT, 0, 0)]
+    buf = ctypes.create_string_buffer(struct.pack("=I", real), 4)
+    assert ad.ioctl(f, fileattr.FS_IOC32_SETFLAGS, None, fi(), 0, buf, 4, 0) == ("ioctl", 0, None, 0)
+    assert not ad.union.getflags("/f") & fileattr.FS_NOATIME_FL
+    assert ad.fuse.invalidated() == [("inode", SESSION, f, -1, 0)]
+    assert ad.ioctl(f, fileattr.FS_IOC_SETFLAGS, None, fi(), 0, buf, 3, 0) == ("err", errno.ENOTTY)
+    assert ad.ioctl(f, 0x5401, None, fi(), 0, None, 0, 0) == ("err", errno.ENOTTY)  # TCGETS
+    assert ad.fuse.invalidated() == []
+
+
+def test_ioctl_fsxattr(ad):
+    put(ad.lower, "f")
+    ad.start()
+    f = ad.node("f")
+    kind, result, data, size = ad.ioctl(f, fileattr.FS_IOC_FSGETXATTR, None, fi(), 0, None, 0, 28)
+    assert (kind, result, size) == ("ioctl", 0, 28) and data == ad.union.fsgetxattr("/f")
+    assert ad.ioctl(f, fileattr.FS_IOC_FSGETXATTR, None, fi(), 0, None, 0, 10) == ("ioctl", 0, data, 10)
+    xflags = fileattr.FSXATTR.unpack(data)[0]
+    new = fileattr.FSXATTR.pack(xflags | 0x40, *fileattr.FSXATTR.unpack(data)[1:])  # FS_XFLAG_NOATIME
+    buf = ctypes.create_string_buffer(new, len(new))
+    ad.fuse.invalidated()
+    assert ad.ioctl(f, fileattr.FS_IOC_FSSETXATTR, None, fi(), 0, buf, len(new), 0) == ("ioctl", 0, None, 0)
+    assert fileattr.FSXATTR.unpack(ad.union.fsgetxattr("/f"))[0] & 0x40
+    assert ad.fuse.invalidated() == [("inode", SESSION, f, -1, 0), ("inode", SESSION, f, -1, 0),
+                                     ("inode", SESSION, ROOT, 0, 0)]
+    assert ad.ioctl(f, fileattr.FS_IOC_FSSETXATTR, None, fi(), 0, buf, len(new) - 1, 0) == ("err", errno.ENOTTY)
+    ad.union.unlink("/f")
+    assert ad.ioctl(f, fileattr.FS_IOC_GETFLAGS, None, fi(), 0, None, 0, 4) == ("err", errno.ENOENT)
