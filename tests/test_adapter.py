@@ -37,6 +37,7 @@ from cowfs.daemon.operations import (
     CowfsOperations,
     Notifier,
 )
+from cowfs.errors import StackError
 from cowfs.overlay import copyup, fileattr
 from cowfs.overlay.stack import Stack, check
 from cowfs.overlay.syscalls import RENAME_EXCHANGE
@@ -1180,3 +1181,367 @@ def test_ioctl_fsxattr(ad):
     assert ad.ioctl(f, fileattr.FS_IOC_FSSETXATTR, None, fi(), 0, buf, len(new) - 1, 0) == ("err", errno.ENOTTY)
     ad.union.unlink("/f")
     assert ad.ioctl(f, fileattr.FS_IOC_GETFLAGS, None, fi(), 0, None, 0, 4) == ("err", errno.ENOENT)
+
+
+# ---------------------------------------------------------------------------------------------
+# the mount's lifetime: init, destroy, the operations table, serve
+
+ALL_CAPS = ll.CAP_POSIX_ACL | ll.CAP_DONT_MASK | ll.CAP_IOCTL_DIR | ll.CAP_NO_OPENDIR_SUPPORT
+
+
+def init(ops, capable, want):
+    conn = ll.ConnInfo(capable=capable, want=want)
+    assert ops.init(None, ctypes.pointer(conn)) is None
+    return conn.want
+
+
+def test_init_asks_for_acls_the_umask_and_directory_ioctls_and_never_splice(ad):
+    ops = ad.start()
+    ready = []
+    ops.on_ready = lambda: ready.append(True)
+    splice = ll.CAP_SPLICE_READ | ll.CAP_SPLICE_WRITE | ll.CAP_SPLICE_MOVE
+    everything = ALL_CAPS | splice | ll.CAP_READDIRPLUS
+    assert init(ops, everything, splice | ll.CAP_READDIRPLUS) == (
+        ll.CAP_POSIX_ACL | ll.CAP_DONT_MASK | ll.CAP_IOCTL_DIR | ll.CAP_READDIRPLUS)
+    assert ops.opendir_needed is False and ready == [True] and ad.fuse.pinned == 1
+    for cap in (ll.CAP_POSIX_ACL, ll.CAP_DONT_MASK, ll.CAP_IOCTL_DIR):
+        assert init(ops, cap | splice, splice) == cap  # only what the kernel offers
+    assert ops.opendir_needed is True
+    assert init(ops, 0, 0) == 0
+    assert ready == [True] * 5
+    ops.on_ready = None
+    assert init(ops, ll.CAP_NO_OPENDIR_SUPPORT, 0) == 0 and ops.opendir_needed is False
+
+
+def test_destroy_releases_every_handle_and_the_workdir(ad):
+    put(ad.lower, "f")
+    ops = ad.start()
+    f = ad.node("f")
+    fds = [ops.handles[ad.open_fh(f)].handle.fd for _ in range(2)]
+    with pytest.raises(StackError, match="already in use"):
+        Union(check(Stack(lowers=[str(ad.lower)], upper=str(ad.upper), work=str(ad.work))))
+    pinned = ad.fuse.pinned
+    assert ops.destroy(None) is None
+    assert ad.fuse.pinned == pinned + 1
+    assert ops.handles == {}
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    Union(check(Stack(lowers=[str(ad.lower)], upper=str(ad.upper), work=str(ad.work)))).close()  # free again
+
+
+def test_the_groups_of_a_caller_are_read_only_when_asked_with_room_for_all(fuse):
+    fuse.groups = list(range(100, 140))  # more than the first buffer holds
+    groups = operations._Groups(0x77)
+    assert fuse.groups_asked == []
+    assert 139 in groups and 100 in groups and 99 not in groups and 140 not in groups
+    assert fuse.groups_asked == [32, 40]
+    fuse.groups = [5]
+    groups = operations._Groups(0x78)
+    assert 5 in groups and 6 not in groups
+    assert fuse.groups_asked == [32, 40, 32]  # read once
+    fuse.groups = list(range(32))
+    assert 31 in operations._Groups(0x79) and fuse.groups_asked[-1] == 32
+    fuse.req_getgroups = lambda req, size, buf: -errno.ENOSYS  # unknown: no supplementary groups
+    ll.req_getgroups = fuse.req_getgroups
+    assert 0 not in operations._Groups(0x7A)
+
+
+def test_a_write_keeps_the_set_group_id_bit_for_a_caller_in_the_files_group_by_its_supplementary_groups(ad):
+    put(ad.lower, "f", b"x", mode=0o2644)
+    os.chown(ad.lower / "f", 1000, 2000)
+    ad.start()
+    f = ad.node("f")
+    fh = ad.open_fh(f, os.O_WRONLY)
+    ad.fuse.ctx = ll.Ctx(uid=1000, gid=1000, pid=1, umask=0o022)
+    ad.fuse.groups = [10, 2000]
+    assert ad.write_buf(f, memory(b"y"), 0, fi(fh=fh)) == ("write", 1)
+    assert stat.S_IMODE((ad.upper / "f").stat().st_mode) == 0o2644
+    ad.fuse.groups = [10]
+    assert ad.write_buf(f, memory(b"y"), 0, fi(fh=fh)) == ("write", 1)
+    assert stat.S_IMODE((ad.upper / "f").stat().st_mode) == 0o644
+
+
+def test_the_operations_table_points_at_the_methods_and_leaves_the_rest_to_libfuse(ad):
+    put(ad.lower, "f")
+    ops = ad.start()
+    table = operations._ops_struct(ops)
+    filled = []
+    for name, kind in ll.OPS_FIELDS:
+        value = getattr(table, name)
+        if kind is not ctypes.c_void_p and hasattr(ops, name):
+            assert value, name
+            filled.append(name)
+        else:
+            assert not value, name
+    assert {"lookup", "getattr", "readdirplus", "write_buf", "forget_multi", "init"} <= set(filled)
+    assert {"flush", "write", "releasedir", "getlk", "poll"}.isdisjoint(filled)
+    assert len(table._kept) == len(filled)
+    table.lookup(0x99, ROOT, b"f")  # through libfuse's calling convention
+    assert ad.fuse.replies[-1][:2] == (0x99, "entry") and ad.fuse.replies[-1][2]["ino"] == 2
+
+
+class Session:
+    """libfuse's session calls, recorded, for `serve`."""
+
+    def __init__(self, monkeypatch, fuse, new=0x5E55, mount=0, lookup=None):
+        self.calls = []
+        self.argv = None
+        self.lookup = lookup
+        self._new, self._mount = new, mount
+        for name in ("session_new", "session_mount", "set_signal_handlers", "remove_signal_handlers",
+                     "loop_cfg_create", "loop_cfg_set_max_threads", "loop_cfg_set_idle_threads", "session_loop_mt",
+                     "loop_cfg_destroy", "session_unmount", "session_destroy"):
+            monkeypatch.setattr(ll, name, getattr(self, name))
+        self.signals = []
+        monkeypatch.setattr(operations.signal, "signal", lambda sig, handler: self.signals.append((sig, handler)))
+
+    def session_new(self, args, table, size, userdata):
+        args = args._obj
+        self.argv = [args.argv[i] for i in range(args.argc)]
+        assert args.argv[args.argc] is None and size == ctypes.sizeof(ll.LowlevelOps)
+        self.table = table._obj
+        self.calls.append("new")
+        return self._new
+
+    def session_mount(self, session, mountpoint):
+        self.calls.append(("mount", session, mountpoint))
+        return self._mount
+
+    def set_signal_handlers(self, session):
+        self.calls.append(("signals", session))
+        return 0
+
+    def remove_signal_handlers(self, session):
+        self.calls.append(("unsignals", session))
+
+    def loop_cfg_create(self):
+        self.calls.append("cfg")
+        return 0xCF6
+
+    def loop_cfg_set_max_threads(self, config, n):
+        self.calls.append(("max", config, n))
+
+    def loop_cfg_set_idle_threads(self, config, n):
+        self.calls.append(("idle", config, n))
+
+    def session_loop_mt(self, session, config):
+        self.calls.append(("loop", session, config))
+        # requests come through the table, to an adapter that knows its session by now
+        self.table.init(None, ctypes.pointer(ll.ConnInfo()))
+        if self.lookup is not None:
+            self.table.lookup(0x42, ROOT, self.lookup)
+            self.table.setattr(0x43, 2, ctypes.pointer(ll.Stat(st_mode=0o600)), ll.SET_ATTR_MODE, None)
+        return 0
+
+    def loop_cfg_destroy(self, config):
+        self.calls.append(("uncfg", config))
+
+    def session_unmount(self, session):
+        self.calls.append(("unmount", session))
+
+    def session_destroy(self, session):
+        self.calls.append(("destroy", session))
+
+
+def test_serve_mounts_with_the_options_runs_the_loop_and_tears_down(ad, monkeypatch):
+    put(ad.lower, "f")
+    union = Union(check(Stack(lowers=[str(ad.lower)], upper=str(ad.upper), work=str(ad.work))))
+    s = Session(monkeypatch, ad.fuse, lookup=b"f")
+    ready = []
+    operations.serve(union, "/mnt/x", fsname="a,b\\c", allow_other=True, mount_flags=("noatime", "rw"),
+                     on_ready=lambda: ready.append(1))
+    assert s.argv == [b"cowfs", b"-o", b"fsname=a\\,b\\\\c,subtype=cowfs,default_permissions,dev,suid,allow_other,"
+                      b"noatime,rw"]
+    assert s.calls == ["new", ("signals", SESSION), ("mount", SESSION, b"/mnt/x"), "cfg",
+                       ("max", 0xCF6, operations.THREADS), ("idle", 0xCF6, operations.THREADS),
+                       ("loop", SESSION, 0xCF6), ("uncfg", 0xCF6), ("unmount", SESSION), ("unsignals", SESSION),
+                       ("destroy", SESSION)]
+    assert ready == [1]
+    assert [r[1] for r in ad.fuse.replies] == ["entry", "attr"]
+    assert ad.fuse.notices == [("inode", SESSION, 2, -1, 0), ("inode", SESSION, ROOT, 0, 0)]  # the copy-up
+    assert stat.S_IMODE((ad.upper / "f").stat().st_mode) == 0o600
+    assert [sig for sig, _ in s.signals] == [operations.signal.SIGINT, operations.signal.SIGTERM,
+                                             operations.signal.SIGHUP]
+    assert {handler for _, handler in s.signals} == {operations.signal.SIG_DFL}
+    Union(check(Stack(lowers=[str(ad.lower)], upper=str(ad.upper), work=str(ad.work)))).close()  # released
+
+
+def test_serve_read_only_debug_without_signals(ad, monkeypatch):
+    union = Union(check(Stack(lowers=[str(ad.lower)])))
+    s = Session(monkeypatch, ad.fuse)
+    monkeypatch.setattr(operations.os, "geteuid", lambda: 1000)
+    operations.serve(union, "/m", debug=True, read_only=True, mount_flags=("rw", "nosuid"), signals=False)
+    assert s.argv == [b"cowfs", b"-o", b"fsname=cowfs,subtype=cowfs,default_permissions,ro,nosuid", b"-d"]
+    assert s.signals == [] and ("signals", SESSION) not in s.calls and ("unsignals", SESSION) not in s.calls
+    assert s.calls[-1] == ("destroy", SESSION)
+
+
+def test_serve_fails_in_one_line_when_libfuse_cannot(ad, monkeypatch):
+    union = Union(check(Stack(lowers=[str(ad.lower)])))
+    s = Session(monkeypatch, ad.fuse, new=None)
+    with pytest.raises(RuntimeError) as e:
+        operations.serve(union, "/m")
+    assert str(e.value) == "fuse: cannot start a session"
+    assert s.calls == ["new"]
+    s = Session(monkeypatch, ad.fuse, mount=-1)
+    with pytest.raises(RuntimeError) as e:
+        operations.serve(union, "/m")
+    assert str(e.value) == "fuse: mount failed"
+    assert s.calls == ["new", ("signals", SESSION), ("mount", SESSION, b"/m"), ("unsignals", SESSION),
+                       ("destroy", SESSION)]
+
+
+def test_the_notifier_drops_names_from_its_own_thread(fuse):
+    import threading
+    seen = []
+    real = fuse.notify_inval_entry
+
+    def record(session, parent_id, name, size):
+        seen.append(threading.current_thread().name)
+        return real(session, parent_id, name, size)
+    ll.notify_inval_entry = record
+    notifier = Notifier(SESSION)
+    assert notifier._thread.daemon
+    notifier.forget_name(5, "näme")
+    notifier.forget_name(7, "x")
+    notifier.stop()
+    assert not notifier._thread.is_alive()
+    assert fuse.notices == [("entry", SESSION, 5, "näme".encode()), ("entry", SESSION, 7, b"x")]
+    assert seen == ["cowfs-notifier"] * 2
+
+
+# ---------------------------------------------------------------------------------------------
+# copy-ups and moves under way
+
+def test_a_lower_hard_link_that_gets_another_name_drops_its_old_entry(ad):
+    put(ad.lower, "a", b"x")
+    os.link(ad.lower / "a", ad.lower / "b")
+    ops = ad.start()
+    a, b = ad.node("a"), ad.node("b")
+    assert a != b  # a lower hard link is one inode per name
+    ad.fuse.invalidated()
+    kind, e = ad.link(a, ROOT, b"c")
+    ops.notifier.stop()  # waits for the notifier's thread to send what it was given
+    # the copy-up broke "a" off the lower link: it is the object "c" names now, another inode; the
+    # kernel must drop its entry for "a" (from the notifier's thread) and its listing of "/"
+    assert kind == "entry" and e["ino"] not in (ROOT, a, b)
+    assert sorted(ad.fuse.invalidated()) == [("entry", SESSION, ROOT, b"a"), ("inode", SESSION, ROOT, 0, 0)]
+    assert ops.table.get(a).parent is None
+    assert ad.lookup(ROOT, b"a")[1]["ino"] == e["ino"]
+    assert ad.lookup(ROOT, b"b")[1]["ino"] == b
+
+
+def rename_meanwhile(ad, old, new):
+    """Another request's rename of `old` in / to `new`, as the adapter brackets it."""
+    table = ad.ops.table
+    with table.moving_names():
+        ad.union.rename("/" + old, "/" + new)
+        table.renamed(table.root, old, table.root, new)
+
+
+def test_a_path_a_rename_made_out_of_date_is_read_again(ad, monkeypatch):
+    ops = ad.start()
+    d = ad.mkdir(ROOT, b"d", 0o755)[1]["ino"]
+    f = ad.mknod(d, b"f", stat.S_IFREG | 0o644, 0)[1]["ino"]
+    real, paths = ad.union.getattr, []
+
+    def racing(path):
+        paths.append(path)
+        if len(paths) == 1:
+            rename_meanwhile(ad, "d", "e")
+        return real(path)
+    monkeypatch.setattr(ad.union, "getattr", racing)
+    kind, attrs, _ = ad.getattr(f, NO_FI)
+    assert kind == "attr" and paths == ["/d/f", "/e/f"]
+    paths.clear()
+    monkeypatch.setattr(ad.union, "getattr", lambda path: (paths.append(path), real(path))[1])
+    assert ad.lookup(d, b"nothing")[1]["ino"] == 0  # nothing moved: no second try
+    assert paths == ["/e/nothing"]
+    assert ops.table.path(ops.table.get(f)) == "/e/f"
+
+
+def test_a_path_out_of_date_under_a_file_is_read_again_too(ad, monkeypatch):
+    ad.start()
+    d = ad.mkdir(ROOT, b"d", 0o755)[1]["ino"]
+    f = ad.mknod(d, b"f", stat.S_IFREG | 0o644, 0)[1]["ino"]
+    real, paths = ad.union.getattr, []
+
+    def racing(path):
+        paths.append(path)
+        if len(paths) == 1:
+            rename_meanwhile(ad, "d", "e")
+            ad.union.mknod("/d", stat.S_IFREG | 0o644)  # now a file where the directory was
+        return real(path)
+    monkeypatch.setattr(ad.union, "getattr", racing)
+    assert ad.getattr(f, NO_FI)[0] == "attr" and paths == ["/d/f", "/e/f"]
+
+
+def test_paths_that_stay_out_of_date_give_up_after_so_many_tries(ad, monkeypatch):
+    ad.start()
+    d = ad.mkdir(ROOT, b"d", 0o755)[1]["ino"]
+    f = ad.mknod(d, b"f", stat.S_IFREG | 0o644, 0)[1]["ino"]
+    real, paths = ad.union.getattr, []
+    names = iter(["e", "d"] * 20)
+
+    def racing(path):
+        paths.append(path)
+        rename_meanwhile(ad, path.split("/")[1], next(names))
+        return real(path)
+    monkeypatch.setattr(ad.union, "getattr", racing)
+    assert ad.getattr(f, NO_FI) == ("err", errno.ENOENT)
+    assert len(paths) == operations.RETRIES
+
+
+def test_an_object_of_another_kind_met_during_a_move_is_read_again(ad, monkeypatch):
+    ad.start()
+    f = ad.mknod(ROOT, b"f", stat.S_IFREG | 0o644, 0)[1]["ino"]
+    ad.mkdir(ROOT, b"g", 0o755)
+    real, paths = ad.union.getattr, []
+
+    def racing(path):
+        paths.append(path)
+        if len(paths) == 1:  # "f" was renamed to "h" and the directory "g" to "f" just now
+            attrs = real("/g")
+            rename_meanwhile(ad, "f", "h")
+            rename_meanwhile(ad, "g", "f")
+            return attrs
+        return real(path)
+    monkeypatch.setattr(ad.union, "getattr", racing)
+    kind, attrs, _ = ad.getattr(f, NO_FI)
+    assert kind == "attr" and stat.S_ISREG(attrs["st_mode"]) and paths == ["/f", "/h"]
+
+
+def test_a_move_under_way_is_waited_for(ad, monkeypatch):
+    import threading
+    ops = ad.start()
+    d = ad.mkdir(ROOT, b"d", 0o755)[1]["ino"]
+    f = ad.mknod(d, b"f", stat.S_IFREG | 0o644, 0)[1]["ino"]
+    started, go = threading.Event(), threading.Event()
+
+    def mover():
+        with ops.table.moving_names():
+            started.set()
+            go.wait(10)
+            ad.union.rename("/d", "/e")
+            ops.table.renamed(ops.table.root, "d", ops.table.root, "e")
+    real, paths = ad.union.getattr, []
+
+    def racing(path):
+        paths.append(path)
+        if len(paths) == 1:
+            go.set()  # the move ends while this request fails
+            while os.path.exists(ad.upper / "d"):
+                time.sleep(0.001)
+            time.sleep(0.01)
+        return real(path)
+    thread = threading.Thread(target=mover)
+    thread.start()
+    started.wait(10)
+    monkeypatch.setattr(ad.union, "getattr", racing)
+    try:
+        kind, attrs, _ = ad.getattr(f, NO_FI)
+    finally:
+        go.set()
+        thread.join(10)
+    assert kind == "attr" and paths == ["/d/f", "/e/f"]
