@@ -1545,3 +1545,116 @@ def test_a_move_under_way_is_waited_for(ad, monkeypatch):
         go.set()
         thread.join(10)
     assert kind == "attr" and paths == ["/d/f", "/e/f"]
+
+
+def test_an_object_with_another_number_met_during_a_move_is_read_again(ad, monkeypatch):
+    ad.start()
+    f = ad.mknod(ROOT, b"f", stat.S_IFREG | 0o644, 0)[1]["ino"]
+    ad.mknod(ROOT, b"g", stat.S_IFREG | 0o644, 0)
+    real, paths = ad.union.getattr, []
+
+    def racing(path):
+        paths.append(path)
+        if len(paths) == 1:  # "f" was renamed to "h" and the file "g" to "f" just now
+            attrs = real("/g")
+            rename_meanwhile(ad, "f", "h")
+            rename_meanwhile(ad, "g", "f")
+            return attrs
+        return real(path)
+    monkeypatch.setattr(ad.union, "getattr", racing)
+    kind, attrs, _ = ad.getattr(f, NO_FI)
+    assert paths == ["/f", "/h"] and attrs["st_ino"] == real("/h")["st_ino"] != real("/f")["st_ino"]
+
+
+def test_a_directory_listed_twice_by_a_failed_request_is_dropped_once(ad):
+    ad.start()
+    d = ad.mkdir(ROOT, b"d", 0o755)[1]["ino"]
+    ad.fuse.invalidated()
+    assert ad.rename(d, b"nothing", d, b"else", 0) == ("err", errno.ENOENT)
+    assert ad.fuse.invalidated() == [("inode", SESSION, d, 0, 0)]
+    assert ad.rename(d, b"nothing", ROOT, b"else", 0) == ("err", errno.ENOENT)
+    assert ad.fuse.invalidated() == [("inode", SESSION, d, 0, 0), ("inode", SESSION, ROOT, 0, 0)]
+
+
+def test_an_unchanged_directory_keeps_its_listing_and_its_id(ad):
+    put(ad.lower, "d/a")
+    ops = ad.start()
+    d = ad.node("d")
+    first = dirents(ad.readdir(d, 4096, 0, fi())[1])
+    again = dirents(ad.readdir(d, 4096, 0, fi())[1])
+    assert again == first
+    assert ops._replaced == {} and list(ops._encoded) == [d]
+    assert ops._encoded_entries == 3
+
+
+def test_directories_whose_entries_went_with_attributes_are_remembered_within_a_bound(ad, monkeypatch):
+    for name in "abc":
+        put(ad.lower, f"{name}/f")
+    ops = ad.start()
+    a, b, c = ad.node("a"), ad.node("b"), ad.node("c")
+    monkeypatch.setattr(operations, "PLUS_SENT_KEPT", 2)
+
+    def with_attrs(node):
+        return direntplus(ad.readdirplus(node, 4096, 0, fi())[1])[2][1] != 0
+    assert with_attrs(a) and with_attrs(b)
+    assert not with_attrs(a)  # remembered
+    assert with_attrs(c)  # the third: the others are forgotten
+    assert set(ops._plus_sent) == {c}
+    assert with_attrs(a)
+
+
+def test_encoded_listings_are_kept_within_a_bound_oldest_first(ad, monkeypatch):
+    for name in "abc":
+        put(ad.lower, f"{name}/f")
+        put(ad.lower, f"{name}/g")
+    ops = ad.start()
+    a, b, c = ad.node("a"), ad.node("b"), ad.node("c")
+    monkeypatch.setattr(operations, "ENCODED_KEPT", 8)  # two listings of four
+    for node in (a, b):
+        ad.readdir(node, 4096, 0, fi())
+    assert list(ops._encoded) == [a, b] and ops._encoded_entries == 8
+    offset = dirents(ad.readdir(a, 4096, 0, fi())[1])[0][3]
+    ad.readdir(c, 4096, 0, fi())
+    assert list(ops._encoded) == [b, c] and ops._encoded_entries == 8
+    # a reader of the listing let go goes on in the current one, read again under a new id
+    rest = dirents(ad.readdir(a, 4096, offset, fi())[1])
+    assert rest[0][0] == ".." and sorted(e[0] for e in rest[1:]) == ["f", "g"]
+    assert rest[0][3] >> 32 != offset >> 32
+    assert list(ops._encoded) == [c, a] and ops._encoded_entries == 8
+    ad.mknod(c, b"h", stat.S_IFREG | 0o644, 0)
+    ad.readdir(c, 4096, 0, fi())  # five entries now: only this one is kept
+    assert list(ops._encoded) == [c] and ops._encoded_entries == 5
+
+
+def test_replaced_listings_are_kept_within_a_bound(ad, monkeypatch):
+    ops = ad.start()
+    d = ad.mkdir(ROOT, b"d", 0o755)[1]["ino"]
+    monkeypatch.setattr(operations, "REPLACED_KEPT", 2)
+    offsets = []
+    for i in range(4):
+        ad.mknod(d, f"f{i}".encode(), stat.S_IFREG | 0o644, 0)
+        offsets.append(dirents(ad.readdir(d, 4096, 0, fi())[1])[0][3])
+    ad.mknod(d, b"last", stat.S_IFREG | 0o644, 0)
+    current = dirents(ad.readdir(d, 4096, 0, fi())[1])[0][3] >> 32
+    assert len(ops._replaced) == 2
+    for offset, kept in zip(offsets, [False, False, True, True]):
+        listed = dirents(ad.readdir(d, 4096, offset, fi())[1])
+        assert [e[3] >> 32 for e in listed][0] == (offset >> 32 if kept else current)
+
+
+def test_readdirplus_looks_a_name_up_again_when_the_directorys_path_moved(ad, monkeypatch):
+    ops = ad.start()
+    d = ad.mkdir(ROOT, b"d", 0o755)[1]["ino"]
+    ad.mknod(d, b"f", stat.S_IFREG | 0o644, 0)
+    real, paths = ad.union.getattr, []
+    ad.union.readdir("/d")
+
+    def racing(path):
+        paths.append(path)
+        if len(paths) == 1:
+            rename_meanwhile(ad, "d", "e")
+        return real(path)
+    monkeypatch.setattr(ad.union, "getattr", racing)
+    entries = direntplus(ad.readdirplus(d, 4096, 0, fi())[1])
+    assert paths == ["/d/f", "/e/f"]
+    assert ops.table.path(ops.table.get(entries[2][1])) == "/e/f"
