@@ -994,9 +994,9 @@ def test_readdirplus_after_the_resend_window_sends_attributes_again(ad, monkeypa
     monkeypatch.setattr(operations.time, "monotonic", lambda: clock[0])
     first = direntplus(ad.readdirplus(d, 4096, 0, fi())[1])
     assert first[2][1] != 0
-    clock[0] += operations.PLUS_RESEND - 0.01
+    clock[0] = 1000.0 + operations.PLUS_RESEND - 0.001
     assert direntplus(ad.readdirplus(d, 4096, 0, fi())[1])[2][1] == 0
-    clock[0] += 0.01
+    clock[0] = 1000.0 + operations.PLUS_RESEND  # exactly that long after: again
     again = direntplus(ad.readdirplus(d, 4096, 0, fi())[1])
     assert again[2][1] == first[2][1] and ops.table.get(first[2][1]).nlookup == 2
     # a reader that started with attributes goes on with them
@@ -1658,3 +1658,28 @@ def test_readdirplus_looks_a_name_up_again_when_the_directorys_path_moved(ad, mo
     entries = direntplus(ad.readdirplus(d, 4096, 0, fi())[1])
     assert paths == ["/d/f", "/e/f"]
     assert ops.table.path(ops.table.get(entries[2][1])) == "/e/f"
+
+
+def test_a_move_that_does_not_end_in_time_is_waited_for_no_longer(ad, monkeypatch):
+    import threading
+    ops = ad.start()
+    started, go = threading.Event(), threading.Event()
+
+    def mover():
+        with ops.table.moving_names():
+            started.set()
+            go.wait(2)  # far longer than the wait allowed below
+    thread = threading.Thread(target=mover)
+    thread.start()
+    started.wait(10)
+    monkeypatch.setattr(operations, "MOVE_WAIT", 0.05)
+    real, paths = ad.union.getattr, []
+    monkeypatch.setattr(ad.union, "getattr", lambda path: (paths.append(path), real(path))[1])
+    try:
+        start = time.monotonic()
+        assert ad.lookup(ROOT, b"nothing")[1]["ino"] == 0
+        waited = time.monotonic() - start
+    finally:
+        go.set()
+        thread.join(10)
+    assert paths == ["/nothing"] and 0.05 <= waited < 1.5
