@@ -1683,3 +1683,20 @@ def test_a_move_that_does_not_end_in_time_is_waited_for_no_longer(ad, monkeypatc
         go.set()
         thread.join(10)
     assert paths == ["/nothing"] and 0.05 <= waited < 1.5
+
+
+def test_a_copy_up_outside_any_request_is_no_concern_of_the_adapter(ad):
+    import threading
+    put(ad.lower, "f", mode=0o644)
+    ad.start()
+    failures = []
+
+    def elsewhere():  # a thread that never served a request: nothing to settle
+        try:
+            ad.union.chmod("/f", 0o600)
+        except Exception as e:  # noqa: BLE001 (reported below)
+            failures.append(e)
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join(10)
+    assert failures == [] and stat.S_IMODE((ad.upper / "f").stat().st_mode) == 0o600
