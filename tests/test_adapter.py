@@ -81,6 +81,8 @@ class Fuse:
         self.groups_asked = []  # the sizes of the buffers req_getgroups was given
         self.result = 0  # what a reply returns: not 0 when the request was interrupted
         self.pinned = 0
+        self.current = None  # the request being served
+        self._filled = {}  # listing buffer -> bytes the entries added so far take
         self._reqs = iter(range(0x1000, 1 << 40))
 
     def _answer(self, req, kind, *values):
@@ -130,9 +132,11 @@ class Fuse:
         return self._answer(req, "ioctl", result, data, size)
 
     def req_ctx(self, req):
+        assert req == self.current, "asked about another request"
         return ctypes.pointer(self.ctx)
 
     def req_getgroups(self, req, size, buf):
+        assert req == self.current, "asked about another request"
         self.groups_asked.append(size)
         for i, gid in enumerate(self.groups[:size]):
             buf[i] = gid
@@ -150,10 +154,36 @@ class Fuse:
     def pin_thread_state(self):
         self.pinned += 1
 
+    def _entry_room(self, req, buf, size, name):
+        """Checks libfuse's fuse_add_direntry(_plus) would not: the request, a name, and that `size` is
+        the room left in the buffer after the entries that went in."""
+        assert req == self.current and isinstance(name, bytes) and name
+        whole = buf._obj
+        assert size == ctypes.sizeof(whole) - self._filled.get(id(whole), 0), "not the room left"
+
+    def _entry_added(self, buf, size, need):
+        if need <= size:
+            self._filled[id(buf._obj)] = self._filled.get(id(buf._obj), 0) + need
+
+    def add_direntry(self, req, buf, size, name, st, offset):
+        self._entry_room(req, buf, size, name)
+        assert isinstance(st._obj, ll.Stat)
+        need = REAL["add_direntry"](req, buf, size, name, st, offset)
+        self._entry_added(buf, size, need)
+        return need
+
+    def add_direntry_plus(self, req, buf, size, name, e, offset):
+        self._entry_room(req, buf, size, name)
+        assert isinstance(e._obj, ll.EntryParam)
+        need = REAL["add_direntry_plus"](req, buf, size, name, e, offset)
+        self._entry_added(buf, size, need)
+        return need
+
     # -- requests --------------------------------------------------------------------------------
     def call(self, method, *args):
         """Send one request to `method`; its one answer, as (kind, *values)."""
-        req = next(self._reqs)
+        req = self.current = next(self._reqs)
+        self._filled = {}
         before = len(self.replies)
         pinned = self.pinned
         assert method(req, *args) is None
@@ -170,7 +200,9 @@ class Fuse:
 
 PATCHED = ["reply_err", "reply_none", "reply_entry", "reply_create", "reply_attr", "reply_readlink", "reply_open",
            "reply_write", "reply_buf", "reply_data", "reply_statfs", "reply_xattr", "reply_ioctl", "req_ctx",
-           "req_getgroups", "notify_inval_inode", "notify_inval_entry", "pin_thread_state"]
+           "req_getgroups", "notify_inval_inode", "notify_inval_entry", "pin_thread_state", "add_direntry",
+           "add_direntry_plus"]
+REAL = {"add_direntry": ll.add_direntry, "add_direntry_plus": ll.add_direntry_plus}  # they only fill memory
 
 
 @pytest.fixture
@@ -201,6 +233,7 @@ class Adapter:
                  else Stack(lowers=[str(self.lower)], upper=str(self.upper), work=str(self.work)))
         self.union = Union(check(stack))
         self.ops = CowfsOperations(self.union)
+        assert self.ops.session is None and self.ops.notifier is None  # until serve has mounted
         self.ops.session = SESSION
         self.ops.notifier = Notifier(SESSION)
         return self.ops
@@ -1232,19 +1265,22 @@ def test_destroy_releases_every_handle_and_the_workdir(ad):
 
 def test_the_groups_of_a_caller_are_read_only_when_asked_with_room_for_all(fuse):
     fuse.groups = list(range(100, 140))  # more than the first buffer holds
+    fuse.current = 0x77
     groups = operations._Groups(0x77)
     assert fuse.groups_asked == []
     assert 139 in groups and 100 in groups and 99 not in groups and 140 not in groups
     assert fuse.groups_asked == [32, 40]
     fuse.groups = [5]
+    fuse.current = 0x78
     groups = operations._Groups(0x78)
     assert 5 in groups and 6 not in groups
     assert fuse.groups_asked == [32, 40, 32]  # read once
     fuse.groups = list(range(32))
+    fuse.current = 0x79
     assert 31 in operations._Groups(0x79) and fuse.groups_asked[-1] == 32
     fuse.req_getgroups = lambda req, size, buf: -errno.ENOSYS  # unknown: no supplementary groups
     ll.req_getgroups = fuse.req_getgroups
-    assert 0 not in operations._Groups(0x7A)
+    assert 0 not in operations._Groups(0x79)
 
 
 def test_a_write_keeps_the_set_group_id_bit_for_a_caller_in_the_files_group_by_its_supplementary_groups(ad):
@@ -1276,7 +1312,8 @@ def test_the_operations_table_points_at_the_methods_and_leaves_the_rest_to_libfu
             assert not value, name
     assert {"lookup", "getattr", "readdirplus", "write_buf", "forget_multi", "init"} <= set(filled)
     assert {"flush", "write", "releasedir", "getlk", "poll"}.isdisjoint(filled)
-    assert len(table._kept) == len(filled)
+    address = lambda f: ctypes.cast(f, ctypes.c_void_p).value  # noqa: E731
+    assert [address(f) for f in table._kept] == [address(getattr(table, name)) for name in filled]
     table.lookup(0x99, ROOT, b"f")  # through libfuse's calling convention
     assert ad.fuse.replies[-1][:2] == (0x99, "entry") and ad.fuse.replies[-1][2]["ino"] == 2
 
@@ -1288,6 +1325,7 @@ class Session:
         self.calls = []
         self.argv = None
         self.lookup = lookup
+        self.fuse = fuse
         self._new, self._mount = new, mount
         for name in ("session_new", "session_mount", "set_signal_handlers", "remove_signal_handlers",
                      "loop_cfg_create", "loop_cfg_set_max_threads", "loop_cfg_set_idle_threads", "session_loop_mt",
@@ -1328,10 +1366,17 @@ class Session:
     def session_loop_mt(self, session, config):
         self.calls.append(("loop", session, config))
         # requests come through the table, to an adapter that knows its session by now
+        assert self.table.init and self.table.lookup and self.table.setattr and self.table.link
         self.table.init(None, ctypes.pointer(ll.ConnInfo()))
         if self.lookup is not None:
+            self.fuse.current = 0x42
             self.table.lookup(0x42, ROOT, self.lookup)
+            self.fuse.current = 0x43
             self.table.setattr(0x43, 2, ctypes.pointer(ll.Stat(st_mode=0o600)), ll.SET_ATTR_MODE, None)
+            self.fuse.current = 0x44
+            self.table.lookup(0x44, ROOT, b"g")
+            self.fuse.current = 0x45
+            self.table.link(0x45, 3, ROOT, b"c")  # the lower link broken: "g" is dropped by the notifier
         return 0
 
     def loop_cfg_destroy(self, config):
@@ -1346,6 +1391,7 @@ class Session:
 
 def test_serve_mounts_with_the_options_runs_the_loop_and_tears_down(ad, monkeypatch):
     put(ad.lower, "f")
+    os.link(ad.lower / "f", ad.lower / "g")
     union = Union(check(Stack(lowers=[str(ad.lower)], upper=str(ad.upper), work=str(ad.work))))
     s = Session(monkeypatch, ad.fuse, lookup=b"f")
     ready = []
@@ -1358,8 +1404,9 @@ def test_serve_mounts_with_the_options_runs_the_loop_and_tears_down(ad, monkeypa
                        ("loop", SESSION, 0xCF6), ("uncfg", 0xCF6), ("unmount", SESSION), ("unsignals", SESSION),
                        ("destroy", SESSION)]
     assert ready == [1]
-    assert [r[1] for r in ad.fuse.replies] == ["entry", "attr"]
-    assert ad.fuse.notices == [("inode", SESSION, 2, -1, 0), ("inode", SESSION, ROOT, 0, 0)]  # the copy-up
+    assert [r[1] for r in ad.fuse.replies] == ["entry", "attr", "entry", "entry"]
+    assert ad.fuse.notices[:2] == [("inode", SESSION, 2, -1, 0), ("inode", SESSION, ROOT, 0, 0)]  # the copy-up
+    assert sorted(ad.fuse.notices[2:]) == [("entry", SESSION, ROOT, b"g"), ("inode", SESSION, ROOT, 0, 0)]
     assert stat.S_IMODE((ad.upper / "f").stat().st_mode) == 0o600
     assert [sig for sig, _ in s.signals] == [operations.signal.SIGINT, operations.signal.SIGTERM,
                                              operations.signal.SIGHUP]
@@ -1367,7 +1414,7 @@ def test_serve_mounts_with_the_options_runs_the_loop_and_tears_down(ad, monkeypa
     Union(check(Stack(lowers=[str(ad.lower)], upper=str(ad.upper), work=str(ad.work)))).close()  # released
 
 
-def test_serve_read_only_debug_without_signals(ad, monkeypatch):
+def test_serve_read_only_debug_in_a_process_serving_several(ad, monkeypatch):
     union = Union(check(Stack(lowers=[str(ad.lower)])))
     s = Session(monkeypatch, ad.fuse)
     monkeypatch.setattr(operations.os, "geteuid", lambda: 1000)
@@ -1700,3 +1747,122 @@ def test_a_copy_up_outside_any_request_is_no_concern_of_the_adapter(ad):
     thread.start()
     thread.join(10)
     assert failures == [] and stat.S_IMODE((ad.upper / "f").stat().st_mode) == 0o600
+
+
+def test_an_unmount_waits_for_a_stuck_notifier_no_longer_than_its_bound(fuse, monkeypatch):
+    import threading
+    release = threading.Event()
+
+    def stuck(session, parent_id, name, size):  # a kernel that does not answer
+        release.wait(2)
+        return 0
+    ll.notify_inval_entry = stuck
+    monkeypatch.setattr(operations, "STOP_WAIT", 0.05)
+    notifier = Notifier(SESSION)
+    notifier.forget_name(1, "x")
+    start = time.monotonic()
+    notifier.stop()
+    waited = time.monotonic() - start
+    alive = notifier._thread.is_alive()
+    release.set()
+    assert alive and waited < 1.5
+
+
+def test_another_kind_met_during_a_move_that_does_not_end_in_time_is_no_answer(ad, monkeypatch):
+    import threading
+    ops = ad.start()
+    f = ad.mknod(ROOT, b"f", stat.S_IFREG | 0o644, 0)[1]["ino"]
+    ad.mkdir(ROOT, b"g", 0o755)
+    started, go = threading.Event(), threading.Event()
+
+    def mover():
+        with ops.table.moving_names():
+            started.set()
+            go.wait(2)
+    thread = threading.Thread(target=mover)
+    thread.start()
+    started.wait(10)
+    monkeypatch.setattr(operations, "MOVE_WAIT", 0.05)
+    real, paths = ad.union.getattr, []
+    monkeypatch.setattr(ad.union, "getattr", lambda path: (paths.append(path), real("/g"))[1])
+    try:
+        answer = ad.getattr(f, NO_FI)
+    finally:
+        go.set()
+        thread.join(10)
+    assert answer == ("err", errno.ENOENT) and paths == ["/f"]
+
+
+def test_the_right_object_during_an_unrelated_move_is_the_answer_at_once(ad, monkeypatch):
+    ad.start()
+    f = ad.mknod(ROOT, b"f", stat.S_IFREG | 0o644, 0)[1]["ino"]
+    ad.mknod(ROOT, b"other", stat.S_IFREG | 0o644, 0)
+    real, paths = ad.union.getattr, []
+
+    def racing(path):
+        paths.append(path)
+        rename_meanwhile(ad, "other" if len(paths) % 2 else "moved", "moved" if len(paths) % 2 else "other")
+        return real(path)
+    monkeypatch.setattr(ad.union, "getattr", racing)
+    kind, attrs, _ = ad.getattr(f, NO_FI)
+    assert kind == "attr" and paths == ["/f"]
+
+
+def test_a_copied_up_path_that_cannot_be_read_back_does_not_stop_the_others(ad, monkeypatch):
+    put(ad.lower, "d/f", mode=0o644)
+    ad.start()
+    d, f = ad.node("d"), ad.node("d/f")
+    real = ad.union.getattr
+    monkeypatch.setattr(ad.union, "getattr", lambda path: real(path) if path != "/d" else (_ for _ in ()).throw(
+        OSError(errno.EIO, "unreadable")))
+    ad.fuse.invalidated()
+    assert set_attrs(ad, f, ll.SET_ATTR_MODE, st_mode=0o600)[0] == "attr"  # copies up "/d", then "/d/f"
+    assert ad.fuse.invalidated() == [("inode", SESSION, f, -1, 0), ("inode", SESSION, ROOT, 0, 0),
+                                     ("inode", SESSION, d, 0, 0)]
+
+
+def test_readdirplus_asks_the_engine_by_merged_paths(ad, monkeypatch):
+    put(ad.lower, "f")
+    put(ad.lower, "d/g")
+    ad.start()
+    d = ad.node("d")
+    real, paths = ad.union.getattr, []
+    monkeypatch.setattr(ad.union, "getattr", lambda path: (paths.append(path), real(path))[1])
+    ad.readdirplus(ROOT, 4096, 0, fi())
+    ad.readdirplus(d, 4096, 0, fi())
+    assert sorted(paths) == ["/d", "/d/g", "/f"]
+
+
+def test_readdirplus_goes_on_past_a_name_gone_since_the_listing(ad, monkeypatch):
+    for name in "abcde":
+        put(ad.lower, f"d/{name}")
+    ad.start()
+    d = ad.node("d")
+    first = ad.union.readdir("/d")[2][0]  # whichever comes first
+    real = ad.union.getattr
+    monkeypatch.setattr(ad.union, "getattr", lambda path: real(path) if path != "/d/" + first else (
+        _ for _ in ()).throw(FileNotFoundError(errno.ENOENT, "gone")))
+    entries = direntplus(ad.readdirplus(d, 4096, 0, fi())[1])
+    assert sorted(e[0] for e in entries[2:]) == sorted(set("abcde") - {first})
+    assert all(e[1] for e in entries[2:])
+
+
+def test_an_entry_that_did_not_fit_leaves_the_kernels_own_lookups(ad):
+    put(ad.lower, "d/f")
+    ops = ad.start()
+    d, f = ad.node("d"), ad.node("d/f")
+    data = ad.readdirplus(d, 2 * 160, 0, fi())[1]  # "." and "..": "f" does not fit
+    assert [e[0] for e in direntplus(data)] == [".", ".."]
+    assert ops.table.get(f).nlookup == 1  # the kernel's lookup of it stays counted
+
+
+def test_a_listing_read_again_replaces_its_old_one_in_place_of_the_oldest(ad, monkeypatch):
+    ops = ad.start()
+    a = ad.mkdir(ROOT, b"a", 0o755)[1]["ino"]
+    b = ad.mkdir(ROOT, b"b", 0o755)[1]["ino"]
+    ad.readdir(a, 4096, 0, fi())
+    ad.readdir(b, 4096, 0, fi())
+    assert list(ops._encoded) == [a, b] and ops._encoded_entries == 4
+    ad.mknod(a, b"x", stat.S_IFREG | 0o644, 0)
+    ad.readdir(a, 4096, 0, fi())
+    assert list(ops._encoded) == [b, a] and ops._encoded_entries == 5  # the newest last, counted once
