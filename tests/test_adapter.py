@@ -4,8 +4,9 @@ The `fuse` fixture stands in for libfuse's side of a session: every reply
 and notification function the adapter calls is replaced by a recorder (a
 real one, handed a request that is not libfuse's, would crash the
 interpreter); the functions that only fill memory (fuse_add_direntry,
-fuse_add_direntry_plus, fuse_buf_size, fuse_buf_copy) are libfuse's own, so
-a listing is read back from the bytes the kernel would get.  The engine under
+fuse_add_direntry_plus, fuse_buf_size, fuse_buf_copy) are libfuse's own
+(the first two behind checks of what they are given), so a listing is read
+back from the bytes the kernel would get.  The engine under
 the adapter is a real `Union` over layers in tmp_path.
 
 What is checked is the adapter's contract with the kernel: each request is
@@ -23,6 +24,7 @@ import logging
 import os
 import stat
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -1440,7 +1442,6 @@ def test_serve_fails_in_one_line_when_libfuse_cannot(ad, monkeypatch):
 
 
 def test_the_notifier_drops_names_from_its_own_thread(fuse):
-    import threading
     seen = []
     real = fuse.notify_inval_entry
 
@@ -1560,7 +1561,6 @@ def test_an_object_of_another_kind_met_during_a_move_is_read_again(ad, monkeypat
 
 
 def test_a_move_under_way_is_waited_for(ad, monkeypatch):
-    import threading
     ops = ad.start()
     d = ad.mkdir(ROOT, b"d", 0o755)[1]["ino"]
     f = ad.mknod(d, b"f", stat.S_IFREG | 0o644, 0)[1]["ino"]
@@ -1708,7 +1708,6 @@ def test_readdirplus_looks_a_name_up_again_when_the_directorys_path_moved(ad, mo
 
 
 def test_a_move_that_does_not_end_in_time_is_waited_for_no_longer(ad, monkeypatch):
-    import threading
     ops = ad.start()
     started, go = threading.Event(), threading.Event()
 
@@ -1733,7 +1732,6 @@ def test_a_move_that_does_not_end_in_time_is_waited_for_no_longer(ad, monkeypatc
 
 
 def test_a_copy_up_outside_any_request_is_no_concern_of_the_adapter(ad):
-    import threading
     put(ad.lower, "f", mode=0o644)
     ad.start()
     failures = []
@@ -1750,7 +1748,6 @@ def test_a_copy_up_outside_any_request_is_no_concern_of_the_adapter(ad):
 
 
 def test_an_unmount_waits_for_a_stuck_notifier_no_longer_than_its_bound(fuse, monkeypatch):
-    import threading
     release = threading.Event()
 
     def stuck(session, parent_id, name, size):  # a kernel that does not answer
@@ -1769,7 +1766,6 @@ def test_an_unmount_waits_for_a_stuck_notifier_no_longer_than_its_bound(fuse, mo
 
 
 def test_another_kind_met_during_a_move_that_does_not_end_in_time_is_no_answer(ad, monkeypatch):
-    import threading
     ops = ad.start()
     f = ad.mknod(ROOT, b"f", stat.S_IFREG | 0o644, 0)[1]["ino"]
     ad.mkdir(ROOT, b"g", 0o755)
