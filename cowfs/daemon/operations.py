@@ -56,6 +56,7 @@ PLUS_RESEND = 1.0  # seconds during which a directory's entries go out again wit
 REPLACED_KEPT = 64  # listings a change replaced, kept for readers still in the middle of them
 RETRIES = 10  # of an operation whose path a concurrent rename made out of date
 MOVE_WAIT = 5.0  # seconds to wait for a rename or removal to finish before retrying
+STOP_WAIT = 5.0  # seconds an unmount waits for the notifier's thread (a kernel that never answers it)
 
 
 class Notifier:
@@ -72,7 +73,7 @@ class Notifier:
 
     def stop(self):
         self._queue.put(None)
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=STOP_WAIT)
 
     def _run(self):
         while (item := self._queue.get()) is not None:
