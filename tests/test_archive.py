@@ -725,7 +725,28 @@ def test_write_layer_of_names_not_in_ascii(tmp_path):
     upper = tmp_path / "upper"
     upper.mkdir()
     (upper / "caf\u00e9").write_bytes(b"x")
-    assert list(members(_written(upper))) == ["caf\u00e9"]
+    with open(os.path.join(os.fsencode(upper), b"not utf-8 \xff"), "wb"):
+        pass
+    assert list(members(_written(upper))) == ["caf\u00e9", os.fsdecode(b"not utf-8 \xff")]  # bytes as on disk
+
+
+def test_write_layer_skips_the_overlays_own_xattrs_and_keeps_the_later_ones(tmp_path):
+    """The record of attributes, the overlay's markers and xattrs outside user/security/trusted (an ACL in
+    system.*) are not archived as xattrs, and the names that sort after them still are."""
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    f = upper / "f"
+    f.write_bytes(b"x")
+    os.chmod(f, 0o640)
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, ident) for tag, perm, ident in (
+        (0x01, 6, 0xFFFFFFFF), (0x02, 4, 1234), (0x04, 4, 0xFFFFFFFF), (0x10, 4, 0xFFFFFFFF), (0x20, 0, 0xFFFFFFFF)))
+    os.setxattr(f, "system.posix_acl_access", acl)  # user 1234 may read
+    os.setxattr(f, "trusted.overlay.impure", b"y")
+    os.setxattr(f, "trusted.zz", b"after the overlay's")
+    os.setxattr(f, "user.containers.override_stat", b"0:0:0640:file")
+    os.setxattr(f, "user.zz", b"after the record")
+    xattrs = {k for k in members(_written(upper))["f"].pax_headers if k.startswith("SCHILY.xattr.")}
+    assert xattrs == {"SCHILY.xattr.trusted.zz", "SCHILY.xattr.user.zz"}
 
 
 def test_write_layer_reads_a_metadata_only_copys_data_below(tmp_path):
@@ -744,6 +765,46 @@ def test_write_layer_reads_a_metadata_only_copys_data_below(tmp_path):
     with tarfile.open(fileobj=io.BytesIO(_written(upper, lowers=[str(lower)]))) as tf:
         assert tf.extractfile("dst/f").read() == b"data"
         assert tf.extractfile("g").read() == b"gggg"
+
+
+def test_write_layer_with_lowers_writes_only_the_uppers_changes(tmp_path):
+    """Lowers given, a directory that is not redirected is written as its upper holds it, not merged."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    (lower / "d").mkdir(parents=True)
+    (lower / "d/old").write_bytes(b"o")
+    (upper / "d").mkdir(parents=True)
+    (upper / "d/new").write_bytes(b"n")
+    assert list(members(_written(upper, lowers=[str(lower)]))) == ["d", "d/new"]
+
+
+def test_write_layer_of_a_userxattr_upper_with_a_redirect_is_refused_in_one_line(tmp_path):
+    """An overlay with userxattr follows no redirect (nor metacopy), as the kernel's: such an upper is not
+    written as if it did, and the refusal names the directory."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    (lower / "src").mkdir(parents=True)
+    (lower / "src/a").write_bytes(b"a")
+    (upper / "dst").mkdir(parents=True)
+    os.setxattr(upper / "dst", "user.overlay.redirect", b"/src")
+    with pytest.raises(ArchiveError) as e:
+        _written(upper, lowers=[str(lower)], prefix=archive.USER_PREFIX)
+    assert str(e.value) == (f"{upper / 'dst'}: is a redirect or metadata-only copy, which an overlay with "
+                            "userxattr does not follow")
+    os.setxattr(upper / "dst", "trusted.overlay.redirect", b"/src")  # the same with trusted.* is followed
+    os.removexattr(upper / "dst", "user.overlay.redirect")
+    assert list(members(_written(upper, lowers=[str(lower)]))) == ["dst", "dst/.wh..wh..opq", "dst/a"]
+
+
+def test_write_layer_keeps_xattrs_as_bytes_and_none_of_a_symlink(tmp_path):
+    """An xattr value that is not UTF-8 keeps its bytes; a symlink's own xattrs are not archived."""
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    (upper / "f").write_bytes(b"x")
+    os.setxattr(upper / "f", "user.bin", b"\xff\x00\x80")
+    os.symlink("f", upper / "link")
+    os.setxattr(upper / "link", "trusted.mark", b"on the link itself", follow_symlinks=False)
+    m = members(_written(upper))
+    assert m["f"].pax_headers["SCHILY.xattr.user.bin"].encode("utf-8", "surrogateescape") == b"\xff\x00\x80"
+    assert not any(key.startswith("SCHILY.xattr.") for key in m["link"].pax_headers)
 
 
 def test_a_metadata_only_copy_needs_its_lowers(tmp_path):

@@ -960,7 +960,15 @@ def write_layer(upper, out, lowers=(), prefix=TRUSTED_PREFIX, clamp_mtime=None):
         raise ArchiveError(upper, "has a redirected directory: give its lower layers (--lower) to expand it")
     hashed = HashingWriter(out)
     with tarfile.open(fileobj=hashed, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8") as tf:
-        _Writer(tf, prefix, layers, clamp_mtime, override.is_marked(upper)).upper_dir(upper, "")
+        try:
+            _Writer(tf, prefix, layers, clamp_mtime, override.is_marked(upper)).upper_dir(upper, "")
+        except PermissionError as e:
+            if e.errno != errno.EPERM or layers is None:
+                raise
+            # the stack refused to follow a redirect or metacopy marker, as the kernel does under userxattr
+            raise ArchiveError(os.path.join(upper, e.filename.lstrip("/")),
+                               "is a redirect or metadata-only copy, which an overlay with userxattr does not "
+                               "follow") from None
     return hashed.digest, hashed.count
 
 
