@@ -227,9 +227,8 @@ class _ZstdProcess:
         return data
 
     def close(self):
+        self.proc.kill()  # first: it may be waiting for input that is slow to come (does nothing once it ended)
         self.proc.stdout.close()
-        if self.proc.poll() is None:
-            self.proc.kill()
         self.proc.wait()
         self.thread.join()
 
