@@ -370,8 +370,11 @@ class CopyUp:
                               merged_nlink(node.index, self.prefix))
             finally:
                 self._changed()
-            return self.layers.resolve_required(node.path)
-        meta_only = self.stack.metacopy and not data and stat.S_ISREG(node.st.st_mode) and not self._indexed(node)
+            node = self.layers.resolve_required(node.path)
+            if data and node.data is not None:  # the indexed copy is metadata only: its data next, in place
+                raise DataFirst(node)
+            return node
+        meta_only = self.stack.metacopy and not data and stat.S_ISREG(node.st.st_mode)
         if stat.S_ISREG(node.st.st_mode) and not meta_only:
             raise DataFirst(node)
         parent_real = self._upper_dir(parent_of(node.path)[0])
