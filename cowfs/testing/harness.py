@@ -89,6 +89,9 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("metacopy", ("metacopy=on", "redirect_dir=on"), ("metacopy=on", "redirect_dir=on")),
     # index=on: lower hard links stay one file across copy-up (WORKDIR/index is compared too)
     Mode("index", ("index=on", "redirect_dir=on", "metacopy=off"), ("index=on", "redirect_dir=on")),
+    # both: a lower hard link is copied up metadata only, into WORKDIR/index, its data at the first write
+    Mode("index_metacopy", ("index=on", "metacopy=on", "redirect_dir=on"),
+         ("index=on", "metacopy=on", "redirect_dir=on")),
     # the last two lower layers are data-only (`lowerdir=A:B::D1::D2`): reached by metacopy redirects only
     Mode("data_only", ("metacopy=on", "redirect_dir=on"), ("metacopy=on", "redirect_dir=on"), data_only=2),
     Mode("many_layers", ("redirect_dir=on", "metacopy=off"), ("redirect_dir=on",), min_layers=4, max_layers=6),
