@@ -108,10 +108,12 @@ def _copy_range(src, dst, offset, length):
 
 
 def copy_data(src, dst, size):
-    """Copy a regular file's contents, holes kept, and set the exact size."""
+    """Copy a regular file's contents, holes kept, and set the exact size. A file already of that size
+    (a metadata-only copy) is not truncated, so that with no data to copy its mtime stays, as the kernel's."""
     for offset, length in _extents(src, size):
         _copy_range(src, dst, offset, length)
-    os.ftruncate(dst, size)
+    if os.fstat(dst).st_size != size:
+        os.ftruncate(dst, size)
 
 
 def copy_xattrs(src, dst, prefix):

@@ -232,11 +232,13 @@ def excuse_tree(ref: dict, got: dict, names: Iterable[str]) -> dict:
 
 def _without_indexed_names(snap: dict) -> dict:
     """An upper snapshot less the names of indexed files (those with an overlay nlink xattr), and less
-    the directories, marked by nothing, that held only such names."""
+    the directories, marked by no overlay xattr (a lower one's own xattrs come up with it), that held
+    only such names."""
     entries = {rel: info for rel, info in snap["entries"].items()
                if not any(k.endswith("overlay.nlink") for k in info.get("xattrs", {}))}
     for rel in sorted(entries, key=lambda r: -r.count("/")):  # deepest first
-        if rel != "." and entries[rel].get("type") == "dir" and "xattrs" not in entries[rel] \
+        if rel != "." and entries[rel].get("type") == "dir" \
+                and not any(".overlay." in "." + k for k in entries[rel].get("xattrs", {})) \
                 and not any(other.startswith(rel + "/") for other in entries):
             del entries[rel]
     return {"entries": entries}
