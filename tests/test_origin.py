@@ -487,3 +487,22 @@ def test_metacopy_upper_read_without_metacopy_as_the_kernel(shared_tmp, writer):
             m.unmount()
     assert seen["cowfs"] == seen["kernel"]
     assert seen["kernel"]["stats"][:2] == ["EPERM", "EPERM"]
+
+
+@pytest.mark.parametrize("metacopy", [(), ("metacopy=on",)], ids=["full", "metacopy"])
+def test_index_handle_on_a_lower_name_follows_the_copy_up(tmp_path, metacopy):
+    """A descriptor opened on a name of a lower hard link, whose data another name then copies up (its own
+    name still the lower's, shown through the index), reads the copy, as the kernel's (one inode)."""
+    lower, upper, work = _layers(tmp_path)
+    u = _union(lower, upper, work, "index=on", "redirect_dir=on", *metacopy)
+    try:
+        u.chmod("/hl1", 0o600)
+        reader = u.open("/hl2", os.O_RDONLY)
+        h = u.open("/hl1", os.O_WRONLY | os.O_APPEND)
+        u.write(h, b"more\n", 0)
+        u.release(h)
+        assert not os.path.lexists(upper + "/hl2")  # hl2 is still a lower name
+        assert u.read(reader, 100, 0, "/hl2") == b"linked\nmore\n"
+        u.release(reader)
+    finally:
+        u.close()
