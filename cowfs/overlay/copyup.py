@@ -172,8 +172,6 @@ def build_copy(src, st, tmp, prefix, origin, metadata_only=False, sync=True, dat
                 _copy_into(data if data is not None else src, fd_out, st.st_size, sync)
         finally:
             os.close(fd_out)
-        if metadata_only:
-            set_marker(tmp, prefix, METACOPY, "")
     elif stat.S_ISDIR(mode):
         os.mkdir(tmp, 0o700)
     elif stat.S_ISLNK(mode):
@@ -188,6 +186,10 @@ def build_copy(src, st, tmp, prefix, origin, metadata_only=False, sync=True, dat
     fileattr.copy_up_flags(src, st, tmp, prefix)
     if origin is not None and (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or not prefix.startswith("user.")):
         os.setxattr(tmp, prefix + KERNEL_ORIGIN, origin, follow_symlinks=False)  # user.* only on files and dirs
+    if metadata_only and stat.S_ISREG(mode):
+        # after the origin, as the kernel's: on a filesystem that keeps the first xattrs in the inode and
+        # the rest in a block, the marker is the one in the block, which goes with it at the data copy-up
+        set_marker(tmp, prefix, METACOPY, "")
     copy_mode_and_times(st, tmp)
 
 
