@@ -160,20 +160,24 @@ VERITY_ON_SCENARIOS = {
 
 
 def scenario(*, layers: StackSpec = STD, userxattr: bool = False, readonly: bool = False, allow_other: bool = False,
-             redirects: bool = False, verity: bool = True):
+             redirects: bool = False, verity: bool = True, also: tuple[str, ...] = ()):
     """Register a scenario; *redirects*: it renames lower directories, and the upper it writes with
     redirect_dir=on is also read back with redirect_dir=follow and nofollow; *verity* false: not in the
-    VERITY_MODES (a long scenario about names only)."""
+    VERITY_MODES (a long scenario about names only); *also*: more modes."""
     def register(fn):
         name = fn.__name__.removeprefix("sc_")
         assert name not in SCENARIOS, name
         modes = ("redirect_off", "redirect_on", "metacopy") + (VERITY_MODES if verity else ()) + (
             ("verity_on",) if name in VERITY_ON_SCENARIOS else ()) + (("userxattr",) if userxattr else ()) + (
-            ("redirect_follow", "redirect_nofollow") if redirects else ())
+            ("redirect_follow", "redirect_nofollow") if redirects else ()) + also
         SCENARIOS[name] = Scenario(name, fn, layers, modes, readonly, allow_other)
         return fn
     return register
 
+
+INDEX_METACOPY = ("index_metacopy",)
+"""For `scenario(also=...)`: a scenario of metadata-only copy-up, or of lower hard links, also with index=on and
+metacopy=on (the standard stack's hl1 and hl2 are a lower hard link)."""
 
 W, RW, CREAT, TRUNC, EXCL, APPEND, RD = (os.O_WRONLY, os.O_RDWR, os.O_CREAT, os.O_TRUNC, os.O_EXCL,
                                           os.O_APPEND, os.O_RDONLY)
@@ -220,7 +224,7 @@ def sc_copyup_open_trunc(fs: Session):
     fs.read("exec.sh")
 
 
-@scenario()
+@scenario(also=INDEX_METACOPY)
 def sc_copyup_truncate(fs: Session):
     fs.truncate("file.txt", 5)
     fs.read("file.txt")
@@ -233,7 +237,7 @@ def sc_copyup_truncate(fs: Session):
     fs.truncate("gone.txt", 0)
 
 
-@scenario()
+@scenario(also=INDEX_METACOPY)
 def sc_copyup_chmod(fs: Session):
     fs.chmod("file.txt", 0o600)
     fs.chmod("dir", 0o711)
@@ -245,7 +249,7 @@ def sc_copyup_chmod(fs: Session):
     fs.read("deep/a/b/c/file.txt")
 
 
-@scenario()
+@scenario(also=INDEX_METACOPY)
 def sc_metadata_then_data(fs: Session):
     """The life of a metadata-only copy (metacopy=on): chmod, rename, link, remount, then data.
     In the other modes the same steps are ordinary copy-ups."""
@@ -778,12 +782,12 @@ INDEX_LINKS = LOWER_LINKS.with_entries((
 
 
 def index_scenario(*modes):
-    """A scenario of the index mode (index=on), on INDEX_LINKS; also in `modes`, e.g. with index=off,
-    where the same operations break the links (the kernel's default)."""
+    """A scenario of the index modes (index=on, with metacopy=off and on), on INDEX_LINKS; also in
+    `modes`, e.g. with index=off, where the same operations break the links (the kernel's default)."""
     def register(fn):
         name = fn.__name__.removeprefix("sc_")
         assert name not in SCENARIOS, name
-        SCENARIOS[name] = Scenario(name, fn, INDEX_LINKS, ("index",) + modes)
+        SCENARIOS[name] = Scenario(name, fn, INDEX_LINKS, ("index", "index_metacopy") + modes)
         return fn
     return register
 
@@ -872,6 +876,52 @@ def sc_index_link_up_other_name(fs: Session):
     fs.stat("hl/two")
     fs.utime("hl/two", (OLD_TIME_NS, OLD_TIME_NS))
     _link_names(fs, ("hl/one", "hl/two", "hl/three"))
+
+
+@index_scenario()
+def sc_index_meta_then_data(fs: Session):
+    """With metacopy=on a change of metadata copies a lower hard link into the index without its data;
+    a write through another name, after a remount, brings the data into that same inode, for every name.
+    A descriptor opened on a lower name before its data came up reads the data of the upper inode."""
+    fs.chmod("hl/one", 0o600)
+    fs.chown("pair/a", USER, USER)
+    _link_names(fs, ("hl/one", "hl/two", "hl/three"))
+    _link_names(fs, ("pair/a", "pair/b"))
+    fs.remount()
+    fs.write("hl/two", b"TWO", W, offset=0)
+    _link_names(fs, ("hl/two", "hl/one", "hl/three"))
+    fd = fs.open("pair/b", RD)
+    fs.pread(fd, 64, 0, "pair/b before the data")
+    fs.truncate("pair/b", 4)  # the same name (cowfs would link up the name first found), linked up
+    fs.pread(fd, 64, 0, "pair/b opened before the data")
+    fs.close(fd)
+    _link_names(fs, ("pair/a", "pair/b"))
+    fs.remount()
+    _link_names(fs, ("hl/three", "hl/one", "hl/two"))
+    _link_names(fs, ("pair/b", "pair/a"))
+
+
+@index_scenario()
+def sc_index_meta_names(fs: Session):
+    """Names of an indexed metadata-only copy come and go (the redirect a new name needs), then the data."""
+    fs.utime("hl/one", (OLD_TIME_NS, OLD_TIME_NS))
+    fs.rename("hl/one", "uno")  # into another directory: an absolute redirect to the data
+    fs.unlink("hl/two")
+    _link_names(fs, ("uno", "hl/three"))
+    fs.remount()
+    fs.link("hl/three", "pair/three")
+    _link_names(fs, ("hl/three", "uno", "pair/three"))
+    fs.rename("pair/b", "pair/c")  # not copied up before: metadata only, straight into the index
+    _link_names(fs, ("pair/c", "pair/a"))
+    fs.remount()
+    fs.write("uno", b"data through uno\n", W | APPEND)
+    _link_names(fs, ("uno", "hl/three", "pair/three"))
+    fs.unlink("pair/c")
+    fs.truncate("pair/a", 3)  # the last name, never copied up: data and all, in the index
+    _link_names(fs, ("pair/a",))
+    fs.listdir("hl")
+    fs.listdir("pair")
+    fs.listdir("")
 
 
 # -- data-only lower layers (`lowerdir=A:B::D1::D2`): a composefs-style stack ----------------------
@@ -1010,7 +1060,7 @@ def sc_cached_attrs_follow_changes(fs: Session):
     fs.check("hl/one and hl/three still one file", fs.ino("hl/one") == fs.ino("hl/three"))
 
 
-@scenario()
+@scenario(also=INDEX_METACOPY)
 def sc_hardlink_modify_through_one(fs: Session):
     fs.link("file.txt", "other")
     fs.write("other", b"CHANGED", W, offset=0)
@@ -1022,7 +1072,7 @@ def sc_hardlink_modify_through_one(fs: Session):
     fs.read("other")
 
 
-@scenario()
+@scenario(also=INDEX_METACOPY)
 def sc_lower_hardlink_pair_broken(fs: Session):
     fs.stat("hl1")
     fs.stat("hl2")
@@ -1868,7 +1918,7 @@ def sc_crafted_redirects(fs: Session):
 # ---------------------------------------------------------------------------
 # renaming one name of a hard-linked file onto another name of the same file
 
-@scenario(layers=LOWER_LINKS, userxattr=True)
+@scenario(layers=LOWER_LINKS, userxattr=True, also=INDEX_METACOPY)
 def sc_rename_hardlink_onto_itself(fs: Session):
     """POSIX: rename(a, b) when a and b are the same file does nothing and succeeds.
 

@@ -436,6 +436,76 @@ def test_uuid_decides_which_origins_are_followed(tmp_path, monkeypatch, written,
             _union(lower, upper, work, f"uuid={read}", "index=on")
 
 
+# -- index=on with metacopy=on: a lower hard link copied up metadata only, into the index -------------
+
+def test_index_with_metacopy_copies_metadata_only(tmp_path):
+    """A change of metadata copies a lower hard link into the index without its data (as the kernel's);
+    the other name shows that inode and reads the lower data; a write through it fills the same inode."""
+    lower, upper, work = _layers(tmp_path)
+    u = _union(lower, upper, work, "index=on", "metacopy=on", "redirect_dir=on")
+    try:
+        u.chmod("/hl1", 0o600)
+        entry = work + "/index/" + os.getxattr(upper + "/hl1", TRUSTED + "origin").hex()
+        assert os.path.samestat(os.lstat(entry), os.lstat(upper + "/hl1"))
+        assert os.getxattr(entry, TRUSTED + "metacopy") == b"" and os.lstat(entry).st_size == 7
+        fd = os.open(entry, os.O_RDONLY)
+        try:
+            with pytest.raises(OSError) as e:
+                os.lseek(fd, 0, os.SEEK_DATA)  # no data of its own: all hole
+            assert e.value.errno == errno.ENXIO
+        finally:
+            os.close(fd)
+        assert os.getxattr(entry, TRUSTED + "nlink") == b"U+0"
+        assert u.getattr("/hl2")["st_mode"] & 0o777 == 0o600 and u.getattr("/hl2")["st_nlink"] == 2
+        h = u.open("/hl2", os.O_RDONLY)
+        assert u.read(h, 100, 0) == b"linked\n"  # the data is still the lower file's
+        u.release(h)
+        h = u.open("/hl2", os.O_WRONLY | os.O_APPEND)  # the name is linked up, then the data comes in place
+        u.write(h, b"more\n", 0)
+        u.release(h)
+        assert os.path.samestat(os.lstat(entry), os.lstat(upper + "/hl2"))
+        assert TRUSTED + "metacopy" not in os.listxattr(entry)
+        assert os.getxattr(entry, TRUSTED + "nlink") == b"U-1"  # three upper links, two names
+        for name in ("/hl1", "/hl2"):
+            h = u.open(name, os.O_RDONLY)
+            assert u.read(h, 100, 0) == b"linked\nmore\n"
+            u.release(h)
+        with open(lower + "/hl1", "rb") as f:
+            assert f.read() == b"linked\n"  # the lower stays as it was
+    finally:
+        u.close()
+
+
+def test_index_metacopy_entry_without_metacopy_refused(tmp_path):
+    """Mounted without metacopy=on, a metadata-only index entry is refused (EPERM) by every name, as the
+    kernel refuses to follow its origin."""
+    lower, upper, work = _layers(tmp_path)
+    u = _union(lower, upper, work, "index=on", "metacopy=on", "redirect_dir=on")
+    try:
+        u.chmod("/hl1", 0o600)
+    finally:
+        u.close()
+    u = _union(lower, upper, work, "index=on", "redirect_dir=on")
+    try:
+        for name in ("/hl1", "/hl2"):
+            with pytest.raises(OSError) as e:
+                u.getattr(name)
+            assert e.value.errno == errno.EPERM
+        assert u.getattr("/single")["st_nlink"] == 1
+    finally:
+        u.close()
+
+
+INDEX_METACOPY = ("index=on", "metacopy=on", "redirect_dir=on")
+
+
+def _outcome(fn, *args):
+    try:
+        return fn(*args)
+    except OSError as e:
+        return errno.errorcode[e.errno]
+
+
 @pytest.mark.kernel
 @pytest.mark.fuse
 def test_uuid_off_on_several_filesystems_is_null(shared_tmp):
@@ -466,6 +536,56 @@ def _change_through(mnt):
     for name in ("single", "d/inner"):
         os.chmod(os.path.join(mnt, name), 0o640)
     os.mkdir(os.path.join(mnt, "new"))
+
+
+@pytest.mark.kernel
+@pytest.mark.fuse
+@pytest.mark.parametrize("writer,reader", [("kernel", "cowfs"), ("cowfs", "kernel")])
+def test_index_metacopy_over_the_others_upper(shared_tmp, writer, reader):
+    """One side copies lower hard links up metadata only into the index (a change of mode, a rename); the
+    other, over that upper and workdir, shows the same files and brings their data up through another name;
+    the first reads that back. Then both, mounted without metacopy=on, refuse the same names alike."""
+    lower, upper, work = _layers(shared_tmp)
+    os.link(lower + "/single", lower + "/d/third")  # a second group: single, d/third
+    mnt = os.path.join(shared_tmp, "mnt")
+    os.mkdir(mnt)
+
+    def view():
+        names = ("hl1", "hl2", "moved", "d/third", "d/inner")
+        return {n: (_outcome(lambda p: oct(os.lstat(p).st_mode), os.path.join(mnt, n)),
+                    _outcome(lambda p: os.lstat(p).st_nlink, os.path.join(mnt, n)),
+                    _outcome(lambda p: open(p, "rb").read(), os.path.join(mnt, n))) for n in names}
+
+    m = _mounted(writer, lower, upper, work, mnt, ["index=off", *INDEX_METACOPY] if writer == "kernel"
+                 else INDEX_METACOPY)
+    try:
+        os.chmod(os.path.join(mnt, "hl1"), 0o600)
+        os.rename(os.path.join(mnt, "single"), os.path.join(mnt, "moved"))
+        written = view()
+    finally:
+        m.unmount()
+    assert TRUSTED + "metacopy" in os.listxattr(upper + "/hl1")
+    assert TRUSTED + "metacopy" in os.listxattr(upper + "/moved")
+    m = _mounted(reader, lower, upper, work, mnt, ["index=off", *INDEX_METACOPY] if reader == "kernel"
+                 else INDEX_METACOPY)
+    try:
+        assert view() == written
+        with open(os.path.join(mnt, "hl2"), "ab") as f:
+            f.write(b"via hl2\n")
+        with open(os.path.join(mnt, "d/third"), "ab") as f:
+            f.write(b"via third\n")
+        changed = view()
+    finally:
+        m.unmount()
+    assert changed["hl1"][2] == b"linked\nvia hl2\n" and changed["moved"][2] == b"one name\nvia third\n"
+    m = _mounted(writer, lower, upper, work, mnt, ["index=off", *INDEX_METACOPY] if writer == "kernel"
+                 else INDEX_METACOPY)
+    try:
+        assert view() == changed
+    finally:
+        m.unmount()
+    for name in os.listdir(work + "/index"):
+        assert TRUSTED + "metacopy" not in os.listxattr(work + "/index/" + name)
 
 
 @pytest.mark.kernel
@@ -637,3 +757,57 @@ def test_two_lower_filesystems_of_one_uuid(shared_tmp):
             shown[kind] = (inos, _inos(upper, ("single", "hl1")), os.path.exists(work + "/index"))
         for kind, (inos, own, indexed) in shown.items():
             assert inos == own and not indexed, kind
+
+
+@pytest.mark.kernel
+@pytest.mark.fuse
+@pytest.mark.parametrize("writer", ["kernel", "cowfs"])
+def test_metacopy_upper_read_without_metacopy_as_the_kernel(shared_tmp, writer):
+    """An index=on upper with metadata-only copies, mounted with metacopy=off: the names of an indexed
+    metadata-only file fail with EPERM, a merged impure directory leaves its own such files out of its
+    listing, and the listing of an impure upper-only directory that holds one fails with EPERM."""
+    lower, upper, work = _layers(shared_tmp)
+    mnt = os.path.join(shared_tmp, "mnt")
+    os.mkdir(mnt)
+    m = _mounted(writer, lower, upper, work, mnt, ["index=off", *INDEX_METACOPY] if writer == "kernel"
+                 else INDEX_METACOPY)
+    try:
+        os.chmod(os.path.join(mnt, "hl1"), 0o600)
+        os.chmod(os.path.join(mnt, "d/inner"), 0o600)
+        os.mkdir(os.path.join(mnt, "new"))
+        os.rename(os.path.join(mnt, "single"), os.path.join(mnt, "new/single"))
+    finally:
+        m.unmount()
+    seen = {}
+    for kind in ("kernel", "cowfs"):
+        options = ["index=on", "metacopy=off", "redirect_dir=on"]
+        m = _mounted(kind, lower, upper, work, mnt, ["index=off", *options] if kind == "kernel" else options)
+        try:
+            seen[kind] = {
+                "listings": [_outcome(lambda p: sorted(os.listdir(p)), os.path.join(mnt, d)) for d in ("", "d", "new")],
+                "stats": [_outcome(lambda p: oct(os.lstat(p).st_mode), os.path.join(mnt, n))
+                          for n in ("hl1", "hl2", "d/inner", "new/single", "new")],
+            }
+        finally:
+            m.unmount()
+    assert seen["cowfs"] == seen["kernel"]
+    assert seen["kernel"]["stats"][:2] == ["EPERM", "EPERM"]
+
+
+@pytest.mark.parametrize("metacopy", [(), ("metacopy=on",)], ids=["full", "metacopy"])
+def test_index_handle_on_a_lower_name_follows_the_copy_up(tmp_path, metacopy):
+    """A descriptor opened on a name of a lower hard link, whose data another name then copies up (its own
+    name still the lower's, shown through the index), reads the copy, as the kernel's (one inode)."""
+    lower, upper, work = _layers(tmp_path)
+    u = _union(lower, upper, work, "index=on", "redirect_dir=on", *metacopy)
+    try:
+        u.chmod("/hl1", 0o600)
+        reader = u.open("/hl2", os.O_RDONLY)
+        h = u.open("/hl1", os.O_WRONLY | os.O_APPEND)
+        u.write(h, b"more\n", 0)
+        u.release(h)
+        assert not os.path.lexists(upper + "/hl2")  # hl2 is still a lower name
+        assert u.read(reader, 100, 0, "/hl2") == b"linked\nmore\n"
+        u.release(reader)
+    finally:
+        u.close()

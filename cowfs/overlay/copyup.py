@@ -109,10 +109,12 @@ def _copy_range(src, dst, offset, length):
 
 
 def copy_data(src, dst, size):
-    """Copy a regular file's contents, holes kept, and set the exact size."""
+    """Copy a regular file's contents, holes kept, and set the exact size. A file already of that size
+    (a metadata-only copy) is not truncated, so that with no data to copy its mtime stays, as the kernel's."""
     for offset, length in _extents(src, size):
         _copy_range(src, dst, offset, length)
-    os.ftruncate(dst, size)
+    if os.fstat(dst).st_size != size:
+        os.ftruncate(dst, size)
 
 
 def copy_xattrs(src, dst, prefix):
@@ -172,8 +174,6 @@ def build_copy(src, st, tmp, prefix, origin, metadata_only=False, sync=True, dat
                 _copy_into(data if data is not None else src, fd_out, st.st_size, sync)
         finally:
             os.close(fd_out)
-        if metadata_only:
-            os.setxattr(tmp, prefix + METACOPY, verity.metacopy_value(digest), follow_symlinks=False)
     elif stat.S_ISDIR(mode):
         os.mkdir(tmp, 0o700)
     elif stat.S_ISLNK(mode):
@@ -188,6 +188,10 @@ def build_copy(src, st, tmp, prefix, origin, metadata_only=False, sync=True, dat
     fileattr.copy_up_flags(src, st, tmp, prefix)
     if origin is not None and (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or not prefix.startswith("user.")):
         os.setxattr(tmp, prefix + KERNEL_ORIGIN, origin, follow_symlinks=False)  # user.* only on files and dirs
+    if metadata_only and stat.S_ISREG(mode):
+        # after the origin, as the kernel's: on a filesystem that keeps the first xattrs in the inode and
+        # the rest in a block, the marker is the one in the block, which goes with it at the data copy-up
+        os.setxattr(tmp, prefix + METACOPY, verity.metacopy_value(digest), follow_symlinks=False)
     copy_mode_and_times(st, tmp)
 
 
@@ -377,9 +381,12 @@ class CopyUp:
                               merged_nlink(node.index, self.prefix))
             finally:
                 self._changed()
-            return self.layers.resolve_required(node.path)
+            node = self.layers.resolve_required(node.path)
+            if data and node.data is not None:  # the indexed copy is metadata only: its data next, in place
+                raise DataFirst(node)
+            return node
         meta_only, digest = False, None
-        if self.stack.metacopy and not data and stat.S_ISREG(node.st.st_mode) and not self._indexed(node):
+        if self.stack.metacopy and not data and stat.S_ISREG(node.st.st_mode):
             meta_only, digest = self._metacopy_digest(node)
         if stat.S_ISREG(node.st.st_mode) and not meta_only:
             raise DataFirst(node)
@@ -434,8 +441,9 @@ class CopyUp:
 
     def _stays_metadata_only(self, node):
         """metacopy=on: whether regular file `node` is a metadata-only copy, or becomes one when it is
-        copied up for a change of metadata (see `_metacopy_digest`); its data then stays below."""
-        return node.data is not None or (not node.in_upper and self._metacopy_digest(node)[0])
+        copied up for a change of metadata (see `_metacopy_digest`); its data then stays below, so that a
+        new name of it needs a redirect. Not a name of an indexed copy that holds its data."""
+        return node.data is not None or (not node.in_upper and node.index is None and self._metacopy_digest(node)[0])
 
     def _verify_data(self, node):
         """Before the data of metacopy file `node` is used, or the file is copied up: under verity=on|require,

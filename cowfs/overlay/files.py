@@ -106,7 +106,8 @@ class Files:
     @locked
     def _follow_copy_up(self, handle, path):
         node = self.layers.resolve(path)
-        if node is not None and node.in_upper and node.data is None and handle.lower_id is not None:
+        upper = node is not None and (node.in_upper or node.index is not None)  # an index entry is upper too
+        if upper and node.data is None and handle.lower_id is not None:
             fd = os.open(node.real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             os.dup2(fd, handle.fd)
             os.close(fd)

@@ -471,6 +471,13 @@ class Layers:
             return True
         return False
 
+    def _metacopy_refused(self, node):
+        """Whether a listing of directory `node` must check its upper files for the metacopy marker: without
+        metacopy=on their lookup fails (EPERM), and the kernel's readdir of an impure upper directory looks
+        its entries up (see `refusing_lookups`)."""
+        return (not self.metacopy and node.parts[0][0] == 0
+                and get_marker(self.real(0, node.parts[0][1]), self.prefix, IMPURE) == "y")
+
     def refusing_lookups(self, node):
         """Whether a listing of directory `node` leaves out the upper entries whose lookup fails: not
         following redirects, in a merged directory whose upper is impure. The kernel's readdir looks the
@@ -562,7 +569,13 @@ class Layers:
         if layer > 0 and self.index is not None and st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
             entry = self.index_entry(real, st)
             if entry is not None:  # another name of this lower file was copied up: this name is that inode
-                return Node(join(parent.path, name), layer, entry, os.lstat(entry), parts, index=entry)
+                if get_marker(entry, self.prefix, METACOPY) is None:
+                    return Node(join(parent.path, name), layer, entry, os.lstat(entry), parts, index=entry)
+                if not self.metacopy:  # the kernel refuses to follow a metadata-only index entry's origin
+                    raise os_error(errno.EPERM, join(parent.path, name))
+                # a metadata-only copy (metacopy=on): its data is still this lower file's
+                return Node(join(parent.path, name), layer, entry, os.lstat(entry), parts,
+                            get_marker(entry, self.prefix, REDIRECT), data or real, entry)
         return Node(join(parent.path, name), layer, real, st, parts, top_redirect, data)
 
     def data_unreached(self, data):
@@ -621,6 +634,7 @@ class Layers:
         seen = set()
         entries = []
         refusing = self.refusing_lookups(node)
+        unread_copies = self._metacopy_refused(node)
         for layer, rel in node.parts:
             hidden_below = []
             with os.scandir(self.real(layer, rel)) as it:
@@ -638,6 +652,11 @@ class Layers:
                         continue
                     if refusing and layer == 0 and self.lookup_refused(node, name):
                         continue
+                    if unread_copies and layer == 0 and entry.is_file(follow_symlinks=False) \
+                            and get_marker(entry.path, self.prefix, METACOPY) is not None:
+                        if len(node.parts) == 1:  # the kernel's readdir of an impure upper directory fails
+                            raise os_error(errno.EPERM, node.path)
+                        continue  # a merged one leaves it out
                     entries.append((name, layer, entry))
             seen.update(hidden_below)
         return entries

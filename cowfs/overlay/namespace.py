@@ -173,10 +173,11 @@ class Namespace:
         self._check_protection(src, old)
         if self.stack.metacopy and stat.S_ISREG(src.st.st_mode) and self._stays_metadata_only(src):
             # A metadata-only copy stays one: an absolute redirect on the shared inode lets
-            # every name of it find the data (the kernel uses the origin file handle instead).
+            # every name of it find the data (the kernel uses the origin file handle instead);
+            # one it has already (another name of an indexed file) stays, as the kernel's.
             data_path = "/" + next(rel for layer, rel in src.parts if layer > 0)
             src = self._copy_up(src, data=False)
-            if src.redirect != data_path:
+            if not (src.redirect or "").startswith("/"):
                 set_marker(src.real, self.prefix, REDIRECT, data_path)
                 self._changed()
         else:
@@ -281,7 +282,7 @@ class Namespace:
         if self.layers.index is None or node is None or node.is_dir:
             return node, None, None
         if node.index is not None or self._indexed(node):
-            node = self._copy_up(node)
+            node = self._copy_up(node, data=False)  # with metacopy=on, metadata only (as the kernel's)
         entry = self._index_of(node)
         return node, entry, (copyup.merged_nlink(entry, self.prefix) if entry is not None else None)
 
@@ -434,7 +435,9 @@ class Namespace:
         if (node.is_dir and node.has_lower) or moves_data_ref:
             # as the kernel's ovl_need_absolute_redirect: relative within one directory, except for
             # a lower hard link, whose upper names could come to live in different directories
-            if from_parent == to_parent and (node.is_dir or _lower_nlink(node) == 1):
+            if (node.redirect or "").startswith("/"):  # kept, as the kernel's ovl_set_redirect keeps it
+                redirect = node.redirect
+            elif from_parent == to_parent and (node.is_dir or _lower_nlink(node) == 1):
                 redirect = node.redirect or from_name
             else:
                 redirect = "/" + next(rel for layer, rel in node.parts if layer > 0)

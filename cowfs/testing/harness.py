@@ -90,6 +90,9 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("metacopy", ("metacopy=on", "redirect_dir=on"), ("metacopy=on", "redirect_dir=on")),
     # index=on: lower hard links stay one file across copy-up (WORKDIR/index is compared too)
     Mode("index", ("index=on", "redirect_dir=on", "metacopy=off"), ("index=on", "redirect_dir=on")),
+    # both: a lower hard link is copied up metadata only, into WORKDIR/index, its data at the first write
+    Mode("index_metacopy", ("index=on", "metacopy=on", "redirect_dir=on"),
+         ("index=on", "metacopy=on", "redirect_dir=on")),
     # the last two lower layers are data-only (`lowerdir=A:B::D1::D2`): reached by metacopy redirects only
     Mode("data_only", ("metacopy=on", "redirect_dir=on"), ("metacopy=on", "redirect_dir=on"), data_only=2),
     Mode("many_layers", ("redirect_dir=on", "metacopy=off"), ("redirect_dir=on",), min_layers=4, max_layers=6),
@@ -243,11 +246,13 @@ def excuse_tree(ref: dict, got: dict, names: Iterable[str]) -> dict:
 
 def _without_indexed_names(snap: dict) -> dict:
     """An upper snapshot less the names of indexed files (those with an overlay nlink xattr), and less
-    the directories, marked by nothing, that held only such names."""
+    the directories, marked by no overlay xattr (a lower one's own xattrs come up with it), that held
+    only such names."""
     entries = {rel: info for rel, info in snap["entries"].items()
                if not any(k.endswith("overlay.nlink") for k in info.get("xattrs", {}))}
     for rel in sorted(entries, key=lambda r: -r.count("/")):  # deepest first
-        if rel != "." and entries[rel].get("type") == "dir" and "xattrs" not in entries[rel] \
+        if rel != "." and entries[rel].get("type") == "dir" \
+                and not any(".overlay." in "." + k for k in entries[rel].get("xattrs", {})) \
                 and not any(other.startswith(rel + "/") for other in entries):
             del entries[rel]
     return {"entries": entries}
