@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from cowfs.errors import StackError
-from cowfs.overlay import copyup, lookup
+from cowfs.overlay import acl, copyup, lookup
 from cowfs.overlay import whiteout as whiteout_module
 from cowfs.overlay.stack import Stack, check
 from cowfs.overlay.union import Caller, Union
@@ -1277,6 +1277,97 @@ class TestCreate:
 
 # =============================================================================================
 # deleting
+
+# POSIX ACL inheritance: the host kernel creating the same object in the same directory is the reference
+# (posix_acl_create). Entries as the kernel stores them: an ID only on USER and GROUP entries.
+NO_ID = 0xFFFFFFFF
+MINIMAL = [(acl.USER_OBJ, 7, NO_ID), (acl.GROUP_OBJ, 5, NO_ID), (acl.OTHER, 1, NO_ID)]
+DEFAULT_ACLS = {
+    "minimal": MINIMAL,
+    "minimal-narrow": [(acl.USER_OBJ, 6, NO_ID), (acl.GROUP_OBJ, 4, NO_ID), (acl.OTHER, 0, NO_ID)],
+    "user": [(acl.USER_OBJ, 7, NO_ID), (acl.USER, 6, 1000), (acl.GROUP_OBJ, 5, NO_ID), (acl.MASK, 7, NO_ID),
+             (acl.OTHER, 5, NO_ID)],
+    "group-narrow-mask": [(acl.USER_OBJ, 5, NO_ID), (acl.GROUP_OBJ, 7, NO_ID), (acl.GROUP, 7, 2000),
+                          (acl.MASK, 3, NO_ID), (acl.OTHER, 6, NO_ID)],
+    "mask-only": [(acl.USER_OBJ, 3, NO_ID), (acl.GROUP_OBJ, 2, NO_ID), (acl.MASK, 6, NO_ID), (acl.OTHER, 4, NO_ID)],
+}
+
+
+def _with_umask(umask, call, *args):
+    old = os.umask(umask)
+    try:
+        return call(*args)
+    finally:
+        os.umask(old)
+
+
+class TestAclInheritance:
+    @pytest.mark.parametrize("name", sorted(DEFAULT_ACLS))
+    @pytest.mark.parametrize("mode", [0o777, 0o640, 0o751, 0o026, 0o000])
+    @pytest.mark.parametrize("is_dir", [False, True])
+    def test_as_the_kernel_creates(self, tmp_path, name, mode, is_dir):
+        parent = tmp_path / "parent"
+        parent.mkdir()
+        default = acl.pack(DEFAULT_ACLS[name])
+        os.setxattr(parent, acl.DEFAULT, default)
+        kind = stat.S_IFDIR if is_dir else stat.S_IFREG
+        got_mode, got_xattrs = acl.for_new(str(parent), kind | stat.S_ISGID | mode, 0o077, is_dir)
+        real = parent / "real"
+        if is_dir:
+            _with_umask(0o077, os.mkdir, real, mode)
+        else:
+            os.close(_with_umask(0o077, os.open, real, os.O_CREAT | os.O_WRONLY, mode))
+        assert got_mode == kind | stat.S_ISGID | stat.S_IMODE(os.lstat(real).st_mode)
+        want = {n: os.getxattr(real, n) for n in (acl.ACCESS, acl.DEFAULT) if n in os.listxattr(real)}
+        assert got_xattrs == want
+        assert acl.DEFAULT in got_xattrs if is_dir else acl.DEFAULT not in got_xattrs
+
+    def test_without_a_default_acl_the_umask_applies(self, tmp_path):
+        assert acl.for_new(str(tmp_path), stat.S_IFREG | 0o4777, 0o027, False) == (stat.S_IFREG | 0o4750, {})
+        # a filesystem without ACLs (EOPNOTSUPP): the same
+        assert acl.for_new("/proc", stat.S_IFDIR | 0o775, 0o002, True) == (stat.S_IFDIR | 0o775, {})
+
+    def test_a_missing_directory_is_an_error(self, tmp_path):
+        assert errno_of(acl.for_new, str(tmp_path / "gone"), 0o644, 0, False) == errno.ENOENT
+
+    def test_a_default_acl_without_group_entry_is_eio(self, tmp_path, monkeypatch):
+        bad = acl.pack([(acl.USER_OBJ, 7, NO_ID), (acl.OTHER, 5, NO_ID)])
+        monkeypatch.setattr(acl.os, "getxattr", lambda *args, **kwargs: bad)
+        with pytest.raises(OSError) as info:
+            acl.for_new(str(tmp_path), 0o644, 0, False)
+        assert (info.value.errno, info.value.strerror, info.value.filename) == (
+            errno.EIO, "POSIX ACL without a group entry", str(tmp_path))
+
+    @pytest.mark.parametrize("value", [b"", b"\x02\x00\x00", acl.pack(MINIMAL)[:-1], b"\x01\x00\x00\x00",
+                                       acl.pack(MINIMAL).replace(b"\x02", b"\x03", 1)])
+    def test_a_malformed_acl_is_einval(self, value):
+        with pytest.raises(OSError) as info:
+            acl.parse(value)
+        assert (info.value.errno, info.value.strerror) == (errno.EINVAL, "malformed POSIX ACL")
+
+    def test_parse_and_pack(self):
+        value = acl.pack(DEFAULT_ACLS["user"])
+        assert value[:12] == b"\x02\x00\x00\x00\x01\x00\x07\x00\xff\xff\xff\xff"
+        assert len(value) == 4 + 8 * 5
+        assert acl.parse(value) == [list(e) for e in DEFAULT_ACLS["user"]]
+        assert acl.parse(acl.pack([])) == []
+
+    def test_engine_applies_it_in_the_upper(self, env):
+        low = env.lower()
+        mkdirs(low, "d")
+        mkdirs(env.upper, "d")
+        os.setxattr(env.upper / "d", acl.DEFAULT, acl.pack(DEFAULT_ACLS["user"]))
+        u = env.union()
+        create(u, "/d/f", mode=0o666)
+        u.mkdir("/d/sub", 0o777, umask=0o077)
+        f, sub = env.upper / "d/f", env.upper / "d/sub"
+        assert stat.S_IMODE(os.lstat(f).st_mode) == 0o664
+        assert acl.parse(os.getxattr(f, acl.ACCESS)) == [
+            [acl.USER_OBJ, 6, NO_ID], [acl.USER, 6, 1000], [acl.GROUP_OBJ, 5, NO_ID], [acl.MASK, 6, NO_ID],
+            [acl.OTHER, 4, NO_ID]]
+        assert stat.S_IMODE(os.lstat(sub).st_mode) == 0o775
+        assert os.getxattr(sub, acl.DEFAULT) == acl.pack(DEFAULT_ACLS["user"])
+
 
 class TestDelete:
     def test_unlink_lower_file_leaves_a_whiteout(self, env):
