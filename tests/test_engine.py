@@ -18,12 +18,15 @@ import errno
 import hashlib
 import os
 import stat
+import threading
+import time
+import types
 from pathlib import Path
 
 import pytest
 
 from cowfs.errors import StackError
-from cowfs.overlay import acl, copyup, lookup
+from cowfs.overlay import acl, copyup, idmap, locking, lookup, usage
 from cowfs.overlay import whiteout as whiteout_module
 from cowfs.overlay.stack import Stack, check
 from cowfs.overlay.union import Caller, Union
@@ -2554,6 +2557,165 @@ class TestEvents:
         monkeypatch.setattr(events.Events, "emit", lambda *a, **k: pytest.fail("event built with no listener"))
         u.chmod("/f", 0o600)
         u.unlink("/f")
+
+    def test_time_and_unsubscribe(self, env):
+        low = env.lower()
+        put(low, "f", b"x")
+        u = env.union()
+        seen, other = [], []
+        u.events.subscribe(seen.append)
+        u.events.subscribe(other.append)
+        before = time.time()
+        u.chmod("/f", 0o600)
+        assert before <= seen[0]["time"] <= time.time() and seen == other
+        u.events.unsubscribe(seen.append)
+        u.unlink("/f")
+        assert len(seen) == 1 and [e["event"] for e in other] == ["copy_up", "remove", "whiteout"]
+        u.events.unsubscribe(other.append)
+        assert not u.events
+
+
+class TestLocked:
+    """`locked`: the operation's name is the trigger of what it copies up; a DataFirst is retried
+    after the data moved without the lock, by the outermost operation only."""
+
+    class Engine:
+        def __init__(self):
+            self._lock, self._op, self.moved, self.starts = threading.RLock(), None, [], 0
+            self.layers = types.SimpleNamespace(start=self._start)
+            self.pending = []
+
+        def _start(self):
+            self.starts += 1
+
+        def _move_data(self, node, op):
+            assert self._op is None  # without the lock's operation
+            self.moved.append((node, op))
+
+        @locking.locked
+        def chmod(self):
+            if self.pending:
+                raise locking.DataFirst(types.SimpleNamespace(path=self.pending.pop()))
+            return self._op, self.inner()
+
+        @locking.locked
+        def inner(self):
+            return self._op
+
+    def test_name_and_retry(self):
+        engine = self.Engine()
+        assert engine.chmod() == ("chmod", "chmod") and engine._op is None and engine.starts == 1
+        engine.pending = ["/b", "/a"]
+        assert engine.chmod() == ("chmod", "chmod")
+        assert [(n.path, op) for n, op in engine.moved] == [("/a", "chmod"), ("/b", "chmod")]
+        assert engine.starts == 4 and engine._op is None
+        assert engine.inner() == "inner"
+
+    def test_nested_data_first_goes_to_the_outermost(self):
+        engine = self.Engine()
+        with engine._lock:
+            engine._op = "rename"
+            engine.pending = ["/x"]
+            with pytest.raises(locking.DataFirst):
+                engine.chmod()
+            assert engine._op == "rename" and engine.moved == [] and engine.starts == 0
+
+
+def test_hand_over_lets_go_of_the_workdir(env):
+    """After fork the daemon holds the workdir's locks: the parent's engine lets go of them (and one
+    without an upper has none), so the workdir is free once the daemon is gone."""
+    env.lower()
+    env.union(upper=False).hand_over()
+    u = env.union()
+    with pytest.raises(StackError):
+        env.union()
+    u.hand_over()
+    env.union()
+
+
+class TestTreeSize:
+    """What every command shows as a layer's size: apparent sizes, hard links once, whiteouts and
+    directories nothing, symlinks their target's length."""
+
+    def test_single_objects(self, tmp_path):
+        put(tmp_path, "f", b"12345")
+        whiteout(tmp_path, "w")
+        os.symlink("target", tmp_path / "l")
+        assert [usage.tree_size(tmp_path / n) for n in ("f", "w", "l", "gone")] == [5, 0, 6, 0]
+
+    def test_a_tree(self, tmp_path):
+        root = tmp_path / "root"
+        put(root, "a", b"x" * 10)
+        put(root, "d/e/b", b"y" * 100)
+        with open(root / "sparse", "wb") as f:
+            f.truncate(1 << 20)
+        os.link(root / "a", root / "d/a-again")
+        os.link(root / "d/e/b", tmp_path / "outside")  # nlink 2, one name inside: counted once
+        for i in range(4):
+            whiteout(root, f"d/w{i}")
+            mkdirs(root, f"d/sub{i}")
+            put(root, f"d/f{i}", b"z" * (i + 1))
+        os.symlink("../d", root / "d/e/to-dir")
+        os.symlink("a", root / "d/to-a")
+        assert usage.tree_size(root) == 10 + 100 + (1 << 20) + (1 + 2 + 3 + 4) + len("../d") + len("a")
+
+    def test_a_name_gone_while_counted_is_skipped(self, tmp_path, monkeypatch):
+        for i in range(6):
+            put(tmp_path, f"f{i}", b"x" * (1 << i))
+        real_lstat = os.lstat
+
+        def lstat(path, *args, **kwargs):
+            if str(path) != str(tmp_path) and str(path).endswith(("f1", "f4")):
+                raise FileNotFoundError(errno.ENOENT, "gone", path)
+            return real_lstat(path, *args, **kwargs)
+        monkeypatch.setattr(usage.os, "lstat", lstat)
+        assert usage.tree_size(tmp_path) == 1 + 4 + 8 + 32
+
+
+class TestIdMapping:
+    def test_parse(self):
+        assert idmap.parse_mapping("0:1000:1::5:6:7:") == ((0, 1000, 1), (5, 6, 7))
+        assert idmap.parse_mapping("4294967295:0:1") == ((4294967295, 0, 1),)
+        assert idmap.parse_id("4294967295") == 4294967295 and idmap.parse_id("0") == 0
+        for bad in ("", ":", "0:1", "0:1:2:3", "0:x:1", "0:-1:1", "0:4294967296:1", "0:\u0661:1"):
+            with pytest.raises(ValueError):
+                idmap.parse_mapping(bad)
+        for bad in ("", "-1", "4294967296", "1.0", "\u0661"):
+            with pytest.raises(ValueError):
+                idmap.parse_id(bad)
+
+    def test_ranges_both_ways(self):
+        m = idmap.IdMap(uidmapping=((0, 1000, 2), (10, 2000, 5)), gidmapping=((0, 3000, 1),),
+                        overflow_uid=111, overflow_gid=222)
+        assert [m.shown_uid(i) for i in (0, 1, 2, 9, 10, 14, 15)] == [1000, 1001, 111, 111, 2000, 2004, 111]
+        assert [m.disk_uid(i) for i in (999, 1000, 1001, 1002, 2004, 2005, -1)] == [111, 0, 1, 111, 14, 111, -1]
+        assert [m.shown_gid(i) for i in (0, 1)] == [3000, 222]
+        assert [m.disk_gid(i) for i in (3000, 3001, -1)] == [0, 222, -1]
+        assert m.show({"st_uid": 10, "st_gid": 0, "st_size": 3}) == {"st_uid": 2000, "st_gid": 3000, "st_size": 3}
+
+    def test_squash_and_no_mapping(self):
+        none = idmap.IdMap()
+        assert not none and none.show({"st_uid": 5, "st_gid": 6}) == {"st_uid": 5, "st_gid": 6}
+        assert (none.shown_uid(7), none.disk_uid(7), none.shown_gid(8), none.disk_gid(8)) == (7, 7, 8, 8)
+        root = idmap.IdMap(squash_to_root=True)
+        assert root and (root.shown_uid(5), root.shown_gid(6), root.disk_uid(5)) == (0, 0, 5)
+        both = idmap.IdMap(squash_to_root=True, squash_to_uid=0, squash_to_gid=9)
+        assert (both.shown_uid(5), both.shown_gid(6)) == (0, 9)
+        assert idmap.IdMap(squash_to_uid=0) and idmap.IdMap(squash_to_gid=0)
+        assert idmap.IdMap(uidmapping=((0, 1, 1),)) and idmap.IdMap(gidmapping=((0, 1, 1),))
+
+    def test_overflow_ids_are_the_kernels(self, monkeypatch):
+        monkeypatch.setattr(idmap, "OVERFLOW_DEFAULT", 4242)
+        with open("/proc/sys/kernel/overflowuid") as f:
+            uid = int(f.read())
+        with open("/proc/sys/kernel/overflowgid") as f:
+            gid = int(f.read())
+        for fields in ({"uidmapping": ((0, 1, 1),)}, {"gidmapping": ((0, 1, 1),)}):
+            stack = Stack(lowers=["/l"], **fields)
+            got = idmap.IdMap.of(stack)
+            assert (got.overflow_uid, got.overflow_gid) == (uid, gid)
+        squash = idmap.IdMap.of(Stack(lowers=["/l"], squash_to_root=True, squash_to_uid=3, squash_to_gid=4))
+        assert squash == idmap.IdMap(squash_to_root=True, squash_to_uid=3, squash_to_gid=4)
 
 
 # ---------------------------------------------------------------------------------------------
