@@ -16,6 +16,7 @@ format the engine writes into the upper.
 import collections
 import errno
 import hashlib
+import io
 import os
 import stat
 import threading
@@ -26,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from cowfs.errors import StackError
-from cowfs.overlay import acl, copyup, idmap, locking, lookup, usage
+from cowfs.overlay import acl, copyup, credentials, idmap, locking, lookup, usage
 from cowfs.overlay import whiteout as whiteout_module
 from cowfs.overlay.stack import Stack, check
 from cowfs.overlay.union import Caller, Union
@@ -1802,6 +1803,52 @@ class TestCaller:
         u = env.union()
         u.release(u.open("/f", O_RDWR, caller=USER_1000))
         assert stat.S_IMODE(u.getattr("/f")["st_mode"]) == 0o6777
+
+
+class TestPrivileges:
+    """What this process may do, as the kernel says it (/proc/self/status and uid_map); root is taken
+    as capable only when the kernel cannot be asked."""
+
+    @staticmethod
+    def fake_proc(monkeypatch, **texts):
+        real_open = open
+
+        def fake_open(path, *args, **kwargs):
+            key = {"/proc/self/status": "status", "/proc/self/uid_map": "uid_map"}.get(path)
+            if key in texts:
+                if texts[key] is None:
+                    raise PermissionError(errno.EACCES, "denied", path)
+                return io.StringIO(texts[key])
+            return real_open(path, *args, **kwargs)
+        monkeypatch.setattr(credentials, "open", fake_open, raising=False)
+
+    def test_capabilities_are_the_kernels(self):
+        with open("/proc/self/status") as f:
+            effective = int(next(line for line in f if line.startswith("CapEff:")).split()[1], 16)
+        assert [credentials._capable(bit) for bit in range(64)] == [bool(effective >> bit & 1) for bit in range(64)]
+        assert credentials.may_chown() is bool(effective & 1)
+
+    @pytest.mark.parametrize("status, euid, capable", [
+        (None, 0, True), (None, 1000, False), ("Name:\tx\nCapEff:\tzz\n", 0, True),
+        ("CapEff:\n", 1000, False), ("Name:\tx\n", 0, True),
+    ])
+    def test_without_an_answer_root_is_capable(self, monkeypatch, status, euid, capable):
+        self.fake_proc(monkeypatch, status=status)
+        monkeypatch.setattr(credentials.os, "geteuid", lambda: euid)
+        assert credentials._capable(credentials.CAP_SYS_ADMIN) is capable
+
+    @pytest.mark.parametrize("uid_map, cap_eff, trusted", [
+        ("0 0 4294967295\n", "0000000000200000", True),
+        ("         0          0 4294967295\n", "0000000000200000", True),
+        ("0 0 4294967295\n", "00000000001fffff", False),
+        ("0 1000 1\n", "000001ffffffffff", False),
+        ("0 100000 65536\n", "0000000000200000", False),
+        (None, "0000000000200000", True),
+        (None, "0000000000000000", False),
+    ])
+    def test_trusted_xattrs_need_sys_admin_in_the_initial_namespace(self, monkeypatch, uid_map, cap_eff, trusted):
+        self.fake_proc(monkeypatch, uid_map=uid_map, status=f"Name:\tx\nCapEff:\t{cap_eff}\n")
+        assert credentials.may_use_trusted_xattrs() is trusted
 
 
 class TestDirectIo:
