@@ -3190,6 +3190,82 @@ class TestRecordedAttributes:
             assert option in message and "\n" not in message, message
 
 
+    def test_value_limits(self):
+        from cowfs.overlay import override
+        assert override.parse("4294967294:4294967294:7777") == override.Override(4294967294, 4294967294, 0o7777)
+        for bad in ("0:4294967295:0644", "0:0:10000"):
+            with pytest.raises(ValueError):
+                override.parse(bad)
+
+    def test_of_stat_and_apply(self):
+        from cowfs.overlay import override
+        st = os.lstat("/dev/null")
+        assert override.of_stat(st) == override.Override(st.st_uid, st.st_gid, 0o666, stat.S_IFCHR, os.makedev(1, 3))
+        attrs = {"st_mode": stat.S_IFDIR | 0o700, "st_uid": 1, "st_gid": 2, "st_rdev": 9}
+        assert override.apply(attrs, override.Override(3, 4, 0o1777)) == {  # no TYPE: the object's own
+            "st_mode": stat.S_IFDIR | 0o1777, "st_uid": 3, "st_gid": 4, "st_rdev": 9}
+        assert override.apply(attrs, override.Override(0, 0, 0o600, stat.S_IFBLK, 7))["st_rdev"] == 7
+
+    def test_a_symlink_is_never_followed(self, tmp_path):
+        """user.* xattrs do not exist on a symlink: reading, writing and marking through one go to the link."""
+        from cowfs.overlay import override
+        record(put(tmp_path, "f"), "1:2:0644:file")
+        record(mkdirs(tmp_path, "d"), override.ROOT)
+        os.symlink("f", tmp_path / "to-f")
+        os.symlink("d", tmp_path / "to-d")
+        assert override.read(str(tmp_path / "f")) == override.Override(1, 2, 0o644, stat.S_IFREG)
+        assert override.read(str(tmp_path / "to-f")) is None
+        assert override.root_value(str(tmp_path / "d")) == override.ROOT.encode()
+        assert override.root_value(str(tmp_path / "to-d")) is None
+        assert (override.is_marked(str(tmp_path / "d")), override.is_marked(str(tmp_path / "to-d"))) == (True, False)
+        assert errno_of(override.write, str(tmp_path / "to-f"), override.Override(5, 5, 0o600)) == errno.EPERM
+        assert errno_of(override.mark, str(tmp_path / "to-d")) == errno.EPERM
+        assert recorded_on(tmp_path / "f") == "1:2:0644:file" and recorded_on(tmp_path / "d") == override.ROOT
+
+    def test_mark_takes_a_root_value_as_read(self, tmp_path):
+        from cowfs.overlay import override
+        override.mark(str(mkdirs(tmp_path, "a")), b"1000:1000:0700:dir")
+        override.mark(str(mkdirs(tmp_path, "b")))
+        assert (recorded_on(tmp_path / "a"), recorded_on(tmp_path / "b")) == ("1000:1000:0700:dir", "0:0:0755:dir")
+
+    def test_a_type_the_object_cannot_show_is_no_record(self, tmp_path):
+        from cowfs.overlay import override
+        f = record(put(tmp_path, "f"), "1:2:0644:pipe")
+        assert override.read(str(f), stat.S_IFREG | 0o644) == override.Override(1, 2, 0o644, stat.S_IFIFO)
+        assert override.read(str(f), stat.S_IFDIR | 0o755) is None
+        assert override.read(str(f), stat.S_IFLNK | 0o777) is None
+
+    def test_chown_drops_set_id_bits_as_chown_does(self, env):
+        """A recorded chown of a non-directory drops set-uid, and set-gid only with group-exec
+        (without it set-gid marks mandatory locking, which chown(2) keeps); a chmod or a
+        directory keeps them."""
+        image_layer(env)
+        record(env.upper, "0:0:0755:dir")
+        u = env.union()
+        for name, before, after in (("a", 0o4751, 0o751), ("b", 0o2755, 0o755), ("c", 0o6745, 0o2745)):
+            record(put(env.upper, name, b"", 0o600), f"0:0:{before:04o}:file")
+            u.chmod("/" + name, before)
+            assert recorded_on(env.upper / name) == f"0:0:{before:04o}:file", name
+            u.chown("/" + name, 5, -1)
+            assert recorded_on(env.upper / name) == f"5:0:{after:04o}:file", name
+        record(mkdirs(env.upper, "d"), "0:0:6755:dir")
+        u.chown("/d", 5, 6)
+        assert recorded_on(env.upper / "d") == "5:6:6755:dir"
+
+    def test_what_cannot_carry_a_record_changes_on_disk(self, env):
+        """In a marked upper a symlink has no record: its chown goes to the link; a file whose record
+        names a type it cannot show has none either, and root's chown goes to the file."""
+        image_layer(env)
+        record(env.upper, "0:0:0755:dir")
+        os.symlink("plain", env.upper / "link")
+        record(put(env.upper, "odd", b"", 0o644), "7:7:0700:dir")
+        u = env.union()
+        u.chown("/link", 41, 42)
+        u.chown("/odd", 43, 44)
+        assert (os.lstat(env.upper / "link").st_uid, os.lstat(env.upper / "link").st_gid) == (41, 42)
+        assert (os.lstat(env.upper / "odd").st_uid, os.lstat(env.upper / "odd").st_gid) == (43, 44)
+        assert recorded_on(env.upper / "odd") == "7:7:0700:dir"
+
 # ---------------------------------------------------------------------------------------------
 # copy-up keeps file capabilities and set-id bits (chown clears both: the copy is owned first)
 
