@@ -1331,6 +1331,13 @@ class TestAclInheritance:
         # a filesystem without ACLs (EOPNOTSUPP): the same
         assert acl.for_new("/proc", stat.S_IFDIR | 0o775, 0o002, True) == (stat.S_IFDIR | 0o775, {})
 
+    def test_a_symlink_is_not_followed(self, tmp_path):
+        """The engine never follows a symlink it meets in a layer: one to a directory with a default ACL
+        has no default ACL of its own."""
+        os.setxattr(mkdirs(tmp_path, "dir"), acl.DEFAULT, acl.pack(DEFAULT_ACLS["user"]))
+        os.symlink("dir", tmp_path / "link")
+        assert acl.for_new(str(tmp_path / "link"), stat.S_IFREG | 0o666, 0o022, False) == (stat.S_IFREG | 0o644, {})
+
     def test_a_missing_directory_is_an_error(self, tmp_path):
         assert errno_of(acl.for_new, str(tmp_path / "gone"), 0o644, 0, False) == errno.ENOENT
 
@@ -2626,31 +2633,34 @@ class TestLocked:
     """`locked`: the operation's name is the trigger of what it copies up; a DataFirst is retried
     after the data moved without the lock, by the outermost operation only."""
 
-    class Engine:
-        def __init__(self):
-            self._lock, self._op, self.moved, self.starts = threading.RLock(), None, [], 0
-            self.layers = types.SimpleNamespace(start=self._start)
-            self.pending = []
+    @staticmethod
+    def engine():
+        """An engine of two locked operations, decorated here, when the test runs (not at import)."""
+        class Engine:
+            def __init__(self):
+                self._lock, self._op, self.moved, self.starts = threading.RLock(), None, [], 0
+                self.layers = types.SimpleNamespace(start=self._start)
+                self.pending = []
 
-        def _start(self):
-            self.starts += 1
+            def _start(self):
+                self.starts += 1
 
-        def _move_data(self, node, op):
-            assert self._op is None  # without the lock's operation
-            self.moved.append((node, op))
+            def _move_data(self, node, op):
+                assert self._op is None  # without the lock's operation
+                self.moved.append((node, op))
 
-        @locking.locked
-        def chmod(self):
-            if self.pending:
-                raise locking.DataFirst(types.SimpleNamespace(path=self.pending.pop()))
-            return self._op, self.inner()
+            def chmod(self):
+                if self.pending:
+                    raise locking.DataFirst(types.SimpleNamespace(path=self.pending.pop()))
+                return self._op, self.inner()
 
-        @locking.locked
-        def inner(self):
-            return self._op
+            def inner(self):
+                return self._op
+        Engine.chmod, Engine.inner = locking.locked(Engine.chmod), locking.locked(Engine.inner)
+        return Engine()
 
     def test_name_and_retry(self):
-        engine = self.Engine()
+        engine = self.engine()
         assert engine.chmod() == ("chmod", "chmod") and engine._op is None and engine.starts == 1
         engine.pending = ["/b", "/a"]
         assert engine.chmod() == ("chmod", "chmod")
@@ -2659,7 +2669,7 @@ class TestLocked:
         assert engine.inner() == "inner"
 
     def test_nested_data_first_goes_to_the_outermost(self):
-        engine = self.Engine()
+        engine = self.engine()
         with engine._lock:
             engine._op = "rename"
             engine.pending = ["/x"]
