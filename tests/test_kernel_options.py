@@ -89,6 +89,7 @@ PARSED = [  # (the -o strings, the Stack fields other than Stack(lowers=["/l"])'
     (["lowerdir=/l,nosuid,nodev", "noexec,rw,dirsync,noatime"],
      {"mount_flags": ("nosuid", "nodev", "noexec", "rw", "dirsync", "noatime")}),
     (["lowerdir=/l,defaults,relatime,_netdev,nofail,x-systemd.automount,comment=x,default_permissions,suid=1"], {}),
+    (["noauto,lowerdir=/l,x-systemd.automount,ro,comment=x,userxattr"], {"read_only": True, "userxattr": True}),
     (["lowerdir=/l,squash_to_root"], {"squash_to_root": True}),
     (["lowerdir=/l,squash_to_uid=0,squash_to_gid=4294967295"], {"squash_to_uid": 0, "squash_to_gid": 4294967295}),
     (["lowerdir=/l,uidmapping=0:1000:1,gidmapping=1:2:3:4:5:6"],
