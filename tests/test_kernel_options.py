@@ -5,12 +5,13 @@ refuses them on this machine (the mount-time comparison mounts both with the sam
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 from cowfs.errors import StackError
 from cowfs.overlay import stack as stack_module
-from cowfs.overlay.stack import Stack, is_within, parse_options, split_escaped, unescape, with_userxattr
+from cowfs.overlay.stack import Stack, check, is_within, parse_options, split_escaped, unescape, with_userxattr
 from cowfs.testing.harness import KERNEL_COMMON
 from cowfs.testing.mounts import CowfsMount, KernelOverlay, MountError
 from cowfs.testing.tree import snapshot
@@ -206,6 +207,8 @@ def test_option_string(fields, text):
     ("a\\:b:c", ":", True, ["a\\:b", "c"]),
     ("a\\\\:b", ":", False, ["a\\", "b"]),
     ("a:b\\", ":", False, ["a", "b\\"]),  # a trailing backslash escapes nothing and stays
+    ("a\\:", ":", False, ["a:"]),
+    ("a\\,", ",", True, ["a\\,"]),
     ("a\\,b,c:d", ",", True, ["a\\,b", "c:d"]),
 ])
 def test_split_escaped(text, sep, keep, parts):
@@ -238,6 +241,74 @@ class TestWithUserxattr:
             with_userxattr(Stack(lowers=["/l"], **fields))
         assert str(info.value) == (f"{option}: needs trusted.* xattrs (CAP_SYS_ADMIN); an unprivileged mount "
                                    "uses userxattr, which excludes it")
+
+
+class TestCheck:
+    """`check`: every layer resolved to its real path, and each stack the kernel refuses refused in one line."""
+
+    @staticmethod
+    def dirs(tmp_path, *names):
+        for name in names:
+            (tmp_path / name).mkdir(parents=True)
+        return [str(tmp_path / name) for name in names]
+
+    def test_real_paths(self, tmp_path):
+        lower, data, upper, work = self.dirs(tmp_path, "l", "d", "u", "w")
+        os.symlink("l", tmp_path / "link")
+        got = check(Stack(lowers=[str(tmp_path / "link")], data_lowers=(data + "/.",), upper=upper + "//",
+                          work=work, metacopy=True, redirect_dir="on"))
+        assert got == Stack(lowers=[lower], data_lowers=(data,), upper=upper, work=work, metacopy=True,
+                            redirect_dir="on")
+        assert isinstance(got.data_lowers, tuple)
+        assert check(Stack(lowers=[lower, lower])).lowers == [lower, lower]  # the engine alone: hidden twice
+
+    def test_refused(self, tmp_path):
+        a, b, u, w, m = self.dirs(tmp_path, "a", "b", "u", "w", "m")
+        self.dirs(tmp_path, "a/in", "m/in")
+        (tmp_path / "file").write_text("x")
+        f = str(tmp_path / "file")
+        cases = [
+            (Stack(lowers=[a, f]), None, f"lowerdir {f}: Not a directory"),
+            (Stack(lowers=[a + "/gone"]), None, f"lowerdir {a}/gone: No such file or directory"),
+            (Stack(lowers=[a], data_lowers=(f,)), None, f"data-only lowerdir {f}: Not a directory"),
+            (Stack(lowers=[a], upper=f, work=w), None, f"upperdir {f}: Not a directory"),
+            (Stack(lowers=[a], upper=u, work=f), None, f"workdir {f}: Not a directory"),
+            (Stack(lowers=[a]), f, f"mount point {f}: Not a directory"),
+            (Stack(lowers=[a]), a + "/in", f"mount point {a}/in: inside lowerdir {a}"),
+            (Stack(lowers=[a], upper=u, work=w), u, f"mount point {u}: inside upperdir {u}"),
+            (Stack(lowers=[m + "/in"]), m, f"lowerdir {m}/in: inside the mount point {m} "
+                                          "(the daemon would reach it through its own mount)"),
+            (Stack(lowers=[a, b, a]), m, f"lowerdir {a}: conflicting lowerdir path: the same directory as "
+                                         f"lowerdir {a} (a directory may be one layer only, as the kernel requires)"),
+            (Stack(lowers=[a], upper=a, work=w), None, f"upperdir {a}: conflicting lowerdir path: the same "
+             f"directory as lowerdir {a} (a directory may be one layer only, as the kernel requires)"),
+            (Stack(lowers=[a], upper=u, work=u), None, f"workdir {u}: the same directory as upperdir {u} "
+                                                      "(a directory may be one layer only, as the kernel requires)"),
+            (Stack(lowers=[a, a + "/in"]), None, f"lowerdir {a}: overlaps lowerdir {a}/in"),
+            (Stack(lowers=[a + "/in", a]), None, f"lowerdir {a}/in: overlaps lowerdir {a}"),
+            (Stack(lowers=[b], upper=u, work=u + "/../u/w"), None, None),
+        ]
+        os.mkdir(u + "/w")
+        for stack, mountpoint, message in cases:
+            if message is None:
+                with pytest.raises(StackError) as info:
+                    check(stack, mountpoint)
+                assert str(info.value) == f"upperdir {u}: overlaps workdir {u}/../u/w"
+                continue
+            with pytest.raises(StackError) as info:
+                check(stack, mountpoint)
+            assert str(info.value) == message
+
+    def test_workdir_on_another_filesystem(self, tmp_path):
+        lower, upper = self.dirs(tmp_path, "l", "u")
+        other = tempfile.mkdtemp(dir="/dev/shm")
+        try:
+            assert os.stat(other).st_dev != os.stat(upper).st_dev
+            with pytest.raises(StackError) as info:
+                check(Stack(lowers=[lower], upper=upper, work=other))
+            assert str(info.value) == f"workdir {other}: not on the same filesystem as upperdir {upper}"
+        finally:
+            os.rmdir(other)
 
 
 class TestIsWithin:
