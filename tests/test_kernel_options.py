@@ -256,11 +256,13 @@ class TestCheck:
         lower, data, upper, work = self.dirs(tmp_path, "l", "d", "u", "w")
         os.symlink("l", tmp_path / "link")
         got = check(Stack(lowers=[str(tmp_path / "link")], data_lowers=(data + "/.",), upper=upper + "//",
-                          work=work, metacopy=True, redirect_dir="on"))
+                          work=work + "/../w", metacopy=True, redirect_dir="on"))
         assert got == Stack(lowers=[lower], data_lowers=(data,), upper=upper, work=work, metacopy=True,
                             redirect_dir="on")
         assert isinstance(got.data_lowers, tuple)
         assert check(Stack(lowers=[lower, lower])).lowers == [lower, lower]  # the engine alone: hidden twice
+        bx, inner = self.dirs(tmp_path, "bX", "b/in")  # a sibling whose name only starts the same: no overlap
+        assert check(Stack(lowers=[bx, inner])).lowers == [bx, inner]
 
     def test_refused(self, tmp_path):
         a, b, u, w, m = self.dirs(tmp_path, "a", "b", "u", "w", "m")
@@ -286,6 +288,9 @@ class TestCheck:
                                                       "(a directory may be one layer only, as the kernel requires)"),
             (Stack(lowers=[a, a + "/in"]), None, f"lowerdir {a}: overlaps lowerdir {a}/in"),
             (Stack(lowers=[a + "/in", a]), None, f"lowerdir {a}/in: overlaps lowerdir {a}"),
+            (Stack(lowers=[a, "/"]), None, f"lowerdir {a}: overlaps lowerdir /"),
+            # the engine alone serves one lower twice, but each spelling still may not overlap another layer
+            (Stack(lowers=[a, a + "/.", a + "/in"]), None, f"lowerdir {a}: overlaps lowerdir {a}/in"),
             (Stack(lowers=[b], upper=u, work=u + "/../u/w"), None, None),
         ]
         os.mkdir(u + "/w")
