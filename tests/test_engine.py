@@ -16,14 +16,18 @@ format the engine writes into the upper.
 import collections
 import errno
 import hashlib
+import io
 import os
 import stat
+import threading
+import time
+import types
 from pathlib import Path
 
 import pytest
 
 from cowfs.errors import StackError
-from cowfs.overlay import copyup, lookup, verity
+from cowfs.overlay import acl, copyup, credentials, idmap, locking, lookup, usage, verity
 from cowfs.overlay import whiteout as whiteout_module
 from cowfs.overlay.stack import Stack, check
 from cowfs.overlay.union import Caller, Union
@@ -1278,6 +1282,104 @@ class TestCreate:
 # =============================================================================================
 # deleting
 
+# POSIX ACL inheritance: the host kernel creating the same object in the same directory is the reference
+# (posix_acl_create). Entries as the kernel stores them: an ID only on USER and GROUP entries.
+NO_ID = 0xFFFFFFFF
+MINIMAL = [(acl.USER_OBJ, 7, NO_ID), (acl.GROUP_OBJ, 5, NO_ID), (acl.OTHER, 1, NO_ID)]
+DEFAULT_ACLS = {
+    "minimal": MINIMAL,
+    "minimal-narrow": [(acl.USER_OBJ, 6, NO_ID), (acl.GROUP_OBJ, 4, NO_ID), (acl.OTHER, 0, NO_ID)],
+    "user": [(acl.USER_OBJ, 7, NO_ID), (acl.USER, 6, 1000), (acl.GROUP_OBJ, 5, NO_ID), (acl.MASK, 7, NO_ID),
+             (acl.OTHER, 5, NO_ID)],
+    "group-narrow-mask": [(acl.USER_OBJ, 5, NO_ID), (acl.GROUP_OBJ, 7, NO_ID), (acl.GROUP, 7, 2000),
+                          (acl.MASK, 3, NO_ID), (acl.OTHER, 6, NO_ID)],
+    "mask-only": [(acl.USER_OBJ, 3, NO_ID), (acl.GROUP_OBJ, 2, NO_ID), (acl.MASK, 6, NO_ID), (acl.OTHER, 4, NO_ID)],
+}
+
+
+def _with_umask(umask, call, *args):
+    old = os.umask(umask)
+    try:
+        return call(*args)
+    finally:
+        os.umask(old)
+
+
+class TestAclInheritance:
+    @pytest.mark.parametrize("name", sorted(DEFAULT_ACLS))
+    @pytest.mark.parametrize("mode", [0o777, 0o640, 0o751, 0o026, 0o000])
+    @pytest.mark.parametrize("is_dir", [False, True])
+    def test_as_the_kernel_creates(self, tmp_path, name, mode, is_dir):
+        parent = tmp_path / "parent"
+        parent.mkdir()
+        default = acl.pack(DEFAULT_ACLS[name])
+        os.setxattr(parent, acl.DEFAULT, default)
+        kind = stat.S_IFDIR if is_dir else stat.S_IFREG
+        got_mode, got_xattrs = acl.for_new(str(parent), kind | stat.S_ISGID | mode, 0o077, is_dir)
+        real = parent / "real"
+        if is_dir:
+            _with_umask(0o077, os.mkdir, real, mode)
+        else:
+            os.close(_with_umask(0o077, os.open, real, os.O_CREAT | os.O_WRONLY, mode))
+        assert got_mode == kind | stat.S_ISGID | stat.S_IMODE(os.lstat(real).st_mode)
+        want = {n: os.getxattr(real, n) for n in (acl.ACCESS, acl.DEFAULT) if n in os.listxattr(real)}
+        assert got_xattrs == want
+        assert acl.DEFAULT in got_xattrs if is_dir else acl.DEFAULT not in got_xattrs
+
+    def test_without_a_default_acl_the_umask_applies(self, tmp_path):
+        assert acl.for_new(str(tmp_path), stat.S_IFREG | 0o4777, 0o027, False) == (stat.S_IFREG | 0o4750, {})
+        # a filesystem without ACLs (EOPNOTSUPP): the same
+        assert acl.for_new("/proc", stat.S_IFDIR | 0o775, 0o002, True) == (stat.S_IFDIR | 0o775, {})
+
+    def test_a_symlink_is_not_followed(self, tmp_path):
+        """The engine never follows a symlink it meets in a layer: one to a directory with a default ACL
+        has no default ACL of its own."""
+        os.setxattr(mkdirs(tmp_path, "dir"), acl.DEFAULT, acl.pack(DEFAULT_ACLS["user"]))
+        os.symlink("dir", tmp_path / "link")
+        assert acl.for_new(str(tmp_path / "link"), stat.S_IFREG | 0o666, 0o022, False) == (stat.S_IFREG | 0o644, {})
+
+    def test_a_missing_directory_is_an_error(self, tmp_path):
+        assert errno_of(acl.for_new, str(tmp_path / "gone"), 0o644, 0, False) == errno.ENOENT
+
+    def test_a_default_acl_without_group_entry_is_eio(self, tmp_path, monkeypatch):
+        bad = acl.pack([(acl.USER_OBJ, 7, NO_ID), (acl.OTHER, 5, NO_ID)])
+        monkeypatch.setattr(acl.os, "getxattr", lambda *args, **kwargs: bad)
+        with pytest.raises(OSError) as info:
+            acl.for_new(str(tmp_path), 0o644, 0, False)
+        assert (info.value.errno, info.value.strerror, info.value.filename) == (
+            errno.EIO, "POSIX ACL without a group entry", str(tmp_path))
+
+    @pytest.mark.parametrize("value", [b"", b"\x02\x00\x00", acl.pack(MINIMAL)[:-1], b"\x01\x00\x00\x00",
+                                       acl.pack(MINIMAL).replace(b"\x02", b"\x03", 1)])
+    def test_a_malformed_acl_is_einval(self, value):
+        with pytest.raises(OSError) as info:
+            acl.parse(value)
+        assert (info.value.errno, info.value.strerror) == (errno.EINVAL, "malformed POSIX ACL")
+
+    def test_parse_and_pack(self):
+        value = acl.pack(DEFAULT_ACLS["user"])
+        assert value[:12] == b"\x02\x00\x00\x00\x01\x00\x07\x00\xff\xff\xff\xff"
+        assert len(value) == 4 + 8 * 5
+        assert acl.parse(value) == [list(e) for e in DEFAULT_ACLS["user"]]
+        assert acl.parse(acl.pack([])) == []
+
+    def test_engine_applies_it_in_the_upper(self, env):
+        low = env.lower()
+        mkdirs(low, "d")
+        mkdirs(env.upper, "d")
+        os.setxattr(env.upper / "d", acl.DEFAULT, acl.pack(DEFAULT_ACLS["user"]))
+        u = env.union()
+        create(u, "/d/f", mode=0o666)
+        u.mkdir("/d/sub", 0o777, umask=0o077)
+        f, sub = env.upper / "d/f", env.upper / "d/sub"
+        assert stat.S_IMODE(os.lstat(f).st_mode) == 0o664
+        assert acl.parse(os.getxattr(f, acl.ACCESS)) == [
+            [acl.USER_OBJ, 6, NO_ID], [acl.USER, 6, 1000], [acl.GROUP_OBJ, 5, NO_ID], [acl.MASK, 6, NO_ID],
+            [acl.OTHER, 4, NO_ID]]
+        assert stat.S_IMODE(os.lstat(sub).st_mode) == 0o775
+        assert os.getxattr(sub, acl.DEFAULT) == acl.pack(DEFAULT_ACLS["user"])
+
+
 class TestDelete:
     def test_unlink_lower_file_leaves_a_whiteout(self, env):
         low = env.lower()
@@ -1710,6 +1812,52 @@ class TestCaller:
         assert stat.S_IMODE(u.getattr("/f")["st_mode"]) == 0o6777
 
 
+class TestPrivileges:
+    """What this process may do, as the kernel says it (/proc/self/status and uid_map); root is taken
+    as capable only when the kernel cannot be asked."""
+
+    @staticmethod
+    def fake_proc(monkeypatch, **texts):
+        real_open = open
+
+        def fake_open(path, *args, **kwargs):
+            key = {"/proc/self/status": "status", "/proc/self/uid_map": "uid_map"}.get(path)
+            if key in texts:
+                if texts[key] is None:
+                    raise PermissionError(errno.EACCES, "denied", path)
+                return io.StringIO(texts[key])
+            return real_open(path, *args, **kwargs)
+        monkeypatch.setattr(credentials, "open", fake_open, raising=False)
+
+    def test_capabilities_are_the_kernels(self):
+        with open("/proc/self/status") as f:
+            effective = int(next(line for line in f if line.startswith("CapEff:")).split()[1], 16)
+        assert [credentials._capable(bit) for bit in range(64)] == [bool(effective >> bit & 1) for bit in range(64)]
+        assert credentials.may_chown() is bool(effective & 1)
+
+    @pytest.mark.parametrize("status, euid, capable", [
+        (None, 0, True), (None, 1000, False), ("Name:\tx\nCapEff:\tzz\n", 0, True),
+        ("CapEff:\n", 1000, False), ("Name:\tx\n", 0, True),
+    ])
+    def test_without_an_answer_root_is_capable(self, monkeypatch, status, euid, capable):
+        self.fake_proc(monkeypatch, status=status)
+        monkeypatch.setattr(credentials.os, "geteuid", lambda: euid)
+        assert credentials._capable(credentials.CAP_SYS_ADMIN) is capable
+
+    @pytest.mark.parametrize("uid_map, cap_eff, trusted", [
+        ("0 0 4294967295\n", "0000000000200000", True),
+        ("         0          0 4294967295\n", "0000000000200000", True),
+        ("0 0 4294967295\n", "00000000001fffff", False),
+        ("0 1000 1\n", "000001ffffffffff", False),
+        ("0 100000 65536\n", "0000000000200000", False),
+        (None, "0000000000200000", True),
+        (None, "0000000000000000", False),
+    ])
+    def test_trusted_xattrs_need_sys_admin_in_the_initial_namespace(self, monkeypatch, uid_map, cap_eff, trusted):
+        self.fake_proc(monkeypatch, uid_map=uid_map, status=f"Name:\tx\nCapEff:\t{cap_eff}\n")
+        assert credentials.may_use_trusted_xattrs() is trusted
+
+
 class TestDirectIo:
     @pytest.mark.parametrize("where", ["lower", "upper"])
     def test_o_direct_write_with_an_unaligned_buffer_works(self, env, where):
@@ -1920,6 +2068,26 @@ class TestLinks:
         assert u.getattr("/b")["st_nlink"] == 2
         write_at(u, "/b", b"D")
         assert read_all(u, "/a") == b"Data"
+
+    def test_link_counts_as_the_kernel_shows_them(self, env):
+        """A merged directory shows 1 (its parts' counts mean nothing together); a directory in one layer
+        and a file show their own count, a metadata-only copy too; the nlink marker an index=on mount
+        leaves counts only on an index=on mount."""
+        low = env.lower()
+        mkdirs(low, "merged/sub")
+        mkdirs(low, "lower_only/a")
+        mkdirs(low, "lower_only/b")
+        put(low, "f", b"data")
+        mkdirs(env.upper, "merged")
+        mkdirs(env.upper, "upper_only/a")
+        marked = put(env.upper, "marked", b"x")
+        os.setxattr(marked, TRUSTED + "nlink", b"U+3")
+        u = env.union(metacopy=True, redirect_dir="on")
+        counts = {p: u.getattr(p)["st_nlink"] for p in ("/merged", "/upper_only", "/lower_only", "/marked")}
+        assert counts == {"/merged": 1, "/upper_only": 3, "/lower_only": 4, "/marked": 1}
+        u.chmod("/f", 0o600)  # metadata only: the upper copy's data is still the lower file's
+        u.link("/f", "/g")
+        assert u.getattr("/f")["st_nlink"] == 2 and xattr(env.upper / "f", TRUSTED + "metacopy") is not None
 
     def test_link_onto_whiteout(self, env):
         low = env.lower()
@@ -2465,6 +2633,173 @@ class TestEvents:
         monkeypatch.setattr(events.Events, "emit", lambda *a, **k: pytest.fail("event built with no listener"))
         u.chmod("/f", 0o600)
         u.unlink("/f")
+
+    def test_time_and_unsubscribe(self, env):
+        low = env.lower()
+        put(low, "f", b"x")
+        u = env.union()
+        seen, other = [], []
+        u.events.subscribe(seen.append)
+        u.events.subscribe(other.append)
+        before = time.time()
+        u.chmod("/f", 0o600)
+        assert before <= seen[0]["time"] <= time.time() and seen == other
+        u.events.unsubscribe(seen.append)
+        u.unlink("/f")
+        assert len(seen) == 1 and [e["event"] for e in other] == ["copy_up", "remove", "whiteout"]
+        u.events.unsubscribe(other.append)
+        assert not u.events
+
+
+class TestLocked:
+    """`locked`: the operation's name is the trigger of what it copies up; a DataFirst is retried
+    after the data moved without the lock, by the outermost operation only."""
+
+    @staticmethod
+    def engine():
+        """An engine of two locked operations, decorated here, when the test runs (not at import)."""
+        class Engine:
+            def __init__(self):
+                self._lock, self._op, self.moved, self.starts = threading.RLock(), None, [], 0
+                self.layers = types.SimpleNamespace(start=self._start)
+                self.pending = []
+
+            def _start(self):
+                self.starts += 1
+
+            def _move_data(self, node, op):
+                assert self._op is None  # without the lock's operation
+                self.moved.append((node, op))
+
+            def chmod(self):
+                if self.pending:
+                    raise locking.DataFirst(types.SimpleNamespace(path=self.pending.pop()))
+                return self._op, self.inner()
+
+            def inner(self):
+                return self._op
+        Engine.chmod, Engine.inner = locking.locked(Engine.chmod), locking.locked(Engine.inner)
+        return Engine()
+
+    def test_name_and_retry(self):
+        engine = self.engine()
+        assert engine.chmod() == ("chmod", "chmod") and engine._op is None and engine.starts == 1
+        engine.pending = ["/b", "/a"]
+        assert engine.chmod() == ("chmod", "chmod")
+        assert [(n.path, op) for n, op in engine.moved] == [("/a", "chmod"), ("/b", "chmod")]
+        assert engine.starts == 4 and engine._op is None
+        assert engine.inner() == "inner"
+
+    def test_nested_data_first_goes_to_the_outermost(self):
+        engine = self.engine()
+        with engine._lock:
+            engine._op = "rename"
+            engine.pending = ["/x"]
+            with pytest.raises(locking.DataFirst):
+                engine.chmod()
+            assert engine._op == "rename" and engine.moved == [] and engine.starts == 0
+
+
+def test_hand_over_lets_go_of_the_workdir(env):
+    """After fork the daemon holds the workdir's locks: the parent's engine lets go of them (and one
+    without an upper has none), so the workdir is free once the daemon is gone."""
+    env.lower()
+    env.union(upper=False).hand_over()
+    u = env.union()
+    with pytest.raises(StackError):
+        env.union()
+    u.hand_over()
+    env.union()
+
+
+class TestTreeSize:
+    """What every command shows as a layer's size: apparent sizes, hard links once, whiteouts and
+    directories nothing, symlinks their target's length."""
+
+    def test_single_objects(self, tmp_path):
+        put(tmp_path, "f", b"12345")
+        whiteout(tmp_path, "w")
+        os.symlink("target", tmp_path / "l")
+        assert [usage.tree_size(tmp_path / n) for n in ("f", "w", "l", "gone")] == [5, 0, 6, 0]
+
+    def test_a_tree(self, tmp_path):
+        root = tmp_path / "root"
+        put(root, "a", b"x" * 10)
+        put(root, "d/e/b", b"y" * 100)
+        with open(root / "sparse", "wb") as f:
+            f.truncate(1 << 20)
+        os.link(root / "a", root / "d/a-again")
+        os.link(root / "d/e/b", tmp_path / "outside")  # nlink 2, one name inside: counted once
+        for i in range(4):
+            whiteout(root, f"d/w{i}")
+            mkdirs(root, f"d/sub{i}")
+            put(root, f"d/f{i}", b"z" * (i + 1))
+        os.symlink("..", root / "d/e/to-dir")
+        os.symlink("a", root / "d/to-a")
+        for i in range(10):  # the second name of each, wherever it comes in the listing, is skipped
+            put(root, f"links/h{i}", b"h" * (1 << i))
+            os.link(root / f"links/h{i}", root / f"links/g{i}")
+        assert usage.tree_size(root) == 10 + 100 + (1 << 20) + (1 + 2 + 3 + 4) + len("..") + len("a") + 1023
+
+    def test_a_name_gone_or_replaced_while_counted_is_skipped(self, tmp_path, monkeypatch):
+        for i in range(6):
+            put(tmp_path, f"f{i}", b"x" * (1 << i))
+        real_lstat = os.lstat
+
+        def lstat(path, *args, **kwargs):
+            if str(path) != str(tmp_path) and str(path).endswith(("f1", "f4")):
+                raise FileNotFoundError(errno.ENOENT, "gone", path)
+            if str(path).endswith("f3"):  # replaced by a directory meanwhile
+                return real_lstat(tmp_path)
+            return real_lstat(path, *args, **kwargs)
+        monkeypatch.setattr(usage.os, "lstat", lstat)
+        assert usage.tree_size(tmp_path) == 1 + 4 + 32
+
+
+class TestIdMapping:
+    def test_parse(self):
+        assert idmap.parse_mapping("0:1000:1::5:6:7:") == ((0, 1000, 1), (5, 6, 7))
+        assert idmap.parse_mapping("4294967295:0:1") == ((4294967295, 0, 1),)
+        assert idmap.parse_id("4294967295") == 4294967295 and idmap.parse_id("0") == 0
+        for bad in ("", ":", "0:1", "0:1:2:3", "0:x:1", "0:-1:1", "0:4294967296:1", "0:\u0661:1"):
+            with pytest.raises(ValueError):
+                idmap.parse_mapping(bad)
+        for bad in ("", "-1", "4294967296", "1.0", "\u0661"):
+            with pytest.raises(ValueError):
+                idmap.parse_id(bad)
+
+    def test_ranges_both_ways(self):
+        m = idmap.IdMap(uidmapping=((0, 1000, 2), (10, 2000, 5)), gidmapping=((0, 3000, 1),),
+                        overflow_uid=111, overflow_gid=222)
+        assert [m.shown_uid(i) for i in (0, 1, 2, 9, 10, 14, 15)] == [1000, 1001, 111, 111, 2000, 2004, 111]
+        assert [m.disk_uid(i) for i in (999, 1000, 1001, 1002, 2004, 2005, -1)] == [111, 0, 1, 111, 14, 111, -1]
+        assert [m.shown_gid(i) for i in (0, 1)] == [3000, 222]
+        assert [m.disk_gid(i) for i in (3000, 3001, -1)] == [0, 222, -1]
+        assert m.show({"st_uid": 10, "st_gid": 0, "st_size": 3}) == {"st_uid": 2000, "st_gid": 3000, "st_size": 3}
+
+    def test_squash_and_no_mapping(self):
+        none = idmap.IdMap()
+        assert not none and none.show({"st_uid": 5, "st_gid": 6}) == {"st_uid": 5, "st_gid": 6}
+        assert (none.shown_uid(7), none.disk_uid(7), none.shown_gid(8), none.disk_gid(8)) == (7, 7, 8, 8)
+        root = idmap.IdMap(squash_to_root=True)
+        assert root and (root.shown_uid(5), root.shown_gid(6), root.disk_uid(5)) == (0, 0, 5)
+        both = idmap.IdMap(squash_to_root=True, squash_to_uid=0, squash_to_gid=9)
+        assert (both.shown_uid(5), both.shown_gid(6)) == (0, 9)
+        assert idmap.IdMap(squash_to_uid=0) and idmap.IdMap(squash_to_gid=0)
+        assert idmap.IdMap(uidmapping=((0, 1, 1),)) and idmap.IdMap(gidmapping=((0, 1, 1),))
+
+    def test_overflow_ids_are_the_kernels(self, monkeypatch):
+        monkeypatch.setattr(idmap, "OVERFLOW_DEFAULT", 4242)
+        with open("/proc/sys/kernel/overflowuid") as f:
+            uid = int(f.read())
+        with open("/proc/sys/kernel/overflowgid") as f:
+            gid = int(f.read())
+        for fields in ({"uidmapping": ((0, 1, 1),)}, {"gidmapping": ((0, 1, 1),)}):
+            stack = Stack(lowers=["/l"], **fields)
+            got = idmap.IdMap.of(stack)
+            assert (got.overflow_uid, got.overflow_gid) == (uid, gid)
+        squash = idmap.IdMap.of(Stack(lowers=["/l"], squash_to_root=True, squash_to_uid=3, squash_to_gid=4))
+        assert squash == idmap.IdMap(squash_to_root=True, squash_to_uid=3, squash_to_gid=4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3127,6 +3462,82 @@ class TestRecordedAttributes:
             message = str(info.value)
             assert option in message and "\n" not in message, message
 
+
+    def test_value_limits(self):
+        from cowfs.overlay import override
+        assert override.parse("4294967294:4294967294:7777") == override.Override(4294967294, 4294967294, 0o7777)
+        for bad in ("0:4294967295:0644", "0:0:10000"):
+            with pytest.raises(ValueError):
+                override.parse(bad)
+
+    def test_of_stat_and_apply(self):
+        from cowfs.overlay import override
+        st = os.lstat("/dev/null")
+        assert override.of_stat(st) == override.Override(st.st_uid, st.st_gid, 0o666, stat.S_IFCHR, os.makedev(1, 3))
+        attrs = {"st_mode": stat.S_IFDIR | 0o700, "st_uid": 1, "st_gid": 2, "st_rdev": 9}
+        assert override.apply(attrs, override.Override(3, 4, 0o1777)) == {  # no TYPE: the object's own
+            "st_mode": stat.S_IFDIR | 0o1777, "st_uid": 3, "st_gid": 4, "st_rdev": 9}
+        assert override.apply(attrs, override.Override(0, 0, 0o600, stat.S_IFBLK, 7))["st_rdev"] == 7
+
+    def test_a_symlink_is_never_followed(self, tmp_path):
+        """user.* xattrs do not exist on a symlink: reading, writing and marking through one go to the link."""
+        from cowfs.overlay import override
+        record(put(tmp_path, "f"), "1:2:0644:file")
+        record(mkdirs(tmp_path, "d"), override.ROOT)
+        os.symlink("f", tmp_path / "to-f")
+        os.symlink("d", tmp_path / "to-d")
+        assert override.read(str(tmp_path / "f")) == override.Override(1, 2, 0o644, stat.S_IFREG)
+        assert override.read(str(tmp_path / "to-f")) is None
+        assert override.root_value(str(tmp_path / "d")) == override.ROOT.encode()
+        assert override.root_value(str(tmp_path / "to-d")) is None
+        assert (override.is_marked(str(tmp_path / "d")), override.is_marked(str(tmp_path / "to-d"))) == (True, False)
+        assert errno_of(override.write, str(tmp_path / "to-f"), override.Override(5, 5, 0o600)) == errno.EPERM
+        assert errno_of(override.mark, str(tmp_path / "to-d")) == errno.EPERM
+        assert recorded_on(tmp_path / "f") == "1:2:0644:file" and recorded_on(tmp_path / "d") == override.ROOT
+
+    def test_mark_takes_a_root_value_as_read(self, tmp_path):
+        from cowfs.overlay import override
+        override.mark(str(mkdirs(tmp_path, "a")), b"1000:1000:0700:dir")
+        override.mark(str(mkdirs(tmp_path, "b")))
+        assert (recorded_on(tmp_path / "a"), recorded_on(tmp_path / "b")) == ("1000:1000:0700:dir", "0:0:0755:dir")
+
+    def test_a_type_the_object_cannot_show_is_no_record(self, tmp_path):
+        from cowfs.overlay import override
+        f = record(put(tmp_path, "f"), "1:2:0644:pipe")
+        assert override.read(str(f), stat.S_IFREG | 0o644) == override.Override(1, 2, 0o644, stat.S_IFIFO)
+        assert override.read(str(f), stat.S_IFDIR | 0o755) is None
+        assert override.read(str(f), stat.S_IFLNK | 0o777) is None
+
+    def test_chown_drops_set_id_bits_as_chown_does(self, env):
+        """A recorded chown of a non-directory drops set-uid, and set-gid only with group-exec
+        (without it set-gid marks mandatory locking, which chown(2) keeps); a chmod or a
+        directory keeps them."""
+        image_layer(env)
+        record(env.upper, "0:0:0755:dir")
+        u = env.union()
+        for name, before, after in (("a", 0o4751, 0o751), ("b", 0o2755, 0o755), ("c", 0o6745, 0o2745)):
+            record(put(env.upper, name, b"", 0o600), f"0:0:{before:04o}:file")
+            u.chmod("/" + name, before)
+            assert recorded_on(env.upper / name) == f"0:0:{before:04o}:file", name
+            u.chown("/" + name, 5, -1)
+            assert recorded_on(env.upper / name) == f"5:0:{after:04o}:file", name
+        record(mkdirs(env.upper, "d"), "0:0:6755:dir")
+        u.chown("/d", 5, 6)
+        assert recorded_on(env.upper / "d") == "5:6:6755:dir"
+
+    def test_what_cannot_carry_a_record_changes_on_disk(self, env):
+        """In a marked upper a symlink has no record: its chown goes to the link; a file whose record
+        names a type it cannot show has none either, and root's chown goes to the file."""
+        image_layer(env)
+        record(env.upper, "0:0:0755:dir")
+        os.symlink("plain", env.upper / "link")
+        record(put(env.upper, "odd", b"", 0o644), "7:7:0700:dir")
+        u = env.union()
+        u.chown("/link", 41, 42)
+        u.chown("/odd", 43, 44)
+        assert (os.lstat(env.upper / "link").st_uid, os.lstat(env.upper / "link").st_gid) == (41, 42)
+        assert (os.lstat(env.upper / "odd").st_uid, os.lstat(env.upper / "odd").st_gid) == (43, 44)
+        assert recorded_on(env.upper / "odd") == "7:7:0700:dir"
 
 # ---------------------------------------------------------------------------------------------
 # copy-up keeps file capabilities and set-id bits (chown clears both: the copy is owned first)

@@ -7,11 +7,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import tempfile
 
 import pytest
 
 from cowfs.errors import StackError
-from cowfs.overlay.stack import parse_options
+from cowfs.overlay import stack as stack_module
+from cowfs.overlay.stack import Stack, check, is_within, parse_options, split_escaped, unescape, with_userxattr
 from cowfs.testing.harness import KERNEL_COMMON, upper_snapshot
 from cowfs.testing.mounts import CowfsMount, KernelOverlay, MountError, scratch_filesystem
 from cowfs.testing.tree import snapshot
@@ -54,6 +56,299 @@ class TestParsing:
         assert stack.option_string().endswith(",xino=on,uuid=null")
         assert parse_options([stack.option_string()]) == stack
 
+
+
+# -- every option, as a table: what it sets, or the one line that refuses it ------------------------------
+
+UW = "upperdir=/u,workdir=/w"
+
+PARSED = [  # (the -o strings, the Stack fields other than Stack(lowers=["/l"])'s defaults)
+    (["lowerdir=/l"], {}),
+    ([",lowerdir=/l,,"], {}),
+    (["lowerdir=/a:/b\\,c:/d\\\\e"], {"lowers": ["/a", "/b,c", "/d\\e"]}),
+    (["lowerdir=/a,lowerdir=/b"], {"lowers": ["/b"]}),
+    (["lowerdir=/l", UW], {"upper": "/u", "work": "/w"}),
+    (["lowerdir=/l,upperdir=/u\\,1\\:2,workdir=/w\\\\3"], {"upper": "/u,1:2", "work": "/w\\3"}),
+    (["lowerdir=/l,redirect_dir=on"], {"redirect_dir": "on"}),
+    (["lowerdir=/l,redirect_dir=follow"], {"redirect_dir": "follow"}),
+    (["lowerdir=/l,redirect_dir=nofollow"], {"redirect_dir": "nofollow"}),
+    (["lowerdir=/l,redirect_dir=off"], {}),
+    # without an upper, as the kernel: metacopy=on takes redirect_dir=off or follow (and follows)
+    (["lowerdir=/l,metacopy=on,redirect_dir=off"], {"metacopy": True, "redirect_dir": "on"}),
+    (["lowerdir=/l,metacopy=on,redirect_dir=follow"], {"metacopy": True, "redirect_dir": "on"}),
+    (["lowerdir=/l,verity=on"], {"verity": "on"}),
+    (["lowerdir=/l,verity=require"], {"verity": "require"}),
+    (["lowerdir=/l,metacopy=on"], {"metacopy": True, "redirect_dir": "on"}),
+    (["lowerdir=/l,metacopy=on,redirect_dir=on"], {"metacopy": True, "redirect_dir": "on"}),
+    (["lowerdir=/l,metacopy=off,redirect_dir=nofollow"], {"redirect_dir": "nofollow"}),
+    (["lowerdir=/l,index=on"], {}),  # the kernel's index lives in the workdir: nothing without an upper
+    (["lowerdir=/l,index=off," + UW], {"upper": "/u", "work": "/w"}),
+    (["lowerdir=/l,index=on," + UW], {"index": True, "upper": "/u", "work": "/w"}),
+    (["lowerdir=/l,volatile"], {}),  # ignored without an upper, as the kernel
+    (["lowerdir=/l,volatile," + UW], {"volatile": True, "upper": "/u", "work": "/w"}),
+    (["lowerdir=/l,userxattr"], {"userxattr": True}),
+    (["lowerdir=/l,userxattr,redirect_dir=follow"], {"userxattr": True, "redirect_dir": "follow"}),
+    (["lowerdir=/l,oci_whiteouts"], {"oci_whiteouts": True}),
+    (["lowerdir=/l,ro"], {"read_only": True}),
+    (["lowerdir=/l,allow_other"], {"allow_other": True}),
+    (["lowerdir=/l,fsname=img"], {"fsname": "img"}),
+    (["lowerdir=/l,nosuid,nodev", "noexec,rw,dirsync,noatime"],
+     {"mount_flags": ("nosuid", "nodev", "noexec", "rw", "dirsync", "noatime")}),
+    (["lowerdir=/l,defaults,relatime,_netdev,nofail,x-systemd.automount,comment=x,default_permissions,suid=1"], {}),
+    (["noauto,lowerdir=/l,x-systemd.automount,ro,comment=x,userxattr"], {"read_only": True, "userxattr": True}),
+    (["lowerdir=/l,squash_to_root"], {"squash_to_root": True}),
+    (["lowerdir=/l,squash_to_uid=0,squash_to_gid=4294967295"], {"squash_to_uid": 0, "squash_to_gid": 4294967295}),
+    (["lowerdir=/l,uidmapping=0:1000:1,gidmapping=1:2:3:4:5:6"],
+     {"uidmapping": ((0, 1000, 1),), "gidmapping": ((1, 2, 3), (4, 5, 6))}),
+    (["lowerdir=/l,xino=auto,uuid=off,nfs_export=off,verity=off"], {"xino": "auto", "uuid": "off"}),
+    (["lowerdir+=/a,lowerdir+=/b:c", "datadir+=/d\\,1,datadir+=/e"],
+     {"lowers": ["/a", "/b:c"], "data_lowers": ("/d\\,1", "/e")}),
+    (["lowerdir+=/a,lowerdir=/x::/y"], {"lowers": ["/x"], "data_lowers": ("/y",)}),
+]
+
+
+@pytest.mark.parametrize("options, fields", PARSED)
+def test_option_parsed(options, fields):
+    assert parse_options(options) == Stack(**{"lowers": ["/l"], **fields})
+
+
+NOT_SUPPORTED = "not supported: a FUSE mount cannot be exported over NFS by the kernel's overlay export code " \
+                "(and the kernel needs index=on for it, which cowfs does not have)"
+
+REFUSED = [  # (the -o strings, the one line cowfs says)
+    ([""], "missing 'lowerdir'"),
+    (["upperdir=/u,workdir=/w"], "missing 'lowerdir'"),
+    (["lowerdir"], "option 'lowerdir' needs a value"),
+    (["lowerdir="], "option 'lowerdir' needs a value"),
+    (["lowerdir+="], "option 'lowerdir+' needs a value"),
+    (["lowerdir=/l,xino"], "option 'xino' needs a value"),
+    (["lowerdir=/l,uuid="], "option 'uuid' needs a value"),
+] + [
+    ([f"lowerdir=/l,{key}{eq}"], f"option '{key}' needs a value")
+    for key in ("upperdir", "workdir", "redirect_dir", "metacopy", "index", "fsname", "uidmapping", "gidmapping",
+                "squash_to_uid", "squash_to_gid", "datadir+") for eq in ("", "=")
+] + [
+    (["lowerdir=/l,bogus"], "unknown option 'bogus'"),
+    (["lowerdir=/l,bogus=1"], "unknown option 'bogus=1'"),
+    (["lowerdir=/l,dirsync=1"], "unknown option 'dirsync=1'"),
+] + [
+    ([f"lowerdir=/l,{flag}=on"], f"unknown option '{flag}=on'")
+    for flag in ("userxattr", "oci_whiteouts", "volatile", "ro", "allow_other", "squash_to_root")
+] + [
+    (["lowerdir=/l,upperdir=/u"], "missing 'workdir' (an upperdir needs a workdir on the same filesystem)"),
+    (["lowerdir=/l,workdir=/w"], "missing 'upperdir' (a workdir is only used with an upperdir)"),
+    (["lowerdir=/l,metacopy=yes"], "bad value for metacopy: 'yes' (on or off)"),
+    (["lowerdir=/l,redirect_dir=yes"], "bad value for redirect_dir: 'yes' (one of: on, off, follow, nofollow)"),
+    (["lowerdir=/l", UW, "metacopy=on,redirect_dir=off"], "conflicting options: metacopy=on,redirect_dir=off"),
+    (["lowerdir=/l", UW, "metacopy=on,redirect_dir=follow"],
+     "conflicting options: metacopy=on,redirect_dir=follow"),
+    (["lowerdir=/l,metacopy=on,redirect_dir=nofollow"], "conflicting options: metacopy=on,redirect_dir=nofollow"),
+    (["lowerdir=/l,metacopy=on,userxattr"], "conflicting options: userxattr,metacopy=on"),
+    (["lowerdir=/l,redirect_dir=on,userxattr"], "conflicting options: userxattr,redirect_dir=on"),
+    (["lowerdir=/l,index=yes"], "bad value for index: 'yes' (on or off)"),
+    (["lowerdir=/l,xino=maybe"], "bad value for xino: 'maybe' (one of: on, off, auto)"),
+    (["lowerdir=/l,uuid=maybe"], "bad value for uuid: 'maybe' (one of: on, off, null, auto)"),
+    (["lowerdir=/l,nfs_export=maybe"], "bad value for nfs_export: 'maybe' (one of: on, off)"),
+    (["lowerdir=/l,verity=maybe"], "bad value for verity: 'maybe' (one of: on, off, require)"),
+    (["lowerdir=/l,nfs_export=on"], "nfs_export=on: " + NOT_SUPPORTED),
+    (["lowerdir=/a", "lowerdir+=/b"], "lowerdir+=/b: lowerdir+ cannot follow lowerdir (as the kernel refuses it)"),
+    (["lowerdir+=/a,datadir+=/d,lowerdir+=/b"],
+     "lowerdir+=/b: regular lower layers cannot follow data layers (as the kernel refuses it)"),
+    (["lowerdir=/a,datadir+=/d"],
+     "conflicting options: datadir+ cannot follow lowerdir= (use lowerdir+=, or lowerdir=A::DATA)"),
+    (["lowerdir=:/a"], "empty layer in lowerdir=':/a'"),
+    (["lowerdir=/a:"], "empty layer in lowerdir='/a:'"),
+    (["lowerdir=/a::"], "empty layer in lowerdir='/a::'"),
+    (["lowerdir=/a:::/c"], "empty layer in lowerdir='/a:::/c'"),
+    (["lowerdir=::/c"], "empty layer in lowerdir='::/c' (data-only layers need a lower layer above them)"),
+    (["lowerdir=/a::/c:/d"], "lowerdir='/a::/c:/d': regular lower layers cannot follow data lower layers"),
+    (["lowerdir=/l,uidmapping=0:1"],
+     "bad value for uidmapping: '0:1' (ID:HOSTID:LEN[:ID2:HOSTID2:LEN2...], unsigned 32-bit numbers)"),
+    (["lowerdir=/l,gidmapping=0:1:x"],
+     "bad value for gidmapping: '0:1:x' (ID:HOSTID:LEN[:ID2:HOSTID2:LEN2...], unsigned 32-bit numbers)"),
+    (["lowerdir=/l,squash_to_uid=-1"], "bad value for squash_to_uid: '-1' (a numeric ID, unsigned 32-bit numbers)"),
+    (["lowerdir=/l,squash_to_gid=4294967296"],
+     "bad value for squash_to_gid: '4294967296' (a numeric ID, unsigned 32-bit numbers)"),
+]
+
+
+@pytest.mark.parametrize("options, message", REFUSED)
+def test_option_refused(options, message):
+    with pytest.raises(StackError) as info:
+        parse_options(options)
+    assert str(info.value) == message
+
+
+SPELT = [  # (Stack fields besides lowers=["/l"], its option string): what a report shows and a re-mount reads
+    ({}, "lowerdir=/l"),
+    ({"lowers": ["/a:b", "/c,d"], "data_lowers": ("/e\\f", "/g")}, "lowerdir=/a\\:b:/c\\,d::/e\\\\f::/g"),
+    ({"upper": "/u,1", "work": "/w:2"}, "lowerdir=/l,upperdir=/u\\,1,workdir=/w\\:2"),
+    ({"redirect_dir": "follow"}, "lowerdir=/l,redirect_dir=follow"),
+    ({"redirect_dir": "on", "metacopy": True}, "lowerdir=/l,redirect_dir=on,metacopy=on"),
+    ({"upper": "/u", "work": "/w", "index": True, "volatile": True},
+     "lowerdir=/l,upperdir=/u,workdir=/w,index=on,volatile"),
+    ({"userxattr": True, "oci_whiteouts": True}, "lowerdir=/l,userxattr,oci_whiteouts"),
+    ({"uidmapping": ((0, 1000, 1),), "gidmapping": ((1, 2, 3), (4, 5, 6))},
+     "lowerdir=/l,uidmapping=0:1000:1,gidmapping=1:2:3:4:5:6"),
+    ({"squash_to_root": True, "squash_to_uid": 0, "squash_to_gid": 7},
+     "lowerdir=/l,squash_to_root,squash_to_uid=0,squash_to_gid=7"),
+    ({"xino": "off", "uuid": "auto", "read_only": True}, "lowerdir=/l,xino=off,uuid=auto,ro"),
+]
+
+
+@pytest.mark.parametrize("fields, text", SPELT)
+def test_option_string(fields, text):
+    stack = Stack(**{"lowers": ["/l"], **fields})
+    assert stack.option_string() == text
+    assert parse_options([text]) == stack
+
+
+@pytest.mark.parametrize("text, sep, keep, parts", [
+    ("", ":", False, [""]),
+    ("::", ":", False, ["", "", ""]),
+    ("a\\:b:c", ":", False, ["a:b", "c"]),
+    ("a\\:b:c", ":", True, ["a\\:b", "c"]),
+    ("a\\\\:b", ":", False, ["a\\", "b"]),
+    ("a:b\\", ":", False, ["a", "b\\"]),  # a trailing backslash escapes nothing and stays
+    ("a\\:", ":", False, ["a:"]),
+    ("a\\,", ",", True, ["a\\,"]),
+    ("a\\,b,c:d", ",", True, ["a\\,b", "c:d"]),
+])
+def test_split_escaped(text, sep, keep, parts):
+    assert split_escaped(text, sep, keep_escapes=keep) == parts
+
+
+def test_unescape():
+    assert unescape("/a\\,b\\:c\\\\d:e,f") == "/a,b:c\\d:e,f"
+
+
+class TestWithUserxattr:
+    """An unprivileged mount: userxattr added, or the option it excludes named."""
+
+    def test_added_and_nothing_else_changed(self):
+        stack = Stack(lowers=["/l"], upper="/u", work="/w", redirect_dir="follow")
+        assert with_userxattr(stack) == Stack(lowers=["/l"], upper="/u", work="/w", redirect_dir="follow",
+                                              userxattr=True)
+        assert stack.userxattr is False
+
+    def test_already_set_is_the_same_stack(self):
+        stack = Stack(lowers=["/l"], userxattr=True)
+        assert with_userxattr(stack) is stack
+
+    @pytest.mark.parametrize("fields, option", [
+        ({"metacopy": True, "redirect_dir": "on"}, "metacopy=on"),
+        ({"redirect_dir": "on"}, "redirect_dir=on"),
+    ])
+    def test_refused_naming_the_option(self, fields, option):
+        with pytest.raises(StackError) as info:
+            with_userxattr(Stack(lowers=["/l"], **fields))
+        assert str(info.value) == (f"{option}: needs trusted.* xattrs (CAP_SYS_ADMIN); an unprivileged mount "
+                                   "uses userxattr, which excludes it")
+
+
+class TestCheck:
+    """`check`: every layer resolved to its real path, and each stack the kernel refuses refused in one line."""
+
+    @staticmethod
+    def dirs(tmp_path, *names):
+        for name in names:
+            (tmp_path / name).mkdir(parents=True)
+        return [str(tmp_path / name) for name in names]
+
+    def test_real_paths(self, tmp_path):
+        lower, data, upper, work = self.dirs(tmp_path, "l", "d", "u", "w")
+        os.symlink("l", tmp_path / "link")
+        got = check(Stack(lowers=[str(tmp_path / "link")], data_lowers=(data + "/.",), upper=upper + "//",
+                          work=work + "/../w", metacopy=True, redirect_dir="on"))
+        assert got == Stack(lowers=[lower], data_lowers=(data,), upper=upper, work=work, metacopy=True,
+                            redirect_dir="on")
+        assert isinstance(got.data_lowers, tuple)
+        assert check(Stack(lowers=[lower, lower])).lowers == [lower, lower]  # the engine alone: hidden twice
+        bx, inner = self.dirs(tmp_path, "bX", "b/in")  # a sibling whose name only starts the same: no overlap
+        assert check(Stack(lowers=[bx, inner])).lowers == [bx, inner]
+
+    def test_refused(self, tmp_path):
+        a, b, u, w, m = self.dirs(tmp_path, "a", "b", "u", "w", "m")
+        self.dirs(tmp_path, "a/in", "m/in")
+        (tmp_path / "file").write_text("x")
+        f = str(tmp_path / "file")
+        cases = [
+            (Stack(lowers=[a, f]), None, f"lowerdir {f}: Not a directory"),
+            (Stack(lowers=[a + "/gone"]), None, f"lowerdir {a}/gone: No such file or directory"),
+            (Stack(lowers=[a], data_lowers=(f,)), None, f"data-only lowerdir {f}: Not a directory"),
+            (Stack(lowers=[a], upper=f, work=w), None, f"upperdir {f}: Not a directory"),
+            (Stack(lowers=[a], upper=u, work=f), None, f"workdir {f}: Not a directory"),
+            (Stack(lowers=[a]), f, f"mount point {f}: Not a directory"),
+            (Stack(lowers=[a]), a + "/in", f"mount point {a}/in: inside lowerdir {a}"),
+            (Stack(lowers=[a], upper=u, work=w), u, f"mount point {u}: inside upperdir {u}"),
+            (Stack(lowers=[m + "/in"]), m, f"lowerdir {m}/in: inside the mount point {m} "
+                                          "(the daemon would reach it through its own mount)"),
+            (Stack(lowers=[a, b, a]), m, f"lowerdir {a}: conflicting lowerdir path: the same directory as "
+                                         f"lowerdir {a} (a directory may be one layer only, as the kernel requires)"),
+            (Stack(lowers=[a], upper=a, work=w), None, f"upperdir {a}: conflicting lowerdir path: the same "
+             f"directory as lowerdir {a} (a directory may be one layer only, as the kernel requires)"),
+            (Stack(lowers=[a], upper=u, work=u), None, f"workdir {u}: the same directory as upperdir {u} "
+                                                      "(a directory may be one layer only, as the kernel requires)"),
+            (Stack(lowers=[a, a + "/in"]), None, f"lowerdir {a}: overlaps lowerdir {a}/in"),
+            (Stack(lowers=[a + "/in", a]), None, f"lowerdir {a}/in: overlaps lowerdir {a}"),
+            (Stack(lowers=[a, "/"]), None, f"lowerdir {a}: overlaps lowerdir /"),
+            # the engine alone serves one lower twice, but each spelling still may not overlap another layer
+            (Stack(lowers=[a, a + "/.", a + "/in"]), None, f"lowerdir {a}: overlaps lowerdir {a}/in"),
+            (Stack(lowers=[b], upper=u, work=u + "/../u/w"), None, None),
+        ]
+        os.mkdir(u + "/w")
+        for stack, mountpoint, message in cases:
+            if message is None:
+                with pytest.raises(StackError) as info:
+                    check(stack, mountpoint)
+                assert str(info.value) == f"upperdir {u}: overlaps workdir {u}/../u/w"
+                continue
+            with pytest.raises(StackError) as info:
+                check(stack, mountpoint)
+            assert str(info.value) == message
+
+    def test_workdir_on_another_filesystem(self, tmp_path):
+        lower, upper = self.dirs(tmp_path, "l", "u")
+        other = tempfile.mkdtemp(dir="/dev/shm")
+        try:
+            assert os.stat(other).st_dev != os.stat(upper).st_dev
+            with pytest.raises(StackError) as info:
+                check(Stack(lowers=[lower], upper=upper, work=other))
+            assert str(info.value) == f"workdir {other}: not on the same filesystem as upperdir {upper}"
+        finally:
+            os.rmdir(other)
+
+
+class TestIsWithin:
+    def test_by_path(self, tmp_path):
+        (tmp_path / "a/b").mkdir(parents=True)
+        (tmp_path / "ab").mkdir()
+        a = str(tmp_path / "a")
+        assert is_within(a, a) is True
+        assert is_within(a + "/b", a) is True
+        assert is_within(a + "/b/not-yet/x", a) is True
+        assert is_within(a + "/", a + "/b/..") is True
+        assert is_within(str(tmp_path / "ab"), a) is False
+        assert is_within(a, a + "/b") is False
+        assert is_within(str(tmp_path / "ab/x"), str(tmp_path / "gone")) is False
+
+    def test_through_a_symlink(self, tmp_path):
+        (tmp_path / "a/b").mkdir(parents=True)
+        os.symlink("a", tmp_path / "link")
+        assert is_within(str(tmp_path / "link/b"), str(tmp_path / "a")) is True
+        assert is_within(str(tmp_path / "a/b"), str(tmp_path / "link")) is True
+
+    def test_by_inode_when_no_path_shows_it(self, tmp_path, monkeypatch):
+        """A bind mount is the same directory under another path that realpath cannot see through;
+        here a symlink left unresolved stands for one."""
+        (tmp_path / "a/b").mkdir(parents=True)
+        (tmp_path / "c").mkdir()
+        os.symlink("a", tmp_path / "bind")
+        monkeypatch.setattr(stack_module.os.path, "realpath", lambda p: p)
+        a = str(tmp_path / "a")
+        assert is_within(str(tmp_path / "bind/b/not-yet"), a) is True
+        assert is_within(str(tmp_path / "bind"), a) is True
+        assert is_within(str(tmp_path / "c/not-yet"), a) is False
 
 # -- the kernel's verdict on the same options ---------------------------------------------------------
 

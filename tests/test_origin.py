@@ -117,6 +117,27 @@ def test_index_keeps_a_lower_hard_link_one_file(tmp_path):
         u.close()
 
 
+def test_index_link_counts(tmp_path):
+    """As the kernel: an indexed copy shows its merged count (a lower name deleted since counts no more,
+    though the upper inode still has its index link); a merged directory shows 1; a lower file shows its own
+    count, whatever nlink marker it carries."""
+    lower, upper, work = _layers(tmp_path)
+    with open(lower + "/marked", "wb") as f:
+        f.write(b"x")
+    os.setxattr(lower + "/marked", TRUSTED + "nlink", b"U+5")
+    os.mkdir(upper + "/d")
+    u = _union(lower, upper, work, "index=on")
+    try:
+        h = u.open("/hl1", os.O_WRONLY | os.O_APPEND)
+        u.release(h)
+        u.unlink("/hl2")
+        assert os.lstat(upper + "/hl1").st_nlink == 2  # its name and its index entry
+        counts = {p: u.getattr(p)["st_nlink"] for p in ("/hl1", "/d", "/marked", "/single")}
+        assert counts == {"/hl1": 1, "/d": 1, "/marked": 1, "/single": 1}
+    finally:
+        u.close()
+
+
 def test_index_refuses_an_upper_made_over_other_lowers(tmp_path):
     lower, upper, work = _layers(tmp_path)
     _union(lower, upper, work, "index=on").close()
@@ -259,6 +280,30 @@ def test_data_only_reached_by_absolute_redirect_only(tmp_path):
             u.getattr(path)
         assert e.value.errno == errno.ENOENT
     assert u.getattr("/file")["st_ino"] == os.lstat(f).st_ino  # the metadata file's number, not the data's
+
+
+def test_blocks_of_data_not_reached_yet(tmp_path):
+    """A metacopy file whose data is in a data-only layer shows the kernel's estimate of its blocks until
+    the data is first reached, then the data's own blocks (here a sparse file's: none); a file with no
+    separate data shows its own."""
+    meta, data = tmp_path / "meta", tmp_path / "data"
+    (data / "objects").mkdir(parents=True)
+    with open(data / "objects/abc", "wb") as f:
+        f.truncate(1 << 20)
+    meta.mkdir()
+    f = meta / "file"
+    f.write_bytes(b"")
+    os.truncate(f, 1 << 20)
+    os.setxattr(f, TRUSTED + "metacopy", b"")
+    os.setxattr(f, TRUSTED + "redirect", b"/objects/abc")
+    (meta / "plain").write_bytes(b"p" * 5000)
+    u = Union(check(parse_options([f"lowerdir={meta}::{data},metacopy=on"])))
+    assert u.getattr("/plain")["st_blocks"] == os.lstat(meta / "plain").st_blocks
+    assert u.getattr("/file")["st_blocks"] == (1 << 20) // 512
+    h = u.open("/file", os.O_RDONLY)
+    assert u.read(h, 10, 0) == b"\0" * 10
+    u.release(h)
+    assert u.getattr("/file")["st_blocks"] == os.lstat(data / "objects/abc").st_blocks == 0
 
 
 def _impure_dirs(upper):
