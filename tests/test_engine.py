@@ -15,9 +15,11 @@ format the engine writes into the upper.
 
 import collections
 import errno
+import fcntl
 import hashlib
 import os
 import stat
+import struct
 from pathlib import Path
 
 import pytest
@@ -1641,6 +1643,340 @@ class TestRename:
         env.lower()
         u = env.union()
         assert errno_of(u.rename, "/nothing", "/x") == errno.ENOENT
+
+
+class TestRenameExchange:
+    """renameat2(RENAME_EXCHANGE): both names stay, each object lands at the other's name, no whiteout;
+    a directory with a lower part moves only by a redirect, as on the kernel (the differential
+    rename_exchange scenarios show the same on both)."""
+
+    EXCHANGE, NOREPLACE = 2, 1
+
+    def test_lower_file_and_lower_dir_swap_with_a_relative_redirect(self, env):
+        low = env.lower()
+        put(low, "a", b"A")
+        put(low, "d/x", b"X")
+        u = env.union(redirect_dir="on")
+        seen = []
+        u.events.subscribe(seen.append)
+        assert u.rename("/a", "/d", self.EXCHANGE) is None
+        assert names(u, "/a") == ["x"] and read_all(u, "/a/x") == b"X"
+        assert read_all(u, "/d") == b"A"
+        assert tree(env.upper) == {"a": "dir", "d": "file"}
+        assert xattr(env.upper / "a", TRUSTED + "redirect") == b"d"
+        assert xattr(env.upper / "d", TRUSTED + "redirect") is None
+        assert [(e["event"], e["path"], e.get("to")) for e in seen if e["event"] == "rename"] == [
+            ("rename", "/a", "/d"), ("rename", "/d", "/a")]
+
+    def test_lower_dir_needs_redirect_dir(self, env):
+        low = env.lower()
+        put(low, "a", b"A")
+        put(low, "d/x", b"X")
+        u = env.union()
+        assert errno_of(u.rename, "/a", "/d", self.EXCHANGE) == errno.EXDEV
+        assert errno_of(u.rename, "/d", "/a", self.EXCHANGE) == errno.EXDEV
+        assert tree(env.upper) == {}
+
+    def test_files_in_two_directories_swap(self, env):
+        low = env.lower()
+        put(low, "dir/shared.txt", b"shared")
+        put(low, "deep/a/file.txt", b"deep")
+        u = env.union()
+        u.rename("/dir/shared.txt", "/deep/a/file.txt", self.EXCHANGE)
+        assert read_all(u, "/dir/shared.txt") == b"deep"
+        assert read_all(u, "/deep/a/file.txt") == b"shared"
+        assert tree(env.upper) == {"dir": "dir", "dir/shared.txt": "file", "deep": "dir", "deep/a": "dir",
+                                   "deep/a/file.txt": "file"}
+        for d in ("", "dir", "deep/a"):  # a copy with an origin lands there
+            assert xattr(env.upper / d, TRUSTED + "impure") == b"y", d
+
+    def test_names_sharing_a_prefix_are_not_nested(self, env):
+        low = env.lower()
+        put(low, "dir/f", b"1")
+        put(low, "dirsub/f", b"2")
+        u = env.union(redirect_dir="on")
+        u.rename("/dir", "/dirsub", self.EXCHANGE)
+        assert read_all(u, "/dir/f") == b"2" and read_all(u, "/dirsub/f") == b"1"
+        u.rename("/dirsub", "/dir", self.EXCHANGE)
+        assert read_all(u, "/dir/f") == b"1" and read_all(u, "/dirsub/f") == b"2"
+
+    def test_refusals(self, env):
+        low = env.lower()
+        put(low, "ro.txt", b"r")
+        put(low, "gone.txt", b"g")
+        put(low, "dirsub/inner/f", b"")
+        u = env.union(redirect_dir="on")
+        u.unlink("/gone.txt")
+        before = tree(env.upper)
+        assert errno_of(u.rename, "/ro.txt", "/nothing", self.EXCHANGE) == errno.ENOENT
+        assert errno_of(u.rename, "/ro.txt", "/gone.txt", self.EXCHANGE) == errno.ENOENT
+        assert errno_of(u.rename, "/dirsub", "/dirsub/inner", self.EXCHANGE) == errno.EINVAL
+        assert errno_of(u.rename, "/dirsub/inner", "/dirsub", self.EXCHANGE) == errno.EINVAL
+        assert errno_of(u.rename, "/ro.txt", "/dirsub", self.EXCHANGE | self.NOREPLACE) == errno.EINVAL
+        assert errno_of(u.rename, "/ro.txt", "/x", 4) == errno.EINVAL  # RENAME_WHITEOUT: not through the mount
+        assert tree(env.upper) == before
+
+    def test_a_name_with_itself_or_two_names_of_one_file_do_nothing(self, env):
+        low = env.lower()
+        put(low, "f", b"f")
+        u = env.union()
+        u.rename("/f", "/f", self.EXCHANGE)
+        assert tree(env.upper) == {}
+        create(u, "/one", b"1")
+        u.link("/one", "/two")
+        seen = []
+        u.events.subscribe(seen.append)
+        u.rename("/one", "/two", self.EXCHANGE)
+        assert seen == [] and read_all(u, "/two") == b"1"
+        assert os.path.samestat(os.lstat(env.upper / "one"), os.lstat(env.upper / "two"))
+
+    def test_immutable_or_append_only_names_stay(self, env):
+        low = env.lower()
+        put(low, "a", b"A")
+        put(low, "b", b"B")
+        u = env.union()
+        u.setflags("/a", u.getflags("/a") | 0x10)  # chattr +i (FS_IMMUTABLE_FL)
+        assert errno_of(u.rename, "/a", "/b", self.EXCHANGE) == errno.EPERM
+        assert errno_of(u.rename, "/b", "/a", self.EXCHANGE) == errno.EPERM
+        u.setflags("/a", u.getflags("/a") & ~0x10)
+        u.rename("/b", "/a", self.EXCHANGE)
+        assert (read_all(u, "/a"), read_all(u, "/b")) == (b"B", b"A")
+
+    def test_numbers_kept_in_memory_go_with_their_objects(self, env):
+        """Under userxattr a symlink's copy cannot carry its origin: the number kept for it follows
+        both ways of the exchange."""
+        low = env.lower()
+        os.symlink("t1", low / "s1")
+        os.symlink("t2", low / "s2")
+        u = env.union(userxattr=True)
+        inos = {p: u.getattr(p)["st_ino"] for p in ("/s1", "/s2")}
+        u.rename("/s1", "/s2", self.EXCHANGE)
+        assert (u.readlink("/s1"), u.readlink("/s2")) == ("t2", "t1")
+        assert (u.getattr("/s1")["st_ino"], u.getattr("/s2")["st_ino"]) == (inos["/s2"], inos["/s1"])
+
+
+# =============================================================================================
+# file attribute flags (chattr, lsattr): append-only and immutable of an upper object in its
+# protattr xattr, never on the upper inode; the others on the real file (the differential
+# fileattr scenarios show the kernel's answers)
+
+SYNC_FL, IMMUTABLE_FL, APPEND_FL, NODUMP_FL, NOATIME_FL, DIRSYNC_FL = 0x08, 0x10, 0x20, 0x40, 0x80, 0x10000
+XFLAG_IMMUTABLE, XFLAG_APPEND, XFLAG_SYNC, XFLAG_NOATIME = 0x08, 0x10, 0x20, 0x40
+FSXATTR = struct.Struct("=IIIII8x")
+LSATTR = 0x000BFFFF  # the flags lsattr shows
+
+
+def real_flags(path):
+    from cowfs.overlay.fileattr import real_flags as flags_of
+    return flags_of(str(path)) & LSATTR
+
+
+def set_real_flags(path, flags):
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        fcntl.ioctl(fd, 0x40086602, struct.pack("=Q", flags))
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def flagged(env):
+    """Paths given flags on disk (lower objects, as an image may ship them); cleared at the end, before
+    the layers go (nothing removes an immutable or append-only inode)."""
+    paths = []
+
+    def give(path, flags):
+        set_real_flags(path, real_flags(path) | flags)
+        paths.append(path)
+    yield give
+    env.assert_lowers_unchanged()  # here, before the flags go, which changes the lowers' ctimes
+    for path in paths:
+        set_real_flags(path, real_flags(path) & ~(IMMUTABLE_FL | APPEND_FL))
+    env.snapshots = {layer: snapshot(layer) for layer in env.snapshots}
+
+
+class TestFileFlags:
+    def test_flags_of_lower_objects_show_and_refuse_changes(self, env, flagged):
+        low = env.lower()
+        for name in ("imm.txt", "app.txt", "idir/inner.txt", "adir/inner.txt"):
+            put(low, name, name.encode())
+        flagged(low / "imm.txt", IMMUTABLE_FL)
+        flagged(low / "app.txt", APPEND_FL)
+        flagged(low / "idir", IMMUTABLE_FL)
+        flagged(low / "adir", APPEND_FL)
+        u = env.union()
+        assert u.getflags("/imm.txt") & LSATTR == real_flags(low / "imm.txt")
+        assert u.getflags("/imm.txt") & (IMMUTABLE_FL | APPEND_FL) == IMMUTABLE_FL
+        assert FSXATTR.unpack(u.fsgetxattr("/app.txt"))[0] & (XFLAG_IMMUTABLE | XFLAG_APPEND) == XFLAG_APPEND
+        for call in (lambda: u.open("/imm.txt", O_WRONLY), lambda: u.open("/imm.txt", O_WRONLY | os.O_APPEND),
+                     lambda: u.chmod("/imm.txt", 0o600), lambda: u.unlink("/imm.txt"),
+                     lambda: u.rename("/imm.txt", "/moved.txt"), lambda: u.setxattr("/imm.txt", "user.k", b"v"),
+                     lambda: u.truncate("/app.txt", 0), lambda: u.open("/app.txt", O_WRONLY),
+                     lambda: u.open("/app.txt", O_WRONLY | os.O_APPEND | os.O_TRUNC),
+                     lambda: create(u, "/idir/new.txt"), lambda: u.mkdir("/idir/sub", 0o755),
+                     lambda: u.unlink("/idir/inner.txt"), lambda: u.unlink("/adir/inner.txt"),
+                     lambda: u.link("/app.txt", "/idir/link")):
+            assert errno_of(call) == errno.EPERM
+        assert tree(env.upper) == {}
+        write_at(u, "/app.txt", b"+more", flags=O_WRONLY | os.O_APPEND)  # all an append-only file allows
+        create(u, "/adir/new.txt", b"new")  # an append-only directory takes new names
+        assert read_all(u, "/app.txt") == b"app.txt+more"
+        assert xattr(env.upper / "app.txt", TRUSTED + "protattr") == b"a"  # the copy-up carries it over
+        assert real_flags(env.upper / "app.txt") & (IMMUTABLE_FL | APPEND_FL) == 0
+        assert u.getflags("/app.txt") & (IMMUTABLE_FL | APPEND_FL) == APPEND_FL
+        assert FSXATTR.unpack(u.fsgetxattr("/app.txt"))[0] & (XFLAG_IMMUTABLE | XFLAG_APPEND) == XFLAG_APPEND
+        assert errno_of(u.truncate, "/app.txt", 0) == errno.EPERM  # and from the upper's protattr
+        u.setflags("/imm.txt", u.getflags("/imm.txt") & ~IMMUTABLE_FL)  # chattr -i copies up
+        assert xattr(env.upper / "imm.txt", TRUSTED + "protattr") is None
+        write_at(u, "/imm.txt", b"IMM")
+        assert read_all(u, "/imm.txt") == b"IMM.txt"
+        u.setflags("/idir", u.getflags("/idir") & ~IMMUTABLE_FL)
+        create(u, "/idir/new.txt", b"x")
+        assert names(u, "/idir") == ["inner.txt", "new.txt"]
+
+    def test_copy_up_keeps_sync_and_noatime_on_the_upper_inode(self, env, flagged):
+        low = env.lower()
+        put(low, "noatime.txt", b"n")
+        put(low, "sync.txt", b"s")
+        put(low, "adir/f", b"")
+        flagged(low / "noatime.txt", NOATIME_FL)
+        flagged(low / "sync.txt", SYNC_FL | NODUMP_FL)
+        flagged(low / "adir", NOATIME_FL)
+        u = env.union()
+        for path in ("/noatime.txt", "/sync.txt", "/adir"):
+            u.chmod(path, 0o700)
+        assert real_flags(env.upper / "noatime.txt") == real_flags(low / "noatime.txt")
+        assert real_flags(env.upper / "sync.txt") == real_flags(low / "sync.txt") & ~NODUMP_FL  # as the kernel's
+        assert real_flags(env.upper / "adir") == real_flags(low / "adir")
+        assert u.getflags("/noatime.txt") & LSATTR == real_flags(low / "noatime.txt")
+        assert xattr(env.upper / "noatime.txt", TRUSTED + "protattr") is None
+
+    def test_set_through_the_engine(self, env):
+        low = env.lower()
+        put(low, "plain.txt", b"plain")
+        put(low, "dir/f.txt", b"f")
+        u = env.union()
+        plain = real_flags(low / "plain.txt")
+        u.setflags("/plain.txt", plain | NOATIME_FL | SYNC_FL)
+        assert real_flags(env.upper / "plain.txt") == plain | NOATIME_FL | SYNC_FL
+        u.setflags("/plain.txt", plain | IMMUTABLE_FL | APPEND_FL | NOATIME_FL)
+        assert xattr(env.upper / "plain.txt", TRUSTED + "protattr") == b"ai"  # the kernel's spelling
+        assert real_flags(env.upper / "plain.txt") == plain | NOATIME_FL  # never on the upper inode
+        assert u.getflags("/plain.txt") & LSATTR == plain | IMMUTABLE_FL | APPEND_FL | NOATIME_FL
+        assert FSXATTR.unpack(u.fsgetxattr("/plain.txt"))[0] & 0xFF == XFLAG_IMMUTABLE | XFLAG_APPEND | XFLAG_NOATIME
+        assert errno_of(write_at, u, "/plain.txt", b"x", 0, O_WRONLY | os.O_APPEND) == errno.EPERM
+        assert errno_of(u.utimens, "/plain.txt", touch=True) == errno.EPERM
+        u.setflags("/plain.txt", plain | APPEND_FL)
+        assert xattr(env.upper / "plain.txt", TRUSTED + "protattr") == b"a"
+        u.utimens("/plain.txt", touch=True)  # a touch is all an append-only file allows of its times
+        assert errno_of(u.utimens, "/plain.txt", FIXED_NS, FIXED_NS) == errno.EPERM
+        u.setflags("/plain.txt", plain)
+        assert xattr(env.upper / "plain.txt", TRUSTED + "protattr") is None
+        u.setflags("/plain.txt", plain)  # nothing to remove: nothing happens
+        u.setflags("/dir", real_flags(low / "dir") | APPEND_FL)
+        create(u, "/dir/new.txt", b"x")
+        assert errno_of(u.unlink, "/dir/new.txt") == errno.EPERM
+        assert errno_of(u.rename, "/dir/f.txt", "/out.txt") == errno.EPERM
+        u.setflags("/dir", real_flags(low / "dir") | IMMUTABLE_FL)
+        assert xattr(env.upper / "dir", TRUSTED + "protattr") == b"i"
+        for call in (lambda: u.mkdir("/dir/sub", 0o755), lambda: u.symlink("/dir/s", "t"),
+                     lambda: u.mknod("/dir/fifo", stat.S_IFIFO | 0o644), lambda: u.rename("/plain.txt", "/dir/in"),
+                     lambda: u.link("/plain.txt", "/dir/link")):
+            assert errno_of(call) == errno.EPERM
+        # remounted, the flags come back from protattr
+        env.close()
+        u = env.union()
+        assert u.getflags("/dir") & (IMMUTABLE_FL | APPEND_FL) == IMMUTABLE_FL
+        u.setflags("/dir", real_flags(low / "dir"))
+        u.unlink("/dir/new.txt")
+
+    def test_fssetxattr_splits_the_xflags_as_setflags(self, env):
+        low = env.lower()
+        put(low, "plain.txt", b"plain")
+        u = env.union()
+        fsx = list(FSXATTR.unpack(u.fsgetxattr("/plain.txt")))
+        fsx[0] = XFLAG_IMMUTABLE | XFLAG_NOATIME
+        u.fssetxattr("/plain.txt", FSXATTR.pack(*fsx))
+        assert xattr(env.upper / "plain.txt", TRUSTED + "protattr") == b"i"
+        assert real_flags(env.upper / "plain.txt") & (NOATIME_FL | IMMUTABLE_FL) == NOATIME_FL
+        assert FSXATTR.unpack(u.fsgetxattr("/plain.txt"))[0] == XFLAG_IMMUTABLE | XFLAG_NOATIME
+        assert errno_of(u.truncate, "/plain.txt", 0) == errno.EPERM
+        fsx[0] = XFLAG_APPEND | XFLAG_SYNC
+        u.fssetxattr("/plain.txt", FSXATTR.pack(*fsx))
+        assert xattr(env.upper / "plain.txt", TRUSTED + "protattr") == b"a"
+        assert FSXATTR.unpack(u.fsgetxattr("/plain.txt"))[0] == XFLAG_APPEND | XFLAG_SYNC
+        fsx[0] = 0
+        u.fssetxattr("/plain.txt", FSXATTR.pack(*fsx))
+        assert xattr(env.upper / "plain.txt", TRUSTED + "protattr") is None
+        assert real_flags(env.upper / "plain.txt") & (NOATIME_FL | SYNC_FL) == 0
+        u.truncate("/plain.txt", 1)
+
+    def test_only_files_and_directories_have_flags(self, env):
+        low = env.lower()
+        os.symlink("plain.txt", low / "link")
+        os.mkfifo(low / "fifo")
+        u = env.union()
+        for path in ("/link", "/fifo"):
+            assert errno_of(u.getflags, path) == errno.ENOTTY
+            assert errno_of(u.setflags, path, 0) == errno.ENOTTY
+            assert errno_of(u.fsgetxattr, path) == errno.ENOTTY
+            assert errno_of(u.fssetxattr, path, bytes(FSXATTR.size)) == errno.ENOTTY
+        u.chown("/link", 0, 0)  # a copy-up of either carries no flags
+        u.chown("/fifo", 0, 0)
+        assert tree(env.upper) == {"link": "symlink", "fifo": "other"}
+
+    def test_new_objects_take_the_flags_their_directory_passes_on(self, env, tmp_path):
+        """The kernel's overlay makes a new object in its upper directory, which passes flags on
+        (ext4's rules); cowfs makes it in the workdir, so gives them: the same as a directory on the
+        upper's own filesystem passes on."""
+        env.lower()
+        u = env.union()
+        u.mkdir("/d", 0o755)
+        passed = NOATIME_FL | SYNC_FL | NODUMP_FL | DIRSYNC_FL
+        u.setflags("/d", real_flags(env.upper / "d") | passed)
+        create(u, "/d/f", b"x")
+        u.mkdir("/d/sub", 0o755)
+        u.symlink("/d/link", "f")
+        u.mknod("/d/fifo", stat.S_IFIFO | 0o644)
+        u.mkdir("/plain", 0o755)
+        create(u, "/plain/f")
+        ref = tmp_path / "ref"
+        ref.mkdir()
+        set_real_flags(ref, real_flags(ref) | passed)
+        (ref / "f").write_bytes(b"x")
+        (ref / "sub").mkdir()
+        assert real_flags(env.upper / "d/f") == real_flags(ref / "f") != real_flags(env.upper / "plain/f")
+        assert real_flags(env.upper / "d/sub") == real_flags(ref / "sub")
+        assert real_flags(ref / "sub") & DIRSYNC_FL and not real_flags(ref / "f") & DIRSYNC_FL
+        assert tree(env.upper / "d") == {"f": "file", "sub": "dir", "link": "symlink", "fifo": "other"}
+
+    def test_an_upper_without_xattrs_refuses_append_only_and_immutable(self, env, monkeypatch):
+        low = env.lower()
+        put(low, "f", b"")
+        u = env.union()
+        real_setxattr = os.setxattr
+
+        def setxattr(path, name, *args, **kwargs):
+            if name.endswith("protattr"):
+                raise OSError(errno.ENOTSUP, "no xattrs")
+            return real_setxattr(path, name, *args, **kwargs)
+        monkeypatch.setattr(os, "setxattr", setxattr)
+        assert errno_of(u.setflags, "/f", u.getflags("/f") | APPEND_FL) == errno.EPERM
+        assert u.getflags("/f") & APPEND_FL == 0
+
+    def test_protattr_of_an_unknown_format_is_ignored(self, env):
+        low = env.lower()
+        put(low, "f", b"")
+        u = env.union()
+        u.chmod("/f", 0o644)
+        os.setxattr(env.upper / "f", TRUSTED + "protattr", b"ax")
+        assert u.getflags("/f") & (APPEND_FL | IMMUTABLE_FL) == 0
+        u.truncate("/f", 1)
+        os.setxattr(env.upper / "f", TRUSTED + "protattr", b"ia")
+        assert u.getflags("/f") & (APPEND_FL | IMMUTABLE_FL) == APPEND_FL | IMMUTABLE_FL
+        os.setxattr(env.upper / "f", TRUSTED + "protattr", b"i")
+        assert u.getflags("/f") & (APPEND_FL | IMMUTABLE_FL) == IMMUTABLE_FL
+        os.removexattr(env.upper / "f", TRUSTED + "protattr")
 
 
 # =============================================================================================
