@@ -2239,6 +2239,173 @@ class TestUnlinkedOpenFiles:
         u.release(h)
 
 
+class TestThroughHandles:
+    """fallocate, ftruncate, fsync and fgetattr through an open file, as the kernel's overlay passes them to
+    the real file (the differential fallocate scenarios show the kernel's answers)."""
+
+    KEEP, PUNCH, ZERO = 0x01, 0x02, 0x10
+
+    def test_fallocate_acts_on_the_upper_copy(self, env):
+        low = env.lower()
+        put(low, "data.bin", b"d" * 20_000)
+        u = env.union()
+        h = u.open("/data.bin", O_RDWR)  # copies it up
+        try:
+            assert u.fallocate(h, 0, 30_000, 5000) is False
+            assert u.fgetattr(h)["st_size"] == 35_000
+            u.fallocate(h, self.KEEP, 40_000, 8192)
+            assert u.fgetattr(h)["st_size"] == 35_000
+            u.fallocate(h, self.PUNCH | self.KEEP, 4096, 8192)
+            u.fallocate(h, self.ZERO, 100, 50)
+            data = u.read(h, 40_000, 0)
+            assert data[:100] == b"d" * 100 and data[100:150] == bytes(50) and data[150:4096] == b"d" * 3946
+            assert data[4096:12288] == bytes(8192) and data[12288:20_000] == b"d" * 7712
+            assert data[20_000:] == bytes(15_000)
+            assert errno_of(u.fallocate, h, self.PUNCH, 0, 10) == errno.EOPNOTSUPP  # a hole needs KEEP_SIZE
+            assert errno_of(u.fallocate, h, 0, -1, 10) == errno.EINVAL
+        finally:
+            u.release(h)
+        assert os.lstat(env.upper / "data.bin").st_size == 35_000
+        h = u.open("/data.bin", O_RDONLY)
+        try:
+            assert errno_of(u.fallocate, h, 0, 0, 100) == errno.EBADF  # not open for writing
+        finally:
+            u.release(h)
+
+    def test_writes_truncates_and_fallocates_by_the_owner_drop_set_id(self, env):
+        low = env.lower()
+        put(low, "suid.bin", b"x" * 5000, mode=0o4755)
+        os.chown(low / "suid.bin", 1000, 1000)
+        owner = Caller(1000, 1000)
+        u = env.union()
+        for step in ("fallocate", "ftruncate", "wrote"):
+            u.chmod("/suid.bin", 0o6755)
+            h = u.open("/suid.bin", O_RDWR)
+            try:
+                if step == "fallocate":
+                    assert u.fallocate(h, 0, 0, 100, caller=None) is False  # root keeps them
+                    assert u.fallocate(h, 0, 0, 8192, caller=owner) is True
+                elif step == "ftruncate":
+                    u.ftruncate(h, 6000)
+                    assert u.fgetattr(h)["st_mode"] & 0o7777 == 0o6755
+                    u.ftruncate(h, 7000, caller=owner)
+                    assert u.fgetattr(h)["st_size"] == 7000
+                else:
+                    os.pwrite(u.write_fd(h), b"y", 0)
+                    assert u.wrote(h, None) is False
+                    assert u.wrote(h, owner) is True
+                    assert u.wrote(h, owner) is False  # nothing left to drop
+                assert u.fgetattr(h)["st_mode"] & 0o7777 == 0o755, step  # group-exec: S_ISGID goes too
+            finally:
+                u.release(h)
+
+    def test_fsync_and_fdatasync_reach_the_real_file(self, env, monkeypatch):
+        low = env.lower()
+        put(low, "f", b"x")
+        u = env.union()
+        h = u.open("/f", O_WRONLY)
+        calls = []
+        monkeypatch.setattr(os, "fsync", lambda fd: calls.append(("fsync", fd)))
+        monkeypatch.setattr(os, "fdatasync", lambda fd: calls.append(("fdatasync", fd)))
+        try:
+            u.fsync(h)
+            u.fsync(h, datasync=True)
+            u.fsync(h, False)
+        finally:
+            u.release(h)
+        assert calls == [("fsync", h.fd), ("fdatasync", h.fd), ("fsync", h.fd)]
+
+    def test_fgetattr_follows_a_copy_up_when_told_the_path(self, env):
+        low = env.lower()
+        put(low, "f", b"lower", mode=0o644)
+        u = env.union()
+        ino = u.getattr("/f")["st_ino"]
+        h = u.open("/f", O_RDONLY)
+        try:
+            assert u.fgetattr(h)["st_ino"] == ino == os.lstat(low / "f").st_ino
+            write_at(u, "/f", b"UPPER")  # another opener copies it up
+            u.chmod("/f", 0o600)
+            before = u.fgetattr(h)  # no path: the handle's own (lower) file still
+            assert stat.S_IMODE(before["st_mode"]) == 0o644
+            attrs = u.fgetattr(h, "/f")
+            assert stat.S_IMODE(attrs["st_mode"]) == 0o600 and attrs["st_ino"] == ino
+            assert u.read(h, 100, 0) == b"UPPER"
+            assert stat.S_IMODE(u.fgetattr(h)["st_mode"]) == 0o600  # it has moved for good
+        finally:
+            u.release(h)
+
+    def test_fgetattr_of_a_lower_file_ignores_an_origin_it_carries(self, env):
+        """A lower layer that was once an upper keeps origin markers; the kernel reads a lower object's
+        number from the object itself."""
+        low = env.lower()
+        put(low, "f", b"x")
+        os.setxattr(low / "f", TRUSTED + "cowfs.origin", b"4242")
+        u = env.union()
+        h = u.open("/f", O_RDONLY)
+        try:
+            assert u.fgetattr(h)["st_ino"] == u.getattr("/f")["st_ino"] == os.lstat(low / "f").st_ino
+        finally:
+            u.release(h)
+        create(u, "/new", b"n")
+        h = u.open("/new", O_RDONLY)
+        try:
+            assert u.fgetattr(h)["st_ino"] == os.lstat(env.upper / "new").st_ino
+        finally:
+            u.release(h)
+
+    def test_own_copy_of_an_unlinked_lower_file_is_not_synced(self, env, monkeypatch):
+        """The copy a handle gets of a lower file whose name is gone never gets a name: nothing to sync."""
+        low = env.lower()
+        put(low, "a", b"lower data")
+        u = env.union()
+        h = u.open("/a", O_RDONLY)
+        u.unlink("/a")
+        synced = []
+        monkeypatch.setattr(os, "fsync", synced.append)
+        try:
+            u.fchmod(h, 0o600)
+            assert synced == [] and u.read(h, 100, 0) == b"lower data"
+        finally:
+            u.release(h)
+
+    def test_fchown_maps_owners_back(self, env):
+        low = env.lower()
+        put(low, "a", b"x")
+        u = env.union(uidmapping=((0, 1000, 1), (1000, 100000, 10)), gidmapping=((0, 1000, 1), (5, 2000, 1)))
+        create(u, "/new", b"n")
+        h = u.open("/new", O_RDONLY)
+        try:
+            u.fchown(h, 100003, 2000)  # given as shown: mapped back to the disk's
+            st = os.lstat(env.upper / "new")
+            assert (st.st_uid, st.st_gid) == (1003, 5)
+            attrs = u.fgetattr(h)
+            assert (attrs["st_uid"], attrs["st_gid"]) == (100003, 2000)
+        finally:
+            u.release(h)
+
+    def test_fsetxattr_passes_its_flags_and_refuses_the_recorded_attributes(self, env):
+        env.lower()
+        u = env.union()
+        create(u, "/new", b"n")
+        h = u.open("/new", O_RDONLY)
+        try:
+            assert errno_of(u.fsetxattr, h, "user.k", b"v", os.XATTR_REPLACE) == errno.ENODATA
+            u.fsetxattr(h, "user.k", b"v")
+            assert errno_of(u.fsetxattr, h, "user.k", b"w", os.XATTR_CREATE) == errno.EEXIST
+            u.fsetxattr(h, "user.k", b"w")
+            assert xattr(env.upper / "new", "user.k") == b"w"
+            assert errno_of(u.fremovexattr, h, "user.containers.override_stat") == errno.EPERM
+            assert errno_of(u.fsetxattr, h, "user.containers.override_stat", b"0:0:0644") == errno.EPERM
+            u.futimens(h, FIXED_NS, None)
+            st = os.lstat(env.upper / "new")
+            assert st.st_atime_ns == FIXED_NS and st.st_mtime_ns != FIXED_NS
+            u.futimens(h, None, FIXED_NS + 1)
+            st = os.lstat(env.upper / "new")
+            assert (st.st_atime_ns, st.st_mtime_ns) == (FIXED_NS, FIXED_NS + 1)
+        finally:
+            u.release(h)
+
+
 # =============================================================================================
 # links
 
