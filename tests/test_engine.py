@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from cowfs.errors import StackError
-from cowfs.overlay import copyup, lookup
+from cowfs.overlay import copyup, handles, lookup
 from cowfs.overlay import whiteout as whiteout_module
 from cowfs.overlay.stack import Stack, check
 from cowfs.overlay.union import Caller, Union
@@ -2462,6 +2462,183 @@ class TestLinks:
         create(u, "/d")
         inos = [u.getattr(p)["st_ino"] for p in ("/a", "/b", "/c", "/d", "/")]
         assert len(set(inos)) == len(inos)
+
+
+# =============================================================================================
+# index=on: a lower hard link stays one file across copy-up, through WORKDIR/index (the differential
+# index scenarios show the kernel's answers)
+
+class TestIndex:
+    def stack(self, env):
+        low = env.lower()
+        put(low, "hl/one", b"one file, three names\n")
+        os.link(low / "hl/one", low / "hl/two")
+        os.link(low / "hl/one", low / "hl/three")
+        put(low, "pair/a", b"two names\n")
+        os.link(low / "pair/a", low / "pair/b")
+        put(low, "single", b"one name\n")
+        return low
+
+    def entries(self, env):
+        return sorted(os.listdir(env.work / "index"))
+
+    def links(self, u, *paths):
+        """(st_ino, st_nlink) of each path: one inode throughout."""
+        return {(u.getattr(p)["st_ino"], u.getattr(p)["st_nlink"]) for p in paths}
+
+    def test_each_name_links_up_to_the_indexed_inode(self, env):
+        low = self.stack(env)
+        u = env.union(index=True)
+        ino = os.lstat(low / "hl/one").st_ino
+        assert self.links(u, "/hl/one", "/hl/two", "/hl/three") == {(ino, 3)}
+        u.chmod("/hl/one", 0o600)
+        [entry] = self.entries(env)
+        assert entry == xattr(env.upper / "hl/one", TRUSTED + "origin").hex()
+        index = env.work / "index" / entry
+        assert os.path.samestat(os.lstat(index), os.lstat(env.upper / "hl/one"))
+        assert xattr(index, TRUSTED + "nlink") == b"U+1"  # three names, two links on disk
+        assert xattr(env.upper / "hl", TRUSTED + "impure") == b"y"
+        assert self.links(u, "/hl/one", "/hl/two", "/hl/three") == {(ino, 3)}
+        assert stat.S_IMODE(u.getattr("/hl/three")["st_mode"]) == 0o600  # the indexed inode, not yet linked up
+        hl_times = os.lstat(env.upper / "hl").st_mtime_ns
+        u.utimens("/hl/two", FIXED_NS, FIXED_NS)
+        assert os.path.samestat(os.lstat(env.upper / "hl/two"), os.lstat(index))
+        assert os.lstat(env.upper / "hl").st_mtime_ns == hl_times  # a link-up keeps its directory's times
+        assert xattr(index, TRUSTED + "nlink") == b"U+0"
+        assert self.links(u, "/hl/one", "/hl/two", "/hl/three") == {(ino, 3)}
+        assert os.lstat(env.upper / "hl/one").st_mtime_ns == FIXED_NS
+        write_at(u, "/hl/three", b"ONE")
+        assert tree(env.upper) == {"hl": "dir", "hl/one": "file", "hl/two": "file", "hl/three": "file"}
+        assert xattr(index, TRUSTED + "nlink") == b"U-1"
+        assert {read_all(u, p) for p in ("/hl/one", "/hl/two", "/hl/three")} == {b"ONE file, three names\n"}
+        u.chmod("/single", 0o600)  # one name: no index entry
+        assert self.entries(env) == [entry]
+
+    def test_a_setxattr_through_a_name_not_up_changes_the_indexed_inode_alone(self, env):
+        self.stack(env)
+        u = env.union(index=True)
+        u.chmod("/hl/one", 0o600)
+        u.setxattr("/hl/three", "user.tag", b"3")
+        assert tree(env.upper) == {"hl": "dir", "hl/one": "file"}
+        assert u.getxattr("/hl/one", "user.tag") == b"3"
+
+    def test_unlinking_names_counts_down_then_the_entry_goes(self, env):
+        low = self.stack(env)
+        u = env.union(index=True)
+        ino = os.lstat(low / "hl/one").st_ino
+        u.unlink("/hl/one")  # copied up through the index first, as the kernel does
+        [entry] = self.entries(env)
+        assert self.links(u, "/hl/two", "/hl/three") == {(ino, 2)}
+        assert tree(env.upper) == {"hl": "dir", "hl/one": "whiteout"}
+        u.unlink("/hl/three")
+        assert self.links(u, "/hl/two") == {(ino, 1)}
+        assert xattr(env.work / "index" / entry, TRUSTED + "nlink") == b"U+0"
+        write_at(u, "/hl/two", b"last\n", 0, O_WRONLY | os.O_TRUNC)
+        assert self.entries(env) == [entry]
+        u.unlink("/hl/two")
+        assert self.entries(env) == []
+        assert names(u, "/hl") == []
+        assert tree(env.upper) == {"hl": "dir", "hl/one": "whiteout", "hl/two": "whiteout", "hl/three": "whiteout"}
+        u.unlink("/pair/b")
+        assert self.links(u, "/pair/a") == {(os.lstat(low / "pair/a").st_ino, 1)}
+
+    def test_renames_and_links_keep_one_inode(self, env):
+        low = self.stack(env)
+        u = env.union(index=True)
+        ino, pair = os.lstat(low / "hl/one").st_ino, os.lstat(low / "pair/a").st_ino
+        assert u.rename("/pair/b", "/pair/a") is False  # two names of one lower file: nothing happens
+        assert tree(env.upper) == {}
+        u.rename("/hl/one", "/hl/uno")
+        assert self.links(u, "/hl/uno", "/hl/two", "/hl/three") == {(ino, 3)}
+        u.link("/hl/two", "/hl/four")
+        assert self.links(u, "/hl/uno", "/hl/two", "/hl/three", "/hl/four") == {(ino, 4)}
+        [entry] = self.entries(env)
+        assert xattr(env.work / "index" / entry, TRUSTED + "nlink") == b"U+0"
+        assert u.rename("/hl/three", "/hl/two") is False  # two names of one file: nothing happens
+        u.rename("/pair/a", "/hl/three")  # replaces a name of the other file
+        assert self.links(u, "/hl/uno", "/hl/two", "/hl/four") == {(ino, 3)}
+        assert self.links(u, "/hl/three", "/pair/b") == {(pair, 2)}
+        assert names(u, "/hl") == ["four", "three", "two", "uno"] and names(u, "/pair") == ["b"]
+        u.rename("/hl/four", "/hl/three")  # over the other file's last upper name
+        assert self.links(u, "/pair/b") == {(pair, 1)}
+        assert self.links(u, "/hl/uno", "/hl/two", "/hl/three") == {(ino, 3)}
+
+    def test_a_recorded_link_count_that_cannot_be_read_is_the_inodes_own(self, env):
+        """The nlink xattr is "U" and a signed difference; anything else (or a count below one) is
+        ignored, as the kernel's ovl_get_nlink falls back to the upper inode's count."""
+        self.stack(env)
+        u = env.union(index=True)
+        create(u, "/f", b"")
+        u.link("/f", "/g")
+        for value, shown in ((b"U+3", 5), (b"U-1", 1), (b"U+0", 2), (b"U-2", 2), (b"U-9", 2), (b"U+", 2),
+                             (b"U+x", 2), (b"X+1", 2), (b"U*1", 2), (b"", 2), (b"U12", 2), (b"+U1", 2)):
+            os.setxattr(env.upper / "f", TRUSTED + "nlink", value)
+            u._changed()
+            assert u.getattr("/g")["st_nlink"] == shown, value
+        env.close()
+        u = env.union()  # without index the xattr means nothing
+        os.setxattr(env.upper / "f", TRUSTED + "nlink", b"U+3")
+        assert u.getattr("/g")["st_nlink"] == 2
+
+    def test_a_bad_index_entry_is_an_io_error(self, env):
+        """An entry that is a whiteout (all names gone, as nfs_export leaves it) or another kind of object
+        than the lower file: the kernel's lookup warns "bad index found" and fails with EIO."""
+        low = self.stack(env)
+        u = env.union(index=True)
+        u.chmod("/hl/one", 0o600)
+        [entry] = self.entries(env)
+        env.close()
+        os.unlink(env.upper / "hl/one")
+        os.unlink(env.work / "index" / entry)
+        os.mknod(env.work / "index" / entry, stat.S_IFCHR, os.makedev(0, 0))
+        u = env.union(index=True)
+        assert errno_of(u.getattr, "/hl/two") == errno.EIO
+        assert read_all(u, "/single") == b"one name\n"
+        env.close()
+        os.unlink(env.work / "index" / entry)
+        os.mkdir(env.work / "index" / entry)
+        u = env.union(index=True)
+        assert errno_of(u.open, "/hl/two", O_RDONLY) == errno.EIO
+        env.close()
+        os.rmdir(env.work / "index" / entry)
+        u = env.union(index=True)  # no entry: the lower file
+        assert u.getattr("/hl/two")["st_ino"] == os.lstat(low / "hl/two").st_ino
+
+    def test_the_index_directory_as_the_kernel_makes_it(self, env):
+        low = self.stack(env)
+        env.union(index=True)
+        index = env.work / "index"
+        assert stat.S_IMODE(os.lstat(index).st_mode) == (0 if os.geteuid() == 0 else 0o700)
+        assert xattr(env.upper, TRUSTED + "origin") == handles.encode(str(low), handles.fs_uuid(str(low)))
+        assert xattr(index, TRUSTED + "upper") == handles.encode(str(env.upper), handles.fs_uuid(str(env.upper)),
+                                                                 upper=True)
+        env.close()
+        env.union(index=True)  # the same layers: mounts again
+
+    def test_index_refuses_another_upper_or_lower(self, env, tmp_path):
+        low = self.stack(env)
+        env.union(index=True)
+        env.close()
+        other = tmp_path / "other"
+        other.mkdir()
+        with pytest.raises(StackError) as info:
+            env.union(lowers=[other], index=True)
+        assert str(info.value) == (
+            f"upperdir {env.upper}: its origin is not lowerdir {other} (made over other lower layers); "
+            "index=on refuses it, as the kernel does (ESTALE)")
+        upper2 = tmp_path / "upper2"
+        upper2.mkdir()
+        with pytest.raises(StackError) as info:
+            Union(check(Stack(lowers=[str(low)], upper=str(upper2), work=str(env.work), index=True)))
+        assert str(info.value) == (
+            f"workdir {env.work}: its index belongs to another upperdir than {upper2}; index=on refuses it, "
+            "as the kernel does (ESTALE)")
+        os.rmdir(env.work / "index")
+        put(env.work, "index", b"")
+        with pytest.raises(StackError) as info:
+            env.union(index=True)
+        assert str(info.value) == f"workdir {env.work}: index is not a directory"
+        os.unlink(env.work / "index")
 
 
 # =============================================================================================
