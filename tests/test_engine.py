@@ -1105,6 +1105,53 @@ class TestCopyUp:
         env.close()
         env.union()  # released by close()
 
+    def test_a_held_lock_names_the_cowfs_mount_using_the_directory(self, env, tmp_path, monkeypatch):
+        """The mount records of live cowfs mounts say which one holds an upper or workdir; records that
+        cannot be read, or name other directories, are passed over."""
+        from cowfs.overlay import workdir
+        low = env.lower()
+        env.union()
+        other = tmp_path / "other"
+        other.mkdir()
+        ours = f"lowerdir={low},upperdir={env.upper},workdir={env.work}"
+        records = [
+            {"mountpoint": "/mnt/no-options"},
+            {"options": "lowerdir=", "mountpoint": "/mnt/unparsable"},
+            {"options": f"lowerdir={low}", "mountpoint": "/mnt/read-only"},
+            {"options": f"lowerdir={low},upperdir={tmp_path}/gone,workdir={tmp_path}/gone2", "mountpoint": "/mnt/gone"},
+            {"options": f"lowerdir={low},upperdir={other},workdir={other}", "mountpoint": "/mnt/other"},
+            {"options": ours, "mountpoint": "/mnt/ours"},
+        ]
+        monkeypatch.setattr(workdir, "records", lambda: records)
+        with pytest.raises(StackError) as info:
+            env.union()
+        assert str(info.value) == f"upperdir {env.upper}: already in use by the cowfs mount at /mnt/ours"
+        upper2 = tmp_path / "upper2"
+        upper2.mkdir()
+        records[-1] = {"options": f"lowerdir={low},upperdir={other},workdir={env.work}", "mountpoint": "/mnt/work"}
+        with pytest.raises(StackError) as info:
+            Union(check(Stack(lowers=[str(low)], upper=str(upper2), work=str(env.work))))
+        assert str(info.value) == f"workdir {env.work}: already in use by the cowfs mount at /mnt/work"
+        records.pop()
+        monkeypatch.setattr(workdir, "LOCK_WAIT", 0.05)
+        with pytest.raises(StackError) as info:
+            Union(check(Stack(lowers=[str(low)], upper=str(upper2), work=str(env.work))))
+        assert str(info.value) == f"workdir {env.work}: already in use by another cowfs mount"
+
+    def test_hand_over_lets_go_of_the_locks_without_removing_them(self, env):
+        """After fork the daemon holds the locks: the parent closes its descriptors, and the lock files
+        stay for the daemon (close() would remove them)."""
+        from cowfs.runtime import lock_path
+        env.lower()
+        u = env.union()
+        locks = [lock_path(str(env.upper)), lock_path(str(env.work))]
+        assert all(os.path.exists(p) for p in locks)
+        u.hand_over()
+        assert all(os.path.exists(p) for p in locks)
+        u.close()  # nothing left to release
+        assert all(os.path.exists(p) for p in locks)
+        env.union()  # no process holds them now
+
 
 class TestSyncBeforeInstall:
     """A copy is flushed before it is renamed over the lower file in the merged view, so that a crash

@@ -71,6 +71,57 @@ def test_decode_refuses_malformed_and_skips_unknown():
     assert handles.decode(bytes([0, 0xFB, 25, 0, 1]) + bytes(16) + b"abcd") == (0, 1, bytes(16), b"abcd")
 
 
+def test_file_handle_errors_name_the_path(tmp_path):
+    missing = str(tmp_path / "missing")
+    with pytest.raises(OSError) as e:
+        handles.file_handle(missing)
+    assert (e.value.errno, e.value.strerror, e.value.filename) == (errno.ENOENT, os.strerror(errno.ENOENT), missing)
+    assert handles.supports_handles(str(tmp_path)) is True
+    with pytest.raises(OSError) as e:
+        handles.supports_handles(missing)  # only "no handles here" answers False
+    assert e.value.errno == errno.ENOENT
+
+
+def test_no_file_handles_is_no_index(tmp_path, monkeypatch):
+    def refuse(path):
+        raise OSError(errno.EOPNOTSUPP, "no handles", path)
+    monkeypatch.setattr(handles, "file_handle", refuse)
+    assert handles.supports_handles(str(tmp_path)) is False
+
+
+def test_handle_ino_reads_ino32_gen_handles():
+    data = struct.pack("<II", 123456, 7)
+    assert handles.handle_ino(handles.FILEID_INO32_GEN, data) == 123456
+    assert handles.handle_ino(handles.FILEID_INO32_GEN_PARENT, data + struct.pack("<II", 2, 1)) == 123456
+    assert handles.handle_ino(handles.FILEID_INO32_GEN, struct.pack("<I", 99)) == 99
+    assert handles.handle_ino(handles.FILEID_INO32_GEN, b"abc") is None
+    assert handles.handle_ino(0x81, data) is None  # another filesystem's format
+
+
+def test_origin_number_without_open_by_handle(tmp_path, monkeypatch):
+    """A process without CAP_DAC_READ_SEARCH cannot open a handle: the number an INO32_GEN handle carries is
+    the origin's (ext4's handles are of that type)."""
+    lower, upper, work = _layers(tmp_path)
+    u = _union(lower, upper, work)
+    try:
+        u.chmod("/single", 0o600)
+        ino = os.lstat(lower + "/single").st_ino
+    finally:
+        u.close()
+
+    def no_capability(mount_path, kind, data):
+        raise OSError(errno.EPERM, "Operation not permitted", mount_path)
+    monkeypatch.setattr(handles, "open_handle", no_capability)
+    u = _union(lower, upper, work)
+    try:
+        kind, _ = handles.file_handle(lower + "/single")
+        expected = ino if kind in (handles.FILEID_INO32_GEN, handles.FILEID_INO32_GEN_PARENT) else os.lstat(
+            upper + "/single").st_ino
+        assert u.getattr("/single")["st_ino"] == expected
+    finally:
+        u.close()
+
+
 def test_old_cowfs_origin_still_read(tmp_path):
     """An upper written before cowfs wrote the kernel's origin keeps its numbers."""
     lower, upper, work = _layers(tmp_path)
