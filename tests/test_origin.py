@@ -303,6 +303,87 @@ def test_data_only_reached_by_absolute_redirect_only(tmp_path):
     assert u.getattr("/file")["st_ino"] == os.lstat(f).st_ino  # the metadata file's number, not the data's
 
 
+def _metacopy_file(path, size, redirect=None):
+    """A metadata-only file of a metadata layer: `size` bytes of hole, its data where `redirect` leads."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(size)
+    os.setxattr(path, TRUSTED + "metacopy", b"")
+    if redirect is not None:
+        os.setxattr(path, TRUSTED + "redirect", redirect.encode())
+
+
+def _write(path, data=b"", size=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+        if size is not None:
+            f.truncate(size)
+
+
+def test_data_only_layers_searched_in_order(tmp_path):
+    """The data of a metacopy file is the first regular file at its absolute redirect in the data-only
+    layers (a symlink on the way or a directory there does not count); a relative redirect met later in
+    a metacopy lower replaces the last component. Until opened, such data's blocks are the kernel's
+    estimate (the size in pages); the first open says the attributes changed."""
+    meta, mid, d1, d2 = (str(tmp_path / n) for n in ("meta", "mid", "d1", "d2"))
+    _metacopy_file(meta + "/hosts", 12, "/ab/cdef")
+    _metacopy_file(meta + "/tool", 10, "/cd/0123")
+    _metacopy_file(meta + "/dirdata", 6, "/ef/dir")
+    _metacopy_file(meta + "/missing", 5, "/zz/none")
+    _metacopy_file(meta + "/big", 1_000_000, "/ab/sparse")
+    _metacopy_file(meta + "/chain", 7, "/x/a")
+    _metacopy_file(meta + "/in_lower", 8, "/objects/low")
+    _metacopy_file(mid + "/x/a", 7, "b")  # a metadata-only lower (a lower that once was an upper)
+    _write(mid + "/objects/low", b"lowdata\n")
+    _write(d1 + "/ab/cdef", b"127.0.0.1 x\n")
+    _write(d1 + "/ab/sparse", size=1_000_000)
+    os.makedirs(d1 + "/real")
+    _write(d1 + "/real/0123", b"not this!\n")
+    os.symlink("real", d1 + "/cd")
+    os.makedirs(d1 + "/ef/dir")
+    _write(d1 + "/x/b", b"chained")
+    _write(d2 + "/cd/0123", b"tool data\n")
+    _write(d2 + "/ef/dir", b"a file")
+    _write(d2 + "/ab/cdef", b"shadowed by d1\n")
+    u = Union(check(parse_options([f"lowerdir={meta}:{mid}::{d1}::{d2},metacopy=on"])))
+
+    def read(path):
+        h = u.open(path, os.O_RDONLY)
+        try:
+            return u.read(h, 100, 0), h.attrs_changed
+        finally:
+            u.release(h)
+    assert u.getattr("/big")["st_blocks"] == (1_000_000 + 4095) // 4096 * 8
+    assert u.getattr("/hosts")["st_blocks"] == 8
+    assert read("/hosts") == (b"127.0.0.1 x\n", True)
+    assert read("/hosts") == (b"127.0.0.1 x\n", False)  # reached once: no change since
+    assert read("/tool") == (b"tool data\n", True)
+    assert read("/dirdata") == (b"a file", True)
+    assert read("/chain") == (b"chained", True)
+    assert read("/in_lower") == (b"lowdata\n", False)  # a normal lower: nothing to reach
+    assert u.getattr("/in_lower")["st_blocks"] == os.lstat(mid + "/objects/low").st_blocks
+    assert read("/big") == (bytes(100), True)
+    assert u.getattr("/big")["st_blocks"] == 0 == os.lstat(d1 + "/ab/sparse").st_blocks
+    assert u.getattr("/missing")["st_size"] == 5
+    with pytest.raises(OSError) as e:
+        u.open("/missing", os.O_RDONLY)
+    assert (e.value.errno, e.value.filename) == (errno.ENOENT, d1 + "/zz/none")
+
+
+def test_metacopy_without_an_absolute_redirect_never_reaches_data_only_layers(tmp_path):
+    meta, d1 = str(tmp_path / "meta"), str(tmp_path / "d1")
+    _metacopy_file(meta + "/rel", 4, "sib")
+    _metacopy_file(meta + "/none", 4)
+    _write(d1 + "/sib", b"data")
+    _write(d1 + "/none", b"data")
+    u = Union(check(parse_options([f"lowerdir={meta}::{d1},metacopy=on"])))
+    for path in ("/rel", "/none"):
+        with pytest.raises(OSError) as e:
+            u.getattr(path)
+        assert e.value.errno == errno.EIO, path
+
+
 def _impure_dirs(upper):
     found = []
     for top, dirs, _ in os.walk(upper):
