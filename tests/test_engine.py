@@ -1691,6 +1691,41 @@ class TestRename:
         u = env.union()
         assert errno_of(u.rename, "/nothing", "/x") == errno.ENOENT
 
+    def test_an_absolute_redirect_longer_than_256_bytes_is_exdev(self, env):
+        """As the kernel's redirect_max: a move whose absolute redirect would pass 256 bytes fails with EXDEV
+        (tools then copy), after the copy-ups; a relative one may be any length."""
+        low = env.lower()
+        mkdirs(low, "x/" + "m" * 253)  # "/x/" and 253: 256 bytes
+        mkdirs(low, "y/" + "m" * 254)  # 257
+        mkdirs(low, "l" * 255 + "/sub")
+        mkdirs(low, "sub")
+        u = env.union(redirect_dir="on")
+        u.rename("/x/" + "m" * 253, "/sub/in")
+        assert xattr(env.upper / "sub/in", TRUSTED + "redirect") == ("/x/" + "m" * 253).encode()
+        with pytest.raises(OSError) as info:
+            u.rename("/y/" + "m" * 254, "/sub/in2")
+        assert (info.value.errno, info.value.filename) == (errno.EXDEV, "/y/" + "m" * 254)
+        assert tree(env.upper)["y/" + "m" * 254] == "dir"  # copied up before the refusal, as the kernel's
+        u.rename("/" + "l" * 255, "/" + "k" * 255)  # relative: any length
+        assert xattr(env.upper / ("k" * 255), TRUSTED + "redirect") == b"l" * 255
+
+    def test_moves_report_the_markers_they_set(self, env):
+        low = env.lower()
+        put(low, "d/x", b"")
+        mkdirs(low, "m")
+        u = env.union(redirect_dir="on")
+        u.mkdir("/u", 0o755)  # made opaque: its parent merges a lower
+        u.mkdir("/u/sub", 0o755)  # not: its parent has no lower part
+        seen = []
+        u.events.subscribe(seen.append)
+        u.rename("/d", "/e")
+        u.rename("/u/sub", "/m/sub")  # lands where lower directories merge: made opaque
+        assert [(e["event"], e["path"], e.get("to"), e.get("value")) for e in seen] == [
+            ("copy_up", "/d", None, None), ("redirect", "/e", None, "d"), ("rename", "/d", "/e", None), ("whiteout", "/d", None, None),
+            ("copy_up", "/m", None, None), ("opaque", "/m/sub", None, None), ("rename", "/u/sub", "/m/sub", None)]
+        assert xattr(env.upper / "m/sub", TRUSTED + "opaque") == b"y"
+        assert xattr(env.upper / "u", TRUSTED + "opaque") == b"y"
+
 
 class TestRenameExchange:
     """renameat2(RENAME_EXCHANGE): both names stay, each object lands at the other's name, no whiteout;
@@ -3312,6 +3347,27 @@ class TestMetacopy:
         assert xattr(env.upper / "b/g", TRUSTED + "redirect") == b"/a/f"
         assert tree(env.upper)["a/f"] == "whiteout"
         assert read_all(u, "/b/g") == b"payload"
+
+    def test_redirect_of_a_moved_lower_hard_link_is_absolute(self, env):
+        """As the kernel's ovl_need_absolute_redirect: within one directory a redirect is relative, except
+        for a file whose lower data has several names (its upper names could come to live apart)."""
+        low = env.lower()
+        put(low, "one", b"data")
+        put(low, "hl1", b"hl")
+        os.link(low / "hl1", low / "hl2")
+        put(low, "m1", b"m")
+        os.link(low / "m1", low / "m2")
+        put(low, "single", b"s")
+        u = env.union(metacopy=True, redirect_dir="on")
+        u.rename("/one", "/two")
+        u.rename("/hl1", "/hl3")
+        u.chmod("/m1", 0o600)  # a metadata-only copy first: its data's link count decides
+        u.rename("/m1", "/m3")
+        u.chmod("/single", 0o600)
+        u.rename("/single", "/single2")
+        assert {n: xattr(env.upper / n, TRUSTED + "redirect") for n in ("two", "hl3", "m3", "single2")} == {
+            "two": b"one", "hl3": b"/hl1", "m3": b"/m1", "single2": b"single"}
+        assert (read_all(u, "/hl3"), read_all(u, "/m3")) == (b"hl", b"m")
 
     def test_metacopy_needs_redirects_and_no_userxattr(self):
         from cowfs.errors import StackError
