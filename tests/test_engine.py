@@ -1721,8 +1721,10 @@ class TestRename:
         u.rename("/d", "/e")
         u.rename("/u/sub", "/m/sub")  # lands where lower directories merge: made opaque
         assert [(e["event"], e["path"], e.get("to"), e.get("value")) for e in seen] == [
-            ("copy_up", "/d", None, None), ("redirect", "/e", None, "d"), ("rename", "/d", "/e", None), ("whiteout", "/d", None, None),
-            ("copy_up", "/m", None, None), ("opaque", "/m/sub", None, None), ("rename", "/u/sub", "/m/sub", None)]
+            ("copy_up", "/d", None, None), ("redirect", "/e", None, "d"), ("rename", "/d", "/e", None),
+            ("whiteout", "/d", None, None),
+            ("copy_up", "/m", None, None), ("opaque", "/m/sub", None, None),
+            ("rename", "/u/sub", "/m/sub", None)]
         assert xattr(env.upper / "m/sub", TRUSTED + "opaque") == b"y"
         assert xattr(env.upper / "u", TRUSTED + "opaque") == b"y"
 
