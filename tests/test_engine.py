@@ -1774,6 +1774,20 @@ class TestRenameExchange:
         for d in ("", "dir", "deep/a"):  # a copy with an origin lands there
             assert xattr(env.upper / d, TRUSTED + "impure") == b"y", d
 
+    def test_both_are_copied_up_before_a_redirect_is_refused(self, env):
+        low = env.lower()
+        mkdirs(low, "y/" + "m" * 254)  # moved to another directory: a 257-byte redirect, too long
+        put(low, "sub/f", b"f")
+        put(low, "sub/g", b"g")
+        u = env.union(redirect_dir="on")
+        with pytest.raises(OSError) as info:
+            u.rename("/y/" + "m" * 254, "/sub/f", self.EXCHANGE)
+        assert (info.value.errno, info.value.filename) == (errno.EXDEV, "/y/" + "m" * 254)
+        assert tree(env.upper) == {"y": "dir", "y/" + "m" * 254: "dir", "sub": "dir", "sub/f": "file"}
+        assert errno_of(u.rename, "/sub/g", "/y/" + "m" * 254, self.EXCHANGE) == errno.EXDEV
+        assert tree(env.upper)["sub/g"] == "file"
+        assert (read_all(u, "/sub/f"), read_all(u, "/sub/g")) == (b"f", b"g")
+
     def test_names_sharing_a_prefix_are_not_nested(self, env):
         low = env.lower()
         put(low, "dir/f", b"1")
