@@ -2865,6 +2865,17 @@ class TestReaddir:
         assert listed[:2] == [".", ".."]
         assert sorted(listed[2:]) == ["same", "t"]
 
+    def test_dot_entries_carry_the_numbers_of_the_directory_and_its_parent(self, env):
+        low = env.lower()
+        put(low, "d/sub/f", b"")
+        u = env.union()
+        u.chmod("/d", 0o700)  # copied up: keeps its lower number
+        for path, parent in (("/", "/"), ("/d", "/"), ("/d/sub", "/d")):
+            listed = {n: (ino, kind) for n, ino, kind in u.readdir(path)}
+            assert listed["."] == (u.getattr(path)["st_ino"], stat.S_IFDIR), path
+            assert listed[".."] == (u.getattr(parent)["st_ino"], stat.S_IFDIR), path
+        assert u.getattr("/d")["st_ino"] != u.getattr("/d/sub")["st_ino"]
+
     def test_types_and_inodes_match_getattr(self, env):
         low = env.lower()
         put(low, "f", b"")
