@@ -3095,6 +3095,51 @@ class TestErrors:
         assert names(u, "/") == ["d", "f"]
         assert u.statfs()["f_bsize"] > 0
 
+    def test_each_refusal_names_the_path_it_concerns(self, env):
+        """errno and the path of the refusal (the command line shows it), for the name operations."""
+        low = self._build(env)
+        put(low, "d2/x", b"")
+        put(low, "g", b"")
+        u = env.union()
+        u.mkdir("/new", 0o755)
+        u.mkdir("/empty", 0o755)
+        u.setflags("/new", u.getflags("/new") | 0x10)  # chattr +i
+
+        def refusal(call, *args):
+            with pytest.raises(OSError) as info:
+                call(*args)
+            return info.value.errno, info.value.filename
+        cases = [
+            ((u.mkdir, "/d", 0o755), (errno.EEXIST, "/d")),
+            ((u.symlink, "/f", "x"), (errno.EEXIST, "/f")),
+            ((u.mknod, "/dev0", stat.S_IFDIR | 0o755), (errno.EINVAL, "/dev0")),
+            ((u.mknod, "/dev0", stat.S_IFCHR | 0o644, 0), (errno.EPERM, "/dev0")),
+            ((u.mkdir, "/new/sub", 0o755), (errno.EPERM, "/new/sub")),
+            ((u.link, "/d", "/dl"), (errno.EPERM, "/d")),
+            ((u.link, "/f", "/g"), (errno.EEXIST, "/g")),
+            ((u.link, "/f", "/new/l"), (errno.EPERM, "/new/l")),
+            ((u.unlink, "/d"), (errno.EISDIR, "/d")),
+            ((u.rmdir, "/f"), (errno.ENOTDIR, "/f")),
+            ((u.rmdir, "/"), (errno.EBUSY, "/")),
+            ((u.rmdir, "/d2"), (errno.ENOTEMPTY, "/d2")),
+            ((u.rename, "/f", "/g", 4), (errno.EINVAL, "/f")),
+            ((u.rename, "/f", "/g", 1), (errno.EEXIST, "/g")),
+            ((u.rename, "/d", "/d/in"), (errno.EINVAL, "/d/in")),
+            ((u.rename, "/d", "/f"), (errno.ENOTDIR, "/f")),
+            ((u.rename, "/f", "/d"), (errno.EISDIR, "/d")),
+            ((u.rename, "/d", "/e"), (errno.EXDEV, "/d")),
+            ((u.rename, "/empty", "/d2"), (errno.ENOTEMPTY, "/d2")),
+            ((u.rename, "/f", "/new/f"), (errno.EPERM, "/new/f")),
+            ((u.rename, "/f", "/missing", 2), (errno.ENOENT, "/missing")),
+        ]
+        for (call, *args), expected in cases:
+            assert refusal(call, *args) == expected, (call.__name__, args)
+        u.setflags("/new", u.getflags("/new") & ~0x10)
+        env.close()
+        u = env.union(read_only=True)
+        for what, call, *args in self._ro_cases(u):
+            assert refusal(call, *args) == (errno.EROFS, args[1] if what == "link" else args[0]), what
+
     def test_ro_option_with_upper_is_read_only_and_upper_untouched(self, env):
         self._build(env)
         u = env.union(read_only=True)
