@@ -3289,6 +3289,33 @@ class TestEvents:
             dict(event="copy_up", path="/link", layer=1, kind="symlink", bytes=0, metadata_only=False)
         assert all(0 <= e["seconds"] < 60 for e in seen)
 
+    def test_name_changes_report_kind_and_markers(self, env):
+        low = env.lower()
+        put(low, "f", b"x")
+        put(low, "gone", b"x")
+        put(low, "w", b"x")
+        mkdirs(low, "d")
+        u = env.union()
+        u.unlink("/gone")
+        seen = []
+        u.events.subscribe(seen.append)
+        create(u, "/gone", b"back")  # over its whiteout
+        u.symlink("/s", "f")
+        u.mknod("/p", stat.S_IFIFO | 0o644)
+        u.link("/f", "/hl")
+        u.rmdir("/d")
+        u.unlink("/s")
+        assert [(e["event"], e["path"], e.get("kind"), e.get("to")) for e in seen] == [
+            ("whiteout_removed", "/gone", None, None), ("create", "/gone", "file", None),
+            ("create", "/s", "symlink", None), ("create", "/p", "fifo", None),
+            ("copy_up", "/f", "file", None), ("create", "/hl", "hard link", "/f"),
+            ("whiteout", "/d", None, None), ("remove", "/s", "symlink", None)]
+        u.unlink("/w")
+        seen.clear()
+        u.link("/f", "/w")  # over the whiteout the lower name left: in one step
+        assert [(e["event"], e["path"]) for e in seen] == [("whiteout_removed", "/w"), ("create", "/w")]
+        assert os.path.samestat(os.lstat(env.upper / "w"), os.lstat(env.upper / "f"))
+
     def test_no_listener_no_event_objects(self, env, monkeypatch):
         low = env.lower()
         put(low, "f", b"x")
