@@ -338,6 +338,23 @@ class TestLookupInDeepStacks:
         u.unlink("/d/own0")
         assert names(u, "/d") == [f"own{i}" for i in (1, 2, 3, 4, 5, 7)]
 
+    def test_a_directory_that_cannot_be_read_is_asked_by_name(self, env, monkeypatch):
+        """A lower directory whose listing fails (no read permission, for an unprivileged mount) may hold
+        any name: its names are found with lstat."""
+        layers = self.stack(env)
+        put(layers[4], "d/secret", b"s")
+        u = env.union()
+        unreadable, listdir = str(layers[4] / "d"), os.listdir
+
+        def refusing(path="."):
+            if str(path) == unreadable:
+                raise PermissionError(errno.EACCES, "Permission denied", path)
+            return listdir(path)
+        monkeypatch.setattr(os, "listdir", refusing)
+        assert read_all(u, "/d/secret") == b"s"
+        assert read_all(u, "/d/own4") == b"4" and read_all(u, "/d/own5") == b"5"
+        assert errno_of(u.getattr, "/d/nowhere") == errno.ENOENT
+
     def test_listings_kept_are_bounded(self, env, monkeypatch):
         from cowfs.overlay.lookup import Layers
         layers = self.stack(env, depth=6)
