@@ -82,6 +82,33 @@ def test_file_handle_errors_name_the_path(tmp_path):
     assert e.value.errno == errno.ENOENT
 
 
+def test_fs_uuid_as_the_filesystem_tells_it(tmp_path, monkeypatch):
+    """FS_IOC_GETFSUUID's answer (a length, then the bytes), padded to 16; the null UUID from a filesystem
+    that has no such ioctl, as the kernel's super block then holds."""
+    answers = []
+
+    def ioctl(fd, request, buf):
+        assert request == handles.FS_IOC_GETFSUUID and len(buf) == 17
+        answer = answers.pop(0)
+        if isinstance(answer, int):
+            raise OSError(answer, os.strerror(answer))
+        buf[:len(answer)] = answer
+        return 0
+    monkeypatch.setattr(handles.fcntl, "ioctl", ioctl)
+    answers[:] = [bytes([16]) + bytes(range(1, 17)), bytes([8]) + b"abcdefgh" + b"junk", errno.ENOTTY,
+                  errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS, errno.EIO]
+    assert handles.fs_uuid(str(tmp_path)) == bytes(range(1, 17))
+    assert handles.fs_uuid(str(tmp_path)) == b"abcdefgh" + bytes(8)
+    for _ in range(4):
+        assert handles.fs_uuid(str(tmp_path)) == handles.NULL_UUID
+    with pytest.raises(OSError) as e:
+        handles.fs_uuid(str(tmp_path))
+    assert e.value.errno == errno.EIO
+    (tmp_path / "f").write_bytes(b"")
+    answers[:] = [bytes([16]) + bytes(range(16))]
+    assert handles.fs_uuid(str(tmp_path / "f")) == bytes(range(16))  # a file as well as a directory
+
+
 def test_no_file_handles_is_no_index(tmp_path, monkeypatch):
     def refuse(path):
         raise OSError(errno.EOPNOTSUPP, "no handles", path)
