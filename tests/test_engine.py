@@ -1966,6 +1966,37 @@ class TestFileFlags:
         assert u.getflags("/noatime.txt") & LSATTR == real_flags(low / "noatime.txt")
         assert xattr(env.upper / "noatime.txt", TRUSTED + "protattr") is None
 
+    @pytest.mark.parametrize("code", [errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL])
+    def test_a_filesystem_without_flags_copies_up_without_them(self, env, monkeypatch, code):
+        from cowfs.overlay import fileattr
+        low = env.lower()
+        put(low, "f", b"x")
+        mkdirs(low, "d")
+        u = env.union()
+        flags_of = fileattr.real_flags
+
+        def no_flags(target):
+            if isinstance(target, str) and target.startswith(str(low)):
+                raise OSError(code, os.strerror(code))
+            return flags_of(target)
+        monkeypatch.setattr(fileattr, "real_flags", no_flags)
+        u.chmod("/f", 0o600)
+        create(u, "/d/new", b"n")  # the upper directory's flags are still read
+        assert tree(env.upper) == {"f": "file", "d": "dir", "d/new": "file"}
+        assert xattr(env.upper / "f", TRUSTED + "protattr") is None
+
+    def test_another_error_reading_the_flags_fails_the_copy_up(self, env, monkeypatch):
+        from cowfs.overlay import fileattr
+        low = env.lower()
+        put(low, "f", b"x")
+        u = env.union()
+
+        def failing(target):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        monkeypatch.setattr(fileattr, "real_flags", failing)
+        assert errno_of(u.chmod, "/f", 0o600) == errno.EIO
+        assert tree(env.upper) == {}
+
     def test_set_through_the_engine(self, env):
         low = env.lower()
         put(low, "plain.txt", b"plain")
