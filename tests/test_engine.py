@@ -1145,7 +1145,8 @@ class TestCopyUp:
         assert str(info.value) == f"upperdir {env.upper}: already in use by the cowfs mount at /mnt/ours"
         upper2 = tmp_path / "upper2"
         upper2.mkdir()
-        records[-1] = {"options": f"lowerdir={low},upperdir={other},workdir={env.work}", "mountpoint": "/mnt/work"}
+        records[-1] = {"options": f"lowerdir={low},upperdir={tmp_path}/gone,workdir={env.work}",
+                       "mountpoint": "/mnt/work"}  # its upper gone: its workdir still counts
         with pytest.raises(StackError) as info:
             Union(check(Stack(lowers=[str(low)], upper=str(upper2), work=str(env.work))))
         assert str(info.value) == f"workdir {env.work}: already in use by the cowfs mount at /mnt/work"
@@ -3363,6 +3364,15 @@ class TestEvents:
         u.link("/f", "/w")  # over the whiteout the lower name left: in one step
         assert [(e["event"], e["path"]) for e in seen] == [("whiteout_removed", "/w"), ("create", "/w")]
         assert os.path.samestat(os.lstat(env.upper / "w"), os.lstat(env.upper / "f"))
+
+    def test_a_copy_up_by_another_operation_names_it(self, env):
+        low = env.lower()
+        put(low, "f", b"x")
+        u = env.union()
+        seen = []
+        u.events.subscribe(seen.append)
+        u.setflags("/f", u.getflags("/f"))
+        assert [(e["event"], e["trigger"]) for e in seen] == [("copy_up", "setflags")]
 
     def test_no_listener_no_event_objects(self, env, monkeypatch):
         low = env.lower()

@@ -121,6 +121,7 @@ def test_handle_ino_reads_ino32_gen_handles():
     assert handles.handle_ino(handles.FILEID_INO32_GEN, data) == 123456
     assert handles.handle_ino(handles.FILEID_INO32_GEN_PARENT, data + struct.pack("<II", 2, 1)) == 123456
     assert handles.handle_ino(handles.FILEID_INO32_GEN, struct.pack("<I", 99)) == 99
+    assert handles.handle_ino(handles.FILEID_INO32_GEN, struct.pack("<II", 0xFFFFFFF0, 1)) == 0xFFFFFFF0  # unsigned
     assert handles.handle_ino(handles.FILEID_INO32_GEN, b"abc") is None
     assert handles.handle_ino(0x81, data) is None  # another filesystem's format
 
@@ -361,7 +362,13 @@ def test_data_only_layers_searched_in_order(tmp_path):
     _metacopy_file(meta + "/big", 1_000_000, "/ab/sparse")
     _metacopy_file(meta + "/chain", 7, "/x/a")
     _metacopy_file(meta + "/in_lower", 8, "/objects/low")
+    _metacopy_file(meta + "/xnamed", 3, "/Xo/dX")
+    _metacopy_file(meta + "/second", 3, "/ab/in2")
+    _metacopy_file(meta + "/deep", 4, "/p/q/a")
+    _metacopy_file(meta + "/top", 4, "/t")
     _metacopy_file(mid + "/x/a", 7, "b")  # a metadata-only lower (a lower that once was an upper)
+    _metacopy_file(mid + "/p/q/a", 4, "b")
+    _metacopy_file(mid + "/t", 4, "gone")
     _write(mid + "/objects/low", b"lowdata\n")
     _write(d1 + "/ab/cdef", b"127.0.0.1 x\n")
     _write(d1 + "/ab/sparse", size=1_000_000)
@@ -373,6 +380,11 @@ def test_data_only_layers_searched_in_order(tmp_path):
     _write(d2 + "/cd/0123", b"tool data\n")
     _write(d2 + "/ef/dir", b"a file")
     _write(d2 + "/ab/cdef", b"shadowed by d1\n")
+    _write(d1 + "/Xo/dX", b"xxx")
+    _write(d1 + "/o/d", b"not")
+    _write(d2 + "/ab/in2", b"two")  # d1 has the directory, not the file
+    _write(d1 + "/p/q/b", b"deep")
+    _write(d1 + "/p/b", b"not!")
     u = Union(check(parse_options([f"lowerdir={meta}:{mid}::{d1}::{d2},metacopy=on"])))
 
     def read(path):
@@ -388,6 +400,12 @@ def test_data_only_layers_searched_in_order(tmp_path):
     assert read("/tool") == (b"tool data\n", True)
     assert read("/dirdata") == (b"a file", True)
     assert read("/chain") == (b"chained", True)
+    assert read("/xnamed") == (b"xxx", True)
+    assert read("/second") == (b"two", True)
+    assert read("/deep") == (b"deep", True)  # "b" beside "/p/q/a"
+    with pytest.raises(OSError) as e:
+        u.open("/top", os.O_RDONLY)  # "gone" beside "/t", at the top of the data-only layers
+    assert (e.value.errno, e.value.filename) == (errno.ENOENT, d1 + "/gone")
     assert read("/in_lower") == (b"lowdata\n", False)  # a normal lower: nothing to reach
     assert u.getattr("/in_lower")["st_blocks"] == os.lstat(mid + "/objects/low").st_blocks
     assert read("/big") == (bytes(100), True)
