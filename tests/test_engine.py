@@ -2297,6 +2297,37 @@ class TestPathsPastPathMax:
         u.unlink(bottom + "/g")
         assert names(u, bottom) == ["f2"]
 
+    def test_a_head_needs_search_permission_only(self):
+        """The head's descriptor is an O_PATH one: like the kernel's own walk, it needs only search (x)
+        permission on the directories, not read; a process of another user reads a file there."""
+        import tempfile
+        base = tempfile.mkdtemp(prefix="cowfs-pathmax-")
+        try:
+            os.chmod(base, 0o755)
+            bottom = "".join(f"/{i:02}" + "n" * 250 for i in range(15))
+            fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+            for name in bottom[1:].split("/"):
+                os.mkdir(name, 0o711, dir_fd=fd)  # search, no read, for others
+                fd, parent = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+                os.close(parent)
+            with open(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as f:
+                f.write(b"x")
+            os.close(fd)
+            pid = os.fork()
+            if pid == 0:  # the child: another user, read-only over the tree
+                code = 1
+                try:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                    u = Union(check(Stack(lowers=[base])))
+                    code = 0 if read_all(u, bottom + "/f") == b"x" and u.layers._dir_fds.get(1) else 2
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+        finally:
+            copyup.discard(base)
+
 
 class TestInodeNumbers:
     def test_each_filesystem_gets_its_own_high_bits(self, env):
