@@ -2297,6 +2297,35 @@ class TestPathsPastPathMax:
         u.unlink(bottom + "/g")
         assert names(u, bottom) == ["f2"]
 
+    def test_a_head_that_became_a_symlink_is_not_followed(self, env, tmp_path):
+        """Lower layers must not change under a mount; if one does, the daemon still never goes through a
+        symlink found there: a head directory replaced by one is refused, not followed."""
+        low = env.lower()
+        bottom = "".join(f"/{i:02}" + "n" * 250 for i in range(15))
+        fd = os.open(low, os.O_RDONLY | os.O_DIRECTORY)
+        for name in bottom[1:].split("/"):
+            os.mkdir(name, dir_fd=fd)
+            fd, parent = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+            os.close(parent)
+        os.close(fd)
+        u = env.union()
+        names_ = bottom[1:].split("/")
+        head = "/" + "/".join(names_[:8])  # where a long path is cut (PATH_CHUNK)
+        assert u.getattr(head)["st_mode"] & stat.S_IFDIR  # known, as a directory, before the change
+        elsewhere = tmp_path / "elsewhere"
+        copy = str(elsewhere) + "/" + "/".join(names_[8:])
+        os.makedirs(copy)
+        with open(copy + "/f", "wb") as f:
+            f.write(b"outside the layers")
+        os.rename(str(low) + head, str(tmp_path / "moved"))
+        os.symlink(elsewhere, str(low) + head)
+        try:
+            assert errno_of(u.getattr, bottom + "/f") == errno.ENOTDIR
+        finally:
+            os.unlink(str(low) + head)
+            os.rename(str(tmp_path / "moved"), str(low) + head)
+            env.snapshots = {layer: snapshot(layer) for layer in env.snapshots}  # changed on purpose
+
     def test_a_head_needs_search_permission_only(self):
         """The head's descriptor is an O_PATH one: like the kernel's own walk, it needs only search (x)
         permission on the directories, not read; a process of another user reads a file there."""
