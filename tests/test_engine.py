@@ -2770,6 +2770,39 @@ class TestIndex:
         assert self.links(u, "/pair/b") == {(pair, 1)}
         assert self.links(u, "/hl/uno", "/hl/two", "/hl/three") == {(ino, 3)}
 
+    def test_a_file_naming_an_entry_that_is_not_its_inode_is_not_indexed(self, env):
+        """Only a file that is its index entry's inode counts as indexed: another file carrying the same
+        origin (an older copy) goes without touching the entry's count."""
+        low = self.stack(env)
+        u = env.union(index=True)
+        u.chmod("/hl/one", 0o600)
+        [entry] = self.entries(env)
+        create(u, "/other", b"o")
+        os.setxattr(env.upper / "other", TRUSTED + "origin", xattr(env.upper / "hl/one", TRUSTED + "origin"))
+        u.link("/other", "/other2")
+        u.unlink("/other")
+        assert xattr(env.work / "index" / entry, TRUSTED + "nlink") == b"U+1"
+        assert self.links(u, "/hl/one", "/hl/two", "/hl/three") == {(os.lstat(low / "hl/one").st_ino, 3)}
+        assert self.entries(env) == [entry]
+
+    def test_a_move_into_another_directory_marks_it_impure_only_for_an_object_with_an_origin(self, env):
+        """As the kernel's rename: the new parent is marked impure when the object moved has an origin."""
+        low = self.stack(env)
+        mkdirs(low, "b")
+        u = env.union()
+        u.mkdir("/a", 0o755)
+        u.mkdir("/c", 0o755)
+        create(u, "/a/new", b"n")
+        u.rename("/a/new", "/c/new")
+        assert xattr(env.upper / "c", TRUSTED + "impure") is None
+        u.rename("/single", "/a/single")  # copied up with an origin into the root (impure), then moved
+        assert xattr(env.upper / "a", TRUSTED + "impure") == b"y"
+        os.symlink("x", env.upper / "c/link")
+        os.setxattr(env.upper / "c/link", TRUSTED + "origin", b"not followed", follow_symlinks=False)
+        u._changed()
+        u.rename("/c/link", "/b/link")  # the symlink's own origin, not its target's
+        assert xattr(env.upper / "b", TRUSTED + "impure") == b"y"
+
     def test_a_recorded_link_count_that_cannot_be_read_is_the_inodes_own(self, env):
         """The nlink xattr is "U" and a signed difference; anything else (or a count below one) is
         ignored, as the kernel's ovl_get_nlink falls back to the upper inode's count."""
