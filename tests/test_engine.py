@@ -1727,6 +1727,40 @@ class TestRename:
         u.rename("/" + "l" * 255, "/" + "k" * 255)  # relative: any length
         assert xattr(env.upper / ("k" * 255), TRUSTED + "redirect") == b"l" * 255
 
+    def test_a_full_copy_of_a_moved_file_gets_no_redirect(self, env):
+        low = env.lower()
+        put(low, "a/f", b"f")
+        mkdirs(low, "b")
+        u = env.union(redirect_dir="on")
+        u.rename("/a/f", "/b/f")
+        u.rename("/b/f", "/b/g")
+        assert xattr(env.upper / "b/g", TRUSTED + "redirect") is None
+        assert read_all(u, "/b/g") == b"f"
+
+    def test_a_directory_whose_redirect_leads_nowhere_moves_as_an_upper_one(self, env):
+        low = env.lower()
+        mkdirs(low, "m")
+        put(env.upper, "d/x", b"x")
+        os.setxattr(env.upper / "d", TRUSTED + "redirect", b"/nowhere")
+        u = env.union(redirect_dir="on")
+        u.rename("/d", "/m/d")
+        assert names(u, "/m/d") == ["x"]
+        assert xattr(env.upper / "m/d", TRUSTED + "opaque") == b"y"  # landed where lower directories merge
+
+    def test_a_replaced_name_keeps_no_number_in_memory(self, env):
+        """Under userxattr the numbers of copied symlinks are kept in memory by name: a rename moves the
+        old name's, and the replaced object's goes; a new object at the old name shows its own."""
+        low = env.lower()
+        os.symlink("t1", low / "s1")
+        os.symlink("t2", low / "s2")
+        u = env.union(userxattr=True)
+        ino1 = u.getattr("/s1")["st_ino"]
+        u.chown("/s2", 0, 0)
+        u.rename("/s1", "/s2")
+        assert u.getattr("/s2")["st_ino"] == ino1
+        u.symlink("/s1", "new")
+        assert u.getattr("/s1")["st_ino"] == os.lstat(env.upper / "s1").st_ino
+
     def test_moves_report_the_markers_they_set(self, env):
         low = env.lower()
         put(low, "d/x", b"")
@@ -1775,8 +1809,10 @@ class TestRenameExchange:
         put(low, "a", b"A")
         put(low, "d/x", b"X")
         u = env.union()
-        assert errno_of(u.rename, "/a", "/d", self.EXCHANGE) == errno.EXDEV
-        assert errno_of(u.rename, "/d", "/a", self.EXCHANGE) == errno.EXDEV
+        for a, b in (("/a", "/d"), ("/d", "/a")):
+            with pytest.raises(OSError) as info:
+                u.rename(a, b, self.EXCHANGE)
+            assert (info.value.errno, info.value.filename) == (errno.EXDEV, "/d")
         assert tree(env.upper) == {}
 
     def test_files_in_two_directories_swap(self, env):
@@ -1809,12 +1845,25 @@ class TestRenameExchange:
     def test_names_sharing_a_prefix_are_not_nested(self, env):
         low = env.lower()
         put(low, "dir/f", b"1")
-        put(low, "dirsub/f", b"2")
+        put(low, "dirXX/f", b"2")
         u = env.union(redirect_dir="on")
-        u.rename("/dir", "/dirsub", self.EXCHANGE)
-        assert read_all(u, "/dir/f") == b"2" and read_all(u, "/dirsub/f") == b"1"
-        u.rename("/dirsub", "/dir", self.EXCHANGE)
-        assert read_all(u, "/dir/f") == b"1" and read_all(u, "/dirsub/f") == b"2"
+        u.rename("/dir", "/dirXX", self.EXCHANGE)
+        assert read_all(u, "/dir/f") == b"2" and read_all(u, "/dirXX/f") == b"1"
+        u.rename("/dirXX", "/dir", self.EXCHANGE)
+        assert read_all(u, "/dir/f") == b"1" and read_all(u, "/dirXX/f") == b"2"
+
+    def test_metadata_only_copies_swap_with_absolute_redirects(self, env):
+        """metacopy=on, as the kernel: both files are copied up without data, each with a redirect to
+        where its data lies."""
+        low = env.lower()
+        put(low, "a/f", b"x" * 5000)
+        put(low, "b/g", b"y" * 3000)
+        u = env.union(metacopy=True, redirect_dir="on")
+        u.rename("/a/f", "/b/g", self.EXCHANGE)
+        for name, redirect in (("a/f", b"/b/g"), ("b/g", b"/a/f")):
+            assert xattr(env.upper / name, TRUSTED + "metacopy") == b"", name
+            assert xattr(env.upper / name, TRUSTED + "redirect") == redirect, name
+        assert (read_all(u, "/a/f"), read_all(u, "/b/g")) == (b"y" * 3000, b"x" * 5000)
 
     def test_refusals(self, env):
         low = env.lower()
@@ -1826,8 +1875,10 @@ class TestRenameExchange:
         before = tree(env.upper)
         assert errno_of(u.rename, "/ro.txt", "/nothing", self.EXCHANGE) == errno.ENOENT
         assert errno_of(u.rename, "/ro.txt", "/gone.txt", self.EXCHANGE) == errno.ENOENT
-        assert errno_of(u.rename, "/dirsub", "/dirsub/inner", self.EXCHANGE) == errno.EINVAL
-        assert errno_of(u.rename, "/dirsub/inner", "/dirsub", self.EXCHANGE) == errno.EINVAL
+        for a, b in (("/dirsub", "/dirsub/inner"), ("/dirsub/inner", "/dirsub")):
+            with pytest.raises(OSError) as info:
+                u.rename(a, b, self.EXCHANGE)
+            assert (info.value.errno, info.value.filename) == (errno.EINVAL, b)
         assert errno_of(u.rename, "/ro.txt", "/dirsub", self.EXCHANGE | self.NOREPLACE) == errno.EINVAL
         assert errno_of(u.rename, "/ro.txt", "/x", 4) == errno.EINVAL  # RENAME_WHITEOUT: not through the mount
         assert tree(env.upper) == before
@@ -2064,7 +2115,9 @@ class TestFileFlags:
         os.mkfifo(low / "fifo")
         u = env.union()
         for path in ("/link", "/fifo"):
-            assert errno_of(u.getflags, path) == errno.ENOTTY
+            with pytest.raises(OSError) as info:
+                u.getflags(path)
+            assert (info.value.errno, info.value.filename) == (errno.ENOTTY, path)
             assert errno_of(u.setflags, path, 0) == errno.ENOTTY
             assert errno_of(u.fsgetxattr, path) == errno.ENOTTY
             assert errno_of(u.fssetxattr, path, bytes(FSXATTR.size)) == errno.ENOTTY
@@ -2109,6 +2162,28 @@ class TestFileFlags:
             return real_setxattr(path, name, *args, **kwargs)
         monkeypatch.setattr(os, "setxattr", setxattr)
         assert errno_of(u.setflags, "/f", u.getflags("/f") | APPEND_FL) == errno.EPERM
+        assert u.getflags("/f") & APPEND_FL == 0
+
+    def test_removing_protattr_fails_only_for_a_real_error(self, env, monkeypatch):
+        low = env.lower()
+        put(low, "f", b"")
+        u = env.union()
+        flags = u.getflags("/f")
+        u.setflags("/f", flags | APPEND_FL)
+        real_removexattr = os.removexattr
+        failure = []
+
+        def removexattr(path, name, *args, **kwargs):
+            if failure and name.endswith("protattr"):
+                raise OSError(failure[0], os.strerror(failure[0]))
+            return real_removexattr(path, name, *args, **kwargs)
+        monkeypatch.setattr(os, "removexattr", removexattr)
+        failure.append(errno.EIO)
+        assert errno_of(u.setflags, "/f", flags) == errno.EIO
+        failure[0] = errno.ENODATA  # gone meanwhile: nothing left to do
+        u.setflags("/f", flags)
+        failure.clear()
+        u.setflags("/f", flags)
         assert u.getflags("/f") & APPEND_FL == 0
 
     def test_protattr_of_an_unknown_format_is_ignored(self, env):
@@ -2770,6 +2845,26 @@ class TestIndex:
         assert self.links(u, "/pair/b") == {(pair, 1)}
         assert self.links(u, "/hl/uno", "/hl/two", "/hl/three") == {(ino, 3)}
 
+    def test_hard_linked_symlinks_are_indexed_too(self, env):
+        """As the kernel's: a lower symlink with two names is copied up through the index, and the other
+        name links up to the very symlink (never to what it points to)."""
+        low = env.lower()
+        os.symlink("t1", low / "s1")
+        os.link(low / "s1", low / "s2", follow_symlinks=False)
+        put(low, "t1", b"target")
+        u = env.union(index=True)
+        ino = os.lstat(low / "s1").st_ino
+        u.chown("/s1", 1, 1)
+        shown = {(u.getattr(p)["st_ino"], u.getattr(p)["st_nlink"], u.getattr(p)["st_uid"]) for p in ("/s1", "/s2")}
+        assert shown == {(ino, 2, 1)}
+        u.chown("/s2", 2, 2)  # links the indexed symlink up
+        assert os.path.samestat(os.lstat(env.upper / "s1"), os.lstat(env.upper / "s2"))
+        assert stat.S_ISLNK(os.lstat(env.upper / "s2").st_mode) and os.readlink(env.upper / "s2") == "t1"
+        u.unlink("/s1")  # the symlink's own count drops
+        assert u.getattr("/s2")["st_nlink"] == 1 and read_all(u, "/t1") == b"target"
+        u.unlink("/s2")
+        assert self.entries(env) == []
+
     def test_a_file_naming_an_entry_that_is_not_its_inode_is_not_indexed(self, env):
         """Only a file that is its index entry's inode counts as indexed: another file carrying the same
         origin (an older copy) goes without touching the entry's count."""
@@ -2832,7 +2927,9 @@ class TestIndex:
         os.unlink(env.work / "index" / entry)
         os.mknod(env.work / "index" / entry, stat.S_IFCHR, os.makedev(0, 0))
         u = env.union(index=True)
-        assert errno_of(u.getattr, "/hl/two") == errno.EIO
+        with pytest.raises(OSError) as info:
+            u.getattr("/hl/two")
+        assert (info.value.errno, info.value.filename) == (errno.EIO, "/hl/two")
         assert read_all(u, "/single") == b"one name\n"
         env.close()
         os.unlink(env.work / "index" / entry)
@@ -3457,6 +3554,21 @@ class TestEvents:
         u.link("/f", "/w")  # over the whiteout the lower name left: in one step
         assert [(e["event"], e["path"]) for e in seen] == [("whiteout_removed", "/w"), ("create", "/w")]
         assert os.path.samestat(os.lstat(env.upper / "w"), os.lstat(env.upper / "f"))
+
+    def test_a_data_copy_up_names_the_layer_the_data_came_from(self, env):
+        """Below a metadata-only lower (a layer that once was an upper), the data lies deeper still."""
+        top, bottom = env.lower(), env.lower()
+        put(bottom, "f", b"data" * 100)
+        put(top, "f", b"")
+        os.truncate(top / "f", 400)
+        os.setxattr(top / "f", TRUSTED + "metacopy", b"")
+        u = env.union(metacopy=True, redirect_dir="on")
+        u.chmod("/f", 0o600)
+        seen = []
+        u.events.subscribe(seen.append)
+        write_at(u, "/f", b"D")
+        assert [(e["event"], e["layer"], e.get("data_only")) for e in seen] == [("copy_up", 2, True)]
+        assert read_all(u, "/f") == b"Data" + b"data" * 99
 
     def test_a_copy_up_by_another_operation_names_it(self, env):
         low = env.lower()

@@ -419,6 +419,7 @@ def test_data_only_layers_searched_in_order(tmp_path):
 def test_metacopy_without_an_absolute_redirect_never_reaches_data_only_layers(tmp_path):
     meta, d1 = str(tmp_path / "meta"), str(tmp_path / "d1")
     _metacopy_file(meta + "/rel", 4, "sib")
+    _metacopy_file(meta + "/bad", 4, "a/b")  # a relative redirect is one name: refused
     _metacopy_file(meta + "/none", 4)
     _write(d1 + "/sib", b"data")
     _write(d1 + "/none", b"data")
@@ -427,6 +428,9 @@ def test_metacopy_without_an_absolute_redirect_never_reaches_data_only_layers(tm
         with pytest.raises(OSError) as e:
             u.getattr(path)
         assert e.value.errno == errno.EIO, path
+    with pytest.raises(OSError) as e:
+        u.getattr("/bad")
+    assert (e.value.errno, e.value.filename) == (errno.EINVAL, "/bad")
 
 
 def _impure_dirs(upper):
