@@ -2049,6 +2049,22 @@ class TestFileFlags:
         assert errno_of(u.chmod, "/f", 0o600) == errno.EIO
         assert tree(env.upper) == {}
 
+    def test_the_copy_keeps_the_flags_it_was_made_with(self, env, flagged, monkeypatch):
+        """As the kernel's copy-up: sync and noatime replace the copy's own, whose other flags (those the
+        workdir passes on) stay; a lower with neither sets none (an upper without flags takes it)."""
+        from cowfs.overlay import fileattr
+        low = env.lower()
+        put(low, "noatime.txt", b"n")
+        put(low, "plain.txt", b"p")
+        flagged(low / "noatime.txt", NOATIME_FL)
+        env.staging.mkdir()
+        set_real_flags(env.staging, real_flags(env.staging) | NODUMP_FL)
+        u = env.union()
+        u.chmod("/noatime.txt", 0o600)
+        assert real_flags(env.upper / "noatime.txt") == real_flags(low / "noatime.txt") | NODUMP_FL
+        monkeypatch.setattr(fileattr, "_set_real_flags", lambda target, flags: pytest.fail("flags set"))
+        u.chmod("/plain.txt", 0o600)
+
     def test_set_through_the_engine(self, env):
         low = env.lower()
         put(low, "plain.txt", b"plain")
@@ -2615,6 +2631,23 @@ class TestThroughHandles:
             assert stat.S_IMODE(u.fgetattr(h)["st_mode"]) == 0o600  # it has moved for good
         finally:
             u.release(h)
+
+    def test_a_handle_on_a_name_replaced_since_reads_its_own_file(self, env):
+        low = env.lower()
+        put(low, "f", b"lower")
+        u = env.union()
+        h = u.open("/f", O_RDONLY)
+        try:
+            assert h.attrs_changed is False
+            u.unlink("/f")
+            create(u, "/f", b"another file")
+            assert u.read(h, 100, 0, path="/f") == b"lower"
+            assert u.fgetattr(h, "/f")["st_size"] == 5
+        finally:
+            u.release(h)
+        h = u.create("/new", stat.S_IFREG | 0o644, O_WRONLY | os.O_CREAT)
+        assert h.attrs_changed is False
+        u.release(h)
 
     def test_fgetattr_of_a_lower_file_ignores_an_origin_it_carries(self, env):
         """A lower layer that was once an upper keeps origin markers; the kernel reads a lower object's

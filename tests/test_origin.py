@@ -71,6 +71,40 @@ def test_decode_refuses_malformed_and_skips_unknown():
     assert handles.decode(bytes([0, 0xFB, 25, 0, 1]) + bytes(16) + b"abcd") == (0, 1, bytes(16), b"abcd")
 
 
+def test_decode_checks_each_field(tmp_path, monkeypatch):
+    header = struct.Struct("<BBBBB16s")
+    ok = header.pack(0, 0xFB, 25, 0, 1, bytes(16)) + b"abcd"
+    assert handles.decode(ok) == (0, 1, bytes(16), b"abcd")
+    for bad in (header.pack(0, 0xFA, 25, 0, 1, bytes(16)) + b"abcd",  # another magic, the length right
+                header.pack(0, 0xFB, 26, 0, 1, bytes(16)) + b"abcd",  # longer than the value
+                header.pack(0, 0xFB, 20, 0, 1, bytes(16)) + b"abcd"):  # shorter than its header
+        with pytest.raises(ValueError) as e:
+            handles.decode(bad)
+        assert str(e.value) == "bad file handle"
+    with pytest.raises(ValueError) as e:
+        handles.decode(b"\x00\xfb\x15")
+    assert str(e.value) == "short file handle"
+    upper = header.pack(0, 0xFB, 21, handles.FLAG_PATH_UPPER, 1, bytes(16))
+    assert handles.decode(upper) == (handles.FLAG_PATH_UPPER, 1, bytes(16), b"")
+    assert handles.decode(header.pack(0, 0xFB, 21, 8, 1, bytes(16))) is None  # a flag this version does not know
+    (tmp_path / "f").write_bytes(b"")
+    assert handles.encode(str(tmp_path / "f"), bytes(16), upper=True)[3] == handles.FLAG_PATH_UPPER
+    assert handles.encode(str(tmp_path / "f"), bytes(16))[3] == 0
+    monkeypatch.chdir(tmp_path)
+    assert handles.file_handle("f") == handles.file_handle(str(tmp_path / "f"))  # relative to the working directory
+
+
+def test_a_handle_of_a_removed_file_is_stale(tmp_path):
+    (tmp_path / "f").write_bytes(b"")
+    kind, data = handles.file_handle(str(tmp_path / "f"))
+    fd = handles.open_handle(str(tmp_path), kind, data)
+    os.close(fd)
+    os.unlink(tmp_path / "f")
+    with pytest.raises(OSError) as e:
+        handles.open_handle(str(tmp_path), kind, data)
+    assert (e.value.errno, e.value.filename) == (errno.ESTALE, str(tmp_path))
+
+
 def test_file_handle_errors_name_the_path(tmp_path):
     missing = str(tmp_path / "missing")
     with pytest.raises(OSError) as e:
