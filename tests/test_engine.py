@@ -1737,6 +1737,20 @@ class TestRename:
         assert xattr(env.upper / "b/g", TRUSTED + "redirect") is None
         assert read_all(u, "/b/g") == b"f"
 
+    def test_upper_only_objects_move_without_redirects_under_metacopy(self, env):
+        """As the kernel's rename: a redirect only for what has a lower part (or lower data)."""
+        low = env.lower()
+        mkdirs(low, "m")
+        u = env.union(metacopy=True, redirect_dir="on")
+        create(u, "/new", b"n")
+        u.mkdir("/u", 0o755)
+        u.rename("/new", "/new2")
+        u.rename("/u", "/v")
+        assert (xattr(env.upper / "new2", TRUSTED + "redirect"), xattr(env.upper / "v", TRUSTED + "redirect")) == (
+            None, None)
+        u.rename("/new2", "/m/new3")
+        assert xattr(env.upper / "m/new3", TRUSTED + "redirect") is None
+
     def test_a_directory_whose_redirect_leads_nowhere_moves_as_an_upper_one(self, env):
         low = env.lower()
         mkdirs(low, "m")
@@ -2907,7 +2921,6 @@ class TestIndex:
         [entry] = self.entries(env)
         create(u, "/other", b"o")
         os.setxattr(env.upper / "other", TRUSTED + "origin", xattr(env.upper / "hl/one", TRUSTED + "origin"))
-        u.link("/other", "/other2")
         u.unlink("/other")
         assert xattr(env.work / "index" / entry, TRUSTED + "nlink") == b"U+1"
         assert self.links(u, "/hl/one", "/hl/two", "/hl/three") == {(os.lstat(low / "hl/one").st_ino, 3)}
