@@ -2194,6 +2194,28 @@ class TestFileFlags:
         assert errno_of(u.setflags, "/f", u.getflags("/f") | APPEND_FL) == errno.EPERM
         assert u.getflags("/f") & APPEND_FL == 0
 
+    def test_protection_of_an_upper_object_is_its_inode_and_its_protattr(self, env, flagged, monkeypatch):
+        """An upper file made append-only on disk refuses a truncate as one with protattr "a" does; an
+        upper symlink shows its own protattr (none), never its target's; an object gone while checked is
+        left for the operation to refuse."""
+        from cowfs.overlay import syscalls
+        env.lower()
+        u = env.union()
+        create(u, "/f", b"f")
+        create(u, "/target", b"t")
+        u.symlink("/link", "target")
+        flagged(env.upper / "f", APPEND_FL)
+        assert errno_of(u.truncate, "/f", 0) == errno.EPERM
+        u.setflags("/target", u.getflags("/target") | IMMUTABLE_FL)
+        u.unlink("/link")  # the symlink is not immutable
+        u.setflags("/target", u.getflags("/target") & ~IMMUTABLE_FL)
+
+        def gone(path):
+            raise FileNotFoundError(errno.ENOENT, "gone", path)
+        monkeypatch.setattr(syscalls, "statx_attributes", gone)
+        u.chmod("/target", 0o600)
+        assert stat.S_IMODE(u.getattr("/target")["st_mode"]) == 0o600
+
     def test_removing_protattr_fails_only_for_a_real_error(self, env, monkeypatch):
         low = env.lower()
         put(low, "f", b"")
@@ -2222,7 +2244,7 @@ class TestFileFlags:
         u = env.union()
         u.chmod("/f", 0o644)
         os.setxattr(env.upper / "f", TRUSTED + "protattr", b"ax")
-        assert u.getflags("/f") & (APPEND_FL | IMMUTABLE_FL) == 0
+        assert u.getflags("/f") == real_flags(env.upper / "f")
         u.truncate("/f", 1)
         os.setxattr(env.upper / "f", TRUSTED + "protattr", b"ia")
         assert u.getflags("/f") & (APPEND_FL | IMMUTABLE_FL) == APPEND_FL | IMMUTABLE_FL
