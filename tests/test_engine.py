@@ -15,10 +15,12 @@ format the engine writes into the upper.
 
 import collections
 import errno
+import fcntl
 import hashlib
 import io
 import os
 import stat
+import struct
 import threading
 import time
 import types
@@ -27,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from cowfs.errors import StackError
-from cowfs.overlay import acl, copyup, credentials, idmap, locking, lookup, usage, verity
+from cowfs.overlay import acl, copyup, credentials, handles, idmap, locking, lookup, usage, verity
 from cowfs.overlay import whiteout as whiteout_module
 from cowfs.overlay.stack import Stack, check
 from cowfs.overlay.union import Caller, Union
@@ -339,6 +341,23 @@ class TestLookupInDeepStacks:
         assert os.path.lexists(env.upper / "d" / "own6")  # the whiteout
         u.unlink("/d/own0")
         assert names(u, "/d") == [f"own{i}" for i in (1, 2, 3, 4, 5, 7)]
+
+    def test_a_directory_that_cannot_be_read_is_asked_by_name(self, env, monkeypatch):
+        """A lower directory whose listing fails (no read permission, for an unprivileged mount) may hold
+        any name: its names are found with lstat."""
+        layers = self.stack(env)
+        put(layers[4], "d/secret", b"s")
+        u = env.union()
+        unreadable, listdir = str(layers[4] / "d"), os.listdir
+
+        def refusing(path="."):
+            if str(path) == unreadable:
+                raise PermissionError(errno.EACCES, "Permission denied", path)
+            return listdir(path)
+        monkeypatch.setattr(os, "listdir", refusing)
+        assert read_all(u, "/d/secret") == b"s"
+        assert read_all(u, "/d/own4") == b"4" and read_all(u, "/d/own5") == b"5"
+        assert errno_of(u.getattr, "/d/nowhere") == errno.ENOENT
 
     def test_listings_kept_are_bounded(self, env, monkeypatch):
         from cowfs.overlay.lookup import Layers
@@ -1107,6 +1126,54 @@ class TestCopyUp:
         env.close()
         env.union()  # released by close()
 
+    def test_a_held_lock_names_the_cowfs_mount_using_the_directory(self, env, tmp_path, monkeypatch):
+        """The mount records of live cowfs mounts say which one holds an upper or workdir; records that
+        cannot be read, or name other directories, are passed over."""
+        from cowfs.overlay import workdir
+        low = env.lower()
+        env.union()
+        other = tmp_path / "other"
+        other.mkdir()
+        ours = f"lowerdir={low},upperdir={env.upper},workdir={env.work}"
+        records = [
+            {"mountpoint": "/mnt/no-options"},
+            {"options": "lowerdir=", "mountpoint": "/mnt/unparsable"},
+            {"options": f"lowerdir={low}", "mountpoint": "/mnt/read-only"},
+            {"options": f"lowerdir={low},upperdir={tmp_path}/gone,workdir={tmp_path}/gone2", "mountpoint": "/mnt/gone"},
+            {"options": f"lowerdir={low},upperdir={other},workdir={other}", "mountpoint": "/mnt/other"},
+            {"options": ours, "mountpoint": "/mnt/ours"},
+        ]
+        monkeypatch.setattr(workdir, "records", lambda: records)
+        with pytest.raises(StackError) as info:
+            env.union()
+        assert str(info.value) == f"upperdir {env.upper}: already in use by the cowfs mount at /mnt/ours"
+        upper2 = tmp_path / "upper2"
+        upper2.mkdir()
+        records[-1] = {"options": f"lowerdir={low},upperdir={tmp_path}/gone,workdir={env.work}",
+                       "mountpoint": "/mnt/work"}  # its upper gone: its workdir still counts
+        with pytest.raises(StackError) as info:
+            Union(check(Stack(lowers=[str(low)], upper=str(upper2), work=str(env.work))))
+        assert str(info.value) == f"workdir {env.work}: already in use by the cowfs mount at /mnt/work"
+        records.pop()
+        monkeypatch.setattr(workdir, "LOCK_WAIT", 0.05)
+        with pytest.raises(StackError) as info:
+            Union(check(Stack(lowers=[str(low)], upper=str(upper2), work=str(env.work))))
+        assert str(info.value) == f"workdir {env.work}: already in use by another cowfs mount"
+
+    def test_hand_over_lets_go_of_the_locks_without_removing_them(self, env):
+        """After fork the daemon holds the locks: the parent closes its descriptors, and the lock files
+        stay for the daemon (close() would remove them)."""
+        from cowfs.runtime import lock_path
+        env.lower()
+        u = env.union()
+        locks = [lock_path(str(env.upper)), lock_path(str(env.work))]
+        assert all(os.path.exists(p) for p in locks)
+        u.hand_over()
+        assert all(os.path.exists(p) for p in locks)
+        u.close()  # nothing left to release
+        assert all(os.path.exists(p) for p in locks)
+        env.union()  # no process holds them now
+
 
 class TestSyncBeforeInstall:
     """A copy is flushed before it is renamed over the lower file in the merged view, so that a crash
@@ -1744,6 +1811,549 @@ class TestRename:
         u = env.union()
         assert errno_of(u.rename, "/nothing", "/x") == errno.ENOENT
 
+    def test_an_absolute_redirect_longer_than_256_bytes_is_exdev(self, env):
+        """As the kernel's redirect_max: a move whose absolute redirect would pass 256 bytes fails with EXDEV
+        (tools then copy), after the copy-ups; a relative one may be any length."""
+        low = env.lower()
+        mkdirs(low, "x/" + "m" * 253)  # "/x/" and 253: 256 bytes
+        mkdirs(low, "y/" + "m" * 254)  # 257
+        mkdirs(low, "l" * 255 + "/sub")
+        mkdirs(low, "sub")
+        u = env.union(redirect_dir="on")
+        u.rename("/x/" + "m" * 253, "/sub/in")
+        assert xattr(env.upper / "sub/in", TRUSTED + "redirect") == ("/x/" + "m" * 253).encode()
+        with pytest.raises(OSError) as info:
+            u.rename("/y/" + "m" * 254, "/sub/in2")
+        assert (info.value.errno, info.value.filename) == (errno.EXDEV, "/y/" + "m" * 254)
+        assert tree(env.upper)["y/" + "m" * 254] == "dir"  # copied up before the refusal, as the kernel's
+        u.rename("/" + "l" * 255, "/" + "k" * 255)  # relative: any length
+        assert xattr(env.upper / ("k" * 255), TRUSTED + "redirect") == b"l" * 255
+
+    def test_a_full_copy_of_a_moved_file_gets_no_redirect(self, env):
+        low = env.lower()
+        put(low, "a/f", b"f")
+        mkdirs(low, "b")
+        u = env.union(redirect_dir="on")
+        u.rename("/a/f", "/b/f")
+        u.rename("/b/f", "/b/g")
+        assert xattr(env.upper / "b/g", TRUSTED + "redirect") is None
+        assert read_all(u, "/b/g") == b"f"
+
+    def test_upper_only_objects_move_without_redirects_under_metacopy(self, env):
+        """As the kernel's rename: a redirect only for what has a lower part (or lower data)."""
+        low = env.lower()
+        mkdirs(low, "m")
+        u = env.union(metacopy=True, redirect_dir="on")
+        create(u, "/new", b"n")
+        u.mkdir("/u", 0o755)
+        u.rename("/new", "/new2")
+        u.rename("/u", "/v")
+        assert (xattr(env.upper / "new2", TRUSTED + "redirect"), xattr(env.upper / "v", TRUSTED + "redirect")) == (
+            None, None)
+        u.rename("/new2", "/m/new3")
+        assert xattr(env.upper / "m/new3", TRUSTED + "redirect") is None
+
+    def test_a_directory_whose_redirect_leads_nowhere_moves_as_an_upper_one(self, env):
+        low = env.lower()
+        mkdirs(low, "m")
+        put(env.upper, "d/x", b"x")
+        os.setxattr(env.upper / "d", TRUSTED + "redirect", b"/nowhere")
+        u = env.union(redirect_dir="on")
+        u.rename("/d", "/m/d")
+        assert names(u, "/m/d") == ["x"]
+        assert xattr(env.upper / "m/d", TRUSTED + "opaque") == b"y"  # landed where lower directories merge
+
+    def test_a_replaced_name_keeps_no_number_in_memory(self, env):
+        """Under userxattr the numbers of copied symlinks are kept in memory by name: a rename moves the
+        old name's, and the replaced object's goes; a new object at the old name shows its own."""
+        low = env.lower()
+        os.symlink("t1", low / "s1")
+        os.symlink("t2", low / "s2")
+        u = env.union(userxattr=True)
+        ino1 = u.getattr("/s1")["st_ino"]
+        u.chown("/s2", 0, 0)
+        u.rename("/s1", "/s2")
+        assert u.getattr("/s2")["st_ino"] == ino1
+        u.symlink("/s1", "new")
+        assert u.getattr("/s1")["st_ino"] == os.lstat(env.upper / "s1").st_ino
+
+    def test_moves_report_the_markers_they_set(self, env):
+        low = env.lower()
+        put(low, "d/x", b"")
+        mkdirs(low, "m")
+        u = env.union(redirect_dir="on")
+        u.mkdir("/u", 0o755)  # made opaque: its parent merges a lower
+        u.mkdir("/u/sub", 0o755)  # not: its parent has no lower part
+        seen = []
+        u.events.subscribe(seen.append)
+        u.rename("/d", "/e")
+        u.rename("/u/sub", "/m/sub")  # lands where lower directories merge: made opaque
+        assert [(e["event"], e["path"], e.get("to"), e.get("value")) for e in seen] == [
+            ("copy_up", "/d", None, None), ("redirect", "/e", None, "d"), ("rename", "/d", "/e", None),
+            ("whiteout", "/d", None, None),
+            ("copy_up", "/m", None, None), ("opaque", "/m/sub", None, None),
+            ("rename", "/u/sub", "/m/sub", None)]
+        assert xattr(env.upper / "m/sub", TRUSTED + "opaque") == b"y"
+        assert xattr(env.upper / "u", TRUSTED + "opaque") == b"y"
+
+
+class TestRenameExchange:
+    """renameat2(RENAME_EXCHANGE): both names stay, each object lands at the other's name, no whiteout;
+    a directory with a lower part moves only by a redirect, as on the kernel (the differential
+    rename_exchange scenarios show the same on both)."""
+
+    EXCHANGE, NOREPLACE = 2, 1
+
+    def test_lower_file_and_lower_dir_swap_with_a_relative_redirect(self, env):
+        low = env.lower()
+        put(low, "a", b"A")
+        put(low, "d/x", b"X")
+        u = env.union(redirect_dir="on")
+        seen = []
+        u.events.subscribe(seen.append)
+        assert u.rename("/a", "/d", self.EXCHANGE) is None
+        assert names(u, "/a") == ["x"] and read_all(u, "/a/x") == b"X"
+        assert read_all(u, "/d") == b"A"
+        assert tree(env.upper) == {"a": "dir", "d": "file"}
+        assert xattr(env.upper / "a", TRUSTED + "redirect") == b"d"
+        assert xattr(env.upper / "d", TRUSTED + "redirect") is None
+        assert [(e["event"], e["path"], e.get("to")) for e in seen if e["event"] == "rename"] == [
+            ("rename", "/a", "/d"), ("rename", "/d", "/a")]
+
+    def test_lower_dir_needs_redirect_dir(self, env):
+        low = env.lower()
+        put(low, "a", b"A")
+        put(low, "d/x", b"X")
+        u = env.union()
+        for a, b in (("/a", "/d"), ("/d", "/a")):
+            with pytest.raises(OSError) as info:
+                u.rename(a, b, self.EXCHANGE)
+            assert (info.value.errno, info.value.filename) == (errno.EXDEV, "/d")
+        assert tree(env.upper) == {}
+
+    def test_files_in_two_directories_swap(self, env):
+        low = env.lower()
+        put(low, "dir/shared.txt", b"shared")
+        put(low, "deep/a/file.txt", b"deep")
+        u = env.union()
+        u.rename("/dir/shared.txt", "/deep/a/file.txt", self.EXCHANGE)
+        assert read_all(u, "/dir/shared.txt") == b"deep"
+        assert read_all(u, "/deep/a/file.txt") == b"shared"
+        assert tree(env.upper) == {"dir": "dir", "dir/shared.txt": "file", "deep": "dir", "deep/a": "dir",
+                                   "deep/a/file.txt": "file"}
+        for d in ("", "dir", "deep/a"):  # a copy with an origin lands there
+            assert xattr(env.upper / d, TRUSTED + "impure") == b"y", d
+
+    def test_both_are_copied_up_before_a_redirect_is_refused(self, env):
+        low = env.lower()
+        mkdirs(low, "y/" + "m" * 254)  # moved to another directory: a 257-byte redirect, too long
+        put(low, "sub/f", b"f")
+        put(low, "sub/g", b"g")
+        u = env.union(redirect_dir="on")
+        with pytest.raises(OSError) as info:
+            u.rename("/y/" + "m" * 254, "/sub/f", self.EXCHANGE)
+        assert (info.value.errno, info.value.filename) == (errno.EXDEV, "/y/" + "m" * 254)
+        assert tree(env.upper) == {"y": "dir", "y/" + "m" * 254: "dir", "sub": "dir", "sub/f": "file"}
+        assert errno_of(u.rename, "/sub/g", "/y/" + "m" * 254, self.EXCHANGE) == errno.EXDEV
+        assert tree(env.upper)["sub/g"] == "file"
+        assert (read_all(u, "/sub/f"), read_all(u, "/sub/g")) == (b"f", b"g")
+
+    def test_names_sharing_a_prefix_are_not_nested(self, env):
+        low = env.lower()
+        put(low, "dir/f", b"1")
+        put(low, "dirXX/f", b"2")
+        u = env.union(redirect_dir="on")
+        u.rename("/dir", "/dirXX", self.EXCHANGE)
+        assert read_all(u, "/dir/f") == b"2" and read_all(u, "/dirXX/f") == b"1"
+        u.rename("/dirXX", "/dir", self.EXCHANGE)
+        assert read_all(u, "/dir/f") == b"1" and read_all(u, "/dirXX/f") == b"2"
+
+    def test_metadata_only_copies_swap_with_absolute_redirects(self, env):
+        """metacopy=on, as the kernel: both files are copied up without data, each with a redirect to
+        where its data lies."""
+        low = env.lower()
+        put(low, "a/f", b"x" * 5000)
+        put(low, "b/g", b"y" * 3000)
+        u = env.union(metacopy=True, redirect_dir="on")
+        u.rename("/a/f", "/b/g", self.EXCHANGE)
+        for name, redirect in (("a/f", b"/b/g"), ("b/g", b"/a/f")):
+            assert xattr(env.upper / name, TRUSTED + "metacopy") == b"", name
+            assert xattr(env.upper / name, TRUSTED + "redirect") == redirect, name
+        assert (read_all(u, "/a/f"), read_all(u, "/b/g")) == (b"y" * 3000, b"x" * 5000)
+
+    def test_refusals(self, env):
+        low = env.lower()
+        put(low, "ro.txt", b"r")
+        put(low, "gone.txt", b"g")
+        put(low, "dirsub/inner/f", b"")
+        u = env.union(redirect_dir="on")
+        u.unlink("/gone.txt")
+        before = tree(env.upper)
+        assert errno_of(u.rename, "/ro.txt", "/nothing", self.EXCHANGE) == errno.ENOENT
+        assert errno_of(u.rename, "/ro.txt", "/gone.txt", self.EXCHANGE) == errno.ENOENT
+        for a, b in (("/dirsub", "/dirsub/inner"), ("/dirsub/inner", "/dirsub")):
+            with pytest.raises(OSError) as info:
+                u.rename(a, b, self.EXCHANGE)
+            assert (info.value.errno, info.value.filename) == (errno.EINVAL, b)
+        assert errno_of(u.rename, "/ro.txt", "/dirsub", self.EXCHANGE | self.NOREPLACE) == errno.EINVAL
+        assert errno_of(u.rename, "/ro.txt", "/x", 4) == errno.EINVAL  # RENAME_WHITEOUT: not through the mount
+        assert tree(env.upper) == before
+
+    def test_a_name_with_itself_or_two_names_of_one_file_do_nothing(self, env):
+        low = env.lower()
+        put(low, "f", b"f")
+        u = env.union()
+        u.rename("/f", "/f", self.EXCHANGE)
+        assert tree(env.upper) == {}
+        create(u, "/one", b"1")
+        u.link("/one", "/two")
+        seen = []
+        u.events.subscribe(seen.append)
+        u.rename("/one", "/two", self.EXCHANGE)
+        assert seen == [] and read_all(u, "/two") == b"1"
+        assert os.path.samestat(os.lstat(env.upper / "one"), os.lstat(env.upper / "two"))
+
+    def test_immutable_or_append_only_names_stay(self, env):
+        low = env.lower()
+        put(low, "a", b"A")
+        put(low, "b", b"B")
+        u = env.union()
+        u.setflags("/a", u.getflags("/a") | 0x10)  # chattr +i (FS_IMMUTABLE_FL)
+        assert errno_of(u.rename, "/a", "/b", self.EXCHANGE) == errno.EPERM
+        assert errno_of(u.rename, "/b", "/a", self.EXCHANGE) == errno.EPERM
+        u.setflags("/a", u.getflags("/a") & ~0x10)
+        u.rename("/b", "/a", self.EXCHANGE)
+        assert (read_all(u, "/a"), read_all(u, "/b")) == (b"B", b"A")
+
+    def test_numbers_kept_in_memory_go_with_their_objects(self, env):
+        """Under userxattr a symlink's copy cannot carry its origin: the number kept for it follows
+        both ways of the exchange."""
+        low = env.lower()
+        os.symlink("t1", low / "s1")
+        os.symlink("t2", low / "s2")
+        u = env.union(userxattr=True)
+        inos = {p: u.getattr(p)["st_ino"] for p in ("/s1", "/s2")}
+        u.rename("/s1", "/s2", self.EXCHANGE)
+        assert (u.readlink("/s1"), u.readlink("/s2")) == ("t2", "t1")
+        assert (u.getattr("/s1")["st_ino"], u.getattr("/s2")["st_ino"]) == (inos["/s2"], inos["/s1"])
+
+
+# =============================================================================================
+# file attribute flags (chattr, lsattr): append-only and immutable of an upper object in its
+# protattr xattr, never on the upper inode; the others on the real file (the differential
+# fileattr scenarios show the kernel's answers)
+
+SYNC_FL, IMMUTABLE_FL, APPEND_FL, NODUMP_FL, NOATIME_FL, DIRSYNC_FL = 0x08, 0x10, 0x20, 0x40, 0x80, 0x10000
+XFLAG_IMMUTABLE, XFLAG_APPEND, XFLAG_SYNC, XFLAG_NOATIME = 0x08, 0x10, 0x20, 0x40
+FSXATTR = struct.Struct("=IIIII8x")
+LSATTR = 0x000BFFFF  # the flags lsattr shows
+
+
+def real_flags(path):
+    from cowfs.overlay.fileattr import real_flags as flags_of
+    return flags_of(str(path)) & LSATTR
+
+
+def set_real_flags(path, flags):
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        fcntl.ioctl(fd, 0x40086602, struct.pack("=Q", flags))
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def flagged(env):
+    """Paths given flags on disk (lower objects, as an image may ship them); cleared at the end, before
+    the layers go (nothing removes an immutable or append-only inode)."""
+    paths = []
+
+    def give(path, flags):
+        set_real_flags(path, real_flags(path) | flags)
+        paths.append(path)
+    yield give
+    env.assert_lowers_unchanged()  # here, before the flags go, which changes the lowers' ctimes
+    for path in paths:
+        set_real_flags(path, real_flags(path) & ~(IMMUTABLE_FL | APPEND_FL))
+    env.snapshots = {layer: snapshot(layer) for layer in env.snapshots}
+
+
+class TestFileFlags:
+    def test_flags_of_lower_objects_show_and_refuse_changes(self, env, flagged):
+        low = env.lower()
+        for name in ("imm.txt", "app.txt", "idir/inner.txt", "adir/inner.txt"):
+            put(low, name, name.encode())
+        flagged(low / "imm.txt", IMMUTABLE_FL)
+        flagged(low / "app.txt", APPEND_FL)
+        flagged(low / "idir", IMMUTABLE_FL)
+        flagged(low / "adir", APPEND_FL)
+        u = env.union()
+        assert u.getflags("/imm.txt") & LSATTR == real_flags(low / "imm.txt")
+        assert u.getflags("/imm.txt") & (IMMUTABLE_FL | APPEND_FL) == IMMUTABLE_FL
+        assert FSXATTR.unpack(u.fsgetxattr("/app.txt"))[0] & (XFLAG_IMMUTABLE | XFLAG_APPEND) == XFLAG_APPEND
+        for call in (lambda: u.open("/imm.txt", O_WRONLY), lambda: u.open("/imm.txt", O_WRONLY | os.O_APPEND),
+                     lambda: u.chmod("/imm.txt", 0o600), lambda: u.unlink("/imm.txt"),
+                     lambda: u.rename("/imm.txt", "/moved.txt"), lambda: u.setxattr("/imm.txt", "user.k", b"v"),
+                     lambda: u.truncate("/app.txt", 0), lambda: u.open("/app.txt", O_WRONLY),
+                     lambda: u.open("/app.txt", O_WRONLY | os.O_APPEND | os.O_TRUNC),
+                     lambda: create(u, "/idir/new.txt"), lambda: u.mkdir("/idir/sub", 0o755),
+                     lambda: u.unlink("/idir/inner.txt"), lambda: u.unlink("/adir/inner.txt"),
+                     lambda: u.link("/app.txt", "/idir/link")):
+            assert errno_of(call) == errno.EPERM
+        assert tree(env.upper) == {}
+        write_at(u, "/app.txt", b"+more", flags=O_WRONLY | os.O_APPEND)  # all an append-only file allows
+        create(u, "/adir/new.txt", b"new")  # an append-only directory takes new names
+        assert read_all(u, "/app.txt") == b"app.txt+more"
+        assert xattr(env.upper / "app.txt", TRUSTED + "protattr") == b"a"  # the copy-up carries it over
+        assert real_flags(env.upper / "app.txt") & (IMMUTABLE_FL | APPEND_FL) == 0
+        assert u.getflags("/app.txt") & (IMMUTABLE_FL | APPEND_FL) == APPEND_FL
+        assert FSXATTR.unpack(u.fsgetxattr("/app.txt"))[0] & (XFLAG_IMMUTABLE | XFLAG_APPEND) == XFLAG_APPEND
+        assert errno_of(u.truncate, "/app.txt", 0) == errno.EPERM  # and from the upper's protattr
+        u.setflags("/imm.txt", u.getflags("/imm.txt") & ~IMMUTABLE_FL)  # chattr -i copies up
+        assert xattr(env.upper / "imm.txt", TRUSTED + "protattr") is None
+        write_at(u, "/imm.txt", b"IMM")
+        assert read_all(u, "/imm.txt") == b"IMM.txt"
+        u.setflags("/idir", u.getflags("/idir") & ~IMMUTABLE_FL)
+        create(u, "/idir/new.txt", b"x")
+        assert names(u, "/idir") == ["inner.txt", "new.txt"]
+
+    def test_copy_up_keeps_sync_and_noatime_on_the_upper_inode(self, env, flagged):
+        low = env.lower()
+        put(low, "noatime.txt", b"n")
+        put(low, "sync.txt", b"s")
+        put(low, "adir/f", b"")
+        flagged(low / "noatime.txt", NOATIME_FL)
+        flagged(low / "sync.txt", SYNC_FL | NODUMP_FL)
+        flagged(low / "adir", NOATIME_FL)
+        u = env.union()
+        for path in ("/noatime.txt", "/sync.txt", "/adir"):
+            u.chmod(path, 0o700)
+        assert real_flags(env.upper / "noatime.txt") == real_flags(low / "noatime.txt")
+        assert real_flags(env.upper / "sync.txt") == real_flags(low / "sync.txt") & ~NODUMP_FL  # as the kernel's
+        assert real_flags(env.upper / "adir") == real_flags(low / "adir")
+        assert u.getflags("/noatime.txt") & LSATTR == real_flags(low / "noatime.txt")
+        assert xattr(env.upper / "noatime.txt", TRUSTED + "protattr") is None
+
+    @pytest.mark.parametrize("code", [errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL])
+    def test_a_filesystem_without_flags_copies_up_without_them(self, env, monkeypatch, code):
+        from cowfs.overlay import fileattr
+        low = env.lower()
+        put(low, "f", b"x")
+        mkdirs(low, "d")
+        u = env.union()
+        flags_of = fileattr.real_flags
+
+        def no_flags(target):
+            if isinstance(target, str) and target.startswith(str(low)):
+                raise OSError(code, os.strerror(code))
+            return flags_of(target)
+        monkeypatch.setattr(fileattr, "real_flags", no_flags)
+        u.chmod("/f", 0o600)
+        create(u, "/d/new", b"n")  # the upper directory's flags are still read
+        assert tree(env.upper) == {"f": "file", "d": "dir", "d/new": "file"}
+        assert xattr(env.upper / "f", TRUSTED + "protattr") is None
+
+    def test_another_error_reading_the_flags_fails_the_copy_up(self, env, monkeypatch):
+        from cowfs.overlay import fileattr
+        low = env.lower()
+        put(low, "f", b"x")
+        u = env.union()
+
+        def failing(target):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        monkeypatch.setattr(fileattr, "real_flags", failing)
+        assert errno_of(u.chmod, "/f", 0o600) == errno.EIO
+        assert tree(env.upper) == {}
+
+    def test_the_copy_keeps_the_flags_it_was_made_with(self, env, flagged, monkeypatch):
+        """As the kernel's copy-up: sync and noatime replace the copy's own, whose other flags (those the
+        workdir passes on) stay; a lower with neither sets none (an upper without flags takes it)."""
+        from cowfs.overlay import fileattr
+        low = env.lower()
+        put(low, "noatime.txt", b"n")
+        put(low, "plain.txt", b"p")
+        flagged(low / "noatime.txt", NOATIME_FL)
+        env.staging.mkdir()
+        set_real_flags(env.staging, real_flags(env.staging) | NODUMP_FL)
+        u = env.union()
+        u.chmod("/noatime.txt", 0o600)
+        assert real_flags(env.upper / "noatime.txt") == real_flags(low / "noatime.txt") | NODUMP_FL
+        monkeypatch.setattr(fileattr, "_set_real_flags", lambda target, flags: pytest.fail("flags set"))
+        u.chmod("/plain.txt", 0o600)
+
+    def test_set_through_the_engine(self, env):
+        low = env.lower()
+        put(low, "plain.txt", b"plain")
+        put(low, "dir/f.txt", b"f")
+        u = env.union()
+        plain = real_flags(low / "plain.txt")
+        u.setflags("/plain.txt", plain | NOATIME_FL | SYNC_FL)
+        assert real_flags(env.upper / "plain.txt") == plain | NOATIME_FL | SYNC_FL
+        u.setflags("/plain.txt", plain | IMMUTABLE_FL | APPEND_FL | NOATIME_FL)
+        assert xattr(env.upper / "plain.txt", TRUSTED + "protattr") == b"ai"  # the kernel's spelling
+        assert real_flags(env.upper / "plain.txt") == plain | NOATIME_FL  # never on the upper inode
+        assert u.getflags("/plain.txt") & LSATTR == plain | IMMUTABLE_FL | APPEND_FL | NOATIME_FL
+        assert FSXATTR.unpack(u.fsgetxattr("/plain.txt"))[0] & 0xFF == XFLAG_IMMUTABLE | XFLAG_APPEND | XFLAG_NOATIME
+        assert errno_of(write_at, u, "/plain.txt", b"x", 0, O_WRONLY | os.O_APPEND) == errno.EPERM
+        assert errno_of(u.utimens, "/plain.txt", touch=True) == errno.EPERM
+        u.setflags("/plain.txt", plain | APPEND_FL)
+        assert xattr(env.upper / "plain.txt", TRUSTED + "protattr") == b"a"
+        u.utimens("/plain.txt", touch=True)  # a touch is all an append-only file allows of its times
+        assert errno_of(u.utimens, "/plain.txt", FIXED_NS, FIXED_NS) == errno.EPERM
+        u.setflags("/plain.txt", plain)
+        assert xattr(env.upper / "plain.txt", TRUSTED + "protattr") is None
+        u.setflags("/plain.txt", plain)  # nothing to remove: nothing happens
+        u.setflags("/dir", real_flags(low / "dir") | APPEND_FL)
+        create(u, "/dir/new.txt", b"x")
+        assert errno_of(u.unlink, "/dir/new.txt") == errno.EPERM
+        assert errno_of(u.rename, "/dir/f.txt", "/out.txt") == errno.EPERM
+        u.setflags("/dir", real_flags(low / "dir") | IMMUTABLE_FL)
+        assert xattr(env.upper / "dir", TRUSTED + "protattr") == b"i"
+        for call in (lambda: u.mkdir("/dir/sub", 0o755), lambda: u.symlink("/dir/s", "t"),
+                     lambda: u.mknod("/dir/fifo", stat.S_IFIFO | 0o644), lambda: u.rename("/plain.txt", "/dir/in"),
+                     lambda: u.link("/plain.txt", "/dir/link")):
+            assert errno_of(call) == errno.EPERM
+        # remounted, the flags come back from protattr
+        env.close()
+        u = env.union()
+        assert u.getflags("/dir") & (IMMUTABLE_FL | APPEND_FL) == IMMUTABLE_FL
+        u.setflags("/dir", real_flags(low / "dir"))
+        u.unlink("/dir/new.txt")
+
+    def test_fssetxattr_splits_the_xflags_as_setflags(self, env):
+        low = env.lower()
+        put(low, "plain.txt", b"plain")
+        u = env.union()
+        fsx = list(FSXATTR.unpack(u.fsgetxattr("/plain.txt")))
+        fsx[0] = XFLAG_IMMUTABLE | XFLAG_NOATIME
+        u.fssetxattr("/plain.txt", FSXATTR.pack(*fsx))
+        assert xattr(env.upper / "plain.txt", TRUSTED + "protattr") == b"i"
+        assert real_flags(env.upper / "plain.txt") & (NOATIME_FL | IMMUTABLE_FL) == NOATIME_FL
+        assert FSXATTR.unpack(u.fsgetxattr("/plain.txt"))[0] == XFLAG_IMMUTABLE | XFLAG_NOATIME
+        assert errno_of(u.truncate, "/plain.txt", 0) == errno.EPERM
+        fsx[0] = XFLAG_APPEND | XFLAG_SYNC
+        u.fssetxattr("/plain.txt", FSXATTR.pack(*fsx))
+        assert xattr(env.upper / "plain.txt", TRUSTED + "protattr") == b"a"
+        assert FSXATTR.unpack(u.fsgetxattr("/plain.txt"))[0] == XFLAG_APPEND | XFLAG_SYNC
+        fsx[0] = 0
+        u.fssetxattr("/plain.txt", FSXATTR.pack(*fsx))
+        assert xattr(env.upper / "plain.txt", TRUSTED + "protattr") is None
+        assert real_flags(env.upper / "plain.txt") & (NOATIME_FL | SYNC_FL) == 0
+        u.truncate("/plain.txt", 1)
+
+    def test_only_files_and_directories_have_flags(self, env):
+        low = env.lower()
+        os.symlink("plain.txt", low / "link")
+        os.mkfifo(low / "fifo")
+        u = env.union()
+        for path in ("/link", "/fifo"):
+            with pytest.raises(OSError) as info:
+                u.getflags(path)
+            assert (info.value.errno, info.value.filename) == (errno.ENOTTY, path)
+            assert errno_of(u.setflags, path, 0) == errno.ENOTTY
+            assert errno_of(u.fsgetxattr, path) == errno.ENOTTY
+            assert errno_of(u.fssetxattr, path, bytes(FSXATTR.size)) == errno.ENOTTY
+        u.chown("/link", 0, 0)  # a copy-up of either carries no flags
+        u.chown("/fifo", 0, 0)
+        assert tree(env.upper) == {"link": "symlink", "fifo": "other"}
+
+    def test_new_objects_take_the_flags_their_directory_passes_on(self, env, tmp_path):
+        """The kernel's overlay makes a new object in its upper directory, which passes flags on
+        (ext4's rules); cowfs makes it in the workdir, so gives them: the same as a directory on the
+        upper's own filesystem passes on."""
+        env.lower()
+        u = env.union()
+        u.mkdir("/d", 0o755)
+        passed = NOATIME_FL | SYNC_FL | NODUMP_FL | DIRSYNC_FL
+        u.setflags("/d", real_flags(env.upper / "d") | passed)
+        create(u, "/d/f", b"x")
+        u.mkdir("/d/sub", 0o755)
+        u.symlink("/d/link", "f")
+        u.mknod("/d/fifo", stat.S_IFIFO | 0o644)
+        u.mkdir("/plain", 0o755)
+        create(u, "/plain/f")
+        ref = tmp_path / "ref"
+        ref.mkdir()
+        set_real_flags(ref, real_flags(ref) | passed)
+        (ref / "f").write_bytes(b"x")
+        (ref / "sub").mkdir()
+        assert real_flags(env.upper / "d/f") == real_flags(ref / "f") != real_flags(env.upper / "plain/f")
+        assert real_flags(env.upper / "d/sub") == real_flags(ref / "sub")
+        assert real_flags(ref / "sub") & DIRSYNC_FL and not real_flags(ref / "f") & DIRSYNC_FL
+        assert tree(env.upper / "d") == {"f": "file", "sub": "dir", "link": "symlink", "fifo": "other"}
+
+    def test_an_upper_without_xattrs_refuses_append_only_and_immutable(self, env, monkeypatch):
+        low = env.lower()
+        put(low, "f", b"")
+        u = env.union()
+        real_setxattr = os.setxattr
+
+        def setxattr(path, name, *args, **kwargs):
+            if name.endswith("protattr"):
+                raise OSError(errno.ENOTSUP, "no xattrs")
+            return real_setxattr(path, name, *args, **kwargs)
+        monkeypatch.setattr(os, "setxattr", setxattr)
+        assert errno_of(u.setflags, "/f", u.getflags("/f") | APPEND_FL) == errno.EPERM
+        assert u.getflags("/f") & APPEND_FL == 0
+
+    def test_protection_of_an_upper_object_is_its_inode_and_its_protattr(self, env, flagged, monkeypatch):
+        """An upper file made append-only on disk refuses a truncate as one with protattr "a" does; an
+        upper symlink shows its own protattr (none), never its target's; an object gone while checked is
+        left for the operation to refuse."""
+        from cowfs.overlay import syscalls
+        env.lower()
+        u = env.union()
+        create(u, "/f", b"f")
+        create(u, "/target", b"t")
+        u.symlink("/link", "target")
+        flagged(env.upper / "f", APPEND_FL)
+        assert errno_of(u.truncate, "/f", 0) == errno.EPERM
+        u.setflags("/target", u.getflags("/target") | IMMUTABLE_FL)
+        u.unlink("/link")  # the symlink is not immutable
+        u.setflags("/target", u.getflags("/target") & ~IMMUTABLE_FL)
+
+        def gone(path):
+            raise FileNotFoundError(errno.ENOENT, "gone", path)
+        monkeypatch.setattr(syscalls, "statx_attributes", gone)
+        u.chmod("/target", 0o600)
+        assert stat.S_IMODE(u.getattr("/target")["st_mode"]) == 0o600
+
+    def test_removing_protattr_fails_only_for_a_real_error(self, env, monkeypatch):
+        low = env.lower()
+        put(low, "f", b"")
+        u = env.union()
+        flags = u.getflags("/f")
+        u.setflags("/f", flags | APPEND_FL)
+        real_removexattr = os.removexattr
+        failure = []
+
+        def removexattr(path, name, *args, **kwargs):
+            if failure and name.endswith("protattr"):
+                raise OSError(failure[0], os.strerror(failure[0]))
+            return real_removexattr(path, name, *args, **kwargs)
+        monkeypatch.setattr(os, "removexattr", removexattr)
+        failure.append(errno.EIO)
+        assert errno_of(u.setflags, "/f", flags) == errno.EIO
+        failure[0] = errno.ENODATA  # gone meanwhile: nothing left to do
+        u.setflags("/f", flags)
+        failure.clear()
+        u.setflags("/f", flags)
+        assert u.getflags("/f") & APPEND_FL == 0
+
+    def test_protattr_of_an_unknown_format_is_ignored(self, env):
+        low = env.lower()
+        put(low, "f", b"")
+        u = env.union()
+        u.chmod("/f", 0o644)
+        os.setxattr(env.upper / "f", TRUSTED + "protattr", b"ax")
+        assert u.getflags("/f") == real_flags(env.upper / "f")
+        u.truncate("/f", 1)
+        os.setxattr(env.upper / "f", TRUSTED + "protattr", b"ia")
+        assert u.getflags("/f") & (APPEND_FL | IMMUTABLE_FL) == APPEND_FL | IMMUTABLE_FL
+        os.setxattr(env.upper / "f", TRUSTED + "protattr", b"i")
+        assert u.getflags("/f") & (APPEND_FL | IMMUTABLE_FL) == IMMUTABLE_FL
+        os.removexattr(env.upper / "f", TRUSTED + "protattr")
+
 
 # =============================================================================================
 # answers that depend on the caller, as the kernel gives them to a process without capabilities
@@ -1962,6 +2572,66 @@ class TestPathsPastPathMax:
         u.unlink(bottom + "/g")
         assert names(u, bottom) == ["f2"]
 
+    def test_a_head_that_became_a_symlink_is_not_followed(self, env, tmp_path):
+        """Lower layers must not change under a mount; if one does, the daemon still never goes through a
+        symlink found there: a head directory replaced by one is refused, not followed."""
+        low = env.lower()
+        bottom = "".join(f"/{i:02}" + "n" * 250 for i in range(15))
+        fd = os.open(low, os.O_RDONLY | os.O_DIRECTORY)
+        for name in bottom[1:].split("/"):
+            os.mkdir(name, dir_fd=fd)
+            fd, parent = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+            os.close(parent)
+        os.close(fd)
+        u = env.union()
+        names_ = bottom[1:].split("/")
+        head = "/" + "/".join(names_[:8])  # where a long path is cut (PATH_CHUNK)
+        assert u.getattr(head)["st_mode"] & stat.S_IFDIR  # known, as a directory, before the change
+        elsewhere = tmp_path / "elsewhere"
+        copy = str(elsewhere) + "/" + "/".join(names_[8:])
+        os.makedirs(copy)
+        with open(copy + "/f", "wb") as f:
+            f.write(b"outside the layers")
+        os.rename(str(low) + head, str(tmp_path / "moved"))
+        os.symlink(elsewhere, str(low) + head)
+        try:
+            assert errno_of(u.getattr, bottom + "/f") == errno.ENOTDIR
+        finally:
+            os.unlink(str(low) + head)
+            os.rename(str(tmp_path / "moved"), str(low) + head)
+            env.snapshots = {layer: snapshot(layer) for layer in env.snapshots}  # changed on purpose
+
+    def test_a_head_needs_search_permission_only(self):
+        """The head's descriptor is an O_PATH one: like the kernel's own walk, it needs only search (x)
+        permission on the directories, not read; a process of another user reads a file there."""
+        import tempfile
+        base = tempfile.mkdtemp(prefix="cowfs-pathmax-")
+        try:
+            os.chmod(base, 0o755)
+            bottom = "".join(f"/{i:02}" + "n" * 250 for i in range(15))
+            fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+            for name in bottom[1:].split("/"):
+                os.mkdir(name, 0o711, dir_fd=fd)  # search, no read, for others
+                fd, parent = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+                os.close(parent)
+            with open(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as f:
+                f.write(b"x")
+            os.close(fd)
+            pid = os.fork()
+            if pid == 0:  # the child: another user, read-only over the tree
+                code = 1
+                try:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                    u = Union(check(Stack(lowers=[base])))
+                    code = 0 if read_all(u, bottom + "/f") == b"x" and u.layers._dir_fds.get(1) else 2
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+        finally:
+            copyup.discard(base)
+
 
 class TestInodeNumbers:
     def test_a_filesystem_no_layer_names_gets_high_bits_of_its_own(self, env):
@@ -2053,6 +2723,190 @@ class TestUnlinkedOpenFiles:
         u.release(h)
 
 
+class TestThroughHandles:
+    """fallocate, ftruncate, fsync and fgetattr through an open file, as the kernel's overlay passes them to
+    the real file (the differential fallocate scenarios show the kernel's answers)."""
+
+    KEEP, PUNCH, ZERO = 0x01, 0x02, 0x10
+
+    def test_fallocate_acts_on_the_upper_copy(self, env):
+        low = env.lower()
+        put(low, "data.bin", b"d" * 20_000)
+        u = env.union()
+        h = u.open("/data.bin", O_RDWR)  # copies it up
+        try:
+            assert u.fallocate(h, 0, 30_000, 5000) is False
+            assert u.fgetattr(h)["st_size"] == 35_000
+            u.fallocate(h, self.KEEP, 40_000, 8192)
+            assert u.fgetattr(h)["st_size"] == 35_000
+            u.fallocate(h, self.PUNCH | self.KEEP, 4096, 8192)
+            u.fallocate(h, self.ZERO, 100, 50)
+            data = u.read(h, 40_000, 0)
+            assert data[:100] == b"d" * 100 and data[100:150] == bytes(50) and data[150:4096] == b"d" * 3946
+            assert data[4096:12288] == bytes(8192) and data[12288:20_000] == b"d" * 7712
+            assert data[20_000:] == bytes(15_000)
+            assert errno_of(u.fallocate, h, self.PUNCH, 0, 10) == errno.EOPNOTSUPP  # a hole needs KEEP_SIZE
+            assert errno_of(u.fallocate, h, 0, -1, 10) == errno.EINVAL
+        finally:
+            u.release(h)
+        assert os.lstat(env.upper / "data.bin").st_size == 35_000
+        h = u.open("/data.bin", O_RDONLY)
+        try:
+            assert errno_of(u.fallocate, h, 0, 0, 100) == errno.EBADF  # not open for writing
+        finally:
+            u.release(h)
+
+    def test_writes_truncates_and_fallocates_by_the_owner_drop_set_id(self, env):
+        low = env.lower()
+        put(low, "suid.bin", b"x" * 5000, mode=0o4755)
+        os.chown(low / "suid.bin", 1000, 1000)
+        owner = Caller(1000, 1000)
+        u = env.union()
+        for step in ("fallocate", "ftruncate", "wrote"):
+            u.chmod("/suid.bin", 0o6755)
+            h = u.open("/suid.bin", O_RDWR)
+            try:
+                if step == "fallocate":
+                    assert u.fallocate(h, 0, 0, 100, caller=None) is False  # root keeps them
+                    assert u.fallocate(h, 0, 0, 8192, caller=owner) is True
+                elif step == "ftruncate":
+                    u.ftruncate(h, 6000)
+                    assert u.fgetattr(h)["st_mode"] & 0o7777 == 0o6755
+                    u.ftruncate(h, 7000, caller=owner)
+                    assert u.fgetattr(h)["st_size"] == 7000
+                else:
+                    os.pwrite(u.write_fd(h), b"y", 0)
+                    assert u.wrote(h, None) is False
+                    assert u.wrote(h, owner) is True
+                    assert u.wrote(h, owner) is False  # nothing left to drop
+                assert u.fgetattr(h)["st_mode"] & 0o7777 == 0o755, step  # group-exec: S_ISGID goes too
+            finally:
+                u.release(h)
+
+    def test_fsync_and_fdatasync_reach_the_real_file(self, env, monkeypatch):
+        low = env.lower()
+        put(low, "f", b"x")
+        u = env.union()
+        h = u.open("/f", O_WRONLY)
+        calls = []
+        monkeypatch.setattr(os, "fsync", lambda fd: calls.append(("fsync", fd)))
+        monkeypatch.setattr(os, "fdatasync", lambda fd: calls.append(("fdatasync", fd)))
+        try:
+            u.fsync(h)
+            u.fsync(h, datasync=True)
+            u.fsync(h, False)
+        finally:
+            u.release(h)
+        assert calls == [("fsync", h.fd), ("fdatasync", h.fd), ("fsync", h.fd)]
+
+    def test_fgetattr_follows_a_copy_up_when_told_the_path(self, env):
+        low = env.lower()
+        put(low, "f", b"lower", mode=0o644)
+        u = env.union()
+        ino = u.getattr("/f")["st_ino"]
+        h = u.open("/f", O_RDONLY)
+        try:
+            assert u.fgetattr(h)["st_ino"] == ino == os.lstat(low / "f").st_ino
+            write_at(u, "/f", b"UPPER")  # another opener copies it up
+            u.chmod("/f", 0o600)
+            before = u.fgetattr(h)  # no path: the handle's own (lower) file still
+            assert stat.S_IMODE(before["st_mode"]) == 0o644
+            attrs = u.fgetattr(h, "/f")
+            assert stat.S_IMODE(attrs["st_mode"]) == 0o600 and attrs["st_ino"] == ino
+            assert u.read(h, 100, 0) == b"UPPER"
+            assert stat.S_IMODE(u.fgetattr(h)["st_mode"]) == 0o600  # it has moved for good
+        finally:
+            u.release(h)
+
+    def test_a_handle_on_a_name_replaced_since_reads_its_own_file(self, env):
+        low = env.lower()
+        put(low, "f", b"lower")
+        u = env.union()
+        h = u.open("/f", O_RDONLY)
+        try:
+            assert h.attrs_changed is False
+            u.unlink("/f")
+            create(u, "/f", b"another file")
+            assert u.read(h, 100, 0, path="/f") == b"lower"
+            assert u.fgetattr(h, "/f")["st_size"] == 5
+        finally:
+            u.release(h)
+        h = u.create("/new", stat.S_IFREG | 0o644, O_WRONLY | os.O_CREAT)
+        assert h.attrs_changed is False
+        u.release(h)
+
+    def test_fgetattr_of_a_lower_file_ignores_an_origin_it_carries(self, env):
+        """A lower layer that was once an upper keeps origin markers; the kernel reads a lower object's
+        number from the object itself."""
+        low = env.lower()
+        put(low, "f", b"x")
+        os.setxattr(low / "f", TRUSTED + "cowfs.origin", b"4242")
+        u = env.union()
+        h = u.open("/f", O_RDONLY)
+        try:
+            assert u.fgetattr(h)["st_ino"] == u.getattr("/f")["st_ino"] == os.lstat(low / "f").st_ino
+        finally:
+            u.release(h)
+        create(u, "/new", b"n")
+        h = u.open("/new", O_RDONLY)
+        try:
+            assert u.fgetattr(h)["st_ino"] == os.lstat(env.upper / "new").st_ino
+        finally:
+            u.release(h)
+
+    def test_own_copy_of_an_unlinked_lower_file_is_not_synced(self, env, monkeypatch):
+        """The copy a handle gets of a lower file whose name is gone never gets a name: nothing to sync."""
+        low = env.lower()
+        put(low, "a", b"lower data")
+        u = env.union()
+        h = u.open("/a", O_RDONLY)
+        u.unlink("/a")
+        synced = []
+        monkeypatch.setattr(os, "fsync", synced.append)
+        try:
+            u.fchmod(h, 0o600)
+            assert synced == [] and u.read(h, 100, 0) == b"lower data"
+        finally:
+            u.release(h)
+
+    def test_fchown_maps_owners_back(self, env):
+        low = env.lower()
+        put(low, "a", b"x")
+        u = env.union(uidmapping=((0, 1000, 1), (1000, 100000, 10)), gidmapping=((0, 1000, 1), (5, 2000, 1)))
+        create(u, "/new", b"n")
+        h = u.open("/new", O_RDONLY)
+        try:
+            u.fchown(h, 100003, 2000)  # given as shown: mapped back to the disk's
+            st = os.lstat(env.upper / "new")
+            assert (st.st_uid, st.st_gid) == (1003, 5)
+            attrs = u.fgetattr(h)
+            assert (attrs["st_uid"], attrs["st_gid"]) == (100003, 2000)
+        finally:
+            u.release(h)
+
+    def test_fsetxattr_passes_its_flags_and_refuses_the_recorded_attributes(self, env):
+        env.lower()
+        u = env.union()
+        create(u, "/new", b"n")
+        h = u.open("/new", O_RDONLY)
+        try:
+            assert errno_of(u.fsetxattr, h, "user.k", b"v", os.XATTR_REPLACE) == errno.ENODATA
+            u.fsetxattr(h, "user.k", b"v")
+            assert errno_of(u.fsetxattr, h, "user.k", b"w", os.XATTR_CREATE) == errno.EEXIST
+            u.fsetxattr(h, "user.k", b"w")
+            assert xattr(env.upper / "new", "user.k") == b"w"
+            assert errno_of(u.fremovexattr, h, "user.containers.override_stat") == errno.EPERM
+            assert errno_of(u.fsetxattr, h, "user.containers.override_stat", b"0:0:0644") == errno.EPERM
+            u.futimens(h, FIXED_NS, None)
+            st = os.lstat(env.upper / "new")
+            assert st.st_atime_ns == FIXED_NS and st.st_mtime_ns != FIXED_NS
+            u.futimens(h, None, FIXED_NS + 1)
+            st = os.lstat(env.upper / "new")
+            assert (st.st_atime_ns, st.st_mtime_ns) == (FIXED_NS, FIXED_NS + 1)
+        finally:
+            u.release(h)
+
+
 # =============================================================================================
 # links
 
@@ -2129,6 +2983,237 @@ class TestLinks:
         create(u, "/d")
         inos = [u.getattr(p)["st_ino"] for p in ("/a", "/b", "/c", "/d", "/")]
         assert len(set(inos)) == len(inos)
+
+
+# =============================================================================================
+# index=on: a lower hard link stays one file across copy-up, through WORKDIR/index (the differential
+# index scenarios show the kernel's answers)
+
+class TestIndex:
+    def stack(self, env):
+        low = env.lower()
+        put(low, "hl/one", b"one file, three names\n")
+        os.link(low / "hl/one", low / "hl/two")
+        os.link(low / "hl/one", low / "hl/three")
+        put(low, "pair/a", b"two names\n")
+        os.link(low / "pair/a", low / "pair/b")
+        put(low, "single", b"one name\n")
+        return low
+
+    def entries(self, env):
+        return sorted(os.listdir(env.work / "index"))
+
+    def links(self, u, *paths):
+        """(st_ino, st_nlink) of each path: one inode throughout."""
+        return {(u.getattr(p)["st_ino"], u.getattr(p)["st_nlink"]) for p in paths}
+
+    def test_each_name_links_up_to_the_indexed_inode(self, env):
+        low = self.stack(env)
+        u = env.union(index=True)
+        ino = os.lstat(low / "hl/one").st_ino
+        assert self.links(u, "/hl/one", "/hl/two", "/hl/three") == {(ino, 3)}
+        u.chmod("/hl/one", 0o600)
+        [entry] = self.entries(env)
+        assert entry == xattr(env.upper / "hl/one", TRUSTED + "origin").hex()
+        index = env.work / "index" / entry
+        assert os.path.samestat(os.lstat(index), os.lstat(env.upper / "hl/one"))
+        assert xattr(index, TRUSTED + "nlink") == b"U+1"  # three names, two links on disk
+        assert xattr(env.upper / "hl", TRUSTED + "impure") == b"y"
+        assert self.links(u, "/hl/one", "/hl/two", "/hl/three") == {(ino, 3)}
+        assert stat.S_IMODE(u.getattr("/hl/three")["st_mode"]) == 0o600  # the indexed inode, not yet linked up
+        hl_times = os.lstat(env.upper / "hl").st_mtime_ns
+        u.utimens("/hl/two", FIXED_NS, FIXED_NS)
+        assert os.path.samestat(os.lstat(env.upper / "hl/two"), os.lstat(index))
+        assert os.lstat(env.upper / "hl").st_mtime_ns == hl_times  # a link-up keeps its directory's times
+        assert xattr(index, TRUSTED + "nlink") == b"U+0"
+        assert self.links(u, "/hl/one", "/hl/two", "/hl/three") == {(ino, 3)}
+        assert os.lstat(env.upper / "hl/one").st_mtime_ns == FIXED_NS
+        write_at(u, "/hl/three", b"ONE")
+        assert tree(env.upper) == {"hl": "dir", "hl/one": "file", "hl/two": "file", "hl/three": "file"}
+        assert xattr(index, TRUSTED + "nlink") == b"U-1"
+        assert {read_all(u, p) for p in ("/hl/one", "/hl/two", "/hl/three")} == {b"ONE file, three names\n"}
+        u.chmod("/single", 0o600)  # one name: no index entry
+        assert self.entries(env) == [entry]
+
+    def test_a_setxattr_through_a_name_not_up_changes_the_indexed_inode_alone(self, env):
+        self.stack(env)
+        u = env.union(index=True)
+        u.chmod("/hl/one", 0o600)
+        u.setxattr("/hl/three", "user.tag", b"3")
+        assert tree(env.upper) == {"hl": "dir", "hl/one": "file"}
+        assert u.getxattr("/hl/one", "user.tag") == b"3"
+
+    def test_unlinking_names_counts_down_then_the_entry_goes(self, env):
+        low = self.stack(env)
+        u = env.union(index=True)
+        ino = os.lstat(low / "hl/one").st_ino
+        u.unlink("/hl/one")  # copied up through the index first, as the kernel does
+        [entry] = self.entries(env)
+        assert self.links(u, "/hl/two", "/hl/three") == {(ino, 2)}
+        assert tree(env.upper) == {"hl": "dir", "hl/one": "whiteout"}
+        u.unlink("/hl/three")
+        assert self.links(u, "/hl/two") == {(ino, 1)}
+        assert xattr(env.work / "index" / entry, TRUSTED + "nlink") == b"U+0"
+        write_at(u, "/hl/two", b"last\n", 0, O_WRONLY | os.O_TRUNC)
+        assert self.entries(env) == [entry]
+        u.unlink("/hl/two")
+        assert self.entries(env) == []
+        assert names(u, "/hl") == []
+        assert tree(env.upper) == {"hl": "dir", "hl/one": "whiteout", "hl/two": "whiteout", "hl/three": "whiteout"}
+        u.unlink("/pair/b")
+        assert self.links(u, "/pair/a") == {(os.lstat(low / "pair/a").st_ino, 1)}
+
+    def test_renames_and_links_keep_one_inode(self, env):
+        low = self.stack(env)
+        u = env.union(index=True)
+        ino, pair = os.lstat(low / "hl/one").st_ino, os.lstat(low / "pair/a").st_ino
+        assert u.rename("/pair/b", "/pair/a") is False  # two names of one lower file: nothing happens
+        assert tree(env.upper) == {}
+        u.rename("/hl/one", "/hl/uno")
+        assert self.links(u, "/hl/uno", "/hl/two", "/hl/three") == {(ino, 3)}
+        u.link("/hl/two", "/hl/four")
+        assert self.links(u, "/hl/uno", "/hl/two", "/hl/three", "/hl/four") == {(ino, 4)}
+        [entry] = self.entries(env)
+        assert xattr(env.work / "index" / entry, TRUSTED + "nlink") == b"U+0"
+        assert u.rename("/hl/three", "/hl/two") is False  # two names of one file: nothing happens
+        u.rename("/pair/a", "/hl/three")  # replaces a name of the other file
+        assert self.links(u, "/hl/uno", "/hl/two", "/hl/four") == {(ino, 3)}
+        assert self.links(u, "/hl/three", "/pair/b") == {(pair, 2)}
+        assert names(u, "/hl") == ["four", "three", "two", "uno"] and names(u, "/pair") == ["b"]
+        u.rename("/hl/four", "/hl/three")  # over the other file's last upper name
+        assert self.links(u, "/pair/b") == {(pair, 1)}
+        assert self.links(u, "/hl/uno", "/hl/two", "/hl/three") == {(ino, 3)}
+
+    def test_hard_linked_symlinks_are_indexed_too(self, env):
+        """As the kernel's: a lower symlink with two names is copied up through the index, and the other
+        name links up to the very symlink (never to what it points to)."""
+        low = env.lower()
+        os.symlink("t1", low / "s1")
+        os.link(low / "s1", low / "s2", follow_symlinks=False)
+        put(low, "t1", b"target")
+        u = env.union(index=True)
+        ino = os.lstat(low / "s1").st_ino
+        u.chown("/s1", 1, 1)
+        shown = {(u.getattr(p)["st_ino"], u.getattr(p)["st_nlink"], u.getattr(p)["st_uid"]) for p in ("/s1", "/s2")}
+        assert shown == {(ino, 2, 1)}
+        u.chown("/s2", 2, 2)  # links the indexed symlink up
+        assert os.path.samestat(os.lstat(env.upper / "s1"), os.lstat(env.upper / "s2"))
+        assert stat.S_ISLNK(os.lstat(env.upper / "s2").st_mode) and os.readlink(env.upper / "s2") == "t1"
+        u.unlink("/s1")  # the symlink's own count drops
+        assert u.getattr("/s2")["st_nlink"] == 1 and read_all(u, "/t1") == b"target"
+        u.unlink("/s2")
+        assert self.entries(env) == []
+
+    def test_a_file_naming_an_entry_that_is_not_its_inode_is_not_indexed(self, env):
+        """Only a file that is its index entry's inode counts as indexed: another file carrying the same
+        origin (an older copy) goes without touching the entry's count."""
+        low = self.stack(env)
+        u = env.union(index=True)
+        u.chmod("/hl/one", 0o600)
+        [entry] = self.entries(env)
+        create(u, "/other", b"o")
+        os.setxattr(env.upper / "other", TRUSTED + "origin", xattr(env.upper / "hl/one", TRUSTED + "origin"))
+        u.unlink("/other")
+        assert xattr(env.work / "index" / entry, TRUSTED + "nlink") == b"U+1"
+        assert self.links(u, "/hl/one", "/hl/two", "/hl/three") == {(os.lstat(low / "hl/one").st_ino, 3)}
+        assert self.entries(env) == [entry]
+
+    def test_a_move_into_another_directory_marks_it_impure_only_for_an_object_with_an_origin(self, env):
+        """As the kernel's rename: the new parent is marked impure when the object moved has an origin."""
+        low = self.stack(env)
+        mkdirs(low, "b")
+        u = env.union()
+        u.mkdir("/a", 0o755)
+        u.mkdir("/c", 0o755)
+        create(u, "/a/new", b"n")
+        u.rename("/a/new", "/c/new")
+        assert xattr(env.upper / "c", TRUSTED + "impure") is None
+        u.rename("/single", "/a/single")  # copied up with an origin into the root (impure), then moved
+        assert xattr(env.upper / "a", TRUSTED + "impure") == b"y"
+        os.symlink("x", env.upper / "c/link")
+        os.setxattr(env.upper / "c/link", TRUSTED + "origin", b"not followed", follow_symlinks=False)
+        u._changed()
+        u.rename("/c/link", "/b/link")  # the symlink's own origin, not its target's
+        assert xattr(env.upper / "b", TRUSTED + "impure") == b"y"
+
+    def test_a_recorded_link_count_that_cannot_be_read_is_the_inodes_own(self, env):
+        """The nlink xattr is "U" and a signed difference; anything else (or a count below one) is
+        ignored, as the kernel's ovl_get_nlink falls back to the upper inode's count."""
+        self.stack(env)
+        u = env.union(index=True)
+        create(u, "/f", b"")
+        u.link("/f", "/g")
+        for value, shown in ((b"U+3", 5), (b"U-1", 1), (b"U+0", 2), (b"U-2", 2), (b"U-9", 2), (b"U+", 2),
+                             (b"U+x", 2), (b"X+1", 2), (b"U*1", 2), (b"", 2), (b"U12", 2), (b"+U1", 2)):
+            os.setxattr(env.upper / "f", TRUSTED + "nlink", value)
+            u._changed()
+            assert u.getattr("/g")["st_nlink"] == shown, value
+        env.close()
+        u = env.union()  # without index the xattr means nothing
+        os.setxattr(env.upper / "f", TRUSTED + "nlink", b"U+3")
+        assert u.getattr("/g")["st_nlink"] == 2
+
+    def test_a_bad_index_entry_is_an_io_error(self, env):
+        """An entry that is a whiteout (all names gone, as nfs_export leaves it) or another kind of object
+        than the lower file: the kernel's lookup warns "bad index found" and fails with EIO."""
+        low = self.stack(env)
+        u = env.union(index=True)
+        u.chmod("/hl/one", 0o600)
+        [entry] = self.entries(env)
+        env.close()
+        os.unlink(env.upper / "hl/one")
+        os.unlink(env.work / "index" / entry)
+        os.mknod(env.work / "index" / entry, stat.S_IFCHR, os.makedev(0, 0))
+        u = env.union(index=True)
+        with pytest.raises(OSError) as info:
+            u.getattr("/hl/two")
+        assert (info.value.errno, info.value.filename) == (errno.EIO, "/hl/two")
+        assert read_all(u, "/single") == b"one name\n"
+        env.close()
+        os.unlink(env.work / "index" / entry)
+        os.mkdir(env.work / "index" / entry)
+        u = env.union(index=True)
+        assert errno_of(u.open, "/hl/two", O_RDONLY) == errno.EIO
+        env.close()
+        os.rmdir(env.work / "index" / entry)
+        u = env.union(index=True)  # no entry: the lower file
+        assert u.getattr("/hl/two")["st_ino"] == os.lstat(low / "hl/two").st_ino
+
+    def test_the_index_directory_as_the_kernel_makes_it(self, env):
+        low = self.stack(env)
+        env.union(index=True)
+        index = env.work / "index"
+        assert stat.S_IMODE(os.lstat(index).st_mode) == (0 if os.geteuid() == 0 else 0o700)
+        assert xattr(env.upper, TRUSTED + "origin") == handles.encode(str(low), handles.fs_uuid(str(low)))
+        assert xattr(index, TRUSTED + "upper") == handles.encode(str(env.upper), handles.fs_uuid(str(env.upper)),
+                                                                 upper=True)
+        env.close()
+        env.union(index=True)  # the same layers: mounts again
+
+    def test_index_refuses_another_upper_or_lower(self, env, tmp_path):
+        low = self.stack(env)
+        env.union(index=True)
+        env.close()
+        other = tmp_path / "other"
+        other.mkdir()
+        with pytest.raises(StackError) as info:
+            env.union(lowers=[other], index=True)
+        assert str(info.value) == (
+            f"upperdir {env.upper}: its origin is not lowerdir {other} (made over other lower layers); "
+            "index=on refuses it, as the kernel does (ESTALE)")
+        upper2 = tmp_path / "upper2"
+        upper2.mkdir()
+        with pytest.raises(StackError) as info:
+            Union(check(Stack(lowers=[str(low)], upper=str(upper2), work=str(env.work), index=True)))
+        assert str(info.value) == (
+            f"workdir {env.work}: its index belongs to another upperdir than {upper2}; index=on refuses it, "
+            "as the kernel does (ESTALE)")
+        os.rmdir(env.work / "index")
+        put(env.work, "index", b"")
+        with pytest.raises(StackError) as info:
+            env.union(index=True)
+        assert str(info.value) == f"workdir {env.work}: index is not a directory"
+        os.unlink(env.work / "index")
 
 
 # =============================================================================================
@@ -2256,6 +3341,17 @@ class TestReaddir:
         listed = [n for n, _, _ in u.readdir("/d")]
         assert listed[:2] == [".", ".."]
         assert sorted(listed[2:]) == ["same", "t"]
+
+    def test_dot_entries_carry_the_numbers_of_the_directory_and_its_parent(self, env):
+        low = env.lower()
+        put(low, "d/sub/f", b"")
+        u = env.union()
+        u.chmod("/d", 0o700)  # copied up: keeps its lower number
+        for path, parent in (("/", "/"), ("/d", "/"), ("/d/sub", "/d")):
+            listed = {n: (ino, kind) for n, ino, kind in u.readdir(path)}
+            assert listed["."] == (u.getattr(path)["st_ino"], stat.S_IFDIR), path
+            assert listed[".."] == (u.getattr(parent)["st_ino"], stat.S_IFDIR), path
+        assert u.getattr("/d")["st_ino"] != u.getattr("/d/sub")["st_ino"]
 
     def test_types_and_inodes_match_getattr(self, env):
         low = env.lower()
@@ -2476,6 +3572,51 @@ class TestErrors:
         assert names(u, "/") == ["d", "f"]
         assert u.statfs()["f_bsize"] > 0
 
+    def test_each_refusal_names_the_path_it_concerns(self, env):
+        """errno and the path of the refusal (the command line shows it), for the name operations."""
+        low = self._build(env)
+        put(low, "d2/x", b"")
+        put(low, "g", b"")
+        u = env.union()
+        u.mkdir("/new", 0o755)
+        u.mkdir("/empty", 0o755)
+        u.setflags("/new", u.getflags("/new") | 0x10)  # chattr +i
+
+        def refusal(call, *args):
+            with pytest.raises(OSError) as info:
+                call(*args)
+            return info.value.errno, info.value.filename
+        cases = [
+            ((u.mkdir, "/d", 0o755), (errno.EEXIST, "/d")),
+            ((u.symlink, "/f", "x"), (errno.EEXIST, "/f")),
+            ((u.mknod, "/dev0", stat.S_IFDIR | 0o755), (errno.EINVAL, "/dev0")),
+            ((u.mknod, "/dev0", stat.S_IFCHR | 0o644, 0), (errno.EPERM, "/dev0")),
+            ((u.mkdir, "/new/sub", 0o755), (errno.EPERM, "/new/sub")),
+            ((u.link, "/d", "/dl"), (errno.EPERM, "/d")),
+            ((u.link, "/f", "/g"), (errno.EEXIST, "/g")),
+            ((u.link, "/f", "/new/l"), (errno.EPERM, "/new/l")),
+            ((u.unlink, "/d"), (errno.EISDIR, "/d")),
+            ((u.rmdir, "/f"), (errno.ENOTDIR, "/f")),
+            ((u.rmdir, "/"), (errno.EBUSY, "/")),
+            ((u.rmdir, "/d2"), (errno.ENOTEMPTY, "/d2")),
+            ((u.rename, "/f", "/g", 4), (errno.EINVAL, "/f")),
+            ((u.rename, "/f", "/g", 1), (errno.EEXIST, "/g")),
+            ((u.rename, "/d", "/d/in"), (errno.EINVAL, "/d/in")),
+            ((u.rename, "/d", "/f"), (errno.ENOTDIR, "/f")),
+            ((u.rename, "/f", "/d"), (errno.EISDIR, "/d")),
+            ((u.rename, "/d", "/e"), (errno.EXDEV, "/d")),
+            ((u.rename, "/empty", "/d2"), (errno.ENOTEMPTY, "/d2")),
+            ((u.rename, "/f", "/new/f"), (errno.EPERM, "/new/f")),
+            ((u.rename, "/f", "/missing", 2), (errno.ENOENT, "/missing")),
+        ]
+        for (call, *args), expected in cases:
+            assert refusal(call, *args) == expected, (call.__name__, args)
+        u.setflags("/new", u.getflags("/new") & ~0x10)
+        env.close()
+        u = env.union(read_only=True)
+        for what, call, *args in self._ro_cases(u):
+            assert refusal(call, *args) == (errno.EROFS, args[1] if what == "link" else args[0]), what
+
     def test_ro_option_with_upper_is_read_only_and_upper_untouched(self, env):
         self._build(env)
         u = env.union(read_only=True)
@@ -2624,6 +3765,57 @@ class TestEvents:
         assert {k: link[k] for k in ("event", "path", "layer", "kind", "bytes", "metadata_only")} == \
             dict(event="copy_up", path="/link", layer=1, kind="symlink", bytes=0, metadata_only=False)
         assert all(0 <= e["seconds"] < 60 for e in seen)
+
+    def test_name_changes_report_kind_and_markers(self, env):
+        low = env.lower()
+        put(low, "f", b"x")
+        put(low, "gone", b"x")
+        put(low, "w", b"x")
+        mkdirs(low, "d")
+        u = env.union()
+        u.unlink("/gone")
+        seen = []
+        u.events.subscribe(seen.append)
+        create(u, "/gone", b"back")  # over its whiteout
+        u.symlink("/s", "f")
+        u.mknod("/p", stat.S_IFIFO | 0o644)
+        u.link("/f", "/hl")
+        u.rmdir("/d")
+        u.unlink("/s")
+        assert [(e["event"], e["path"], e.get("kind"), e.get("to")) for e in seen] == [
+            ("whiteout_removed", "/gone", None, None), ("create", "/gone", "file", None),
+            ("create", "/s", "symlink", None), ("create", "/p", "fifo", None),
+            ("copy_up", "/f", "file", None), ("create", "/hl", "hard link", "/f"),
+            ("whiteout", "/d", None, None), ("remove", "/s", "symlink", None)]
+        u.unlink("/w")
+        seen.clear()
+        u.link("/f", "/w")  # over the whiteout the lower name left: in one step
+        assert [(e["event"], e["path"]) for e in seen] == [("whiteout_removed", "/w"), ("create", "/w")]
+        assert os.path.samestat(os.lstat(env.upper / "w"), os.lstat(env.upper / "f"))
+
+    def test_a_data_copy_up_names_the_layer_the_data_came_from(self, env):
+        """Below a metadata-only lower (a layer that once was an upper), the data lies deeper still."""
+        top, bottom = env.lower(), env.lower()
+        put(bottom, "f", b"data" * 100)
+        put(top, "f", b"")
+        os.truncate(top / "f", 400)
+        os.setxattr(top / "f", TRUSTED + "metacopy", b"")
+        u = env.union(metacopy=True, redirect_dir="on")
+        u.chmod("/f", 0o600)
+        seen = []
+        u.events.subscribe(seen.append)
+        write_at(u, "/f", b"D")
+        assert [(e["event"], e["layer"], e.get("data_only")) for e in seen] == [("copy_up", 2, True)]
+        assert read_all(u, "/f") == b"Data" + b"data" * 99
+
+    def test_a_copy_up_by_another_operation_names_it(self, env):
+        low = env.lower()
+        put(low, "f", b"x")
+        u = env.union()
+        seen = []
+        u.events.subscribe(seen.append)
+        u.setflags("/f", u.getflags("/f"))
+        assert [(e["event"], e["trigger"]) for e in seen] == [("copy_up", "setflags")]
 
     def test_no_listener_no_event_objects(self, env, monkeypatch):
         low = env.lower()
@@ -2922,6 +4114,27 @@ class TestMetacopy:
         assert xattr(env.upper / "b/g", TRUSTED + "redirect") == b"/a/f"
         assert tree(env.upper)["a/f"] == "whiteout"
         assert read_all(u, "/b/g") == b"payload"
+
+    def test_redirect_of_a_moved_lower_hard_link_is_absolute(self, env):
+        """As the kernel's ovl_need_absolute_redirect: within one directory a redirect is relative, except
+        for a file whose lower data has several names (its upper names could come to live apart)."""
+        low = env.lower()
+        put(low, "one", b"data")
+        put(low, "hl1", b"hl")
+        os.link(low / "hl1", low / "hl2")
+        put(low, "m1", b"m")
+        os.link(low / "m1", low / "m2")
+        put(low, "single", b"s")
+        u = env.union(metacopy=True, redirect_dir="on")
+        u.rename("/one", "/two")
+        u.rename("/hl1", "/hl3")
+        u.chmod("/m1", 0o600)  # a metadata-only copy first: its data's link count decides
+        u.rename("/m1", "/m3")
+        u.chmod("/single", 0o600)
+        u.rename("/single", "/single2")
+        assert {n: xattr(env.upper / n, TRUSTED + "redirect") for n in ("two", "hl3", "m3", "single2")} == {
+            "two": b"one", "hl3": b"/hl1", "m3": b"/m1", "single2": b"single"}
+        assert (read_all(u, "/hl3"), read_all(u, "/m3")) == (b"hl", b"m")
 
     def test_metacopy_needs_redirects_and_no_userxattr(self):
         from cowfs.errors import StackError

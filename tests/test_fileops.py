@@ -531,3 +531,45 @@ def test_fallocate_errno_of_a_refused_mode(tmp_path):
         assert os.fstat(fd).st_size == 10_000
     finally:
         os.close(fd)
+
+
+def test_syscall_errors_carry_errno_message_and_paths(tmp_path):
+    """renameat2, fallocate and statx through ctypes raise OSError as the standard library does: the
+    kernel's errno, its message, and the paths."""
+    from cowfs.overlay.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, rename2, statx_attributes
+    a, b, missing = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "missing")
+    for path, data in ((a, b"a"), (b, b"b")):
+        with open(path, "wb") as f:
+            f.write(data)
+    with pytest.raises(OSError) as info:
+        rename2(a, b, RENAME_NOREPLACE)
+    assert (info.value.errno, info.value.strerror, info.value.filename, info.value.filename2) == (
+        errno.EEXIST, os.strerror(errno.EEXIST), a, b)
+    with pytest.raises(OSError) as info:
+        rename2(a, missing, RENAME_EXCHANGE)
+    assert (info.value.errno, info.value.filename2) == (errno.ENOENT, missing)
+    rename2(a, b, RENAME_EXCHANGE)
+    with open(a, "rb") as f:
+        assert f.read() == b"b"
+    rename2(a, b)
+    assert not os.path.exists(a)
+    fd = os.open(b, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as info:
+            fallocate(fd, 0, 0, 10)
+        assert (info.value.errno, info.value.strerror) == (errno.EBADF, os.strerror(errno.EBADF))
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as info:
+        statx_attributes(missing)
+    assert (info.value.errno, info.value.strerror, info.value.filename) == (
+        errno.ENOENT, os.strerror(errno.ENOENT), missing)
+    os.symlink(b, a)
+    _setflags(b, _getflags(b) | FS_APPEND_FL)
+    try:
+        assert statx_attributes(b) & 0x30 == 0x20  # STATX_ATTR_APPEND, not IMMUTABLE
+        assert statx_attributes(a) & 0x30 == 0  # the symlink itself, not followed
+        _setflags(b, _getflags(b) & ~FS_APPEND_FL | FS_IMMUTABLE_FL)
+        assert statx_attributes(b) & 0x30 == 0x10
+    finally:
+        _setflags(b, _getflags(b) & ~(FS_APPEND_FL | FS_IMMUTABLE_FL))

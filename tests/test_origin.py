@@ -72,6 +72,119 @@ def test_decode_refuses_malformed_and_skips_unknown():
     assert handles.decode(bytes([0, 0xFB, 25, 0, 1]) + bytes(16) + b"abcd") == (0, 1, bytes(16), b"abcd")
 
 
+def test_decode_checks_each_field(tmp_path, monkeypatch):
+    header = struct.Struct("<BBBBB16s")
+    ok = header.pack(0, 0xFB, 25, 0, 1, bytes(16)) + b"abcd"
+    assert handles.decode(ok) == (0, 1, bytes(16), b"abcd")
+    for bad in (header.pack(0, 0xFA, 25, 0, 1, bytes(16)) + b"abcd",  # another magic, the length right
+                header.pack(0, 0xFB, 26, 0, 1, bytes(16)) + b"abcd",  # longer than the value
+                header.pack(0, 0xFB, 20, 0, 1, bytes(16)) + b"abcd"):  # shorter than its header
+        with pytest.raises(ValueError) as e:
+            handles.decode(bad)
+        assert str(e.value) == "bad file handle"
+    with pytest.raises(ValueError) as e:
+        handles.decode(b"\x00\xfb\x15")
+    assert str(e.value) == "short file handle"
+    upper = header.pack(0, 0xFB, 21, handles.FLAG_PATH_UPPER, 1, bytes(16))
+    assert handles.decode(upper) == (handles.FLAG_PATH_UPPER, 1, bytes(16), b"")
+    assert handles.decode(header.pack(0, 0xFB, 21, 8, 1, bytes(16))) is None  # a flag this version does not know
+    (tmp_path / "f").write_bytes(b"")
+    assert handles.encode(str(tmp_path / "f"), bytes(16), upper=True)[3] == handles.FLAG_PATH_UPPER
+    assert handles.encode(str(tmp_path / "f"), bytes(16))[3] == 0
+    monkeypatch.chdir(tmp_path)
+    assert handles.file_handle("f") == handles.file_handle(str(tmp_path / "f"))  # relative to the working directory
+
+
+def test_a_handle_of_a_removed_file_is_stale(tmp_path):
+    (tmp_path / "f").write_bytes(b"")
+    kind, data = handles.file_handle(str(tmp_path / "f"))
+    fd = handles.open_handle(str(tmp_path), kind, data)
+    os.close(fd)
+    os.unlink(tmp_path / "f")
+    with pytest.raises(OSError) as e:
+        handles.open_handle(str(tmp_path), kind, data)
+    assert (e.value.errno, e.value.filename) == (errno.ESTALE, str(tmp_path))
+
+
+def test_file_handle_errors_name_the_path(tmp_path):
+    missing = str(tmp_path / "missing")
+    with pytest.raises(OSError) as e:
+        handles.file_handle(missing)
+    assert (e.value.errno, e.value.strerror, e.value.filename) == (errno.ENOENT, os.strerror(errno.ENOENT), missing)
+    assert handles.supports_handles(str(tmp_path)) is True
+    with pytest.raises(OSError) as e:
+        handles.supports_handles(missing)  # only "no handles here" answers False
+    assert e.value.errno == errno.ENOENT
+
+
+def test_fs_uuid_as_the_filesystem_tells_it(tmp_path, monkeypatch):
+    """FS_IOC_GETFSUUID's answer (a length, then the bytes), padded to 16; the null UUID from a filesystem
+    that has no such ioctl, as the kernel's super block then holds."""
+    answers = []
+
+    def ioctl(fd, request, buf):
+        assert request == handles.FS_IOC_GETFSUUID and len(buf) == 17
+        answer = answers.pop(0)
+        if isinstance(answer, int):
+            raise OSError(answer, os.strerror(answer))
+        buf[:len(answer)] = answer
+        return 0
+    monkeypatch.setattr(handles.fcntl, "ioctl", ioctl)
+    answers[:] = [bytes([16]) + bytes(range(1, 17)), bytes([8]) + b"abcdefgh" + b"junk", errno.ENOTTY,
+                  errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS, errno.EIO]
+    assert handles.fs_uuid(str(tmp_path)) == bytes(range(1, 17))
+    assert handles.fs_uuid(str(tmp_path)) == b"abcdefgh" + bytes(8)
+    for _ in range(4):
+        assert handles.fs_uuid(str(tmp_path)) == handles.NULL_UUID
+    with pytest.raises(OSError) as e:
+        handles.fs_uuid(str(tmp_path))
+    assert e.value.errno == errno.EIO
+    (tmp_path / "f").write_bytes(b"")
+    answers[:] = [bytes([16]) + bytes(range(16))]
+    assert handles.fs_uuid(str(tmp_path / "f")) == bytes(range(16))  # a file as well as a directory
+
+
+def test_no_file_handles_is_no_index(tmp_path, monkeypatch):
+    def refuse(path):
+        raise OSError(errno.EOPNOTSUPP, "no handles", path)
+    monkeypatch.setattr(handles, "file_handle", refuse)
+    assert handles.supports_handles(str(tmp_path)) is False
+
+
+def test_handle_ino_reads_ino32_gen_handles():
+    data = struct.pack("<II", 123456, 7)
+    assert handles.handle_ino(handles.FILEID_INO32_GEN, data) == 123456
+    assert handles.handle_ino(handles.FILEID_INO32_GEN_PARENT, data + struct.pack("<II", 2, 1)) == 123456
+    assert handles.handle_ino(handles.FILEID_INO32_GEN, struct.pack("<I", 99)) == 99
+    assert handles.handle_ino(handles.FILEID_INO32_GEN, struct.pack("<II", 0xFFFFFFF0, 1)) == 0xFFFFFFF0  # unsigned
+    assert handles.handle_ino(handles.FILEID_INO32_GEN, b"abc") is None
+    assert handles.handle_ino(0x81, data) is None  # another filesystem's format
+
+
+def test_origin_number_without_open_by_handle(tmp_path, monkeypatch):
+    """A process without CAP_DAC_READ_SEARCH cannot open a handle: the number an INO32_GEN handle carries is
+    the origin's (ext4's handles are of that type)."""
+    lower, upper, work = _layers(tmp_path)
+    u = _union(lower, upper, work)
+    try:
+        u.chmod("/single", 0o600)
+        ino = os.lstat(lower + "/single").st_ino
+    finally:
+        u.close()
+
+    def no_capability(mount_path, kind, data):
+        raise OSError(errno.EPERM, "Operation not permitted", mount_path)
+    monkeypatch.setattr(handles, "open_handle", no_capability)
+    u = _union(lower, upper, work)
+    try:
+        kind, _ = handles.file_handle(lower + "/single")
+        expected = ino if kind in (handles.FILEID_INO32_GEN, handles.FILEID_INO32_GEN_PARENT) else os.lstat(
+            upper + "/single").st_ino
+        assert u.getattr("/single")["st_ino"] == expected
+    finally:
+        u.close()
+
+
 def test_old_cowfs_origin_still_read(tmp_path):
     """An upper written before cowfs wrote the kernel's origin keeps its numbers."""
     lower, upper, work = _layers(tmp_path)
@@ -304,6 +417,108 @@ def test_blocks_of_data_not_reached_yet(tmp_path):
     assert u.read(h, 10, 0) == b"\0" * 10
     u.release(h)
     assert u.getattr("/file")["st_blocks"] == os.lstat(data / "objects/abc").st_blocks == 0
+
+
+def _metacopy_file(path, size, redirect=None):
+    """A metadata-only file of a metadata layer: `size` bytes of hole, its data where `redirect` leads."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(size)
+    os.setxattr(path, TRUSTED + "metacopy", b"")
+    if redirect is not None:
+        os.setxattr(path, TRUSTED + "redirect", redirect.encode())
+
+
+def _write(path, data=b"", size=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+        if size is not None:
+            f.truncate(size)
+
+
+def test_data_only_layers_searched_in_order(tmp_path):
+    """The data of a metacopy file is the first regular file at its absolute redirect in the data-only
+    layers (a symlink on the way or a directory there does not count); a relative redirect met later in
+    a metacopy lower replaces the last component. Until opened, such data's blocks are the kernel's
+    estimate (the size in pages); the first open says the attributes changed."""
+    meta, mid, d1, d2 = (str(tmp_path / n) for n in ("meta", "mid", "d1", "d2"))
+    _metacopy_file(meta + "/hosts", 12, "/ab/cdef")
+    _metacopy_file(meta + "/tool", 10, "/cd/0123")
+    _metacopy_file(meta + "/dirdata", 6, "/ef/dir")
+    _metacopy_file(meta + "/missing", 5, "/zz/none")
+    _metacopy_file(meta + "/big", 1_000_000, "/ab/sparse")
+    _metacopy_file(meta + "/chain", 7, "/x/a")
+    _metacopy_file(meta + "/in_lower", 8, "/objects/low")
+    _metacopy_file(meta + "/xnamed", 3, "/Xo/dX")
+    _metacopy_file(meta + "/second", 3, "/ab/in2")
+    _metacopy_file(meta + "/deep", 4, "/p/q/a")
+    _metacopy_file(meta + "/top", 4, "/t")
+    _metacopy_file(mid + "/x/a", 7, "b")  # a metadata-only lower (a lower that once was an upper)
+    _metacopy_file(mid + "/p/q/a", 4, "b")
+    _metacopy_file(mid + "/t", 4, "gone")
+    _write(mid + "/objects/low", b"lowdata\n")
+    _write(d1 + "/ab/cdef", b"127.0.0.1 x\n")
+    _write(d1 + "/ab/sparse", size=1_000_000)
+    os.makedirs(d1 + "/real")
+    _write(d1 + "/real/0123", b"not this!\n")
+    os.symlink("real", d1 + "/cd")
+    os.makedirs(d1 + "/ef/dir")
+    _write(d1 + "/x/b", b"chained")
+    _write(d2 + "/cd/0123", b"tool data\n")
+    _write(d2 + "/ef/dir", b"a file")
+    _write(d2 + "/ab/cdef", b"shadowed by d1\n")
+    _write(d1 + "/Xo/dX", b"xxx")
+    _write(d1 + "/o/d", b"not")
+    _write(d2 + "/ab/in2", b"two")  # d1 has the directory, not the file
+    _write(d1 + "/p/q/b", b"deep")
+    _write(d1 + "/p/b", b"not!")
+    u = Union(check(parse_options([f"lowerdir={meta}:{mid}::{d1}::{d2},metacopy=on"])))
+
+    def read(path):
+        h = u.open(path, os.O_RDONLY)
+        try:
+            return u.read(h, 100, 0), h.attrs_changed
+        finally:
+            u.release(h)
+    assert u.getattr("/big")["st_blocks"] == (1_000_000 + 4095) // 4096 * 8
+    assert u.getattr("/hosts")["st_blocks"] == 8
+    assert read("/hosts") == (b"127.0.0.1 x\n", True)
+    assert read("/hosts") == (b"127.0.0.1 x\n", False)  # reached once: no change since
+    assert read("/tool") == (b"tool data\n", True)
+    assert read("/dirdata") == (b"a file", True)
+    assert read("/chain") == (b"chained", True)
+    assert read("/xnamed") == (b"xxx", True)
+    assert read("/second") == (b"two", True)
+    assert read("/deep") == (b"deep", True)  # "b" beside "/p/q/a"
+    with pytest.raises(OSError) as e:
+        u.open("/top", os.O_RDONLY)  # "gone" beside "/t", at the top of the data-only layers
+    assert (e.value.errno, e.value.filename) == (errno.ENOENT, d1 + "/gone")
+    assert read("/in_lower") == (b"lowdata\n", False)  # a normal lower: nothing to reach
+    assert u.getattr("/in_lower")["st_blocks"] == os.lstat(mid + "/objects/low").st_blocks
+    assert read("/big") == (bytes(100), True)
+    assert u.getattr("/big")["st_blocks"] == 0 == os.lstat(d1 + "/ab/sparse").st_blocks
+    assert u.getattr("/missing")["st_size"] == 5
+    with pytest.raises(OSError) as e:
+        u.open("/missing", os.O_RDONLY)
+    assert (e.value.errno, e.value.filename) == (errno.ENOENT, d1 + "/zz/none")
+
+
+def test_metacopy_without_an_absolute_redirect_never_reaches_data_only_layers(tmp_path):
+    meta, d1 = str(tmp_path / "meta"), str(tmp_path / "d1")
+    _metacopy_file(meta + "/rel", 4, "sib")
+    _metacopy_file(meta + "/bad", 4, "a/b")  # a relative redirect is one name: refused
+    _metacopy_file(meta + "/none", 4)
+    _write(d1 + "/sib", b"data")
+    _write(d1 + "/none", b"data")
+    u = Union(check(parse_options([f"lowerdir={meta}::{d1},metacopy=on"])))
+    for path in ("/rel", "/none"):
+        with pytest.raises(OSError) as e:
+            u.getattr(path)
+        assert e.value.errno == errno.EIO, path
+    with pytest.raises(OSError) as e:
+        u.getattr("/bad")
+    assert (e.value.errno, e.value.filename) == (errno.EINVAL, "/bad")
 
 
 def _impure_dirs(upper):

@@ -567,7 +567,7 @@ class Layers:
             stat.S_ISDIR(st.st_mode) or data_wanted) else None
         parts = tuple((i, r) for i, r, _, _ in found)
         if layer > 0 and self.index is not None and st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-            entry = self.index_entry(real, st)
+            entry = self.index_entry(real, st, join(parent.path, name))
             if entry is not None:  # another name of this lower file was copied up: this name is that inode
                 if get_marker(entry, self.prefix, METACOPY) is None:
                     return Node(join(parent.path, name), layer, entry, os.lstat(entry), parts, index=entry)
@@ -597,8 +597,9 @@ class Layers:
                 continue
         return None
 
-    def index_entry(self, real, st):
-        """index=on: the path of the index entry of lower object `real` (lstat `st`) when it has one."""
+    def index_entry(self, real, st, path):
+        """index=on: the path of the index entry of lower object `real` (lstat `st`, merged `path`) when it
+        has one. EIO for an entry that is a whiteout or another kind of object, as the kernel's "bad index"."""
         origin = self.origin_handle(real, st, indexed=True)
         if origin is None:
             return None
@@ -608,7 +609,7 @@ class Layers:
         except FileNotFoundError:
             return None
         if is_whiteout(entry_st) or stat.S_IFMT(entry_st.st_mode) != stat.S_IFMT(st.st_mode):
-            return None  # a stale entry (nfs_export's whiteout) or another kind of object: not this one
+            raise os_error(errno.EIO, path)  # a lower name whose index says all its names are gone, or another object
         return entry
 
     def lower_positive(self, parent, name):
