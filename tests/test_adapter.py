@@ -1541,15 +1541,20 @@ def test_paths_that_stay_out_of_date_give_up_after_so_many_tries(ad, monkeypatch
     assert len(paths) == operations.RETRIES
 
 
-def test_an_object_of_another_kind_met_during_a_move_is_read_again(ad, monkeypatch):
+@pytest.mark.parametrize("other", ["directory", "file"])
+def test_another_object_met_during_a_move_is_read_again(ad, monkeypatch, other):
+    """The name a node had now holds another object (of another kind, or another number): read again."""
     ad.start()
     f = ad.mknod(ROOT, b"f", stat.S_IFREG | 0o644, 0)[1]["ino"]
-    ad.mkdir(ROOT, b"g", 0o755)
+    if other == "directory":
+        ad.mkdir(ROOT, b"g", 0o755)
+    else:
+        ad.mknod(ROOT, b"g", stat.S_IFREG | 0o644, 0)
     real, paths = ad.union.getattr, []
 
     def racing(path):
         paths.append(path)
-        if len(paths) == 1:  # "f" was renamed to "h" and the directory "g" to "f" just now
+        if len(paths) == 1:  # "f" was renamed to "h" and "g" to "f" just now
             attrs = real("/g")
             rename_meanwhile(ad, "f", "h")
             rename_meanwhile(ad, "g", "f")
@@ -1558,6 +1563,7 @@ def test_an_object_of_another_kind_met_during_a_move_is_read_again(ad, monkeypat
     monkeypatch.setattr(ad.union, "getattr", racing)
     kind, attrs, _ = ad.getattr(f, NO_FI)
     assert kind == "attr" and stat.S_ISREG(attrs["st_mode"]) and paths == ["/f", "/h"]
+    assert attrs["st_ino"] == real("/h")["st_ino"] != real("/f")["st_ino"]
 
 
 def test_a_move_under_way_is_waited_for(ad, monkeypatch):
@@ -1592,25 +1598,6 @@ def test_a_move_under_way_is_waited_for(ad, monkeypatch):
         go.set()
         thread.join(10)
     assert kind == "attr" and paths == ["/d/f", "/e/f"]
-
-
-def test_an_object_with_another_number_met_during_a_move_is_read_again(ad, monkeypatch):
-    ad.start()
-    f = ad.mknod(ROOT, b"f", stat.S_IFREG | 0o644, 0)[1]["ino"]
-    ad.mknod(ROOT, b"g", stat.S_IFREG | 0o644, 0)
-    real, paths = ad.union.getattr, []
-
-    def racing(path):
-        paths.append(path)
-        if len(paths) == 1:  # "f" was renamed to "h" and the file "g" to "f" just now
-            attrs = real("/g")
-            rename_meanwhile(ad, "f", "h")
-            rename_meanwhile(ad, "g", "f")
-            return attrs
-        return real(path)
-    monkeypatch.setattr(ad.union, "getattr", racing)
-    kind, attrs, _ = ad.getattr(f, NO_FI)
-    assert paths == ["/f", "/h"] and attrs["st_ino"] == real("/h")["st_ino"] != real("/f")["st_ino"]
 
 
 def test_a_directory_listed_twice_by_a_failed_request_is_dropped_once(ad):
