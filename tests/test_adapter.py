@@ -1088,14 +1088,16 @@ def test_readdirplus_of_the_root(ad):
 # ---------------------------------------------------------------------------------------------
 # the filesystem's attributes, access, xattrs, ioctls
 
-def test_statfs_is_the_uppers(ad):
+def test_statfs_is_the_uppers(ad, monkeypatch):
     ad.start()
     kind, sv = ad.statfs(ROOT)
     assert kind == "statfs"
     real = os.statvfs(ad.upper)
     for key in ("f_bsize", "f_frsize", "f_blocks", "f_files", "f_flag", "f_namemax"):
         assert sv[key] == getattr(real, key), key
-    assert sv == {key: value for key, value in ad.union.statfs().items()} | {"f_type": 0}
+    given = dict(ad.union.statfs())  # every field passed on as the engine gives it (the free counts move)
+    monkeypatch.setattr(ad.union, "statfs", lambda *args, **kwargs: dict(given))
+    assert ad.statfs(ROOT) == ("statfs", given | {"f_type": 0})
 
 
 def test_access(ad):
