@@ -35,7 +35,6 @@ from cowfs.testing.mounts import (
     pid_alive,
     pids_under,
     pids_with_argument,
-    require,
     wait_gone,
 )
 
@@ -105,16 +104,6 @@ def _need_root(what):
         if in_ci():
             pytest.fail(f"required under CI=true but missing: {what} needs root", pytrace=False)
         pytest.skip(f"{what} needs root")
-
-
-@pytest.fixture
-def fuse():
-    require("fuse")
-
-
-@pytest.fixture
-def kernel():
-    require("kernel")
 
 
 @pytest.fixture
@@ -244,7 +233,7 @@ class TestHelp:
 # =============================================================================================
 # refusals that get as far as the paths or the mount (subprocess)
 
-@pytest.mark.usefixtures("fuse")
+@pytest.mark.fuse
 class TestRefusals:
     def test_lower_missing(self, dirs):
         missing = dirs["tmp"] / "nope"
@@ -339,7 +328,7 @@ class TestRefusals:
             unmount_quietly(dirs["m2"])
             unmount_quietly(dirs["m"])
 
-    @pytest.mark.usefixtures("kernel")
+    @pytest.mark.kernel
     @pytest.mark.parametrize("same_work", [True, False])
     def test_upper_used_by_a_kernel_overlay(self, dirs, same_work):
         k = dirs["tmp"] / "k"
@@ -381,7 +370,7 @@ class TestRefusals:
 # =============================================================================================
 # mounting through the command line
 
-@pytest.mark.usefixtures("fuse")
+@pytest.mark.fuse
 class TestMount:
     def test_option_form_mounts_and_umount_stops_the_daemon(self, dirs):
         res = run_cowfs("mount", "-o", opts(dirs), dirs["m"])
@@ -503,7 +492,8 @@ class TestMount:
             unmount_quietly(dirs["m"])
 
 
-@pytest.mark.usefixtures("fuse", "kernel")
+@pytest.mark.fuse
+@pytest.mark.kernel
 def test_volatile_marks_the_workdir_and_the_next_mount_is_refused_as_by_the_kernel(dirs):
     """volatile skips every sync to the upper, so, as the kernel does, it leaves work/incompat/volatile
     behind and any later mount of that workdir is refused until the user removes it."""
@@ -537,7 +527,7 @@ def test_volatile_marks_the_workdir_and_the_next_mount_is_refused_as_by_the_kern
         unmount_quietly(dirs["m"])
 
 
-@pytest.mark.usefixtures("fuse")
+@pytest.mark.fuse
 def test_locks_go_with_the_mount(dirs):
     """The upper's and workdir's lock files exist while mounted and are gone after unmount."""
     from cowfs.runtime import lock_path
@@ -746,7 +736,7 @@ def test_every_refusal_is_one_line_and_leaves_nothing(who, place, args, status, 
         assert not os.path.exists(os.path.join(place["w"], "work", "incompat", "volatile"))
 
 
-@pytest.mark.usefixtures("fuse")
+@pytest.mark.fuse
 @pytest.mark.parametrize("options, writable", [(["-o", "ro"], False), (["-o", "oci_whiteouts"], False),
                                               (["-o", "ro,noatime"], False)])
 def test_other_options_go_with_positional_layers(dirs, options, writable):
@@ -771,7 +761,8 @@ def test_mount_helper_form_needs_an_option_string():
     assert cli._mount_helper_form(["a", "b", "c", "-o", "ro"]) is None
 
 
-@pytest.mark.usefixtures("fuse", "kernel")
+@pytest.mark.fuse
+@pytest.mark.kernel
 def test_the_kernel_refuses_the_same_layer_twice_as_cowfs_does(dirs):
     """What cowfs follows: the kernel (6.18) refuses lowerdir=A:B:A and upper == lower with ELOOP,
     'overlayfs: conflicting lowerdir path'."""
@@ -789,7 +780,7 @@ def test_the_kernel_refuses_the_same_layer_twice_as_cowfs_does(dirs):
 # ---------------------------------------------------------------------------------------------
 # 6. cowfs shell's exit status; libfuse says nothing in the foreground
 
-@pytest.mark.usefixtures("fuse")
+@pytest.mark.fuse
 @pytest.mark.parametrize("script, status", [("exit 0", 0), ("exit 3", 3), ("false", 1), ("kill -KILL $$", 137)])
 def test_shell_exits_with_the_shells_status(dirs, script, status):
     tmp = dirs["tmp"] / "tmpdir"
@@ -805,7 +796,7 @@ def test_shell_exits_with_the_shells_status(dirs, script, status):
     assert not mounts_under(dirs["tmp"])
 
 
-@pytest.mark.usefixtures("fuse")
+@pytest.mark.fuse
 @pytest.mark.parametrize("flag", ["-f", "-d"])
 def test_foreground_mount_prints_nothing_of_libfuse(dirs, flag):
     err_path = dirs["tmp"] / "stderr"
@@ -878,7 +869,7 @@ def test_a_signal_is_one_line_and_128_plus_n(dirs, signum):
     assert (status, err) == (128 + signum, "cowfs: interrupted\n"), err
 
 
-@pytest.mark.usefixtures("fuse")
+@pytest.mark.fuse
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_while_mounting_leaves_nothing(dirs, signum):
     """SIGINT or SIGTERM after the daemon mounted but before `cowfs mount` returned: the daemon is stopped,
@@ -966,7 +957,7 @@ def test_diff_into_a_closed_pipe_exits_0_quietly(tmp_path):
     assert res.stderr == "status=0\n", res.stderr
 
 
-@pytest.mark.usefixtures("fuse")
+@pytest.mark.fuse
 def test_explain_and_status_json_and_quiet(dirs):
     res = run_cowfs("mount", "-o", opts(dirs), dirs["m"])
     try:

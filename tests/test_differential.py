@@ -1174,6 +1174,26 @@ def sc_major_zero_devices_are_not_whiteouts(fs: Session):
     fs.listdir("dup")
 
 
+SETGID_DIR = STD.with_entries(
+    (Dir("sg", mode=0o2775, owner=(0, USER)), File("sg/copied", b"c\n"), File("sg/lower", b"l\n"),
+     File("sg/moved", b"m\n")),
+)
+"""A set-group-ID directory of the user's group holding root's files."""
+
+
+@scenario(layers=SETGID_DIR)
+def sc_whiteouts_in_a_setgid_directory(fs: Session):
+    """The kernel makes the whiteout of an unlinked upper file in its workdir (root's group), and leaves the
+    one of a move or of an unlinked lower file in place; each whiteout's owner as the kernel's."""
+    fs.chmod("sg/copied", 0o640)  # copied up, then unlinked: the upper file becomes a whiteout
+    fs.unlink("sg/copied")
+    fs.unlink("sg/lower")
+    fs.rename("sg/moved", "sg/moved2")
+    fs.write("sg/new", b"n")  # a new file takes the directory's group
+    fs.listdir("sg")
+    fs.stat("sg/new")
+
+
 OCI_NAMES = STD.with_entries(
     (File(".wh.base.txt"), File("dup/.wh..wh..opq")),
     (File(".wh.file.txt", b"not a marker"),),

@@ -303,14 +303,19 @@ class Namespace:
         self._check_protection(self._node(parent_of(node.path)[0]), node.path)
 
     def _whiteout_in_place(self, real, tmp):
-        """Turn the upper entry at `real` into a whiteout, in one step; the entry lands at staging name `tmp`."""
-        try:
-            rename2(real, tmp, RENAME_WHITEOUT)
-        except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-            make_whiteout(tmp)
-            rename2(tmp, real, RENAME_EXCHANGE)
+        """Turn the upper entry at `real` into a whiteout, in one step; the entry lands at staging name `tmp`.
+
+        In a set-group-ID directory the whiteout is made in the workdir and exchanged in, as the kernel makes
+        it there: RENAME_WHITEOUT would give it the directory's group."""
+        if not os.lstat(os.path.dirname(real)).st_mode & stat.S_ISGID:
+            try:
+                rename2(real, tmp, RENAME_WHITEOUT)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+        make_whiteout(tmp)
+        rename2(tmp, real, RENAME_EXCHANGE)
 
     # -- renaming --------------------------------------------------------------------------------
     @locked
