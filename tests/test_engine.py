@@ -4254,6 +4254,45 @@ class TestVerityFormat:
         assert verity.measure(str(tmp_path / "f")) is None
         assert opened == []
 
+    def test_measure_of_a_file_with_fs_verity(self, tmp_path, monkeypatch):
+        """What FS_IOC_MEASURE_VERITY writes back (algorithm, size, digest) is the answer; the file is opened
+        read-only without following a symlink, and closed; a kernel without fs-verity means no digest, any
+        other failure is raised. (This kernel has no fs-verity: the ioctl is played by the test.)"""
+        put(tmp_path, "f", b"data")
+        digest = bytes(range(32))
+        calls = []
+
+        def ioctl(fd, request, arg, mutate_flag=True):
+            calls.append((request, bytes(arg), mutate_flag, os.readlink(f"/proc/self/fd/{fd}"),
+                          fcntl.fcntl(fd, fcntl.F_GETFL) & (os.O_ACCMODE | os.O_NONBLOCK)))
+            answer = struct.pack("=HH", 1, len(digest)) + digest
+            if not mutate_flag:  # as fcntl.ioctl: the result comes back as bytes, the buffer unchanged
+                return answer + bytes(len(arg) - len(answer))
+            arg[:len(answer)] = answer
+            return 0
+
+        monkeypatch.setattr(verity, "statx_attributes", lambda path: verity.STATX_ATTR_VERITY)
+        monkeypatch.setattr(verity.fcntl, "ioctl", ioctl)
+        fds = len(os.listdir("/proc/self/fd"))
+        assert verity.measure(str(tmp_path / "f")) == (1, digest)
+        assert len(os.listdir("/proc/self/fd")) == fds  # closed again
+        request, given, mutate, opened, flags = calls[0]
+        assert request == verity.FS_IOC_MEASURE_VERITY
+        assert given == struct.pack("=HH", 0, verity.MAX_DIGEST) + bytes(verity.MAX_DIGEST)
+        assert opened == str(tmp_path / "f") and flags == os.O_RDONLY | os.O_NONBLOCK
+        os.symlink("f", tmp_path / "link")
+        with pytest.raises(OSError) as e:
+            verity.measure(str(tmp_path / "link"))
+        assert e.value.errno == errno.ELOOP
+        for code, expected in ((errno.ENOTTY, None), (errno.ENODATA, None), (errno.EOPNOTSUPP, None)):
+            monkeypatch.setattr(verity.fcntl, "ioctl", lambda *args, code=code: (_ for _ in ()).throw(
+                OSError(code, os.strerror(code))))
+            assert verity.measure(str(tmp_path / "f")) is expected
+        monkeypatch.setattr(verity.fcntl, "ioctl", lambda *args: (_ for _ in ()).throw(OSError(errno.EIO, "x")))
+        with pytest.raises(OSError) as e:
+            verity.measure(str(tmp_path / "f"))
+        assert e.value.errno == errno.EIO
+
 
 class TestVerity:
     def test_verity_neither_implies_nor_needs_metacopy(self):
