@@ -5,6 +5,7 @@ tests/test_images.py unpacks and writes whole layers; these pin what each part p
 change no layer happens to show (a tail kept too short, a read past the peeked bytes) is caught here.
 """
 
+import errno
 import gzip
 import hashlib
 import io
@@ -190,7 +191,15 @@ def zstd_compress(data):
 def test_decompressed_zstd_by_the_command(monkeypatch):
     """Without the zstandard module, the zstd command decompresses, fed from a thread."""
     monkeypatch.setitem(sys.modules, "zstandard", None)  # import zstandard fails
-    f = decompressed(io.BytesIO(zstd_compress(DATA) * 2), "x.tar.zst")  # two frames: both are read
+
+    class Compressed(io.BytesIO):
+        asked = []
+
+        def read(self, n=-1):
+            self.asked.append(n)
+            return super().read(n)
+
+    f = decompressed(Compressed(zstd_compress(DATA) * 2), "x.tar.zst")  # two frames: both are read
     assert isinstance(f, archive._ZstdProcess)
     got = b""
     while chunk := f.read(3000):
@@ -199,6 +208,8 @@ def test_decompressed_zstd_by_the_command(monkeypatch):
     assert f.read(10) == b""
     f.close()
     assert f.proc.returncode == 0
+    # the blob is fed in pieces, never read whole into memory
+    assert Compressed.asked and all(0 < n <= archive.CHUNK for n in Compressed.asked)
 
 
 def test_zstd_command_failure_is_an_eof_error(monkeypatch):
@@ -747,6 +758,54 @@ def test_write_layer_skips_the_overlays_own_xattrs_and_keeps_the_later_ones(tmp_
     os.setxattr(f, "user.zz", b"after the record")
     xattrs = {k for k in members(_written(upper))["f"].pax_headers if k.startswith("SCHILY.xattr.")}
     assert xattrs == {"SCHILY.xattr.trusted.zz", "SCHILY.xattr.user.zz"}
+
+
+def test_write_layer_skips_an_xattr_gone_before_it_is_read_and_keeps_the_rest(tmp_path, monkeypatch):
+    """An xattr removed between listing and reading (the upper may be in use) is left out; the names after
+    it are still archived."""
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    (upper / "f").write_bytes(b"x")
+    os.setxattr(upper / "f", "user.aa", b"gone")
+    os.setxattr(upper / "f", "user.zz", b"kept")
+    getxattr = os.getxattr
+
+    def racing(path, name, *args, **kwargs):
+        if name == "user.aa":
+            raise OSError(errno.ENODATA, os.strerror(errno.ENODATA), path)
+        return getxattr(path, name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "getxattr", racing)
+    headers = members(_written(upper))["f"].pax_headers
+    assert {k: v for k, v in headers.items() if k.startswith("SCHILY.xattr.")} == {"SCHILY.xattr.user.zz": "kept"}
+
+
+def test_write_layer_passes_other_permission_errors_through(tmp_path, monkeypatch):
+    """Only the stack's refusal to follow a marker (EPERM, lowers given) becomes the one-line refusal; any
+    other PermissionError of the walk is the error it is."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    lower.mkdir()
+    upper.mkdir()
+    for code, lowers in ((errno.EACCES, [str(lower)]), (errno.EPERM, [])):
+        def refused(self, path, rel, code=code):
+            raise PermissionError(code, os.strerror(code), "/d")
+
+        monkeypatch.setattr(archive._Writer, "upper_dir", refused)
+        with pytest.raises(PermissionError) as e:
+            _written(upper, lowers=lowers)
+        assert type(e.value) is PermissionError and e.value.errno == code
+
+
+def test_write_layer_refusal_names_a_directory_whatever_its_first_letter(tmp_path):
+    """The refused directory is named by its path in the upper, its merged path's leading slash
+    dropped and nothing else."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    (lower / "src").mkdir(parents=True)
+    (upper / "X").mkdir(parents=True)
+    os.setxattr(upper / "X", "user.overlay.redirect", b"/src")
+    with pytest.raises(ArchiveError) as e:
+        _written(upper, lowers=[str(lower)], prefix=archive.USER_PREFIX)
+    assert str(e.value).startswith(f"{upper / 'X'}: is a redirect")
 
 
 def test_write_layer_reads_a_metadata_only_copys_data_below(tmp_path):

@@ -159,6 +159,7 @@ def test_single_names_with_one_number_are_separate_inodes(table):
     assert l2 is not l1
     assert l1.key != l2.key
     assert table.found(table.root, "l1", attrs(40, nlink=2, lower_link=True)) is l1
+    assert not table._by_key  # only an upper hard link is ever found by its number
 
 
 def test_a_new_link_to_a_known_inode_joins_it(table):
