@@ -1490,22 +1490,28 @@ def rename_meanwhile(ad, old, new):
         table.renamed(table.root, old, table.root, new)
 
 
+def asked_paths(ad, monkeypatch, before_first=None):
+    """Record the paths the engine's getattr is asked for (the list returned); `before_first` runs while
+    the first is being answered, as another request racing it would."""
+    real, paths, once = ad.union.getattr, [], [before_first] if before_first else []
+
+    def recorded(path):
+        paths.append(path)
+        if once:
+            once.pop()()
+        return real(path)
+    monkeypatch.setattr(ad.union, "getattr", recorded)
+    return paths
+
+
 def test_a_path_a_rename_made_out_of_date_is_read_again(ad, monkeypatch):
     ops = ad.start()
     d = ad.mkdir(ROOT, b"d", 0o755)[1]["ino"]
     f = ad.mknod(d, b"f", stat.S_IFREG | 0o644, 0)[1]["ino"]
-    real, paths = ad.union.getattr, []
-
-    def racing(path):
-        paths.append(path)
-        if len(paths) == 1:
-            rename_meanwhile(ad, "d", "e")
-        return real(path)
-    monkeypatch.setattr(ad.union, "getattr", racing)
+    paths = asked_paths(ad, monkeypatch, lambda: rename_meanwhile(ad, "d", "e"))
     kind, attrs, _ = ad.getattr(f, NO_FI)
     assert kind == "attr" and paths == ["/d/f", "/e/f"]
     paths.clear()
-    monkeypatch.setattr(ad.union, "getattr", lambda path: (paths.append(path), real(path))[1])
     assert ad.lookup(d, b"nothing")[1]["ino"] == 0  # nothing moved: no second try
     assert paths == ["/e/nothing"]
     assert ops.table.path(ops.table.get(f)) == "/e/f"
@@ -1515,15 +1521,11 @@ def test_a_path_out_of_date_under_a_file_is_read_again_too(ad, monkeypatch):
     ad.start()
     d = ad.mkdir(ROOT, b"d", 0o755)[1]["ino"]
     f = ad.mknod(d, b"f", stat.S_IFREG | 0o644, 0)[1]["ino"]
-    real, paths = ad.union.getattr, []
 
-    def racing(path):
-        paths.append(path)
-        if len(paths) == 1:
-            rename_meanwhile(ad, "d", "e")
-            ad.union.mknod("/d", stat.S_IFREG | 0o644)  # now a file where the directory was
-        return real(path)
-    monkeypatch.setattr(ad.union, "getattr", racing)
+    def meanwhile():
+        rename_meanwhile(ad, "d", "e")
+        ad.union.mknod("/d", stat.S_IFREG | 0o644)  # now a file where the directory was
+    paths = asked_paths(ad, monkeypatch, meanwhile)
     assert ad.getattr(f, NO_FI)[0] == "attr" and paths == ["/d/f", "/e/f"]
 
 
@@ -1580,20 +1582,16 @@ def test_a_move_under_way_is_waited_for(ad, monkeypatch):
             go.wait(10)
             ad.union.rename("/d", "/e")
             ops.table.renamed(ops.table.root, "d", ops.table.root, "e")
-    real, paths = ad.union.getattr, []
 
-    def racing(path):
-        paths.append(path)
-        if len(paths) == 1:
-            go.set()  # the move ends while this request fails
-            while os.path.exists(ad.upper / "d"):
-                time.sleep(0.001)
-            time.sleep(0.01)
-        return real(path)
+    def meanwhile():
+        go.set()  # the move ends while this request fails
+        while os.path.exists(ad.upper / "d"):
+            time.sleep(0.001)
+        time.sleep(0.01)
     thread = threading.Thread(target=mover)
     thread.start()
     started.wait(10)
-    monkeypatch.setattr(ad.union, "getattr", racing)
+    paths = asked_paths(ad, monkeypatch, meanwhile)
     try:
         kind, attrs, _ = ad.getattr(f, NO_FI)
     finally:
@@ -1682,15 +1680,8 @@ def test_readdirplus_looks_a_name_up_again_when_the_directorys_path_moved(ad, mo
     ops = ad.start()
     d = ad.mkdir(ROOT, b"d", 0o755)[1]["ino"]
     ad.mknod(d, b"f", stat.S_IFREG | 0o644, 0)
-    real, paths = ad.union.getattr, []
     ad.union.readdir("/d")
-
-    def racing(path):
-        paths.append(path)
-        if len(paths) == 1:
-            rename_meanwhile(ad, "d", "e")
-        return real(path)
-    monkeypatch.setattr(ad.union, "getattr", racing)
+    paths = asked_paths(ad, monkeypatch, lambda: rename_meanwhile(ad, "d", "e"))
     entries = direntplus(ad.readdirplus(d, 4096, 0, fi())[1])
     assert paths == ["/d/f", "/e/f"]
     assert ops.table.path(ops.table.get(entries[2][1])) == "/e/f"
@@ -1708,8 +1699,7 @@ def test_a_move_that_does_not_end_in_time_is_waited_for_no_longer(ad, monkeypatc
     thread.start()
     started.wait(10)
     monkeypatch.setattr(operations, "MOVE_WAIT", 0.05)
-    real, paths = ad.union.getattr, []
-    monkeypatch.setattr(ad.union, "getattr", lambda path: (paths.append(path), real(path))[1])
+    paths = asked_paths(ad, monkeypatch)
     try:
         start = time.monotonic()
         assert ad.lookup(ROOT, b"nothing")[1]["ino"] == 0
@@ -1811,8 +1801,7 @@ def test_readdirplus_asks_the_engine_by_merged_paths(ad, monkeypatch):
     put(ad.lower, "d/g")
     ad.start()
     d = ad.node("d")
-    real, paths = ad.union.getattr, []
-    monkeypatch.setattr(ad.union, "getattr", lambda path: (paths.append(path), real(path))[1])
+    paths = asked_paths(ad, monkeypatch)
     ad.readdirplus(ROOT, 4096, 0, fi())
     ad.readdirplus(d, 4096, 0, fi())
     assert sorted(paths) == ["/d", "/d/g", "/f"]
