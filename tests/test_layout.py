@@ -78,3 +78,25 @@ def test_every_module_says_what_it_owns():
     missing = [str(p.relative_to(ROOT.parent)) for p in ROOT.rglob("*.py")
                if ast.get_docstring(ast.parse(p.read_text())) is None]
     assert not missing, f"modules without a first docstring line: {missing}"
+
+
+def test_every_equivalent_mutant_names_a_line_of_the_code():
+    """An equivalent mutant listed for `make mutate` names a function that exists and a line it holds:
+    an entry left behind by a change to the code fails here, without a mutation run."""
+    import importlib.util
+
+    script = ROOT.parent / "scripts" / "mutation_report.py"
+    spec = importlib.util.spec_from_file_location("mutation_report", script)
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    entries = report.read_equivalents()
+    assert len(entries) > 100
+    missing = []
+    for path, where, old, new in entries:
+        source = (ROOT.parent / path).read_text()
+        cls, _, name = where.rpartition(".")
+        span = report.function_lines(ast.parse(source), cls or None, name)
+        lines = source.splitlines()[span[0] - 1:span[1]] if span else []
+        if old == new or old not in {line.strip() for line in lines}:
+            missing.append(f"{path}: {where}: {old!r}")
+    assert missing == []
