@@ -397,26 +397,30 @@ def test_data_only_reached_by_absolute_redirect_only(tmp_path):
 
 def test_blocks_of_data_not_reached_yet(tmp_path):
     """A metacopy file whose data is in a data-only layer shows the kernel's estimate of its blocks until
-    the data is first reached, then the data's own blocks (here a sparse file's: none); a file with no
-    separate data shows its own."""
+    the data is first reached (its size in 4 KiB pages, rounded up, counted in 512-byte blocks), then the
+    data's own blocks (here a sparse file's: none); a file with no separate data shows its own. Data
+    reached, then gone from its layer, leaves the metadata to answer."""
+    size = (1 << 30) + 1
     meta, data = tmp_path / "meta", tmp_path / "data"
     (data / "objects").mkdir(parents=True)
     with open(data / "objects/abc", "wb") as f:
-        f.truncate(1 << 20)
+        f.truncate(size)
     meta.mkdir()
     f = meta / "file"
     f.write_bytes(b"")
-    os.truncate(f, 1 << 20)
+    os.truncate(f, size)
     os.setxattr(f, TRUSTED + "metacopy", b"")
     os.setxattr(f, TRUSTED + "redirect", b"/objects/abc")
     (meta / "plain").write_bytes(b"p" * 5000)
     u = Union(check(parse_options([f"lowerdir={meta}::{data},metacopy=on"])))
     assert u.getattr("/plain")["st_blocks"] == os.lstat(meta / "plain").st_blocks
-    assert u.getattr("/file")["st_blocks"] == (1 << 20) // 512
+    assert u.getattr("/file")["st_blocks"] == ((1 << 30) // 4096 + 1) * 8
     h = u.open("/file", os.O_RDONLY)
     assert u.read(h, 10, 0) == b"\0" * 10
     u.release(h)
     assert u.getattr("/file")["st_blocks"] == os.lstat(data / "objects/abc").st_blocks == 0
+    os.unlink(data / "objects/abc")
+    assert u.getattr("/file")["st_size"] == size
 
 
 def _metacopy_file(path, size, redirect=None):
