@@ -694,7 +694,7 @@ class Disk:
 @pytest.fixture
 def on_disks(monkeypatch):
     """on_disks(upper Disk or None, [lower Disks], data=[data-only Disks], **Stack fields): the stack's
-    `Filesystems`, each layer root on its Disk, and the roots by Disk."""
+    `Filesystems`, each layer root on its Disk; on_disks.asked lists the roots whose UUID was read."""
     disks = {}  # layer root -> Disk
     real_stat = os.stat
 
@@ -710,13 +710,18 @@ def on_disks(monkeypatch):
 
     monkeypatch.setattr(os, "stat", fake_stat)
     monkeypatch.setattr(handles, "file_handle", file_handle)
-    monkeypatch.setattr(handles, "fs_uuid", lambda path: disks[path].uuid)
+    def fs_uuid(path):
+        build.asked.append(path)
+        return disks[path].uuid
+
+    monkeypatch.setattr(handles, "fs_uuid", fs_uuid)
     monkeypatch.setattr(mounttable, "read_info", lambda: [
         mounttable.MountInfo(i, 1, os.major(d.dev), os.minor(d.dev), "/", root, d.fstype, "none")
         for i, (root, d) in enumerate(disks.items())])
 
     def build(upper, lowers, data=(), **fields):
         disks.clear()
+        build.asked = []  # the roots whose filesystem's UUID was read, in order
         if upper is not None:
             disks["/upper"] = upper
         for i, disk in enumerate([*lowers, *data]):
@@ -816,6 +821,15 @@ def test_lower_filesystems_told_by_their_uuid(on_disks, upper, lowers, fields, u
     for disk in {upper, *lowers} - {None}:
         assert fs.follows(disk.dev, disk.uuid) == (disk not in untold), disk.dev
         assert not fs.follows(disk.dev, Disk(99).uuid)
+
+
+def test_a_filesystems_uuid_is_read_once(on_disks):
+    """Every origin followed or written asks for its filesystem's UUID: read from the filesystem once a mount."""
+    fs = on_disks(A, [B, C])
+    for _ in range(3):
+        assert fs.follows(B.dev, B.uuid) and fs.follows(A.dev, A.uuid)
+        assert fs.handle_uuid(C.dev) == C.uuid
+    assert sorted(on_disks.asked) == ["/layer0", "/layer1", "/upper"]
 
 
 def test_uuid_off_carries_and_follows_the_null_uuid(on_disks):

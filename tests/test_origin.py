@@ -17,7 +17,8 @@ import pytest
 
 from cowfs.errors import StackError
 from cowfs.overlay import handles
-from cowfs.overlay.stack import check, parse_options
+from cowfs.overlay.filesystems import Filesystems, settle_uuid
+from cowfs.overlay.stack import Stack, check, parse_options
 from cowfs.overlay.union import Union
 from cowfs.testing.harness import upper_snapshot
 from cowfs.testing.mounts import CowfsMount, KernelOverlay, MountError, scratch_filesystem, set_image_uuid
@@ -673,6 +674,57 @@ def test_a_bad_overlay_uuid_means_uuid_null_with_a_warning(tmp_path):
     finally:
         u.close()
     assert os.getxattr(upper, TRUSTED + "uuid") == b"12345678"  # left as it is, as the kernel
+
+
+def _settled(layers, value):
+    """settle_uuid over a stack of `_layers` with uuid=VALUE: (its answer, the mode the mount goes on with, its
+    warnings)."""
+    lower, upper, work = layers
+    fs = Filesystems(check(Stack(lowers=[lower], upper=upper, work=work, uuid=value)))
+    return settle_uuid(fs, upper, TRUSTED), fs.uuid_mode, fs.warnings
+
+
+@pytest.mark.parametrize("value", ["on", "auto"])
+def test_the_overlay_uuid_made_then_read_back(tmp_path, value):
+    """uuid=on, or auto on a new upper: a random UUID is made and stored on the upper root, and the mount goes
+    on as uuid=on; a later mount reads the same one back."""
+    layers = _layers(tmp_path)
+    made, mode, warnings = _settled(layers, value)
+    assert (len(made), mode, warnings) == (16, "on", [])
+    assert os.getxattr(layers[1], TRUSTED + "uuid") == made
+    assert _settled(layers, value) == (made, value, [])
+    assert _settled(layers, "null") == (None, "null", [])  # null: none, whatever the upper holds
+
+
+@pytest.mark.parametrize("failing, value, action", [
+    ("uuid", "on", "get"), ("uuid", "auto", "get"), ("impure", "auto", "get"), ("set", "on", "set"),
+])
+def test_an_overlay_uuid_that_cannot_be_read_or_stored(tmp_path, monkeypatch, failing, value, action):
+    """Reading the stored UUID (or, for auto, whether the upper was used before) or storing a new one fails
+    otherwise than with ENODATA: uuid=null, with one line naming the upper, what failed and why."""
+    layers = _layers(tmp_path)
+    upper = layers[1]
+    real_getxattr, real_setxattr = os.getxattr, os.setxattr
+
+    def getxattr(path, name, *args, **kwargs):
+        if name == TRUSTED + failing:
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return real_getxattr(path, name, *args, **kwargs)
+
+    def setxattr(path, name, *args, **kwargs):
+        if failing == "set" and name == TRUSTED + "uuid":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return real_setxattr(path, name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "getxattr", getxattr)
+    monkeypatch.setattr(os, "setxattr", setxattr)
+    reason = os.strerror(errno.ENOSPC if failing == "set" else errno.EACCES)
+    assert _settled(layers, value) == (None, "null", [
+        f"upperdir {upper}: cannot {action} the overlay's uuid ({reason}); going on with uuid=null"])
+    monkeypatch.undo()
+    with pytest.raises(OSError) as e:
+        os.getxattr(upper, TRUSTED + "uuid")
+    assert e.value.errno == errno.ENODATA
 
 
 @pytest.mark.parametrize("written,read,followed", [
