@@ -267,7 +267,8 @@ class TestCheck:
         assert got == Stack(lowers=[lower], data_lowers=(data,), upper=upper, work=work, metacopy=True,
                             redirect_dir="on")
         assert isinstance(got.data_lowers, tuple)
-        assert check(Stack(lowers=[lower, lower])).lowers == [lower, lower]  # the engine alone: hidden twice
+        assert check(Stack(lowers=[lower, lower])) == Stack(lowers=[lower, lower])  # the engine alone: hidden twice
+        assert not check(Stack(lowers=[lower])).writable  # no upper: none made up
         bx, inner = self.dirs(tmp_path, "bX", "b/in")  # a sibling whose name only starts the same: no overlap
         assert check(Stack(lowers=[bx, inner])).lowers == [bx, inner]
 
