@@ -709,12 +709,12 @@ def on_disks(monkeypatch):
             raise disks[path].handle
         return disks[path].handle
 
-    monkeypatch.setattr(os, "stat", fake_stat)
-    monkeypatch.setattr(handles, "file_handle", file_handle)
     def fs_uuid(path):
         build.asked.append(path)
         return disks[path].uuid
 
+    monkeypatch.setattr(os, "stat", fake_stat)
+    monkeypatch.setattr(handles, "file_handle", file_handle)
     monkeypatch.setattr(handles, "fs_uuid", fs_uuid)
     monkeypatch.setattr(mounttable, "read_info", lambda: [
         mounttable.MountInfo(i, 1, os.major(d.dev), os.minor(d.dev), "/", root, d.fstype, "none")
@@ -734,7 +734,7 @@ def on_disks(monkeypatch):
     return build
 
 
-A, B, C, D, E = (Disk(n) for n in range(1, 6))
+A, B, C = (Disk(n) for n in range(1, 4))
 T1, T2, T3, T4 = (Disk(n, TMPFS) for n in range(11, 15))
 
 
