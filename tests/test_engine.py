@@ -2974,6 +2974,22 @@ class TestLinks:
         assert read_all(u, "/b") == b"same"
         assert u.getattr("/a")["st_ino"] != u.getattr("/b")["st_ino"]
 
+    def test_the_adapter_is_told_which_files_are_lower_hard_links(self, env):
+        """Without index=on a copy-up breaks a lower hard link, so the kernel gives each of its names an
+        inode of its own: getattr marks such a file (`lower_link`) for the adapter. Not a file of one link,
+        a directory, or a copy in the upper."""
+        low = env.lower()
+        put(low, "a", b"same")
+        os.link(low / "a", low / "b")
+        put(low, "single", b"one")
+        put(low, "d/f", b"")
+        u = env.union()
+        assert u.getattr("/a")["lower_link"] is True and u.getattr("/b")["lower_link"] is True
+        for path in ("/single", "/d", "/"):
+            assert "lower_link" not in u.getattr(path), path
+        write_at(u, "/a", b"SAME")
+        assert "lower_link" not in u.getattr("/a")
+
     def test_distinct_objects_have_distinct_st_ino(self, env):
         top, bottom = env.lower(), env.lower()
         put(top, "a", b"")
@@ -4198,41 +4214,47 @@ class TestVerityFormat:
         assert verity.recorded_digest(b"", "/f") is None
         assert verity.recorded_digest(bytes([0, 4, 0, 0]), "/f") is None  # a header without an algorithm
 
-    @pytest.mark.parametrize("value, code", [
-        (b"\x00\x03\x00", errno.EIO),  # shorter than the header
-        (bytes([1, 36, 0, 1]) + bytes(32), errno.EIO),  # another version
-        (bytes([0, 35, 0, 1]) + bytes(32), errno.EIO),  # the length byte is not the size
-        (bytes([0, 69, 0, 1]) + bytes(65), errno.ERANGE),  # longer than any digest
+    @pytest.mark.parametrize("value, code, reason", [
+        (b"\x00\x03\x00", errno.EIO, "metacopy xattr too small"),
+        (bytes([1, 36, 0, 1]) + bytes(32), errno.EIO, "metacopy xattr of unsupported version 1"),
+        (bytes([0, 35, 0, 1]) + bytes(32), errno.EIO, "metacopy xattr of invalid size (36 bytes, says 35)"),
+        (bytes([0, 69, 0, 1]) + bytes(65), errno.ERANGE, "metacopy xattr longer than 68 bytes"),
     ], ids=["short", "version", "length", "long"])
-    def test_a_value_the_kernel_refuses_is_refused(self, value, code):
+    def test_a_value_the_kernel_refuses_is_refused(self, value, code, reason):
+        """Each refusal is one line: the errno's text, then why, for the merged path."""
         with pytest.raises(OSError) as info:
             verity.recorded_digest(value, "/d/f")
         assert (info.value.errno, info.value.filename) == (code, "/d/f")
-        assert "metacopy xattr" in info.value.strerror and "\n" not in info.value.strerror
+        assert info.value.strerror == f"{os.strerror(code)} ({reason})"
 
     @pytest.mark.parametrize("raw", [b"", b"x" * 65])
     def test_a_digest_of_no_size_or_too_long_is_not_written(self, raw):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError) as info:
             verity.metacopy_value((SHA256, raw))
+        assert str(info.value) == f"an fs-verity digest has 1 to 64 bytes, not {len(raw)}"
 
-    @pytest.mark.parametrize("mode, value, measured, code", [
+    @pytest.mark.parametrize("mode, value, measured, reason", [
         ("on", b"", None, None),
-        ("require", b"", None, errno.EIO),
+        ("require", b"", None, "metacopy file has no fs-verity digest (verity=require)"),
         ("on", "digest", DIGEST, None),
         ("require", "digest", DIGEST, None),
-        ("on", "digest", None, errno.EIO),
-        ("on", "digest", OTHER, errno.EIO),
-        ("on", "digest", (2, bytes(range(32))), errno.EIO),  # the same bytes under another algorithm
+        ("on", "digest", None, "its lower data has no fs-verity digest"),
+        ("on", "digest", OTHER, "its lower data has the wrong fs-verity digest"),
+        # the same bytes under another algorithm
+        ("on", "digest", (2, bytes(range(32))), "its lower data has the wrong fs-verity digest"),
+        ("on", b"\x00\x03\x00", DIGEST, "metacopy xattr too small"),  # a value the kernel refuses
         ("off", b"garbage", None, None),
     ])
-    def test_check(self, mode, value, measured, code):
+    def test_check(self, mode, value, measured, reason):
+        """Data that may not be used is EIO for the merged path, in one line saying why."""
         value = verity.metacopy_value(DIGEST) if value == "digest" else value
-        if code is None:
+        if reason is None:
             verity.check(mode, value, "/data", "/f", lambda path: measured)
             return
         with pytest.raises(OSError) as info:
             verity.check(mode, value, "/data", "/f", lambda path: measured)
-        assert (info.value.errno, info.value.filename) == (code, "/f")
+        assert (info.value.errno, info.value.filename) == (errno.EIO, "/f")
+        assert info.value.strerror == f"{os.strerror(errno.EIO)} ({reason})"
 
     def test_measure_asks_the_kernel(self, tmp_path, monkeypatch):
         """A file without fs-verity (statx) has no digest, and is not opened: not even an unreadable one;

@@ -11,8 +11,11 @@ import tempfile
 
 import pytest
 
+from cowfs import mounttable
 from cowfs.errors import StackError
+from cowfs.overlay import handles
 from cowfs.overlay import stack as stack_module
+from cowfs.overlay.filesystems import Filesystems
 from cowfs.overlay.stack import Stack, check, is_within, parse_options, split_escaped, unescape, with_userxattr
 from cowfs.testing.harness import KERNEL_COMMON, upper_snapshot
 from cowfs.testing.mounts import CowfsMount, KernelOverlay, MountError, scratch_filesystem
@@ -80,6 +83,7 @@ PARSED = [  # (the -o strings, the Stack fields other than Stack(lowers=["/l"])'
     (["lowerdir=/l,verity=require"], {"verity": "require"}),
     (["lowerdir=/l,metacopy=on"], {"metacopy": True, "redirect_dir": "on"}),
     (["lowerdir=/l,metacopy=on,redirect_dir=on"], {"metacopy": True, "redirect_dir": "on"}),
+    (["lowerdir=/l,metacopy=on", UW], {"metacopy": True, "redirect_dir": "on", "upper": "/u", "work": "/w"}),
     (["lowerdir=/l,metacopy=off,redirect_dir=nofollow"], {"redirect_dir": "nofollow"}),
     (["lowerdir=/l,index=on"], {}),  # the kernel's index lives in the workdir: nothing without an upper
     (["lowerdir=/l,index=off," + UW], {"upper": "/u", "work": "/w"}),
@@ -263,7 +267,8 @@ class TestCheck:
         assert got == Stack(lowers=[lower], data_lowers=(data,), upper=upper, work=work, metacopy=True,
                             redirect_dir="on")
         assert isinstance(got.data_lowers, tuple)
-        assert check(Stack(lowers=[lower, lower])).lowers == [lower, lower]  # the engine alone: hidden twice
+        assert check(Stack(lowers=[lower, lower])) == Stack(lowers=[lower, lower])  # the engine alone: hidden twice
+        assert not check(Stack(lowers=[lower])).writable  # no upper: none made up
         bx, inner = self.dirs(tmp_path, "bX", "b/in")  # a sibling whose name only starts the same: no overlap
         assert check(Stack(lowers=[bx, inner])).lowers == [bx, inner]
 
@@ -666,3 +671,174 @@ def test_inode_numbers_as_the_kernels_xino(shared_tmp, layout):
     else:
         assert seen["kernel", "on"][0]["f"] != real == seen["kernel", "off"][0]["f"]
         assert len(seen["kernel", "off"][1]) > 1  # what cowfs cannot show
+
+
+# -- the filesystems under a stack, in-process: each layer's device, file handle, UUID and filesystem type
+# played by the test (the kernel tests above and in test_origin.py meet the same rules on real tmpfs and ext4)
+
+EXT4 = ("ext4", (handles.FILEID_INO32_GEN, bytes(8)))  # the generic encoder's handle: 32-bit inode, generation
+TMPFS = ("tmpfs", (handles.FILEID_INO32_GEN, bytes(12)))  # an encoder of its own, for 64-bit inode numbers
+XFS = ("xfs", (handles.FILEID_INO32_GEN, bytes(8)))  # an encoder of its own, in the generic format for small ones
+BTRFS = ("btrfs", (0x4D, bytes(20)))
+NO_HANDLES = ("vfat", OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP)))
+
+
+class Disk:
+    """A made-up filesystem: its device number, type, file handle of a layer root and UUID."""
+
+    def __init__(self, minor, kind=EXT4, uuid=None):
+        self.dev = os.makedev(254, minor)
+        self.fstype, self.handle = kind
+        self.uuid = bytes([minor]) * 16 if uuid is None else uuid
+
+
+@pytest.fixture
+def on_disks(monkeypatch):
+    """on_disks(upper Disk or None, [lower Disks], data=[data-only Disks], **Stack fields): the stack's
+    `Filesystems`, each layer root on its Disk; on_disks.asked lists the roots whose UUID was read."""
+    disks = {}  # layer root -> Disk
+    real_stat = os.stat
+
+    def fake_stat(path, *args, **kwargs):
+        if path in disks:
+            return os.stat_result((0o40755, 1, disks[path].dev, 2, 0, 0, 0, 0, 0, 0))
+        return real_stat(path, *args, **kwargs)
+
+    def file_handle(path):
+        if isinstance(disks[path].handle, OSError):
+            raise disks[path].handle
+        return disks[path].handle
+
+    def fs_uuid(path):
+        build.asked.append(path)
+        return disks[path].uuid
+
+    monkeypatch.setattr(os, "stat", fake_stat)
+    monkeypatch.setattr(handles, "file_handle", file_handle)
+    monkeypatch.setattr(handles, "fs_uuid", fs_uuid)
+    monkeypatch.setattr(mounttable, "read_info", lambda: [
+        mounttable.MountInfo(i, 1, os.major(d.dev), os.minor(d.dev), "/", root, d.fstype, "none")
+        for i, (root, d) in enumerate(disks.items())])
+
+    def build(upper, lowers, data=(), **fields):
+        disks.clear()
+        build.asked = []  # the roots whose filesystem's UUID was read, in order
+        if upper is not None:
+            disks["/upper"] = upper
+        for i, disk in enumerate([*lowers, *data]):
+            disks[f"/layer{i}"] = disk
+        stack = Stack(lowers=[f"/layer{i}" for i in range(len(lowers))],
+                      data_lowers=tuple(f"/layer{i}" for i in range(len(lowers), len(lowers) + len(data))),
+                      upper=None if upper is None else "/upper", work=None if upper is None else "/work", **fields)
+        return Filesystems(stack)
+    return build
+
+
+A, B, C = (Disk(n) for n in range(1, 4))
+T1, T2, T3, T4 = (Disk(n, TMPFS) for n in range(11, 15))
+
+
+@pytest.mark.parametrize("upper, lowers, data, bits", [
+    (A, [B], (), 32),  # every layer's inode numbers in 32 bits: the filesystem's number from bit 33 up
+    (A, [A, B, C], (), 32),
+    (None, [B, C], (), 32),
+    (A, [T1], (), 2),  # else the fewest top bits that hold the numbers, and one more: ilog2(count - 1) + 2
+    (T1, [B], (), 2),  # the upper's filesystem counts as well
+    (A, [T1, T2], (), 3),
+    (A, [T1, T2, T3], (), 3),
+    (A, [T1, T2, T3, T4], (), 4),
+    (A, [B], [T1], 3),  # a data-only layer's filesystem too
+    (None, [T1, T2], (), 3),  # number 0 stays the upper's without one
+    (A, [Disk(7, XFS)], (), 2),  # 32-bit handles, but from an encoder of its own
+    (A, [Disk(7, BTRFS)], (), 2),
+    (A, [Disk(7, NO_HANDLES)], (), 2),  # no file handles at all
+    (A, [B, Disk(7, XFS), C], (), 3),
+])
+def test_xino_bits_as_the_kernels(on_disks, upper, lowers, data, bits):
+    """The high bits the kernel keeps for a filesystem's number over layers on several filesystems."""
+    assert on_disks(upper, lowers, data).xino_bits == bits
+
+
+def test_inode_numbers_over_several_filesystems(on_disks):
+    """st_ino is the real number with the filesystem's above it (bit 33 up, or the top bits), the upper's
+    (number 0) unchanged; a real number that leaves no room for it shows as it is (the kernel's overflow);
+    over one filesystem, and for a filesystem no layer named, see test_inode_numbers_on_one_filesystem."""
+    fs = on_disks(A, [B, C])
+    assert (fs.count, fs.one_fs, fs.xino_bits) == (3, False, 32)
+    assert fs.map_ino(A.dev, 7) == 7
+    assert fs.map_ino(B.dev, 7) == 7 | 1 << 33
+    assert fs.map_ino(C.dev, 7) == 7 | 2 << 33
+    assert fs.map_ino(C.dev, (1 << 32) - 1) == (1 << 32) - 1 | 2 << 33
+    assert fs.map_ino(C.dev, 1 << 32) == 1 << 32
+    fs = on_disks(A, [T1])
+    assert fs.xino_bits == 2
+    assert fs.map_ino(T1.dev, 7) == 7 | 1 << 63
+    assert fs.map_ino(T1.dev, (1 << 62) - 1) == (1 << 62) - 1 | 1 << 63
+    assert fs.map_ino(T1.dev, 1 << 62) == 1 << 62
+    assert fs.map_ino(A.dev, 1 << 62) == 1 << 62
+
+
+def test_inode_numbers_on_one_filesystem(on_disks):
+    """Every layer on one filesystem (the upper's, or the lowers' without an upper): the real numbers, whatever
+    xino= says; an object on a filesystem no layer named (a mount inside a layer) gets the next number, in
+    bits clear of the layers'."""
+    for upper, lower in ((A, A), (None, B)):
+        fs = on_disks(upper, [lower, lower], xino="on")
+        assert (fs.one_fs, fs.xino_bits) == (True, 0)
+        assert fs.map_ino(lower.dev, 7) == 7
+    fs = on_disks(A, [A])
+    assert fs.map_ino(C.dev, 7) == 7 | 1 << 56 and fs.fsid(C.dev) == 1
+
+
+NULL = Disk(8, uuid=handles.NULL_UUID)
+LIKE_B = Disk(9, uuid=B.uuid)
+LIKE_A = Disk(10, uuid=A.uuid)
+
+
+@pytest.mark.parametrize("upper, lowers, fields, untold", [
+    (A, [B, C], {}, []),
+    # a null UUID tells nothing, unless the stack forbids changing lowers offline (then it must be the same)
+    (A, [B, NULL], {}, [NULL]),
+    (A, [NULL], {"xino": "auto"}, [NULL]),
+    (A, [NULL], {"xino": "on"}, []),
+    (A, [NULL], {"redirect_dir": "on"}, []),
+    (A, [NULL], {"index": True}, []),
+    (A, [NULL], {"metacopy": True, "redirect_dir": "on"}, []),
+    # two lower filesystems of one UUID: neither, wherever in the stack
+    (A, [B, LIKE_B], {}, [B, LIKE_B]),
+    (A, [LIKE_B, C, B], {"redirect_dir": "on"}, [LIKE_B, B]),
+    # the upper's filesystem counts only when a lower is on it too
+    (A, [LIKE_A], {}, []),
+    (A, [A, LIKE_A], {}, [A, LIKE_A]),
+    # without an upper no origin is read: nothing to tell
+    (None, [B, LIKE_B, NULL], {}, []),
+])
+def test_lower_filesystems_told_by_their_uuid(on_disks, upper, lowers, fields, untold):
+    """As the kernel's ovl_lower_uuid_ok: an origin is not followed into a lower filesystem its UUID cannot
+    tell (null, or shared with another lower one), nor into the one it is shared with; the kernel then
+    turns index=on off. Into every other, one carrying its UUID is, and no other."""
+    fs = on_disks(upper, lowers, **fields)
+    assert fs.uuids_ambiguous == bool(untold)
+    for disk in {upper, *lowers} - {None}:
+        assert fs.follows(disk.dev, disk.uuid) == (disk not in untold), disk.dev
+        assert not fs.follows(disk.dev, Disk(99).uuid)
+
+
+def test_a_filesystems_uuid_is_read_once(on_disks):
+    """Every origin followed or written asks for its filesystem's UUID: read from the filesystem once a mount."""
+    fs = on_disks(A, [B, C])
+    for _ in range(3):
+        assert fs.follows(B.dev, B.uuid) and fs.follows(A.dev, A.uuid)
+        assert fs.handle_uuid(C.dev) == C.uuid
+    assert sorted(on_disks.asked) == ["/layer0", "/layer1", "/upper"]
+
+
+def test_uuid_off_carries_and_follows_the_null_uuid(on_disks):
+    fs = on_disks(A, [A], uuid="off")
+    assert (fs.uuid_mode, fs.origin_uuid, fs.warnings) == ("off", False, [])
+    assert fs.handle_uuid(A.dev) == handles.NULL_UUID
+    assert fs.follows(A.dev, handles.NULL_UUID) and not fs.follows(A.dev, A.uuid)
+    fs = on_disks(A, [B], uuid="off")  # it needs every layer on the upper's filesystem
+    assert (fs.uuid_mode, fs.handle_uuid(B.dev)) == ("null", B.uuid)
+    assert fs.warnings == ["uuid=off: the layers are not all on the upper's filesystem; going on with uuid=null"]
+    assert fs.follows(B.dev, B.uuid) and not fs.follows(B.dev, handles.NULL_UUID)

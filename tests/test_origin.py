@@ -17,7 +17,8 @@ import pytest
 
 from cowfs.errors import StackError
 from cowfs.overlay import handles
-from cowfs.overlay.stack import check, parse_options
+from cowfs.overlay.filesystems import Filesystems, settle_uuid
+from cowfs.overlay.stack import Stack, check, parse_options
 from cowfs.overlay.union import Union
 from cowfs.testing.harness import upper_snapshot
 from cowfs.testing.mounts import CowfsMount, KernelOverlay, MountError, scratch_filesystem, set_image_uuid
@@ -397,26 +398,30 @@ def test_data_only_reached_by_absolute_redirect_only(tmp_path):
 
 def test_blocks_of_data_not_reached_yet(tmp_path):
     """A metacopy file whose data is in a data-only layer shows the kernel's estimate of its blocks until
-    the data is first reached, then the data's own blocks (here a sparse file's: none); a file with no
-    separate data shows its own."""
+    the data is first reached (its size in 4 KiB pages, rounded up, counted in 512-byte blocks), then the
+    data's own blocks (here a sparse file's: none); a file with no separate data shows its own. Data
+    reached, then gone from its layer, leaves the metadata to answer."""
+    size = (1 << 30) + 1
     meta, data = tmp_path / "meta", tmp_path / "data"
     (data / "objects").mkdir(parents=True)
     with open(data / "objects/abc", "wb") as f:
-        f.truncate(1 << 20)
+        f.truncate(size)
     meta.mkdir()
     f = meta / "file"
     f.write_bytes(b"")
-    os.truncate(f, 1 << 20)
+    os.truncate(f, size)
     os.setxattr(f, TRUSTED + "metacopy", b"")
     os.setxattr(f, TRUSTED + "redirect", b"/objects/abc")
     (meta / "plain").write_bytes(b"p" * 5000)
     u = Union(check(parse_options([f"lowerdir={meta}::{data},metacopy=on"])))
     assert u.getattr("/plain")["st_blocks"] == os.lstat(meta / "plain").st_blocks
-    assert u.getattr("/file")["st_blocks"] == (1 << 20) // 512
+    assert u.getattr("/file")["st_blocks"] == ((1 << 30) // 4096 + 1) * 8
     h = u.open("/file", os.O_RDONLY)
     assert u.read(h, 10, 0) == b"\0" * 10
     u.release(h)
     assert u.getattr("/file")["st_blocks"] == os.lstat(data / "objects/abc").st_blocks == 0
+    os.unlink(data / "objects/abc")
+    assert u.getattr("/file")["st_size"] == size
 
 
 def _metacopy_file(path, size, redirect=None):
@@ -669,6 +674,57 @@ def test_a_bad_overlay_uuid_means_uuid_null_with_a_warning(tmp_path):
     finally:
         u.close()
     assert os.getxattr(upper, TRUSTED + "uuid") == b"12345678"  # left as it is, as the kernel
+
+
+def _settled(layers, value):
+    """settle_uuid over a stack of `_layers` with uuid=VALUE: (its answer, the mode the mount goes on with, its
+    warnings)."""
+    lower, upper, work = layers
+    fs = Filesystems(check(Stack(lowers=[lower], upper=upper, work=work, uuid=value)))
+    return settle_uuid(fs, upper, TRUSTED), fs.uuid_mode, fs.warnings
+
+
+@pytest.mark.parametrize("value", ["on", "auto"])
+def test_the_overlay_uuid_made_then_read_back(tmp_path, value):
+    """uuid=on, or auto on a new upper: a random UUID is made and stored on the upper root, and the mount goes
+    on as uuid=on; a later mount reads the same one back."""
+    layers = _layers(tmp_path)
+    made, mode, warnings = _settled(layers, value)
+    assert (len(made), mode, warnings) == (16, "on", [])
+    assert os.getxattr(layers[1], TRUSTED + "uuid") == made
+    assert _settled(layers, value) == (made, value, [])
+    assert _settled(layers, "null") == (None, "null", [])  # null: none, whatever the upper holds
+
+
+@pytest.mark.parametrize("failing, value, action", [
+    ("uuid", "on", "get"), ("uuid", "auto", "get"), ("impure", "auto", "get"), ("set", "on", "set"),
+])
+def test_an_overlay_uuid_that_cannot_be_read_or_stored(tmp_path, monkeypatch, failing, value, action):
+    """Reading the stored UUID (or, for auto, whether the upper was used before) or storing a new one fails
+    otherwise than with ENODATA: uuid=null, with one line naming the upper, what failed and why."""
+    layers = _layers(tmp_path)
+    upper = layers[1]
+    real_getxattr, real_setxattr = os.getxattr, os.setxattr
+
+    def getxattr(path, name, *args, **kwargs):
+        if name == TRUSTED + failing:
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return real_getxattr(path, name, *args, **kwargs)
+
+    def setxattr(path, name, *args, **kwargs):
+        if failing == "set" and name == TRUSTED + "uuid":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return real_setxattr(path, name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "getxattr", getxattr)
+    monkeypatch.setattr(os, "setxattr", setxattr)
+    reason = os.strerror(errno.ENOSPC if failing == "set" else errno.EACCES)
+    assert _settled(layers, value) == (None, "null", [
+        f"upperdir {upper}: cannot {action} the overlay's uuid ({reason}); going on with uuid=null"])
+    monkeypatch.undo()
+    with pytest.raises(OSError) as e:
+        os.getxattr(upper, TRUSTED + "uuid")
+    assert e.value.errno == errno.ENODATA
 
 
 @pytest.mark.parametrize("written,read,followed", [
