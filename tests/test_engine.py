@@ -1118,6 +1118,37 @@ class TestCopyUp:
         env.union()
         assert os.listdir(env.staging) == []
 
+    @pytest.mark.parametrize("existing", [False, True], ids=["new", "left-over"])
+    def test_staging_takes_no_group_or_acl_from_the_workdir(self, env, existing):
+        """A set-group-ID workdir with a default ACL: as the kernel's, W/work keeps neither, so a whiteout
+        made there belongs to the caller and copies and new directories carry no ACL of the workdir's."""
+        low = env.lower()
+        put(low, "a", b"a")
+        put(low, "b", b"b")
+        mkdirs(low, "d")
+        os.chown(env.work, -1, 1234)
+        os.chmod(env.work, 0o2755)
+        os.setxattr(env.work, acl.DEFAULT, acl.pack([(acl.USER_OBJ, 7, 0xFFFFFFFF), (acl.USER, 7, 1234),
+                                                     (acl.GROUP_OBJ, 5, 0xFFFFFFFF), (acl.MASK, 7, 0xFFFFFFFF),
+                                                     (acl.OTHER, 5, 0xFFFFFFFF)]))
+        if existing:
+            os.mkdir(env.staging)  # inherits the group, the bit and the ACL
+            assert os.lstat(env.staging).st_mode & stat.S_ISGID and acl.DEFAULT in os.listxattr(env.staging)
+        u = env.union()
+        assert os.lstat(env.staging).st_mode == stat.S_IFDIR | 0o000
+        assert os.listxattr(env.staging) == []
+        u.chmod("/d", 0o700)
+        u.mkdir("/n", 0o755)
+        u.unlink("/b")  # a whiteout made in W/work and renamed in
+        u.chmod("/a", 0o600)
+        u.unlink("/a")  # one that replaces an upper file
+        for name in ("a", "b"):
+            assert is_whiteout_at(env.upper / name) and os.lstat(env.upper / name).st_gid == os.getegid(), name
+        assert os.listxattr(env.upper / "d") == [TRUSTED + "origin"]
+        assert os.listxattr(env.upper / "n") == []
+        assert (stat.S_IMODE(os.lstat(env.upper / "d").st_mode), stat.S_IMODE(os.lstat(env.upper / "n").st_mode)) \
+            == (0o700, 0o755)
+
     def test_workdir_is_claimed_by_one_engine_at_a_time(self, env):
         env.lower()
         env.union()
