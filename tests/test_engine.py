@@ -1860,6 +1860,20 @@ class TestRename:
         u.rename("/" + "l" * 255, "/" + "k" * 255)  # relative: any length
         assert xattr(env.upper / ("k" * 255), TRUSTED + "redirect") == b"l" * 255
 
+    def test_an_absolute_redirect_kept_may_be_any_length(self, env):
+        """One the directory has already (a kernel with a larger redirect_max wrote it) is kept on a move,
+        as the kernel's ovl_set_redirect keeps it: only a redirect made now is held to 256 bytes."""
+        low = env.lower()
+        deep = "/".join(["d" * 100] * 3)
+        put(low, deep + "/f", b"f")
+        mkdirs(env.upper, "b")
+        mkdirs(env.upper, "c")
+        os.setxattr(env.upper / "b", TRUSTED + "redirect", ("/" + deep).encode())
+        u = env.union(redirect_dir="on")
+        u.rename("/b", "/c/b2")
+        assert xattr(env.upper / "c/b2", TRUSTED + "redirect") == ("/" + deep).encode()
+        assert names(u, "/c/b2") == ["f"]
+
     def test_a_full_copy_of_a_moved_file_gets_no_redirect(self, env):
         low = env.lower()
         put(low, "a/f", b"f")
