@@ -1376,6 +1376,49 @@ class TestCreate:
         finally:
             u.release(h)
 
+    def test_a_symlink_target_too_long_is_refused_as_symlink_refuses_it(self, env):
+        env.lower()
+        u = env.union()
+        assert errno_of(u.symlink, "/l", "t" * 4096) == errno.ENAMETOOLONG  # PATH_MAX with its NUL
+        assert tree(env.upper) == {}
+
+    def test_a_name_that_appears_in_the_upper_meanwhile_is_kept(self, env, monkeypatch):
+        """Something put at the name in the upper after the lookup (behind the mount's back) is never
+        replaced: EEXIST naming the merged path, and the new object goes."""
+        from cowfs.overlay import fileattr as fileattr_module
+        env.lower()
+        u = env.union()
+        real_for_new, real_inherit = acl.for_new, fileattr_module.inherit_flags
+
+        def appears(name, then):
+            def call(*args):
+                put(env.upper, name, b"theirs")
+                return then(*args)
+            return call
+        monkeypatch.setattr(acl, "for_new", appears("seen", real_for_new))  # before the engine looks at the name
+        error = errno_of_error(u.mkdir, "/seen", 0o755)
+        assert (error.errno, error.filename) == (errno.EEXIST, "/seen")
+        monkeypatch.setattr(acl, "for_new", real_for_new)
+        monkeypatch.setattr(fileattr_module, "inherit_flags", appears("late", real_inherit))  # just before the rename
+        assert errno_of(u.mkdir, "/late", 0o755) == errno.EEXIST
+        assert tree(env.upper) == {"seen": "file", "late": "file"}
+        assert (env.upper / "seen").read_bytes() == (env.upper / "late").read_bytes() == b"theirs"
+
+    def test_new_objects_in_a_set_group_id_directory(self, env):
+        """They take its group, and a new directory its set-group-ID bit, as the kernel gives them."""
+        low = env.lower()
+        sg = mkdirs(low, "sg", 0o755)
+        os.chown(sg, -1, 1234)
+        os.chmod(sg, 0o2775)
+        u = env.union()
+        u.mkdir("/sg/d", 0o750, owner=(1001, 1002))
+        h = u.create("/sg/f", stat.S_IFREG | 0o640, O_WRONLY | os.O_CREAT, owner=(1001, 1002))
+        u.release(h)
+        d, f = os.lstat(env.upper / "sg/d"), os.lstat(env.upper / "sg/f")
+        assert (d.st_uid, d.st_gid, d.st_mode) == (1001, 1234, stat.S_IFDIR | 0o2750)
+        assert (f.st_uid, f.st_gid, f.st_mode) == (1001, 1234, stat.S_IFREG | 0o640)
+
+
 
 # =============================================================================================
 # deleting
@@ -1573,6 +1616,78 @@ class TestDelete:
         u2 = env.union()
         assert names(u2, "/d") == []
         assert names(u2, "/") == ["d"]
+
+    def test_whiteouts_in_a_set_group_id_directory_belong_to_the_caller(self, env):
+        """As the kernel makes them in its workdir: not of the directory's group, as RENAME_WHITEOUT
+        would make the one that replaces an upper file."""
+        low = env.lower()
+        put(low, "sg/up", b"u")
+        put(low, "sg/low", b"l")
+        put(low, "sg/dir/inner", b"i")
+        u = env.union()
+        u.chmod("/sg/up", 0o600)
+        u.unlink("/sg/dir/inner")
+        os.chown(env.upper / "sg", -1, 1234)
+        os.chmod(env.upper / "sg", 0o2755)
+        u.unlink("/sg/up")
+        u.unlink("/sg/low")
+        u.rmdir("/sg/dir")
+        for name in ("up", "low", "dir"):
+            st = os.lstat(env.upper / "sg" / name)
+            assert is_whiteout_at(env.upper / "sg" / name) and st.st_gid == os.getegid(), name
+        assert names(u, "/sg") == []
+
+    @pytest.mark.parametrize("code", [errno.EINVAL, errno.EOPNOTSUPP, errno.EIO])
+    def test_an_upper_without_rename_whiteout(self, env, monkeypatch, code):
+        """An upper filesystem that cannot RENAME_WHITEOUT (EINVAL, EOPNOTSUPP) gets the whiteout made in
+        the workdir and exchanged in; another failure is the caller's, and the file stays."""
+        from cowfs.overlay import namespace
+        low = env.lower()
+        put(low, "f", b"lower")
+        u = env.union()
+        write_at(u, "/f", b"UPPER")
+        real_rename2 = namespace.rename2
+
+        def rename2(old, new, flags=0):
+            if flags == namespace.RENAME_WHITEOUT:
+                raise OSError(code, os.strerror(code), old)
+            return real_rename2(old, new, flags)
+        monkeypatch.setattr(namespace, "rename2", rename2)
+        if code == errno.EIO:
+            assert errno_of(u.unlink, "/f") == errno.EIO
+            assert read_all(u, "/f") == b"UPPER"
+        else:
+            u.unlink("/f")
+            assert tree(env.upper) == {"f": "whiteout"}
+            assert names(u, "/") == []
+
+    def test_a_whiteout_never_replaces_what_appeared_in_the_upper_meanwhile(self, env, monkeypatch):
+        """A lower name's whiteout lands with RENAME_NOREPLACE: a file put at the name in the upper after
+        the lookup (behind the mount's back) stays, and the unlink fails with EEXIST."""
+        from cowfs.overlay import namespace
+        low = env.lower()
+        put(low, "f", b"lower")
+        u = env.union()
+        real_make = namespace.make_whiteout
+
+        def make_whiteout(path):
+            put(env.upper, "f", b"theirs")
+            real_make(path)
+        monkeypatch.setattr(namespace, "make_whiteout", make_whiteout)
+        assert errno_of(u.unlink, "/f") == errno.EEXIST
+        assert tree(env.upper) == {"f": "file"} and (env.upper / "f").read_bytes() == b"theirs"
+
+    def test_a_new_object_at_a_removed_name_shows_its_own_number(self, env):
+        """Under userxattr a copied symlink's number is kept in memory by name; removing the name drops it."""
+        low = env.lower()
+        os.symlink("old", low / "s")
+        u = env.union(userxattr=True)
+        old = u.getattr("/s")["st_ino"]
+        u.chown("/s", 0, 0)
+        assert u.getattr("/s")["st_ino"] == old
+        u.unlink("/s")
+        u.symlink("/s", "new")
+        assert u.getattr("/s")["st_ino"] == os.lstat(env.upper / "s").st_ino != old
 
 
 # =============================================================================================
@@ -2161,6 +2276,18 @@ class TestFileFlags:
         u.setflags("/idir", u.getflags("/idir") & ~IMMUTABLE_FL)
         create(u, "/idir/new.txt", b"x")
         assert names(u, "/idir") == ["inner.txt", "new.txt"]
+
+    def test_a_refused_removal_names_the_path(self, env, flagged):
+        """EPERM for a protected object, or one in a protected directory, names the object's merged path."""
+        low = env.lower()
+        put(low, "imm.txt", b"i")
+        put(low, "adir/inner.txt", b"a")
+        flagged(low / "imm.txt", IMMUTABLE_FL)
+        flagged(low / "adir", APPEND_FL)
+        u = env.union()
+        for path in ("/imm.txt", "/adir/inner.txt"):
+            error = errno_of_error(u.unlink, path)
+            assert (error.errno, error.filename) == (errno.EPERM, path)
 
     def test_copy_up_keeps_sync_and_noatime_on_the_upper_inode(self, env, flagged):
         low = env.lower()
@@ -3107,6 +3234,19 @@ class TestIndex:
         assert tree(env.upper) == {"hl": "dir", "hl/one": "whiteout", "hl/two": "whiteout", "hl/three": "whiteout"}
         u.unlink("/pair/b")
         assert self.links(u, "/pair/a") == {(os.lstat(low / "pair/a").st_ino, 1)}
+
+    def test_with_metacopy_a_name_goes_after_a_metadata_only_copy(self, env):
+        """The copy-up through the index before a name goes copies no data under metacopy=on, as the kernel's."""
+        low = self.stack(env)
+        u = env.union(index=True, metacopy=True, redirect_dir="on")
+        ino = os.lstat(low / "hl/one").st_ino
+        u.unlink("/hl/one")
+        [entry] = self.entries(env)
+        index = env.work / "index" / entry
+        assert xattr(index, TRUSTED + "metacopy") is not None
+        assert xattr(index, TRUSTED + "nlink") == b"U+1"  # as the kernel writes it
+        assert self.links(u, "/hl/two", "/hl/three") == {(ino, 2)}
+        assert read_all(u, "/hl/two") == b"one file, three names\n"
 
     def test_renames_and_links_keep_one_inode(self, env):
         low = self.stack(env)
@@ -4835,6 +4975,49 @@ class TestRecordedAttributes:
         assert (os.lstat(env.upper / "link").st_uid, os.lstat(env.upper / "link").st_gid) == (41, 42)
         assert (os.lstat(env.upper / "odd").st_uid, os.lstat(env.upper / "odd").st_gid) == (43, 44)
         assert recorded_on(env.upper / "odd") == "7:7:0700:dir"
+
+    def test_new_objects_take_a_recorded_set_group_id(self, env):
+        """A directory recorded set-group-ID passes its recorded group (and a new directory the bit) on, as
+        its attributes show; a record of a type the directory cannot show is none, and its disk mode counts."""
+        low = image_layer(env)
+        record(mkdirs(low, "sg", 0o755), "0:1234:2775:dir")
+        record(mkdirs(low, "odd", 0o755), "0:1234:2775:file")
+        u = env.union()
+        u.mkdir("/sg/d", 0o750, owner=(1001, 1002))
+        u.mkdir("/odd/d", 0o750, owner=(1001, 1002))
+        h = u.create("/sg/f", stat.S_IFREG | 0o640, O_WRONLY | os.O_CREAT, owner=(1001, 1002))
+        u.release(h)
+        shown = {p: u.getattr(p) for p in ("/sg/d", "/odd/d", "/sg/f")}
+        assert {p: (a["st_uid"], a["st_gid"], a["st_mode"]) for p, a in shown.items()} == {
+            "/sg/d": (1001, 1234, stat.S_IFDIR | 0o2750), "/odd/d": (1001, 1002, stat.S_IFDIR | 0o750),
+            "/sg/f": (1001, 1234, stat.S_IFREG | 0o640)}
+
+    def test_an_owner_that_cannot_be_given_without_a_marked_upper(self, env, monkeypatch):
+        """A marked lower is not enough to record the owner of a new object: the upper must be marked.
+        Without it the failure is the caller's (EPERM, no descriptor left open, nothing in the upper); with
+        the mapping options the object stays this process's, and nothing is recorded."""
+        image_layer(env)
+        real_chown = os.chown
+
+        def unprivileged_chown(path, uid, gid, **kwargs):
+            if uid not in (-1, os.geteuid()) or gid not in (-1, os.getegid()):
+                raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), path)
+            return real_chown(path, uid, gid, **kwargs)
+        monkeypatch.setattr(os, "chown", unprivileged_chown)
+        u = env.union()
+        fds = set(os.listdir("/proc/self/fd"))
+        assert errno_of(u.mkdir, "/theirs", 0o750, owner=(1001, 1002)) == errno.EPERM
+        assert errno_of(u.create, "/theirs", stat.S_IFREG | 0o640, O_WRONLY | os.O_CREAT,
+                        owner=(1001, 1002)) == errno.EPERM
+        assert set(os.listdir("/proc/self/fd")) <= fds
+        assert tree(env.upper) == {}
+        u.close()
+        u = env.union(uidmapping=((0, 1000, 2000),), gidmapping=((0, 1000, 2000),))
+        u.mkdir("/mapped", 0o750, owner=(1001, 1002))
+        u.symlink("/mapped-link", "x", owner=(1001, 1002))
+        for name in ("mapped", "mapped-link"):
+            st = os.lstat(env.upper / name)
+            assert (st.st_uid, st.st_gid, recorded_on(env.upper / name)) == (os.geteuid(), os.getegid(), None)
 
 # ---------------------------------------------------------------------------------------------
 # copy-up keeps file capabilities and set-id bits (chown clears both: the copy is owned first)
