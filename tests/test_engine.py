@@ -14,6 +14,7 @@ format the engine writes into the upper.
 """
 
 import collections
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -903,22 +904,38 @@ class TestCopyUp:
             blocks = os.lstat(env.upper / "f").st_blocks
             assert blocks <= lower_blocks + 64, f"copy-up filled holes: {blocks} blocks"
 
-    def test_copy_up_of_a_file_that_shrank_stops_at_its_end(self, env, monkeypatch):
-        """The lower file is shorter than its stat said (it changed under the overlay): no endless loop."""
+    @pytest.mark.parametrize("way", ["copy_file_range", "read"])
+    def test_copy_up_of_a_file_that_shrank_stops_at_its_end(self, env, monkeypatch, way):
+        """The lower file is shorter than its stat said (it changed under the overlay): no endless loop,
+        and no read past the end once one has come back empty."""
         low = env.lower()
         put(low, "f", b"x" * 5000)
         u = env.union()
-        real_copy_data, real_lseek = copyup.copy_data, os.lseek
+        real_copy_data, real_lseek, real_pread = copyup.copy_data, os.lseek, os.pread
+        reads = []
 
         def lseek(fd, pos, how):  # no SEEK_DATA: the copy asks for every byte up to the size it was told
             if how in (os.SEEK_DATA, os.SEEK_HOLE):
                 raise OSError(errno.EINVAL, "no SEEK_DATA here")
             return real_lseek(fd, pos, how)
+
+        def pread(fd, count, offset):
+            reads.append(offset)
+            return real_pread(fd, count, offset)
         monkeypatch.setattr(os, "lseek", lseek)
         monkeypatch.setattr(copyup, "copy_data", lambda src, dst, size: real_copy_data(src, dst, size + 100_000))
+        def refused(code):
+            def call(*args):
+                raise OSError(code, os.strerror(code))
+            return call
+        if way == "read":
+            monkeypatch.setattr(os, "copy_file_range", refused(errno.EXDEV))
+            monkeypatch.setattr(os, "sendfile", refused(errno.EINVAL))
+            monkeypatch.setattr(os, "pread", pread)
         u.chmod("/f", 0o600)
         monkeypatch.undo()
         assert (env.upper / "f").read_bytes() == b"x" * 5000 + bytes(100_000)
+        assert reads == ([0, 5000] if way == "read" else [])
 
     def test_chmod_copies_up_and_changes_only_the_mode(self, env):
         low = env.lower()
@@ -1109,6 +1126,52 @@ class TestCopyUp:
         u = env.union()
         write_at(u, "/f", b"U", 0)
         assert (env.upper / "f").read_bytes() == b"Upper!"
+
+    @staticmethod
+    def meanwhile(monkeypatch, u, action):
+        """Run `action` once, as another process would, when the data copy-up of a file has begun and
+        before it looks at the name again under the engine lock."""
+        union, real_hold = u._union, u._union._object_locks.hold
+        fired = []
+
+        @contextlib.contextmanager
+        def hold(key):
+            if not fired and isinstance(key[0], bool):
+                fired.append(key)
+                action()
+                union._changed()
+            with real_hold(key):
+                yield
+        monkeypatch.setattr(union._object_locks, "hold", hold)
+        return fired
+
+    def test_a_copy_up_done_meanwhile_is_used(self, env, monkeypatch):
+        low = env.lower()
+        put(low, "f", b"lower")
+        u = env.union()
+        fired = self.meanwhile(monkeypatch, u, lambda: put(env.upper, "f", b"theirs"))
+        write_at(u, "/f", b"X")
+        assert fired and (env.upper / "f").read_bytes() == b"Xheirs"
+
+    def test_a_name_gone_meanwhile_is_enoent(self, env, monkeypatch):
+        low = env.lower()
+        put(low, "f", b"lower")
+        u = env.union()
+        fired = self.meanwhile(monkeypatch, u, lambda: whiteout(env.upper, "f"))
+        assert errno_of(write_at, u, "/f", b"X") == errno.ENOENT
+        assert fired and tree(env.upper) == {"f": "whiteout"}
+
+    def test_a_metadata_only_copy_replaced_meanwhile_is_not_filled(self, env, monkeypatch):
+        """The upper file that now has the name is another: it is written as it is, not filled with the data."""
+        low = env.lower()
+        put(low, "f", b"lower")
+        u = env.union(metacopy=True, redirect_dir="on")
+        u.chmod("/f", 0o600)
+        assert xattr(env.upper / "f", TRUSTED + "metacopy") is not None
+        put(env.upper, "g", b"other")
+        fired = self.meanwhile(monkeypatch, u, lambda: os.rename(env.upper / "g", env.upper / "f"))
+        write_at(u, "/f", b"X")
+        assert fired and (env.upper / "f").read_bytes() == b"Xther"
 
     def test_leftovers_in_staging_are_cleaned_at_the_next_mount(self, env):
         env.lower()
@@ -4489,6 +4552,19 @@ class TestVerity:
             assert parse_options(["lowerdir=/l,verity=on," + other]).verity == "on"
         assert parse_options([stack.option_string()]) == stack
         assert "verity=require" in stack.option_string().split(",")
+
+    def test_data_gone_while_measured_is_enoent_naming_the_path(self, env):
+        """The lower file vanishing under the measurement (behind the mount's back) fails the copy-up with
+        ENOENT for the merged path, and leaves nothing in the upper."""
+        low = env.lower()
+        put(low, "d/f", b"lower data")
+
+        def gone(path):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+        u = verity_union(env, "on", gone)
+        error = errno_of_error(u.chmod, "/d/f", 0o600)
+        assert (error.errno, error.filename) == (errno.ENOENT, "/d/f")
+        assert not os.path.lexists(env.upper / "d/f")
 
     def test_off_measures_nothing(self, env):
         low = env.lower()
