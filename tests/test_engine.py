@@ -1212,6 +1212,23 @@ class TestCopyUp:
         assert (stat.S_IMODE(os.lstat(env.upper / "d").st_mode), stat.S_IMODE(os.lstat(env.upper / "n").st_mode)) \
             == (0o700, 0o755)
 
+    @pytest.mark.parametrize("code", [errno.EOPNOTSUPP, errno.EIO], ids=["no-acls", "eio"])
+    def test_staging_where_acls_cannot_be_removed(self, env, monkeypatch, code):
+        """A workdir filesystem without ACLs (EOPNOTSUPP) has none to remove; another failure is raised,
+        and leaves no descriptor open."""
+        env.lower()
+
+        def removexattr(target, name, *args, **kwargs):
+            raise OSError(code, os.strerror(code))
+        monkeypatch.setattr(os, "removexattr", removexattr)
+        fds = set(os.listdir("/proc/self/fd"))
+        if code == errno.EIO:
+            assert errno_of(env.union) == errno.EIO
+            assert set(os.listdir("/proc/self/fd")) <= fds
+        else:
+            env.union()
+            assert os.lstat(env.staging).st_mode == stat.S_IFDIR | 0o000
+
     def test_workdir_is_claimed_by_one_engine_at_a_time(self, env):
         env.lower()
         env.union()
