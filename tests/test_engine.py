@@ -1181,6 +1181,24 @@ class TestCopyUp:
         env.union()
         assert os.listdir(env.staging) == []
 
+    @pytest.mark.parametrize("what", ["symlink", "file"])
+    def test_a_non_directory_at_staging_is_replaced_not_followed(self, env, tmp_path, what):
+        """W/work that is a symlink or a file goes, and a directory is made in its place: nothing outside
+        the workdir is touched."""
+        low = env.lower()
+        put(low, "f", b"lower")
+        outside = mkdirs(tmp_path, "outside")
+        put(outside, "keep", b"keep")
+        if what == "symlink":
+            os.symlink(outside, env.staging)
+        else:
+            put(env.work, "work", b"junk")
+        u = env.union()
+        write_at(u, "/f", b"L")
+        assert stat.S_ISDIR(os.lstat(env.staging).st_mode) and os.listdir(env.staging) == []
+        assert os.listdir(outside) == ["keep"] and (outside / "keep").read_bytes() == b"keep"
+        assert (env.upper / "f").read_bytes() == b"Lower"
+
     @pytest.mark.parametrize("existing", [False, True], ids=["new", "left-over"])
     def test_staging_takes_no_group_or_acl_from_the_workdir(self, env, existing):
         """A set-group-ID workdir with a default ACL: as the kernel's, W/work keeps neither, so a whiteout
