@@ -1173,13 +1173,47 @@ class TestCopyUp:
         write_at(u, "/f", b"X")
         assert fired and (env.upper / "f").read_bytes() == b"Xther"
 
-    def test_leftovers_in_staging_are_cleaned_at_the_next_mount(self, env):
+    def test_leftovers_in_staging_are_cleaned_at_the_next_mount(self, env, tmp_path):
+        """A symlink among them goes, not what it points to."""
         env.lower()
         os.mkdir(env.staging)
         put(env.staging, "#leftover-file", b"junk")
         put(env.staging, "#leftover-dir/deep/x", b"junk")
+        outside = mkdirs(tmp_path, "outside")
+        put(outside, "keep", b"keep")
+        os.symlink(outside, env.staging / "#leftover-link")
         env.union()
         assert os.listdir(env.staging) == []
+        assert os.listdir(outside) == ["keep"]
+
+    def test_a_volatile_mark_refuses_the_workdir_in_one_line(self, env):
+        env.lower()
+        put(env.staging, "incompat/volatile/x", b"")
+        with pytest.raises(StackError) as info:
+            env.union()
+        mark = env.staging / "incompat/volatile"
+        assert str(info.value) == (f"workdir {env.work}: a volatile mount used it, so a crash may have lost data in "
+                                   f"the upper (if you know it did not: rm -r {mark})")
+        assert os.path.isdir(mark)
+
+    def test_a_symlink_made_at_staging_meanwhile_is_not_followed(self, env, tmp_path, monkeypatch):
+        """One that appears at W/work after it was checked (another process) refuses the workdir: nothing
+        outside it is emptied or changed."""
+        env.lower()
+        outside = mkdirs(tmp_path, "outside", 0o755)
+        put(outside, "keep", b"keep")
+        real_mkdir = os.mkdir
+
+        def mkdir(path, mode=0o777, *, dir_fd=None):
+            if path == "work" and dir_fd is not None:
+                os.symlink(outside, env.staging)
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
+            return real_mkdir(path, mode, dir_fd=dir_fd)
+        monkeypatch.setattr(os, "mkdir", mkdir)
+        assert errno_of(env.union) in (errno.ELOOP, errno.ENOTDIR)
+        monkeypatch.undo()
+        assert os.listdir(outside) == ["keep"] and stat.S_IMODE(os.lstat(outside).st_mode) == 0o755
+        os.unlink(env.staging)
 
     @pytest.mark.parametrize("what", ["symlink", "file"])
     def test_a_non_directory_at_staging_is_replaced_not_followed(self, env, tmp_path, what):
