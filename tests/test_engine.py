@@ -1145,6 +1145,34 @@ class TestCopyUp:
         monkeypatch.setattr(union._object_locks, "hold", hold)
         return fired
 
+    def test_copy_ups_of_two_files_do_not_wait_for_each_other(self, env, monkeypatch):
+        """The data copy of one file, however long it takes, leaves another file's copy-up free to go."""
+        low = env.lower()
+        put(low, "a", b"a")
+        put(low, "b", b"b")
+        union = env.union()._union  # unchecked: W/work holds /a's copy while /b's calls return
+        real_build = union._build
+        started, release = threading.Event(), threading.Event()
+
+        def build(node, tmp):
+            if node.path == "/a":
+                started.set()
+                release.wait(10)
+            return real_build(node, tmp)
+        monkeypatch.setattr(union, "_build", build)
+        first = threading.Thread(target=write_at, args=(union, "/a", b"A"))
+        first.start()
+        try:
+            assert started.wait(10)
+            second = threading.Thread(target=write_at, args=(union, "/b", b"B"))
+            second.start()
+            second.join(5)
+            assert not second.is_alive(), "the copy-up of /b waited for the one of /a"
+        finally:
+            release.set()
+            first.join(10)
+        assert [(env.upper / n).read_bytes() for n in ("a", "b")] == [b"A", b"B"]
+
     def test_a_copy_up_done_meanwhile_is_used(self, env, monkeypatch):
         low = env.lower()
         put(low, "f", b"lower")
