@@ -904,6 +904,18 @@ class TestCopyUp:
             blocks = os.lstat(env.upper / "f").st_blocks
             assert blocks <= lower_blocks + 64, f"copy-up filled holes: {blocks} blocks"
 
+    def test_copy_up_of_a_file_that_grew_has_the_size_it_was_told(self, env, monkeypatch):
+        """The lower file is longer than its stat said (it changed under the overlay): the copy stops at
+        that size."""
+        low = env.lower()
+        put(low, "f", b"x" * 5000 + b"y" * 5000)
+        u = env.union()
+        real_copy_data = copyup.copy_data
+        monkeypatch.setattr(copyup, "copy_data", lambda src, dst, size: real_copy_data(src, dst, size - 5000))
+        u.chmod("/f", 0o600)
+        monkeypatch.undo()
+        assert (env.upper / "f").read_bytes() == b"x" * 5000
+
     @pytest.mark.parametrize("way", ["copy_file_range", "read"])
     def test_copy_up_of_a_file_that_shrank_stops_at_its_end(self, env, monkeypatch, way):
         """The lower file is shorter than its stat said (it changed under the overlay): no endless loop,
@@ -1188,6 +1200,23 @@ class TestCopyUp:
         fired = self.meanwhile(monkeypatch, u, lambda: whiteout(env.upper, "f"))
         assert errno_of(write_at, u, "/f", b"X") == errno.ENOENT
         assert fired and tree(env.upper) == {"f": "whiteout"}
+
+    def test_the_data_of_a_metadata_only_copy_goes_in_through_a_private_descriptor(self, env, monkeypatch):
+        """The upper file is opened without following a symlink, and close-on-exec (the copy may take long)."""
+        low = env.lower()
+        put(low, "f", b"lower")
+        u = env.union(metacopy=True, redirect_dir="on")
+        u.chmod("/f", 0o600)
+        seen = []
+        real_fill = copyup.fill_data
+
+        def fill_data(src, fd, **kwargs):
+            seen.append((fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NOFOLLOW, fcntl.fcntl(fd, fcntl.F_GETFD)))
+            return real_fill(src, fd, **kwargs)
+        monkeypatch.setattr(copyup, "fill_data", fill_data)
+        write_at(u, "/f", b"L")
+        assert seen == [(os.O_NOFOLLOW, fcntl.FD_CLOEXEC)]
+        assert read_all(u, "/f") == b"Lower"
 
     def test_a_metadata_only_copy_replaced_meanwhile_is_not_filled(self, env, monkeypatch):
         """The upper file that now has the name is another: it is written as it is, not filled with the data."""
@@ -4086,7 +4115,8 @@ class TestEvents:
         assert kinds == [("copy_up", "/etc"), ("copy_up", "/etc/hosts"), ("whiteout", "/etc/motd"),
                          ("whiteout_removed", "/etc/motd"), ("create", "/etc/motd"), ("opaque", "/etc/motd")]
         hosts = seen[1]
-        assert (hosts["layer"], hosts["kind"], hosts["bytes"], hosts["trigger"]) == (1, "file", 20, "open for write")
+        assert (hosts["layer"], hosts["kind"], hosts["bytes"], hosts["trigger"], hosts["metadata_only"]) == \
+            (1, "file", 20, "open for write", False)
         assert seen[0]["trigger"] == "open for write" and seen[0]["kind"] == "dir"
         assert hosts["seconds"] >= 0
 
