@@ -1185,6 +1185,34 @@ class TestCopyUp:
             first.join(10)
         assert [(env.upper / n).read_bytes() for n in ("a", "b")] == [b"A", b"B"]
 
+    def test_the_lower_file_is_read_through_a_private_descriptor(self, env, monkeypatch):
+        """Opened without following a symlink, and close-on-exec (the copy may take long); a lower file
+        already open in the engine is read through a descriptor of its own, close-on-exec too."""
+        low = env.lower()
+        put(low, "f", b"lower")
+        put(low, "g", b"other")
+        seen = []
+        real_copy_data = copyup.copy_data
+
+        def copy_data(src, dst, size):
+            seen.append((fcntl.fcntl(src, fcntl.F_GETFL) & os.O_NOFOLLOW, fcntl.fcntl(src, fcntl.F_GETFD)))
+            return real_copy_data(src, dst, size)
+        monkeypatch.setattr(copyup, "copy_data", copy_data)
+        u = env.union()
+        u.chmod("/f", 0o600)
+        assert seen == [(os.O_NOFOLLOW, fcntl.FD_CLOEXEC)]
+        seen.clear()
+        fd = os.open(low / "g", O_RDONLY)
+        out = os.open(env.tmp / "g-copy", O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(out, 5)  # a metadata-only copy has its size
+            copyup.fill_data(fd, out)
+        finally:
+            os.close(out)
+            os.close(fd)
+        assert [flags for _, flags in seen] == [fcntl.FD_CLOEXEC]
+        assert (env.tmp / "g-copy").read_bytes() == b"other"
+
     def test_a_copy_up_done_meanwhile_is_used(self, env, monkeypatch):
         low = env.lower()
         put(low, "f", b"lower")
@@ -4182,6 +4210,17 @@ class TestEvents:
         write_at(u, "/f", b"D")
         assert [(e["event"], e["layer"], e.get("data_only")) for e in seen] == [("copy_up", 2, True)]
         assert read_all(u, "/f") == b"Data" + b"data" * 99
+
+    def test_a_lower_metadata_only_file_copied_whole_takes_its_data_from_below(self, env):
+        top, bottom = env.lower(), env.lower()
+        put(bottom, "f", b"data" * 100)
+        put(top, "f", b"")
+        os.truncate(top / "f", 400)
+        os.setxattr(top / "f", TRUSTED + "metacopy", b"")
+        u = env.union(metacopy=True, redirect_dir="on")
+        write_at(u, "/f", b"D")
+        assert (env.upper / "f").read_bytes() == b"Data" + b"data" * 99
+        assert TRUSTED + "metacopy" not in os.listxattr(env.upper / "f")
 
     def test_a_copy_up_by_another_operation_names_it(self, env):
         low = env.lower()
