@@ -817,6 +817,22 @@ class TestCopyUp:
         assert {n for n, ino, _ in u.readdir("/") if n in ("link", "fifo")} == {"link", "fifo"}
         assert {n: ino for n, ino, _ in u.readdir("/") if "/" + n in before} == {n[1:]: i for n, i in before.items()}
 
+    @pytest.mark.parametrize("userxattr", [False, True], ids=["trusted", "userxattr"])
+    def test_a_copy_without_an_origin_shows_its_own_number(self, env, monkeypatch, userxattr):
+        """Where no file handle can be recorded, a copied symlink (without userxattr) or file shows its
+        upper inode's number: only what cannot carry a user.* xattr under userxattr keeps one in memory."""
+        low = env.lower()
+        put(low, "f", b"f")
+        os.symlink("f", low / "l")
+
+        def no_handles(*args, **kwargs):
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        monkeypatch.setattr(handles, "encode", no_handles)
+        u = env.union(userxattr=userxattr)
+        name = "f" if userxattr else "l"
+        u.chown("/" + name, 1234, 1234)
+        assert u.getattr("/" + name)["st_ino"] == os.lstat(env.upper / name).st_ino
+
     def test_copy_up_keeps_holes(self, env):
         low = env.lower()
         size = 64 << 20
@@ -3451,6 +3467,23 @@ class TestIndex:
         assert tree(env.upper) == {"hl": "dir", "hl/one": "whiteout", "hl/two": "whiteout", "hl/three": "whiteout"}
         u.unlink("/pair/b")
         assert self.links(u, "/pair/a") == {(os.lstat(low / "pair/a").st_ino, 1)}
+
+    def test_an_index_entry_that_appears_meanwhile_is_kept(self, env, monkeypatch):
+        """A copy goes into WORKDIR/index with RENAME_NOREPLACE: an entry put there after the lookup (behind
+        the mount's back) stays, and the copy-up fails with EEXIST."""
+        self.stack(env)
+        u = env.union(index=True)
+        real_rename2 = copyup.rename2
+
+        def rename2(src, dst, flags=0):
+            if os.path.dirname(dst) == str(env.work / "index"):
+                put(env.work / "index", os.path.basename(dst), b"theirs")
+            return real_rename2(src, dst, flags)
+        monkeypatch.setattr(copyup, "rename2", rename2)
+        assert errno_of(u.chmod, "/hl/one", 0o600) == errno.EEXIST
+        [entry] = self.entries(env)
+        assert (env.work / "index" / entry).read_bytes() == b"theirs"
+        assert not os.path.lexists(env.upper / "hl/one")
 
     def test_with_metacopy_a_name_goes_after_a_metadata_only_copy(self, env):
         """The copy-up through the index before a name goes copies no data under metacopy=on, as the kernel's."""
