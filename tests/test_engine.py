@@ -14,6 +14,7 @@ format the engine writes into the upper.
 """
 
 import collections
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -816,6 +817,22 @@ class TestCopyUp:
         assert {n for n, ino, _ in u.readdir("/") if n in ("link", "fifo")} == {"link", "fifo"}
         assert {n: ino for n, ino, _ in u.readdir("/") if "/" + n in before} == {n[1:]: i for n, i in before.items()}
 
+    @pytest.mark.parametrize("userxattr", [False, True], ids=["trusted", "userxattr"])
+    def test_a_copy_without_an_origin_shows_its_own_number(self, env, monkeypatch, userxattr):
+        """Where no file handle can be recorded, a copied symlink (without userxattr) or file shows its
+        upper inode's number: only what cannot carry a user.* xattr under userxattr keeps one in memory."""
+        low = env.lower()
+        put(low, "f", b"f")
+        os.symlink("f", low / "l")
+
+        def no_handles(*args, **kwargs):
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        monkeypatch.setattr(handles, "encode", no_handles)
+        u = env.union(userxattr=userxattr)
+        name = "f" if userxattr else "l"
+        u.chown("/" + name, 1234, 1234)
+        assert u.getattr("/" + name)["st_ino"] == os.lstat(env.upper / name).st_ino
+
     def test_copy_up_keeps_holes(self, env):
         low = env.lower()
         size = 64 << 20
@@ -903,22 +920,50 @@ class TestCopyUp:
             blocks = os.lstat(env.upper / "f").st_blocks
             assert blocks <= lower_blocks + 64, f"copy-up filled holes: {blocks} blocks"
 
-    def test_copy_up_of_a_file_that_shrank_stops_at_its_end(self, env, monkeypatch):
-        """The lower file is shorter than its stat said (it changed under the overlay): no endless loop."""
+    def test_copy_up_of_a_file_that_grew_has_the_size_it_was_told(self, env, monkeypatch):
+        """The lower file is longer than its stat said (it changed under the overlay): the copy stops at
+        that size."""
+        low = env.lower()
+        put(low, "f", b"x" * 5000 + b"y" * 5000)
+        u = env.union()
+        real_copy_data = copyup.copy_data
+        monkeypatch.setattr(copyup, "copy_data", lambda src, dst, size: real_copy_data(src, dst, size - 5000))
+        u.chmod("/f", 0o600)
+        monkeypatch.undo()
+        assert (env.upper / "f").read_bytes() == b"x" * 5000
+
+    @pytest.mark.parametrize("way", ["copy_file_range", "read"])
+    def test_copy_up_of_a_file_that_shrank_stops_at_its_end(self, env, monkeypatch, way):
+        """The lower file is shorter than its stat said (it changed under the overlay): no endless loop,
+        and no read past the end once one has come back empty."""
         low = env.lower()
         put(low, "f", b"x" * 5000)
         u = env.union()
-        real_copy_data, real_lseek = copyup.copy_data, os.lseek
+        real_copy_data, real_lseek, real_pread = copyup.copy_data, os.lseek, os.pread
+        reads = []
 
         def lseek(fd, pos, how):  # no SEEK_DATA: the copy asks for every byte up to the size it was told
             if how in (os.SEEK_DATA, os.SEEK_HOLE):
                 raise OSError(errno.EINVAL, "no SEEK_DATA here")
             return real_lseek(fd, pos, how)
+
+        def pread(fd, count, offset):
+            reads.append(offset)
+            return real_pread(fd, count, offset)
         monkeypatch.setattr(os, "lseek", lseek)
         monkeypatch.setattr(copyup, "copy_data", lambda src, dst, size: real_copy_data(src, dst, size + 100_000))
+        def refused(code):
+            def call(*args):
+                raise OSError(code, os.strerror(code))
+            return call
+        if way == "read":
+            monkeypatch.setattr(os, "copy_file_range", refused(errno.EXDEV))
+            monkeypatch.setattr(os, "sendfile", refused(errno.EINVAL))
+            monkeypatch.setattr(os, "pread", pread)
         u.chmod("/f", 0o600)
         monkeypatch.undo()
         assert (env.upper / "f").read_bytes() == b"x" * 5000 + bytes(100_000)
+        assert reads == ([0, 5000] if way == "read" else [])
 
     def test_chmod_copies_up_and_changes_only_the_mode(self, env):
         low = env.lower()
@@ -1110,13 +1155,232 @@ class TestCopyUp:
         write_at(u, "/f", b"U", 0)
         assert (env.upper / "f").read_bytes() == b"Upper!"
 
-    def test_leftovers_in_staging_are_cleaned_at_the_next_mount(self, env):
+    @staticmethod
+    def meanwhile(monkeypatch, u, action):
+        """Run `action` once, as another process would, when the data copy-up of a file has begun and
+        before it looks at the name again under the engine lock."""
+        union, real_hold = u._union, u._union._object_locks.hold
+        fired = []
+
+        @contextlib.contextmanager
+        def hold(key):
+            if not fired and isinstance(key[0], bool):
+                fired.append(key)
+                action()
+                union._changed()
+            with real_hold(key):
+                yield
+        monkeypatch.setattr(union._object_locks, "hold", hold)
+        return fired
+
+    def test_copy_ups_of_two_files_do_not_wait_for_each_other(self, env, monkeypatch):
+        """The data copy of one file, however long it takes, leaves another file's copy-up free to go."""
+        low = env.lower()
+        put(low, "a", b"a")
+        put(low, "b", b"b")
+        union = env.union()._union  # unchecked: W/work holds /a's copy while /b's calls return
+        real_build = union._build
+        started, release = threading.Event(), threading.Event()
+
+        def build(node, tmp):
+            if node.path == "/a":
+                started.set()
+                release.wait(10)
+            return real_build(node, tmp)
+        monkeypatch.setattr(union, "_build", build)
+        first = threading.Thread(target=write_at, args=(union, "/a", b"A"))
+        first.start()
+        try:
+            assert started.wait(10)
+            second = threading.Thread(target=write_at, args=(union, "/b", b"B"))
+            second.start()
+            second.join(5)
+            assert not second.is_alive(), "the copy-up of /b waited for the one of /a"
+        finally:
+            release.set()
+            first.join(10)
+        assert [(env.upper / n).read_bytes() for n in ("a", "b")] == [b"A", b"B"]
+
+    def test_the_lower_file_is_read_through_a_private_descriptor(self, env, monkeypatch):
+        """Opened without following a symlink, and close-on-exec (the copy may take long); a lower file
+        already open in the engine is read through a descriptor of its own, close-on-exec too."""
+        low = env.lower()
+        put(low, "f", b"lower")
+        put(low, "g", b"other")
+        seen = []
+        real_copy_data = copyup.copy_data
+
+        def copy_data(src, dst, size):
+            seen.append((fcntl.fcntl(src, fcntl.F_GETFL) & os.O_NOFOLLOW, fcntl.fcntl(src, fcntl.F_GETFD)))
+            return real_copy_data(src, dst, size)
+        monkeypatch.setattr(copyup, "copy_data", copy_data)
+        u = env.union()
+        u.chmod("/f", 0o600)
+        assert seen == [(os.O_NOFOLLOW, fcntl.FD_CLOEXEC)]
+        seen.clear()
+        fd = os.open(low / "g", O_RDONLY)
+        out = os.open(env.tmp / "g-copy", O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(out, 5)  # a metadata-only copy has its size
+            copyup.fill_data(fd, out)
+        finally:
+            os.close(out)
+            os.close(fd)
+        assert [flags for _, flags in seen] == [fcntl.FD_CLOEXEC]
+        assert (env.tmp / "g-copy").read_bytes() == b"other"
+
+    def test_a_copy_up_done_meanwhile_is_used(self, env, monkeypatch):
+        low = env.lower()
+        put(low, "f", b"lower")
+        u = env.union()
+        fired = self.meanwhile(monkeypatch, u, lambda: put(env.upper, "f", b"theirs"))
+        write_at(u, "/f", b"X")
+        assert fired and (env.upper / "f").read_bytes() == b"Xheirs"
+
+    def test_a_name_gone_meanwhile_is_enoent(self, env, monkeypatch):
+        low = env.lower()
+        put(low, "f", b"lower")
+        u = env.union()
+        fired = self.meanwhile(monkeypatch, u, lambda: whiteout(env.upper, "f"))
+        assert errno_of(write_at, u, "/f", b"X") == errno.ENOENT
+        assert fired and tree(env.upper) == {"f": "whiteout"}
+
+    def test_the_data_of_a_metadata_only_copy_goes_in_through_a_private_descriptor(self, env, monkeypatch):
+        """The upper file is opened without following a symlink, and close-on-exec (the copy may take long)."""
+        low = env.lower()
+        put(low, "f", b"lower")
+        u = env.union(metacopy=True, redirect_dir="on")
+        u.chmod("/f", 0o600)
+        seen = []
+        real_fill = copyup.fill_data
+
+        def fill_data(src, fd, **kwargs):
+            seen.append((fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NOFOLLOW, fcntl.fcntl(fd, fcntl.F_GETFD)))
+            return real_fill(src, fd, **kwargs)
+        monkeypatch.setattr(copyup, "fill_data", fill_data)
+        write_at(u, "/f", b"L")
+        assert seen == [(os.O_NOFOLLOW, fcntl.FD_CLOEXEC)]
+        assert read_all(u, "/f") == b"Lower"
+
+    def test_a_metadata_only_copy_replaced_meanwhile_is_not_filled(self, env, monkeypatch):
+        """The upper file that now has the name is another: it is written as it is, not filled with the data."""
+        low = env.lower()
+        put(low, "f", b"lower")
+        u = env.union(metacopy=True, redirect_dir="on")
+        u.chmod("/f", 0o600)
+        assert xattr(env.upper / "f", TRUSTED + "metacopy") is not None
+        put(env.upper, "g", b"other")
+        fired = self.meanwhile(monkeypatch, u, lambda: os.rename(env.upper / "g", env.upper / "f"))
+        write_at(u, "/f", b"X")
+        assert fired and (env.upper / "f").read_bytes() == b"Xther"
+
+    def test_leftovers_in_staging_are_cleaned_at_the_next_mount(self, env, tmp_path):
+        """A symlink among them goes, not what it points to."""
         env.lower()
         os.mkdir(env.staging)
         put(env.staging, "#leftover-file", b"junk")
         put(env.staging, "#leftover-dir/deep/x", b"junk")
+        outside = mkdirs(tmp_path, "outside")
+        put(outside, "keep", b"keep")
+        os.symlink(outside, env.staging / "#leftover-link")
         env.union()
         assert os.listdir(env.staging) == []
+        assert os.listdir(outside) == ["keep"]
+
+    def test_a_volatile_mark_refuses_the_workdir_in_one_line(self, env):
+        env.lower()
+        put(env.staging, "incompat/volatile/x", b"")
+        with pytest.raises(StackError) as info:
+            env.union()
+        mark = env.staging / "incompat/volatile"
+        assert str(info.value) == (f"workdir {env.work}: a volatile mount used it, so a crash may have lost data in "
+                                   f"the upper (if you know it did not: rm -r {mark})")
+        assert os.path.isdir(mark)
+
+    def test_a_symlink_made_at_staging_meanwhile_is_not_followed(self, env, tmp_path, monkeypatch):
+        """One that appears at W/work after it was checked (another process) refuses the workdir: nothing
+        outside it is emptied or changed."""
+        env.lower()
+        outside = mkdirs(tmp_path, "outside", 0o755)
+        put(outside, "keep", b"keep")
+        real_mkdir = os.mkdir
+
+        def mkdir(path, mode=0o777, *, dir_fd=None):
+            if path == "work" and dir_fd is not None:
+                os.symlink(outside, env.staging)
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
+            return real_mkdir(path, mode, dir_fd=dir_fd)
+        monkeypatch.setattr(os, "mkdir", mkdir)
+        assert errno_of(env.union) in (errno.ELOOP, errno.ENOTDIR)
+        monkeypatch.undo()
+        assert os.listdir(outside) == ["keep"] and stat.S_IMODE(os.lstat(outside).st_mode) == 0o755
+        os.unlink(env.staging)
+
+    @pytest.mark.parametrize("what", ["symlink", "file"])
+    def test_a_non_directory_at_staging_is_replaced_not_followed(self, env, tmp_path, what):
+        """W/work that is a symlink or a file goes, and a directory is made in its place: nothing outside
+        the workdir is touched."""
+        low = env.lower()
+        put(low, "f", b"lower")
+        outside = mkdirs(tmp_path, "outside")
+        put(outside, "keep", b"keep")
+        if what == "symlink":
+            os.symlink(outside, env.staging)
+        else:
+            put(env.work, "work", b"junk")
+        u = env.union()
+        write_at(u, "/f", b"L")
+        assert stat.S_ISDIR(os.lstat(env.staging).st_mode) and os.listdir(env.staging) == []
+        assert os.listdir(outside) == ["keep"] and (outside / "keep").read_bytes() == b"keep"
+        assert (env.upper / "f").read_bytes() == b"Lower"
+
+    @pytest.mark.parametrize("existing", [False, True], ids=["new", "left-over"])
+    def test_staging_takes_no_group_or_acl_from_the_workdir(self, env, existing):
+        """A set-group-ID workdir with a default ACL: as the kernel's, W/work keeps neither, so a whiteout
+        made there belongs to the caller and copies and new directories carry no ACL of the workdir's."""
+        low = env.lower()
+        put(low, "a", b"a")
+        put(low, "b", b"b")
+        mkdirs(low, "d")
+        os.chown(env.work, -1, 1234)
+        os.chmod(env.work, 0o2755)
+        os.setxattr(env.work, acl.DEFAULT, acl.pack([(acl.USER_OBJ, 7, 0xFFFFFFFF), (acl.USER, 7, 1234),
+                                                     (acl.GROUP_OBJ, 5, 0xFFFFFFFF), (acl.MASK, 7, 0xFFFFFFFF),
+                                                     (acl.OTHER, 5, 0xFFFFFFFF)]))
+        if existing:
+            os.mkdir(env.staging)  # inherits the group, the bit and the ACL
+            assert os.lstat(env.staging).st_mode & stat.S_ISGID and acl.DEFAULT in os.listxattr(env.staging)
+        u = env.union()
+        assert os.lstat(env.staging).st_mode == stat.S_IFDIR | 0o000
+        assert os.listxattr(env.staging) == []
+        u.chmod("/d", 0o700)
+        u.mkdir("/n", 0o755)
+        u.unlink("/b")  # a whiteout made in W/work and renamed in
+        u.chmod("/a", 0o600)
+        u.unlink("/a")  # one that replaces an upper file
+        for name in ("a", "b"):
+            assert is_whiteout_at(env.upper / name) and os.lstat(env.upper / name).st_gid == os.getegid(), name
+        assert os.listxattr(env.upper / "d") == [TRUSTED + "origin"]
+        assert os.listxattr(env.upper / "n") == []
+        assert (stat.S_IMODE(os.lstat(env.upper / "d").st_mode), stat.S_IMODE(os.lstat(env.upper / "n").st_mode)) \
+            == (0o700, 0o755)
+
+    @pytest.mark.parametrize("code", [errno.EOPNOTSUPP, errno.EIO], ids=["no-acls", "eio"])
+    def test_staging_where_acls_cannot_be_removed(self, env, monkeypatch, code):
+        """A workdir filesystem without ACLs (EOPNOTSUPP) has none to remove; another failure is raised,
+        and leaves no descriptor open."""
+        env.lower()
+
+        def removexattr(target, name, *args, **kwargs):
+            raise OSError(code, os.strerror(code))
+        monkeypatch.setattr(os, "removexattr", removexattr)
+        fds = set(os.listdir("/proc/self/fd"))
+        if code == errno.EIO:
+            assert errno_of(env.union) == errno.EIO
+            assert set(os.listdir("/proc/self/fd")) <= fds
+        else:
+            env.union()
+            assert os.lstat(env.staging).st_mode == stat.S_IFDIR | 0o000
 
     def test_workdir_is_claimed_by_one_engine_at_a_time(self, env):
         env.lower()
@@ -1345,6 +1609,49 @@ class TestCreate:
         finally:
             u.release(h)
 
+    def test_a_symlink_target_too_long_is_refused_as_symlink_refuses_it(self, env):
+        env.lower()
+        u = env.union()
+        assert errno_of(u.symlink, "/l", "t" * 4096) == errno.ENAMETOOLONG  # PATH_MAX with its NUL
+        assert tree(env.upper) == {}
+
+    def test_a_name_that_appears_in_the_upper_meanwhile_is_kept(self, env, monkeypatch):
+        """Something put at the name in the upper after the lookup (behind the mount's back) is never
+        replaced: EEXIST naming the merged path, and the new object goes."""
+        from cowfs.overlay import fileattr as fileattr_module
+        env.lower()
+        u = env.union()
+        real_for_new, real_inherit = acl.for_new, fileattr_module.inherit_flags
+
+        def appears(name, then):
+            def call(*args):
+                put(env.upper, name, b"theirs")
+                return then(*args)
+            return call
+        monkeypatch.setattr(acl, "for_new", appears("seen", real_for_new))  # before the engine looks at the name
+        error = errno_of_error(u.mkdir, "/seen", 0o755)
+        assert (error.errno, error.filename) == (errno.EEXIST, "/seen")
+        monkeypatch.setattr(acl, "for_new", real_for_new)
+        monkeypatch.setattr(fileattr_module, "inherit_flags", appears("late", real_inherit))  # just before the rename
+        assert errno_of(u.mkdir, "/late", 0o755) == errno.EEXIST
+        assert tree(env.upper) == {"seen": "file", "late": "file"}
+        assert (env.upper / "seen").read_bytes() == (env.upper / "late").read_bytes() == b"theirs"
+
+    def test_new_objects_in_a_set_group_id_directory(self, env):
+        """They take its group, and a new directory its set-group-ID bit, as the kernel gives them."""
+        low = env.lower()
+        sg = mkdirs(low, "sg", 0o755)
+        os.chown(sg, -1, 1234)
+        os.chmod(sg, 0o2775)
+        u = env.union()
+        u.mkdir("/sg/d", 0o750, owner=(1001, 1002))
+        h = u.create("/sg/f", stat.S_IFREG | 0o640, O_WRONLY | os.O_CREAT, owner=(1001, 1002))
+        u.release(h)
+        d, f = os.lstat(env.upper / "sg/d"), os.lstat(env.upper / "sg/f")
+        assert (d.st_uid, d.st_gid, d.st_mode) == (1001, 1234, stat.S_IFDIR | 0o2750)
+        assert (f.st_uid, f.st_gid, f.st_mode) == (1001, 1234, stat.S_IFREG | 0o640)
+
+
 
 # =============================================================================================
 # deleting
@@ -1542,6 +1849,78 @@ class TestDelete:
         u2 = env.union()
         assert names(u2, "/d") == []
         assert names(u2, "/") == ["d"]
+
+    def test_whiteouts_in_a_set_group_id_directory_belong_to_the_caller(self, env):
+        """As the kernel makes them in its workdir: not of the directory's group, as RENAME_WHITEOUT
+        would make the one that replaces an upper file."""
+        low = env.lower()
+        put(low, "sg/up", b"u")
+        put(low, "sg/low", b"l")
+        put(low, "sg/dir/inner", b"i")
+        u = env.union()
+        u.chmod("/sg/up", 0o600)
+        u.unlink("/sg/dir/inner")
+        os.chown(env.upper / "sg", -1, 1234)
+        os.chmod(env.upper / "sg", 0o2755)
+        u.unlink("/sg/up")
+        u.unlink("/sg/low")
+        u.rmdir("/sg/dir")
+        for name in ("up", "low", "dir"):
+            st = os.lstat(env.upper / "sg" / name)
+            assert is_whiteout_at(env.upper / "sg" / name) and st.st_gid == os.getegid(), name
+        assert names(u, "/sg") == []
+
+    @pytest.mark.parametrize("code", [errno.EINVAL, errno.EOPNOTSUPP, errno.EIO])
+    def test_an_upper_without_rename_whiteout(self, env, monkeypatch, code):
+        """An upper filesystem that cannot RENAME_WHITEOUT (EINVAL, EOPNOTSUPP) gets the whiteout made in
+        the workdir and exchanged in; another failure is the caller's, and the file stays."""
+        from cowfs.overlay import namespace
+        low = env.lower()
+        put(low, "f", b"lower")
+        u = env.union()
+        write_at(u, "/f", b"UPPER")
+        real_rename2 = namespace.rename2
+
+        def rename2(old, new, flags=0):
+            if flags == namespace.RENAME_WHITEOUT:
+                raise OSError(code, os.strerror(code), old)
+            return real_rename2(old, new, flags)
+        monkeypatch.setattr(namespace, "rename2", rename2)
+        if code == errno.EIO:
+            assert errno_of(u.unlink, "/f") == errno.EIO
+            assert read_all(u, "/f") == b"UPPER"
+        else:
+            u.unlink("/f")
+            assert tree(env.upper) == {"f": "whiteout"}
+            assert names(u, "/") == []
+
+    def test_a_whiteout_never_replaces_what_appeared_in_the_upper_meanwhile(self, env, monkeypatch):
+        """A lower name's whiteout lands with RENAME_NOREPLACE: a file put at the name in the upper after
+        the lookup (behind the mount's back) stays, and the unlink fails with EEXIST."""
+        from cowfs.overlay import namespace
+        low = env.lower()
+        put(low, "f", b"lower")
+        u = env.union()
+        real_make = namespace.make_whiteout
+
+        def make_whiteout(path):
+            put(env.upper, "f", b"theirs")
+            real_make(path)
+        monkeypatch.setattr(namespace, "make_whiteout", make_whiteout)
+        assert errno_of(u.unlink, "/f") == errno.EEXIST
+        assert tree(env.upper) == {"f": "file"} and (env.upper / "f").read_bytes() == b"theirs"
+
+    def test_a_new_object_at_a_removed_name_shows_its_own_number(self, env):
+        """Under userxattr a copied symlink's number is kept in memory by name; removing the name drops it."""
+        low = env.lower()
+        os.symlink("old", low / "s")
+        u = env.union(userxattr=True)
+        old = u.getattr("/s")["st_ino"]
+        u.chown("/s", 0, 0)
+        assert u.getattr("/s")["st_ino"] == old
+        u.unlink("/s")
+        u.symlink("/s", "new")
+        assert u.getattr("/s")["st_ino"] == os.lstat(env.upper / "s").st_ino != old
 
 
 # =============================================================================================
@@ -1828,6 +2207,20 @@ class TestRename:
         assert tree(env.upper)["y/" + "m" * 254] == "dir"  # copied up before the refusal, as the kernel's
         u.rename("/" + "l" * 255, "/" + "k" * 255)  # relative: any length
         assert xattr(env.upper / ("k" * 255), TRUSTED + "redirect") == b"l" * 255
+
+    def test_an_absolute_redirect_kept_may_be_any_length(self, env):
+        """One the directory has already (a kernel with a larger redirect_max wrote it) is kept on a move,
+        as the kernel's ovl_set_redirect keeps it: only a redirect made now is held to 256 bytes."""
+        low = env.lower()
+        deep = "/".join(["d" * 100] * 3)
+        put(low, deep + "/f", b"f")
+        mkdirs(env.upper, "b")
+        mkdirs(env.upper, "c")
+        os.setxattr(env.upper / "b", TRUSTED + "redirect", ("/" + deep).encode())
+        u = env.union(redirect_dir="on")
+        u.rename("/b", "/c/b2")
+        assert xattr(env.upper / "c/b2", TRUSTED + "redirect") == ("/" + deep).encode()
+        assert names(u, "/c/b2") == ["f"]
 
     def test_a_full_copy_of_a_moved_file_gets_no_redirect(self, env):
         low = env.lower()
@@ -2116,6 +2509,18 @@ class TestFileFlags:
         u.setflags("/idir", u.getflags("/idir") & ~IMMUTABLE_FL)
         create(u, "/idir/new.txt", b"x")
         assert names(u, "/idir") == ["inner.txt", "new.txt"]
+
+    def test_a_refused_removal_names_the_path(self, env, flagged):
+        """EPERM for a protected object, or one in a protected directory, names the object's merged path."""
+        low = env.lower()
+        put(low, "imm.txt", b"i")
+        put(low, "adir/inner.txt", b"a")
+        flagged(low / "imm.txt", IMMUTABLE_FL)
+        flagged(low / "adir", APPEND_FL)
+        u = env.union()
+        for path in ("/imm.txt", "/adir/inner.txt"):
+            error = errno_of_error(u.unlink, path)
+            assert (error.errno, error.filename) == (errno.EPERM, path)
 
     def test_copy_up_keeps_sync_and_noatime_on_the_upper_inode(self, env, flagged):
         low = env.lower()
@@ -3079,6 +3484,36 @@ class TestIndex:
         u.unlink("/pair/b")
         assert self.links(u, "/pair/a") == {(os.lstat(low / "pair/a").st_ino, 1)}
 
+    def test_an_index_entry_that_appears_meanwhile_is_kept(self, env, monkeypatch):
+        """A copy goes into WORKDIR/index with RENAME_NOREPLACE: an entry put there after the lookup (behind
+        the mount's back) stays, and the copy-up fails with EEXIST."""
+        self.stack(env)
+        u = env.union(index=True)
+        real_rename2 = copyup.rename2
+
+        def rename2(src, dst, flags=0):
+            if os.path.dirname(dst) == str(env.work / "index"):
+                put(env.work / "index", os.path.basename(dst), b"theirs")
+            return real_rename2(src, dst, flags)
+        monkeypatch.setattr(copyup, "rename2", rename2)
+        assert errno_of(u.chmod, "/hl/one", 0o600) == errno.EEXIST
+        [entry] = self.entries(env)
+        assert (env.work / "index" / entry).read_bytes() == b"theirs"
+        assert not os.path.lexists(env.upper / "hl/one")
+
+    def test_with_metacopy_a_name_goes_after_a_metadata_only_copy(self, env):
+        """The copy-up through the index before a name goes copies no data under metacopy=on, as the kernel's."""
+        low = self.stack(env)
+        u = env.union(index=True, metacopy=True, redirect_dir="on")
+        ino = os.lstat(low / "hl/one").st_ino
+        u.unlink("/hl/one")
+        [entry] = self.entries(env)
+        index = env.work / "index" / entry
+        assert xattr(index, TRUSTED + "metacopy") is not None
+        assert xattr(index, TRUSTED + "nlink") == b"U+1"  # as the kernel writes it
+        assert self.links(u, "/hl/two", "/hl/three") == {(ino, 2)}
+        assert read_all(u, "/hl/two") == b"one file, three names\n"
+
     def test_renames_and_links_keep_one_inode(self, env):
         low = self.stack(env)
         u = env.union(index=True)
@@ -3757,7 +4192,8 @@ class TestEvents:
         assert kinds == [("copy_up", "/etc"), ("copy_up", "/etc/hosts"), ("whiteout", "/etc/motd"),
                          ("whiteout_removed", "/etc/motd"), ("create", "/etc/motd"), ("opaque", "/etc/motd")]
         hosts = seen[1]
-        assert (hosts["layer"], hosts["kind"], hosts["bytes"], hosts["trigger"]) == (1, "file", 20, "open for write")
+        assert (hosts["layer"], hosts["kind"], hosts["bytes"], hosts["trigger"], hosts["metadata_only"]) == \
+            (1, "file", 20, "open for write", False)
         assert seen[0]["trigger"] == "open for write" and seen[0]["kind"] == "dir"
         assert hosts["seconds"] >= 0
 
@@ -3823,6 +4259,17 @@ class TestEvents:
         write_at(u, "/f", b"D")
         assert [(e["event"], e["layer"], e.get("data_only")) for e in seen] == [("copy_up", 2, True)]
         assert read_all(u, "/f") == b"Data" + b"data" * 99
+
+    def test_a_lower_metadata_only_file_copied_whole_takes_its_data_from_below(self, env):
+        top, bottom = env.lower(), env.lower()
+        put(bottom, "f", b"data" * 100)
+        put(top, "f", b"")
+        os.truncate(top / "f", 400)
+        os.setxattr(top / "f", TRUSTED + "metacopy", b"")
+        u = env.union(metacopy=True, redirect_dir="on")
+        write_at(u, "/f", b"D")
+        assert (env.upper / "f").read_bytes() == b"Data" + b"data" * 99
+        assert TRUSTED + "metacopy" not in os.listxattr(env.upper / "f")
 
     def test_a_copy_up_by_another_operation_names_it(self, env):
         low = env.lower()
@@ -4327,6 +4774,19 @@ class TestVerity:
         assert parse_options([stack.option_string()]) == stack
         assert "verity=require" in stack.option_string().split(",")
 
+    def test_data_gone_while_measured_is_enoent_naming_the_path(self, env):
+        """The lower file vanishing under the measurement (behind the mount's back) fails the copy-up with
+        ENOENT for the merged path, and leaves nothing in the upper."""
+        low = env.lower()
+        put(low, "d/f", b"lower data")
+
+        def gone(path):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+        u = verity_union(env, "on", gone)
+        error = errno_of_error(u.chmod, "/d/f", 0o600)
+        assert (error.errno, error.filename) == (errno.ENOENT, "/d/f")
+        assert not os.path.lexists(env.upper / "d/f")
+
     def test_off_measures_nothing(self, env):
         low = env.lower()
         put(low, "f", b"lower data")
@@ -4812,6 +5272,49 @@ class TestRecordedAttributes:
         assert (os.lstat(env.upper / "link").st_uid, os.lstat(env.upper / "link").st_gid) == (41, 42)
         assert (os.lstat(env.upper / "odd").st_uid, os.lstat(env.upper / "odd").st_gid) == (43, 44)
         assert recorded_on(env.upper / "odd") == "7:7:0700:dir"
+
+    def test_new_objects_take_a_recorded_set_group_id(self, env):
+        """A directory recorded set-group-ID passes its recorded group (and a new directory the bit) on, as
+        its attributes show; a record of a type the directory cannot show is none, and its disk mode counts."""
+        low = image_layer(env)
+        record(mkdirs(low, "sg", 0o755), "0:1234:2775:dir")
+        record(mkdirs(low, "odd", 0o755), "0:1234:2775:file")
+        u = env.union()
+        u.mkdir("/sg/d", 0o750, owner=(1001, 1002))
+        u.mkdir("/odd/d", 0o750, owner=(1001, 1002))
+        h = u.create("/sg/f", stat.S_IFREG | 0o640, O_WRONLY | os.O_CREAT, owner=(1001, 1002))
+        u.release(h)
+        shown = {p: u.getattr(p) for p in ("/sg/d", "/odd/d", "/sg/f")}
+        assert {p: (a["st_uid"], a["st_gid"], a["st_mode"]) for p, a in shown.items()} == {
+            "/sg/d": (1001, 1234, stat.S_IFDIR | 0o2750), "/odd/d": (1001, 1002, stat.S_IFDIR | 0o750),
+            "/sg/f": (1001, 1234, stat.S_IFREG | 0o640)}
+
+    def test_an_owner_that_cannot_be_given_without_a_marked_upper(self, env, monkeypatch):
+        """A marked lower is not enough to record the owner of a new object: the upper must be marked.
+        Without it the failure is the caller's (EPERM, no descriptor left open, nothing in the upper); with
+        the mapping options the object stays this process's, and nothing is recorded."""
+        image_layer(env)
+        real_chown = os.chown
+
+        def unprivileged_chown(path, uid, gid, **kwargs):
+            if uid not in (-1, os.geteuid()) or gid not in (-1, os.getegid()):
+                raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), path)
+            return real_chown(path, uid, gid, **kwargs)
+        monkeypatch.setattr(os, "chown", unprivileged_chown)
+        u = env.union()
+        fds = set(os.listdir("/proc/self/fd"))
+        assert errno_of(u.mkdir, "/theirs", 0o750, owner=(1001, 1002)) == errno.EPERM
+        assert errno_of(u.create, "/theirs", stat.S_IFREG | 0o640, O_WRONLY | os.O_CREAT,
+                        owner=(1001, 1002)) == errno.EPERM
+        assert set(os.listdir("/proc/self/fd")) <= fds
+        assert tree(env.upper) == {}
+        u.close()
+        u = env.union(uidmapping=((0, 1000, 2000),), gidmapping=((0, 1000, 2000),))
+        u.mkdir("/mapped", 0o750, owner=(1001, 1002))
+        u.symlink("/mapped-link", "x", owner=(1001, 1002))
+        for name in ("mapped", "mapped-link"):
+            st = os.lstat(env.upper / name)
+            assert (st.st_uid, st.st_gid, recorded_on(env.upper / name)) == (os.geteuid(), os.getegid(), None)
 
 # ---------------------------------------------------------------------------------------------
 # copy-up keeps file capabilities and set-id bits (chown clears both: the copy is owned first)

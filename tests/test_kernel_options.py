@@ -576,6 +576,43 @@ def test_verity_alone_copies_whole(options, shared_tmp):
     assert entries["f"]["size"] == len(b"lower data f") and "sha256" in entries["g"]
 
 
+@pytest.mark.kernel
+@pytest.mark.fuse
+def test_a_set_group_id_workdir_with_a_default_acl(shared_tmp):
+    """W/work keeps neither the workdir's set-group-ID bit nor its default ACL: whiteouts made there belong
+    to the caller, copied-up and new directories carry no ACL; both sides leave the same upper and W/work."""
+    from cowfs.overlay import acl
+    low = os.path.join(shared_tmp, "low")
+    os.makedirs(os.path.join(low, "d"))
+    for rel in ("a", "b"):
+        with open(os.path.join(low, rel), "wb") as f:
+            f.write(rel.encode())
+    default = acl.pack([(acl.USER_OBJ, 7, 0xFFFFFFFF), (acl.USER, 7, 1234), (acl.GROUP_OBJ, 5, 0xFFFFFFFF),
+                        (acl.MASK, 7, 0xFFFFFFFF), (acl.OTHER, 5, 0xFFFFFFFF)])
+    seen = {}
+    for kind, (mount, upper) in _sides(shared_tmp, [low], ()).items():
+        work = os.path.join(shared_tmp, f"{kind}-work")
+        os.chown(work, -1, 1234)
+        os.chmod(work, 0o2755)
+        os.setxattr(work, acl.DEFAULT, default)
+        mount.mount()
+        try:
+            mnt = mount.mountpoint
+            os.chmod(os.path.join(mnt, "a"), 0o600)
+            os.unlink(os.path.join(mnt, "a"))
+            os.unlink(os.path.join(mnt, "b"))
+            os.chmod(os.path.join(mnt, "d"), 0o700)
+            os.mkdir(os.path.join(mnt, "n"), 0o755)
+        finally:
+            mount.unmount()
+        staging = os.path.join(work, "work")
+        seen[kind] = (upper_snapshot(upper, False), os.lstat(staging).st_mode, os.listxattr(staging))
+    assert seen["cowfs"] == seen["kernel"]
+    entries = seen["kernel"][0]["entries"]
+    assert {entries[name]["gid"] for name in ("a", "b")} == {os.getegid()}
+    assert not any("posix_acl" in k for name in ("d", "n") for k in entries[name].get("xattrs", {}))
+
+
 # Each operation on a metacopy file the upper got under metacopy=on alone, then mounted with
 # verity=require,metacopy=on: the kernel refuses to use data no digest vouches for.
 REQUIRE_OPS = [

@@ -331,6 +331,20 @@ def test_index_off_without_file_handles(tmp_path, monkeypatch):
         u.close()
 
 
+def test_index_off_when_lower_uuids_are_ambiguous(tmp_path, monkeypatch):
+    """A lower filesystem that cannot be told by its UUID (see test_two_lower_filesystems_of_one_uuid for
+    the real thing): index=on goes on as index=off, with the one-line warning the mount prints."""
+    from cowfs.overlay import filesystems
+    lower, upper, work = _layers(tmp_path)
+    monkeypatch.setattr(filesystems.Filesystems, "uuids_ambiguous", property(lambda self: True))
+    u = _union(lower, upper, work, "index=on")
+    try:
+        assert u.layers.index is None and not os.path.exists(work + "/index")
+        assert u.warnings == ["index=on: two lower filesystems have the same UUID; going on with index=off"]
+    finally:
+        u.close()
+
+
 # -- data-only lower layers ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("value,lowers,data", [

@@ -434,22 +434,23 @@ class Namespace:
         """
         from_parent, from_name = parent_of(node.path)
         to_parent, _ = parent_of(to)
-        redirect = None
+        redirect = kept = None
         # a metadata-only copy finds its data by name
         moves_data_ref = self.stack.metacopy and stat.S_ISREG(node.st.st_mode) and self._stays_metadata_only(node)
         if (node.is_dir and node.has_lower) or moves_data_ref:
             # as the kernel's ovl_need_absolute_redirect: relative within one directory, except for
             # a lower hard link, whose upper names could come to live in different directories
             if (node.redirect or "").startswith("/"):  # kept, as the kernel's ovl_set_redirect keeps it
-                redirect = node.redirect
+                redirect = kept = node.redirect
             elif from_parent == to_parent and (node.is_dir or _lower_nlink(node) == 1):
                 redirect = node.redirect or from_name
             else:
                 redirect = "/" + next(rel for layer, rel in node.parts if layer > 0)
         node = self._copy_up(node, data=False)
         upper_parent, _ = self._upper_parent(to)
-        if redirect is not None and redirect.startswith("/") and len(redirect) > REDIRECT_MAX:
-            raise os_error(errno.EXDEV, node.path)  # after the copy-ups, as the kernel's ovl_set_redirect
+        if redirect is not None and redirect != kept and redirect.startswith("/") and len(redirect) > REDIRECT_MAX:
+            raise os_error(errno.EXDEV, node.path)  # after the copy-ups, as the kernel's ovl_set_redirect; a
+            # redirect kept is kept whatever its length (a kernel with a larger redirect_max may have written it)
         if redirect is not None and redirect != node.redirect:
             set_marker(node.real, self.prefix, REDIRECT, redirect)
             if self.events:

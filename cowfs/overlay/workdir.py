@@ -17,7 +17,7 @@ import time
 
 from cowfs import mounttable
 from cowfs.errors import StackError
-from cowfs.overlay import copyup, handles
+from cowfs.overlay import acl, copyup, handles
 from cowfs.overlay.filesystems import Filesystems, settle_uuid
 from cowfs.overlay.stack import parse_options, unescape
 from cowfs.overlay.whiteout import KERNEL_ORIGIN, OPAQUE, UPPER, set_marker
@@ -197,6 +197,8 @@ def _empty_staging(work):
     place is removed and a directory made instead, as the kernel does, and its
     leftovers are removed through directory descriptors (a symlink among them
     goes, not what it points to). A volatile mount's mark refuses the mount.
+    As the kernel's, it keeps no ACL and no set-group-ID bit that it inherited
+    from the workdir: whiteouts and copies are made in it.
     """
     parent = os.open(work, _DIR_FLAGS)
     try:
@@ -212,12 +214,17 @@ def _empty_staging(work):
         staging = os.open(WORK_SUBDIR, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=parent)
     finally:
         os.close(parent)
-    if _staging_mode():  # an unprivileged owner needs its own permissions (the kernel made it mode 000)
-        try:
-            os.fchmod(staging, _staging_mode())
-        except BaseException:
-            os.close(staging)
-            raise
+    try:  # as the kernel's: nothing built here takes an ACL or a group from the workdir
+        for name in (acl.DEFAULT, acl.ACCESS):
+            try:
+                os.removexattr(staging, name)
+            except OSError as e:
+                if e.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+                    raise
+        os.fchmod(staging, _staging_mode())  # also clears a set-group-ID bit it inherited
+    except BaseException:
+        os.close(staging)
+        raise
     try:
         if _lexists_at(staging, VOLATILE_MARK):  # as the kernel: after a volatile mount, the upper may be damaged
             mark = f"{work}/{WORK_SUBDIR}/{VOLATILE_MARK}"
