@@ -673,6 +673,17 @@ class TestMajorZeroDevices:
     def test_aufs_metadata_names(self, name, aufs):
         assert whiteout_module.is_aufs_metadata(name) is aufs
 
+    def test_a_directory_is_marked_impure_once(self, tmp_path, monkeypatch):
+        """As the kernel's ovl_set_impure: a directory already marked is not written again (each write
+        would change its ctime)."""
+        written = []
+        monkeypatch.setattr(whiteout_module, "set_marker",
+                            lambda path, prefix, name, value: (written.append(value),
+                                                               os.setxattr(path, prefix + name, value.encode())))
+        whiteout_module.mark_impure(str(tmp_path), TRUSTED)
+        whiteout_module.mark_impure(str(tmp_path), TRUSTED)
+        assert written == ["y"] and xattr(tmp_path, TRUSTED + "impure") == b"y"
+
     def test_a_redirect_to_a_name_that_is_not_utf8(self, env):
         """Names are bytes: a redirect to one that is not UTF-8 is written and read back as those bytes."""
         low = env.lower()
