@@ -684,6 +684,31 @@ class TestMajorZeroDevices:
         whiteout_module.mark_impure(str(tmp_path), TRUSTED)
         assert written == ["y"] and xattr(tmp_path, TRUSTED + "impure") == b"y"
 
+    def test_merged_listings_kept_count_afresh_after_a_change(self, env, monkeypatch):
+        """Listings are kept up to LISTED_KEPT entries in all; a change empties them and the count starts
+        again from nothing, so two listings that fill the bound exactly are both kept."""
+        from cowfs.overlay import readdir
+        low = env.lower()
+        for rel in ("a/1", "a/2", "b/1", "b/2"):
+            put(low, rel)
+        monkeypatch.setattr(readdir, "LISTED_KEPT", 8)  # two listings of ".", ".." and two names
+        u = env.union()
+        u.readdir("/a")
+        u.mkdir("/c", 0o755)  # a change: the listings go
+        assert u._listings == {}
+        u.readdir("/a")
+        u.readdir("/b")
+        assert sorted(u._listings) == ["/a", "/b"]
+        u.readdir("/c")  # one more entry than room: the oldest goes
+        assert sorted(u._listings) == ["/b", "/c"]
+
+    def test_listing_a_file_is_enotdir_naming_it(self, env):
+        put(env.lower(), "f")
+        u = env.union()
+        with pytest.raises(NotADirectoryError) as e:
+            u.readdir("/f")
+        assert e.value.filename == "/f"
+
     def test_a_redirect_to_a_name_that_is_not_utf8(self, env):
         """Names are bytes: a redirect to one that is not UTF-8 is written and read back as those bytes."""
         low = env.lower()
@@ -4206,6 +4231,7 @@ class TestEvents:
         assert (hosts["layer"], hosts["kind"], hosts["bytes"], hosts["trigger"], hosts["metadata_only"]) == \
             (1, "file", 20, "open for write", False)
         assert seen[0]["trigger"] == "open for write" and seen[0]["kind"] == "dir"
+        assert seen[0]["metadata_only"] is False and seen[0]["bytes"] == 0
         assert hosts["seconds"] >= 0
 
     def test_copy_up_events_say_what_moved(self, env):

@@ -438,6 +438,33 @@ def test_blocks_of_data_not_reached_yet(tmp_path):
     assert u.getattr("/file")["st_size"] == size
 
 
+def test_verity_require_over_data_only_data(tmp_path):
+    """verity=require, data in a data-only layer: the data is reached (its blocks shown from then on) before
+    the missing digest fails the open with EIO, the first failure telling the adapter the attributes
+    changed; data gone after the lookup, or the metadata file gone, is ENOENT naming the merged path."""
+    size = 1 << 20
+    meta, data = tmp_path / "meta", tmp_path / "data"
+    for name in ("a", "b", "c"):
+        _write(str(data / "objects" / name), size=size)
+        _metacopy_file(str(meta / name), size, redirect="/objects/" + name)
+    u = Union(check(parse_options([f"lowerdir={meta}::{data},metacopy=on,verity=require"])))
+    estimate = size // 4096 * 8
+    assert u.getattr("/a")["st_blocks"] == estimate
+    for changed in (True, False):
+        with pytest.raises(OSError) as e:
+            u.open("/a", os.O_RDONLY)
+        assert e.value.errno == errno.EIO and e.value.attrs_changed is changed
+    assert u.getattr("/a")["st_blocks"] == os.lstat(data / "objects/a").st_blocks == 0  # the data's own
+    u.getattr("/b")
+    u.getattr("/c")  # looked up, then their data or their metadata file goes from under the stack
+    os.unlink(data / "objects/b")
+    os.unlink(meta / "c")
+    for path in ("/b", "/c"):
+        with pytest.raises(OSError) as e:
+            u.open(path, os.O_RDONLY)
+        assert (e.value.errno, e.value.filename) == (errno.ENOENT, path)
+
+
 def _metacopy_file(path, size, redirect=None):
     """A metadata-only file of a metadata layer: `size` bytes of hole, its data where `redirect` leads."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
