@@ -4282,14 +4282,19 @@ class TestEvents:
         assert [(e["event"], e["path"]) for e in seen] == [("whiteout_removed", "/w"), ("create", "/w")]
         assert os.path.samestat(os.lstat(env.upper / "w"), os.lstat(env.upper / "f"))
 
-    def test_a_data_copy_up_names_the_layer_the_data_came_from(self, env):
-        """Below a metadata-only lower (a layer that once was an upper), the data lies deeper still."""
+    @staticmethod
+    def metadata_only_over_its_data(env):
+        """/f: a metadata-only file in the top lower (once an upper), its 400 bytes in the one below."""
         top, bottom = env.lower(), env.lower()
         put(bottom, "f", b"data" * 100)
         put(top, "f", b"")
         os.truncate(top / "f", 400)
         os.setxattr(top / "f", TRUSTED + "metacopy", b"")
-        u = env.union(metacopy=True, redirect_dir="on")
+        return env.union(metacopy=True, redirect_dir="on")
+
+    def test_a_data_copy_up_names_the_layer_the_data_came_from(self, env):
+        """Below a metadata-only lower (a layer that once was an upper), the data lies deeper still."""
+        u = self.metadata_only_over_its_data(env)
         u.chmod("/f", 0o600)
         seen = []
         u.events.subscribe(seen.append)
@@ -4298,12 +4303,7 @@ class TestEvents:
         assert read_all(u, "/f") == b"Data" + b"data" * 99
 
     def test_a_lower_metadata_only_file_copied_whole_takes_its_data_from_below(self, env):
-        top, bottom = env.lower(), env.lower()
-        put(bottom, "f", b"data" * 100)
-        put(top, "f", b"")
-        os.truncate(top / "f", 400)
-        os.setxattr(top / "f", TRUSTED + "metacopy", b"")
-        u = env.union(metacopy=True, redirect_dir="on")
+        u = self.metadata_only_over_its_data(env)
         write_at(u, "/f", b"D")
         assert (env.upper / "f").read_bytes() == b"Data" + b"data" * 99
         assert TRUSTED + "metacopy" not in os.listxattr(env.upper / "f")
