@@ -332,6 +332,9 @@ class TestLookupInDeepStacks:
         assert read_all(u, "/d/secret") == b"s"
         assert read_all(u, "/d/own1") == b"1" and read_all(u, "/d/own4") == b"4"
         assert errno_of(u.getattr, "/d/nowhere") == errno.ENOENT
+        write_at(u, "/d/own7", b"7")  # copied up from the bottom, past the unlisted layer
+        u.unlink("/d/own7")  # the unlisted layer lacks it: the search goes on to the bottom, and whites it out
+        assert errno_of(u.getattr, "/d/own7") == errno.ENOENT
 
     def test_removing_a_lower_name_whites_it_out_from_any_depth(self, env):
         self.stack(env)
@@ -379,6 +382,67 @@ class TestLookupInDeepStacks:
         assert layers_._listed_names <= 30 + 21 and len(layers_._listings) >= 1
         assert u.layers._listed_names <= 30
         assert all(read_all(u, f"/d/many{i}") == b"d" for i in range(20))  # read again when needed
+
+
+    def test_lower_directories_are_listed_once_and_the_upper_never(self, env, monkeypatch):
+        """Lower layers never change: each middle lower directory is read once, even when the merged
+        directory gains an upper part (another set of parts to index); the upper changes, so it is asked
+        by name, never listed and kept; the bottom layer is asked with one lstat."""
+        layers = self.stack(env)
+        u = env.union()
+        listed, listdir = [], os.listdir
+
+        def counting(path="."):
+            listed.append(os.fspath(path))
+            return listdir(path)
+        monkeypatch.setattr(os, "listdir", counting)
+        assert read_all(u, "/d/own0") == b"0"  # only in the top lower, and d has no upper part yet
+        assert read_all(u, "/d/own2") == b"2"
+        create(u, "/d/new", b"n")
+        assert read_all(u, "/d/own3") == b"3" and read_all(u, "/d/new") == b"n"
+        assert errno_of(u.getattr, "/d/nowhere") == errno.ENOENT
+        assert not [p for p in listed if p.startswith(str(env.upper))]
+        middle = [str(layer) for layer in layers[:-1]] + [str(layer / "d") for layer in layers[:-1]]  # / and /d
+        assert collections.Counter(p for p in listed if p.startswith(str(env.tmp / "lower"))) == dict.fromkeys(
+            middle, 1)
+
+    def test_listings_kept_fill_the_limit_exactly(self, env, monkeypatch):
+        """The caches hold up to LISTING_LIMIT names in all, counted exactly: the limit reached drops
+        nothing; one name more drops the oldest entries first, only as many as make room."""
+        from cowfs.overlay.lookup import Layers
+        layers = [env.lower() for _ in range(3)]
+        for d in ("a", "b", "c"):  # the root, in three layers, is indexed too: 3 names, listed twice
+            for layer in layers:
+                mkdirs(layer, d)
+        for d in ("a", "b"):  # 2 + 3 names in the middle layers of each: 5 listed, 5 indexed
+            for name in ("x1", "x2"):
+                put(layers[0], f"{d}/{name}", b"")
+            for name in ("y1", "y2", "y3"):
+                put(layers[1], f"{d}/{name}", b"")
+        put(layers[0], "c/z", b"")
+        put(layers[1], "c/z2", b"")
+
+        def kept(held):
+            assert held._listed_names == sum(len(names or ()) for names in held._listings.values())
+            assert held._indexed_names == sum(len(index) for index in held._indexes.values())
+            return (held._listed_names, len(held._listings)), (held._indexed_names, len(held._indexes))
+
+        monkeypatch.setattr(Layers, "LISTING_LIMIT", 16)  # the names listed by the lookups of a and b
+        u = env.union(upper=False)
+        assert u.getattr("/a/x1") and u.getattr("/b/y3")
+        assert kept(u.layers) == ((16, 6), (13, 3))
+        assert u.getattr("/c/z")  # one name more: the oldest listing (3 names of the root's) makes room
+        assert kept(u.layers) == ((15, 7), (15, 4))
+        assert (1, "") not in u.layers._listings and (2, "") in u.layers._listings
+        env.close()
+        monkeypatch.setattr(Layers, "LISTING_LIMIT", 13)  # the names indexed by the lookups of a and b
+        u = env.union(upper=False)
+        assert u.getattr("/a/x1") and u.getattr("/b/y3")
+        assert kept(u.layers)[1] == (13, 3)
+        assert u.getattr("/c/z")  # the root's index (3 names) makes room
+        assert kept(u.layers)[1] == (12, 3)
+        assert ((1, ""), (2, ""), (3, "")) not in u.layers._indexes
+        assert read_all(u, "/a/x2") == b""  # read again when needed
 
 
 class TestLookup:
@@ -499,6 +563,15 @@ class TestLookup:
         os.setxattr(d, TRUSTED + "redirect", b"/p/old")
         u = env.union()
         assert read_all(u, "/q/new/f") == b"deep"
+
+    def test_absolute_redirect_to_a_top_level_directory(self, env):
+        """Only "/" is stripped from a redirect's ends: a top-level name made of other characters is kept."""
+        low = env.lower()
+        put(low, "X/f", b"top")
+        d = mkdirs(env.upper, "q/new")
+        os.setxattr(d, TRUSTED + "redirect", b"/X")
+        u = env.union(redirect_dir="on")
+        assert read_all(u, "/q/new/f") == b"top"
 
     def test_twenty_lower_layers(self, env):
         layers = [env.lower() for _ in range(20)]
