@@ -3425,12 +3425,14 @@ class TestReaddir:
             assert listed["."] == (u.getattr(path)["st_ino"], stat.S_IFDIR), path
             assert listed[".."] == (u.getattr(parent)["st_ino"], stat.S_IFDIR), path
         assert u.getattr("/d")["st_ino"] != u.getattr("/d/sub")["st_ino"]
+        assert u.getattr("/")["st_ino"] == os.stat(env.upper).st_ino  # as the kernel's: not its lower's
 
     def test_types_and_inodes_match_getattr(self, env):
         low = env.lower()
         put(low, "f", b"")
         mkdirs(low, "d")
         os.symlink("f", low / "l")
+        os.symlink("d", low / "ld")  # a symlink to a directory is a symlink
         os.mkfifo(low / "p")
         u = env.union()
         write_at(u, "/f", b"x")  # f is in the upper now, with its lower inode number
@@ -3440,6 +3442,62 @@ class TestReaddir:
             attrs = u.getattr("/" + name)
             assert ino == attrs["st_ino"], name
             assert kind == stat.S_IFMT(attrs["st_mode"]), name
+
+    def test_entries_typed_without_following_symlinks_or_a_stat_each(self, env, monkeypatch):
+        """A listing takes types from the directory entries (d_type): only an entry of another kind (a
+        device, FIFO, socket: maybe a whiteout) costs a stat, and no symlink found in a layer is followed."""
+        low = env.lower()
+        put(low, "f", b"")
+        mkdirs(low, "d")
+        os.symlink("d", low / "ld")
+        os.symlink("f", low / "lf")
+        os.mkfifo(low / "p")
+        put(env.upper, "g", b"")
+        os.symlink("g", env.upper / "lg")
+        os.mkfifo(env.upper / "q")
+        whiteout(env.upper, "w")
+        u = env.union()
+        asked, scandir = [], os.scandir
+
+        class Entry:
+            def __init__(self, entry):
+                self._entry, self.name, self.path = entry, entry.name, entry.path
+
+            def __getattr__(self, name):
+                return getattr(self._entry, name)
+
+            def is_dir(self, *, follow_symlinks=True):
+                asked.append(("is_dir", self.name, bool(follow_symlinks)))
+                return self._entry.is_dir(follow_symlinks=follow_symlinks)
+
+            def is_file(self, *, follow_symlinks=True):
+                asked.append(("is_file", self.name, bool(follow_symlinks)))
+                return self._entry.is_file(follow_symlinks=follow_symlinks)
+
+            def stat(self, *, follow_symlinks=True):
+                asked.append(("stat", self.name, bool(follow_symlinks)))
+                return self._entry.stat(follow_symlinks=follow_symlinks)
+
+        class Scan:
+            def __init__(self, path):
+                self._it = scandir(path)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self._it.close()
+
+            def __iter__(self):
+                return (Entry(entry) for entry in self._it)
+        monkeypatch.setattr(os, "scandir", Scan)
+        listed = {name: kind for name, _, kind in u.readdir("/")}
+        monkeypatch.undo()
+        assert listed == {".": stat.S_IFDIR, "..": stat.S_IFDIR, "f": stat.S_IFREG, "d": stat.S_IFDIR,
+                          "ld": stat.S_IFLNK, "lf": stat.S_IFLNK, "p": stat.S_IFIFO, "g": stat.S_IFREG,
+                          "lg": stat.S_IFLNK, "q": stat.S_IFIFO}
+        assert asked and not [call for call in asked if call[2]]  # nothing followed
+        assert {name for call, name, _ in asked if call == "stat"} == {"p", "q", "w"}
 
     def test_whiteouts_and_hidden_names_never_listed(self, env):
         top, bottom = env.lower(), env.lower()
@@ -4089,6 +4147,43 @@ class TestMetacopyErrors:
         with pytest.raises(OSError) as info:
             u.getattr("/d/f")
         assert (info.value.errno, info.value.filename) == (errno.EPERM, "/d/f")
+
+
+    @pytest.fixture
+    def marked(self, env):
+        """Metadata-only copies in the upper, mounted without metacopy=on: m merged and impure, p only in the
+        upper and impure, q only in the upper and pure (the root is pure)."""
+        low = env.lower()
+        put(low, "m/a", b"a")
+        put(low, "m/z", b"z")
+        for d in ("m", "p", "q"):
+            for i in range(6):  # as many copies as other names: some come before others in any listing order
+                put(env.upper, f"{d}/c{i}", b"c")
+                put(env.upper, f"{d}/md{i}", b"")
+                os.setxattr(env.upper / d / f"md{i}", TRUSTED + "metacopy", b"")
+        os.symlink("c1", env.upper / "m/s")
+        os.setxattr(env.upper / "m/s", TRUSTED + "metacopy", b"", follow_symlinks=False)  # not a file: no copy
+        for d in ("m", "p"):
+            os.setxattr(env.upper / d, TRUSTED + "impure", b"y")
+        return env
+
+    def test_an_impure_directory_lists_no_metadata_only_copy(self, marked):
+        """As the kernel's readdir, which looks up the entries of an impure upper directory (and fails on a
+        metadata-only copy without metacopy=on): a merged one leaves the copy out, one only in the upper
+        cannot be listed; the marker of a symlink means nothing."""
+        u = marked.union()
+        assert names(u, "/m") == ["a", "c0", "c1", "c2", "c3", "c4", "c5", "s", "z"]
+        with pytest.raises(OSError) as info:
+            u.readdir("/p")
+        assert (info.value.errno, info.value.filename) == (errno.EPERM, "/p")
+        assert errno_of(u.getattr, "/m/md0") == errno.EPERM
+
+    def test_a_pure_directory_lists_its_metadata_only_copy(self, marked):
+        """The kernel's readdir of a pure directory looks nothing up: the copy is listed, its lookup fails."""
+        u = marked.union()
+        assert names(u, "/q") == [f"c{i}" for i in range(6)] + [f"md{i}" for i in range(6)]
+        assert names(u, "/") == ["m", "p", "q"]
+        assert errno_of(u.getattr, "/q/md0") == errno.EPERM
 
 
 class TestRedirectsReadBack:
