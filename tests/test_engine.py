@@ -2615,6 +2615,20 @@ class TestPathsPastPathMax:
     """A path longer than PATH_MAX is reached from a directory descriptor of its head, kept per layer;
     the upper's retire when the upper changes (a directory there may have moved)."""
 
+    def test_a_lower_root_just_short_of_the_long_path_cut(self, env):
+        """A lower whose root path is long: a name at its top is reached with the path as it is (no component
+        to cut before it), and removed with a whiteout."""
+        root, name = env.tmp / "deep", "n" * 100
+        while (left := lookup.LONG_PATH - 2 - len(name) - len(str(root))) > 0:  # then root/name is one byte short
+            root = root / ("r" * (left - 1 if left <= 201 else min(200, left // 2)))
+        os.makedirs(root)
+        assert len(f"{root}/{name}") == lookup.LONG_PATH - 1
+        put(root, name, b"x")
+        u = env.union(lowers=[root])
+        assert read_all(u, "/" + name) == b"x"
+        u.unlink("/" + name)
+        assert names(u, "/") == [] and is_whiteout_at(env.upper / name)
+
     def test_read_copy_up_rename_and_list_past_path_max(self, env):
         low = env.lower()
         bottom = "".join(f"/{i:02}" + "n" * 250 for i in range(15))  # 3795 bytes below the layer root
