@@ -3457,6 +3457,32 @@ class TestReaddir:
             assert ino == attrs["st_ino"], name
             assert kind == stat.S_IFMT(attrs["st_mode"]), name
 
+    def test_numbers_of_entries_on_a_filesystem_mounted_inside_a_layer(self, env, monkeypatch):
+        """Numbers listed from a directory of another filesystem inside a layer (as a btrfs subvolume) are
+        mapped by that directory's device, as getattr maps them (the other device played by lstat here)."""
+        low = env.lower()
+        put(low, "sub/f", b"")
+        mkdirs(low, "sub/d")
+        sub, lstat = str(low / "sub"), os.lstat
+        other = lstat(low).st_dev + 1000
+
+        class OnOther:
+            def __init__(self, st):
+                self._st = st
+
+            def __getattr__(self, name):
+                return other if name == "st_dev" else getattr(self._st, name)
+
+        def on_other(path, *args, **kwargs):
+            st = lstat(path, *args, **kwargs)
+            return OnOther(st) if isinstance(path, str) and (path == sub or path.startswith(sub + "/")) else st
+        monkeypatch.setattr(os, "lstat", on_other)
+        u = env.union()
+        listed = {name: ino for name, ino, _ in u.readdir("/sub")}
+        for name in ("f", "d"):
+            assert listed[name] == u.getattr("/sub/" + name)["st_ino"] == u.layers.map_dev_ino(
+                other, lstat(f"{sub}/{name}").st_ino), name
+
     def test_entries_typed_without_following_symlinks_or_a_stat_each(self, env, monkeypatch):
         """A listing takes types from the directory entries (d_type): only an entry of another kind (a
         device, FIFO, socket: maybe a whiteout) costs a stat, and no symlink found in a layer is followed."""
