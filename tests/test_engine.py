@@ -332,9 +332,20 @@ class TestLookupInDeepStacks:
         assert read_all(u, "/d/secret") == b"s"
         assert read_all(u, "/d/own1") == b"1" and read_all(u, "/d/own4") == b"4"
         assert errno_of(u.getattr, "/d/nowhere") == errno.ENOENT
-        write_at(u, "/d/own7", b"7")  # copied up from the bottom, past the unlisted layer
-        u.unlink("/d/own7")  # the unlisted layer lacks it: the search goes on to the bottom, and whites it out
+
+    def test_a_name_below_a_layer_that_cannot_be_listed_is_whited_out(self, env, monkeypatch):
+        """Removing a copied-up name asks the unlisted layer by name: without it there, the search for a lower
+        name goes on to the bottom, which holds it, and the removal leaves a whiteout."""
+        from cowfs.overlay.lookup import Layers
+        self.stack(env)
+        listing = Layers._listing
+        monkeypatch.setattr(Layers, "_listing", lambda self, layer, head: None if layer == 5 else listing(
+            self, layer, head))
+        u = env.union()
+        write_at(u, "/d/own7", b"7")  # copied up from the bottom layer
+        u.unlink("/d/own7")
         assert errno_of(u.getattr, "/d/own7") == errno.ENOENT
+        assert is_whiteout_at(env.upper / "d/own7")
 
     def test_removing_a_lower_name_whites_it_out_from_any_depth(self, env):
         self.stack(env)
