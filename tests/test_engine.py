@@ -2640,6 +2640,37 @@ class TestPathsPastPathMax:
         u.unlink("/" + name)
         assert names(u, "/") == [] and is_whiteout_at(env.upper / name)
 
+    def test_upper_descriptors_retire_when_the_upper_changes(self, env):
+        """A head's descriptor in the upper names a directory that a rename may move: the next operation
+        opens the head anew, and reaches the directory now at that path, not the one moved away."""
+        env.lower()
+        bottom = "".join(f"/{i:02}" + "n" * 250 for i in range(15))
+        u = env.union()
+        for end in range(1, 16):
+            u.mkdir("/" + "/".join(bottom.split("/")[1:end + 1]), 0o755)
+        create(u, bottom + "/f", b"first")
+        assert read_all(u, bottom + "/f") == b"first"
+        assert u.layers._dir_fds.get(0) and not u.layers._dir_fds.get(1)  # heads of the upper alone
+        top = bottom.split("/")[1]
+        u.rename("/" + top, "/moved")
+        for end in range(1, 16):
+            u.mkdir("/" + "/".join(bottom.split("/")[1:end + 1]), 0o755)
+        create(u, bottom + "/f", b"second")
+        assert read_all(u, bottom + "/f") == b"second"
+        assert read_all(u, "/moved" + bottom[len(top) + 1:] + "/f") == b"first"
+
+    def test_a_lower_root_just_short_of_the_long_path_cut_with_oci_whiteouts(self, env):
+        """As above, where a missing name is looked for as an OCI whiteout beside it (`.wh.NAME`)."""
+        root, name = env.tmp / "deep", "n" * 96
+        while (left := lookup.LONG_PATH - 2 - len(".wh." + name) - len(str(root))) > 0:
+            root = root / ("r" * (left - 1 if left <= 201 else min(200, left // 2)))
+        os.makedirs(root)
+        assert len(f"{root}/.wh.{name}") == lookup.LONG_PATH - 1
+        put(root, "kept", b"k")
+        u = env.union(lowers=[root], oci_whiteouts=True)
+        assert errno_of(u.getattr, "/" + name) == errno.ENOENT
+        assert names(u, "/") == ["kept"]
+
     def test_read_copy_up_rename_and_list_past_path_max(self, env):
         low = env.lower()
         bottom = "".join(f"/{i:02}" + "n" * 250 for i in range(15))  # 3795 bytes below the layer root
@@ -2799,6 +2830,20 @@ class TestUnlinkedOpenFiles:
         u.unlink("/a")
         u.fchmod(h, 0o600)
         assert u.fgetattr(h)["st_ino"] == ino
+        u.release(h)
+
+    def test_a_lower_hard_link_copied_for_its_handle_gets_no_origin(self, env):
+        """As the copy-up of a lower hard link without index=on, which breaks it: the handle's own copy
+        records no origin (its number would be shared by the other names), and shows its own number."""
+        low = env.lower()
+        put(low, "a", b"x")
+        os.link(low / "a", low / "b")
+        u = env.union()
+        h = u.open("/a", O_RDONLY)
+        u.unlink("/a")
+        u.fchmod(h, 0o600)
+        assert TRUSTED + "origin" not in os.listxattr(h.fd)
+        assert u.fgetattr(h)["st_ino"] == os.fstat(h.fd).st_ino != os.lstat(low / "a").st_ino
         u.release(h)
 
     def test_unlinked_upper_file_shows_no_link(self, env):

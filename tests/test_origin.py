@@ -291,6 +291,31 @@ def test_an_origin_is_opened_once(tmp_path, monkeypatch):
     assert opened == [lower]
 
 
+@pytest.mark.parametrize("error", [errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EPERM])
+def test_a_copy_up_without_a_file_handle_records_no_origin(tmp_path, monkeypatch, error):
+    """A lower filesystem that gives no file handle (or a process not allowed one): the copy-up goes on
+    without an origin, as the kernel's, and the copy shows its own number; another error fails it."""
+    lower, upper, work = _layers(tmp_path)
+
+    def refusing(code):
+        def encode(path, uuid, upper=False):
+            raise OSError(code, os.strerror(code), path)
+        return encode
+    monkeypatch.setattr(handles, "encode", refusing(error))
+    u = _union(lower, upper, work)
+    try:
+        u.chmod("/single", 0o600)
+        assert TRUSTED + "origin" not in os.listxattr(upper + "/single")
+        assert u.getattr("/single")["st_ino"] == os.lstat(upper + "/single").st_ino
+        monkeypatch.setattr(handles, "encode", refusing(errno.EIO))
+        with pytest.raises(OSError) as info:
+            u.chmod("/d/inner", 0o600)
+        assert info.value.errno == errno.EIO
+        assert not os.path.exists(upper + "/d/inner")
+    finally:
+        u.close()
+
+
 def test_old_cowfs_origin_still_read(tmp_path):
     """An upper written before cowfs wrote the kernel's origin keeps its numbers."""
     lower, upper, work = _layers(tmp_path)
