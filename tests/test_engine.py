@@ -417,6 +417,27 @@ class TestLookupInDeepStacks:
         assert collections.Counter(p for p in listed if p.startswith(str(env.tmp / "lower"))) == dict.fromkeys(
             middle, 1)
 
+    def test_a_name_is_looked_for_only_where_it_may_be(self, env, monkeypatch):
+        """A name of a directory without an upper part is asked of the lower layers that list it, and of the
+        bottom one, one lstat each until one decides: none in the top lower, which lacks it."""
+        layers = self.stack(env)
+        put(layers[4], "d/mid", b"m")
+        put(layers[-1], "d/low", b"l")
+        u = env.union()
+        assert u.getattr("/d/own0")  # the directory and its listings, looked up once
+        asked, lstat = [], os.lstat
+
+        def counting(path, *args, **kwargs):
+            asked.append(os.fspath(path))
+            return lstat(path, *args, **kwargs)
+        monkeypatch.setattr(os, "lstat", counting)
+        for name, holders in (("low", [layers[-1]]), ("mid", [layers[4]]), ("none", [layers[-1]])):
+            asked.clear()
+            u.layers.forget()
+            u.layers.resolve("/d/" + name)
+            assert [path for path in asked if path.endswith("/d/" + name)] == [
+                str(layer / "d" / name) for layer in holders], name
+
     def test_listings_kept_fill_the_limit_exactly(self, env, monkeypatch):
         """The caches hold up to LISTING_LIMIT names in all, counted exactly: the limit reached drops
         nothing; one name more drops the oldest entries first, only as many as make room."""
