@@ -2661,6 +2661,19 @@ class TestPathsPastPathMax:
         u.unlink("/" + name)
         assert names(u, "/") == [] and is_whiteout_at(env.upper / name)
 
+    def test_a_long_path_with_no_head_to_cut_is_too_long(self, env):
+        """A layer root so long that a name at its top has no directory to reach it from within the
+        path-length margin: ENAMETOOLONG, naming that path."""
+        root, name = env.tmp / "deep", "n" * 200
+        while (left := lookup.LONG_PATH - 2 - 100 - len(str(root))) > 0:
+            root = root / ("r" * (left - 1 if left <= 201 else min(200, left // 2)))
+        os.makedirs(root)
+        put(root, name, b"x")
+        u = env.union(lowers=[root])
+        with pytest.raises(OSError) as info:
+            u.getattr("/" + name)
+        assert (info.value.errno, info.value.filename) == (errno.ENAMETOOLONG, f"{root}/{name}")
+
     def test_upper_descriptors_retire_when_the_upper_changes(self, env):
         """A head's descriptor in the upper names a directory that a rename may move: the next operation
         opens the head anew, and reaches the directory now at that path, not the one moved away."""
