@@ -417,6 +417,22 @@ class TestLookupInDeepStacks:
         assert collections.Counter(p for p in listed if p.startswith(str(env.tmp / "lower"))) == dict.fromkeys(
             middle, 1)
 
+    def test_lookups_kept_are_bounded(self, env, monkeypatch):
+        """At most CACHE_LIMIT answers are kept: the one that would pass it starts the cache afresh, and
+        answers are found again when asked."""
+        from cowfs.overlay.lookup import Layers
+        low = env.lower()
+        for i in range(10):
+            put(low, f"f{i}", str(i).encode())
+        monkeypatch.setattr(Layers, "CACHE_LIMIT", 4)
+        u = env.union()
+        sizes = []
+        for i in range(10):
+            assert u.layers.resolve(f"/f{i}") is not None
+            sizes.append(len(u.layers._cache))
+        assert sizes == [2, 3, 4, 1, 3, 4, 1, 3, 4, 1]  # "/" and /f0, ...; full at 4: the next starts anew
+        assert all(read_all(u, f"/f{i}") == str(i).encode() for i in range(10))
+
     def test_a_name_is_looked_for_only_where_it_may_be(self, env, monkeypatch):
         """A name of a directory without an upper part is asked of the lower layers that list it, and of the
         bottom one, one lstat each until one decides: none in the top lower, which lacks it."""
