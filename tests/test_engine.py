@@ -417,6 +417,31 @@ class TestLookupInDeepStacks:
         assert collections.Counter(p for p in listed if p.startswith(str(env.tmp / "lower"))) == dict.fromkeys(
             middle, 1)
 
+    def test_kept_answers_cost_no_lstat(self, env, monkeypatch):
+        """A path looked up again is answered from the cache; a new one is walked from its nearest kept
+        ancestor (the root's answer kept too): only the new names are asked of the layers."""
+        low = env.lower()
+        put(low, "d/a", b"a")
+        put(low, "d/b", b"b")
+        put(low, "e", b"e")
+        u = env.union()
+        layers = u.layers
+        assert layers.resolve("/d/a").path == "/d/a"
+        asked, lstat = [], os.lstat
+
+        def counting(path, *args, **kwargs):
+            asked.append(os.fspath(path))
+            return lstat(path, *args, **kwargs)
+        monkeypatch.setattr(os, "lstat", counting)
+        assert layers.resolve("/d/a").path == "/d/a" and layers.resolve("/d").path == "/d"
+        assert layers.resolve("/").path == "/"
+        assert asked == []
+        assert layers.resolve("/d/b").path == "/d/b"
+        assert asked == [str(low / "d/b")]
+        asked.clear()
+        assert layers.resolve("/e").path == "/e"
+        assert asked == [str(env.upper / "e"), str(low / "e")]
+
     def test_lookups_kept_are_bounded(self, env, monkeypatch):
         """At most CACHE_LIMIT answers are kept: the one that would pass it starts the cache afresh, and
         answers are found again when asked."""
