@@ -629,6 +629,23 @@ class TestLookup:
         assert names(u, "/a/empty102/dir102") == ["a"]
         assert read_all(u, "/a/empty102/dir102/a") == b"deep"
 
+    def test_a_relative_redirect_below_an_absolute_one_replaces_its_last_component(self, env):
+        """An absolute redirect two directories deep, then a relative one in the layer below it: the
+        relative one is a sibling of the absolute one's target, in the same directory."""
+        bottom = env.lower()
+        put(bottom, "a/b/dir/f", b"deep")
+        put(bottom, "a/dir/f", b"beside a")
+        middle_upper = env.tmp / "mid"
+        mid = mkdirs(middle_upper, "a/b/dirx")
+        os.setxattr(mid, TRUSTED + "redirect", b"dir")
+        whiteout(middle_upper, "a/b/dir")
+        top = mkdirs(env.upper, "new")
+        os.setxattr(top, TRUSTED + "redirect", b"/a/b/dirx")
+        whiteout(env.upper, "a")
+        u = env.union(lowers=[middle_upper, bottom])
+        assert names(u, "/") == ["new"]
+        assert read_all(u, "/new/f") == b"deep"
+
     def test_absolute_redirect_is_followed(self, env):
         low = env.lower()
         put(low, "p/old/f", b"deep")
@@ -2684,6 +2701,16 @@ class TestDeepTrees:
 # =============================================================================================
 # open files whose name is gone: changes through the handle act on its own object
 
+def long_root(env, tail):
+    """A new lower root whose path is so long that ROOT/`tail` is one byte short of the long-path cut."""
+    root = env.tmp / "deep"
+    while (left := lookup.LONG_PATH - 2 - len(tail) - len(str(root))) > 0:
+        root = root / ("r" * (left - 1 if left <= 201 else min(200, left // 2)))
+    os.makedirs(root)
+    assert len(f"{root}/{tail}") == lookup.LONG_PATH - 1
+    return root
+
+
 class TestPathsPastPathMax:
     """A path longer than PATH_MAX is reached from a directory descriptor of its head, kept per layer;
     the upper's retire when the upper changes (a directory there may have moved)."""
@@ -2691,11 +2718,8 @@ class TestPathsPastPathMax:
     def test_a_lower_root_just_short_of_the_long_path_cut(self, env):
         """A lower whose root path is long: a name at its top is reached with the path as it is (no component
         to cut before it), and removed with a whiteout."""
-        root, name = env.tmp / "deep", "n" * 100
-        while (left := lookup.LONG_PATH - 2 - len(name) - len(str(root))) > 0:  # then root/name is one byte short
-            root = root / ("r" * (left - 1 if left <= 201 else min(200, left // 2)))
-        os.makedirs(root)
-        assert len(f"{root}/{name}") == lookup.LONG_PATH - 1
+        name = "n" * 100
+        root = long_root(env, name)
         put(root, name, b"x")
         u = env.union(lowers=[root])
         assert read_all(u, "/" + name) == b"x"
@@ -2705,15 +2729,23 @@ class TestPathsPastPathMax:
     def test_a_long_path_with_no_head_to_cut_is_too_long(self, env):
         """A layer root so long that a name at its top has no directory to reach it from within the
         path-length margin: ENAMETOOLONG, naming that path."""
-        root, name = env.tmp / "deep", "n" * 200
-        while (left := lookup.LONG_PATH - 2 - 100 - len(str(root))) > 0:
-            root = root / ("r" * (left - 1 if left <= 201 else min(200, left // 2)))
-        os.makedirs(root)
+        root, name = long_root(env, "n" * 100), "n" * 200
         put(root, name, b"x")
         u = env.union(lowers=[root])
         with pytest.raises(OSError) as info:
             u.getattr("/" + name)
         assert (info.value.errno, info.value.filename) == (errno.ENAMETOOLONG, f"{root}/{name}")
+
+    def test_a_relative_redirect_at_the_top_of_a_long_lower_root(self, env):
+        """As above, for the directory a relative redirect names at the top of the layer."""
+        name = "o" * 100
+        root = long_root(env, name)
+        put(root, name + "/f", b"moved")
+        top = mkdirs(env.upper, "new")
+        os.setxattr(top, TRUSTED + "redirect", name.encode())
+        whiteout(env.upper, name)
+        u = env.union(lowers=[root], redirect_dir="on")
+        assert names(u, "/") == ["new"] and names(u, "/new") == ["f"]
 
     def test_upper_descriptors_retire_when_the_upper_changes(self, env):
         """A head's descriptor in the upper names a directory that a rename may move: the next operation
@@ -2736,11 +2768,8 @@ class TestPathsPastPathMax:
 
     def test_a_lower_root_just_short_of_the_long_path_cut_with_oci_whiteouts(self, env):
         """As above, where a missing name is looked for as an OCI whiteout beside it (`.wh.NAME`)."""
-        root, name = env.tmp / "deep", "n" * 96
-        while (left := lookup.LONG_PATH - 2 - len(".wh." + name) - len(str(root))) > 0:
-            root = root / ("r" * (left - 1 if left <= 201 else min(200, left // 2)))
-        os.makedirs(root)
-        assert len(f"{root}/.wh.{name}") == lookup.LONG_PATH - 1
+        name = "n" * 96
+        root = long_root(env, ".wh." + name)
         put(root, "kept", b"k")
         u = env.union(lowers=[root], oci_whiteouts=True)
         assert errno_of(u.getattr, "/" + name) == errno.ENOENT
