@@ -3250,6 +3250,19 @@ class TestIndex:
     def entries(self, env):
         return sorted(os.listdir(env.work / "index"))
 
+    @pytest.mark.parametrize("upper", [False, True], ids=["read-only", "index-off"])
+    def test_without_index_no_lower_hard_link_is_looked_up_in_it(self, env, monkeypatch, upper):
+        """Without index=on (a read-only mount has none), a lower hard link is what it is: no file handle
+        is made to look for its index entry."""
+        self.stack(env)
+        encoded, encode = [], handles.encode
+        monkeypatch.setattr(handles, "encode", lambda *args, **kwargs: encoded.append(args[0]) or encode(
+            *args, **kwargs))
+        u = env.union(upper=upper)
+        assert read_all(u, "/hl/two") == b"one file, three names\n"
+        assert u.getattr("/pair/b")["st_nlink"] == 2
+        assert encoded == []
+
     def links(self, u, *paths):
         """(st_ino, st_nlink) of each path: one inode throughout."""
         return {(u.getattr(p)["st_ino"], u.getattr(p)["st_nlink"]) for p in paths}
