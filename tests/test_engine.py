@@ -334,6 +334,20 @@ class TestLookupInDeepStacks:
         assert read_all(u, "/d/own1") == b"1" and read_all(u, "/d/own4") == b"4"
         assert errno_of(u.getattr, "/d/nowhere") == errno.ENOENT
 
+    def test_a_name_below_a_layer_that_cannot_be_listed_is_whited_out(self, env, monkeypatch):
+        """Removing a copied-up name asks the unlisted layer by name: without it there, the search for a lower
+        name goes on to the bottom, which holds it, and the removal leaves a whiteout."""
+        from cowfs.overlay.lookup import Layers
+        self.stack(env)
+        listing = Layers._listing
+        monkeypatch.setattr(Layers, "_listing", lambda self, layer, head: None if layer == 5 else listing(
+            self, layer, head))
+        u = env.union()
+        write_at(u, "/d/own7", b"7")  # copied up from the bottom layer
+        u.unlink("/d/own7")
+        assert errno_of(u.getattr, "/d/own7") == errno.ENOENT
+        assert is_whiteout_at(env.upper / "d/own7")
+
     def test_removing_a_lower_name_whites_it_out_from_any_depth(self, env):
         self.stack(env)
         u = env.union()
@@ -380,6 +394,129 @@ class TestLookupInDeepStacks:
         assert layers_._listed_names <= 30 + 21 and len(layers_._listings) >= 1
         assert u.layers._listed_names <= 30
         assert all(read_all(u, f"/d/many{i}") == b"d" for i in range(20))  # read again when needed
+
+
+    def test_lower_directories_are_listed_once_and_the_upper_never(self, env, monkeypatch):
+        """Lower layers never change: each middle lower directory is read once, even when the merged
+        directory gains an upper part (another set of parts to index); the upper changes, so it is asked
+        by name, never listed and kept; the bottom layer is asked with one lstat."""
+        layers = self.stack(env)
+        u = env.union()
+        listed, listdir = [], os.listdir
+
+        def counting(path="."):
+            listed.append(os.fspath(path))
+            return listdir(path)
+        monkeypatch.setattr(os, "listdir", counting)
+        assert read_all(u, "/d/own0") == b"0"  # only in the top lower, and d has no upper part yet
+        assert read_all(u, "/d/own2") == b"2"
+        create(u, "/d/new", b"n")
+        assert read_all(u, "/d/own3") == b"3" and read_all(u, "/d/new") == b"n"
+        assert errno_of(u.getattr, "/d/nowhere") == errno.ENOENT
+        assert not [p for p in listed if p.startswith(str(env.upper))]
+        middle = [str(layer) for layer in layers[:-1]] + [str(layer / "d") for layer in layers[:-1]]  # / and /d
+        assert collections.Counter(p for p in listed if p.startswith(str(env.tmp / "lower"))) == dict.fromkeys(
+            middle, 1)
+
+    def test_kept_answers_cost_no_lstat(self, env, monkeypatch):
+        """A path looked up again is answered from the cache; a new one is walked from its nearest kept
+        ancestor (the root's answer kept too): only the new names are asked of the layers."""
+        low = env.lower()
+        put(low, "d/a", b"a")
+        put(low, "d/b", b"b")
+        put(low, "e", b"e")
+        u = env.union()
+        layers = u.layers
+        assert layers.resolve("/d/a").path == "/d/a"
+        asked, lstat = [], os.lstat
+
+        def counting(path, *args, **kwargs):
+            asked.append(os.fspath(path))
+            return lstat(path, *args, **kwargs)
+        monkeypatch.setattr(os, "lstat", counting)
+        assert layers.resolve("/d/a").path == "/d/a" and layers.resolve("/d").path == "/d"
+        assert layers.resolve("/").path == "/"
+        assert asked == []
+        assert layers.resolve("/d/b").path == "/d/b"
+        assert asked == [str(low / "d/b")]
+        asked.clear()
+        assert layers.resolve("/e").path == "/e"
+        assert asked == [str(env.upper / "e"), str(low / "e")]
+
+    def test_lookups_kept_are_bounded(self, env, monkeypatch):
+        """At most CACHE_LIMIT answers are kept: the one that would pass it starts the cache afresh, and
+        answers are found again when asked."""
+        from cowfs.overlay.lookup import Layers
+        low = env.lower()
+        for i in range(10):
+            put(low, f"f{i}", str(i).encode())
+        monkeypatch.setattr(Layers, "CACHE_LIMIT", 4)
+        u = env.union()
+        sizes = []
+        for i in range(10):
+            assert u.layers.resolve(f"/f{i}") is not None
+            sizes.append(len(u.layers._cache))
+        assert sizes == [2, 3, 4, 1, 3, 4, 1, 3, 4, 1]  # "/" and /f0, ...; full at 4: the next starts anew
+        assert all(read_all(u, f"/f{i}") == str(i).encode() for i in range(10))
+
+    def test_a_name_is_looked_for_only_where_it_may_be(self, env, monkeypatch):
+        """A name of a directory without an upper part is asked of the lower layers that list it, and of the
+        bottom one, one lstat each until one decides: none in the top lower, which lacks it."""
+        layers = self.stack(env)
+        put(layers[4], "d/mid", b"m")
+        put(layers[-1], "d/low", b"l")
+        u = env.union()
+        assert u.getattr("/d/own0")  # the directory and its listings, looked up once
+        asked, lstat = [], os.lstat
+
+        def counting(path, *args, **kwargs):
+            asked.append(os.fspath(path))
+            return lstat(path, *args, **kwargs)
+        monkeypatch.setattr(os, "lstat", counting)
+        for name, holders in (("low", [layers[-1]]), ("mid", [layers[4]]), ("none", [layers[-1]])):
+            asked.clear()
+            u.layers.forget()
+            u.layers.resolve("/d/" + name)
+            assert [path for path in asked if path.endswith("/d/" + name)] == [
+                str(layer / "d" / name) for layer in holders], name
+
+    def test_listings_kept_fill_the_limit_exactly(self, env, monkeypatch):
+        """The caches hold up to LISTING_LIMIT names in all, counted exactly: the limit reached drops
+        nothing; one name more drops the oldest entries first, only as many as make room."""
+        from cowfs.overlay.lookup import Layers
+        layers = [env.lower() for _ in range(3)]
+        for d in ("a", "b", "c"):  # the root, in three layers, is indexed too: 3 names, listed twice
+            for layer in layers:
+                mkdirs(layer, d)
+        for d in ("a", "b"):  # 2 + 3 names in the middle layers of each: 5 listed, 5 indexed
+            for name in ("x1", "x2"):
+                put(layers[0], f"{d}/{name}", b"")
+            for name in ("y1", "y2", "y3"):
+                put(layers[1], f"{d}/{name}", b"")
+        put(layers[0], "c/z", b"")
+        put(layers[1], "c/z2", b"")
+
+        def kept(held):
+            assert held._listed_names == sum(len(names or ()) for names in held._listings.values())
+            assert held._indexed_names == sum(len(index) for index in held._indexes.values())
+            return (held._listed_names, len(held._listings)), (held._indexed_names, len(held._indexes))
+
+        monkeypatch.setattr(Layers, "LISTING_LIMIT", 16)  # the names listed by the lookups of a and b
+        u = env.union(upper=False)
+        assert u.getattr("/a/x1") and u.getattr("/b/y3")
+        assert kept(u.layers) == ((16, 6), (13, 3))
+        assert u.getattr("/c/z")  # one name more: the oldest listing (3 names of the root's) makes room
+        assert kept(u.layers) == ((15, 7), (15, 4))
+        assert (1, "") not in u.layers._listings and (2, "") in u.layers._listings
+        env.close()
+        monkeypatch.setattr(Layers, "LISTING_LIMIT", 13)  # the names indexed by the lookups of a and b
+        u = env.union(upper=False)
+        assert u.getattr("/a/x1") and u.getattr("/b/y3")
+        assert kept(u.layers)[1] == (13, 3)
+        assert u.getattr("/c/z")  # the root's index (3 names) makes room
+        assert kept(u.layers)[1] == (12, 3)
+        assert ((1, ""), (2, ""), (3, "")) not in u.layers._indexes
+        assert read_all(u, "/a/x2") == b""  # read again when needed
 
 
 class TestLookup:
@@ -493,6 +630,23 @@ class TestLookup:
         assert names(u, "/a/empty102/dir102") == ["a"]
         assert read_all(u, "/a/empty102/dir102/a") == b"deep"
 
+    def test_a_relative_redirect_below_an_absolute_one_replaces_its_last_component(self, env):
+        """An absolute redirect two directories deep, then a relative one in the layer below it: the
+        relative one is a sibling of the absolute one's target, in the same directory."""
+        bottom = env.lower()
+        put(bottom, "a/b/dir/f", b"deep")
+        put(bottom, "a/dir/f", b"beside a")
+        middle_upper = env.tmp / "mid"
+        mid = mkdirs(middle_upper, "a/b/dirx")
+        os.setxattr(mid, TRUSTED + "redirect", b"dir")
+        whiteout(middle_upper, "a/b/dir")
+        top = mkdirs(env.upper, "new")
+        os.setxattr(top, TRUSTED + "redirect", b"/a/b/dirx")
+        whiteout(env.upper, "a")
+        u = env.union(lowers=[middle_upper, bottom])
+        assert names(u, "/") == ["new"]
+        assert read_all(u, "/new/f") == b"deep"
+
     def test_absolute_redirect_is_followed(self, env):
         low = env.lower()
         put(low, "p/old/f", b"deep")
@@ -500,6 +654,15 @@ class TestLookup:
         os.setxattr(d, TRUSTED + "redirect", b"/p/old")
         u = env.union()
         assert read_all(u, "/q/new/f") == b"deep"
+
+    def test_absolute_redirect_to_a_top_level_directory(self, env):
+        """Only "/" is stripped from a redirect's ends: a top-level name made of other characters is kept."""
+        low = env.lower()
+        put(low, "X/f", b"top")
+        d = mkdirs(env.upper, "q/new")
+        os.setxattr(d, TRUSTED + "redirect", b"/X")
+        u = env.union(redirect_dir="on")
+        assert read_all(u, "/q/new/f") == b"top"
 
     def test_twenty_lower_layers(self, env):
         layers = [env.lower() for _ in range(20)]
@@ -2979,9 +3142,79 @@ class TestDeepTrees:
 # =============================================================================================
 # open files whose name is gone: changes through the handle act on its own object
 
+def long_root(env, tail):
+    """A new lower root whose path is so long that ROOT/`tail` is one byte short of the long-path cut."""
+    root = env.tmp / "deep"
+    while (left := lookup.LONG_PATH - 2 - len(tail) - len(str(root))) > 0:
+        root = root / ("r" * (left - 1 if left <= 201 else min(200, left // 2)))
+    os.makedirs(root)
+    assert len(f"{root}/{tail}") == lookup.LONG_PATH - 1
+    return root
+
+
 class TestPathsPastPathMax:
     """A path longer than PATH_MAX is reached from a directory descriptor of its head, kept per layer;
     the upper's retire when the upper changes (a directory there may have moved)."""
+
+    def test_a_lower_root_just_short_of_the_long_path_cut(self, env):
+        """A lower whose root path is long: a name at its top is reached with the path as it is (no component
+        to cut before it), and removed with a whiteout."""
+        name = "n" * 100
+        root = long_root(env, name)
+        put(root, name, b"x")
+        u = env.union(lowers=[root])
+        assert read_all(u, "/" + name) == b"x"
+        u.unlink("/" + name)
+        assert names(u, "/") == [] and is_whiteout_at(env.upper / name)
+
+    def test_a_long_path_with_no_head_to_cut_is_too_long(self, env):
+        """A layer root so long that a name at its top has no directory to reach it from within the
+        path-length margin: ENAMETOOLONG, naming that path."""
+        root, name = long_root(env, "n" * 100), "n" * 200
+        put(root, name, b"x")
+        u = env.union(lowers=[root])
+        with pytest.raises(OSError) as info:
+            u.getattr("/" + name)
+        assert (info.value.errno, info.value.filename) == (errno.ENAMETOOLONG, f"{root}/{name}")
+
+    def test_a_relative_redirect_at_the_top_of_a_long_lower_root(self, env):
+        """As above, for the directory a relative redirect names at the top of the layer."""
+        name = "o" * 100
+        root = long_root(env, name)
+        put(root, name + "/f", b"moved")
+        top = mkdirs(env.upper, "new")
+        os.setxattr(top, TRUSTED + "redirect", name.encode())
+        whiteout(env.upper, name)
+        u = env.union(lowers=[root], redirect_dir="on")
+        assert names(u, "/") == ["new"] and names(u, "/new") == ["f"]
+
+    def test_upper_descriptors_retire_when_the_upper_changes(self, env):
+        """A head's descriptor in the upper names a directory that a rename may move: the next operation
+        opens the head anew, and reaches the directory now at that path, not the one moved away."""
+        env.lower()
+        bottom = "".join(f"/{i:02}" + "n" * 250 for i in range(15))
+        u = env.union()
+        for end in range(1, 16):
+            u.mkdir("/" + "/".join(bottom.split("/")[1:end + 1]), 0o755)
+        create(u, bottom + "/f", b"first")
+        assert read_all(u, bottom + "/f") == b"first"
+        assert u.layers._dir_fds.get(0) and not u.layers._dir_fds.get(1)  # heads of the upper alone
+        top = bottom.split("/")[1]
+        u.rename("/" + top, "/moved")
+        for end in range(1, 16):
+            u.mkdir("/" + "/".join(bottom.split("/")[1:end + 1]), 0o755)
+        create(u, bottom + "/f", b"second")
+        assert read_all(u, bottom + "/f") == b"second"
+        assert read_all(u, "/moved" + bottom[len(top) + 1:] + "/f") == b"first"
+
+    def test_a_lower_root_just_short_of_the_long_path_cut_with_oci_whiteouts(self, env):
+        """As above, where a missing name is looked for as an OCI whiteout beside it (`.wh.NAME`)."""
+        name = "n" * 96
+        root = long_root(env, ".wh." + name)
+        put(root, "kept", b"k")
+        u = env.union(lowers=[root], oci_whiteouts=True)
+        assert errno_of(u.getattr, "/" + name) == errno.ENOENT
+        assert names(u, "/") == ["kept"]
 
     def test_read_copy_up_rename_and_list_past_path_max(self, env):
         low = env.lower()
@@ -3142,6 +3375,20 @@ class TestUnlinkedOpenFiles:
         u.unlink("/a")
         u.fchmod(h, 0o600)
         assert u.fgetattr(h)["st_ino"] == ino
+        u.release(h)
+
+    def test_a_lower_hard_link_copied_for_its_handle_gets_no_origin(self, env):
+        """As the copy-up of a lower hard link without index=on, which breaks it: the handle's own copy
+        records no origin (its number would be shared by the other names), and shows its own number."""
+        low = env.lower()
+        put(low, "a", b"x")
+        os.link(low / "a", low / "b")
+        u = env.union()
+        h = u.open("/a", O_RDONLY)
+        u.unlink("/a")
+        u.fchmod(h, 0o600)
+        assert TRUSTED + "origin" not in os.listxattr(h.fd)
+        assert u.fgetattr(h)["st_ino"] == os.fstat(h.fd).st_ino != os.lstat(low / "a").st_ino
         u.release(h)
 
     def test_unlinked_upper_file_shows_no_link(self, env):
@@ -3459,6 +3706,19 @@ class TestIndex:
 
     def entries(self, env):
         return sorted(os.listdir(env.work / "index"))
+
+    @pytest.mark.parametrize("upper", [False, True], ids=["read-only", "index-off"])
+    def test_without_index_no_lower_hard_link_is_looked_up_in_it(self, env, monkeypatch, upper):
+        """Without index=on (a read-only mount has none), a lower hard link is what it is: no file handle
+        is made to look for its index entry."""
+        self.stack(env)
+        encoded, encode = [], handles.encode
+        monkeypatch.setattr(handles, "encode", lambda *args, **kwargs: encoded.append(args[0]) or encode(
+            *args, **kwargs))
+        u = env.union(upper=upper)
+        assert read_all(u, "/hl/two") == b"one file, three names\n"
+        assert u.getattr("/pair/b")["st_nlink"] == 2
+        assert encoded == []
 
     def links(self, u, *paths):
         """(st_ino, st_nlink) of each path: one inode throughout."""
@@ -3839,12 +4099,14 @@ class TestReaddir:
             assert listed["."] == (u.getattr(path)["st_ino"], stat.S_IFDIR), path
             assert listed[".."] == (u.getattr(parent)["st_ino"], stat.S_IFDIR), path
         assert u.getattr("/d")["st_ino"] != u.getattr("/d/sub")["st_ino"]
+        assert u.getattr("/")["st_ino"] == os.stat(env.upper).st_ino  # as the kernel's: not its lower's
 
     def test_types_and_inodes_match_getattr(self, env):
         low = env.lower()
         put(low, "f", b"")
         mkdirs(low, "d")
         os.symlink("f", low / "l")
+        os.symlink("d", low / "ld")  # a symlink to a directory is a symlink
         os.mkfifo(low / "p")
         u = env.union()
         write_at(u, "/f", b"x")  # f is in the upper now, with its lower inode number
@@ -3854,6 +4116,88 @@ class TestReaddir:
             attrs = u.getattr("/" + name)
             assert ino == attrs["st_ino"], name
             assert kind == stat.S_IFMT(attrs["st_mode"]), name
+
+    def test_numbers_of_entries_on_a_filesystem_mounted_inside_a_layer(self, env, monkeypatch):
+        """Numbers listed from a directory of another filesystem inside a layer (as a btrfs subvolume) are
+        mapped by that directory's device, as getattr maps them (the other device played by lstat here)."""
+        low = env.lower()
+        put(low, "sub/f", b"")
+        mkdirs(low, "sub/d")
+        sub, lstat = str(low / "sub"), os.lstat
+        other = lstat(low).st_dev + 1000
+
+        class OnOther:
+            def __init__(self, st):
+                self._st = st
+
+            def __getattr__(self, name):
+                return other if name == "st_dev" else getattr(self._st, name)
+
+        def on_other(path, *args, **kwargs):
+            st = lstat(path, *args, **kwargs)
+            return OnOther(st) if isinstance(path, str) and (path == sub or path.startswith(sub + "/")) else st
+        monkeypatch.setattr(os, "lstat", on_other)
+        u = env.union()
+        listed = {name: ino for name, ino, _ in u.readdir("/sub")}
+        for name in ("f", "d"):
+            assert listed[name] == u.getattr("/sub/" + name)["st_ino"] == u.layers.map_dev_ino(
+                other, lstat(f"{sub}/{name}").st_ino), name
+
+    def test_entries_typed_without_following_symlinks_or_a_stat_each(self, env, monkeypatch):
+        """A listing takes types from the directory entries (d_type): only an entry of another kind (a
+        device, FIFO, socket: maybe a whiteout) costs a stat, and no symlink found in a layer is followed."""
+        low = env.lower()
+        put(low, "f", b"")
+        mkdirs(low, "d")
+        os.symlink("d", low / "ld")
+        os.symlink("f", low / "lf")
+        os.mkfifo(low / "p")
+        put(env.upper, "g", b"")
+        os.symlink("g", env.upper / "lg")
+        os.mkfifo(env.upper / "q")
+        whiteout(env.upper, "w")
+        u = env.union()
+        asked, scandir = [], os.scandir
+
+        class Entry:
+            def __init__(self, entry):
+                self._entry, self.name, self.path = entry, entry.name, entry.path
+
+            def __getattr__(self, name):
+                return getattr(self._entry, name)
+
+            def is_dir(self, *, follow_symlinks=True):
+                asked.append(("is_dir", self.name, bool(follow_symlinks)))
+                return self._entry.is_dir(follow_symlinks=follow_symlinks)
+
+            def is_file(self, *, follow_symlinks=True):
+                asked.append(("is_file", self.name, bool(follow_symlinks)))
+                return self._entry.is_file(follow_symlinks=follow_symlinks)
+
+            def stat(self, *, follow_symlinks=True):
+                asked.append(("stat", self.name, bool(follow_symlinks)))
+                return self._entry.stat(follow_symlinks=follow_symlinks)
+
+        class Scan:
+            def __init__(self, path):
+                self._it = scandir(path)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self._it.close()
+
+            def __iter__(self):
+                return (Entry(entry) for entry in self._it)
+        monkeypatch.setattr(os, "scandir", Scan)
+        listed = {name: kind for name, _, kind in u.readdir("/")}
+        monkeypatch.undo()
+        assert listed == {".": stat.S_IFDIR, "..": stat.S_IFDIR, "f": stat.S_IFREG, "d": stat.S_IFDIR,
+                          "ld": stat.S_IFLNK, "lf": stat.S_IFLNK, "p": stat.S_IFIFO, "g": stat.S_IFREG,
+                          "lg": stat.S_IFLNK, "q": stat.S_IFIFO}
+        assert asked and not [call for call in asked if call[2]]  # nothing followed
+        assert {name for call, name, _ in asked if call == "stat"} == {"p", "q", "w"}
 
     def test_whiteouts_and_hidden_names_never_listed(self, env):
         top, bottom = env.lower(), env.lower()
@@ -4516,6 +4860,43 @@ class TestMetacopyErrors:
         with pytest.raises(OSError) as info:
             u.getattr("/d/f")
         assert (info.value.errno, info.value.filename) == (errno.EPERM, "/d/f")
+
+
+    @pytest.fixture
+    def marked(self, env):
+        """Metadata-only copies in the upper, mounted without metacopy=on: m merged and impure, p only in the
+        upper and impure, q only in the upper and pure (the root is pure)."""
+        low = env.lower()
+        put(low, "m/a", b"a")
+        put(low, "m/z", b"z")
+        for d in ("m", "p", "q"):
+            for i in range(6):  # as many copies as other names: some come before others in any listing order
+                put(env.upper, f"{d}/c{i}", b"c")
+                put(env.upper, f"{d}/md{i}", b"")
+                os.setxattr(env.upper / d / f"md{i}", TRUSTED + "metacopy", b"")
+        os.symlink("c1", env.upper / "m/s")
+        os.setxattr(env.upper / "m/s", TRUSTED + "metacopy", b"", follow_symlinks=False)  # not a file: no copy
+        for d in ("m", "p"):
+            os.setxattr(env.upper / d, TRUSTED + "impure", b"y")
+        return env
+
+    def test_an_impure_directory_lists_no_metadata_only_copy(self, marked):
+        """As the kernel's readdir, which looks up the entries of an impure upper directory (and fails on a
+        metadata-only copy without metacopy=on): a merged one leaves the copy out, one only in the upper
+        cannot be listed; the marker of a symlink means nothing."""
+        u = marked.union()
+        assert names(u, "/m") == ["a", "c0", "c1", "c2", "c3", "c4", "c5", "s", "z"]
+        with pytest.raises(OSError) as info:
+            u.readdir("/p")
+        assert (info.value.errno, info.value.filename) == (errno.EPERM, "/p")
+        assert errno_of(u.getattr, "/m/md0") == errno.EPERM
+
+    def test_a_pure_directory_lists_its_metadata_only_copy(self, marked):
+        """The kernel's readdir of a pure directory looks nothing up: the copy is listed, its lookup fails."""
+        u = marked.union()
+        assert names(u, "/q") == [f"c{i}" for i in range(6)] + [f"md{i}" for i in range(6)]
+        assert names(u, "/") == ["m", "p", "q"]
+        assert errno_of(u.getattr, "/q/md0") == errno.EPERM
 
 
 class TestRedirectsReadBack:

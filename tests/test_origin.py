@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import struct
+import tempfile
 
 import pytest
 
@@ -182,6 +184,135 @@ def test_origin_number_without_open_by_handle(tmp_path, monkeypatch):
         expected = ino if kind in (handles.FILEID_INO32_GEN, handles.FILEID_INO32_GEN_PARENT) else os.lstat(
             upper + "/single").st_ino
         assert u.getattr("/single")["st_ino"] == expected
+    finally:
+        u.close()
+
+
+@pytest.fixture
+def two_filesystems(tmp_path):
+    """Copies up of `f`, from a lower on a tmpfs (/dev/shm), and of `g`, from a lower below it on the upper's
+    filesystem: (lowerdir value, upper, work, the two lowers)."""
+    other = tempfile.mkdtemp(dir="/dev/shm")
+    try:
+        lower, upper, work = _layers(tmp_path)
+        with open(other + "/f", "wb") as f:
+            f.write(b"f\n")
+        with open(lower + "/g", "wb") as f:
+            f.write(b"g\n")
+        assert os.stat(other).st_dev != os.stat(lower).st_dev
+        u = _union(f"{other}:{lower}", upper, work)
+        try:
+            u.chmod("/f", 0o600)
+            u.chmod("/g", 0o600)
+        finally:
+            u.close()
+        yield f"{other}:{lower}", upper, work, (other, lower)
+    finally:
+        shutil.rmtree(other)
+
+
+def test_origins_followed_into_the_lower_of_their_filesystem(two_filesystems):
+    """As the kernel: an origin is sought in the lower layers, first to last, on the filesystem its UUID
+    names; a layer on another filesystem is passed over, and the upper is no place an origin leads."""
+    lowers, upper, work, (other, lower) = two_filesystems
+    u = _union(lowers, upper, work)
+    try:
+        for name, layer in (("f", other), ("g", lower)):
+            shown = u.getattr("/" + name)["st_ino"]
+            assert shown == u.layers.map_ino(os.lstat(f"{layer}/{name}")), name
+            assert shown != u.layers.map_ino(os.lstat(f"{upper}/{name}")), name
+    finally:
+        u.close()
+
+
+def test_origin_handles_that_carry_no_number_without_open_by_handle(two_filesystems, monkeypatch):
+    """Without CAP_DAC_READ_SEARCH, an origin handle of a type that carries no inode number gives none:
+    the copy shows its own number (on a stack of two filesystems, with their numbers in the high bits)."""
+    lowers, upper, work, _ = two_filesystems
+
+    def no_capability(mount_path, kind, data):
+        raise OSError(errno.EPERM, "Operation not permitted", mount_path)
+    monkeypatch.setattr(handles, "open_handle", no_capability)
+    monkeypatch.setattr(handles, "handle_ino", lambda kind, data: None)
+    u = _union(lowers, upper, work)
+    try:
+        for name in ("f", "g"):
+            assert u.getattr("/" + name)["st_ino"] == u.layers.map_ino(os.lstat(f"{upper}/{name}")), name
+    finally:
+        u.close()
+
+
+@pytest.mark.parametrize("error,followed", [(errno.ESTALE, True), (errno.ENOENT, False), (errno.EINVAL, False)])
+def test_an_origin_that_a_layer_cannot_open(tmp_path, monkeypatch, error, followed):
+    """A handle stale in one lower layer (another filesystem of the same UUID) is sought in the next; one
+    that names nothing there or cannot be decoded leaves the copy its own number, as the kernel's."""
+    lower, upper, work = _layers(tmp_path)
+    top = str(tmp_path / "top")
+    os.mkdir(top)
+    u = _union(f"{top}:{lower}", upper, work)
+    try:
+        u.chmod("/single", 0o600)
+    finally:
+        u.close()
+    opened, open_handle = [], handles.open_handle
+
+    def failing_in_top(mount_path, kind, data):
+        opened.append(mount_path)
+        if mount_path == top:
+            raise OSError(error, os.strerror(error), mount_path)
+        return open_handle(mount_path, kind, data)
+    monkeypatch.setattr(handles, "open_handle", failing_in_top)
+    u = _union(f"{top}:{lower}", upper, work)
+    try:
+        shown = u.getattr("/single")["st_ino"]
+    finally:
+        u.close()
+    assert shown == os.lstat((lower if followed else upper) + "/single").st_ino
+    assert opened == ([top, lower] if followed else [top])
+
+
+def test_an_origin_is_opened_once(tmp_path, monkeypatch):
+    """The number an origin gives is kept (lower layers never change): getattr and readdir do not open its
+    handle again."""
+    lower, upper, work = _layers(tmp_path)
+    u = _union(lower, upper, work)
+    try:
+        u.chmod("/single", 0o600)
+    finally:
+        u.close()
+    opened, open_handle = [], handles.open_handle
+    monkeypatch.setattr(handles, "open_handle", lambda *args: opened.append(args[0]) or open_handle(*args))
+    u = _union(lower, upper, work)
+    try:
+        ino = os.lstat(lower + "/single").st_ino
+        assert u.getattr("/single")["st_ino"] == u.getattr("/single")["st_ino"] == ino
+        assert {name: number for name, number, _ in u.readdir("/")}["single"] == ino
+    finally:
+        u.close()
+    assert opened == [lower]
+
+
+@pytest.mark.parametrize("error", [errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EPERM])
+def test_a_copy_up_without_a_file_handle_records_no_origin(tmp_path, monkeypatch, error):
+    """A lower filesystem that gives no file handle (or a process not allowed one): the copy-up goes on
+    without an origin, as the kernel's, and the copy shows its own number; another error fails it."""
+    lower, upper, work = _layers(tmp_path)
+
+    def refusing(code):
+        def encode(path, uuid, upper=False):
+            raise OSError(code, os.strerror(code), path)
+        return encode
+    monkeypatch.setattr(handles, "encode", refusing(error))
+    u = _union(lower, upper, work)
+    try:
+        u.chmod("/single", 0o600)
+        assert TRUSTED + "origin" not in os.listxattr(upper + "/single")
+        assert u.getattr("/single")["st_ino"] == os.lstat(upper + "/single").st_ino
+        monkeypatch.setattr(handles, "encode", refusing(errno.EIO))
+        with pytest.raises(OSError) as info:
+            u.chmod("/d/inner", 0o600)
+        assert info.value.errno == errno.EIO
+        assert not os.path.exists(upper + "/d/inner")
     finally:
         u.close()
 
