@@ -176,16 +176,16 @@ class Layers:
         if len(path) < LONG_PATH:
             return path
         cut = rel.rfind("/", 0, (len(rel) // PATH_CHUNK) * PATH_CHUNK)
-        if cut <= 0:
-            raise os_error(errno.ENAMETOOLONG, path)
+        if cut <= 0:  # no head to cut within the path: from the layer's root, as the kernel has no limit
+            return f"/proc/self/fd/{self._dir_fd(layer, '')}/{rel}"
         return f"/proc/self/fd/{self._dir_fd(layer, rel[:cut])}/{rel[cut + 1:]}"
 
     def _dir_fd(self, layer, head):
         fds = self._dir_fds.setdefault(layer, {})
         fd = fds.get(head)
         if fd is None:
-            fd = fds[head] = os.open(self.real(layer, head), os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
-                                     | os.O_CLOEXEC)
+            fd = fds[head] = os.open(self.real(layer, head) if head else self.roots[layer],
+                                     os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         return fd
 
     # -- inode numbers -------------------------------------------------------------------------
