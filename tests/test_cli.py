@@ -824,9 +824,11 @@ def test_foreground_mount_prints_nothing_of_libfuse(dirs, flag):
 # 9. exit statuses: Ctrl-C is `cowfs: interrupted`, 130; --debug / COWFS_DEBUG=1 show the traceback
 
 # Runs cowfs with one function replaced by one that says so (touching FLAG) and then sleeps: a SIGINT
-# then lands at a known place.
+# then lands at a known place.  SIGHUP starts at its default, as a terminal's shell starts a command (a
+# test run under nohup would otherwise hand the ignored SIGHUP on, which cowfs rightly leaves ignored).
 HANG = """\
-import importlib, os, sys, time
+import importlib, os, signal, sys, time
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 flag, module, name, *argv = sys.argv[1:]
 mod = importlib.import_module(module)
 real = getattr(mod, name)
