@@ -612,20 +612,25 @@ class TestLookup:
         assert names(u, "/") == ["new"]
         assert read_all(u, "/new/f") == b"from old"
 
+    @staticmethod
+    def two_redirects(env, middle, upper):
+        """A middle layer (once an upper, returned) and the upper, each with a directory redirected and the
+        name it came from whited out: `middle` and `upper` are (directory, redirect, whited-out path)."""
+        middle_upper = env.tmp / "mid"
+        for root, (directory, redirect, gone) in ((middle_upper, middle), (env.upper, upper)):
+            os.setxattr(mkdirs(root, directory), TRUSTED + "redirect", redirect)
+            whiteout(root, gone)
+        return middle_upper
+
     def test_redirects_chain_through_layers(self, env):
         """Found by unionmount-testsuite (rename-move-dir, --ov=3): an absolute redirect in one layer,
         then a relative one in the layer below it, both made by the kernel."""
         bottom = env.lower()
         put(bottom, "a/dir102/a", b"deep")
         mkdirs(bottom, "a/empty102")
-        middle_upper = env.tmp / "mid"
-        mid = mkdirs(middle_upper, "a/dir102x")
-        os.setxattr(mid, TRUSTED + "redirect", b"dir102")
-        whiteout(middle_upper, "a/dir102")
-        top = mkdirs(env.upper, "a/empty102/dir102")
-        os.setxattr(top, TRUSTED + "redirect", b"/a/dir102x")
-        whiteout(env.upper, "a/dir102x")
-        u = env.union(lowers=[middle_upper, bottom])
+        middle = self.two_redirects(env, ("a/dir102x", b"dir102", "a/dir102"),
+                                    ("a/empty102/dir102", b"/a/dir102x", "a/dir102x"))
+        u = env.union(lowers=[middle, bottom])
         assert names(u, "/a") == ["empty102"]
         assert names(u, "/a/empty102/dir102") == ["a"]
         assert read_all(u, "/a/empty102/dir102/a") == b"deep"
@@ -636,14 +641,8 @@ class TestLookup:
         bottom = env.lower()
         put(bottom, "a/b/dir/f", b"deep")
         put(bottom, "a/dir/f", b"beside a")
-        middle_upper = env.tmp / "mid"
-        mid = mkdirs(middle_upper, "a/b/dirx")
-        os.setxattr(mid, TRUSTED + "redirect", b"dir")
-        whiteout(middle_upper, "a/b/dir")
-        top = mkdirs(env.upper, "new")
-        os.setxattr(top, TRUSTED + "redirect", b"/a/b/dirx")
-        whiteout(env.upper, "a")
-        u = env.union(lowers=[middle_upper, bottom])
+        middle = self.two_redirects(env, ("a/b/dirx", b"dir", "a/b/dir"), ("new", b"/a/b/dirx", "a"))
+        u = env.union(lowers=[middle, bottom])
         assert names(u, "/") == ["new"]
         assert read_all(u, "/new/f") == b"deep"
 
