@@ -53,6 +53,17 @@ def put(root, rel, data=b"", mode=None):
     return p
 
 
+def chown_unprivileged(monkeypatch):
+    """os.chown as a process without CAP_CHOWN has it: giving a file to another owner is EPERM."""
+    real_chown = os.chown
+
+    def unprivileged_chown(path, uid, gid, **kwargs):
+        if uid not in (-1, os.geteuid()) or gid not in (-1, os.getegid()):
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), path)
+        return real_chown(path, uid, gid, **kwargs)
+    monkeypatch.setattr(os, "chown", unprivileged_chown)
+
+
 def mkdirs(root, rel, mode=None):
     p = Path(root, rel)
     p.mkdir(parents=True, exist_ok=True)
@@ -5534,13 +5545,7 @@ class TestRecordedAttributes:
         attrs = u.getattr("/mine")
         assert (attrs["st_uid"], attrs["st_gid"]) == (1001, 1002)
         # a process that cannot give the file away records its owner instead (in a marked upper)
-        real_chown = os.chown
-
-        def unprivileged_chown(path, uid, gid, **kwargs):
-            if uid not in (-1, os.geteuid()) or gid not in (-1, os.getegid()):
-                raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), path)
-            return real_chown(path, uid, gid, **kwargs)
-        monkeypatch.setattr(os, "chown", unprivileged_chown)
+        chown_unprivileged(monkeypatch)
         u.mkdir("/theirs", 0o750, owner=(1001, 1002))
         assert recorded_on(env.upper / "theirs") == "1001:1002:0750:dir"
         attrs = u.getattr("/theirs")
@@ -5712,13 +5717,7 @@ class TestRecordedAttributes:
         Without it the failure is the caller's (EPERM, no descriptor left open, nothing in the upper); with
         the mapping options the object stays this process's, and nothing is recorded."""
         image_layer(env)
-        real_chown = os.chown
-
-        def unprivileged_chown(path, uid, gid, **kwargs):
-            if uid not in (-1, os.geteuid()) or gid not in (-1, os.getegid()):
-                raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), path)
-            return real_chown(path, uid, gid, **kwargs)
-        monkeypatch.setattr(os, "chown", unprivileged_chown)
+        chown_unprivileged(monkeypatch)
         u = env.union()
         fds = set(os.listdir("/proc/self/fd"))
         assert errno_of(u.mkdir, "/theirs", 0o750, owner=(1001, 1002)) == errno.EPERM
