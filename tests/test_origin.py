@@ -596,6 +596,14 @@ def test_verity_require_over_data_only_data(tmp_path):
         assert (e.value.errno, e.value.filename) == (errno.ENOENT, path)
 
 
+def _new_dirs(base, prefix):
+    """New directories BASE/PREFIXupper, PREFIXwork and PREFIXmnt for one mount."""
+    made = [os.path.join(base, prefix + x) for x in ("upper", "work", "mnt")]
+    for d in made:
+        os.mkdir(d)
+    return made
+
+
 def _metacopy_file(path, size, redirect=None):
     """A metadata-only file of a metadata layer: `size` bytes of hole, its data where `redirect` leads."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -722,9 +730,7 @@ def test_impure_dirs_as_the_kernels_and_its_readdir_d_ino(shared_tmp):
         f.write(b"x\n")
     impure = {}
     for kind in ("kernel", "cowfs"):
-        upper, work, mnt = (os.path.join(shared_tmp, f"{kind}-{x}") for x in ("upper", "work", "mnt"))
-        for d in (upper, work, mnt):
-            os.mkdir(d)
+        upper, work, mnt = _new_dirs(shared_tmp, f"{kind}-")
         m = _mounted(kind, lower, upper, work, mnt, ["redirect_dir=on"])
         try:
             os.makedirs(mnt + "/newdir/sub")
@@ -1003,9 +1009,7 @@ def test_uuid_off_on_several_filesystems_is_null(shared_tmp):
         lower = _layers(fs)[0]
         uppers = {}
         for kind in ("kernel", "cowfs"):
-            upper, work, mnt = (os.path.join(shared_tmp, f"{kind}-{x}") for x in ("upper", "work", "mnt"))
-            for d in (upper, work, mnt):
-                os.mkdir(d)
+            upper, work, mnt = _new_dirs(shared_tmp, f"{kind}-")
             m = _mounted(kind, lower, upper, work, mnt, ["uuid=off"] + (["index=off"] if kind == "kernel" else []))
             try:
                 _change_through(mnt)
@@ -1090,9 +1094,7 @@ def test_upper_with_each_uuid_value_as_the_kernels(shared_tmp, uuid, userxattr):
         lower = _layers(fs)[0]
         uppers, fsids = {}, {}
         for kind in ("kernel", "cowfs"):
-            upper, work, mnt = (os.path.join(fs, f"{kind}-{x}") for x in ("upper", "work", "mnt"))
-            for d in (upper, work, mnt):
-                os.mkdir(d)
+            upper, work, mnt = _new_dirs(fs, f"{kind}-")
             m = _mounted(kind, lower, upper, work, mnt, options + (["index=off"] if kind == "kernel" else []))
             try:
                 _change_through(mnt)
@@ -1156,9 +1158,7 @@ def test_a_lower_filesystem_given_another_uuid(shared_tmp):
         lower = _layers(img)[0]
         uppers = {}
         for name in ("plain", "indexed"):
-            upper, work, mnt = (os.path.join(shared_tmp, f"{name}-{x}") for x in ("upper", "work", "mnt"))
-            for d in (upper, work, mnt):
-                os.mkdir(d)
+            upper, work, mnt = _new_dirs(shared_tmp, f"{name}-")
             m = _mounted("kernel", lower, upper, work, mnt, ["index=on" if name == "indexed" else "index=off"])
             try:
                 _change_through(mnt)
@@ -1196,9 +1196,7 @@ def test_a_lower_filesystem_of_null_uuid(shared_tmp, options):
     with scratch_filesystem(os.path.join(shared_tmp, "img"), uuid="clear") as img:
         lower = _layers(img)[0]
         assert handles.fs_uuid(lower) == handles.NULL_UUID
-        upper, work, mnt = (os.path.join(shared_tmp, x) for x in ("upper", "work", "mnt"))
-        for d in (upper, work, mnt):
-            os.mkdir(d)
+        upper, work, mnt = _new_dirs(shared_tmp, "")
         m = _mounted("kernel", lower, upper, work, mnt, ["index=off", *options])
         try:
             os.chmod(mnt + "/single", 0o600)
@@ -1229,9 +1227,7 @@ def test_two_lower_filesystems_of_one_uuid(shared_tmp):
         os.mkdir(other)
         shown = {}
         for kind in ("kernel", "cowfs"):
-            upper, work, mnt = (os.path.join(shared_tmp, f"{kind}-{x}") for x in ("upper", "work", "mnt"))
-            for d in (upper, work, mnt):
-                os.mkdir(d)
+            upper, work, mnt = _new_dirs(shared_tmp, f"{kind}-")
             m = KernelOverlay if kind == "kernel" else CowfsMount
             for _ in range(2):  # the copy-up, then a fresh mount that reads its origins
                 mount = m([lower, other], upper, work, mnt, ["index=on"])
