@@ -879,3 +879,97 @@ def test_uuid_off_carries_and_follows_the_null_uuid(on_disks):
     assert (fs.uuid_mode, fs.handle_uuid(B.dev)) == ("null", B.uuid)
     assert fs.warnings == ["uuid=off: the layers are not all on the upper's filesystem; going on with uuid=null"]
     assert fs.follows(B.dev, B.uuid) and not fs.follows(B.dev, handles.NULL_UUID)
+
+
+# -- an absolute redirect's path through a middle layer -------------------------------------------------
+# The upper's directory d is redirected to /a/b (the lower a, x and q whited out); the bottom layer holds
+# a/b/f, x/b/h, x/c/k and q/qq; the middle layer holds what each case makes. The kernel walks the path in
+# each layer one directory at a time: a missing one lets the layers below be looked in; anything else not a
+# directory stops the lookup; an opaque directory on the way stops it after this layer; a redirect on the
+# way changes the path looked for below.
+
+def _opaque_dir(root, rel):
+    os.makedirs(os.path.join(root, rel), exist_ok=True)
+    os.setxattr(os.path.join(root, rel), "trusted.overlay.opaque", b"y")
+
+
+def _redirected_dir(root, rel, redirect):
+    os.makedirs(os.path.join(root, rel), exist_ok=True)
+    os.setxattr(os.path.join(root, rel), "trusted.overlay.redirect", redirect)
+
+
+def _file(root, rel, data=b"x"):
+    os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
+    with open(os.path.join(root, rel), "wb") as f:
+        f.write(data)
+
+
+REDIRECT_PATHS = {  # case: (what the middle layer holds, what d lists)
+    "nothing on the way": (lambda m: None, ["f"]),
+    "a file on the way": (lambda m: _file(m, "a"), []),
+    "a whiteout on the way": (lambda m: os.mknod(os.path.join(m, "a"), 0o20000, 0), []),
+    "a symlink on the way": (lambda m: os.symlink("x", os.path.join(m, "a")), []),
+    "an opaque directory on the way": (lambda m: _opaque_dir(m, "a"), []),
+    "an opaque directory holding the target": (lambda m: (_opaque_dir(m, "a"), _file(m, "a/b/g")), ["g"]),
+    "a whiteout at the target": (lambda m: (os.makedirs(os.path.join(m, "a")),
+                                            os.mknod(os.path.join(m, "a/b"), 0o20000, 0)), []),
+    "an absolute redirect on the way": (lambda m: _redirected_dir(m, "a", b"/x"), ["h"]),
+    "a relative redirect on the way": (lambda m: _redirected_dir(m, "a", b"x"), ["h"]),
+    "an absolute redirect below an opaque directory": (
+        lambda m: (_opaque_dir(m, "a"), _redirected_dir(m, "a/b", b"/q")), ["qq"]),
+    "a relative redirect below one on the way": (
+        lambda m: (_redirected_dir(m, "a", b"/x"), _redirected_dir(m, "a/b", b"c")), ["k"]),
+}
+
+
+def _redirect_path_layers(base, case):
+    """The middle and bottom layers of `case` under `base`, and an upper maker: (lowers, make_upper)."""
+    middle, bottom = os.path.join(base, "middle"), os.path.join(base, "bottom")
+    os.makedirs(middle)
+    for rel, data in (("a/b/f", b"f"), ("x/b/h", b"h"), ("x/c/k", b"k"), ("q/qq", b"q")):
+        _file(bottom, rel, data)
+    REDIRECT_PATHS[case][0](middle)
+
+    def make_upper(upper):
+        """d, and whiteouts where the lower directories were: what a kernel's rename leaves."""
+        _redirected_dir(upper, "d", b"/a/b")
+        for rel in ("a", "x", "q"):
+            os.mknod(os.path.join(upper, rel), 0o20000, 0)
+    return [middle, bottom], make_upper
+
+
+@pytest.mark.parametrize("case", REDIRECT_PATHS)
+def test_an_absolute_redirects_path_through_a_middle_layer(case, tmp_path):
+    """In-process: what the kernel lists (the test below checks the table against it)."""
+    from cowfs.overlay.union import Union
+    lowers, make_upper = _redirect_path_layers(str(tmp_path), case)
+    upper, work = str(tmp_path / "upper"), str(tmp_path / "work")
+    os.makedirs(work)
+    make_upper(upper)
+    union = Union(check(Stack(lowers=lowers, upper=upper, work=work, redirect_dir="on")))
+    try:
+        assert sorted(n for n, *_ in union.readdir("/d") if n not in (".", "..")) == REDIRECT_PATHS[case][1]
+    finally:
+        union.close()
+
+
+@pytest.mark.kernel
+@pytest.mark.fuse
+@pytest.mark.parametrize("case", REDIRECT_PATHS)
+def test_an_absolute_redirects_path_through_a_middle_layer_as_the_kernel(case, shared_tmp):
+    """The same layers on both sides: the same merged tree, the table's listing, and, after a file is
+    made in d, the same upper."""
+    lowers, make_upper = _redirect_path_layers(shared_tmp, case)
+    seen = {}
+    for kind, (mount, upper) in _sides(shared_tmp, lowers, ("redirect_dir=on",)).items():
+        make_upper(upper)
+        mount.mount()
+        try:
+            listed = sorted(os.listdir(os.path.join(mount.mountpoint, "d")))
+            merged = snapshot(mount.mountpoint)
+            _file(mount.mountpoint, "d/new")
+        finally:
+            mount.unmount()
+        seen[kind] = (listed, merged, upper_snapshot(upper, False))
+    assert seen["cowfs"] == seen["kernel"]
+    assert seen["kernel"][0] == REDIRECT_PATHS[case][1]

@@ -400,6 +400,42 @@ class Layers:
             return True
         return layer > 0 and self.oci and os.path.lexists(real + "/" + OCI_OPAQUE)
 
+    def _above(self, parent, layer, rel, path):
+        """How the walk of an absolute redirect's path `rel` goes through the directories above its last
+        component in lower `layer`, as the kernel's lookup walks it: (reached, stop, moved).
+
+        Not reached: a directory on the way is missing (the layers below are still looked in) or is not a
+        directory (a whiteout, a file, a symlink: the lookup stops there). An opaque directory on the way
+        stops the lookup after this layer. A redirect of a directory on the way changes the path that the
+        layers below look for (`moved`, absolute); an absolute one lifts the stop of an opaque one above."""
+        names = rel.split("/")
+        current, real, stop, moved = list(names), self.roots[layer], False, None
+        reads = self._reads_redirect(parent, layer)
+        for depth, component in enumerate(names[:-1]):
+            real += "/" + component
+            try:
+                st = os.lstat(real)
+            except (FileNotFoundError, NotADirectoryError):
+                return False, stop, moved
+            if not stat.S_ISDIR(st.st_mode):
+                return False, True, moved
+            if not reads:
+                continue
+            if self._opaque(layer, real):
+                stop = True
+                continue
+            redirect = get_marker(real, self.prefix, REDIRECT)
+            if redirect is not None:
+                self._check_redirect(redirect, path)
+                post = names[depth + 1:]
+                if redirect.startswith("/"):
+                    current, stop = redirect.strip("/").split("/") + post, False
+                else:  # in place of this component, in the path as it is now
+                    at = len(current) - len(names) + depth
+                    current = current[:at] + [redirect] + post
+                moved = "/" + "/".join(current)
+        return True, stop, moved
+
     def _through_dirs(self, layer, rel):
         """True when every component above the last of `rel` is a real directory in `layer`:
         a redirect is walked with lstat, never through a symlink found in a layer."""
@@ -446,14 +482,14 @@ class Layers:
                 rel = (prel + "/" if prel else "") + target
             last = layer
             redirect = yield layer, rel
-            if redirect is not None:
+            while redirect is not None:  # each send is acknowledged; one layer may send two
                 if redirect.startswith("/"):
                     absolute, target = True, redirect.strip("/")
                 else:
                     head = target.rpartition("/")[0]
                     target = (head + "/" if head else "") + redirect
                     parts, pos = parent.parts, 0  # another name: every layer below may hold it
-                yield None  # acknowledge the send
+                redirect = yield None
 
     def _reads_redirect(self, parent, layer):
         """Whether the redirect of a directory found in `layer` is read, as the kernel's lookup does: when
@@ -500,12 +536,22 @@ class Layers:
         redirect_seen = None
         data_path = None  # after an absolute redirect: the path it leads to, for the data-only layers
         data_wanted, data = False, None
+        stop = False  # after this layer: an opaque directory above an absolute redirect's target
         walk = self._targets(parent, name, self._candidates(parent, name))
         for layer, rel in walk:
+            if stop:
+                break
             if layer > 0 and self.oci and is_oci_marker(name) and redirect_seen is None:
                 continue  # OCI markers in lower layers never show in the merged view
-            if "/" in rel and redirect_seen is not None and not self._through_dirs(layer, rel):
-                continue
+            if "/" in rel and redirect_seen is not None:
+                reached, stop, moved = self._above(parent, layer, rel, join(parent.path, name))
+                if moved is not None:  # for the layers below
+                    redirect_seen, data_path = moved, _data_path(data_path, moved)
+                    walk.send(moved)
+                if not reached:
+                    if stop:
+                        break
+                    continue
             real = self.real(layer, rel)
             try:
                 st = os.lstat(real)
@@ -553,6 +599,7 @@ class Layers:
                     if not self.follow_redirects:  # the kernel logs "refusing to follow redirect"
                         raise os_error(errno.EPERM, join(parent.path, name))
                     redirect_seen = redirect
+                    stop = stop and not redirect.startswith("/")
                     walk.send(redirect)
         if not found:
             return None
