@@ -715,10 +715,13 @@ class TestLookup:
             u.getattr("/new/secret")
 
 
-    @pytest.mark.parametrize("redirect,code", [(b"a/b", errno.EINVAL), (b"", errno.EINVAL), (b"/a//b", errno.EACCES),
-                                               (b"/a/./b", errno.EACCES), (b"..", errno.EACCES), (b".", errno.EACCES)])
+    @pytest.mark.parametrize("redirect,code", [
+        (b"a/b", errno.EINVAL), (b"", errno.EINVAL), (b"x/", errno.EINVAL), (b"/a//b", errno.EINVAL),
+        (b"/", errno.EINVAL), (b"//a", errno.EINVAL), (b"/a/b/", errno.EINVAL), (b"/a/./b", errno.EACCES),
+        (b"/..", errno.EACCES), (b"..", errno.EACCES), (b".", errno.EACCES)])
     def test_bad_redirects_are_refused_naming_the_directory(self, env, redirect, code):
-        """As the kernel: a relative redirect is one name (EINVAL), and no component is empty, "." or ".."."""
+        """As the kernel: a relative redirect is one name, an absolute one has no empty name (EINVAL, the
+        kernel logs "invalid redirect"), and no name is "." or ".." (EACCES, as the lookup of one)."""
         low = env.lower()
         mkdirs(low, "a/b")
         d = mkdirs(env.upper, "new")

@@ -906,6 +906,7 @@ def _file(root, rel, data=b"x"):
 
 REDIRECT_PATHS = {  # case: (what the middle layer holds, what d lists)
     "nothing on the way": (lambda m: None, ["f"]),
+    "the middle layer's root marked opaque": (lambda m: os.setxattr(m, "trusted.overlay.opaque", b"y"), ["f"]),
     "a file on the way": (lambda m: _file(m, "a"), []),
     "a whiteout on the way": (lambda m: os.mknod(os.path.join(m, "a"), 0o20000, 0), []),
     "a symlink on the way": (lambda m: os.symlink("x", os.path.join(m, "a")), []),
@@ -973,3 +974,21 @@ def test_an_absolute_redirects_path_through_a_middle_layer_as_the_kernel(case, s
         seen[kind] = (listed, merged, upper_snapshot(upper, False))
     assert seen["cowfs"] == seen["kernel"]
     assert seen["kernel"][0] == REDIRECT_PATHS[case][1]
+
+
+@pytest.mark.kernel
+@pytest.mark.fuse
+@pytest.mark.parametrize("redirect", [b"/", b"//a", b"/a//b", b"/a/b/", b"x/", b"a/b", b"/a/./b", b"/..", b".."])
+def test_a_bad_redirect_is_refused_as_the_kernel_refuses_it(redirect, shared_tmp):
+    """The same errno on both sides (the in-process test of each lists which)."""
+    bottom = os.path.join(shared_tmp, "bottom")
+    _file(bottom, "a/b/f")
+    seen = {}
+    for kind, (mount, upper) in _sides(shared_tmp, [bottom], ("redirect_dir=on",)).items():
+        _redirected_dir(upper, "d", redirect)
+        mount.mount()
+        try:
+            seen[kind] = _outcome(os.listdir, os.path.join(mount.mountpoint, "d"))
+        finally:
+            mount.unmount()
+    assert seen["cowfs"] == seen["kernel"] in ("EINVAL", "EACCES")

@@ -454,7 +454,10 @@ class Layers:
         """Refuse a redirect that would leave the layers, as the kernel does."""
         if not redirect or (not redirect.startswith("/") and "/" in redirect):
             raise os_error(errno.EINVAL, path)  # a relative redirect is one name
-        if any(c in ("", ".", "..") for c in redirect.strip("/").split("/")):
+        names = redirect[1:].split("/") if redirect.startswith("/") else (redirect,)
+        if "" in names:
+            raise os_error(errno.EINVAL, path)  # an absolute one has no empty name, nor a slash at its end
+        if any(c in (".", "..") for c in names):
             raise os_error(errno.EACCES, path)  # as the kernel's lookup of "." or ".."
 
     def _targets(self, parent, name, candidates=None):
