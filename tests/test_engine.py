@@ -3151,6 +3151,79 @@ class TestDeepTrees:
         assert not staged.exists()
         assert (outside / "keep").read_bytes() == b"k"
 
+    def test_discard_of_a_bare_name_is_in_the_working_directory(self, env, tmp_path, monkeypatch):
+        put(tmp_path, "left/over", b"x")
+        monkeypatch.chdir(tmp_path)
+        copyup.discard("left")
+        assert not (tmp_path / "left").exists()
+
+
+# =============================================================================================
+# build_copy and copy_xattrs on their own
+
+class TestBuildCopy:
+    @pytest.fixture
+    def umask022(self):
+        old = os.umask(0o022)
+        yield
+        os.umask(old)
+
+    @pytest.mark.parametrize("kind,private", [("file", 0o600), ("dir", 0o700), ("fifo", 0o600)])
+    def test_a_copy_is_private_until_it_is_built(self, env, tmp_path, monkeypatch, umask022, kind, private):
+        """No one but its owner can open a copy in the work directory before its own mode is set (last)."""
+        src = tmp_path / "src"
+        {"file": lambda: put(tmp_path, "src", b"data", mode=0o666), "dir": lambda: mkdirs(tmp_path, "src", 0o777),
+         "fifo": lambda: os.mkfifo(src, 0o666)}[kind]()
+        seen = []
+        own = copyup.copy_owner
+        monkeypatch.setattr(copyup, "copy_owner", lambda st, path: (seen.append(os.lstat(path).st_mode), own(st, path)))
+        st = os.lstat(src)
+        copyup.build_copy(str(src), st, str(tmp_path / "tmp"), TRUSTED, None)
+        assert [stat.S_IMODE(m) for m in seen] == [private]
+        assert os.lstat(tmp_path / "tmp").st_mode == st.st_mode
+
+    def test_a_copy_is_never_built_over_what_is_at_its_place(self, env, tmp_path):
+        put(tmp_path, "src", b"new data")
+        put(tmp_path, "tmp", b"was here")
+        with pytest.raises(FileExistsError):
+            copyup.build_copy(str(tmp_path / "src"), os.lstat(tmp_path / "src"), str(tmp_path / "tmp"), TRUSTED, None)
+        assert (tmp_path / "tmp").read_bytes() == b"was here"
+
+    @pytest.mark.parametrize("kind", ["file", "dir", "symlink"])
+    def test_a_user_xattr_origin_goes_on_files_and_directories_only(self, env, tmp_path, kind):
+        """As the kernel with userxattr: user.* xattrs cannot be set on a symlink, so it gets no origin."""
+        {"file": lambda: put(tmp_path, "src", b"x"), "dir": lambda: mkdirs(tmp_path, "src"),
+         "symlink": lambda: os.symlink("t", tmp_path / "src")}[kind]()
+        tmp = str(tmp_path / "tmp")
+        copyup.build_copy(str(tmp_path / "src"), os.lstat(tmp_path / "src"), tmp, USER, b"handle")
+        got = os.listxattr(tmp, follow_symlinks=False)
+        assert got == ([] if kind == "symlink" else [USER + "origin"])
+        if kind != "symlink":
+            assert os.getxattr(tmp, USER + "origin") == b"handle"
+
+    @pytest.mark.parametrize("code", [errno.ENOTSUP, errno.EPERM, errno.ENODATA, errno.ENOSPC, errno.E2BIG])
+    def test_copy_xattrs_leaves_out_only_what_cannot_be_set_here(self, env, tmp_path, monkeypatch, code):
+        """An xattr the upper's filesystem or the caller may not set (or one gone meanwhile) is left out and the
+        others copied; any other error fails the copy-up."""
+        src = put(tmp_path, "src", b"x")
+        for name in ("user.a", "user.b"):
+            os.setxattr(src, name, b"v")
+        dst = put(tmp_path, "dst", b"")
+        real = os.setxattr
+
+        def refuse_a(path, name, value, **kw):
+            if name == "user.a":
+                raise OSError(code, os.strerror(code))
+            real(path, name, value, **kw)
+        monkeypatch.setattr(os, "setxattr", refuse_a)
+        if code in (errno.ENOSPC, errno.E2BIG):
+            with pytest.raises(OSError) as info:
+                copyup.copy_xattrs(str(src), str(dst), TRUSTED)
+            assert info.value.errno == code
+        else:
+            copyup.copy_xattrs(str(src), str(dst), TRUSTED)
+            assert os.listxattr(dst) == ["user.b"]
+
 
 # =============================================================================================
 # open files whose name is gone: changes through the handle act on its own object
