@@ -603,7 +603,8 @@ class TestLookup:
         put(env.upper, "d", b"a file now")
         u = env.union()
         assert stat.S_ISREG(u.getattr("/d")["st_mode"])
-        assert errno_of(u.getattr, "/d/inner") == errno.ENOTDIR
+        error = errno_of_error(u.getattr, "/d/inner")
+        assert (error.errno, error.filename) == (errno.ENOTDIR, "/d/inner")
 
     def test_upper_directory_over_lower_file_does_not_merge(self, env):
         low = env.lower()
@@ -870,6 +871,8 @@ class TestMajorZeroDevices:
         monkeypatch.setattr(readdir, "LISTED_KEPT", 8)  # two listings of ".", ".." and two names
         u = env.union()
         u.readdir("/a")
+        u.readdir("/b")
+        assert sorted(u._listings) == ["/a", "/b"]  # counted from nothing at the start too
         u.mkdir("/c", 0o755)  # a change: the listings go
         assert u._listings == {}
         u.readdir("/a")
@@ -3275,6 +3278,17 @@ class TestPathsPastPathMax:
         u = env.union(lowers=[root], redirect_dir="on")
         assert names(u, "/") == ["new"] and names(u, "/new") == ["f"]
 
+    def test_a_lower_root_itself_past_the_long_path_cut(self, env):
+        """A layer root longer than LONG_PATH (and within PATH_MAX): every name in it is reached from the
+        root's own descriptor."""
+        root = env.tmp / "deep"
+        while len(str(root)) < lookup.LONG_PATH + 10:
+            root = root / ("r" * 200)
+        put(root, "f", b"far")
+        mkdirs(root, "d")
+        u = env.union(lowers=[root])
+        assert names(u, "/") == ["d", "f"] and read_all(u, "/f") == b"far"
+
     def test_upper_descriptors_retire_when_the_upper_changes(self, env):
         """A head's descriptor in the upper names a directory that a rename may move: the next operation
         opens the head anew, and reaches the directory now at that path, not the one moved away."""
@@ -4891,6 +4905,20 @@ class TestIdMapping:
             with pytest.raises(ValueError):
                 idmap.parse_id(bad)
 
+    @pytest.mark.parametrize("uids,gids", [(((0, 1000, 1),), ()), ((), ((0, 1000, 1),)), ((), ())])
+    def test_the_kernels_overflow_ids_are_read_when_a_mapping_is_given(self, monkeypatch, uids, gids):
+        """An ID a mapping leaves out shows as the kernel's overflow ID (/proc/sys/kernel/overflowuid and
+        overflowgid), read once per mount, and only when there is a mapping; either mapping reads both."""
+        asked = []
+        monkeypatch.setattr(idmap, "_overflow", lambda kind: asked.append(kind) or {"uid": 12345, "gid": 23456}[kind])
+        stack = types.SimpleNamespace(uidmapping=uids, gidmapping=gids, squash_to_root=False, squash_to_uid=None,
+                                      squash_to_gid=None)
+        m = idmap.IdMap.of(stack)
+        if uids or gids:
+            assert (m.overflow_uid, m.overflow_gid, sorted(asked)) == (12345, 23456, ["gid", "uid"])
+        else:
+            assert (m.overflow_uid, m.overflow_gid, asked) == (idmap.OVERFLOW_DEFAULT, idmap.OVERFLOW_DEFAULT, [])
+
     def test_ranges_both_ways(self):
         m = idmap.IdMap(uidmapping=((0, 1000, 2), (10, 2000, 5)), gidmapping=((0, 3000, 1),),
                         overflow_uid=111, overflow_gid=222)
@@ -5120,7 +5148,19 @@ class TestMetacopy:
         put(env.upper, "f", b"")
         os.setxattr(env.upper / "f", TRUSTED + "metacopy", b"")
         u = env.union()
-        assert errno_of(u.getattr, "/f") == errno.EPERM
+        error = errno_of_error(u.getattr, "/f")
+        assert (error.errno, error.filename) == (errno.EPERM, "/f")
+
+    def test_a_metadata_only_copy_redirected_to_nothing_is_eio(self, env):
+        """Its absolute redirect leads nowhere and there is no data-only layer to look in: EIO, as the kernel's
+        lookup of a metacopy file with no lower data."""
+        put(env.lower(), "g", b"x")
+        put(env.upper, "f", b"\0")
+        os.setxattr(env.upper / "f", TRUSTED + "metacopy", b"")
+        os.setxattr(env.upper / "f", TRUSTED + "redirect", b"/gone")
+        u = env.union(metacopy="on")
+        error = errno_of_error(u.getattr, "/f")
+        assert (error.errno, error.filename) == (errno.EIO, "/f")
 
 
 # ---------------------------------------------------------------------------------------------
