@@ -7,13 +7,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import tempfile
+import types
 
 import pytest
 
 from cowfs import mounttable
 from cowfs.errors import StackError
-from cowfs.overlay import handles
+from cowfs.overlay import handles, workdir
 from cowfs.overlay import stack as stack_module
 from cowfs.overlay.filesystems import Filesystems
 from cowfs.overlay.stack import Stack, check, is_within, parse_options, split_escaped, unescape, with_userxattr
@@ -992,3 +994,203 @@ def test_a_bad_redirect_is_refused_as_the_kernel_refuses_it(redirect, shared_tmp
         finally:
             mount.unmount()
     assert seen["cowfs"] == seen["kernel"] in ("EINVAL", "EACCES")
+
+
+# ---------------------------------------------------------------------------------------------
+# claiming the workdir: a kernel overlay using it, the wait for a lock, W/work, its volatile mark, the xattr probe
+
+@pytest.fixture
+def dirs(tmp_path):
+    """A lower, an upper and a workdir, and `claim(**options)` of them; what was claimed is released at the end."""
+    for name in ("lower", "upper", "work", "elsewhere"):
+        (tmp_path / name).mkdir()
+    claimed = []
+
+    def claim(**options):
+        stack = check(Stack(lowers=[str(tmp_path / "lower")], upper=str(tmp_path / "upper"),
+                            work=str(tmp_path / "work"), **options))
+        claimed.append(workdir.claim(stack))
+        return claimed[-1]
+    yield types.SimpleNamespace(base=tmp_path, upper=str(tmp_path / "upper"), work=str(tmp_path / "work"),
+                                staging=str(tmp_path / "work" / "work"), elsewhere=str(tmp_path / "elsewhere"),
+                                claim=claim)
+    for c in claimed:
+        c.close()
+
+
+def _overlay(mountpoint, *options, fstype="overlay"):
+    return mounttable.Mount("overlay", mountpoint, fstype, ["rw", "relatime", *options])
+
+
+def _refusal(call):
+    with pytest.raises(StackError) as info:
+        call()
+    return str(info.value)
+
+
+def test_a_kernel_overlay_using_the_upper_or_workdir_refuses_it(dirs, monkeypatch):
+    """As its upperdir or its workdir, however it spells the directory (through a symlink, with a `=` in
+    the name), and after entries that are not overlays or name directories that are gone."""
+    os.symlink(dirs.upper, dirs.base / "up=link")
+    table = []
+    monkeypatch.setattr(mounttable, "read", lambda: table)
+    table[:] = [_overlay("/mnt/fuse", f"upperdir={dirs.upper}", f"workdir={dirs.work}", fstype="fuse.cowfs"),
+                _overlay("/mnt/a", f"lowerdir={dirs.elsewhere}", f"upperdir={dirs.upper}",
+                         f"workdir={dirs.elsewhere}")]
+    assert _refusal(dirs.claim) == f"upperdir {dirs.upper}: already in use by the kernel overlay at /mnt/a"
+    table[1:] = [_overlay("/mnt/b", f"lowerdir={dirs.elsewhere}", f"upperdir={dirs.base}/gone",
+                          f"workdir={dirs.work}")]
+    assert _refusal(dirs.claim) == f"workdir {dirs.work}: already in use by the kernel overlay at /mnt/b"
+    table[1:] = [_overlay("/mnt/c", f"lowerdir={dirs.elsewhere}", f"upperdir={dirs.elsewhere}",
+                          f"workdir={dirs.base}/up=link")]
+    assert _refusal(dirs.claim) == f"upperdir {dirs.upper}: already in use by the kernel overlay at /mnt/c"
+    assert os.listdir(dirs.work) == []  # refused before anything was made in it
+
+
+def test_what_a_kernel_overlay_uses_otherwise_does_not_refuse_it(dirs, monkeypatch):
+    """The upper as a kernel overlay's lower layer (the kernel mounts that too), a relative upperdir or
+    workdir (as the kernel lists one mounted so: relative to its mounter's directory, unknown here), the
+    same options on a mount that is not an overlay."""
+    monkeypatch.chdir(dirs.base)  # where the relative names would find ours
+    monkeypatch.setattr(mounttable, "read", lambda: [
+        _overlay("/mnt/fuse", f"upperdir={dirs.upper}", f"workdir={dirs.work}", fstype="fuse.cowfs"),
+        _overlay("/mnt/lower", f"lowerdir={dirs.upper}", f"upperdir={dirs.elsewhere}", f"workdir={dirs.elsewhere}"),
+        _overlay("/mnt/relative", f"lowerdir={dirs.elsewhere}", "upperdir=upper", "workdir=work")])
+    dirs.claim()
+    assert os.listdir(dirs.staging) == []
+
+
+def test_a_volatile_claim_makes_its_mark_as_the_kernel(dirs):
+    """W/work, W/work/incompat and W/work/incompat/volatile mode 000, as the kernel makes them."""
+    dirs.claim(volatile=True).close()
+    modes = {rel: stat.S_IMODE(os.lstat(os.path.join(dirs.staging, rel)).st_mode)
+             for rel in ("", "incompat", "incompat/volatile")}
+    assert modes == {"": 0o000, "incompat": 0o000, "incompat/volatile": 0o000}
+
+
+def test_the_volatile_mark_is_not_made_through_a_symlink(dirs, monkeypatch):
+    """One that appears at W/work/incompat after W/work was emptied (another process) is not followed:
+    the claim fails and nothing is made outside the workdir."""
+    real_mkdir = os.mkdir
+
+    def mkdir(path, mode=0o777, *, dir_fd=None):
+        if path == "incompat":
+            os.symlink(dirs.elsewhere, "incompat", dir_fd=dir_fd)
+            return None
+        return real_mkdir(path, mode, dir_fd=dir_fd)
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    with pytest.raises(OSError) as info:
+        dirs.claim(volatile=True)
+    assert info.value.errno in (errno.ELOOP, errno.ENOTDIR)
+    monkeypatch.undo()
+    assert os.listdir(dirs.elsewhere) == []
+    dirs.claim()  # its locks were released; the symlink goes with the leftovers
+    assert os.listdir(dirs.staging) == []
+
+
+def test_an_unprivileged_claim_makes_its_staging_private_to_it(dirs, monkeypatch):
+    """The kernel's mode 000 would shut its owner out: 0700 keeps them as private."""
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert workdir._staging_mode() == 0o700
+    monkeypatch.undo()
+    assert workdir._staging_mode() == 0o000
+
+
+@pytest.mark.parametrize("left", ["incompat", "incompat-symlink", "mark"])
+def test_the_volatile_mark_is_looked_up_below_the_staging_directory_only(dirs, monkeypatch, left):
+    """An empty incompat (its mark removed as the refusal says) and an incompat that is a symlink to
+    a directory holding a `volatile` are leftovers, removed, as the kernel does (the symlink not
+    followed); the mark itself refuses the claim, wherever the process runs."""
+    os.makedirs(dirs.base / "cwd-with" / "volatile")
+    os.makedirs(dirs.base / "cwd-without")
+    os.mkdir(dirs.base / "elsewhere" / "volatile")
+    monkeypatch.chdir(dirs.base / ("cwd-without" if left == "mark" else "cwd-with"))
+    os.mkdir(dirs.staging)
+    if left == "incompat":
+        os.mkdir(os.path.join(dirs.staging, "incompat"))
+    elif left == "incompat-symlink":
+        os.symlink(dirs.elsewhere, os.path.join(dirs.staging, "incompat"))
+    else:
+        os.makedirs(os.path.join(dirs.staging, "incompat", "volatile"))
+        assert _refusal(dirs.claim).startswith(f"workdir {dirs.work}: a volatile mount used it")
+        return
+    dirs.claim()
+    assert os.listdir(dirs.staging) == [] and os.listdir(dirs.elsewhere) == ["volatile"]
+
+
+def test_the_xattr_probe_sets_the_engines_marker_in_a_private_directory(dirs, monkeypatch):
+    """It checks that the upper takes the very xattr the engine writes, on a directory of W/work only its
+    owner may write (an unprivileged owner needs the write bit to set user.* xattrs), removed after."""
+    seen = []
+    real_set_marker = workdir.set_marker
+
+    def set_marker(path, prefix, name, value):
+        real_set_marker(path, prefix, name, value)
+        seen.append((os.path.dirname(path), stat.S_IMODE(os.lstat(path).st_mode),
+                     os.getxattr(path, prefix + name)))
+    monkeypatch.setattr(workdir, "set_marker", set_marker)
+    old = os.umask(0o022)
+    try:
+        dirs.claim()
+    finally:
+        os.umask(old)
+    assert seen == [(dirs.staging, 0o700, b"y")]
+    assert os.listdir(dirs.staging) == []
+
+
+@pytest.mark.parametrize("userxattr", [False, True])
+def test_an_upper_that_takes_no_overlay_xattr_is_refused_in_one_line(dirs, monkeypatch, userxattr):
+    """Naming the namespace tried, and the userxattr option when it was not that one; the probe goes,
+    the locks are released."""
+    def set_marker(path, prefix, name, value):
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP), path)
+    monkeypatch.setattr(workdir, "set_marker", set_marker)
+    message = _refusal(lambda: dirs.claim(userxattr=userxattr))
+    assert message == (f"upperdir {dirs.upper}: cannot set user.overlay.* xattrs (Operation not supported)"
+                       if userxattr else f"upperdir {dirs.upper}: cannot set trusted.overlay.* xattrs "
+                       "(Operation not supported); try the userxattr option")
+    monkeypatch.undo()
+    assert os.listdir(dirs.staging) == []
+    dirs.claim()
+
+
+def test_claim_on_its_own_learns_the_layers_filesystems(dirs):
+    """Without the stack's Filesystems it makes its own, and settles the overlay's UUID in the upper root."""
+    claimed = dirs.claim()
+    assert len(claimed.uuid) == 16 and os.getxattr(dirs.upper, "trusted.overlay.uuid") == claimed.uuid
+
+
+class TestLockWait:
+    """A lock held by a mount that is not (or no longer) a live cowfs mount is waited for, polling every
+    20 ms, LOCK_WAIT seconds at most; one this process holds is refused at once. On a fake clock."""
+
+    @pytest.fixture
+    def clock(self, monkeypatch):
+        clock = types.SimpleNamespace(now=100.0, slept=[], free_at=None, ours=False)
+
+        def sleep(seconds):
+            clock.slept.append(seconds)
+            clock.now += 1
+        monkeypatch.setattr(workdir, "time", types.SimpleNamespace(monotonic=lambda: clock.now, sleep=sleep))
+        monkeypatch.setattr(workdir, "LOCK_WAIT", 3)
+        monkeypatch.setattr(workdir, "records", lambda: [])
+        monkeypatch.setattr(workdir, "holds_lock", lambda path: clock.ours)
+        monkeypatch.setattr(workdir, "take_lock",
+                            lambda path: "lock" if clock.free_at is not None and clock.now >= clock.free_at else None)
+        return clock
+
+    def test_given_up_after_lock_wait(self, clock, tmp_path):
+        assert _refusal(lambda: workdir._lock("workdir", str(tmp_path))) == (
+            f"workdir {tmp_path}: already in use by another cowfs mount")
+        assert clock.slept == [0.02] * 4 and clock.now == 104
+
+    def test_a_lock_freed_at_the_deadline_is_taken(self, clock, tmp_path):
+        clock.free_at = 103
+        assert workdir._lock("upperdir", str(tmp_path)) == "lock"
+        assert clock.slept == [0.02] * 3
+
+    def test_a_lock_this_process_holds_is_refused_at_once(self, clock, tmp_path):
+        clock.ours = True
+        assert _refusal(lambda: workdir._lock("upperdir", str(tmp_path))) == (
+            f"upperdir {tmp_path}: already in use by another cowfs mount")
+        assert clock.slept == []

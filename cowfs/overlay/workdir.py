@@ -73,11 +73,11 @@ def _claim(claimed, stack, filesystems):
     staging = _empty_staging(stack.work)
     try:
         if stack.volatile:
-            incompat, volatile = VOLATILE_MARK.split("/")
-            os.mkdir(incompat, 0o700, dir_fd=staging)
+            incompat, volatile = VOLATILE_MARK.split("/")  # both mode 000 as the kernel makes them (see _staging_mode)
+            os.mkdir(incompat, _staging_mode(), dir_fd=staging)
             fd = os.open(incompat, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=staging)
             try:
-                os.mkdir(volatile, 0o700, dir_fd=fd)
+                os.mkdir(volatile, _staging_mode(), dir_fd=fd)
             finally:
                 os.close(fd)
     finally:
