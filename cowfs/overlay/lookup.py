@@ -429,7 +429,7 @@ class Layers:
                 self._check_redirect(redirect, path)
                 post = names[depth + 1:]
                 if redirect.startswith("/"):
-                    current, stop = redirect.strip("/").split("/") + post, False
+                    current, stop = redirect.split("/")[1:] + post, False  # checked: no empty name
                 else:  # in place of this component, in the path as it is now
                     at = len(current) - len(names) + depth
                     current = current[:at] + [redirect] + post
