@@ -446,6 +446,248 @@ def test_check_split_adds_up_the_lengths(tmp_path):
     assert str(e.value) == "records 10 bytes, its end 11"
 
 
+# -- unpacking member by member: each refusal and each kind, as root and recording attributes --
+
+MTIME = 1_000_000_000
+KINDS = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE, "link": tarfile.LNKTYPE,
+         "fifo": tarfile.FIFOTYPE, "chr": tarfile.CHRTYPE, "blk": tarfile.BLKTYPE}
+OVERRIDE = "user.containers.override_stat"
+
+
+def item(name, kind="file", data=b"", mode=0o644, owner=(0, 0), target="", dev=(0, 0), pax=None):
+    """One member of `tar_of`: (TarInfo, data); `kind` a KINDS key or a raw tar type."""
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.mtime, info.linkname = KINDS.get(kind, kind), mode, MTIME, target
+    info.uid, info.gid = owner
+    info.devmajor, info.devminor = dev
+    info.pax_headers = pax or {}
+    info.size = len(data)
+    return info, data
+
+
+def tar_of(*items):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for info, data in items:
+            tf.addfile(info, io.BytesIO(data) if data else None)
+    return buf.getvalue()
+
+
+def unpack_into(tmp_path, *items, record=False):
+    dest = tmp_path / "layer"
+    dest.mkdir()
+    unpack_layer(io.BytesIO(tar_of(*items)), str(dest), "l.tar", record=record)
+    return dest
+
+
+def recorded_value(path):
+    return os.getxattr(path, OVERRIDE, follow_symlinks=False).decode()
+
+
+@pytest.fixture
+def umask():
+    """Set the umask for one test (the session's is 022): what is made must not depend on it."""
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
+
+
+@pytest.fixture
+def chmods(monkeypatch):
+    """Every chmod as it happens: [(path, the mode before, the mode given)]."""
+    done, real = [], os.chmod
+
+    def chmod(path, mode, *args, **kwargs):
+        done.append((str(path), stat.S_IMODE(os.lstat(path).st_mode), mode))
+        real(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "chmod", chmod)
+    return done
+
+
+OVER_IMPLICIT = "conflicts with an earlier member (a whiteout or a directory made for its children)"
+DUPLICATE = "duplicate entry (an earlier member has the same path)"
+UNPACK_REFUSALS = {
+    # case: (members, record, the member named, the reason)
+    "root-not-a-directory": ([item(".", data=b"x")], False, ".", "the layer root is not a directory"),
+    "through-a-file": ([item("f"), item("f/x")], False, "f/x", "goes through 'f', which is not a directory"),
+    "through-a-deeper-file": ([item("a/f"), item("a/f/x/y")], False, "a/f/x/y",
+                              "goes through 'a/f', which is not a directory"),
+    "dir-over-a-file": ([item("a"), item("a", "dir")], False, "a", DUPLICATE),
+    "file-over-a-file": ([item("a"), item("a")], False, "a", DUPLICATE),
+    "link-over-a-file": ([item("b"), item("a"), item("a", "link", target="b")], False, "a", DUPLICATE),
+    "fifo-over-a-file": ([item("a"), item("a", "fifo")], False, "a", DUPLICATE),
+    "device-over-a-file": ([item("a"), item("a", "chr", dev=(1, 3))], True, "a", DUPLICATE),
+    "opaque-twice": ([item("d", "dir"), item("d/.wh..wh..opq"), item("d/.wh..wh..opq")], False, "d/.wh..wh..opq",
+                     DUPLICATE),
+    "whiteout-of-a-member": ([item("a"), item(".wh.a")], False, ".wh.a", "whiteout for a member of the same layer"),
+    "file-over-an-implicit-dir": ([item("a/x"), item("a")], False, "a", OVER_IMPLICIT),
+    "symlink-over-an-implicit-dir": ([item("a/x"), item("a", "symlink", target="x")], False, "a", OVER_IMPLICIT),
+    "link-over-an-implicit-dir": ([item("b"), item("a/x"), item("a", "link", target="b")], False, "a",
+                                  OVER_IMPLICIT),
+    "fifo-over-an-implicit-dir": ([item("a/x"), item("a", "fifo")], False, "a", OVER_IMPLICIT),
+    "device-over-an-implicit-dir": ([item("a/x"), item("a", "chr", dev=(1, 3))], True, "a", OVER_IMPLICIT),
+    "whiteout-of-an-implicit-dir": ([item("a/x"), item(".wh.a")], False, ".wh.a", OVER_IMPLICIT),
+    "volume-label": ([item("label", b"V")], False, "label", "unsupported member type b'V'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNPACK_REFUSALS))
+def test_each_unpack_refusal_is_one_line_naming_the_member(tmp_path, case):
+    members, record, bad, reason = UNPACK_REFUSALS[case]
+    with pytest.raises(ArchiveError) as e:
+        unpack_into(tmp_path, *members, record=record)
+    assert str(e.value) == f"l.tar: member {bad!r}: {reason}"
+
+
+@pytest.mark.parametrize("record", [False, True])
+def test_directories_made_for_their_children(tmp_path, umask, record):
+    """A member's missing parents are made 0755 whatever the umask (Docker's daemon runs under umask 022),
+    recorded as root's; a directory member may come after its children and then gives its own attributes."""
+    umask(0o077)
+    dest = unpack_into(tmp_path, item("a/b/c/f", data=b"deep"), item("a/b", "dir", mode=0o750, owner=(7, 8)),
+                       record=record)
+    assert (dest / "a/b/c/f").read_bytes() == b"deep"
+    modes = {rel: stat.S_IMODE(os.lstat(dest / rel).st_mode) for rel in ("a", "a/b", "a/b/c")}
+    assert modes == {"a": 0o755, "a/b": 0o750 | (0o700 if record else 0), "a/b/c": 0o755}
+    if record:
+        assert {rel: recorded_value(dest / rel) for rel in modes} == {
+            "a": "0:0:0755:dir", "a/b": "7:8:0750:dir", "a/b/c": "0:0:0755:dir"}
+    else:
+        assert all(os.listxattr(dest / rel) == [] for rel in modes)
+
+
+@pytest.mark.parametrize("record", [False, True])
+def test_nothing_is_open_to_others_before_its_attributes_are_set(tmp_path, umask, chmods, record):
+    """Every object is made for its owner alone (a file being written, a directory being filled), then
+    given its mode: no one else can open or enter it meanwhile, whatever the umask."""
+    umask(0)
+    members = [item("d", "dir", mode=0o755), item("d/f", data=b"data", mode=0o644), item("d/p", "fifo", mode=0o666),
+               item("i/x", data=b"x", mode=0o644)]
+    if record or os.geteuid() == 0:
+        members.append(item("d/null", "chr", mode=0o666, dev=(1, 3)))
+    dest = unpack_into(tmp_path, *members, record=record)
+    made = {os.path.relpath(path, dest): before for path, before, _ in chmods}
+    assert sorted(made) == sorted(["d", "d/f", "d/p", "i", "i/x"] + (["d/null"] if len(members) == 5 else []))
+    assert {rel: before & 0o077 for rel, before in made.items()} == dict.fromkeys(made, 0)
+
+
+def test_directories_get_their_attributes_deepest_first(tmp_path, chmods):
+    """Without privilege a parent given a mode without search permission (here 0600) would keep its owner
+    from reaching the directories inside: each directory's attributes come after those below it."""
+    dest = unpack_into(tmp_path, item("a", "dir", mode=0o600), item("a/b", "dir", mode=0o500),
+                       item("a/b/c", "dir", mode=0o700), item("a/d", "dir", mode=0o750), item("z", "dir", mode=0o711))
+    order = [os.path.relpath(path, dest) for path, _, _ in chmods]
+    assert sorted(order) == ["a", "a/b", "a/b/c", "a/d", "z"]
+    for i, rel in enumerate(order):
+        assert not any(later.startswith(rel + "/") for later in order[i + 1:]), order
+    assert {rel: stat.S_IMODE(os.lstat(dest / rel).st_mode) for rel in order} == {
+        "a": 0o600, "a/b": 0o500, "a/b/c": 0o700, "a/d": 0o750, "z": 0o711}
+
+
+def test_recorded_attributes_keep_the_owners_access_on_disk(tmp_path):
+    """Recording, an object keeps on disk what its owner (the user) needs: a directory rwx, a file rw, a
+    device's or FIFO's empty stand-in 0600 only; its own owner, mode and type go to the xattr. A char
+    device 0/0 is a whiteout, made as such (anyone may make one) with the member's mode and time."""
+    dest = unpack_into(tmp_path, item("d", "dir", mode=0o510, owner=(1000, 100)), item("f", data=b"f", mode=0o440),
+                       item("p", "fifo", mode=0o644), item("null", "chr", mode=0o666, dev=(1, 3)),
+                       item("b00", "blk", mode=0o640, owner=(0, 6)), item("gone", "chr", mode=0o640), record=True)
+    disk = {rel: stat.S_IMODE(os.lstat(dest / rel).st_mode) for rel in ("d", "f", "p", "null", "b00")}
+    assert disk == {"d": 0o710, "f": 0o640, "p": 0o600, "null": 0o600, "b00": 0o600}
+    assert all(stat.S_ISREG(os.lstat(dest / rel).st_mode) for rel in ("f", "p", "null", "b00"))
+    assert {rel: recorded_value(dest / rel) for rel in disk} == {
+        "d": "1000:100:0510:dir", "f": "0:0:0440:file", "p": "0:0:0644:pipe", "null": "0:0:0666:char-1-3",
+        "b00": "0:6:0640:block-0-0"}
+    gone = os.lstat(dest / "gone")
+    assert (stat.S_ISCHR(gone.st_mode), gone.st_rdev, stat.S_IMODE(gone.st_mode), gone.st_mtime) == (
+        True, 0, 0o640, MTIME)
+    assert recorded_value(dest) == "0:0:0755:dir"  # the layer's mark
+
+
+@pytest.mark.parametrize("record", [False, True])
+def test_hard_links_to_every_kind_of_earlier_member(tmp_path, record):
+    """A hard link may name an earlier file, hard link, symlink (linked itself, never followed), FIFO or
+    device, and is that object under a second name."""
+    members = [item("f", data=b"f"), item("h1", "link", target="f"), item("h2", "link", target="h1"),
+               item("s", "symlink", target="f"), item("hs", "link", target="s"), item("p", "fifo"),
+               item("hp", "link", target="p")]
+    if record or os.geteuid() == 0:
+        members += [item("c", "chr", dev=(1, 3)), item("hc", "link", target="c")]
+    dest = unpack_into(tmp_path, *members, record=record)
+    pairs = [("f", "h1"), ("f", "h2"), ("s", "hs"), ("p", "hp")] + ([("c", "hc")] if len(members) == 9 else [])
+    for first, second in pairs:
+        assert os.lstat(dest / first).st_ino == os.lstat(dest / second).st_ino, second
+    assert os.readlink(dest / "hs") == "f"
+    assert stat.S_ISFIFO(os.lstat(dest / "hp").st_mode) == (not record)  # recorded, a FIFO is a stand-in file
+
+
+def test_xattrs_of_members_are_kept_as_bytes_and_never_set_through_a_symlink(tmp_path):
+    """A pax xattr is set byte for byte (values need not be UTF-8, as a file capability is not), whatever
+    other pax keys come before it; on a symlink, which takes no user.* xattr, it is skipped, never set
+    on what the symlink points to."""
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"not the layer's")
+    binary = b"\xff\xfe\x80 binary".decode("utf-8", "surrogateescape")
+    dest = unpack_into(tmp_path, item("d", "dir", pax={"SCHILY.xattr.user.dir": "on a directory"}),
+                       item("f", data=b"f", pax={"LIBARCHIVE.creationtime": "1", "SCHILY.xattr.user.bin": binary}),
+                       item("s", "symlink", target=str(outside), pax={"SCHILY.xattr.user.link": "skipped"}))
+    assert os.getxattr(dest / "d", "user.dir") == b"on a directory"
+    assert os.getxattr(dest / "f", "user.bin") == b"\xff\xfe\x80 binary"
+    assert os.readlink(dest / "s") == str(outside)
+    assert os.listxattr(outside) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root gives an object another owner")
+def test_a_whiteout_takes_its_members_owner_as_root(tmp_path):
+    dest = tmp_path / "layer"
+    dest.mkdir()
+    unpack_layer(io.BytesIO(tar_of(item(".wh.gone", owner=(1234, 5678)))), str(dest), "l.tar", record=False)
+    gone = os.lstat(dest / "gone")
+    assert stat.S_ISCHR(gone.st_mode) and gone.st_rdev == 0
+    assert (gone.st_uid, gone.st_gid) == (1234, 5678)
+    assert (os.lstat(dest).st_uid, os.lstat(dest).st_gid) == (0, 0)  # the layer root is not the member's
+
+
+class Zeros(io.RawIOBase):
+    """A layer tar of one file of `size` zero bytes, made as it is read (it is never whole in memory)."""
+
+    def __init__(self, size):
+        info = tarfile.TarInfo("big")
+        info.size, info.mtime = size, MTIME
+        self.head = info.tobuf(tarfile.PAX_FORMAT)
+        self.zeros = size + -size % 512 + 1024  # the data, its padding, the end-of-archive blocks
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        if self.head:
+            n = min(len(b), len(self.head))
+            b[:n], self.head = self.head[:n], self.head[n:]
+        else:
+            n = min(len(b), self.zeros)
+            b[:n], self.zeros = bytes(n), self.zeros - n
+        return n
+
+
+@pytest.mark.filterwarnings("error")
+def test_a_big_file_is_copied_in_bounded_pieces_and_silently(tmp_path):
+    """Memory stays bounded (CHUNK at a time) whatever a file's size, and nothing is printed on the way."""
+    import tracemalloc
+
+    size = 64 << 20
+    dest = tmp_path / "layer"
+    dest.mkdir()
+    tracemalloc.start()
+    try:
+        _, got = unpack_layer(io.BufferedReader(Zeros(size)), str(dest), "l.tar", record=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == size and os.path.getsize(dest / "big") == size
+    assert peak < 16 << 20, peak
+
+
 # ---------------------------------------------------------------------------------------------
 # the tar given back from the tar-split and the tree
 

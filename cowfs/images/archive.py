@@ -351,7 +351,8 @@ class _Unpacker:
             try:
                 st = os.lstat(path)
             except FileNotFoundError:
-                os.mkdir(path, 0o755)
+                os.mkdir(path, 0o700)  # no one else's until its mode is given, as every object
+                os.chmod(path, 0o755)  # whatever the umask: Docker's daemon unpacks under umask 022
                 self.implicit.add(sub)
                 if self.record:  # owned by root, as a privileged unpack makes it
                     override.write(path, override.Override(0, 0, stat.S_IMODE(os.lstat(path).st_mode),
