@@ -1201,3 +1201,277 @@ def test_write_layer_keeps_a_file_capability(tmp_path):
     os.setxattr(upper / "ping", "security.capability", cap)
     headers = members(_written(upper))["ping"].pax_headers
     assert headers["SCHILY.xattr.security.capability"].encode("utf-8", "surrogateescape") == cap
+
+
+# ---------------------------------------------------------------------------------------------
+# -- unpack_layer's refusals and the tar-split recorder at its edges --
+
+def unpacking(tmp_path, data, archive_name="t.tar", **options):
+    """unpack_layer of `data` (bytes, or a reader) into a fresh directory: (its result, the directory)."""
+    dest = tmp_path / f"dest{len(list(tmp_path.iterdir()))}"
+    dest.mkdir()
+    f = io.BytesIO(data) if isinstance(data, bytes) else data
+    return unpack_layer(f, str(dest), archive_name, **options), dest
+
+
+def refusal(tmp_path, data, archive_name="t.tar", **options):
+    """The message of the ArchiveError that unpack_layer of `data` raises."""
+    with pytest.raises(ArchiveError) as e:
+        unpacking(tmp_path, data, archive_name, **options)
+    return str(e.value)
+
+
+def test_prefixed_read_of_nothing_keeps_the_head():
+    rest = Reads(b"45")
+    p = archive._Prefixed(b"0123", rest)
+    assert p.read(0) == b""
+    assert rest.asked == []
+    assert p.read() == b"012345"
+
+
+def test_decompressed_zstd_by_the_module(monkeypatch):
+    """With the zstandard module, its stream reader reads the blob from its first byte (the peeked magic
+    given back) across all its frames: by default it would stop at the end of the first one."""
+    readers = []
+
+    class Decompressor:  # zstandard's API: stream_reader(source, read_size=..., read_across_frames=False, ...)
+        def stream_reader(self, source, read_size=131075, read_across_frames=False, closefd=True):
+            readers.append((source, read_across_frames))
+            return source
+
+    module = types.ModuleType("zstandard")
+    module.ZstdDecompressor = Decompressor
+    monkeypatch.setitem(sys.modules, "zstandard", module)
+    blob = archive.ZSTD_MAGIC + b"two frames"
+    f = decompressed(io.BytesIO(blob), "x.tar.zst")
+    [(source, across)] = readers
+    assert across is True
+    assert f is source and f.read() == blob
+
+
+def test_unpack_without_zstd_names_the_archive(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    monkeypatch.setattr(archive.shutil, "which", lambda name: None)
+    assert refusal(tmp_path, archive.ZSTD_MAGIC + bytes(1020), "l.tar.zst") == (
+        "l.tar.zst: zstd-compressed, and neither the zstandard module nor the zstd command is installed")
+
+
+OWNED = [("d", None), ("d/f", b"data")]  # owned by 1234:5678 in owned_layer()
+
+
+def owned_layer():
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in OWNED:
+            info = tarfile.TarInfo(name)
+            info.uid, info.gid = 1234, 5678
+            if data is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o750
+                tf.addfile(info)
+            else:
+                info.size, info.mode = len(data), 0o640
+                tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("euid,record,recorded", [
+    (1000, None, True),  # a user's unpack records by default
+    (1000, False, False),  # told not to, it neither records nor gives owners (only root may)
+    (0, True, True),  # root's, told to record, records and gives no owner either
+])
+def test_unpack_records_or_gives_owners_by_who_runs_it(tmp_path, monkeypatch, euid, record, recorded):
+    me = os.geteuid(), os.getegid()
+    monkeypatch.setattr(os, "geteuid", lambda: euid)
+    _, dest = unpacking(tmp_path, owned_layer(), record=record)
+    monkeypatch.undo()
+    f = dest / "d/f"
+    assert (os.lstat(f).st_uid, os.lstat(f).st_gid) == me  # the member's owner is not given
+    assert archive.override.is_marked(str(dest)) is recorded
+    if recorded:
+        assert archive.override.read(str(f)) == archive.override.Override(1234, 5678, 0o640, stat.S_IFREG)
+        assert archive.override.read(str(dest / "d")) == archive.override.Override(1234, 5678, 0o750, stat.S_IFDIR)
+    else:
+        assert archive.override.read(str(f)) is None
+        assert stat.S_IMODE(os.lstat(f).st_mode) == 0o640
+
+
+def test_docker_s_empty_layer_unpacks(tmp_path):
+    """1024 zero bytes, the end-of-archive blocks alone: the layer of a Dockerfile step that changes no file."""
+    (diff_id, size), dest = unpacking(tmp_path, bytes(1024))
+    assert diff_id == "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef"
+    assert size == 0 and os.listdir(dest) == []
+
+
+@pytest.mark.parametrize("data,message", [
+    # the tar ends within a member's data: the member is named
+    (layer_tar([("f", b"F" * 3000)])[:1500],
+     "t.tar: member 'f': truncated or corrupt archive (unexpected end of data)"),
+    # nothing read as a member yet: none is named
+    (bytes(100), "t.tar: truncated or corrupt archive (truncated header)"),
+    (b"\x1f\x8b" + b"garbage!" * 100, "t.tar: truncated or corrupt archive (Unknown compression method)"),
+    # the last member's end, and no end-of-archive blocks after it
+    (layer_tar([("f", b"F" * 3000)])[:512 + 3072], "t.tar: truncated archive (no end-of-archive blocks)"),
+])
+def test_unpack_refuses_a_broken_archive_in_one_line(tmp_path, data, message):
+    assert refusal(tmp_path, data) == message
+
+
+def test_unpack_refuses_a_corrupt_end_after_the_last_member(tmp_path):
+    """The gzip stream goes bad after the end-of-archive blocks (which the diff ID covers too): no member is
+    named, the last one read being whole."""
+    data = gzip.compress(layer_tar([("f", b"abc")]) + bytes(1 << 20)) + b"garbage!"
+    assert refusal(tmp_path, data) == "t.tar: truncated or corrupt archive (Not a gzipped file (b'ga'))"
+
+
+def test_unpack_names_an_error_without_a_message(tmp_path):
+    class Failing(io.BytesIO):
+        def read(self, n=-1):
+            data = super().read(n)
+            if not data:
+                raise EOFError()  # no text
+            return data
+
+    data = Failing(layer_tar([("f", b"F" * 3000)])[:1500])
+    assert refusal(tmp_path, data) == "t.tar: member 'f': truncated or corrupt archive (EOFError)"
+
+
+def test_unpack_refuses_what_the_filesystem_cannot_hold_naming_the_member(tmp_path):
+    name = "d/" + "n" * 300
+    assert refusal(tmp_path, layer_tar([(name, b"x")])) == f"t.tar: member {name!r}: cannot unpack: File name too long"
+
+
+def test_unpack_refuses_a_digest_mismatch_naming_the_archive(tmp_path):
+    expected = "sha256:" + "0" * 64
+    assert refusal(tmp_path, bytes(1024), expected=expected) == (
+        f"t.tar: digest mismatch: expected {expected}, got {'sha256:' + hashlib.sha256(bytes(1024)).hexdigest()}")
+
+
+def test_unpack_tells_progress_what_it_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(archive, "TAR_BUFFER", 1024)
+
+    class Seen:
+        done = []
+
+        def update(self, done):
+            self.done.append(done)
+
+    data = layer_tar([("a", b"A" * 3000), ("b", b"B" * 3000), ("c", b"C")])
+    unpacking(tmp_path, data, progress=Seen())
+    assert len(Seen.done) == 3 and all(isinstance(n, int) for n in Seen.done)
+    assert 3000 < Seen.done[0] < Seen.done[1] < Seen.done[2] <= len(data)
+
+
+def test_an_unpack_reads_its_layer_in_pieces(tmp_path, monkeypatch):
+    """tarfile reads TAR_BUFFER at a time (not its 10 KiB records: a call less per 10 KiB through the readers),
+    and what follows the end-of-archive blocks (hashed too) CHUNK at a time: never all at once."""
+    monkeypatch.setattr(archive, "TAR_BUFFER", 2048)
+    monkeypatch.setattr(archive, "CHUNK", 4096)
+    data = layer_tar([("f", b"F" * 5000)]) + bytes(40 << 10)
+    f = Reads(data)
+    (diff_id, _), _ = unpacking(tmp_path, f)
+    assert diff_id == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert f.asked[:2] == [4, 2048 - 4]  # the magic peeked, then the rest of tarfile's first read
+    rest = f.asked[2:]
+    drained = rest.index(4096)
+    assert set(rest[:drained]) == {2048} and set(rest[drained:]) == {4096}
+
+
+def test_unpack_ends_the_zstd_command_when_it_refuses(tmp_path, monkeypatch):
+    """A refusal half-way through a zstd layer kills the command (blocked writing what no one will read) and
+    waits for it."""
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    streams = []
+
+    def kept(f, name, decompressed=archive.decompressed):
+        streams.append(decompressed(f, name))
+        return streams[-1]
+
+    monkeypatch.setattr(archive, "decompressed", kept)
+    data = layer_tar([("/abs", b""), ("f", os.urandom(4 << 20))])
+    try:
+        assert refusal(tmp_path, zstd_compress(data), "t.tar.zst") == (
+            "t.tar.zst: member '/abs': absolute path in a layer")
+        [stream] = streams
+        assert stream.proc.returncode == -signal.SIGKILL
+        assert not stream.thread.is_alive()
+    finally:
+        for stream in streams:
+            if stream.proc.poll() is None:
+                stream.close()
+
+
+def test_a_tar_split_is_the_same_file_whenever_recorded(tmp_path):
+    """No time in its gzip header: one layer gives one tar-split file, whenever and wherever imported."""
+    data = layer_tar([("d", None), ("d/a", b"A" * 3000), ("top", b"T" * 700)])
+    splits = []
+    for i in range(2):
+        split = tmp_path / f"split{i}" / archive.SPLIT_FILE
+        split.parent.mkdir()
+        unpacking(tmp_path, data, split=str(split), record=False)
+        splits.append(split.read_bytes())
+    assert splits[0][4:8] == bytes(4)  # the gzip header's MTIME
+    assert splits[0] == splits[1]
+
+
+def test_a_tar_split_that_cannot_be_finished_is_not_left(tmp_path, monkeypatch):
+    """Its last flush failing (a full disk), the unpack fails in one line and leaves no tar-split, not a
+    truncated one."""
+    class FullAtClose:
+        def __init__(self, f):
+            self.f = f
+
+        def close(self):
+            self.f.close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    class Recorder(archive._SplitRecorder):
+        def __init__(self, f, path):
+            super().__init__(f, path)
+            self.out.myfileobj = FullAtClose(self.out.myfileobj)
+
+    monkeypatch.setattr(archive, "_SplitRecorder", Recorder)
+    split = tmp_path / archive.SPLIT_FILE
+    assert refusal(tmp_path, layer_tar([("f", b"F" * 3000)]), split=str(split), record=False) == (
+        "t.tar: cannot unpack: No space left on device")
+    assert not split.exists()
+
+
+def test_split_recorder_writes_a_window_at_a_time(tmp_path, monkeypatch):
+    """Nothing is written until more than two windows are pending, then all but the last window: few writes
+    (and raw records) of a window or more, not one per read."""
+    got = recorded(tmp_path, monkeypatch, [("read", 16)] * 12, window=16)  # then reads of 7: 7 and 1 bytes
+    assert [len(rec[1]) for rec in got if rec[0] == "raw"] == [32, 32, 32, 32, 32, 23, 17]
+
+
+@pytest.mark.parametrize("steps,files", [
+    ([("ref", 0, 5, "first")], [("file", 5, b"first")]),  # data from the very first byte
+    ([("ref", 50, 30, "a"), ("ref", 80, 5, "b")], [("file", 30, b"a"), ("file", 5, b"b")]),  # back to back
+    ([("read", 40), ("ref", 24, 5, "at")], [("file", 5, b"at")]),  # the first byte not written yet
+    ([("ref", 150, 40, "long/" * 6600 + "f")], [("file", 40, os.fsencode("long/" * 6600 + "f"))]),  # > 32 KiB
+])
+def test_split_recorder_takes_a_reference_in_time(tmp_path, monkeypatch, steps, files):
+    got = recorded(tmp_path, monkeypatch, steps)
+    assert [rec for rec in got if rec[0] == "file"] == files
+    assert sum(len(rec[1]) if rec[0] == "raw" else rec[1] for rec in got[:-1]) == got[-1][1] == 200
+
+
+@pytest.mark.parametrize("steps", [
+    [("ref", 10, 50, "a"), ("read", 40), ("ref", 30, 5, "in a")],  # within data already in a file record
+    [("ref", 250, 10, "past")],  # past the end: the tar ended before the file's data
+])
+def test_split_recorder_gives_up_on_a_reference_it_cannot_keep(tmp_path, monkeypatch, steps):
+    assert recorded(tmp_path, monkeypatch, steps) is None
+    assert not (tmp_path / "tar-split.gz").exists()
+
+
+def test_split_recorder_that_gave_up_keeps_and_writes_nothing_more(tmp_path, monkeypatch):
+    monkeypatch.setattr(archive._SplitRecorder, "WINDOW", 16)
+    r = archive._SplitRecorder(io.BytesIO(bytes(range(200))), str(tmp_path / "s.gz"))
+    r.read(100)
+    r.reference(10, 5, "late")
+    written = r.out.tell()
+    while r.read(7):
+        pass
+    assert not r.pending and r.out.tell() == written
+    r.close()
+    assert not (tmp_path / "s.gz").exists()
