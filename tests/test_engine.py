@@ -333,6 +333,15 @@ class TestLookupInDeepStacks:
         assert errno_of(u.getattr, "/d/oci-gone") == errno.ENOENT
         assert errno_of(u.getattr, "/d/.wh.oci-gone") == errno.ENOENT
 
+    def test_an_oci_whiteout_below_an_upper_directory_ends_its_merge(self, env):
+        """The upper's d stays; the lower d that an OCI whiteout in the layer between deletes does not merge."""
+        middle, bottom = env.lower(), env.lower()
+        put(env.upper, "d/own", b"u")
+        put(middle, ".wh.d", b"")
+        put(bottom, "d/below", b"b")
+        u = env.union(oci_whiteouts=True)
+        assert names(u, "/") == ["d"] and names(u, "/d") == ["own"]
+
     def test_a_layer_that_cannot_be_listed_is_asked_by_name(self, env, monkeypatch):
         from cowfs.overlay.lookup import Layers
         layers = self.stack(env)
@@ -4962,6 +4971,17 @@ class TestMetacopyErrors:
         put(env.upper, "d/f", b"")
         os.setxattr(env.upper / "d/f", TRUSTED + "metacopy", b"")
         u = env.union(metacopy=True, redirect_dir="on")
+        with pytest.raises(OSError) as info:
+            u.getattr("/d/f")
+        assert (info.value.errno, info.value.filename) == (errno.EIO, "/d/f")
+
+    def test_a_metadata_only_copy_over_a_lower_directory_is_eio(self, env):
+        """Below a metadata-only copy only a regular file can hold its data: a directory there ends the
+        walk, and the copy has no data (EIO, as the kernel's lookup), not no name."""
+        mkdirs(env.lower(), "d/f")
+        put(env.upper, "d/f", b"\0")
+        os.setxattr(env.upper / "d/f", TRUSTED + "metacopy", b"")
+        u = env.union(metacopy="on")
         with pytest.raises(OSError) as info:
             u.getattr("/d/f")
         assert (info.value.errno, info.value.filename) == (errno.EIO, "/d/f")

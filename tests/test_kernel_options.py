@@ -922,6 +922,8 @@ REDIRECT_PATHS = {  # case: (what the middle layer holds, what d lists or the er
         lambda m: (_opaque_dir(m, "a"), _redirected_dir(m, "a/b", b"/q")), ["qq"]),
     "a relative redirect below one on the way": (
         lambda m: (_redirected_dir(m, "a", b"/x"), _redirected_dir(m, "a/b", b"c")), ["k"]),
+    "a relative redirect below an opaque directory": (
+        lambda m: (_opaque_dir(m, "a"), _redirected_dir(m, "a/b", b"y")), []),
     "a bad redirect on the way": (lambda m: _redirected_dir(m, "a", b"x/"), "EINVAL"),
     "a file two directories down": (lambda m: _file(m, "a/b"), [], b"/a/b/c"),
     "an absolute redirect on the way, two names after it": (lambda m: _redirected_dir(m, "a", b"/x"), ["n"],

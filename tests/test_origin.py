@@ -984,7 +984,7 @@ def test_index_metacopy_entry_without_metacopy_refused(tmp_path):
         for name in ("/hl1", "/hl2"):
             with pytest.raises(OSError) as e:
                 u.getattr(name)
-            assert e.value.errno == errno.EPERM
+            assert (e.value.errno, e.value.filename) == (errno.EPERM, name)
         assert u.getattr("/single")["st_nlink"] == 1
     finally:
         u.close()
