@@ -164,12 +164,14 @@ def test_prefixed_reads_all(n):
     assert p.read(n) == b""
 
 
-def test_prefixed_read_of_exactly_the_head():
+@pytest.mark.parametrize("n,first,then", [(4, b"0123", b"45"), (0, b"", b"012345")])
+def test_prefixed_read_of_exactly_the_head_or_of_nothing(n, first, then):
+    """Neither asks the rest for anything; nothing read keeps the head for later."""
     rest = Reads(b"45")
     p = archive._Prefixed(b"0123", rest)
-    assert p.read(4) == b"0123"
+    assert p.read(n) == first
     assert rest.asked == []
-    assert p.read() == b"45"
+    assert p.read() == then
 
 
 def test_decompressed_plain():
@@ -691,16 +693,19 @@ def test_a_big_file_is_copied_in_bounded_pieces_and_silently(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # the tar given back from the tar-split and the tree
 
-def layer_tar(files):
+def layer_tar(files, owner=(0, 0), modes=(0o755, 0o644)):
+    """A tar of `files`, (name, bytes or None for a directory), each with `owner` and the directory's or
+    the file's mode of `modes`."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
         for name, data in files:
             info = tarfile.TarInfo(name)
+            info.uid, info.gid = owner
             if data is None:
-                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                info.type, info.mode = tarfile.DIRTYPE, modes[0]
                 tf.addfile(info)
             else:
-                info.size, info.mode = len(data), 0o644
+                info.size, info.mode = len(data), modes[1]
                 tf.addfile(info, io.BytesIO(data))
     return buf.getvalue()
 
@@ -1221,14 +1226,6 @@ def refusal(tmp_path, data, archive_name="t.tar", **options):
     return str(e.value)
 
 
-def test_prefixed_read_of_nothing_keeps_the_head():
-    rest = Reads(b"45")
-    p = archive._Prefixed(b"0123", rest)
-    assert p.read(0) == b""
-    assert rest.asked == []
-    assert p.read() == b"012345"
-
-
 def test_decompressed_zstd_by_the_module(monkeypatch):
     """With the zstandard module, its stream reader reads the blob from its first byte (the peeked magic
     given back) across all its frames: by default it would stop at the end of the first one."""
@@ -1260,18 +1257,7 @@ OWNED = [("d", None), ("d/f", b"data")]  # owned by 1234:5678 in owned_layer()
 
 
 def owned_layer():
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name, data in OWNED:
-            info = tarfile.TarInfo(name)
-            info.uid, info.gid = 1234, 5678
-            if data is None:
-                info.type, info.mode = tarfile.DIRTYPE, 0o750
-                tf.addfile(info)
-            else:
-                info.size, info.mode = len(data), 0o640
-                tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    return layer_tar(OWNED, owner=(1234, 5678), modes=(0o750, 0o640))
 
 
 @pytest.mark.parametrize("euid,record,recorded", [
