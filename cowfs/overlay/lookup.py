@@ -540,13 +540,14 @@ class Layers:
         data_path = None  # after an absolute redirect: the path it leads to, for the data-only layers
         data_wanted, data = False, None
         stop = False  # after this layer: an opaque directory above an absolute redirect's target
+        absolute = False  # an absolute redirect was followed: the walk goes from the layers' roots
         walk = self._targets(parent, name, self._candidates(parent, name))
         for layer, rel in walk:
             if stop:
                 break
             if layer > 0 and self.oci and is_oci_marker(name) and redirect_seen is None:
                 continue  # OCI markers in lower layers never show in the merged view
-            if "/" in rel and redirect_seen is not None:
+            if absolute and "/" in rel:
                 reached, stop, moved = self._above(parent, layer, rel, join(parent.path, name))
                 if moved is not None:  # for the layers below
                     redirect_seen, data_path = moved, _data_path(data_path, moved)
@@ -575,6 +576,7 @@ class Layers:
                     redirect = self._data_redirect(real, parent, name)
                     if redirect:
                         redirect_seen, data_path = redirect, _data_path(data_path, redirect)
+                        absolute = absolute or redirect.startswith("/")
                         walk.send(redirect)
                     continue
                 break
@@ -589,6 +591,7 @@ class Layers:
                     redirect = self._data_redirect(real, parent, name)
                     if redirect:
                         redirect_seen, data_path = redirect, _data_path(data_path, redirect)
+                        absolute = absolute or redirect.startswith("/")
                         walk.send(redirect)
                     continue
                 break
@@ -603,6 +606,7 @@ class Layers:
                         raise os_error(errno.EPERM, join(parent.path, name))
                     redirect_seen = redirect
                     stop = stop and not redirect.startswith("/")
+                    absolute = absolute or redirect.startswith("/")
                     walk.send(redirect)
         if not found:
             return None
