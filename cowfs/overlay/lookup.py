@@ -85,7 +85,7 @@ def renamed_paths(paths, old, new, exchange=False):
 
 
 def _data_path(path, redirect):
-    """Where a walk goes after `redirect`, for the data-only layers: None until a redirect is absolute
+    """Where a walk goes after `redirect` (for the data-only layers too): None until a redirect is absolute
     (only those lead there), then that path, a relative redirect replacing its last component."""
     if redirect.startswith("/"):
         return redirect.strip("/")
@@ -537,17 +537,16 @@ class Layers:
         """Look `name` up in the directory `parent`; None when it does not exist in the merged view."""
         found = []
         redirect_seen = None
-        data_path = None  # after an absolute redirect: the path it leads to, for the data-only layers
+        data_path = None  # after an absolute redirect: the path it leads to (walked from the layers' roots)
         data_wanted, data = False, None
         stop = False  # after this layer: an opaque directory above an absolute redirect's target
-        absolute = False  # an absolute redirect was followed: the walk goes from the layers' roots
         walk = self._targets(parent, name, self._candidates(parent, name))
         for layer, rel in walk:
             if stop:
                 break
             if layer > 0 and self.oci and is_oci_marker(name) and redirect_seen is None:
                 continue  # OCI markers in lower layers never show in the merged view
-            if absolute and "/" in rel:
+            if data_path is not None and "/" in rel:
                 reached, stop, moved = self._above(parent, layer, rel, join(parent.path, name))
                 if moved is not None:  # for the layers below
                     redirect_seen, data_path = moved, _data_path(data_path, moved)
@@ -576,7 +575,6 @@ class Layers:
                     redirect = self._data_redirect(real, parent, name)
                     if redirect:
                         redirect_seen, data_path = redirect, _data_path(data_path, redirect)
-                        absolute = absolute or redirect.startswith("/")
                         walk.send(redirect)
                     continue
                 break
@@ -591,7 +589,6 @@ class Layers:
                     redirect = self._data_redirect(real, parent, name)
                     if redirect:
                         redirect_seen, data_path = redirect, _data_path(data_path, redirect)
-                        absolute = absolute or redirect.startswith("/")
                         walk.send(redirect)
                     continue
                 break
@@ -604,9 +601,8 @@ class Layers:
                     self._check_redirect(redirect, join(parent.path, name))
                     if not self.follow_redirects:  # the kernel logs "refusing to follow redirect"
                         raise os_error(errno.EPERM, join(parent.path, name))
-                    redirect_seen = redirect
+                    redirect_seen, data_path = redirect, _data_path(data_path, redirect)
                     stop = stop and not redirect.startswith("/")
-                    absolute = absolute or redirect.startswith("/")
                     walk.send(redirect)
         if not found:
             return None
